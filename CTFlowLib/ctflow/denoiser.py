@@ -1,0 +1,210 @@
+"""The denoiser: a spatial-temporal DiT (OpenSora-v1 STDiT style) that predicts flow velocity for one block.
+
+Shapes: B batch, C latent channels, T slices per block, H = W latent size, D hidden size,
+t/s tokens along slices / within a slice after patching, M text tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import DenoiserConfig
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+@lru_cache(maxsize=16)
+def sincos_1d(length: int, dim: int) -> torch.Tensor:
+    """[length, dim] fixed sine/cosine position codes."""
+    position = torch.arange(length, dtype=torch.float64).unsqueeze(1)
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(dim // 2, dtype=torch.float64) / (dim // 2))
+    angles = position * freqs
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
+
+
+@lru_cache(maxsize=16)
+def sincos_2d(height: int, width: int, dim: int) -> torch.Tensor:
+    """[height * width, dim]: half the channels code the row, half the column."""
+    rows = sincos_1d(height, dim // 2).repeat_interleave(width, dim=0)
+    cols = sincos_1d(width, dim // 2).repeat(height, 1)
+    return torch.cat([rows, cols], dim=1)
+
+
+class TimestepEmbedder(nn.Module):
+    """Flow time t in [0, 1] -> [B, D]."""
+
+    def __init__(self, hidden: int, freq_dim: int = 256) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        angles = (t.float() * 1000.0).unsqueeze(1) * freqs  # [B, half]
+        codes = torch.cat([angles.cos(), angles.sin()], dim=1)
+        return self.mlp(codes.to(self.mlp[0].weight.dtype))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the middle axis of [N, L, D]."""
+
+    def __init__(self, hidden: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, length, dim = x.shape
+        q, k, v = self.qkv(x).view(n, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)  # [N, heads, L, D/heads]
+        return self.proj(out.transpose(1, 2).reshape(n, length, dim))
+
+
+class CrossAttention(nn.Module):
+    """Image tokens [B, L, D] attend to text tokens [B, M, D]; padded text tokens are masked out."""
+
+    def __init__(self, hidden: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(hidden, hidden)
+        self.kv = nn.Linear(hidden, 2 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, length, dim = x.shape
+        head_dim = dim // self.heads
+        q = self.q(x).view(b, length, self.heads, head_dim).transpose(1, 2)
+        k, v = self.kv(text).view(b, text.shape[1], 2, self.heads, head_dim).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        return self.proj(out.transpose(1, 2).reshape(b, length, dim))
+
+
+class Mlp(nn.Sequential):
+    def __init__(self, hidden: int, ratio: float, out: int | None = None) -> None:
+        inner = int(hidden * ratio)
+        super().__init__(nn.Linear(hidden, inner), nn.GELU(approximate="tanh"), nn.Linear(inner, out or hidden))
+
+
+class STDiTBlock(nn.Module):
+    """Spatial attention (within a slice), temporal attention (across slices), cross-attention to text, MLP.
+
+    adaLN-single: the block's shift/scale/gate come from one shared timestep projection plus a
+    learned per-block table.
+    """
+
+    def __init__(self, hidden: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.norm_spatial = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.spatial = SelfAttention(hidden, heads)
+        self.norm_temporal = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.temporal = SelfAttention(hidden, heads)
+        self.norm_cross = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.cross = CrossAttention(hidden, heads)
+        self.norm_mlp = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden, mlp_ratio)
+        self.scale_shift_table = nn.Parameter(torch.randn(6, hidden) / hidden**0.5)
+
+    def forward(self, x: torch.Tensor, t6: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # x: [B, t, s, D]; t6: [B, 6, D]; text: [B, M, D]; mask: [B, M]
+        b, nt, ns, dim = x.shape
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = (self.scale_shift_table + t6).unsqueeze(2).unbind(1)
+        # each: [B, 1, D], broadcast over tokens below
+        h = modulate(self.norm_spatial(x.view(b, nt * ns, dim)), shift_a, scale_a)
+        h = self.spatial(h.view(b * nt, ns, dim)).view(b, nt * ns, dim)
+        x = x + (gate_a * h).view(b, nt, ns, dim)
+        h = self.norm_temporal(x).transpose(1, 2).reshape(b * ns, nt, dim)
+        h = self.temporal(h).view(b, ns, nt, dim).transpose(1, 2)
+        x = x + (gate_a.unsqueeze(1) * h)
+        flat = x.reshape(b, nt * ns, dim)
+        flat = flat + self.cross(self.norm_cross(flat), text, mask)
+        flat = flat + gate_m * self.mlp(modulate(self.norm_mlp(flat), shift_m, scale_m))
+        return flat.view(b, nt, ns, dim)
+
+
+@dataclass
+class Conditioning:
+    """What stays fixed while one block is sampled: computed once per block, not once per step."""
+
+    previous: torch.Tensor  # [B, t, s, D] patch embedding of the previous clean block
+    text: torch.Tensor  # [B, M, D] projected text tokens
+    mask: torch.Tensor  # [B, M] bool
+
+
+class STDiT(nn.Module):
+    """Predicts the velocity (noise - clean) of a noisy latent block given time, previous block and text."""
+
+    def __init__(self, config: DenoiserConfig) -> None:
+        super().__init__()
+        self.config = config
+        c, d = config.latent_channels, config.hidden_size
+        # Channel concatenation of [noisy, previous] then a patch conv == the sum of two patch convs;
+        # split so the previous block's half is computed once per block.
+        self.x_embed = nn.Conv3d(c, d, kernel_size=config.patch_size, stride=config.patch_size)
+        self.previous_embed = nn.Conv3d(c, d, kernel_size=config.patch_size, stride=config.patch_size, bias=False)
+        self.t_embed = TimestepEmbedder(d)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.text_embed = Mlp(config.text_dim, d / config.text_dim, out=d)
+        self.blocks = nn.ModuleList(STDiTBlock(d, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
+        self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.final_table = nn.Parameter(torch.randn(2, d) / d**0.5)
+        self.final = nn.Linear(d, math.prod(config.patch_size) * c)
+        self.initialize()
+
+    def initialize(self) -> None:
+        """DiT-style: Xavier linears, zero output layer and zero timestep modulation, so training starts stable."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for conv in (self.x_embed, self.previous_embed):
+            nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
+        nn.init.normal_(self.t_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embed.mlp[2].weight, std=0.02)
+        for layer in (self.t_block[1], self.final):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        for block in self.blocks:
+            nn.init.zeros_(block.cross.proj.weight)
+
+    def _patch_positions(self, tokens: torch.Tensor) -> torch.Tensor:
+        # tokens: [B, D, t, h, w] -> [B, t, s, D] with fixed spatial and temporal position codes added
+        b, d, nt, nh, nw = tokens.shape
+        x = tokens.flatten(3).permute(0, 2, 3, 1)
+        spatial = sincos_2d(nh, nw, d).to(x)
+        temporal = sincos_1d(nt, d).to(x)
+        return x + spatial[None, None] + temporal[None, :, None]
+
+    def prepare(self, previous: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> Conditioning:
+        """previous: [B, C, T, H, W] clean block; text: [B, M, text_dim]; mask: [B, M]."""
+        dtype = self.x_embed.weight.dtype
+        prev_tokens = self.previous_embed(previous.to(dtype)).flatten(3).permute(0, 2, 3, 1)  # [B, t, s, D]
+        return Conditioning(prev_tokens, self.text_embed(text.to(dtype)), mask.bool())
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """x: [B, C, T, H, W] noisy block at flow time t: [B] -> velocity [B, C, T, H, W]."""
+        b, c, nt, nh, nw = x.shape
+        pt, ph, pw = self.config.patch_size
+        h = self._patch_positions(self.x_embed(x.to(self.x_embed.weight.dtype))) + cond.previous  # [B, t, s, D]
+        t_emb = self.t_embed(t)  # [B, D]
+        t6 = self.t_block(t_emb).view(b, 6, -1)  # [B, 6, D]
+        for block in self.blocks:
+            h = block(h, t6, cond.text, cond.mask)
+        shift, scale = (self.final_table[None] + t_emb[:, None]).unsqueeze(2).unbind(1)  # [B, 1, D] each
+        h = self.final(modulate(self.final_norm(h.flatten(1, 2)), shift, scale))  # [B, t*s, pt*ph*pw*C]
+        h = h.view(b, nt // pt, nh // ph, nw // pw, pt, ph, pw, c)
+        return h.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, c, nt, nh, nw).float()
+
+
+def parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,29 @@
+"""Errors a user can act on. Each message says what went wrong and what to do about it."""
+
+
+class CTFlowError(Exception):
+    """Base class: the command line prints these as one line, without a traceback."""
+
+
+class ReportError(CTFlowError, ValueError):
+    """The report cannot be used as a prompt (empty, not text, ...)."""
+
+
+class RequestError(CTFlowError, ValueError):
+    """A generation option is out of range (slice count, steps, guidance, ...)."""
+
+
+class ModelError(CTFlowError):
+    """A model folder or hub id cannot be found, read or trusted."""
+
+
+class CorruptModelError(ModelError):
+    """A model file does not match the checksum in its manifest, or cannot be parsed."""
+
+
+class DeviceError(CTFlowError):
+    """The requested device is not available, or ran out of memory."""
+
+
+class OutputExistsError(CTFlowError, FileExistsError):
+    """Refusing to overwrite a file the user already has."""

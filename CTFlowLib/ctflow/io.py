@@ -1,0 +1,166 @@
+"""Reading and writing volumes as .nii.gz / .nrrd with provenance in the header.
+
+Writes are atomic (a temporary file in the same folder, then a rename), and an existing file is
+never replaced unless the caller passes overwrite=True.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CTFlowError, OutputExistsError
+from .volume import Geometry, Provenance, Volume
+
+SUFFIXES = (".nii.gz", ".nii", ".nrrd")
+_LPS = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS flips the first two axes
+_NIFTI_DESCRIP = "SYNTHETIC CT (CTFlow) - not for diagnosis"
+_NRRD_PREFIX = "CTFlow_"
+
+
+def volume_format(path: str | os.PathLike) -> str:
+    """The writer's suffix for `path`, or a clear error naming the supported ones."""
+    name = str(path).lower()
+    for suffix in SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    raise CTFlowError(f"unsupported output file type {Path(path).name!r}: use one of {', '.join(SUFFIXES)}")
+
+
+def check_output_path(path: str | os.PathLike, overwrite: bool, suffixes: tuple[str, ...] = SUFFIXES) -> Path:
+    """Fail before any work is done if `path` cannot be written."""
+    path = Path(path)
+    if not path.name.lower().endswith(suffixes):
+        raise CTFlowError(f"unsupported file type {path.name!r}: use one of {', '.join(suffixes)}")
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path} already exists; choose another name or pass --overwrite")
+    if not path.parent.is_dir():
+        raise CTFlowError(f"output folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise CTFlowError(f"output folder {path.parent} is not writable")
+    return path
+
+
+def write_volume(volume: Volume, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write `volume` to .nii.gz/.nii/.nrrd atomically; returns the path written."""
+    path = check_output_path(path, overwrite)
+    writer = _write_nrrd if volume_format(path) == ".nrrd" else _write_nifti
+    return atomic_write(path, lambda tmp: writer(volume, tmp), overwrite=overwrite)
+
+
+def atomic_write(path: Path, write, overwrite: bool = False) -> Path:
+    """Call write(tmp_path) on a sibling temporary file, then move it onto `path` in one step."""
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{suffix}")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # fails if path appeared meanwhile: never clobbers
+            except FileExistsError as exc:
+                raise OutputExistsError(f"{path} already exists; choose another name or pass --overwrite") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_volume(path: str | os.PathLike) -> Volume:
+    """Read a volume written by write_volume (or any CT in these formats; provenance is then None)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CTFlowError(f"{path} does not exist")
+    return _read_nrrd(path) if volume_format(path) == ".nrrd" else _read_nifti(path)
+
+
+def _write_nifti(volume: Volume, path: Path) -> None:
+    import nibabel as nib
+
+    affine = volume.geometry.ijk_to_ras()
+    image = nib.Nifti1Image(np.ascontiguousarray(volume.hu.transpose(2, 1, 0)).astype(np.int16), affine)
+    header = image.header
+    header.set_xyzt_units("mm")
+    header["descrip"] = _NIFTI_DESCRIP.encode()
+    header["intent_name"] = b"SYNTHETIC"
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    if volume.provenance is not None:
+        payload = json.dumps({"ctflow_provenance": volume.provenance.as_dict()}).encode()
+        header.extensions.append(nib.nifti1.Nifti1Extension("comment", payload))
+    nib.save(image, str(path))
+
+
+def _read_nifti(path: Path) -> Volume:
+    import nibabel as nib
+
+    try:
+        image = nib.load(str(path))
+        hu = np.asarray(image.dataobj).transpose(2, 1, 0)
+    except Exception as exc:  # nibabel raises many types for damaged files
+        raise CTFlowError(f"cannot read {path}: {exc}") from exc
+    provenance = None
+    for extension in image.header.extensions:
+        try:
+            provenance = Provenance.from_dict(json.loads(extension.get_content())["ctflow_provenance"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    geometry = Geometry.from_ijk_to_ras(image.affine)
+    return Volume(np.rint(hu).astype(np.int16), geometry, provenance)
+
+
+def _write_nrrd(volume: Volume, path: Path) -> None:
+    import nrrd
+
+    lps = _LPS @ volume.geometry.ijk_to_ras()
+    header = {
+        "type": "int16",
+        "dimension": 3,
+        "space": "left-posterior-superior",
+        "space directions": lps[:3, :3].T,  # one row per axis
+        "space origin": lps[:3, 3],
+        "kinds": ["domain", "domain", "domain"],
+        "encoding": "gzip",
+        "content": "SYNTHETIC CT (CTFlow) - not for diagnosis",
+    }
+    if volume.provenance is not None:
+        for key, value in volume.provenance.as_dict().items():
+            header[_NRRD_PREFIX + key] = value.replace("\\", "\\\\").replace("\n", "\\n")
+    nrrd.write(str(path), np.ascontiguousarray(volume.hu.transpose(2, 1, 0)).astype(np.int16), header, index_order="F")
+
+
+def _read_nrrd(path: Path) -> Volume:
+    import nrrd
+
+    try:
+        data, header = nrrd.read(str(path), index_order="F")
+    except Exception as exc:  # pynrrd raises several types for damaged files
+        raise CTFlowError(f"cannot read {path}: {exc}") from exc
+    matrix = np.eye(4)
+    matrix[:3, :3] = np.asarray(header["space directions"], dtype=float).T
+    matrix[:3, 3] = np.asarray(header.get("space origin", [0.0, 0.0, 0.0]), dtype=float)
+    if header.get("space", "left-posterior-superior") in ("left-posterior-superior", "LPS"):
+        matrix = _LPS @ matrix
+    fields = {
+        key[len(_NRRD_PREFIX) :]: _unescape(value) for key, value in header.items() if key.startswith(_NRRD_PREFIX)
+    }
+    provenance = Provenance.from_dict(fields) if fields else None
+    return Volume(np.asarray(data).transpose(2, 1, 0).astype(np.int16), Geometry.from_ijk_to_ras(matrix), provenance)
+
+
+def _unescape(text: str) -> str:
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text):
+            out.append("\n" if text[i + 1] == "n" else text[i + 1])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)

@@ -1,0 +1,283 @@
+"""Report -> volume, block by block: the autoregressive CTFlow loop with a streaming API.
+
+One report's path: plan() parses and embeds it once; stream() samples each block of latent slices
+conditioned on the previous block (the black start block first) and the text, decodes it to HU and
+yields it at once; generate() collects the stream into a Volume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Protocol
+
+import numpy as np
+import torch
+
+from . import __version__
+from .autoencoder import SliceAutoencoder
+from .config import ModelConfig
+from .denoiser import STDiT, parameter_count
+from .errors import CTFlowError, DeviceError, ModelError, RequestError
+from .model_folder import (
+    WEIGHTS, default_model, load_denoiser, load_vae, read_config, resolve_model, verify_checksums,
+)
+from .report import parse_report, render_prompt
+from .sampling import Cancelled, guided, sample, validate
+from .text_encoder import TextEncoder
+from .volume import Geometry, Provenance, Volume
+
+MAX_SLICES = 2048  # refuse larger requests: a chest CT has a few hundred slices at most
+START_HU, END_HU = -1000.0, 1000.0  # the all-black start block and the white end-of-volume slices
+
+
+class CancelFlag(Protocol):
+    def is_set(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What to generate. None means "the model's default"."""
+
+    report: str
+    impressions: str | None = None  # when Findings and Impressions come from separate boxes
+    slices: int | None = None  # exact length; None lets the model end the volume itself
+    seed: int | None = None  # None draws a fresh seed (recorded in provenance)
+    steps: int | None = None
+    guidance: float | None = None
+    sampler: str | None = None
+    shift: float | None = None
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    """A validated request with its text embedded: everything needed to start sampling."""
+
+    request: GenerationRequest  # with every None replaced by the value used
+    prompt: str
+    report_text: str
+    notices: tuple[str, ...]  # things the caller should tell the user (e.g. the report was truncated)
+    text: torch.Tensor  # [2 or 1, M, text_dim]: conditional (and unconditional for guidance)
+    text_mask: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Block:
+    """One decoded block of slices, in order; slices [start, stop) of the volume."""
+
+    index: int
+    start: int
+    stop: int
+    hu: np.ndarray  # int16 [stop - start, rows, cols]
+    geometry: Geometry
+    provenance: Provenance
+    blocks_done: int
+    blocks_expected: int  # estimate: the model decides where an unrequested length ends
+    elapsed_s: float
+    block_s: float
+    eta_s: float
+
+
+def select_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(
+            f"CUDA was requested but this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu "
+            "or install a CUDA build of torch"
+        )
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise DeviceError(f"unknown device {name!r}: use auto, cpu or cuda")
+    return torch.device(name)
+
+
+class CTFlowPipeline:
+    def __init__(
+        self, config: ModelConfig, denoiser: STDiT, autoencoder: SliceAutoencoder, text_encoder: TextEncoder,
+        model_id: str = "", weights_sha256: str = "", device: torch.device = torch.device("cpu"),
+    ) -> None:
+        if text_encoder.dim != config.denoiser.text_dim:
+            raise ModelError(f"text encoder width {text_encoder.dim} != denoiser text_dim {config.denoiser.text_dim}")
+        if autoencoder.latent_channels != config.denoiser.latent_channels:
+            raise ModelError(
+                f"VAE latent channels {autoencoder.latent_channels} != denoiser {config.denoiser.latent_channels}"
+            )
+        self.config = config
+        self.denoiser = denoiser
+        self.autoencoder = autoencoder
+        self.text_encoder = text_encoder
+        self.model_id = model_id
+        self.weights_sha256 = weights_sha256
+        self.device = device
+
+    @classmethod
+    def from_pretrained(
+        cls, model: str | os.PathLike | None = None, *, revision: str | None = None, device: str = "auto",
+        dtype: torch.dtype | None = None, local_files_only: bool | None = None,
+    ) -> "CTFlowPipeline":
+        """Load a model folder or hub id (default: the bundled demo model), verifying its checksums first."""
+        folder = resolve_model(model if model is not None else default_model(), revision, local_files_only)
+        checksums = verify_checksums(folder)
+        config = read_config(folder)
+        target = select_device(device)
+        dtype = dtype or (torch.bfloat16 if target.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32)
+        try:
+            denoiser = load_denoiser(folder, config).to(target, dtype)
+            autoencoder = SliceAutoencoder(load_vae(folder).to(target), config.autoencoder)
+            text_encoder = TextEncoder.load(config.text, folder, local_files_only)
+            text_encoder.model.to(target)
+        except torch.OutOfMemoryError as exc:
+            raise DeviceError(f"not enough {target.type} memory to load {folder.name}; try --device cpu") from exc
+        model_id = str(model) if model is not None and not Path(model).is_dir() else config.name
+        return cls(config, denoiser, autoencoder, text_encoder, model_id, checksums[WEIGHTS], target)
+
+    # -- planning -------------------------------------------------------------------------------------------
+
+    def plan(self, request: GenerationRequest) -> GenerationPlan:
+        """Validate the request and embed its text: fails fast, before any sampling."""
+        sampling = self.config.sampling
+        resolved = dataclasses.replace(
+            request,
+            seed=request.seed if request.seed is not None else secrets.randbelow(2**31),
+            steps=request.steps if request.steps is not None else sampling.steps,
+            guidance=request.guidance if request.guidance is not None else sampling.guidance,
+            sampler=request.sampler or sampling.method,
+            shift=request.shift if request.shift is not None else sampling.shift,
+        )
+        validate(resolved.steps, resolved.sampler, resolved.shift)
+        if resolved.slices is not None and not (isinstance(resolved.slices, int) and 1 <= resolved.slices <= MAX_SLICES):
+            raise RequestError(f"slice count must be a whole number from 1 to {MAX_SLICES}, not {resolved.slices!r}")
+        if not (isinstance(resolved.seed, int) and 0 <= resolved.seed < 2**63):
+            raise RequestError(f"seed must be a non-negative whole number, not {resolved.seed!r}")
+        if not (0.0 <= float(resolved.guidance) <= 30.0):
+            raise RequestError(f"guidance must be between 0 and 30, not {resolved.guidance!r}")
+        report = parse_report(request.report, request.impressions)
+        prompt = render_prompt(report, resolved.slices, self.config.geometry.spacing[2])
+        texts = [prompt] if resolved.guidance == 1.0 else [prompt, ""]  # "" is the empty-report embedding
+        embedding = self.text_encoder.encode(texts)
+        notices = []
+        if report.truncated or embedding.truncated[0]:
+            notices.append(
+                f"the report is longer than the text encoder's {self.text_encoder.max_tokens}-token limit; "
+                "only its beginning was used"
+            )
+        return GenerationPlan(resolved, prompt, report.text, tuple(notices), embedding.tokens, embedding.mask)
+
+    # -- generation -----------------------------------------------------------------------------------------
+
+    def stream(self, request: GenerationRequest | GenerationPlan, cancel: CancelFlag | None = None) -> Iterator[Block]:
+        """Yield decoded blocks in order as soon as each is ready. Stops early (no error) when cancelled."""
+        plan = request if isinstance(request, GenerationPlan) else self.plan(request)
+        req = plan.request
+        denoiser_config = self.config.denoiser
+        block_len = denoiser_config.block_slices
+        target = req.slices or self.config.max_slices
+        expected = math.ceil((req.slices or self.config.typical_slices) / block_len)
+        geometry = Geometry.centred(self.config.geometry.spacing, (1, self.autoencoder.config.image_size,
+                                                                    self.autoencoder.config.image_size))
+        provenance = Provenance(
+            report=plan.report_text, prompt=plan.prompt, seed=req.seed, steps=req.steps, sampler=req.sampler,
+            shift=req.shift, guidance=req.guidance, model=self.model_id, model_sha256=self.weights_sha256,
+            ctflow_version=__version__, device=str(self.device), slices_requested=req.slices,
+        )
+        is_cancelled = (lambda: cancel.is_set()) if cancel is not None else (lambda: False)
+        generator = torch.Generator("cpu").manual_seed(req.seed)  # CPU noise: the same seed gives the same noise anywhere
+        latent = self.autoencoder.constant_latent(START_HU)  # [C, h, w]
+        previous = latent[:, None].expand(-1, block_len, -1, -1)[None]  # [1, C, T, h, w]
+        started = time.perf_counter()
+        made = index = 0
+        while made < target:
+            block_start = time.perf_counter()
+            noise = torch.randn(previous.shape, generator=generator).to(self.device)
+            try:
+                with torch.no_grad():
+                    velocity = self._velocity(previous, plan)
+                    clean = sample(velocity, noise, req.steps, req.sampler, req.shift, is_cancelled)  # [1, C, T, h, w]
+                    keep = min(block_len, target - made)
+                    end = None if req.slices else self._end_frame(clean[0])
+                    keep = keep if end is None else min(keep, end)
+                    hu = self._decode(clean[0, :, :keep]) if keep else None
+            except Cancelled:
+                return
+            except torch.OutOfMemoryError as exc:
+                raise DeviceError(
+                    f"out of {self.device.type} memory while generating block {index + 1}; "
+                    "close other GPU programs or use --device cpu"
+                ) from exc
+            if hu is None:
+                return  # the new block starts with the end marker: the previous block was the last
+            now = time.perf_counter()
+            made += keep
+            index += 1
+            finished = end is not None or made >= target
+            expected = index if finished else max(expected, index + 1)
+            yield Block(
+                index=index - 1, start=made - keep, stop=made, hu=hu, geometry=geometry, provenance=provenance,
+                blocks_done=index, blocks_expected=expected, elapsed_s=now - started, block_s=now - block_start,
+                eta_s=(now - started) / index * (expected - index),
+            )
+            if finished or is_cancelled():
+                return
+            previous = clean
+
+    def generate(
+        self, request: GenerationRequest | GenerationPlan, cancel: CancelFlag | None = None,
+        on_block: Callable[[Block], None] | None = None,
+    ) -> Volume:
+        """Run the stream to the end and return the volume; cancelled runs return what was made, marked partial."""
+        blocks = []
+        for block in self.stream(request, cancel):
+            blocks.append(block)
+            if on_block is not None:
+                on_block(block)
+        if not blocks:
+            raise CTFlowError("generation was cancelled before the first block was made")
+        cancelled = cancel is not None and cancel.is_set()
+        provenance = dataclasses.replace(blocks[0].provenance, partial=cancelled)
+        return Volume(np.concatenate([b.hu for b in blocks]), blocks[0].geometry, provenance)
+
+    def info(self) -> dict[str, object]:
+        """Model card facts: name, sizes, parameter counts, device."""
+        return {
+            "model": self.model_id,
+            "weights_sha256": self.weights_sha256,
+            "ctflow_version": __version__,
+            "device": str(self.device),
+            "denoiser_parameters": parameter_count(self.denoiser),
+            "autoencoder_parameters": parameter_count(self.autoencoder.vae),
+            "text_encoder": self.text_encoder.name,
+            "text_encoder_parameters": parameter_count(self.text_encoder.model),
+            "slice_size": self.autoencoder.config.image_size,
+            "spacing_mm": list(self.config.geometry.spacing),
+            "block_slices": self.config.denoiser.block_slices,
+            "sampling": dataclasses.asdict(self.config.sampling),
+            "description": self.config.description,
+        }
+
+    # -- internals ------------------------------------------------------------------------------------------
+
+    def _velocity(self, previous: torch.Tensor, plan: GenerationPlan):
+        """The velocity field for one block; its conditioning (previous block, text) is computed once here."""
+        batch = plan.text.shape[0]  # 2 with guidance: [conditional; unconditional]
+        cond = self.denoiser.prepare(previous.expand(batch, -1, -1, -1, -1), plan.text, plan.text_mask)
+
+        def model(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.denoiser(z, t.expand(z.shape[0]), cond)
+
+        return model if batch == 1 else guided(model, plan.request.guidance)
+
+    def _end_frame(self, block: torch.Tensor) -> int | None:
+        """Index of the first white frame in block [C, T, h, w], or None."""
+        white = self.autoencoder.constant_latent(END_HU).to(block.device)[:, None]  # [C, 1, h, w]
+        close = ((block - white).abs() <= self.config.end_tolerance).float().mean(dim=(0, 2, 3))  # [T]
+        frames = torch.nonzero(close > self.config.end_fraction)
+        return int(frames[0]) if len(frames) else None
+
+    def _decode(self, latents: torch.Tensor) -> np.ndarray:
+        hu = self.autoencoder.decode(latents.permute(1, 0, 2, 3))  # [T, h, w] latents -> [T, H, W] HU
+        return hu.round().clamp(-32768, 32767).to(torch.int16).cpu().numpy()

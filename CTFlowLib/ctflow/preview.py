@@ -1,0 +1,51 @@
+"""One PNG to check a volume at a glance: axial, coronal and sagittal mid-planes in a lung and a soft-tissue window."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .io import atomic_write, check_output_path
+from .volume import Volume
+
+WINDOWS = {"lung": (-600.0, 1500.0), "soft tissue": (40.0, 400.0), "bone": (400.0, 1800.0)}  # (level, width)
+
+
+def apply_window(hu: np.ndarray, level: float, width: float) -> np.ndarray:
+    """HU -> uint8 grey values for a display window."""
+    low = level - width / 2
+    return (np.clip((hu.astype(np.float32) - low) / width, 0, 1) * 255).astype(np.uint8)
+
+
+def mid_planes(volume: Volume) -> list[tuple[str, np.ndarray, float]]:
+    """(name, plane, row/column pixel aspect) in radiological display: patient right on the image left."""
+    hu = volume.hu
+    sx, sy, sz = volume.geometry.spacing
+    k, j, i = (n // 2 for n in hu.shape)
+    return [("axial", hu[k], sy / sx), ("coronal", hu[:, j, :], sz / sx), ("sagittal", hu[:, :, i], sz / sy)]
+
+
+def render_preview(volume: Volume, tile: int = 256, windows: tuple[str, ...] = ("lung", "soft tissue")) -> Image.Image:
+    planes = mid_planes(volume)
+    label_height = 16
+    sheet = Image.new("L", (tile * len(planes), (tile + label_height) * len(windows) + label_height), 0)
+    draw = ImageDraw.Draw(sheet)
+    draw.text((4, 2), f"SYNTHETIC CT (CTFlow) - not for diagnosis - {volume.shape[0]} slices", fill=255)
+    for row, window in enumerate(windows):
+        top = label_height + row * (tile + label_height)
+        for col, (name, plane, aspect) in enumerate(planes):
+            image = Image.fromarray(apply_window(plane, *WINDOWS[window]))
+            height, width = plane.shape
+            scale = tile / max(width, height * aspect)
+            image = image.resize((max(1, round(width * scale)), max(1, round(height * aspect * scale))), Image.BILINEAR)
+            sheet.paste(image, (col * tile + (tile - image.width) // 2, top + label_height))
+            draw.text((col * tile + 4, top + 2), f"{name}, {window} window", fill=200)
+    return sheet
+
+
+def write_preview(volume: Volume, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    path = check_output_path(path, overwrite, suffixes=(".png",))
+    return atomic_write(path, lambda tmp: render_preview(volume).save(tmp, format="PNG"), overwrite=overwrite)

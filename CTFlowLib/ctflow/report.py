@@ -1,0 +1,96 @@
+"""Report -> prompt: split a radiology report into Findings and Impressions and render the model's prompt.
+
+CT-RATE reports have a Findings and an Impressions section; CTFlow's prompt reads
+"Findings: ... Impressions: ... Length: N". Training and generation both call `render_prompt`,
+so the two can never drift apart.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import ReportError
+
+# Longer input is cut before tokenising (the encoder keeps far fewer tokens anyway); the caller is told.
+MAX_REPORT_CHARS = 20_000
+
+_HEADER = re.compile(r"^\s*(findings?|impressions?|conclusions?)\s*[:\-]?\s*", re.IGNORECASE | re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class Report:
+    findings: str
+    impressions: str
+    truncated: bool = False  # True when the input was longer than MAX_REPORT_CHARS
+
+    @property
+    def text(self) -> str:
+        """The report as one canonical string (what provenance records)."""
+        parts = []
+        if self.findings:
+            parts.append(f"Findings: {self.findings}")
+        if self.impressions:
+            parts.append(f"Impressions: {self.impressions}")
+        return "\n".join(parts)
+
+
+def parse_report(report: object, impressions: str | None = None) -> Report:
+    """Parse free text, or text with Findings/Impressions headers (any case), into a Report.
+
+    `impressions` may be passed separately (the Slicer panel has two boxes); text without headers
+    counts as findings.
+    """
+    findings_text = _as_text(report, "report")
+    impressions_text = _as_text(impressions, "impressions") if impressions is not None else ""
+    truncated = len(findings_text) + len(impressions_text) > MAX_REPORT_CHARS
+    findings_text = findings_text[:MAX_REPORT_CHARS]
+    impressions_text = impressions_text[: max(0, MAX_REPORT_CHARS - len(findings_text))]
+
+    sections = _split_sections(findings_text)
+    findings = sections.get("findings", "")
+    found_impressions = sections.get("impressions", "")
+    joined_impressions = " ".join(p for p in (found_impressions, _clean(impressions_text)) if p)
+    if not findings and not joined_impressions:
+        raise ReportError("the report is empty: type the Findings and/or Impressions of a chest CT report")
+    return Report(findings=findings, impressions=joined_impressions, truncated=truncated)
+
+
+def render_prompt(report: Report, slices: int | None = None, slice_spacing: float | None = None) -> str:
+    """The text the model is conditioned on: report sections plus optional meta-information."""
+    lines = [f"Findings: {report.findings or 'Not stated.'}", f"Impressions: {report.impressions or 'Not stated.'}"]
+    if slices is not None:
+        lines.append(f"Length: {int(slices)} slices")
+    if slice_spacing is not None:
+        lines.append(f"Spacing: {float(slice_spacing):g} mm")
+    return "\n".join(lines)
+
+
+def _as_text(value: object, what: str) -> str:
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ReportError(f"the {what} is not UTF-8 text; save it as plain text and try again") from exc
+    if not isinstance(value, str):
+        raise ReportError(f"the {what} must be text, not {type(value).__name__}")
+    if "\x00" in value:
+        raise ReportError(f"the {what} contains binary data (NUL bytes); paste the report as plain text")
+    return value
+
+
+def _clean(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _split_sections(text: str) -> dict[str, str]:
+    """Map 'findings'/'impressions' to their text; text before any header is findings."""
+    sections: dict[str, list[str]] = {"findings": [], "impressions": []}
+    matches = list(_HEADER.finditer(text))
+    head = text[: matches[0].start()] if matches else text
+    sections["findings"].append(head)
+    for i, match in enumerate(matches):
+        end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
+        key = "findings" if match.group(1).lower().startswith("finding") else "impressions"
+        sections[key].append(text[match.end() : end])
+    return {key: _clean(" ".join(parts)) for key, parts in sections.items()}

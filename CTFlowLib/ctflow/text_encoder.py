@@ -1,0 +1,89 @@
+"""Report embedding through any `transformers` AutoModel: token embeddings + mask, or one pooled vector."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import TextConfig
+from .errors import ModelError
+
+
+@dataclass
+class TextEmbedding:
+    tokens: torch.Tensor  # [B, L, D] (L = 1 in pooled mode)
+    mask: torch.Tensor  # [B, L] bool, True where a token is real
+    truncated: list[bool]  # per text: it was longer than the encoder's token limit
+
+
+class TextEncoder:
+    """Wraps a tokenizer + encoder; frozen, inference only."""
+
+    def __init__(self, model, tokenizer, mode: str = "tokens", max_tokens: int = 256, name: str = "") -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.mode = mode
+        limits = [max_tokens, getattr(model.config, "max_position_embeddings", max_tokens)]
+        if 0 < getattr(tokenizer, "model_max_length", 0) < 10**6:
+            limits.append(tokenizer.model_max_length)
+        self.max_tokens = min(limits)
+        self.name = name
+
+    @classmethod
+    def load(cls, config: TextConfig, model_folder: Path | None = None, local_files_only: bool | None = None) -> "TextEncoder":
+        """Load the encoder named by config.source (see TextConfig) without running any downloaded code."""
+        from transformers import AutoModel, AutoTokenizer
+
+        path = resolve_text_source(config.source, model_folder, local_files_only)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True, trust_remote_code=False)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot load the text encoder from {path}: {exc}") from exc
+        return cls(model, tokenizer, config.mode, config.max_tokens, name=config.source)
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> TextEmbedding:
+        truncated = [len(self.tokenizer(text)["input_ids"]) > self.max_tokens for text in texts]
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
+        batch = {key: value.to(self.device) for key, value in batch.items()}
+        hidden = self.model(**batch).last_hidden_state.float()  # [B, L, D]
+        mask = batch["attention_mask"].bool()
+        if self.mode == "pooled":
+            weights = mask.unsqueeze(-1).float()
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+            hidden = torch.nn.functional.normalize(pooled, dim=-1).unsqueeze(1)  # [B, 1, D]
+            mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        return TextEmbedding(hidden, mask, truncated)
+
+
+def resolve_text_source(source: str, model_folder: Path | None, local_files_only: bool | None) -> Path:
+    """Turn a TextConfig.source into a local folder."""
+    kind, _, rest = source.partition(":")
+    if kind == "package" and rest:
+        try:
+            module = importlib.import_module(rest)
+        except ImportError as exc:
+            raise ModelError(
+                f"the text encoder package {rest!r} is not installed; pip install {rest.replace('_', '-')}"
+            ) from exc
+        return Path(module.get_model_path())
+    if kind == "folder" and rest:
+        if model_folder is None or not (model_folder / rest).is_dir():
+            raise ModelError(f"the model folder has no text encoder subfolder {rest!r}")
+        return model_folder / rest
+    from .model_folder import resolve_hub
+
+    repo_id, _, revision = source.partition("@")
+    return resolve_hub(repo_id, revision or None, local_files_only)

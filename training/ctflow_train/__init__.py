@@ -1,0 +1,1 @@
+"""ctflow_train: produces the weights that the ctflow library loads. Imports ctflow; never imported by it."""
