@@ -120,11 +120,11 @@ class ModelConfig:
         try:
             return cls(
                 name=data.get("name", "ctflow"),
-                denoiser=DenoiserConfig(**data["denoiser"]),
-                autoencoder=AutoencoderConfig(**data.get("autoencoder", {})),
+                denoiser=DenoiserConfig(**_tuples(data["denoiser"])),
+                autoencoder=AutoencoderConfig(**_tuples(data.get("autoencoder", {}))),
                 text=TextConfig(**data.get("text", {})),
                 sampling=SamplingConfig(**data.get("sampling", {})),
-                geometry=GeometryConfig(**data.get("geometry", {})),
+                geometry=GeometryConfig(**_tuples(data.get("geometry", {}))),
                 max_slices=data.get("max_slices", 512),
                 typical_slices=data.get("typical_slices", 128),
                 end_fraction=data.get("end_fraction", 0.9),
@@ -133,6 +133,11 @@ class ModelConfig:
             )
         except (KeyError, TypeError) as exc:
             raise ModelError(f"config.json is malformed: {exc}") from exc
+
+
+def _tuples(section: dict[str, Any]) -> dict[str, Any]:
+    """JSON has no tuples: turn its lists back into the tuples the dataclasses hold."""
+    return {key: tuple(value) if isinstance(value, list) else value for key, value in section.items()}
 
 
 FORMAT = "ctflow-model"

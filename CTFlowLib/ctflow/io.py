@@ -17,7 +17,7 @@ from .errors import CTFlowError, OutputExistsError
 from .volume import Geometry, Provenance, Volume
 
 SUFFIXES = (".nii.gz", ".nii", ".nrrd")
-_LPS = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS flips the first two axes
+_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS flips the first two axes
 _NIFTI_DESCRIP = "SYNTHETIC CT (CTFlow) - not for diagnosis"
 _NRRD_PREFIX = "CTFlow_"
 
@@ -131,7 +131,7 @@ def _write_nrrd(volume: Volume, path: Path) -> None:
     }
     if volume.provenance is not None:
         for key, value in volume.provenance.as_dict().items():
-            header[_NRRD_PREFIX + key] = value.replace("\\", "\\\\").replace("\n", "\\n")
+            header[_NRRD_PREFIX + key] = value.encode("unicode_escape").decode("ascii")  # one ASCII line
     nrrd.write(str(path), np.ascontiguousarray(volume.hu.transpose(2, 1, 0)).astype(np.int16), header, index_order="F")
 
 
@@ -148,19 +148,10 @@ def _read_nrrd(path: Path) -> Volume:
     if header.get("space", "left-posterior-superior") in ("left-posterior-superior", "LPS"):
         matrix = _LPS @ matrix
     fields = {
-        key[len(_NRRD_PREFIX) :]: _unescape(value) for key, value in header.items() if key.startswith(_NRRD_PREFIX)
+        key[len(_NRRD_PREFIX) :]: value.encode("ascii").decode("unicode_escape")
+        for key, value in header.items()
+        if key.startswith(_NRRD_PREFIX)
     }
     provenance = Provenance.from_dict(fields) if fields else None
     return Volume(np.asarray(data).transpose(2, 1, 0).astype(np.int16), Geometry.from_ijk_to_ras(matrix), provenance)
 
-
-def _unescape(text: str) -> str:
-    out, i = [], 0
-    while i < len(text):
-        if text[i] == "\\" and i + 1 < len(text):
-            out.append("\n" if text[i + 1] == "n" else text[i + 1])
-            i += 2
-        else:
-            out.append(text[i])
-            i += 1
-    return "".join(out)

@@ -15,7 +15,11 @@ from .errors import ReportError
 # Longer input is cut before tokenising (the encoder keeps far fewer tokens anyway); the caller is told.
 MAX_REPORT_CHARS = 20_000
 
-_HEADER = re.compile(r"^\s*(findings?|impressions?|conclusions?)\s*[:\-]?\s*", re.IGNORECASE | re.MULTILINE)
+# A section header: "Findings:" anywhere, "Findings -" at a line start, or "FINDINGS" alone on its line.
+_NAMES = r"(findings?|impressions?|conclusions?)"
+_HEADER = re.compile(
+    rf"(?:(?:^|(?<=\s)){_NAMES}[ \t]*:|^[ \t]*{_NAMES}[ \t]*(?:-[ \t]|$))[ \t]*", re.IGNORECASE | re.MULTILINE
+)
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,7 @@ def _split_sections(text: str) -> dict[str, str]:
     sections["findings"].append(head)
     for i, match in enumerate(matches):
         end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
-        key = "findings" if match.group(1).lower().startswith("finding") else "impressions"
+        name = (match.group(1) or match.group(2)).lower()
+        key = "findings" if name.startswith("finding") else "impressions"
         sections[key].append(text[match.end() : end])
     return {key: _clean(" ".join(parts)) for key, parts in sections.items()}

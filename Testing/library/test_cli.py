@@ -1,0 +1,83 @@
+"""The `ctflow` command line: its contract is relied on by other tools."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from ctflow import read_volume
+from ctflow.cli import main
+
+
+def generate(tiny_model, tmp_path, *extra):
+    return main(["generate", "--report", "Findings: Left lower lobe consolidation.", "--out", str(tmp_path / "ct.nii.gz"),
+                 "--model", str(tiny_model), "--steps", "2", "--seed", "5", *extra])
+
+
+def test_generate_writes_the_volume_and_a_preview(tiny_model, tmp_path, capsys):
+    assert generate(tiny_model, tmp_path, "--slices", "10", "--preview", str(tmp_path / "ct.png")) == 0
+    volume = read_volume(tmp_path / "ct.nii.gz")
+    assert volume.shape == (10, 16, 16)
+    assert volume.provenance.seed == 5 and volume.provenance.slices_requested == 10
+    preview = Image.open(tmp_path / "ct.png")
+    assert preview.width == 3 * 256 and preview.height > 2 * 256  # 3 planes x 2 windows
+    captured = capsys.readouterr()
+    assert "block 3/3" in captured.err and "ETA" in captured.err
+    assert "wrote" in captured.out and "SYNTHETIC" in captured.out
+
+
+def test_report_file_and_nrrd_output(tiny_model, tmp_path):
+    report = tmp_path / "report.txt"
+    report.write_text("FINDINGS: Emphysema.\nIMPRESSION: Emphysema.", encoding="utf-8")
+    code = main(["generate", "--report-file", str(report), "--out", str(tmp_path / "ct.nrrd"), "--model",
+                 str(tiny_model), "--slices", "3", "--steps", "1", "--device", "cpu"])
+    assert code == 0 and read_volume(tmp_path / "ct.nrrd").provenance.report.startswith("Findings: Emphysema.")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--report", "  "], "the report is empty"),
+    (["--report-file", "/nonexistent/report.txt"], "does not exist"),
+    (["--report", "Normal.", "--slices", "-3"], "slice count"),
+    (["--report", "Normal.", "--steps", "0"], "steps"),
+    (["--report", "Normal.", "--model", "/nonexistent/model"], "not found"),
+    (["--report", "Normal.", "--out-of-range-flag"], None),
+])
+def test_bad_input_is_one_line_and_no_file(tiny_model, tmp_path, capsys, args, message):
+    argv = ["generate", "--out", str(tmp_path / "ct.nii.gz"), *args]
+    if "--model" not in args:
+        argv += ["--model", str(tiny_model)]
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own usage errors
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err
+    if message:
+        assert err.strip().splitlines() == [f"ctflow: error: {err.split('ctflow: error: ')[1].strip()}"]
+        assert message in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_output_is_kept_unless_overwrite(tiny_model, tmp_path, capsys):
+    (tmp_path / "ct.nii.gz").write_bytes(b"precious")
+    assert generate(tiny_model, tmp_path, "--slices", "2") == 1
+    assert "already exists" in capsys.readouterr().err
+    assert (tmp_path / "ct.nii.gz").read_bytes() == b"precious"
+    assert generate(tiny_model, tmp_path, "--slices", "2", "--overwrite") == 0
+    assert read_volume(tmp_path / "ct.nii.gz").shape[0] == 2
+
+
+def test_info_prints_the_model_card(tiny_model, capsys):
+    assert main(["info", "--model", str(tiny_model)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["model"] == "random-tiny" and info["denoiser_parameters"] > 0 and info["device"] == "cpu"
+
+
+def test_the_installed_command_runs(tiny_model, tmp_path):
+    """The console script itself, as a user runs it: exit codes and stderr, not just main()."""
+    result = subprocess.run([sys.executable, "-m", "ctflow", "generate", "--report", "", "--out",
+                             str(tmp_path / "x.nii.gz"), "--model", str(tiny_model)], capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.startswith("ctflow: error: the report is empty")
+    assert "Traceback" not in result.stderr and not (tmp_path / "x.nii.gz").exists()

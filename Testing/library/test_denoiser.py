@@ -1,0 +1,96 @@
+"""The spatial-temporal DiT."""
+
+import pytest
+import torch
+
+from ctflow.config import DENOISER_PRESETS, DenoiserConfig
+from ctflow.denoiser import STDiT, parameter_count
+from ctflow.errors import ModelError
+
+# CTFlow's published sizes (REFERENCE §1) at 16x32x32x16 latents, patch 2x2x2, 768-d report embedding.
+PUBLISHED_MILLIONS = {"S": 36, "B": 146, "L": 512}
+
+
+@pytest.mark.parametrize("preset", ["S", "B", "L"])
+def test_presets_match_ctflow_parameter_counts(preset):
+    config = DENOISER_PRESETS[preset]
+    assert (config.latent_channels, config.block_slices, config.latent_size, config.patch_size) == (16, 16, 32, (2, 2, 2))
+    with torch.device("meta"):  # count without allocating 2 GB for L
+        count = parameter_count(STDiT(config))
+    assert count / 1e6 == pytest.approx(PUBLISHED_MILLIONS[preset], rel=0.04)
+
+
+def small_model(seed=0):
+    torch.manual_seed(seed)
+    model = STDiT(DENOISER_PRESETS["tiny"])
+    with torch.no_grad():  # the zero-initialised output layers would hide every effect below
+        model.final.weight.normal_(0, 0.1)
+        model.t_block[1].weight.normal_(0, 0.1)
+        for block in model.blocks:
+            block.cross.proj.weight.normal_(0, 0.1)
+    return model.eval()
+
+
+def inputs(batch=1):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 4, 4, 8, 8, generator=g)  # [B, C, T, H, W]
+    previous = torch.randn(batch, 4, 4, 8, 8, generator=g)
+    text = torch.randn(batch, 5, 384, generator=g)
+    mask = torch.ones(batch, 5, dtype=torch.bool)
+    return x, previous, text, mask
+
+
+def test_output_is_a_velocity_shaped_like_the_block():
+    model = small_model()
+    x, previous, text, mask = inputs(batch=2)
+    v = model(x, torch.tensor([0.3, 0.9]), model.prepare(previous, text, mask))
+    assert v.shape == x.shape and v.dtype == torch.float32 and torch.isfinite(v).all()
+
+
+def test_split_embedding_equals_channel_concatenation():
+    """CTFlow injects the previous block by channel concatenation; the sum of two patch convs is the same map."""
+    model = small_model()
+    x, previous, _, _ = inputs()
+    conv = torch.nn.Conv3d(8, 32, kernel_size=(2, 2, 2), stride=(2, 2, 2))
+    with torch.no_grad():
+        conv.weight.copy_(torch.cat([model.x_embed.weight, model.previous_embed.weight], dim=1))
+        conv.bias.copy_(model.x_embed.bias)
+        split = model.x_embed(x) + model.previous_embed(previous)
+    assert torch.allclose(conv(torch.cat([x, previous], dim=1)), split, atol=1e-5)
+
+
+def test_time_previous_block_and_text_all_matter():
+    model = small_model()
+    x, previous, text, mask = inputs()
+    t = torch.tensor([0.5])
+    base = model(x, t, model.prepare(previous, text, mask))
+    assert not torch.allclose(base, model(x, torch.tensor([0.9]), model.prepare(previous, text, mask)))
+    assert not torch.allclose(base, model(x, t, model.prepare(previous + 1, text, mask)))
+    assert not torch.allclose(base, model(x, t, model.prepare(previous, text.flip(1) * 2, mask)))
+
+
+def test_masked_text_tokens_are_ignored():
+    model = small_model()
+    x, previous, text, mask = inputs()
+    padded = torch.cat([text, torch.randn(1, 3, 384) * 50], dim=1)
+    padded_mask = torch.cat([mask, torch.zeros(1, 3, dtype=torch.bool)], dim=1)
+    t = torch.tensor([0.5])
+    assert torch.allclose(model(x, t, model.prepare(previous, text, mask)),
+                          model(x, t, model.prepare(previous, padded, padded_mask)), atol=1e-5)
+
+
+def test_slices_are_not_exchangeable():
+    """Temporal position codes let the model tell the first slice of a block from the last."""
+    model = small_model()
+    x, previous, text, mask = inputs()
+    cond = model.prepare(previous, text, mask)
+    t = torch.tensor([0.5])
+    flipped = model(x.flip(2), t, cond).flip(2)
+    assert not torch.allclose(model(x, t, cond), flipped, atol=1e-4)
+
+
+def test_inconsistent_sizes_are_refused():
+    with pytest.raises(ModelError, match="divisible"):
+        DenoiserConfig(hidden_size=100, num_heads=3)
+    with pytest.raises(ModelError, match="does not divide"):
+        DenoiserConfig(block_slices=15)

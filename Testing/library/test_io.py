@@ -1,0 +1,109 @@
+"""Writers and readers: geometry and provenance round-trip, checked against ctflow's reader and Slicer's own."""
+
+import json
+
+import nibabel as nib
+import nrrd
+import numpy as np
+import pytest
+
+from ctflow import Geometry, OutputExistsError, Provenance, Volume, read_volume, write_volume
+from ctflow.errors import CTFlowError
+from ctflow.io import atomic_write
+
+OBLIQUE = np.array([[-0.96, 0.28, 0.0], [-0.28, -0.96, 0.0], [0.0, 0.0, -1.0]])  # rotated in-plane, head first
+
+
+@pytest.fixture
+def volume():
+    provenance = Provenance(
+        report="Findings: Right pleural effusion.\nImpressions: Effusion; \\ not \"quoted\" — ünïcode.",
+        prompt="Findings: ...\nLength: 5 slices", seed=123, steps=12, sampler="heun", shift=2.0, guidance=1.5,
+        model="ctflow-demo", model_sha256="ab" * 32, ctflow_version="0.1.0", device="cpu", slices_requested=5,
+        partial=True,
+    )
+    hu = np.random.default_rng(0).integers(-1000, 1000, size=(5, 6, 7)).astype(np.int16)
+    return Volume(hu, Geometry((0.7, 0.8, 2.5), (10.0, -20.0, 30.0), OBLIQUE), provenance)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd"])
+def test_round_trip_keeps_voxels_geometry_and_provenance(volume, tmp_path, suffix):
+    path = write_volume(volume, tmp_path / f"ct{suffix}")
+    back = read_volume(path)
+    assert np.array_equal(back.hu, volume.hu) and back.hu.dtype == np.int16
+    assert np.allclose(back.geometry.ijk_to_ras(), volume.geometry.ijk_to_ras(), atol=1e-5)
+    assert back.provenance == volume.provenance
+    assert [p.name for p in tmp_path.iterdir()] == [f"ct{suffix}"]  # no temporary file left behind
+
+
+def test_headers_say_synthetic_where_other_tools_look(volume, tmp_path):
+    nifti = nib.load(write_volume(volume, tmp_path / "ct.nii.gz"))
+    assert b"SYNTHETIC" in nifti.header["descrip"].tobytes()
+    assert nifti.header.get_sform(coded=True)[1] == 1
+    extension = json.loads(nifti.header.extensions[0].get_content())
+    assert "SYNTHETIC" in extension["ctflow_provenance"]["synthetic"]
+    _, header = nrrd.read(str(write_volume(volume, tmp_path / "ct.nrrd")))
+    assert "SYNTHETIC" in header["content"] and header["space"] == "left-posterior-superior"
+    assert "\n" not in header["CTFlow_report"]  # escaped: a NRRD field is one line
+
+
+def world_values(array_kji, ijk_to_ras):
+    """{RAS position (0.01 mm): HU} for every voxel: compares two files whatever their axis order."""
+    k, j, i = np.indices(array_kji.shape).reshape(3, -1)
+    ras = ijk_to_ras[:3, :3] @ np.stack([i, j, k]) + ijk_to_ras[:3, 3:4]
+    return dict(zip(map(tuple, np.round(ras.T, 2)), array_kji.reshape(-1).tolist()))
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd"])
+def test_slicer_reads_the_same_voxels_at_the_same_places(volume, tmp_path, suffix):
+    """Our RAS convention, checked by Slicer's own reader (slicer-core's MRML storage node)."""
+    import slicer
+    import vtk
+
+    path = write_volume(volume, tmp_path / f"ct{suffix}")
+    scene = slicer.vtkMRMLScene()
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node)
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    slicer_ijk_to_ras = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    array = slicer.util.arrayFromVolume(node)
+    assert world_values(array, slicer_ijk_to_ras) == world_values(volume.hu, volume.geometry.ijk_to_ras())
+
+
+def test_existing_files_are_never_replaced_unless_asked(volume, tmp_path):
+    target = tmp_path / "mine.nii.gz"
+    target.write_bytes(b"the user's own file")
+    with pytest.raises(OutputExistsError, match="already exists"):
+        write_volume(volume, target)
+    assert target.read_bytes() == b"the user's own file"
+    write_volume(volume, target, overwrite=True)
+    assert np.array_equal(read_volume(target).hu, volume.hu)
+
+
+def test_a_failed_write_leaves_nothing(tmp_path):
+    def broken(tmp):
+        tmp.write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(tmp_path / "ct.nii.gz", broken)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name, message", [("ct.mha", "unsupported file type"), ("missing/ct.nrrd", "does not exist")])
+def test_bad_output_paths(volume, tmp_path, name, message):
+    with pytest.raises(CTFlowError, match=message):
+        write_volume(volume, tmp_path / name)
+
+
+def test_reading_damaged_or_foreign_files(tmp_path):
+    damaged = tmp_path / "bad.nii.gz"
+    damaged.write_bytes(b"not a nifti")
+    with pytest.raises(CTFlowError, match="cannot read"):
+        read_volume(damaged)
+    plain = tmp_path / "plain.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 2), np.int16), np.eye(4)), str(plain))
+    assert read_volume(plain).provenance is None

@@ -1,0 +1,94 @@
+"""Model folders: save/load, checksums, safetensors only, and hub ids resolved from a local cache."""
+
+import json
+import shutil
+
+import huggingface_hub
+import pytest
+import torch
+
+import ctflow
+from ctflow import CTFlowPipeline, GenerationRequest, ModelError
+from ctflow.errors import CorruptModelError
+from ctflow.model_folder import CHECKSUMS, WEIGHTS, default_model, resolve_model
+
+
+@pytest.fixture
+def model_copy(tiny_model, tmp_path):
+    return shutil.copytree(tiny_model, tmp_path / "model")
+
+
+def test_saved_weights_load_back_identically(tiny_model, tiny_pipeline):
+    from safetensors.torch import load_file
+
+    saved = load_file(tiny_model / WEIGHTS)
+    assert saved.keys() == tiny_pipeline.denoiser.state_dict().keys()
+    assert all(torch.equal(saved[k], v) for k, v in tiny_pipeline.denoiser.state_dict().items())
+    assert (tiny_model / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+    assert not list(tiny_model.rglob("*.bin")) and not list(tiny_model.rglob("*.pt"))
+
+
+def test_every_file_is_covered_by_the_checksums(tiny_model):
+    listed = {line.split("  ")[1] for line in (tiny_model / CHECKSUMS).read_text().splitlines()}
+    files = {p.relative_to(tiny_model).as_posix() for p in tiny_model.rglob("*") if p.is_file()} - {CHECKSUMS}
+    assert listed == files
+
+
+def test_a_modified_weight_file_is_refused(model_copy):
+    data = bytearray((model_copy / WEIGHTS).read_bytes())
+    data[-1] ^= 0xFF
+    (model_copy / WEIGHTS).write_bytes(bytes(data))
+    with pytest.raises(CorruptModelError, match="does not match its checksum"):
+        CTFlowPipeline.from_pretrained(model_copy)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda m: (m / CHECKSUMS).unlink(), "no checksums.sha256"),
+    (lambda m: (m / "vae" / "config.json").unlink(), "listed in checksums.sha256 but missing"),
+])
+def test_missing_files_are_refused(model_copy, damage, message):
+    damage(model_copy)
+    with pytest.raises(CorruptModelError, match=message):
+        CTFlowPipeline.from_pretrained(model_copy)
+
+
+def test_weights_that_do_not_fit_the_config_are_refused(model_copy):
+    config = json.loads((model_copy / "config.json").read_text())
+    config["denoiser"]["depth"] = 2
+    (model_copy / "config.json").write_text(json.dumps(config))
+    lines = [l for l in (model_copy / CHECKSUMS).read_text().splitlines() if not l.endswith("config.json")]
+    (model_copy / CHECKSUMS).write_text("\n".join(lines) + "\n")
+    with pytest.raises(CorruptModelError, match="does not fit the denoiser"):
+        CTFlowPipeline.from_pretrained(model_copy)
+
+
+def test_not_a_model_and_no_bundled_model(tmp_path, monkeypatch):
+    with pytest.raises(ModelError, match="not found"):
+        resolve_model(tmp_path / "nothing")
+    monkeypatch.delenv("CTFLOW_MODEL", raising=False)
+    monkeypatch.setattr(ctflow.model_folder, "BUNDLED_MODEL", tmp_path / "absent")
+    with pytest.raises(ModelError, match="no trained model is bundled"):
+        default_model()
+    monkeypatch.setenv("CTFLOW_MODEL", str(tmp_path))
+    assert default_model() == tmp_path
+
+
+def fake_hub_cache(cache, repo_id, model_folder, revisions):
+    """Lay out a model as huggingface_hub caches a download: snapshots/<commit>/..., refs/<name> -> commit."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    for name, commit in revisions.items():
+        shutil.copytree(model_folder, repo / "snapshots" / commit, dirs_exist_ok=True)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / name).write_text(commit)
+
+
+def test_hub_ids_resolve_from_the_local_cache_offline(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    main, tagged = "a" * 40, "b" * 40
+    fake_hub_cache(tmp_path, "someone/ctflow-tiny", tiny_model, {"main": main, "v1": tagged})
+    pipeline = CTFlowPipeline.from_pretrained("someone/ctflow-tiny", local_files_only=True)
+    assert pipeline.model_id == "someone/ctflow-tiny"
+    assert pipeline.generate(GenerationRequest("Normal chest CT.", slices=2, seed=0, steps=1)).shape[0] == 2
+    assert resolve_model("someone/ctflow-tiny", revision="v1", local_files_only=True).name == tagged
+    with pytest.raises(ModelError, match="not in the local model cache"):
+        resolve_model("someone/uncached", local_files_only=True)

@@ -1,0 +1,184 @@
+"""The autoregressive pipeline and its streaming API, on a tiny random model with the real MiniLM encoder."""
+
+import dataclasses
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from ctflow import CTFlowError, CTFlowPipeline, DeviceError, GenerationRequest, ReportError, RequestError
+from ctflow.pipeline import END_HU, select_device
+
+REPORT = "Findings: A 12 mm nodule in the right upper lobe. Impressions: Right upper lobe nodule."
+
+
+def run(pipeline, **options):
+    return pipeline.generate(GenerationRequest(REPORT, **{"seed": 7, "steps": 3, **options}))
+
+
+def test_blocks_stream_in_order_with_progress(tiny_pipeline):
+    blocks = list(tiny_pipeline.stream(GenerationRequest(REPORT, slices=10, seed=1, steps=2)))
+    assert [(b.index, b.start, b.stop) for b in blocks] == [(0, 0, 4), (1, 4, 8), (2, 8, 10)]
+    assert [b.blocks_done for b in blocks] == [1, 2, 3] and all(b.blocks_expected == 3 for b in blocks)
+    assert all(b.hu.dtype == np.int16 and b.hu.shape[1:] == (16, 16) for b in blocks)
+    assert blocks[-1].eta_s == 0 and all(b.eta_s >= 0 and b.block_s > 0 for b in blocks)
+    elapsed = [b.elapsed_s for b in blocks]
+    assert elapsed == sorted(elapsed)
+
+
+def test_generate_is_the_stream_concatenated(tiny_pipeline):
+    request = GenerationRequest(REPORT, slices=9, seed=4, steps=2)
+    streamed = np.concatenate([b.hu for b in tiny_pipeline.stream(request)])
+    assert np.array_equal(tiny_pipeline.generate(request).hu, streamed)
+
+
+def test_exact_length_and_geometry(tiny_pipeline):
+    volume = run(tiny_pipeline, slices=7)
+    assert volume.shape == (7, 16, 16)
+    assert volume.geometry.spacing == tiny_pipeline.config.geometry.spacing
+    assert np.allclose(volume.geometry.ijk_to_ras()[:3, :3], np.diag([-1.5, -1.5, -2.5]))
+    assert volume.provenance.slices_requested == 7 and not volume.provenance.partial
+
+
+def test_same_seed_same_volume_other_seed_or_report_other_volume(tiny_pipeline):
+    first = run(tiny_pipeline, slices=6, guidance=2.0)
+    assert np.array_equal(first.hu, run(tiny_pipeline, slices=6, guidance=2.0).hu)
+    assert not np.array_equal(first.hu, run(tiny_pipeline, slices=6, guidance=2.0, seed=8).hu)
+    other_report = tiny_pipeline.generate(GenerationRequest("Findings: Large left pleural effusion.", slices=6,
+                                                            seed=7, steps=3, guidance=2.0))
+    assert not np.array_equal(first.hu, other_report.hu)
+
+
+def test_a_drawn_seed_is_recorded_and_reproduces(tiny_pipeline):
+    volume = tiny_pipeline.generate(GenerationRequest(REPORT, slices=4, steps=2))
+    again = run(tiny_pipeline, slices=4, steps=2, seed=volume.provenance.seed)
+    assert np.array_equal(volume.hu, again.hu)
+
+
+def test_provenance_says_what_made_the_volume(tiny_pipeline):
+    p = run(tiny_pipeline, slices=4, guidance=1.5, sampler="euler", shift=2.0).provenance
+    assert (p.seed, p.steps, p.guidance, p.sampler, p.shift) == (7, 3, 1.5, "euler", 2.0)
+    assert p.report.startswith("Findings: A 12 mm nodule") and "Length: 4 slices" in p.prompt
+    assert p.model == "random-tiny" and len(p.model_sha256) == 64
+    assert "SYNTHETIC" in p.synthetic and p.ctflow_version
+
+
+def test_guidance_embeds_the_empty_report_alongside(tiny_pipeline):
+    assert tiny_pipeline.plan(GenerationRequest(REPORT, guidance=3.0)).text.shape[0] == 2
+    assert tiny_pipeline.plan(GenerationRequest(REPORT, guidance=1.0)).text.shape[0] == 1
+
+
+def test_overlong_report_is_used_and_the_caller_told(tiny_pipeline):
+    plan = tiny_pipeline.plan(GenerationRequest("Findings: " + "nodule " * 400))
+    assert plan.notices and "token limit" in plan.notices[0]
+
+
+@pytest.mark.parametrize("options, error", [
+    ({"report": "   "}, ReportError), ({"report": 3}, ReportError),
+    ({"slices": 0}, RequestError), ({"slices": 100_000}, RequestError), ({"slices": 2.5}, RequestError),
+    ({"steps": 0}, RequestError), ({"guidance": -1.0}, RequestError), ({"seed": -5}, RequestError),
+    ({"sampler": "dpm"}, RequestError),
+])
+def test_bad_requests_fail_before_sampling(tiny_pipeline, options, error):
+    with pytest.raises(error):
+        tiny_pipeline.plan(GenerationRequest(**{"report": REPORT, **options}))
+
+
+class CancelAfter:
+    """A cancel flag that is raised once it has been polled `polls` times (polled once per sampling step)."""
+
+    def __init__(self, polls):
+        self.polls = polls
+
+    def is_set(self):
+        self.polls -= 1
+        return self.polls < 0
+
+
+def test_cancel_mid_block_keeps_the_finished_blocks_marked_partial(tiny_pipeline):
+    volume = tiny_pipeline.generate(GenerationRequest(REPORT, slices=12, seed=1, steps=3), cancel=CancelAfter(5))
+    assert volume.shape[0] == 4  # block 1 done (3 polls), block 2 cancelled mid-way
+    assert volume.provenance.partial
+    with pytest.raises(CTFlowError, match="cancelled before the first block"):
+        tiny_pipeline.generate(GenerationRequest(REPORT, slices=12, seed=1, steps=3), cancel=CancelAfter(1))
+
+
+def test_cancel_from_another_thread_ends_the_worker(tiny_pipeline):
+    cancel, first_block, result = threading.Event(), threading.Event(), {}
+
+    def on_block(block):
+        first_block.set()
+        cancel.wait(5)
+
+    worker = threading.Thread(target=lambda: result.update(volume=tiny_pipeline.generate(
+        GenerationRequest(REPORT, slices=400, seed=1, steps=2), cancel=cancel, on_block=on_block)))
+    worker.start()
+    assert first_block.wait(30)
+    cancel.set()
+    worker.join(10)
+    assert not worker.is_alive()
+    assert result["volume"].provenance.partial and result["volume"].shape[0] < 400
+
+
+class SteerTo(torch.nn.Module):
+    """Stands in for a trained denoiser: drives block b to a known latent, white from frame `end_frame` of `end_block`.
+
+    (z - target) / t is the exact rectified-flow velocity towards `target`, so both solvers land on it.
+    """
+
+    def __init__(self, pipeline, end_block, end_frame):
+        super().__init__()
+        self.tissue = pipeline.autoencoder.constant_latent(40.0)
+        self.white = pipeline.autoencoder.constant_latent(END_HU)
+        self.end_block, self.end_frame, self.block = end_block, end_frame, -1
+        self.x_embed = torch.nn.Linear(1, 1)  # gives the stand-in a dtype like the real model
+
+    def prepare(self, previous, text, mask):
+        self.block += 1  # called once per block
+        return None
+
+    def forward(self, x, t, cond):
+        target = self.tissue[:, None].expand(-1, x.shape[2], -1, -1).clone()  # [C, T, h, w]
+        if self.block >= self.end_block:
+            start = self.end_frame if self.block == self.end_block else 0
+            target[:, start:] = self.white[:, None]
+        return (x - target) / t.view(-1, 1, 1, 1, 1)
+
+
+def steered(pipeline, end_block, end_frame, **config):
+    copy = CTFlowPipeline(dataclasses.replace(pipeline.config, **config), pipeline.denoiser, pipeline.autoencoder,
+                          pipeline.text_encoder, pipeline.model_id, pipeline.weights_sha256)
+    copy.denoiser = SteerTo(pipeline, end_block, end_frame)
+    return copy
+
+
+@pytest.mark.parametrize("end_block, end_frame, slices", [(2, 1, 9), (2, 0, 8), (0, 3, 3)])
+def test_white_slices_end_the_volume(tiny_pipeline, end_block, end_frame, slices):
+    pipeline = steered(tiny_pipeline, end_block, end_frame)
+    blocks = list(pipeline.stream(GenerationRequest(REPORT, seed=0, steps=2)))
+    assert blocks[-1].stop == slices
+    tissue = pipeline._decode(pipeline.denoiser.tissue[:, None])[0]
+    hu = np.concatenate([b.hu for b in blocks])
+    assert np.abs(hu.astype(int) - tissue).max() <= 1  # every kept slice is tissue: the white ones were trimmed
+
+
+def test_requested_length_overrides_the_end_marker(tiny_pipeline):
+    volume = steered(tiny_pipeline, 1, 0).generate(GenerationRequest(REPORT, slices=10, seed=0, steps=2))
+    assert volume.shape[0] == 10
+
+
+def test_hard_cap_when_the_model_never_ends(tiny_pipeline):
+    volume = steered(tiny_pipeline, 99, 0, max_slices=6).generate(GenerationRequest(REPORT, seed=0, steps=2))
+    assert volume.shape[0] == 6
+
+
+def test_cuda_request_without_a_gpu_is_a_clear_error():
+    if torch.cuda.is_available():
+        assert select_device("cuda").type == "cuda"
+        return
+    with pytest.raises(DeviceError, match="no CUDA GPU"):
+        select_device("cuda")
+    assert select_device("auto").type == "cpu"
+    with pytest.raises(DeviceError, match="unknown device"):
+        select_device("tpu")

@@ -1,0 +1,66 @@
+import pytest
+
+from ctflow import ReportError, parse_report, render_prompt
+from ctflow.report import MAX_REPORT_CHARS
+
+CT_RATE = """FINDINGS: Trachea and both main bronchi are open. A 6 mm nodule is seen in the right upper lobe.
+No pleural effusion.
+IMPRESSION: Right upper lobe nodule."""
+
+
+def test_sections_are_found_whatever_the_case():
+    report = parse_report(CT_RATE)
+    assert report.findings.startswith("Trachea and both main bronchi are open.")
+    assert "No pleural effusion." in report.findings
+    assert report.impressions == "Right upper lobe nodule."
+    assert not report.truncated
+
+
+@pytest.mark.parametrize("header", ["Findings:", "findings -", "FINDING:"])
+def test_header_spellings(header):
+    assert parse_report(f"{header} Emphysema. Impressions: Emphysema.").findings == "Emphysema."
+
+
+def test_free_text_is_findings_and_impressions_may_come_separately():
+    report = parse_report("Cardiomegaly.", impressions="Enlarged heart.")
+    assert (report.findings, report.impressions) == ("Cardiomegaly.", "Enlarged heart.")
+    assert parse_report("", impressions="Normal chest CT.").impressions == "Normal chest CT."
+
+
+@pytest.mark.parametrize("bad", ["", "   \n\t ", "Findings:  Impressions: "])
+def test_empty_reports_are_refused(bad):
+    with pytest.raises(ReportError, match="empty"):
+        parse_report(bad)
+
+
+@pytest.mark.parametrize("bad, message", [(42, "must be text"), (None, "must be text"), (b"\xff\xfe", "UTF-8"),
+                                          ("Find\x00ings", "binary")])
+def test_non_text_is_refused(bad, message):
+    with pytest.raises(ReportError, match=message):
+        parse_report(bad)
+
+
+def test_bytes_in_utf8_are_accepted():
+    assert parse_report("Findings: Ünremarkable.".encode()).findings == "Ünremarkable."
+
+
+def test_huge_report_is_cut_and_flagged():
+    report = parse_report("Findings: " + "word " * MAX_REPORT_CHARS)
+    assert report.truncated
+    assert len(report.findings) <= MAX_REPORT_CHARS
+
+
+def test_prompt_carries_sections_and_meta_information():
+    prompt = render_prompt(parse_report(CT_RATE), slices=120, slice_spacing=2.5)
+    assert prompt.splitlines() == [
+        "Findings: " + parse_report(CT_RATE).findings,
+        "Impressions: Right upper lobe nodule.",
+        "Length: 120 slices",
+        "Spacing: 2.5 mm",
+    ]
+    assert "Length" not in render_prompt(parse_report("Normal."))
+
+
+def test_header_alone_on_its_line():
+    report = parse_report("FINDINGS\nMild emphysema.\nIMPRESSION\nEmphysema.")
+    assert (report.findings, report.impressions) == ("Mild emphysema.", "Emphysema.")
