@@ -103,6 +103,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def run_info(args: argparse.Namespace) -> int:
     pipeline = CTFlowPipeline.from_pretrained(args.model, revision=args.revision, device=args.device)
+    print(pipeline.card.rstrip() + "\n")
     print(json.dumps(pipeline.info(), indent=2))
     return 0
 

@@ -25,7 +25,7 @@ from .config import ModelConfig
 from .denoiser import STDiT, parameter_count
 from .errors import CTFlowError, DeviceError, ModelError, RequestError
 from .model_folder import (
-    WEIGHTS, default_model, load_denoiser, load_vae, read_config, resolve_model, verify_checksums,
+    CARD, WEIGHTS, default_model, load_denoiser, load_vae, read_config, resolve_model, verify_checksums,
 )
 from .report import parse_report, render_prompt
 from .sampling import Cancelled, guided, sample, validate
@@ -99,7 +99,7 @@ def select_device(name: str = "auto") -> torch.device:
 class CTFlowPipeline:
     def __init__(
         self, config: ModelConfig, denoiser: STDiT, autoencoder: SliceAutoencoder, text_encoder: TextEncoder,
-        model_id: str = "", weights_sha256: str = "", device: torch.device = torch.device("cpu"),
+        model_id: str = "", weights_sha256: str = "", device: torch.device = torch.device("cpu"), card: str = "",
     ) -> None:
         if text_encoder.dim != config.denoiser.text_dim:
             raise ModelError(f"text encoder width {text_encoder.dim} != denoiser text_dim {config.denoiser.text_dim}")
@@ -114,6 +114,7 @@ class CTFlowPipeline:
         self.model_id = model_id
         self.weights_sha256 = weights_sha256
         self.device = device
+        self.card = card  # the model folder's README.md: data, training, metrics, limits
 
     @classmethod
     def from_pretrained(
@@ -134,7 +135,8 @@ class CTFlowPipeline:
         except torch.OutOfMemoryError as exc:
             raise DeviceError(f"not enough {target.type} memory to load {folder.name}; try --device cpu") from exc
         model_id = str(model) if model is not None and not Path(model).is_dir() else config.name
-        return cls(config, denoiser, autoencoder, text_encoder, model_id, checksums[WEIGHTS], target)
+        card = (folder / CARD).read_text(encoding="utf-8") if (folder / CARD).is_file() else ""
+        return cls(config, denoiser, autoencoder, text_encoder, model_id, checksums[WEIGHTS], target, card)
 
     # -- planning -------------------------------------------------------------------------------------------
 

@@ -71,7 +71,10 @@ def test_an_existing_output_is_kept_unless_overwrite(tiny_model, tmp_path, capsy
 
 def test_info_prints_the_model_card(tiny_model, capsys):
     assert main(["info", "--model", str(tiny_model)]) == 0
-    info = json.loads(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    card, _, facts = out.partition("\n\n{")
+    assert card.startswith("# random-tiny") and "not for diagnosis" in card
+    info = json.loads("{" + facts)
     assert info["model"] == "random-tiny" and info["denoiser_parameters"] > 0 and info["device"] == "cpu"
 
 

@@ -182,3 +182,14 @@ def test_cuda_request_without_a_gpu_is_a_clear_error():
     assert select_device("auto").type == "cpu"
     with pytest.raises(DeviceError, match="unknown device"):
         select_device("tpu")
+
+
+def test_out_of_memory_becomes_an_actionable_error(tiny_pipeline, monkeypatch):
+    """A GPU cannot run here; the OOM a CUDA device raises is simulated at the denoiser call."""
+
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(tiny_pipeline.denoiser, "forward", exhausted)
+    with pytest.raises(DeviceError, match="out of cpu memory while generating block 1"):
+        run(tiny_pipeline, slices=4)
