@@ -1,0 +1,77 @@
+"""Fixtures for the Slicer module: a real MRML scene from slicer-core, the module's code importable, and, for the
+panel, PySide6 standing in for Slicer's PythonQt (standin.py). The tiny model comes from Testing/conftest.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+MODULE_DIR = Path(__file__).resolve().parents[2] / "CTFlowSlicer"
+sys.path.insert(0, str(MODULE_DIR))
+
+REPORT = (
+    "Findings: There is a moderate right pleural effusion with compressive atelectasis of the right lower lobe.\n"
+    "Impressions: Moderate right pleural effusion."
+)
+
+
+@pytest.fixture
+def scene():
+    """A fresh scene as slicer.mrmlScene, with the three slice views' composite nodes (red, yellow, green)."""
+    import slicer
+
+    slicer.mrmlScene = slicer.vtkMRMLScene()
+    for view in ("Red", "Yellow", "Green"):
+        composite = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+        composite.SetLayoutName(view)
+    return slicer.mrmlScene
+
+
+@pytest.fixture
+def settings(tiny_model):
+    """Ten slices (three blocks of the tiny model) from a local model folder, two sampling steps, on the CPU."""
+    from CTFlowSlicerLib.parameters import GenerationSettings
+
+    return GenerationSettings(
+        report=REPORT, slices=10, seed=5, steps=2, device="cpu", modelSource="folder", modelLocation=str(tiny_model)
+    )
+
+
+@pytest.fixture(scope="session")
+def generation():
+    """One GenerationLogic for the logic tests: it keeps the model loaded between runs, as it does in Slicer."""
+    from CTFlowSlicerLib.logic import GenerationLogic
+
+    logic = GenerationLogic()
+    yield logic
+    logic.stop()
+
+
+@pytest.fixture(scope="session")
+def qt_application(tmp_path_factory):
+    """Slicer's Qt world stood in by PySide6 (offscreen); must come before CTFlowSlicer.py is imported."""
+    spec = importlib.util.spec_from_file_location("ctflow_slicer_standin", Path(__file__).with_name("standin.py"))
+    standin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(standin)
+    return standin.install(str(tmp_path_factory.mktemp("slicer-temporary")))
+
+
+@pytest.fixture
+def panel(qt_application, scene):
+    """The module's real widget, set up from the real .ui file in a visible (offscreen) window."""
+    from PySide6 import QtWidgets
+
+    import CTFlowSlicer
+
+    window = QtWidgets.QWidget()
+    widget = CTFlowSlicer.CTFlowSlicerWidget(window)
+    widget.setup()
+    window.resize(460, 980)
+    window.show()
+    qt_application.processEvents()
+    yield widget
+    widget.cleanup()
+    window.close()

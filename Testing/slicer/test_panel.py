@@ -1,0 +1,187 @@
+"""The panel with real Qt widgets: the real .ui and CTFlowSlicer.py, with PySide6 (offscreen) standing in for
+Slicer's PythonQt (standin.py). Clicks go through Qt; blocks arrive through the widget's own QTimer."""
+
+from __future__ import annotations
+
+import threading
+import time
+import types
+from pathlib import Path
+
+import ctflow
+import slicer
+from PySide6 import QtCore, QtTest, QtWidgets
+
+from CTFlowSlicerLib import resources
+from CTFlowSlicerLib.display import WINDOW_PRESETS
+from CTFlowSlicerLib.parameters import OUTPUT_VOLUME, GenerationSettings
+
+INTERACTIVE = (QtWidgets.QAbstractButton, QtWidgets.QComboBox, QtWidgets.QAbstractSpinBox, QtWidgets.QLineEdit,
+               QtWidgets.QPlainTextEdit, QtWidgets.QProgressBar)
+
+
+def wait_until(condition, timeout: float = 60.0) -> None:
+    """Run the Qt event loop (the widget's timer included) until condition() holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the panel did not get there in time"
+        QtWidgets.QApplication.processEvents()
+        time.sleep(0.01)
+
+
+def choose(combo: QtWidgets.QComboBox, data: str) -> None:
+    combo.setCurrentIndex(combo.findData(data))
+
+
+def use_tiny_model(ui, tiny_model, slices: int) -> None:
+    choose(ui.modelSourceComboBox, "folder")
+    ui.modelLocationLineEdit.setText(str(tiny_model))
+    choose(ui.deviceComboBox, "cpu")
+    ui.slicesSpinBox.setValue(slices)
+    ui.stepsSpinBox.setValue(2)
+    ui.seedSpinBox.setValue(11)
+
+
+def output_volume(panel):
+    return panel._parameterNode.GetNodeReference(OUTPUT_VOLUME)
+
+
+def slices_in(node) -> int:
+    return node.GetImageData().GetDimensions()[2]
+
+
+def test_a_fresh_panel_shows_what_generate_will_use(panel):
+    shown = panel._settingsFromGUI()
+    assert shown == GenerationSettings.load(panel._parameterNode)
+    assert (shown.slices, shown.modelSource, shown.window) == (0, "bundled", "lung")
+    assert panel.ui.slicesSpinBox.text() == "Automatic" and panel.ui.stepsSpinBox.text() == "Model default"
+    assert panel.ui.deviceLabel.text().startswith("Detected:")
+
+
+def test_generate_watch_the_volume_grow_then_cancel(panel, tiny_model, output_dir):
+    ui = panel.ui
+    sample = ui.sampleReportComboBox.findText("Right pleural effusion")
+    ui.sampleReportComboBox.setCurrentIndex(sample)
+    ui.sampleReportComboBox.activated.emit(sample)
+    use_tiny_model(ui, tiny_model, slices=400)
+    settings = GenerationSettings.load(panel._parameterNode)
+    assert settings.report.startswith("Findings:") and "right pleural effusion" in settings.report
+    assert (settings.slices, settings.steps, settings.seed, settings.modelSource) == (400, 2, 11, "folder")
+
+    ui.generateButton.click()
+    assert ui.generateButton.text() == "&Cancel"
+    wait_until(lambda: ui.progressBar.value() >= 2)
+    node = output_volume(panel)
+    grown_to = slices_in(node)
+    assert grown_to >= 8 and node.GetAttribute("CTFlow.partial") == "True"
+    assert ui.progressBar.maximum() == 100 and "blocks, about" in ui.progressBar.format()
+    assert ui.statusLabel.text().startswith("Block ")
+    panel.parent.grab().save(str(output_dir / "slicer_panel.png"))
+
+    ui.generateButton.click()
+    wait_until(lambda: ui.generateButton.text() == "&Generate")
+    assert ui.statusLabel.text().startswith("Cancelled: kept")
+    assert grown_to <= slices_in(node) < 400
+    assert node.GetAttribute("CTFlow.partial") == "True"
+    assert not [t for t in threading.enumerate() if t.name == "CTFlow generation"]
+
+
+def test_finish_then_window_save_and_replace(panel, tiny_model, tmp_path, monkeypatch):
+    ui = panel.ui
+    ui.reportTextEdit.setPlainText("Findings: Centrilobular emphysema in both upper lobes.")
+    ui.impressionsTextEdit.setPlainText("Emphysema.")
+    use_tiny_model(ui, tiny_model, slices=6)
+    assert not ui.saveNrrdButton.isEnabled()
+
+    ui.generateButton.click()
+    wait_until(lambda: ui.generateButton.text() == "&Generate")
+    node = output_volume(panel)
+    assert ui.statusLabel.text().startswith("Done: 6 slices") and slices_in(node) == 6
+    assert node.GetName() == "Synthetic CT (CTFlow) - Emphysema. - seed 11"
+    assert (ui.progressBar.value(), ui.progressBar.format()) == (2, "2 / 2 blocks")
+
+    ui.mediastinumWindowButton.click()
+    display = node.GetDisplayNode()
+    assert (display.GetWindow(), display.GetLevel()) == WINDOW_PRESETS["mediastinum"]
+    assert GenerationSettings.load(panel._parameterNode).window == "mediastinum"
+
+    monkeypatch.setattr(QtWidgets.QFileDialog, "getSaveFileName", lambda *args: (str(tmp_path / "ct"), "NRRD"))
+    ui.saveNrrdButton.click()
+    saved = ctflow.read_volume(tmp_path / "ct.nrrd")
+    assert saved.provenance.seed == 11 and saved.hu.shape == (6, 16, 16)
+    assert ui.statusLabel.text().startswith("Saved ")
+
+    ui.replaceVolumeRadioButton.click()
+    ui.newSeedButton.click()
+    ui.generateButton.click()
+    wait_until(lambda: ui.generateButton.text() == "&Generate")
+    assert output_volume(panel) is node and len(slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")) == 1
+    assert node.GetAttribute("CTFlow.seed") == str(ui.seedSpinBox.value()) != "11"
+
+
+def test_errors_appear_in_the_panel(panel, monkeypatch):
+    monkeypatch.setattr(resources, "bundledModel", lambda: None)
+    ui = panel.ui
+    choose(ui.modelSourceComboBox, "bundled")
+    assert ui.modelStatusLabel.text() == resources.NO_BUNDLED_MODEL
+    assert not ui.modelLocationLineEdit.isEnabled()
+
+    ui.reportTextEdit.setPlainText("Findings: Small left pleural effusion.")
+    ui.generateButton.click()
+    wait_until(lambda: ui.generateButton.text() == "&Generate", timeout=10)
+    assert ui.statusLabel.text() == f"Error: {resources.NO_BUNDLED_MODEL}"
+    assert "color" in ui.statusLabel.styleSheet()
+    assert output_volume(panel) is None
+
+    choose(ui.modelSourceComboBox, "folder")
+    ui.modelLocationLineEdit.setText("/no/such/folder")
+    assert ui.modelStatusLabel.text() == "This folder does not exist."
+
+
+def test_every_control_has_a_tooltip_and_a_keyboard_path(panel, tiny_model):
+    ui = panel.ui
+    controls = [w for w in panel.parent.findChildren(QtWidgets.QWidget)
+                if isinstance(w, INTERACTIVE) and w.objectName() and not w.objectName().startswith("qt_")]
+    assert len(controls) >= 20
+    assert [w.objectName() for w in controls if not w.toolTip()] == []
+    for label in panel.parent.findChildren(QtWidgets.QLabel):
+        if label.buddy() is not None:
+            assert "&" in label.text(), label.objectName()
+    assert ui.reportTextEdit.tabChangesFocus() and ui.impressionsTextEdit.tabChangesFocus()
+
+    chain, widget = [], ui.sampleReportComboBox.nextInFocusChain()
+    while widget.objectName() != "sampleReportComboBox":
+        if isinstance(widget, INTERACTIVE) and widget.objectName() and widget.objectName() not in chain:
+            chain.append(widget.objectName())
+        widget = widget.nextInFocusChain()
+    assert chain[:2] == ["reportTextEdit", "impressionsTextEdit"]
+    assert chain.index("replaceVolumeRadioButton") < chain.index("generateButton") < chain.index("saveNiftiButton")
+
+    use_tiny_model(ui, tiny_model, slices=4)
+    ui.reportTextEdit.setPlainText("Findings: Normal chest.")
+    panel.parent.activateWindow()
+    ui.reportTextEdit.setFocus()
+    QtTest.QTest.keyClick(ui.reportTextEdit, QtCore.Qt.Key_Return, QtCore.Qt.ControlModifier)
+    assert ui.generateButton.text() == "&Cancel"  # Ctrl+Enter generates from anywhere in the panel
+    wait_until(lambda: ui.generateButton.text() == "&Generate")
+    assert ui.statusLabel.text().startswith("Done: 4 slices")
+
+
+def test_module_description_says_synthetic(qt_application):
+    import CTFlowSlicer
+
+    parent = types.SimpleNamespace()
+    CTFlowSlicer.CTFlowSlicer(parent)
+    assert parent.title == "CTFlow Text-to-CT" and parent.categories == ["Synthetic Data"]
+    assert "must not be used for diagnosis" in parent.helpText
+    assert "synthetic and not for diagnosis" in parent.acknowledgementText
+
+
+def test_slicer_self_test_runs(qt_application, scene, tiny_model):
+    """CTFlowSlicerTest is what a user runs in Slicer; here it runs against the stand-in with the session's model."""
+    import CTFlowSlicer
+
+    cache = Path(slicer.app.temporaryPath) / "CTFlowSlicerTest"
+    cache.mkdir(exist_ok=True)
+    (cache / "tiny").symlink_to(tiny_model)
+    CTFlowSlicer.CTFlowSlicerTest().runTest()
