@@ -18,7 +18,7 @@ from .volume import Geometry, Provenance, Volume
 
 SUFFIXES = (".nii.gz", ".nii", ".nrrd")
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS flips the first two axes
-_NIFTI_DESCRIP = "SYNTHETIC CT (CTFlow) - not for diagnosis"
+_SYNTHETIC_HEADER = "SYNTHETIC CT (CTFlow) - not for diagnosis"
 _NRRD_PREFIX = "CTFlow_"
 
 
@@ -87,11 +87,11 @@ def _write_nifti(volume: Volume, path: Path) -> None:
     image = nib.Nifti1Image(np.ascontiguousarray(volume.hu.transpose(2, 1, 0)).astype(np.int16), affine)
     header = image.header
     header.set_xyzt_units("mm")
-    header["descrip"] = _NIFTI_DESCRIP.encode()
-    header["intent_name"] = b"SYNTHETIC"
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
-    if volume.provenance is not None:
+    if volume.provenance is not None:  # only what ctflow made is marked synthetic (training data may be real CT)
+        header["descrip"] = _SYNTHETIC_HEADER.encode()
+        header["intent_name"] = b"SYNTHETIC"
         payload = json.dumps({"ctflow_provenance": volume.provenance.as_dict()}).encode()
         header.extensions.append(nib.nifti1.Nifti1Extension("comment", payload))
     nib.save(image, str(path))
@@ -127,9 +127,9 @@ def _write_nrrd(volume: Volume, path: Path) -> None:
         "space origin": lps[:3, 3],
         "kinds": ["domain", "domain", "domain"],
         "encoding": "gzip",
-        "content": "SYNTHETIC CT (CTFlow) - not for diagnosis",
     }
     if volume.provenance is not None:
+        header["content"] = _SYNTHETIC_HEADER
         for key, value in volume.provenance.as_dict().items():
             header[_NRRD_PREFIX + key] = value.encode("unicode_escape").decode("ascii")  # one ASCII line
     nrrd.write(str(path), np.ascontiguousarray(volume.hu.transpose(2, 1, 0)).astype(np.int16), header, index_order="F")

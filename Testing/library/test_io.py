@@ -107,3 +107,10 @@ def test_reading_damaged_or_foreign_files(tmp_path):
     plain = tmp_path / "plain.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 2), np.int16), np.eye(4)), str(plain))
     assert read_volume(plain).provenance is None
+
+
+def test_a_real_ct_without_provenance_is_not_marked_synthetic(volume, tmp_path):
+    """Training data is written with the same writers; only what ctflow generated carries the mark."""
+    real = Volume(volume.hu, volume.geometry, None)
+    assert b"SYNTHETIC" not in nib.load(write_volume(real, tmp_path / "ct.nii.gz")).header["descrip"].tobytes()
+    assert "content" not in nrrd.read_header(str(write_volume(real, tmp_path / "ct.nrrd")))

@@ -1,0 +1,93 @@
+"""Where prepared training data lands, for CT-RATE and the synthetic cohort alike.
+
+Layout of an output folder:
+  volumes/<name>.nii.gz  int16 HU in the model space, white end slices included
+  reports/<name>.txt     "Findings: ...\\nImpressions: ..."
+  labels/<name>.json     findings with their parameters and the 18 CT-RATE labels (cohort only)
+  index.jsonl            one line per written case: paths, report sections, slice counts, spacing
+  skipped.json           cases left out, each with its source and the reason
+The index is written as cases finish, so an interrupted run still leaves a usable index.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ctflow.io import write_volume
+from ctflow.report import Report
+from ctflow.volume import Volume
+
+from .preprocess import HU_MAX
+
+INDEX, SKIPPED = "index.jsonl", "skipped.json"
+
+
+def content_slices(hu: np.ndarray) -> int:
+    """Slices before the white end marker (no real slice is +1000 HU everywhere)."""
+    white = np.all(hu == HU_MAX, axis=(1, 2))
+    count = len(white)
+    while count and white[count - 1]:
+        count -= 1
+    return count
+
+
+def read_index(folder: str | Path) -> list[dict]:
+    """The cases of a prepared folder, in the order they were written."""
+    with open(Path(folder) / INDEX, encoding="utf-8") as lines:
+        return [json.loads(line) for line in lines if line.strip()]
+
+
+class DatasetWriter:
+    """Writes cases and the index/skip report of one output folder; use as a context manager."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        for sub in ("volumes", "reports"):
+            (self.folder / sub).mkdir(parents=True, exist_ok=True)
+        self._index = open(self.folder / INDEX, "w", encoding="utf-8")
+        self.written = 0
+        self.skipped: list[dict] = []
+
+    def add(self, name: str, volume: Volume, report: Report, labels: dict | None = None) -> dict:
+        """Write one case and its index line; returns the line."""
+        entry = {
+            "name": name,
+            "volume": f"volumes/{name}.nii.gz",
+            "report": f"reports/{name}.txt",
+            "labels": None,
+            "findings": report.findings,
+            "impressions": report.impressions,
+            "slices": content_slices(volume.hu),
+            "total_slices": int(volume.hu.shape[0]),
+            "spacing": [round(s, 4) for s in volume.geometry.spacing],
+        }
+        write_volume(volume, self.folder / entry["volume"], overwrite=True)
+        (self.folder / entry["report"]).write_text(report.text + "\n", encoding="utf-8")
+        if labels is not None:
+            entry["labels"] = f"labels/{name}.json"
+            (self.folder / "labels").mkdir(exist_ok=True)
+            (self.folder / entry["labels"]).write_text(json.dumps(labels, indent=1) + "\n", encoding="utf-8")
+        self._index.write(json.dumps(entry) + "\n")
+        self._index.flush()
+        self.written += 1
+        return entry
+
+    def skip(self, name: str, source: str | Path, reason: str) -> None:
+        self.skipped.append({"name": name, "source": str(source), "reason": reason})
+
+    def close(self) -> None:
+        """Finish the index and write the skip report (also when the run stops on an error)."""
+        self._index.close()
+        (self.folder / SKIPPED).write_text(json.dumps(self.skipped, indent=1) + "\n", encoding="utf-8")
+
+    def summary(self) -> dict:
+        return {"folder": str(self.folder), "written": self.written, "skipped": len(self.skipped)}
+
+    def __enter__(self) -> "DatasetWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
