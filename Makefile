@@ -24,7 +24,7 @@ demo: venv
 	$(VENV)/bin/ctflow generate --report-file $(REPORT) --out $(OUT) --preview $(OUT:.nii.gz=.png) --overwrite
 
 test: venv
-	QT_QPA_PLATFORM=offscreen HF_HUB_OFFLINE=1 $(PY) -m pytest Testing -q
+	OMP_WAIT_POLICY=PASSIVE QT_QPA_PLATFORM=offscreen HF_HUB_OFFLINE=1 $(PY) -m pytest Testing -q
 
 clean:
 	rm -rf $(VENV) Testing/_output
