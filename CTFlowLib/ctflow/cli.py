@@ -1,4 +1,4 @@
-"""The `ctflow` command: generate a synthetic CT from a report, or describe a model.
+"""The `ctflow` command: generate a synthetic CT from a report, describe a model, make and check sets of them.
 
 Bad input ends with one line on stderr and a non-zero exit; no traceback, no partial file.
 """
@@ -6,16 +6,20 @@ Bad input ends with one line on stderr and a non-zero exit; no traceback, no par
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import threading
 import time
 from pathlib import Path
 
+import torch
+
 from . import __version__
 from .errors import CTFlowError, ReportError
-from .io import check_output_path, write_volume
-from .pipeline import Block, CTFlowPipeline, GenerationRequest
+from .io import atomic_write, check_output_path, write_volume
+from .pipeline import Block, CTFlowPipeline, GenerationRequest, select_device
+from .sampling import METHODS
 from .volume import SYNTHETIC_NOTICE
 
 EXIT_ERROR, EXIT_CANCELLED = 1, 130
@@ -47,12 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--report", help="report text (Findings: ... Impressions: ...)")
     source.add_argument("--report-file", type=Path, help="UTF-8 text file holding the report")
     generate.add_argument("--out", required=True, type=Path, help="output volume: .nii.gz, .nii or .nrrd")
-    generate.add_argument("--slices", type=int, help="exact slice count (default: the model decides where to end)")
     generate.add_argument("--seed", type=int, help="random seed (default: a fresh one, recorded in the file)")
-    generate.add_argument("--steps", type=int, help="sampling steps per block (default: the model's)")
-    generate.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = none)")
-    generate.add_argument("--sampler", choices=("euler", "heun"), help="ODE solver (default: the model's)")
-    generate.add_argument("--shift", type=float, help="time shift of the sampling schedule (default: the model's)")
+    add_sampling_arguments(generate)
     add_model_arguments(generate)
     generate.add_argument("--preview", type=Path, help="also write a PNG of the mid-planes in lung and soft-tissue windows")
     generate.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -61,7 +61,47 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="print the model card, parameter counts and device")
     add_model_arguments(info)
     info.set_defaults(run=run_info)
+
+    batch = commands.add_parser("batch", help="one volume per report and seed, resumable, sharded over torchrun ranks")
+    batch.add_argument("reports", type=Path, help="reports table: .csv or .jsonl (report or findings/impressions, id)")
+    batch.add_argument("--out", required=True, type=Path, help="output folder (created; a rerun resumes it)")
+    batch.add_argument("--seeds", type=int, default=1, help="volumes per report (default: 1)")
+    batch.add_argument("--seed", type=int, default=0, help="first seed; report r gets seeds S ... S+K-1 (default: 0)")
+    add_sampling_arguments(batch)
+    add_model_arguments(batch)
+    batch.add_argument("--format", choices=(".nii.gz", ".nrrd"), default=".nii.gz", help="volume file type")
+    batch.add_argument("--compile", action="store_true", help="torch.compile the denoiser (pays on a GPU over many items)")
+    batch.add_argument("--merge-only", action="store_true", help="only write manifest.csv/json from the finished items")
+    batch.set_defaults(run=run_batch)
+
+    qa = commands.add_parser("qa", help="quality report per volume: seams, detail over depth, HU, length, diversity")
+    qa.add_argument("volumes", type=Path, help="a volume, or a folder of volumes (e.g. a batch output)")
+    qa.add_argument("--out", type=Path, help="report folder (default: qa/ beside the volumes)")
+    qa.add_argument("--block-slices", type=int, help="slices per generated block (default: from each volume's provenance)")
+    qa.add_argument("--reference", type=Path, help="reference CT volume, or a qa.json, for the HU statistics")
+    qa.add_argument("--overwrite", action="store_true", help="replace existing reports")
+    qa.set_defaults(run=run_qa)
+
+    metrics = commands.add_parser("metrics", help="2.5D FID against real CTs; text alignment of requested findings")
+    metrics.add_argument("generated", type=Path, help="folder of generated volumes (a batch output for --labels)")
+    metrics.add_argument("--reference", type=Path, help="folder of real CT volumes: computes the 2.5D FID")
+    metrics.add_argument("--features", default="random", help="random[:SEED] (offline default) or resnet50:WEIGHTS.safetensors")
+    metrics.add_argument("--slices-per-axis", type=int, default=16, help="slices per plane and volume (default: 16)")
+    metrics.add_argument("--size", type=int, default=256, help="slices are resized to size x size (default: 256)")
+    metrics.add_argument("--labels", type=Path, help="requested findings per report id (.csv or .jsonl): text alignment")
+    metrics.add_argument("--detector", help="finding detector package.module:function (volume -> probabilities)")
+    metrics.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where features run")
+    metrics.add_argument("--out", type=Path, help="also write the results to this JSON file (replaced)")
+    metrics.set_defaults(run=run_metrics)
     return parser
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--slices", type=int, help="exact slice count (default: the model decides where to end)")
+    parser.add_argument("--steps", type=int, help="sampling steps per block (default: the model's)")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = none)")
+    parser.add_argument("--sampler", choices=METHODS, help="ODE solver (default: the model's)")
+    parser.add_argument("--shift", type=float, help="time shift of the sampling schedule (default: the model's)")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -108,6 +148,96 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_batch(args: argparse.Namespace) -> int:
+    from . import batch
+
+    items = batch.plan_items(batch.read_reports(args.reports), args.seeds, args.seed)
+    if args.merge_only:
+        rows = batch.merge_manifest(args.out, items)
+        print(f"wrote {args.out / batch.MANIFEST_CSV}: {len(rows)} of {len(items)} items finished")
+        return 0
+    rank, world, local_rank = batch.rank_and_world()
+    device = args.device
+    if local_rank is not None and device in ("auto", "cuda") and torch.cuda.is_available():
+        device = f"cuda:{local_rank}"  # torchrun: one GPU per rank
+    pipeline = CTFlowPipeline.from_pretrained(args.model, revision=args.revision, device=device)
+    if args.compile:
+        pipeline.compile()
+    options = GenerationRequest("", slices=args.slices, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
+                                shift=args.shift)
+    mine = len(batch.shard(items, rank, world))
+    print(f"ctflow: rank {rank}/{world}: {mine} of {len(items)} items on {pipeline.device} -> {args.out}", file=sys.stderr)
+    progress = ProgressBar()
+
+    def on_item(item, status, result) -> None:
+        done = len(result.made) + len(result.skipped) + len(result.failed)
+        eta = progress.elapsed / max(len(result.made), 1) * (mine - done) if result.made else 0.0
+        progress.show("item", done, mine, f"{item.name} {status}, {progress.elapsed:.0f} s, ETA {eta:.0f} s")
+
+    try:
+        result = batch.run_batch(pipeline, items, batch.BatchFolder(args.out, args.format), options, rank, world,
+                                 on_item=on_item)
+    except KeyboardInterrupt:
+        progress.close()
+        print("\nctflow: cancelled; finished items are kept, run the same command again to resume", file=sys.stderr)
+        return EXIT_CANCELLED
+    progress.close()
+    for name, message in result.failed.items():
+        print(f"ctflow: error: {name}: {message}", file=sys.stderr)
+    merged = f"manifest {args.out / batch.MANIFEST_CSV}" if result.merged else \
+        "manifest not merged yet: the last rank to finish writes it (or run with --merge-only)"
+    print(f"made {len(result.made)}, skipped {len(result.skipped)} finished, failed {len(result.failed)}; {merged} "
+          f"- {SYNTHETIC_NOTICE}")
+    return EXIT_ERROR if result.failed else 0
+
+
+def run_qa(args: argparse.Namespace) -> int:
+    from . import qa
+
+    files = qa.volume_files(args.volumes)
+    folder = args.out or (args.volumes if args.volumes.is_dir() else args.volumes.parent) / "qa"
+    reference = qa.load_reference(args.reference) if args.reference else None
+    progress, done = ProgressBar(), itertools.count(1)
+
+    def on_volume(name: str, result: dict) -> None:
+        progress.show("volume", next(done), len(files), f"{name}, {progress.elapsed:.0f} s")
+
+    document = qa.run_qa(files, folder, args.block_slices, reference, args.overwrite, on_volume)
+    progress.close()
+    print(json.dumps({"summary": document["summary"], "diversity": {k: v for k, v in document["diversity"].items()
+                                                                    if k != "per_report"}}, indent=2))
+    print(f"wrote {folder}/qa.json and a .qa.json and .qa.png per volume")
+    return 0
+
+
+def run_metrics(args: argparse.Namespace) -> int:
+    from . import metrics, qa
+
+    if not args.reference and not args.labels:
+        raise CTFlowError("nothing to compute: give --reference (FID) and/or --labels with --detector (text alignment)")
+    if args.labels and not args.detector:
+        raise CTFlowError("--labels needs --detector package.module:function")
+    if args.out:
+        check_output_path(args.out, overwrite=True, suffixes=(".json",))
+    results: dict = {}
+    if args.reference:
+        extractor = metrics.load_feature_extractor(args.features)
+        device = select_device(args.device)
+        options = dict(per_axis=args.slices_per_axis, size=args.size, device=device)
+        real = metrics.set_features(qa.volume_files(args.reference), extractor, **options)
+        generated = metrics.set_features(qa.volume_files(args.generated), extractor, **options)
+        results["fid_2_5d"] = {**metrics.fid_2_5d(real, generated), "features": getattr(extractor, "name", args.features),
+                               "slices": {"reference": len(real["axial"]), "generated": len(generated["axial"])}}
+    if args.labels:
+        results["text_alignment"] = metrics.batch_alignment(
+            args.generated, metrics.read_labels(args.labels), metrics.load_detector(args.detector))
+    text = json.dumps(results, indent=2)
+    if args.out:
+        atomic_write(args.out, lambda tmp: tmp.write_text(text + "\n"), overwrite=True)
+    print(text)
+    return 0
+
+
 def read_report_file(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
@@ -132,11 +262,12 @@ class ProgressBar:
         return time.perf_counter() - self.started
 
     def update(self, block: Block) -> None:
-        filled = round(self.width * block.blocks_done / max(block.blocks_expected, 1))
-        line = (
-            f"block {block.blocks_done}/{block.blocks_expected} [{'#' * filled}{'.' * (self.width - filled)}] "
-            f"{block.stop} slices, {block.elapsed_s:.1f} s, ETA {block.eta_s:.0f} s"
-        )
+        self.show("block", block.blocks_done, block.blocks_expected,
+                  f"{block.stop} slices, {block.elapsed_s:.1f} s, ETA {block.eta_s:.0f} s")
+
+    def show(self, unit: str, done: int, total: int, detail: str) -> None:
+        filled = round(self.width * done / max(total, 1))
+        line = f"{unit} {done}/{total} [{'#' * filled}{'.' * (self.width - filled)}] {detail}"
         print(f"\r{line}" if self.interactive else line, end="" if self.interactive else "\n", file=sys.stderr, flush=True)
 
     def close(self) -> None:

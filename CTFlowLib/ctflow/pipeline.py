@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import queue
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +117,9 @@ class CTFlowPipeline:
         self.weights_sha256 = weights_sha256
         self.device = device
         self.card = card  # the model folder's README.md: data, training, metrics, limits
+        # Sample block k + 1 on a worker thread while block k is decoded and consumed. Off by default: on a
+        # CPU both halves compete for the same cores; docs/BENCHMARKS.md says where it pays.
+        self.decode_ahead = False
 
     @classmethod
     def from_pretrained(
@@ -176,56 +181,45 @@ class CTFlowPipeline:
         """Yield decoded blocks in order as soon as each is ready. Stops early (no error) when cancelled."""
         plan = request if isinstance(request, GenerationPlan) else self.plan(request)
         req = plan.request
-        denoiser_config = self.config.denoiser
-        block_len = denoiser_config.block_slices
-        target = req.slices or self.config.max_slices
+        block_len = self.config.denoiser.block_slices
         expected = math.ceil((req.slices or self.config.typical_slices) / block_len)
         geometry = Geometry.centred(self.config.geometry.spacing, (1, self.autoencoder.config.image_size,
                                                                     self.autoencoder.config.image_size))
         provenance = Provenance(
             report=plan.report_text, prompt=plan.prompt, seed=req.seed, steps=req.steps, sampler=req.sampler,
             shift=req.shift, guidance=req.guidance, model=self.model_id, model_sha256=self.weights_sha256,
-            ctflow_version=__version__, device=str(self.device), slices_requested=req.slices,
+            ctflow_version=__version__, device=str(self.device), slices_requested=req.slices, block_slices=block_len,
         )
-        is_cancelled = (lambda: cancel.is_set()) if cancel is not None else (lambda: False)
-        generator = torch.Generator("cpu").manual_seed(req.seed)  # CPU noise: the same seed gives the same noise anywhere
-        latent = self.autoencoder.constant_latent(START_HU)  # [C, h, w]
-        previous = latent[:, None].expand(-1, block_len, -1, -1)[None]  # [1, C, T, h, w]
-        started = time.perf_counter()
+        stopped = threading.Event()  # set when the consumer stops iterating: ends a decode-ahead worker too
+        is_cancelled = (lambda: stopped.is_set() or cancel.is_set()) if cancel is not None else stopped.is_set
+        latents = self._latent_blocks(plan, is_cancelled)
+        if self.decode_ahead:
+            latents = _run_ahead(latents, stopped)
+        started = block_start = time.perf_counter()
         made = index = 0
-        while made < target:
-            block_start = time.perf_counter()
-            noise = torch.randn(previous.shape, generator=generator).to(self.device)
-            try:
-                with torch.no_grad():
-                    velocity = self._velocity(previous, plan)
-                    clean = sample(velocity, noise, req.steps, req.sampler, req.shift, is_cancelled)  # [1, C, T, h, w]
-                    keep = min(block_len, target - made)
-                    end = None if req.slices else self._end_frame(clean[0])
-                    keep = keep if end is None else min(keep, end)
-                    hu = self._decode(clean[0, :, :keep]) if keep else None
-            except Cancelled:
-                return
-            except torch.OutOfMemoryError as exc:
-                raise DeviceError(
-                    f"out of {self.device.type} memory while generating block {index + 1}; "
-                    "close other GPU programs or use --device cpu"
-                ) from exc
-            if hu is None:
-                return  # the new block starts with the end marker: the previous block was the last
-            now = time.perf_counter()
-            made += keep
-            index += 1
-            finished = end is not None or made >= target
-            expected = index if finished else max(expected, index + 1)
-            yield Block(
-                index=index - 1, start=made - keep, stop=made, hu=hu, geometry=geometry, provenance=provenance,
-                blocks_done=index, blocks_expected=expected, elapsed_s=now - started, block_s=now - block_start,
-                eta_s=(now - started) / index * (expected - index),
-            )
-            if finished or is_cancelled():
-                return
-            previous = clean
+        try:
+            for clean, last in latents:
+                hu = self._decode(clean)
+                now = time.perf_counter()
+                made += hu.shape[0]
+                index += 1
+                expected = index if last else max(expected, index + 1)
+                yield Block(
+                    index=index - 1, start=made - hu.shape[0], stop=made, hu=hu, geometry=geometry,
+                    provenance=provenance, blocks_done=index, blocks_expected=expected, elapsed_s=now - started,
+                    block_s=now - block_start, eta_s=(now - started) / index * (expected - index),
+                )
+                if last or is_cancelled():
+                    return
+                block_start = time.perf_counter()
+        except torch.OutOfMemoryError as exc:
+            raise DeviceError(
+                f"out of {self.device.type} memory while generating block {index + 1}; "
+                "close other GPU programs or use --device cpu"
+            ) from exc
+        finally:
+            stopped.set()
+            latents.close()  # ends a decode-ahead worker before returning
 
     def generate(
         self, request: GenerationRequest | GenerationPlan, cancel: CancelFlag | None = None,
@@ -242,6 +236,11 @@ class CTFlowPipeline:
         cancelled = cancel is not None and cancel.is_set()
         provenance = dataclasses.replace(blocks[0].provenance, partial=cancelled)
         return Volume(np.concatenate([b.hu for b in blocks]), blocks[0].geometry, provenance)
+
+    def compile(self, **options) -> "CTFlowPipeline":
+        """torch.compile the denoiser (every block has the same shape, so it compiles once); the first block is slow."""
+        self.denoiser = torch.compile(self.denoiser, **options)
+        return self
 
     def info(self) -> dict[str, object]:
         """Model card facts: name, sizes, parameter counts, device."""
@@ -263,6 +262,36 @@ class CTFlowPipeline:
 
     # -- internals ------------------------------------------------------------------------------------------
 
+    def _latent_blocks(self, plan: GenerationPlan, is_cancelled: Callable[[], bool]) -> Iterator[tuple[torch.Tensor, bool]]:
+        """Sample block after block, each conditioned on the one before: yields (clean latents [C, kept, h, w], last).
+
+        Sampling only, no decoding, so it can run one block ahead of the decoder (decode_ahead).
+        """
+        req = plan.request
+        block_len = self.config.denoiser.block_slices
+        target = req.slices or self.config.max_slices
+        generator = torch.Generator("cpu").manual_seed(req.seed)  # CPU noise: the same seed gives the same noise anywhere
+        latent = self.autoencoder.constant_latent(START_HU)  # [C, h, w]
+        previous = latent[:, None].expand(-1, block_len, -1, -1)[None]  # [1, C, T, h, w]
+        made = 0
+        while made < target:
+            noise = torch.randn(previous.shape, generator=generator).to(self.device)
+            with torch.no_grad():  # per thread: the decode-ahead worker needs its own
+                try:
+                    clean = sample(self._velocity(previous, plan), noise, req.steps, req.sampler, req.shift, is_cancelled)
+                except Cancelled:
+                    return
+                end = None if req.slices else self._end_frame(clean[0])
+            keep = min(block_len, target - made, block_len if end is None else end)
+            if not keep:
+                return  # the new block starts with the end marker: the previous block was the last
+            made += keep
+            last = end is not None or made >= target
+            yield clean[0, :, :keep], last
+            if last:
+                return
+            previous = clean
+
     def _velocity(self, previous: torch.Tensor, plan: GenerationPlan):
         """The velocity field for one block; its conditioning (previous block, text) is computed once here."""
         batch = plan.text.shape[0]  # 2 with guidance: [conditional; unconditional]
@@ -283,3 +312,41 @@ class CTFlowPipeline:
     def _decode(self, latents: torch.Tensor) -> np.ndarray:
         hu = self.autoencoder.decode(latents.permute(1, 0, 2, 3))  # [T, h, w] latents -> [T, H, W] HU
         return hu.round().clamp(-32768, 32767).to(torch.int16).cpu().numpy()
+
+
+_DONE = object()
+
+
+def _run_ahead(items: Iterator, stopped: threading.Event) -> Iterator:
+    """Iterate `items` on a worker thread, at most one item ahead of the consumer; the worker's errors re-raise here.
+
+    The worker must end soon after `stopped` is set (the sampler polls it every step).
+    """
+    slot: queue.Queue = queue.Queue(maxsize=1)
+
+    def offer(item) -> None:
+        while not stopped.is_set():
+            try:
+                slot.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                continue
+
+    def work() -> None:
+        try:
+            for item in items:
+                offer(item)
+            offer(_DONE)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            offer(exc)
+
+    worker = threading.Thread(target=work, name="ctflow-sampler", daemon=True)
+    worker.start()
+    try:
+        while (item := slot.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stopped.set()
+        worker.join()

@@ -10,7 +10,7 @@ import torch
 from .errors import RequestError
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z [B, ...], t scalar tensor) -> v like z
-METHODS = ("euler", "heun")
+METHODS = ("euler", "heun", "ab2")  # ab2: second order at one model call per step
 
 
 class Cancelled(Exception):
@@ -35,6 +35,7 @@ def sample(
     validate(steps, method, shift)
     grid = time_grid(steps, shift).to(noise.device)
     z = noise
+    previous = None  # (v, dt) of the last step, for ab2
     for t, t_next in zip(grid[:-1], grid[1:]):
         if is_cancelled():
             raise Cancelled()
@@ -43,9 +44,19 @@ def sample(
         if method == "heun" and t_next > 0:  # the last step is Euler: v at t = 0 adds cost, not accuracy
             z_euler = z + dt * v
             z = z + dt * 0.5 * (v + velocity(z_euler, t_next))
+        elif method == "ab2" and previous is not None:
+            z = z + dt * adams_bashforth2(v, *previous, dt)
         else:
             z = z + dt * v
+        previous = v, dt
     return z
+
+
+def adams_bashforth2(v: torch.Tensor, v_before: torch.Tensor, dt_before: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+    """Slope of a second-order Adams-Bashforth step on an uneven grid: extrapolates v linearly from the last two
+    steps, so it gains Heun's order without Heun's second model call."""
+    ratio = dt / (2 * dt_before)
+    return (1 + ratio) * v - ratio * v_before
 
 
 def validate(steps: int, method: str, shift: float) -> None:

@@ -65,6 +65,7 @@ class Provenance:
     partial: bool = False  # generation was cancelled or stopped early; the volume is incomplete
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     synthetic: str = SYNTHETIC_NOTICE
+    block_slices: int | None = None  # slices per generated block: where the autoregressive seams lie (QA)
 
     def as_dict(self) -> dict[str, str]:
         """Flat string map (headers and MRML attributes hold strings)."""

@@ -193,3 +193,22 @@ def test_out_of_memory_becomes_an_actionable_error(tiny_pipeline, monkeypatch):
     monkeypatch.setattr(tiny_pipeline.denoiser, "forward", exhausted)
     with pytest.raises(DeviceError, match="out of cpu memory while generating block 1"):
         run(tiny_pipeline, slices=4)
+
+
+def test_decode_ahead_makes_the_same_volume_and_ends_with_the_consumer(tiny_pipeline, monkeypatch):
+    request = GenerationRequest(REPORT, slices=10, seed=3, steps=2)
+    plain = tiny_pipeline.generate(request)
+    monkeypatch.setattr(tiny_pipeline, "decode_ahead", True)
+    ahead = tiny_pipeline.generate(request)
+    assert np.array_equal(plain.hu, ahead.hu) and ahead.provenance.block_slices == 4
+    stream = tiny_pipeline.stream(GenerationRequest(REPORT, slices=400, seed=3, steps=2))
+    next(stream)
+    stream.close()  # the consumer stops: the sampling worker must be gone, not left running
+    assert not any(thread.name == "ctflow-sampler" for thread in threading.enumerate())
+
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(tiny_pipeline.denoiser, "forward", exhausted)
+    with pytest.raises(DeviceError, match="block 1"):  # the worker's error reaches the caller
+        run(tiny_pipeline, slices=4)

@@ -16,7 +16,7 @@ def test_time_grid_runs_from_noise_to_data_and_shift_favours_high_noise():
     assert (shifted[1:-1] > plain[1:-1]).all()
 
 
-@pytest.mark.parametrize("method", ["euler", "heun"])
+@pytest.mark.parametrize("method", ["euler", "heun", "ab2"])
 def test_a_straight_flow_lands_exactly_on_its_target(method):
     target = torch.randn(2, 3)
     noise = torch.randn(2, 3)
@@ -31,6 +31,21 @@ def test_heun_is_more_accurate_than_euler_on_a_curved_flow():
     euler = sample(lambda z, t: z, z1, steps=10, method="euler")
     heun = sample(lambda z, t: z, z1, steps=10, method="heun")
     assert abs(heun - exact) < abs(euler - exact) / 5
+
+
+def test_ab2_buys_second_order_accuracy_at_one_call_per_step():
+    """dz/dt = z (1 + t) from t = 1 to 0, shifted grid: exact z(1) * exp(-1.5)."""
+    calls = []
+
+    def velocity(z, t):
+        calls.append(1)
+        return z * (1 + t)
+
+    exact = math.exp(-1.5)
+    ab2 = sample(velocity, torch.ones(1), steps=10, method="ab2", shift=2.0)
+    assert len(calls) == 10
+    euler = sample(velocity, torch.ones(1), steps=10, method="euler", shift=2.0)
+    assert abs(ab2 - exact) < abs(euler - exact) / 4
 
 
 def test_guidance_runs_both_halves_in_one_forward():

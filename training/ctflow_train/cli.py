@@ -143,5 +143,16 @@ register(Command("cohort", "generate synthetic patients: volumes, reports, label
 register(Command("cohort-preview", "PNG of axial and coronal slices of cohort patients", _configure_preview, _run_preview))
 register(Command("prepare-ctrate", "convert CT-RATE volumes and reports into the model space", _configure_ctrate, _run_ctrate))
 
+# ---------------------------------------------------------------- model commands (each module owns its options)
+
+from . import evaluate, export, finding_study, latent_cache, train_flow, train_vae  # noqa: E402
+
+register(Command("vae", "train the slice autoencoder (L1 + KL + patch-GAN)", train_vae.configure, train_vae.run))
+register(Command("cache-latents", "encode every slice and prompt once for flow training", latent_cache.configure, latent_cache.run))
+register(Command("flow", "flow-matching training of the denoiser (torchrun for several GPUs)", train_flow.configure, train_flow.run))
+register(Command("export", "write a ctflow model folder with a model card", export.configure, export.run))
+register(Command("evaluate", "seam continuity, length accuracy and speed of a model folder", evaluate.configure, evaluate.run))
+register(Command("finding-study", "how often findings appear when asked vs negated", finding_study.configure, finding_study.run))
+
 if __name__ == "__main__":
     sys.exit(main())

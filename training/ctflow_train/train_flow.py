@@ -1,0 +1,230 @@
+"""Flow-matching training of the STDiT denoiser: one loop, everything visible.
+
+    ctflow-train flow --cache cache/latents.safetensors --out cache/flow --steps 2000        # one process, CPU or GPU
+    torchrun --nproc_per_node 8 -m ctflow_train.train_flow --cache ... --out ...           # DDP, any node count
+
+What one step does (CTFlow, REFERENCE §1, plus classifier-free guidance):
+  1. pick B (previous block, next block) pairs of T latent slices: with probability --start-p the first block
+     of a volume, whose "previous" is the all-black start block (StartBoost); otherwise a random offset.
+     White end slices are part of every volume, so the model also learns to end it.
+  2. add a little noise (--cond-noise) to the previous block: generation conditions on its own imperfect output.
+  3. text: the prompt with "Length: N slices" half the time (--length-p), so both a requested and a free
+     length work; replaced by the embedding of "" with probability --text-drop, as the pipeline's
+     unconditional branch, so guidance works.
+  4. z_t = (1 - t) x0 + t noise, t ~ U(0, 1); the model predicts v = noise - x0 (MSE).
+  5. AdamW, warm-up then cosine decay, grad clip 1.0, EMA of the weights.
+Checkpoints (safetensors, atomic) hold weights, EMA, optimizer and RNG state: --resume continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ctflow.config import DENOISER_PRESETS
+from ctflow.denoiser import STDiT, parameter_count
+
+from .checkpoint import load_checkpoint, open_loss_log, save_checkpoint
+from .latent_cache import LatentCache, read_cache
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+class Conditioned(torch.nn.Module):
+    """STDiT with its conditioning inside forward(), so DistributedDataParallel sees one forward pass."""
+
+    def __init__(self, denoiser: STDiT) -> None:
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(self, z_t, t, previous, text, mask):
+        return self.denoiser(z_t, t, self.denoiser.prepare(previous, text, mask))
+
+
+def denoiser_config(args: argparse.Namespace, cache: LatentCache):
+    """The preset, with the latent shape and text width the cache dictates and any size overrides."""
+    channels, size = cache.start.shape[0], cache.start.shape[-1]
+    overrides = {k: v for k, v in {"hidden_size": args.hidden, "depth": args.depth, "num_heads": args.heads,
+                                   "patch_size": args.patch and tuple(args.patch)}.items() if v}
+    return dataclasses.replace(DENOISER_PRESETS[args.preset], latent_channels=channels, latent_size=size,
+                               text_dim=cache.empty.shape[-1], block_slices=args.block, **overrides)
+
+
+def get_batch(cache: LatentCache, batch: int, block: int, args, generator: torch.Generator):
+    """(x0, previous) [B, C, T, h, w] and padded text tokens [B, M, D] with mask [B, M]."""
+    def uniform() -> float:
+        return float(torch.rand((), generator=generator))
+
+    targets, previous, texts = [], [], []
+    for _ in range(batch):
+        case = int(torch.randint(len(cache.latents), (), generator=generator))
+        latents = cache.latents[case]  # [S, C, h, w]
+        if uniform() < args.start_p or len(latents) < 2 * block:
+            offset = 0
+            prev = cache.start[None].expand(block, -1, -1, -1)  # the black start block
+        else:
+            offset = int(torch.randint(block, len(latents) - block + 1, (), generator=generator))
+            prev = latents[offset - block : offset]
+        targets.append(latents[offset : offset + block])
+        previous.append(prev)
+        kind = "length" if uniform() < args.length_p else "plain"
+        texts.append(cache.empty if uniform() < args.text_drop else cache.text[kind][case])
+    x0 = torch.stack(targets).permute(0, 2, 1, 3, 4)  # [B, S, C, h, w] -> [B, C, T, h, w]
+    prev = torch.stack(previous).permute(0, 2, 1, 3, 4)
+    longest = max(len(t) for t in texts)
+    text = torch.stack([F.pad(t, (0, 0, 0, longest - len(t))) for t in texts])  # [B, M, D]
+    mask = torch.stack([torch.arange(longest) < len(t) for t in texts])  # [B, M]
+    return x0, prev, text, mask
+
+
+def learning_rate(step: int, args) -> float:
+    """Linear warm-up, then cosine decay to 10 % at --steps."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+    return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def train(args: argparse.Namespace) -> dict:
+    # ---- processes: DistributedDataParallel only when torchrun started more than one
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    ddp = world > 1
+    if ddp:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+        rank, local_rank = torch.distributed.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
+    else:
+        rank = local_rank = 0
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # bf16 only where the hardware has it: on an AVX2-only CPU bf16 matmuls are ~50x slower than fp32
+    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    autocast = torch.autocast("cuda", torch.bfloat16) if use_bf16 else nullcontext()
+    master = rank == 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # ---- data, model, EMA, optimizer
+    cache = read_cache(args.cache)
+    config = denoiser_config(args, cache)
+    torch.manual_seed(args.seed)  # same initial weights on every rank
+    model = STDiT(config).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    decay, no_decay = [p for p in model.parameters() if p.dim() >= 2], [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=(0.9, 0.99),
+    )
+    generator = torch.Generator().manual_seed(args.seed + rank)  # batches, times, noise: one stream per rank
+    step, elapsed = 0, 0.0
+    if args.resume and (out / CHECKPOINT).exists():
+        meta = load_checkpoint(out / CHECKPOINT, {"model": model, "ema": ema}, {"optimizer": optimizer}, {})
+        load_checkpoint(out / f"rng-{rank}.safetensors", {}, {}, {"data": generator})
+        step, elapsed = meta["step"], meta["elapsed_s"]
+    raw_model, model = model, Conditioned(model)
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    if master:
+        print(f"denoiser {parameter_count(raw_model) / 1e6:.2f} M parameters, {config}; {len(cache.latents)} volumes; "
+              f"world {world}; from step {step}", flush=True)
+        log, writer = open_loss_log(out / "loss.csv", ["step", "lr", "loss", "step_s"], step)
+
+    # ---- the loop
+    block = config.block_slices
+    logged = torch.tensor(float("nan"))  # the last step's loss (nan when a resumed run has nothing left to do)
+    while step < args.steps:
+        started = time.perf_counter()
+        lr = learning_rate(step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x0, prev, text, mask = get_batch(cache, args.batch, block, args, generator)
+        prev = prev + args.cond_noise * torch.randn(prev.shape, generator=generator)
+        t = torch.rand(args.batch, generator=generator)  # [B]
+        noise = torch.randn(x0.shape, generator=generator)
+        x0, prev, text, mask, t, noise = (v.to(device) for v in (x0, prev, text, mask, t, noise))
+        tt = t.view(-1, 1, 1, 1, 1)
+        z_t = (1 - tt) * x0 + tt * noise
+        with autocast:
+            velocity = model(z_t, t, prev, text, mask)  # [B, C, T, h, w]
+        loss = F.mse_loss(velocity.float(), noise - x0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip)
+        optimizer.step()
+        with torch.no_grad():
+            beta = min(args.ema, (1 + step) / (10 + step))  # short memory while the weights move fast
+            for e, p in zip(ema.parameters(), raw_model.parameters()):
+                e.lerp_(p, 1 - beta)
+        step += 1
+        step_s = time.perf_counter() - started
+        elapsed += step_s
+        logged = loss.detach().clone()
+        if ddp:  # the logged loss is the mean over ranks
+            torch.distributed.all_reduce(logged, op=torch.distributed.ReduceOp.AVG)
+        if master:
+            writer.writerow([step, f"{lr:.4g}", f"{logged.item():.5f}", f"{step_s:.3f}"])
+            if step % args.log_every == 0:
+                log.flush()
+                print(f"step {step}/{args.steps} loss {logged.item():.4f} lr {lr:.2e} {step_s:.2f}s", flush=True)
+        if step % args.save_every == 0 or step == args.steps:
+            save_checkpoint(out / f"rng-{rank}.safetensors", {}, {}, {"data": generator}, {"step": step})
+            if master:
+                meta = {"step": step, "elapsed_s": elapsed, "denoiser": dataclasses.asdict(config), "world": world,
+                        "device": str(device), "cache": str(args.cache), "args": vars(args)}
+                save_checkpoint(out / CHECKPOINT, {"model": raw_model, "ema": ema}, {"optimizer": optimizer}, {}, meta)
+    if master:
+        log.close()
+    if ddp:
+        torch.distributed.destroy_process_group()
+    return {"step": step, "elapsed_s": round(elapsed, 1), "loss": logged.item()}
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache", type=Path, required=True, help="latent cache (ctflow-train cache-latents)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder: checkpoint, loss.csv")
+    parser.add_argument("--preset", default="cpu", choices=sorted(DENOISER_PRESETS), help="denoiser size")
+    parser.add_argument("--hidden", type=int, help="override the preset's hidden size")
+    parser.add_argument("--depth", type=int, help="override the preset's depth")
+    parser.add_argument("--heads", type=int, help="override the preset's attention heads")
+    parser.add_argument("--patch", type=int, nargs=3, metavar=("T", "H", "W"), help="override the preset's patch size")
+    parser.add_argument("--block", type=int, default=16, help="slices per block (the data's end padding assumes 16)")
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=8, help="per process")
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--weight-decay", type=float, default=1e-2)
+    parser.add_argument("--clip", type=float, default=1.0)
+    parser.add_argument("--ema", type=float, default=0.999)
+    parser.add_argument("--start-p", type=float, default=0.5, help="StartBoost: share of first blocks")
+    parser.add_argument("--length-p", type=float, default=0.5, help="share of prompts with 'Length: N slices'")
+    parser.add_argument("--text-drop", type=float, default=0.1, help="share of prompts replaced by ''")
+    parser.add_argument("--cond-noise", type=float, default=0.05, help="noise on the previous block")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--log-every", type=int, default=25)
+    parser.add_argument("--save-every", type=int, default=250)
+    parser.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.safetensors")
+
+
+def run(args: argparse.Namespace) -> int:
+    print(json.dumps(train(args)))
+    return 0
+
+
+if __name__ == "__main__":  # torchrun entry point
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    configure(parser)
+    raise SystemExit(run(parser.parse_args()))

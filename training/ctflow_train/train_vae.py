@@ -1,0 +1,259 @@
+"""Slice autoencoder training (the "A-VAE"): L1 reconstruction + a little KL + a patch-GAN after a warm-up.
+
+    ctflow-train vae --data cache/cohort --out cache/vae --steps 800 --adv-start 600 --threads 1
+
+Slices are HU in the window [-1000, 1000] mapped to [-1, 1] (ctflow's SliceAutoencoder does the mapping,
+so training and generation agree). Training uses random square crops: the VAE is fully convolutional
+(no attention), and a 128-pixel crop costs a quarter of a full 256-pixel slice. Held-out patients give
+PSNR/SSIM at full size. LPIPS, the usual perceptual term, needs downloaded network weights and is not
+available offline, so it is not used. At the end the latents are standardised (shift and scale stored
+in the VAE config, as FLUX does) so flow matching sees unit-variance latents.
+
+Writes to --out: vae/ (diffusers folder), checkpoint.safetensors (for --resume), loss.csv, metrics.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ctflow.autoencoder import VAE_PRESETS, SliceAutoencoder
+from ctflow.config import AutoencoderConfig
+from ctflow.pipeline import END_HU, START_HU
+
+from .checkpoint import load_checkpoint, open_loss_log, save_checkpoint
+from .training_data import list_cases, load_cases
+
+# "cpu-fast" quarters the channels of "cpu" at every level (8 at full size). On the shared 2-core machine
+# "cpu" decoded a 256^2 slice in 0.6-2 s, this one in about 0.25 s: the difference between a 128-slice
+# volume decoding in half a minute or in minutes. A training step (batch 8, 128^2 crops, 1 thread) takes ~0.8 s.
+VAE_VARIANTS = {**VAE_PRESETS, "cpu-fast": dict(VAE_PRESETS["cpu"], block_out_channels=(8, 16, 32, 64), norm_num_groups=4)}
+
+
+class PatchDiscriminator(nn.Sequential):
+    """Real/fake logits per ~30-pixel patch [B, 1, H/8, W/8] (PatchGAN): it judges texture, not layout."""
+
+    def __init__(self, channels: int = 32) -> None:
+        def down(cin, cout, norm=True):
+            layers = [nn.Conv2d(cin, cout, 4, stride=2, padding=1)]
+            return layers + ([nn.GroupNorm(8, cout)] if norm else []) + [nn.LeakyReLU(0.2)]
+
+        super().__init__(*down(1, channels, norm=False), *down(channels, 2 * channels), *down(2 * channels, 4 * channels),
+                         nn.Conv2d(4 * channels, 1, 3, padding=1))
+
+
+# -------------------------------------------------------------------------------------- metrics
+
+
+def gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """[1, 1, size, size] normalised Gaussian (the SSIM paper's window)."""
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    g = (g / g.sum()).float()
+    return (g[:, None] * g[None, :])[None, None]
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Mean SSIM per image of [N, H, W] pairs (Gaussian window 11/1.5, K1 0.01, K2 0.03, valid region) -> [N]."""
+    window = gaussian_window().to(a)
+    a, b = a[:, None].float(), b[:, None].float()
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mu_a, mu_b = F.conv2d(a, window), F.conv2d(b, window)
+    var_a = F.conv2d(a * a, window) - mu_a**2
+    var_b = F.conv2d(b * b, window) - mu_b**2
+    cov = F.conv2d(a * b, window) - mu_a * mu_b
+    index = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return index.mean(dim=(1, 2, 3))
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float) -> torch.Tensor:
+    """PSNR per image of [N, H, W] pairs -> [N] dB."""
+    mse = (a.float() - b.float()).pow(2).mean(dim=(1, 2))
+    return 10 * torch.log10(data_range**2 / mse.clamp(min=1e-12))
+
+
+def evaluate(autoencoder: SliceAutoencoder, hu: torch.Tensor) -> dict:
+    """PSNR/SSIM of reconstructions of HU slices [N, H, W], both clipped to the model's HU window."""
+    low, high = autoencoder.config.hu_window
+    original = hu.float().clamp(low, high)
+    recon = autoencoder.decode(autoencoder.encode(original))  # [N, H, W] HU
+    span = high - low
+    return {
+        "slices": int(len(hu)),
+        "psnr_db": round(float(psnr(recon, original, span).mean()), 2),
+        "ssim": round(float(ssim((recon - low) / span, (original - low) / span).mean()), 4),
+        "mae_hu": round(float((recon - original).abs().mean()), 1),
+    }
+
+
+def held_out_slices(cases, every: int, limit: int) -> torch.Tensor:
+    """Every `every`-th content slice of the held-out patients, at most `limit`: [N, H, W] int16."""
+    slices = [torch.from_numpy(case.hu[: case.content_slices : every]) for case in cases]
+    return torch.cat(slices)[:limit]
+
+
+# -------------------------------------------------------------------------------------- data
+
+
+def slice_pool(cases) -> torch.Tensor:
+    """All content slices of the training patients: [N, H, W] int16 (white end slices are added by draw_batch)."""
+    return torch.cat([torch.from_numpy(case.hu[: case.content_slices]) for case in cases])
+
+
+def draw_batch(pool: torch.Tensor, batch: int, crop: int, constant_p: float, generator: torch.Generator) -> torch.Tensor:
+    """[B, crop, crop] HU: random slices at random crops; a few are the constant start/end slices the pipeline encodes."""
+    n, height, width = pool.shape
+    index = torch.randint(n, (batch,), generator=generator)
+    top = torch.randint(height - crop + 1, (batch,), generator=generator)
+    left = torch.randint(width - crop + 1, (batch,), generator=generator)
+    out = torch.stack([pool[i, y : y + crop, x : x + crop] for i, y, x in zip(index, top, left)]).float()
+    constant = torch.rand(batch, generator=generator) < constant_p
+    value = torch.where(torch.rand(batch, generator=generator) < 0.5, START_HU, END_HU)
+    out[constant] = value[constant, None, None].expand(-1, crop, crop)
+    return out
+
+
+# -------------------------------------------------------------------------------------- training
+
+
+def build(args: argparse.Namespace):
+    """Fresh VAE (wrapped by ctflow's SliceAutoencoder for the HU mapping), discriminator and optimizers."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(args.seed)
+    vae = AutoencoderKL(**VAE_VARIANTS[args.preset])
+    autoencoder = SliceAutoencoder(vae, AutoencoderConfig(image_size=args.size))
+    vae.train().requires_grad_(True)  # SliceAutoencoder freezes for inference; here we train
+    disc = PatchDiscriminator()
+    opt_vae = torch.optim.AdamW(vae.parameters(), lr=args.lr, betas=(0.5, 0.9), weight_decay=0.0)
+    opt_disc = torch.optim.AdamW(disc.parameters(), lr=args.lr, betas=(0.5, 0.9), weight_decay=0.0)
+    return autoencoder, disc, opt_vae, opt_disc
+
+
+def learning_rate(step: int, args: argparse.Namespace) -> float:
+    """Linear warm-up, then cosine decay to 10 %."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def train_step(autoencoder, disc, opt_vae, opt_disc, hu: torch.Tensor, step: int, args) -> dict:
+    """One generator (VAE) update and, once the adversarial phase started, one discriminator update."""
+    vae = autoencoder.vae
+    x = autoencoder.hu_to_model(hu).unsqueeze(1)  # [B, 1, h, w] in [-1, 1]
+    posterior = vae.encode(x).latent_dist
+    recon = vae.decode(posterior.sample()).sample  # [B, 1, h, w]
+    rec = (recon - x).abs().mean()
+    kl = posterior.kl().mean()  # summed over latent elements, averaged over the batch
+    adversarial = step >= args.adv_start
+    gen = -disc(recon).mean() if adversarial else torch.zeros(())
+    loss = rec + args.kl_weight * kl + args.adv_weight * gen
+    opt_vae.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+    opt_vae.step()
+    d_loss = torch.zeros(())
+    if adversarial:
+        d_loss = F.relu(1 - disc(x)).mean() + F.relu(1 + disc(recon.detach())).mean()  # hinge loss
+        opt_disc.zero_grad(set_to_none=True)
+        d_loss.backward()
+        opt_disc.step()
+    return {"rec_l1": rec.item(), "kl": kl.item(), "gen": gen.item(), "disc": d_loss.item()}
+
+
+@torch.no_grad()
+def standardise_latents(autoencoder: SliceAutoencoder, pool: torch.Tensor, count: int, generator: torch.Generator) -> dict:
+    """Set the VAE's shift/scaling so encoded training slices have mean 0 and std 1 over all latent elements."""
+    vae = autoencoder.vae
+    vae.register_to_config(shift_factor=0.0, scaling_factor=1.0)
+    raw = SliceAutoencoder(vae, autoencoder.config).encode(pool[torch.randperm(len(pool), generator=generator)[:count]])
+    shift, scale = float(raw.mean()), float(1 / raw.std())
+    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    return {"shift_factor": shift, "scaling_factor": scale}
+
+
+def train(args: argparse.Namespace) -> dict:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    train_entries, held_entries = list_cases(args.data, args.holdout)
+    pool = slice_pool(load_cases(args.data, train_entries))  # [N, H, W] int16
+    autoencoder, disc, opt_vae, opt_disc = build(args)
+    generator = torch.Generator().manual_seed(args.seed)
+    modules = {"vae": autoencoder.vae, "disc": disc}
+    optimizers = {"opt_vae": opt_vae, "opt_disc": opt_disc}
+    checkpoint = out / "checkpoint.safetensors"
+    step, elapsed = 0, 0.0
+    if args.resume and checkpoint.exists():
+        meta = load_checkpoint(checkpoint, modules, optimizers, {"data": generator})
+        step, elapsed = meta["step"], meta["elapsed_s"]
+    log, writer = open_loss_log(out / "loss.csv", ["step", "lr", "rec_l1", "kl", "gen", "disc", "step_s"], step)
+    print(f"vae {args.preset}: {sum(p.numel() for p in autoencoder.vae.parameters()) / 1e6:.2f} M parameters, "
+          f"{len(pool)} training slices, from step {step}", flush=True)
+    while step < args.steps:
+        started = time.perf_counter()
+        for group in opt_vae.param_groups + opt_disc.param_groups:
+            group["lr"] = learning_rate(step, args)
+        hu = draw_batch(pool, args.batch, args.crop, args.constant_p, generator)
+        losses = train_step(autoencoder, disc, opt_vae, opt_disc, hu, step, args)
+        step += 1
+        step_s = time.perf_counter() - started
+        elapsed += step_s
+        writer.writerow([step, f"{learning_rate(step - 1, args):.3g}"] + [f"{v:.5g}" for v in losses.values()] + [f"{step_s:.3f}"])
+        if step % args.log_every == 0 or step == args.steps:
+            log.flush()
+            print(f"step {step}/{args.steps} " + " ".join(f"{k} {v:.4g}" for k, v in losses.items()) + f" {step_s:.2f}s", flush=True)
+        if step % args.save_every == 0 or step == args.steps:
+            save_checkpoint(checkpoint, modules, optimizers, {"data": generator}, {"step": step, "elapsed_s": elapsed, "args": vars(args)})
+    log.close()
+    autoencoder.vae.eval()
+    scale = standardise_latents(autoencoder, pool, 512, generator)
+    autoencoder.vae.save_pretrained(out / "vae", safe_serialization=True)
+    held = held_out_slices(load_cases(args.data, held_entries), args.eval_every, args.eval_slices)
+    metrics = {
+        "preset": args.preset, "steps": step, "train_seconds": round(elapsed, 1), "train_slices": int(len(pool)),
+        "held_out_patients": [entry["name"] for entry in held_entries], **scale,
+        "held_out": evaluate(SliceAutoencoder(autoencoder.vae, autoencoder.config), held),
+        "lpips": "not measured: LPIPS needs downloaded network weights (offline here)",
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    print(json.dumps(metrics["held_out"]), flush=True)
+    return metrics
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, required=True, help="prepared folder (ctflow-train cohort / prepare-ctrate)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--preset", default="cpu-fast", choices=sorted(VAE_VARIANTS), help="VAE architecture")
+    parser.add_argument("--size", type=int, default=256, help="slice size of the data (rows = columns)")
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--crop", type=int, default=128, help="training crop side (pixels)")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--kl-weight", type=float, default=1e-6)
+    parser.add_argument("--adv-weight", type=float, default=0.05)
+    parser.add_argument("--adv-start", type=int, default=1000, help="step at which the discriminator joins")
+    parser.add_argument("--constant-p", type=float, default=0.03, help="share of all-black / all-white slices")
+    parser.add_argument("--holdout", type=int, default=4, help="last N patients of the index: evaluation only")
+    parser.add_argument("--eval-every", type=int, default=4, help="evaluate every N-th held-out slice")
+    parser.add_argument("--eval-slices", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--log-every", type=int, default=25)
+    parser.add_argument("--save-every", type=int, default=200)
+    parser.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.safetensors")
+
+
+def run(args: argparse.Namespace) -> int:
+    train(args)
+    return 0
