@@ -101,12 +101,13 @@ class RandomFeatures(nn.Module):
     """Offline default: four stride-2 3x3 convolutions with ReLU and fixed random (He-scaled) weights; the
     features are the spatial means of every stage (32 + 64 + 128 + 256 = 480 values), fine to coarse.
 
-    Weights come from numpy's PCG64 generator, whose stream is stable across versions and machines.
+    Weights come from numpy's legacy RandomState, whose stream numpy keeps frozen: every machine and version
+    builds the same network.
     """
 
     def __init__(self, seed: int = 0, widths: tuple[int, ...] = (32, 64, 128, 256)) -> None:
         super().__init__()
-        rng = np.random.default_rng(seed)
+        rng = np.random.RandomState(seed)
         self.stages = nn.ModuleList()
         channels = 1
         for width in widths:
