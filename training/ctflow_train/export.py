@@ -1,7 +1,7 @@
 """Trained VAE + denoiser (EMA) -> a ctflow model folder with a model card.
 
     ctflow-train export --flow cache/flow --vae cache/vae --cache cache/latents.safetensors \\
-        --out Resources/Models/ctflow-demo [--evaluation cache/eval.json] --overwrite
+        --out Resources/Models/ctflow-demo [--evaluation cache/eval.json cache/findings.json] --overwrite
 
 The end-of-volume threshold is calibrated here: the pipeline calls a frame white when more than
 end_fraction of its latent values lie within end_tolerance of the white slice's latent. A trained model
@@ -87,7 +87,7 @@ def choose_tolerance(found: dict[str, list]) -> dict:
 
 
 def model_card(config: ModelConfig, vae_metrics: dict, flow_meta: dict, cache_meta: dict, calibration: dict,
-               end: dict, evaluation: dict | None, parameters: dict) -> str:
+               end: dict, evaluation: dict, parameters: dict) -> str:
     """README.md of the model folder: what it was trained on, how long, how good, and what it cannot do."""
     held = vae_metrics["held_out"]
     lines = [
@@ -129,8 +129,7 @@ def model_card(config: ModelConfig, vae_metrics: dict, flow_meta: dict, cache_me
         f"{end['accuracy']}" + ("." if end["reliable"] else f"; too low to trust, so volumes without a requested length "
                                  f"stop at the typical {config.max_slices} slices."),
     ]
-    if evaluation:
-        lines += [f"- {key}: {json.dumps(value)}" for key, value in evaluation.items()]
+    lines += [f"- {key}: {json.dumps(summary(value))}" for key, value in evaluation.items()]
     lines += [
         "",
         "## Limits",
@@ -142,6 +141,13 @@ def model_card(config: ModelConfig, vae_metrics: dict, flow_meta: dict, cache_me
         "",
     ]
     return "\n".join(lines)
+
+
+def summary(value):
+    """The figures of an evaluation entry without its per-volume lists and report texts."""
+    if isinstance(value, dict):
+        return {k: summary(v) for k, v in value.items() if k not in ("volumes", "values", "reports")}
+    return value
 
 
 def export(args: argparse.Namespace) -> Path:
@@ -166,7 +172,7 @@ def export(args: argparse.Namespace) -> Path:
         end_tolerance=round(end["tolerance"], 4),
         description=args.description,
     )
-    evaluation = json.loads(args.evaluation.read_text()) if args.evaluation else None
+    evaluation = {k: v for path in args.evaluation for k, v in json.loads(path.read_text()).items()}
     parameters = {"vae": parameter_count(autoencoder.vae), "denoiser": parameter_count(model)}
     card = model_card(config, vae_metrics, flow_meta, cache.meta, calibration, end, evaluation, parameters)
     folder = save_model(args.out, config, model, autoencoder.vae, card, overwrite=args.overwrite)
@@ -187,7 +193,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", type=float, default=1.0, help="default classifier-free guidance (1: off, fastest)")
     parser.add_argument("--max-slices", type=int, default=256, help="cap when the model does not end the volume")
     parser.add_argument("--calibration-cases", type=int, default=8, help="volumes used to calibrate end detection")
-    parser.add_argument("--evaluation", type=Path, help="JSON of measured figures to put in the model card")
+    parser.add_argument("--evaluation", type=Path, nargs="*", default=[], help="JSON files of measured figures for the model card")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true")
 
