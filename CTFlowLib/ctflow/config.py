@@ -9,6 +9,9 @@ from typing import Any
 from .errors import ModelError
 
 
+PREDICTIONS = ("velocity", "clean")
+
+
 @dataclass(frozen=True)
 class DenoiserConfig:
     """Spatial-temporal DiT. Latent blocks are [C, T, H, W]; the previous block doubles the input channels."""
@@ -22,9 +25,15 @@ class DenoiserConfig:
     text_dim: int = 768
     block_slices: int = 16  # slices per generated block (the paper's "sequence")
     latent_size: int = 32  # latent height = width
+    # What the network's last layer outputs: "velocity" (noise - clean, as CTFlow) or "clean" (the clean block,
+    # turned into velocity for the sampler). Clean prediction suits small models with wide patches: its target
+    # lies near the data, not in the noise's full dimension (Li & He 2025, "Back to Basics", JiT).
+    prediction: str = "velocity"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "patch_size", tuple(self.patch_size))
+        if self.prediction not in PREDICTIONS:
+            raise ModelError(f"prediction must be one of {', '.join(PREDICTIONS)}, not {self.prediction!r}")
         if self.hidden_size % self.num_heads:
             raise ModelError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         pt, ph, pw = self.patch_size

@@ -17,6 +17,9 @@ from torch import nn
 from .config import DenoiserConfig
 
 
+MIN_TIME = 1e-3  # clean -> velocity divides by t; samplers never evaluate t = 0, this only guards the division
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale) + shift
 
@@ -141,7 +144,11 @@ class Conditioning:
 
 
 class STDiT(nn.Module):
-    """Predicts the velocity (noise - clean) of a noisy latent block given time, previous block and text."""
+    """Predicts the velocity (noise - clean) of a noisy latent block given time, previous block and text.
+
+    With config.prediction == "clean" the last layer outputs the clean block and forward() turns it into
+    velocity, (z_t - clean) / t, so the sampler and pipeline never need to know which one was trained.
+    """
 
     def __init__(self, config: DenoiserConfig) -> None:
         super().__init__()
@@ -193,6 +200,13 @@ class STDiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """x: [B, C, T, H, W] noisy block at flow time t: [B] -> velocity [B, C, T, H, W]."""
+        out = self.output(x, t, cond)
+        if self.config.prediction == "velocity":
+            return out
+        return (x.float() - out) / t.float().clamp(min=MIN_TIME).view(-1, 1, 1, 1, 1)
+
+    def output(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """What the last layer predicts, velocity or clean block (config.prediction): the training target."""
         b, c, nt, nh, nw = x.shape
         pt, ph, pw = self.config.patch_size
         h = self._patch_positions(self.x_embed(x.to(self.x_embed.weight.dtype))) + cond.previous  # [B, t, s, D]

@@ -19,8 +19,12 @@ class Cancelled(Exception):
 
 def time_grid(steps: int, shift: float = 1.0) -> torch.Tensor:
     """steps + 1 times from 1 to 0. shift > 1 spends more steps at high noise (SD3-style time shift)."""
-    t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    return (shift * t / (1 + (shift - 1) * t)).float()
+    return shift_time(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift).float()
+
+
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """Bend times in [0, 1] towards 1 (noise) for shift > 1, keeping both ends fixed."""
+    return shift * t / (1 + (shift - 1) * t)
 
 
 def sample(

@@ -1,5 +1,7 @@
 """The spatial-temporal DiT."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -20,9 +22,9 @@ def test_presets_match_ctflow_parameter_counts(preset):
     assert count / 1e6 == pytest.approx(PUBLISHED_MILLIONS[preset], rel=0.04)
 
 
-def small_model(seed=0):
+def small_model(seed=0, **changes):
     torch.manual_seed(seed)
-    model = STDiT(DENOISER_PRESETS["tiny"])
+    model = STDiT(dataclasses.replace(DENOISER_PRESETS["tiny"], **changes))
     with torch.no_grad():  # the zero-initialised output layers would hide every effect below
         model.final.weight.normal_(0, 0.1)
         model.t_block[1].weight.normal_(0, 0.1)
@@ -89,7 +91,23 @@ def test_slices_are_not_exchangeable():
     assert not torch.allclose(model(x, t, cond), flipped, atol=1e-4)
 
 
+def test_clean_prediction_is_served_to_the_sampler_as_velocity():
+    """z_t = (1 - t) clean + t noise, so velocity = (z_t - clean) / t; one Euler step to t = 0 lands on the estimate."""
+    model = small_model(prediction="clean")
+    x, previous, text, mask = inputs(batch=2)
+    t = torch.tensor([0.25, 1.0])
+    cond = model.prepare(previous, text, mask)
+    clean = model.output(x, t, cond)
+    velocity = model(x, t, cond)
+    assert torch.allclose(velocity, (x - clean) / t.view(-1, 1, 1, 1, 1), atol=1e-5)
+    assert torch.allclose(x[1] - 1.0 * velocity[1], clean[1], atol=1e-5)
+    velocity_model = small_model()
+    assert torch.equal(velocity_model.output(x, t, cond), velocity_model(x, t, cond))
+
+
 def test_inconsistent_sizes_are_refused():
+    with pytest.raises(ModelError, match="prediction"):
+        DenoiserConfig(prediction="noise")
     with pytest.raises(ModelError, match="divisible"):
         DenoiserConfig(hidden_size=100, num_heads=3)
     with pytest.raises(ModelError, match="does not divide"):

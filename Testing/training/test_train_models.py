@@ -20,7 +20,7 @@ from ctflow.denoiser import STDiT
 from ctflow.report import Report
 from ctflow.volume import Geometry, Volume
 from ctflow_train import evaluate, export, finding_study, latent_cache, train_flow, train_vae
-from ctflow_train.checkpoint import load_checkpoint, save_checkpoint
+from ctflow_train.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from ctflow_train.dataset import DatasetWriter
 from ctflow_train.training_data import list_cases, load_cases
 
@@ -187,6 +187,19 @@ def test_resume_continues_bit_for_bit(cache, tmp_path):
     assert (straight / "loss.csv").read_text().count("\n") == 5
     losses = [[row.split(",")[2] for row in (f / "loss.csv").read_text().splitlines()] for f in (straight, resumed)]
     assert losses[0] == losses[1]
+
+
+def test_warm_start_into_a_clean_prediction_run(cache, tmp_path):
+    """--init copies the earlier run's EMA weights; with lr 0 the step leaves them as they were."""
+    velocity, clean = tmp_path / "velocity", tmp_path / "clean"
+    train_flow.train(flow_args(cache, velocity, steps=2))
+    result = train_flow.train(flow_args(cache, clean, steps=1, init=velocity, prediction="clean", lr=0.0, time_shift=3.0))
+    a, b = load_file(velocity / "checkpoint.safetensors"), load_file(clean / "checkpoint.safetensors")
+    weights = [k.removeprefix("ema/") for k in a if k.startswith("ema/")]
+    assert weights and all(torch.equal(b[f"model/{k}"], a[f"ema/{k}"]) for k in weights)
+    assert not all(torch.equal(a[f"model/{k}"], a[f"ema/{k}"]) for k in weights)  # the copy is the EMA, not the raw weights
+    assert read_meta(clean / "checkpoint.safetensors")["denoiser"]["prediction"] == "clean"
+    assert np.isfinite(result["loss"])
 
 
 def test_checkpoint_refuses_missing_random_state(tmp_path):

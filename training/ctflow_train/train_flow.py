@@ -11,7 +11,8 @@ What one step does (CTFlow, REFERENCE §1, plus classifier-free guidance):
   3. text: the prompt with "Length: N slices" half the time (--length-p), so both a requested and a free
      length work; replaced by the embedding of "" with probability --text-drop, as the pipeline's
      unconditional branch, so guidance works.
-  4. z_t = (1 - t) x0 + t noise, t ~ U(0, 1); the model predicts v = noise - x0 (MSE).
+  4. z_t = (1 - t) x0 + t noise, t ~ U(0, 1) bent towards noise by --time-shift; the model predicts
+     v = noise - x0, or x0 itself with --prediction clean (MSE against whichever it predicts).
   5. AdamW, warm-up then cosine decay, grad clip 1.0, EMA of the weights.
 Checkpoints (safetensors, atomic) hold weights, EMA, optimizer and RNG state: --resume continues bit for bit.
 """
@@ -31,8 +32,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ctflow.config import DENOISER_PRESETS
+from ctflow.config import DENOISER_PRESETS, PREDICTIONS
 from ctflow.denoiser import STDiT, parameter_count
+from ctflow.sampling import shift_time
 
 from .checkpoint import load_checkpoint, open_loss_log, save_checkpoint
 from .latent_cache import LatentCache, read_cache
@@ -48,14 +50,14 @@ class Conditioned(torch.nn.Module):
         self.denoiser = denoiser
 
     def forward(self, z_t, t, previous, text, mask):
-        return self.denoiser(z_t, t, self.denoiser.prepare(previous, text, mask))
+        return self.denoiser.output(z_t, t, self.denoiser.prepare(previous, text, mask))
 
 
 def denoiser_config(args: argparse.Namespace, cache: LatentCache):
     """The preset, with the latent shape and text width the cache dictates and any size overrides."""
     channels, size = cache.start.shape[0], cache.start.shape[-1]
     overrides = {k: v for k, v in {"hidden_size": args.hidden, "depth": args.depth, "num_heads": args.heads,
-                                   "patch_size": args.patch and tuple(args.patch)}.items() if v}
+                                   "patch_size": args.patch and tuple(args.patch), "prediction": args.prediction}.items() if v}
     return dataclasses.replace(DENOISER_PRESETS[args.preset], latent_channels=channels, latent_size=size,
                                text_dim=cache.empty.shape[-1], block_slices=args.block, **overrides)
 
@@ -121,7 +123,10 @@ def train(args: argparse.Namespace) -> dict:
     cache = read_cache(args.cache)
     config = denoiser_config(args, cache)
     torch.manual_seed(args.seed)  # same initial weights on every rank
-    model = STDiT(config).to(device)
+    model = STDiT(config)
+    if args.init:  # warm start: the EMA weights of an earlier run of the same shape
+        load_checkpoint(args.init / CHECKPOINT, {"ema": model}, {}, {})
+    model = model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     decay, no_decay = [p for p in model.parameters() if p.dim() >= 2], [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
@@ -152,14 +157,14 @@ def train(args: argparse.Namespace) -> dict:
             group["lr"] = lr
         x0, prev, text, mask = get_batch(cache, args.batch, block, args, generator)
         prev = prev + args.cond_noise * torch.randn(prev.shape, generator=generator)
-        t = torch.rand(args.batch, generator=generator)  # [B]
+        t = shift_time(torch.rand(args.batch, generator=generator), args.time_shift)  # [B]
         noise = torch.randn(x0.shape, generator=generator)
         x0, prev, text, mask, t, noise = (v.to(device) for v in (x0, prev, text, mask, t, noise))
         tt = t.view(-1, 1, 1, 1, 1)
         z_t = (1 - tt) * x0 + tt * noise
         with autocast:
-            velocity = model(z_t, t, prev, text, mask)  # [B, C, T, h, w]
-        loss = F.mse_loss(velocity.float(), noise - x0)
+            predicted = model(z_t, t, prev, text, mask)  # [B, C, T, h, w]
+        loss = F.mse_loss(predicted.float(), x0 if config.prediction == "clean" else noise - x0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip)
@@ -200,6 +205,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth", type=int, help="override the preset's depth")
     parser.add_argument("--heads", type=int, help="override the preset's attention heads")
     parser.add_argument("--patch", type=int, nargs=3, metavar=("T", "H", "W"), help="override the preset's patch size")
+    parser.add_argument("--prediction", choices=PREDICTIONS, help="override the preset's output: velocity or clean")
+    parser.add_argument("--init", type=Path, help="start from the EMA weights of this flow run's folder (same shape)")
+    parser.add_argument("--time-shift", type=float, default=1.0,
+                        help="> 1 trains more often at high noise, where a block's layout is decided")
     parser.add_argument("--block", type=int, default=16, help="slices per block (the data's end padding assumes 16)")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=8, help="per process")
