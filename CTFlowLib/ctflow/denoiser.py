@@ -83,11 +83,15 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(hidden, 2 * hidden)
         self.proj = nn.Linear(hidden, hidden)
 
-    def forward(self, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def keys_values(self, text: torch.Tensor) -> torch.Tensor:
+        """[B, M, D] text -> [2, B, heads, M, D/heads]: fixed for a whole block, so computed once per block."""
+        b, length, dim = text.shape
+        return self.kv(text).view(b, length, 2, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+
+    def forward(self, x: torch.Tensor, text_kv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         b, length, dim = x.shape
-        head_dim = dim // self.heads
-        q = self.q(x).view(b, length, self.heads, head_dim).transpose(1, 2)
-        k, v = self.kv(text).view(b, text.shape[1], 2, self.heads, head_dim).permute(2, 0, 3, 1, 4)
+        q = self.q(x).view(b, length, self.heads, dim // self.heads).transpose(1, 2)
+        k, v = text_kv
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
         return self.proj(out.transpose(1, 2).reshape(b, length, dim))
 
@@ -117,8 +121,8 @@ class STDiTBlock(nn.Module):
         self.mlp = Mlp(hidden, mlp_ratio)
         self.scale_shift_table = nn.Parameter(torch.randn(6, hidden) / hidden**0.5)
 
-    def forward(self, x: torch.Tensor, t6: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        # x: [B, t, s, D]; t6: [B, 6, D]; text: [B, M, D]; mask: [B, M]
+    def forward(self, x: torch.Tensor, t6: torch.Tensor, text_kv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # x: [B, t, s, D]; t6: [B, 6, D]; text_kv: [2, B, heads, M, D/heads]; mask: [B, M]
         b, nt, ns, dim = x.shape
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = (self.scale_shift_table + t6).unsqueeze(2).unbind(1)
         # each: [B, 1, D], broadcast over tokens below
@@ -129,7 +133,7 @@ class STDiTBlock(nn.Module):
         h = self.temporal(h).view(b, ns, nt, dim).transpose(1, 2)
         x = x + (gate_a.unsqueeze(1) * h)
         flat = x.reshape(b, nt * ns, dim)
-        flat = flat + self.cross(self.norm_cross(flat), text, mask)
+        flat = flat + self.cross(self.norm_cross(flat), text_kv, mask)
         flat = flat + gate_m * self.mlp(modulate(self.norm_mlp(flat), shift_m, scale_m))
         return flat.view(b, nt, ns, dim)
 
@@ -139,7 +143,7 @@ class Conditioning:
     """What stays fixed while one block is sampled: computed once per block, not once per step."""
 
     previous: torch.Tensor  # [B, t, s, D] patch embedding of the previous clean block
-    text: torch.Tensor  # [B, M, D] projected text tokens
+    text_kv: list[torch.Tensor]  # per STDiT block: [2, B, heads, M, D/heads] cross-attention keys and values
     mask: torch.Tensor  # [B, M] bool
 
 
@@ -196,7 +200,8 @@ class STDiT(nn.Module):
         """previous: [B, C, T, H, W] clean block; text: [B, M, text_dim]; mask: [B, M]."""
         dtype = self.x_embed.weight.dtype
         prev_tokens = self.previous_embed(previous.to(dtype)).flatten(3).permute(0, 2, 3, 1)  # [B, t, s, D]
-        return Conditioning(prev_tokens, self.text_embed(text.to(dtype)), mask.bool())
+        text = self.text_embed(text.to(dtype))  # [B, M, D]
+        return Conditioning(prev_tokens, [block.cross.keys_values(text) for block in self.blocks], mask.bool())
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """x: [B, C, T, H, W] noisy block at flow time t: [B] -> velocity [B, C, T, H, W]."""
@@ -212,8 +217,8 @@ class STDiT(nn.Module):
         h = self._patch_positions(self.x_embed(x.to(self.x_embed.weight.dtype))) + cond.previous  # [B, t, s, D]
         t_emb = self.t_embed(t)  # [B, D]
         t6 = self.t_block(t_emb).view(b, 6, -1)  # [B, 6, D]
-        for block in self.blocks:
-            h = block(h, t6, cond.text, cond.mask)
+        for block, text_kv in zip(self.blocks, cond.text_kv):
+            h = block(h, t6, text_kv, cond.mask)
         shift, scale = (self.final_table[None] + t_emb[:, None]).unsqueeze(2).unbind(1)  # [B, 1, D] each
         h = self.final(modulate(self.final_norm(h.flatten(1, 2)), shift, scale))  # [B, t*s, pt*ph*pw*C]
         h = h.view(b, nt // pt, nh // ph, nw // pw, pt, ph, pw, c)
