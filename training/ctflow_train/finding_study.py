@@ -20,6 +20,7 @@ cohort patient), versus a normal report, which negates every finding; the same s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -133,11 +134,14 @@ def run_study(args: argparse.Namespace) -> dict:
     pipe = CTFlowPipeline.from_pretrained(args.model, device="cpu")
     rules = calibrate(pipe, args.data, args.latents, args.calibration_patients, args.every)
     reports = study_reports(args.data, args.seed)
-    measured = {kind: [features(pipe.generate(GenerationRequest(text, seed=args.seed + s)).hu) for s in range(args.seeds)]
+    request = GenerationRequest("", steps=args.steps)
+    measured = {kind: [features(pipe.generate(dataclasses.replace(request, report=text, seed=args.seed + s)).hu)
+                       for s in range(args.seeds)]
                 for kind, text in reports.items()}
     return {
         "detectors": rules,
         "seeds": args.seeds,
+        "steps": args.steps or pipe.config.sampling.steps,
         "shown_when_asked": {f: sum(shows(v[f], rules[f]) for v in measured[f]) for f in STUDIED},
         "shown_when_negated": {f: sum(shows(v[f], rules[f]) for v in measured["normal"]) for f in STUDIED},
         "values": {kind: [{f: round(v[f], 4) for f in STUDIED} for v in vs] for kind, vs in measured.items()},
@@ -153,6 +157,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-patients", type=int, default=16)
     parser.add_argument("--every", type=int, default=2, help="decode every N-th slice for calibration")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, help="sampling steps per block (default: the model's)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--out", type=Path, required=True, help="JSON to write")
 
