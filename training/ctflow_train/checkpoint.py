@@ -91,3 +91,12 @@ def open_loss_log(path: str | os.PathLike, header: list[str], step: int):
     writer = csv.writer(handle)
     writer.writerows([header, *rows])
     return handle, writer
+
+
+def add_run_options(parser, save_every: int) -> None:
+    """Options every checkpointed training run shares: seed, threads, logging, checkpoint cadence, resume."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--log-every", type=int, default=25)
+    parser.add_argument("--save-every", type=int, default=save_every)
+    parser.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.safetensors")

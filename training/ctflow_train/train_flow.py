@@ -36,7 +36,7 @@ from ctflow.config import DENOISER_PRESETS, PREDICTIONS
 from ctflow.denoiser import STDiT, parameter_count
 from ctflow.sampling import shift_time
 
-from .checkpoint import load_checkpoint, open_loss_log, save_checkpoint
+from .checkpoint import add_run_options, load_checkpoint, open_loss_log, save_checkpoint
 from .latent_cache import LatentCache, read_cache
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -221,11 +221,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--length-p", type=float, default=0.5, help="share of prompts with 'Length: N slices'")
     parser.add_argument("--text-drop", type=float, default=0.1, help="share of prompts replaced by ''")
     parser.add_argument("--cond-noise", type=float, default=0.05, help="noise on the previous block")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--log-every", type=int, default=25)
-    parser.add_argument("--save-every", type=int, default=250)
-    parser.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.safetensors")
+    add_run_options(parser, save_every=250)
 
 
 def run(args: argparse.Namespace) -> int:

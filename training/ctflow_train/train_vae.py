@@ -28,7 +28,7 @@ from ctflow.autoencoder import VAE_PRESETS, SliceAutoencoder
 from ctflow.config import AutoencoderConfig
 from ctflow.pipeline import END_HU, START_HU
 
-from .checkpoint import load_checkpoint, open_loss_log, save_checkpoint
+from .checkpoint import add_run_options, load_checkpoint, open_loss_log, save_checkpoint
 from .training_data import list_cases, load_cases
 
 # "cpu-fast" quarters the channels of "cpu" at every level (8 at full size). On the shared 2-core machine
@@ -254,11 +254,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--holdout", type=int, default=4, help="last N patients of the index: evaluation only")
     parser.add_argument("--eval-every", type=int, default=4, help="evaluate every N-th held-out slice")
     parser.add_argument("--eval-slices", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--log-every", type=int, default=25)
-    parser.add_argument("--save-every", type=int, default=200)
-    parser.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.safetensors")
+    add_run_options(parser, save_every=200)
 
 
 def run(args: argparse.Namespace) -> int:
