@@ -141,15 +141,40 @@ def test_cache_holds_latents_prompts_and_tokens(cache):
 def test_batches_follow_startboost_and_text_dropout(cache):
     loaded = latent_cache.read_cache(cache)
     args = flow_args(cache, "unused", start_p=1.0, text_drop=1.0)
-    x0, prev, text, mask = train_flow.get_batch(loaded, 5, BLOCK, args, torch.Generator().manual_seed(0))
-    assert x0.shape == prev.shape == (5, 4, BLOCK, 8, 8)
-    assert torch.equal(prev, loaded.start[None, :, None].expand_as(prev))  # all first blocks: black previous
-    assert torch.equal(text[:, :2], loaded.empty[None].expand(5, -1, -1)) and mask.sum(1).eq(2).all()
+    batch = train_flow.get_batch(loaded, 5, BLOCK, args, torch.Generator().manual_seed(0))
+    assert batch.x0.shape == batch.previous.shape == batch.before.shape == (5, 4, BLOCK, 8, 8)
+    assert batch.first.all()
+    assert torch.equal(batch.previous, loaded.start[None, :, None].expand_as(batch.previous))  # black previous
+    assert torch.equal(batch.text[:, :2], loaded.empty[None].expand(5, -1, -1)) and batch.mask.sum(1).eq(2).all()
     args = flow_args(cache, "unused", start_p=0.0, text_drop=0.0)
-    x0, prev, text, mask = train_flow.get_batch(loaded, 50, BLOCK, args, torch.Generator().manual_seed(0))
-    assert not torch.equal(prev[0], loaded.start[:, None].expand_as(prev[0]))
-    lengths = set(mask.sum(1).tolist())
+    batch = train_flow.get_batch(loaded, 50, BLOCK, args, torch.Generator().manual_seed(0))
+    assert not batch.first.any()
+    assert not torch.equal(batch.previous[0], loaded.start[:, None].expand_as(batch.previous[0]))
+    lengths = set(batch.mask.sum(1).tolist())
     assert len(lengths) >= 2  # plain and length prompts both drawn
+
+
+def test_batch_windows_are_consecutive_blocks_of_one_volume(cache):
+    loaded = latent_cache.read_cache(cache)
+    batch = train_flow.get_batch(loaded, 20, BLOCK, flow_args(cache, "unused", start_p=0.0), torch.Generator().manual_seed(1))
+    padded = [torch.cat([loaded.start[None].expand(2 * BLOCK, -1, -1, -1), v]) for v in loaded.latents]
+    for i in range(20):
+        window = torch.cat([batch.before[i], batch.previous[i], batch.x0[i]], dim=1).permute(1, 0, 2, 3)  # [3T, C, h, w]
+        assert any(torch.equal(window, v[o : o + 3 * BLOCK]) for v in padded for o in range(BLOCK, len(v) - 3 * BLOCK + 1))
+
+
+def test_rollout_replaces_only_previous_blocks_that_follow_real_slices(cache):
+    loaded = latent_cache.read_cache(cache)
+    torch.manual_seed(0)
+    model = STDiT(train_flow.denoiser_config(flow_args(cache, "unused"), loaded)).eval()
+    batch = train_flow.get_batch(loaded, 8, BLOCK, flow_args(cache, "unused", start_p=0.5), torch.Generator().manual_seed(2))
+    assert batch.first.any() and not batch.first.all()
+    rolled = train_flow.roll_out_previous(model, batch, 1.0, torch.Generator().manual_seed(0))
+    assert rolled.shape == batch.previous.shape and torch.isfinite(rolled).all()
+    for i in range(8):  # a first block's previous is the exact start block; every other one is the model's estimate
+        assert torch.equal(rolled[i], batch.previous[i]) == bool(batch.first[i])
+    untouched = train_flow.roll_out_previous(model, batch, 0.0, torch.Generator().manual_seed(0))
+    assert torch.equal(untouched, batch.previous)
 
 
 # ------------------------------------------------------------------------------------------ flow training
@@ -162,7 +187,7 @@ def test_denoiser_loss_falls_on_a_fixed_batch(cache):
     model = train_flow.Conditioned(STDiT(config))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(0)
-    x0, prev, text, mask = train_flow.get_batch(loaded, 4, BLOCK, flow_args(cache, "unused"), generator)
+    x0, prev, _, _, text, mask = train_flow.get_batch(loaded, 4, BLOCK, flow_args(cache, "unused"), generator)
     t, noise = torch.rand(4, generator=generator), torch.randn(x0.shape, generator=generator)
     z_t = (1 - t.view(-1, 1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1, 1) * noise
     losses = []
@@ -178,9 +203,9 @@ def test_denoiser_loss_falls_on_a_fixed_batch(cache):
 
 def test_resume_continues_bit_for_bit(cache, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train_flow.train(flow_args(cache, straight, steps=4))
-    train_flow.train(flow_args(cache, resumed, steps=2))
-    train_flow.train(flow_args(cache, resumed, steps=4, resume=True))
+    train_flow.train(flow_args(cache, straight, steps=4, rollout_p=0.5))
+    train_flow.train(flow_args(cache, resumed, steps=2, rollout_p=0.5))
+    train_flow.train(flow_args(cache, resumed, steps=4, resume=True, rollout_p=0.5))
     a, b = load_file(straight / "checkpoint.safetensors"), load_file(resumed / "checkpoint.safetensors")
     assert a.keys() == b.keys() and any(k.startswith("optimizer/") for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)

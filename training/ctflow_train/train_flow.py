@@ -7,7 +7,9 @@ What one step does (CTFlow, REFERENCE §1, plus classifier-free guidance):
   1. pick B (previous block, next block) pairs of T latent slices: with probability --start-p the first block
      of a volume, whose "previous" is the all-black start block (StartBoost); otherwise a random offset.
      White end slices are part of every volume, so the model also learns to end it.
-  2. add a little noise (--cond-noise) to the previous block: generation conditions on its own imperfect output.
+  2. generation conditions on its own imperfect output, so the previous block is made imperfect too: with
+     probability --rollout-p it is replaced by the EMA model's one-step estimate of it (from its noised self at a
+     random time, given the block before it), and a little noise (--cond-noise) is added to every one.
   3. text: the prompt with "Length: N slices" half the time (--length-p), so both a requested and a free
      length work; replaced by the embedding of "" with probability --text-drop, as the pipeline's
      unconditional branch, so guidance works.
@@ -28,6 +30,7 @@ import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -62,31 +65,57 @@ def denoiser_config(args: argparse.Namespace, cache: LatentCache):
                                text_dim=cache.empty.shape[-1], block_slices=args.block, **overrides)
 
 
-def get_batch(cache: LatentCache, batch: int, block: int, args, generator: torch.Generator):
-    """(x0, previous) [B, C, T, h, w] and padded text tokens [B, M, D] with mask [B, M]."""
+class Batch(NamedTuple):
+    x0: torch.Tensor  # [B, C, T, h, w] the block to generate
+    previous: torch.Tensor  # [B, C, T, h, w] the block before it (the black start block for a first block)
+    before: torch.Tensor  # [B, C, T, h, w] the block before that (start slices where the volume has none)
+    first: torch.Tensor  # [B] bool: x0 is a volume's first block
+    text: torch.Tensor  # [B, M, D] padded prompt tokens
+    mask: torch.Tensor  # [B, M]
+
+
+def get_batch(cache: LatentCache, batch: int, block: int, args, generator: torch.Generator) -> Batch:
     def uniform() -> float:
         return float(torch.rand((), generator=generator))
 
-    targets, previous, texts = [], [], []
+    windows, first, texts = [], [], []
     for _ in range(batch):
         case = int(torch.randint(len(cache.latents), (), generator=generator))
         latents = cache.latents[case]  # [S, C, h, w]
+        padded = torch.cat([cache.start[None].expand(2 * block, -1, -1, -1), latents])  # black start slices first
         if uniform() < args.start_p or len(latents) < 2 * block:
             offset = 0
-            prev = cache.start[None].expand(block, -1, -1, -1)  # the black start block
         else:
             offset = int(torch.randint(block, len(latents) - block + 1, (), generator=generator))
-            prev = latents[offset - block : offset]
-        targets.append(latents[offset : offset + block])
-        previous.append(prev)
+        windows.append(padded[offset : offset + 3 * block])  # before, previous, x0
+        first.append(offset == 0)
         kind = "length" if uniform() < args.length_p else "plain"
         texts.append(cache.empty if uniform() < args.text_drop else cache.text[kind][case])
-    x0 = torch.stack(targets).permute(0, 2, 1, 3, 4)  # [B, S, C, h, w] -> [B, C, T, h, w]
-    prev = torch.stack(previous).permute(0, 2, 1, 3, 4)
+    before, previous, x0 = torch.stack(windows).permute(0, 2, 1, 3, 4).split(block, dim=2)  # [B, C, T, h, w] each
     longest = max(len(t) for t in texts)
     text = torch.stack([F.pad(t, (0, 0, 0, longest - len(t))) for t in texts])  # [B, M, D]
     mask = torch.stack([torch.arange(longest) < len(t) for t in texts])  # [B, M]
-    return x0, prev, text, mask
+    return Batch(x0, previous, before, torch.tensor(first), text, mask)
+
+
+def roll_out_previous(ema: STDiT, batch: Batch, share: float, generator: torch.Generator) -> torch.Tensor:
+    """Previous blocks [B, C, T, h, w], a share of them replaced by the model's own estimate: one denoising step
+    from a random flow time, conditioned on the block before. What generation feeds back is never the real block,
+    and a model trained only on real ones drifts once its own output is its input (exposure bias)."""
+    n = len(batch.x0)
+    chosen = (torch.rand(n, generator=generator) < share) & ~batch.first  # a first block's start block is exact
+    t = torch.rand(n, generator=generator)
+    noise = torch.randn(batch.previous.shape, generator=generator)
+    if not chosen.any():
+        return batch.previous
+    device = next(ema.parameters()).device
+    previous, t, noise = batch.previous.to(device), t.to(device), noise.to(device)
+    tt = t.view(-1, 1, 1, 1, 1)
+    z_t = (1 - tt) * previous + tt * noise
+    with torch.no_grad():
+        velocity = ema(z_t, t, ema.prepare(batch.before.to(device), batch.text.to(device), batch.mask.to(device)))
+    estimate = (z_t - tt * velocity.float()).to(previous.dtype)  # clean block from velocity = noise - x0
+    return torch.where(chosen.to(device).view(-1, 1, 1, 1, 1), estimate, previous)
 
 
 def learning_rate(step: int, args) -> float:
@@ -155,11 +184,12 @@ def train(args: argparse.Namespace) -> dict:
         lr = learning_rate(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x0, prev, text, mask = get_batch(cache, args.batch, block, args, generator)
-        prev = prev + args.cond_noise * torch.randn(prev.shape, generator=generator)
+        batch = get_batch(cache, args.batch, block, args, generator)
+        prev = roll_out_previous(ema, batch, args.rollout_p, generator) if args.rollout_p else batch.previous
+        prev = prev.to(device) + args.cond_noise * torch.randn(prev.shape, generator=generator).to(device)
         t = shift_time(torch.rand(args.batch, generator=generator), args.time_shift)  # [B]
-        noise = torch.randn(x0.shape, generator=generator)
-        x0, prev, text, mask, t, noise = (v.to(device) for v in (x0, prev, text, mask, t, noise))
+        noise = torch.randn(batch.x0.shape, generator=generator)
+        x0, text, mask, t, noise = (v.to(device) for v in (batch.x0, batch.text, batch.mask, t, noise))
         tt = t.view(-1, 1, 1, 1, 1)
         z_t = (1 - tt) * x0 + tt * noise
         with autocast:
@@ -221,6 +251,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--length-p", type=float, default=0.5, help="share of prompts with 'Length: N slices'")
     parser.add_argument("--text-drop", type=float, default=0.1, help="share of prompts replaced by ''")
     parser.add_argument("--cond-noise", type=float, default=0.05, help="noise on the previous block")
+    parser.add_argument("--rollout-p", type=float, default=0.0,
+                        help="share of previous blocks replaced by the model's own one-step estimate of them")
     add_run_options(parser, save_every=250)
 
 
