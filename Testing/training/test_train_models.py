@@ -249,8 +249,12 @@ def test_export_loads_in_ctflow_and_generates(data, vae_run, cache, tmp_path):
     parser = argparse.ArgumentParser()
     export.configure(parser)
     args = parser.parse_args(["--flow", str(flow), "--vae", str(vae_run[0]), "--cache", str(cache),
-                              "--out", str(tmp_path / "model"), "--steps", "2", "--calibration-cases", "2"])
+                              "--out", str(tmp_path / "model"), "--steps", "2", "--calibration-cases", "2", "--half"])
     folder = export.export(args)
+    stored = load_file(folder / "model.safetensors")
+    ema = {k.removeprefix("ema/"): v for k, v in load_file(flow / "checkpoint.safetensors").items() if k.startswith("ema/")}
+    assert stored.keys() == ema.keys() and all(v.dtype == torch.float16 for v in stored.values())
+    assert all(torch.equal(stored[k], ema[k].half()) for k in ema)  # the EMA weights, rounded to half
     config = json.loads((folder / "config.json").read_text())
     tiny = DENOISER_PRESETS["tiny"]
     assert config["denoiser"]["hidden_size"] == tiny.hidden_size and config["denoiser"]["latent_size"] == 8

@@ -175,7 +175,8 @@ def export(args: argparse.Namespace) -> Path:
     evaluation = {k: v for path in args.evaluation for k, v in json.loads(path.read_text()).items()}
     parameters = {"vae": parameter_count(autoencoder.vae), "denoiser": parameter_count(model)}
     card = model_card(config, vae_metrics, flow_meta, cache.meta, calibration, end, evaluation, parameters)
-    folder = save_model(args.out, config, model, autoencoder.vae, card, overwrite=args.overwrite)
+    stored = model.half() if args.half else model  # the pipeline loads either into its own dtype
+    folder = save_model(args.out, config, stored, autoencoder.vae, card, overwrite=args.overwrite)
     (args.flow / "end_calibration.json").write_text(json.dumps({**end, **calibration}) + "\n")
     return folder
 
@@ -195,6 +196,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-cases", type=int, default=8, help="volumes used to calibrate end detection")
     parser.add_argument("--evaluation", type=Path, nargs="*", default=[], help="JSON files of measured figures for the model card")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--half", action="store_true", help="store the denoiser in float16: half the size on disk")
     parser.add_argument("--overwrite", action="store_true")
 
 
