@@ -29,6 +29,9 @@ class DenoiserConfig:
     # turned into velocity for the sampler). Clean prediction suits small models with wide patches: its target
     # lies near the data, not in the noise's full dimension (Li & He 2025, "Back to Basics", JiT).
     prediction: str = "velocity"
+    # Add an embedding of the block's first slice index to the time embedding (our addition to CTFlow): where in
+    # the volume the block lies, which the previous block stops telling reliably once it is the model's own output.
+    slice_position: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "patch_size", tuple(self.patch_size))

@@ -42,17 +42,17 @@ def sincos_2d(height: int, width: int, dim: int) -> torch.Tensor:
 
 
 class TimestepEmbedder(nn.Module):
-    """Flow time t in [0, 1] -> [B, D]."""
+    """A scalar per sample -> [B, D]: flow time t in [0, 1] (scale 1000), or a slice index (scale 1)."""
 
-    def __init__(self, hidden: int, freq_dim: int = 256) -> None:
+    def __init__(self, hidden: int, freq_dim: int = 256, scale: float = 1000.0) -> None:
         super().__init__()
-        self.freq_dim = freq_dim
+        self.freq_dim, self.scale = freq_dim, scale
         self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        angles = (t.float() * 1000.0).unsqueeze(1) * freqs  # [B, half]
+        angles = (t.float() * self.scale).unsqueeze(1) * freqs  # [B, half]
         codes = torch.cat([angles.cos(), angles.sin()], dim=1)
         return self.mlp(codes.to(self.mlp[0].weight.dtype))
 
@@ -145,6 +145,7 @@ class Conditioning:
     previous: torch.Tensor  # [B, t, s, D] patch embedding of the previous clean block
     text_kv: list[torch.Tensor]  # per STDiT block: [2, B, heads, M, D/heads] cross-attention keys and values
     mask: torch.Tensor  # [B, M] bool
+    position: torch.Tensor | None = None  # [B, D] embedding of the block's first slice index (slice_position models)
 
 
 class STDiT(nn.Module):
@@ -163,6 +164,7 @@ class STDiT(nn.Module):
         self.x_embed = nn.Conv3d(c, d, kernel_size=config.patch_size, stride=config.patch_size)
         self.previous_embed = nn.Conv3d(c, d, kernel_size=config.patch_size, stride=config.patch_size, bias=False)
         self.t_embed = TimestepEmbedder(d)
+        self.position_embed = TimestepEmbedder(d, scale=1.0) if config.slice_position else None
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.text_embed = Mlp(config.text_dim, d / config.text_dim, out=d)
         self.blocks = nn.ModuleList(STDiTBlock(d, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
@@ -182,6 +184,9 @@ class STDiT(nn.Module):
             nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
         nn.init.normal_(self.t_embed.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embed.mlp[2].weight, std=0.02)
+        if self.position_embed is not None:  # starts as a no-op, so a run can warm-start from a model without it
+            nn.init.normal_(self.position_embed.mlp[0].weight, std=0.02)
+            nn.init.zeros_(self.position_embed.mlp[2].weight)
         for layer in (self.t_block[1], self.final):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -196,12 +201,20 @@ class STDiT(nn.Module):
         temporal = sincos_1d(nt, d).to(x)
         return x + spatial[None, None] + temporal[None, :, None]
 
-    def prepare(self, previous: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> Conditioning:
-        """previous: [B, C, T, H, W] clean block; text: [B, M, text_dim]; mask: [B, M]."""
+    def prepare(
+        self, previous: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, first_slice: torch.Tensor | None = None,
+    ) -> Conditioning:
+        """previous: [B, C, T, H, W] clean block; text: [B, M, text_dim]; mask: [B, M];
+        first_slice: [B] index in the volume of the new block's first slice (needed by slice_position models)."""
         dtype = self.x_embed.weight.dtype
         prev_tokens = self.previous_embed(previous.to(dtype)).flatten(3).permute(0, 2, 3, 1)  # [B, t, s, D]
         text = self.text_embed(text.to(dtype))  # [B, M, D]
-        return Conditioning(prev_tokens, [block.cross.keys_values(text) for block in self.blocks], mask.bool())
+        position = None
+        if self.position_embed is not None:
+            if first_slice is None:
+                raise ValueError("this denoiser is conditioned on slice position: pass the block's first_slice")
+            position = self.position_embed(first_slice.to(previous.device).expand(len(previous)))  # [B, D]
+        return Conditioning(prev_tokens, [block.cross.keys_values(text) for block in self.blocks], mask.bool(), position)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """x: [B, C, T, H, W] noisy block at flow time t: [B] -> velocity [B, C, T, H, W]."""
@@ -216,6 +229,8 @@ class STDiT(nn.Module):
         pt, ph, pw = self.config.patch_size
         h = self._patch_positions(self.x_embed(x.to(self.x_embed.weight.dtype))) + cond.previous  # [B, t, s, D]
         t_emb = self.t_embed(t)  # [B, D]
+        if cond.position is not None:
+            t_emb = t_emb + cond.position
         t6 = self.t_block(t_emb).view(b, 6, -1)  # [B, 6, D]
         for block, text_kv in zip(self.blocks, cond.text_kv):
             h = block(h, t6, text_kv, cond.mask)

@@ -278,7 +278,7 @@ class CTFlowPipeline:
             noise = torch.randn(previous.shape, generator=generator).to(self.device)
             with torch.no_grad():  # per thread: the decode-ahead worker needs its own
                 try:
-                    clean = sample(self._velocity(previous, plan), noise, req.steps, req.sampler, req.shift, is_cancelled)
+                    clean = sample(self._velocity(previous, plan, made), noise, req.steps, req.sampler, req.shift, is_cancelled)
                 except Cancelled:
                     return
                 end = None if req.slices else self._end_frame(clean[0])
@@ -292,10 +292,11 @@ class CTFlowPipeline:
                 return
             previous = clean
 
-    def _velocity(self, previous: torch.Tensor, plan: GenerationPlan):
-        """The velocity field for one block; its conditioning (previous block, text) is computed once here."""
+    def _velocity(self, previous: torch.Tensor, plan: GenerationPlan, first_slice: int):
+        """The velocity field for one block; its conditioning (previous block, text, position) is computed once here."""
         batch = plan.text.shape[0]  # 2 with guidance: [conditional; unconditional]
-        cond = self.denoiser.prepare(previous.expand(batch, -1, -1, -1, -1), plan.text, plan.text_mask)
+        cond = self.denoiser.prepare(previous.expand(batch, -1, -1, -1, -1), plan.text, plan.text_mask,
+                                     torch.tensor(float(first_slice)))
 
         def model(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self.denoiser(z, t.expand(z.shape[0]), cond)

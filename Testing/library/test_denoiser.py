@@ -105,6 +105,21 @@ def test_clean_prediction_is_served_to_the_sampler_as_velocity():
     assert torch.equal(velocity_model.output(x, t, cond), velocity_model(x, t, cond))
 
 
+def test_slice_position_starts_as_a_no_op_and_then_tells_blocks_apart():
+    plain, placed = small_model(), small_model(slice_position=True)
+    placed.load_state_dict(plain.state_dict(), strict=False)  # as a warm start does
+    x, previous, text, mask = inputs()
+    t = torch.tensor([0.5])
+    base = plain(x, t, plain.prepare(previous, text, mask))
+    assert torch.equal(base, placed(x, t, placed.prepare(previous, text, mask, torch.tensor(48.0))))
+    with torch.no_grad():
+        placed.position_embed.mlp[2].weight.normal_(0, 0.1)
+    top = placed(x, t, placed.prepare(previous, text, mask, torch.tensor(0.0)))
+    assert not torch.allclose(top, placed(x, t, placed.prepare(previous, text, mask, torch.tensor(48.0))))
+    with pytest.raises(ValueError, match="first_slice"):
+        placed.prepare(previous, text, mask)
+
+
 def test_inconsistent_sizes_are_refused():
     with pytest.raises(ModelError, match="prediction"):
         DenoiserConfig(prediction="noise")

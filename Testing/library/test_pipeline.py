@@ -132,10 +132,12 @@ class SteerTo(torch.nn.Module):
         self.tissue = pipeline.autoencoder.constant_latent(40.0)
         self.white = pipeline.autoencoder.constant_latent(END_HU)
         self.end_block, self.end_frame, self.block = end_block, end_frame, -1
+        self.first_slices = []
         self.x_embed = torch.nn.Linear(1, 1)  # gives the stand-in a dtype like the real model
 
-    def prepare(self, previous, text, mask):
+    def prepare(self, previous, text, mask, first_slice):
         self.block += 1  # called once per block
+        self.first_slices.append(float(first_slice))
         return None
 
     def forward(self, x, t, cond):
@@ -161,6 +163,12 @@ def test_white_slices_end_the_volume(tiny_pipeline, end_block, end_frame, slices
     tissue = pipeline._decode(pipeline.denoiser.tissue[:, None])[0]
     hu = np.concatenate([b.hu for b in blocks])
     assert np.abs(hu.astype(int) - tissue).max() <= 1  # every kept slice is tissue: the white ones were trimmed
+
+
+def test_each_block_is_told_where_it_starts(tiny_pipeline):
+    pipeline = steered(tiny_pipeline, 99, 0)
+    pipeline.generate(GenerationRequest(REPORT, slices=10, seed=0, steps=2))
+    assert pipeline.denoiser.first_slices == [0.0, 4.0, 8.0]
 
 
 def test_requested_length_overrides_the_end_marker(tiny_pipeline):

@@ -187,12 +187,13 @@ def test_denoiser_loss_falls_on_a_fixed_batch(cache):
     model = train_flow.Conditioned(STDiT(config))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(0)
-    x0, prev, _, _, text, mask = train_flow.get_batch(loaded, 4, BLOCK, flow_args(cache, "unused"), generator)
+    batch = train_flow.get_batch(loaded, 4, BLOCK, flow_args(cache, "unused"), generator)
+    x0, prev, text, mask, first_slice = batch.x0, batch.previous, batch.text, batch.mask, batch.first_slice
     t, noise = torch.rand(4, generator=generator), torch.randn(x0.shape, generator=generator)
     z_t = (1 - t.view(-1, 1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1, 1) * noise
     losses = []
     for _ in range(10):
-        loss = torch.nn.functional.mse_loss(model(z_t, t, prev, text, mask), noise - x0)
+        loss = torch.nn.functional.mse_loss(model(z_t, t, prev, text, mask, first_slice), noise - x0)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -225,6 +226,29 @@ def test_warm_start_into_a_clean_prediction_run(cache, tmp_path):
     assert not all(torch.equal(a[f"model/{k}"], a[f"ema/{k}"]) for k in weights)  # the copy is the EMA, not the raw weights
     assert read_meta(clean / "checkpoint.safetensors")["denoiser"]["prediction"] == "clean"
     assert np.isfinite(result["loss"])
+
+
+def test_warm_start_adds_a_slice_position_embedding_that_changes_nothing_yet(cache, tmp_path):
+    plain, placed = tmp_path / "plain", tmp_path / "placed"
+    train_flow.train(flow_args(cache, plain, steps=2))
+    train_flow.train(flow_args(cache, placed, steps=1, init=plain, slice_position=True, lr=0.0))
+    a, b = load_file(plain / "checkpoint.safetensors"), load_file(placed / "checkpoint.safetensors")
+    added = [k for k in b if k.startswith("model/position_embed.")]
+    assert added and not any(k.replace("model/", "ema/", 1) in a for k in added)
+    assert all(torch.equal(b[f"model/{k[4:]}"], a[k]) for k in a if k.startswith("ema/"))
+    assert read_meta(placed / "checkpoint.safetensors")["denoiser"]["slice_position"] is True
+    with pytest.raises(ctflow.CTFlowError, match="does not fit"):  # other shapes are refused, not half-loaded
+        train_flow.train(flow_args(cache, tmp_path / "other", steps=1, init=placed, hidden=64, heads=2))
+
+
+def test_batches_say_where_each_block_starts(cache):
+    loaded = latent_cache.read_cache(cache)
+    batch = train_flow.get_batch(loaded, 30, BLOCK, flow_args(cache, "unused", start_p=0.3), torch.Generator().manual_seed(3))
+    for i in range(30):
+        offset = int(batch.first_slice[i])
+        assert bool(batch.first[i]) == (offset == 0)
+        assert any(len(v) >= offset + BLOCK and torch.equal(batch.x0[i].transpose(0, 1), v[offset : offset + BLOCK])
+                   for v in loaded.latents)
 
 
 def test_checkpoint_refuses_missing_random_state(tmp_path):

@@ -55,7 +55,7 @@ def end_distances(model: STDiT, cache: LatentCache, sampling: SamplingConfig, ca
         start = max(block, real // block * block)  # the block holding the end (never the first block)
         previous = latents[start - block : start].permute(1, 0, 2, 3)[None]  # [1, C, T, h, w]
         text = cache.text["plain"][case][None]
-        cond = model.prepare(previous, text, torch.ones(text.shape[:2], dtype=torch.bool))
+        cond = model.prepare(previous, text, torch.ones(text.shape[:2], dtype=torch.bool), torch.tensor(float(start)))
         noise = torch.randn(previous.shape, generator=generator)
         clean = sample(lambda z, t: model(z, t.expand(1), cond), noise, sampling.steps, sampling.method, sampling.shift)[0]
         distance = (clean - white).abs().flatten(2).transpose(0, 1).flatten(1)  # [T, C*h*w]

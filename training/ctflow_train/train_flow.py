@@ -3,7 +3,8 @@
     ctflow-train flow --cache cache/latents.safetensors --out cache/flow --steps 2000        # one process, CPU or GPU
     torchrun --nproc_per_node 8 -m ctflow_train.train_flow --cache ... --out ...           # DDP, any node count
 
-What one step does (CTFlow, REFERENCE §1, plus classifier-free guidance):
+What one step does (CTFlow, REFERENCE §1, plus classifier-free guidance, and with --slice-position the index of
+the block's first slice as one more condition):
   1. pick B (previous block, next block) pairs of T latent slices: with probability --start-p the first block
      of a volume, whose "previous" is the all-black start block (StartBoost); otherwise a random offset.
      White end slices are part of every volume, so the model also learns to end it.
@@ -34,9 +35,11 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from ctflow.config import DENOISER_PRESETS, PREDICTIONS
 from ctflow.denoiser import STDiT, parameter_count
+from ctflow.errors import CTFlowError
 from ctflow.sampling import shift_time
 
 from .checkpoint import add_run_options, load_checkpoint, open_loss_log, save_checkpoint
@@ -52,15 +55,16 @@ class Conditioned(torch.nn.Module):
         super().__init__()
         self.denoiser = denoiser
 
-    def forward(self, z_t, t, previous, text, mask):
-        return self.denoiser.output(z_t, t, self.denoiser.prepare(previous, text, mask))
+    def forward(self, z_t, t, previous, text, mask, first_slice):
+        return self.denoiser.output(z_t, t, self.denoiser.prepare(previous, text, mask, first_slice))
 
 
 def denoiser_config(args: argparse.Namespace, cache: LatentCache):
     """The preset, with the latent shape and text width the cache dictates and any size overrides."""
     channels, size = cache.start.shape[0], cache.start.shape[-1]
     overrides = {k: v for k, v in {"hidden_size": args.hidden, "depth": args.depth, "num_heads": args.heads,
-                                   "patch_size": args.patch and tuple(args.patch), "prediction": args.prediction}.items() if v}
+                                   "patch_size": args.patch and tuple(args.patch), "prediction": args.prediction,
+                                   "slice_position": args.slice_position}.items() if v}
     return dataclasses.replace(DENOISER_PRESETS[args.preset], latent_channels=channels, latent_size=size,
                                text_dim=cache.empty.shape[-1], block_slices=args.block, **overrides)
 
@@ -70,6 +74,7 @@ class Batch(NamedTuple):
     previous: torch.Tensor  # [B, C, T, h, w] the block before it (the black start block for a first block)
     before: torch.Tensor  # [B, C, T, h, w] the block before that (start slices where the volume has none)
     first: torch.Tensor  # [B] bool: x0 is a volume's first block
+    first_slice: torch.Tensor  # [B] float: index of x0's first slice in its volume
     text: torch.Tensor  # [B, M, D] padded prompt tokens
     mask: torch.Tensor  # [B, M]
 
@@ -78,7 +83,7 @@ def get_batch(cache: LatentCache, batch: int, block: int, args, generator: torch
     def uniform() -> float:
         return float(torch.rand((), generator=generator))
 
-    windows, first, texts = [], [], []
+    windows, offsets, texts = [], [], []
     for _ in range(batch):
         case = int(torch.randint(len(cache.latents), (), generator=generator))
         latents = cache.latents[case]  # [S, C, h, w]
@@ -88,14 +93,15 @@ def get_batch(cache: LatentCache, batch: int, block: int, args, generator: torch
         else:
             offset = int(torch.randint(block, len(latents) - block + 1, (), generator=generator))
         windows.append(padded[offset : offset + 3 * block])  # before, previous, x0
-        first.append(offset == 0)
+        offsets.append(offset)
         kind = "length" if uniform() < args.length_p else "plain"
         texts.append(cache.empty if uniform() < args.text_drop else cache.text[kind][case])
     before, previous, x0 = torch.stack(windows).permute(0, 2, 1, 3, 4).split(block, dim=2)  # [B, C, T, h, w] each
     longest = max(len(t) for t in texts)
     text = torch.stack([F.pad(t, (0, 0, 0, longest - len(t))) for t in texts])  # [B, M, D]
     mask = torch.stack([torch.arange(longest) < len(t) for t in texts])  # [B, M]
-    return Batch(x0, previous, before, torch.tensor(first), text, mask)
+    first_slice = torch.tensor(offsets, dtype=torch.float32)
+    return Batch(x0, previous, before, first_slice == 0, first_slice, text, mask)
 
 
 def roll_out_previous(ema: STDiT, batch: Batch, share: float, generator: torch.Generator) -> torch.Tensor:
@@ -112,10 +118,24 @@ def roll_out_previous(ema: STDiT, batch: Batch, share: float, generator: torch.G
     previous, t, noise = batch.previous.to(device), t.to(device), noise.to(device)
     tt = t.view(-1, 1, 1, 1, 1)
     z_t = (1 - tt) * previous + tt * noise
+    previous_first_slice = (batch.first_slice - previous.shape[2]).clamp(min=0)
     with torch.no_grad():
-        velocity = ema(z_t, t, ema.prepare(batch.before.to(device), batch.text.to(device), batch.mask.to(device)))
+        cond = ema.prepare(batch.before.to(device), batch.text.to(device), batch.mask.to(device), previous_first_slice)
+        velocity = ema(z_t, t, cond)
     estimate = (z_t - tt * velocity.float()).to(previous.dtype)  # clean block from velocity = noise - x0
     return torch.where(chosen.to(device).view(-1, 1, 1, 1, 1), estimate, previous)
+
+
+def warm_start(model: STDiT, checkpoint: Path) -> None:
+    """The EMA weights of an earlier run of the same shape. A part the earlier model lacked (the slice-position
+    embedding, switched on now) keeps its no-op initialisation, so training starts from the same function."""
+    ema = {k.removeprefix("ema/"): v for k, v in load_file(checkpoint).items() if k.startswith("ema/")}
+    try:
+        missing, unexpected = model.load_state_dict(ema, strict=False)
+    except RuntimeError as exc:  # shapes differ
+        raise CTFlowError(f"{checkpoint} does not fit this denoiser: {str(exc).splitlines()[1].strip()}") from exc
+    if unexpected or any(not name.startswith("position_embed.") for name in missing):
+        raise CTFlowError(f"{checkpoint} does not fit this denoiser: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
 def learning_rate(step: int, args) -> float:
@@ -153,8 +173,8 @@ def train(args: argparse.Namespace) -> dict:
     config = denoiser_config(args, cache)
     torch.manual_seed(args.seed)  # same initial weights on every rank
     model = STDiT(config)
-    if args.init:  # warm start: the EMA weights of an earlier run of the same shape
-        load_checkpoint(args.init / CHECKPOINT, {"ema": model}, {}, {})
+    if args.init:
+        warm_start(model, args.init / CHECKPOINT)
     model = model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     decay, no_decay = [p for p in model.parameters() if p.dim() >= 2], [p for p in model.parameters() if p.dim() < 2]
@@ -190,10 +210,11 @@ def train(args: argparse.Namespace) -> dict:
         t = shift_time(torch.rand(args.batch, generator=generator), args.time_shift)  # [B]
         noise = torch.randn(batch.x0.shape, generator=generator)
         x0, text, mask, t, noise = (v.to(device) for v in (batch.x0, batch.text, batch.mask, t, noise))
+        first_slice = batch.first_slice.to(device)
         tt = t.view(-1, 1, 1, 1, 1)
         z_t = (1 - tt) * x0 + tt * noise
         with autocast:
-            predicted = model(z_t, t, prev, text, mask)  # [B, C, T, h, w]
+            predicted = model(z_t, t, prev, text, mask, first_slice)  # [B, C, T, h, w]
         loss = F.mse_loss(predicted.float(), x0 if config.prediction == "clean" else noise - x0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -236,6 +257,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=int, help="override the preset's attention heads")
     parser.add_argument("--patch", type=int, nargs=3, metavar=("T", "H", "W"), help="override the preset's patch size")
     parser.add_argument("--prediction", choices=PREDICTIONS, help="override the preset's output: velocity or clean")
+    parser.add_argument("--slice-position", action="store_true",
+                        help="condition each block on where it lies in the volume (its first slice index)")
     parser.add_argument("--init", type=Path, help="start from the EMA weights of this flow run's folder (same shape)")
     parser.add_argument("--time-shift", type=float, default=1.0,
                         help="> 1 trains more often at high noise, where a block's layout is decided")
