@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -239,6 +240,10 @@ def test_warm_start_adds_a_slice_position_embedding_that_changes_nothing_yet(cac
     assert read_meta(placed / "checkpoint.safetensors")["denoiser"]["slice_position"] is True
     with pytest.raises(ctflow.CTFlowError, match="does not fit"):  # other shapes are refused, not half-loaded
         train_flow.train(flow_args(cache, tmp_path / "other", steps=1, init=placed, hidden=64, heads=2))
+    stages = export.lineage(placed)  # the model card counts every stage's training
+    assert [(s["run"], s["steps"], s["slice_position"]) for s in stages] == [("plain", 2, False), ("placed", 1, True)]
+    shutil.rmtree(plain)
+    assert [s.get("missing", False) for s in export.lineage(placed)] == [True, False]
 
 
 def test_batches_say_where_each_block_starts(cache):
@@ -286,6 +291,7 @@ def test_export_loads_in_ctflow_and_generates(data, vae_run, cache, tmp_path):
     assert config["end_tolerance"] > 0 and config["max_slices"] in (256, 14)  # 14: could not calibrate the end
     card = (folder / "README.md").read_text()
     assert "not for clinical use" in card and "PSNR" in card and "ONE real base anatomy" in card
+    assert "Trained in 1 stage(s)" in card and "| flow | 3 |" in card
     pipe = ctflow.CTFlowPipeline.from_pretrained(folder, device="cpu")
     volume = pipe.generate(ctflow.GenerationRequest("Findings: No pleural effusion.", slices=6, seed=1))
     assert volume.hu.shape == (6, SIZE, SIZE) and volume.hu.dtype == np.int16

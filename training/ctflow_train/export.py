@@ -39,6 +39,23 @@ def load_ema(flow_folder: Path) -> tuple[STDiT, dict]:
     return model.eval().requires_grad_(False), meta
 
 
+def lineage(flow_folder: Path) -> list[dict]:
+    """The run and the runs it warm-started from (--init), oldest first: what the weights really cost to train."""
+    stages, folder = [], flow_folder
+    while folder is not None:
+        meta = read_meta(folder / CHECKPOINT)
+        args = meta["args"]
+        stages.append({"run": folder.name, "steps": meta["step"], "minutes": round(meta["elapsed_s"] / 60, 1),
+                       "device": meta["device"], "world": meta["world"], "lr": args["lr"], "batch": args["batch"],
+                       "cond_noise": args["cond_noise"], "rollout_p": args.get("rollout_p", 0.0),
+                       "slice_position": meta["denoiser"].get("slice_position", False)})
+        init = args.get("init")
+        folder = Path(init) if init and (Path(init) / CHECKPOINT).is_file() else None
+        if init and folder is None:
+            stages.append({"run": str(init), "missing": True})  # its figures are gone; the card says so
+    return stages[::-1]
+
+
 @torch.no_grad()
 def end_distances(model: STDiT, cache: LatentCache, sampling: SamplingConfig, cases: int, seed: int) -> dict[str, list]:
     """Per generated frame, the END_FRACTION quantile of |latent - white latent|, split by what the frame should be.
@@ -86,10 +103,11 @@ def choose_tolerance(found: dict[str, list]) -> dict:
     return {"tolerance": (best + above[0]) / 2 if above else best, "accuracy": round(accuracy(best), 3), "reliable": True}
 
 
-def model_card(config: ModelConfig, vae_metrics: dict, flow_meta: dict, cache_meta: dict, calibration: dict,
-               end: dict, evaluation: dict, parameters: dict) -> str:
+def model_card(config: ModelConfig, vae_metrics: dict, flow_meta: dict, stages: list[dict], cache_meta: dict,
+               calibration: dict, end: dict, evaluation: dict, parameters: dict) -> str:
     """README.md of the model folder: what it was trained on, how long, how good, and what it cannot do."""
     held = vae_metrics["held_out"]
+    known = [s for s in stages if not s.get("missing")]
     lines = [
         f"# {config.name}",
         "",
@@ -110,9 +128,11 @@ def model_card(config: ModelConfig, vae_metrics: dict, flow_meta: dict, cache_me
         f"parameters), {vae_metrics['steps']} steps, {vae_metrics['train_seconds'] / 60:.0f} min; L1 + KL + patch-GAN.",
         f"- denoiser: STDiT {parameters['denoiser'] / 1e6:.2f} M parameters (hidden {config.denoiser.hidden_size}, "
         f"depth {config.denoiser.depth}, patch {list(config.denoiser.patch_size)}, blocks of "
-        f"{config.denoiser.block_slices} slices), flow matching with StartBoost, {flow_meta['step']} steps, "
-        f"{flow_meta['elapsed_s'] / 60:.0f} min on {flow_meta['device']} (world size {flow_meta['world']}), "
-        f"batch {flow_meta['args']['batch']}, lr {flow_meta['args']['lr']}; EMA weights.",
+        f"{config.denoiser.block_slices} slices{', conditioned on slice position' if config.denoiser.slice_position else ''}), "
+        f"flow matching with StartBoost, predicting the {config.denoiser.prediction} target; EMA weights. "
+        f"Trained in {len(stages)} stage(s), each warm-started from the one before: "
+        f"{sum(s['steps'] for s in known)} steps, {sum(s['minutes'] for s in known):.0f} min in all "
+        "(stages below).",
         f"- text: {config.text.source} ({config.text.mode}); prompts rendered by ctflow.render_prompt, "
         f"with 'Length: N slices' in {flow_meta['args']['length_p']:.0%} and '' in {flow_meta['args']['text_drop']:.0%} "
         "of training prompts.",
@@ -130,6 +150,11 @@ def model_card(config: ModelConfig, vae_metrics: dict, flow_meta: dict, cache_me
                                  f"stop at the typical {config.max_slices} slices."),
     ]
     lines += [f"- {key}: {json.dumps(summary(value))}" for key, value in evaluation.items()]
+    lines += ["", "## Training stages", "", "| run | steps | minutes | device | batch | lr | previous-block noise | "
+              "own-estimate share | slice position |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {s['run']} | not found: its figures are not counted |||||||" if s.get("missing") else
+              f"| {s['run']} | {s['steps']} | {s['minutes']} | {s['device']} x{s['world']} | {s['batch']} | {s['lr']} | "
+              f"{s['cond_noise']} | {s['rollout_p']} | {s['slice_position']} |" for s in stages]
     lines += [
         "",
         "## Limits",
@@ -174,7 +199,8 @@ def export(args: argparse.Namespace) -> Path:
     )
     evaluation = {k: v for path in args.evaluation for k, v in json.loads(path.read_text()).items()}
     parameters = {"vae": parameter_count(autoencoder.vae), "denoiser": parameter_count(model)}
-    card = model_card(config, vae_metrics, flow_meta, cache.meta, calibration, end, evaluation, parameters)
+    card = model_card(config, vae_metrics, flow_meta, lineage(args.flow), cache.meta, calibration, end, evaluation,
+                      parameters)
     stored = model.half() if args.half else model  # the pipeline loads either into its own dtype
     folder = save_model(args.out, config, stored, autoencoder.vae, card, overwrite=args.overwrite)
     (args.flow / "end_calibration.json").write_text(json.dumps({**end, **calibration}) + "\n")
