@@ -163,6 +163,8 @@ def save_model(folder: str | os.PathLike, config: ModelConfig, denoiser, vae, ca
         files = sorted(p for p in staging.rglob("*") if p.is_file())
         lines = [f"{sha256_file(p)}  {p.relative_to(staging).as_posix()}" for p in files]
         (staging / CHECKSUMS).write_text("\n".join(lines) + "\n")
+        for path in [staging, *staging.rglob("*")]:  # mkdtemp and safetensors make them private; a model is shared
+            path.chmod(0o755 if path.is_dir() else 0o644)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(staging, folder)

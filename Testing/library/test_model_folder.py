@@ -28,6 +28,11 @@ def test_saved_weights_load_back_identically(tiny_model, tiny_pipeline):
     assert not list(tiny_model.rglob("*.bin")) and not list(tiny_model.rglob("*.pt"))
 
 
+def test_a_saved_model_is_readable_by_every_user(tiny_model):
+    for path in [tiny_model, *tiny_model.rglob("*")]:
+        assert path.stat().st_mode & 0o444 == 0o444, path  # others read a model shared on a workstation
+
+
 def test_every_file_is_covered_by_the_checksums(tiny_model):
     listed = {line.split("  ")[1] for line in (tiny_model / CHECKSUMS).read_text().splitlines()}
     files = {p.relative_to(tiny_model).as_posix() for p in tiny_model.rglob("*") if p.is_file()} - {CHECKSUMS}
