@@ -40,8 +40,8 @@ def default_model() -> Path:
     if (BUNDLED_MODEL / CONFIG).is_file():
         return BUNDLED_MODEL
     raise ModelError(
-        f"no trained model is bundled yet (expected {BUNDLED_MODEL}); pass --model FOLDER_OR_HUB_ID "
-        "or set CTFLOW_MODEL"
+        f"no trained model is bundled at {BUNDLED_MODEL} (an incomplete checkout or install?); "
+        "pass --model FOLDER_OR_HUB_ID or set CTFLOW_MODEL"
     )
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 MODULE_DIR = Path(__file__).resolve().parents[1]
 NO_BUNDLED_MODEL = (
-    "No trained CTFlow model is bundled with this version of the extension yet: under Model, choose "
-    "'Local folder' or 'Hub id'."
+    "No trained CTFlow model is bundled with this installation (its Resources/Models/ctflow-demo is missing): "
+    "reinstall the extension, or under Model choose 'Local folder' or 'Hub id'."
 )
 _IN_SOURCE_TREE = {  # name in an installed module's Resources -> path from the repository root
     "SampleReports": "Resources/SampleReports",
@@ -35,7 +35,7 @@ def sampleReports() -> dict[str, Path]:
 
 
 def bundledModel() -> Path | None:
-    """The demo model folder, or None while no trained model is bundled."""
+    """The demo model folder, or None when an install lacks it."""
     folder = shipped("Models/ctflow-demo")
     return folder if folder is not None and (folder / "config.json").is_file() else None
 

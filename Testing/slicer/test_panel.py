@@ -120,9 +120,10 @@ def test_finish_then_window_save_and_replace(panel, tiny_model, tmp_path, monkey
 
 
 def test_errors_appear_in_the_panel(panel, monkeypatch):
-    monkeypatch.setattr(resources, "bundledModel", lambda: None)
+    monkeypatch.setattr(resources, "bundledModel", lambda: None)  # an install that lacks the model
     ui = panel.ui
-    choose(ui.modelSourceComboBox, "bundled")
+    choose(ui.modelSourceComboBox, "folder")
+    choose(ui.modelSourceComboBox, "bundled")  # a change of source re-reads the model's status
     assert ui.modelStatusLabel.text() == resources.NO_BUNDLED_MODEL
     assert not ui.modelLocationLineEdit.isEnabled()
 

@@ -275,10 +275,14 @@ def test_end_tolerance_separates_white_from_real_frames():
 def test_export_loads_in_ctflow_and_generates(data, vae_run, cache, tmp_path):
     flow = tmp_path / "flow"
     train_flow.train(flow_args(cache, flow, steps=3))
+    figures = tmp_path / "figures.json"  # as evaluate and finding-study write them: figures plus long details
+    figures.write_text(json.dumps({"seconds_per_128_slices": 12.5, "seams": {"ratio": 1.1, "volumes": [{"x": 1}]},
+                                   "values": {"normal": [0.25]}, "reports": {"normal": "Findings: ABSENT-TEXT."}}))
     parser = argparse.ArgumentParser()
     export.configure(parser)
     args = parser.parse_args(["--flow", str(flow), "--vae", str(vae_run[0]), "--cache", str(cache),
-                              "--out", str(tmp_path / "model"), "--steps", "2", "--calibration-cases", "2", "--half"])
+                              "--out", str(tmp_path / "model"), "--steps", "2", "--calibration-cases", "2", "--half",
+                              "--evaluation", str(figures)])
     folder = export.export(args)
     stored = load_file(folder / "model.safetensors")
     ema = {k.removeprefix("ema/"): v for k, v in load_file(flow / "checkpoint.safetensors").items() if k.startswith("ema/")}
@@ -292,6 +296,8 @@ def test_export_loads_in_ctflow_and_generates(data, vae_run, cache, tmp_path):
     card = (folder / "README.md").read_text()
     assert "not for clinical use" in card and "PSNR" in card and "ONE real base anatomy" in card
     assert "Trained in 1 stage(s)" in card and "| flow | 3 |" in card
+    assert '- seconds_per_128_slices: 12.5' in card and '- seams: {"ratio": 1.1}' in card
+    assert "ABSENT-TEXT" not in card and "0.25" not in card  # per-volume details stay in the JSON
     pipe = ctflow.CTFlowPipeline.from_pretrained(folder, device="cpu")
     volume = pipe.generate(ctflow.GenerationRequest("Findings: No pleural effusion.", slices=6, seed=1))
     assert volume.hu.shape == (6, SIZE, SIZE) and volume.hu.dtype == np.int16

@@ -29,6 +29,7 @@ from .train_flow import CHECKPOINT
 
 END_FRACTION = 0.9
 MIN_END_ACCURACY = 0.9  # below this the model's white frames are not told apart from real ones
+DETAILS = ("volumes", "values", "reports")  # evaluation entries too long for a model card (they stay in the JSON)
 
 
 def load_ema(flow_folder: Path) -> tuple[STDiT, dict]:
@@ -149,7 +150,7 @@ def model_card(config: ModelConfig, vae_metrics: dict, flow_meta: dict, stages: 
         f"{end['accuracy']}" + ("." if end["reliable"] else f"; too low to trust, so volumes without a requested length "
                                  f"stop at the typical {config.max_slices} slices."),
     ]
-    lines += [f"- {key}: {json.dumps(summary(value))}" for key, value in evaluation.items()]
+    lines += [f"- {key}: {json.dumps(summary(value))}" for key, value in evaluation.items() if key not in DETAILS]
     lines += ["", "## Training stages", "", "| run | steps | minutes | device | batch | lr | previous-block noise | "
               "own-estimate share | slice position |", "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {s['run']} | not found: its figures are not counted |||||||" if s.get("missing") else
@@ -161,7 +162,8 @@ def model_card(config: ModelConfig, vae_metrics: dict, flow_meta: dict, stages: 
         "- One base anatomy: every volume is a deformed copy of the same person; it shows how the method works, "
         "not the variety of real patients.",
         "- Findings are synthetic drawings (simple shapes and HU values), so text control shows only what they look like.",
-        "- Small model trained for minutes on a CPU: blurry fine detail, seams between blocks possible.",
+        "- Small model trained on one machine: blurry fine detail, seams between blocks possible, and text control "
+        "only as strong as the figures above show.",
         "- Not for diagnosis, training of clinical staff, or any clinical decision.",
         "",
     ]
@@ -171,7 +173,7 @@ def model_card(config: ModelConfig, vae_metrics: dict, flow_meta: dict, stages: 
 def summary(value):
     """The figures of an evaluation entry without its per-volume lists and report texts."""
     if isinstance(value, dict):
-        return {k: summary(v) for k, v in value.items() if k not in ("volumes", "values", "reports")}
+        return {k: summary(v) for k, v in value.items() if k not in DETAILS}
     return value
 
 
