@@ -52,6 +52,20 @@ def write_volume(volume: Volume, path: str | os.PathLike, overwrite: bool = Fals
     return atomic_write(path, lambda tmp: writer(volume, tmp), overwrite=overwrite)
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once: os.umask can only be read by setting it
+
+
+def plain_mode(directory: bool = False) -> int:
+    """The permissions open() or mkdir() would give: temporary files are private, what they become is not."""
+    return (0o777 if directory else 0o666) & ~_UMASK
+
+
 def atomic_write(path: Path, write, overwrite: bool = False) -> Path:
     """Call write(tmp_path) on a sibling temporary file, then move it onto `path` in one step."""
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
@@ -60,6 +74,7 @@ def atomic_write(path: Path, write, overwrite: bool = False) -> Path:
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        tmp.chmod(plain_mode())
         if overwrite:
             os.replace(tmp, path)
         else:

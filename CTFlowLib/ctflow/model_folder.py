@@ -20,6 +20,7 @@ import torch
 
 from .config import DENOISER_PRESETS, AutoencoderConfig, ModelConfig, TextConfig
 from .errors import CorruptModelError, ModelError
+from .io import plain_mode
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -164,7 +165,7 @@ def save_model(folder: str | os.PathLike, config: ModelConfig, denoiser, vae, ca
         lines = [f"{sha256_file(p)}  {p.relative_to(staging).as_posix()}" for p in files]
         (staging / CHECKSUMS).write_text("\n".join(lines) + "\n")
         for path in [staging, *staging.rglob("*")]:  # mkdtemp and safetensors make them private; a model is shared
-            path.chmod(0o755 if path.is_dir() else 0o644)
+            path.chmod(plain_mode(path.is_dir()))
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(staging, folder)

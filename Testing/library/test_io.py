@@ -1,6 +1,7 @@
 """Writers and readers: geometry and provenance round-trip, checked against ctflow's reader and Slicer's own."""
 
 import json
+import os
 
 import nibabel as nib
 import nrrd
@@ -81,6 +82,13 @@ def test_existing_files_are_never_replaced_unless_asked(volume, tmp_path):
     assert target.read_bytes() == b"the user's own file"
     write_volume(volume, target, overwrite=True)
     assert np.array_equal(read_volume(target).hu, volume.hu)
+
+
+def test_written_files_get_the_permissions_of_a_plain_open(volume, tmp_path):
+    mask = os.umask(0o022)
+    os.umask(mask)
+    path = write_volume(volume, tmp_path / "ct.nii.gz")
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # not the temporary file's private 0o600
 
 
 def test_a_failed_write_leaves_nothing(tmp_path):
