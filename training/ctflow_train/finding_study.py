@@ -134,7 +134,7 @@ def run_study(args: argparse.Namespace) -> dict:
     pipe = CTFlowPipeline.from_pretrained(args.model, device="cpu")
     rules = calibrate(pipe, args.data, args.latents, args.calibration_patients, args.every)
     reports = study_reports(args.data, args.seed)
-    request = GenerationRequest("", steps=args.steps)
+    request = GenerationRequest("", steps=args.steps, guidance=args.guidance)
     measured = {kind: [features(pipe.generate(dataclasses.replace(request, report=text, seed=args.seed + s)).hu)
                        for s in range(args.seeds)]
                 for kind, text in reports.items()}
@@ -142,6 +142,7 @@ def run_study(args: argparse.Namespace) -> dict:
         "detectors": rules,
         "seeds": args.seeds,
         "steps": args.steps or pipe.config.sampling.steps,
+        "guidance": pipe.config.sampling.guidance if args.guidance is None else args.guidance,
         "shown_when_asked": {f: sum(shows(v[f], rules[f]) for v in measured[f]) for f in STUDIED},
         "shown_when_negated": {f: sum(shows(v[f], rules[f]) for v in measured["normal"]) for f in STUDIED},
         "values": {kind: [{f: round(v[f], 4) for f in STUDIED} for v in vs] for kind, vs in measured.items()},
@@ -158,6 +159,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--every", type=int, default=2, help="decode every N-th slice for calibration")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, help="sampling steps per block (default: the model's)")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance (default: the model's)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--out", type=Path, required=True, help="JSON to write")
 
