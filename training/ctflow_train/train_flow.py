@@ -133,7 +133,7 @@ def warm_start(model: STDiT, checkpoint: Path) -> None:
     try:
         missing, unexpected = model.load_state_dict(ema, strict=False)
     except RuntimeError as exc:  # shapes differ
-        raise CTFlowError(f"{checkpoint} does not fit this denoiser: {str(exc).splitlines()[1].strip()}") from exc
+        raise CTFlowError(f"{checkpoint} does not fit this denoiser: {str(exc).strip().splitlines()[-1].strip()}") from exc
     if unexpected or any(not name.startswith("position_embed.") for name in missing):
         raise CTFlowError(f"{checkpoint} does not fit this denoiser: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
