@@ -32,6 +32,9 @@ class DenoiserConfig:
     # Add an embedding of the block's first slice index to the time embedding (our addition to CTFlow): where in
     # the volume the block lies, which the previous block stops telling reliably once it is the model's own output.
     slice_position: bool = False
+    # Add an embedding of the report's mean token to the time embedding, as FLUX adds a pooled text vector: a
+    # global path from text to every layer's modulation, which a small model learns far sooner than cross-attention.
+    pooled_text: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "patch_size", tuple(self.patch_size))

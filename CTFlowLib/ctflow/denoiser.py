@@ -145,7 +145,7 @@ class Conditioning:
     previous: torch.Tensor  # [B, t, s, D] patch embedding of the previous clean block
     text_kv: list[torch.Tensor]  # per STDiT block: [2, B, heads, M, D/heads] cross-attention keys and values
     mask: torch.Tensor  # [B, M] bool
-    position: torch.Tensor | None = None  # [B, D] embedding of the block's first slice index (slice_position models)
+    vector: torch.Tensor | None = None  # [B, D] added to the time embedding: slice position and/or pooled text
 
 
 class STDiT(nn.Module):
@@ -167,6 +167,7 @@ class STDiT(nn.Module):
         self.position_embed = TimestepEmbedder(d, scale=1.0) if config.slice_position else None
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.text_embed = Mlp(config.text_dim, d / config.text_dim, out=d)
+        self.text_vector = Mlp(config.text_dim, d / config.text_dim, out=d) if config.pooled_text else None
         self.blocks = nn.ModuleList(STDiTBlock(d, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
         self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.final_table = nn.Parameter(torch.randn(2, d) / d**0.5)
@@ -187,6 +188,9 @@ class STDiT(nn.Module):
         if self.position_embed is not None:  # starts as a no-op, so a run can warm-start from a model without it
             nn.init.normal_(self.position_embed.mlp[0].weight, std=0.02)
             nn.init.zeros_(self.position_embed.mlp[2].weight)
+        if self.text_vector is not None:  # likewise
+            nn.init.zeros_(self.text_vector[-1].weight)
+            nn.init.zeros_(self.text_vector[-1].bias)
         for layer in (self.t_block[1], self.final):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -208,13 +212,18 @@ class STDiT(nn.Module):
         first_slice: [B] index in the volume of the new block's first slice (needed by slice_position models)."""
         dtype = self.x_embed.weight.dtype
         prev_tokens = self.previous_embed(previous.to(dtype)).flatten(3).permute(0, 2, 3, 1)  # [B, t, s, D]
-        text = self.text_embed(text.to(dtype))  # [B, M, D]
-        position = None
+        vectors = []
         if self.position_embed is not None:
             if first_slice is None:
                 raise ValueError("this denoiser is conditioned on slice position: pass the block's first_slice")
-            position = self.position_embed(first_slice.to(previous.device).expand(len(previous)))  # [B, D]
-        return Conditioning(prev_tokens, [block.cross.keys_values(text) for block in self.blocks], mask.bool(), position)
+            vectors.append(self.position_embed(first_slice.to(previous.device).expand(len(previous))))  # [B, D]
+        if self.text_vector is not None:
+            weights = mask.to(dtype).unsqueeze(-1)  # [B, M, 1]
+            pooled = (text.to(dtype) * weights).sum(1) / weights.sum(1).clamp(min=1)  # [B, text_dim] mean token
+            vectors.append(self.text_vector(pooled))  # [B, D]
+        tokens = self.text_embed(text.to(dtype))  # [B, M, D]
+        return Conditioning(prev_tokens, [block.cross.keys_values(tokens) for block in self.blocks], mask.bool(),
+                            sum(vectors) if vectors else None)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """x: [B, C, T, H, W] noisy block at flow time t: [B] -> velocity [B, C, T, H, W]."""
@@ -229,8 +238,8 @@ class STDiT(nn.Module):
         pt, ph, pw = self.config.patch_size
         h = self._patch_positions(self.x_embed(x.to(self.x_embed.weight.dtype))) + cond.previous  # [B, t, s, D]
         t_emb = self.t_embed(t)  # [B, D]
-        if cond.position is not None:
-            t_emb = t_emb + cond.position
+        if cond.vector is not None:
+            t_emb = t_emb + cond.vector
         t6 = self.t_block(t_emb).view(b, 6, -1)  # [B, 6, D]
         for block, text_kv in zip(self.blocks, cond.text_kv):
             h = block(h, t6, text_kv, cond.mask)

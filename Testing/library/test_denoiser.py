@@ -120,6 +120,27 @@ def test_slice_position_starts_as_a_no_op_and_then_tells_blocks_apart():
         placed.prepare(previous, text, mask)
 
 
+def test_pooled_text_starts_as_a_no_op_then_carries_the_report_to_every_layer():
+    plain, pooled = small_model(), small_model(pooled_text=True)
+    pooled.load_state_dict(plain.state_dict(), strict=False)  # as a warm start does
+    for model in (plain, pooled):  # silence cross-attention: text can only come in through the vector
+        for block in model.blocks:
+            block.cross.proj.weight.data.zero_()
+    x, previous, text, mask = inputs()
+    other = text.flip(1)  # same tokens, other order: the same mean...
+    other[0, 0] += 1.0  # ...but one token changed
+    t = torch.tensor([0.5])
+    assert torch.equal(plain(x, t, plain.prepare(previous, text, mask)), pooled(x, t, pooled.prepare(previous, text, mask)))
+    assert torch.equal(plain(x, t, plain.prepare(previous, text, mask)), plain(x, t, plain.prepare(previous, other, mask)))
+    with torch.no_grad():
+        pooled.text_vector[-1].weight.normal_(0, 0.1)
+    a = pooled(x, t, pooled.prepare(previous, text, mask))
+    assert not torch.allclose(a, pooled(x, t, pooled.prepare(previous, other, mask)))
+    assert torch.allclose(a, pooled(x, t, pooled.prepare(previous, text.flip(1), mask)), atol=1e-5)  # a mean: order-free
+    padded, padded_mask = torch.cat([text, torch.randn(1, 3, 384)], 1), torch.cat([mask, torch.zeros(1, 3, dtype=torch.bool)], 1)
+    assert torch.allclose(a, pooled(x, t, pooled.prepare(previous, padded, padded_mask)), atol=1e-5)  # padding ignored
+
+
 def test_inconsistent_sizes_are_refused():
     with pytest.raises(ModelError, match="prediction"):
         DenoiserConfig(prediction="noise")

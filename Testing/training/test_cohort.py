@@ -363,3 +363,22 @@ def test_cli_cohort_and_preview(ct_folder, tmp_path, capsys):
     png = write_cohort_preview(out, tmp_path / "preview.png", patients=2)
     with Image.open(png) as image:
         assert image.size[0] == 512 and image.size[1] > 512
+
+
+def test_cli_twins_differ_from_their_patient_only_in_the_flipped_finding(ct_folder, sampled, tmp_path, capsys):
+    out = tmp_path / "twins"
+    assert cli.main(["cohort", "--out", str(out), "--patients", "1", "--seed", "5", "--size", str(SIZE),
+                     "--twins", "emphysema", "cardiomegaly"]) == 0
+    assert json.loads(capsys.readouterr().out)["written"] == 2
+    patient = sampled[0]  # generate_patient(5, 0)
+    for entry, name in zip(read_index(out), ["emphysema", "cardiomegaly"]):
+        flipped = not patient.findings[name]["present"]
+        assert entry["name"] == f"synth_5_00000_{'with' if flipped else 'without'}_{name}"
+        labels = json.loads((out / entry["labels"]).read_text())
+        assert {k for k in ALL if labels["findings"][k]["present"] != patient.findings[k]["present"]} == {name}
+        twin = read_volume(out / entry["volume"]).hu
+        changed = np.abs(twin[: patient.labels.shape[0]].astype(int) - patient.volume.hu[: patient.labels.shape[0]]) > 0
+        assert twin.shape == patient.volume.hu.shape and 0 < changed.mean() < 0.1  # the same patient, locally changed
+        report = (out / entry["report"]).read_text().lower()
+        mentions = [s for s in sentences(report) if any(word in s for word in KEYWORDS[name])]
+        assert mentions and any(not NEGATION.search(s) for s in mentions) == flipped

@@ -13,7 +13,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import ctflow
 from ctflow.config import DENOISER_PRESETS
@@ -139,6 +140,20 @@ def test_cache_holds_latents_prompts_and_tokens(cache):
     assert loaded.empty.shape == (2, 384)  # [CLS] [SEP]
 
 
+def test_caches_of_one_encoder_train_as_one_and_others_are_refused(cache, tmp_path):
+    merged = latent_cache.read_caches([cache, cache])
+    single = latent_cache.read_cache(cache)
+    assert len(merged.latents) == 6 and merged.meta["names"] == single.meta["names"] * 2
+    assert torch.equal(merged.latents[4], single.latents[1]) and torch.equal(merged.text["plain"][5], single.text["plain"][2])
+    tensors = load_file(cache)
+    tensors["start"] = tensors["start"] + 1.0  # as another VAE would encode the start slice
+    other = tmp_path / "other.safetensors"
+    with safe_open(str(cache), framework="pt") as handle:
+        save_file(tensors, other, metadata=handle.metadata())
+    with pytest.raises(ctflow.CTFlowError, match="another VAE"):
+        latent_cache.read_caches([cache, other])
+
+
 def test_batches_follow_startboost_and_text_dropout(cache):
     loaded = latent_cache.read_cache(cache)
     args = flow_args(cache, "unused", start_p=1.0, text_drop=1.0)
@@ -229,15 +244,17 @@ def test_warm_start_into_a_clean_prediction_run(cache, tmp_path):
     assert np.isfinite(result["loss"])
 
 
-def test_warm_start_adds_a_slice_position_embedding_that_changes_nothing_yet(cache, tmp_path):
+def test_warm_start_adds_switched_on_parts_that_change_nothing_yet(cache, tmp_path):
     plain, placed = tmp_path / "plain", tmp_path / "placed"
     train_flow.train(flow_args(cache, plain, steps=2))
-    train_flow.train(flow_args(cache, placed, steps=1, init=plain, slice_position=True, lr=0.0))
+    train_flow.train(flow_args(cache, placed, steps=1, init=plain, slice_position=True, pooled_text=True, lr=0.0))
     a, b = load_file(plain / "checkpoint.safetensors"), load_file(placed / "checkpoint.safetensors")
-    added = [k for k in b if k.startswith("model/position_embed.")]
-    assert added and not any(k.replace("model/", "ema/", 1) in a for k in added)
+    added = [k for k in b if k.startswith(("model/position_embed.", "model/text_vector."))]
+    assert {k.split(".")[0] for k in added} == {"model/position_embed", "model/text_vector"}
+    assert not any(k.replace("model/", "ema/", 1) in a for k in added)
     assert all(torch.equal(b[f"model/{k[4:]}"], a[k]) for k in a if k.startswith("ema/"))
-    assert read_meta(placed / "checkpoint.safetensors")["denoiser"]["slice_position"] is True
+    config = read_meta(placed / "checkpoint.safetensors")["denoiser"]
+    assert config["slice_position"] is True and config["pooled_text"] is True
     with pytest.raises(ctflow.CTFlowError, match="does not fit"):  # other shapes are refused, not half-loaded
         train_flow.train(flow_args(cache, tmp_path / "other", steps=1, init=placed, hidden=64, heads=2))
     stages = export.lineage(placed)  # the model card counts every stage's training

@@ -16,6 +16,8 @@ from typing import Callable
 
 from ctflow.errors import CTFlowError
 
+from .findings import CODES as FINDING_CODES
+
 EXIT_ERROR = 1
 
 
@@ -100,6 +102,8 @@ def _configure_cohort(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--patients", type=_positive(int), required=True, help="how many patients")
     parser.add_argument("--seed", type=int, default=0, help="cohort seed: same seed, same patients")
+    parser.add_argument("--twins", nargs="+", default=(), metavar="FINDING", choices=sorted(FINDING_CODES),
+                        help="write instead each patient's twins: the same patient with one of these findings flipped")
     _model_space_arguments(parser)
     _configure_fetch(parser)
 
@@ -107,7 +111,8 @@ def _configure_cohort(parser: argparse.ArgumentParser) -> None:
 def _run_cohort(args: argparse.Namespace) -> int:
     from .cohort import generate_cohort
 
-    summary = generate_cohort(args.out, args.patients, args.seed, args.size, args.slice_spacing, args.cache, _progress)
+    summary = generate_cohort(args.out, args.patients, args.seed, args.size, args.slice_spacing, args.cache, _progress,
+                              tuple(args.twins))
     return _print_json(summary)
 
 

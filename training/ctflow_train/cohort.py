@@ -251,21 +251,38 @@ def generate_cohort(
     slice_spacing: float = 2.5,
     cache: str | Path | None = None,
     log: Callable[[str], None] | None = None,
+    twins: tuple[str, ...] = (),
 ) -> dict:
     """Write `patients` patients (volume, report, labels) and the cohort index to `out`; returns a summary
-    whose seconds_per_patient leaves out the one-off template preparation."""
+    whose seconds_per_patient leaves out the one-off template preparation.
+
+    With `twins`, write instead, for each patient and each named finding, its twin: the same patient with that
+    finding flipped (present <-> absent), nothing else changed but the report's sentence about it. Trained next to
+    the cohort, a pair differs only where the text does, the clearest lesson a small data set can give."""
     template(size, cache)
     writer = DatasetWriter(out)
     started = time.perf_counter()
     try:
         for index in range(patients):
             patient = generate_patient(seed, index, size, slice_spacing, cache)
-            writer.add(patient.name, patient.volume, patient.report, patient.label_record())
-            if log:
-                log(f"{patient.name}: {patient.labels.shape[0]} slices, {', '.join(present_findings(patient.findings)) or 'normal'}")
+            for made, name in _twins(patient, twins, seed, index, size, slice_spacing, cache) if twins else [(patient, patient.name)]:
+                writer.add(name, made.volume, made.report, {**made.label_record(), "name": name})
+                if log:
+                    log(f"{name}: {made.labels.shape[0]} slices, {', '.join(present_findings(made.findings)) or 'normal'}")
     finally:
         writer.close()
     return {**writer.summary(), "seconds_per_patient": round((time.perf_counter() - started) / max(1, patients), 2)}
+
+
+def _twins(patient: Patient, findings: tuple[str, ...], *where) -> list[tuple[Patient, str]]:
+    """(twin, name) per finding: the patient with that finding flipped; none where it cannot be drawn in him."""
+    made = []
+    for finding in findings:
+        wanted = not patient.findings[finding]["present"]
+        twin = generate_patient(*where, present={finding: wanted})
+        if twin.findings[finding]["present"] == wanted:
+            made.append((twin, f"{patient.name}_{'with' if wanted else 'without'}_{finding}"))
+    return made
 
 
 def present_findings(drawn: dict[str, dict]) -> list[str]:

@@ -115,6 +115,20 @@ def read_cache(path: str | Path) -> LatentCache:
                            handle.get_tensor("end"), meta)
 
 
+def read_caches(paths: list[str | Path]) -> LatentCache:
+    """Several caches as one (a cohort and its twins, say): they must come from the same VAE and text encoder."""
+    caches = [read_cache(path) for path in paths]
+    first = caches[0]
+    for path, cache in zip(paths[1:], caches[1:]):
+        if not (torch.equal(cache.start, first.start) and torch.equal(cache.empty, first.empty)):
+            raise CTFlowError(f"{path} was encoded with another VAE or text encoder than {paths[0]}: re-encode it")
+    slices = [n for cache in caches for n in cache.meta["content_slices"]]
+    meta = {**first.meta, "names": [name for cache in caches for name in cache.meta["names"]], "content_slices": slices,
+            "median_content_slices": int(statistics.median(slices))}
+    text = {kind: [t for cache in caches for t in cache.text[kind]] for kind in PROMPTS}
+    return LatentCache([x for cache in caches for x in cache.latents], text, first.empty, first.start, first.end, meta)
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, required=True, help="prepared folder (cohort / prepare-ctrate)")
     parser.add_argument("--vae", type=Path, required=True, help="trained VAE folder (ctflow-train vae --out X: X/vae)")

@@ -43,9 +43,10 @@ from ctflow.errors import CTFlowError
 from ctflow.sampling import shift_time
 
 from .checkpoint import add_run_options, load_checkpoint, open_loss_log, save_checkpoint
-from .latent_cache import LatentCache, read_cache
+from .latent_cache import LatentCache, read_caches
 
 CHECKPOINT = "checkpoint.safetensors"
+ADDABLE = ("position_embed.", "text_vector.")  # parts a warm start may switch on (they start as no-ops)
 
 
 class Conditioned(torch.nn.Module):
@@ -64,7 +65,7 @@ def denoiser_config(args: argparse.Namespace, cache: LatentCache):
     channels, size = cache.start.shape[0], cache.start.shape[-1]
     overrides = {k: v for k, v in {"hidden_size": args.hidden, "depth": args.depth, "num_heads": args.heads,
                                    "patch_size": args.patch and tuple(args.patch), "prediction": args.prediction,
-                                   "slice_position": args.slice_position}.items() if v}
+                                   "slice_position": args.slice_position, "pooled_text": args.pooled_text}.items() if v}
     return dataclasses.replace(DENOISER_PRESETS[args.preset], latent_channels=channels, latent_size=size,
                                text_dim=cache.empty.shape[-1], block_slices=args.block, **overrides)
 
@@ -128,13 +129,14 @@ def roll_out_previous(ema: STDiT, batch: Batch, share: float, generator: torch.G
 
 def warm_start(model: STDiT, checkpoint: Path) -> None:
     """The EMA weights of an earlier run of the same shape. A part the earlier model lacked (the slice-position
-    embedding, switched on now) keeps its no-op initialisation, so training starts from the same function."""
+    embedding or the pooled-text vector, switched on now) keeps its no-op initialisation, so training starts from
+    the same function."""
     ema = {k.removeprefix("ema/"): v for k, v in load_file(checkpoint).items() if k.startswith("ema/")}
     try:
         missing, unexpected = model.load_state_dict(ema, strict=False)
     except RuntimeError as exc:  # shapes differ
         raise CTFlowError(f"{checkpoint} does not fit this denoiser: {str(exc).strip().splitlines()[-1].strip()}") from exc
-    if unexpected or any(not name.startswith("position_embed.") for name in missing):
+    if unexpected or any(not name.startswith(ADDABLE) for name in missing):
         raise CTFlowError(f"{checkpoint} does not fit this denoiser: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
@@ -169,7 +171,7 @@ def train(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     # ---- data, model, EMA, optimizer
-    cache = read_cache(args.cache)
+    cache = read_caches(args.cache)
     config = denoiser_config(args, cache)
     torch.manual_seed(args.seed)  # same initial weights on every rank
     model = STDiT(config)
@@ -239,7 +241,7 @@ def train(args: argparse.Namespace) -> dict:
             save_checkpoint(out / f"rng-{rank}.safetensors", {}, {}, {"data": generator}, {"step": step})
             if master:
                 meta = {"step": step, "elapsed_s": elapsed, "denoiser": dataclasses.asdict(config), "world": world,
-                        "device": str(device), "cache": str(args.cache), "args": vars(args)}
+                        "device": str(device), "cache": [str(path) for path in args.cache], "args": vars(args)}
                 save_checkpoint(out / CHECKPOINT, {"model": raw_model, "ema": ema}, {"optimizer": optimizer}, {}, meta)
     if master:
         log.close()
@@ -249,7 +251,8 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cache", type=Path, required=True, help="latent cache (ctflow-train cache-latents)")
+    parser.add_argument("--cache", type=Path, nargs="+", required=True,
+                        help="latent cache(s) (ctflow-train cache-latents); several are trained on as one")
     parser.add_argument("--out", type=Path, required=True, help="output folder: checkpoint, loss.csv")
     parser.add_argument("--preset", default="cpu", choices=sorted(DENOISER_PRESETS), help="denoiser size")
     parser.add_argument("--hidden", type=int, help="override the preset's hidden size")
@@ -259,6 +262,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prediction", choices=PREDICTIONS, help="override the preset's output: velocity or clean")
     parser.add_argument("--slice-position", action="store_true",
                         help="condition each block on where it lies in the volume (its first slice index)")
+    parser.add_argument("--pooled-text", action="store_true",
+                        help="also add the report's mean token to the time embedding (a global text path, as FLUX)")
     parser.add_argument("--init", type=Path, help="start from the EMA weights of this flow run's folder (same shape)")
     parser.add_argument("--time-shift", type=float, default=1.0,
                         help="> 1 trains more often at high noise, where a block's layout is decided")
