@@ -24,6 +24,7 @@ from ctflow.volume import Geometry, Volume
 from ctflow_train import evaluate, export, finding_study, latent_cache, train_flow, train_vae
 from ctflow_train.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from ctflow_train.dataset import DatasetWriter
+from ctflow_train.findings import FINDINGS
 from ctflow_train.training_data import list_cases, load_cases
 
 SIZE, BLOCK = 16, 4
@@ -60,8 +61,25 @@ def data(tmp_path_factory):
         for n in range(4):
             report = Report(findings=f"Patient {n}. {'Pleural effusion.' if n % 2 else 'No pleural effusion.'}",
                             impressions="Normal." if n % 2 == 0 else "Effusion.")
-            writer.add(f"tiny_{n}", Volume(tiny_volume(rng, 14), Geometry((2.0, 2.0, 2.5)), None), report)
+            writer.add(f"tiny_{n}", Volume(tiny_volume(rng, 14), Geometry((2.0, 2.0, 2.5)), None), report, tiny_labels(n))
     return folder
+
+
+STUDIED_PARAMETERS = {  # as the cohort's label files give them
+    "emphysema": {"severity": "moderate", "low_attenuation_fraction": 0.2},
+    "pleural_effusion": {"side": "right", "grade": "small", "depth_mm": 8.8, "volume_ml": 39},
+    "consolidation": {"lobe": "right lower lobe", "air_bronchogram": True, "volume_ml": 34, "centre_kji": [6, 8, 5]},
+    "cardiomegaly": {"scale": 1.16, "cardiothoracic_ratio": 0.61},
+}
+
+
+def tiny_labels(n: int) -> dict:
+    """Every finding absent but the studied ones, which alternate (pleural effusion as the report says)."""
+    findings = {finding.name: {"present": False} for finding in FINDINGS}
+    for k, name in enumerate(finding_study.STUDIED):
+        if (n + k + 1) % 2:
+            findings[name] = {"present": True, **STUDIED_PARAMETERS[name]}
+    return {"name": f"tiny_{n}", "synthetic": True, "findings": findings}
 
 
 def vae_args(data, out, **overrides) -> argparse.Namespace:
@@ -332,10 +350,51 @@ def test_seam_jump_separates_block_boundaries_from_block_insides():
     assert evaluate.seam_jump(hu, 4) == {"boundary_hu": pytest.approx(100 / 3), "inside_hu": 0.0}
 
 
-def test_finding_features_see_low_attenuation_lungs():
-    hu = tiny_volume(np.random.default_rng(0), 12)
-    values = finding_study.features(hu)
-    assert set(values) == set(finding_study.STUDIED) and all(np.isfinite(list(values.values())))
-    emphysematous = hu.copy()
-    emphysematous[emphysematous == -850] = -980
-    assert values["emphysema"] == 0 and finding_study.features(emphysematous)["emphysema"] == 1
+def test_grid_features_average_only_the_real_slices():
+    latents = torch.zeros(20, 4, 8, 8)
+    latents[16:] = 5.0  # white end slices
+    latents[:8, 2] = 1.0  # channel 2 bright in the upper half of the body
+    features = finding_study.grid_features(latents, 16).reshape(4, *finding_study.GRID)
+    assert features.max() == 1.0 and np.all(features[2, :4] == 1.0) and np.all(features[2, 4:] == 0.0)
+
+
+def test_probe_learns_a_finding_and_cross_validation_keeps_twins_apart():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(80, 200)), rng.random(80) < 0.5
+    x[np.ix_(y, np.arange(20))] += 0.8  # the finding shifts a region's averages a little
+    groups = [f"p{i // 2}" for i in range(80)]
+    assert finding_study.cross_validated_accuracy(x, y, groups) > 0.8
+    probe = finding_study.fit_probe(x, y)
+    assert ((probe.probability(x) > 0.5) == y).mean() > 0.9
+    # a patient and his twin are near copies with one label: only a split that keeps them together is honest
+    noise, labels = rng.normal(size=(40, 200)), rng.random(40) < 0.5
+    twins = np.repeat(noise, 2, axis=0) + 0.05 * rng.normal(size=(80, 200))
+    together = finding_study.cross_validated_accuracy(twins, np.repeat(labels, 2), groups)
+    apart = finding_study.cross_validated_accuracy(twins, np.repeat(labels, 2), [str(i) for i in range(80)])
+    assert together < 0.75 and apart > 0.9
+
+
+def test_finding_study_probes_the_cohort_and_counts_generated_volumes(data, vae_run, cache, tmp_path):
+    flow = tmp_path / "flow"
+    train_flow.train(flow_args(cache, flow, steps=2))
+    parser = argparse.ArgumentParser()
+    export.configure(parser)
+    export.export(parser.parse_args(["--flow", str(flow), "--vae", str(vae_run[0]), "--cache", str(cache),
+                                     "--out", str(tmp_path / "model"), "--steps", "2", "--calibration-cases", "2"]))
+    parser = argparse.ArgumentParser()
+    finding_study.configure(parser)
+    args = parser.parse_args(["--model", str(tmp_path / "model"), "--data", str(data), str(data), "--latents", str(cache),
+                              str(cache), "--seeds", "2", "--steps", "2", "--out", str(tmp_path / "findings.json")])
+    assert finding_study.run(args) == 0
+    result = json.loads((tmp_path / "findings.json").read_text())
+    studied = set(finding_study.STUDIED)
+    assert all(d["volumes"] == 6 and d["patients"] == 3 and d["with_finding"] in (2, 4) for d in result["detectors"].values())
+    for key in ("shown_when_asked", "shown_when_negated", "asking_raised_probability"):
+        assert set(result[key]) == studied and all(0 <= n <= 2 for n in result[key].values())
+    assert set(result["values"]) == studied | {"normal"} and len(result["values"]["normal"]) == 2
+    assert all(0 <= p <= 1 for ps in result["values"].values() for v in ps for p in v.values())
+    assert "No emphysema" in result["reports"]["normal"] or "emphysema" in result["reports"]["normal"].lower()
+    assert "pleural effusion" in result["reports"]["pleural_effusion"].lower()
+    args.latents = args.latents[:1]
+    with pytest.raises(ValueError, match="one --latents cache per --data folder"):
+        finding_study.run_study(args)

@@ -1,20 +1,20 @@
 """Does a finding appear when the report asks for it, and stay away when the report negates it?
 
-    ctflow-train finding-study --model Resources/Models/ctflow-demo --data cache/cohort --latents cache/latents.safetensors \\
-        --seeds 5 --out cache/findings.json
+    ctflow-train finding-study --model Resources/Models/ctflow-demo --data cache/cohort cache/twins \\
+        --latents cache/latents16.safetensors cache/twins16.safetensors --seeds 10 --out cache/findings.json
 
-Detectors are simple HU rules on the generated volume, each a single number per volume:
-- emphysema: share of lung voxels below -950 HU in the upper half of the lungs (low-attenuation area);
-- pleural_effusion: share of the lung volume in the lowest 40 % of the lung range (fluid displaces basal lung);
-- ground_glass: share of voxels between -750 and -400 HU inside each lung's convex hull (hazy parenchyma);
-- medical_material: share of voxels above +950 HU (metal, at the edge of the [-1000, 1000] window).
-Cardiomegaly and consolidation were tried as well (non-lung share of the lungs' hull, dense share): on the
-cohort's own volumes they did no better than chance, so they are not studied.
-"Lungs" are voxels below -500 HU enclosed by the body. Each detector's threshold is the midpoint between its
-mean on cohort patients with and without the finding, measured on their VAE reconstructions (generated
-volumes pass through the same decoder, which blurs fine texture). A volume "shows" the finding when its value
-lies on the finding's side of the threshold. Reports: the finding alone described (its parameters taken from a
-cohort patient), versus a normal report, which negates every finding; the same seeds for both.
+The detector of each finding is a probe: a logistic regression on the volume's latents (the model's own space),
+averaged to a coarse grid over its real slices (8 levels x 4 x 4 places x the latent channels). It is trained on
+the cohort's latent caches and label files, and cohort twins (`ctflow-train cohort --twins`) sharpen it, since a
+pair differs only in the finding. Its accuracy is cross-validated with each patient and his twins kept in one
+fold. This is how CTFlow and GenerateCT measure text alignment: a classifier trained on real CTs (CT-CLIP there)
+applied to generated ones. Hand-made HU rules were tried first: through the 16x slice autoencoder only the
+emphysema rule (share of lung below -950 HU) told the cohort's patients apart.
+
+A generated volume is encoded again by the model's VAE, as the cohort's volumes were, and "shows" the finding
+when its probe says more likely than not. Reports: the finding alone described (its parameters taken from a
+cohort patient), versus a normal report, which negates every finding; the same seeds for both, so the study
+also counts the seeds in which asking raised the probe's probability over negating.
 """
 
 from __future__ import annotations
@@ -22,94 +22,115 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import ndimage
+import torch.nn.functional as F
 
 from ctflow import CTFlowPipeline, GenerationRequest
 
 from .dataset import read_index
 from .evaluate import real_slices
-from .findings import _convex_fill
 from .latent_cache import read_cache
 from .reports import write_report
 
-STUDIED = ("emphysema", "pleural_effusion", "ground_glass", "medical_material")
-LUNG_HU, LOW_HU, METAL_HU = -500, -950, 950
-HAZY_HU = (-750, -400)
+STUDIED = ("emphysema", "pleural_effusion", "consolidation", "cardiomegaly")
+GRID = (8, 4, 4)  # levels along the body x rows x columns the latents are averaged over
+FOLDS = 5
+TWIN_SUFFIX = re.compile(r"_with(out)?_[a-z_]+$")
 
 
-def lungs(hu: np.ndarray) -> np.ndarray:
-    """[S, H, W] bool: voxels below -500 HU that the body encloses (per slice)."""
-    body = hu > LUNG_HU
-    inside = np.stack([ndimage.binary_fill_holes(plane) for plane in body])
-    return inside & ~body
+def grid_features(latents: torch.Tensor, content: int) -> np.ndarray:
+    """[S, C, h, w] latents, of which the first `content` slices are real -> [C * 8 * 4 * 4] averages."""
+    x = latents[:content].float().permute(1, 0, 2, 3)[None]  # [1, C, S, h, w]
+    return F.adaptive_avg_pool3d(x, GRID).flatten().numpy()
 
 
-def lung_range(mask: np.ndarray) -> tuple[int, int]:
-    rows = np.nonzero(mask.sum(axis=(1, 2)) > 0.02 * mask.shape[1] * mask.shape[2])[0]
-    return (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, len(mask))
+@dataclasses.dataclass
+class Probe:
+    """Logistic regression on standardised features."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    weight: np.ndarray
+    bias: float
+
+    def probability(self, features: np.ndarray) -> np.ndarray:
+        z = ((features - self.mean) / self.scale) @ self.weight + self.bias
+        return 1 / (1 + np.exp(-z))
 
 
-def features(hu: np.ndarray) -> dict[str, float]:
-    """One number per studied finding (see the module docstring)."""
-    hu = hu[: real_slices(hu)].astype(np.float32)
-    mask = lungs(hu)
-    top, bottom = lung_range(mask)
-    span = bottom - top
-    upper, lower = slice(top, top + span // 2), slice(top + int(0.6 * span), bottom)
-    hulls = np.stack([side_hulls(plane) for plane in mask[top:bottom]])  # [span, H, W]
-    hazy = (hu[top:bottom] > HAZY_HU[0]) & (hu[top:bottom] < HAZY_HU[1])
-    return {
-        "emphysema": float((hu[upper][mask[upper]] < LOW_HU).mean()) if mask[upper].any() else 0.0,
-        "pleural_effusion": float(mask[lower].sum() / max(1, mask[top:bottom].sum())),
-        "ground_glass": float((hulls & hazy).sum() / max(1, hulls.sum())),
-        "medical_material": float((hu > METAL_HU).mean()),
-    }
+def fit_probe(x: np.ndarray, y: np.ndarray, l2: float = 1.0) -> Probe:
+    """Penalised maximum likelihood (L-BFGS); strong L2 because features outnumber patients."""
+    mean, scale = x.mean(0), x.std(0) + 1e-6
+    xs = torch.from_numpy((x - mean) / scale).double()
+    ys = torch.from_numpy(y.astype(np.float64))
+    weight = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=200, line_search_fn="strong_wolfe")
+
+    def loss():
+        optimizer.zero_grad()
+        value = F.binary_cross_entropy_with_logits(xs @ weight + bias, ys) + l2 * weight.square().sum()
+        value.backward()
+        return value
+
+    optimizer.step(loss)
+    return Probe(mean, scale, weight.detach().numpy(), float(bias.detach()))
 
 
-def side_hulls(plane: np.ndarray) -> np.ndarray:
-    """Convex hull of each lung (left and right of the lungs' middle column) filled: lung plus what lies in it."""
-    columns = np.nonzero(plane.any(axis=0))[0]
-    if not len(columns):
-        return plane
-    middle = (columns[0] + columns[-1]) // 2
-    out = np.zeros_like(plane)
-    out[:, :middle] = _convex_fill(plane[:, :middle])
-    out[:, middle:] = _convex_fill(plane[:, middle:])
-    return out
+def cross_validated_accuracy(x: np.ndarray, y: np.ndarray, groups: list[str]) -> float:
+    """Accuracy on held-out folds of whole groups (a patient and his twins), so a twin never tests its pair."""
+    names = sorted(set(groups))
+    fold_of = {name: number % FOLDS for number, name in enumerate(names)}
+    folds = np.array([fold_of[g] for g in groups])
+    right = 0
+    for fold in range(FOLDS):
+        test = folds == fold
+        if test.any() and 0 < y[~test].sum() < (~test).sum():
+            right += int(((fit_probe(x[~test], y[~test]).probability(x[test]) > 0.5) == y[test]).sum())
+        else:
+            right += int((y[test] == (y[~test].mean() > 0.5)).sum())
+    return right / len(y)
 
 
-def calibrate(pipe: CTFlowPipeline, data: Path, latents_path: Path, patients: int, every: int) -> dict:
-    """Per finding: threshold and direction from VAE-decoded cohort patients (every `every`-th slice), and the
-    detector's accuracy on them."""
-    cache = read_cache(latents_path)
-    index = {entry["name"]: entry for entry in read_index(data)}
-    values, present = [], []
-    for number, name in enumerate(cache.meta["names"][:patients]):
-        labels = json.loads((data / index[name]["labels"]).read_text())["findings"]
-        latents = cache.latents[number][::every]  # [S / every, C, h, w]
-        hu = pipe.autoencoder.decode(latents).numpy()
-        values.append(features(hu))
-        present.append({f: labels[f]["present"] for f in STUDIED})
-    result = {}
+def labelled_latents(folders: list[Path], caches: list[Path]) -> tuple[np.ndarray, dict[str, np.ndarray], list[str]]:
+    """Features of every cached volume, each finding's presence from its label file, and its patient."""
+    features, present, groups = [], {f: [] for f in STUDIED}, []
+    for folder, path in zip(folders, caches, strict=True):
+        cache = read_cache(path)
+        index = {entry["name"]: entry for entry in read_index(folder)}
+        for number, name in enumerate(cache.meta["names"]):
+            labels = json.loads((folder / index[name]["labels"]).read_text())["findings"]
+            features.append(grid_features(cache.latents[number], cache.meta["content_slices"][number]))
+            for finding in STUDIED:
+                present[finding].append(bool(labels[finding]["present"]))
+            groups.append(TWIN_SUFFIX.sub("", name))
+    return np.stack(features), {f: np.array(p) for f, p in present.items()}, groups
+
+
+def calibrate(folders: list[Path], caches: list[Path]) -> tuple[dict[str, Probe], dict]:
+    """One probe per finding, fitted on every cached volume, and its cross-validated accuracy."""
+    x, present, groups = labelled_latents(folders, caches)
+    probes, report = {}, {}
     for finding in STUDIED:
-        x = np.array([v[finding] for v in values])
-        y = np.array([p[finding] for p in present])
+        y = present[finding]
         if y.all() or not y.any():
-            raise ValueError(f"the first {patients} patients all have or all lack {finding}: use more")
-        high = x[y].mean() > x[~y].mean()
-        threshold = (x[y].mean() + x[~y].mean()) / 2
-        shows = x > threshold if high else x < threshold
-        result[finding] = {"threshold": round(float(threshold), 4), "present_is_high": bool(high),
-                           "cohort_accuracy": round(float((shows == y).mean()), 2), "cohort_patients": len(y)}
-    return result
+            raise ValueError(f"the cached volumes all have or all lack {finding}: a probe needs both")
+        probes[finding] = fit_probe(x, y)
+        report[finding] = {"cross_validated_accuracy": round(cross_validated_accuracy(x, y, groups), 3),
+                           "volumes": len(y), "with_finding": int(y.sum()), "patients": len(set(groups))}
+    return probes, report
 
 
-def shows(value: float, rule: dict) -> bool:
-    return value > rule["threshold"] if rule["present_is_high"] else value < rule["threshold"]
+def volume_features(pipe: CTFlowPipeline, hu: np.ndarray) -> np.ndarray:
+    """A generated volume encoded again by the model's VAE, as the cohort's were, then averaged like them."""
+    content = max(1, real_slices(hu))
+    with torch.no_grad():
+        latents = pipe.autoencoder.encode(torch.from_numpy(hu[:content]).to(pipe.device))
+    return grid_features(latents.cpu(), content)
 
 
 def study_reports(data: Path, seed: int) -> dict[str, str]:
@@ -131,32 +152,36 @@ def study_reports(data: Path, seed: int) -> dict[str, str]:
 def run_study(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
+    if len(args.data) != len(args.latents):
+        raise ValueError("give one --latents cache per --data folder, in the same order")
+    probes, detectors = calibrate(args.data, args.latents)
     pipe = CTFlowPipeline.from_pretrained(args.model, device="cpu")
-    rules = calibrate(pipe, args.data, args.latents, args.calibration_patients, args.every)
-    reports = study_reports(args.data, args.seed)
+    reports = study_reports(args.data[0], args.seed)
     request = GenerationRequest("", steps=args.steps, guidance=args.guidance)
-    measured = {kind: [features(pipe.generate(dataclasses.replace(request, report=text, seed=args.seed + s)).hu)
-                       for s in range(args.seeds)]
-                for kind, text in reports.items()}
+    probability = {kind: [{f: float(probes[f].probability(features)) for f in STUDIED} for features in
+                          (volume_features(pipe, pipe.generate(dataclasses.replace(request, report=text, seed=args.seed + s)).hu)
+                           for s in range(args.seeds))]
+                   for kind, text in reports.items()}
+    asked, negated = {f: probability[f] for f in STUDIED}, probability["normal"]
     return {
-        "detectors": rules,
+        "detectors": detectors,
         "seeds": args.seeds,
         "steps": args.steps or pipe.config.sampling.steps,
         "guidance": pipe.config.sampling.guidance if args.guidance is None else args.guidance,
-        "shown_when_asked": {f: sum(shows(v[f], rules[f]) for v in measured[f]) for f in STUDIED},
-        "shown_when_negated": {f: sum(shows(v[f], rules[f]) for v in measured["normal"]) for f in STUDIED},
-        "values": {kind: [{f: round(v[f], 4) for f in STUDIED} for v in vs] for kind, vs in measured.items()},
+        "shown_when_asked": {f: sum(p[f] > 0.5 for p in asked[f]) for f in STUDIED},
+        "shown_when_negated": {f: sum(p[f] > 0.5 for p in negated) for f in STUDIED},
+        "asking_raised_probability": {f: sum(a[f] > n[f] for a, n in zip(asked[f], negated)) for f in STUDIED},
+        "values": {kind: [{f: round(p[f], 3) for f in STUDIED} for p in ps] for kind, ps in probability.items()},
         "reports": reports,
     }
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="model folder")
-    parser.add_argument("--data", type=Path, required=True, help="the cohort folder (labels give the calibration truth)")
-    parser.add_argument("--latents", type=Path, required=True, help="the latent cache of that cohort")
+    parser.add_argument("--data", type=Path, nargs="+", required=True,
+                        help="cohort folder(s) whose labels train the probes (the first also gives the reports)")
+    parser.add_argument("--latents", type=Path, nargs="+", required=True, help="the latent cache of each --data folder")
     parser.add_argument("--seeds", type=int, default=10, help="generations per report")
-    parser.add_argument("--calibration-patients", type=int, default=16)
-    parser.add_argument("--every", type=int, default=2, help="decode every N-th slice for calibration")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, help="sampling steps per block (default: the model's)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance (default: the model's)")
@@ -167,5 +192,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     result = run_study(args)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: result[k] for k in ("detectors", "shown_when_asked", "shown_when_negated")}, indent=1))
+    keys = ("detectors", "shown_when_asked", "shown_when_negated", "asking_raised_probability")
+    print(json.dumps({k: result[k] for k in keys}, indent=1))
     return 0
