@@ -350,12 +350,13 @@ def test_seam_jump_separates_block_boundaries_from_block_insides():
     assert evaluate.seam_jump(hu, 4) == {"boundary_hu": pytest.approx(100 / 3), "inside_hu": 0.0}
 
 
-def test_grid_features_average_only_the_real_slices():
-    latents = torch.zeros(20, 4, 8, 8)
-    latents[16:] = 5.0  # white end slices
+def test_grid_features_are_the_mean_and_spread_of_each_cell():
+    latents = torch.zeros(16, 4, 8, 8)
     latents[:8, 2] = 1.0  # channel 2 bright in the upper half of the body
-    features = finding_study.grid_features(latents, 16).reshape(4, *finding_study.GRID)
-    assert features.max() == 1.0 and np.all(features[2, :4] == 1.0) and np.all(features[2, 4:] == 0.0)
+    latents[:, 1, :, 0] = 3.0  # channel 1: a bright column in every slice, spread within the cells that hold it
+    mean, spread = finding_study.grid_features(latents).reshape(2, 4, *finding_study.GRID)
+    assert np.all(mean[2, :4] == 1.0) and np.all(mean[2, 4:] == 0.0) and np.all(spread[2] == 0.0)
+    assert np.all(spread[1, :, 0] == 0.0) and mean[1].sum() == 3.0 * 8 * 8
 
 
 def test_probe_learns_a_finding_and_cross_validation_keeps_twins_apart():

@@ -3,18 +3,21 @@
     ctflow-train finding-study --model Resources/Models/ctflow-demo --data cache/cohort cache/twins \\
         --latents cache/latents16.safetensors cache/twins16.safetensors --seeds 10 --out cache/findings.json
 
-The detector of each finding is a probe: a logistic regression on the volume's latents (the model's own space),
-averaged to a coarse grid over its real slices (8 levels x 4 x 4 places x the latent channels). It is trained on
-the cohort's latent caches and label files, and cohort twins (`ctflow-train cohort --twins`) sharpen it, since a
-pair differs only in the finding. Its accuracy is cross-validated with each patient and his twins kept in one
-fold. This is how CTFlow and GenerateCT measure text alignment: a classifier trained on real CTs (CT-CLIP there)
-applied to generated ones. Hand-made HU rules were tried first: through the 16x slice autoencoder only the
-emphysema rule (share of lung below -950 HU) told the cohort's patients apart.
+The detector of each finding is a probe: a logistic regression on the volume's latents (the model's own space)
+of every 4th real slice, averaged over a coarse grid (8 levels x 8 x 8 places x the latent channels; mean and
+spread in each cell). It is trained on the cohort's latent caches and label files, and cohort twins
+(`ctflow-train cohort --twins`) sharpen it, since a pair differs only in the finding. Its accuracy is
+cross-validated with each patient and his twins in one fold. CTFlow and GenerateCT measure text alignment alike:
+a classifier trained on real CTs (CT-CLIP there) applied to generated ones. HU rules on the decoded volumes do
+worse through the 16x slice autoencoder: the share of lung below -950 HU (LAA-950) and the lungs' area, in 4
+levels, told emphysema apart in 65 % of the cohort's volumes and pleural effusion in 64 % (latent probe: 62 % and
+83 %); adding them to the probe changed nothing, so they are not measured.
 
-A generated volume is encoded again by the model's VAE, as the cohort's volumes were, and "shows" the finding
-when its probe says more likely than not. Reports: the finding alone described (its parameters taken from a
-cohort patient), versus a normal report, which negates every finding; the same seeds for both, so the study
-also counts the seeds in which asking raised the probe's probability over negating.
+A generated volume is encoded by the model's VAE, as the cohort's volumes were, and "shows" the finding when its
+probe says more likely than not. Reports: the finding alone described (its parameters taken from a cohort
+patient), versus a normal report, which negates every finding; the same seeds for both, so the study also
+counts the seeds in which asking raised the probe's probability over negating: a paired comparison, which a
+weak detector blurs less than it blurs the counts.
 """
 
 from __future__ import annotations
@@ -37,15 +40,18 @@ from .latent_cache import read_cache
 from .reports import write_report
 
 STUDIED = ("emphysema", "pleural_effusion", "consolidation", "cardiomegaly")
-GRID = (8, 4, 4)  # levels along the body x rows x columns the latents are averaged over
+GRID = (8, 8, 8)  # levels along the body x rows x columns the latents are averaged over
+EVERY = 4  # every 4th real slice is enough for 8 levels, and a generated volume is encoded 4x faster
 FOLDS = 5
 TWIN_SUFFIX = re.compile(r"_with(out)?_[a-z_]+$")
 
 
-def grid_features(latents: torch.Tensor, content: int) -> np.ndarray:
-    """[S, C, h, w] latents, of which the first `content` slices are real -> [C * 8 * 4 * 4] averages."""
-    x = latents[:content].float().permute(1, 0, 2, 3)[None]  # [1, C, S, h, w]
-    return F.adaptive_avg_pool3d(x, GRID).flatten().numpy()
+def grid_features(latents: torch.Tensor) -> np.ndarray:
+    """[S, C, h, w] latents of real slices -> mean and spread of each channel in each cell of GRID."""
+    x = latents.float().permute(1, 0, 2, 3)[None]  # [1, C, S, h, w]
+    mean = F.adaptive_avg_pool3d(x, GRID)
+    spread = (F.adaptive_avg_pool3d(x * x, GRID) - mean * mean).clamp(min=0).sqrt()
+    return torch.cat([mean.flatten(), spread.flatten()]).numpy()
 
 
 @dataclasses.dataclass
@@ -104,7 +110,7 @@ def labelled_latents(folders: list[Path], caches: list[Path]) -> tuple[np.ndarra
         index = {entry["name"]: entry for entry in read_index(folder)}
         for number, name in enumerate(cache.meta["names"]):
             labels = json.loads((folder / index[name]["labels"]).read_text())["findings"]
-            features.append(grid_features(cache.latents[number], cache.meta["content_slices"][number]))
+            features.append(grid_features(cache.latents[number][: cache.meta["content_slices"][number] : EVERY]))
             for finding in STUDIED:
                 present[finding].append(bool(labels[finding]["present"]))
             groups.append(TWIN_SUFFIX.sub("", name))
@@ -126,11 +132,10 @@ def calibrate(folders: list[Path], caches: list[Path]) -> tuple[dict[str, Probe]
 
 
 def volume_features(pipe: CTFlowPipeline, hu: np.ndarray) -> np.ndarray:
-    """A generated volume encoded again by the model's VAE, as the cohort's were, then averaged like them."""
-    content = max(1, real_slices(hu))
+    """A generated volume's features: encoded by the model's VAE, as the cohort's volumes were."""
     with torch.no_grad():
-        latents = pipe.autoencoder.encode(torch.from_numpy(hu[:content]).to(pipe.device))
-    return grid_features(latents.cpu(), content)
+        latents = pipe.autoencoder.encode(torch.from_numpy(hu[: max(1, real_slices(hu)) : EVERY]).to(pipe.device))
+    return grid_features(latents.cpu())
 
 
 def study_reports(data: Path, seed: int) -> dict[str, str]:
