@@ -276,7 +276,8 @@ def test_warm_start_adds_switched_on_parts_that_change_nothing_yet(cache, tmp_pa
     with pytest.raises(ctflow.CTFlowError, match="does not fit"):  # other shapes are refused, not half-loaded
         train_flow.train(flow_args(cache, tmp_path / "other", steps=1, init=placed, hidden=64, heads=2))
     stages = export.lineage(placed)  # the model card counts every stage's training
-    assert [(s["run"], s["steps"], s["slice_position"]) for s in stages] == [("plain", 2, False), ("placed", 1, True)]
+    assert [(s["run"], s["steps"], s["slice_position"], s["pooled_text"], s["caches"]) for s in stages] == [
+        ("plain", 2, False, False, ["latents.safetensors"]), ("placed", 1, True, True, ["latents.safetensors"])]
     shutil.rmtree(plain)
     assert [s.get("missing", False) for s in export.lineage(placed)] == [True, False]
 
@@ -330,7 +331,7 @@ def test_export_loads_in_ctflow_and_generates(data, vae_run, cache, tmp_path):
     assert config["end_tolerance"] > 0 and config["max_slices"] in (256, 14)  # 14: could not calibrate the end
     card = (folder / "README.md").read_text()
     assert "not for clinical use" in card and "PSNR" in card and "ONE real base anatomy" in card
-    assert "Trained in 1 stage(s)" in card and "| flow | 3 |" in card
+    assert "Trained in 1 stage(s)" in card and "| flow | 3 |" in card and "| False | False | latents.safetensors |" in card
     assert '- seconds_per_128_slices: 12.5' in card and '- seams: {"ratio": 1.1}' in card
     assert "ABSENT-TEXT" not in card and "0.25" not in card  # per-volume details stay in the JSON
     pipe = ctflow.CTFlowPipeline.from_pretrained(folder, device="cpu")

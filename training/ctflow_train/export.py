@@ -40,6 +40,10 @@ def load_ema(flow_folder: Path) -> tuple[STDiT, dict]:
     return model.eval().requires_grad_(False), meta
 
 
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]  # runs from before --cache took several files stored one path
+
+
 def lineage(flow_folder: Path) -> list[dict]:
     """The run and the runs it warm-started from (--init), oldest first: what the weights really cost to train."""
     stages, folder = [], flow_folder
@@ -49,7 +53,9 @@ def lineage(flow_folder: Path) -> list[dict]:
         stages.append({"run": folder.name, "steps": meta["step"], "minutes": round(meta["elapsed_s"] / 60, 1),
                        "device": meta["device"], "world": meta["world"], "lr": args["lr"], "batch": args["batch"],
                        "cond_noise": args["cond_noise"], "rollout_p": args.get("rollout_p", 0.0),
-                       "slice_position": meta["denoiser"].get("slice_position", False)})
+                       "slice_position": meta["denoiser"].get("slice_position", False),
+                       "pooled_text": meta["denoiser"].get("pooled_text", False),
+                       "caches": [Path(path).name for path in _as_list(args["cache"])]})
         init = args.get("init")
         folder = Path(init) if init and (Path(init) / CHECKPOINT).is_file() else None
         if init and folder is None:
@@ -152,10 +158,11 @@ def model_card(config: ModelConfig, vae_metrics: dict, flow_meta: dict, stages: 
     ]
     lines += [f"- {key}: {json.dumps(summary(value))}" for key, value in evaluation.items() if key not in DETAILS]
     lines += ["", "## Training stages", "", "| run | steps | minutes | device | batch | lr | previous-block noise | "
-              "own-estimate share | slice position |", "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {s['run']} | not found: its figures are not counted |||||||" if s.get("missing") else
+              "own-estimate share | slice position | pooled text | latent caches |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {s['run']} | not found: its figures are not counted |||||||||" if s.get("missing") else
               f"| {s['run']} | {s['steps']} | {s['minutes']} | {s['device']} x{s['world']} | {s['batch']} | {s['lr']} | "
-              f"{s['cond_noise']} | {s['rollout_p']} | {s['slice_position']} |" for s in stages]
+              f"{s['cond_noise']} | {s['rollout_p']} | {s['slice_position']} | {s['pooled_text']} | "
+              f"{', '.join(s['caches'])} |" for s in stages]
     lines += [
         "",
         "## Limits",
