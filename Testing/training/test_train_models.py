@@ -391,8 +391,14 @@ def test_finding_study_probes_the_cohort_and_counts_generated_volumes(data, vae_
     result = json.loads((tmp_path / "findings.json").read_text())
     studied = set(finding_study.STUDIED)
     assert all(d["volumes"] == 6 and d["patients"] == 3 and d["with_finding"] in (2, 4) for d in result["detectors"].values())
-    for key in ("shown_when_asked", "shown_when_negated", "asking_raised_probability"):
+    for key in ("shown_when_asked", "shown_when_negated", "asking_raised_probability", "own_report_ranked_first"):
         assert set(result[key]) == studied and all(0 <= n <= 2 for n in result[key].values())
+    values = result["values"]
+    for finding in studied:  # recount two of them from the stored probabilities
+        asked, negated = values[finding], values["normal"]
+        assert result["asking_raised_probability"][finding] == sum(a[finding] > n[finding] for a, n in zip(asked, negated))
+        firsts = sum(max(values, key=lambda kind: values[kind][s][finding]) == finding for s in range(2))
+        assert result["own_report_ranked_first"][finding] == firsts
     assert set(result["values"]) == studied | {"normal"} and len(result["values"]["normal"]) == 2
     assert all(0 <= p <= 1 for ps in result["values"].values() for v in ps for p in v.values())
     assert "No emphysema" in result["reports"]["normal"] or "emphysema" in result["reports"]["normal"].lower()

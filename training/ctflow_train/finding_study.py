@@ -17,7 +17,9 @@ A generated volume is encoded by the model's VAE, as the cohort's volumes were, 
 probe says more likely than not. Reports: the finding alone described (its parameters taken from a cohort
 patient), versus a normal report, which negates every finding; the same seeds for both, so the study also
 counts the seeds in which asking raised the probe's probability over negating: a paired comparison, which a
-weak detector blurs less than it blurs the counts.
+weak detector blurs less than it blurs the counts. Any described finding may change a volume somewhat (a report
+that is not normal), so it also counts the seeds in which the finding's own report, of all the reports, gave its
+probe the highest probability (1 in 5 by chance): that the change is the one asked for.
 """
 
 from __future__ import annotations
@@ -176,7 +178,9 @@ def run_study(args: argparse.Namespace) -> dict:
         "shown_when_asked": {f: sum(p[f] > 0.5 for p in asked[f]) for f in STUDIED},
         "shown_when_negated": {f: sum(p[f] > 0.5 for p in negated) for f in STUDIED},
         "asking_raised_probability": {f: sum(a[f] > n[f] for a, n in zip(asked[f], negated)) for f in STUDIED},
-        "values": {kind: [{f: round(p[f], 3) for f in STUDIED} for p in ps] for kind, ps in probability.items()},
+        "own_report_ranked_first": {f: sum(max(probability, key=lambda kind: probability[kind][s][f]) == f
+                                           for s in range(args.seeds)) for f in STUDIED},
+        "values": probability,  # unrounded, so the counts above can be recounted from it
         "reports": reports,
     }
 
@@ -197,6 +201,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     result = run_study(args)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    keys = ("detectors", "shown_when_asked", "shown_when_negated", "asking_raised_probability")
+    keys = ("detectors", "shown_when_asked", "shown_when_negated", "asking_raised_probability", "own_report_ranked_first")
     print(json.dumps({k: result[k] for k in keys}, indent=1))
     return 0
