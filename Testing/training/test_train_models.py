@@ -313,7 +313,11 @@ def test_export_loads_in_ctflow_and_generates(data, vae_run, cache, tmp_path):
     train_flow.train(flow_args(cache, flow, steps=3))
     figures = tmp_path / "figures.json"  # as evaluate and finding-study write them: figures plus long details
     figures.write_text(json.dumps({"seconds_per_128_slices": 12.5, "seams": {"ratio": 1.1, "volumes": [{"x": 1}]},
-                                   "values": {"normal": [0.25]}, "reports": {"normal": "Findings: ABSENT-TEXT."}}))
+                                   "values": {"normal": [0.25]}, "reports": {"normal": "Findings: ABSENT-TEXT."},
+                                   "detectors": {"emphysema": {"cross_validated_accuracy": 0.62}}, "seeds": 10,
+                                   "steps": 16, "guidance": 1.0, "shown_when_asked": {"emphysema": 7},
+                                   "shown_when_negated": {"emphysema": 3}, "asking_raised_probability": {"emphysema": 8},
+                                   "own_report_ranked_first": {"emphysema": 4}}))
     parser = argparse.ArgumentParser()
     export.configure(parser)
     args = parser.parse_args(["--flow", str(flow), "--vae", str(vae_run[0]), "--cache", str(cache),
@@ -334,6 +338,7 @@ def test_export_loads_in_ctflow_and_generates(data, vae_run, cache, tmp_path):
     assert "Trained in 1 stage(s)" in card and "| flow | 3 |" in card and "| False | False | latents.safetensors |" in card
     assert '- seconds_per_128_slices: 12.5' in card and '- seams: {"ratio": 1.1}' in card
     assert "ABSENT-TEXT" not in card and "0.25" not in card  # per-volume details stay in the JSON
+    assert "| emphysema | 0.62 | 7/10 | 3/10 | 8/10 | 4/10 |" in card and "- shown_when_asked" not in card
     pipe = ctflow.CTFlowPipeline.from_pretrained(folder, device="cpu")
     volume = pipe.generate(ctflow.GenerationRequest("Findings: No pleural effusion.", slices=6, seed=1))
     assert volume.hu.shape == (6, SIZE, SIZE) and volume.hu.dtype == np.int16

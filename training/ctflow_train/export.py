@@ -30,6 +30,8 @@ from .train_flow import CHECKPOINT
 END_FRACTION = 0.9
 MIN_END_ACCURACY = 0.9  # below this the model's white frames are not told apart from real ones
 DETAILS = ("volumes", "values", "reports")  # evaluation entries too long for a model card (they stay in the JSON)
+STUDY = ("detectors", "seeds", "steps", "guidance", "shown_when_asked", "shown_when_negated",
+         "asking_raised_probability", "own_report_ranked_first")  # finding-study entries: the card's findings table
 
 
 def load_ema(flow_folder: Path) -> tuple[STDiT, dict]:
@@ -156,7 +158,9 @@ def model_card(config: ModelConfig, vae_metrics: dict, flow_meta: dict, stages: 
         f"{end['accuracy']}" + ("." if end["reliable"] else f"; too low to trust, so volumes without a requested length "
                                  f"stop at the typical {config.max_slices} slices."),
     ]
-    lines += [f"- {key}: {json.dumps(summary(value))}" for key, value in evaluation.items() if key not in DETAILS]
+    lines += [f"- {key}: {json.dumps(summary(value))}" for key, value in evaluation.items() if key not in DETAILS + STUDY]
+    if "shown_when_asked" in evaluation:
+        lines += findings_table(evaluation)
     lines += ["", "## Training stages", "", "| run | steps | minutes | device | batch | lr | previous-block noise | "
               "own-estimate share | slice position | pooled text | latent caches |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {s['run']} | not found: its figures are not counted |||||||||" if s.get("missing") else
@@ -175,6 +179,21 @@ def model_card(config: ModelConfig, vae_metrics: dict, flow_meta: dict, stages: 
         "",
     ]
     return "\n".join(lines)
+
+
+def findings_table(study: dict) -> list[str]:
+    """`ctflow-train finding-study`'s counts, one row per finding."""
+    n = study["seeds"]
+    lines = ["", "## Findings asked for vs negated (`ctflow-train finding-study`)", "",
+             f"{n} seeds per report, {study['steps']} sampling steps, guidance {study['guidance']}. Detector: a probe on "
+             "the volume's latents, trained on the cohort's labels; its accuracy is cross-validated on the cohort.", "",
+             "| finding | detector accuracy | shown when asked | shown when negated | asking raised the probability | "
+             "own report ranked first of all |", "|---|---|---|---|---|---|"]
+    for finding, asked in study["shown_when_asked"].items():
+        lines.append(f"| {finding} | {study['detectors'][finding]['cross_validated_accuracy']} | {asked}/{n} | "
+                     f"{study['shown_when_negated'][finding]}/{n} | {study['asking_raised_probability'][finding]}/{n} | "
+                     f"{study['own_report_ranked_first'][finding]}/{n} |")
+    return lines
 
 
 def summary(value):
