@@ -158,18 +158,23 @@ def test_cache_holds_latents_prompts_and_tokens(cache):
     assert loaded.empty.shape == (2, 384)  # [CLS] [SEP]
 
 
+def cache_of_another_vae(cache, folder):
+    """A copy of the cache whose start latent differs, as another VAE would encode the start slice."""
+    tensors = load_file(cache)
+    tensors["start"] = tensors["start"] + 1.0
+    other = folder / "other.safetensors"
+    with safe_open(str(cache), framework="pt") as handle:
+        save_file(tensors, other, metadata=handle.metadata())
+    return other
+
+
 def test_caches_of_one_encoder_train_as_one_and_others_are_refused(cache, tmp_path):
     merged = latent_cache.read_caches([cache, cache])
     single = latent_cache.read_cache(cache)
     assert len(merged.latents) == 6 and merged.meta["names"] == single.meta["names"] * 2
     assert torch.equal(merged.latents[4], single.latents[1]) and torch.equal(merged.text["plain"][5], single.text["plain"][2])
-    tensors = load_file(cache)
-    tensors["start"] = tensors["start"] + 1.0  # as another VAE would encode the start slice
-    other = tmp_path / "other.safetensors"
-    with safe_open(str(cache), framework="pt") as handle:
-        save_file(tensors, other, metadata=handle.metadata())
     with pytest.raises(ctflow.CTFlowError, match="another VAE"):
-        latent_cache.read_caches([cache, other])
+        latent_cache.read_caches([cache, cache_of_another_vae(cache, tmp_path)])
 
 
 def test_batches_follow_startboost_and_text_dropout(cache):
@@ -410,4 +415,7 @@ def test_finding_study_probes_the_cohort_and_counts_generated_volumes(data, vae_
     assert "pleural effusion" in result["reports"]["pleural_effusion"].lower()
     args.latents = args.latents[:1]
     with pytest.raises(ValueError, match="one --latents cache per --data folder"):
+        finding_study.run_study(args)
+    args.data, args.latents = [data], [cache_of_another_vae(cache, tmp_path)]
+    with pytest.raises(ValueError, match="not encoded by"):
         finding_study.run_study(args)

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ctflow import CTFlowPipeline, GenerationRequest
+from ctflow.pipeline import START_HU
 
 from .dataset import read_index
 from .evaluate import real_slices
@@ -161,8 +162,12 @@ def run_study(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     if len(args.data) != len(args.latents):
         raise ValueError("give one --latents cache per --data folder, in the same order")
-    probes, detectors = calibrate(args.data, args.latents)
     pipe = CTFlowPipeline.from_pretrained(args.model, device="cpu")
+    start = pipe.autoencoder.constant_latent(START_HU).cpu()
+    if not all(torch.allclose(read_cache(path).start, start, atol=1e-3) for path in args.latents):
+        raise ValueError(f"the caches {args.latents} were not encoded by {args.model}'s autoencoder: probes trained on "
+                         "them would not read its volumes")
+    probes, detectors = calibrate(args.data, args.latents)
     reports = study_reports(args.data[0], args.seed)
     request = GenerationRequest("", steps=args.steps, guidance=args.guidance)
     probability = {kind: [{f: float(probes[f].probability(features)) for f in STUDIED} for features in
