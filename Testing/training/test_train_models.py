@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import ctflow
+from ctflow.io import plain_mode
 from ctflow.config import DENOISER_PRESETS
 from ctflow.denoiser import STDiT
 from ctflow.report import Report
@@ -299,6 +300,7 @@ def test_batches_say_where_each_block_starts(cache):
 
 def test_checkpoint_refuses_missing_random_state(tmp_path):
     path = save_checkpoint(tmp_path / "c.safetensors", {"m": torch.nn.Linear(2, 2)}, {}, {}, {"step": 1})
+    assert path.stat().st_mode & 0o777 == plain_mode()  # not left private, as the temporary file was
     with pytest.raises(ctflow.CTFlowError, match="random state"):
         load_checkpoint(path, {}, {}, {"data": torch.Generator()})
 

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ctflow.errors import CTFlowError
+from ctflow.io import plain_mode
 
 
 def save_checkpoint(
@@ -42,6 +43,7 @@ def save_checkpoint(
     temporary = path.with_name(f".{path.name}.tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, temporary, metadata=metadata)
+    temporary.chmod(plain_mode())  # safetensors writes it private; a checkpoint is shared like any output
     os.replace(temporary, path)
     return path
 
