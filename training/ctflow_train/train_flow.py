@@ -3,8 +3,8 @@
     ctflow-train flow --cache cache/latents.safetensors --out cache/flow --steps 2000        # one process, CPU or GPU
     torchrun --nproc_per_node 8 -m ctflow_train.train_flow --cache ... --out ...           # DDP, any node count
 
-What one step does (CTFlow, REFERENCE §1, plus classifier-free guidance, and with --slice-position the index of
-the block's first slice as one more condition):
+What one step does (CTFlow, REFERENCE §1, plus classifier-free guidance; --slice-position adds the index of the
+block's first slice as one more condition, --pooled-text the report's mean token; --cache takes several caches):
   1. pick B (previous block, next block) pairs of T latent slices: with probability --start-p the first block
      of a volume, whose "previous" is the all-black start block (StartBoost); otherwise a random offset.
      White end slices are part of every volume, so the model also learns to end it.
