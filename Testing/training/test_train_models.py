@@ -419,5 +419,5 @@ def test_finding_study_probes_the_cohort_and_counts_generated_volumes(data, vae_
     with pytest.raises(ValueError, match="one --latents cache per --data folder"):
         finding_study.run_study(args)
     args.data, args.latents = [data], [cache_of_another_vae(cache, tmp_path)]
-    with pytest.raises(ValueError, match="not encoded by"):
+    with pytest.raises(ValueError, match="not encoded by the model's autoencoder"):
         finding_study.run_study(args)

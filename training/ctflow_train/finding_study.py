@@ -105,11 +105,15 @@ def cross_validated_accuracy(x: np.ndarray, y: np.ndarray, groups: list[str]) ->
     return right / len(y)
 
 
-def labelled_latents(folders: list[Path], caches: list[Path]) -> tuple[np.ndarray, dict[str, np.ndarray], list[str]]:
-    """Features of every cached volume, each finding's presence from its label file, and its patient."""
+def labelled_latents(folders: list[Path], caches: list[Path], start: torch.Tensor):
+    """Features of every cached volume, each finding's presence from its label file, and its patient. `start` is
+    the start slice's latent as the model's autoencoder encodes it: caches from another one are refused."""
     features, present, groups = [], {f: [] for f in STUDIED}, []
     for folder, path in zip(folders, caches, strict=True):
         cache = read_cache(path)
+        if not torch.allclose(cache.start, start, atol=1e-3):
+            raise ValueError(f"{path} was not encoded by the model's autoencoder: probes trained on it would not "
+                             "read the model's volumes")
         index = {entry["name"]: entry for entry in read_index(folder)}
         for number, name in enumerate(cache.meta["names"]):
             labels = json.loads((folder / index[name]["labels"]).read_text())["findings"]
@@ -120,9 +124,9 @@ def labelled_latents(folders: list[Path], caches: list[Path]) -> tuple[np.ndarra
     return np.stack(features), {f: np.array(p) for f, p in present.items()}, groups
 
 
-def calibrate(folders: list[Path], caches: list[Path]) -> tuple[dict[str, Probe], dict]:
+def calibrate(folders: list[Path], caches: list[Path], start: torch.Tensor) -> tuple[dict[str, Probe], dict]:
     """One probe per finding, fitted on every cached volume, and its cross-validated accuracy."""
-    x, present, groups = labelled_latents(folders, caches)
+    x, present, groups = labelled_latents(folders, caches, start)
     probes, report = {}, {}
     for finding in STUDIED:
         y = present[finding]
@@ -163,11 +167,7 @@ def run_study(args: argparse.Namespace) -> dict:
     if len(args.data) != len(args.latents):
         raise ValueError("give one --latents cache per --data folder, in the same order")
     pipe = CTFlowPipeline.from_pretrained(args.model, device="cpu")
-    start = pipe.autoencoder.constant_latent(START_HU).cpu()
-    if not all(torch.allclose(read_cache(path).start, start, atol=1e-3) for path in args.latents):
-        raise ValueError(f"the caches {args.latents} were not encoded by {args.model}'s autoencoder: probes trained on "
-                         "them would not read its volumes")
-    probes, detectors = calibrate(args.data, args.latents)
+    probes, detectors = calibrate(args.data, args.latents, pipe.autoencoder.constant_latent(START_HU).cpu())
     reports = study_reports(args.data[0], args.seed)
     request = GenerationRequest("", steps=args.steps, guidance=args.guidance)
     probability = {kind: [{f: float(probes[f].probability(features)) for f in STUDIED} for features in
