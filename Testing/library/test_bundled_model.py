@@ -23,6 +23,7 @@ def test_bundle_is_intact_small_and_says_what_it_is():
     assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) < MAX_BYTES
     card = (folder / "README.md").read_text().lower()
     assert "synthetic" in card and "not for clinical use" in card and "psnr" in card
+    assert "conditioned on slice position, with a pooled-text vector" in card  # the conditioning it was trained with
 
 
 @pytest.fixture(scope="module")

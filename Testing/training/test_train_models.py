@@ -343,6 +343,7 @@ def test_export_loads_in_ctflow_and_generates(data, vae_run, cache, tmp_path):
     card = (folder / "README.md").read_text()
     assert "not for clinical use" in card and "PSNR" in card and "ONE real base anatomy" in card
     assert "Trained in 1 stage(s)" in card and "| flow | 3 |" in card and "| False | False | latents.safetensors |" in card
+    assert "slice position" in card and "pooled-text vector" not in card  # the card names only what the model has
     assert '- seconds_per_128_slices: 12.5' in card and '- seams: {"ratio": 1.1}' in card
     assert "ABSENT-TEXT" not in card and "0.25" not in card  # per-volume details stay in the JSON
     assert "| emphysema | 0.62 | 7/10 | 3/10 | 8/10 | 4/10 |" in card and "- shown_when_asked" not in card

@@ -137,7 +137,8 @@ def model_card(config: ModelConfig, vae_metrics: dict, flow_meta: dict, stages: 
         f"parameters), {vae_metrics['steps']} steps, {vae_metrics['train_seconds'] / 60:.0f} min; L1 + KL + patch-GAN.",
         f"- denoiser: STDiT {parameters['denoiser'] / 1e6:.2f} M parameters (hidden {config.denoiser.hidden_size}, "
         f"depth {config.denoiser.depth}, patch {list(config.denoiser.patch_size)}, blocks of "
-        f"{config.denoiser.block_slices} slices{', conditioned on slice position' if config.denoiser.slice_position else ''}), "
+        f"{config.denoiser.block_slices} slices{', conditioned on slice position' if config.denoiser.slice_position else ''}"
+        f"{', with a pooled-text vector' if config.denoiser.pooled_text else ''}), "
         f"flow matching with StartBoost, predicting the {config.denoiser.prediction} target; EMA weights. "
         f"Trained in {len(stages)} stage(s), each warm-started from the one before: "
         f"{sum(s['steps'] for s in known)} steps, {sum(s['minutes'] for s in known):.0f} min in all "
