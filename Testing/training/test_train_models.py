@@ -75,12 +75,20 @@ STUDIED_PARAMETERS = {  # as the cohort's label files give them
 
 
 def tiny_labels(n: int) -> dict:
-    """Every finding absent but the studied ones, which alternate (pleural effusion as the report says)."""
+    """Every finding absent but the studied ones, which alternate (pleural effusion as the report says); sided
+    findings are on the right in patients 0 and 1, on the left in 2 and 3."""
     findings = {finding.name: {"present": False} for finding in FINDINGS}
     for k, name in enumerate(finding_study.STUDIED):
         if (n + k + 1) % 2:
-            findings[name] = {"present": True, **STUDIED_PARAMETERS[name]}
+            findings[name] = {"present": True, **on_side(STUDIED_PARAMETERS[name], "right" if n < 2 else "left")}
     return {"name": f"tiny_{n}", "synthetic": True, "findings": findings}
+
+
+def on_side(params: dict, where: str) -> dict:
+    """The parameters with the finding moved to side `where` (its side, or its lobe's)."""
+    if "side" in params:
+        return {**params, "side": where}
+    return {**params, "lobe": params["lobe"].replace("right", where)} if "lobe" in params else params
 
 
 def vae_args(data, out, **overrides) -> argparse.Namespace:
@@ -321,10 +329,14 @@ def test_export_loads_in_ctflow_and_generates(data, vae_run, cache, tmp_path):
     figures = tmp_path / "figures.json"  # as evaluate and finding-study write them: figures plus long details
     figures.write_text(json.dumps({"seconds_per_128_slices": 12.5, "seams": {"ratio": 1.1, "volumes": [{"x": 1}]},
                                    "values": {"normal": [0.25]}, "reports": {"normal": "Findings: ABSENT-TEXT."},
-                                   "detectors": {"emphysema": {"cross_validated_accuracy": 0.62}}, "seeds": 10,
-                                   "steps": 16, "guidance": 1.0, "shown_when_asked": {"emphysema": 7},
+                                   "detectors": {"emphysema": {"cross_validated_accuracy": 0.62},
+                                                 "consolidation": {"side": {"cross_validated_accuracy": 0.71}}},
+                                   "seeds": 10, "steps": 16, "guidance": 1.0, "shown_when_asked": {"emphysema": 7},
                                    "shown_when_negated": {"emphysema": 3}, "asking_raised_probability": {"emphysema": 8},
-                                   "own_report_ranked_first": {"emphysema": 4}}))
+                                   "own_report_ranked_first": {"emphysema": 4},
+                                   "at_reported_side": {"consolidation": {"right": 6, "left": 2}},
+                                   "right_report_more_right": {"consolidation": 9},
+                                   "side_values": {"consolidation": {"right": [0.875]}}}))
     parser = argparse.ArgumentParser()
     export.configure(parser)
     args = parser.parse_args(["--flow", str(flow), "--vae", str(vae_run[0]), "--cache", str(cache),
@@ -347,6 +359,8 @@ def test_export_loads_in_ctflow_and_generates(data, vae_run, cache, tmp_path):
     assert '- seconds_per_128_slices: 12.5' in card and '- seams: {"ratio": 1.1}' in card
     assert "ABSENT-TEXT" not in card and "0.25" not in card  # per-volume details stay in the JSON
     assert "| emphysema | 0.62 | 7/10 | 3/10 | 8/10 | 4/10 |" in card and "- shown_when_asked" not in card
+    assert "| consolidation | 0.71 | 6/10 | 2/10 | 9/10 |" in card and "- at_reported_side" not in card
+    assert "0.875" not in card
     pipe = ctflow.CTFlowPipeline.from_pretrained(folder, device="cpu")
     volume = pipe.generate(ctflow.GenerationRequest("Findings: No pleural effusion.", slices=6, seed=1))
     assert volume.hu.shape == (6, SIZE, SIZE) and volume.hu.dtype == np.int16
@@ -389,6 +403,14 @@ def test_probe_learns_a_finding_and_cross_validation_keeps_twins_apart():
     assert together < 0.75 and apart > 0.9
 
 
+def test_a_finding_is_on_one_side_by_its_side_or_its_lobe():
+    assert finding_study.side({"present": True, "side": "left", "grade": "small"}) == "left"
+    assert finding_study.side({"present": True, "side": "bilateral"}) is None
+    assert finding_study.side({"present": True, "lobe": "right middle lobe"}) == "right"
+    assert finding_study.side({"present": False, "side": "left"}) is None
+    assert finding_study.side({"present": True, "scale": 1.2}) is None
+
+
 def test_finding_study_probes_the_cohort_and_counts_generated_volumes(data, vae_run, cache, tmp_path):
     flow = tmp_path / "flow"
     train_flow.train(flow_args(cache, flow, steps=2))
@@ -413,6 +435,17 @@ def test_finding_study_probes_the_cohort_and_counts_generated_volumes(data, vae_
         firsts = sum(max(values, key=lambda kind: values[kind][s][finding]) == finding for s in range(2))
         assert result["own_report_ranked_first"][finding] == firsts
     assert set(result["values"]) == studied | {"normal"} and len(result["values"]["normal"]) == 2
+    # sides: the cache holds patients 0-2, so pleural effusion (patients 1, 3) is seen on the right only
+    assert result["detectors"]["pleural_effusion"]["side"] == {"skipped": "the cached volumes show it on one side only"}
+    assert result["detectors"]["consolidation"]["side"]["right"] == 2 and result["detectors"]["consolidation"]["side"]["left"] == 2
+    sided = result["sided_reports"]
+    assert set(sided) == set(result["at_reported_side"]) == set(result["side_values"]) == {"consolidation"}
+    assert "right lower lobe" in sided["consolidation"]["right"] and "left lower lobe" in sided["consolidation"]["left"]
+    assert result["reports"]["consolidation"] == sided["consolidation"]["right"]  # its first patient has it on the right
+    right = result["side_values"]["consolidation"]
+    assert result["at_reported_side"]["consolidation"] == {"right": sum(p > 0.5 for p in right["right"]),
+                                                           "left": sum(p < 0.5 for p in right["left"])}
+    assert result["right_report_more_right"]["consolidation"] == sum(a > b for a, b in zip(right["right"], right["left"]))
     assert all(0 <= p <= 1 for ps in result["values"].values() for v in ps for p in v.values())
     assert "No emphysema" in result["reports"]["normal"] or "emphysema" in result["reports"]["normal"].lower()
     assert "pleural effusion" in result["reports"]["pleural_effusion"].lower()

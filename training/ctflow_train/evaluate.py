@@ -26,6 +26,7 @@ import torch
 
 from ctflow import CTFlowPipeline, GenerationRequest
 from ctflow.pipeline import END_HU
+from ctflow.qa import seam_continuity
 
 from .training_data import list_cases, load_case
 
@@ -39,13 +40,9 @@ def real_slices(hu: np.ndarray) -> int:
 
 
 def seam_jump(hu: np.ndarray, block: int) -> dict:
-    """Mean |HU difference| of consecutive real slices at block boundaries and inside blocks."""
-    hu = hu[: real_slices(hu)].astype(np.float32)
-    steps = np.abs(np.diff(hu, axis=0)).mean(axis=(1, 2))  # steps[k]: slice k -> k + 1
-    boundary = (np.arange(len(steps)) + 1) % block == 0
-    if not boundary.any() or boundary.all():
-        return {}
-    return {"boundary_hu": float(steps[boundary].mean()), "inside_hu": float(steps[~boundary].mean())}
+    """Mean |HU difference| of consecutive real slices at block boundaries and inside blocks (ctflow's QA measure)."""
+    seams = seam_continuity(hu[: real_slices(hu)], block)
+    return {"boundary_hu": seams["across_hu"], "inside_hu": seams["inside_hu"]} if seams["ratio"] is not None else {}
 
 
 def summarise(seams: list[dict]) -> dict:

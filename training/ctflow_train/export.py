@@ -29,9 +29,10 @@ from .train_flow import CHECKPOINT
 
 END_FRACTION = 0.9
 MIN_END_ACCURACY = 0.9  # below this the model's white frames are not told apart from real ones
-DETAILS = ("volumes", "values", "reports")  # evaluation entries too long for a model card (they stay in the JSON)
+DETAILS = ("volumes", "values", "reports", "side_values", "sided_reports")  # evaluation entries too long for a model card (they stay in the JSON)
 STUDY = ("detectors", "seeds", "steps", "guidance", "shown_when_asked", "shown_when_negated",
-         "asking_raised_probability", "own_report_ranked_first")  # finding-study entries: the card's findings table
+         "asking_raised_probability", "own_report_ranked_first", "at_reported_side",
+         "right_report_more_right")  # finding-study entries: the card's findings tables
 
 
 def load_ema(flow_folder: Path) -> tuple[STDiT, dict]:
@@ -194,6 +195,14 @@ def findings_table(study: dict) -> list[str]:
         lines.append(f"| {finding} | {study['detectors'][finding]['cross_validated_accuracy']} | {asked}/{n} | "
                      f"{study['shown_when_negated'][finding]}/{n} | {study['asking_raised_probability'][finding]}/{n} | "
                      f"{study['own_report_ranked_first'][finding]}/{n} |")
+    sides = study.get("at_reported_side", {})
+    if sides:
+        lines += ["", "Where the report puts it: the finding's report with it on the right, then on the left (same seeds); "
+                  "a second probe, trained on the cohort's one-sided cases, tells right from left.", "",
+                  "| finding | side detector accuracy | on the right when reported right | on the left when reported left | "
+                  "right report more right than left report |", "|---|---|---|---|---|"]
+        lines += [f"| {finding} | {study['detectors'][finding]['side']['cross_validated_accuracy']} | {at['right']}/{n} | "
+                  f"{at['left']}/{n} | {study['right_report_more_right'][finding]}/{n} |" for finding, at in sides.items()]
     return lines
 
 

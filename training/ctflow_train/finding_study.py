@@ -20,6 +20,12 @@ counts the seeds in which asking raised the probe's probability over negating: a
 weak detector blurs less than it blurs the counts. Any described finding may change a volume somewhat (a report
 that is not normal), so it also counts the seeds in which the finding's own report, of all the reports, gave its
 probe the highest probability (1 in 5 by chance): that the change is the one asked for.
+
+Where the report puts it: for findings on one side (pleural effusion, consolidation), a second probe, fitted on the
+cohort's volumes that have the finding on one side only, tells right from left. The finding's report is generated
+once with the finding on the right and once on the left (parameters of the first cohort patient with it there),
+and the study counts the seeds whose volume that probe puts on the reported side, and the seeds in which the
+right-sided report made the volume more right-sided than the left-sided one did (5 in 10 by chance).
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ from .latent_cache import read_cache
 from .reports import write_report
 
 STUDIED = ("emphysema", "pleural_effusion", "consolidation", "cardiomegaly")
+SIDED = ("pleural_effusion", "consolidation")  # studied findings a report puts on one side
+SIDES = ("right", "left")
 GRID = (8, 8, 8)  # levels along the body x rows x columns the latents are averaged over
 EVERY = 4  # every 4th real slice is enough for 8 levels, and a generated volume is encoded 4x faster
 FOLDS = 5
@@ -105,10 +113,18 @@ def cross_validated_accuracy(x: np.ndarray, y: np.ndarray, groups: list[str]) ->
     return right / len(y)
 
 
+def side(params: dict) -> str | None:
+    """'right' or 'left' for a finding on one side (its side, or its lobe's); None when absent or on both."""
+    if not params["present"]:
+        return None
+    where = params.get("side") or params.get("lobe", "").split(" ")[0]
+    return where if where in SIDES else None
+
+
 def labelled_latents(folders: list[Path], caches: list[Path], start: torch.Tensor):
-    """Features of every cached volume, each finding's presence from its label file, and its patient. `start` is
-    the start slice's latent as the model's autoencoder encodes it: caches from another one are refused."""
-    features, present, groups = [], {f: [] for f in STUDIED}, []
+    """Features of every cached volume, its findings (label file) and its patient. `start` is the start slice's
+    latent as the model's autoencoder encodes it: caches from another one are refused."""
+    features, labels, groups = [], [], []
     for folder, path in zip(folders, caches, strict=True):
         cache = read_cache(path)
         if not torch.allclose(cache.start, start, atol=1e-3):
@@ -116,26 +132,43 @@ def labelled_latents(folders: list[Path], caches: list[Path], start: torch.Tenso
                              "read the model's volumes")
         index = {entry["name"]: entry for entry in read_index(folder)}
         for number, name in enumerate(cache.meta["names"]):
-            labels = json.loads((folder / index[name]["labels"]).read_text())["findings"]
+            labels.append(json.loads((folder / index[name]["labels"]).read_text())["findings"])
             features.append(grid_features(cache.latents[number][: cache.meta["content_slices"][number] : EVERY]))
-            for finding in STUDIED:
-                present[finding].append(bool(labels[finding]["present"]))
             groups.append(TWIN_SUFFIX.sub("", name))
-    return np.stack(features), {f: np.array(p) for f, p in present.items()}, groups
+    return np.stack(features), labels, groups
 
 
-def calibrate(folders: list[Path], caches: list[Path], start: torch.Tensor) -> tuple[dict[str, Probe], dict]:
-    """One probe per finding, fitted on every cached volume, and its cross-validated accuracy."""
-    x, present, groups = labelled_latents(folders, caches, start)
-    probes, report = {}, {}
+@dataclasses.dataclass
+class Detectors:
+    present: dict[str, Probe]  # per studied finding: is it there?
+    right: dict[str, Probe]  # per sided finding seen on both sides: is it on the right rather than the left?
+    report: dict  # per finding: cross-validated accuracies and counts
+
+
+def calibrate(folders: list[Path], caches: list[Path], start: torch.Tensor) -> Detectors:
+    """The probes, fitted on every cached volume, and their cross-validated accuracy."""
+    x, labels, groups = labelled_latents(folders, caches, start)
+    detectors = Detectors({}, {}, {})
     for finding in STUDIED:
-        y = present[finding]
+        y = np.array([bool(findings[finding]["present"]) for findings in labels])
         if y.all() or not y.any():
             raise ValueError(f"the cached volumes all have or all lack {finding}: a probe needs both")
-        probes[finding] = fit_probe(x, y)
-        report[finding] = {"cross_validated_accuracy": round(cross_validated_accuracy(x, y, groups), 3),
-                           "volumes": len(y), "with_finding": int(y.sum()), "patients": len(set(groups))}
-    return probes, report
+        detectors.present[finding] = fit_probe(x, y)
+        detectors.report[finding] = {"cross_validated_accuracy": round(cross_validated_accuracy(x, y, groups), 3),
+                                     "volumes": len(y), "with_finding": int(y.sum()), "patients": len(set(groups))}
+    for finding in SIDED:
+        where = [side(findings[finding]) for findings in labels]
+        one_sided = np.array([w is not None for w in where])
+        y = np.array([w == "right" for w in where])[one_sided]
+        if y.all() or not y.any():
+            detectors.report[finding]["side"] = {"skipped": "the cached volumes show it on one side only"}
+            continue
+        detectors.right[finding] = fit_probe(x[one_sided], y)
+        one_sided_groups = [g for g, keep in zip(groups, one_sided) if keep]
+        detectors.report[finding]["side"] = {
+            "cross_validated_accuracy": round(cross_validated_accuracy(x[one_sided], y, one_sided_groups), 3),
+            "right": int(y.sum()), "left": int((~y).sum())}
+    return detectors
 
 
 def volume_features(pipe: CTFlowPipeline, hu: np.ndarray) -> np.ndarray:
@@ -145,20 +178,28 @@ def volume_features(pipe: CTFlowPipeline, hu: np.ndarray) -> np.ndarray:
     return grid_features(latents.cpu())
 
 
-def study_reports(data: Path, seed: int) -> dict[str, str]:
-    """'normal' (every finding negated) and, per studied finding, a report describing that finding alone."""
+def study_reports(data: Path, seed: int) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+    """'normal' (every finding negated) and, per studied finding, a report describing that finding alone (on one
+    side for a sided finding); and per sided finding, its report with the finding on each side, where the cohort
+    has a patient with it there."""
     absent = {"present": False}
     entries = read_index(data)
-    finding_names = json.loads((data / entries[0]["labels"]).read_text())["findings"].keys()
-    normal = {name: absent for name in finding_names}
+    labels = [json.loads((data / entry["labels"]).read_text())["findings"] for entry in entries]
+    normal = {name: absent for name in labels[0]}
+
+    def describing(finding: str, wanted) -> str | None:
+        params = next((findings[finding] for findings in labels if wanted(findings[finding])), None)
+        return None if params is None else write_report({**normal, finding: params}, np.random.default_rng(seed)).text
+
     reports = {"normal": write_report(normal, np.random.default_rng(seed)).text}
     for finding in STUDIED:
-        for entry in entries:
-            params = json.loads((data / entry["labels"]).read_text())["findings"][finding]
-            if params["present"]:
-                reports[finding] = write_report({**normal, finding: params}, np.random.default_rng(seed)).text
-                break
-    return reports
+        described = describing(finding, (lambda p: side(p) is not None) if finding in SIDED else (lambda p: p["present"]))
+        if described is None:
+            raise ValueError(f"no patient in {data} has {finding}: its report cannot be written")
+        reports[finding] = described
+    sided = {finding: {where: describing(finding, lambda p, where=where: side(p) == where) for where in SIDES}
+             for finding in SIDED}
+    return reports, {finding: texts for finding, texts in sided.items() if None not in texts.values()}
 
 
 def run_study(args: argparse.Namespace) -> dict:
@@ -167,16 +208,26 @@ def run_study(args: argparse.Namespace) -> dict:
     if len(args.data) != len(args.latents):
         raise ValueError("give one --latents cache per --data folder, in the same order")
     pipe = CTFlowPipeline.from_pretrained(args.model, device="cpu")
-    probes, detectors = calibrate(args.data, args.latents, pipe.autoencoder.constant_latent(START_HU).cpu())
-    reports = study_reports(args.data[0], args.seed)
+    detectors = calibrate(args.data, args.latents, pipe.autoencoder.constant_latent(START_HU).cpu())
+    reports, sided_reports = study_reports(args.data[0], args.seed)
+    sided_reports = {f: texts for f, texts in sided_reports.items() if f in detectors.right}
     request = GenerationRequest("", steps=args.steps, guidance=args.guidance)
-    probability = {kind: [{f: float(probes[f].probability(features)) for f in STUDIED} for features in
-                          (volume_features(pipe, pipe.generate(dataclasses.replace(request, report=text, seed=args.seed + s)).hu)
-                           for s in range(args.seeds))]
+    generated: dict[str, list[np.ndarray]] = {}  # report text -> features per seed; a text is generated once
+
+    def features(text: str) -> list[np.ndarray]:
+        if text not in generated:
+            generated[text] = [volume_features(pipe, pipe.generate(dataclasses.replace(request, report=text,
+                                                                                        seed=args.seed + s)).hu)
+                               for s in range(args.seeds)]
+        return generated[text]
+
+    probability = {kind: [{f: float(detectors.present[f].probability(x)) for f in STUDIED} for x in features(text)]
                    for kind, text in reports.items()}
+    right = {f: {where: [float(detectors.right[f].probability(x)) for x in features(text)]
+                 for where, text in texts.items()} for f, texts in sided_reports.items()}
     asked, negated = {f: probability[f] for f in STUDIED}, probability["normal"]
     return {
-        "detectors": detectors,
+        "detectors": detectors.report,
         "seeds": args.seeds,
         "steps": args.steps or pipe.config.sampling.steps,
         "guidance": pipe.config.sampling.guidance if args.guidance is None else args.guidance,
@@ -185,8 +236,13 @@ def run_study(args: argparse.Namespace) -> dict:
         "asking_raised_probability": {f: sum(a[f] > n[f] for a, n in zip(asked[f], negated)) for f in STUDIED},
         "own_report_ranked_first": {f: sum(max(probability, key=lambda kind: probability[kind][s][f]) == f
                                            for s in range(args.seeds)) for f in STUDIED},
-        "values": probability,  # unrounded, so the counts above can be recounted from it
+        "at_reported_side": {f: {"right": sum(p > 0.5 for p in r["right"]), "left": sum(p < 0.5 for p in r["left"])}
+                             for f, r in right.items()},
+        "right_report_more_right": {f: sum(a > b for a, b in zip(r["right"], r["left"])) for f, r in right.items()},
+        "values": probability,  # unrounded, so the counts above can be recounted from them
+        "side_values": right,  # probability that the finding is on the right, per sided report and seed
         "reports": reports,
+        "sided_reports": sided_reports,
     }
 
 
@@ -206,6 +262,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     result = run_study(args)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    keys = ("detectors", "shown_when_asked", "shown_when_negated", "asking_raised_probability", "own_report_ranked_first")
+    keys = ("detectors", "shown_when_asked", "shown_when_negated", "asking_raised_probability", "own_report_ranked_first",
+            "at_reported_side", "right_report_more_right")
     print(json.dumps({k: result[k] for k in keys}, indent=1))
     return 0
