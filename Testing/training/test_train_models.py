@@ -155,6 +155,23 @@ def test_vae_run_writes_a_standardised_vae_with_held_out_metrics(vae_run):
     assert abs(float(latents.mean())) < 0.5 and 0.5 < float(latents.std()) < 2  # shift/scale make them ~N(0, 1)
 
 
+def test_decoder_run_keeps_the_latents_and_trains_the_decoder(data, vae_run, tmp_path):
+    base, base_metrics = vae_run
+    metrics = train_vae.train(vae_args(data, tmp_path, decoder_of=base, steps=3, adv_start=0))
+    before = load_file(base / "vae" / "diffusion_pytorch_model.safetensors")
+    after = load_file(tmp_path / "vae" / "diffusion_pytorch_model.safetensors")
+    assert before.keys() == after.keys()
+    encoding = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    assert encoding and all(torch.equal(before[k], after[k]) for k in encoding)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    hu = torch.from_numpy(tiny_volume(np.random.default_rng(1), 12)[:12])
+    old, new = latent_cache.load_vae(base / "vae", SIZE), latent_cache.load_vae(tmp_path / "vae", SIZE)
+    assert torch.equal(old.encode(hu), new.encode(hu))  # the same standardised latents: caches and denoisers stay valid
+    assert metrics["preset"] == base_metrics["preset"] and metrics["steps"] == 3
+    assert metrics["decoder_of"]["steps"] == 6 and metrics["decoder_of"]["held_out"] == base_metrics["held_out"]
+    assert "then its decoder alone 3 steps" in export.autoencoder_training(metrics)
+
+
 # ------------------------------------------------------------------------------------------ latent cache
 
 

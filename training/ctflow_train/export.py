@@ -135,7 +135,7 @@ def model_card(config: ModelConfig, vae_metrics: dict, flow_meta: dict, stages: 
         "",
         "## Model",
         f"- slice autoencoder: diffusers AutoencoderKL `{vae_metrics['preset']}` ({parameters['vae'] / 1e6:.2f} M "
-        f"parameters), {vae_metrics['steps']} steps, {vae_metrics['train_seconds'] / 60:.0f} min; L1 + KL + patch-GAN.",
+        f"parameters), {autoencoder_training(vae_metrics)}; L1 + KL + patch-GAN.",
         f"- denoiser: STDiT {parameters['denoiser'] / 1e6:.2f} M parameters (hidden {config.denoiser.hidden_size}, "
         f"depth {config.denoiser.depth}, patch {list(config.denoiser.patch_size)}, blocks of "
         f"{config.denoiser.block_slices} slices{', conditioned on slice position' if config.denoiser.slice_position else ''}"
@@ -181,6 +181,15 @@ def model_card(config: ModelConfig, vae_metrics: dict, flow_meta: dict, stages: 
         "",
     ]
     return "\n".join(lines)
+
+
+def autoencoder_training(metrics: dict) -> str:
+    """Steps and time of the autoencoder, and of its decoder's own run when it had one (train_vae --decoder-of)."""
+    base = metrics.get("decoder_of")
+    if base is None:
+        return f"{metrics['steps']} steps, {metrics['train_seconds'] / 60:.0f} min"
+    return (f"{base['steps']} steps, {base['train_seconds'] / 60:.0f} min (held out: PSNR {base['held_out']['psnr_db']} dB), "
+            f"then its decoder alone {metrics['steps']} steps, {metrics['train_seconds'] / 60:.0f} min")
 
 
 def findings_table(study: dict) -> list[str]:

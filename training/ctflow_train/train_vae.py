@@ -9,6 +9,10 @@ PSNR/SSIM at full size. LPIPS, the usual perceptual term, needs downloaded netwo
 available offline, so it is not used. At the end the latents are standardised (shift and scale stored
 in the VAE config, as FLUX does) so flow matching sees unit-variance latents.
 
+`--decoder-of RUN` trains on only the decoder of an earlier run's VAE: the encoder and the latent standardisation
+stay as they were, so its latents, and every latent cache and denoiser made from them, stay valid, while the
+slices decoded from them get sharper.
+
 Writes to --out: vae/ (diffusers folder), checkpoint.safetensors (for --resume), loss.csv, metrics.json.
 """
 
@@ -131,15 +135,23 @@ def draw_batch(pool: torch.Tensor, batch: int, crop: int, constant_p: float, gen
 
 
 def build(args: argparse.Namespace):
-    """Fresh VAE (wrapped by ctflow's SliceAutoencoder for the HU mapping), discriminator and optimizers."""
+    """VAE (fresh, or an earlier run's to train its decoder), discriminator and optimizers. The VAE is wrapped by
+    ctflow's SliceAutoencoder for the HU mapping."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(args.seed)
-    vae = AutoencoderKL(**VAE_VARIANTS[args.preset])
+    if args.decoder_of:
+        vae = AutoencoderKL.from_pretrained(args.decoder_of / "vae", use_safetensors=True, local_files_only=True)
+    else:
+        vae = AutoencoderKL(**VAE_VARIANTS[args.preset])
     autoencoder = SliceAutoencoder(vae, AutoencoderConfig(image_size=args.size))
     vae.train().requires_grad_(True)  # SliceAutoencoder freezes for inference; here we train
+    if args.decoder_of:  # what makes the latents stays fixed
+        vae.encoder.eval().requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
     disc = PatchDiscriminator()
-    opt_vae = torch.optim.AdamW(vae.parameters(), lr=args.lr, betas=(0.5, 0.9), weight_decay=0.0)
+    trained = [p for p in vae.parameters() if p.requires_grad]
+    opt_vae = torch.optim.AdamW(trained, lr=args.lr, betas=(0.5, 0.9), weight_decay=0.0)
     opt_disc = torch.optim.AdamW(disc.parameters(), lr=args.lr, betas=(0.5, 0.9), weight_decay=0.0)
     return autoencoder, disc, opt_vae, opt_disc
 
@@ -204,7 +216,7 @@ def train(args: argparse.Namespace) -> dict:
         meta = load_checkpoint(checkpoint, modules, optimizers, {"data": generator})
         step, elapsed = meta["step"], meta["elapsed_s"]
     log, writer = open_loss_log(out / "loss.csv", ["step", "lr", "rec_l1", "kl", "gen", "disc", "step_s"], step)
-    print(f"vae {args.preset}: {sum(p.numel() for p in autoencoder.vae.parameters()) / 1e6:.2f} M parameters, "
+    print(f"vae {f'decoder of {args.decoder_of}' if args.decoder_of else args.preset}: {sum(p.numel() for p in autoencoder.vae.parameters()) / 1e6:.2f} M parameters, "
           f"{len(pool)} training slices, from step {step}", flush=True)
     while step < args.steps:
         started = time.perf_counter()
@@ -223,11 +235,19 @@ def train(args: argparse.Namespace) -> dict:
             save_checkpoint(checkpoint, modules, optimizers, {"data": generator}, {"step": step, "elapsed_s": elapsed, "args": vars(args)})
     log.close()
     autoencoder.vae.eval()
-    scale = standardise_latents(autoencoder, pool, 512, generator)
+    if args.decoder_of:
+        base = json.loads((args.decoder_of / "metrics.json").read_text())
+        scale = {key: base[key] for key in ("shift_factor", "scaling_factor")}  # kept in the config all along
+        origin = {"preset": base["preset"], "decoder_of": {"run": str(args.decoder_of), "steps": base["steps"],
+                                                          "train_seconds": base["train_seconds"],
+                                                          "held_out": base["held_out"]}}
+    else:
+        scale = standardise_latents(autoencoder, pool, 512, generator)
+        origin = {"preset": args.preset}
     autoencoder.vae.save_pretrained(out / "vae", safe_serialization=True)
     held = held_out_slices(load_cases(args.data, held_entries), args.eval_every, args.eval_slices)
     metrics = {
-        "preset": args.preset, "steps": step, "train_seconds": round(elapsed, 1), "train_slices": int(len(pool)),
+        **origin, "steps": step, "train_seconds": round(elapsed, 1), "train_slices": int(len(pool)),
         "held_out_patients": [entry["name"] for entry in held_entries], **scale,
         "held_out": evaluate(SliceAutoencoder(autoencoder.vae, autoencoder.config), held),
         "lpips": "not measured: LPIPS needs downloaded network weights (offline here)",
@@ -241,6 +261,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, required=True, help="prepared folder (ctflow-train cohort / prepare-ctrate)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--preset", default="cpu-fast", choices=sorted(VAE_VARIANTS), help="VAE architecture")
+    parser.add_argument("--decoder-of", type=Path, help="earlier vae run folder: train its decoder only, keeping its latents")
     parser.add_argument("--size", type=int, default=256, help="slice size of the data (rows = columns)")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=8)
