@@ -420,6 +420,16 @@ def test_probe_learns_a_finding_and_cross_validation_keeps_twins_apart():
     assert together < 0.75 and apart > 0.9
 
 
+def test_mirrored_difference_is_the_features_minus_those_of_the_mirrored_volume():
+    latents = torch.from_numpy(np.random.default_rng(0).normal(size=(16, 4, 16, 16))).float()
+    features = finding_study.grid_features(latents)
+    expected = features - finding_study.grid_features(latents.flip(-1))
+    assert np.allclose(finding_study.mirrored_difference(features), expected, atol=1e-6)
+    assert np.allclose(finding_study.mirrored_difference(np.stack([features, features]))[1], expected, atol=1e-6)
+    symmetric = torch.cat([latents[..., :8], latents[..., :8].flip(-1)], -1)
+    assert np.abs(finding_study.mirrored_difference(finding_study.grid_features(symmetric))).max() < 1e-6
+
+
 def test_a_finding_is_on_one_side_by_its_side_or_its_lobe():
     assert finding_study.side({"present": True, "side": "left", "grade": "small"}) == "left"
     assert finding_study.side({"present": True, "side": "bilateral"}) is None

@@ -22,7 +22,9 @@ that is not normal), so it also counts the seeds in which the finding's own repo
 probe the highest probability (1 in 5 by chance): that the change is the one asked for.
 
 Where the report puts it: for findings on one side (pleural effusion, consolidation), a second probe, fitted on the
-cohort's volumes that have the finding on one side only, tells right from left. The finding's report is generated
+cohort's volumes that have the finding on one side only, tells right from left. It reads the grid's features minus
+those of its mirror image, the part that differs between the two sides (cross-validated on the cohort: 0.82 for
+consolidation where the plain grid gave 0.65). The finding's report is generated
 once with the finding on the right and once on the left (parameters of the first cohort patient with it there),
 and the study counts the seeds whose volume that probe puts on the reported side, and the seeds in which the
 right-sided report made the volume more right-sided than the left-sided one did (5 in 10 by chance).
@@ -63,6 +65,12 @@ def grid_features(latents: torch.Tensor) -> np.ndarray:
     mean = F.adaptive_avg_pool3d(x, GRID)
     spread = (F.adaptive_avg_pool3d(x * x, GRID) - mean * mean).clamp(min=0).sqrt()
     return torch.cat([mean.flatten(), spread.flatten()]).numpy()
+
+
+def mirrored_difference(features: np.ndarray) -> np.ndarray:
+    """grid_features minus those of the left-right mirrored volume (the grid's columns reversed): the asymmetry."""
+    cells = features.reshape(*features.shape[:-1], -1, GRID[2])  # the last grid axis runs across the columns
+    return (cells - cells[..., ::-1]).reshape(features.shape)
 
 
 @dataclasses.dataclass
@@ -163,10 +171,11 @@ def calibrate(folders: list[Path], caches: list[Path], start: torch.Tensor) -> D
         if y.all() or not y.any():
             detectors.report[finding]["side"] = {"skipped": "the cached volumes show it on one side only"}
             continue
-        detectors.right[finding] = fit_probe(x[one_sided], y)
+        asymmetry = mirrored_difference(x[one_sided])
+        detectors.right[finding] = fit_probe(asymmetry, y)
         one_sided_groups = [g for g, keep in zip(groups, one_sided) if keep]
         detectors.report[finding]["side"] = {
-            "cross_validated_accuracy": round(cross_validated_accuracy(x[one_sided], y, one_sided_groups), 3),
+            "cross_validated_accuracy": round(cross_validated_accuracy(asymmetry, y, one_sided_groups), 3),
             "right": int(y.sum()), "left": int((~y).sum())}
     return detectors
 
@@ -223,7 +232,7 @@ def run_study(args: argparse.Namespace) -> dict:
 
     probability = {kind: [{f: float(detectors.present[f].probability(x)) for f in STUDIED} for x in features(text)]
                    for kind, text in reports.items()}
-    right = {f: {where: [float(detectors.right[f].probability(x)) for x in features(text)]
+    right = {f: {where: [float(detectors.right[f].probability(mirrored_difference(x))) for x in features(text)]
                  for where, text in texts.items()} for f, texts in sided_reports.items()}
     asked, negated = {f: probability[f] for f in STUDIED}, probability["normal"]
     return {
