@@ -347,7 +347,8 @@ def test_export_loads_in_ctflow_and_generates(data, vae_run, cache, tmp_path):
     figures.write_text(json.dumps({"seconds_per_128_slices": 12.5, "seams": {"ratio": 1.1, "volumes": [{"x": 1}]},
                                    "values": {"normal": [0.25]}, "reports": {"normal": "Findings: ABSENT-TEXT."},
                                    "detectors": {"emphysema": {"cross_validated_accuracy": 0.62},
-                                                 "consolidation": {"side": {"cross_validated_accuracy": 0.71}}},
+                                                 "consolidation": {"side": {"cross_validated_accuracy": 0.71,
+                                                                           "always_the_commoner_side": 0.54}}},
                                    "seeds": 10, "steps": 16, "guidance": 1.0, "shown_when_asked": {"emphysema": 7},
                                    "shown_when_negated": {"emphysema": 3}, "asking_raised_probability": {"emphysema": 8},
                                    "own_report_ranked_first": {"emphysema": 4},
@@ -376,7 +377,7 @@ def test_export_loads_in_ctflow_and_generates(data, vae_run, cache, tmp_path):
     assert '- seconds_per_128_slices: 12.5' in card and '- seams: {"ratio": 1.1}' in card
     assert "ABSENT-TEXT" not in card and "0.25" not in card  # per-volume details stay in the JSON
     assert "| emphysema | 0.62 | 7/10 | 3/10 | 8/10 | 4/10 |" in card and "- shown_when_asked" not in card
-    assert "| consolidation | 0.71 | 6/10 | 2/10 | 9/10 |" in card and "- at_reported_side" not in card
+    assert "| consolidation | 0.71 (0.54) | 6/10 | 2/10 | 9/10 |" in card and "- at_reported_side" not in card
     assert "0.875" not in card
     pipe = ctflow.CTFlowPipeline.from_pretrained(folder, device="cpu")
     volume = pipe.generate(ctflow.GenerationRequest("Findings: No pleural effusion.", slices=6, seed=1))
@@ -464,7 +465,8 @@ def test_finding_study_probes_the_cohort_and_counts_generated_volumes(data, vae_
     assert set(result["values"]) == studied | {"normal"} and len(result["values"]["normal"]) == 2
     # sides: the cache holds patients 0-2, so pleural effusion (patients 1, 3) is seen on the right only
     assert result["detectors"]["pleural_effusion"]["side"] == {"skipped": "the cached volumes show it on one side only"}
-    assert result["detectors"]["consolidation"]["side"]["right"] == 2 and result["detectors"]["consolidation"]["side"]["left"] == 2
+    side = result["detectors"]["consolidation"]["side"]
+    assert side["right"] == 2 and side["left"] == 2 and side["always_the_commoner_side"] == 0.5
     sided = result["sided_reports"]
     assert set(sided) == set(result["at_reported_side"]) == set(result["side_values"]) == {"consolidation"}
     assert "right lower lobe" in sided["consolidation"]["right"] and "left lower lobe" in sided["consolidation"]["left"]

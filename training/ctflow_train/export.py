@@ -208,10 +208,12 @@ def findings_table(study: dict) -> list[str]:
     if sides:
         lines += ["", "Where the report puts it: the finding's report with it on the right, then on the left (same seeds); "
                   "a second probe, trained on the cohort's one-sided cases, tells right from left.", "",
-                  "| finding | side detector accuracy | on the right when reported right | on the left when reported left | "
-                  "right report more right than left report |", "|---|---|---|---|---|"]
-        lines += [f"| {finding} | {study['detectors'][finding]['side']['cross_validated_accuracy']} | {at['right']}/{n} | "
-                  f"{at['left']}/{n} | {study['right_report_more_right'][finding]}/{n} |" for finding, at in sides.items()]
+                  "| finding | side detector accuracy (always guessing the commoner side) | on the right when reported right | "
+                  "on the left when reported left | right report more right than left report |", "|---|---|---|---|---|"]
+        for finding, at in sides.items():
+            detector = study["detectors"][finding]["side"]
+            lines.append(f"| {finding} | {detector['cross_validated_accuracy']} ({detector['always_the_commoner_side']}) | "
+                         f"{at['right']}/{n} | {at['left']}/{n} | {study['right_report_more_right'][finding]}/{n} |")
     return lines
 
 

@@ -176,7 +176,8 @@ def calibrate(folders: list[Path], caches: list[Path], start: torch.Tensor) -> D
         one_sided_groups = [g for g, keep in zip(groups, one_sided) if keep]
         detectors.report[finding]["side"] = {
             "cross_validated_accuracy": round(cross_validated_accuracy(asymmetry, y, one_sided_groups), 3),
-            "right": int(y.sum()), "left": int((~y).sum())}
+            "right": int(y.sum()), "left": int((~y).sum()),
+            "always_the_commoner_side": round(max(y.mean(), 1 - y.mean()), 3)}  # what a probe must beat
     return detectors
 
 
