@@ -21,13 +21,13 @@ weak detector blurs less than it blurs the counts. Any described finding may cha
 that is not normal), so it also counts the seeds in which the finding's own report, of all the reports, gave its
 probe the highest probability (1 in 5 by chance): that the change is the one asked for.
 
-Where the report puts it: for findings on one side (pleural effusion, consolidation), a second probe, fitted on the
-cohort's volumes that have the finding on one side only, tells right from left. It reads the grid's features minus
-those of its mirror image, the part that differs between the two sides (cross-validated on the cohort: 0.82 for
-consolidation where the plain grid gave 0.65). The finding's report is generated
-once with the finding on the right and once on the left (parameters of the first cohort patient with it there),
-and the study counts the seeds whose volume that probe puts on the reported side, and the seeds in which the
-right-sided report made the volume more right-sided than the left-sided one did (5 in 10 by chance).
+Where the report puts it: for findings on one side (pleural effusion, consolidation), a second probe, fitted on
+the cohort's volumes that have the finding on one side only, tells right from left. It reads the grid's features
+minus those of its mirror image, the part that differs between the two sides (cross-validated on the cohort: 0.82
+for consolidation where the plain grid gave 0.65). The finding's report is generated once with the finding on the
+right and once on the left (parameters of the first cohort patient with it there), and the study counts the seeds
+whose volume that probe puts on the reported side, and the seeds in which the right-sided report made the volume
+more right-sided than the left-sided one did (5 in 10 by chance).
 """
 
 from __future__ import annotations
