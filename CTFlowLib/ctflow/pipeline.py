@@ -36,6 +36,7 @@ from .volume import Geometry, Provenance, Volume
 
 MAX_SLICES = 2048  # refuse larger requests: a chest CT has a few hundred slices at most
 START_HU, END_HU = -1000.0, 1000.0  # the all-black start block and the white end-of-volume slices
+WHITE_MEAN_HU = 0.9 * END_HU  # a decoded end slice averages near +1000 HU; a real one, with air around the body, never
 
 
 class CancelFlag(Protocol):
@@ -200,6 +201,11 @@ class CTFlowPipeline:
         try:
             for clean, last in latents:
                 hu = self._decode(clean)
+                white = None if req.slices else first_white_slice(hu)
+                if white is not None:  # the decoder draws an end marker plainly where the latent test may miss it
+                    hu, last = hu[:white], True
+                    if not white:
+                        return  # the block starts with the end marker: the block before was the last
                 now = time.perf_counter()
                 made += hu.shape[0]
                 index += 1
@@ -313,6 +319,12 @@ class CTFlowPipeline:
     def _decode(self, latents: torch.Tensor) -> np.ndarray:
         hu = self.autoencoder.decode(latents.permute(1, 0, 2, 3))  # [T, h, w] latents -> [T, H, W] HU
         return hu.round().clamp(-32768, 32767).to(torch.int16).cpu().numpy()
+
+
+def first_white_slice(hu: np.ndarray) -> int | None:
+    """Index of the first decoded end-marker slice in hu [T, H, W], or None."""
+    white = np.flatnonzero(hu.reshape(len(hu), -1).mean(1) > WHITE_MEAN_HU)
+    return int(white[0]) if len(white) else None
 
 
 _DONE = object()

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from ctflow import CTFlowError, CTFlowPipeline, DeviceError, GenerationRequest, ReportError, RequestError
-from ctflow.pipeline import END_HU, select_device
+from ctflow.autoencoder import SliceAutoencoder
+from ctflow.model_folder import default_model, load_vae, read_config
+from ctflow.pipeline import END_HU, first_white_slice, select_device
 
 REPORT = "Findings: A 12 mm nodule in the right upper lobe. Impressions: Right upper lobe nodule."
 
@@ -163,6 +165,20 @@ def test_white_slices_end_the_volume(tiny_pipeline, end_block, end_frame, slices
     tissue = pipeline._decode(pipeline.denoiser.tissue[:, None])[0]
     hu = np.concatenate([b.hu for b in blocks])
     assert np.abs(hu.astype(int) - tissue).max() <= 1  # every kept slice is tissue: the white ones were trimmed
+
+
+@pytest.mark.parametrize("end_frame, slices", [(5, 21), (0, 16)])
+def test_a_drawn_end_marker_ends_the_volume_where_the_latent_test_misses_it(tiny_pipeline, end_frame, slices):
+    folder = default_model()
+    config = dataclasses.replace(read_config(folder), end_fraction=1.01)  # the latent test can never fire
+    autoencoder = SliceAutoencoder(load_vae(folder), config.autoencoder)  # trained: it decodes the end latent to white
+    pipeline = CTFlowPipeline(config, tiny_pipeline.denoiser, autoencoder, tiny_pipeline.text_encoder)
+    pipeline.denoiser = SteerTo(pipeline, 1, end_frame)  # block 1 turns white from end_frame on
+    blocks = list(pipeline.stream(GenerationRequest(REPORT, seed=0, steps=2)))
+    assert blocks[-1].stop == slices and blocks[0].stop == 16
+    hu = np.concatenate([b.hu for b in blocks])
+    assert first_white_slice(hu) is None and hu.reshape(len(hu), -1).mean(1).max() < 500  # no white slice kept
+    assert first_white_slice(np.concatenate([hu, np.full((2, 256, 256), 1000, np.int16)])) == slices
 
 
 def test_each_block_is_told_where_it_starts(tiny_pipeline):

@@ -25,18 +25,16 @@ import numpy as np
 import torch
 
 from ctflow import CTFlowPipeline, GenerationRequest
-from ctflow.pipeline import END_HU
+from ctflow.pipeline import first_white_slice
 from ctflow.qa import seam_continuity
 
 from .training_data import list_cases, load_case
 
-WHITE_HU = 0.9 * END_HU  # a decoded end slice is near +1000 HU everywhere; no real slice averages this high
-
 
 def real_slices(hu: np.ndarray) -> int:
     """Slices before the first (near-)white one."""
-    white = np.nonzero(hu.reshape(len(hu), -1).mean(1) > WHITE_HU)[0]
-    return int(white[0]) if len(white) else len(hu)
+    white = first_white_slice(hu)
+    return len(hu) if white is None else white
 
 
 def seam_jump(hu: np.ndarray, block: int) -> dict:

@@ -158,7 +158,8 @@ def model_card(config: ModelConfig, vae_metrics: dict, flow_meta: dict, stages: 
         f"- end of volume: end_tolerance {config.end_tolerance:.3f} (end_fraction {config.end_fraction}), calibrated on "
         f"{len(calibration['white'])} generated white and {len(calibration['content'])} real frames: balanced accuracy "
         f"{end['accuracy']}" + ("." if end["reliable"] else f"; too low to trust, so volumes without a requested length "
-                                 f"stop at the typical {config.max_slices} slices."),
+                                 f"stop at the typical {config.max_slices} slices at most.") +
+        " A volume also ends at the first slice the decoder draws white.",
     ]
     lines += [f"- {key}: {json.dumps(summary(value))}" for key, value in evaluation.items() if key not in DETAILS + STUDY]
     if "shown_when_asked" in evaluation:
