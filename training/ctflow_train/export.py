@@ -29,7 +29,8 @@ from .train_flow import CHECKPOINT
 
 END_FRACTION = 0.9
 MIN_END_ACCURACY = 0.9  # below this the model's white frames are not told apart from real ones
-DETAILS = ("volumes", "values", "reports", "side_values", "sided_reports")  # evaluation entries too long for a model card (they stay in the JSON)
+# evaluation entries too long for a model card (they stay in the JSON)
+DETAILS = ("volumes", "values", "reports", "side_values", "sided_reports")
 STUDY = ("detectors", "seeds", "steps", "guidance", "shown_when_asked", "shown_when_negated",
          "asking_raised_probability", "own_report_ranked_first", "at_reported_side",
          "right_report_more_right")  # finding-study entries: the card's findings tables

@@ -216,7 +216,8 @@ def train(args: argparse.Namespace) -> dict:
         meta = load_checkpoint(checkpoint, modules, optimizers, {"data": generator})
         step, elapsed = meta["step"], meta["elapsed_s"]
     log, writer = open_loss_log(out / "loss.csv", ["step", "lr", "rec_l1", "kl", "gen", "disc", "step_s"], step)
-    print(f"vae {f'decoder of {args.decoder_of}' if args.decoder_of else args.preset}: {sum(p.numel() for p in autoencoder.vae.parameters()) / 1e6:.2f} M parameters, "
+    name = f"decoder of {args.decoder_of}" if args.decoder_of else args.preset
+    print(f"vae {name}: {sum(p.numel() for p in autoencoder.vae.parameters()) / 1e6:.2f} M parameters, "
           f"{len(pool)} training slices, from step {step}", flush=True)
     while step < args.steps:
         started = time.perf_counter()
