@@ -382,3 +382,37 @@ def test_cli_twins_differ_from_their_patient_only_in_the_flipped_finding(ct_fold
         report = (out / entry["report"]).read_text().lower()
         mentions = [s for s in sentences(report) if any(word in s for word in KEYWORDS[name])]
         assert mentions and any(not NEGATION.search(s) for s in mentions) == flipped
+
+
+def test_cli_side_twins_put_the_finding_on_each_side_and_change_nothing_else(ct_folder, sampled, tmp_path, capsys):
+    out = tmp_path / "side_twins"
+    assert cli.main(["cohort", "--out", str(out), "--patients", "1", "--seed", "5", "--size", str(SIZE),
+                     "--side-twins", "pleural_effusion", "consolidation"]) == 0
+    entries = read_index(out)
+    patient = sampled[0]  # generate_patient(5, 0)
+    assert [e["name"] for e in entries] == [f"synth_5_00000_with_{side}_{name}"
+                                            for name in ("pleural_effusion", "consolidation") for side in ("right", "left")]
+    for entry in entries:
+        side, name = entry["name"].removeprefix("synth_5_00000_with_").split("_", 1)
+        labels = json.loads((out / entry["labels"]).read_text())["findings"]
+        assert {k for k in ALL if labels[k]["present"] != patient.findings[k]["present"]} <= {name}  # the rest as his
+        params = labels[name]
+        assert params["present"] and (params.get("side") or params["lobe"].split(" ")[0]) == side
+        twin = cohort.generate_patient(5, 0, size=SIZE, present={name: side})
+        assert np.array_equal(read_volume(out / entry["volume"]).hu, twin.volume.hu)
+        columns = np.argwhere(finding_voxels(twin, name))[:, 2]
+        on_the_right = (columns < midline(twin)).mean()  # the patient's right is the image's left
+        assert len(columns) > 20 and abs(on_the_right - (side == "right")) < 0.05
+        report = (out / entry["report"]).read_text().lower()
+        said = [s for s in sentences(report) if any(word in s for word in KEYWORDS[name])]
+        assert said and all(side in s for s in said if not NEGATION.search(s))
+    right, left = (json.loads((out / e["labels"]).read_text())["findings"]["pleural_effusion"] for e in entries[:2])
+    assert {k: v for k, v in right.items() if k not in ("side", "volume_ml")} == \
+        {k: v for k, v in left.items() if k not in ("side", "volume_ml")}  # one draw, mirrored
+
+
+def test_only_sided_findings_take_a_side(ct_folder):
+    with pytest.raises(ValueError, match="cannot be forced to 'left'"):
+        cohort.generate_patient(5, 0, size=SIZE, present={"emphysema": "left"})
+    with pytest.raises(ValueError, match="cannot be forced to 'both'"):
+        cohort.generate_patient(5, 0, size=SIZE, present={"pleural_effusion": "both"})

@@ -16,7 +16,7 @@ from typing import Callable
 
 from ctflow.errors import CTFlowError
 
-from .findings import CODES as FINDING_CODES
+from .findings import CODES as FINDING_CODES, SIDED as FINDING_SIDED
 
 EXIT_ERROR = 1
 
@@ -104,6 +104,8 @@ def _configure_cohort(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="cohort seed: same seed, same patients")
     parser.add_argument("--twins", nargs="+", default=(), metavar="FINDING", choices=sorted(FINDING_CODES),
                         help="write instead each patient's twins: the same patient with one of these findings flipped")
+    parser.add_argument("--side-twins", nargs="+", default=(), metavar="FINDING", choices=FINDING_SIDED,
+                        help="write instead (or as well) two twins per finding: with it on the right, and on the left")
     _model_space_arguments(parser)
     _configure_fetch(parser)
 
@@ -112,7 +114,7 @@ def _run_cohort(args: argparse.Namespace) -> int:
     from .cohort import generate_cohort
 
     summary = generate_cohort(args.out, args.patients, args.seed, args.size, args.slice_spacing, args.cache, _progress,
-                              tuple(args.twins))
+                              tuple(args.twins), tuple(args.side_twins))
     return _print_json(summary)
 
 

@@ -26,7 +26,7 @@ from ctflow.volume import Geometry, Volume
 
 from .anatomy import LUNG_LOBES, Anatomy, close_fissures, in_labels, load_anatomy, remove_contrast
 from .dataset import DatasetWriter
-from .findings import Scene, ctrate_labels, draw_findings
+from .findings import SIDES, Scene, ctrate_labels, draw_findings
 from .preprocess import HU_MIN, append_end_slices, resample, square_fov, to_model_window
 from .reports import write_report
 
@@ -252,20 +252,24 @@ def generate_cohort(
     cache: str | Path | None = None,
     log: Callable[[str], None] | None = None,
     twins: tuple[str, ...] = (),
+    side_twins: tuple[str, ...] = (),
 ) -> dict:
     """Write `patients` patients (volume, report, labels) and the cohort index to `out`; returns a summary
     whose seconds_per_patient leaves out the one-off template preparation.
 
     With `twins`, write instead, for each patient and each named finding, its twin: the same patient with that
     finding flipped (present <-> absent), nothing else changed but the report's sentence about it. Trained next to
-    the cohort, a pair differs only where the text does, the clearest lesson a small data set can give."""
+    the cohort, a pair differs only where the text does, the clearest lesson a small data set can give.
+    `side_twins` (sided findings) adds two twins per finding: with it on the right, and with it on the left."""
     template(size, cache)
     writer = DatasetWriter(out)
     started = time.perf_counter()
     try:
         for index in range(patients):
-            patient = generate_patient(seed, index, size, slice_spacing, cache)
-            for made, name in _twins(patient, twins, seed, index, size, slice_spacing, cache) if twins else [(patient, patient.name)]:
+            where = (seed, index, size, slice_spacing, cache)
+            patient = generate_patient(*where)
+            variants = _twins(patient, twins, *where) + _side_twins(patient, side_twins, *where)
+            for made, name in variants if twins or side_twins else [(patient, patient.name)]:
                 writer.add(name, made.volume, made.report, {**made.label_record(), "name": name})
                 if log:
                     log(f"{name}: {made.labels.shape[0]} slices, {', '.join(present_findings(made.findings)) or 'normal'}")
@@ -282,6 +286,18 @@ def _twins(patient: Patient, findings: tuple[str, ...], *where) -> list[tuple[Pa
         twin = generate_patient(*where, present={finding: wanted})
         if twin.findings[finding]["present"] == wanted:
             made.append((twin, f"{patient.name}_{'with' if wanted else 'without'}_{finding}"))
+    return made
+
+
+def _side_twins(patient: Patient, findings: tuple[str, ...], *where) -> list[tuple[Patient, str]]:
+    """(twin, name) per finding and side: the patient with that finding on the right, then on the left. The pair
+    differs in the side alone, the lesson a report's side word needs."""
+    made = []
+    for finding in findings:
+        for side in SIDES:
+            twin = generate_patient(*where, present={finding: side})
+            if twin.findings[finding]["present"]:
+                made.append((twin, f"{patient.name}_with_{side}_{finding}"))
     return made
 
 

@@ -47,12 +47,11 @@ from ctflow.pipeline import START_HU
 
 from .dataset import read_index
 from .evaluate import real_slices
+from .findings import SIDED, SIDES  # the findings a report puts on one side; "right", "left"
 from .latent_cache import read_cache
 from .reports import write_report
 
 STUDIED = ("emphysema", "pleural_effusion", "consolidation", "cardiomegaly")
-SIDED = ("pleural_effusion", "consolidation")  # studied findings a report puts on one side
-SIDES = ("right", "left")
 GRID = (8, 8, 8)  # levels along the body x rows x columns the latents are averaged over
 EVERY = 4  # every 4th real slice is enough for 8 levels, and a generated volume is encoded 4x faster
 FOLDS = 5

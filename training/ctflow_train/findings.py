@@ -29,6 +29,13 @@ SIDES = {
     "left": ("lung_upper_lobe_left", "lung_lower_lobe_left"),
 }
 LOWER_LOBES = {"right": "lung_lower_lobe_right", "left": "lung_lower_lobe_left"}
+MIRRORED_LOBES = {  # the other lung's nearest lobe (the lingula, in the left upper lobe, mirrors the middle lobe)
+    "lung_upper_lobe_right": "lung_upper_lobe_left",
+    "lung_middle_lobe_right": "lung_upper_lobe_left",
+    "lung_lower_lobe_right": "lung_lower_lobe_left",
+    "lung_upper_lobe_left": "lung_upper_lobe_right",
+    "lung_lower_lobe_left": "lung_lower_lobe_right",
+}
 GRADES = ("small", "moderate", "large")
 CTRATE_LABELS = (
     "Medical material", "Arterial wall calcification", "Cardiomegaly", "Pericardial effusion",
@@ -85,7 +92,8 @@ class Finding:
     name: str
     ctrate_label: str  # the CT-RATE label it sets to 1
     prior: float  # chance a patient has it
-    draw: Callable[[Scene, np.random.Generator], dict | None]
+    draw: Callable[..., dict | None]  # (scene, rng) -> parameters, or None when it cannot be drawn in him
+    sided: bool = False  # draw also takes side="right" | "left" to force the side it lies on
 
 
 # ---------------------------------------------------------------- shared geometry
@@ -291,9 +299,10 @@ def _convex_fill(mask: np.ndarray) -> np.ndarray:
     return inside.reshape(mask.shape)
 
 
-def pleural_effusion(scene: Scene, rng: np.random.Generator) -> dict | None:
+def pleural_effusion(scene: Scene, rng: np.random.Generator, side: str | None = None) -> dict | None:
     """Water-density fluid layering in the posterior (dependent) pleural space, deepest at the base."""
-    side = _side_choice(rng)
+    drawn_side = _side_choice(rng)  # drawn even when forced, so the rest of the stream stays the same
+    side = side or drawn_side
     grade = _grade(rng)
     depth = rng.uniform(*{"small": (8, 16), "moderate": (18, 35), "large": (40, 70)}[grade])
     height = rng.uniform(*{"small": (40, 70), "moderate": (70, 120), "large": (120, 190)}[grade])
@@ -334,9 +343,11 @@ def atelectasis(scene: Scene, rng: np.random.Generator) -> dict | None:
     return {"kind": "linear", "lobe": LOBES[lobe], "length_mm": round(2 * reach), "centre_kji": _xyz(centre)}
 
 
-def consolidation(scene: Scene, rng: np.random.Generator) -> dict | None:
+def consolidation(scene: Scene, rng: np.random.Generator, side: str | None = None) -> dict | None:
     """Dense patchy opacity confined to one lobe, optionally with an air bronchogram (its bronchi stay air)."""
     lobe = str(rng.choice(list(LOBES)))
+    if side is not None and lobe not in SIDES[side]:
+        lobe = MIRRORED_LOBES[lobe]
     patch = _lobe_patch(scene, rng, lobe, rng.uniform(20, 45), 0.2)
     if patch is None:
         return None
@@ -566,9 +577,9 @@ def _draw_line(scene: Scene, points: np.ndarray, value: float) -> None:
 FINDINGS = (
     Finding("cardiomegaly", "Cardiomegaly", 0.3, cardiomegaly),
     Finding("pericardial_effusion", "Pericardial effusion", 0.25, pericardial_effusion),
-    Finding("pleural_effusion", "Pleural effusion", 0.3, pleural_effusion),
+    Finding("pleural_effusion", "Pleural effusion", 0.3, pleural_effusion, sided=True),
     Finding("atelectasis", "Atelectasis", 0.3, atelectasis),
-    Finding("consolidation", "Consolidation", 0.3, consolidation),
+    Finding("consolidation", "Consolidation", 0.3, consolidation, sided=True),
     Finding("ground_glass", "Lung opacity", 0.25, ground_glass),
     Finding("nodule", "Lung nodule", 0.35, nodule),
     Finding("emphysema", "Emphysema", 0.3, emphysema),
@@ -577,22 +588,31 @@ FINDINGS = (
     Finding("medical_material", "Medical material", 0.25, medical_material),
 )
 CODES = {finding.name: code for code, finding in enumerate(FINDINGS, start=1)}
+SIDED = tuple(finding.name for finding in FINDINGS if finding.sided)
 
 
-def draw_findings(scene: Scene, rng: np.random.Generator, present: dict[str, bool] | None = None) -> dict[str, dict]:
+def draw_findings(
+    scene: Scene, rng: np.random.Generator, present: dict[str, bool | str] | None = None
+) -> dict[str, dict]:
     """Decide (by prior, or `present`) and draw every finding; returns name -> {"present": bool, ...}.
 
-    Each finding draws from its own random stream, so forcing one on or off leaves the others as they were.
+    `present` forces a finding on (True) or off (False), or, for a sided one (SIDED), on at "right" or "left".
+    Each finding draws from its own random stream, so forcing one leaves the others as they were.
     """
-    unknown = set(present or {}) - set(CODES)
+    present = present or {}
+    unknown = set(present) - set(CODES)
     if unknown:
         raise ValueError(f"unknown findings {sorted(unknown)}; known: {sorted(CODES)}")
+    for name, wanted in present.items():
+        if isinstance(wanted, str) and (name not in SIDED or wanted not in SIDES):
+            raise ValueError(f"{name} cannot be forced to {wanted!r}: only {SIDED} take a side, 'right' or 'left'")
     chances = rng.random(len(FINDINGS))
     streams = rng.spawn(len(FINDINGS))
     drawn = {}
     for finding, chance, stream in zip(FINDINGS, chances, streams):
-        wanted = (present or {}).get(finding.name, chance < finding.prior)
-        params = finding.draw(scene, stream) if wanted else None
+        wanted = present.get(finding.name, chance < finding.prior)
+        sided = {"side": wanted} if isinstance(wanted, str) else {}
+        params = finding.draw(scene, stream, **sided) if wanted else None
         drawn[finding.name] = {"present": params is not None, **(params or {})}
     return drawn
 
