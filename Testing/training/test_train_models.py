@@ -184,11 +184,12 @@ def test_cache_holds_latents_prompts_and_tokens(cache):
     assert loaded.empty.shape == (2, 384)  # [CLS] [SEP]
 
 
-def cache_of_another_vae(cache, folder):
-    """A copy of the cache whose start latent differs, as another VAE would encode the start slice."""
+def cache_of_another_vae(cache, folder, shift=1.0):
+    """A copy of the cache whose start latent differs by `shift`: 1 as another VAE would encode the start slice,
+    1e-3 as the same VAE run with other thread counts does."""
     tensors = load_file(cache)
-    tensors["start"] = tensors["start"] + 1.0
-    other = folder / "other.safetensors"
+    tensors["start"] = tensors["start"] + shift
+    other = folder / f"other_{shift}.safetensors"
     with safe_open(str(cache), framework="pt") as handle:
         save_file(tensors, other, metadata=handle.metadata())
     return other
@@ -201,6 +202,7 @@ def test_caches_of_one_encoder_train_as_one_and_others_are_refused(cache, tmp_pa
     assert torch.equal(merged.latents[4], single.latents[1]) and torch.equal(merged.text["plain"][5], single.text["plain"][2])
     with pytest.raises(ctflow.CTFlowError, match="another VAE"):
         latent_cache.read_caches([cache, cache_of_another_vae(cache, tmp_path)])
+    assert len(latent_cache.read_caches([cache, cache_of_another_vae(cache, tmp_path, 1e-3)]).latents) == 6
 
 
 def test_batches_follow_startboost_and_text_dropout(cache):

@@ -48,7 +48,7 @@ from ctflow.pipeline import START_HU
 from .dataset import read_index
 from .evaluate import real_slices
 from .findings import SIDED, SIDES  # the findings a report puts on one side; "right", "left"
-from .latent_cache import read_cache
+from .latent_cache import read_cache, same_encoding
 from .reports import write_report
 
 STUDIED = ("emphysema", "pleural_effusion", "consolidation", "cardiomegaly")
@@ -134,7 +134,7 @@ def labelled_latents(folders: list[Path], caches: list[Path], start: torch.Tenso
     features, labels, groups = [], [], []
     for folder, path in zip(folders, caches, strict=True):
         cache = read_cache(path)
-        if not torch.allclose(cache.start, start, atol=1e-3):
+        if not same_encoding(cache.start, start):
             raise ValueError(f"{path} was not encoded by the model's autoencoder: probes trained on it would not "
                              "read the model's volumes")
         index = {entry["name"]: entry for entry in read_index(folder)}
