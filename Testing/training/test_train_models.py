@@ -348,7 +348,8 @@ def test_export_loads_in_ctflow_and_generates(data, vae_run, cache, tmp_path):
     figures = tmp_path / "figures.json"  # as evaluate and finding-study write them: figures plus long details
     figures.write_text(json.dumps({"seconds_per_128_slices": 12.5, "seams": {"ratio": 1.1, "volumes": [{"x": 1}]},
                                    "values": {"normal": [0.25]}, "reports": {"normal": "Findings: ABSENT-TEXT."},
-                                   "detectors": {"emphysema": {"cross_validated_accuracy": 0.62},
+                                   "detectors": {"emphysema": {"cross_validated_accuracy": 0.62, "volumes": 236,
+                                                               "patients": 76},
                                                  "consolidation": {"side": {"cross_validated_accuracy": 0.71,
                                                                            "always_the_commoner_side": 0.54}}},
                                    "seeds": 10, "steps": 16, "guidance": 1.0, "shown_when_asked": {"emphysema": 7},
@@ -379,6 +380,7 @@ def test_export_loads_in_ctflow_and_generates(data, vae_run, cache, tmp_path):
     assert '- seconds_per_128_slices: 12.5' in card and '- seams: {"ratio": 1.1}' in card
     assert "ABSENT-TEXT" not in card and "0.25" not in card  # per-volume details stay in the JSON
     assert "| emphysema | 0.62 | 7/10 | 3/10 | 8/10 | 4/10 |" in card and "- shown_when_asked" not in card
+    assert "labels of 236 cached volumes of 76 training patients" in card
     assert "| consolidation | 0.71 (0.54) | 6/10 | 2/10 | 9/10 |" in card and "- at_reported_side" not in card
     assert "0.875" not in card
     pipe = ctflow.CTFlowPipeline.from_pretrained(folder, device="cpu")

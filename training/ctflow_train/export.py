@@ -197,9 +197,12 @@ def autoencoder_training(metrics: dict) -> str:
 def findings_table(study: dict) -> list[str]:
     """`ctflow-train finding-study`'s counts, one row per finding."""
     n = study["seeds"]
+    probed = next(iter(study["detectors"].values()))
     lines = ["", "## Findings asked for vs negated (`ctflow-train finding-study`)", "",
              f"{n} seeds per report, {study['steps']} sampling steps, guidance {study['guidance']}. Detector: a probe on "
-             "the volume's latents, trained on the cohort's labels; its accuracy is cross-validated on the cohort.", "",
+             f"the volume's latents, trained on the labels of {probed['volumes']} cached volumes of "
+             f"{probed['patients']} training patients and their twins; its accuracy is cross-validated with each "
+             "patient and his twins in one fold.", "",
              "| finding | detector accuracy | shown when asked | shown when negated | asking raised the probability | "
              "own report ranked first of all |", "|---|---|---|---|---|---|"]
     for finding, asked in study["shown_when_asked"].items():
@@ -209,7 +212,7 @@ def findings_table(study: dict) -> list[str]:
     sides = study.get("at_reported_side", {})
     if sides:
         lines += ["", "Where the report puts it: the finding's report with it on the right, then on the left (same seeds); "
-                  "a second probe, trained on the cohort's one-sided cases, tells right from left.", "",
+                  "a second probe, trained on those volumes that show the finding on one side, tells right from left.", "",
                   "| finding | side detector accuracy (always guessing the commoner side) | on the right when reported right | "
                   "on the left when reported left | right report more right than left report |", "|---|---|---|---|---|"]
         for finding, at in sides.items():
