@@ -226,9 +226,10 @@ def generate_patient(
     size: int = 256,
     slice_spacing: float = 2.5,
     cache: str | Path | None = None,
-    present: dict[str, bool] | None = None,
+    present: dict[str, bool | str] | None = None,
 ) -> Patient:
-    """Patient `index` of the cohort with `seed`; `present` forces findings on or off (tests, demos)."""
+    """Patient `index` of the cohort with `seed`; `present` forces findings on or off, or a sided one to a side
+    (twins, tests)."""
     base = template(size, cache)
     streams = np.random.SeedSequence([seed, index]).spawn(4)
     body_rng, finding_rng, report_rng, noise_rng = (np.random.default_rng(stream) for stream in streams)
