@@ -384,7 +384,7 @@ def test_cli_twins_differ_from_their_patient_only_in_the_flipped_finding(ct_fold
         assert mentions and any(not NEGATION.search(s) for s in mentions) == flipped
 
 
-def test_cli_side_twins_put_the_finding_on_each_side_and_change_nothing_else(ct_folder, sampled, tmp_path, capsys):
+def test_cli_side_twins_put_the_finding_on_each_side_and_change_nothing_else(ct_folder, sampled, tmp_path):
     out = tmp_path / "side_twins"
     assert cli.main(["cohort", "--out", str(out), "--patients", "1", "--seed", "5", "--size", str(SIZE),
                      "--side-twins", "pleural_effusion", "consolidation"]) == 0
