@@ -240,8 +240,11 @@ def generate_patient(
     drawn = draw_findings(scene, finding_rng, present)
     hu = degrade(scene.hu, noise_rng, body["blur_px"], body["noise_hu"])
     volume = Volume(append_end_slices(to_model_window(hu)), geometry, None)
-    name = f"synth_{seed}_{index:05d}"
-    return Patient(name, volume, scene.labels, scene.finding_mask, drawn, write_report(drawn, report_rng), _rounded(body))
+    return Patient(patient_name(seed, index), volume, scene.labels, scene.finding_mask, drawn, write_report(drawn, report_rng), _rounded(body))
+
+
+def patient_name(seed: int, index: int) -> str:
+    return f"synth_{seed}_{index:05d}"
 
 
 def generate_cohort(
@@ -268,8 +271,8 @@ def generate_cohort(
     try:
         for index in range(patients):
             where = (seed, index, size, slice_spacing, cache)
-            patient = generate_patient(*where)
-            variants = _twins(patient, twins, *where) + _side_twins(patient, side_twins, *where)
+            patient = generate_patient(*where) if twins or not side_twins else None  # side twins need his name only
+            variants = _twins(patient, twins, *where) + _side_twins(patient_name(seed, index), side_twins, *where)
             for made, name in variants if twins or side_twins else [(patient, patient.name)]:
                 writer.add(name, made.volume, made.report, {**made.label_record(), "name": name})
                 if log:
@@ -279,7 +282,7 @@ def generate_cohort(
     return {**writer.summary(), "seconds_per_patient": round((time.perf_counter() - started) / max(1, patients), 2)}
 
 
-def _twins(patient: Patient, findings: tuple[str, ...], *where) -> list[tuple[Patient, str]]:
+def _twins(patient: Patient | None, findings: tuple[str, ...], *where) -> list[tuple[Patient, str]]:
     """(twin, name) per finding: the patient with that finding flipped; none where it cannot be drawn in him."""
     made = []
     for finding in findings:
@@ -290,7 +293,7 @@ def _twins(patient: Patient, findings: tuple[str, ...], *where) -> list[tuple[Pa
     return made
 
 
-def _side_twins(patient: Patient, findings: tuple[str, ...], *where) -> list[tuple[Patient, str]]:
+def _side_twins(name: str, findings: tuple[str, ...], *where) -> list[tuple[Patient, str]]:
     """(twin, name) per finding and side: the patient with that finding on the right, then on the left. The pair
     differs in the side alone, the lesson a report's side word needs."""
     made = []
@@ -298,7 +301,7 @@ def _side_twins(patient: Patient, findings: tuple[str, ...], *where) -> list[tup
         for side in SIDES:
             twin = generate_patient(*where, present={finding: side})
             if twin.findings[finding]["present"]:
-                made.append((twin, f"{patient.name}_with_{side}_{finding}"))
+                made.append((twin, f"{name}_with_{side}_{finding}"))
     return made
 
 
