@@ -35,6 +35,10 @@ class DenoiserConfig:
     # Add an embedding of the report's mean token to the time embedding, as FLUX adds a pooled text vector: a
     # global path from text to every layer's modulation, which a small model learns far sooner than cross-attention.
     pooled_text: bool = False
+    # Add an embedding of the previous block's last slices to the new block's first tokens (ours too): the slices
+    # across the seam, spatially aligned. The channel concatenation pairs each new slice with the one a whole block
+    # before it, so without this the slice next door reaches the seam only through temporal attention.
+    seam_context: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "patch_size", tuple(self.patch_size))

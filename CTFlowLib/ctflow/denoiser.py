@@ -163,6 +163,8 @@ class STDiT(nn.Module):
         # split so the previous block's half is computed once per block.
         self.x_embed = nn.Conv3d(c, d, kernel_size=config.patch_size, stride=config.patch_size)
         self.previous_embed = nn.Conv3d(c, d, kernel_size=config.patch_size, stride=config.patch_size, bias=False)
+        self.seam_embed = (nn.Conv3d(c, d, kernel_size=config.patch_size, stride=config.patch_size, bias=False)
+                           if config.seam_context else None)
         self.t_embed = TimestepEmbedder(d)
         self.position_embed = TimestepEmbedder(d, scale=1.0) if config.slice_position else None
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
@@ -191,6 +193,8 @@ class STDiT(nn.Module):
         if self.text_vector is not None:  # likewise
             nn.init.zeros_(self.text_vector[-1].weight)
             nn.init.zeros_(self.text_vector[-1].bias)
+        if self.seam_embed is not None:  # likewise
+            nn.init.zeros_(self.seam_embed.weight)
         for layer in (self.t_block[1], self.final):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -212,6 +216,10 @@ class STDiT(nn.Module):
         first_slice: [B] index in the volume of the new block's first slice (needed by slice_position models)."""
         dtype = self.x_embed.weight.dtype
         prev_tokens = self.previous_embed(previous.to(dtype)).flatten(3).permute(0, 2, 3, 1)  # [B, t, s, D]
+        if self.seam_embed is not None:  # the previous block's last patch of slices joins the new block's first
+            last = previous[:, :, -self.config.patch_size[0]:].to(dtype)  # [B, C, pt, H, W]
+            seam = self.seam_embed(last).flatten(3).permute(0, 2, 3, 1)  # [B, 1, s, D]
+            prev_tokens = torch.cat([prev_tokens[:, :1] + seam, prev_tokens[:, 1:]], dim=1)
         vectors = []
         if self.position_embed is not None:
             if first_slice is None:

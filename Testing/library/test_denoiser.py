@@ -120,6 +120,23 @@ def test_slice_position_starts_as_a_no_op_and_then_tells_blocks_apart():
         placed.prepare(previous, text, mask)
 
 
+def test_seam_context_starts_as_a_no_op_then_hands_the_last_slices_to_the_first_tokens():
+    plain, seamed = small_model(), small_model(seam_context=True)
+    seamed.load_state_dict(plain.state_dict(), strict=False)  # as a warm start does
+    x, previous, text, mask = inputs()
+    t = torch.tensor([0.5])
+    assert torch.equal(plain(x, t, plain.prepare(previous, text, mask)), seamed(x, t, seamed.prepare(previous, text, mask)))
+    with torch.no_grad():  # close the channel-concatenation path: the previous block can only come in at the seam
+        seamed.previous_embed.weight.zero_()
+        seamed.seam_embed.weight.normal_(0, 0.1)
+    base = seamed(x, t, seamed.prepare(previous, text, mask))
+    earlier, last = previous.clone(), previous.clone()
+    earlier[:, :, :2] += 1.0  # the block's first patch of slices: far from the seam
+    last[:, :, -2:] += 1.0  # its last patch: next to the new block's first slices
+    assert torch.equal(base, seamed(x, t, seamed.prepare(earlier, text, mask)))
+    assert not torch.allclose(base, seamed(x, t, seamed.prepare(last, text, mask)))
+
+
 def test_pooled_text_starts_as_a_no_op_then_carries_the_report_to_every_layer():
     plain, pooled = small_model(), small_model(pooled_text=True)
     pooled.load_state_dict(plain.state_dict(), strict=False)  # as a warm start does

@@ -298,19 +298,21 @@ def test_warm_start_into_a_clean_prediction_run(cache, tmp_path):
 def test_warm_start_adds_switched_on_parts_that_change_nothing_yet(cache, tmp_path):
     plain, placed = tmp_path / "plain", tmp_path / "placed"
     train_flow.train(flow_args(cache, plain, steps=2))
-    train_flow.train(flow_args(cache, placed, steps=1, init=plain, slice_position=True, pooled_text=True, lr=0.0))
+    train_flow.train(flow_args(cache, placed, steps=1, init=plain, slice_position=True, pooled_text=True,
+                               seam_context=True, lr=0.0))
     a, b = load_file(plain / "checkpoint.safetensors"), load_file(placed / "checkpoint.safetensors")
-    added = [k for k in b if k.startswith(("model/position_embed.", "model/text_vector."))]
-    assert {k.split(".")[0] for k in added} == {"model/position_embed", "model/text_vector"}
+    added = [k for k in b if k.startswith(("model/position_embed.", "model/text_vector.", "model/seam_embed."))]
+    assert {k.split(".")[0] for k in added} == {"model/position_embed", "model/text_vector", "model/seam_embed"}
     assert not any(k.replace("model/", "ema/", 1) in a for k in added)
     assert all(torch.equal(b[f"model/{k[4:]}"], a[k]) for k in a if k.startswith("ema/"))
     config = read_meta(placed / "checkpoint.safetensors")["denoiser"]
-    assert config["slice_position"] is True and config["pooled_text"] is True
+    assert config["slice_position"] is True and config["pooled_text"] is True and config["seam_context"] is True
     with pytest.raises(ctflow.CTFlowError, match="does not fit"):  # other shapes are refused, not half-loaded
         train_flow.train(flow_args(cache, tmp_path / "other", steps=1, init=placed, hidden=64, heads=2))
     stages = export.lineage(placed)  # the model card counts every stage's training
-    assert [(s["run"], s["steps"], s["slice_position"], s["pooled_text"], s["caches"]) for s in stages] == [
-        ("plain", 2, False, False, ["latents.safetensors"]), ("placed", 1, True, True, ["latents.safetensors"])]
+    assert [(s["run"], s["steps"], s["slice_position"], s["pooled_text"], s["seam_context"], s["caches"])
+            for s in stages] == [("plain", 2, False, False, False, ["latents.safetensors"]),
+                                 ("placed", 1, True, True, True, ["latents.safetensors"])]
     shutil.rmtree(plain)
     assert [s.get("missing", False) for s in export.lineage(placed)] == [True, False]
 

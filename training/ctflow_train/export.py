@@ -59,6 +59,7 @@ def lineage(flow_folder: Path) -> list[dict]:
                        "cond_noise": args["cond_noise"], "rollout_p": args.get("rollout_p", 0.0),
                        "slice_position": meta["denoiser"].get("slice_position", False),
                        "pooled_text": meta["denoiser"].get("pooled_text", False),
+                       "seam_context": meta["denoiser"].get("seam_context", False),
                        "caches": [Path(path).name for path in _as_list(args["cache"])]})
         init = args.get("init")
         folder = Path(init) if init and (Path(init) / CHECKPOINT).is_file() else None
@@ -140,7 +141,8 @@ def model_card(config: ModelConfig, vae_metrics: dict, flow_meta: dict, stages: 
         f"- denoiser: STDiT {parameters['denoiser'] / 1e6:.2f} M parameters (hidden {config.denoiser.hidden_size}, "
         f"depth {config.denoiser.depth}, patch {list(config.denoiser.patch_size)}, blocks of "
         f"{config.denoiser.block_slices} slices{', conditioned on slice position' if config.denoiser.slice_position else ''}"
-        f"{', with a pooled-text vector' if config.denoiser.pooled_text else ''}), "
+        f"{', with a pooled-text vector' if config.denoiser.pooled_text else ''}"
+        f"{', given the last slices of the previous block at the seam' if config.denoiser.seam_context else ''}), "
         f"flow matching with StartBoost, predicting the {config.denoiser.prediction} target; EMA weights. "
         f"Trained in {len(stages)} stage(s), each warm-started from the one before: "
         f"{sum(s['steps'] for s in known)} steps, {sum(s['minutes'] for s in known):.0f} min in all "
@@ -166,10 +168,11 @@ def model_card(config: ModelConfig, vae_metrics: dict, flow_meta: dict, stages: 
     if "shown_when_asked" in evaluation:
         lines += findings_table(evaluation)
     lines += ["", "## Training stages", "", "| run | steps | minutes | device | batch | lr | previous-block noise | "
-              "own-estimate share | slice position | pooled text | latent caches |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {s['run']} | not found: its figures are not counted |||||||||" if s.get("missing") else
+              "own-estimate share | slice position | pooled text | seam context | latent caches |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {s['run']} | not found: its figures are not counted ||||||||||" if s.get("missing") else
               f"| {s['run']} | {s['steps']} | {s['minutes']} | {s['device']} x{s['world']} | {s['batch']} | {s['lr']} | "
-              f"{s['cond_noise']} | {s['rollout_p']} | {s['slice_position']} | {s['pooled_text']} | "
+              f"{s['cond_noise']} | {s['rollout_p']} | {s['slice_position']} | {s['pooled_text']} | {s['seam_context']} | "
               f"{', '.join(s['caches'])} |" for s in stages]
     lines += [
         "",

@@ -4,7 +4,8 @@
     torchrun --nproc_per_node 8 -m ctflow_train.train_flow --cache ... --out ...           # DDP, any node count
 
 What one step does (CTFlow, REFERENCE §1, plus classifier-free guidance; --slice-position adds the index of the
-block's first slice as one more condition, --pooled-text the report's mean token; --cache takes several caches):
+block's first slice as one more condition, --pooled-text the report's mean token, --seam-context the previous block's
+last slices next to the new block's first; --cache takes several caches):
   1. pick B (previous block, next block) pairs of T latent slices: with probability --start-p the first block
      of a volume, whose "previous" is the all-black start block (StartBoost); otherwise a random offset.
      White end slices are part of every volume, so the model also learns to end it.
@@ -46,7 +47,7 @@ from .checkpoint import add_run_options, load_checkpoint, open_loss_log, save_ch
 from .latent_cache import LatentCache, read_caches
 
 CHECKPOINT = "checkpoint.safetensors"
-ADDABLE = ("position_embed.", "text_vector.")  # parts a warm start may switch on (they start as no-ops)
+ADDABLE = ("position_embed.", "text_vector.", "seam_embed.")  # parts a warm start may switch on (they start as no-ops)
 
 
 class Conditioned(torch.nn.Module):
@@ -65,7 +66,8 @@ def denoiser_config(args: argparse.Namespace, cache: LatentCache):
     channels, size = cache.start.shape[0], cache.start.shape[-1]
     overrides = {k: v for k, v in {"hidden_size": args.hidden, "depth": args.depth, "num_heads": args.heads,
                                    "patch_size": args.patch and tuple(args.patch), "prediction": args.prediction,
-                                   "slice_position": args.slice_position, "pooled_text": args.pooled_text}.items() if v}
+                                   "slice_position": args.slice_position, "pooled_text": args.pooled_text,
+                                   "seam_context": args.seam_context}.items() if v}
     return dataclasses.replace(DENOISER_PRESETS[args.preset], latent_channels=channels, latent_size=size,
                                text_dim=cache.empty.shape[-1], block_slices=args.block, **overrides)
 
@@ -264,6 +266,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="condition each block on where it lies in the volume (its first slice index)")
     parser.add_argument("--pooled-text", action="store_true",
                         help="also add the report's mean token to the time embedding (a global text path, as FLUX)")
+    parser.add_argument("--seam-context", action="store_true",
+                        help="also give the new block's first slices the previous block's last ones, spatially aligned")
     parser.add_argument("--init", type=Path, help="start from the EMA weights of this flow run's folder (same shape)")
     parser.add_argument("--time-shift", type=float, default=1.0,
                         help="> 1 trains more often at high noise, where a block's layout is decided")
