@@ -6,6 +6,7 @@ Bad input ends with one line on stderr and a non-zero exit; no traceback, no par
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import sys
@@ -129,7 +130,7 @@ def run_generate(args: argparse.Namespace) -> int:
     )
     progress = ProgressBar()
     volume = pipeline.generate(plan, cancel=threading.Event(), on_block=progress.update)
-    progress.close()
+    progress.finish()
     write_volume(volume, args.out, overwrite=args.overwrite)
     if args.preview:
         from .preview import write_preview
@@ -256,12 +257,14 @@ class ProgressBar:
         self.width = width
         self.started = time.perf_counter()
         self.interactive = sys.stderr.isatty()
+        self.last: Block | None = None
 
     @property
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
 
     def update(self, block: Block) -> None:
+        self.last = block
         self.show("block", block.blocks_done, block.blocks_expected,
                   f"{block.stop} slices, {block.elapsed_s:.1f} s, ETA {block.eta_s:.0f} s")
 
@@ -273,6 +276,12 @@ class ProgressBar:
     def close(self) -> None:
         if self.interactive:
             print(file=sys.stderr)
+
+    def finish(self) -> None:
+        """The run is complete: the block count was an estimate (a volume may end where a block would start)."""
+        if self.last is not None and self.last.blocks_expected != self.last.blocks_done:
+            self.update(dataclasses.replace(self.last, blocks_expected=self.last.blocks_done, eta_s=0.0))
+        self.close()
 
 
 def quiet_third_party_logs() -> None:

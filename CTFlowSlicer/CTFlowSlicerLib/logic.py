@@ -211,6 +211,8 @@ class GenerationLogic:
         progress = job.progress
         progress.state = state
         progress.elapsed = time.perf_counter() - job.started
+        if state == "done":  # the block count was an estimate: a volume may end where a block would start
+            progress.blocksExpected = progress.blocksDone
         if progress.node is not None:
             progress.node.SetAttribute(attributeName("partial"), str(state != "done"))
         progress.message = finishedMessage(progress, job.plan, error)

@@ -7,8 +7,8 @@ import sys
 import pytest
 from PIL import Image
 
-from ctflow import read_volume
-from ctflow.cli import main
+from ctflow import GenerationRequest, read_volume
+from ctflow.cli import ProgressBar, main
 
 
 def generate(tiny_model, tmp_path, *extra):
@@ -26,6 +26,16 @@ def test_generate_writes_the_volume_and_a_preview(tiny_model, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "block 3/3" in captured.err and "ETA" in captured.err
     assert "wrote" in captured.out and "SYNTHETIC" in captured.out
+
+
+def test_the_bar_ends_full_when_the_volume_ends_where_a_block_would_start(steered, capsys):
+    blocks = list(steered(2, 0).stream(GenerationRequest("Findings: Normal chest.", seed=0, steps=2)))
+    assert (blocks[-1].blocks_done, blocks[-1].stop) == (2, 8) and blocks[-1].blocks_expected > 2  # only then known
+    bar = ProgressBar()
+    for block in blocks:
+        bar.update(block)
+    bar.finish()
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"block 2/2 [{'#' * bar.width}] 8 slices")
 
 
 def test_report_file_and_nrrd_output(tiny_model, tmp_path):

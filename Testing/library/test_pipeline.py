@@ -10,7 +10,7 @@ import torch
 from ctflow import CTFlowError, CTFlowPipeline, DeviceError, GenerationRequest, ReportError, RequestError
 from ctflow.autoencoder import SliceAutoencoder
 from ctflow.model_folder import default_model, load_vae, read_config
-from ctflow.pipeline import END_HU, first_white_slice, select_device
+from ctflow.pipeline import first_white_slice, select_device
 
 REPORT = "Findings: A 12 mm nodule in the right upper lobe. Impressions: Right upper lobe nodule."
 
@@ -123,43 +123,9 @@ def test_cancel_from_another_thread_ends_the_worker(tiny_pipeline):
     assert result["volume"].provenance.partial and result["volume"].shape[0] < 400
 
 
-class SteerTo(torch.nn.Module):
-    """Stands in for a trained denoiser: drives block b to a known latent, white from frame `end_frame` of `end_block`.
-
-    (z - target) / t is the exact rectified-flow velocity towards `target`, so both solvers land on it.
-    """
-
-    def __init__(self, pipeline, end_block, end_frame):
-        super().__init__()
-        self.tissue = pipeline.autoencoder.constant_latent(40.0)
-        self.white = pipeline.autoencoder.constant_latent(END_HU)
-        self.end_block, self.end_frame, self.block = end_block, end_frame, -1
-        self.first_slices = []
-        self.x_embed = torch.nn.Linear(1, 1)  # gives the stand-in a dtype like the real model
-
-    def prepare(self, previous, text, mask, first_slice):
-        self.block += 1  # called once per block
-        self.first_slices.append(float(first_slice))
-        return None
-
-    def forward(self, x, t, cond):
-        target = self.tissue[:, None].expand(-1, x.shape[2], -1, -1).clone()  # [C, T, h, w]
-        if self.block >= self.end_block:
-            start = self.end_frame if self.block == self.end_block else 0
-            target[:, start:] = self.white[:, None]
-        return (x - target) / t.view(-1, 1, 1, 1, 1)
-
-
-def steered(pipeline, end_block, end_frame, **config):
-    copy = CTFlowPipeline(dataclasses.replace(pipeline.config, **config), pipeline.denoiser, pipeline.autoencoder,
-                          pipeline.text_encoder, pipeline.model_id, pipeline.weights_sha256)
-    copy.denoiser = SteerTo(pipeline, end_block, end_frame)
-    return copy
-
-
 @pytest.mark.parametrize("end_block, end_frame, slices", [(2, 1, 9), (2, 0, 8), (0, 3, 3)])
-def test_white_slices_end_the_volume(tiny_pipeline, end_block, end_frame, slices):
-    pipeline = steered(tiny_pipeline, end_block, end_frame)
+def test_white_slices_end_the_volume(steered, end_block, end_frame, slices):
+    pipeline = steered(end_block, end_frame)
     blocks = list(pipeline.stream(GenerationRequest(REPORT, seed=0, steps=2)))
     assert blocks[-1].stop == slices
     tissue = pipeline._decode(pipeline.denoiser.tissue[:, None])[0]
@@ -168,12 +134,12 @@ def test_white_slices_end_the_volume(tiny_pipeline, end_block, end_frame, slices
 
 
 @pytest.mark.parametrize("end_frame, slices", [(5, 21), (0, 16)])
-def test_a_drawn_end_marker_ends_the_volume_where_the_latent_test_misses_it(tiny_pipeline, end_frame, slices):
+def test_a_drawn_end_marker_ends_the_volume_where_the_latent_test_misses_it(tiny_pipeline, steered, end_frame, slices):
     folder = default_model()
     config = dataclasses.replace(read_config(folder), end_fraction=1.01)  # the latent test can never fire
     autoencoder = SliceAutoencoder(load_vae(folder), config.autoencoder)  # trained: it decodes the end latent to white
-    pipeline = CTFlowPipeline(config, tiny_pipeline.denoiser, autoencoder, tiny_pipeline.text_encoder)
-    pipeline.denoiser = SteerTo(pipeline, 1, end_frame)  # block 1 turns white from end_frame on
+    base = CTFlowPipeline(config, tiny_pipeline.denoiser, autoencoder, tiny_pipeline.text_encoder)
+    pipeline = steered(1, end_frame, base=base)  # block 1 turns white from end_frame on
     blocks = list(pipeline.stream(GenerationRequest(REPORT, seed=0, steps=2)))
     assert blocks[-1].stop == slices and blocks[0].stop == 16
     hu = np.concatenate([b.hu for b in blocks])
@@ -181,19 +147,19 @@ def test_a_drawn_end_marker_ends_the_volume_where_the_latent_test_misses_it(tiny
     assert first_white_slice(np.concatenate([hu, np.full((2, 256, 256), 1000, np.int16)])) == slices
 
 
-def test_each_block_is_told_where_it_starts(tiny_pipeline):
-    pipeline = steered(tiny_pipeline, 99, 0)
+def test_each_block_is_told_where_it_starts(steered):
+    pipeline = steered(99, 0)
     pipeline.generate(GenerationRequest(REPORT, slices=10, seed=0, steps=2))
     assert pipeline.denoiser.first_slices == [0.0, 4.0, 8.0]
 
 
-def test_requested_length_overrides_the_end_marker(tiny_pipeline):
-    volume = steered(tiny_pipeline, 1, 0).generate(GenerationRequest(REPORT, slices=10, seed=0, steps=2))
+def test_requested_length_overrides_the_end_marker(steered):
+    volume = steered(1, 0).generate(GenerationRequest(REPORT, slices=10, seed=0, steps=2))
     assert volume.shape[0] == 10
 
 
-def test_hard_cap_when_the_model_never_ends(tiny_pipeline):
-    volume = steered(tiny_pipeline, 99, 0, max_slices=6).generate(GenerationRequest(REPORT, seed=0, steps=2))
+def test_hard_cap_when_the_model_never_ends(steered):
+    volume = steered(99, 0, max_slices=6).generate(GenerationRequest(REPORT, seed=0, steps=2))
     assert volume.shape[0] == 6
 
 

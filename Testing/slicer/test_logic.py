@@ -67,6 +67,20 @@ def test_blocks_stream_into_the_node_with_the_library_output(scene, generation, 
     assert not workers_alive()
 
 
+def test_a_volume_that_ends_where_a_block_would_start_shows_every_block_done(scene, generation, settings, steered):
+    """The model draws its end marker as block 3's first slice: the stream learns that block 2 was the last only
+    after handing it over, with an estimate of more blocks to come."""
+    generation._loaded = ((settings.modelLocation, None, "cpu"), steered(2, 0))  # as if this model were loaded
+    try:
+        snapshots = run(generation, dataclasses.replace(settings, slices=0))
+    finally:
+        generation._loaded = None
+    assert any(s.blocksExpected > 2 for s in snapshots if s.state == "generating")
+    final = snapshots[-1]
+    assert (final.state, final.blocksDone, final.blocksExpected, final.slices) == ("done", 2, 2, 8)
+    assert final.barText == "2 / 2 blocks"
+
+
 def test_the_node_carries_name_provenance_and_window(scene, generation, settings):
     node = run(generation, dataclasses.replace(settings, window="bone"))[-1].node
     assert node.GetName() == "Synthetic CT (CTFlow) - Moderate right pleural effusion. - seed 5"
