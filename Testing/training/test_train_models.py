@@ -317,6 +317,29 @@ def test_warm_start_adds_switched_on_parts_that_change_nothing_yet(cache, tmp_pa
     assert [s.get("missing", False) for s in export.lineage(placed)] == [True, False]
 
 
+def test_seam_context_trains_on_exact_slices_across_the_seam(cache, tmp_path, monkeypatch):
+    """The previous block gets noise and the model's own estimates, except its last patch of slices: the new block
+    must learn to continue those as they are."""
+    seen = []
+    prepare = STDiT.prepare
+
+    def recording(self, previous, *args):  # a spy: records what the real method gets, then runs it
+        if torch.is_grad_enabled():  # the training pass, not the no-grad rollout estimate of the previous block
+            seen.append(previous.detach().clone())
+        return prepare(self, previous, *args)
+
+    monkeypatch.setattr(STDiT, "prepare", recording)
+    train_flow.train(flow_args(cache, tmp_path / "seam", steps=2, seam_context=True, cond_noise=0.5, rollout_p=1.0,
+                               start_p=0.0))
+    windows = [v.transpose(0, 1) for v in latent_cache.read_cache(cache).latents]  # [C, S, h, w] each
+
+    def is_real(slices):  # [C, n, h, w]: n consecutive slices of some cached volume, bit for bit
+        n = slices.shape[1]
+        return any(torch.equal(slices, v[:, i : i + n]) for v in windows for i in range(v.shape[1] - n + 1))
+
+    assert len(seen) == 2 and all(is_real(block[:, -2:]) and not is_real(block[:, :2]) for p in seen for block in p)
+
+
 def test_batches_say_where_each_block_starts(cache):
     loaded = latent_cache.read_cache(cache)
     batch = train_flow.get_batch(loaded, 30, BLOCK, flow_args(cache, "unused", start_p=0.3), torch.Generator().manual_seed(3))

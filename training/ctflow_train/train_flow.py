@@ -11,7 +11,8 @@ last slices next to the new block's first; --cache takes several caches):
      White end slices are part of every volume, so the model also learns to end it.
   2. generation conditions on its own imperfect output, so the previous block is made imperfect too: with
      probability --rollout-p it is replaced by the EMA model's one-step estimate of it (from its noised self at a
-     random time, given the block before it), and a little noise (--cond-noise) is added to every one.
+     random time, given the block before it), and a little noise (--cond-noise) is added to every one; with
+     --seam-context its last slices stay the real ones, so the model learns to continue them exactly.
   3. text: the prompt with "Length: N slices" half the time (--length-p), so both a requested and a free
      length work; replaced by the embedding of "" with probability --text-drop, as the pipeline's
      unconditional branch, so guidance works.
@@ -211,6 +212,8 @@ def train(args: argparse.Namespace) -> dict:
         batch = get_batch(cache, args.batch, block, args, generator)
         prev = roll_out_previous(ema, batch, args.rollout_p, generator) if args.rollout_p else batch.previous
         prev = prev.to(device) + args.cond_noise * torch.randn(prev.shape, generator=generator).to(device)
+        if config.seam_context:  # the slices across the seam stay exact: the new block must continue what is there
+            prev[:, :, -config.patch_size[0]:] = batch.previous[:, :, -config.patch_size[0]:].to(device)
         t = shift_time(torch.rand(args.batch, generator=generator), args.time_shift)  # [B]
         noise = torch.randn(batch.x0.shape, generator=generator)
         x0, text, mask, t, noise = (v.to(device) for v in (batch.x0, batch.text, batch.mask, t, noise))
@@ -267,7 +270,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pooled-text", action="store_true",
                         help="also add the report's mean token to the time embedding (a global text path, as FLUX)")
     parser.add_argument("--seam-context", action="store_true",
-                        help="also give the new block's first slices the previous block's last ones, spatially aligned")
+                        help="also give the new block's first slices the previous block's last ones, spatially aligned "
+                             "and kept exact (no --cond-noise, never the model's own estimate)")
     parser.add_argument("--init", type=Path, help="start from the EMA weights of this flow run's folder (same shape)")
     parser.add_argument("--time-shift", type=float, default=1.0,
                         help="> 1 trains more often at high noise, where a block's layout is decided")
