@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 
 from .config import DENOISER_PRESETS, DenoiserConfig, ModelConfig  # noqa: E402
 from .errors import CTFlowError, DeviceError, ModelError, OutputExistsError, ReportError, RequestError  # noqa: E402
+from .dicom import read_dicom, write_dicom  # noqa: E402
 from .io import read_volume, write_volume  # noqa: E402
 from .model_folder import create_random_model, default_model, save_model  # noqa: E402
 from .pipeline import Block, CTFlowPipeline, GenerationPlan, GenerationRequest  # noqa: E402
@@ -21,5 +22,5 @@ __all__ = [
     "Block", "CTFlowError", "CTFlowPipeline", "DENOISER_PRESETS", "DenoiserConfig", "DeviceError", "GenerationPlan",
     "GenerationRequest", "Geometry", "ModelConfig", "ModelError", "OutputExistsError", "Provenance", "Report",
     "ReportError", "RequestError", "SYNTHETIC_NOTICE", "Volume", "create_random_model", "default_model",
-    "parse_report", "read_volume", "render_prompt", "save_model", "write_volume",
+    "parse_report", "read_dicom", "read_volume", "render_prompt", "save_model", "write_dicom", "write_volume",
 ]

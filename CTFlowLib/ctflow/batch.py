@@ -1,7 +1,7 @@
 """Many volumes from a table of reports: one per (report, seed), resumable, and shared out over torchrun ranks.
 
 Layout of an output folder:
-  <id>_s<seed>.nii.gz            the volumes (or .nrrd)
+  <id>_s<seed>.nii.gz            the volumes (or .nrrd, or <id>_s<seed>.dcm/ DICOM series folders)
   .manifest/batch.json           the settings the batch was started with; a resume must use the same
   .manifest/items/<id>_s<seed>.json  one manifest row per finished item, written atomically after its volume
   manifest.csv, manifest.json    all rows merged, in table order
@@ -11,32 +11,44 @@ rewrites their files; a volume without a row (the run stopped between the two wr
 Ranks share nothing but this folder, so no process group is needed: each rank takes every
 world-th item, and whichever rank finds every row present writes the merged manifest (the content is
 the same whoever writes it). `merge_manifest` writes it from whatever rows exist, at any time.
+
+As DICOM, each item is one series, and the series of one report form one study of one fictitious patient (a
+teaching set shows a finding's variations side by side); the study UID is derived from the report id and a
+random batch UUID in .manifest/dicom.json, so every rank derives the same one.
+
+The VLM3D text-to-CT challenge's input, a .json array of {"input_image_name", "report"}, is a reports table
+too: each volume is then named <input_image_name>.nii.gz (without a volume suffix the name may carry), one seed.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import datetime as dt
+import hashlib
 import io
 import json
 import os
 import re
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
 from .errors import CTFlowError
-from .io import atomic_write, write_volume
+from .io import DICOM, DICOM_SUFFIX, atomic_write, write_volume
 from .model_folder import sha256_file
 from .pipeline import CancelFlag, CTFlowPipeline, GenerationRequest
 from .report import Report
 
-MANIFEST_DIR, ITEMS_DIR, SETTINGS = ".manifest", "items", "batch.json"
+MANIFEST_DIR, ITEMS_DIR, SETTINGS, DICOM_STUDIES = ".manifest", "items", "batch.json", "dicom.json"
 MANIFEST_CSV, MANIFEST_JSON = "manifest.csv", "manifest.json"
 COLUMNS = ("file", "report_id", "report", "seed", "slices", "slices_requested", "block_slices", "model",
            "model_sha256", "sha256", "time_s", "steps", "sampler", "guidance", "shift", "device", "rank")
 ID_KEYS = ("id", "name", "VolumeName")
+CHALLENGE_NAME = "input_image_name"  # VLM3D text-to-CT challenge: the output file's name
+CHALLENGE_SUFFIXES = (".mha", ".nii.gz", ".nii", ".nrrd")
 SECTION_KEYS = (("findings", "impressions"), ("Findings_EN", "Impressions_EN"))
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -49,6 +61,7 @@ class ReportRow:
     text: str
     slices: int | None = None
     order: int = 0
+    named: bool = False  # the id is the whole file name (the challenge's input_image_name), no seed suffix
 
 
 @dataclass(frozen=True)
@@ -58,7 +71,7 @@ class Item:
 
     @property
     def name(self) -> str:
-        return f"{self.report.id}_s{self.seed}"
+        return self.report.id if self.report.named else f"{self.report.id}_s{self.seed}"
 
 
 @dataclass
@@ -70,7 +83,7 @@ class BatchResult:
 
 
 def read_table(path: str | os.PathLike) -> list[dict]:
-    """Rows of a .csv (header line) or .jsonl (one JSON object a line) file."""
+    """Rows of a .csv (header line), .jsonl (one JSON object a line) or .json (an array of objects) file."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -86,7 +99,15 @@ def read_table(path: str | os.PathLike) -> list[dict]:
             return [json.loads(line) for line in text.splitlines() if line.strip()]
         except json.JSONDecodeError as exc:
             raise CTFlowError(f"{path} line {exc.lineno}: not JSON ({exc.msg})") from exc
-    raise CTFlowError(f"unsupported table {path.name!r}: use .csv or .jsonl")
+    if suffix == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CTFlowError(f"{path} line {exc.lineno}: not JSON ({exc.msg})") from exc
+        if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+            raise CTFlowError(f"{path} must hold a JSON array of objects")
+        return rows
+    raise CTFlowError(f"unsupported table {path.name!r}: use .csv, .jsonl or .json")
 
 
 def read_reports(path: str | os.PathLike) -> list[ReportRow]:
@@ -114,9 +135,19 @@ def _report_row(row: dict, order: int) -> ReportRow:
                 break
     if not text:
         raise CTFlowError(f"row {order + 1} has no report text (columns report, or findings/impressions)")
-    raw_id = next((str(row[key]) for key in ID_KEYS if row.get(key) not in (None, "")), f"r{order:05d}")
     slices = row.get("slices")
-    return ReportRow(safe_id(raw_id), str(text), int(slices) if slices not in (None, "") else None, order)
+    slices = int(slices) if slices not in (None, "") else None
+    if row.get(CHALLENGE_NAME):
+        return ReportRow(safe_id(challenge_stem(str(row[CHALLENGE_NAME]))), str(text), slices, order, named=True)
+    raw_id = next((str(row[key]) for key in ID_KEYS if row.get(key) not in (None, "")), f"r{order:05d}")
+    return ReportRow(safe_id(raw_id), str(text), slices, order)
+
+
+def challenge_stem(name: str) -> str:
+    """input_image_name without the volume suffix it may carry ("65f4...ed.mha" -> "65f4...ed")."""
+    base = Path(name).name
+    suffix = next((s for s in CHALLENGE_SUFFIXES if base.lower().endswith(s)), "")
+    return base[: len(base) - len(suffix)]
 
 
 def safe_id(raw: str) -> str:
@@ -128,6 +159,9 @@ def plan_items(reports: Iterable[ReportRow], seeds: int, first_seed: int = 0) ->
     """Every (report, seed) pair in table order; the seeds are first_seed ... first_seed + seeds - 1."""
     if seeds < 1:
         raise CTFlowError(f"--seeds must be at least 1, not {seeds}")
+    reports = list(reports)
+    if seeds > 1 and any(report.named for report in reports):
+        raise CTFlowError(f"{CHALLENGE_NAME} names one volume per report: use --seeds 1")
     return [Item(report, first_seed + k) for report in reports for k in range(seeds)]
 
 
@@ -148,9 +182,10 @@ def shard(items: list[Item], rank: int, world: int) -> list[Item]:
 class BatchFolder:
     """The output folder: where each item's volume and row go, and which items are finished."""
 
-    def __init__(self, folder: str | os.PathLike, suffix: str = ".nii.gz") -> None:
+    def __init__(self, folder: str | os.PathLike, format: str = ".nii.gz") -> None:
         self.folder = Path(folder)
-        self.suffix = suffix
+        self.format = format
+        self.suffix = DICOM_SUFFIX if format == DICOM else format
         self.items = self.folder / MANIFEST_DIR / ITEMS_DIR
 
     def create(self) -> None:
@@ -163,7 +198,29 @@ class BatchFolder:
         return self.items / f"{item.name}.json"
 
     def finished(self, item: Item) -> bool:
-        return self.volume(item).is_file() and self.row(item).is_file()
+        return self.volume(item).exists() and self.row(item).is_file()
+
+    def write(self, item: Item, volume) -> Path:
+        """The item's volume; replaces only an unfinished leftover (a DICOM one only if it is a series folder)."""
+        if self.format != DICOM:
+            return write_volume(volume, self.volume(item), overwrite=True)
+        from .dicom import write_dicom
+
+        return write_dicom(volume, self.volume(item), overwrite=True, study=self.study(item.report),
+                           series_number=item.seed + 1 if 0 <= item.seed < 2**31 - 1 else 1)
+
+    def study(self, report: ReportRow):
+        """The DICOM study of a report: the same for all its seeds, on every rank, and unique to this batch."""
+        from .dicom import NOT_FOR_DIAGNOSIS, Study, derived_uid
+
+        path = self.folder / MANIFEST_DIR / DICOM_STUDIES
+        claim = {"namespace": str(uuid.uuid4()), "created": dt.datetime.now(dt.timezone.utc).isoformat()}
+        try:
+            atomic_write(path, lambda tmp: tmp.write_text(json.dumps(claim) + "\n"))
+        except FileExistsError:
+            claim = json.loads(path.read_text())
+        return Study(derived_uid(claim["namespace"], report.id), f"report {report.id} - {NOT_FOR_DIAGNOSIS}",
+                     dt.datetime.fromisoformat(claim["created"]))
 
     def claim_settings(self, settings: dict) -> None:
         """Record the batch settings, or check that a resumed batch uses the ones it was started with."""
@@ -230,7 +287,7 @@ def _make_item(pipeline, item: Item, out: BatchFolder, options: GenerationReques
         volume = pipeline.generate(request, cancel=cancel)
         if volume.provenance.partial:
             return "cancelled"
-        path = write_volume(volume, out.volume(item), overwrite=True)  # only an unfinished leftover is replaced
+        path = out.write(item, volume)
     except CTFlowError as exc:
         result.failed[item.name] = str(exc)
         return "failed"
@@ -244,11 +301,18 @@ def manifest_row(item: Item, provenance, path: Path, slices: int, seconds: float
     return {
         "file": path.name, "report_id": item.report.id, "report": item.report.text, "seed": item.seed,
         "slices": slices, "slices_requested": provenance.slices_requested, "block_slices": provenance.block_slices,
-        "model": provenance.model, "model_sha256": provenance.model_sha256, "sha256": sha256_file(path),
+        "model": provenance.model, "model_sha256": provenance.model_sha256, "sha256": sha256_of(path),
         "time_s": round(seconds, 3), "steps": provenance.steps, "sampler": provenance.sampler,
         "guidance": provenance.guidance, "shift": provenance.shift, "device": provenance.device, "rank": rank,
         "order": item.report.order,
     }
+
+
+def sha256_of(path: Path) -> str:
+    """A file's SHA-256; for a DICOM series folder, the SHA-256 of its files' SHA-256s in name order."""
+    if path.is_file():
+        return sha256_file(path)
+    return hashlib.sha256("".join(sha256_file(p) for p in sorted(path.iterdir())).encode()).hexdigest()
 
 
 def merge_manifest(folder: str | os.PathLike, items: list[Item] | None = None) -> list[dict]:
@@ -257,7 +321,7 @@ def merge_manifest(folder: str | os.PathLike, items: list[Item] | None = None) -
     out = BatchFolder(folder)
     if not out.items.is_dir():
         raise CTFlowError(f"{folder} holds no batch (no {MANIFEST_DIR}/{ITEMS_DIR} folder)")
-    rows = [row for row in out.rows() if (out.folder / row["file"]).is_file()]
+    rows = [row for row in out.rows() if (out.folder / row["file"]).exists()]
     rows.sort(key=lambda row: (row["order"], row["seed"]))
     settings_path = out.folder / MANIFEST_DIR / SETTINGS
     settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}

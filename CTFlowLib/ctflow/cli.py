@@ -18,7 +18,7 @@ import torch
 
 from . import __version__
 from .errors import CTFlowError, ReportError
-from .io import atomic_write, check_output_path, write_volume
+from .io import DICOM, atomic_write, check_output_path, check_volume_output, write_volume
 from .pipeline import Block, CTFlowPipeline, GenerationRequest, select_device
 from .sampling import METHODS
 from .volume import SYNTHETIC_NOTICE
@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     source = generate.add_mutually_exclusive_group(required=True)
     source.add_argument("--report", help="report text (Findings: ... Impressions: ...)")
     source.add_argument("--report-file", type=Path, help="UTF-8 text file holding the report")
-    generate.add_argument("--out", required=True, type=Path, help="output volume: .nii.gz, .nii or .nrrd")
+    generate.add_argument("--out", required=True,
+                          help="output volume: .nii.gz, .nii or .nrrd, or a DICOM series folder (.dcm or ending in /)")
+    generate.add_argument("--format", choices=(DICOM,), help="write a DICOM series folder whatever --out is named")
     generate.add_argument("--seed", type=int, help="random seed (default: a fresh one, recorded in the file)")
     add_sampling_arguments(generate)
     add_model_arguments(generate)
@@ -64,13 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=run_info)
 
     batch = commands.add_parser("batch", help="one volume per report and seed, resumable, sharded over torchrun ranks")
-    batch.add_argument("reports", type=Path, help="reports table: .csv or .jsonl (report or findings/impressions, id)")
+    batch.add_argument("reports", type=Path, help="reports table: .csv, .jsonl or .json (report or findings/impressions, "
+                       "id; or the VLM3D challenge's input_image_name and report)")
     batch.add_argument("--out", required=True, type=Path, help="output folder (created; a rerun resumes it)")
     batch.add_argument("--seeds", type=int, default=1, help="volumes per report (default: 1)")
     batch.add_argument("--seed", type=int, default=0, help="first seed; report r gets seeds S ... S+K-1 (default: 0)")
     add_sampling_arguments(batch)
     add_model_arguments(batch)
-    batch.add_argument("--format", choices=(".nii.gz", ".nrrd"), default=".nii.gz", help="volume file type")
+    batch.add_argument("--format", choices=(".nii.gz", ".nrrd", DICOM), default=".nii.gz",
+                       help="volume file type, or dicom: a series folder per item, one study per report")
     batch.add_argument("--compile", action="store_true", help="torch.compile the denoiser (pays on a GPU over many items)")
     batch.add_argument("--merge-only", action="store_true", help="only write manifest.csv/json from the finished items")
     batch.set_defaults(run=run_batch)
@@ -112,7 +116,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    check_output_path(args.out, args.overwrite)  # fail before minutes of work, not after
+    check_volume_output(args.out, args.overwrite, args.format)  # fail before minutes of work, not after
     if args.preview:
         check_output_path(args.preview, args.overwrite, suffixes=(".png",))
     report = read_report_file(args.report_file) if args.report_file else args.report
@@ -131,7 +135,7 @@ def run_generate(args: argparse.Namespace) -> int:
     progress = ProgressBar()
     volume = pipeline.generate(plan, cancel=threading.Event(), on_block=progress.update)
     progress.finish()
-    write_volume(volume, args.out, overwrite=args.overwrite)
+    write_volume(volume, args.out, overwrite=args.overwrite, format=args.format)
     if args.preview:
         from .preview import write_preview
 
@@ -196,7 +200,8 @@ def run_qa(args: argparse.Namespace) -> int:
     from . import qa
 
     files = qa.volume_files(args.volumes)
-    folder = args.out or (args.volumes if args.volumes.is_dir() else args.volumes.parent) / "qa"
+    single = args.volumes.is_file() or qa.is_dicom_folder(args.volumes)
+    folder = args.out or (args.volumes.parent if single else args.volumes) / "qa"
     reference = qa.load_reference(args.reference) if args.reference else None
     progress, done = ProgressBar(), itertools.count(1)
 

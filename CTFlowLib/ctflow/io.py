@@ -1,7 +1,8 @@
-"""Reading and writing volumes as .nii.gz / .nrrd with provenance in the header.
+"""Reading and writing volumes as .nii.gz / .nrrd with provenance in the header, or as a DICOM series folder.
 
-Writes are atomic (a temporary file in the same folder, then a rename), and an existing file is
-never replaced unless the caller passes overwrite=True.
+Writes are atomic (a temporary file or folder beside the target, then a rename), and an existing file is
+never replaced unless the caller passes overwrite=True. A path ending in .dcm or a path separator, or an
+existing folder, means a DICOM series folder (see dicom.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .errors import CTFlowError, OutputExistsError
 from .volume import Geometry, Provenance, Volume
 
 SUFFIXES = (".nii.gz", ".nii", ".nrrd")
+DICOM, DICOM_SUFFIX = "dicom", ".dcm"
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS flips the first two axes
 _SYNTHETIC_HEADER = "SYNTHETIC CT (CTFlow) - not for diagnosis"
 _NRRD_PREFIX = "CTFlow_"
@@ -45,8 +47,28 @@ def check_output_path(path: str | os.PathLike, overwrite: bool, suffixes: tuple[
     return path
 
 
-def write_volume(volume: Volume, path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write `volume` to .nii.gz/.nii/.nrrd atomically; returns the path written."""
+def is_dicom_path(path: str | os.PathLike) -> bool:
+    """A DICOM series folder is meant: a name ending in .dcm or a separator ("out/ct/"), or an existing folder."""
+    text = os.fspath(path)
+    return text.lower().endswith(DICOM_SUFFIX) or text.endswith(("/", os.sep)) or Path(path).is_dir()
+
+
+def check_volume_output(path: str | os.PathLike, overwrite: bool, format: str | None = None) -> Path:
+    """check_output_path for a volume file, or the same checks for a DICOM series folder."""
+    if format == DICOM or is_dicom_path(path):
+        from .dicom import check_dicom_folder
+
+        return check_dicom_folder(path, overwrite)
+    return check_output_path(path, overwrite)
+
+
+def write_volume(volume: Volume, path: str | os.PathLike, overwrite: bool = False, format: str | None = None) -> Path:
+    """Write `volume` to .nii.gz/.nii/.nrrd, or as a DICOM series folder (format="dicom" or a folder path),
+    atomically; returns the path written."""
+    if format == DICOM or is_dicom_path(path):
+        from .dicom import write_dicom
+
+        return write_dicom(volume, path, overwrite=overwrite)
     path = check_output_path(path, overwrite)
     writer = _write_nrrd if volume_format(path) == ".nrrd" else _write_nifti
     return atomic_write(path, lambda tmp: writer(volume, tmp), overwrite=overwrite)
@@ -88,8 +110,13 @@ def atomic_write(path: Path, write, overwrite: bool = False) -> Path:
 
 
 def read_volume(path: str | os.PathLike) -> Volume:
-    """Read a volume written by write_volume (or any CT in these formats; provenance is then None)."""
+    """Read a volume written by write_volume (or any CT in these formats, or a CT series folder, or one of its
+    DICOM files; provenance is then None)."""
     path = Path(path)
+    if path.is_dir() or path.name.lower().endswith(DICOM_SUFFIX):
+        from .dicom import read_dicom
+
+        return read_dicom(path)
     if not path.is_file():
         raise CTFlowError(f"{path} does not exist")
     return _read_nrrd(path) if volume_format(path) == ".nrrd" else _read_nifti(path)

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .errors import CTFlowError
+from .dicom import is_dicom_folder
 from .io import SUFFIXES, atomic_write, read_volume
 from .preview import render_preview
 from .volume import Volume
@@ -32,15 +33,16 @@ SEEDS_KEPT = 7  # thumbnails kept per report for diversity (21 pairs)
 
 
 def volume_files(path: str | os.PathLike) -> list[Path]:
-    """A volume file, or the volume files of a folder (not its subfolders), sorted by name."""
+    """A volume file or DICOM series folder, or those a folder holds (not deeper), sorted by name."""
     path = Path(path)
-    if path.is_file():
+    if path.is_file() or is_dicom_folder(path):
         return [path]
     if not path.is_dir():
         raise CTFlowError(f"{path} does not exist")
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(SUFFIXES))
+    files = sorted(p for p in path.iterdir()
+                   if (p.is_file() and p.name.lower().endswith(SUFFIXES)) or is_dicom_folder(p))
     if not files:
-        raise CTFlowError(f"{path} holds no volumes ({', '.join(SUFFIXES)})")
+        raise CTFlowError(f"{path} holds no volumes ({', '.join(SUFFIXES)}, or DICOM series folders)")
     return files
 
 
