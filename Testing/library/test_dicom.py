@@ -273,3 +273,30 @@ def test_simpleitk_gdcm_reads_our_geometry_and_hu(provenance, tmp_path, name):
     ours = nib.Nifti1Image(volume.hu.transpose(2, 1, 0), volume.geometry.ijk_to_ras())
     (their_hu, their_affine), (our_hu, our_affine) = canonical(theirs), canonical(ours)
     assert np.array_equal(their_hu, our_hu) and np.allclose(their_affine, our_affine, atol=1e-6)
+
+
+def test_batch_writes_one_series_per_item_and_one_study_per_report(tiny_pipeline, tmp_path):
+    from ctflow import GenerationRequest
+    from ctflow.batch import BatchFolder, plan_items, read_manifest, read_reports, run_batch
+
+    table = tmp_path / "reports.jsonl"
+    table.write_text("\n".join(json.dumps(row) for row in [
+        {"id": "nodule", "report": "Findings: A 9 mm nodule in the right upper lobe.", "slices": 3},
+        {"id": "effusion", "report": "Findings: Small left pleural effusion.", "slices": 4}]) + "\n")
+    items = plan_items(read_reports(table), seeds=2)
+    out = BatchFolder(tmp_path / "out", "dicom")
+    result = run_batch(tiny_pipeline, items, out, GenerationRequest("", steps=1))
+    assert len(result.made) == 4 and not result.failed
+    rows = read_manifest(out.folder)
+    assert [row["file"] for row in rows] == ["nodule_s0.dcm", "nodule_s1.dcm", "effusion_s0.dcm", "effusion_s1.dcm"]
+    first = {row["file"]: pydicom.dcmread(sorted((out.folder / row["file"]).iterdir())[0]) for row in rows}
+    studies = {name: (ds.StudyInstanceUID, ds.PatientID, ds.SeriesNumber) for name, ds in first.items()}
+    assert studies["nodule_s0.dcm"][:2] == studies["nodule_s1.dcm"][:2] != studies["effusion_s0.dcm"][:2]
+    assert (studies["nodule_s0.dcm"][2], studies["nodule_s1.dcm"][2]) == (1, 2)
+    assert "nodule" in first["nodule_s0.dcm"].StudyDescription and "SYNTHETIC" in first["nodule_s0.dcm"].StudyDescription
+    assert read_volume(out.folder / "effusion_s1.dcm").provenance.seed == 1
+    again = run_batch(tiny_pipeline, items, out, GenerationRequest("", steps=1))  # a resume keeps every series
+    assert sorted(again.skipped) == sorted(item.name for item in items)
+    other = BatchFolder(tmp_path / "other", "dicom")  # another batch: other studies, even for the same report
+    run_batch(tiny_pipeline, items[:1], other, GenerationRequest("", steps=1))
+    assert pydicom.dcmread(next((other.folder / "nodule_s0.dcm").iterdir())).StudyInstanceUID != studies["nodule_s0.dcm"][0]
