@@ -1,0 +1,110 @@
+"""Export DICOM from a volume node: the series the library writes from the node's voxels, geometry and provenance,
+read back by ctflow and by Slicer's own reader (slicer-core). Slicer's DICOM database (ctk) does not exist outside
+the Slicer application: its import is checked against a stand-in that indexes the files the way ctk's does."""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import ctflow
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import slicer
+
+from CTFlowSlicerLib import dicom_export, logic
+
+ROTATED = np.array([[-0.96, 0.28, 0.0], [-0.28, -0.96, 0.0], [0.0, 0.0, -1.0]])
+
+
+@pytest.fixture
+def node(scene):
+    """A volume node as the module leaves it after a generation: voxels, IJK-to-RAS and provenance attributes."""
+    provenance = ctflow.Provenance(
+        report="Findings: Small left pleural effusion.\nImpressions: Effusion.", prompt="...", seed=7, steps=2,
+        sampler="euler", shift=1.0, guidance=1.0, model="random-tiny", model_sha256="cd" * 32, ctflow_version="0.1.0",
+        block_slices=4,
+    )
+    hu = np.random.default_rng(2).integers(-1000, 1500, size=(6, 8, 9)).astype(np.int16)
+    volume = ctflow.Volume(hu, ctflow.Geometry((0.7, 0.8, 2.5), (5.0, -3.0, 40.0), ROTATED), provenance)
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", logic.volumeName(provenance))
+    node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(volume.geometry.ijk_to_ras()))
+    for key, value in provenance.as_dict().items():
+        node.SetAttribute(logic.attributeName(key), value)
+    slicer.util.updateVolumeFromArray(node, volume.hu)
+    return node
+
+
+def canonical(array_kji, ijk_to_ras):
+    image = nib.as_closest_canonical(nib.Nifti1Image(np.asarray(array_kji).transpose(2, 1, 0), ijk_to_ras))
+    return np.asarray(image.dataobj), image.affine
+
+
+def test_the_series_holds_the_node_and_slicer_reads_it_back(node, tmp_path):
+    result = dicom_export.exportDicom(node, tmp_path / "ct.dcm")
+    assert result.folder == tmp_path / "ct.dcm" and not result.imported
+    assert "not added to the DICOM database" in result.message and "6 slices" in result.message
+    back = ctflow.read_volume(result.folder)
+    assert np.array_equal(back.hu, slicer.util.arrayFromVolume(node))
+    assert np.allclose(back.geometry.ijk_to_ras(), logic.ijkToRAS(node), atol=1e-6)
+    assert back.provenance == logic.GenerationLogic.provenanceOf(node)
+    assert pydicom.dcmread(next(result.folder.iterdir())).SyntheticData == "YES"
+    # Slicer's own reader (ITK/GDCM archetype) loads the series into a fresh node at the same places
+    scene = slicer.vtkMRMLScene()
+    loaded = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(sorted(result.folder.iterdir())[0]))
+    assert storage.ReadData(loaded)
+    theirs = canonical(slicer.util.arrayFromVolume(loaded), logic.ijkToRAS(loaded))
+    ours = canonical(slicer.util.arrayFromVolume(node), logic.ijkToRAS(node))
+    assert np.array_equal(theirs[0], ours[0]) and np.allclose(theirs[1], ours[1], atol=1e-4)
+
+
+def test_a_volume_ctflow_did_not_make_is_not_exported(scene, tmp_path):
+    other = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "patient CT")
+    slicer.util.updateVolumeFromArray(other, np.zeros((2, 3, 3), np.int16))
+    with pytest.raises(ctflow.CTFlowError, match="not made by CTFlow"):
+        dicom_export.exportDicom(other, tmp_path / "ct.dcm")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_folder_is_kept_unless_overwrite(node, tmp_path):
+    dicom_export.exportDicom(node, tmp_path / "ct.dcm")
+    with pytest.raises(ctflow.OutputExistsError):
+        dicom_export.exportDicom(node, tmp_path / "ct.dcm")
+    assert dicom_export.exportDicom(node, tmp_path / "ct.dcm", overwrite=True).folder.is_dir()
+
+
+class IndexingDatabase:
+    """Stands in for ctkDICOMDatabase and ctkDICOMIndexer: an open database that, like ctk's indexer with
+    copyFiles, parses every DICOM file of a folder, copies it into its own folder and records its series."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.isOpen, self.files = folder, True, {}
+
+    def importDicom(self, dicomDataDir, dicomDatabase=None, copyFiles=False):
+        database = dicomDatabase or slicer.dicomDatabase
+        for path in sorted(Path(dicomDataDir).iterdir()):
+            dataset = pydicom.dcmread(path)
+            target = database.folder / dataset.SOPInstanceUID if copyFiles else path
+            if copyFiles:
+                target.write_bytes(path.read_bytes())
+            database.files.setdefault(dataset.SeriesInstanceUID, []).append(target)
+        return True
+
+
+def test_the_series_is_added_to_the_dicom_database(node, tmp_path, monkeypatch):
+    database = IndexingDatabase(tmp_path / "database")
+    database.folder.mkdir()
+    monkeypatch.setitem(sys.modules, "DICOMLib", types.SimpleNamespace(DICOMUtils=database))
+    monkeypatch.setattr(slicer, "dicomDatabase", database, raising=False)
+    result = dicom_export.exportDicom(node, tmp_path / "ct.dcm")
+    assert result.imported and result.message.endswith("added it to the DICOM database")
+    series = pydicom.dcmread(next(result.folder.iterdir())).SeriesInstanceUID
+    assert len(database.files[series]) == 6 and all(p.parent == database.folder for p in database.files[series])
+    database.isOpen = False
+    closed = dicom_export.exportDicom(node, tmp_path / "again.dcm")
+    assert not closed.imported and "no DICOM database is open" in closed.message
