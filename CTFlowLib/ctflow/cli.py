@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--report", help="report text (Findings: ... Impressions: ...)")
     source.add_argument("--report-file", type=Path, help="UTF-8 text file holding the report")
     generate.add_argument("--out", required=True,
-                          help="output volume: .nii.gz, .nii or .nrrd, or a DICOM series folder (.dcm or ending in /)")
+                          help="output volume: .nii.gz, .nii, .nrrd or .mha, or a DICOM series folder (.dcm or ending in /)")
     generate.add_argument("--format", choices=(DICOM,), help="write a DICOM series folder whatever --out is named")
     generate.add_argument("--seed", type=int, help="random seed (default: a fresh one, recorded in the file)")
     add_sampling_arguments(generate)
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--seed", type=int, default=0, help="first seed; report r gets seeds S ... S+K-1 (default: 0)")
     add_sampling_arguments(batch)
     add_model_arguments(batch)
-    batch.add_argument("--format", choices=(".nii.gz", ".nrrd", DICOM), default=".nii.gz",
+    batch.add_argument("--format", choices=(".nii.gz", ".nrrd", ".mha", DICOM), default=".nii.gz",
                        help="volume file type, or dicom: a series folder per item, one study per report")
     batch.add_argument("--compile", action="store_true", help="torch.compile the denoiser (pays on a GPU over many items)")
     batch.add_argument("--merge-only", action="store_true", help="only write manifest.csv/json from the finished items")

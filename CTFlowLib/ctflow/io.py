@@ -1,4 +1,4 @@
-"""Reading and writing volumes as .nii.gz / .nrrd with provenance in the header, or as a DICOM series folder.
+"""Reading and writing volumes as .nii.gz / .nrrd / .mha with provenance in the header, or as a DICOM series folder.
 
 Writes are atomic (a temporary file or folder beside the target, then a rename), and an existing file is
 never replaced unless the caller passes overwrite=True. A path ending in .dcm or a path separator, or an
@@ -17,11 +17,11 @@ import numpy as np
 from .errors import CTFlowError, OutputExistsError
 from .volume import Geometry, Provenance, Volume
 
-SUFFIXES = (".nii.gz", ".nii", ".nrrd")
+SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 DICOM, DICOM_SUFFIX = "dicom", ".dcm"
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS flips the first two axes
 _SYNTHETIC_HEADER = "SYNTHETIC CT (CTFlow) - not for diagnosis"
-_NRRD_PREFIX = "CTFlow_"
+_FIELD_PREFIX = "CTFlow_"  # provenance keys in NRRD and MetaImage headers
 
 
 def volume_format(path: str | os.PathLike) -> str:
@@ -70,7 +70,7 @@ def write_volume(volume: Volume, path: str | os.PathLike, overwrite: bool = Fals
 
         return write_dicom(volume, path, overwrite=overwrite)
     path = check_output_path(path, overwrite)
-    writer = _write_nrrd if volume_format(path) == ".nrrd" else _write_nifti
+    writer = {".nrrd": _write_nrrd, ".mha": _write_mha}.get(volume_format(path), _write_nifti)
     return atomic_write(path, lambda tmp: writer(volume, tmp), overwrite=overwrite)
 
 
@@ -119,7 +119,8 @@ def read_volume(path: str | os.PathLike) -> Volume:
         return read_dicom(path)
     if not path.is_file():
         raise CTFlowError(f"{path} does not exist")
-    return _read_nrrd(path) if volume_format(path) == ".nrrd" else _read_nifti(path)
+    reader = {".nrrd": _read_nrrd, ".mha": _read_mha}.get(volume_format(path), _read_nifti)
+    return reader(path)
 
 
 def _write_nifti(volume: Volume, path: Path) -> None:
@@ -172,8 +173,7 @@ def _write_nrrd(volume: Volume, path: Path) -> None:
     }
     if volume.provenance is not None:
         header["content"] = _SYNTHETIC_HEADER
-        for key, value in volume.provenance.as_dict().items():
-            header[_NRRD_PREFIX + key] = value.encode("unicode_escape").decode("ascii")  # one ASCII line
+    header.update(_provenance_fields(volume.provenance))
     nrrd.write(str(path), np.ascontiguousarray(volume.hu.transpose(2, 1, 0)).astype(np.int16), header, index_order="F")
 
 
@@ -189,11 +189,36 @@ def _read_nrrd(path: Path) -> Volume:
     matrix[:3, 3] = np.asarray(header.get("space origin", [0.0, 0.0, 0.0]), dtype=float)
     if header.get("space", "left-posterior-superior") in ("left-posterior-superior", "LPS"):
         matrix = _LPS @ matrix
-    fields = {
-        key[len(_NRRD_PREFIX) :]: value.encode("ascii").decode("unicode_escape")
-        for key, value in header.items()
-        if key.startswith(_NRRD_PREFIX)
-    }
-    provenance = Provenance.from_dict(fields) if fields else None
+    provenance = _provenance_from_fields(header)
     return Volume(np.asarray(data).transpose(2, 1, 0).astype(np.int16), Geometry.from_ijk_to_ras(matrix), provenance)
+
+
+def _write_mha(volume: Volume, path: Path) -> None:
+    from .metaimage import write_mha
+
+    write_mha(volume, path, _provenance_fields(volume.provenance))
+
+
+def _read_mha(path: Path) -> Volume:
+    from .metaimage import read_mha
+
+    volume, header = read_mha(path)
+    volume.provenance = _provenance_from_fields(header)
+    return volume
+
+
+def _provenance_fields(provenance: Provenance | None) -> dict[str, str]:
+    """Provenance as header entries of one ASCII line each (NRRD, MetaImage)."""
+    if provenance is None:
+        return {}
+    return {_FIELD_PREFIX + key: value.encode("unicode_escape").decode("ascii") for key, value in provenance.as_dict().items()}
+
+
+def _provenance_from_fields(header: dict) -> Provenance | None:
+    fields = {
+        key[len(_FIELD_PREFIX) :]: value.encode("ascii").decode("unicode_escape")
+        for key, value in header.items()
+        if key.startswith(_FIELD_PREFIX)
+    }
+    return Provenance.from_dict(fields) if fields else None
 

@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ctflow import CTFlowError, parse_report
+from ctflow import CTFlowError, parse_report, read_volume
 from ctflow.batch import plan_items, read_reports
 from ctflow.cli import main
 
@@ -58,3 +58,22 @@ def test_a_bad_prompts_file_is_one_clear_error(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(CTFlowError, match=message):
         read_reports(path)
+
+
+def test_mha_output_is_what_the_official_evaluation_reads(tiny_model, prompts, tmp_path):
+    """The evaluation container globs /input/**/*.mha and reads each with SimpleITK, then writes a NIfTI."""
+    sitk = pytest.importorskip("SimpleITK", reason="SimpleITK is in requirements-test.txt")
+    out = tmp_path / "output"
+    assert main(["batch", str(prompts), "--out", str(out), "--format", ".mha", "--model", str(tiny_model),
+                 "--steps", "1", "--slices", "5", "--device", "cpu"]) == 0
+    assert sorted(p.name for p in out.glob("*.mha")) == ["65f43b26-34fd-447a-9462-faf4d7b139ed.mha", "case_two.mha"]
+    ours = read_volume(out / "case_two.mha")
+    image = sitk.ReadImage(str(out / "case_two.mha"))
+    assert np.array_equal(sitk.GetArrayFromImage(image), ours.hu)  # [k, j, i] both
+    assert np.allclose(image.GetSpacing(), ours.geometry.spacing)
+    assert np.allclose(np.diag([-1, -1, 1]) @ np.asarray(image.GetOrigin()), ours.geometry.origin)
+    assert "SYNTHETIC" in image.GetMetaData("CTFlow_synthetic") and ours.provenance.seed == 0
+    sitk.WriteImage(image, str(tmp_path / "converted.nii.gz"))  # the container's own conversion step
+    converted = read_volume(tmp_path / "converted.nii.gz")
+    assert np.array_equal(converted.hu, ours.hu)
+    assert np.allclose(converted.geometry.ijk_to_ras(), ours.geometry.ijk_to_ras(), atol=1e-5)

@@ -27,7 +27,7 @@ def volume():
     return Volume(hu, Geometry((0.7, 0.8, 2.5), (10.0, -20.0, 30.0), OBLIQUE), provenance)
 
 
-@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd"])
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha"])
 def test_round_trip_keeps_voxels_geometry_and_provenance(volume, tmp_path, suffix):
     path = write_volume(volume, tmp_path / f"ct{suffix}")
     back = read_volume(path)
@@ -55,7 +55,7 @@ def world_values(array_kji, ijk_to_ras):
     return dict(zip(map(tuple, np.round(ras.T, 2)), array_kji.reshape(-1).tolist()))
 
 
-@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd"])
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
 def test_slicer_reads_the_same_voxels_at_the_same_places(volume, tmp_path, suffix):
     """Our RAS convention, checked by Slicer's own reader (slicer-core's MRML storage node)."""
     import slicer
@@ -101,7 +101,7 @@ def test_a_failed_write_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("name, message", [("ct.mha", "unsupported file type"), ("missing/ct.nrrd", "does not exist")])
+@pytest.mark.parametrize("name, message", [("ct.mhd", "unsupported file type"), ("missing/ct.nrrd", "does not exist")])
 def test_bad_output_paths(volume, tmp_path, name, message):
     with pytest.raises(CTFlowError, match=message):
         write_volume(volume, tmp_path / name)
