@@ -197,7 +197,8 @@ def series_header(volume: Volume, study: Study, series_number: int):
     ds.SOPClassUID = CT_IMAGE_STORAGE
     ds.SyntheticData = "YES"
     ds.TimezoneOffsetFromUTC = "+0000"
-    ds.InstanceCreationDate, ds.InstanceCreationTime = _date(_now()), _time(_now())
+    now = _dt.datetime.now(_dt.timezone.utc)
+    ds.InstanceCreationDate, ds.InstanceCreationTime = _date(now), _time(now)
     ds.ContributingEquipmentSequence = [_synthesizing_equipment(provenance, created)]
     block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
     block.add_new(0x00, "UT", json.dumps(provenance.as_dict(), sort_keys=True))
@@ -271,10 +272,6 @@ def _lo(text: str) -> str:
     return text if len(text) <= 64 else "..." + text[-61:]
 
 
-def _now() -> _dt.datetime:
-    return _dt.datetime.now(_dt.timezone.utc)
-
-
 def _date(moment: _dt.datetime) -> str:
     return moment.strftime("%Y%m%d")
 
@@ -345,8 +342,8 @@ def _read_header(file: Path):
         header = pydicom.dcmread(file, stop_before_pixels=True)
     except (InvalidDicomError, OSError, ValueError, EOFError):
         return None
-    if "ImagePositionPatient" not in header or "ImageOrientationPatient" not in header or "Rows" not in header:
-        return None
+    if any(key not in header for key in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows")):
+        return None  # not a slice that can be placed in space
     if int(header.get("NumberOfFrames", 1) or 1) > 1:
         raise CTFlowError(f"{file} is a multi-frame (enhanced) image: only one-slice-per-file series are read")
     return header
