@@ -198,6 +198,20 @@ def test_qa_accepts_a_dicom_series(provenance, tmp_path, capsys):
     assert sorted(p.name for p in folder.iterdir())[-1] == "0012.dcm" and len(list(folder.iterdir())) == 12
 
 
+def test_metrics_take_scanner_series_as_reference(provenance, tmp_path, capsys):
+    """Real CTs usually come as DICOM: a folder of series is a reference set like a folder of NIfTI files."""
+    generated, real = tmp_path / "generated", tmp_path / "real"
+    generated.mkdir(), real.mkdir()
+    rng = np.random.default_rng(3)
+    for k in range(2):
+        write_volume(make_volume(provenance, shape=(8, 16, 16)), generated / f"g{k}.dcm")
+        scanner_series(real / f"scan{k}", rng.integers(-1024, 1500, size=(8, 16, 16)).astype(np.int16))
+    code = main(["metrics", str(generated), "--reference", str(real), "--slices-per-axis", "2", "--size", "32",
+                 "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["fid_2_5d"]["slices"] == {"reference": 4, "generated": 4}
+
+
 def test_generate_writes_a_dicom_series(tiny_model, tmp_path, capsys):
     argv = ["generate", "--report", "Findings: Left lower lobe consolidation.", "--model", str(tiny_model),
             "--steps", "1", "--seed", "5", "--slices", "6", "--device", "cpu"]
