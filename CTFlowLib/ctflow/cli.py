@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     source = generate.add_mutually_exclusive_group(required=True)
     source.add_argument("--report", help="report text (Findings: ... Impressions: ...)")
     source.add_argument("--report-file", type=Path, help="UTF-8 text file holding the report")
-    generate.add_argument("--out", required=True,
-                          help="output volume: .nii.gz, .nii, .nrrd or .mha, or a DICOM series folder (.dcm or ending in /)")
+    generate.add_argument("--out", required=True, help="output volume: .nii.gz, .nii, .nrrd or .mha, or a DICOM "
+                          "series folder (.dcm or ending in /)")
     generate.add_argument("--format", choices=(DICOM,), help="write a DICOM series folder whatever --out is named")
     generate.add_argument("--seed", type=int, help="random seed (default: a fresh one, recorded in the file)")
     add_sampling_arguments(generate)
@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=run_info)
 
     batch = commands.add_parser("batch", help="one volume per report and seed, resumable, sharded over torchrun ranks")
-    batch.add_argument("reports", type=Path, help="reports table: .csv, .jsonl or .json (report or findings/impressions, "
-                       "id; or the VLM3D challenge's input_image_name and report)")
+    batch.add_argument("reports", type=Path, help="reports table: .csv, .jsonl or .json (report or "
+                       "findings/impressions, id; or the VLM3D challenge's input_image_name and report)")
     batch.add_argument("--out", required=True, type=Path, help="output folder (created; a rerun resumes it)")
     batch.add_argument("--seeds", type=int, default=1, help="volumes per report (default: 1)")
     batch.add_argument("--seed", type=int, default=0, help="first seed; report r gets seeds S ... S+K-1 (default: 0)")

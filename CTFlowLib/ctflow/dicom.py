@@ -246,7 +246,8 @@ def slice_instance(header, volume: Volume, k: int):
     matrix = volume.geometry.ijk_to_ras()
     position = (matrix[:3, :3] @ np.array([0.0, 0.0, float(k)]) + matrix[:3, 3]) * _TO_LPS
     ds.ImagePositionPatient = [_ds(v) for v in position]
-    normal = np.cross(np.asarray(ds.ImageOrientationPatient[:3], float), np.asarray(ds.ImageOrientationPatient[3:], float))
+    orientation = np.asarray(ds.ImageOrientationPatient, dtype=float)
+    normal = np.cross(orientation[:3], orientation[3:])
     ds.SliceLocation = _ds(float(position @ normal))
     ds.PixelData = np.ascontiguousarray(volume.hu[k], dtype="<i2").tobytes()
     meta = FileMetaDataset()

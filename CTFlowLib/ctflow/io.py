@@ -63,7 +63,7 @@ def check_volume_output(path: str | os.PathLike, overwrite: bool, format: str | 
 
 
 def write_volume(volume: Volume, path: str | os.PathLike, overwrite: bool = False, format: str | None = None) -> Path:
-    """Write `volume` to .nii.gz/.nii/.nrrd, or as a DICOM series folder (format="dicom" or a folder path),
+    """Write `volume` to .nii.gz/.nii/.nrrd/.mha, or as a DICOM series folder (format="dicom" or a folder path),
     atomically; returns the path written."""
     if format == DICOM or is_dicom_path(path):
         from .dicom import write_dicom
@@ -211,7 +211,8 @@ def _provenance_fields(provenance: Provenance | None) -> dict[str, str]:
     """Provenance as header entries of one ASCII line each (NRRD, MetaImage)."""
     if provenance is None:
         return {}
-    return {_FIELD_PREFIX + key: value.encode("unicode_escape").decode("ascii") for key, value in provenance.as_dict().items()}
+    return {_FIELD_PREFIX + key: value.encode("unicode_escape").decode("ascii")
+            for key, value in provenance.as_dict().items()}
 
 
 def _provenance_from_fields(header: dict) -> Provenance | None:

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .errors import CTFlowError
 from .dicom import is_dicom_folder
+from .errors import CTFlowError
 from .io import SUFFIXES, atomic_write, read_volume
 from .preview import render_preview
 from .volume import Volume

@@ -221,7 +221,8 @@ def test_generate_writes_a_dicom_series(tiny_model, tmp_path, capsys):
         volume = read_volume(folder)
         assert volume.shape == (6, 16, 16) and volume.provenance.seed == 5
         assert pydicom.dcmread(next(folder.iterdir())).SyntheticData == "YES"
-    assert main([*argv, "--out", str(tmp_path / "named.dcm")]) == 0 and read_volume(tmp_path / "named.dcm").shape[0] == 6
+    assert main([*argv, "--out", str(tmp_path / "named.dcm")]) == 0
+    assert read_volume(tmp_path / "named.dcm").shape[0] == 6
     assert main([*argv, "--out", str(tmp_path / "named"), "--format", "dicom"]) == 1
     assert "already exists" in capsys.readouterr().err
 
@@ -233,7 +234,8 @@ needs_dciodvfy = pytest.mark.skipif(shutil.which("dciodvfy") is None,
 needs_dcm2niix = pytest.mark.skipif(shutil.which("dcm2niix") is None,
                                     reason="dcm2niix not installed (Debian package dcm2niix; .ci/run installs it)")
 # dicom3tools 2022 (Debian 12) predates Synthetic Data (0008,001C) and calls an unknown even-group tag an error.
-UNKNOWN_SYNTHETIC_DATA = "Error - Attribute with an even group number is not a recognized standard attribute - (0x0008,0x001c)"
+UNKNOWN_SYNTHETIC_DATA = ("Error - Attribute with an even group number is not a recognized standard attribute - "
+                          "(0x0008,0x001c)")
 
 
 @needs_dciodvfy
@@ -307,10 +309,12 @@ def test_batch_writes_one_series_per_item_and_one_study_per_report(tiny_pipeline
     studies = {name: (ds.StudyInstanceUID, ds.PatientID, ds.SeriesNumber) for name, ds in first.items()}
     assert studies["nodule_s0.dcm"][:2] == studies["nodule_s1.dcm"][:2] != studies["effusion_s0.dcm"][:2]
     assert (studies["nodule_s0.dcm"][2], studies["nodule_s1.dcm"][2]) == (1, 2)
-    assert "nodule" in first["nodule_s0.dcm"].StudyDescription and "SYNTHETIC" in first["nodule_s0.dcm"].StudyDescription
+    description = first["nodule_s0.dcm"].StudyDescription
+    assert "nodule" in description and "SYNTHETIC" in description
     assert read_volume(out.folder / "effusion_s1.dcm").provenance.seed == 1
     again = run_batch(tiny_pipeline, items, out, GenerationRequest("", steps=1))  # a resume keeps every series
     assert sorted(again.skipped) == sorted(item.name for item in items)
     other = BatchFolder(tmp_path / "other", "dicom")  # another batch: other studies, even for the same report
     run_batch(tiny_pipeline, items[:1], other, GenerationRequest("", steps=1))
-    assert pydicom.dcmread(next((other.folder / "nodule_s0.dcm").iterdir())).StudyInstanceUID != studies["nodule_s0.dcm"][0]
+    elsewhere = pydicom.dcmread(next((other.folder / "nodule_s0.dcm").iterdir()))
+    assert elsewhere.StudyInstanceUID != studies["nodule_s0.dcm"][0]
