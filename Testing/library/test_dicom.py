@@ -174,6 +174,21 @@ def test_ordinary_ct_series_are_read(tmp_path):
     assert volume_files(folder) == [folder] and volume_files(tmp_path) == [folder]
 
 
+def test_a_slice_a_scanner_wrote_is_read(tmp_path):
+    """pydicom's CT_small.dcm: one slice from a real scanner, unsigned pixels and a -1024 intercept."""
+    from pydicom.data import get_testdata_file
+
+    original = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    folder = tmp_path / "scanner"
+    folder.mkdir()
+    shutil.copy(get_testdata_file("CT_small.dcm"), folder)
+    volume = read_volume(folder)
+    assert np.array_equal(volume.hu[0], original.pixel_array.astype(np.int32) - 1024)
+    assert volume.geometry.spacing[:2] == pytest.approx([float(v) for v in original.PixelSpacing][::-1])
+    lps_origin = np.asarray(original.ImagePositionPatient, dtype=float)
+    assert np.allclose(volume.geometry.origin, lps_origin * [-1, -1, 1]) and volume.provenance is None
+
+
 def test_a_folder_of_several_series_asks_for_one(tmp_path):
     hu = np.zeros((3, 4, 4), np.int16)
     folder = scanner_series(tmp_path / "mixed", hu, description="LUNG")
