@@ -7,6 +7,7 @@ data package's own writer; the tiny VAE and denoiser presets keep every training
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 
@@ -22,10 +23,12 @@ from ctflow.config import DENOISER_PRESETS
 from ctflow.denoiser import STDiT
 from ctflow.report import Report
 from ctflow.volume import Geometry, Volume
-from ctflow_train import evaluate, export, finding_study, latent_cache, train_flow, train_vae
+from ctflow_train import evaluate, export, finding_study, latent_store, train_flow, train_vae
 from ctflow_train.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from ctflow_train.dataset import DatasetWriter
 from ctflow_train.findings import FINDINGS
+from ctflow_train.flow_data import BlockDataset, SamplingRules, ShareSampler, block_loader, collate
+from ctflow_train.latent_store import LatentStore, open_stores
 from ctflow_train.training_data import list_cases, load_cases
 
 SIZE, BLOCK = 16, 4
@@ -104,7 +107,8 @@ def flow_args(cache, out, **overrides) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     train_flow.configure(parser)
     args = parser.parse_args(["--cache", str(cache), "--out", str(out), "--preset", "tiny", "--block", str(BLOCK),
-                              "--batch", "3", "--steps", "4", "--warmup", "1", "--lr", "1e-3", "--save-every", "2"])
+                              "--batch", "3", "--steps", "4", "--warmup", "1", "--lr", "1e-3", "--save-every", "2",
+                              "--workers", "0"])
     return argparse.Namespace(**{**vars(args), **overrides})
 
 
@@ -116,8 +120,8 @@ def vae_run(data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cache(data, vae_run, tmp_path_factory):
-    path = tmp_path_factory.mktemp("cache") / "latents.safetensors"
-    latent_cache.build_cache(data, vae_run[0] / "vae", path, 1, SIZE, ctflow.ModelConfig().text, log=lambda line: None)
+    path = tmp_path_factory.mktemp("cache") / "latents"
+    latent_store.build_store(data, vae_run[0] / "vae", path, 1, SIZE, ctflow.ModelConfig().text, log=lambda line: None)
     return path
 
 
@@ -150,7 +154,7 @@ def test_vae_run_writes_a_standardised_vae_with_held_out_metrics(vae_run):
     assert held["slices"] == 8 and np.isfinite(held["psnr_db"]) and -1 <= held["ssim"] <= 1
     rows = (out / "loss.csv").read_text().splitlines()
     assert len(rows) == 1 + 6 and float(rows[-1].split(",")[4]) != 0  # the discriminator joined at step 3
-    vae = latent_cache.load_vae(out / "vae", SIZE)
+    vae = latent_store.load_vae(out / "vae", SIZE)
     latents = vae.encode(torch.from_numpy(tiny_volume(np.random.default_rng(1), 12)[:12]))
     assert abs(float(latents.mean())) < 0.5 and 0.5 < float(latents.std()) < 2  # shift/scale make them ~N(0, 1)
 
@@ -165,98 +169,172 @@ def test_decoder_run_keeps_the_latents_and_trains_the_decoder(data, vae_run, tmp
     assert encoding and all(torch.equal(before[k], after[k]) for k in encoding)
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
     hu = torch.from_numpy(tiny_volume(np.random.default_rng(1), 12)[:12])
-    old, new = latent_cache.load_vae(base / "vae", SIZE), latent_cache.load_vae(tmp_path / "vae", SIZE)
+    old, new = latent_store.load_vae(base / "vae", SIZE), latent_store.load_vae(tmp_path / "vae", SIZE)
     assert torch.equal(old.encode(hu), new.encode(hu))  # the same standardised latents: caches and denoisers stay valid
     assert metrics["preset"] == base_metrics["preset"] and metrics["steps"] == 3
     assert metrics["decoder_of"]["steps"] == 6 and metrics["decoder_of"]["held_out"] == base_metrics["held_out"]
     assert "then its decoder alone 3 steps" in export.autoencoder_training(metrics)
 
 
-# ------------------------------------------------------------------------------------------ latent cache
+# ------------------------------------------------------------------------------------------ latent store
 
 
-def test_cache_holds_latents_prompts_and_tokens(cache):
-    loaded = latent_cache.read_cache(cache)
-    assert len(loaded.latents) == 3 and loaded.latents[0].shape == (18, 4, 8, 8)  # 14 real + 4 white slices
-    assert torch.allclose(loaded.latents[0][-1], loaded.end, atol=1e-2)  # white slices are the end latent
-    assert loaded.meta["median_content_slices"] == 14 and loaded.meta["spacing"] == [2.0, 2.0, 2.5]
-    assert len(loaded.text["length"][0]) > len(loaded.text["plain"][0])  # "Length: 14 slices" adds tokens
-    assert loaded.empty.shape == (2, 384)  # [CLS] [SEP]
+def test_store_holds_latents_prompts_and_tokens_one_checksummed_file_a_volume(cache):
+    store = LatentStore(cache)
+    assert len(store) == 3 and store.latents(0).shape == (18, 4, 8, 8)  # 14 real + 4 white slices
+    assert torch.allclose(store.latents(0)[-1], store.end, atol=1e-2)  # white slices are the end latent
+    assert store.meta["median_content_slices"] == 14 and store.meta["spacing"] == [2.0, 2.0, 2.5]
+    assert len(store.text("length", 0)) > len(store.text("plain", 0))  # "Length: 14 slices" adds tokens
+    assert store.empty.shape == (2, 384)  # [CLS] [SEP]
+    assert torch.equal(store.window(1, 5, 9), store.latents(1)[5:9])
+    with safe_open(str(cache / "volumes" / "tiny_0.safetensors"), framework="pt") as handle:
+        assert handle.get_slice("latents").get_dtype() == "F16" and store.meta["dtype"] == "float16"
+    header = json.loads((cache / "store.json").read_text())
+    assert header["vae"].endswith("vae") and len(header["vae_sha256"]) == 64 and header["text"]["mode"] == "tokens"
+    assert latent_store.verify(cache) == []
 
 
-def cache_of_another_vae(cache, folder, shift=1.0):
-    """A copy of the cache whose start latent differs by `shift`: 1 as another VAE would encode the start slice,
+def test_verify_finds_a_volume_changed_on_disk(cache, tmp_path):
+    copy = shutil.copytree(cache, tmp_path / "copy")
+    tensors = load_file(copy / "volumes" / "tiny_1.safetensors")
+    tensors["latents"][0, 0, 0, 0] += 1
+    save_file(tensors, copy / "volumes" / "tiny_1.safetensors")
+    (copy / "volumes" / "tiny_2.safetensors").unlink()
+    assert latent_store.verify(copy) == ["tiny_1", "tiny_2"]
+
+
+def store_of_another_vae(cache, folder, shift=1.0):
+    """A copy of the store whose start latent differs by `shift`: 1 as another VAE would encode the start slice,
     1e-3 as the same VAE run with other thread counts does."""
-    tensors = load_file(cache)
-    tensors["start"] = tensors["start"] + shift
-    other = folder / f"other_{shift}.safetensors"
-    with safe_open(str(cache), framework="pt") as handle:
-        save_file(tensors, other, metadata=handle.metadata())
+    other = shutil.copytree(cache, folder / f"other_{shift}")
+    common = load_file(other / "common.safetensors")
+    common["start"] = common["start"] + shift
+    save_file(common, other / "common.safetensors")
     return other
 
 
-def test_caches_of_one_encoder_train_as_one_and_others_are_refused(cache, tmp_path):
-    merged = latent_cache.read_caches([cache, cache])
-    single = latent_cache.read_cache(cache)
-    assert len(merged.latents) == 6 and merged.meta["names"] == single.meta["names"] * 2
-    assert torch.equal(merged.latents[4], single.latents[1]) and torch.equal(merged.text["plain"][5], single.text["plain"][2])
+def test_stores_of_one_encoder_train_as_one_and_others_are_refused(cache, tmp_path):
+    dataset = BlockDataset(open_stores([cache, cache]), SamplingRules(BLOCK), 0)
+    assert len(dataset) == 6 and sorted(dataset.volume(p)[1] for p in range(6)) == [0, 0, 1, 1, 2, 2]
     with pytest.raises(ctflow.CTFlowError, match="another VAE"):
-        latent_cache.read_caches([cache, cache_of_another_vae(cache, tmp_path)])
-    assert len(latent_cache.read_caches([cache, cache_of_another_vae(cache, tmp_path, 1e-3)]).latents) == 6
+        open_stores([cache, store_of_another_vae(cache, tmp_path)])
+    assert len(open_stores([cache, store_of_another_vae(cache, tmp_path, 1e-3)])) == 2
+    with pytest.raises(ctflow.CTFlowError, match="single-file latent cache"):
+        LatentStore(save_checkpoint(tmp_path / "old.safetensors", {}, {}, {}, {}))
+
+
+def test_encoding_shares_out_over_ranks_resumes_and_adds(data, vae_run, cache, tmp_path, monkeypatch):
+    """Two ranks (as torchrun sets them) each encode their share; the last to finish merges the index. A rerun
+    encodes only what is missing, and a rerun over more cases adds them."""
+    out, vae, text = tmp_path / "store", vae_run[0] / "vae", ctflow.ModelConfig().text
+
+    def build(rank, world, holdout=1, **options):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        return latent_store.build_store(data, vae, out, holdout, SIZE, text, log=lambda line: None, **options)
+
+    assert build(0, 2)["encoded"] == 2 and not (out / "index.jsonl").exists()  # tiny_0, tiny_2; tiny_1 is rank 1's
+    with pytest.raises(ctflow.CTFlowError, match="stopped before the end"):
+        LatentStore(out)
+    assert build(1, 2)["encoded"] == 1 and build(1, 2)["encoded"] == 0  # the second time: nothing left to do
+    single, shared = LatentStore(cache), LatentStore(out)
+    assert shared.names == single.names == ["tiny_0", "tiny_1", "tiny_2"]
+    assert all(torch.allclose(shared.latents(v), single.latents(v), atol=1e-2) for v in range(3))
+    (out / "rows" / "tiny_1.json").unlink()  # stopped between its volume and its row: made again
+    before = (out / "volumes" / "tiny_0.safetensors").stat().st_mtime_ns
+    summary = build(0, 1, holdout=0)  # and tiny_3, held out until now, is added
+    assert summary["encoded"] == 2 and summary["volumes"] == 4 and LatentStore(out).names[-1] == "tiny_3"
+    assert (out / "volumes" / "tiny_0.safetensors").stat().st_mtime_ns == before  # finished volumes stay as they are
+    with pytest.raises(ctflow.CTFlowError, match="dtype float16, not bfloat16"):
+        build(0, 1, dtype="bfloat16")
+    store_of_another_vae(out, tmp_path).rename(tmp_path / "another")
+    with pytest.raises(ctflow.CTFlowError, match="another VAE or text encoder"):
+        latent_store.build_store(data, vae, tmp_path / "another", 1, SIZE, text, log=lambda line: None)
+
+
+# ------------------------------------------------------------------------------------------ sampling
+
+
+def draw(cache, n, seed=0, first=0, **rules) -> "train_flow.Batch":
+    """Samples first..first+n-1 of a run over the store, as one batch."""
+    dataset = BlockDataset(open_stores([cache]), SamplingRules(BLOCK, **rules), seed)
+    return collate([dataset[p] for p in range(first, first + n)])
 
 
 def test_batches_follow_startboost_and_text_dropout(cache):
-    loaded = latent_cache.read_cache(cache)
-    args = flow_args(cache, "unused", start_p=1.0, text_drop=1.0)
-    batch = train_flow.get_batch(loaded, 5, BLOCK, args, torch.Generator().manual_seed(0))
-    assert batch.x0.shape == batch.previous.shape == batch.before.shape == (5, 4, BLOCK, 8, 8)
+    store = LatentStore(cache)
+    batch = draw(cache, 5, start_p=1.0, text_drop=1.0)
+    assert batch.x0.shape == batch.previous.shape == batch.before.shape == batch.noise.shape == (5, 4, BLOCK, 8, 8)
     assert batch.first.all()
-    assert torch.equal(batch.previous, loaded.start[None, :, None].expand_as(batch.previous))  # black previous
-    assert torch.equal(batch.text[:, :2], loaded.empty[None].expand(5, -1, -1)) and batch.mask.sum(1).eq(2).all()
-    args = flow_args(cache, "unused", start_p=0.0, text_drop=0.0)
-    batch = train_flow.get_batch(loaded, 50, BLOCK, args, torch.Generator().manual_seed(0))
+    assert torch.equal(batch.previous, store.start[None, :, None].expand_as(batch.previous))  # black previous
+    assert torch.equal(batch.text[:, :2], store.empty[None].expand(5, -1, -1)) and batch.mask.sum(1).eq(2).all()
+    batch = draw(cache, 50, start_p=0.0, text_drop=0.0)
     assert not batch.first.any()
-    assert not torch.equal(batch.previous[0], loaded.start[:, None].expand_as(batch.previous[0]))
+    assert not torch.equal(batch.previous[0], store.start[:, None].expand_as(batch.previous[0]))
     lengths = set(batch.mask.sum(1).tolist())
     assert len(lengths) >= 2  # plain and length prompts both drawn
+    assert 0 <= batch.t.min() and batch.t.max() <= 1 and draw(cache, 50, time_shift=3.0).t.mean() > batch.t.mean()
 
 
 def test_batch_windows_are_consecutive_blocks_of_one_volume(cache):
-    loaded = latent_cache.read_cache(cache)
-    batch = train_flow.get_batch(loaded, 20, BLOCK, flow_args(cache, "unused", start_p=0.0), torch.Generator().manual_seed(1))
-    padded = [torch.cat([loaded.start[None].expand(2 * BLOCK, -1, -1, -1), v]) for v in loaded.latents]
+    store = LatentStore(cache)
+    batch = draw(cache, 20, seed=1, start_p=0.0)
+    padded = [torch.cat([store.start[None].expand(2 * BLOCK, -1, -1, -1), store.latents(v)]) for v in range(3)]
     for i in range(20):
         window = torch.cat([batch.before[i], batch.previous[i], batch.x0[i]], dim=1).permute(1, 0, 2, 3)  # [3T, C, h, w]
         assert any(torch.equal(window, v[o : o + 3 * BLOCK]) for v in padded for o in range(BLOCK, len(v) - 3 * BLOCK + 1))
 
 
+def test_every_epoch_visits_each_volume_once_and_ranks_take_disjoint_shares(cache):
+    stores = open_stores([cache, cache])
+    dataset = BlockDataset(stores, SamplingRules(BLOCK), 0)
+    numbers = [[3 * stores.index(store) + v for store, v in map(dataset.volume, range(e * 6, e * 6 + 6))] for e in range(3)]
+    assert all(sorted(epoch) == list(range(6)) for epoch in numbers)
+    assert len({tuple(epoch) for epoch in numbers}) > 1  # a new order each epoch
+    ranks = [ShareSampler(rank, 2, 3, start=12) for rank in range(2)]
+    taken = [list(itertools.islice(iter(sampler), 9)) for sampler in ranks]  # 3 steps of a global batch of 6
+    assert not set(taken[0]) & set(taken[1]) and sorted(taken[0] + taken[1]) == list(range(12, 30))
+    assert taken[0][:3] == [12, 13, 14] and taken[1][:3] == [15, 16, 17]
+
+
+def test_a_sample_depends_on_its_position_only_not_on_the_worker_that_makes_it(cache):
+    dataset = BlockDataset(open_stores([cache]), SamplingRules(BLOCK, rollout=True), 0)
+    alone = collate([dataset[p] for p in range(12, 18)])
+    loader = block_loader(dataset, ShareSampler(0, 1, 3, start=12), workers=2, pin_memory=False)
+    batches = iter(loader)
+    workers = [next(batches), next(batches)]
+    for name, value in alone._asdict().items():
+        assert torch.equal(value[:3], getattr(workers[0], name)[: len(value[:3])]) or name in ("text", "mask")
+        assert torch.equal(value[3:], getattr(workers[1], name)[: len(value[3:])]) or name in ("text", "mask")
+    assert not torch.equal(alone.noise, draw(cache, 6, first=13).noise)
+
+
 def test_rollout_replaces_only_previous_blocks_that_follow_real_slices(cache):
-    loaded = latent_cache.read_cache(cache)
     torch.manual_seed(0)
-    model = STDiT(train_flow.denoiser_config(flow_args(cache, "unused"), loaded)).eval()
-    batch = train_flow.get_batch(loaded, 8, BLOCK, flow_args(cache, "unused", start_p=0.5), torch.Generator().manual_seed(2))
+    model = STDiT(train_flow.denoiser_config(flow_args(cache, "unused"), LatentStore(cache))).eval()
+    batch = draw(cache, 8, seed=2, rollout=True)
     assert batch.first.any() and not batch.first.all()
-    rolled = train_flow.roll_out_previous(model, batch, 1.0, torch.Generator().manual_seed(0))
+    rolled = train_flow.roll_out_previous(model, batch, 1.0)
     assert rolled.shape == batch.previous.shape and torch.isfinite(rolled).all()
     for i in range(8):  # a first block's previous is the exact start block; every other one is the model's estimate
         assert torch.equal(rolled[i], batch.previous[i]) == bool(batch.first[i])
-    untouched = train_flow.roll_out_previous(model, batch, 0.0, torch.Generator().manual_seed(0))
+    untouched = train_flow.roll_out_previous(model, batch, 0.0)
     assert torch.equal(untouched, batch.previous)
+    some = train_flow.roll_out_previous(model, batch, 0.5)  # where its uniform draw is below the share
+    assert all(torch.equal(some[i], batch.previous[i]) == bool(batch.first[i] or batch.rollout_u[i] >= 0.5) for i in range(8))
 
 
 # ------------------------------------------------------------------------------------------ flow training
 
 
 def test_denoiser_loss_falls_on_a_fixed_batch(cache):
-    loaded = latent_cache.read_cache(cache)
     torch.manual_seed(0)
-    config = train_flow.denoiser_config(flow_args(cache, "unused"), loaded)
+    config = train_flow.denoiser_config(flow_args(cache, "unused"), LatentStore(cache))
     model = train_flow.Conditioned(STDiT(config))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    generator = torch.Generator().manual_seed(0)
-    batch = train_flow.get_batch(loaded, 4, BLOCK, flow_args(cache, "unused"), generator)
-    x0, prev, text, mask, first_slice = batch.x0, batch.previous, batch.text, batch.mask, batch.first_slice
-    t, noise = torch.rand(4, generator=generator), torch.randn(x0.shape, generator=generator)
+    batch = draw(cache, 4)
+    x0, prev, text, mask, first_slice, t, noise = (batch.x0, batch.previous, batch.text, batch.mask, batch.first_slice,
+                                                   batch.t, batch.noise)
     z_t = (1 - t.view(-1, 1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1, 1) * noise
     losses = []
     for _ in range(10):
@@ -271,8 +349,8 @@ def test_denoiser_loss_falls_on_a_fixed_batch(cache):
 
 def test_resume_continues_bit_for_bit(cache, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train_flow.train(flow_args(cache, straight, steps=4, rollout_p=0.5))
-    train_flow.train(flow_args(cache, resumed, steps=2, rollout_p=0.5))
+    train_flow.train(flow_args(cache, straight, steps=4, rollout_p=0.5, workers=2))  # worker processes or not:
+    train_flow.train(flow_args(cache, resumed, steps=2, rollout_p=0.5))  # the same samples
     train_flow.train(flow_args(cache, resumed, steps=4, resume=True, rollout_p=0.5))
     a, b = load_file(straight / "checkpoint.safetensors"), load_file(resumed / "checkpoint.safetensors")
     assert a.keys() == b.keys() and any(k.startswith("optimizer/") for k in a)
@@ -311,8 +389,8 @@ def test_warm_start_adds_switched_on_parts_that_change_nothing_yet(cache, tmp_pa
         train_flow.train(flow_args(cache, tmp_path / "other", steps=1, init=placed, hidden=64, heads=2))
     stages = export.lineage(placed)  # the model card counts every stage's training
     assert [(s["run"], s["steps"], s["slice_position"], s["pooled_text"], s["seam_context"], s["caches"])
-            for s in stages] == [("plain", 2, False, False, False, ["latents.safetensors"]),
-                                 ("placed", 1, True, True, True, ["latents.safetensors"])]
+            for s in stages] == [("plain", 2, False, False, False, ["latents"]),
+                                 ("placed", 1, True, True, True, ["latents"])]
     shutil.rmtree(plain)
     assert [s.get("missing", False) for s in export.lineage(placed)] == [True, False]
 
@@ -331,7 +409,8 @@ def test_seam_context_trains_on_exact_slices_across_the_seam(cache, tmp_path, mo
     monkeypatch.setattr(STDiT, "prepare", recording)
     train_flow.train(flow_args(cache, tmp_path / "seam", steps=2, seam_context=True, cond_noise=0.5, rollout_p=1.0,
                                start_p=0.0))
-    windows = [v.transpose(0, 1) for v in latent_cache.read_cache(cache).latents]  # [C, S, h, w] each
+    store = LatentStore(cache)
+    windows = [store.latents(v).transpose(0, 1) for v in range(len(store))]  # [C, S, h, w] each
 
     def is_real(slices):  # [C, n, h, w]: n consecutive slices of some cached volume, bit for bit
         n = slices.shape[1]
@@ -341,13 +420,13 @@ def test_seam_context_trains_on_exact_slices_across_the_seam(cache, tmp_path, mo
 
 
 def test_batches_say_where_each_block_starts(cache):
-    loaded = latent_cache.read_cache(cache)
-    batch = train_flow.get_batch(loaded, 30, BLOCK, flow_args(cache, "unused", start_p=0.3), torch.Generator().manual_seed(3))
+    store = LatentStore(cache)
+    batch = draw(cache, 30, seed=3, start_p=0.3)
     for i in range(30):
         offset = int(batch.first_slice[i])
         assert bool(batch.first[i]) == (offset == 0)
         assert any(len(v) >= offset + BLOCK and torch.equal(batch.x0[i].transpose(0, 1), v[offset : offset + BLOCK])
-                   for v in loaded.latents)
+                   for v in map(store.latents, range(len(store))))
 
 
 def test_checkpoint_refuses_missing_random_state(tmp_path):
@@ -400,7 +479,7 @@ def test_export_loads_in_ctflow_and_generates(data, vae_run, cache, tmp_path):
     assert config["end_tolerance"] > 0 and config["max_slices"] in (256, 14)  # 14: could not calibrate the end
     card = (folder / "README.md").read_text()
     assert "not for clinical use" in card and "PSNR" in card and "ONE real base anatomy" in card
-    assert "Trained in 1 stage(s)" in card and "| flow | 3 |" in card and "| False | False | latents.safetensors |" in card
+    assert "Trained in 1 stage(s)" in card and "| flow | 3 |" in card and "| False | False | latents |" in card
     assert "slice position" in card and "pooled-text vector" not in card  # the card names only what the model has
     assert '- seconds_per_128_slices: 12.5' in card and '- seams: {"ratio": 1.1}' in card
     assert "ABSENT-TEXT" not in card and "0.25" not in card  # per-volume details stay in the JSON
@@ -510,6 +589,6 @@ def test_finding_study_probes_the_cohort_and_counts_generated_volumes(data, vae_
     args.latents = args.latents[:1]
     with pytest.raises(ValueError, match="one --latents cache per --data folder"):
         finding_study.run_study(args)
-    args.data, args.latents = [data], [cache_of_another_vae(cache, tmp_path)]
+    args.data, args.latents = [data], [store_of_another_vae(cache, tmp_path)]
     with pytest.raises(ValueError, match="not encoded by the model's autoencoder"):
         finding_study.run_study(args)

@@ -1,6 +1,6 @@
 """Trained VAE + denoiser (EMA) -> a ctflow model folder with a model card.
 
-    ctflow-train export --flow cache/flow --vae cache/vae --cache cache/latents.safetensors \\
+    ctflow-train export --flow cache/flow --vae cache/vae --cache cache/latents \\
         --out Resources/Models/ctflow-demo [--evaluation cache/eval.json cache/findings.json] --overwrite
 
 The end-of-volume threshold is calibrated here: the pipeline calls a frame white when more than
@@ -24,7 +24,7 @@ from ctflow.model_folder import save_model
 from ctflow.sampling import METHODS, sample
 
 from .checkpoint import load_checkpoint, read_meta
-from .latent_cache import LatentCache, load_vae, read_cache
+from .latent_store import LatentStore, load_vae
 from .train_flow import CHECKPOINT
 
 END_FRACTION = 0.9
@@ -69,7 +69,7 @@ def lineage(flow_folder: Path) -> list[dict]:
 
 
 @torch.no_grad()
-def end_distances(model: STDiT, cache: LatentCache, sampling: SamplingConfig, cases: int, seed: int) -> dict[str, list]:
+def end_distances(model: STDiT, cache: LatentStore, sampling: SamplingConfig, cases: int, seed: int) -> dict[str, list]:
     """Per generated frame, the END_FRACTION quantile of |latent - white latent|, split by what the frame should be.
 
     For each of the first `cases` volumes, the block after its last real block is generated from the
@@ -79,11 +79,11 @@ def end_distances(model: STDiT, cache: LatentCache, sampling: SamplingConfig, ca
     white = cache.end[:, None]  # [C, 1, h, w]
     generator = torch.Generator().manual_seed(seed)
     found: dict[str, list] = {"white": [], "content": []}
-    for case in range(min(cases, len(cache.latents))):
-        latents, real = cache.latents[case], cache.meta["content_slices"][case]
+    for case in range(min(cases, len(cache))):
+        latents, real = cache.latents(case), cache.meta["content_slices"][case]
         start = max(block, real // block * block)  # the block holding the end (never the first block)
         previous = latents[start - block : start].permute(1, 0, 2, 3)[None]  # [1, C, T, h, w]
-        text = cache.text["plain"][case][None]
+        text = cache.text("plain", case)[None]
         cond = model.prepare(previous, text, torch.ones(text.shape[:2], dtype=torch.bool), torch.tensor(float(start)))
         noise = torch.randn(previous.shape, generator=generator)
         clean = sample(lambda z, t: model(z, t.expand(1), cond), noise, sampling.steps, sampling.method, sampling.shift)[0]
@@ -234,7 +234,7 @@ def summary(value):
 
 def export(args: argparse.Namespace) -> Path:
     model, flow_meta = load_ema(args.flow)
-    cache = read_cache(args.cache)
+    cache = LatentStore(args.cache)
     autoencoder = load_vae(args.vae / "vae", cache.meta["image_size"])
     vae_metrics = json.loads((args.vae / "metrics.json").read_text())
     sampling = SamplingConfig(steps=args.steps, method=args.sampler, shift=args.shift, guidance=args.guidance)
@@ -267,7 +267,7 @@ def export(args: argparse.Namespace) -> Path:
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flow", type=Path, required=True, help="flow training folder (ctflow-train flow --out)")
     parser.add_argument("--vae", type=Path, required=True, help="VAE training folder (ctflow-train vae --out)")
-    parser.add_argument("--cache", type=Path, required=True, help="the latent cache the denoiser was trained on")
+    parser.add_argument("--cache", type=Path, required=True, help="the latent store the denoiser was trained on")
     parser.add_argument("--out", type=Path, required=True, help="model folder to write")
     parser.add_argument("--name", default="ctflow-demo")
     parser.add_argument("--description", default="CTFlow demo model: small, CPU-friendly, trained on a synthetic cohort.")

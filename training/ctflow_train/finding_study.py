@@ -1,7 +1,7 @@
 """Does a finding appear when the report asks for it, and stay away when the report negates it?
 
     ctflow-train finding-study --model Resources/Models/ctflow-demo --data cache/cohort cache/twins \\
-        --latents cache/latents16.safetensors cache/twins16.safetensors --seeds 10 --out cache/findings.json
+        --latents cache/latents16 cache/twins16 --seeds 10 --out cache/findings.json
 
 The detector of each finding is a probe: a logistic regression on the volume's latents (the model's own space)
 of every 4th real slice, averaged over a coarse grid (8 levels x 8 x 8 places x the latent channels; mean and
@@ -48,7 +48,7 @@ from ctflow.pipeline import START_HU
 from .dataset import read_index
 from .evaluate import real_slices
 from .findings import SIDED, SIDES  # the findings a report puts on one side; "right", "left"
-from .latent_cache import read_cache, same_encoding
+from .latent_store import LatentStore, same_encoding
 from .reports import write_report
 
 STUDIED = ("emphysema", "pleural_effusion", "consolidation", "cardiomegaly")
@@ -133,14 +133,14 @@ def labelled_latents(folders: list[Path], caches: list[Path], start: torch.Tenso
     latent as the model's autoencoder encodes it: caches from another one are refused."""
     features, labels, groups = [], [], []
     for folder, path in zip(folders, caches, strict=True):
-        cache = read_cache(path)
+        cache = LatentStore(path)
         if not same_encoding(cache.start, start):
             raise ValueError(f"{path} was not encoded by the model's autoencoder: probes trained on it would not "
                              "read the model's volumes")
         index = {entry["name"]: entry for entry in read_index(folder)}
         for number, name in enumerate(cache.meta["names"]):
             labels.append(json.loads((folder / index[name]["labels"]).read_text())["findings"])
-            features.append(grid_features(cache.latents[number][: cache.meta["content_slices"][number] : EVERY]))
+            features.append(grid_features(cache.window(number, 0, cache.meta["content_slices"][number])[::EVERY]))
             groups.append(TWIN_SUFFIX.sub("", name))
     return np.stack(features), labels, groups
 
@@ -259,7 +259,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="model folder")
     parser.add_argument("--data", type=Path, nargs="+", required=True,
                         help="cohort folder(s) whose labels train the probes (the first also gives the reports)")
-    parser.add_argument("--latents", type=Path, nargs="+", required=True, help="the latent cache of each --data folder")
+    parser.add_argument("--latents", type=Path, nargs="+", required=True, help="the latent store of each --data folder")
     parser.add_argument("--seeds", type=int, default=10, help="generations per report")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, help="sampling steps per block (default: the model's)")

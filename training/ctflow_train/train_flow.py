@@ -1,14 +1,14 @@
 """Flow-matching training of the STDiT denoiser: one loop, everything visible.
 
-    ctflow-train flow --cache cache/latents.safetensors --out cache/flow --steps 2000        # one process, CPU or GPU
+    ctflow-train flow --cache cache/latents --out cache/flow --steps 2000                  # one process, CPU or GPU
     torchrun --nproc_per_node 8 -m ctflow_train.train_flow --cache ... --out ...           # DDP, any node count
 
 What one step does (CTFlow, REFERENCE §1, plus classifier-free guidance; --slice-position adds the index of the
 block's first slice as one more condition, --pooled-text the report's mean token, --seam-context the previous block's
-last slices next to the new block's first; --cache takes several caches):
-  1. pick B (previous block, next block) pairs of T latent slices: with probability --start-p the first block
-     of a volume, whose "previous" is the all-black start block (StartBoost); otherwise a random offset.
-     White end slices are part of every volume, so the model also learns to end it.
+last slices next to the new block's first; --cache takes several latent stores):
+  1. take B (previous block, next block) pairs of T latent slices from the DataLoader (flow_data: StartBoost,
+     prompts, text dropout; every draw fixed by the seed and the sample's position, so the global batch is the
+     same for any number of processes and a resumed run continues with the very samples it would have taken).
   2. generation conditions on its own imperfect output, so the previous block is made imperfect too: with
      probability --rollout-p it is replaced by the EMA model's one-step estimate of it (from its noised self at a
      random time, given the block before it), and a little noise (--cond-noise) is added to every one; with
@@ -19,7 +19,8 @@ last slices next to the new block's first; --cache takes several caches):
   4. z_t = (1 - t) x0 + t noise, t ~ U(0, 1) bent towards noise by --time-shift; the model predicts
      v = noise - x0, or x0 itself with --prediction clean (MSE against whichever it predicts).
   5. AdamW, warm-up then cosine decay, grad clip 1.0, EMA of the weights.
-Checkpoints (safetensors, atomic) hold weights, EMA, optimizer and RNG state: --resume continues bit for bit.
+Checkpoints (safetensors, atomic, written by rank 0) hold weights, EMA, optimizer and the samples taken: --resume
+continues bit for bit. DDP: torchrun starts the processes; each takes its share of every global batch.
 """
 
 from __future__ import annotations
@@ -29,23 +30,22 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from ctflow.batch import rank_and_world
 from ctflow.config import DENOISER_PRESETS, PREDICTIONS
 from ctflow.denoiser import STDiT, parameter_count
 from ctflow.errors import CTFlowError
-from ctflow.sampling import shift_time
 
 from .checkpoint import add_run_options, load_checkpoint, open_loss_log, save_checkpoint
-from .latent_cache import LatentCache, read_caches
+from .flow_data import Batch, BlockDataset, SamplingRules, ShareSampler, block_loader
+from .latent_store import LatentStore, open_stores
 
 CHECKPOINT = "checkpoint.safetensors"
 ADDABLE = ("position_embed.", "text_vector.", "seam_embed.")  # parts a warm start may switch on (they start as no-ops)
@@ -62,64 +62,30 @@ class Conditioned(torch.nn.Module):
         return self.denoiser.output(z_t, t, self.denoiser.prepare(previous, text, mask, first_slice))
 
 
-def denoiser_config(args: argparse.Namespace, cache: LatentCache):
-    """The preset, with the latent shape and text width the cache dictates and any size overrides."""
-    channels, size = cache.start.shape[0], cache.start.shape[-1]
+def denoiser_config(args: argparse.Namespace, store: LatentStore):
+    """The preset, with the latent shape and text width the store dictates and any size overrides."""
+    channels, size = store.start.shape[0], store.start.shape[-1]
     overrides = {k: v for k, v in {"hidden_size": args.hidden, "depth": args.depth, "num_heads": args.heads,
                                    "patch_size": args.patch and tuple(args.patch), "prediction": args.prediction,
                                    "slice_position": args.slice_position, "pooled_text": args.pooled_text,
                                    "seam_context": args.seam_context}.items() if v}
     return dataclasses.replace(DENOISER_PRESETS[args.preset], latent_channels=channels, latent_size=size,
-                               text_dim=cache.empty.shape[-1], block_slices=args.block, **overrides)
+                               text_dim=store.empty.shape[-1], block_slices=args.block, **overrides)
 
 
-class Batch(NamedTuple):
-    x0: torch.Tensor  # [B, C, T, h, w] the block to generate
-    previous: torch.Tensor  # [B, C, T, h, w] the block before it (the black start block for a first block)
-    before: torch.Tensor  # [B, C, T, h, w] the block before that (start slices where the volume has none)
-    first: torch.Tensor  # [B] bool: x0 is a volume's first block
-    first_slice: torch.Tensor  # [B] float: index of x0's first slice in its volume
-    text: torch.Tensor  # [B, M, D] padded prompt tokens
-    mask: torch.Tensor  # [B, M]
+def sampling_rules(args: argparse.Namespace) -> SamplingRules:
+    return SamplingRules(args.block, args.start_p, args.length_p, args.text_drop, args.time_shift, args.rollout_p > 0)
 
 
-def get_batch(cache: LatentCache, batch: int, block: int, args, generator: torch.Generator) -> Batch:
-    def uniform() -> float:
-        return float(torch.rand((), generator=generator))
-
-    windows, offsets, texts = [], [], []
-    for _ in range(batch):
-        case = int(torch.randint(len(cache.latents), (), generator=generator))
-        latents = cache.latents[case]  # [S, C, h, w]
-        padded = torch.cat([cache.start[None].expand(2 * block, -1, -1, -1), latents])  # black start slices first
-        if uniform() < args.start_p or len(latents) < 2 * block:
-            offset = 0
-        else:
-            offset = int(torch.randint(block, len(latents) - block + 1, (), generator=generator))
-        windows.append(padded[offset : offset + 3 * block])  # before, previous, x0
-        offsets.append(offset)
-        kind = "length" if uniform() < args.length_p else "plain"
-        texts.append(cache.empty if uniform() < args.text_drop else cache.text[kind][case])
-    before, previous, x0 = torch.stack(windows).permute(0, 2, 1, 3, 4).split(block, dim=2)  # [B, C, T, h, w] each
-    longest = max(len(t) for t in texts)
-    text = torch.stack([F.pad(t, (0, 0, 0, longest - len(t))) for t in texts])  # [B, M, D]
-    mask = torch.stack([torch.arange(longest) < len(t) for t in texts])  # [B, M]
-    first_slice = torch.tensor(offsets, dtype=torch.float32)
-    return Batch(x0, previous, before, first_slice == 0, first_slice, text, mask)
-
-
-def roll_out_previous(ema: STDiT, batch: Batch, share: float, generator: torch.Generator) -> torch.Tensor:
+def roll_out_previous(ema: STDiT, batch: Batch, share: float) -> torch.Tensor:
     """Previous blocks [B, C, T, h, w], a share of them replaced by the model's own estimate: one denoising step
     from a random flow time, conditioned on the block before. What generation feeds back is never the real block,
     and a model trained only on real ones drifts once its own output is its input (exposure bias)."""
-    n = len(batch.x0)
-    chosen = (torch.rand(n, generator=generator) < share) & ~batch.first  # a first block's start block is exact
-    t = torch.rand(n, generator=generator)
-    noise = torch.randn(batch.previous.shape, generator=generator)
+    chosen = (batch.rollout_u < share) & ~batch.first  # a first block's start block is exact
     if not chosen.any():
         return batch.previous
     device = next(ema.parameters()).device
-    previous, t, noise = batch.previous.to(device), t.to(device), noise.to(device)
+    previous, t, noise = batch.previous.to(device), batch.rollout_t.to(device), batch.rollout_noise.to(device)
     tt = t.view(-1, 1, 1, 1, 1)
     z_t = (1 - tt) * previous + tt * noise
     previous_first_slice = (batch.first_slice - previous.shape[2]).clamp(min=0)
@@ -143,6 +109,22 @@ def warm_start(model: STDiT, checkpoint: Path) -> None:
         raise CTFlowError(f"{checkpoint} does not fit this denoiser: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
+def flow_loss(model, ema: STDiT, batch: Batch, config, args, autocast, device) -> torch.Tensor:
+    """The flow-matching loss of one batch: previous blocks made imperfect (rollout, noise), then MSE against
+    what the model predicts (velocity, or the clean block)."""
+    prev = roll_out_previous(ema, batch, args.rollout_p) if args.rollout_p else batch.previous
+    prev = prev.to(device) + args.cond_noise * batch.cond_noise.to(device)
+    if config.seam_context:  # the slices across the seam stay exact: the new block must continue what is there
+        prev[:, :, -config.patch_size[0]:] = batch.previous[:, :, -config.patch_size[0]:].to(device)
+    x0, text, mask, t, noise, first_slice = (v.to(device, non_blocking=True) for v in (
+        batch.x0, batch.text, batch.mask, batch.t, batch.noise, batch.first_slice))
+    tt = t.view(-1, 1, 1, 1, 1)
+    z_t = (1 - tt) * x0 + tt * noise
+    with autocast:
+        predicted = model(z_t, t, prev, text, mask, first_slice)  # [B, C, T, h, w]
+    return F.mse_loss(predicted.float(), x0 if config.prediction == "clean" else noise - x0)
+
+
 def learning_rate(step: int, args) -> float:
     """Linear warm-up, then cosine decay to 10 % at --steps."""
     if step < args.warmup:
@@ -153,15 +135,11 @@ def learning_rate(step: int, args) -> float:
 
 def train(args: argparse.Namespace) -> dict:
     # ---- processes: DistributedDataParallel only when torchrun started more than one
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world, local_rank = rank_and_world()
     ddp = world > 1
     if ddp:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
-        rank, local_rank = torch.distributed.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
-    else:
-        rank = local_rank = 0
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device(f"cuda:{local_rank or 0}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if args.threads:
@@ -174,8 +152,8 @@ def train(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     # ---- data, model, EMA, optimizer
-    cache = read_caches(args.cache)
-    config = denoiser_config(args, cache)
+    stores = open_stores(args.cache)
+    config = denoiser_config(args, stores[0])
     torch.manual_seed(args.seed)  # same initial weights on every rank
     model = STDiT(config)
     if args.init:
@@ -187,44 +165,36 @@ def train(args: argparse.Namespace) -> dict:
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.lr, betas=(0.9, 0.99),
     )
-    generator = torch.Generator().manual_seed(args.seed + rank)  # batches, times, noise: one stream per rank
-    step, elapsed = 0, 0.0
+    step, elapsed, samples = 0, 0.0, 0  # samples: positions of the data stream taken so far, by all ranks
     if args.resume and (out / CHECKPOINT).exists():
         meta = load_checkpoint(out / CHECKPOINT, {"model": model, "ema": ema}, {"optimizer": optimizer}, {})
-        load_checkpoint(out / f"rng-{rank}.safetensors", {}, {}, {"data": generator})
-        step, elapsed = meta["step"], meta["elapsed_s"]
+        step, elapsed, samples = meta["step"], meta["elapsed_s"], meta.get("samples", 0)
+    dataset = BlockDataset(stores, sampling_rules(args), args.seed)
+    batches = iter(block_loader(dataset, ShareSampler(rank, world, args.batch, samples), args.workers,
+                                pin_memory=device.type == "cuda"))
     raw_model, model = model, Conditioned(model)
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
     if master:
-        print(f"denoiser {parameter_count(raw_model) / 1e6:.2f} M parameters, {config}; {len(cache.latents)} volumes; "
+        print(f"denoiser {parameter_count(raw_model) / 1e6:.2f} M parameters, {config}; {len(dataset)} volumes; "
               f"world {world}; from step {step}", flush=True)
         log, writer = open_loss_log(out / "loss.csv", ["step", "lr", "loss", "step_s"], step)
 
     # ---- the loop
-    block = config.block_slices
     logged = torch.tensor(float("nan"))  # the last step's loss (nan when a resumed run has nothing left to do)
     while step < args.steps:
         started = time.perf_counter()
         lr = learning_rate(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = get_batch(cache, args.batch, block, args, generator)
-        prev = roll_out_previous(ema, batch, args.rollout_p, generator) if args.rollout_p else batch.previous
-        prev = prev.to(device) + args.cond_noise * torch.randn(prev.shape, generator=generator).to(device)
-        if config.seam_context:  # the slices across the seam stay exact: the new block must continue what is there
-            prev[:, :, -config.patch_size[0]:] = batch.previous[:, :, -config.patch_size[0]:].to(device)
-        t = shift_time(torch.rand(args.batch, generator=generator), args.time_shift)  # [B]
-        noise = torch.randn(batch.x0.shape, generator=generator)
-        x0, text, mask, t, noise = (v.to(device) for v in (batch.x0, batch.text, batch.mask, t, noise))
-        first_slice = batch.first_slice.to(device)
-        tt = t.view(-1, 1, 1, 1, 1)
-        z_t = (1 - tt) * x0 + tt * noise
-        with autocast:
-            predicted = model(z_t, t, prev, text, mask, first_slice)  # [B, C, T, h, w]
-        loss = F.mse_loss(predicted.float(), x0 if config.prediction == "clean" else noise - x0)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        logged = torch.zeros((), device=device)
+        for micro in range(args.accumulate):  # gradients add up; DDP averages them over ranks on the last one only
+            last = micro == args.accumulate - 1
+            with model.no_sync() if ddp and not last else nullcontext():
+                loss = flow_loss(model, ema, next(batches), config, args, autocast, device) / args.accumulate
+                loss.backward()
+            logged += loss.detach()
         torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip)
         optimizer.step()
         with torch.no_grad():
@@ -232,22 +202,21 @@ def train(args: argparse.Namespace) -> dict:
             for e, p in zip(ema.parameters(), raw_model.parameters()):
                 e.lerp_(p, 1 - beta)
         step += 1
+        samples += world * args.batch * args.accumulate
         step_s = time.perf_counter() - started
         elapsed += step_s
-        logged = loss.detach().clone()
-        if ddp:  # the logged loss is the mean over ranks
-            torch.distributed.all_reduce(logged, op=torch.distributed.ReduceOp.AVG)
+        if ddp:  # the logged loss is the mean over ranks (gloo has no AVG)
+            torch.distributed.all_reduce(logged)
+            logged /= world
         if master:
             writer.writerow([step, f"{lr:.4g}", f"{logged.item():.5f}", f"{step_s:.3f}"])
             if step % args.log_every == 0:
                 log.flush()
                 print(f"step {step}/{args.steps} loss {logged.item():.4f} lr {lr:.2e} {step_s:.2f}s", flush=True)
-        if step % args.save_every == 0 or step == args.steps:
-            save_checkpoint(out / f"rng-{rank}.safetensors", {}, {}, {"data": generator}, {"step": step})
-            if master:
-                meta = {"step": step, "elapsed_s": elapsed, "denoiser": dataclasses.asdict(config), "world": world,
-                        "device": str(device), "cache": [str(path) for path in args.cache], "args": vars(args)}
-                save_checkpoint(out / CHECKPOINT, {"model": raw_model, "ema": ema}, {"optimizer": optimizer}, {}, meta)
+        if master and (step % args.save_every == 0 or step == args.steps):  # every rank holds the same weights
+            meta = {"step": step, "samples": samples, "elapsed_s": elapsed, "denoiser": dataclasses.asdict(config),
+                    "world": world, "device": str(device), "cache": [str(path) for path in args.cache], "args": vars(args)}
+            save_checkpoint(out / CHECKPOINT, {"model": raw_model, "ema": ema}, {"optimizer": optimizer}, {}, meta)
     if master:
         log.close()
     if ddp:
@@ -257,7 +226,7 @@ def train(args: argparse.Namespace) -> dict:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", type=Path, nargs="+", required=True,
-                        help="latent cache(s) (ctflow-train cache-latents); several are trained on as one")
+                        help="latent store folder(s) (ctflow-train cache-latents); several are trained on as one")
     parser.add_argument("--out", type=Path, required=True, help="output folder: checkpoint, loss.csv")
     parser.add_argument("--preset", default="cpu", choices=sorted(DENOISER_PRESETS), help="denoiser size")
     parser.add_argument("--hidden", type=int, help="override the preset's hidden size")
@@ -277,7 +246,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="> 1 trains more often at high noise, where a block's layout is decided")
     parser.add_argument("--block", type=int, default=16, help="slices per block (the data's end padding assumes 16)")
     parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--batch", type=int, default=8, help="per process")
+    parser.add_argument("--batch", type=int, default=8, help="per process (the global batch is this x processes)")
+    parser.add_argument("--accumulate", type=int, default=1,
+                        help="batches per optimizer step (gradient accumulation): global batch = batch x processes x this")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes per process (0: none)")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--weight-decay", type=float, default=1e-2)

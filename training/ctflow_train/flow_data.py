@@ -1,0 +1,154 @@
+"""What flow training reads: (previous, next) block pairs drawn from latent stores through a torch DataLoader.
+
+Every random choice that makes a sample (which volume, which offset, which prompt, text dropout, flow time, noise,
+the rollout draw) comes from a generator seeded by (seed, the sample's position in the run). A sample is the same
+whichever rank or DataLoader worker makes it and however often the run was interrupted: two processes of batch B
+train on exactly the samples of one process of batch 2B, and a run resumed after n samples starts at position n.
+
+Volumes are visited as DistributedSampler visits them: each epoch of len(dataset) positions is one permutation of
+all volumes, drawn from (seed, epoch); a step takes the next global batch of positions and rank r the r-th share of
+it, so the ranks' shares are disjoint. Workers read only their samples' windows from memory-mapped volume files.
+
+The sampling rules (CTFlow, REFERENCE §1):
+  - StartBoost: with probability start_p the block is a volume's first, whose "previous" is the all-black start
+    block; otherwise a random offset. White end slices are part of every volume, so the model also learns to end it.
+  - the prompt with "Length: N slices" with probability length_p, replaced by the embedding of "" with probability
+    text_drop (classifier-free guidance's unconditional branch).
+  - flow time t ~ U(0, 1) bent towards noise by time_shift; the noise; the noise added to the previous block; and,
+    with rollout, the draws that pick and make the previous blocks replaced by the model's own estimate.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import itertools
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ctflow.errors import CTFlowError
+from ctflow.sampling import shift_time
+
+from .latent_store import LatentStore
+
+
+@dataclass(frozen=True)
+class SamplingRules:
+    block: int  # slices per block, T
+    start_p: float = 0.5
+    length_p: float = 0.5
+    text_drop: float = 0.1
+    time_shift: float = 1.0
+    rollout: bool = False  # draw what rollout needs
+
+
+class Batch(NamedTuple):
+    x0: torch.Tensor  # [B, C, T, h, w] the block to generate
+    previous: torch.Tensor  # [B, C, T, h, w] the block before it (the black start block for a first block)
+    before: torch.Tensor  # [B, C, T, h, w] the block before that (start slices where the volume has none)
+    first: torch.Tensor  # [B] bool: x0 is a volume's first block
+    first_slice: torch.Tensor  # [B] float: index of x0's first slice in its volume
+    text: torch.Tensor  # [B, M, D] padded prompt tokens
+    mask: torch.Tensor  # [B, M]
+    t: torch.Tensor  # [B] flow time
+    noise: torch.Tensor  # [B, C, T, h, w]
+    cond_noise: torch.Tensor  # [B, C, T, h, w] standard normal, scaled by --cond-noise onto the previous block
+    rollout_u: torch.Tensor  # [B] uniform: the previous block is the model's estimate where below --rollout-p
+    rollout_t: torch.Tensor  # [B] the time the previous block is noised to for that estimate
+    rollout_noise: torch.Tensor  # [B, C, T, h, w] its noise ([B, 0] without rollout)
+
+
+def generator(*key: int) -> torch.Generator:
+    """A generator for one (seed, stream, number): independent streams without one seed's draws touching another's."""
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+
+
+ORDER, SAMPLE = 0, 1  # generator streams: the volume order of an epoch, the draws of a sample
+
+
+class BlockDataset(Dataset):
+    """Position n of a run -> one sample (a dict of tensors; `collate` makes a Batch of them)."""
+
+    def __init__(self, stores: list[LatentStore], rules: SamplingRules, seed: int) -> None:
+        self.stores, self.rules, self.seed = stores, rules, seed
+        self.firsts = [0, *itertools.accumulate(len(store) for store in stores)]  # first volume number of each store
+        for store in stores:
+            short = [name for name, n in zip(store.names, store.slices) if n < rules.block]
+            if short:
+                raise CTFlowError(f"{store.folder}: {short[0]} has fewer slices than a block of {rules.block}")
+        self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return self.firsts[-1]
+
+    def volume(self, position: int) -> tuple[LatentStore, int]:
+        """The store and volume number that `position` visits: its epoch's permutation, drawn once per epoch."""
+        epoch, k = divmod(position, len(self))
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, torch.randperm(len(self), generator=generator(self.seed, ORDER, epoch))
+        number = int(self._order[k])
+        store = bisect.bisect_right(self.firsts, number) - 1
+        return self.stores[store], number - self.firsts[store]
+
+    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
+        rules, block = self.rules, self.rules.block
+        store, volume = self.volume(position)
+        draws = generator(self.seed, SAMPLE, position)
+
+        def uniform() -> torch.Tensor:
+            return torch.rand((), generator=draws)
+
+        slices = store.slices[volume]
+        if uniform() < rules.start_p or slices < 2 * block:
+            offset = 0
+        else:
+            offset = int(torch.randint(block, slices - block + 1, (), generator=draws))
+        first = offset - 2 * block  # the window is slices first..offset+T-1: before, previous, x0
+        real = store.window(volume, max(0, first), offset + block)
+        window = torch.cat([store.start[None].expand(-first if first < 0 else 0, -1, -1, -1), real])  # [3T, C, h, w]
+        before, previous, x0 = window.transpose(0, 1).split(block, dim=1)  # [C, T, h, w] each
+        kind = "length" if uniform() < rules.length_p else "plain"
+        text = store.empty if uniform() < rules.text_drop else store.text(kind, volume)
+        sample = {"x0": x0, "previous": previous, "before": before, "first_slice": torch.tensor(float(offset)),
+                  "text": text, "t": shift_time(uniform(), rules.time_shift),
+                  "noise": torch.randn(x0.shape, generator=draws), "cond_noise": torch.randn(x0.shape, generator=draws)}
+        if rules.rollout:
+            sample.update(rollout_u=uniform(), rollout_t=uniform(), rollout_noise=torch.randn(x0.shape, generator=draws))
+        else:
+            sample.update(rollout_u=torch.tensor(1.0), rollout_t=torch.tensor(0.0), rollout_noise=torch.empty(0))
+        return sample
+
+
+def collate(samples: list[dict[str, torch.Tensor]]) -> Batch:
+    """Stack samples; prompts padded to the longest, with a mask."""
+    texts = [sample["text"] for sample in samples]
+    longest = max(len(t) for t in texts)
+    text = torch.stack([F.pad(t, (0, 0, 0, longest - len(t))) for t in texts])  # [B, M, D]
+    mask = torch.stack([torch.arange(longest) < len(t) for t in texts])  # [B, M]
+    stacked = {key: torch.stack([sample[key] for sample in samples]) for key in samples[0] if key != "text"}
+    return Batch(first=stacked["first_slice"] == 0, text=text, mask=mask, **stacked)
+
+
+class ShareSampler(Sampler[int]):
+    """Positions for one rank, endlessly: of each global batch of world x batch positions, the rank-th share.
+    `start` is where the run stands (samples taken so far), so a resumed run continues mid-epoch."""
+
+    def __init__(self, rank: int, world: int, batch: int, start: int = 0) -> None:
+        self.rank, self.world, self.batch, self.start = rank, world, batch, start
+
+    def __iter__(self):
+        position = self.start + self.rank * self.batch
+        while True:
+            yield from range(position, position + self.batch)
+            position += self.world * self.batch
+
+
+def block_loader(dataset: BlockDataset, sampler: ShareSampler, workers: int, pin_memory: bool) -> DataLoader:
+    """Endless batches of one rank's share, made by `workers` processes (0: in this one)."""
+    return DataLoader(dataset, batch_size=sampler.batch, sampler=sampler, num_workers=workers, collate_fn=collate,
+                      pin_memory=pin_memory, persistent_workers=workers > 0, prefetch_factor=4 if workers else None)

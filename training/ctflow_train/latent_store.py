@@ -1,0 +1,261 @@
+"""The latent store: every slice latent and prompt embedding of a prepared dataset, encoded once, one file a volume.
+
+    ctflow-train cache-latents --data cache/cohort --vae cache/vae16/vae --out cache/latents16
+    torchrun --nproc_per_node 8 -m ctflow_train.cli cache-latents --data data/ctrate --vae runs/vae/vae --out runs/latents
+
+Layout of a store folder:
+  store.json                  what made it: VAE folder and weights hash, text encoder, dtype, latent shape
+  common.safetensors          the start and end latents and the embedding of "" (float32)
+  volumes/<name>.safetensors  "latents" [S, C, h, w] (white end slices included) and the prompt embeddings
+                              "text/plain", "text/length" [M, D], in the store's dtype (float16 or bfloat16)
+  rows/<name>.json            the volume's index row, written after its file: slices, spacing, bytes, sha256
+  index.jsonl                 every row, merged, sorted by name: what a reader reads
+
+Flow training never runs the VAE or the text encoder, and reads a store lazily: the index at start (a hundred
+bytes a volume), then for each sample only its window of slices from a memory-mapped volume file, so memory does not
+grow with the store. Encoding is shared out over torchrun ranks as `ctflow batch` does: ranks share nothing but the
+folder, each encodes every world-th volume not yet finished, on its own GPU, and whichever rank finds every row
+present merges the index. A rerun resumes where a run stopped; a rerun over more data adds to the store; a store
+made with another VAE or text encoder is refused (its start latent or empty-text embedding differs).
+
+Prompts are rendered by ctflow's own render_prompt, as the pipeline does: with "Spacing: <z> mm" always, and once
+without and once with "Length: N slices" (N = the patient's real slices, so that asking for N places the end after N
+slices). "" is stored too: the pipeline's unconditional branch embeds the empty string.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save, save_file
+
+from ctflow.autoencoder import SliceAutoencoder
+from ctflow.batch import rank_and_world, shard
+from ctflow.config import AutoencoderConfig, TextConfig
+from ctflow.errors import CTFlowError
+from ctflow.io import atomic_write
+from ctflow.model_folder import sha256_file
+from ctflow.pipeline import END_HU, START_HU
+from ctflow.report import render_prompt
+from ctflow.text_encoder import TextEncoder
+
+from .training_data import list_cases, load_case
+
+FORMAT = "ctflow-latent-store/1"
+HEADER, COMMON, INDEX, VOLUMES, ROWS = "store.json", "common.safetensors", "index.jsonl", "volumes", "rows"
+PROMPTS = ("plain", "length")  # without / with "Length: N slices"
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+ENCODING_TOLERANCE = 1e-2  # one encoder run with other thread counts moves the start latent by ~1e-3; another VAE by ~1
+
+
+def same_encoding(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two encodings of one input (the start slice, the empty text) come from the same encoder."""
+    return a.shape == b.shape and torch.allclose(a.float(), b.float(), atol=ENCODING_TOLERANCE)
+
+
+class LatentStore:
+    """A store folder opened for reading: its index in memory, latents and prompt embeddings read on demand."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        if self.folder.is_file():
+            raise CTFlowError(f"{folder} is a single-file latent cache of an earlier ctflow-train: encode the data "
+                              "again into a store folder (ctflow-train cache-latents --out FOLDER)")
+        if not (self.folder / HEADER).is_file():
+            raise CTFlowError(f"{folder} is not a latent store (no {HEADER}): make one with ctflow-train cache-latents")
+        self.header = json.loads((self.folder / HEADER).read_text())
+        if self.header.get("format") != FORMAT:
+            raise CTFlowError(f"{folder} is a latent store of another format ({self.header.get('format')}), not {FORMAT}")
+        if not (self.folder / INDEX).is_file():
+            raise CTFlowError(f"{folder} has no {INDEX}: its encoding stopped before the end; run cache-latents again")
+        common = load_file(self.folder / COMMON)
+        self.start, self.end, self.empty = common["start"], common["end"], common["text/empty"]
+        rows = [json.loads(line) for line in (self.folder / INDEX).read_text().splitlines() if line.strip()]
+        if not rows:
+            raise CTFlowError(f"{folder} holds no volumes")
+        self.names = [row["name"] for row in rows]
+        self.slices = [row["slices"] for row in rows]  # all slices, white end slices included
+        content = [row["content_slices"] for row in rows]
+        self.meta = {
+            "names": self.names,
+            "content_slices": content,
+            "median_content_slices": int(statistics.median(content)),
+            "spacing": [statistics.median(row["spacing"][axis] for row in rows) for axis in range(3)],
+            **{key: self.header[key] for key in ("image_size", "vae", "text", "dtype")},
+        }
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def _file(self, volume: int) -> str:
+        return str(self.folder / VOLUMES / f"{self.names[volume]}.safetensors")
+
+    def window(self, volume: int, first: int, stop: int) -> torch.Tensor:
+        """float32 [stop - first, C, h, w]: slices first..stop-1 of one volume, read from its memory-mapped file."""
+        with safe_open(self._file(volume), framework="pt") as handle:
+            return handle.get_slice("latents")[first:stop].float()
+
+    def latents(self, volume: int) -> torch.Tensor:
+        """float32 [S, C, h, w]: a whole volume."""
+        return self.window(volume, 0, self.slices[volume])
+
+    def text(self, kind: str, volume: int) -> torch.Tensor:
+        """float32 [M, D]: the token embeddings of one of the volume's prompts (PROMPTS)."""
+        with safe_open(self._file(volume), framework="pt") as handle:
+            return handle.get_tensor(f"text/{kind}").float()
+
+
+def open_stores(paths: list[str | Path]) -> list[LatentStore]:
+    """Several stores to train on as one (a cohort and its twins, say): all from the same VAE and text encoder."""
+    stores = [LatentStore(path) for path in paths]
+    for path, store in zip(paths[1:], stores[1:]):
+        if not (same_encoding(store.start, stores[0].start) and same_encoding(store.empty, stores[0].empty)):
+            raise CTFlowError(f"{path} was encoded with another VAE or text encoder than {paths[0]}: re-encode it")
+    return stores
+
+
+def verify(folder: str | Path) -> list[str]:
+    """Names of the volumes whose file is missing or no longer matches its checksum (empty: the store is whole)."""
+    store = LatentStore(folder)
+    rows = [json.loads(line) for line in (store.folder / INDEX).read_text().splitlines() if line.strip()]
+    return [row["name"] for row in rows
+            if not (store.folder / row["file"]).is_file() or sha256_file(store.folder / row["file"]) != row["sha256"]]
+
+
+class StoreWriter:
+    """Adds volumes to a store folder (a new one, or one to resume or extend): safe to run on many ranks at once."""
+
+    def __init__(self, folder: str | Path, header: dict, common: dict[str, torch.Tensor]) -> None:
+        self.folder = Path(folder)
+        self.dtype = DTYPES[header["dtype"]]
+        if (self.folder / HEADER).is_file():
+            self._check(header, common)
+        else:
+            for sub in (VOLUMES, ROWS):
+                (self.folder / sub).mkdir(parents=True, exist_ok=True)
+            tensors = {k: v.float().contiguous() for k, v in common.items()}
+            atomic_write(self.folder / COMMON, lambda tmp: save_file(tensors, tmp), overwrite=True)
+            atomic_write(self.folder / HEADER, lambda tmp: tmp.write_text(json.dumps(header, indent=1) + "\n"), overwrite=True)
+
+    def _check(self, header: dict, common: dict[str, torch.Tensor]) -> None:
+        """Adding to an existing store: the same encoders, dtype and slice size, or nothing is written."""
+        existing = json.loads((self.folder / HEADER).read_text())
+        if existing.get("format") != FORMAT:
+            raise CTFlowError(f"{self.folder} is not a latent store of format {FORMAT}")
+        for key in ("dtype", "image_size", "latent_shape"):
+            if existing[key] != header[key]:
+                raise CTFlowError(f"{self.folder} holds {key} {existing[key]}, not {header[key]}: use another --out")
+        stored = load_file(self.folder / COMMON)
+        if not all(same_encoding(stored[key], common[key]) for key in ("start", "text/empty")):
+            raise CTFlowError(f"{self.folder} was encoded with another VAE or text encoder: use another --out")
+
+    def _row(self, name: str) -> Path:
+        return self.folder / ROWS / f"{name}.json"
+
+    def finished(self, name: str) -> bool:
+        """A volume is finished when its file and its row exist (the row is written last)."""
+        return self._row(name).is_file() and (self.folder / VOLUMES / f"{name}.safetensors").is_file()
+
+    def add(self, name: str, latents: torch.Tensor, text: dict[str, torch.Tensor], content_slices: int,
+            spacing: tuple[float, float, float], source: str) -> dict:
+        """Write one volume's file, then its row; both atomically. Returns the row."""
+        if Path(name).name != name or name.startswith("."):
+            raise CTFlowError(f"volume name {name!r} cannot name a file")
+        tensors = {"latents": latents, **{f"text/{kind}": text[kind] for kind in PROMPTS}}
+        data = save({k: v.to(self.dtype).contiguous() for k, v in tensors.items()})
+        file = f"{VOLUMES}/{name}.safetensors"
+        atomic_write(self.folder / file, lambda tmp: tmp.write_bytes(data), overwrite=True)
+        row = {"name": name, "file": file, "slices": len(latents), "content_slices": content_slices,
+               "spacing": list(spacing), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "source": source}
+        atomic_write(self._row(name), lambda tmp: tmp.write_text(json.dumps(row) + "\n"), overwrite=True)
+        return row
+
+    def merge(self) -> int:
+        """Write index.jsonl from every row present (the same content whichever rank writes it); returns the count."""
+        rows = sorted((json.loads(path.read_text()) for path in (self.folder / ROWS).glob("*.json")),
+                      key=lambda row: row["name"])
+        lines = "".join(json.dumps(row) + "\n" for row in rows)
+        atomic_write(self.folder / INDEX, lambda tmp: tmp.write_text(lines), overwrite=True)
+        return len(rows)
+
+
+def load_vae(folder: str | Path, image_size: int, device: str | torch.device = "cpu") -> SliceAutoencoder:
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(folder, use_safetensors=True, local_files_only=True).to(device)
+    return SliceAutoencoder(vae, AutoencoderConfig(image_size=image_size, chunk_size=4))  # small chunks: CPU caches
+
+
+def encode_volume(autoencoder: SliceAutoencoder, case) -> torch.Tensor:
+    """[S, C, h, w] latents; the identical white end slices reuse one encoding (a sixth of the work)."""
+    content = autoencoder.encode(torch.from_numpy(case.hu[: case.content_slices]))
+    white = autoencoder.constant_latent(END_HU)[None].expand(len(case.hu) - case.content_slices, -1, -1, -1)
+    return torch.cat([content, white]).cpu()
+
+
+def embed(encoder: TextEncoder, text: str) -> torch.Tensor:
+    """[M, D] token embeddings of one text, padding removed."""
+    embedding = encoder.encode([text])
+    return embedding.tokens[0][embedding.mask[0]].cpu()
+
+
+def build_store(data: Path, vae_folder: Path, out: Path, holdout: int, size: int, text: TextConfig, limit: int = 0,
+                dtype: str = "float16", log=print) -> dict:
+    """Encode this rank's share of the prepared folder's training cases into the store `out`; merge the index when
+    every case is there. Finished volumes are skipped, so a rerun resumes and a rerun over more data adds."""
+    rank, world, local_rank = rank_and_world()
+    device = torch.device(f"cuda:{local_rank or 0}" if torch.cuda.is_available() else "cpu")
+    entries, _ = list_cases(data, holdout)
+    entries = entries[:limit] if limit else entries
+    autoencoder = load_vae(vae_folder, size, device)
+    encoder = TextEncoder.load(text)
+    encoder.model.to(device)
+    common = {"start": autoencoder.constant_latent(START_HU).cpu(), "end": autoencoder.constant_latent(END_HU).cpu(),
+              "text/empty": embed(encoder, "")}
+    weights = Path(vae_folder) / "diffusion_pytorch_model.safetensors"
+    header = {"format": FORMAT, "dtype": dtype, "image_size": size, "latent_shape": list(common["start"].shape),
+              "text_dim": int(common["text/empty"].shape[-1]), "vae": str(vae_folder),
+              "vae_sha256": sha256_file(weights) if weights.is_file() else None, "text": dataclasses.asdict(text)}
+    writer = StoreWriter(out, header, common)
+    mine = [entry for entry in shard(entries, rank, world) if not writer.finished(entry["name"])]
+    started = time.perf_counter()
+    for number, entry in enumerate(mine):
+        case = load_case(data, entry)
+        prompts = {"plain": render_prompt(case.report, None, case.spacing[2]),
+                   "length": render_prompt(case.report, case.content_slices, case.spacing[2])}
+        writer.add(case.name, encode_volume(autoencoder, case), {kind: embed(encoder, p) for kind, p in prompts.items()},
+                   case.content_slices, case.spacing, str(data))
+        log(f"rank {rank}: {number + 1}/{len(mine)} {case.name}: {len(case.hu)} slices, "
+            f"{time.perf_counter() - started:.0f} s")
+    complete = all(writer.finished(entry["name"]) for entry in entries)
+    volumes = writer.merge() if complete else None
+    return {"rank": rank, "world": world, "encoded": len(mine), "volumes": volumes, "complete": complete,
+            "encode_seconds": round(time.perf_counter() - started, 1)}
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, required=True, help="prepared folder (cohort / prepare-ctrate)")
+    parser.add_argument("--vae", type=Path, required=True, help="trained VAE folder (ctflow-train vae --out X: X/vae)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="store folder: created, or resumed / extended when it holds a store of the same encoders")
+    parser.add_argument("--holdout", type=int, default=4, help="last N patients of the index: left out, as for the VAE")
+    parser.add_argument("--limit", type=int, default=0, help="use only the first N training patients (0: all)")
+    parser.add_argument("--size", type=int, default=256, help="slice size of the data")
+    parser.add_argument("--text-source", default=TextConfig.source, help="text encoder (see ctflow TextConfig.source)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float16",
+                        help="storage type of latents and embeddings (float16: finer steps; bfloat16: wider range)")
+
+
+def run(args: argparse.Namespace) -> int:
+    summary = build_store(args.data, args.vae, args.out, args.holdout, args.size, TextConfig(source=args.text_source),
+                          args.limit, args.dtype)
+    print(json.dumps(summary))
+    return 0
