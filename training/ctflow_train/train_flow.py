@@ -214,6 +214,7 @@ def train(args: argparse.Namespace) -> dict:
                 log.flush()
                 print(f"step {step}/{args.steps} loss {logged.item():.4f} lr {lr:.2e} {step_s:.2f}s", flush=True)
         if master and (step % args.save_every == 0 or step == args.steps):  # every rank holds the same weights
+            log.flush()  # the loss log reaches at least as far as the checkpoint, whenever the run is killed
             meta = {"step": step, "samples": samples, "elapsed_s": elapsed, "denoiser": dataclasses.asdict(config),
                     "world": world, "device": str(device), "cache": [str(path) for path in args.cache], "args": vars(args)}
             save_checkpoint(out / CHECKPOINT, {"model": raw_model, "ema": ema}, {"optimizer": optimizer}, {}, meta)
