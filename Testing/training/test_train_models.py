@@ -27,7 +27,7 @@ from ctflow_train import evaluate, export, finding_study, latent_store, train_fl
 from ctflow_train.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from ctflow_train.dataset import DatasetWriter
 from ctflow_train.findings import FINDINGS
-from ctflow_train.flow_data import BlockDataset, SamplingRules, ShareSampler, block_loader, collate
+from ctflow_train.flow_data import BlockDataset, SamplingRules, ShareSampler, block_loader, collate, noises
 from ctflow_train.latent_store import LatentStore, open_stores
 from ctflow_train.training_data import list_cases, load_cases
 
@@ -264,7 +264,7 @@ def draw(cache, n, seed=0, first=0, **rules) -> "train_flow.Batch":
 def test_batches_follow_startboost_and_text_dropout(cache):
     store = LatentStore(cache)
     batch = draw(cache, 5, start_p=1.0, text_drop=1.0)
-    assert batch.x0.shape == batch.previous.shape == batch.before.shape == batch.noise.shape == (5, 4, BLOCK, 8, 8)
+    assert batch.x0.shape == batch.previous.shape == batch.before.shape == (5, 4, BLOCK, 8, 8)
     assert batch.first.all()
     assert torch.equal(batch.previous, store.start[None, :, None].expand_as(batch.previous))  # black previous
     assert torch.equal(batch.text[:, :2], store.empty[None].expand(5, -1, -1)) and batch.mask.sum(1).eq(2).all()
@@ -298,7 +298,7 @@ def test_every_epoch_visits_each_volume_once_and_ranks_take_disjoint_shares(cach
 
 
 def test_a_sample_depends_on_its_position_only_not_on_the_worker_that_makes_it(cache):
-    dataset = BlockDataset(open_stores([cache]), SamplingRules(BLOCK, rollout=True), 0)
+    dataset = BlockDataset(open_stores([cache]), SamplingRules(BLOCK), 0)
     alone = collate([dataset[p] for p in range(12, 18)])
     loader = block_loader(dataset, ShareSampler(0, 1, 3, start=12), workers=2, pin_memory=False)
     batches = iter(loader)
@@ -306,21 +306,26 @@ def test_a_sample_depends_on_its_position_only_not_on_the_worker_that_makes_it(c
     for name, value in alone._asdict().items():
         assert torch.equal(value[:3], getattr(workers[0], name)[: len(value[:3])]) or name in ("text", "mask")
         assert torch.equal(value[3:], getattr(workers[1], name)[: len(value[3:])]) or name in ("text", "mask")
-    assert not torch.equal(alone.noise, draw(cache, 6, first=13).noise)
+    assert not torch.equal(alone.seed, draw(cache, 6, first=13).seed)
+    noise = noises(alone, torch.device("cpu"), rollout=True)  # made from each sample's seed, whatever the batch
+    assert torch.equal(noise.cond[4:], noises(draw(cache, 2, first=16), torch.device("cpu"), rollout=True).cond)
+    assert noise.noise.shape == alone.x0.shape and noises(alone, torch.device("cpu"), rollout=False).rollout is None
+    assert abs(float(noise.noise.std()) - 1) < 0.1 and not torch.equal(noise.noise, noise.cond)
 
 
 def test_rollout_replaces_only_previous_blocks_that_follow_real_slices(cache):
     torch.manual_seed(0)
     model = STDiT(train_flow.denoiser_config(flow_args(cache, "unused"), LatentStore(cache))).eval()
-    batch = draw(cache, 8, seed=2, rollout=True)
+    batch = draw(cache, 8, seed=2)
+    noise = noises(batch, torch.device("cpu"), rollout=True).rollout
     assert batch.first.any() and not batch.first.all()
-    rolled = train_flow.roll_out_previous(model, batch, 1.0)
+    rolled = train_flow.roll_out_previous(model, batch, 1.0, noise)
     assert rolled.shape == batch.previous.shape and torch.isfinite(rolled).all()
     for i in range(8):  # a first block's previous is the exact start block; every other one is the model's estimate
         assert torch.equal(rolled[i], batch.previous[i]) == bool(batch.first[i])
-    untouched = train_flow.roll_out_previous(model, batch, 0.0)
+    untouched = train_flow.roll_out_previous(model, batch, 0.0, noise)
     assert torch.equal(untouched, batch.previous)
-    some = train_flow.roll_out_previous(model, batch, 0.5)  # where its uniform draw is below the share
+    some = train_flow.roll_out_previous(model, batch, 0.5, noise)  # where its uniform draw is below the share
     assert all(torch.equal(some[i], batch.previous[i]) == bool(batch.first[i] or batch.rollout_u[i] >= 0.5) for i in range(8))
 
 
@@ -333,8 +338,8 @@ def test_denoiser_loss_falls_on_a_fixed_batch(cache):
     model = train_flow.Conditioned(STDiT(config))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     batch = draw(cache, 4)
-    x0, prev, text, mask, first_slice, t, noise = (batch.x0, batch.previous, batch.text, batch.mask, batch.first_slice,
-                                                   batch.t, batch.noise)
+    x0, prev, text, mask, first_slice, t = batch.x0, batch.previous, batch.text, batch.mask, batch.first_slice, batch.t
+    noise = noises(batch, torch.device("cpu"), rollout=False).noise
     z_t = (1 - t.view(-1, 1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1, 1) * noise
     losses = []
     for _ in range(10):

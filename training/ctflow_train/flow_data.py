@@ -14,8 +14,9 @@ The sampling rules (CTFlow, REFERENCE §1):
     block; otherwise a random offset. White end slices are part of every volume, so the model also learns to end it.
   - the prompt with "Length: N slices" with probability length_p, replaced by the embedding of "" with probability
     text_drop (classifier-free guidance's unconditional branch).
-  - flow time t ~ U(0, 1) bent towards noise by time_shift; the noise; the noise added to the previous block; and,
-    with rollout, the draws that pick and make the previous blocks replaced by the model's own estimate.
+  - flow time t ~ U(0, 1) bent towards noise by time_shift; the draws that pick the previous blocks replaced by the
+    model's own estimate (rollout) and its time; and a seed for the sample's noise, which the trainer makes on its
+    device (`noises`).
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ class SamplingRules:
     length_p: float = 0.5
     text_drop: float = 0.1
     time_shift: float = 1.0
-    rollout: bool = False  # draw what rollout needs
 
 
 class Batch(NamedTuple):
@@ -55,11 +55,9 @@ class Batch(NamedTuple):
     text: torch.Tensor  # [B, M, D] padded prompt tokens
     mask: torch.Tensor  # [B, M]
     t: torch.Tensor  # [B] flow time
-    noise: torch.Tensor  # [B, C, T, h, w]
-    cond_noise: torch.Tensor  # [B, C, T, h, w] standard normal, scaled by --cond-noise onto the previous block
+    seed: torch.Tensor  # [B] int64: each sample's noise, made where it is used (`noises`)
     rollout_u: torch.Tensor  # [B] uniform: the previous block is the model's estimate where below --rollout-p
     rollout_t: torch.Tensor  # [B] the time the previous block is noised to for that estimate
-    rollout_noise: torch.Tensor  # [B, C, T, h, w] its noise ([B, 0] without rollout)
 
 
 def generator(*key: int) -> torch.Generator:
@@ -114,14 +112,27 @@ class BlockDataset(Dataset):
         before, previous, x0 = window.transpose(0, 1).split(block, dim=1)  # [C, T, h, w] each
         kind = "length" if uniform() < rules.length_p else "plain"
         text = store.empty if uniform() < rules.text_drop else store.text(kind, volume)
-        sample = {"x0": x0, "previous": previous, "before": before, "first_slice": torch.tensor(float(offset)),
-                  "text": text, "t": shift_time(uniform(), rules.time_shift),
-                  "noise": torch.randn(x0.shape, generator=draws), "cond_noise": torch.randn(x0.shape, generator=draws)}
-        if rules.rollout:
-            sample.update(rollout_u=uniform(), rollout_t=uniform(), rollout_noise=torch.randn(x0.shape, generator=draws))
-        else:
-            sample.update(rollout_u=torch.tensor(1.0), rollout_t=torch.tensor(0.0), rollout_noise=torch.empty(0))
-        return sample
+        return {"x0": x0, "previous": previous, "before": before, "first_slice": torch.tensor(float(offset)),
+                "text": text, "t": shift_time(uniform(), rules.time_shift),
+                "seed": torch.randint(2**62, (), generator=draws), "rollout_u": uniform(), "rollout_t": uniform()}
+
+
+class Noise(NamedTuple):
+    noise: torch.Tensor  # [B, C, T, h, w] the flow's noise
+    cond: torch.Tensor  # [B, C, T, h, w] for the previous block (scaled by --cond-noise)
+    rollout: torch.Tensor | None  # [B, C, T, h, w] for the rollout estimate of the previous block (if asked for)
+
+
+def noises(batch: Batch, device: torch.device, rollout: bool) -> Noise:
+    """The batch's standard normal noise, made on `device` from each sample's seed: the same values for a sample in
+    any batch on any rank. Made here rather than in a DataLoader worker, where it was 80 % of a worker's time and
+    half of what a batch carries to the GPU."""
+    made = [torch.empty(batch.x0.shape, device=device) for _ in range(3 if rollout else 2)]
+    for i, seed in enumerate(batch.seed.tolist()):
+        draws = torch.Generator(device).manual_seed(seed)
+        for tensor in made:
+            tensor[i].normal_(generator=draws)
+    return Noise(*made, *([] if rollout else [None]))
 
 
 def collate(samples: list[dict[str, torch.Tensor]]) -> Batch:

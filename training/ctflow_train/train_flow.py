@@ -44,7 +44,7 @@ from ctflow.denoiser import STDiT, parameter_count
 from ctflow.errors import CTFlowError
 
 from .checkpoint import add_run_options, load_checkpoint, open_loss_log, save_checkpoint
-from .flow_data import Batch, BlockDataset, SamplingRules, ShareSampler, block_loader
+from .flow_data import Batch, BlockDataset, SamplingRules, ShareSampler, block_loader, noises
 from .latent_store import LatentStore, open_stores
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -74,10 +74,10 @@ def denoiser_config(args: argparse.Namespace, store: LatentStore):
 
 
 def sampling_rules(args: argparse.Namespace) -> SamplingRules:
-    return SamplingRules(args.block, args.start_p, args.length_p, args.text_drop, args.time_shift, args.rollout_p > 0)
+    return SamplingRules(args.block, args.start_p, args.length_p, args.text_drop, args.time_shift)
 
 
-def roll_out_previous(ema: STDiT, batch: Batch, share: float) -> torch.Tensor:
+def roll_out_previous(ema: STDiT, batch: Batch, share: float, noise: torch.Tensor) -> torch.Tensor:
     """Previous blocks [B, C, T, h, w], a share of them replaced by the model's own estimate: one denoising step
     from a random flow time, conditioned on the block before. What generation feeds back is never the real block,
     and a model trained only on real ones drifts once its own output is its input (exposure bias)."""
@@ -85,7 +85,7 @@ def roll_out_previous(ema: STDiT, batch: Batch, share: float) -> torch.Tensor:
     if not chosen.any():
         return batch.previous
     device = next(ema.parameters()).device
-    previous, t, noise = batch.previous.to(device), batch.rollout_t.to(device), batch.rollout_noise.to(device)
+    previous, t = batch.previous.to(device), batch.rollout_t.to(device)
     tt = t.view(-1, 1, 1, 1, 1)
     z_t = (1 - tt) * previous + tt * noise
     previous_first_slice = (batch.first_slice - previous.shape[2]).clamp(min=0)
@@ -112,17 +112,18 @@ def warm_start(model: STDiT, checkpoint: Path) -> None:
 def flow_loss(model, ema: STDiT, batch: Batch, config, args, autocast, device) -> torch.Tensor:
     """The flow-matching loss of one batch: previous blocks made imperfect (rollout, noise), then MSE against
     what the model predicts (velocity, or the clean block)."""
-    prev = roll_out_previous(ema, batch, args.rollout_p) if args.rollout_p else batch.previous
-    prev = prev.to(device) + args.cond_noise * batch.cond_noise.to(device)
+    noise = noises(batch, device, rollout=args.rollout_p > 0)
+    prev = roll_out_previous(ema, batch, args.rollout_p, noise.rollout) if args.rollout_p else batch.previous
+    prev = prev.to(device) + args.cond_noise * noise.cond
     if config.seam_context:  # the slices across the seam stay exact: the new block must continue what is there
         prev[:, :, -config.patch_size[0]:] = batch.previous[:, :, -config.patch_size[0]:].to(device)
-    x0, text, mask, t, noise, first_slice = (v.to(device, non_blocking=True) for v in (
-        batch.x0, batch.text, batch.mask, batch.t, batch.noise, batch.first_slice))
+    x0, text, mask, t, first_slice = (v.to(device, non_blocking=True) for v in (
+        batch.x0, batch.text, batch.mask, batch.t, batch.first_slice))
     tt = t.view(-1, 1, 1, 1, 1)
-    z_t = (1 - tt) * x0 + tt * noise
+    z_t = (1 - tt) * x0 + tt * noise.noise
     with autocast:
         predicted = model(z_t, t, prev, text, mask, first_slice)  # [B, C, T, h, w]
-    return F.mse_loss(predicted.float(), x0 if config.prediction == "clean" else noise - x0)
+    return F.mse_loss(predicted.float(), x0 if config.prediction == "clean" else noise.noise - x0)
 
 
 def learning_rate(step: int, args) -> float:
