@@ -145,7 +145,7 @@ def main() -> None:
     results = []
     for volumes in args.volumes:
         merge_s = link_store(pool, rows, args.out / f"store{volumes}", volumes)
-        for workers in (0, args.workers) if volumes == max(args.volumes) else (args.workers,):
+        for workers in (0, 1, args.workers) if volumes == max(args.volumes) else (args.workers,):
             child = subprocess.run([sys.executable, __file__, "--out", str(args.out), "--measure",
                                     str(args.out / f"store{volumes}"), "--workers", str(workers), "--batch",
                                     str(args.batch), "--batches", str(args.batches)],

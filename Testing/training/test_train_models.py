@@ -23,7 +23,7 @@ from ctflow.config import DENOISER_PRESETS
 from ctflow.denoiser import STDiT
 from ctflow.report import Report
 from ctflow.volume import Geometry, Volume
-from ctflow_train import evaluate, export, finding_study, latent_store, train_flow, train_vae
+from ctflow_train import cli, evaluate, export, finding_study, latent_store, train_flow, train_vae
 from ctflow_train.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from ctflow_train.dataset import DatasetWriter
 from ctflow_train.findings import FINDINGS
@@ -194,13 +194,15 @@ def test_store_holds_latents_prompts_and_tokens_one_checksummed_file_a_volume(ca
     assert latent_store.verify(cache) == []
 
 
-def test_verify_finds_a_volume_changed_on_disk(cache, tmp_path):
+def test_verify_finds_a_volume_changed_on_disk(cache, tmp_path, capsys):
     copy = shutil.copytree(cache, tmp_path / "copy")
     tensors = load_file(copy / "volumes" / "tiny_1.safetensors")
     tensors["latents"][0, 0, 0, 0] += 1
     save_file(tensors, copy / "volumes" / "tiny_1.safetensors")
     (copy / "volumes" / "tiny_2.safetensors").unlink()
     assert latent_store.verify(copy) == ["tiny_1", "tiny_2"]
+    assert cli.main(["verify-latents", str(copy)]) == 1
+    assert "2 volume(s)" in capsys.readouterr().err and cli.main(["verify-latents", str(cache)]) == 0
 
 
 def store_of_another_vae(cache, folder, shift=1.0):

@@ -157,6 +157,8 @@ from . import evaluate, export, finding_study, latent_store, train_flow, train_v
 register(Command("vae", "train the slice autoencoder (L1 + KL + patch-GAN)", train_vae.configure, train_vae.run))
 register(Command("cache-latents", "encode every slice and prompt once into a latent store (torchrun: over ranks)",
                  latent_store.configure, latent_store.run))
+register(Command("verify-latents", "check every volume file of a latent store against its checksum",
+                 latent_store.configure_verify, latent_store.run_verify))
 register(Command("flow", "flow-matching training of the denoiser (torchrun for several GPUs)", train_flow.configure, train_flow.run))
 register(Command("export", "write a ctflow model folder with a model card", export.configure, export.run))
 register(Command("evaluate", "seam continuity, length accuracy and speed of a model folder", evaluate.configure, evaluate.run))

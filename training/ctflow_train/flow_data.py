@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from ctflow.errors import CTFlowError
 from ctflow.sampling import shift_time
@@ -136,13 +136,12 @@ def noises(batch: Batch, device: torch.device, rollout: bool) -> Noise:
 
 
 def collate(samples: list[dict[str, torch.Tensor]]) -> Batch:
-    """Stack samples; prompts padded to the longest, with a mask."""
-    texts = [sample["text"] for sample in samples]
-    longest = max(len(t) for t in texts)
-    text = torch.stack([F.pad(t, (0, 0, 0, longest - len(t))) for t in texts])  # [B, M, D]
-    mask = torch.stack([torch.arange(longest) < len(t) for t in texts])  # [B, M]
-    stacked = {key: torch.stack([sample[key] for sample in samples]) for key in samples[0] if key != "text"}
-    return Batch(first=stacked["first_slice"] == 0, text=text, mask=mask, **stacked)
+    """Stack samples into a Batch; prompts padded to the longest, with a mask."""
+    longest = max(len(sample["text"]) for sample in samples)
+    padded = [{**sample, "text": F.pad(sample["text"], (0, 0, 0, longest - len(sample["text"]))),
+               "mask": torch.arange(longest) < len(sample["text"])} for sample in samples]
+    stacked = default_collate(padded)  # in a worker, straight into shared memory: no copy on the way to the trainer
+    return Batch(first=stacked["first_slice"] == 0, **stacked)
 
 
 class ShareSampler(Sampler[int]):

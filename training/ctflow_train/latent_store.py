@@ -254,6 +254,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="storage type of latents and embeddings (float16: finer steps; bfloat16: wider range)")
 
 
+def configure_verify(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("store", type=Path, help="latent store folder")
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    bad = verify(args.store)
+    if bad:
+        raise CTFlowError(f"{len(bad)} volume(s) of {args.store} missing or changed ({', '.join(bad[:3])}"
+                          f"{', ...' if len(bad) > 3 else ''}): delete their rows/<name>.json and run cache-latents again")
+    print(json.dumps({"store": str(args.store), "volumes": len(LatentStore(args.store)), "verified": True}))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     summary = build_store(args.data, args.vae, args.out, args.holdout, args.size, TextConfig(source=args.text_source),
                           args.limit, args.dtype)
