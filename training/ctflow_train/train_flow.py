@@ -176,6 +176,8 @@ def train(args: argparse.Namespace) -> dict:
     raw_model, model = model, Conditioned(model)
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    if args.compile:  # after the DDP wrap, so the graph breaks where DDP's gradient buckets are
+        model = torch.compile(model)
     if master:
         print(f"denoiser {parameter_count(raw_model) / 1e6:.2f} M parameters, {config}; {len(dataset)} volumes; "
               f"world {world}; from step {step}", flush=True)
@@ -251,6 +253,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=8, help="per process (the global batch is this x processes)")
     parser.add_argument("--accumulate", type=int, default=1,
                         help="batches per optimizer step (gradient accumulation): global batch = batch x processes x this")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the denoiser (minutes to compile; pays on GPUs over long runs)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes per process (0: none)")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--warmup", type=int, default=100)
