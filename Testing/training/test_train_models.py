@@ -225,7 +225,7 @@ def test_stores_of_one_encoder_train_as_one_and_others_are_refused(cache, tmp_pa
         LatentStore(save_checkpoint(tmp_path / "old.safetensors", {}, {}, {}, {}))
 
 
-def test_encoding_shares_out_over_ranks_resumes_and_adds(data, vae_run, cache, tmp_path, monkeypatch):
+def test_encoding_shares_out_over_ranks_resumes_and_adds(data, vae_run, cache, tmp_path, monkeypatch, capsys):
     """Two ranks (as torchrun sets them) each encode their share; the last to finish merges the index. A rerun
     encodes only what is missing, and a rerun over more cases adds them."""
     out, vae, text = tmp_path / "store", vae_run[0] / "vae", ctflow.ModelConfig().text
@@ -250,8 +250,9 @@ def test_encoding_shares_out_over_ranks_resumes_and_adds(data, vae_run, cache, t
     with pytest.raises(ctflow.CTFlowError, match="dtype float16, not bfloat16"):
         build(0, 1, dtype="bfloat16")
     store_of_another_vae(out, tmp_path).rename(tmp_path / "another")
-    with pytest.raises(ctflow.CTFlowError, match="another VAE or text encoder"):
-        latent_store.build_store(data, vae, tmp_path / "another", 1, SIZE, text, log=lambda line: None)
+    command = ["cache-latents", "--data", str(data), "--vae", str(vae), "--out", str(tmp_path / "another"), "--size",
+               str(SIZE), "--holdout", "1"]
+    assert cli.main(command) == 1 and "another VAE or text encoder" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ sampling

@@ -79,7 +79,7 @@ def sampling_rules(args: argparse.Namespace) -> SamplingRules:
 
 def roll_out_previous(ema: STDiT, batch: Batch, share: float, noise: torch.Tensor) -> torch.Tensor:
     """Previous blocks [B, C, T, h, w], a share of them replaced by the model's own estimate: one denoising step
-    from a random flow time, conditioned on the block before. What generation feeds back is never the real block,
+    from a random flow time (noise [B, C, T, h, w] on the model's device), conditioned on the block before. What generation feeds back is never the real block,
     and a model trained only on real ones drifts once its own output is its input (exposure bias)."""
     chosen = (batch.rollout_u < share) & ~batch.first  # a first block's start block is exact
     if not chosen.any():
