@@ -64,7 +64,8 @@ def link_store(pool: Path, rows: list[dict], folder: Path, volumes: int) -> floa
         target = folder / VOLUMES / f"{name}.safetensors"
         if not target.exists():
             os.link(pool / row["file"], target)
-        (folder / ROWS / f"{name}.json").write_text(json.dumps({**row, "name": name, "file": f"{VOLUMES}/{name}.safetensors"}))
+        linked = {**row, "name": name, "file": f"{VOLUMES}/{name}.safetensors"}
+        (folder / ROWS / f"{name}.json").write_text(json.dumps(linked))
     started = time.perf_counter()
     writer.merge()
     return time.perf_counter() - started
@@ -106,7 +107,8 @@ def measure(folder: Path, workers: int, batch: int, batches: int) -> dict:
     read += sample.mask.sum().item() / batch * TEXT_DIM * 2
     return {"volumes": len(dataset), "workers": workers, "open_s": round(opened, 3), "first_batch_s": round(first, 2),
             "blocks_per_s": round(batches * batch / seconds, 1), "mb_read_per_block": round(read / 2**20, 2),
-            "rss_main_at_import_mb": baseline, "main_mb": memory_mb(), "workers_mb": [memory_mb(pid) for pid in children()]}
+            "rss_main_at_import_mb": baseline, "main_mb": memory_mb(),
+            "workers_mb": [memory_mb(pid) for pid in children()]}
 
 
 def ctflow_l_flops_per_block() -> tuple[int, float]:

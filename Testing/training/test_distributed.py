@@ -60,7 +60,8 @@ def torchrun(store, out, *extra: str) -> subprocess.Popen:
 def family(pid: int) -> list[int]:
     """The process and its descendants: torchrun starts each worker in a session of its own."""
     try:
-        children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+        tasks = Path(f"/proc/{pid}/task").iterdir()
+        children = [int(child) for task in tasks for child in (task / "children").read_text().split()]
     except FileNotFoundError:  # it has just ended
         return []
     return [pid] + [member for child in children for member in family(child)]

@@ -291,7 +291,8 @@ def test_batch_windows_are_consecutive_blocks_of_one_volume(cache):
 def test_every_epoch_visits_each_volume_once_and_ranks_take_disjoint_shares(cache):
     stores = open_stores([cache, cache])
     dataset = BlockDataset(stores, SamplingRules(BLOCK), 0)
-    numbers = [[3 * stores.index(store) + v for store, v in map(dataset.volume, range(e * 6, e * 6 + 6))] for e in range(3)]
+    numbers = [[3 * stores.index(store) + v for store, v in map(dataset.volume, range(e * 6, e * 6 + 6))]
+               for e in range(3)]
     assert all(sorted(epoch) == list(range(6)) for epoch in numbers)
     assert len({tuple(epoch) for epoch in numbers}) > 1  # a new order each epoch
     ranks = [ShareSampler(rank, 2, 3, start=12) for rank in range(2)]
@@ -329,7 +330,8 @@ def test_rollout_replaces_only_previous_blocks_that_follow_real_slices(cache):
     untouched = train_flow.roll_out_previous(model, batch, 0.0, noise)
     assert torch.equal(untouched, batch.previous)
     some = train_flow.roll_out_previous(model, batch, 0.5, noise)  # where its uniform draw is below the share
-    assert all(torch.equal(some[i], batch.previous[i]) == bool(batch.first[i] or batch.rollout_u[i] >= 0.5) for i in range(8))
+    kept = batch.first | (batch.rollout_u >= 0.5)
+    assert all(torch.equal(some[i], batch.previous[i]) == bool(kept[i]) for i in range(8))
 
 
 # ------------------------------------------------------------------------------------------ flow training

@@ -1,7 +1,8 @@
 """The latent store: every slice latent and prompt embedding of a prepared dataset, encoded once, one file a volume.
 
     ctflow-train cache-latents --data cache/cohort --vae cache/vae16/vae --out cache/latents16
-    torchrun --nproc_per_node 8 -m ctflow_train.cli cache-latents --data data/ctrate --vae runs/vae/vae --out runs/latents
+    torchrun --nproc_per_node 8 -m ctflow_train.cli cache-latents --data data/ctrate --vae runs/vae/vae \\
+        --out runs/latents
 
 Layout of a store folder:
   store.json                  what made it: VAE folder and weights hash, text encoder, dtype, latent shape
@@ -73,7 +74,8 @@ class LatentStore:
             raise CTFlowError(f"{folder} is not a latent store (no {HEADER}): make one with ctflow-train cache-latents")
         self.header = json.loads((self.folder / HEADER).read_text())
         if self.header.get("format") != FORMAT:
-            raise CTFlowError(f"{folder} is a latent store of another format ({self.header.get('format')}), not {FORMAT}")
+            found = self.header.get("format")
+            raise CTFlowError(f"{folder} is a latent store of another format ({found}), not {FORMAT}")
         if not (self.folder / INDEX).is_file():
             raise CTFlowError(f"{folder} has no {INDEX}: its encoding stopped before the end; run cache-latents again")
         common = load_file(self.folder / COMMON)
@@ -143,7 +145,8 @@ class StoreWriter:
                 (self.folder / sub).mkdir(parents=True, exist_ok=True)
             tensors = {k: v.float().contiguous() for k, v in common.items()}
             atomic_write(self.folder / COMMON, lambda tmp: save_file(tensors, tmp), overwrite=True)
-            atomic_write(self.folder / HEADER, lambda tmp: tmp.write_text(json.dumps(header, indent=1) + "\n"), overwrite=True)
+            text = json.dumps(header, indent=1) + "\n"
+            atomic_write(self.folder / HEADER, lambda tmp: tmp.write_text(text), overwrite=True)
 
     def _check(self, header: dict, common: dict[str, torch.Tensor]) -> None:
         """Adding to an existing store: the same encoders, dtype and slice size, or nothing is written."""
@@ -174,7 +177,8 @@ class StoreWriter:
         file = f"{VOLUMES}/{name}.safetensors"
         atomic_write(self.folder / file, lambda tmp: tmp.write_bytes(data), overwrite=True)
         row = {"name": name, "file": file, "slices": len(latents), "content_slices": content_slices,
-               "spacing": list(spacing), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "source": source}
+               "spacing": list(spacing), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+               "source": source}
         atomic_write(self._row(name), lambda tmp: tmp.write_text(json.dumps(row) + "\n"), overwrite=True)
         return row
 
@@ -231,8 +235,8 @@ def build_store(data: Path, vae_folder: Path, out: Path, holdout: int, size: int
         case = load_case(data, entry)
         prompts = {"plain": render_prompt(case.report, None, case.spacing[2]),
                    "length": render_prompt(case.report, case.content_slices, case.spacing[2])}
-        writer.add(case.name, encode_volume(autoencoder, case), {kind: embed(encoder, p) for kind, p in prompts.items()},
-                   case.content_slices, case.spacing, str(data))
+        tokens = {kind: embed(encoder, prompt) for kind, prompt in prompts.items()}
+        writer.add(case.name, encode_volume(autoencoder, case), tokens, case.content_slices, case.spacing, str(data))
         log(f"rank {rank}: {number + 1}/{len(mine)} {case.name}: {len(case.hu)} slices, "
             f"{time.perf_counter() - started:.0f} s")
     complete = all(writer.finished(entry["name"]) for entry in entries)
@@ -261,8 +265,9 @@ def configure_verify(parser: argparse.ArgumentParser) -> None:
 def run_verify(args: argparse.Namespace) -> int:
     bad = verify(args.store)
     if bad:
-        raise CTFlowError(f"{len(bad)} volume(s) of {args.store} missing or changed ({', '.join(bad[:3])}"
-                          f"{', ...' if len(bad) > 3 else ''}): delete their rows/<name>.json and run cache-latents again")
+        names = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+        raise CTFlowError(f"{len(bad)} volume(s) of {args.store} missing or changed ({names}): "
+                          "delete their rows/<name>.json and run cache-latents again")
     print(json.dumps({"store": str(args.store), "volumes": len(LatentStore(args.store)), "verified": True}))
     return 0
 

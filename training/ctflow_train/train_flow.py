@@ -79,8 +79,9 @@ def sampling_rules(args: argparse.Namespace) -> SamplingRules:
 
 def roll_out_previous(ema: STDiT, batch: Batch, share: float, noise: torch.Tensor) -> torch.Tensor:
     """Previous blocks [B, C, T, h, w], a share of them replaced by the model's own estimate: one denoising step
-    from a random flow time (noise [B, C, T, h, w] on the model's device), conditioned on the block before. What generation feeds back is never the real block,
-    and a model trained only on real ones drifts once its own output is its input (exposure bias)."""
+    from a random flow time (noise [B, C, T, h, w] on the model's device), conditioned on the block before. What
+    generation feeds back is never the real block, and a model trained only on real ones drifts once its own output
+    is its input (exposure bias)."""
     chosen = (batch.rollout_u < share) & ~batch.first  # a first block's start block is exact
     if not chosen.any():
         return batch.previous
@@ -219,7 +220,8 @@ def train(args: argparse.Namespace) -> dict:
         if master and (step % args.save_every == 0 or step == args.steps):  # every rank holds the same weights
             log.flush()  # the loss log reaches at least as far as the checkpoint, whenever the run is killed
             meta = {"step": step, "samples": samples, "elapsed_s": elapsed, "denoiser": dataclasses.asdict(config),
-                    "world": world, "device": str(device), "cache": [str(path) for path in args.cache], "args": vars(args)}
+                    "world": world, "device": str(device), "cache": [str(path) for path in args.cache],
+                    "args": vars(args)}
             save_checkpoint(out / CHECKPOINT, {"model": raw_model, "ema": ema}, {"optimizer": optimizer}, {}, meta)
     if master:
         log.close()
@@ -252,7 +254,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=8, help="per process (the global batch is this x processes)")
     parser.add_argument("--accumulate", type=int, default=1,
-                        help="batches per optimizer step (gradient accumulation): global batch = batch x processes x this")
+                        help="batches per optimizer step (gradient accumulation): "
+                             "global batch = batch x processes x this")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the denoiser (minutes to compile; pays on GPUs over long runs)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes per process (0: none)")
