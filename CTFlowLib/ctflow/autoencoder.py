@@ -65,21 +65,24 @@ class SliceAutoencoder:
 
     def hu_to_model(self, hu: torch.Tensor) -> torch.Tensor:
         low, high = self.config.hu_window
-        return (hu.float().clamp(low, high) - low) / (high - low) * 2 - 1
+        bottom, top = self.config.pixel_range
+        return (hu.float().clamp(low, high) - low) / (high - low) * (top - bottom) + bottom
 
     def model_to_hu(self, x: torch.Tensor) -> torch.Tensor:
         low, high = self.config.hu_window
-        return (x.float().clamp(-1, 1) + 1) / 2 * (high - low) + low
+        bottom, top = self.config.pixel_range
+        return (x.float().clamp(bottom, top) - bottom) / (top - bottom) * (high - low) + low
 
     @torch.no_grad()
-    def encode(self, hu: torch.Tensor) -> torch.Tensor:
-        """[N, H, W] HU -> [N, C, h, w] latents (posterior mode: deterministic)."""
+    def encode(self, hu: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """[N, H, W] HU -> [N, C, h, w] latents: the posterior mode, or a posterior sample drawn with `generator`."""
         dtype = next(self.vae.parameters()).dtype
         out = []
         for chunk in hu.split(self.chunk_size):
             x = self.hu_to_model(chunk.to(self.device)).unsqueeze(1)  # [n, 1, H, W]
             x = x.expand(-1, self.vae.config.in_channels, -1, -1).to(dtype)
-            latent = self.vae.encode(x).latent_dist.mode()
+            posterior = self.vae.encode(x).latent_dist
+            latent = posterior.mode() if generator is None else posterior.sample(generator)
             out.append((latent.float() - self.shift) * self.scaling)
         return torch.cat(out)
 
@@ -94,10 +97,14 @@ class SliceAutoencoder:
             out.append(self.model_to_hu(x))
         return torch.cat(out)
 
-    def constant_latent(self, hu_value: float) -> torch.Tensor:
-        """Latent [C, h, w] of a slice filled with one HU value: -1000 is the start token, +1000 the end marker."""
+    def constant_latent(self, hu_value: float, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Latent [C, h, w] of a slice filled with one HU value: -1000 is the start token, +1000 the end marker.
+
+        The posterior mode (cached), or with `generator` a posterior sample, as the released CTFlow code draws.
+        """
+        size = self.config.image_size
+        if generator is not None:
+            return self.encode(torch.full((1, size, size), float(hu_value)), generator)[0]
         if hu_value not in self._constant_latents:
-            size = self.config.image_size
-            slice_ = torch.full((1, size, size), float(hu_value))
-            self._constant_latents[hu_value] = self.encode(slice_)[0]
+            self._constant_latents[hu_value] = self.encode(torch.full((1, size, size), float(hu_value)))[0]
         return self._constant_latents[hu_value]

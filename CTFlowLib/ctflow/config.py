@@ -10,6 +10,11 @@ from .errors import ModelError
 
 
 PREDICTIONS = ("velocity", "clean")
+# "ctflow": this project's denoiser. "released": the forward pass of the published CTFlow code, which its
+# checkpoint was trained with (t unscaled, attention heads merged without a transpose, column-first spatial code,
+# temporal code only into block 0's temporal attention, no LayerNorm before temporal or cross-attention).
+VARIANTS = ("ctflow", "released")
+SAMPLING_MODES = ("ctflow", "released")
 
 
 @dataclass(frozen=True)
@@ -39,11 +44,18 @@ class DenoiserConfig:
     # across the seam, spatially aligned. The channel concatenation pairs each new slice with the one a whole block
     # before it, so without this the slice next door reaches the seam only through temporal attention.
     seam_context: bool = False
+    variant: str = "ctflow"  # see VARIANTS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "patch_size", tuple(self.patch_size))
         if self.prediction not in PREDICTIONS:
             raise ModelError(f"prediction must be one of {', '.join(PREDICTIONS)}, not {self.prediction!r}")
+        if self.variant not in VARIANTS:
+            raise ModelError(f"denoiser variant must be one of {', '.join(VARIANTS)}, not {self.variant!r}")
+        if self.variant == "released" and (self.prediction != "velocity" or self.slice_position or self.pooled_text
+                                           or self.seam_context):
+            raise ModelError("the released denoiser variant predicts velocity and has none of this project's "
+                             "additions (slice_position, pooled_text, seam_context)")
         if self.hidden_size % self.num_heads:
             raise ModelError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         pt, ph, pw = self.patch_size
@@ -68,6 +80,9 @@ class AutoencoderConfig:
     """How HU slices map to the VAE. Its architecture and latent scaling/shift live in vae/config.json."""
 
     hu_window: tuple[float, float] = (-1000.0, 1000.0)
+    # The VAE image values the window's ends map to. The released CTFlow model: (0, 1), an inferred mapping
+    # (its code writes clamp(306 * image, 0, 255) PNGs and documents no HU window; docs/released_model.md).
+    pixel_range: tuple[float, float] = (-1.0, 1.0)
     image_size: int = 256  # slice rows = cols
     chunk_size: int = 16  # slices per VAE call: bounds peak memory
 
@@ -102,6 +117,16 @@ class SamplingConfig:
     method: str = "ab2"
     shift: float = 1.0
     guidance: float = 1.0
+    # "ctflow": start from the encoded black slice, end at the first white latent slice (or a decoded white one).
+    # "released": the published generator: start and end markers are VAE posterior samples of the all-zero and
+    # all-one image, a block whose first slice is white is the last one (kept), trailing white slices are trimmed.
+    mode: str = "ctflow"
+    # False for a model trained without text dropout (the released one): it has no unconditional branch to guide by.
+    guidance_supported: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in SAMPLING_MODES:
+            raise ModelError(f"sampling mode must be one of {', '.join(SAMPLING_MODES)}, not {self.mode!r}")
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import torch
 import torch.nn.functional as F
@@ -34,11 +34,11 @@ def sincos_1d(length: int, dim: int) -> torch.Tensor:
 
 
 @lru_cache(maxsize=16)
-def sincos_2d(height: int, width: int, dim: int) -> torch.Tensor:
-    """[height * width, dim]: half the channels code the row, half the column."""
+def sincos_2d(height: int, width: int, dim: int, columns_first: bool = False) -> torch.Tensor:
+    """[height * width, dim]: half the channels code the row, half the column (the released model: columns first)."""
     rows = sincos_1d(height, dim // 2).repeat_interleave(width, dim=0)
     cols = sincos_1d(width, dim // 2).repeat(height, 1)
-    return torch.cat([rows, cols], dim=1)
+    return torch.cat([cols, rows] if columns_first else [rows, cols], dim=1)
 
 
 class TimestepEmbedder(nn.Module):
@@ -58,11 +58,15 @@ class TimestepEmbedder(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over the middle axis of [N, L, D]."""
+    """Multi-head self-attention over the middle axis of [N, L, D].
 
-    def __init__(self, hidden: int, heads: int) -> None:
+    swap_heads=False reproduces the released CTFlow code, which reshapes [N, heads, L, D/heads] straight to
+    [N, L, D] (no transpose); its weights were trained with that layout, so they need it.
+    """
+
+    def __init__(self, hidden: int, heads: int, swap_heads: bool = True) -> None:
         super().__init__()
-        self.heads = heads
+        self.heads, self.swap_heads = heads, swap_heads
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.proj = nn.Linear(hidden, hidden)
 
@@ -70,7 +74,7 @@ class SelfAttention(nn.Module):
         n, length, dim = x.shape
         q, k, v = self.qkv(x).view(n, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v)  # [N, heads, L, D/heads]
-        return self.proj(out.transpose(1, 2).reshape(n, length, dim))
+        return self.proj((out.transpose(1, 2) if self.swap_heads else out).reshape(n, length, dim))
 
 
 class CrossAttention(nn.Module):
@@ -106,30 +110,37 @@ class STDiTBlock(nn.Module):
     """Spatial attention (within a slice), temporal attention (across slices), cross-attention to text, MLP.
 
     adaLN-single: the block's shift/scale/gate come from one shared timestep projection plus a
-    learned per-block table.
+    learned per-block table. released=True: the published CTFlow block (no LayerNorm before the temporal and
+    cross-attention, attention heads merged without a transpose).
     """
 
-    def __init__(self, hidden: int, heads: int, mlp_ratio: float) -> None:
+    def __init__(self, hidden: int, heads: int, mlp_ratio: float, released: bool = False) -> None:
         super().__init__()
+        norm = nn.Identity if released else partial(nn.LayerNorm, hidden, elementwise_affine=False, eps=1e-6)
         self.norm_spatial = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.spatial = SelfAttention(hidden, heads)
-        self.norm_temporal = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.temporal = SelfAttention(hidden, heads)
-        self.norm_cross = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.spatial = SelfAttention(hidden, heads, swap_heads=not released)
+        self.norm_temporal = norm()
+        self.temporal = SelfAttention(hidden, heads, swap_heads=not released)
+        self.norm_cross = norm()
         self.cross = CrossAttention(hidden, heads)
         self.norm_mlp = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden, mlp_ratio)
         self.scale_shift_table = nn.Parameter(torch.randn(6, hidden) / hidden**0.5)
 
-    def forward(self, x: torch.Tensor, t6: torch.Tensor, text_kv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        # x: [B, t, s, D]; t6: [B, 6, D]; text_kv: [2, B, heads, M, D/heads]; mask: [B, M]
+    def forward(
+        self, x: torch.Tensor, t6: torch.Tensor, text_kv: torch.Tensor, mask: torch.Tensor,
+        temporal_code: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        # x: [B, t, s, D]; t6: [B, 6, D]; text_kv: [2, B, heads, M, D/heads]; mask: [B, M];
+        # temporal_code: [t, D] added to the temporal attention's input only (the released model's block 0)
         b, nt, ns, dim = x.shape
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = (self.scale_shift_table + t6).unsqueeze(2).unbind(1)
         # each: [B, 1, D], broadcast over tokens below
         h = modulate(self.norm_spatial(x.view(b, nt * ns, dim)), shift_a, scale_a)
         h = self.spatial(h.view(b * nt, ns, dim)).view(b, nt * ns, dim)
         x = x + (gate_a * h).view(b, nt, ns, dim)
-        h = self.norm_temporal(x).transpose(1, 2).reshape(b * ns, nt, dim)
+        h = self.norm_temporal(x) if temporal_code is None else self.norm_temporal(x) + temporal_code[:, None]
+        h = h.transpose(1, 2).reshape(b * ns, nt, dim)
         h = self.temporal(h).view(b, ns, nt, dim).transpose(1, 2)
         x = x + (gate_a.unsqueeze(1) * h)
         flat = x.reshape(b, nt * ns, dim)
@@ -165,12 +176,14 @@ class STDiT(nn.Module):
         self.previous_embed = nn.Conv3d(c, d, kernel_size=config.patch_size, stride=config.patch_size, bias=False)
         self.seam_embed = (nn.Conv3d(c, d, kernel_size=config.patch_size, stride=config.patch_size, bias=False)
                            if config.seam_context else None)
-        self.t_embed = TimestepEmbedder(d)
+        self.released = config.variant == "released"
+        self.t_embed = TimestepEmbedder(d, scale=1.0 if self.released else 1000.0)
         self.position_embed = TimestepEmbedder(d, scale=1.0) if config.slice_position else None
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.text_embed = Mlp(config.text_dim, d / config.text_dim, out=d)
         self.text_vector = Mlp(config.text_dim, d / config.text_dim, out=d) if config.pooled_text else None
-        self.blocks = nn.ModuleList(STDiTBlock(d, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
+        self.blocks = nn.ModuleList(STDiTBlock(d, config.num_heads, config.mlp_ratio, self.released)
+                                    for _ in range(config.depth))
         self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.final_table = nn.Parameter(torch.randn(2, d) / d**0.5)
         self.final = nn.Linear(d, math.prod(config.patch_size) * c)
@@ -205,9 +218,10 @@ class STDiT(nn.Module):
         # tokens: [B, D, t, h, w] -> [B, t, s, D] with fixed spatial and temporal position codes added
         b, d, nt, nh, nw = tokens.shape
         x = tokens.flatten(3).permute(0, 2, 3, 1)
-        spatial = sincos_2d(nh, nw, d).to(x)
-        temporal = sincos_1d(nt, d).to(x)
-        return x + spatial[None, None] + temporal[None, :, None]
+        spatial = sincos_2d(nh, nw, d, columns_first=self.released).to(x)
+        if self.released:  # the temporal code goes into block 0's temporal attention instead
+            return x + spatial[None, None]
+        return x + spatial[None, None] + sincos_1d(nt, d).to(x)[None, :, None]
 
     def prepare(
         self, previous: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, first_slice: torch.Tensor | None = None,
@@ -249,8 +263,9 @@ class STDiT(nn.Module):
         if cond.vector is not None:
             t_emb = t_emb + cond.vector
         t6 = self.t_block(t_emb).view(b, 6, -1)  # [B, 6, D]
-        for block, text_kv in zip(self.blocks, cond.text_kv):
-            h = block(h, t6, text_kv, cond.mask)
+        temporal_code = sincos_1d(nt // pt, h.shape[-1]).to(h) if self.released else None
+        for index, (block, text_kv) in enumerate(zip(self.blocks, cond.text_kv)):
+            h = block(h, t6, text_kv, cond.mask, temporal_code if index == 0 else None)
         shift, scale = (self.final_table[None] + t_emb[:, None]).unsqueeze(2).unbind(1)  # [B, 1, D] each
         h = self.final(modulate(self.final_norm(h.flatten(1, 2)), shift, scale))  # [B, t*s, pt*ph*pw*C]
         h = h.view(b, nt // pt, nh // ph, nw // pw, pt, ph, pw, c)

@@ -36,6 +36,7 @@ from .volume import Geometry, Provenance, Volume
 
 MAX_SLICES = 2048  # refuse larger requests: a chest CT has a few hundred slices at most
 START_HU, END_HU = -1000.0, 1000.0  # the all-black start block and the white end-of-volume slices
+MARKER_SEED_OFFSET = 1  # the released mode's marker samples: a stream apart from the noise of the same seed
 WHITE_MEAN_HU = 0.9 * END_HU  # a decoded end slice averages near +1000 HU; a real one, with air around the body, never
 
 
@@ -164,6 +165,9 @@ class CTFlowPipeline:
             raise RequestError(f"seed must be a non-negative whole number, not {resolved.seed!r}")
         if not (0.0 <= float(resolved.guidance) <= 30.0):
             raise RequestError(f"guidance must be between 0 and 30, not {resolved.guidance!r}")
+        if resolved.guidance != 1.0 and not sampling.guidance_supported:
+            raise RequestError(f"{self.config.name} was trained without text dropout, so it has no unconditional "
+                               "prediction to guide by: use guidance 1")
         report = parse_report(request.report, request.impressions)
         prompt = render_prompt(report, resolved.slices, self.config.geometry.spacing[2])
         texts = [prompt] if resolved.guidance == 1.0 else [prompt, ""]  # "" is the empty-report embedding
@@ -193,7 +197,7 @@ class CTFlowPipeline:
         )
         stopped = threading.Event()  # set when the consumer stops iterating: ends a decode-ahead worker too
         is_cancelled = (lambda: stopped.is_set() or cancel.is_set()) if cancel is not None else stopped.is_set
-        latents = self._latent_blocks(plan, is_cancelled)
+        latents = self._latents(plan, is_cancelled)
         if self.decode_ahead:
             latents = _run_ahead(latents, stopped)
         started = block_start = time.perf_counter()
@@ -201,7 +205,7 @@ class CTFlowPipeline:
         try:
             for clean, last in latents:
                 hu = self._decode(clean)
-                white = None if req.slices else first_white_slice(hu)
+                white = None if req.slices or self.released_mode else first_white_slice(hu)
                 if white is not None:  # the decoder draws an end marker plainly where the latent test may miss it
                     hu, last = hu[:white], True
                     if not white:
@@ -268,8 +272,34 @@ class CTFlowPipeline:
 
     # -- internals ------------------------------------------------------------------------------------------
 
-    def _latent_blocks(self, plan: GenerationPlan, is_cancelled: Callable[[], bool]) -> Iterator[tuple[torch.Tensor, bool]]:
+    @property
+    def released_mode(self) -> bool:
+        return self.config.sampling.mode == "released"
+
+    def _end_markers(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The start block's slice latent and the white end-marker latent, each [C, h, w].
+
+        The released generator draws both as VAE posterior samples (from the request's seed here); ours uses modes.
+        """
+        if not self.released_mode:
+            return self.autoencoder.constant_latent(START_HU), self.autoencoder.constant_latent(END_HU)
+        generator = torch.Generator("cpu").manual_seed(seed + MARKER_SEED_OFFSET)
+        return (self.autoencoder.constant_latent(START_HU, generator),
+                self.autoencoder.constant_latent(END_HU, generator))
+
+    def _latents(self, plan: GenerationPlan, is_cancelled: Callable[[], bool]) -> Iterator[tuple[torch.Tensor, bool]]:
+        """The volume's clean latents as consecutive pieces (latents [C, n, h, w], last), in the model's mode."""
+        markers = self._end_markers(plan.request.seed)
+        latents = self._latent_blocks(plan, markers, is_cancelled)
+        if self.released_mode and not plan.request.slices:
+            latents = _hold_back_white_tail(latents, markers[1], self.config.end_tolerance, self.config.end_fraction)
+        return latents
+
+    def _latent_blocks(
+        self, plan: GenerationPlan, markers: tuple[torch.Tensor, torch.Tensor], is_cancelled: Callable[[], bool],
+    ) -> Iterator[tuple[torch.Tensor, bool]]:
         """Sample block after block, each conditioned on the one before: yields (clean latents [C, kept, h, w], last).
+        markers: the start and white latents [C, h, w] (_end_markers).
 
         Sampling only, no decoding, so it can run one block ahead of the decoder (decode_ahead).
         """
@@ -277,17 +307,18 @@ class CTFlowPipeline:
         block_len = self.config.denoiser.block_slices
         target = req.slices or self.config.max_slices
         generator = torch.Generator("cpu").manual_seed(req.seed)  # CPU noise: the same seed gives the same noise anywhere
-        latent = self.autoencoder.constant_latent(START_HU)  # [C, h, w]
-        previous = latent[:, None].expand(-1, block_len, -1, -1)[None]  # [1, C, T, h, w]
+        start, white = markers
+        previous = start.to(self.device)[:, None].expand(-1, block_len, -1, -1)[None]  # [1, C, T, h, w]
+        white = white.to(self.device)
         made = 0
         while made < target:
-            noise = torch.randn(previous.shape, generator=generator).to(self.device)
+            noise = self._block_noise(previous.shape, generator)
             with torch.no_grad():  # per thread: the decode-ahead worker needs its own
                 try:
                     clean = sample(self._velocity(previous, plan, made), noise, req.steps, req.sampler, req.shift, is_cancelled)
                 except Cancelled:
                     return
-                end = None if req.slices else self._end_frame(clean[0])
+                end = None if req.slices else self._end_frame(clean[0], white)
             keep = min(block_len, target - made, block_len if end is None else end)
             if not keep:
                 return  # the new block starts with the end marker: the previous block was the last
@@ -297,6 +328,10 @@ class CTFlowPipeline:
             if last:
                 return
             previous = clean
+
+    def _block_noise(self, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+        """A block's starting noise, drawn on the CPU: the same seed gives the same noise on any device."""
+        return torch.randn(shape, generator=generator).to(self.device)
 
     def _velocity(self, previous: torch.Tensor, plan: GenerationPlan, first_slice: int):
         """The velocity field for one block; its conditioning (previous block, text, position) is computed once here."""
@@ -309,16 +344,45 @@ class CTFlowPipeline:
 
         return model if batch == 1 else guided(model, plan.request.guidance)
 
-    def _end_frame(self, block: torch.Tensor) -> int | None:
-        """Index of the first white frame in block [C, T, h, w], or None."""
-        white = self.autoencoder.constant_latent(END_HU).to(block.device)[:, None]  # [C, 1, h, w]
-        close = ((block - white).abs() <= self.config.end_tolerance).float().mean(dim=(0, 2, 3))  # [T]
-        frames = torch.nonzero(close > self.config.end_fraction)
+    def _end_frame(self, block: torch.Tensor, white: torch.Tensor) -> int | None:
+        """Where block [C, T, h, w] ends the volume, or None: our rule cuts at its first white frame; the released
+        rule ends the volume after the block when its first frame is white (the block is kept whole)."""
+        frames = torch.nonzero(white_frames(block, white, self.config.end_tolerance, self.config.end_fraction))
+        if self.released_mode:
+            return block.shape[1] if len(frames) and frames[0] == 0 else None
         return int(frames[0]) if len(frames) else None
 
     def _decode(self, latents: torch.Tensor) -> np.ndarray:
         hu = self.autoencoder.decode(latents.permute(1, 0, 2, 3))  # [T, h, w] latents -> [T, H, W] HU
         return hu.round().clamp(-32768, 32767).to(torch.int16).cpu().numpy()
+
+
+def white_frames(block: torch.Tensor, white: torch.Tensor, tolerance: float, fraction: float) -> torch.Tensor:
+    """[T] bool: the frames of block [C, T, h, w] whose latents lie within `tolerance` of the white marker white
+    [C, h, w] for more than `fraction` of their elements (the released code's test, strict on both counts)."""
+    close = ((block - white[:, None]).abs() < tolerance).float().mean(dim=(0, 2, 3))  # [T]
+    return close > fraction
+
+
+def _hold_back_white_tail(
+    latents: Iterator[tuple[torch.Tensor, bool]], white: torch.Tensor, tolerance: float, fraction: float,
+) -> Iterator[tuple[torch.Tensor, bool]]:
+    """The released rule trims white frames off the end of the volume: hold back each block's trailing white run
+    until a later frame shows it is not the end (then it goes out in front of that block); drop it at the end."""
+    tail = None  # [C, n, h, w] white frames held back
+    try:
+        for block, last in latents:
+            if tail is not None:
+                block = torch.cat([tail, block], dim=1)
+            is_white = white_frames(block, white.to(block.device), tolerance, fraction).tolist()
+            content = len(is_white)
+            while content and is_white[content - 1]:
+                content -= 1
+            tail = block[:, content:]
+            if content:
+                yield block[:, :content], last
+    finally:
+        latents.close()
 
 
 def first_white_slice(hu: np.ndarray) -> int | None:

@@ -18,7 +18,12 @@ class Cancelled(Exception):
 
 
 def time_grid(steps: int, shift: float = 1.0) -> torch.Tensor:
-    """steps + 1 times from 1 to 0. shift > 1 spends more steps at high noise (SD3-style time shift)."""
+    """steps + 1 times from 1 to 0. shift > 1 spends more steps at high noise (SD3-style time shift).
+
+    Unshifted, it is float32 linspace(1, 0, steps + 1) exactly, as the released CTFlow sampler evaluates.
+    """
+    if shift == 1.0:
+        return torch.linspace(1.0, 0.0, steps + 1)
     return shift_time(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift).float()
 
 
