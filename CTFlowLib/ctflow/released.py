@@ -187,3 +187,47 @@ class ReleasedDenoiser(nn.Module):
 def load_released_denoiser(folder: str | Path, dtype: torch.dtype = torch.float32) -> ReleasedDenoiser:
     """A released CTFlow denoiser folder (e.g. checkpoint-680000/denoiser_ema), any size, as a torch module."""
     return ReleasedDenoiser(build_released_stdit(folder, dtype))
+
+
+def save_released_layout(model: STDiT, folder: str | Path) -> Path:
+    """Write a variant-"released" STDiT in the published folder layout (config.json + safetensors, `model.*` keys):
+    what benchmarks and tests load in place of the real download."""
+    config = model.config
+    if config.variant != "released":
+        raise ModelError("only a denoiser of variant 'released' has the published layout")
+    blocks = {ours: theirs for theirs, ours in _BLOCK_KEYS.items()}
+    top = {ours: theirs for theirs, ours in _TOP_KEYS.items()}
+    state = {}
+    for name, tensor in model.state_dict().items():
+        stem, _, leaf = name.rpartition(".")
+        parts = stem.split(".")
+        if name == "final_table":
+            key = "final_layer.scale_shift_table"
+        elif parts[0] == "blocks" and len(parts) > 2:
+            key = f"blocks.{parts[1]}.{blocks['.'.join(parts[2:])]}.{leaf}"
+        elif parts[0] == "blocks" or name.startswith(("x_embed.", "previous_embed.")):
+            key = name
+        else:
+            key = f"{top[stem]}.{leaf}"
+        state[f"model.{key}"] = tensor.detach().float().cpu().contiguous()
+    state["model.x_embedder.proj.weight"] = torch.cat([state.pop("model.x_embed.weight"),
+                                                       state.pop("model.previous_embed.weight")], dim=1)
+    state["model.x_embedder.proj.bias"] = state.pop("model.x_embed.bias")
+    pt, ph, pw = config.patch_size
+    grid = config.latent_size // ph, config.latent_size // pw
+    state["model.pos_embed"] = sincos_2d(*grid, config.hidden_size, columns_first=True)[None].clone()
+    state["model.pos_embed_temporal"] = sincos_1d(config.block_slices // pt, config.hidden_size)[None].clone()
+    state["model.y_embedder.y_embedding"] = torch.zeros(1, config.text_dim)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
+    save_file(state, folder / RELEASED_WEIGHTS, metadata={"format": "pt"})
+    (folder / RELEASED_CONFIG).write_text(json.dumps({
+        "_class_name": RELEASED_CLASS, "input_size": [config.block_slices, config.latent_size, config.latent_size],
+        "in_channels": 2 * config.latent_channels, "out_channels": config.latent_channels,
+        "patch_size": list(config.patch_size), "hidden_size": config.hidden_size, "depth": config.depth,
+        "num_heads": config.num_heads, "mlp_ratio": config.mlp_ratio, "class_dropout_prob": 0.0,
+        "caption_channels": config.text_dim, "model_max_length": 1, "space_scale": 1.0, "time_scale": 1.0,
+    }, indent=2) + "\n")
+    return folder

@@ -14,7 +14,7 @@ from .errors import ModelError
 
 @dataclass
 class TextEmbedding:
-    tokens: torch.Tensor  # [B, L, D] (L = 1 in pooled mode)
+    tokens: torch.Tensor  # [B, L, D] (L = 1 in pooled and cls modes)
     mask: torch.Tensor  # [B, L] bool, True where a token is real
     truncated: list[bool]  # per text: it was longer than the encoder's token limit
 
@@ -64,8 +64,16 @@ class TextEncoder:
             weights = mask.unsqueeze(-1).float()
             pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
             hidden = torch.nn.functional.normalize(pooled, dim=-1).unsqueeze(1)  # [B, 1, D]
+        elif self.mode == "cls":  # the [CLS] output, normalised as the released CTFlow's training data was
+            hidden = unit_cls(hidden[:, :1])  # [B, 1, D]
+        if self.mode != "tokens":
             mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         return TextEmbedding(hidden, mask, truncated)
+
+
+def unit_cls(vectors: torch.Tensor) -> torch.Tensor:
+    """[..., D] / (L2 norm + 1e-6): the released CTFlow's normalisation of its report embeddings."""
+    return vectors / (vectors.norm(dim=-1, keepdim=True) + 1e-6)
 
 
 def resolve_text_source(source: str, model_folder: Path | None, local_files_only: bool | None) -> Path:

@@ -1,0 +1,232 @@
+"""The published CTFlow checkpoint: our loader and sampling mode against golden outputs of the original code.
+
+Testing/data/ctflow_release/ holds a tiny checkpoint in the released layout and what the original code computed with
+it (forward, intermediates, Euler runs, a 3-block generation); tolerances from its README.
+"""
+
+import argparse
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ctflow.config import ModelConfig, SamplingConfig
+from ctflow.denoiser import STDiT
+from ctflow.errors import ModelError, RequestError
+from ctflow.pipeline import CTFlowPipeline, GenerationPlan, GenerationRequest, white_frames
+from ctflow.released import build_released_stdit, load_released_denoiser, save_released_layout
+from ctflow.sampling import sample
+
+DATA = Path(__file__).parents[1] / "data" / "ctflow_release"
+TINY_A = DATA / "tiny_a"
+FORWARD_TOL, EULER3_TOL, EULER200_TOL, VOLUME_TOL = 2e-5, 5e-5, 5e-4, 1e-3
+
+
+def fixture(name):
+    return {key: value.clone() for key, value in load_file(DATA / name).items()}  # clones: aligned memory
+
+
+@pytest.fixture(scope="module")
+def io():
+    return fixture("tiny_a_io.safetensors")
+
+
+@pytest.fixture(scope="module")
+def released():
+    return load_released_denoiser(TINY_A)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("t, key", [(1.0, "out/t1p0"), (0.5, "out/t0p5"), (0.0, "out/t0p0")])
+def test_forward_matches_the_original(released, io, t, key):
+    out = released(io["x"], torch.tensor(t), io["encoder_hidden_states"], io["cond_image"])
+    assert (out - io[key]).abs().max() < FORWARD_TOL
+
+
+@torch.no_grad()
+def test_forward_with_a_time_per_sample_matches_the_original(released, io):
+    out = released(io["x"], io["t_batch"], io["encoder_hidden_states"], io["cond_image"])
+    assert (out - io["out/t_batch"]).abs().max() < FORWARD_TOL
+
+
+@torch.no_grad()
+def test_intermediates_match_the_original_in_order(released, io):
+    """Where a mismatch starts: patch embedding, time, text, each block, final layer."""
+    model, seen = released.stdit, {}
+
+    def keep(name, reshape=lambda out: out):
+        return lambda module, args, out: seen.__setitem__(name, reshape(out))
+
+    tokens = lambda out: out.flatten(1, 2)  # [B, t, s, D] -> [B, N, D]
+    hooks = [model.t_embed.register_forward_hook(keep("t_embedder_out")),
+             model.t_block.register_forward_hook(keep("t_block_out")),
+             model.text_embed.register_forward_hook(keep("y_embedder_out", lambda out: out[:, :, None])),
+             model.final.register_forward_hook(keep("final_layer_out"))]
+    hooks += [block.register_forward_hook(keep(f"block{i}_out", tokens)) for i, block in enumerate(model.blocks)]
+    try:
+        released(io["x"], torch.tensor(0.5), io["encoder_hidden_states"], io["cond_image"])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    seen["x_embedder_out"] = (model.x_embed(io["x"]) + model.previous_embed(io["cond_image"])).flatten(2).transpose(1, 2)
+    for name in ["x_embedder_out", "t_embedder_out", "t_block_out", "y_embedder_out", "block0_out", "block1_out",
+                 "final_layer_out"]:
+        assert (seen[name] - io[f"inter/{name}"]).abs().max() < FORWARD_TOL, name
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("steps, grid, key, tol", [
+    (3, "euler/grid3", "euler/steps3_full_interval", EULER3_TOL),
+    (200, "euler/grid201", "euler/all200_of_201", EULER200_TOL),
+])
+def test_euler_runs_match_the_original(released, io, steps, grid, key, tol):
+    text, cond = io["encoder_hidden_states"][:1], io["cond_image"][:1]
+    evaluated = []
+
+    def velocity(z, t):
+        evaluated.append(float(t))
+        return released(z, t, text, cond)
+
+    out = sample(velocity, io["euler/noise"], steps, "euler")
+    assert evaluated == io[grid][:-1].tolist()  # the released grid, bit for bit: t = 0 is never evaluated
+    assert (out - io[key]).abs().max() < tol
+
+
+def test_other_sizes_and_patch_shapes_load_from_their_config(tmp_path):
+    """Nothing is tied to the fixture's shape: a differently shaped released folder round-trips exactly."""
+    config = dataclasses.replace(build_released_stdit(TINY_A).config, hidden_size=48, depth=3, num_heads=3,
+                                 patch_size=(1, 2, 4), block_slices=8, latent_size=16, latent_channels=4, text_dim=32)
+    torch.manual_seed(0)
+    model = STDiT(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.05)
+    loaded = load_released_denoiser(save_released_layout(model, tmp_path / "other"))
+    assert loaded.config == config
+    x, cond = torch.randn(2, 4, 8, 16, 16), torch.randn(2, 4, 8, 16, 16)
+    text = torch.randn(2, 1, 32)
+    with torch.no_grad():
+        expected = model(x, torch.tensor([0.3, 0.8]), model.prepare(cond, text, torch.ones(2, 1, dtype=torch.bool)))
+        assert torch.equal(loaded(x, torch.tensor([0.3, 0.8]), text, cond), expected)
+
+
+# -- bad inputs: one clear error each --------------------------------------------------------------------------
+
+def copy_fixture(tmp_path):
+    return Path(shutil.copytree(TINY_A, tmp_path / "denoiser"))
+
+
+def test_a_pickle_checkpoint_is_refused_before_it_is_read(tmp_path):
+    folder = copy_fixture(tmp_path)
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+    (folder / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04 not read")
+    with pytest.raises(ModelError, match="only pickle weights .*safetensors"):
+        load_released_denoiser(folder)
+    with pytest.raises(ModelError, match="pickle checkpoint; ctflow loads only safetensors"):
+        load_released_denoiser(folder / "diffusion_pytorch_model.bin")
+
+
+def test_a_config_of_another_class_is_refused(tmp_path):
+    folder = copy_fixture(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "_class_name": "UNet2DConditionModel"}))
+    with pytest.raises(ModelError, match="describes a UNet2DConditionModel, not a released CTFlow denoiser"):
+        load_released_denoiser(folder)
+
+
+def test_missing_folder_and_mismatched_weights_are_refused(tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        load_released_denoiser(tmp_path / "nowhere")
+    folder = copy_fixture(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "depth": 3}))
+    with pytest.raises(ModelError, match="does not fit its config.json"):
+        load_released_denoiser(folder)
+    state = load_file(folder / "diffusion_pytorch_model.safetensors")
+    state["model.pos_embed"] = state["model.pos_embed"].flip(1).contiguous()  # a row-first code: another model
+    save_file(state, folder / "diffusion_pytorch_model.safetensors")
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="not the published code's position code"):
+        load_released_denoiser(folder)
+
+
+def test_wrong_text_width_is_refused(released, io):
+    with pytest.raises(ModelError, match=r"text embedding must be \[B, M, 768\]"):
+        released(io["x"], torch.tensor(0.5), torch.zeros(2, 1, 384), io["cond_image"])
+
+
+# -- the text side: CT-CLIP's text tower, [CLS] pooling, precomputed embeddings --------------------------------
+
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "findings", ":", "right", "pleural", "effusion", ".", "no",
+         "acute", "normal", "heart", "size", "emphysema", "impression", "nodule", "lung", "left"]
+
+
+def write_ct_clip(folder: Path, width: int = 768) -> tuple[Path, Path, "torch.nn.Module"]:
+    """A tiny random BERT saved the way CT-CLIP's checkpoint holds it (text_transformer.* among other towers),
+    and a CXR-BERT-style tokenizer folder."""
+    from transformers import BertConfig, BertModel
+
+    tokenizer_folder = folder / "cxr_bert"  # as the hub repo holds it: vocab.txt and tokenizer_config.json
+    tokenizer_folder.mkdir(parents=True)
+    (tokenizer_folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    (tokenizer_folder / "tokenizer_config.json").write_text(json.dumps(
+        {"do_lower_case": True, "tokenizer_class": "BertTokenizer", "auto_map": {"AutoTokenizer": "x.Y"}}))
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=len(VOCAB), hidden_size=width, num_hidden_layers=1,
+                                num_attention_heads=width // 64, intermediate_size=64, max_position_embeddings=64))
+    state = {f"text_transformer.{key}": value for key, value in bert.state_dict().items()}
+    state["text_transformer.embeddings.position_ids"] = torch.arange(64)[None]  # older transformers saved it
+    state["visual_transformer.to_patch.weight"] = torch.randn(8, 8)  # CT-CLIP's other towers: ignored
+    state["to_text_latent.weight"] = torch.randn(512, width)
+    torch.save(state, folder / "CT-CLIP_v2.pt")
+    return folder / "CT-CLIP_v2.pt", tokenizer_folder, bert.eval()
+
+
+@pytest.fixture(scope="module")
+def ct_clip(tmp_path_factory):
+    return write_ct_clip(tmp_path_factory.mktemp("ct_clip"))
+
+
+@pytest.fixture(scope="module")
+def ct_clip_text(ct_clip, tmp_path_factory):
+    from ctflow.ct_clip import convert_ct_clip_text
+
+    checkpoint, tokenizer, _ = ct_clip
+    return convert_ct_clip_text(checkpoint, tokenizer, tmp_path_factory.mktemp("converted") / "text_encoder")
+
+
+def test_converted_ct_clip_text_tower_gives_the_unit_cls_vector(ct_clip, ct_clip_text):
+    from ctflow.config import TextConfig
+    from ctflow.text_encoder import TextEncoder
+
+    _, _, bert = ct_clip
+    assert (ct_clip_text / "model.safetensors").is_file() and not list(ct_clip_text.glob("*.bin"))
+    encoder = TextEncoder.load(TextConfig(source="folder:text_encoder", mode="cls", max_tokens=512),
+                               ct_clip_text.parent)
+    texts = ["Findings: right pleural effusion.", "No acute emphysema."]
+    out = encoder.encode(texts)
+    assert out.tokens.shape == (2, 1, 768) and out.mask.all()
+    batch = encoder.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        cls = bert(**batch).last_hidden_state[:, :1]
+    assert torch.allclose(out.tokens, cls / (cls.norm(dim=-1, keepdim=True) + 1e-6), atol=1e-5)
+    assert not torch.allclose(out.tokens[0], out.tokens[1])
+
+
+def test_the_converter_refuses_executable_pickles_and_other_checkpoints(tmp_path, ct_clip):
+    from ctflow.ct_clip import convert_ct_clip_text
+
+    _, tokenizer, _ = ct_clip
+    hostile = tmp_path / "hostile.pt"
+    torch.save({"text_transformer.x": argparse.Namespace(run="code")}, hostile)  # a pickled object
+    with pytest.raises(ModelError, match="not a plain tensor checkpoint"):
+        convert_ct_clip_text(hostile, tokenizer, tmp_path / "out")
+    other = tmp_path / "other.pt"
+    torch.save({"visual.weight": torch.zeros(2)}, other)
+    with pytest.raises(ModelError, match="no text_transformer.* BERT weights"):
+        convert_ct_clip_text(other, tokenizer, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
