@@ -230,3 +230,116 @@ def test_the_converter_refuses_executable_pickles_and_other_checkpoints(tmp_path
     with pytest.raises(ModelError, match="no text_transformer.* BERT weights"):
         convert_ct_clip_text(other, tokenizer, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# -- the original's sampling as our pipeline's "released" mode --------------------------------------------------
+
+def tiny_flux_vae(seed: int = 0):
+    """An AutoencoderKL with the FLUX.1 VAE's configuration (RGB, 16 latent channels, its scaling and shift) but two
+    tiny stages: 2x down, so the fixture's 8x8 latents are 16x16 slices."""
+    from diffusers import AutoencoderKL
+
+    from ctflow.autoencoder import VAE_PRESETS
+
+    torch.manual_seed(seed)
+    flux = dict(VAE_PRESETS["flux"])
+    flux.update(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    return AutoencoderKL(**flux)
+
+
+def released_model_config(**sampling) -> ModelConfig:
+    from ctflow.config import AutoencoderConfig, TextConfig
+
+    return ModelConfig(
+        name="released-tiny", denoiser=build_released_stdit(TINY_A).config,
+        autoencoder=AutoencoderConfig(image_size=16, pixel_range=(0.0, 1.0)),
+        text=TextConfig(source="folder:text_encoder", mode="cls", max_tokens=512),
+        sampling=SamplingConfig(steps=200, method="euler", mode="released", guidance_supported=False, **sampling),
+        max_slices=48, end_tolerance=0.1, end_fraction=0.9,
+    )
+
+
+class FixtureNoise(CTFlowPipeline):
+    """The pipeline with the original run's random draws (start/end markers, one noise per block) put back."""
+
+    def __init__(self, *args, draws, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.draws = draws
+        self.noises = iter(draws["noises"][:, None])
+
+    def _end_markers(self, seed):
+        return self.draws["init_block_scaled"][0, :, 0], self.draws["one_latent_scaled"][0]
+
+    def _block_noise(self, shape, generator):
+        return next(self.noises)
+
+
+@pytest.fixture(scope="module")
+def generation():
+    return fixture("tiny_a_generate.safetensors")
+
+
+@pytest.fixture(scope="module")
+def text_encoder(ct_clip_text):
+    from ctflow.text_encoder import TextEncoder
+
+    return TextEncoder.load(released_model_config().text, ct_clip_text.parent)
+
+
+def fixture_plan(text, **request):
+    request = GenerationRequest("fixture", seed=0, steps=200, sampler="euler", shift=1.0, guidance=1.0, **request)
+    return GenerationPlan(request, "", "", (), text, torch.ones(1, 1, dtype=torch.bool))
+
+
+def test_released_mode_reproduces_the_original_three_block_generation(generation, text_encoder):
+    from ctflow.autoencoder import SliceAutoencoder
+
+    config = released_model_config()
+    pipe = FixtureNoise(config, build_released_stdit(TINY_A), SliceAutoencoder(tiny_flux_vae(), config.autoencoder),
+                        text_encoder, draws=generation)
+    pieces = list(pipe._latents(fixture_plan(generation["prompt_embeds"]), lambda: False))
+    volume = torch.cat([piece for piece, _ in pieces], dim=1)
+    assert volume.shape == generation["result"][0].shape  # 3 blocks, the init block dropped, nothing trimmed
+    assert (volume - generation["result"][0]).abs().max() < VOLUME_TOL
+    assert [last for _, last in pieces] == [False, False, True]
+
+
+def test_the_stop_rule_keeps_white_slices_inside_and_trims_them_at_the_end(generation):
+    from ctflow.pipeline import _hold_back_white_tail
+
+    synthetic, white = generation["stop/synthetic"][0], generation["one_latent_scaled"][0]
+    assert white_frames(synthetic, white, 0.1, 0.9)[[12, 0]].tolist() == [True, False]  # near / far from white
+    pieces = (piece for piece in [(synthetic[:, :16], False), (synthetic[:, 16:], True)])
+    kept = list(_hold_back_white_tail(pieces, white, 0.1, 0.9))
+    trimmed = torch.cat([piece for piece, _ in kept], dim=1)
+    assert trimmed.shape[1] == int(generation["stop/trimmed_length"]) == 17
+    assert torch.equal(trimmed, synthetic[:, :17])
+
+
+def test_a_block_starting_white_ends_the_volume_and_is_kept(generation, text_encoder):
+    """The released rule: the stop block stays (then its white tail is trimmed); our rule would cut at once."""
+    from ctflow.autoencoder import SliceAutoencoder
+
+    config = released_model_config()
+    pipe = CTFlowPipeline(config, build_released_stdit(TINY_A), SliceAutoencoder(tiny_flux_vae(), config.autoencoder),
+                          text_encoder)
+    white = generation["one_latent_scaled"][0]
+    block = generation["result"][0, :, :16].clone()
+    assert pipe._end_frame(block, white) is None
+    block[:, 0] = white
+    assert pipe._end_frame(block, white) == 16
+    ours = CTFlowPipeline(dataclasses.replace(config, sampling=SamplingConfig()), pipe.denoiser, pipe.autoencoder,
+                          text_encoder)
+    assert ours._end_frame(block, white) == 0
+
+
+def test_guidance_is_refused_for_a_model_without_an_unconditional_branch(text_encoder):
+    from ctflow.autoencoder import SliceAutoencoder
+
+    config = released_model_config()
+    pipe = CTFlowPipeline(config, build_released_stdit(TINY_A), SliceAutoencoder(tiny_flux_vae(), config.autoencoder),
+                          text_encoder)
+    with pytest.raises(RequestError, match="trained without text dropout.*use guidance 1"):
+        pipe.plan(GenerationRequest("Findings: right pleural effusion.", guidance=3.0))
+    assert pipe.plan(GenerationRequest("Findings: right pleural effusion.")).text.shape == (1, 1, 768)
