@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     source = generate.add_mutually_exclusive_group(required=True)
     source.add_argument("--report", help="report text (Findings: ... Impressions: ...)")
     source.add_argument("--report-file", type=Path, help="UTF-8 text file holding the report")
+    source.add_argument("--embedding", type=Path,
+                        help="precomputed report embedding .safetensors/.npy (one-vector models)")
     generate.add_argument("--out", required=True, help="output volume: .nii.gz, .nii, .nrrd or .mha, or a DICOM "
                           "series folder (.dcm or ending in /)")
     generate.add_argument("--format", choices=(DICOM,), help="write a DICOM series folder whatever --out is named")
@@ -98,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     metrics.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where features run")
     metrics.add_argument("--out", type=Path, help="also write the results to this JSON file (replaced)")
     metrics.set_defaults(run=run_metrics)
+    add_released_commands(commands)
     return parser
 
 
@@ -120,10 +123,17 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.preview:
         check_output_path(args.preview, args.overwrite, suffixes=(".png",))
     report = read_report_file(args.report_file) if args.report_file else args.report
+    embedding = None
+    if args.embedding:
+        from .model_folder import sha256_file
+        from .text_encoder import read_embedding
+
+        embedding = read_embedding(args.embedding)
+        report = f"(precomputed report embedding {args.embedding.name}, sha256 {sha256_file(args.embedding)})"
     pipeline = CTFlowPipeline.from_pretrained(args.model, revision=args.revision, device=args.device)
     plan = pipeline.plan(GenerationRequest(
         report, slices=args.slices, seed=args.seed, steps=args.steps, guidance=args.guidance,
-        sampler=args.sampler, shift=args.shift,
+        sampler=args.sampler, shift=args.shift, embedding=embedding,
     ))
     for notice in plan.notices:
         print(f"ctflow: note: {notice}", file=sys.stderr)
@@ -241,6 +251,45 @@ def run_metrics(args: argparse.Namespace) -> int:
     if args.out:
         atomic_write(args.out, lambda tmp: tmp.write_text(text + "\n"), overwrite=True)
     print(text)
+    return 0
+
+
+# -- the published CTFlow checkpoint (docs/released_model.md) ------------------------------------------------
+
+def add_released_commands(commands) -> None:
+    released = commands.add_parser("import-released", help="make a model folder of the published CTFlow checkpoint")
+    released.add_argument("--denoiser", required=True, help="FOLDER or hub id, e.g. EnyaWoooo/CTFlow/checkpoint-680000/denoiser_ema[@REV]")
+    released.add_argument("--vae", required=True, help="FOLDER or hub id, e.g. black-forest-labs/FLUX.1-schnell/vae[@REV]")
+    released.add_argument("--text-encoder", required=True, type=Path, help="folder made by `ctflow convert-ct-clip`")
+    released.add_argument("--out", required=True, type=Path, help="model folder to create")
+    released.add_argument("--spacing", type=float, nargs=3, metavar=("I", "J", "K"), help="voxel spacing in mm (default: inferred)")
+    released.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
+    released.set_defaults(run=run_import_released)
+    convert = commands.add_parser("convert-ct-clip", help="CT-CLIP checkpoint -> text-encoder folder (BERT, safetensors)")
+    convert.add_argument("checkpoint", type=Path, help="CT-CLIP checkpoint (.pt; read with torch.load(weights_only=True))")
+    convert.add_argument("--tokenizer", required=True, help="CXR-BERT tokenizer folder or hub id (microsoft/BiomedVLP-CXR-BERT-specialized)")
+    convert.add_argument("--out", required=True, type=Path, help="text-encoder folder to create")
+    convert.add_argument("--heads", type=int, help="attention heads (default: hidden size / 64, as CXR-BERT)")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    convert.set_defaults(run=run_convert_ct_clip)
+
+
+def run_import_released(args: argparse.Namespace) -> int:
+    from .released import RELEASED_SPACING, import_released
+
+    folder = import_released(args.denoiser, args.vae, args.text_encoder, args.out, args.overwrite,
+                             tuple(args.spacing) if args.spacing else RELEASED_SPACING)
+    print(f"wrote {folder}: run it with `ctflow generate --model {folder} --report-file REPORT.txt --out ct.nii.gz`")
+    return 0
+
+
+def run_convert_ct_clip(args: argparse.Namespace) -> int:
+    from .ct_clip import convert_ct_clip_text
+    from .released import resolve_source
+
+    tokenizer, _ = resolve_source(args.tokenizer, "--tokenizer", ("*.json", "*.txt"))
+    folder = convert_ct_clip_text(args.checkpoint, tokenizer, args.out, args.heads, args.overwrite)
+    print(f"wrote {folder}: pass it to `ctflow import-released --text-encoder {folder}`")
     return 0
 
 

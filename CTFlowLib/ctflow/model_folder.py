@@ -56,7 +56,12 @@ def resolve_model(model: str | os.PathLike, revision: str | None = None, local_f
     raise ModelError(f"model {str(model)!r} not found: give a model folder (with {CONFIG}) or a hub id like org/name")
 
 
-def resolve_hub(repo_id: str, revision: str | None, local_files_only: bool | None) -> Path:
+HUB_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.sha256", "*.md", "*.model")  # never pickles or code
+
+
+def resolve_hub(
+    repo_id: str, revision: str | None, local_files_only: bool | None, patterns: tuple[str, ...] = HUB_PATTERNS,
+) -> Path:
     """Download (or find in the local cache) a hub snapshot; offline (HF_HUB_OFFLINE=1) only the cache is used."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
@@ -67,7 +72,7 @@ def resolve_hub(repo_id: str, revision: str | None, local_files_only: bool | Non
         return Path(
             snapshot_download(
                 repo_id, revision=revision, local_files_only=local_files_only,
-                allow_patterns=["*.json", "*.safetensors", "*.txt", "*.sha256", "*.md", "*.model"],
+                allow_patterns=list(patterns),
             )
         )
     except LocalEntryNotFoundError as exc:
@@ -146,8 +151,14 @@ def load_vae(folder: Path):
         raise CorruptModelError(f"cannot load the slice autoencoder from {folder / VAE_FOLDER}: {exc}") from exc
 
 
-def save_model(folder: str | os.PathLike, config: ModelConfig, denoiser, vae, card: str = "", overwrite: bool = False) -> Path:
-    """Write a complete model folder atomically (built beside the target, then renamed into place)."""
+def save_model(
+    folder: str | os.PathLike, config: ModelConfig, denoiser, vae, card: str = "", overwrite: bool = False,
+    subfolders: dict[str, Path] | None = None,
+) -> Path:
+    """Write a complete model folder atomically (built beside the target, then renamed into place).
+
+    subfolders: {name: folder} copied in and covered by the checksums, e.g. a text encoder (its data files only).
+    """
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -160,6 +171,8 @@ def save_model(folder: str | os.PathLike, config: ModelConfig, denoiser, vae, ca
         state = {name: tensor.detach().cpu().contiguous() for name, tensor in denoiser.state_dict().items()}
         save_file(state, staging / WEIGHTS, metadata={"format": "pt", "ctflow_config": CONFIG})
         vae.save_pretrained(staging / VAE_FOLDER, safe_serialization=True)
+        for name, source in (subfolders or {}).items():
+            shutil.copytree(source, staging / name, ignore=_not_data_files)
         (staging / CARD).write_text(card or default_card(config))
         files = sorted(p for p in staging.rglob("*") if p.is_file())
         lines = [f"{sha256_file(p)}  {p.relative_to(staging).as_posix()}" for p in files]
@@ -172,6 +185,11 @@ def save_model(folder: str | os.PathLike, config: ModelConfig, denoiser, vae, ca
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def _not_data_files(folder: str, names: list[str]) -> list[str]:
+    """shutil.copytree filter: keep JSON, safetensors and text files (configs, weights, vocabularies)."""
+    return [n for n in names if not (Path(folder, n).is_dir() or n.endswith((".json", ".safetensors", ".txt")))]
 
 
 def default_card(config: ModelConfig) -> str:

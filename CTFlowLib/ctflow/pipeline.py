@@ -31,7 +31,7 @@ from .model_folder import (
 )
 from .report import parse_report, render_prompt
 from .sampling import Cancelled, guided, sample, validate
-from .text_encoder import TextEncoder
+from .text_encoder import TextEncoder, unit_cls
 from .volume import Geometry, Provenance, Volume
 
 MAX_SLICES = 2048  # refuse larger requests: a chest CT has a few hundred slices at most
@@ -56,6 +56,9 @@ class GenerationRequest:
     guidance: float | None = None
     sampler: str | None = None
     shift: float | None = None
+    # A precomputed report embedding (models with one text vector): used instead of encoding the report, which is
+    # then only recorded. [D], [N, D] (row 0 is used, as the released training did) or [1, N, D].
+    embedding: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -169,7 +172,14 @@ class CTFlowPipeline:
             raise RequestError(f"{self.config.name} was trained without text dropout, so it has no unconditional "
                                "prediction to guide by: use guidance 1")
         report = parse_report(request.report, request.impressions)
-        prompt = render_prompt(report, resolved.slices, self.config.geometry.spacing[2])
+        if request.embedding is not None:  # the report text is only recorded; the model sees the given vector
+            if resolved.guidance != 1.0:
+                raise RequestError("guidance needs an embedding of the empty report too: with a precomputed "
+                                   "embedding use guidance 1")
+            tokens = self._given_embedding(request.embedding)
+            return GenerationPlan(resolved, report.text, report.text, (), tokens, torch.ones(1, 1, dtype=torch.bool))
+        # The released model never saw our meta lines (length, spacing): it gets the report sections alone.
+        prompt = report.text if self.released_mode else render_prompt(report, resolved.slices, self.config.geometry.spacing[2])
         texts = [prompt] if resolved.guidance == 1.0 else [prompt, ""]  # "" is the empty-report embedding
         embedding = self.text_encoder.encode(texts)
         notices = []
@@ -179,6 +189,20 @@ class CTFlowPipeline:
                 "only its beginning was used"
             )
         return GenerationPlan(resolved, prompt, report.text, tuple(notices), embedding.tokens, embedding.mask)
+
+    def _given_embedding(self, vectors: torch.Tensor) -> torch.Tensor:
+        """A precomputed report embedding ([D], [N, D] or [1, N, D]) -> [1, 1, D]: its first row, L2-normalised, as
+        the released CTFlow training read its embedding files."""
+        width = self.config.denoiser.text_dim
+        if self.text_encoder.mode == "tokens":
+            raise RequestError(f"{self.config.name} reads token sequences, not one precomputed embedding vector")
+        rows = torch.as_tensor(vectors, dtype=torch.float32).reshape(-1, vectors.shape[-1])
+        if rows.shape[-1] != width or not len(rows):
+            raise RequestError(f"the embedding is {list(vectors.shape)}, but {self.config.name} reads "
+                               f"{width}-d report embeddings")
+        if not torch.isfinite(rows[0]).all() or not rows[0].any():
+            raise RequestError("the embedding's first row is zero or not finite")
+        return unit_cls(rows[:1])[None]
 
     # -- generation -----------------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .config import DenoiserConfig
-from .denoiser import STDiT, sincos_1d, sincos_2d
+from .denoiser import STDiT, parameter_count, sincos_1d, sincos_2d
 from .errors import ModelError
 
 RELEASED_CLASS = "DiffuserSTDiT"
@@ -231,3 +231,129 @@ def save_released_layout(model: STDiT, folder: str | Path) -> Path:
         "caption_channels": config.text_dim, "model_max_length": 1, "space_scale": 1.0, "time_scale": 1.0,
     }, indent=2) + "\n")
     return folder
+
+
+# -- import: a released checkpoint + VAE + text encoder -> a ctflow model folder ------------------------------
+
+SIZE_NAMES = {384: "S", 768: "B", 1024: "L"}  # hidden size -> the paper's model name
+# Inferred, not documented (docs/released_model.md): CT-RATE as CT-CLIP preprocesses it (0.75 x 0.75 x 1.5 mm,
+# 480 x 480 slices) resized to 256 x 256.
+RELEASED_SPACING = (480 * 0.75 / 256, 480 * 0.75 / 256, 1.5)
+
+
+def resolve_source(spec: str, what: str, patterns: tuple[str, ...] = ("*.json", "*.safetensors")) -> tuple[Path, str]:
+    """A folder for FOLDER or hub id "org/name[/subfolder][@revision]", and where it came from (with the commit).
+    From the hub only files matching `patterns` are fetched: never pickles or code."""
+    from .model_folder import resolve_hub
+
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path, str(path.resolve())
+    if spec.startswith(("/", ".", "~")):
+        raise ModelError(f"{what} folder {spec} does not exist")
+    name, _, revision = spec.partition("@")
+    parts = name.strip("/").split("/")
+    if len(parts) < 2 or not all(parts):
+        raise ModelError(f"{what} {spec!r} is neither a folder nor a hub id org/name[/subfolder][@revision]")
+    repo, sub = "/".join(parts[:2]), "/".join(parts[2:])
+    root = resolve_hub(repo, revision or None, None, tuple(f"{sub}/{p}" for p in patterns) if sub else patterns)
+    folder = root / sub if sub else root
+    if not folder.is_dir():
+        raise ModelError(f"{what}: the hub repo {repo} has no subfolder {sub!r}")
+    return folder, f"{repo}{'/' + sub if sub else ''} at commit {root.name}"
+
+
+def import_released(
+    denoiser: str, vae: str, text_encoder: str | Path, out: str | Path, overwrite: bool = False,
+    spacing: tuple[float, float, float] = RELEASED_SPACING,
+) -> Path:
+    """Build a ctflow model folder that runs the released checkpoint exactly as the original code does."""
+    from diffusers import AutoencoderKL
+
+    from .config import AutoencoderConfig, GeometryConfig, ModelConfig, SamplingConfig, TextConfig
+    from .model_folder import save_model, sha256_file
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ModelError(f"{out} already exists; choose another folder or pass --overwrite")
+    text_folder = Path(text_encoder)
+    denoiser_folder, denoiser_source = resolve_source(denoiser, "--denoiser")
+    config = released_denoiser_config(denoiser_folder)  # refuses another class before reading 2 GB of weights
+    released_weights_file(denoiser_folder)
+    width = _text_width(text_folder)
+    if width != config.text_dim:
+        raise ModelError(f"the text encoder in {text_folder} gives {width}-d embeddings, but the denoiser reads "
+                         f"{config.text_dim}-d ones (CT-CLIP's CXR-BERT is 768-d)")
+    vae_folder, vae_source = resolve_source(vae, "--vae")
+    try:
+        autoencoder = AutoencoderKL.from_pretrained(vae_folder, use_safetensors=True, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load a diffusers AutoencoderKL (safetensors) from {vae_folder}: {exc}") from exc
+    if autoencoder.config.latent_channels != config.latent_channels:
+        raise ModelError(f"the VAE in {vae_folder} has {autoencoder.config.latent_channels} latent channels; the "
+                         f"denoiser needs {config.latent_channels} (the FLUX.1 VAE)")
+    stdit = build_released_stdit(denoiser_folder)
+    size = SIZE_NAMES.get(config.hidden_size, f"D{config.hidden_size}")
+    model_config = ModelConfig(
+        name=f"ctflow-released-{size}", denoiser=config,
+        autoencoder=AutoencoderConfig(pixel_range=(0.0, 1.0),
+                                      image_size=config.latent_size * 2 ** (len(autoencoder.config.block_out_channels) - 1)),
+        text=TextConfig(source="folder:text_encoder", mode="cls", max_tokens=512),
+        sampling=SamplingConfig(steps=200, method="euler", shift=1.0, mode="released", guidance_supported=False),
+        geometry=GeometryConfig(spacing=tuple(spacing)), max_slices=20 * config.block_slices, typical_slices=201,
+        end_fraction=0.9, end_tolerance=0.1,
+        description=f"The published CTFlow-{size} checkpoint (Wang et al., ICCV 2025 workshop VLM3D), imported.",
+    )
+    card = released_card(model_config, denoiser_source, sha256_file(released_weights_file(denoiser_folder)),
+                         vae_source, str(text_folder.resolve()), parameter_count(stdit))
+    return save_model(out, model_config, stdit, autoencoder, card, overwrite, subfolders={"text_encoder": text_folder})
+
+
+def _text_width(folder: Path) -> int:
+    try:
+        return int(json.loads((folder / "config.json").read_text())["hidden_size"])
+    except FileNotFoundError as exc:
+        raise ModelError(f"--text-encoder {folder} is not a transformers model folder (no config.json); make one "
+                         "with `ctflow convert-ct-clip`") from exc
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ModelError(f"{folder / 'config.json'} has no usable hidden_size: {exc!r}") from exc
+
+
+def released_card(config, denoiser_source: str, denoiser_sha256: str, vae_source: str, text_source: str,
+                  parameters: int) -> str:
+    low, high = config.autoencoder.hu_window
+    spacing = " x ".join(f"{s:g}" for s in config.geometry.spacing)
+    return f"""# {config.name}
+
+The published CTFlow checkpoint (Wang, Reynaud, Erick, Kainz: "CTFlow: Video-Inspired Latent Flow Matching for
+3D CT Synthesis", ICCV 2025 workshop VLM3D), imported by `ctflow import-released`. It generates SYNTHETIC chest CT
+volumes from report text. Not a medical device; not for clinical use or diagnosis.
+
+## Source
+- Denoiser: {denoiser_source} (diffusion_pytorch_model.safetensors sha256 {denoiser_sha256}),
+  {parameters:,} parameters, run with this project's STDiT in its "released" variant, which reproduces the original
+  forward pass (checked against outputs of the original code in ctflow's tests).
+- VAE: {vae_source} (the FLUX.1 VAE; FLUX.1-schnell's is Apache-2.0).
+- Text encoder: {text_source}: CT-CLIP's fine-tuned CXR-BERT text tower, [CLS] output, L2-normalised, 768-d.
+
+## Licence status
+The original code (github WongJiayi/CTFlow) has no licence file and the checkpoint's licence is not stated in a
+form ctflow could verify: ask the authors before any use beyond research. It was trained on CT-RATE
+(CC BY-NC-SA 4.0), as was CT-CLIP: at most non-commercial use, share-alike.
+
+## Documented vs inferred
+- Documented (code): the forward pass, 200 Euler steps on linspace(1, 0, 201), blocks of {config.denoiser.block_slices}
+  latent slices each conditioned on the previous block, start block = VAE encoding of an all-zero image, the stop
+  test on the first slice of each new block against the encoded all-ones image, trailing white slices trimmed, at
+  most {config.max_slices // config.denoiser.block_slices} blocks, no classifier-free guidance (trained without text
+  dropout: ctflow refuses guidance other than 1 for this model).
+- Inferred (not documented): the VAE image range [0, 1] and the HU mapping HU {low:g}..{high:g} <-> image 0..1
+  (autoencoder.pixel_range in config.json; the original writes clamp(306 x image, 0, 255) PNGs, i.e.
+  HU = 6.536 x PNG value - 1000 under this mapping; ctflow keeps values above the PNG's +667 HU saturation);
+  the voxel spacing {spacing} mm (CT-RATE as CT-CLIP preprocesses it, resized to
+  {config.autoencoder.image_size} x {config.autoencoder.image_size}); which report text (findings and/or
+  impressions) the training embeddings were made from.
+- Differences: random draws (noise, the start/stop markers' posterior samples) come from the request's seed, not
+  the global torch RNG, so a seed gives another volume than the original would; the volume is not padded to 201
+  frames. docs/released_model.md says how to check the HU mapping against CT-RATE data.
+"""

@@ -71,6 +71,30 @@ class TextEncoder:
         return TextEmbedding(hidden, mask, truncated)
 
 
+def read_embedding(path: Path) -> torch.Tensor:
+    """A precomputed report embedding: a .npy array, or a .safetensors file holding one tensor (no pickles)."""
+    from safetensors import SafetensorError
+
+    path = Path(path)
+    try:
+        if path.suffix == ".npy":
+            import numpy as np
+
+            return torch.from_numpy(np.load(path, allow_pickle=False).astype("float32"))
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            tensors = load_file(path)
+            if len(tensors) != 1:
+                raise ModelError(f"{path} holds {len(tensors)} tensors; an embedding file holds exactly one")
+            return next(iter(tensors.values())).float()
+    except FileNotFoundError as exc:
+        raise ModelError(f"embedding file {path} does not exist") from exc
+    except (ValueError, OSError, SafetensorError) as exc:  # a pickled .npy, a damaged file, ...
+        raise ModelError(f"cannot read the embedding {path}: {exc}") from exc
+    raise ModelError(f"embedding file {path} must be .safetensors or .npy (pickled .pt files can run code)")
+
+
 def unit_cls(vectors: torch.Tensor) -> torch.Tensor:
     """[..., D] / (L2 norm + 1e-6): the released CTFlow's normalisation of its report embeddings."""
     return vectors / (vectors.norm(dim=-1, keepdim=True) + 1e-6)

@@ -343,3 +343,150 @@ def test_guidance_is_refused_for_a_model_without_an_unconditional_branch(text_en
     with pytest.raises(RequestError, match="trained without text dropout.*use guidance 1"):
         pipe.plan(GenerationRequest("Findings: right pleural effusion.", guidance=3.0))
     assert pipe.plan(GenerationRequest("Findings: right pleural effusion.")).text.shape == (1, 1, 768)
+
+
+# -- import-released: a normal model folder that `ctflow generate` runs end to end ------------------------------
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory, ct_clip_text):
+    """What a user downloads: the released denoiser folder, a FLUX-config VAE folder, a converted text encoder."""
+    root = tmp_path_factory.mktemp("downloads")
+    shutil.copytree(TINY_A, root / "checkpoint-680000" / "denoiser_ema")
+    tiny_flux_vae().save_pretrained(root / "flux_vae", safe_serialization=True)
+    return root / "checkpoint-680000" / "denoiser_ema", root / "flux_vae", ct_clip_text
+
+
+@pytest.fixture(scope="module")
+def imported(sources, tmp_path_factory):
+    from ctflow.cli import main
+
+    denoiser, vae, text = sources
+    out = tmp_path_factory.mktemp("models") / "ctflow-released"
+    assert main(["import-released", "--denoiser", str(denoiser), "--vae", str(vae), "--text-encoder", str(text),
+                 "--out", str(out)]) == 0
+    return out
+
+
+def test_import_builds_a_verified_model_folder_with_a_card(imported):
+    from ctflow.model_folder import read_config, verify_checksums
+
+    listed = verify_checksums(imported)
+    assert {"model.safetensors", "config.json", "README.md", "vae/config.json", "text_encoder/model.safetensors",
+            "text_encoder/tokenizer.json"} <= set(listed)
+    config = read_config(imported)
+    assert config.denoiser.variant == "released" and config.sampling.mode == "released"
+    assert config.autoencoder.pixel_range == (0.0, 1.0) and config.text.mode == "cls"
+    card = (imported / "README.md").read_text()
+    for needed in ("SYNTHETIC", "Licence status", "Inferred", "HU -1000..1000 <-> image 0..1", "sha256"):
+        assert needed in card, needed
+
+
+def test_generate_runs_the_imported_model_to_a_nifti_in_hu(imported, tmp_path, capsys):
+    from ctflow.cli import main
+    from ctflow.io import read_volume
+
+    out = tmp_path / "ct.nii.gz"
+    assert main(["generate", "--model", str(imported), "--report", "Findings: right pleural effusion.",
+                 "--out", str(out), "--seed", "3", "--steps", "4", "--sampler", "ab2", "--device", "cpu"]) == 0
+    volume = read_volume(out)
+    k, j, i = volume.hu.shape
+    assert (j, i) == (16, 16) and k % 16 == 0 and k <= 320  # whole blocks until the stop test or 20 blocks
+    assert -1000 <= volume.hu.min() and volume.hu.max() <= 1000
+    assert volume.geometry.spacing == pytest.approx((1.40625, 1.40625, 1.5))
+    assert volume.provenance.model == "ctflow-released-D64" and volume.provenance.sampler == "ab2"
+
+
+def test_a_precomputed_embedding_stands_in_for_the_report(imported, tmp_path, capsys):
+    import numpy as np
+
+    from ctflow.cli import main
+    from ctflow.io import read_volume
+
+    embedding = tmp_path / "report.npy"
+    np.save(embedding, np.random.default_rng(0).standard_normal((3, 768)).astype(np.float32))
+    out = tmp_path / "ct.nii.gz"
+    assert main(["generate", "--model", str(imported), "--embedding", str(embedding), "--slices", "20",
+                 "--out", str(out), "--seed", "1", "--steps", "2", "--device", "cpu"]) == 0
+    volume = read_volume(out)
+    assert volume.hu.shape == (20, 16, 16) and "precomputed report embedding report.npy" in volume.provenance.report
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--guidance", "2"], "trained without text dropout, so it has no unconditional prediction to guide by"),
+    (["--embedding", "{narrow}"], r"the embedding is \[1, 384\], but ctflow-released-D64 reads 768-d"),
+    (["--embedding", "{pickle}"], "must be .safetensors or .npy"),
+])
+def test_bad_generate_inputs_give_one_clear_line(imported, tmp_path, capsys, args, message):
+    import numpy as np
+
+    from ctflow.cli import main
+
+    np.save(tmp_path / "narrow.npy", np.ones((1, 384), np.float32))
+    torch.save(torch.ones(768), tmp_path / "embedding.pt")
+    args = [a.format(narrow=tmp_path / "narrow.npy", pickle=tmp_path / "embedding.pt") for a in args]
+    source = [] if "--embedding" in args else ["--report", "Findings: nodule."]
+    out = tmp_path / "ct.nii.gz"
+    assert main(["generate", "--model", str(imported), *source, *args, "--out", str(out), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ctflow: error:") and __import__("re").search(message, err[0])
+    assert not out.exists()
+
+
+def write_hub_cache(cache: Path, repo: str, files: dict[str, Path]) -> str:
+    """A Hugging Face cache holding one snapshot of `repo`, as huggingface_hub lays it out after a download."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / commit
+    for name, source in files.items():
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, snapshot / name)
+    (cache / f"models--{repo.replace('/', '--')}" / "refs").mkdir(parents=True)
+    (cache / f"models--{repo.replace('/', '--')}" / "refs" / "main").write_text(commit)
+    return commit
+
+
+def test_hub_ids_resolve_subfolders_from_the_cache_and_name_a_missing_one(sources, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from ctflow.released import resolve_source
+
+    denoiser, _, _ = sources
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    commit = write_hub_cache(tmp_path / "hub", "EnyaWoooo/CTFlow", {
+        f"checkpoint-680000/denoiser_ema/{p.name}": p for p in denoiser.iterdir()})
+    folder, source = resolve_source("EnyaWoooo/CTFlow/checkpoint-680000/denoiser_ema", "--denoiser")
+    assert load_released_denoiser(folder).config.hidden_size == 64
+    assert source == f"EnyaWoooo/CTFlow/checkpoint-680000/denoiser_ema at commit {commit}"
+    with pytest.raises(ModelError, match="has no subfolder 'checkpoint-9/denoiser_ema'"):
+        resolve_source("EnyaWoooo/CTFlow/checkpoint-9/denoiser_ema", "--denoiser")
+    with pytest.raises(ModelError, match="not in the local model cache"):
+        resolve_source("someone/else/vae", "--vae")
+
+
+@pytest.mark.parametrize("change, message", [
+    ("pickle", "holds only pickle weights"),
+    ("class", "describes a AutoencoderKL, not a released CTFlow denoiser"),
+    ("missing", "--denoiser folder /no/such/denoiser_ema does not exist"),
+    ("width", "gives 384-d embeddings, but the denoiser reads 768-d ones"),
+])
+def test_bad_import_inputs_give_one_clear_line(sources, tmp_path, capsys, change, message):
+    from ctflow.cli import main
+
+    denoiser, vae, text = sources
+    if change in ("pickle", "class"):
+        denoiser = Path(shutil.copytree(denoiser, tmp_path / "denoiser_ema"))
+    if change == "pickle":
+        (denoiser / "diffusion_pytorch_model.safetensors").rename(denoiser / "diffusion_pytorch_model.bin")
+    elif change == "class":
+        shutil.copy(vae / "config.json", denoiser / "config.json")
+    elif change == "missing":
+        denoiser = Path("/no/such/denoiser_ema")
+    elif change == "width":
+        text = Path(shutil.copytree(text, tmp_path / "text"))
+        config = json.loads((text / "config.json").read_text())
+        (text / "config.json").write_text(json.dumps({**config, "hidden_size": 384}))
+    out = tmp_path / "model"
+    assert main(["import-released", "--denoiser", str(denoiser), "--vae", str(vae), "--text-encoder", str(text),
+                 "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()
