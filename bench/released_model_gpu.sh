@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The whole GPU measurement of the published model's cost, for one H100 or H200, in under 8 minutes:
+# CTFlow-L in the released layout with random weights; the original's Euler 200 and our ab2 32 in float32 (as the
+# original runs), then ab2 32 in bfloat16 (ctflow's GPU default). Needs the project's venv with a CUDA torch.
+#
+#   bash bench/released_model_gpu.sh [OUT_FOLDER]        # results: OUT_FOLDER/released_L_*.json and .md
+#
+# Expected (estimate from FLOPs, not measured): an L call ~50 ms float32 and ~15 ms bfloat16 on an H100; Euler 200
+# over 13 blocks ~2.5 min, ab2 32 ~25 s, writing and importing the 2 GB of random weights ~1 min.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-${OUT:-bench_out}}"
+mkdir -p "$out"
+export PYTHONPATH="$PWD/CTFlowLib${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1
+python="${PYTHON:-python}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/released_L_gpu.txt"
+timeout 330 "$python" bench/released_model.py --device cuda --dtype float32 --slices 208 \
+    --json "$out/released_L_float32.json" | tee "$out/released_L_float32.md"
+timeout 120 "$python" bench/released_model.py --device cuda --dtype bfloat16 --slices 208 --no-reference \
+    --json "$out/released_L_bfloat16.json" | tee "$out/released_L_bfloat16.md"
