@@ -9,15 +9,12 @@ a BertModel config and the CXR-BERT tokenizer files, so loading the result never
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .errors import ModelError
-from .io import plain_mode
+from .io import atomic_folder
 
 TEXT_PREFIX = "text_transformer."
 HEAD_DIM = 64  # BERT-base and CXR-BERT: 768 / 12 heads; the weights do not record the head count
@@ -85,19 +82,12 @@ def convert_ct_clip_text(checkpoint: Path, tokenizer: Path, out: Path, heads: in
         raise ModelError(f"the {TEXT_PREFIX}* weights of {checkpoint} do not form a BertModel "
                          f"(missing {len(missing)}, unexpected {len(unexpected)}), e.g. {(missing or unexpected)[:3]}")
     text_tokenizer = BertTokenizer.from_pretrained(tokenizer, local_files_only=True, model_max_length=MAX_TOKENS)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+
+    def fill(staging: Path) -> None:
         model.save_pretrained(staging, safe_serialization=True)
         text_tokenizer.save_pretrained(staging)
         settings = staging / "tokenizer_config.json"
         kept = {k: v for k, v in json.loads(settings.read_text()).items() if k not in _REMOTE_CODE_KEYS}
         settings.write_text(json.dumps(kept, indent=2) + "\n")
-        for path in [staging, *staging.rglob("*")]:
-            path.chmod(plain_mode(path.is_dir()))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out
+
+    return atomic_folder(out, fill)

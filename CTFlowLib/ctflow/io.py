@@ -109,6 +109,25 @@ def atomic_write(path: Path, write, overwrite: bool = False) -> Path:
     return path
 
 
+def atomic_folder(folder: Path, fill) -> Path:
+    """Call fill(staging) on a sibling temporary folder, make its contents shareable, then move it onto `folder` in
+    one step (replacing a folder there: the caller has checked that it may)."""
+    import shutil
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        fill(staging)
+        for path in [staging, *staging.rglob("*")]:  # mkdtemp and safetensors make them private; a model is shared
+            path.chmod(plain_mode(path.is_dir()))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
 def read_volume(path: str | os.PathLike) -> Volume:
     """Read a volume written by write_volume (or any CT in these formats, or a CT series folder, or one of its
     DICOM files; provenance is then None)."""

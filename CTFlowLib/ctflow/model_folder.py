@@ -13,14 +13,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .config import DENOISER_PRESETS, AutoencoderConfig, ModelConfig, TextConfig
 from .errors import CorruptModelError, ModelError
-from .io import plain_mode
+from .io import atomic_folder
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -164,9 +163,8 @@ def save_model(
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise ModelError(f"{folder} already exists; choose another folder or allow overwriting")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
+
+    def fill(staging: Path) -> None:
         (staging / CONFIG).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         state = {name: tensor.detach().cpu().contiguous() for name, tensor in denoiser.state_dict().items()}
         save_file(state, staging / WEIGHTS, metadata={"format": "pt", "ctflow_config": CONFIG})
@@ -177,14 +175,8 @@ def save_model(
         files = sorted(p for p in staging.rglob("*") if p.is_file())
         lines = [f"{sha256_file(p)}  {p.relative_to(staging).as_posix()}" for p in files]
         (staging / CHECKSUMS).write_text("\n".join(lines) + "\n")
-        for path in [staging, *staging.rglob("*")]:  # mkdtemp and safetensors make them private; a model is shared
-            path.chmod(plain_mode(path.is_dir()))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
+
+    return atomic_folder(folder, fill)
 
 
 def _not_data_files(folder: str, names: list[str]) -> list[str]:
