@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU measurement of the published model's cost, for one H100 or H200, in under 8 minutes:
-# CTFlow-L in the released layout with random weights; the original's Euler 200 and our ab2 32 in float32 (as the
-# original runs), then ab2 32 in bfloat16 (ctflow's GPU default). Needs the project's venv with a CUDA torch.
+# the fixtures' error on CUDA (float32 with TF32 off/on, bfloat16: the GPU tolerances), then CTFlow-L in the
+# released layout with random weights: the original's Euler 200 and our ab2 32 in float32 (as the original runs),
+# then ab2 32 in bfloat16 (ctflow's GPU default). Needs the project's venv with a CUDA torch.
 #
 #   bash bench/released_model_gpu.sh [OUT_FOLDER]        # results: OUT_FOLDER/released_L_*.json and .md
 #
@@ -14,6 +15,7 @@ mkdir -p "$out"
 export PYTHONPATH="$PWD/CTFlowLib${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1
 python="${PYTHON:-python}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/released_L_gpu.txt"
+timeout 60 "$python" bench/released_fixture_check.py --device cuda | tee "$out/released_fixture_gpu.json"  # GPU tolerances
 timeout 330 "$python" bench/released_model.py --device cuda --dtype float32 --slices 208 \
     --json "$out/released_L_float32.json" | tee "$out/released_L_float32.md"
 timeout 120 "$python" bench/released_model.py --device cuda --dtype bfloat16 --slices 208 --no-reference \
