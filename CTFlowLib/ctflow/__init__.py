@@ -15,6 +15,7 @@ from .dicom import read_dicom, write_dicom  # noqa: E402
 from .io import read_volume, write_volume  # noqa: E402
 from .model_folder import create_random_model, default_model, save_model  # noqa: E402
 from .pipeline import Block, CTFlowPipeline, GenerationPlan, GenerationRequest  # noqa: E402
+from .released import import_released, load_released_denoiser  # noqa: E402
 from .report import Report, parse_report, render_prompt  # noqa: E402
 from .volume import SYNTHETIC_NOTICE, Geometry, Provenance, Volume  # noqa: E402
 
@@ -22,5 +23,6 @@ __all__ = [
     "Block", "CTFlowError", "CTFlowPipeline", "DENOISER_PRESETS", "DenoiserConfig", "DeviceError", "GenerationPlan",
     "GenerationRequest", "Geometry", "ModelConfig", "ModelError", "OutputExistsError", "Provenance", "Report",
     "ReportError", "RequestError", "SYNTHETIC_NOTICE", "Volume", "create_random_model", "default_model",
-    "parse_report", "read_dicom", "read_volume", "render_prompt", "save_model", "write_dicom", "write_volume",
+    "import_released", "load_released_denoiser", "parse_report", "read_dicom", "read_volume", "render_prompt",
+    "save_model", "write_dicom", "write_volume",
 ]

@@ -18,7 +18,8 @@ from ctflow.config import ModelConfig, SamplingConfig
 from ctflow.denoiser import STDiT
 from ctflow.errors import ModelError, RequestError
 from ctflow.pipeline import CTFlowPipeline, GenerationPlan, GenerationRequest, white_frames
-from ctflow.released import build_released_stdit, load_released_denoiser, save_released_layout
+from ctflow import load_released_denoiser
+from ctflow.released import build_released_stdit, save_released_layout
 from ctflow.sampling import sample
 
 DATA = Path(__file__).parents[1] / "data" / "ctflow_release"
@@ -490,3 +491,16 @@ def test_bad_import_inputs_give_one_clear_line(sources, tmp_path, capsys, change
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not out.exists()
+
+
+def test_info_describes_the_imported_model(imported, capsys):
+    from ctflow.cli import main
+
+    assert main(["info", "--model", str(imported), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "Licence status" in out and '"text_encoder": "folder:text_encoder"' in out
+
+
+def test_a_token_sequence_model_refuses_a_single_embedding_vector(tiny_pipeline):
+    with pytest.raises(RequestError, match="reads token sequences, not one precomputed embedding vector"):
+        tiny_pipeline.plan(GenerationRequest("Findings: nodule.", embedding=torch.ones(384)))
