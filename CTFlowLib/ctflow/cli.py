@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, help="random seed (default: a fresh one, recorded in the file)")
     add_sampling_arguments(generate)
     add_model_arguments(generate)
+    generate.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                          help="denoiser precision (auto: bfloat16 on a GPU; float32 reproduces the original CTFlow)")
     generate.add_argument("--preview", type=Path, help="also write a PNG of the mid-planes in lung and soft-tissue windows")
     generate.add_argument("--overwrite", action="store_true", help="replace existing output files")
     generate.set_defaults(run=run_generate)
@@ -130,7 +132,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
         embedding = read_embedding(args.embedding)
         report = f"(precomputed report embedding {args.embedding.name}, sha256 {sha256_file(args.embedding)})"
-    pipeline = CTFlowPipeline.from_pretrained(args.model, revision=args.revision, device=args.device)
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    pipeline = CTFlowPipeline.from_pretrained(args.model, revision=args.revision, device=args.device, dtype=dtype)
     plan = pipeline.plan(GenerationRequest(
         report, slices=args.slices, seed=args.seed, steps=args.steps, guidance=args.guidance,
         sampler=args.sampler, shift=args.shift, embedding=embedding,

@@ -388,7 +388,8 @@ def test_generate_runs_the_imported_model_to_a_nifti_in_hu(imported, tmp_path, c
 
     out = tmp_path / "ct.nii.gz"
     assert main(["generate", "--model", str(imported), "--report", "Findings: right pleural effusion.",
-                 "--out", str(out), "--seed", "3", "--steps", "4", "--sampler", "ab2", "--device", "cpu"]) == 0
+                 "--out", str(out), "--seed", "3", "--steps", "4", "--sampler", "ab2", "--device", "cpu",
+                 "--dtype", "float32"]) == 0
     volume = read_volume(out)
     k, j, i = volume.hu.shape
     assert (j, i) == (16, 16) and k % 16 == 0 and k <= 320  # whole blocks until the stop test or 20 blocks
