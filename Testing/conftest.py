@@ -73,3 +73,58 @@ def steered(tiny_pipeline):
         return copy
 
     return make
+
+
+RELEASE_DATA = Path(__file__).parent / "data" / "ctflow_release"  # the original code's outputs (its README.md)
+
+
+@pytest.fixture(scope="session")
+def released_downloads(tmp_path_factory):
+    """What a user of the published CTFlow model downloads, tiny and random: the released denoiser folder (the
+    fixture), a VAE with the FLUX.1 configuration but two small stages (2x down: 8x8 latents are 16x16 slices), a
+    CT-CLIP checkpoint whose text_transformer.* is a one-layer 768-d BERT, and a CXR-BERT-style tokenizer folder."""
+    import json
+    import shutil
+    from types import SimpleNamespace
+
+    import torch
+    from diffusers import AutoencoderKL
+    from transformers import BertConfig, BertModel
+
+    from ctflow.autoencoder import VAE_PRESETS
+
+    root = tmp_path_factory.mktemp("downloads")
+    denoiser = Path(shutil.copytree(RELEASE_DATA / "tiny_a", root / "checkpoint-680000" / "denoiser_ema"))
+    torch.manual_seed(0)
+    flux = {**VAE_PRESETS["flux"], "block_out_channels": (8, 16), "layers_per_block": 1, "norm_num_groups": 4,
+            "down_block_types": ("DownEncoderBlock2D",) * 2, "up_block_types": ("UpDecoderBlock2D",) * 2}
+    AutoencoderKL(**flux).save_pretrained(root / "flux_vae", safe_serialization=True)
+    tokenizer = root / "cxr_bert"  # as the hub repo holds it: vocab.txt and a tokenizer_config.json naming code
+    tokenizer.mkdir()
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "findings", ":", "right", "pleural", "effusion", ".",
+             "no", "acute", "normal", "heart", "size", "emphysema", "impression", "nodule", "lung", "left"]
+    (tokenizer / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    (tokenizer / "tokenizer_config.json").write_text(json.dumps(
+        {"do_lower_case": True, "tokenizer_class": "BertTokenizer", "auto_map": {"AutoTokenizer": "x.Y"}}))
+    bert = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=768, num_hidden_layers=1, num_attention_heads=12,
+                                intermediate_size=64, max_position_embeddings=64)).eval()
+    state = {f"text_transformer.{key}": value for key, value in bert.state_dict().items()}
+    state["text_transformer.embeddings.position_ids"] = torch.arange(64)[None]  # older transformers saved it
+    state["visual_transformer.to_patch.weight"] = torch.randn(8, 8)  # CT-CLIP's other towers: ignored
+    state["to_text_latent.weight"] = torch.randn(512, 768)
+    torch.save(state, root / "CT-CLIP_v2.pt")
+    return SimpleNamespace(denoiser=denoiser, vae=root / "flux_vae", ct_clip=root / "CT-CLIP_v2.pt",
+                           tokenizer=tokenizer, bert=bert, root=root)
+
+
+@pytest.fixture(scope="session")
+def released_model(released_downloads, tmp_path_factory) -> Path:
+    """The tiny downloads through `ctflow convert-ct-clip` and `ctflow import-released`: a model folder."""
+    from ctflow.cli import main
+
+    d = released_downloads
+    text, out = d.root / "ct-clip-text", tmp_path_factory.mktemp("models") / "ctflow-released"
+    assert main(["convert-ct-clip", str(d.ct_clip), "--tokenizer", str(d.tokenizer), "--out", str(text)]) == 0
+    assert main(["import-released", "--denoiser", str(d.denoiser), "--vae", str(d.vae), "--text-encoder", str(text),
+                 "--out", str(out)]) == 0
+    return out

@@ -162,66 +162,29 @@ def test_wrong_text_width_is_refused(released, io):
 
 # -- the text side: CT-CLIP's text tower, [CLS] pooling, precomputed embeddings --------------------------------
 
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "findings", ":", "right", "pleural", "effusion", ".", "no",
-         "acute", "normal", "heart", "size", "emphysema", "impression", "nodule", "lung", "left"]
-
-
-def write_ct_clip(folder: Path, width: int = 768) -> tuple[Path, Path, "torch.nn.Module"]:
-    """A tiny random BERT saved the way CT-CLIP's checkpoint holds it (text_transformer.* among other towers),
-    and a CXR-BERT-style tokenizer folder."""
-    from transformers import BertConfig, BertModel
-
-    tokenizer_folder = folder / "cxr_bert"  # as the hub repo holds it: vocab.txt and tokenizer_config.json
-    tokenizer_folder.mkdir(parents=True)
-    (tokenizer_folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    (tokenizer_folder / "tokenizer_config.json").write_text(json.dumps(
-        {"do_lower_case": True, "tokenizer_class": "BertTokenizer", "auto_map": {"AutoTokenizer": "x.Y"}}))
-    torch.manual_seed(0)
-    bert = BertModel(BertConfig(vocab_size=len(VOCAB), hidden_size=width, num_hidden_layers=1,
-                                num_attention_heads=width // 64, intermediate_size=64, max_position_embeddings=64))
-    state = {f"text_transformer.{key}": value for key, value in bert.state_dict().items()}
-    state["text_transformer.embeddings.position_ids"] = torch.arange(64)[None]  # older transformers saved it
-    state["visual_transformer.to_patch.weight"] = torch.randn(8, 8)  # CT-CLIP's other towers: ignored
-    state["to_text_latent.weight"] = torch.randn(512, width)
-    torch.save(state, folder / "CT-CLIP_v2.pt")
-    return folder / "CT-CLIP_v2.pt", tokenizer_folder, bert.eval()
-
-
-@pytest.fixture(scope="module")
-def ct_clip(tmp_path_factory):
-    return write_ct_clip(tmp_path_factory.mktemp("ct_clip"))
-
-
-@pytest.fixture(scope="module")
-def ct_clip_text(ct_clip, tmp_path_factory):
-    from ctflow.ct_clip import convert_ct_clip_text
-
-    checkpoint, tokenizer, _ = ct_clip
-    return convert_ct_clip_text(checkpoint, tokenizer, tmp_path_factory.mktemp("converted") / "text_encoder")
-
-
-def test_converted_ct_clip_text_tower_gives_the_unit_cls_vector(ct_clip, ct_clip_text):
+def test_converted_ct_clip_text_tower_gives_the_unit_cls_vector(released_downloads, released_model):
     from ctflow.config import TextConfig
     from ctflow.text_encoder import TextEncoder
 
-    _, _, bert = ct_clip
-    assert (ct_clip_text / "model.safetensors").is_file() and not list(ct_clip_text.glob("*.bin"))
-    encoder = TextEncoder.load(TextConfig(source="folder:text_encoder", mode="cls", max_tokens=512),
-                               ct_clip_text.parent)
+    converted = released_downloads.root / "ct-clip-text"  # what `ctflow convert-ct-clip` wrote
+    assert (converted / "model.safetensors").is_file() and not list(converted.glob("*.bin"))
+    assert "auto_map" not in (converted / "tokenizer_config.json").read_text()  # no code named, ever
+    encoder = TextEncoder.load(TextConfig(source="folder:ct-clip-text", mode="cls", max_tokens=512),
+                               released_downloads.root)
     texts = ["Findings: right pleural effusion.", "No acute emphysema."]
     out = encoder.encode(texts)
     assert out.tokens.shape == (2, 1, 768) and out.mask.all()
     batch = encoder.tokenizer(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
-        cls = bert(**batch).last_hidden_state[:, :1]
+        cls = released_downloads.bert(**batch).last_hidden_state[:, :1]
     assert torch.allclose(out.tokens, cls / (cls.norm(dim=-1, keepdim=True) + 1e-6), atol=1e-5)
     assert not torch.allclose(out.tokens[0], out.tokens[1])
 
 
-def test_the_converter_refuses_executable_pickles_and_other_checkpoints(tmp_path, ct_clip):
+def test_the_converter_refuses_executable_pickles_and_other_checkpoints(tmp_path, released_downloads):
     from ctflow.ct_clip import convert_ct_clip_text
 
-    _, tokenizer, _ = ct_clip
+    tokenizer = released_downloads.tokenizer
     hostile = tmp_path / "hostile.pt"
     torch.save({"text_transformer.x": argparse.Namespace(run="code")}, hostile)  # a pickled object
     with pytest.raises(ModelError, match="not a plain tensor checkpoint"):
@@ -235,18 +198,15 @@ def test_the_converter_refuses_executable_pickles_and_other_checkpoints(tmp_path
 
 # -- the original's sampling as our pipeline's "released" mode --------------------------------------------------
 
-def tiny_flux_vae(seed: int = 0):
-    """An AutoencoderKL with the FLUX.1 VAE's configuration (RGB, 16 latent channels, its scaling and shift) but two
-    tiny stages: 2x down, so the fixture's 8x8 latents are 16x16 slices."""
+@pytest.fixture(scope="module")
+def autoencoder(released_downloads):
+    """The tiny FLUX-configuration VAE, with the released model's HU mapping."""
     from diffusers import AutoencoderKL
 
-    from ctflow.autoencoder import VAE_PRESETS
+    from ctflow.autoencoder import SliceAutoencoder
 
-    torch.manual_seed(seed)
-    flux = dict(VAE_PRESETS["flux"])
-    flux.update(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
-                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-    return AutoencoderKL(**flux)
+    vae = AutoencoderKL.from_pretrained(released_downloads.vae, use_safetensors=True, local_files_only=True)
+    return SliceAutoencoder(vae, released_model_config().autoencoder)
 
 
 def released_model_config(**sampling) -> ModelConfig:
@@ -282,10 +242,10 @@ def generation():
 
 
 @pytest.fixture(scope="module")
-def text_encoder(ct_clip_text):
+def text_encoder(released_model):
     from ctflow.text_encoder import TextEncoder
 
-    return TextEncoder.load(released_model_config().text, ct_clip_text.parent)
+    return TextEncoder.load(released_model_config().text, released_model)
 
 
 def fixture_plan(text, **request):
@@ -293,12 +253,9 @@ def fixture_plan(text, **request):
     return GenerationPlan(request, "", "", (), text, torch.ones(1, 1, dtype=torch.bool))
 
 
-def test_released_mode_reproduces_the_original_three_block_generation(generation, text_encoder):
-    from ctflow.autoencoder import SliceAutoencoder
-
-    config = released_model_config()
-    pipe = FixtureNoise(config, build_released_stdit(TINY_A), SliceAutoencoder(tiny_flux_vae(), config.autoencoder),
-                        text_encoder, draws=generation)
+def test_released_mode_reproduces_the_original_three_block_generation(generation, autoencoder, text_encoder):
+    pipe = FixtureNoise(released_model_config(), build_released_stdit(TINY_A), autoencoder, text_encoder,
+                        draws=generation)
     pieces = list(pipe._latents(fixture_plan(generation["prompt_embeds"]), lambda: False))
     volume = torch.cat([piece for piece, _ in pieces], dim=1)
     assert volume.shape == generation["result"][0].shape  # 3 blocks, the init block dropped, nothing trimmed
@@ -318,13 +275,10 @@ def test_the_stop_rule_keeps_white_slices_inside_and_trims_them_at_the_end(gener
     assert torch.equal(trimmed, synthetic[:, :17])
 
 
-def test_a_block_starting_white_ends_the_volume_and_is_kept(generation, text_encoder):
+def test_a_block_starting_white_ends_the_volume_and_is_kept(generation, autoencoder, text_encoder):
     """The released rule: the stop block stays (then its white tail is trimmed); our rule would cut at once."""
-    from ctflow.autoencoder import SliceAutoencoder
-
     config = released_model_config()
-    pipe = CTFlowPipeline(config, build_released_stdit(TINY_A), SliceAutoencoder(tiny_flux_vae(), config.autoencoder),
-                          text_encoder)
+    pipe = CTFlowPipeline(config, build_released_stdit(TINY_A), autoencoder, text_encoder)
     white = generation["one_latent_scaled"][0]
     block = generation["result"][0, :, :16].clone()
     assert pipe._end_frame(block, white) is None
@@ -335,12 +289,8 @@ def test_a_block_starting_white_ends_the_volume_and_is_kept(generation, text_enc
     assert ours._end_frame(block, white) == 0
 
 
-def test_guidance_is_refused_for_a_model_without_an_unconditional_branch(text_encoder):
-    from ctflow.autoencoder import SliceAutoencoder
-
-    config = released_model_config()
-    pipe = CTFlowPipeline(config, build_released_stdit(TINY_A), SliceAutoencoder(tiny_flux_vae(), config.autoencoder),
-                          text_encoder)
+def test_guidance_is_refused_for_a_model_without_an_unconditional_branch(autoencoder, text_encoder):
+    pipe = CTFlowPipeline(released_model_config(), build_released_stdit(TINY_A), autoencoder, text_encoder)
     with pytest.raises(RequestError, match="trained without text dropout.*use guidance 1"):
         pipe.plan(GenerationRequest("Findings: right pleural effusion.", guidance=3.0))
     assert pipe.plan(GenerationRequest("Findings: right pleural effusion.")).text.shape == (1, 1, 768)
@@ -349,45 +299,31 @@ def test_guidance_is_refused_for_a_model_without_an_unconditional_branch(text_en
 # -- import-released: a normal model folder that `ctflow generate` runs end to end ------------------------------
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory, ct_clip_text):
-    """What a user downloads: the released denoiser folder, a FLUX-config VAE folder, a converted text encoder."""
-    root = tmp_path_factory.mktemp("downloads")
-    shutil.copytree(TINY_A, root / "checkpoint-680000" / "denoiser_ema")
-    tiny_flux_vae().save_pretrained(root / "flux_vae", safe_serialization=True)
-    return root / "checkpoint-680000" / "denoiser_ema", root / "flux_vae", ct_clip_text
+def sources(released_downloads, released_model):
+    """--denoiser, --vae and --text-encoder as a user passes them."""
+    return released_downloads.denoiser, released_downloads.vae, released_downloads.root / "ct-clip-text"
 
 
-@pytest.fixture(scope="module")
-def imported(sources, tmp_path_factory):
-    from ctflow.cli import main
-
-    denoiser, vae, text = sources
-    out = tmp_path_factory.mktemp("models") / "ctflow-released"
-    assert main(["import-released", "--denoiser", str(denoiser), "--vae", str(vae), "--text-encoder", str(text),
-                 "--out", str(out)]) == 0
-    return out
-
-
-def test_import_builds_a_verified_model_folder_with_a_card(imported):
+def test_import_builds_a_verified_model_folder_with_a_card(released_model):
     from ctflow.model_folder import read_config, verify_checksums
 
-    listed = verify_checksums(imported)
+    listed = verify_checksums(released_model)
     assert {"model.safetensors", "config.json", "README.md", "vae/config.json", "text_encoder/model.safetensors",
             "text_encoder/tokenizer.json"} <= set(listed)
-    config = read_config(imported)
+    config = read_config(released_model)
     assert config.denoiser.variant == "released" and config.sampling.mode == "released"
     assert config.autoencoder.pixel_range == (0.0, 1.0) and config.text.mode == "cls"
-    card = (imported / "README.md").read_text()
+    card = (released_model / "README.md").read_text()
     for needed in ("SYNTHETIC", "Licence status", "Inferred", "HU -1000..1000 <-> image 0..1", "sha256"):
         assert needed in card, needed
 
 
-def test_generate_runs_the_imported_model_to_a_nifti_in_hu(imported, tmp_path, capsys):
+def test_generate_runs_the_imported_model_to_a_nifti_in_hu(released_model, tmp_path, capsys):
     from ctflow.cli import main
     from ctflow.io import read_volume
 
     out = tmp_path / "ct.nii.gz"
-    assert main(["generate", "--model", str(imported), "--report", "Findings: right pleural effusion.",
+    assert main(["generate", "--model", str(released_model), "--report", "Findings: right pleural effusion.",
                  "--out", str(out), "--seed", "3", "--steps", "4", "--sampler", "ab2", "--device", "cpu",
                  "--dtype", "float32"]) == 0
     volume = read_volume(out)
@@ -398,7 +334,7 @@ def test_generate_runs_the_imported_model_to_a_nifti_in_hu(imported, tmp_path, c
     assert volume.provenance.model == "ctflow-released-D64" and volume.provenance.sampler == "ab2"
 
 
-def test_a_precomputed_embedding_stands_in_for_the_report(imported, tmp_path, capsys):
+def test_a_precomputed_embedding_stands_in_for_the_report(released_model, tmp_path, capsys):
     import numpy as np
 
     from ctflow.cli import main
@@ -407,7 +343,7 @@ def test_a_precomputed_embedding_stands_in_for_the_report(imported, tmp_path, ca
     embedding = tmp_path / "report.npy"
     np.save(embedding, np.random.default_rng(0).standard_normal((3, 768)).astype(np.float32))
     out = tmp_path / "ct.nii.gz"
-    assert main(["generate", "--model", str(imported), "--embedding", str(embedding), "--slices", "20",
+    assert main(["generate", "--model", str(released_model), "--embedding", str(embedding), "--slices", "20",
                  "--out", str(out), "--seed", "1", "--steps", "2", "--device", "cpu"]) == 0
     volume = read_volume(out)
     assert volume.hu.shape == (20, 16, 16) and "precomputed report embedding report.npy" in volume.provenance.report
@@ -418,7 +354,7 @@ def test_a_precomputed_embedding_stands_in_for_the_report(imported, tmp_path, ca
     (["--embedding", "{narrow}"], r"the embedding is \[1, 384\], but ctflow-released-D64 reads 768-d"),
     (["--embedding", "{pickle}"], "must be .safetensors or .npy"),
 ])
-def test_bad_generate_inputs_give_one_clear_line(imported, tmp_path, capsys, args, message):
+def test_bad_generate_inputs_give_one_clear_line(released_model, tmp_path, capsys, args, message):
     import numpy as np
 
     from ctflow.cli import main
@@ -428,7 +364,7 @@ def test_bad_generate_inputs_give_one_clear_line(imported, tmp_path, capsys, arg
     args = [a.format(narrow=tmp_path / "narrow.npy", pickle=tmp_path / "embedding.pt") for a in args]
     source = [] if "--embedding" in args else ["--report", "Findings: nodule."]
     out = tmp_path / "ct.nii.gz"
-    assert main(["generate", "--model", str(imported), *source, *args, "--out", str(out), "--device", "cpu"]) == 1
+    assert main(["generate", "--model", str(released_model), *source, *args, "--out", str(out), "--device", "cpu"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ctflow: error:") and __import__("re").search(message, err[0])
     assert not out.exists()
@@ -494,10 +430,10 @@ def test_bad_import_inputs_give_one_clear_line(sources, tmp_path, capsys, change
     assert not out.exists()
 
 
-def test_info_describes_the_imported_model(imported, capsys):
+def test_info_describes_the_imported_model(released_model, capsys):
     from ctflow.cli import main
 
-    assert main(["info", "--model", str(imported), "--device", "cpu"]) == 0
+    assert main(["info", "--model", str(released_model), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "Licence status" in out and '"text_encoder": "folder:text_encoder"' in out
 

@@ -218,3 +218,17 @@ def test_settings_round_trip_through_the_parameter_node(scene):
     assert GenerationSettings.load(node) == settings
     assert logic.modelChoice(settings) == ("org/m", "v1")
 
+
+
+def test_the_published_model_runs_in_the_panel_like_any_model_folder(scene, generation, settings, released_model):
+    """A folder from `ctflow import-released` (tiny, released layout): a synthetic volume in HU at its spacing."""
+    released = dataclasses.replace(settings, modelLocation=str(released_model), slices=20, steps=3)
+    final = run(generation, released)[-1]
+    assert (final.state, final.slices) == ("done", 20), final.message
+    node = final.node
+    assert node.GetSpacing() == pytest.approx((1.40625, 1.40625, 1.5))
+    hu = slicer.util.arrayFromVolume(node)
+    assert hu.shape == (20, 16, 16) and -1000 <= hu.min() and hu.max() <= 1000
+    assert node.GetAttribute("CTFlow.model") == "ctflow-released-D64"
+    guided = run(generation, dataclasses.replace(released, guidance=2.0))[-1]
+    assert guided.state == "failed" and "trained without text dropout" in guided.message
