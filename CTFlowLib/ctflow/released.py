@@ -33,7 +33,7 @@ _TOP_KEYS = {
     "t_embedder.mlp.0": "t_embed.mlp.0", "t_embedder.mlp.2": "t_embed.mlp.2", "t_block.1": "t_block.1",
     "y_embedder.y_proj.fc1": "text_embed.0", "y_embedder.y_proj.fc2": "text_embed.2", "final_layer.linear": "final",
 }
-_BUFFERS = ("model.pos_embed", "model.pos_embed_temporal", "model.y_embedding", "model.y_embedder.y_embedding")
+_BUFFERS = ("model.pos_embed", "model.pos_embed_temporal", "model.y_embedder.y_embedding")  # checked or unused
 
 
 def released_denoiser_config(folder: Path) -> DenoiserConfig:
@@ -152,7 +152,10 @@ def build_released_stdit(folder: str | Path, dtype: torch.dtype = torch.float32)
     config = released_denoiser_config(folder)
     with torch.device("meta"):
         model = STDiT(config)
-    missing, unexpected = model.load_state_dict(load_released_state(folder, config), strict=False, assign=True)
+    try:
+        missing, unexpected = model.load_state_dict(load_released_state(folder, config), strict=False, assign=True)
+    except RuntimeError as exc:  # a tensor of another shape than the config gives
+        raise ModelError(f"{weights_file} does not fit its {RELEASED_CONFIG}: {str(exc).splitlines()[-1].strip()}") from exc
     if missing or unexpected:
         raise ModelError(f"{weights_file} does not fit its {RELEASED_CONFIG} (missing {len(missing)} tensors, "
                          f"unexpected {len(unexpected)}), e.g. {(missing or unexpected)[:3]}")

@@ -147,6 +147,9 @@ def test_missing_folder_and_mismatched_weights_are_refused(tmp_path):
     (folder / "config.json").write_text(json.dumps({**config, "depth": 3}))
     with pytest.raises(ModelError, match="does not fit its config.json"):
         load_released_denoiser(folder)
+    (folder / "config.json").write_text(json.dumps({**config, "mlp_ratio": 2.0}))
+    with pytest.raises(ModelError, match="does not fit its config.json: size mismatch"):
+        load_released_denoiser(folder)
     state = load_file(folder / "diffusion_pytorch_model.safetensors")
     state["model.pos_embed"] = state["model.pos_embed"].flip(1).contiguous()  # a row-first code: another model
     save_file(state, folder / "diffusion_pytorch_model.safetensors")
