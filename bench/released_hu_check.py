@@ -54,7 +54,8 @@ def generated_first_blocks(pipeline, reports: list[str], seeds: int) -> torch.Te
     blocks = []
     for report in reports:
         for seed in range(seeds):
-            plan = pipeline.plan(ctflow.GenerationRequest(report, seed=seed, slices=pipeline.config.denoiser.block_slices))
+            request = ctflow.GenerationRequest(report, seed=seed, slices=pipeline.config.denoiser.block_slices)
+            plan = pipeline.plan(request)
             latents, _ = next(pipeline._latents(plan, lambda: False))
             blocks.append(latents.transpose(0, 1).cpu())  # [T, C, h, w]
     return torch.cat(blocks)
@@ -70,7 +71,8 @@ def main() -> None:
     args = parser.parse_args()
 
     pipeline = ctflow.CTFlowPipeline.from_pretrained(args.model, device=args.device, dtype=torch.float32)
-    reports = [line for line in args.reports.read_text().splitlines() if line.strip()] if args.reports else [DEFAULT_REPORT]
+    lines = args.reports.read_text().splitlines() if args.reports else [DEFAULT_REPORT]
+    reports = [line for line in lines if line.strip()]
     generated = channel_statistics(generated_first_blocks(pipeline, reports, args.seeds))
     size, block = pipeline.autoencoder.config.image_size, pipeline.config.denoiser.block_slices
     real = torch.cat([real_top_block(path, block, size) for path in args.ct])  # [N, size, size] HU

@@ -88,7 +88,8 @@ def project(pipeline, settings: list[str], slices: int) -> list[dict]:
         name, options, _ = parse_setting(text)
         calls = model_calls(options["sampler"], options["steps"], options["guidance"])
         block_s = calls * call_s + decode_s
-        rows.append({"setting": name, "sampler": options["sampler"], "steps": options["steps"], "calls_per_block": calls,
+        rows.append({"setting": name, "sampler": options["sampler"], "steps": options["steps"],
+                     "calls_per_block": calls,
                      "call_s": call_s, "decode_block_s": decode_s, "projected_first_block_s": block_s,
                      "projected_volume_s": blocks * block_s, "slices": blocks * config.block_slices})
     return rows

@@ -15,7 +15,8 @@ mkdir -p "$out"
 export PYTHONPATH="$PWD/CTFlowLib${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1
 python="${PYTHON:-python}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/released_L_gpu.txt"
-timeout 60 "$python" bench/released_fixture_check.py --device cuda | tee "$out/released_fixture_gpu.json"  # GPU tolerances
+# the GPU tolerances first (seconds)
+timeout 60 "$python" bench/released_fixture_check.py --device cuda | tee "$out/released_fixture_gpu.json"
 timeout 330 "$python" bench/released_model.py --device cuda --dtype float32 --slices 208 \
     --json "$out/released_L_float32.json" | tee "$out/released_L_float32.md"
 timeout 120 "$python" bench/released_model.py --device cuda --dtype bfloat16 --slices 208 --no-reference \

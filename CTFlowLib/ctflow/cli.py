@@ -261,16 +261,22 @@ def run_metrics(args: argparse.Namespace) -> int:
 
 def add_released_commands(commands) -> None:
     released = commands.add_parser("import-released", help="make a model folder of the published CTFlow checkpoint")
-    released.add_argument("--denoiser", required=True, help="FOLDER or hub id, e.g. EnyaWoooo/CTFlow/checkpoint-680000/denoiser_ema[@REV]")
-    released.add_argument("--vae", required=True, help="FOLDER or hub id, e.g. black-forest-labs/FLUX.1-schnell/vae[@REV]")
+    released.add_argument("--denoiser", required=True,
+                          help="FOLDER or hub id, e.g. EnyaWoooo/CTFlow/checkpoint-680000/denoiser_ema[@REV]")
+    released.add_argument("--vae", required=True,
+                          help="FOLDER or hub id, e.g. black-forest-labs/FLUX.1-schnell/vae[@REV]")
     released.add_argument("--text-encoder", required=True, type=Path, help="folder made by `ctflow convert-ct-clip`")
     released.add_argument("--out", required=True, type=Path, help="model folder to create")
-    released.add_argument("--spacing", type=float, nargs=3, metavar=("I", "J", "K"), help="voxel spacing in mm (default: inferred)")
+    released.add_argument("--spacing", type=float, nargs=3, metavar=("I", "J", "K"),
+                          help="voxel spacing in mm (default: inferred)")
     released.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
     released.set_defaults(run=run_import_released)
-    convert = commands.add_parser("convert-ct-clip", help="CT-CLIP checkpoint -> text-encoder folder (BERT, safetensors)")
-    convert.add_argument("checkpoint", type=Path, help="CT-CLIP checkpoint (.pt; read with torch.load(weights_only=True))")
-    convert.add_argument("--tokenizer", required=True, help="CXR-BERT tokenizer folder or hub id (microsoft/BiomedVLP-CXR-BERT-specialized)")
+    convert = commands.add_parser("convert-ct-clip",
+                                  help="CT-CLIP checkpoint -> text-encoder folder (BERT, safetensors)")
+    convert.add_argument("checkpoint", type=Path,
+                         help="CT-CLIP checkpoint (.pt; read with torch.load(weights_only=True))")
+    convert.add_argument("--tokenizer", required=True,
+                         help="CXR-BERT tokenizer folder or hub id (microsoft/BiomedVLP-CXR-BERT-specialized)")
     convert.add_argument("--out", required=True, type=Path, help="text-encoder folder to create")
     convert.add_argument("--heads", type=int, help="attention heads (default: hidden size / 64, as CXR-BERT)")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing folder")

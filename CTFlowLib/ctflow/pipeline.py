@@ -179,7 +179,8 @@ class CTFlowPipeline:
             tokens = self._given_embedding(request.embedding)
             return GenerationPlan(resolved, report.text, report.text, (), tokens, torch.ones(1, 1, dtype=torch.bool))
         # The released model never saw our meta lines (length, spacing): it gets the report sections alone.
-        prompt = report.text if self.released_mode else render_prompt(report, resolved.slices, self.config.geometry.spacing[2])
+        spacing = self.config.geometry.spacing[2]
+        prompt = report.text if self.released_mode else render_prompt(report, resolved.slices, spacing)
         texts = [prompt] if resolved.guidance == 1.0 else [prompt, ""]  # "" is the empty-report embedding
         embedding = self.text_encoder.encode(texts)
         notices = []

@@ -94,7 +94,9 @@ def convert_released_state(state: dict[str, torch.Tensor], config: DenoiserConfi
         name = key.removeprefix("model.")
         if name.startswith("x_embedder.proj."):
             if name.endswith("weight"):  # [D, 2C, pt, ph, pw]: noisy channels first, then the previous block
-                converted["x_embed.weight"], converted["previous_embed.weight"] = (half.contiguous() for half in tensor.chunk(2, dim=1))
+                noisy, previous = tensor.chunk(2, dim=1)
+                converted["x_embed.weight"] = noisy.contiguous()
+                converted["previous_embed.weight"] = previous.contiguous()
             else:
                 converted["x_embed.bias"] = tensor
             continue
@@ -155,7 +157,8 @@ def build_released_stdit(folder: str | Path, dtype: torch.dtype = torch.float32)
     try:
         missing, unexpected = model.load_state_dict(load_released_state(folder, config), strict=False, assign=True)
     except RuntimeError as exc:  # a tensor of another shape than the config gives
-        raise ModelError(f"{weights_file} does not fit its {RELEASED_CONFIG}: {str(exc).splitlines()[-1].strip()}") from exc
+        reason = str(exc).splitlines()[-1].strip()
+        raise ModelError(f"{weights_file} does not fit its {RELEASED_CONFIG}: {reason}") from exc
     if missing or unexpected:
         raise ModelError(f"{weights_file} does not fit its {RELEASED_CONFIG} (missing {len(missing)} tensors, "
                          f"unexpected {len(unexpected)}), e.g. {(missing or unexpected)[:3]}")
@@ -297,10 +300,10 @@ def import_released(
                          f"denoiser needs {config.latent_channels} (the FLUX.1 VAE)")
     stdit = build_released_stdit(denoiser_folder)
     size = SIZE_NAMES.get(config.hidden_size, f"D{config.hidden_size}")
+    downsample = 2 ** (len(autoencoder.config.block_out_channels) - 1)
     model_config = ModelConfig(
         name=f"ctflow-released-{size}", denoiser=config,
-        autoencoder=AutoencoderConfig(pixel_range=(0.0, 1.0),
-                                      image_size=config.latent_size * 2 ** (len(autoencoder.config.block_out_channels) - 1)),
+        autoencoder=AutoencoderConfig(pixel_range=(0.0, 1.0), image_size=config.latent_size * downsample),
         text=TextConfig(source="folder:text_encoder", mode="cls", max_tokens=512),
         sampling=SamplingConfig(steps=200, method="euler", shift=1.0, mode="released", guidance_supported=False),
         geometry=GeometryConfig(spacing=tuple(spacing)), max_slices=20 * config.block_slices, typical_slices=201,

@@ -73,7 +73,8 @@ def test_intermediates_match_the_original_in_order(released, io):
     finally:
         for hook in hooks:
             hook.remove()
-    seen["x_embedder_out"] = (model.x_embed(io["x"]) + model.previous_embed(io["cond_image"])).flatten(2).transpose(1, 2)
+    patches = model.x_embed(io["x"]) + model.previous_embed(io["cond_image"])  # [B, D, t, h, w]
+    seen["x_embedder_out"] = patches.flatten(2).transpose(1, 2)
     for name in ["x_embedder_out", "t_embedder_out", "t_block_out", "y_embedder_out", "block0_out", "block1_out",
                  "final_layer_out"]:
         assert (seen[name] - io[f"inter/{name}"]).abs().max() < FORWARD_TOL, name
