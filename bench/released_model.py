@@ -124,25 +124,31 @@ def main() -> None:
             pipeline = ctflow.CTFlowPipeline.from_pretrained(model, device=args.device, dtype=DTYPES[args.dtype])
             synchronize(pipeline.device)
             load_s = time.perf_counter() - started
+    facts = {"device": describe_device(pipeline), "size": args.size, "denoiser_parameters": parameters,
+             "torch": torch.__version__, "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+             "write_random_downloads_s": round(write_s, 1), "import_s": round(import_s, 1),
+             "load_s": round(load_s, 1), "load_peak_memory_mb": memory.mb, "date": datetime.date.today().isoformat()}
+    rows: list[dict] = []
+
+    def report(kind: str) -> None:  # after every setting: a run cut short by a timeout still leaves its rows
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({**facts, "kind": kind, "results": rows}, indent=2) + "\n")
+
     if args.project:
-        rows, kind = project(pipeline, settings, args.slices), "projected from one call and one slice decode"
+        rows += project(pipeline, settings, args.slices)
+        kind = "projected from one call and one slice decode"
     else:
+        kind = "measured"
         run_setting(pipeline, {"steps": 2}, False, pipeline.config.denoiser.block_slices, 0)  # warm-up
-        rows, kind = [], "measured"
         for text in settings:
             name, options, _ = parse_setting(text)
             timing, _ = run_setting(pipeline, options, False, args.slices, 0)
             rows.append({"setting": name, **timing})
             print(f"  {name}: {timing['total_s']:.1f} s", file=sys.stderr, flush=True)
-    facts = {"device": describe_device(pipeline), "size": args.size, "denoiser_parameters": parameters,
-             "torch": torch.__version__, "kind": kind, "write_random_downloads_s": round(write_s, 1),
-             "import_s": round(import_s, 1), "load_s": round(load_s, 1), "load_peak_memory_mb": memory.mb,
-             "date": datetime.date.today().isoformat()}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({**facts, "results": rows}, indent=2) + "\n")
-    print(markdown(rows, "; ".join(f"{key} {value}" for key, value in facts.items())))
-
+            report(kind)
+    report(kind)
+    print(markdown(rows, "; ".join(f"{key} {value}" for key, value in {**facts, "kind": kind}.items())))
 
 if __name__ == "__main__":
     sys.exit(main())
