@@ -197,10 +197,11 @@ class CTFlowPipeline:
         width = self.config.denoiser.text_dim
         if self.text_encoder.mode == "tokens":
             raise RequestError(f"{self.config.name} reads token sequences, not one precomputed embedding vector")
-        rows = torch.as_tensor(vectors, dtype=torch.float32).reshape(-1, vectors.shape[-1])
-        if rows.shape[-1] != width or not len(rows):
+        vectors = torch.as_tensor(vectors, dtype=torch.float32)
+        if vectors.dim() == 0 or vectors.shape[-1] != width or not vectors.numel():
             raise RequestError(f"the embedding is {list(vectors.shape)}, but {self.config.name} reads "
                                f"{width}-d report embeddings")
+        rows = vectors.reshape(-1, width)
         if not torch.isfinite(rows[0]).all() or not rows[0].any():
             raise RequestError("the embedding's first row is zero or not finite")
         return unit_cls(rows[:1])[None]

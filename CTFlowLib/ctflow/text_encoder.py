@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .config import TextConfig
-from .errors import ModelError
+from .errors import ModelError, RequestError
 
 
 @dataclass
@@ -86,13 +86,13 @@ def read_embedding(path: Path) -> torch.Tensor:
 
             tensors = load_file(path)
             if len(tensors) != 1:
-                raise ModelError(f"{path} holds {len(tensors)} tensors; an embedding file holds exactly one")
+                raise RequestError(f"{path} holds {len(tensors)} tensors; an embedding file holds exactly one")
             return next(iter(tensors.values())).float()
     except FileNotFoundError as exc:
-        raise ModelError(f"embedding file {path} does not exist") from exc
+        raise RequestError(f"embedding file {path} does not exist") from exc
     except (ValueError, OSError, SafetensorError) as exc:  # a pickled .npy, a damaged file, ...
-        raise ModelError(f"cannot read the embedding {path}: {exc}") from exc
-    raise ModelError(f"embedding file {path} must be .safetensors or .npy (pickled .pt files can run code)")
+        raise RequestError(f"cannot read the embedding {path}: {exc}") from exc
+    raise RequestError(f"embedding file {path} must be .safetensors or .npy (pickled .pt files can run code)")
 
 
 def unit_cls(vectors: torch.Tensor) -> torch.Tensor:

@@ -357,6 +357,8 @@ def test_a_precomputed_embedding_stands_in_for_the_report(released_model, tmp_pa
     (["--guidance", "2"], "trained without text dropout, so it has no unconditional prediction to guide by"),
     (["--embedding", "{narrow}"], r"the embedding is \[1, 384\], but ctflow-released-D64 reads 768-d"),
     (["--embedding", "{pickle}"], "must be .safetensors or .npy"),
+    (["--embedding", "{scalar}"], r"the embedding is \[\], but"),
+    (["--embedding", "{objects}"], "cannot read the embedding"),
 ])
 def test_bad_generate_inputs_give_one_clear_line(released_model, tmp_path, capsys, args, message):
     import numpy as np
@@ -365,7 +367,10 @@ def test_bad_generate_inputs_give_one_clear_line(released_model, tmp_path, capsy
 
     np.save(tmp_path / "narrow.npy", np.ones((1, 384), np.float32))
     torch.save(torch.ones(768), tmp_path / "embedding.pt")
-    args = [a.format(narrow=tmp_path / "narrow.npy", pickle=tmp_path / "embedding.pt") for a in args]
+    np.save(tmp_path / "scalar.npy", np.float32(1.0))
+    np.save(tmp_path / "objects.npy", np.array([{"run": "code"}], dtype=object), allow_pickle=True)
+    args = [a.format(narrow=tmp_path / "narrow.npy", pickle=tmp_path / "embedding.pt", scalar=tmp_path / "scalar.npy",
+                     objects=tmp_path / "objects.npy") for a in args]
     source = [] if "--embedding" in args else ["--report", "Findings: nodule."]
     out = tmp_path / "ct.nii.gz"
     assert main(["generate", "--model", str(released_model), *source, *args, "--out", str(out), "--device", "cpu"]) == 1
