@@ -269,6 +269,8 @@ def add_released_commands(commands) -> None:
     released.add_argument("--out", required=True, type=Path, help="model folder to create")
     released.add_argument("--spacing", type=float, nargs=3, metavar=("I", "J", "K"),
                           help="voxel spacing in mm (default: inferred)")
+    released.add_argument("--pixel-range", type=float, nargs=2, metavar=("LOW", "HIGH"), default=(0.0, 1.0),
+                          help="VAE image values of HU -1000 and +1000 (default: 0 1, inferred)")
     released.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
     released.set_defaults(run=run_import_released)
     convert = commands.add_parser("convert-ct-clip",
@@ -287,7 +289,7 @@ def run_import_released(args: argparse.Namespace) -> int:
     from .released import RELEASED_SPACING, import_released
 
     folder = import_released(args.denoiser, args.vae, args.text_encoder, args.out, args.overwrite,
-                             tuple(args.spacing) if args.spacing else RELEASED_SPACING)
+                             tuple(args.spacing) if args.spacing else RELEASED_SPACING, tuple(args.pixel_range))
     print(f"wrote {folder}: run it with `ctflow generate --model {folder} --report-file REPORT.txt --out ct.nii.gz`")
     return 0
 

@@ -87,6 +87,12 @@ class AutoencoderConfig:
     image_size: int = 256  # slice rows = cols
     chunk_size: int = 16  # slices per VAE call: bounds peak memory
 
+    def __post_init__(self) -> None:
+        for name in ("hu_window", "pixel_range"):
+            low, high = getattr(self, name)
+            if not low < high:
+                raise ModelError(f"autoencoder {name} must run from low to high, not {getattr(self, name)!r}")
+
 
 @dataclass(frozen=True)
 class TextConfig:

@@ -7,6 +7,7 @@ diffusion_pytorch_model.safetensors (keys `model.*`; the 32-channel patch conv s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -271,7 +272,7 @@ def resolve_source(spec: str, what: str, patterns: tuple[str, ...] = ("*.json", 
 
 def import_released(
     denoiser: str, vae: str, text_encoder: str | Path, out: str | Path, overwrite: bool = False,
-    spacing: tuple[float, float, float] = RELEASED_SPACING,
+    spacing: tuple[float, float, float] = RELEASED_SPACING, pixel_range: tuple[float, float] = (0.0, 1.0),
 ) -> Path:
     """Build a ctflow model folder that runs the released checkpoint exactly as the original code does."""
     from diffusers import AutoencoderKL
@@ -282,6 +283,7 @@ def import_released(
     out = Path(out)
     if out.exists() and not overwrite:
         raise ModelError(f"{out} already exists; choose another folder or pass --overwrite")
+    intensities = AutoencoderConfig(pixel_range=tuple(pixel_range))  # checked before any download
     text_folder = Path(text_encoder)
     denoiser_folder, denoiser_source = resolve_source(denoiser, "--denoiser")
     config = released_denoiser_config(denoiser_folder)  # refuses another class before reading 2 GB of weights
@@ -303,7 +305,7 @@ def import_released(
     downsample = 2 ** (len(autoencoder.config.block_out_channels) - 1)
     model_config = ModelConfig(
         name=f"ctflow-released-{size}", denoiser=config,
-        autoencoder=AutoencoderConfig(pixel_range=(0.0, 1.0), image_size=config.latent_size * downsample),
+        autoencoder=dataclasses.replace(intensities, image_size=config.latent_size * downsample),
         text=TextConfig(source="folder:text_encoder", mode="cls", max_tokens=512),
         sampling=SamplingConfig(steps=200, method="euler", shift=1.0, mode="released", guidance_supported=False),
         geometry=GeometryConfig(spacing=tuple(spacing)), max_slices=20 * config.block_slices, typical_slices=201,
@@ -328,6 +330,7 @@ def _text_width(folder: Path) -> int:
 def released_card(config, denoiser_source: str, denoiser_sha256: str, vae_source: str, text_source: str,
                   parameters: int) -> str:
     low, high = config.autoencoder.hu_window
+    bottom, top = config.autoencoder.pixel_range
     spacing = " x ".join(f"{s:g}" for s in config.geometry.spacing)
     return f"""# {config.name}
 
@@ -353,9 +356,10 @@ form ctflow could verify: ask the authors before any use beyond research. It was
   test on the first slice of each new block against the encoded all-ones image, trailing white slices trimmed, at
   most {config.max_slices // config.denoiser.block_slices} blocks, no classifier-free guidance (trained without text
   dropout: ctflow refuses guidance other than 1 for this model).
-- Inferred (not documented): the VAE image range [0, 1] and the HU mapping HU {low:g}..{high:g} <-> image 0..1
-  (autoencoder.pixel_range in config.json; the original writes clamp(306 x image, 0, 255) PNGs, i.e.
-  HU = 6.536 x PNG value - 1000 under this mapping; ctflow keeps values above the PNG's +667 HU saturation);
+- Inferred (not documented): the HU mapping HU {low:g}..{high:g} <-> VAE image {bottom:g}..{top:g}
+  (autoencoder.hu_window and pixel_range in config.json). The original writes clamp(306 x image, 0, 255) PNGs; under
+  the mapping HU -1000..1000 <-> 0..1 a PNG value p is HU 6.536 p - 1000, and ctflow keeps values above the PNG's
+  +667 HU saturation;
   the voxel spacing {spacing} mm (CT-RATE as CT-CLIP preprocesses it, resized to
   {config.autoencoder.image_size} x {config.autoencoder.image_size}); which report text (findings and/or
   impressions) the training embeddings were made from.

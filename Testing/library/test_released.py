@@ -318,7 +318,7 @@ def test_import_builds_a_verified_model_folder_with_a_card(released_model):
     assert config.denoiser.variant == "released" and config.sampling.mode == "released"
     assert config.autoencoder.pixel_range == (0.0, 1.0) and config.text.mode == "cls"
     card = (released_model / "README.md").read_text()
-    for needed in ("SYNTHETIC", "Licence status", "Inferred", "HU -1000..1000 <-> image 0..1", "sha256"):
+    for needed in ("SYNTHETIC", "Licence status", "Inferred", "HU -1000..1000 <-> VAE image 0..1", "sha256"):
         assert needed in card, needed
 
 
@@ -414,6 +414,7 @@ def test_hub_ids_resolve_subfolders_from_the_cache_and_name_a_missing_one(source
     ("class", "describes a AutoencoderKL, not a released CTFlow denoiser"),
     ("missing", "--denoiser folder /no/such/denoiser_ema does not exist"),
     ("width", "gives 384-d embeddings, but the denoiser reads 768-d ones"),
+    ("pixels", "autoencoder pixel_range must run from low to high"),
 ])
 def test_bad_import_inputs_give_one_clear_line(sources, tmp_path, capsys, change, message):
     from ctflow.cli import main
@@ -432,8 +433,9 @@ def test_bad_import_inputs_give_one_clear_line(sources, tmp_path, capsys, change
         config = json.loads((text / "config.json").read_text())
         (text / "config.json").write_text(json.dumps({**config, "hidden_size": 384}))
     out = tmp_path / "model"
+    pixels = ["--pixel-range", "1", "0"] if change == "pixels" else []
     assert main(["import-released", "--denoiser", str(denoiser), "--vae", str(vae), "--text-encoder", str(text),
-                 "--out", str(out)]) == 1
+                 "--out", str(out), *pixels]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not out.exists()
