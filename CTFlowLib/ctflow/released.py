@@ -318,6 +318,9 @@ def import_released(
 
 
 def _text_width(folder: Path) -> int:
+    """The hidden size of a transformers text-encoder folder, which must hold safetensors weights."""
+    if folder.is_dir() and not list(folder.glob("*.safetensors")):
+        raise ModelError(f"--text-encoder {folder} holds no safetensors weights; make it with `ctflow convert-ct-clip`")
     try:
         return int(json.loads((folder / "config.json").read_text())["hidden_size"])
     except FileNotFoundError as exc:

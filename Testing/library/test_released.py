@@ -415,6 +415,7 @@ def test_hub_ids_resolve_subfolders_from_the_cache_and_name_a_missing_one(source
     ("missing", "--denoiser folder /no/such/denoiser_ema does not exist"),
     ("width", "gives 384-d embeddings, but the denoiser reads 768-d ones"),
     ("pixels", "autoencoder pixel_range must run from low to high"),
+    ("text pickle", "holds no safetensors weights; make it with `ctflow convert-ct-clip`"),
 ])
 def test_bad_import_inputs_give_one_clear_line(sources, tmp_path, capsys, change, message):
     from ctflow.cli import main
@@ -428,6 +429,9 @@ def test_bad_import_inputs_give_one_clear_line(sources, tmp_path, capsys, change
         shutil.copy(vae / "config.json", denoiser / "config.json")
     elif change == "missing":
         denoiser = Path("/no/such/denoiser_ema")
+    elif change == "text pickle":
+        text = Path(shutil.copytree(text, tmp_path / "text"))
+        (text / "model.safetensors").rename(text / "pytorch_model.bin")
     elif change == "width":
         text = Path(shutil.copytree(text, tmp_path / "text"))
         config = json.loads((text / "config.json").read_text())
