@@ -366,9 +366,13 @@ def test_a_stale_temp_file_is_removed_by_the_next_write_in_its_folder(tmp_path):
 
     stale, other = tmp_path / f"{TEMP_PREFIX}999999999.abcd", tmp_path / ".notes.tmp"
     stale.write_text("left by a killed run")
+    series = tmp_path / f"{TEMP_PREFIX}999999999.efgh"  # a DICOM series folder a killed run was writing
+    series.mkdir()
+    (series / "0001.dcm").write_text("half a series")
     other.write_text("not ours")
     old = time.time() - 3600
-    os.utime(stale, (old, old))
+    for path in (stale, series):
+        os.utime(path, (old, old))
     write_volume(small_volume(), tmp_path / "ct.nii.gz")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.tmp", "ct.nii.gz"]
 
