@@ -2,7 +2,7 @@
 
 Writes are atomic (a temporary file or folder beside the target, then a rename; several files commit together),
 and an existing file is never replaced unless the caller passes overwrite=True. Temporary files are named
-.ctflow-tmp.<pid>.<random>, with no volume suffix, so no reader takes one a killed run left for a volume; the
+.ctflow-tmp.<host>-<pid>.<random>, with no volume suffix, so no reader takes one a killed run left for a volume; the
 next write in that folder removes such leftovers. A path ending in .dcm or a path separator, or an existing
 folder without a volume file's suffix, means a DICOM series folder (see dicom.py).
 """
@@ -12,7 +12,9 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +33,7 @@ _FIELD_PREFIX = "CTFlow_"  # provenance keys in NRRD and MetaImage headers
 TEMP_PREFIX = ".ctflow-tmp."  # + "<pid>.<random>": whose it is, and no suffix a volume reader would accept
 _RUN_STARTED = time.time()  # a temporary file older than this run, whose writer is gone, is a leftover
 _SWEPT: set[Path] = set()  # folders already cleared of leftovers by this process
+_HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())  # no "-": the pid follows the last one
 
 
 def volume_format(path: str | os.PathLike) -> str:
@@ -205,21 +208,22 @@ class StagedWrites:
             raise
 
 
-def temp_prefix() -> str:
-    return f"{TEMP_PREFIX}{os.getpid()}."
+def temp_prefix(pid: int | None = None) -> str:
+    """.ctflow-tmp.<host>-<pid>. : whose a temporary file is, even in a folder that several machines share."""
+    return f"{TEMP_PREFIX}{_HOST}-{os.getpid() if pid is None else pid}."
 
 
 def remove_stale_temps(folder: Path) -> None:
     """Delete the temporary files (and DICOM series folders) a killed run left in `folder`, once per folder and
-    process: only names of ours, older than this run, whose writing process is gone."""
+    process: only names of ours, older than this run, whose writing process on this machine is gone."""
     folder = Path(folder).resolve()
     if folder in _SWEPT:
         return
     _SWEPT.add(folder)
     for path in folder.glob(f"{TEMP_PREFIX}*"):
-        pid = path.name[len(TEMP_PREFIX):].partition(".")[0]
+        host, _, pid = path.name[len(TEMP_PREFIX):].rpartition(".")[0].rpartition("-")
         try:
-            if path.lstat().st_mtime < _RUN_STARTED and not _running(int(pid)):
+            if host == _HOST and path.lstat().st_mtime < _RUN_STARTED and not _running(int(pid)):
                 shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         except (OSError, ValueError):  # not ours after all, or removed meanwhile by another run
             continue

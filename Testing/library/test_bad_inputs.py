@@ -362,11 +362,11 @@ def test_a_batch_item_claimed_by_another_process_is_left_to_it(tiny_model, tmp_p
 
 
 def test_a_stale_temp_file_is_removed_by_the_next_write_in_its_folder(tmp_path):
-    from ctflow.io import TEMP_PREFIX
+    from ctflow.io import temp_prefix
 
-    stale, other = tmp_path / f"{TEMP_PREFIX}999999999.abcd", tmp_path / ".notes.tmp"
+    stale, other = tmp_path / f"{temp_prefix(999999999)}abcd", tmp_path / ".notes.tmp"
     stale.write_text("left by a killed run")
-    series = tmp_path / f"{TEMP_PREFIX}999999999.efgh"  # a DICOM series folder a killed run was writing
+    series = tmp_path / f"{temp_prefix(999999999)}efgh"  # a DICOM series folder a killed run was writing
     series.mkdir()
     (series / "0001.dcm").write_text("half a series")
     other.write_text("not ours")
