@@ -457,3 +457,20 @@ def test_a_batch_killed_midway_resumes_with_the_unfinished_items(tiny_model, tmp
     assert main(argv) == 0
     assert "made 2, skipped 1 finished" in capsys.readouterr().out
     assert len(json.loads((tmp_path / "out" / "manifest.json").read_text())["rows"]) == 3
+
+
+def test_two_batches_on_one_folder_make_each_item_once(tiny_model, tmp_path, capsys):
+    """A `ctflow batch` process and a second one started on the same --out while it runs share the items instead
+    of doubling them; the last to finish merges the manifest."""
+    rows = "".join(f"r{k},Findings: nodule {k}.,24\n" for k in range(6))
+    (tmp_path / "r.csv").write_text("id,report,slices\n" + rows)
+    argv = ["batch", str(tmp_path / "r.csv"), "--out", str(tmp_path / "out"), "--model", str(tiny_model),
+            "--steps", "4", "--device", "cpu"]
+    other = ctflow_process(*argv)
+    wait_for(other, "item 1/6")
+    assert main(argv) == 0
+    out, err = other.communicate(timeout=300)
+    assert other.returncode == 0, err
+    made = [int(text.split("made ")[1].split(",")[0]) for text in (out, capsys.readouterr().out)]
+    assert sum(made) == 6, made  # each item made once, by one or the other
+    assert len(json.loads((tmp_path / "out" / "manifest.json").read_text())["rows"]) == 6
