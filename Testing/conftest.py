@@ -13,6 +13,18 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 OUTPUT = Path(__file__).parent / "_output"  # screenshots and other artefacts a person may want to look at
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """A tiny model on a shared 2-core machine runs many times faster on one thread than on two
+    (a module opts in with pytestmark = pytest.mark.usefixtures("one_thread"))."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     import ctflow

@@ -4,13 +4,16 @@ Layout of an output folder:
   <id>_s<seed>.nii.gz            the volumes (or .nrrd, or <id>_s<seed>.dcm/ DICOM series folders)
   .manifest/batch.json           the settings the batch was started with; a resume must use the same
   .manifest/items/<id>_s<seed>.json  one manifest row per finished item, written atomically after its volume
+  .manifest/locks/<id>_s<seed>.lock  locked while a process makes the item: two batches on one folder share it
   manifest.csv, manifest.json    all rows merged, in table order
 
 An item is finished when its volume and its row both exist. A resume skips finished items and never
 rewrites their files; a volume without a row (the run stopped between the two writes) is made again.
 Ranks share nothing but this folder, so no process group is needed: each rank takes every
 world-th item, and whichever rank finds every row present writes the merged manifest (the content is
-the same whoever writes it). `merge_manifest` writes it from whatever rows exist, at any time.
+the same whoever writes it). `merge_manifest` writes it from whatever rows exist, at any time. Two batches
+started on the same folder by mistake never make an item twice: each locks an item before making it and
+leaves locked ones to their owner (the OS drops the lock of a killed process).
 
 As DICOM, each item is one series, and the series of one report form one study of one fictitious patient (a
 teaching set shows a finding's variations side by side); the study UID is derived from the report id and a
@@ -22,6 +25,7 @@ too: each volume is then named <input_image_name>.nii.gz (without a volume suffi
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import datetime as dt
@@ -30,19 +34,21 @@ import io
 import json
 import os
 import re
+import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
-from .errors import CTFlowError
+from .errors import CTFlowError, ReportError
 from .io import DICOM, DICOM_SUFFIX, atomic_write, write_volume
 from .model_folder import sha256_file
-from .pipeline import CancelFlag, CTFlowPipeline, GenerationRequest
-from .report import Report
+from .pipeline import CancelFlag, CTFlowPipeline, GenerationRequest, check_options, with_defaults
+from .report import Report, parse_report
 
-MANIFEST_DIR, ITEMS_DIR, SETTINGS, DICOM_STUDIES = ".manifest", "items", "batch.json", "dicom.json"
+MANIFEST_DIR, ITEMS_DIR, LOCKS_DIR, SETTINGS = ".manifest", "items", "locks", "batch.json"
+DICOM_STUDIES = "dicom.json"
 MANIFEST_CSV, MANIFEST_JSON = "manifest.csv", "manifest.json"
 COLUMNS = ("file", "report_id", "report", "seed", "slices", "slices_requested", "block_slices", "model",
            "model_sha256", "sha256", "time_s", "steps", "sampler", "guidance", "shift", "device", "rank")
@@ -79,11 +85,17 @@ class BatchResult:
     made: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # item name -> error message
+    busy: list[str] = field(default_factory=list)  # being made by another process on the same folder
     merged: bool = False
 
 
 def read_table(path: str | os.PathLike) -> list[dict]:
     """Rows of a .csv (header line), .jsonl (one JSON object a line) or .json (an array of objects) file."""
+    return [row for _, row in read_table_rows(path)]
+
+
+def read_table_rows(path: str | os.PathLike) -> list[tuple[str, dict]]:
+    """(where, row) of each row of a table, where "line N" or "item N" names the row in messages."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -93,12 +105,8 @@ def read_table(path: str | os.PathLike) -> list[dict]:
         raise CTFlowError(f"{path} is not UTF-8 text") from exc
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        return list(csv.DictReader(io.StringIO(text)))
-    if suffix == ".jsonl":
-        try:
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as exc:
-            raise CTFlowError(f"{path} line {exc.lineno}: not JSON ({exc.msg})") from exc
+        reader = csv.DictReader(io.StringIO(text))
+        return [(f"line {reader.line_num}", row) for row in reader]
     if suffix == ".json":
         try:
             rows = json.loads(text)
@@ -106,18 +114,31 @@ def read_table(path: str | os.PathLike) -> list[dict]:
             raise CTFlowError(f"{path} line {exc.lineno}: not JSON ({exc.msg})") from exc
         if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
             raise CTFlowError(f"{path} must hold a JSON array of objects")
-        return rows
-    raise CTFlowError(f"unsupported table {path.name!r}: use .csv, .jsonl or .json")
+        return [(f"item {number}", row) for number, row in enumerate(rows, start=1)]
+    if suffix != ".jsonl":
+        raise CTFlowError(f"unsupported table {path.name!r}: use .csv, .jsonl or .json")
+    rows = []
+    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines: JSON text may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CTFlowError(f"{path} line {number}: not JSON ({exc.msg})") from exc
+        if not isinstance(row, dict):
+            raise CTFlowError(f"{path} line {number}: not a JSON object but a {type(row).__name__}")
+        rows.append((f"line {number}", row))
+    return rows
 
 
 def read_reports(path: str | os.PathLike) -> list[ReportRow]:
     """The reports of a table. Text comes from a `report` column, or from Findings/Impressions columns (as in
     CT-RATE's reports CSV and the training cohort's index.jsonl); the id from id/name/VolumeName (else the row
-    number); an optional `slices` column asks for an exact length."""
-    rows = read_table(path)
+    number); an optional `slices` column asks for an exact length. Every row is checked here, before any work."""
+    rows = read_table_rows(path)
     if not rows:
         raise CTFlowError(f"{path} holds no reports")
-    reports = [_report_row(row, order) for order, row in enumerate(rows)]
+    reports = [_report_row(row, order, f"{path} {where}") for order, (where, row) in enumerate(rows)]
     seen: dict[str, int] = {}
     for report in reports:
         if report.id in seen:
@@ -126,17 +147,20 @@ def read_reports(path: str | os.PathLike) -> list[ReportRow]:
     return reports
 
 
-def _report_row(row: dict, order: int) -> ReportRow:
+def _report_row(row: dict, order: int, where: str) -> ReportRow:
     text = row.get("report")
     if not text:
         for findings, impressions in SECTION_KEYS:
             if row.get(findings) or row.get(impressions):
                 text = Report(str(row.get(findings) or ""), str(row.get(impressions) or "")).text
                 break
-    if not text:
-        raise CTFlowError(f"row {order + 1} has no report text (columns report, or findings/impressions)")
-    slices = row.get("slices")
-    slices = int(slices) if slices not in (None, "") else None
+    if not text or not str(text).strip():
+        raise CTFlowError(f"{where} has no report text (columns report, or findings/impressions)")
+    try:
+        parse_report(str(text))
+    except ReportError as exc:
+        raise CTFlowError(f"{where}: {exc}") from exc
+    slices = _slices_cell(row.get("slices"), where)
     if row.get(CHALLENGE_NAME):
         return ReportRow(safe_id(challenge_stem(str(row[CHALLENGE_NAME]))), str(text), slices, order, named=True)
     raw_id = next((str(row[key]) for key in ID_KEYS if row.get(key) not in (None, "")), f"r{order:05d}")
@@ -148,6 +172,17 @@ def challenge_stem(name: str) -> str:
     base = Path(name).name
     suffix = next((s for s in CHALLENGE_SUFFIXES if base.lower().endswith(s)), "")
     return base[: len(base) - len(suffix)]
+
+
+def _slices_cell(value: object, where: str) -> int | None:
+    """An optional exact length: empty, or a whole number of at least 1 (as a JSON number or CSV text)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CTFlowError(f"{where}: slices must be a whole number of at least 1 (or empty), not {value!r}")
+    return value
 
 
 def safe_id(raw: str) -> str:
@@ -163,6 +198,12 @@ def plan_items(reports: Iterable[ReportRow], seeds: int, first_seed: int = 0) ->
     if seeds > 1 and any(report.named for report in reports):
         raise CTFlowError(f"{CHALLENGE_NAME} names one volume per report: use --seeds 1")
     return [Item(report, first_seed + k) for report in reports for k in range(seeds)]
+
+
+def check_out_folder(folder: Path) -> None:
+    """Fail before the model loads if `folder` cannot be a batch folder."""
+    if folder.exists() and not folder.is_dir():
+        raise CTFlowError(f"--out {folder} is not a folder; give a folder for the volumes")
 
 
 def rank_and_world() -> tuple[int, int, int | None]:
@@ -190,6 +231,24 @@ class BatchFolder:
 
     def create(self) -> None:
         self.items.mkdir(parents=True, exist_ok=True)
+        self.locks.mkdir(exist_ok=True)
+
+    @property
+    def locks(self) -> Path:
+        return self.folder / MANIFEST_DIR / LOCKS_DIR
+
+    @contextlib.contextmanager
+    def claim(self, item: Item) -> Iterator[bool]:
+        """Hold `item`'s lock while making it: yields True if this process has it, False if another one is making
+        the item. The OS drops a lock when its process ends, so a killed run's items are free again."""
+        with open(self.locks / f"{item.name}.lock", "a+b") as handle:
+            yield _try_lock(handle)  # closing the file releases the lock
+
+    def remove_if_unused(self) -> None:
+        """Remove a folder this run created and made nothing in: only the bookkeeping is there."""
+        ours = {self.folder / MANIFEST_DIR}
+        if set(self.folder.iterdir()) == ours and not any(self.items.iterdir()):
+            shutil.rmtree(self.folder, ignore_errors=True)
 
     def volume(self, item: Item) -> Path:
         return self.folder / f"{item.name}{self.suffix}"
@@ -240,9 +299,26 @@ class BatchFolder:
         return [json.loads(path.read_text()) for path in sorted(self.items.glob("*.json"))]
 
 
+def _try_lock(handle) -> bool:
+    """Lock an open file without waiting; False if another process holds it."""
+    try:
+        if os.name == "nt":
+            import msvcrt
+
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
 def batch_settings(pipeline: CTFlowPipeline, request: GenerationRequest, suffix: str) -> dict:
     """What must not change between a batch and its resume: the model and every sampling option."""
-    resolved = pipeline.plan(dataclasses.replace(request, seed=0)).request
+    check_options(request, pipeline.config)
+    resolved = with_defaults(request, pipeline.config.sampling)
     return {
         "model": pipeline.model_id, "model_sha256": pipeline.weights_sha256, "steps": resolved.steps,
         "sampler": resolved.sampler, "guidance": resolved.guidance, "shift": resolved.shift,
@@ -257,26 +333,46 @@ def run_batch(
 ) -> BatchResult:
     """Make this rank's share of `items` into `out`; `options` carries the sampling options (its report is unused).
 
-    A failing item is reported and skipped, the others go on. The merged manifest is written when every item
-    of the whole batch is finished (by whichever rank gets there), or always for a single process.
+    A failing item is reported and skipped, the others go on; an item another process is making is left to it.
+    The merged manifest is written when every item of the whole batch is finished (by whichever process gets
+    there), or by a single process that left nothing to another. A folder this call created and made nothing
+    in is removed again.
     """
+    settings = batch_settings(pipeline, options, out.suffix)
+    created = not out.folder.exists()
     out.create()
-    out.claim_settings(batch_settings(pipeline, dataclasses.replace(options, report=items[0].report.text), out.suffix))
     result = BatchResult()
-    for item in shard(items, rank, world):
-        if out.finished(item):
-            result.skipped.append(item.name)
-            status = "skipped"
-        else:
-            status = _make_item(pipeline, item, out, options, rank, cancel, result)
-        if on_item is not None:
-            on_item(item, status, result)
-        if cancel is not None and cancel.is_set():
-            return result
-    if world == 1 or all(out.finished(item) for item in items):
+    try:
+        out.claim_settings(settings)
+        for item in shard(items, rank, world):
+            status = _run_item(pipeline, item, out, options, rank, cancel, result)
+            if on_item is not None:
+                on_item(item, status, result)
+            if cancel is not None and cancel.is_set():
+                return result
+    finally:
+        if created and not result.made:
+            out.remove_if_unused()
+    if not out.folder.exists():
+        return result
+    if all(out.finished(item) for item in items) or (world == 1 and not result.busy):
         merge_manifest(out.folder, items)
         result.merged = True
     return result
+
+
+def _run_item(pipeline, item: Item, out: BatchFolder, options: GenerationRequest, rank: int, cancel, result) -> str:
+    if out.finished(item):
+        result.skipped.append(item.name)
+        return "skipped"
+    with out.claim(item) as mine:
+        if not mine:
+            result.busy.append(item.name)
+            return "busy"
+        if out.finished(item):  # the other process finished it between the two checks
+            result.skipped.append(item.name)
+            return "skipped"
+        return _make_item(pipeline, item, out, options, rank, cancel, result)
 
 
 def _make_item(pipeline, item: Item, out: BatchFolder, options: GenerationRequest, rank: int, cancel, result) -> str:

@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import itertools
 import json
+import signal
 import sys
 import threading
 import time
@@ -18,28 +19,54 @@ import torch
 
 from . import __version__
 from .errors import CTFlowError, ReportError
-from .io import DICOM, atomic_write, check_output_path, check_volume_output, write_volume
-from .pipeline import Block, CTFlowPipeline, GenerationRequest, select_device
+from .io import (
+    DICOM, StagedWrites, atomic_write, check_output_path, check_volume_output, is_dicom_path, volume_writer,
+    write_volume,
+)
+from .pipeline import (
+    Block, CTFlowPipeline, GenerationRequest, check_options, check_request, local_config, select_device,
+)
 from .sampling import METHODS
 from .volume import SYNTHETIC_NOTICE
 
-EXIT_ERROR, EXIT_CANCELLED = 1, 130
+EXIT_ERROR, EXIT_CANCELLED, EXIT_TERMINATED = 1, 130, 128 + signal.SIGTERM
+MAX_REPORT_FILE_BYTES = 256 * 1024  # a long report is a few KB; a bigger file is the wrong one (or /dev/zero)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, a job scheduler, a closing session): unwinds like Ctrl-C, so temporary files are removed."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    quiet_third_party_logs()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         return args.run(args)
     except CTFlowError as exc:
         print(f"ctflow: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("\nctflow: cancelled; nothing was written", file=sys.stderr)
-        return EXIT_CANCELLED
+    except KeyboardInterrupt as exc:
+        print(f"\nctflow: {stopped(exc)}; nothing was written", file=sys.stderr)
+        return exit_code(exc)
     except OSError as exc:  # disk full, permission denied while writing, ...
         print(f"ctflow: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def stopped(interrupt: KeyboardInterrupt) -> str:
+    return "terminated" if isinstance(interrupt, Terminated) else "cancelled"
+
+
+def exit_code(interrupt: KeyboardInterrupt) -> int:
+    return EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_CANCELLED
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     metrics.add_argument("--labels", type=Path, help="requested findings per report id (.csv or .jsonl): text alignment")
     metrics.add_argument("--detector", help="finding detector package.module:function (volume -> probabilities)")
     metrics.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where features run")
-    metrics.add_argument("--out", type=Path, help="also write the results to this JSON file (replaced)")
+    metrics.add_argument("--out", type=Path, help="also write the results to this JSON file")
+    metrics.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     metrics.set_defaults(run=run_metrics)
     add_released_commands(commands)
     return parser
@@ -124,6 +152,7 @@ def run_generate(args: argparse.Namespace) -> int:
     check_volume_output(args.out, args.overwrite, args.format)  # fail before minutes of work, not after
     if args.preview:
         check_output_path(args.preview, args.overwrite, suffixes=(".png",))
+    select_device(args.device)
     report = read_report_file(args.report_file) if args.report_file else args.report
     embedding = None
     if args.embedding:
@@ -132,12 +161,11 @@ def run_generate(args: argparse.Namespace) -> int:
 
         embedding = read_embedding(args.embedding)
         report = f"(precomputed report embedding {args.embedding.name}, sha256 {sha256_file(args.embedding)})"
-    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    pipeline = CTFlowPipeline.from_pretrained(args.model, revision=args.revision, device=args.device, dtype=dtype)
-    plan = pipeline.plan(GenerationRequest(
-        report, slices=args.slices, seed=args.seed, steps=args.steps, guidance=args.guidance,
-        sampler=args.sampler, shift=args.shift, embedding=embedding,
-    ))
+    request = GenerationRequest(report, slices=args.slices, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                                sampler=args.sampler, shift=args.shift, embedding=embedding)
+    check_request(request, local_config(args.model, args.revision))  # seconds, before the model loads
+    pipeline = load_pipeline(args, args.device, dtype=None if args.dtype == "auto" else getattr(torch, args.dtype))
+    plan = pipeline.plan(request)
     for notice in plan.notices:
         print(f"ctflow: note: {notice}", file=sys.stderr)
     request = plan.request
@@ -148,11 +176,16 @@ def run_generate(args: argparse.Namespace) -> int:
     progress = ProgressBar()
     volume = pipeline.generate(plan, cancel=threading.Event(), on_block=progress.update)
     progress.finish()
-    write_volume(volume, args.out, overwrite=args.overwrite, format=args.format)
-    if args.preview:
-        from .preview import write_preview
+    with StagedWrites(args.overwrite) as staged:  # the volume and its preview, or neither
+        if args.preview:
+            from .preview import preview_writer
 
-        write_preview(volume, args.preview, overwrite=args.overwrite)
+            staged.add(args.preview, preview_writer(volume))  # rendered first: its failure leaves no volume
+        if args.format == DICOM or is_dicom_path(args.out):
+            write_volume(volume, args.out, overwrite=args.overwrite, format=DICOM)  # a folder, renamed in whole
+        else:
+            staged.add(args.out, volume_writer(volume, args.out))
+        staged.commit()
     k, j, i = volume.shape
     spacing = "x".join(f"{s:g}" for s in volume.geometry.spacing)
     print(f"wrote {args.out} ({k} slices of {j}x{i}, {spacing} mm, {progress.elapsed:.1f} s) - {SYNTHETIC_NOTICE}")
@@ -160,7 +193,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    pipeline = CTFlowPipeline.from_pretrained(args.model, revision=args.revision, device=args.device)
+    local_config(args.model, args.revision)
+    pipeline = load_pipeline(args, args.device)
     print(pipeline.card.rstrip() + "\n")
     print(json.dumps(pipeline.info(), indent=2))
     return 0
@@ -174,15 +208,17 @@ def run_batch(args: argparse.Namespace) -> int:
         rows = batch.merge_manifest(args.out, items)
         print(f"wrote {args.out / batch.MANIFEST_CSV}: {len(rows)} of {len(items)} items finished")
         return 0
+    batch.check_out_folder(args.out)
+    options = GenerationRequest("", slices=args.slices, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
+                                shift=args.shift)
+    check_options(options, local_config(args.model, args.revision))  # before the model loads
     rank, world, local_rank = batch.rank_and_world()
     device = args.device
     if local_rank is not None and device in ("auto", "cuda") and torch.cuda.is_available():
         device = f"cuda:{local_rank}"  # torchrun: one GPU per rank
-    pipeline = CTFlowPipeline.from_pretrained(args.model, revision=args.revision, device=device)
+    pipeline = load_pipeline(args, device)
     if args.compile:
         pipeline.compile()
-    options = GenerationRequest("", slices=args.slices, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
-                                shift=args.shift)
     mine = len(batch.shard(items, rank, world))
     print(f"ctflow: rank {rank}/{world}: {mine} of {len(items)} items on {pipeline.device} -> {args.out}", file=sys.stderr)
     progress = ProgressBar()
@@ -195,23 +231,27 @@ def run_batch(args: argparse.Namespace) -> int:
     try:
         result = batch.run_batch(pipeline, items, batch.BatchFolder(args.out, args.format), options, rank, world,
                                  on_item=on_item)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         progress.close()
-        print("\nctflow: cancelled; finished items are kept, run the same command again to resume", file=sys.stderr)
-        return EXIT_CANCELLED
+        print(f"\nctflow: {stopped(exc)}; finished items are kept, run the same command again to resume",
+              file=sys.stderr)
+        return exit_code(exc)
     progress.close()
     for name, message in result.failed.items():
         print(f"ctflow: error: {name}: {message}", file=sys.stderr)
     merged = f"manifest {args.out / batch.MANIFEST_CSV}" if result.merged else \
-        "manifest not merged yet: the last rank to finish writes it (or run with --merge-only)"
-    print(f"made {len(result.made)}, skipped {len(result.skipped)} finished, failed {len(result.failed)}; {merged} "
-          f"- {SYNTHETIC_NOTICE}")
+        "manifest not merged yet: the last process to finish writes it (or run with --merge-only)"
+    busy = f", left {len(result.busy)} to another process" if result.busy else ""
+    print(f"made {len(result.made)}, skipped {len(result.skipped)} finished{busy}, failed {len(result.failed)}; "
+          f"{merged} - {SYNTHETIC_NOTICE}")
     return EXIT_ERROR if result.failed else 0
 
 
 def run_qa(args: argparse.Namespace) -> int:
     from . import qa
 
+    if args.block_slices is not None and args.block_slices < 1:
+        raise CTFlowError(f"--block-slices must be a whole number of at least 1, not {args.block_slices}")
     files = qa.volume_files(args.volumes)
     single = args.volumes.is_file() or qa.is_dicom_folder(args.volumes)
     folder = args.out or (args.volumes.parent if single else args.volumes) / "qa"
@@ -223,10 +263,12 @@ def run_qa(args: argparse.Namespace) -> int:
 
     document = qa.run_qa(files, folder, args.block_slices, reference, args.overwrite, on_volume)
     progress.close()
+    for name, message in document["failed"].items():
+        print(f"ctflow: error: {name}: {message}", file=sys.stderr)
     print(json.dumps({"summary": document["summary"], "diversity": {k: v for k, v in document["diversity"].items()
                                                                     if k != "per_report"}}, indent=2))
-    print(f"wrote {folder}/qa.json and a .qa.json and .qa.png per volume")
-    return 0
+    print(f"wrote {folder}/qa.json and a .qa.json and .qa.png per volume read")
+    return EXIT_ERROR if document["failed"] else 0
 
 
 def run_metrics(args: argparse.Namespace) -> int:
@@ -236,8 +278,13 @@ def run_metrics(args: argparse.Namespace) -> int:
         raise CTFlowError("nothing to compute: give --reference (FID) and/or --labels with --detector (text alignment)")
     if args.labels and not args.detector:
         raise CTFlowError("--labels needs --detector package.module:function")
+    if not 1 <= args.slices_per_axis <= metrics.MAX_SLICES_PER_AXIS:
+        raise CTFlowError(
+            f"--slices-per-axis must be from 1 to {metrics.MAX_SLICES_PER_AXIS}, not {args.slices_per_axis}")
+    if not metrics.MIN_SIZE <= args.size <= metrics.MAX_SIZE:
+        raise CTFlowError(f"--size must be from {metrics.MIN_SIZE} to {metrics.MAX_SIZE} pixels, not {args.size}")
     if args.out:
-        check_output_path(args.out, overwrite=True, suffixes=(".json",))
+        check_output_path(args.out, args.overwrite, suffixes=(".json",))
     results: dict = {}
     if args.reference:
         extractor = metrics.load_feature_extractor(args.features)
@@ -252,7 +299,7 @@ def run_metrics(args: argparse.Namespace) -> int:
             args.generated, metrics.read_labels(args.labels), metrics.load_detector(args.detector))
     text = json.dumps(results, indent=2)
     if args.out:
-        atomic_write(args.out, lambda tmp: tmp.write_text(text + "\n"), overwrite=True)
+        atomic_write(args.out, lambda tmp: tmp.write_text(text + "\n"), overwrite=args.overwrite)
     print(text)
     return 0
 
@@ -305,14 +352,21 @@ def run_convert_ct_clip(args: argparse.Namespace) -> int:
 
 
 def read_report_file(path: Path) -> str:
+    """The file's text; at most MAX_REPORT_FILE_BYTES are read, so /dev/zero or a CT volume fails at once."""
     try:
-        return path.read_text(encoding="utf-8")
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_REPORT_FILE_BYTES + 1)
     except FileNotFoundError as exc:
         raise ReportError(f"report file {path} does not exist") from exc
-    except UnicodeDecodeError as exc:
-        raise ReportError(f"report file {path} is not UTF-8 text") from exc
     except OSError as exc:
         raise ReportError(f"cannot read report file {path}: {exc.strerror}") from exc
+    if len(data) > MAX_REPORT_FILE_BYTES:
+        raise ReportError(f"report file {path} is larger than {MAX_REPORT_FILE_BYTES // 1024} KB; a report is a few KB "
+                          "of text: is it the right file?")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ReportError(f"report file {path} is not UTF-8 text") from exc
 
 
 class ProgressBar:
@@ -347,6 +401,13 @@ class ProgressBar:
         if self.last is not None and self.last.blocks_expected != self.last.blocks_done:
             self.update(dataclasses.replace(self.last, blocks_expected=self.last.blocks_done, eta_s=0.0))
         self.close()
+
+
+def load_pipeline(args: argparse.Namespace, device: str, dtype: torch.dtype | None = None) -> CTFlowPipeline:
+    """The model of --model/--revision; only now are transformers and diffusers imported (seconds a refused
+    request does not wait for)."""
+    quiet_third_party_logs()
+    return CTFlowPipeline.from_pretrained(args.model, revision=args.revision, device=device, dtype=dtype)
 
 
 def quiet_third_party_logs() -> None:

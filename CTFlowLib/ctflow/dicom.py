@@ -114,9 +114,10 @@ def check_dicom_folder(folder: str | os.PathLike, overwrite: bool) -> Path:
 
 def write_folder_atomically(folder: Path, write: Callable[[Path], None], overwrite: bool) -> Path:
     """Call write(tmp) on a sibling temporary folder, then rename it to `folder`: readers see all of it or none."""
-    from .io import plain_mode
+    from .io import plain_mode, remove_stale_temps, temp_prefix
 
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    remove_stale_temps(folder.parent)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=temp_prefix()))  # a killed run's is removed next time
     old = None
     try:
         write(tmp)

@@ -1,16 +1,24 @@
 """Reading and writing volumes as .nii.gz / .nrrd / .mha with provenance in the header, or as a DICOM series folder.
 
-Writes are atomic (a temporary file or folder beside the target, then a rename), and an existing file is
-never replaced unless the caller passes overwrite=True. A path ending in .dcm or a path separator, or an
-existing folder, means a DICOM series folder (see dicom.py).
+Writes are atomic (a temporary file or folder beside the target, then a rename; several files commit together),
+and an existing file is never replaced unless the caller passes overwrite=True. Temporary files are named
+.ctflow-tmp.<host>-<pid>.<random>, with no volume suffix, so no reader takes one a killed run left for a volume; the
+next write in that folder removes such leftovers. A path ending in .dcm or a path separator, or an existing
+folder without a volume file's suffix, means a DICOM series folder (see dicom.py).
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import re
+import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -22,6 +30,10 @@ DICOM, DICOM_SUFFIX = "dicom", ".dcm"
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS flips the first two axes
 _SYNTHETIC_HEADER = "SYNTHETIC CT (CTFlow) - not for diagnosis"
 _FIELD_PREFIX = "CTFlow_"  # provenance keys in NRRD and MetaImage headers
+TEMP_PREFIX = ".ctflow-tmp."  # + "<pid>.<random>": whose it is, and no suffix a volume reader would accept
+_RUN_STARTED = time.time()  # a temporary file older than this run, whose writer is gone, is a leftover
+_SWEPT: set[Path] = set()  # folders already cleared of leftovers by this process
+_HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())  # no "-": the pid follows the last one
 
 
 def volume_format(path: str | os.PathLike) -> str:
@@ -38,19 +50,47 @@ def check_output_path(path: str | os.PathLike, overwrite: bool, suffixes: tuple[
     path = Path(path)
     if not path.name.lower().endswith(suffixes):
         raise CTFlowError(f"unsupported file type {path.name!r}: use one of {', '.join(suffixes)}")
+    if path.is_dir():
+        raise CTFlowError(f"{path} is a folder; give the name of a file to write")
     if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path} already exists; choose another name or pass --overwrite")
+        raise exists_error(path)
     if not path.parent.is_dir():
         raise CTFlowError(f"output folder {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK):
-        raise CTFlowError(f"output folder {path.parent} is not writable")
+    limit = _name_max(path.parent)
+    if len(os.fsencode(path.name)) > limit:
+        raise CTFlowError(f"the file name {path.name[:24]}... is too long: {len(os.fsencode(path.name))} bytes, "
+                          f"and this file system allows {limit}")
+    check_writable_folder(path.parent)
     return path
 
 
+def exists_error(path: Path) -> OutputExistsError:
+    return OutputExistsError(f"{path} already exists; choose another name or pass --overwrite")
+
+
+def check_writable_folder(folder: Path) -> None:
+    """The one sure test: /proc, /sys, read-only mounts and ACLs all say no here, not after the work."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=temp_prefix())
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CTFlowError(f"cannot write in {folder}: {exc.strerror or exc}") from exc
+
+
+def _name_max(folder: Path) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):  # no pathconf (Windows) or no answer
+        return 255
+
+
 def is_dicom_path(path: str | os.PathLike) -> bool:
-    """A DICOM series folder is meant: a name ending in .dcm or a separator ("out/ct/"), or an existing folder."""
+    """A DICOM series folder is meant: a name ending in .dcm or a separator ("out/ct/"), or an existing folder
+    whose name is not that of a volume file (an existing "ct.nii.gz/" folder is an error, not a series)."""
     text = os.fspath(path)
-    return text.lower().endswith(DICOM_SUFFIX) or text.endswith(("/", os.sep)) or Path(path).is_dir()
+    existing_folder = Path(path).is_dir() and not text.lower().endswith(SUFFIXES)
+    return text.lower().endswith(DICOM_SUFFIX) or text.endswith(("/", os.sep)) or existing_folder
 
 
 def check_volume_output(path: str | os.PathLike, overwrite: bool, format: str | None = None) -> Path:
@@ -58,7 +98,9 @@ def check_volume_output(path: str | os.PathLike, overwrite: bool, format: str | 
     if format == DICOM or is_dicom_path(path):
         from .dicom import check_dicom_folder
 
-        return check_dicom_folder(path, overwrite)
+        folder = check_dicom_folder(path, overwrite)
+        check_writable_folder(folder.parent)
+        return folder
     return check_output_path(path, overwrite)
 
 
@@ -68,10 +110,28 @@ def write_volume(volume: Volume, path: str | os.PathLike, overwrite: bool = Fals
     if format == DICOM or is_dicom_path(path):
         from .dicom import write_dicom
 
+        check_hu(volume)
         return write_dicom(volume, path, overwrite=overwrite)
     path = check_output_path(path, overwrite)
-    writer = {".nrrd": _write_nrrd, ".mha": _write_mha}.get(volume_format(path), _write_nifti)
-    return atomic_write(path, lambda tmp: writer(volume, tmp), overwrite=overwrite)
+    return atomic_write(path, volume_writer(volume, path), overwrite=overwrite)
+
+
+def volume_writer(volume: Volume, path: Path) -> Callable[[Path], None]:
+    """write(tmp) for `volume` in the file format `path` names (not a DICOM folder)."""
+    check_hu(volume)
+    kind = volume_format(path)
+    if kind == ".nrrd":
+        return lambda tmp: _write_nrrd(volume, tmp)
+    if kind == ".mha":
+        return lambda tmp: _write_mha(volume, tmp)
+    return lambda tmp: _write_nifti(volume, tmp, compressed=kind == ".nii.gz")
+
+
+def check_hu(volume: Volume) -> None:
+    """Refuse voxels that are no HU value: NaN or inf would be cast to arbitrary integers, a file that looks valid."""
+    hu = volume.hu
+    if not np.issubdtype(hu.dtype, np.integer) and not (np.isfinite(hu).all() and np.abs(hu).max() < 32768):
+        raise CTFlowError("the volume holds non-finite (NaN or inf) or out-of-range values; refusing to write it")
 
 
 def _read_umask() -> int:
@@ -88,25 +148,97 @@ def plain_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~_UMASK
 
 
-def atomic_write(path: Path, write, overwrite: bool = False) -> Path:
+def atomic_write(path: Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
     """Call write(tmp_path) on a sibling temporary file, then move it onto `path` in one step."""
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{suffix}")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with StagedWrites(overwrite) as staged:
+        staged.add(path, write)
+        staged.commit()
+    return path
+
+
+class StagedWrites:
+    """Several files written to temporaries, then moved into place together by commit(): a run that fails or
+    is cancelled before commit() leaves none of them. The temporaries' names say nothing about their format,
+    so each write(tmp) must not infer the format from the name."""
+
+    def __init__(self, overwrite: bool = False) -> None:
+        self.overwrite = overwrite
+        self.staged: list[tuple[Path, Path]] = []  # (temporary, destination)
+
+    def __enter__(self) -> "StagedWrites":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for tmp, _ in self.staged:
+            tmp.unlink(missing_ok=True)
+
+    def add(self, path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+        path = Path(path)
+        remove_stale_temps(path.parent)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix())
+        os.close(fd)
+        tmp = Path(name)
+        self.staged.append((tmp, path))
         write(tmp)
         tmp.chmod(plain_mode())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # fails if path appeared meanwhile: never clobbers
-            except FileExistsError as exc:
-                raise OutputExistsError(f"{path} already exists; choose another name or pass --overwrite") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+        return path
+
+    def commit(self) -> None:
+        """Move every staged file into place; if one cannot be, remove those this commit created."""
+        if not self.overwrite:
+            for _, path in self.staged:
+                if path.exists():
+                    raise exists_error(path)
+        created = []
+        try:
+            for tmp, path in self.staged:
+                new = not path.exists()
+                if self.overwrite:
+                    os.replace(tmp, path)
+                else:
+                    try:
+                        os.link(tmp, path)  # fails if path appeared meanwhile: never clobbers
+                    except FileExistsError as exc:
+                        raise exists_error(path) from exc
+                if new:
+                    created.append(path)
+        except BaseException:
+            for path in created:
+                path.unlink(missing_ok=True)
+            raise
+
+
+def temp_prefix(pid: int | None = None) -> str:
+    """.ctflow-tmp.<host>-<pid>. : whose a temporary file is, even in a folder that several machines share."""
+    return f"{TEMP_PREFIX}{_HOST}-{os.getpid() if pid is None else pid}."
+
+
+def remove_stale_temps(folder: Path) -> None:
+    """Delete the temporary files (and DICOM series folders) a killed run left in `folder`, once per folder and
+    process: only names of ours, older than this run, whose writing process on this machine is gone."""
+    folder = Path(folder).resolve()
+    if folder in _SWEPT:
+        return
+    _SWEPT.add(folder)
+    for path in folder.glob(f"{TEMP_PREFIX}*"):
+        host, _, pid = path.name[len(TEMP_PREFIX):].rpartition(".")[0].rpartition("-")
+        try:
+            if host == _HOST and path.lstat().st_mtime < _RUN_STARTED and not _running(int(pid)):
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        except (OSError, ValueError):  # not ours after all, or removed meanwhile by another run
+            continue
+
+
+def _running(pid: int) -> bool:
+    if os.name == "nt":  # os.kill would end the process; an open file cannot be deleted there anyway
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def atomic_folder(folder: Path, fill) -> Path:
@@ -142,7 +274,7 @@ def read_volume(path: str | os.PathLike) -> Volume:
     return reader(path)
 
 
-def _write_nifti(volume: Volume, path: Path) -> None:
+def _write_nifti(volume: Volume, path: Path, compressed: bool = True) -> None:
     import nibabel as nib
 
     affine = volume.geometry.ijk_to_ras()
@@ -156,7 +288,12 @@ def _write_nifti(volume: Volume, path: Path) -> None:
         header["intent_name"] = b"SYNTHETIC"
         payload = json.dumps({"ctflow_provenance": volume.provenance.as_dict()}).encode()
         header.extensions.append(nib.nifti1.Nifti1Extension("comment", payload))
-    nib.save(image, str(path))
+    with open(path, "wb") as handle:  # nibabel would pick the format from the (temporary) name
+        if compressed:
+            with gzip.GzipFile(fileobj=handle, mode="wb", compresslevel=1, mtime=0) as stream:  # nibabel's level
+                stream.write(image.to_bytes())
+        else:
+            handle.write(image.to_bytes())
 
 
 def _read_nifti(path: Path) -> Volume:
@@ -164,7 +301,10 @@ def _read_nifti(path: Path) -> Volume:
 
     try:
         image = nib.load(str(path))
+        _check_3d(path, image.shape)
         hu = np.asarray(image.dataobj).transpose(2, 1, 0)
+    except CTFlowError:
+        raise
     except Exception as exc:  # nibabel raises many types for damaged files
         raise CTFlowError(f"cannot read {path}: {exc}") from exc
     provenance = None
@@ -175,6 +315,11 @@ def _read_nifti(path: Path) -> Volume:
             continue
     geometry = Geometry.from_ijk_to_ras(image.affine)
     return Volume(np.rint(hu).astype(np.int16), geometry, provenance)
+
+
+def _check_3d(path: Path, shape: tuple[int, ...]) -> None:
+    if len(shape) != 3:
+        raise CTFlowError(f"{path} is not a 3-D volume: its voxel array is {len(shape)}-D, {'x'.join(map(str, shape))}")
 
 
 def _write_nrrd(volume: Volume, path: Path) -> None:
@@ -203,6 +348,7 @@ def _read_nrrd(path: Path) -> Volume:
         data, header = nrrd.read(str(path), index_order="F")
     except Exception as exc:  # pynrrd raises several types for damaged files
         raise CTFlowError(f"cannot read {path}: {exc}") from exc
+    _check_3d(path, data.shape)
     matrix = np.eye(4)
     matrix[:3, :3] = np.asarray(header["space directions"], dtype=float).T
     matrix[:3, 3] = np.asarray(header.get("space origin", [0.0, 0.0, 0.0]), dtype=float)

@@ -61,7 +61,7 @@ def _volume(header: dict[str, str], data: bytes) -> Volume:
     if header[DATA_KEY] != "LOCAL":
         raise ValueError(f"the voxels are in a separate file ({header[DATA_KEY]}): only single-file .mha is read")
     if header.get("NDims") != "3" or int(header.get("ElementNumberOfChannels", 1)) != 1:
-        raise ValueError("only 3D single-channel images are read")
+        raise ValueError("not a 3-D volume (only 3-D single-channel images are read)")
     if header.get("CompressedData", "False") == "True":
         data = zlib.decompress(data)
     order = ">" if header.get("BinaryDataByteOrderMSB", header.get("ElementByteOrderMSB", "False")) == "True" else "<"

@@ -34,6 +34,8 @@ PLANES = ("axial", "coronal", "sagittal")
 HU_WINDOW = (-1000.0, 1000.0)  # slices enter the feature network as this window mapped to [0, 1]
 RADIMAGENET_MEAN = (0.406, 0.456, 0.485)  # Keras-trained RadImageNet: BGR means on [0, 1] input, no scaling
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+MIN_SIZE, MAX_SIZE = 32, 1024  # slice size in pixels: ResNet-50 needs 32 to keep a feature map
+MAX_SLICES_PER_AXIS = 256
 
 Detector = Callable[[Volume], dict[str, float]]  # volume -> finding -> probability that it is present
 
@@ -217,7 +219,7 @@ def load_resnet50(path: str | os.PathLike) -> GreyToRGB:
 def load_feature_extractor(spec: str) -> nn.Module:
     """"random", "random:SEED" or "resnet50:WEIGHTS.safetensors"."""
     kind, _, argument = spec.partition(":")
-    if kind == "random":
+    if kind == "random" and (argument or "0").isdigit():
         return RandomFeatures(int(argument or 0))
     if kind == "resnet50" and argument:
         return load_resnet50(argument)

@@ -23,13 +23,13 @@ import torch
 
 from . import __version__
 from .autoencoder import SliceAutoencoder
-from .config import ModelConfig
+from .config import ModelConfig, SamplingConfig
 from .denoiser import STDiT, parameter_count
 from .errors import CTFlowError, DeviceError, ModelError, RequestError
 from .model_folder import (
-    CARD, WEIGHTS, default_model, load_denoiser, load_vae, read_config, resolve_model, verify_checksums,
+    _HUB_ID, CARD, WEIGHTS, default_model, load_denoiser, load_vae, read_config, resolve_model, verify_checksums,
 )
-from .report import parse_report, render_prompt
+from .report import Report, parse_report, render_prompt
 from .sampling import Cancelled, guided, sample, validate
 from .text_encoder import TextEncoder, unit_cls
 from .volume import Geometry, Provenance, Volume
@@ -38,6 +38,8 @@ MAX_SLICES = 2048  # refuse larger requests: a chest CT has a few hundred slices
 START_HU, END_HU = -1000.0, 1000.0  # the all-black start block and the white end-of-volume slices
 MARKER_SEED_OFFSET = 1  # the released mode's marker samples: a stream apart from the noise of the same seed
 WHITE_MEAN_HU = 0.9 * END_HU  # a decoded end slice averages near +1000 HU; a real one, with air around the body, never
+MAX_GUIDANCE = 30.0
+UNKNOWN_TOKENS_NOTICE = 0.5  # tell the user when the text encoder knows fewer than half of the report's tokens
 
 
 class CancelFlag(Protocol):
@@ -90,6 +92,67 @@ class Block:
     eta_s: float
 
 
+def with_defaults(request: GenerationRequest, sampling: SamplingConfig) -> GenerationRequest:
+    """The request with every unset sampling option replaced by the model's default (the seed stays as given)."""
+    return dataclasses.replace(
+        request,
+        steps=request.steps if request.steps is not None else sampling.steps,
+        guidance=request.guidance if request.guidance is not None else sampling.guidance,
+        sampler=request.sampler or sampling.method,
+        shift=request.shift if request.shift is not None else sampling.shift,
+    )
+
+
+def check_options(request: GenerationRequest, config: ModelConfig | None = None) -> None:
+    """Every check of a request's numbers that needs no model, at most its config.json: commands run it before
+    the model loads (a second, not twenty), and plan() runs it again."""
+    if config is not None and not (isinstance(config.max_slices, int) and config.max_slices >= 1):
+        raise ModelError(f"the model's config.json sets max_slices to {config.max_slices!r}; it must be a whole "
+                         "number of at least 1")
+    resolved = with_defaults(request, config.sampling if config is not None else SamplingConfig())
+    validate(resolved.steps, resolved.sampler, resolved.shift)
+    slices = resolved.slices
+    if slices is not None and not (isinstance(slices, int) and 1 <= slices <= MAX_SLICES):
+        raise RequestError(f"slice count must be a whole number from 1 to {MAX_SLICES}, not {slices!r}")
+    if slices is not None and config is not None and slices > config.max_slices:
+        raise RequestError(f"slice count {slices} is more than this model makes: at most {config.max_slices} slices "
+                           "(max_slices in its config.json)")
+    if resolved.seed is not None and not (isinstance(resolved.seed, int) and 0 <= resolved.seed < 2**63):
+        raise RequestError(f"seed must be a non-negative whole number, not {resolved.seed!r}")
+    guidance = resolved.guidance
+    if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and 0.0 <= guidance <= MAX_GUIDANCE):
+        raise RequestError(f"guidance must be a number from 0 to {MAX_GUIDANCE:g}, not {guidance!r}")
+    if guidance != 1.0 and config is not None and not config.sampling.guidance_supported:
+        raise RequestError(f"{config.name} was trained without text dropout, so it has no unconditional "
+                           "prediction to guide by: use guidance 1")
+    if guidance != 1.0 and request.embedding is not None:
+        raise RequestError("guidance needs an embedding of the empty report too: with a precomputed "
+                           "embedding use guidance 1")
+
+
+def check_request(request: GenerationRequest, config: ModelConfig | None = None) -> Report:
+    """check_options, and parse the report (empty, binary, not text...): returns the parsed report."""
+    check_options(request, config)
+    return parse_report(request.report, request.impressions)
+
+
+def local_config(model: str | os.PathLike | None, revision: str | None = None) -> ModelConfig | None:
+    """config.json of a local model folder (None: the bundled one), read without touching its weights; None for a
+    hub id, which is read once downloaded."""
+    refuse_revision_for_folder(model, revision)
+    if model is not None and isinstance(model, str) and _HUB_ID.match(model) and not Path(model).expanduser().exists():
+        return None
+    return read_config(resolve_model(model if model is not None else default_model()))
+
+
+def refuse_revision_for_folder(model: str | os.PathLike | None, revision: str | None) -> None:
+    """A revision picks a version of a hub model; silently ignoring it for a local folder would mislead."""
+    if revision and (model is None or Path(model).expanduser().is_dir()):
+        where = "the bundled model" if model is None else str(model)
+        raise ModelError(f"--revision {revision} selects a version of a hub model, but {where} is a local folder; "
+                         "drop --revision")
+
+
 def select_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -132,6 +195,7 @@ class CTFlowPipeline:
         dtype: torch.dtype | None = None, local_files_only: bool | None = None,
     ) -> "CTFlowPipeline":
         """Load a model folder or hub id (default: the bundled demo model), verifying its checksums first."""
+        refuse_revision_for_folder(model, revision)
         folder = resolve_model(model if model is not None else default_model(), revision, local_files_only)
         checksums = verify_checksums(folder)
         config = read_config(folder)
@@ -152,30 +216,11 @@ class CTFlowPipeline:
 
     def plan(self, request: GenerationRequest) -> GenerationPlan:
         """Validate the request and embed its text: fails fast, before any sampling."""
-        sampling = self.config.sampling
-        resolved = dataclasses.replace(
-            request,
-            seed=request.seed if request.seed is not None else secrets.randbelow(2**31),
-            steps=request.steps if request.steps is not None else sampling.steps,
-            guidance=request.guidance if request.guidance is not None else sampling.guidance,
-            sampler=request.sampler or sampling.method,
-            shift=request.shift if request.shift is not None else sampling.shift,
-        )
-        validate(resolved.steps, resolved.sampler, resolved.shift)
-        if resolved.slices is not None and not (isinstance(resolved.slices, int) and 1 <= resolved.slices <= MAX_SLICES):
-            raise RequestError(f"slice count must be a whole number from 1 to {MAX_SLICES}, not {resolved.slices!r}")
-        if not (isinstance(resolved.seed, int) and 0 <= resolved.seed < 2**63):
-            raise RequestError(f"seed must be a non-negative whole number, not {resolved.seed!r}")
-        if not (0.0 <= float(resolved.guidance) <= 30.0):
-            raise RequestError(f"guidance must be between 0 and 30, not {resolved.guidance!r}")
-        if resolved.guidance != 1.0 and not sampling.guidance_supported:
-            raise RequestError(f"{self.config.name} was trained without text dropout, so it has no unconditional "
-                               "prediction to guide by: use guidance 1")
-        report = parse_report(request.report, request.impressions)
+        resolved = with_defaults(request, self.config.sampling)
+        if resolved.seed is None:
+            resolved = dataclasses.replace(resolved, seed=secrets.randbelow(2**31))
+        report = check_request(resolved, self.config)
         if request.embedding is not None:  # the report text is only recorded; the model sees the given vector
-            if resolved.guidance != 1.0:
-                raise RequestError("guidance needs an embedding of the empty report too: with a precomputed "
-                                   "embedding use guidance 1")
             tokens = self._given_embedding(request.embedding)
             return GenerationPlan(resolved, report.text, report.text, (), tokens, torch.ones(1, 1, dtype=torch.bool))
         # The released model never saw our meta lines (length, spacing): it gets the report sections alone.
@@ -188,6 +233,12 @@ class CTFlowPipeline:
             notices.append(
                 f"the report is longer than the text encoder's {self.text_encoder.max_tokens}-token limit; "
                 "only its beginning was used"
+            )
+        unknown = self.text_encoder.unknown_share(f"{report.findings} {report.impressions}")
+        if unknown > UNKNOWN_TOKENS_NOTICE:
+            notices.append(
+                f"the text encoder does not know {unknown:.0%} of the report's tokens (it reads English): "
+                "the volume will hardly follow the report"
             )
         return GenerationPlan(resolved, prompt, report.text, tuple(notices), embedding.tokens, embedding.mask)
 
@@ -267,9 +318,10 @@ class CTFlowPipeline:
             blocks.append(block)
             if on_block is not None:
                 on_block(block)
-        if not blocks:
-            raise CTFlowError("generation was cancelled before the first block was made")
         cancelled = cancel is not None and cancel.is_set()
+        if not blocks:
+            raise CTFlowError("generation was cancelled before the first block was made" if cancelled else
+                              "the model ended the volume before its first slice")
         provenance = dataclasses.replace(blocks[0].provenance, partial=cancelled)
         return Volume(np.concatenate([b.hu for b in blocks]), blocks[0].geometry, provenance)
 
@@ -380,6 +432,9 @@ class CTFlowPipeline:
 
     def _decode(self, latents: torch.Tensor) -> np.ndarray:
         hu = self.autoencoder.decode(latents.permute(1, 0, 2, 3))  # [T, h, w] latents -> [T, H, W] HU
+        if not torch.isfinite(hu).all():  # would be cast to arbitrary integers, a volume that looks valid
+            raise CTFlowError("the model produced non-finite values (NaN or inf): its weights or the sampling "
+                              "options are broken; nothing was written")
         return hu.round().clamp(-32768, 32767).to(torch.int16).cpu().numpy()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -48,4 +49,9 @@ def render_preview(volume: Volume, tile: int = 256, windows: tuple[str, ...] = (
 
 def write_preview(volume: Volume, path: str | os.PathLike, overwrite: bool = False) -> Path:
     path = check_output_path(path, overwrite, suffixes=(".png",))
-    return atomic_write(path, lambda tmp: render_preview(volume).save(tmp, format="PNG"), overwrite=overwrite)
+    return atomic_write(path, preview_writer(volume), overwrite=overwrite)
+
+
+def preview_writer(volume: Volume) -> Callable[[Path], None]:
+    """write(tmp) of the preview PNG, for io.atomic_write or io.StagedWrites."""
+    return lambda tmp: render_preview(volume).save(tmp, format="PNG")

@@ -17,8 +17,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .dicom import is_dicom_folder
-from .errors import CTFlowError
-from .io import SUFFIXES, atomic_write, read_volume
+from .errors import CTFlowError, OutputExistsError
+from .io import SUFFIXES, StagedWrites, read_volume
 from .preview import render_preview
 from .volume import Volume
 
@@ -33,14 +33,16 @@ SEEDS_KEPT = 7  # thumbnails kept per report for diversity (21 pairs)
 
 
 def volume_files(path: str | os.PathLike) -> list[Path]:
-    """A volume file or DICOM series folder, or those a folder holds (not deeper), sorted by name."""
+    """A volume file or DICOM series folder, or those a folder holds (not deeper, not hidden ones such as
+    temporary files), sorted by name."""
     path = Path(path)
     if path.is_file() or is_dicom_folder(path):
         return [path]
     if not path.is_dir():
         raise CTFlowError(f"{path} does not exist")
     files = sorted(p for p in path.iterdir()
-                   if (p.is_file() and p.name.lower().endswith(SUFFIXES)) or is_dicom_folder(p))
+                   if not p.name.startswith(".")
+                   and ((p.is_file() and p.name.lower().endswith(SUFFIXES)) or is_dicom_folder(p)))
     if not files:
         raise CTFlowError(f"{path} holds no volumes ({', '.join(SUFFIXES)}, or DICOM series folders)")
     return files
@@ -140,9 +142,13 @@ def load_reference(path: str | os.PathLike) -> dict:
     path = Path(path)
     if path.suffix.lower() != ".json":
         return hu_statistics(read_volume(path).hu)
-    data = json.loads(path.read_text())
-    for candidate in (data, data.get("hu", {}), data.get("reference", {}) or {}):
-        if "tissues" in candidate and "histogram" in candidate:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CTFlowError(f"reference {path} is not a JSON file: {exc}") from exc
+    candidates = (data, data.get("hu", {}), data.get("reference", {}) or {}) if isinstance(data, dict) else ()
+    for candidate in candidates:
+        if isinstance(candidate, dict) and "tissues" in candidate and "histogram" in candidate:
             return candidate
     raise CTFlowError(f"{path} holds no HU statistics (expected 'tissues' and 'histogram')")
 
@@ -218,24 +224,53 @@ def run_qa(
     files: list[Path], folder: Path, block_slices: int | None = None, reference: dict | None = None,
     overwrite: bool = False, on_volume=None,
 ) -> dict:
-    """Assess each file, write its JSON and PNG into `folder`, then qa.json with the set's summary and diversity."""
+    """Assess each file, write its JSON and PNG into `folder`, then qa.json with the set's summary and diversity.
+
+    All or nothing: the reports are staged and moved into place together at the end, so a failure or Ctrl-C
+    leaves no half set. A file that cannot be read is named in document["failed"] and the others go on.
+    """
+    names = [volume_stem(path) for path in files]
+    if not overwrite:  # before the work, not after it
+        for target in [folder / "qa.json"] + [folder / f"{n}.qa{kind}" for n in names for kind in (".json", ".png")]:
+            if target.exists():
+                raise OutputExistsError(f"{target} already exists; choose another --out folder or pass --overwrite")
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
+    try:
+        with StagedWrites(overwrite) as staged:
+            document = _assess_all(files, names, staged, folder, block_slices, reference, on_volume)
+            staged.commit()
+    except BaseException:
+        if created and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
+    return document
+
+
+def _assess_all(files, names, staged: StagedWrites, folder: Path, block_slices, reference, on_volume) -> dict:
     results: dict[str, dict] = {}
+    failed: dict[str, str] = {}
     groups: dict[str, list[np.ndarray]] = {}
-    for path in files:
-        volume = read_volume(path)
-        name = volume_stem(path)
+    for path, name in zip(files, names):
+        try:
+            volume = read_volume(path)
+        except (CTFlowError, OSError) as exc:
+            failed[path.name] = str(exc)
+            continue
         results[name] = assess(volume, block_slices, reference)
-        write_report(volume, results[name], folder, name, reference, overwrite)
+        write_report(volume, results[name], folder, name, reference, staged)
         if volume.provenance is not None:
             members = groups.setdefault(volume.provenance.report, [])
             if len(members) < SEEDS_KEPT:
                 members.append(thumbnail(volume.hu))
         if on_volume is not None:
             on_volume(name, results[name])
+    if not results:
+        raise CTFlowError(next(iter(failed.values())) if len(failed) == 1 else
+                          f"none of the {len(failed)} volumes could be read, e.g. {next(iter(failed.values()))}")
     document = {"summary": summarise(results), "diversity": diversity(groups), "reference": reference,
-                "volumes": results}
-    atomic_write(folder / "qa.json", lambda tmp: tmp.write_text(json.dumps(document, indent=1) + "\n"), overwrite=overwrite)
+                "volumes": results, "failed": failed}
+    staged.add(folder / "qa.json", lambda tmp: tmp.write_text(json.dumps(document, indent=1) + "\n"))
     return document
 
 
@@ -316,12 +351,12 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
-def write_report(volume: Volume, result: dict, folder: Path, name: str, reference: dict | None, overwrite: bool) -> None:
-    """<name>.qa.json and <name>.qa.png in `folder`."""
-    atomic_write(folder / f"{name}.qa.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n"),
-                 overwrite=overwrite)
+def write_report(volume: Volume, result: dict, folder: Path, name: str, reference: dict | None,
+                 staged: StagedWrites) -> None:
+    """Stage <name>.qa.json and <name>.qa.png in `folder`."""
+    staged.add(folder / f"{name}.qa.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n"))
     page = report_page(volume, result, reference)
-    atomic_write(folder / f"{name}.qa.png", lambda tmp: page.save(tmp, format="PNG"), overwrite=overwrite)
+    staged.add(folder / f"{name}.qa.png", lambda tmp: page.save(tmp, format="PNG"))
 
 
 def volume_stem(path: Path) -> str:

@@ -15,11 +15,14 @@ from .errors import ReportError
 # Longer input is cut before tokenising (the encoder keeps far fewer tokens anyway); the caller is told.
 MAX_REPORT_CHARS = 20_000
 
-# A section header: "Findings:" anywhere, "Findings -" at a line start, or "FINDINGS" alone on its line.
+# A section header: "Findings:" anywhere (after a space, a colon or the start), "Findings -" at a line start, or
+# "FINDINGS" alone on its line. Spaces are normalised first (every kind but the newline becomes " "), so what
+# the header test sees is what Report.text records: parsing a report's recorded text gives the same report.
 _NAMES = r"(findings?|impressions?|conclusions?)"
 _HEADER = re.compile(
-    rf"(?:(?:^|(?<=\s)){_NAMES}[ \t]*:|^[ \t]*{_NAMES}[ \t]*(?:-[ \t]|$))[ \t]*", re.IGNORECASE | re.MULTILINE
+    rf"(?:(?:^|(?<=[\s:])){_NAMES}\s*:|^[ \t]*{_NAMES}[ \t]*(?:-[ \t]|$))[ \t]*", re.IGNORECASE | re.MULTILINE
 )
+_SPACES = re.compile(r"[^\S\n]+")
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,7 @@ def _clean(text: str) -> str:
 def _split_sections(text: str) -> dict[str, str]:
     """Map 'findings'/'impressions' to their text; text before any header is findings."""
     sections: dict[str, list[str]] = {"findings": [], "impressions": []}
+    text = _SPACES.sub(" ", text)
     matches = list(_HEADER.finditer(text))
     head = text[: matches[0].start()] if matches else text
     sections["findings"].append(head)

@@ -3,6 +3,7 @@ integrated from t = 1 (noise) to t = 0 (clean)."""
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -11,6 +12,7 @@ from .errors import RequestError
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z [B, ...], t scalar tensor) -> v like z
 METHODS = ("euler", "heun", "ab2")  # ab2: second order at one model call per step
+MAX_SHIFT = 100.0  # far past any useful schedule (SD3 uses 3); beyond it every step but the last sits at t = 1
 
 
 class Cancelled(Exception):
@@ -73,8 +75,8 @@ def validate(steps: int, method: str, shift: float) -> None:
         raise RequestError(f"unknown sampler {method!r}: choose one of {', '.join(METHODS)}")
     if not (isinstance(steps, int) and 1 <= steps <= 1000):
         raise RequestError(f"steps must be a whole number from 1 to 1000, not {steps!r}")
-    if not shift > 0:
-        raise RequestError(f"time shift must be positive, not {shift!r}")
+    if not (isinstance(shift, (int, float)) and math.isfinite(shift) and 0 < shift <= MAX_SHIFT):
+        raise RequestError(f"time shift must be a number above 0 and at most {MAX_SHIFT:g}, not {shift!r}")
 
 
 def guided(model_velocity: Velocity, guidance: float) -> Velocity:

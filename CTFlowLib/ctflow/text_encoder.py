@@ -53,6 +53,13 @@ class TextEncoder:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def unknown_share(self, text: str) -> float:
+        """Share of the text's tokens the tokenizer maps to its unknown token: near 1 for a script the encoder
+        never saw (a report in Chinese, emoji), whose embedding then says little about the report."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        unknown = self.tokenizer.unk_token_id
+        return sum(i == unknown for i in ids) / len(ids) if ids and unknown is not None else 0.0
+
     @torch.no_grad()
     def encode(self, texts: list[str]) -> TextEmbedding:
         truncated = [len(self.tokenizer(text)["input_ids"]) > self.max_tokens for text in texts]

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from ctflow import CTFlowError, GenerationRequest, read_volume
 from ctflow.batch import (
@@ -18,13 +17,7 @@ from ctflow.model_folder import sha256_file
 OPTIONS = GenerationRequest("", steps=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """A tiny model on a shared 2-core machine runs many times faster on one thread than on two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_csv(path, rows):
