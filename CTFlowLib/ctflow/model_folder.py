@@ -91,6 +91,14 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def write_checksums(folder: Path) -> Path:
+    """List every file of a model folder with its sha256 in checksums.sha256 (sha256sum format)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    lines = [f"{sha256_file(p)}  {p.relative_to(folder).as_posix()}" for p in files]
+    (folder / CHECKSUMS).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder / CHECKSUMS
+
+
 def verify_checksums(folder: Path) -> dict[str, str]:
     """Check every file in checksums.sha256 (sha256sum format); returns {relative path: sha256}."""
     manifest = folder / CHECKSUMS
@@ -172,9 +180,7 @@ def save_model(
         for name, source in (subfolders or {}).items():
             shutil.copytree(source, staging / name, ignore=_not_data_files)
         (staging / CARD).write_text(card or default_card(config))
-        files = sorted(p for p in staging.rglob("*") if p.is_file())
-        lines = [f"{sha256_file(p)}  {p.relative_to(staging).as_posix()}" for p in files]
-        (staging / CHECKSUMS).write_text("\n".join(lines) + "\n")
+        write_checksums(staging)
 
     return atomic_folder(folder, fill)
 
