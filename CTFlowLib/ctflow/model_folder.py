@@ -1,8 +1,8 @@
 """Model folders: config.json + model.safetensors (+ vae/, optional text encoder) + checksums.sha256.
 
-A folder is found locally or fetched from a model hub (cached, revision-pinned). Every file listed in
-checksums.sha256 is verified before anything is loaded, and weights load from safetensors only, so a
-downloaded model can never run code.
+A folder is found locally or fetched from a model hub (cached, revision-pinned). Every file in it must be listed
+in checksums.sha256 and is verified before anything is loaded; code and pickle files are refused even when
+listed, and weights load from safetensors only, so a downloaded model can never run code.
 """
 
 from __future__ import annotations
@@ -28,6 +28,14 @@ CHECKSUMS = "checksums.sha256"
 CARD = "README.md"
 MINILM_DIM = 384  # the default text encoder's width
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_MANIFEST_LINE = re.compile(r"([0-9a-fA-F]{64}) [ *](.+)")  # sha256sum's text and binary modes
+# Files that are, or may hold, executable code or pickles: refused in a model folder even when listed.
+CODE_SUFFIXES = frozenset({
+    ".py", ".pyc", ".pyo", ".pyd", ".pyw", ".pyz", ".so", ".dylib", ".dll", ".exe", ".sh", ".bat", ".cmd", ".ps1",
+    ".pkl", ".pickle", ".joblib", ".dill", ".bin", ".pt", ".pth", ".ckpt", ".npy", ".npz", ".h5", ".keras", ".pb",
+    ".whl", ".egg", ".jar", ".ipynb",
+})
+OS_METADATA = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})  # written by file browsers; never read by ctflow
 
 
 BUNDLED_MODEL = Path(__file__).resolve().parents[2] / "Resources" / "Models" / "ctflow-demo"
@@ -100,52 +108,118 @@ def write_checksums(folder: Path) -> Path:
 
 
 def verify_checksums(folder: Path) -> dict[str, str]:
-    """Check every file in checksums.sha256 (sha256sum format); returns {relative path: sha256}."""
-    manifest = folder / CHECKSUMS
-    if not manifest.is_file():
-        raise CorruptModelError(f"{folder} has no {CHECKSUMS}; refusing to load unverified weights")
-    expected = {}
-    for line in manifest.read_text().splitlines():
-        if line.strip():
-            digest, _, name = line.partition("  ")
-            expected[name.strip()] = digest.strip()
+    """Check that checksums.sha256 lists every file of the folder and that each matches; returns {path: sha256}."""
+    expected = read_manifest(folder)
+    listed = set(expected)
+    unexpected = []
+    for name in folder_files(folder):
+        if Path(name).suffix.lower() in CODE_SUFFIXES:
+            raise CorruptModelError(
+                f"{folder / name} is a code or pickle file; a model folder holds only safetensors weights and "
+                "JSON/text files, so it is refused"
+            )
+        if name not in listed and Path(name).name not in OS_METADATA:
+            unexpected.append(name)
+    if unexpected:
+        more = f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""
+        raise CorruptModelError(
+            f"{folder} holds files not listed in {CHECKSUMS}: {', '.join(unexpected[:3])}{more}; unverified files "
+            "are refused: remove them, or get the model again from its publisher"
+        )
+    for name in (CONFIG, WEIGHTS):
+        if name not in expected:
+            raise CorruptModelError(f"{CHECKSUMS} in {folder} does not cover {name}")
     for name, digest in expected.items():
         file = folder / name
         if not file.is_file():
             raise CorruptModelError(f"{file} is listed in {CHECKSUMS} but missing; re-download the model")
         if sha256_file(file) != digest:
             raise CorruptModelError(f"{file} does not match its checksum: the download is damaged or was modified")
-    if WEIGHTS not in expected:
-        raise CorruptModelError(f"{CHECKSUMS} in {folder} does not cover {WEIGHTS}")
     return expected
+
+
+def read_manifest(folder: Path) -> dict[str, str]:
+    """{relative path: sha256} from checksums.sha256; a line that is not a plain path inside the folder is refused."""
+    manifest = folder / CHECKSUMS
+    if not manifest.is_file():
+        raise CorruptModelError(f"{folder} has no {CHECKSUMS}; refusing to load unverified weights")
+    try:
+        text = manifest.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CorruptModelError(f"{manifest} is not UTF-8 text (byte {exc.start}); re-download the model") from exc
+    except OSError as exc:
+        raise CorruptModelError(f"cannot read {manifest}: {exc.strerror}") from exc
+    expected: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        match = _MANIFEST_LINE.fullmatch(line)
+        if not match:
+            raise CorruptModelError(f"{manifest} line {number} is not '<sha256>  <file>': {line[:80]!r}")
+        digest, name = match.groups()
+        if name.startswith("/") or "\\" in name or any(part in ("", ".", "..") for part in name.split("/")):
+            raise CorruptModelError(f"{manifest} line {number} names {name!r}, not a plain path inside the model folder")
+        if name in expected:
+            raise CorruptModelError(f"{manifest} lists {name} twice")
+        expected[name] = digest.lower()
+    return expected
+
+
+def folder_files(folder: Path) -> list[str]:
+    """Every file under the folder but the manifest, as sorted relative POSIX paths (links to folders refused)."""
+    names = []
+    for root, dirs, files in os.walk(folder):  # does not follow links to folders
+        base = Path(root).relative_to(folder)
+        for name in dirs:
+            if (Path(root) / name).is_symlink():
+                raise CorruptModelError(f"{Path(root) / name} is a link to a folder; a model folder holds plain files")
+        names += [(base / name).as_posix() for name in files]
+    return sorted(name for name in names if name != CHECKSUMS)
 
 
 def read_config(folder: Path) -> ModelConfig:
     try:
-        return ModelConfig.from_dict(json.loads((folder / CONFIG).read_text()))
+        return ModelConfig.from_dict(json.loads((folder / CONFIG).read_text(encoding="utf-8")))
     except FileNotFoundError as exc:
         raise ModelError(f"{folder} is not a CTFlow model folder: it has no {CONFIG}") from exc
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CorruptModelError(f"{folder / CONFIG} is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise CorruptModelError(f"{folder / CONFIG} nests too deeply to be a model config") from exc
 
 
 def load_denoiser(folder: Path, config: ModelConfig):
-    from safetensors import SafetensorError
+    """The denoiser with its weights, after checking every tensor's shape against the config without allocating:
+    a config and weights that disagree (or a config asking for absurd sizes) end in one CorruptModelError."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     from .denoiser import STDiT
 
-    model = STDiT(config.denoiser)
+    with torch.device("meta"):
+        wanted = {name: tuple(tensor.shape) for name, tensor in STDiT(config.denoiser).state_dict().items()}
     try:
-        state = load_file(folder / WEIGHTS)
+        with safe_open(str(folder / WEIGHTS), framework="pt") as handle:
+            found = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
     except (SafetensorError, OSError) as exc:
         raise CorruptModelError(f"cannot read {folder / WEIGHTS}: {exc}") from exc
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = sorted(wanted.keys() - found.keys()), sorted(found.keys() - wanted.keys())
     if missing or unexpected:
         raise CorruptModelError(
             f"{folder / WEIGHTS} does not fit the denoiser in {CONFIG} "
             f"(missing {len(missing)} tensors, unexpected {len(unexpected)}), e.g. {(missing or unexpected)[:3]}"
         )
+    for name, shape in wanted.items():
+        if found[name] != shape:
+            raise CorruptModelError(
+                f"{folder / WEIGHTS} does not fit the denoiser in {CONFIG}: {name} is {list(found[name])}, "
+                f"the config makes it {list(shape)}"
+            )
+    model = STDiT(config.denoiser)
+    try:
+        model.load_state_dict(load_file(folder / WEIGHTS))
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise CorruptModelError(f"cannot read {folder / WEIGHTS}: {str(exc).strip().splitlines()[-1]}") from exc
     return model.eval().requires_grad_(False)
 
 
@@ -154,8 +228,9 @@ def load_vae(folder: Path):
 
     try:
         return AutoencoderKL.from_pretrained(folder / VAE_FOLDER, use_safetensors=True, local_files_only=True)
-    except (OSError, ValueError, EnvironmentError) as exc:
-        raise CorruptModelError(f"cannot load the slice autoencoder from {folder / VAE_FOLDER}: {exc}") from exc
+    except (OSError, ValueError, RuntimeError, TypeError) as exc:  # RuntimeError: weights of another shape
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CorruptModelError(f"cannot load the slice autoencoder from {folder / VAE_FOLDER}: {reason}") from exc
 
 
 def save_model(

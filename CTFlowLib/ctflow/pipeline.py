@@ -23,7 +23,7 @@ import torch
 
 from . import __version__
 from .autoencoder import SliceAutoencoder
-from .config import ModelConfig, SamplingConfig
+from .config import MAX_SLICES, ModelConfig, SamplingConfig
 from .denoiser import STDiT, parameter_count
 from .errors import CTFlowError, DeviceError, ModelError, RequestError
 from .model_folder import (
@@ -34,7 +34,6 @@ from .sampling import Cancelled, guided, sample, validate
 from .text_encoder import TextEncoder, unit_cls
 from .volume import Geometry, Provenance, Volume
 
-MAX_SLICES = 2048  # refuse larger requests: a chest CT has a few hundred slices at most
 START_HU, END_HU = -1000.0, 1000.0  # the all-black start block and the white end-of-volume slices
 MARKER_SEED_OFFSET = 1  # the released mode's marker samples: a stream apart from the noise of the same seed
 WHITE_MEAN_HU = 0.9 * END_HU  # a decoded end slice averages near +1000 HU; a real one, with air around the body, never

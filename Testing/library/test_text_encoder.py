@@ -5,6 +5,7 @@ import torch
 
 from ctflow.config import TextConfig
 from ctflow.errors import ModelError
+from ctflow import text_encoder
 from ctflow.text_encoder import TextEncoder
 
 
@@ -41,7 +42,8 @@ def test_long_text_is_truncated_and_reported(minilm):
     assert out.tokens.shape[1] == minilm.max_tokens == 32
 
 
-def test_missing_package_and_folder_give_clear_errors(tmp_path):
+def test_missing_package_and_folder_give_clear_errors(tmp_path, monkeypatch):
+    monkeypatch.setitem(text_encoder.TEXT_PACKAGES, "no_such_encoder", "model")  # known, but not installed
     with pytest.raises(ModelError, match="pip install no-such-encoder"):
         TextEncoder.load(TextConfig(source="package:no_such_encoder"))
     with pytest.raises(ModelError, match="no text encoder subfolder"):

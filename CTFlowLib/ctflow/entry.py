@@ -1,0 +1,35 @@
+"""Console entry points, kept light: Ctrl-C while torch and the rest are still importing ends in one line too, and
+`python -m` cannot make ctflow import files from the working folder (a model folder, or whatever lies beside one).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+EXIT_CANCELLED = 130
+
+
+def forget_working_folder() -> None:
+    """`python -m ctflow` (or `-m ctflow_train...`, as torchrun starts it) puts the working folder first on sys.path,
+    where any .py file would replace a module of the same name that ctflow imports. The package __init__ calls this
+    while -m is still locating the module (sys.argv[0] is "-m" until then), before anything else is imported."""
+    if sys.argv[:1] == ["-m"] and sys.path and sys.path[0] in ("", os.getcwd()):
+        del sys.path[0]
+
+
+def ctflow() -> int:
+    return _run("ctflow", "ctflow.cli")
+
+
+def ctflow_train() -> int:
+    return _run("ctflow-train", "ctflow_train.cli")
+
+
+def _run(program: str, module: str) -> int:
+    try:
+        return importlib.import_module(module).main()
+    except KeyboardInterrupt:  # during imports or argument parsing; each command handles its own later on
+        print(f"\n{program}: cancelled", file=sys.stderr)
+        return EXIT_CANCELLED
