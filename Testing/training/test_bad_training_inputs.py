@@ -1,0 +1,196 @@
+"""`ctflow-train` on bad inputs: one clear line, a non-zero exit, no traceback, nothing left behind and nothing of
+the user's replaced (issue 14, items 3 and 8).
+
+Each case runs the real command in-process (`ctflow_train.cli.main`) against a tiny prepared folder and tiny
+finished `vae` and `flow` runs, and checks exit code, a fragment of the one stderr line, which paths must not
+have appeared, and that every file of the finished runs is unchanged.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
+import pytest
+import torch
+
+from ctflow.model_folder import sha256_file
+from ctflow.report import Report
+from ctflow.volume import Geometry, Volume
+from ctflow_train import cli
+from ctflow_train.dataset import INDEX, DatasetWriter
+
+SIZE = 16
+VAE = ["--preset", "tiny", "--size", str(SIZE), "--crop", str(SIZE), "--steps", "2", "--batch", "2", "--adv-start", "1",
+       "--holdout", "1", "--warmup", "1", "--eval-slices", "4", "--eval-every", "1", "--threads", "1"]
+FLOW = ["--preset", "tiny", "--block", "4", "--batch", "2", "--steps", "2", "--warmup", "1", "--save-every", "2",
+        "--threads", "1"]
+
+
+def run_train(argv: list[str], capsys) -> tuple[int | str, str]:
+    """Exit code (or 'traceback: ...' when an exception escaped) and stderr of `ctflow-train ARGV`, in-process."""
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:  # argparse's usage errors
+        code = exc.code
+    except BaseException as exc:  # noqa: BLE001 - an escaped exception is what these tests look for
+        code = f"traceback: {type(exc).__name__}: {exc}"
+    return code, capsys.readouterr().err
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): sha256_file(p) if p.is_file() else "<dir>" for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """data/ (a prepared folder of 3 patients), vae/ and flow/ (finished runs), latents.safetensors, ctrate/ (an
+    empty CT-RATE tree with a reports CSV); built once, through the real commands."""
+    root = tmp_path_factory.mktemp("world")
+    torch.set_num_threads(1)
+    with DatasetWriter(root / "data") as writer:
+        for n in range(3):
+            hu = np.full((12, SIZE, SIZE), -1000, np.int16)
+            hu[:8, 4:12, 3:13] = 40 + 10 * n
+            hu[8:] = 1000  # white end slices
+            writer.add(f"p{n}", Volume(hu, Geometry((2.0, 2.0, 2.5)), None), Report(f"Patient {n}.", "Normal."))
+    for argv in (["vae", "--data", str(root / "data"), "--out", str(root / "vae"), *VAE],
+                 ["cache-latents", "--data", str(root / "data"), "--vae", str(root / "vae" / "vae"), "--out",
+                  str(root / "latents.safetensors"), "--holdout", "1", "--size", str(SIZE)],
+                 ["flow", "--cache", str(root / "latents.safetensors"), "--out", str(root / "flow"), *FLOW]):
+        assert cli.main(argv) == 0, argv
+    (root / "ctrate").mkdir()
+    (root / "reports.csv").write_text("VolumeName,Findings_EN,Impressions_EN\n")
+    return root
+
+
+def truncated(path: str) -> Callable[[Path], None]:
+    def damage(root: Path) -> None:
+        data = (root / path).read_bytes()
+        (root / path).write_bytes(data[: len(data) // 2])
+
+    return damage
+
+
+def pickled(path: str) -> Callable[[Path], None]:
+    """A torch.save pickle in place of a safetensors checkpoint: it must be refused, never unpickled."""
+    return lambda root: torch.save({"step": torch.tensor(1)}, root / path)
+
+
+class Case(NamedTuple):
+    name: str
+    argv: list[str]  # {root} expands to the folder holding data/, vae/, flow/ ...
+    code: int
+    message: str
+    absent: tuple[str, ...] = ()  # paths (under root) the refused command must not have created
+    damage: Callable[[Path], None] | None = None
+
+
+NEW = "new"  # an output path that does not exist yet
+CASES = [
+    # --- item 3: a finished run or a prepared folder is never replaced unasked
+    Case("vae over a finished run", ["vae", "--data", "{root}/data", "--out", "{root}/vae", *VAE], 1, "--overwrite"),
+    Case("flow over a finished run", ["flow", "--cache", "{root}/latents.safetensors", "--out", "{root}/flow", *FLOW],
+         1, "--overwrite"),
+    Case("cache-latents over an existing cache", ["cache-latents", "--data", "{root}/data", "--vae", "{root}/vae/vae",
+                                                  "--out", "{root}/latents.safetensors", "--holdout", "1"],
+         1, "--overwrite"),
+    Case("prepare-ctrate over a prepared folder", ["prepare-ctrate", "--root", "{root}/ctrate", "--reports",
+                                                   "{root}/reports.csv", "--out", "{root}/data"], 1, "--overwrite"),
+    Case("cohort over a prepared folder", ["cohort", "--out", "{root}/data", "--patients", "1"], 1, "--overwrite"),
+    Case("resume and overwrite together", ["vae", "--data", "{root}/data", "--out", "{root}/vae", "--resume",
+                                           "--overwrite", *VAE], 2, "not allowed with"),
+    # --- item 8: missing or damaged inputs
+    Case("vae on a missing data folder", ["vae", "--data", "{root}/missing", "--out", f"{{root}}/{NEW}", *VAE],
+         1, "missing", absent=(NEW,)),
+    Case("vae on a folder that is not prepared data", ["vae", "--data", "{root}/ctrate", "--out", f"{{root}}/{NEW}",
+                                                       *VAE], 1, INDEX, absent=(NEW,)),
+    Case("vae holding out every patient", ["vae", "--data", "{root}/data", "--out", f"{{root}}/{NEW}", *VAE,
+                                           "--holdout", "3"], 1, "holdout", absent=(NEW,)),
+    Case("vae decoder of a missing run", ["vae", "--data", "{root}/data", "--out", f"{{root}}/{NEW}", *VAE,
+                                          "--decoder-of", "{root}/missing"], 1, "missing", absent=(NEW,)),
+    Case("vae resuming a truncated checkpoint", ["vae", "--data", "{root}/data", "--out", "{root}/vae", "--resume",
+                                                 *VAE], 1, "checkpoint.safetensors",
+         damage=truncated("vae/checkpoint.safetensors")),
+    Case("vae resuming a pickled checkpoint", ["vae", "--data", "{root}/data", "--out", "{root}/vae", "--resume", *VAE],
+         1, "checkpoint.safetensors", damage=pickled("vae/checkpoint.safetensors")),
+    Case("flow on a missing cache", ["flow", "--cache", "{root}/missing.safetensors", "--out", f"{{root}}/{NEW}", *FLOW],
+         1, "missing.safetensors", absent=(NEW,)),
+    Case("flow on a pickled cache", ["flow", "--cache", "{root}/pickle.safetensors", "--out", f"{{root}}/{NEW}", *FLOW],
+         1, "pickle.safetensors", absent=(NEW,), damage=pickled("pickle.safetensors")),
+    Case("flow starting from a missing run", ["flow", "--cache", "{root}/latents.safetensors", "--out",
+                                              f"{{root}}/{NEW}", *FLOW, "--init", "{root}/missing"],
+         1, "missing", absent=(NEW,)),
+    Case("flow resuming a truncated checkpoint", ["flow", "--cache", "{root}/latents.safetensors", "--out",
+                                                  "{root}/flow", "--resume", *FLOW], 1, "checkpoint.safetensors",
+         damage=truncated("flow/checkpoint.safetensors")),
+    Case("flow resuming a pickled random state", ["flow", "--cache", "{root}/latents.safetensors", "--out",
+                                                  "{root}/flow", "--resume", *FLOW], 1, "rng-0.safetensors",
+         damage=pickled("flow/rng-0.safetensors")),
+    Case("cache-latents on a missing data folder", ["cache-latents", "--data", "{root}/missing", "--vae",
+                                                    "{root}/vae/vae", "--out", f"{{root}}/{NEW}/c.safetensors"],
+         1, "missing", absent=(NEW,)),
+    Case("cache-latents with a missing VAE", ["cache-latents", "--data", "{root}/data", "--vae", "{root}/missing",
+                                              "--out", f"{{root}}/{NEW}/c.safetensors"], 1, "missing", absent=(NEW,)),
+    Case("prepare-ctrate on a missing tree", ["prepare-ctrate", "--root", "{root}/missing", "--reports",
+                                              "{root}/reports.csv", "--out", f"{{root}}/{NEW}"],
+         1, "missing", absent=(NEW,)),
+    Case("prepare-ctrate without its reports", ["prepare-ctrate", "--root", "{root}/ctrate", "--reports",
+                                                "{root}/missing.csv", "--out", f"{{root}}/{NEW}"],
+         1, "missing.csv", absent=(NEW,)),
+    Case("cohort-preview of a missing cohort", ["cohort-preview", "--cohort", "{root}/missing", "--out",
+                                                f"{{root}}/{NEW}/p.png"], 1, "missing", absent=(NEW,)),
+    Case("evaluate a missing model", ["evaluate", "--model", "{root}/missing", "--data", "{root}/data", "--out",
+                                      f"{{root}}/{NEW}/e.json"], 1, "missing", absent=(NEW,)),
+]
+
+
+@pytest.fixture
+def root(world, tmp_path):
+    """A private copy of the world: a case may damage it."""
+    return shutil.copytree(world, tmp_path / "world")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_a_bad_training_input_gets_one_line(case, root, capsys):
+    if case.damage:
+        case.damage(root)
+    before = snapshot(root)
+    code, err = run_train([arg.replace("{root}", str(root)) for arg in case.argv], capsys)
+    assert (code, case.message in err) == (case.code, True), err
+    assert "Traceback" not in err and err.strip().count("\n") <= (1 if code == 2 else 0), err  # argparse: usage + line
+    assert [path for path in case.absent if (root / path).exists()] == []
+    assert snapshot(root) == before
+
+
+# ------------------------------------------------------------------- what is asked for explicitly still works
+
+
+def test_resume_of_a_finished_run_changes_no_weights(root, capsys):
+    checkpoint = sha256_file(root / "vae" / "checkpoint.safetensors")
+    assert run_train(["vae", "--data", f"{root}/data", "--out", f"{root}/vae", "--resume", *VAE], capsys)[0] == 0
+    assert sha256_file(root / "vae" / "checkpoint.safetensors") == checkpoint
+    assert run_train(["flow", "--cache", f"{root}/latents.safetensors", "--out", f"{root}/flow", "--resume", *FLOW],
+                     capsys)[0] == 0
+
+
+def test_overwrite_replaces_a_run_and_leaves_nothing_of_the_old_one(root, capsys):
+    (root / "flow" / "rng-1.safetensors").write_bytes(b"a second rank's state from the earlier run")
+    before = sha256_file(root / "flow" / "loss.csv")
+    code, err = run_train(["flow", "--cache", f"{root}/latents.safetensors", "--out", f"{root}/flow", *FLOW,
+                           "--overwrite", "--seed", "1"], capsys)
+    assert code == 0, err
+    assert not (root / "flow" / "rng-1.safetensors").exists()
+    assert sha256_file(root / "flow" / "loss.csv") != before
+
+
+def test_prepare_ctrate_overwrite_replaces_the_index_and_its_cases(root, capsys):
+    old = (root / "data" / INDEX).read_text()
+    assert old and (root / "data" / "volumes" / "p0.nii.gz").exists()
+    code, err = run_train(["prepare-ctrate", "--root", f"{root}/ctrate", "--reports", f"{root}/reports.csv", "--out",
+                           f"{root}/data", "--overwrite"], capsys)
+    assert code == 0, err
+    assert (root / "data" / INDEX).read_text() == ""  # the tree holds no volumes
+    assert not (root / "data" / "volumes" / "p0.nii.gz").exists()  # no orphans of the earlier index
