@@ -10,14 +10,19 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ctflow.errors import CTFlowError
 from ctflow.io import plain_mode
+
+CHECKPOINT = "checkpoint.safetensors"
 
 
 def save_checkpoint(
@@ -48,27 +53,50 @@ def save_checkpoint(
     return path
 
 
+@contextmanager
+def open_safetensors(path: str | os.PathLike) -> Iterator:
+    """safe_open that ends in one CTFlowError for a missing, truncated or foreign (a pickle, say) file."""
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise CTFlowError(f"cannot read {path}: {reason}; it is missing, damaged or not a safetensors file") from exc
+    with handle:
+        yield handle
+
+
+def _training_metadata(handle, path) -> dict[str, str]:
+    metadata = handle.metadata() or {}
+    if "meta" not in metadata:
+        raise CTFlowError(f"{path} is not a ctflow-train checkpoint (it has no training metadata)")
+    return metadata
+
+
 def load_checkpoint(
     path: str | os.PathLike, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
     generators: dict[str, torch.Generator],
 ) -> dict:
     """Restore what save_checkpoint wrote into the given objects (in place); returns `meta`."""
-    with safe_open(str(path), framework="pt") as handle:
+    with open_safetensors(path) as handle:
         names = list(handle.keys())
-        metadata = handle.metadata()
+        metadata = _training_metadata(handle, path)
         tensors = {name: handle.get_tensor(name) for name in names}
-    groups = json.loads(metadata["param_groups"])
-    for name, module in modules.items():
-        prefix = f"{name}/"
-        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-    for name, optimizer in optimizers.items():
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in tensors.items():
-            owner, _, rest = key.partition("/")
-            if owner == name:
-                index, _, slot = rest.partition("/")
-                state.setdefault(int(index), {})[slot] = value
-        optimizer.load_state_dict({"state": state, "param_groups": groups[name]})
+    try:
+        groups = json.loads(metadata.get("param_groups", "{}"))
+        for name, module in modules.items():
+            prefix = f"{name}/"
+            module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        for name, optimizer in optimizers.items():
+            state: dict[int, dict[str, torch.Tensor]] = {}
+            for key, value in tensors.items():
+                owner, _, rest = key.partition("/")
+                if owner == name:
+                    index, _, slot = rest.partition("/")
+                    state.setdefault(int(index), {})[slot] = value
+            optimizer.load_state_dict({"state": state, "param_groups": groups[name]})
+    except (RuntimeError, ValueError, KeyError) as exc:  # another model's shapes, another trainer's layout
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CTFlowError(f"{path} does not fit this run ({reason}); continue it with its own options") from exc
     for name, generator in generators.items():
         if f"rng/{name}" not in tensors:
             raise CTFlowError(f"{path} has no random state {name!r}: it was written by another trainer")
@@ -77,8 +105,26 @@ def load_checkpoint(
 
 
 def read_meta(path: str | os.PathLike) -> dict:
-    with safe_open(str(path), framework="pt") as handle:
-        return json.loads(handle.metadata()["meta"])
+    with open_safetensors(path) as handle:
+        return json.loads(_training_metadata(handle, path)["meta"])
+
+
+def prepare_run_folder(out: Path, outputs: tuple[str, ...], resume: bool, overwrite: bool, remove: bool = True) -> None:
+    """Never replace an earlier run's checkpoint, weights, loss log or metrics unasked (`outputs`: names or glob
+    patterns in `out`). --resume continues the run; --overwrite removes its outputs first (`remove`: this process
+    does the removing, rank 0 of several), so nothing of the old run mixes with the new one."""
+    found = sorted({path.name for pattern in outputs for path in out.glob(pattern)})
+    if resume and CHECKPOINT in found:
+        return
+    if found and not overwrite:
+        if resume:
+            raise CTFlowError(f"{out} has no {CHECKPOINT} to resume from but holds {', '.join(found)}; "
+                              "pass --overwrite to replace them")
+        raise CTFlowError(f"{out} already holds a training run ({', '.join(found)}): pass --resume to continue it or "
+                          "--overwrite to replace it")
+    for name in found if remove else ():
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def open_loss_log(path: str | os.PathLike, header: list[str], step: int):
@@ -88,7 +134,7 @@ def open_loss_log(path: str | os.PathLike, header: list[str], step: int):
     if step and path.exists():
         with open(path, newline="") as handle:
             rows = [row for row in csv.reader(handle)][1:]
-        rows = [row for row in rows if row and int(row[0]) <= step]
+        rows = [row for row in rows if row and row[0].isdigit() and int(row[0]) <= step]
     handle = open(path, "w", newline="")
     writer = csv.writer(handle)
     writer.writerows([header, *rows])
@@ -101,4 +147,6 @@ def add_run_options(parser, save_every: int) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--save-every", type=int, default=save_every)
-    parser.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.safetensors")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help=f"continue the run in --out from its {CHECKPOINT}")
+    again.add_argument("--overwrite", action="store_true", help="replace the run already in --out (default: refuse)")

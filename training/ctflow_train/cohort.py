@@ -25,7 +25,7 @@ from ctflow.report import Report
 from ctflow.volume import Geometry, Volume
 
 from .anatomy import LUNG_LOBES, Anatomy, close_fissures, in_labels, load_anatomy, remove_contrast
-from .dataset import DatasetWriter
+from .dataset import DatasetWriter, check_free
 from .findings import SIDES, Scene, ctrate_labels, draw_findings
 from .preprocess import HU_MIN, append_end_slices, resample, square_fov, to_model_window
 from .reports import write_report
@@ -257,6 +257,7 @@ def generate_cohort(
     log: Callable[[str], None] | None = None,
     twins: tuple[str, ...] = (),
     side_twins: tuple[str, ...] = (),
+    overwrite: bool = False,
 ) -> dict:
     """Write `patients` patients (volume, report, labels) and the cohort index to `out`; returns a summary
     whose seconds_per_patient leaves out the one-off template preparation.
@@ -265,8 +266,9 @@ def generate_cohort(
     finding flipped (present <-> absent), nothing else changed but the report's sentence about it. Trained next to
     the cohort, a pair differs only where the text does, the clearest lesson a small data set can give.
     `side_twins` (sided findings) adds two twins per finding: with it on the right, and with it on the left."""
+    check_free(Path(out), overwrite)  # before the template's minutes of work
     template(size, cache)
-    writer = DatasetWriter(out)
+    writer = DatasetWriter(out, overwrite)
     started = time.perf_counter()
     try:
         for index in range(patients):

@@ -18,10 +18,11 @@ import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
 
+from ctflow.errors import CTFlowError
 from ctflow.report import Report
 from ctflow.volume import Geometry
 
-from .dataset import DatasetWriter
+from .dataset import DatasetWriter, check_free
 from .preprocess import prepare, to_canonical
 
 SUFFIX = ".nii.gz"
@@ -102,11 +103,15 @@ def prepare_ctrate(
     metadata_csv: str | Path | None = None,
     size: int = 256,
     slice_spacing: float = 2.5,
+    overwrite: bool = False,
 ) -> dict:
     """Convert every volume under `root` that has a report into the model space; returns a summary."""
+    if not Path(root).is_dir():
+        raise CTFlowError(f"CT-RATE folder {root} does not exist")
+    check_free(Path(out), overwrite)
     reports = read_reports(reports_csv)
     metadata = read_metadata(metadata_csv) if metadata_csv else {}
-    writer = DatasetWriter(out)
+    writer = DatasetWriter(out, overwrite)
     try:
         for name, path in find_volumes(root).items():
             report = reports.get(name)
@@ -148,8 +153,16 @@ def _check_shape(shape: tuple[int, ...], metadata: dict[str, str]) -> None:
 
 
 def _rows(path: str | Path) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        return list(csv.DictReader(handle))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            rows = list(csv.DictReader(handle))
+    except FileNotFoundError as exc:
+        raise CTFlowError(f"CSV file {path} does not exist") from exc
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise CTFlowError(f"{path} is not a UTF-8 CSV file: {exc}") from exc
+    if rows and "VolumeName" not in rows[0]:
+        raise CTFlowError(f"{path} has no VolumeName column")
+    return rows
 
 
 def _text(value: str | None) -> str:

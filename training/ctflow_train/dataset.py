@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ctflow.errors import CTFlowError
 from ctflow.io import write_volume
 from ctflow.report import Report
 from ctflow.volume import Volume
@@ -36,15 +37,51 @@ def content_slices(hu: np.ndarray) -> int:
 
 def read_index(folder: str | Path) -> list[dict]:
     """The cases of a prepared folder, in the order they were written."""
-    with open(Path(folder) / INDEX, encoding="utf-8") as lines:
-        return [json.loads(line) for line in lines if line.strip()]
+    path = Path(folder) / INDEX
+    if not Path(folder).is_dir():
+        raise CTFlowError(f"data folder {folder} does not exist")
+    if not path.is_file():
+        raise CTFlowError(f"{folder} is not a prepared data folder: it has no {INDEX} (ctflow-train cohort or prepare-ctrate)")
+    entries = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        try:
+            entry = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError as exc:
+            raise CTFlowError(f"{path} line {number} is not JSON: {exc.msg}") from exc
+        if entry is not None and not isinstance(entry, dict):
+            raise CTFlowError(f"{path} line {number} is not a JSON object")
+        entries += [entry] if entry is not None else []
+    return entries
+
+
+def check_free(folder: Path, overwrite: bool) -> None:
+    """A prepared folder is never replaced unasked: refuse one that holds an index unless overwriting."""
+    if (folder / INDEX).exists() and not overwrite:
+        raise CTFlowError(f"{folder} already holds prepared data ({INDEX}); pass --overwrite to replace it, "
+                          "or choose another --out")
+
+
+def remove_cases(folder: Path) -> None:
+    """Remove the cases an earlier index lists (only files inside the folder), then the index: no orphans."""
+    if not (folder / INDEX).exists():
+        return
+    root = folder.resolve()
+    for entry in read_index(folder):
+        for key in ("volume", "report", "labels"):
+            path = folder / str(entry.get(key) or "")
+            if entry.get(key) and path.resolve().is_relative_to(root) and path.is_file():
+                path.unlink()
+    (folder / INDEX).unlink()
+    (folder / SKIPPED).unlink(missing_ok=True)
 
 
 class DatasetWriter:
     """Writes cases and the index/skip report of one output folder; use as a context manager."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, overwrite: bool = False):
         self.folder = Path(folder)
+        check_free(self.folder, overwrite)
+        remove_cases(self.folder)
         for sub in ("volumes", "reports"):
             (self.folder / sub).mkdir(parents=True, exist_ok=True)
         self._index = open(self.folder / INDEX, "w", encoding="utf-8")

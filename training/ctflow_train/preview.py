@@ -51,8 +51,9 @@ def render_cohort_preview(folder: str | Path, patients: int = 4, tile: int = 256
 
 def write_cohort_preview(folder: str | Path, out: str | Path, patients: int = 4) -> Path:
     out = Path(out)
+    image = render_cohort_preview(folder, patients)  # a bad --cohort ends here, before --out's folder is made
     out.parent.mkdir(parents=True, exist_ok=True)
-    render_cohort_preview(folder, patients).save(out, format="PNG")
+    image.save(out, format="PNG")
     return out
 
 

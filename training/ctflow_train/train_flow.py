@@ -36,18 +36,19 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from ctflow.batch import rank_and_world
 from ctflow.config import DENOISER_PRESETS, PREDICTIONS
 from ctflow.denoiser import STDiT, parameter_count
 from ctflow.errors import CTFlowError
 
-from .checkpoint import add_run_options, load_checkpoint, open_loss_log, save_checkpoint
+from .checkpoint import (
+    CHECKPOINT, add_run_options, load_checkpoint, open_loss_log, open_safetensors, prepare_run_folder, save_checkpoint,
+)
 from .flow_data import Batch, BlockDataset, SamplingRules, ShareSampler, block_loader, noises
 from .latent_store import LatentStore, open_stores
 
-CHECKPOINT = "checkpoint.safetensors"
+OUTPUTS = (CHECKPOINT, "loss.csv")  # what a run writes to --out
 ADDABLE = ("position_embed.", "text_vector.", "seam_embed.")  # parts a warm start may switch on (they start as no-ops)
 
 
@@ -101,7 +102,8 @@ def warm_start(model: STDiT, checkpoint: Path) -> None:
     """The EMA weights of an earlier run of the same shape. A part the earlier model lacked (the slice-position
     embedding or the pooled-text vector, switched on now) keeps its no-op initialisation, so training starts from
     the same function."""
-    ema = {k.removeprefix("ema/"): v for k, v in load_file(checkpoint).items() if k.startswith("ema/")}
+    with open_safetensors(checkpoint) as handle:
+        ema = {k.removeprefix("ema/"): handle.get_tensor(k) for k in handle.keys() if k.startswith("ema/")}
     try:
         missing, unexpected = model.load_state_dict(ema, strict=False)
     except RuntimeError as exc:  # shapes differ
@@ -150,11 +152,14 @@ def train(args: argparse.Namespace) -> dict:
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     autocast = torch.autocast("cuda", torch.bfloat16) if use_bf16 else nullcontext()
     master = rank == 0
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
 
-    # ---- data, model, EMA, optimizer
+    # ---- data, model, EMA, optimizer (bad inputs end here, before --out is touched)
     stores = open_stores(args.cache)
+    if args.init and not (args.init / CHECKPOINT).is_file():
+        raise CTFlowError(f"--init {args.init} has no {CHECKPOINT}: give the folder of a `ctflow-train flow` run")
+    out = Path(args.out)
+    prepare_run_folder(out, OUTPUTS, args.resume, args.overwrite, remove=master)
+    out.mkdir(parents=True, exist_ok=True)
     config = denoiser_config(args, stores[0])
     torch.manual_seed(args.seed)  # same initial weights on every rank
     model = STDiT(config)

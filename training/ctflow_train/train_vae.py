@@ -30,10 +30,13 @@ from torch import nn
 
 from ctflow.autoencoder import VAE_PRESETS, SliceAutoencoder
 from ctflow.config import AutoencoderConfig
+from ctflow.errors import CTFlowError
 from ctflow.pipeline import END_HU, START_HU
 
-from .checkpoint import add_run_options, load_checkpoint, open_loss_log, save_checkpoint
+from .checkpoint import CHECKPOINT, add_run_options, load_checkpoint, open_loss_log, prepare_run_folder, save_checkpoint
 from .training_data import list_cases, load_cases
+
+OUTPUTS = (CHECKPOINT, "loss.csv", "metrics.json", "vae")  # what a run writes to --out
 
 # "cpu-fast" quarters the channels of "cpu" at every level (8 at full size). On the shared 2-core machine
 # "cpu" decoded a 256^2 slice in 0.6-2 s, this one in about 0.25 s: the difference between a 128-slice
@@ -201,16 +204,19 @@ def standardise_latents(autoencoder: SliceAutoencoder, pool: torch.Tensor, count
 
 def train(args: argparse.Namespace) -> dict:
     out = Path(args.out)
+    train_entries, held_entries = list_cases(args.data, args.holdout)  # a bad --data ends here, before --out exists
+    if args.decoder_of and not all((args.decoder_of / name).exists() for name in ("vae", "metrics.json")):
+        raise CTFlowError(f"--decoder-of {args.decoder_of} is not a finished `ctflow-train vae` run (vae/, metrics.json)")
+    prepare_run_folder(out, OUTPUTS, args.resume, args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)
-    train_entries, held_entries = list_cases(args.data, args.holdout)
     pool = slice_pool(load_cases(args.data, train_entries))  # [N, H, W] int16
     autoencoder, disc, opt_vae, opt_disc = build(args)
     generator = torch.Generator().manual_seed(args.seed)
     modules = {"vae": autoencoder.vae, "disc": disc}
     optimizers = {"opt_vae": opt_vae, "opt_disc": opt_disc}
-    checkpoint = out / "checkpoint.safetensors"
+    checkpoint = out / CHECKPOINT
     step, elapsed = 0, 0.0
     if args.resume and checkpoint.exists():
         meta = load_checkpoint(checkpoint, modules, optimizers, {"data": generator})

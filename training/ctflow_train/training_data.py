@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ctflow.errors import CTFlowError
 from ctflow.io import read_volume
 from ctflow.report import Report
 
@@ -30,7 +31,7 @@ def list_cases(folder: str | Path, holdout: int = 0) -> tuple[list[dict], list[d
     """(training entries, held-out entries) of a prepared folder's index."""
     entries = read_index(folder)
     if holdout < 0 or holdout >= len(entries):
-        raise ValueError(f"holdout {holdout} must leave at least one of the {len(entries)} cases for training")
+        raise CTFlowError(f"holdout {holdout} must leave at least one of the {len(entries)} cases for training")
     return entries[: len(entries) - holdout], entries[len(entries) - holdout :]
 
 
