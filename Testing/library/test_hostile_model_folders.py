@@ -382,11 +382,9 @@ JSON = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )
-FIELDS = [f"{section}.{f.name}" for section, cls in (("denoiser", "DenoiserConfig"), ("autoencoder", "AutoencoderConfig"),
-                                                       ("text", "TextConfig"), ("sampling", "SamplingConfig"),
-                                                       ("geometry", "GeometryConfig"))
-          for f in dataclasses.fields(getattr(sys.modules["ctflow.config"], cls))] + \
-         [f.name for f in dataclasses.fields(ModelConfig)]
+DEFAULTS = ModelConfig().to_dict()
+FIELDS = [*DEFAULTS, *(f"{section}.{name}" for section, values in DEFAULTS.items() if isinstance(values, dict)
+                       for name in values)]
 
 
 @settings(max_examples=300, deadline=200, suppress_health_check=[HealthCheck.too_slow])
