@@ -35,7 +35,9 @@ CODE_SUFFIXES = frozenset({
     ".pkl", ".pickle", ".joblib", ".dill", ".bin", ".pt", ".pth", ".ckpt", ".npy", ".npz", ".h5", ".keras", ".pb",
     ".whl", ".egg", ".jar", ".ipynb",
 })
-OS_METADATA = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})  # written by file browsers; never read by ctflow
+# Written by file browsers, git and huggingface_hub's --local-dir downloads, never read by ctflow: tolerated unlisted.
+TOOL_FILES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini", ".gitattributes"})
+TOOL_FOLDERS = frozenset({".git", ".cache"})
 
 
 BUNDLED_MODEL = Path(__file__).resolve().parents[2] / "Resources" / "Models" / "ctflow-demo"
@@ -118,7 +120,8 @@ def verify_checksums(folder: Path) -> dict[str, str]:
                 f"{folder / name} is a code or pickle file; a model folder holds only safetensors weights and "
                 "JSON/text files, so it is refused"
             )
-        if name not in listed and Path(name).name not in OS_METADATA:
+        parts = name.split("/")
+        if name not in listed and parts[-1] not in TOOL_FILES and parts[0] not in TOOL_FOLDERS:
             unexpected.append(name)
     if unexpected:
         more = f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""

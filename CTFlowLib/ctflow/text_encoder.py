@@ -143,12 +143,14 @@ def package_files(name: str) -> Path:
 
 
 def encoder_subfolder(model_folder: Path | None, name: str) -> Path:
-    """A text encoder inside the model folder (so covered by its checksums), never a path leading out of it."""
+    """A text encoder inside the model folder, covered by its checksums: never a path leading out of it, nor into a
+    hidden folder (those of git or huggingface_hub may hold files the checksums do not list)."""
     if model_folder is None:
         raise ModelError(f"text encoder 'folder:{name}' needs a model folder")
     folder = model_folder / name
     root = model_folder.resolve()
-    if not name or folder.resolve() == root or not folder.resolve().is_relative_to(root):
+    hidden = any(part.startswith(".") for part in Path(name).parts)
+    if not name or hidden or folder.resolve() == root or not folder.resolve().is_relative_to(root):
         raise ModelError(f"text encoder 'folder:{name}' must name a subfolder inside the model folder")
     if not folder.is_dir():
         raise ModelError(f"the model folder has no text encoder subfolder {name!r}")

