@@ -180,7 +180,8 @@ class ModelConfig:
             raise ModelError(f"config.json: format_version must be a whole number, not {version!r}")
         if version > FORMAT_VERSION:
             raise ModelError(
-                f"model format version {version} is newer than this ctflow understands ({FORMAT_VERSION}); upgrade ctflow"
+                f"model format version {version} is newer than this ctflow understands ({FORMAT_VERSION}); "
+                "upgrade ctflow"
             )
         if "denoiser" not in data:
             raise ModelError("config.json is malformed: it has no \"denoiser\" section")

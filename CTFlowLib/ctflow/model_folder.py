@@ -161,7 +161,9 @@ def read_manifest(folder: Path) -> dict[str, str]:
             raise CorruptModelError(f"{manifest} line {number} is not '<sha256>  <file>': {line[:80]!r}")
         digest, name = match.groups()
         if name.startswith("/") or "\\" in name or any(part in ("", ".", "..") for part in name.split("/")):
-            raise CorruptModelError(f"{manifest} line {number} names {name!r}, not a plain path inside the model folder")
+            raise CorruptModelError(
+                f"{manifest} line {number} names {name!r}, not a plain path inside the model folder"
+            )
         if name in expected:
             raise CorruptModelError(f"{manifest} lists {name} twice")
         expected[name] = digest.lower()

