@@ -142,6 +142,12 @@ CASES = [
          1, "missing.csv", absent=(NEW,)),
     Case("cohort-preview of a missing cohort", ["cohort-preview", "--cohort", "{root}/missing", "--out",
                                                 f"{{root}}/{NEW}/p.png"], 1, "missing", absent=(NEW,)),
+    Case("export of a missing run", ["export", "--flow", "{root}/missing", "--vae", "{root}/vae", "--cache",
+                                     "{root}/latents.safetensors", "--out", f"{{root}}/{NEW}"], 1, "missing",
+         absent=(NEW,)),
+    Case("finding study without its latents", ["finding-study", "--model", "{root}/missing", "--data", "{root}/data",
+                                               "--latents", "{root}/missing.safetensors", "--out",
+                                               f"{{root}}/{NEW}/f.json"], 1, "missing", absent=(NEW,)),
     Case("evaluate a missing model", ["evaluate", "--model", "{root}/missing", "--data", "{root}/data", "--out",
                                       f"{{root}}/{NEW}/e.json"], 1, "missing", absent=(NEW,)),
 ]

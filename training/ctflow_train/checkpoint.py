@@ -56,6 +56,8 @@ def save_checkpoint(
 @contextmanager
 def open_safetensors(path: str | os.PathLike) -> Iterator:
     """safe_open that ends in one CTFlowError for a missing, truncated or foreign (a pickle, say) file."""
+    if not Path(path).is_file():
+        raise CTFlowError(f"{path} does not exist")
     try:
         handle = safe_open(str(path), framework="pt")
     except (SafetensorError, OSError) as exc:
