@@ -20,6 +20,7 @@ from ctflow.model_folder import sha256_file
 from ctflow.report import Report
 from ctflow.volume import Geometry, Volume
 from ctflow_train import cli
+from ctflow_train.checkpoint import read_meta
 from ctflow_train.dataset import INDEX, DatasetWriter
 
 SIZE = 16
@@ -46,7 +47,7 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """data/ (a prepared folder of 3 patients), vae/ and flow/ (finished runs), latents.safetensors, ctrate/ (an
+    """data/ (a prepared folder of 3 patients), vae/ and flow/ (finished runs), latents/ (a latent store), ctrate/ (an
     empty CT-RATE tree with a reports CSV); built once, through the real commands."""
     root = tmp_path_factory.mktemp("world")
     torch.set_num_threads(1)
@@ -58,8 +59,8 @@ def world(tmp_path_factory):
             writer.add(f"p{n}", Volume(hu, Geometry((2.0, 2.0, 2.5)), None), Report(f"Patient {n}.", "Normal."))
     for argv in (["vae", "--data", str(root / "data"), "--out", str(root / "vae"), *VAE],
                  ["cache-latents", "--data", str(root / "data"), "--vae", str(root / "vae" / "vae"), "--out",
-                  str(root / "latents.safetensors"), "--holdout", "1", "--size", str(SIZE)],
-                 ["flow", "--cache", str(root / "latents.safetensors"), "--out", str(root / "flow"), *FLOW]):
+                  str(root / "latents"), "--holdout", "1", "--size", str(SIZE)],
+                 ["flow", "--cache", str(root / "latents"), "--out", str(root / "flow"), *FLOW]):
         assert cli.main(argv) == 0, argv
     (root / "ctrate").mkdir()
     (root / "reports.csv").write_text("VolumeName,Findings_EN,Impressions_EN\n")
@@ -92,10 +93,7 @@ NEW = "new"  # an output path that does not exist yet
 CASES = [
     # --- item 3: a finished run or a prepared folder is never replaced unasked
     Case("vae over a finished run", ["vae", "--data", "{root}/data", "--out", "{root}/vae", *VAE], 1, "--overwrite"),
-    Case("flow over a finished run", ["flow", "--cache", "{root}/latents.safetensors", "--out", "{root}/flow", *FLOW],
-         1, "--overwrite"),
-    Case("cache-latents over an existing cache", ["cache-latents", "--data", "{root}/data", "--vae", "{root}/vae/vae",
-                                                  "--out", "{root}/latents.safetensors", "--holdout", "1"],
+    Case("flow over a finished run", ["flow", "--cache", "{root}/latents", "--out", "{root}/flow", *FLOW],
          1, "--overwrite"),
     Case("prepare-ctrate over a prepared folder", ["prepare-ctrate", "--root", "{root}/ctrate", "--reports",
                                                    "{root}/reports.csv", "--out", "{root}/data"], 1, "--overwrite"),
@@ -116,24 +114,24 @@ CASES = [
          damage=truncated("vae/checkpoint.safetensors")),
     Case("vae resuming a pickled checkpoint", ["vae", "--data", "{root}/data", "--out", "{root}/vae", "--resume", *VAE],
          1, "checkpoint.safetensors", damage=pickled("vae/checkpoint.safetensors")),
-    Case("flow on a missing cache", ["flow", "--cache", "{root}/missing.safetensors", "--out", f"{{root}}/{NEW}",
-                                     *FLOW], 1, "missing.safetensors", absent=(NEW,)),
+    Case("flow on a missing cache", ["flow", "--cache", "{root}/missing", "--out", f"{{root}}/{NEW}",
+                                     *FLOW], 1, "missing", absent=(NEW,)),
     Case("flow on a pickled cache", ["flow", "--cache", "{root}/pickle.safetensors", "--out", f"{{root}}/{NEW}", *FLOW],
          1, "pickle.safetensors", absent=(NEW,), damage=pickled("pickle.safetensors")),
-    Case("flow starting from a missing run", ["flow", "--cache", "{root}/latents.safetensors", "--out",
+    Case("flow starting from a missing run", ["flow", "--cache", "{root}/latents", "--out",
                                               f"{{root}}/{NEW}", *FLOW, "--init", "{root}/missing"],
          1, "missing", absent=(NEW,)),
-    Case("flow resuming a truncated checkpoint", ["flow", "--cache", "{root}/latents.safetensors", "--out",
+    Case("flow resuming a truncated checkpoint", ["flow", "--cache", "{root}/latents", "--out",
                                                   "{root}/flow", "--resume", *FLOW], 1, "checkpoint.safetensors",
          damage=truncated("flow/checkpoint.safetensors")),
-    Case("flow resuming a pickled random state", ["flow", "--cache", "{root}/latents.safetensors", "--out",
-                                                  "{root}/flow", "--resume", *FLOW], 1, "rng-0.safetensors",
-         damage=pickled("flow/rng-0.safetensors")),
+    Case("flow resuming a pickled checkpoint", ["flow", "--cache", "{root}/latents", "--out",
+                                                "{root}/flow", "--resume", *FLOW], 1, "checkpoint.safetensors",
+         damage=pickled("flow/checkpoint.safetensors")),
     Case("cache-latents on a missing data folder", ["cache-latents", "--data", "{root}/missing", "--vae",
-                                                    "{root}/vae/vae", "--out", f"{{root}}/{NEW}/c.safetensors"],
+                                                    "{root}/vae/vae", "--out", f"{{root}}/{NEW}/store"],
          1, "missing", absent=(NEW,)),
-    Case("cache-latents with a missing VAE", ["cache-latents", "--data", "{root}/data", "--vae", "{root}/missing",
-                                              "--out", f"{{root}}/{NEW}/c.safetensors"], 1, "missing", absent=(NEW,)),
+    Case("cache-latents with a missing VAE", ["cache-latents", "--data", "{root}/data", "--vae", "{root}/missing", "--holdout", "1",
+                                              "--out", f"{{root}}/{NEW}/store"], 1, "missing", absent=(NEW,)),
     Case("prepare-ctrate on a missing tree", ["prepare-ctrate", "--root", "{root}/missing", "--reports",
                                               "{root}/reports.csv", "--out", f"{{root}}/{NEW}"],
          1, "missing", absent=(NEW,)),
@@ -143,7 +141,7 @@ CASES = [
     Case("cohort-preview of a missing cohort", ["cohort-preview", "--cohort", "{root}/missing", "--out",
                                                 f"{{root}}/{NEW}/p.png"], 1, "missing", absent=(NEW,)),
     Case("export of a missing run", ["export", "--flow", "{root}/missing", "--vae", "{root}/vae", "--cache",
-                                     "{root}/latents.safetensors", "--out", f"{{root}}/{NEW}"], 1, "missing",
+                                     "{root}/latents", "--out", f"{{root}}/{NEW}"], 1, "missing",
          absent=(NEW,)),
     Case("finding study without its latents", ["finding-study", "--model", "{root}/missing", "--data", "{root}/data",
                                                "--latents", "{root}/missing.safetensors", "--out",
@@ -179,18 +177,17 @@ def test_resume_of_a_finished_run_changes_no_weights(root, capsys):
     checkpoint = sha256_file(root / "vae" / "checkpoint.safetensors")
     assert run_train(["vae", "--data", f"{root}/data", "--out", f"{root}/vae", "--resume", *VAE], capsys)[0] == 0
     assert sha256_file(root / "vae" / "checkpoint.safetensors") == checkpoint
-    assert run_train(["flow", "--cache", f"{root}/latents.safetensors", "--out", f"{root}/flow", "--resume", *FLOW],
+    assert run_train(["flow", "--cache", f"{root}/latents", "--out", f"{root}/flow", "--resume", *FLOW],
                      capsys)[0] == 0
 
 
 def test_overwrite_replaces_a_run_and_leaves_nothing_of_the_old_one(root, capsys):
-    (root / "flow" / "rng-1.safetensors").write_bytes(b"a second rank's state from the earlier run")
-    before = sha256_file(root / "flow" / "loss.csv")
-    code, err = run_train(["flow", "--cache", f"{root}/latents.safetensors", "--out", f"{root}/flow", *FLOW,
-                           "--overwrite", "--seed", "1"], capsys)
+    assert read_meta(root / "flow" / "checkpoint.safetensors")["step"] == 2
+    code, err = run_train(["flow", "--cache", f"{root}/latents", "--out", f"{root}/flow", *FLOW, "--overwrite",
+                           "--steps", "1", "--save-every", "1"], capsys)
     assert code == 0, err
-    assert not (root / "flow" / "rng-1.safetensors").exists()
-    assert sha256_file(root / "flow" / "loss.csv") != before
+    assert read_meta(root / "flow" / "checkpoint.safetensors")["step"] == 1
+    assert len((root / "flow" / "loss.csv").read_text().splitlines()) == 2  # header and the new run's one step
 
 
 def test_prepare_ctrate_overwrite_replaces_the_index_and_its_cases(root, capsys):

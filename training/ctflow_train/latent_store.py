@@ -273,6 +273,9 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not (args.vae / "config.json").is_file():
+        raise CTFlowError(f"--vae {args.vae} is not a VAE folder (no config.json): "
+                          "give the vae/ of a `ctflow-train vae` run")
     summary = build_store(args.data, args.vae, args.out, args.holdout, args.size, TextConfig(source=args.text_source),
                           args.limit, args.dtype)
     print(json.dumps(summary))
