@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     metrics.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     metrics.set_defaults(run=run_metrics)
     add_released_commands(commands)
+
+    worker = commands.add_parser("worker", help="serve generation to a front end over JSON lines (see ctflow.worker)")
+    worker.set_defaults(run=run_worker)
     return parser
 
 
@@ -349,6 +352,12 @@ def run_convert_ct_clip(args: argparse.Namespace) -> int:
     folder = convert_ct_clip_text(args.checkpoint, tokenizer, args.out, args.heads, args.overwrite)
     print(f"wrote {folder}: pass it to `ctflow import-released --text-encoder {folder}`")
     return 0
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from .worker import main as serve
+
+    return serve([])
 
 
 def read_report_file(path: Path) -> str:

@@ -1,0 +1,162 @@
+"""The worker process and its JSON-lines protocol, driven as a front end drives it (ctflow.worker.WorkerProcess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ctflow
+from ctflow.worker import EXIT_GRACE_S, PROTOCOL, WorkerProcess
+
+REPORT = "Findings: Moderate right pleural effusion. Impressions: Right pleural effusion."
+LIBRARY = str(Path(ctflow.__file__).resolve().parents[1])
+ENDINGS = ("done", "cancelled", "error")
+
+
+def start_worker() -> WorkerProcess:
+    worker = WorkerProcess(path=(LIBRARY,))
+    worker.backlog = []  # what arrived after the message until() waited for
+    (ready,) = until(worker, "ready")
+    assert ready["protocol"] == PROTOCOL and ready["pid"] == worker.process.pid
+    return worker
+
+
+def until(worker: WorkerProcess, *types: str, timeout: float = 120.0) -> list[dict]:
+    """Messages up to and including the first of `types`."""
+    seen, deadline = [], time.monotonic() + timeout
+    while not (seen and seen[-1]["type"] in types):
+        if not worker.backlog:
+            assert time.monotonic() < deadline and not worker.ended, f"no {types} from the worker; saw {seen}"
+            worker.backlog = worker.messages(timeout=0.5)
+        while worker.backlog and not (seen and seen[-1]["type"] in types):
+            seen.append(worker.backlog.pop(0))
+    return seen
+
+
+def generate(worker, run_id, tiny_model, **request):
+    worker.send({"type": "generate", "id": run_id, "model": str(tiny_model), "device": "cpu",
+                 "request": {"report": REPORT, "seed": 5, "steps": 2, **request}})
+
+
+@pytest.fixture(scope="module")
+def worker():
+    worker = start_worker()
+    yield worker
+    worker.close(timeout=EXIT_GRACE_S)
+    assert worker.returncode == 0
+
+
+def test_a_run_streams_the_library_volume_as_npy_blocks(worker, tiny_model, tiny_pipeline):
+    generate(worker, "a", tiny_model, slices=10)
+    messages = until(worker, *ENDINGS)
+    assert [m["type"] for m in messages] == ["loading", "planned", "block", "block", "block", "done"]
+    assert all(m["id"] == "a" for m in messages)
+    planned, blocks, done = messages[1], messages[2:5], messages[5]
+    assert (planned["seed"], planned["steps"], planned["slices"], planned["model"]) == (5, 2, 10, "random-tiny")
+    assert [(b["start"], b["stop"], b["blocks_done"]) for b in blocks] == [(0, 4, 1), (4, 8, 2), (8, 10, 3)]
+    assert all(Path(b["file"]).parent == Path(planned["folder"]) for b in blocks)
+    hu = np.concatenate([np.load(b["file"]) for b in blocks])
+    expected = tiny_pipeline.generate(ctflow.GenerationRequest(REPORT, slices=10, seed=5, steps=2))
+    np.testing.assert_array_equal(hu, expected.hu)
+    np.testing.assert_allclose(blocks[0]["ijk_to_ras"], expected.geometry.ijk_to_ras())
+    provenance = ctflow.Provenance.from_dict(blocks[0]["provenance"])
+    assert (provenance.seed, provenance.steps, provenance.model) == (5, 2, "random-tiny")
+    assert done["slices"] == 10
+    shutil.rmtree(planned["folder"])  # the front end's part of the protocol
+
+
+def test_the_model_is_kept_until_it_changes_or_is_unloaded(worker, tiny_model):
+    def run(run_id, **options):
+        worker.send({"type": "generate", "id": run_id, "model": str(tiny_model), "device": "cpu",
+                     "request": {"report": REPORT, "slices": 4, "steps": 1}, **options})
+        messages = until(worker, *ENDINGS)
+        assert messages[-1]["type"] == "done", messages[-1]
+        planned = next(m for m in messages if m["type"] == "planned")
+        shutil.rmtree(planned["folder"])
+        return [m["type"] for m in messages if m["type"] == "loading"], planned["reused_model"]
+
+    run("warm")
+    assert run("same") == ([], True)
+    assert run("other dtype", dtype="bfloat16") == (["loading"], False)
+    assert run("same again", dtype="bfloat16") == ([], True)
+    worker.send({"type": "unload"})
+    assert until(worker, "unloaded")[-1] == {"type": "unloaded"}
+    assert run("after unload", dtype="bfloat16") == (["loading"], False)
+
+
+def test_cancel_stops_a_run_and_a_queued_one(worker, tiny_model):
+    generate(worker, "long", tiny_model, slices=400)
+    first = until(worker, "block")[-1]
+    worker.send({"type": "cancel", "id": "long"})
+    messages = until(worker, *ENDINGS)
+    assert messages[-1]["type"] == "cancelled" and first["stop"] <= messages[-1]["slices"] < 400
+    generate(worker, "queued", tiny_model, slices=400)
+    worker.send({"type": "cancel", "id": "queued"})
+    assert [m["type"] for m in until(worker, *ENDINGS)] == ["planned", "cancelled"]
+
+
+@pytest.mark.parametrize(
+    ("message", "error", "words"),
+    [
+        ({"request": {"report": "  "}}, "ReportError", "the report is empty"),
+        ({"request": {"report": REPORT, "colour": "red"}}, "RequestError", "unknown request fields ['colour']"),
+        ({"request": {"report": REPORT, "slices": -3}}, "RequestError", "slice count"),
+        ({"request": {}}, "RequestError", "no report text"),
+        ({"request": {"report": REPORT}, "dtype": "float8"}, "RequestError", "dtype must be one of"),
+        ({"request": {"report": REPORT}, "model": "/no/such/model"}, "ModelError", "not found"),
+        ({"request": {"report": REPORT}, "device": "tpu"}, "DeviceError", "unknown device"),
+    ],
+)
+def test_a_bad_request_ends_its_run_with_one_error_line(worker, tiny_model, message, error, words):
+    worker.send({"type": "generate", "id": "bad", "model": str(tiny_model), "device": "cpu", **message})
+    reply = until(worker, *ENDINGS)[-1]
+    assert (reply["type"], reply["id"], reply["error"]) == ("error", "bad", error)
+    assert words in reply["message"] and "\n" not in reply["message"]
+
+
+def test_lines_that_are_not_protocol_get_an_error_and_the_worker_goes_on(worker):
+    worker.process.stdin.write(b"not json\n")
+    worker.send({"type": "dance"})
+    replies = until(worker, "error") + until(worker, "error")
+    assert [(r["id"], r["error"]) for r in replies] == [(None, "ProtocolError")] * 2
+    assert "unknown message type 'dance'" in replies[1]["message"]
+    worker.send({"type": "unload"})
+    until(worker, "unloaded")
+
+
+def test_the_worker_exits_by_itself_when_its_front_end_goes_mid_run(tiny_model):
+    worker = start_worker()
+    generate(worker, "orphan", tiny_model, slices=400)
+    folder = until(worker, "block")[-2]["folder"]
+    started = time.monotonic()
+    worker.process.stdin.close()  # what the operating system does when the front end dies
+    assert worker.process.wait(EXIT_GRACE_S + 5) == 0
+    assert time.monotonic() - started < EXIT_GRACE_S
+    assert not Path(folder).exists()  # the worker removes the run folders it left
+
+
+def test_kill_ends_the_whole_process_group(tiny_model):
+    worker = start_worker()
+    generate(worker, "stuck", tiny_model, slices=400)
+    until(worker, "block")
+    worker.kill()
+    assert worker.returncode == -signal.SIGKILL
+    with pytest.raises(ProcessLookupError):
+        os.killpg(worker.process.pid, 0)
+    assert worker.messages() == [] and worker.ended
+
+
+def test_ctflow_worker_is_the_same_entry_point():
+    result = subprocess.run([sys.executable, "-m", "ctflow", "worker"], input="", capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": LIBRARY})
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["type"] for line in result.stdout.splitlines()] == ["ready"]
