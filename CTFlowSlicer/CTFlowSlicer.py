@@ -1,15 +1,24 @@
 """CTFlow in 3D Slicer: type a chest CT report, watch a synthetic CT volume fill the slice views block by block.
 
-Generation runs on a worker thread (CTFlowSlicerLib.logic); a QTimer on the main thread applies each
-decoded block to the volume node. torch and ctflow are imported only once installed (CTFlowSlicerLib.dependencies),
-so the module loads, and offers to install them, in a bare Slicer.
+Generation runs in a worker process (`ctflow.worker`, started with Slicer's own Python), never on a thread of
+Slicer's: Slicer's embedded Python keeps the GIL while the application idles, so a generation thread would
+only run during the panel's own Python calls and crawl. A QTimer on the main thread takes what the worker
+said without waiting and applies at most one block per tick to the volume node. The ctflow library is the
+extension's own bundled copy; torch and the other third-party packages are installed on first use
+(CTFlowSlicerLib.dependencies), so the module loads, and offers to install them, in a bare Slicer.
 
 Qt properties are read with widget.property("name"): the same call works in Slicer's PythonQt and in the
 PySide6 stand-in that the panel test runs this file with.
 """
 
+import dataclasses
+import itertools
+import logging
 import os
 import re
+import shutil
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -24,10 +33,19 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from CTFlowSlicerLib import dependencies, resources
-from CTFlowSlicerLib.display import applyWindow
-from CTFlowSlicerLib.parameters import OUTPUT_VOLUME, GenerationSettings, newSeed
+
+resources.useBundledLibrary()  # ctflow comes from the extension itself, for the panel and for the worker
+
+import ctflow  # noqa: E402 - the bundled copy; torch-free until a model is needed, which only the worker does
+from ctflow.worker import WorkerProcess  # noqa: E402
+
+from CTFlowSlicerLib import generation  # noqa: E402
+from CTFlowSlicerLib.display import applyWindow  # noqa: E402
+from CTFlowSlicerLib.generation import Progress, Run  # noqa: E402
+from CTFlowSlicerLib.parameters import OUTPUT_VOLUME, GenerationSettings, newSeed  # noqa: E402
 
 POLL_INTERVAL_MS = 100
+CANCEL_GRACE_S = 3.0  # a cancelled run stops within a sampling step; a worker silent this long is ended
 DEVICE_CHOICES = (("auto", "Automatic"), ("cuda", "CUDA GPU"), ("cpu", "CPU"))
 MODEL_CHOICES = (("bundled", "Bundled demo model"), ("folder", "Local folder"), ("hub", "Hub id"))
 MODEL_PLACEHOLDERS = {"bundled": "", "folder": "model folder", "hub": "org/name or org/name@revision"}
@@ -93,17 +111,21 @@ class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.initializeParameterNode()
-        qt.QTimer.singleShot(0, self._showDetectedDevice)  # importing torch takes seconds: after the panel is up
+        if not dependencies.missing():  # the worker imports torch, which takes seconds, and reports the GPU it sees
+            self.logic.startWorker()
+            self._timer.start()
+        self._showDetectedDevice()
 
     def cleanup(self):
         self.removeObservers()
-        self._stopGeneration()
+        self._timer.stop()
+        self.logic.shutdown()
 
     def enter(self):
         self.initializeParameterNode()
 
     def onSceneStartClose(self, caller, event):
-        self._stopGeneration()
+        self._stopGeneration()  # returns at once: the worker stops the run by itself
         self._parameterNode = None
 
     def onSceneEndClose(self, caller, event):
@@ -146,6 +168,7 @@ class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             getattr(ui, name).clicked.connect(lambda _checked=False, s=suffix, f=fileFilter: self.onSave(s, f))
         self._shortcuts = [qt.QShortcut(qt.QKeySequence(keys), uiWidget) for keys in ("Ctrl+Return", "Ctrl+Enter")]
         for shortcut in self._shortcuts:
+            shortcut.setContext(qt.Qt.WidgetWithChildrenShortcut)  # the panel's, not the whole main window's
             shortcut.activated.connect(self.onGenerateButton)
 
     # -- parameter node <-> GUI ---------------------------------------------------------------------------
@@ -233,29 +256,38 @@ class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onGenerateButton(self):
         """Generate, or, while generating, cancel. Dependencies are installed here, on first use."""
         if self._running:
-            self.logic.generation().cancel()
+            self.logic.cancel()
             self._setStatus("Cancelling: the model stops at its next sampling step ...")
             return
-        problem = dependencies.ensure()
-        self._showDetectedDevice()
+        if dependencies.installing():
+            return  # Generate was pressed again while an install dialog is open
+        self.ui.generateButton.setEnabled(False)
+        try:
+            problem = dependencies.ensure()
+        finally:
+            self.ui.generateButton.setEnabled(True)
         if problem:
             self._setStatus(problem, error=True)
             return
         settings = GenerationSettings.load(self._parameterNode)
-        self.logic.generation().start(settings, self._outputVolume() if settings.replaceOutput else None)
+        self.logic.start(settings, self._outputVolume() if settings.replaceOutput else None)
         self._setRunning(True)
         self._timer.start()
 
     def onPoll(self):
-        """Timer tick while generating: apply what the worker made, show progress, fit the views when due."""
-        progress = self.logic.generation().poll()
+        """Timer tick: apply what the worker made, show progress, fit the views when due. Never waits."""
+        self._showDetectedDevice()
+        if not self._running:
+            if not self.logic.workerStarting():
+                self._timer.stop()
+            return
+        progress = self.logic.poll()
         self._showProgress(progress)
         if progress.firstBlock:
             self._parameterNode.SetNodeReferenceID(OUTPUT_VOLUME, progress.node.GetID())
             self._updateSaveButtons()
             slicer.util.setSliceViewerLayers(fit=True)
         if progress.finished:
-            self._timer.stop()
             self._setRunning(False)
             if progress.node is not None:
                 slicer.util.setSliceViewerLayers(fit=True)
@@ -267,8 +299,6 @@ class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             applyWindow(volume, preset)
 
     def onSave(self, suffix: str, fileFilter: str):
-        import ctflow
-
         volume = self._outputVolume()
         if volume is None:
             self._setStatus("There is no generated volume to save: it was deleted.", error=True)
@@ -282,7 +312,11 @@ class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not path.lower().endswith(suffix):
             path += suffix
         try:
-            written = self.logic.generation().saveVolume(volume, path)
+            written = self.logic.saveVolume(volume, path)
+        except ImportError as exc:  # nibabel or pynrrd: installed with the rest on the first Generate
+            self._setStatus(f"Could not save: {exc.name} is not installed yet; click Generate once to install it.",
+                            error=True)
+            return
         except (OSError, ctflow.CTFlowError) as exc:
             self._setStatus(f"Could not save: {exc}", error=True)
             return
@@ -314,12 +348,11 @@ class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.generateButton.setToolTip(CANCEL_TOOLTIP if running else self._generateTooltip)
 
     def _showDetectedDevice(self):
-        self.ui.deviceLabel.setText(dependencies.describeTorch())
+        self.ui.deviceLabel.setText(self.logic.deviceDescription())
 
     def _stopGeneration(self):
         if self._running:
-            self._timer.stop()
-            self.logic.generation().stop()
+            self.logic.stop()
             self._setRunning(False)
 
 
@@ -336,19 +369,201 @@ def modelStatus(source: str, location: str) -> tuple[bool, str]:
 
 
 class CTFlowSlicerLogic(ScriptedLoadableModuleLogic):
-    """The module's logic: its parameter node, and the streaming generation once torch and ctflow are installed."""
+    """The module's API, without GUI: generate from GenerationSettings into a volume node, one block per poll().
+
+    The worker process is started on first use and kept, with its model loaded, for the next runs; a worker
+    that died is replaced at the next start(). Every call returns at once: nothing here waits on the worker.
+
+        logic = CTFlowSlicerLogic()
+        logic.start(GenerationSettings(report="Findings: ...", seed=1))
+        while not (progress := logic.poll()).finished:   # the panel calls poll() from a QTimer
+            slicer.app.processEvents()
+        progress.node                                    # the vtkMRMLScalarVolumeNode
+    """
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
-        self._generation = None
+        self._worker: WorkerProcess | None = None
+        self._workerInfo: dict | None = None  # the worker's "ready" message: versions and the GPU it sees
+        self._run: Run | None = None
+        self._abandoned: dict[str, Path | None] = {}  # runs dropped by stop(): their folders go when they end
+        self._inbox: list[dict] = []  # what the worker said that poll() has not handled yet
+        self._runIds = itertools.count(1)
 
-    def generation(self):
-        """CTFlowSlicerLib.logic.GenerationLogic, imported here because importing it needs torch and ctflow."""
-        if self._generation is None:
-            from CTFlowSlicerLib.logic import GenerationLogic
+    # -- the worker process -----------------------------------------------------------------------------------
 
-            self._generation = GenerationLogic()
-        return self._generation
+    def startWorker(self) -> None:
+        """Start the worker unless one is running. Loads no model: that waits for the first run."""
+        if self._worker is not None and self._worker.returncode is None and not self._worker.ended:
+            return
+        if self._worker is not None:
+            self._worker.kill()
+        folder = Path(slicer.app.temporaryPath) / "CTFlow"
+        folder.mkdir(parents=True, exist_ok=True)
+        self._worker = WorkerProcess(python=workerPython(), log=folder / "worker.log",
+                                     path=(str(resources.ctflowLibrary()),))
+        self._workerInfo = None
+        self._inbox = []
+
+    def deviceDescription(self) -> str:
+        """One line for the panel: the torch in the worker and the accelerator it sees."""
+        self._receive()
+        info = self._workerInfo
+        if info is None:
+            return "Detecting PyTorch and the GPU ..." if self._worker is not None else \
+                "PyTorch and the GPU are detected when the generation process starts (at the first Generate)."
+        if not info["cuda"]:
+            return f"Detected: no CUDA GPU, CPU only (PyTorch {info['torch_version']})."
+        return f"Detected: {info['gpu']}, {info['gpu_memory_gb']:.0f} GB (PyTorch {info['torch_version']})."
+
+    def workerStarting(self) -> bool:
+        """True until the worker has said which torch and GPU it has (or has died trying)."""
+        self._receive()
+        return self._worker is not None and self._workerInfo is None and not self._worker.ended
+
+    def unloadModel(self) -> None:
+        """Free the model's memory (GPU memory included); the next run loads it again."""
+        if self._worker is not None:
+            self._worker.send({"type": "unload"})
+
+    def shutdown(self) -> None:
+        """Slicer is closing or the module is reloaded: the worker gets a second to exit, then it is ended."""
+        self.stop()
+        if self._worker is not None:
+            self._worker.close(timeout=1.0)
+            self._worker = None
+        for folder in self._abandoned.values():
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+        self._abandoned.clear()
+
+    # -- runs -------------------------------------------------------------------------------------------------
+
+    def start(self, settings: GenerationSettings, replace=None) -> None:
+        """Begin generating; progress, the volume and errors arrive through poll(). `replace`: a node to overwrite."""
+        if self.isRunning():
+            raise RuntimeError("a generation is already running; cancel it first")
+        run = Run(f"run-{next(self._runIds)}", settings, replace, Progress("starting", "Starting ..."))
+        self._run = run
+        try:
+            ctflow.parse_report(settings.report, settings.impressions)  # a bad report fails before a slow start
+            model, revision = generation.modelChoice(settings, resources.bundledModel())
+        except ctflow.CTFlowError as exc:
+            run.finish("failed", str(exc))
+            return
+        self.startWorker()
+        if self._workerInfo is None:
+            run.progress.message = "Starting the generation process ..."
+        self._worker.send({"type": "generate", "id": run.runId, "model": model, "revision": revision,
+                           "device": settings.device, "request": generation.requestFields(settings)})
+
+    def isRunning(self) -> bool:
+        return self._run is not None and not self._run.progress.finished
+
+    def cancel(self) -> None:
+        """Ask the worker to stop: it does within one sampling step; the blocks made stay, marked partial."""
+        run = self._run
+        if self.isRunning() and run.cancelledAt is None:
+            run.cancelledAt = time.monotonic()
+            self._worker.send({"type": "cancel", "id": run.runId})
+
+    def stop(self) -> None:
+        """Cancel and forget the run at once (the scene or the panel is going away); its files go when it ends."""
+        run, self._run = self._run, None
+        if run is not None and not run.progress.finished:
+            self._worker.send({"type": "cancel", "id": run.runId})
+            self._abandoned[run.runId] = run.folder
+
+    def poll(self) -> Progress:
+        """Apply what the worker said since the last call, at most one block; returns a snapshot. Never waits."""
+        self._receive()
+        run = self._run
+        if run is None:
+            return Progress()
+        run.progress.firstBlock = False
+        while not run.progress.finished and self._inbox:
+            message = self._inbox.pop(0)
+            self._handle(run, message)
+            if message["type"] == "block":
+                break
+        if not run.progress.finished:
+            if not self._inbox and self._worker.ended:
+                self._workerDied(run)
+            elif run.cancelledAt is not None and time.monotonic() - run.cancelledAt > CANCEL_GRACE_S:
+                self._worker.kill()
+                run.finish("cancelled", f"The generation process did not stop within {CANCEL_GRACE_S:.0f} s "
+                                        "and was ended; the next Generate starts a new one.")
+            else:
+                run.progress.elapsed = time.perf_counter() - run.started
+        if run.progress.finished and run.folder is not None:
+            shutil.rmtree(run.folder, ignore_errors=True)
+        return dataclasses.replace(run.progress)
+
+    def _receive(self) -> None:
+        if self._worker is None:
+            return
+        for message in self._worker.messages():
+            if message["type"] == "ready":
+                self._workerInfo = message
+            elif message.get("id") in self._abandoned:
+                if message["type"] in ("done", "cancelled", "error"):
+                    folder = self._abandoned.pop(message["id"])
+                    if folder is not None:
+                        shutil.rmtree(folder, ignore_errors=True)
+                elif message["type"] == "planned":
+                    self._abandoned[message["id"]] = Path(message["folder"])
+            elif message["type"] != "unloaded":
+                self._inbox.append(message)
+
+    def _handle(self, run: Run, message: dict) -> None:
+        kind = message["type"]
+        if message.get("id") != run.runId:
+            if kind == "error":  # not about a run: the worker did not understand us
+                logging.error("CTFlow worker: %s", message["message"])
+            return
+        if kind == "loading":
+            run.onLoading(message)
+        elif kind == "planned":
+            run.onPlanned(message)
+        elif kind == "block":
+            run.onBlock(message)
+        elif kind == "done":
+            run.finish("done")
+        elif kind == "cancelled":
+            run.finish("cancelled")
+        elif kind == "error":
+            run.finish("failed", message["message"])
+
+    def _workerDied(self, run: Run) -> None:
+        worker = self._worker
+        try:
+            code = worker.process.wait(1.0)
+        except Exception:  # still exiting after closing its output: say so without the code
+            code = None
+        said = worker.log_tail() or (f"its last message was {worker.last_message['type']!r}"
+                                     if worker.last_message else "it said nothing")
+        run.finish("failed", f"the generation process stopped unexpectedly ({describeExit(code)}); last words: "
+                             f"{said}. The next Generate starts a new one.")
+
+    # -- volumes ----------------------------------------------------------------------------------------------
+
+    provenanceOf = staticmethod(generation.provenanceOf)
+    saveVolume = staticmethod(generation.saveVolume)
+
+
+def workerPython() -> str:
+    """Slicer's own Python launcher (it sets up Slicer's environment), else this interpreter (outside Slicer)."""
+    return shutil.which("PythonSlicer") or sys.executable
+
+
+def describeExit(code: int | None) -> str:
+    if code is None:
+        return "exit code unknown"
+    if code < 0:
+        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+        hint = ": out of memory, or ended by another program" if name == "SIGKILL" else ""
+        return f"exit code {code}, killed by {name}{hint}"
+    return f"exit code {code}"
 
 
 class CTFlowSlicerTest(ScriptedLoadableModuleTest):
@@ -357,16 +572,23 @@ class CTFlowSlicerTest(ScriptedLoadableModuleTest):
     REPORT = "Findings: Moderate right pleural effusion.\nImpressions: Right pleural effusion."
 
     def setUp(self):
-        missing = dependencies.missing()
-        if missing:
-            self.skipTest(f"{' and '.join(missing)} not installed yet: click Generate once to install")
+        if self.missing():
+            self.skipTest(self.missing())
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        """What Reload and Test calls; ctest runs the test_ methods itself."""
+        """What Reload and Test calls (it would show a skip as a failure, so it says why and returns)."""
+        if self.missing():
+            self.delayDisplay(f"Skipped: {self.missing()}")
+            return
         for test in (self.test_StreamsVolumeIntoScene, self.test_CancelKeepsPartialVolume):
             self.setUp()
             test()
+
+    @staticmethod
+    def missing() -> str:
+        missing = dependencies.missing()
+        return f"{', '.join(missing)} not installed yet: click Generate once to install" if missing else ""
 
     def test_StreamsVolumeIntoScene(self):
         progress = self._generate(slices=10)
@@ -387,27 +609,29 @@ class CTFlowSlicerTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Cancelled generation kept a partial volume")
 
     def _generate(self, slices: int, cancelAfterFirstBlock: bool = False):
-        generation = CTFlowSlicerLogic().generation()
+        logic = CTFlowSlicerLogic()
         settings = GenerationSettings(
             report=self.REPORT, slices=slices, seed=1, steps=2, device="cpu", modelSource="folder",
             modelLocation=str(self._tinyModel()),
         )
-        generation.start(settings)
-        progress = generation.poll()
-        while not progress.finished:
-            slicer.app.processEvents()
-            time.sleep(0.02)
-            progress = generation.poll()
-            if cancelAfterFirstBlock and progress.node is not None:
-                generation.cancel()
+        try:
+            logic.start(settings)
+            progress = logic.poll()
+            while not progress.finished:
+                slicer.app.processEvents()
+                time.sleep(0.02)
+                progress = logic.poll()
+                if cancelAfterFirstBlock and progress.node is not None:
+                    logic.cancel()
+        finally:
+            logic.shutdown()
         return progress
 
     @staticmethod
     def _tinyModel() -> Path:
-        """A random-weight model of the smallest size, made once in Slicer's temporary folder."""
+        """A random-weight model of the smallest size, made once in Slicer's temporary folder (by Slicer's Python,
+        as the worker would: importing torch here is fine in a test)."""
         folder = Path(slicer.app.temporaryPath) / "CTFlowSlicerTest" / "tiny"
         if not (folder / "config.json").is_file():
-            import ctflow
-
             ctflow.create_random_model(folder, "tiny", overwrite=True)
         return folder

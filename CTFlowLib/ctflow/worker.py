@@ -25,8 +25,9 @@ Worker -> front end (stdout):
   {"type": "planned", "id", "folder", "reused_model": bool, "seed", "steps", "guidance", "sampler", "shift",
    "slices", "notices": [str], "model", "device"}                    the request is valid; sampling starts
   {"type": "block", "id", "file", "index", "start", "stop", "blocks_done", "blocks_expected", "elapsed_s",
-   "block_s", "eta_s", "ijk_to_ras": 4x4, "provenance": {str: str}}
-      file: an .npy of int16 HU [stop - start, rows, cols], slices [start, stop) of the volume, in `folder`.
+   "block_s", "eta_s", "time", "ijk_to_ras": 4x4, "provenance": {str: str}}
+      file: an .npy of int16 HU [stop - start, rows, cols], slices [start, stop) of the volume, in `folder`;
+      time: when it was written (Unix time), for measuring how soon a front end shows it.
   {"type": "done", "id", "slices", "elapsed_s"}                      the volume is complete
   {"type": "cancelled", "id", "slices"}                              stopped on request; the blocks sent stand
   {"type": "error", "id" (null when not about a run), "error": class name, "message": one line}
@@ -163,7 +164,7 @@ class Worker:
                 self.send({"type": "block", "id": run_id, "file": str(file), "index": block.index,
                            "start": block.start, "stop": block.stop, "blocks_done": block.blocks_done,
                            "blocks_expected": block.blocks_expected, "elapsed_s": block.elapsed_s,
-                           "block_s": block.block_s, "eta_s": block.eta_s,
+                           "block_s": block.block_s, "eta_s": block.eta_s, "time": time.time(),
                            "ijk_to_ras": block.geometry.ijk_to_ras().tolist(), "provenance": block.provenance.as_dict()})
             if cancel.is_set():
                 self.send({"type": "cancelled", "id": run_id, "slices": made})

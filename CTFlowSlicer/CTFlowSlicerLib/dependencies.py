@@ -1,18 +1,21 @@
-"""Installing what generation needs into Slicer's Python: on the main thread, and only after the user agrees.
+"""Installing the third-party packages generation needs into Slicer's Python: on the main thread, after the
+user has read what will be installed and agreed.
 
-torch comes first, through the PyTorch extension when it is installed (it picks the CUDA build that fits
-the GPU driver); then the bundled ctflow library with its requirements. Every install runs with a
-constraints file pinning the numpy, SimpleITK and torch already in Slicer, so none of them is replaced.
+ctflow itself is not installed: it ships inside the extension (resources.useBundledLibrary). Its requirements
+are read from the one file that its pyproject.toml reads too (CTFlowLib/requirements.txt). torch comes first,
+through the PyTorch extension's PyTorchUtils (it picks the CUDA build that fits the driver); then the rest,
+with a constraints file that pins the numpy and SimpleITK Slicer runs (and the torch just installed), so
+none of Slicer's own packages is replaced. Slicer's VTK is not a pip package and no requirement names it.
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.metadata
-import importlib.util
+import inspect
 import logging
-import shutil
+import os
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -20,101 +23,141 @@ import slicer
 
 from . import resources
 
-REQUIRED = ("torch", "ctflow")
-PINNED = ("numpy", "SimpleITK", "torch")  # Slicer's own copies (and a torch that works) must stay as they are
-TORCH_REQUIREMENT = ">=2.4"
+MINIMUM_PYTHON = (3, 10)  # ctflow's requires-python; Slicer 5.10 and later ship 3.12, 5.8 ships 3.9
+PINNED = ("numpy", "SimpleITK", "torch")  # Slicer's own copies, and a torch that satisfies us, stay as they are
 REQUESTER = "CTFlow"
+TOO_OLD_SLICER = (
+    "CTFlow needs 3D Slicer 5.10 or later: this Slicer's Python is {version}, and the ctflow library needs "
+    "Python 3.10 to 3.12. Install a current Slicer from download.slicer.org."
+)
+_installing = False
+
+
+def requirements() -> list[str]:
+    """The requirement lines of CTFlowLib/requirements.txt, torch first."""
+    lines = (resources.ctflowLibrary() / "requirements.txt").read_text(encoding="utf-8").splitlines()
+    found = [line.split("#")[0].strip() for line in lines]
+    return sorted((line for line in found if line), key=lambda line: distribution(line) != "torch")
+
+
+def distribution(requirement: str) -> str:
+    from packaging.requirements import Requirement
+
+    return Requirement(requirement).name
+
+
+def unsatisfied(requirement: str) -> str | None:
+    """None when installed in a version the requirement accepts, else what is wrong ("missing" or the version)."""
+    from packaging.requirements import Requirement
+
+    parsed = Requirement(requirement)
+    try:
+        version = importlib.metadata.version(parsed.name)
+    except importlib.metadata.PackageNotFoundError:
+        return "missing"
+    return None if parsed.specifier.contains(version, prereleases=True) else version
 
 
 def missing() -> list[str]:
-    importlib.invalidate_caches()
-    return [name for name in REQUIRED if importlib.util.find_spec(name) is None]
+    """The requirements not satisfied, e.g. ["torch>=2.5 (2.1.0 installed)", "diffusers>=0.30"]."""
+    problems = []
+    for requirement in requirements():
+        state = unsatisfied(requirement)
+        if state is not None:
+            problems.append(requirement if state == "missing" else f"{requirement} ({state} installed)")
+    return problems
+
+
+def installing() -> bool:
+    """True while an install runs (ours, or another extension's where Slicer can say)."""
+    pydeps = _slicerModule("pydeps")
+    return _installing or bool(pydeps is not None and getattr(pydeps, "isPipInstallInProgress", lambda: False)())
 
 
 def ensure() -> str | None:
     """Offer to install what is missing. None when generation can run, else a sentence for the status line."""
+    global _installing
+    if sys.version_info < MINIMUM_PYTHON:
+        return TOO_OLD_SLICER.format(version=".".join(map(str, sys.version_info[:3])))
+    if not missing():
+        return None
+    if installing():
+        return "Python packages are being installed; click Generate again when that has finished."
+    _installing = True
     try:
-        if "torch" in missing():
-            installTorch()
-        if "torch" not in missing() and "ctflow" in missing():
-            installCTFlow()
+        torch, others = requirements()[0], requirements()[1:]
+        if unsatisfied(torch) is not None:
+            installTorch(torch)
+        if unsatisfied(torch) is None and any(unsatisfied(r) is not None for r in others):
+            pipInstall([r for r in others if unsatisfied(r) is not None])
     except subprocess.CalledProcessError as exc:
         logging.error("CTFlow: installing Python packages failed: %s", exc)
         return "Installing the Python packages failed; the Python console shows pip's messages."
+    finally:
+        _installing = False
     still = missing()
     if still:
-        return f"CTFlow needs {' and '.join(still)}, which {'is' if len(still) == 1 else 'are'} not installed."
+        return f"CTFlow needs {', '.join(still)}: not installed. Click Generate to be asked again."
     return None
 
 
-def describeTorch() -> str:
-    """One line for the panel: the torch in Slicer and the accelerator it sees."""
-    if importlib.util.find_spec("torch") is None:
-        return "PyTorch is not installed yet; it is offered when you first click Generate."
-    import torch
-
-    if not torch.cuda.is_available():
-        return f"Detected: no CUDA GPU, CPU only (PyTorch {torch.__version__})."
-    gpu = torch.cuda.get_device_properties(0)
-    return f"Detected: {gpu.name}, {gpu.total_memory / 2**30:.0f} GB (PyTorch {torch.__version__})."
-
-
-def installTorch() -> None:
+def installTorch(requirement: str) -> None:
+    """Through the PyTorch extension (the CUDA build that fits the driver), else PyPI after saying what that means."""
+    specifier = requirement[len(distribution(requirement)):]
     try:
         import PyTorchUtils
     except ImportError:
-        pipInstall(
-            [f"torch{TORCH_REQUIREMENT}"],
-            "PyTorch from PyPI (about 1 to 3 GB). For the CUDA build that fits your GPU driver, cancel, install "
-            "the PyTorch extension from the Extensions Manager, restart Slicer and click Generate again.",
-        )
+        cpuOnly = "On Windows PyPI has only a CPU build; on Linux its default CUDA build may not fit your driver. "
+        if slicer.util.confirmOkCancelDisplay(
+            f"CTFlow needs PyTorch {specifier} (about 1 to 3 GB download). {cpuOnly}For the CUDA build that fits "
+            "your GPU, cancel, install the PyTorch extension (View > Extensions Manager), restart Slicer and click "
+            "Generate again.\n\nInstall PyTorch from PyPI now?", "CTFlow - install PyTorch"):
+            slicer.util.pip_install([requirement, "-c", str(writeConstraints(without="torch"))])
         return
-    PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True, torchVersionRequirement=TORCH_REQUIREMENT)
+    old = unsatisfied(requirement)
+    if old not in (None, "missing"):
+        slicer.util.infoDisplay(
+            f"CTFlow needs PyTorch {specifier}; this Slicer has {old}. The PyTorch extension will now offer to "
+            "replace it (restart Slicer afterwards if other modules have already imported torch).",
+            "CTFlow - upgrade PyTorch")
+    logic = PyTorchUtils.PyTorchUtilsLogic()
+    logic.installTorch(askConfirmation=True, torchVersionRequirement=specifier)
 
 
-def installCTFlow() -> None:
-    library = resources.ctflowLibrary()
-    if library is None:
-        logging.error("CTFlow: this copy of the extension lacks its ctflow library (CTFlowLib); reinstall it")
+def pipInstall(needed: list[str]) -> None:
+    """Our own explanation first (pip_ensure's prompt cannot carry it); then pip_ensure where Slicer has it
+    (slicer.pydeps, 5.11+; slicer.packaging in early 5.12 builds), else slicer.util.pip_install."""
+    sizes = "about 200 MB: transformers, diffusers, safetensors, nibabel, pynrrd and the MiniLM text encoder"
+    if not slicer.util.confirmOkCancelDisplay(
+            f"CTFlow needs these Python packages ({sizes}):\n\n" + "\n".join(needed) +
+            "\n\nSlicer's own numpy, SimpleITK and the installed PyTorch are kept as they are. Install now?",
+            "CTFlow - install Python packages"):
+        logging.info("CTFlow: installation of %s declined", needed)
         return
-    # pip builds inside the source folder, which an installed extension may not be allowed to write: build a copy
-    staging = Path(tempfile.mkdtemp(prefix="ctflow-build-"))
-    try:
-        skip = shutil.ignore_patterns("*.egg-info", "build")
-        source = Path(shutil.copytree(library, staging / "CTFlowLib", ignore=skip))
-        pipInstall(
-            [f"ctflow @ {source.as_uri()}"],
-            "the CTFlow library and its requirements (transformers, diffusers, safetensors, nibabel, pynrrd).",
-        )
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def pipInstall(requirements: list[str], what: str) -> None:
-    """slicer.packaging.pip_ensure where Slicer has it (5.12 and later), else a confirmation and pip_install."""
     constraints = writeConstraints()
     try:
-        packaging = importlib.import_module("slicer.packaging")
-    except ImportError:
-        packaging = None
-    if packaging is not None:
-        try:
-            packaging.pip_ensure(requirements, constraints=constraints, requester=REQUESTER)
-        except RuntimeError:  # the user declined
-            logging.info("CTFlow: installation of %s declined", requirements)
-        return
-    if slicer.util.confirmOkCancelDisplay(f"CTFlow needs {what}\n\nInstall now?", "CTFlow - install Python packages"):
-        slicer.util.pip_install(requirements + ["-c", str(constraints)])
+        installer = _slicerModule("pydeps") or _slicerModule("packaging")
+        if installer is not None and hasattr(installer, "pip_ensure"):
+            from packaging.requirements import Requirement
+
+            options = {"constraints": str(constraints), "requester": REQUESTER}
+            if "prompt_install" in inspect.signature(installer.pip_ensure).parameters:
+                options["prompt_install"] = False  # the user has just agreed to our own, fuller question
+            installer.pip_ensure([Requirement(r) for r in needed], **options)
+        else:
+            slicer.util.pip_install(needed + ["-c", str(constraints)])
+    finally:
+        constraints.unlink(missing_ok=True)
 
 
 def constraintsText(versions: dict[str, str]) -> str:
     return "".join(f"{name}=={version}\n" for name, version in sorted(versions.items()))
 
 
-def runningVersions() -> dict[str, str]:
+def runningVersions(names=PINNED) -> dict[str, str]:
     """Installed versions of the pinned packages (those present)."""
     versions = {}
-    for name in PINNED:
+    for name in names:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -122,7 +165,16 @@ def runningVersions() -> dict[str, str]:
     return versions
 
 
-def writeConstraints() -> Path:
-    with tempfile.NamedTemporaryFile("w", prefix="ctflow-constraints-", suffix=".txt", delete=False) as handle:
-        handle.write(constraintsText(runningVersions()))
-    return Path(handle.name)
+def writeConstraints(without: str = "") -> Path:
+    """A constraints file pinning what Slicer runs; the caller removes it."""
+    handle, name = tempfile.mkstemp(prefix="ctflow-constraints-", suffix=".txt")
+    with os.fdopen(handle, "w") as file:
+        file.write(constraintsText(runningVersions(tuple(n for n in PINNED if n != without))))
+    return Path(name)
+
+
+def _slicerModule(name: str):
+    try:
+        return importlib.import_module(f"slicer.{name}")
+    except ImportError:
+        return None

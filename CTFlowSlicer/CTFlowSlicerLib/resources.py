@@ -6,6 +6,7 @@ a source checkout added through "Additional module paths" has them at the reposi
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 MODULE_DIR = Path(__file__).resolve().parents[1]
@@ -40,9 +41,19 @@ def bundledModel() -> Path | None:
     return folder if folder is not None and (folder / "config.json").is_file() else None
 
 
-def ctflowLibrary() -> Path | None:
-    """The ctflow source package (with its pyproject.toml) that pip installs into Slicer's Python."""
-    return shipped("CTFlowLib")
+def ctflowLibrary() -> Path:
+    """The folder holding the bundled ctflow package and its requirements.txt."""
+    folder = shipped("CTFlowLib")
+    if folder is None:
+        raise RuntimeError("this copy of the CTFlow extension lacks its ctflow library (Resources/CTFlowLib): reinstall it")
+    return folder
+
+
+def useBundledLibrary() -> None:
+    """Import ctflow from the extension's own copy: an update updates it, an uninstall removes it."""
+    folder = str(ctflowLibrary())
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
 
 
 def _title(stem: str) -> str:

@@ -41,13 +41,14 @@ def settings(tiny_model):
 
 
 @pytest.fixture(scope="session")
-def generation():
-    """One GenerationLogic for the logic tests: it keeps the model loaded between runs, as it does in Slicer."""
-    from CTFlowSlicerLib.logic import GenerationLogic
+def logic(qt_application):
+    """One CTFlowSlicerLogic for the logic tests: its worker process keeps the model loaded between runs, as in
+    Slicer. Tests that break the worker leave the next test a fresh one (start() replaces a dead worker)."""
+    import CTFlowSlicer
 
-    logic = GenerationLogic()
+    logic = CTFlowSlicer.CTFlowSlicerLogic()
     yield logic
-    logic.stop()
+    logic.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,13 @@
-"""The module's logic against a real MRML scene (slicer-core, no Slicer application) and a tiny real model."""
+"""The module's Logic against a real MRML scene (slicer-core, no Slicer application), a real worker process and a
+tiny real model. Polling here sleeps in Python; test_pythonqt_host.py polls the way Slicer's main thread does."""
 
 from __future__ import annotations
 
 import dataclasses
-import threading
+import os
+import signal
 import time
+from pathlib import Path
 
 import ctflow
 import numpy as np
@@ -12,19 +15,19 @@ import pytest
 import slicer
 import torch
 
-from CTFlowSlicerLib import logic, resources
+from CTFlowSlicerLib import generation, resources
 from CTFlowSlicerLib.display import WINDOW_PRESETS, applyWindow
 from CTFlowSlicerLib.parameters import GenerationSettings
 
 
-def run(generation, settings, replace=None, onProgress=lambda progress: None, timeout=120.0):
+def run(logic, settings, replace=None, onProgress=lambda progress: None, timeout=120.0):
     """Start, then poll as the panel's timer does until the end; returns every snapshot."""
-    generation.start(settings, replace)
+    logic.start(settings, replace)
     snapshots = []
     deadline = time.monotonic() + timeout
     while not (snapshots and snapshots[-1].finished):
         assert time.monotonic() < deadline, "generation did not finish"
-        snapshots.append(generation.poll())
+        snapshots.append(logic.poll())
         onProgress(snapshots[-1])
         time.sleep(0.005)
     return snapshots
@@ -32,14 +35,17 @@ def run(generation, settings, replace=None, onProgress=lambda progress: None, ti
 
 def expected_volume(tiny_pipeline, settings) -> ctflow.Volume:
     """What the library itself makes for these settings."""
-    return tiny_pipeline.generate(logic.generationRequest(settings))
+    fields = generation.requestFields(settings)
+    return tiny_pipeline.generate(ctflow.GenerationRequest(**{k: v for k, v in fields.items() if v is not None}))
 
 
-def workers_alive() -> list[threading.Thread]:
-    return [thread for thread in threading.enumerate() if thread.name == logic.THREAD_NAME]
+def run_folders() -> set[str]:
+    import tempfile
+
+    return {p.name for p in Path(tempfile.gettempdir()).glob("ctflow-run-*")}
 
 
-def test_blocks_stream_into_the_node_with_the_library_output(scene, generation, settings, tiny_pipeline):
+def test_blocks_stream_into_the_node_with_the_library_output(scene, logic, settings, tiny_pipeline):
     expected = expected_volume(tiny_pipeline, settings)
     seen = []
 
@@ -53,36 +59,31 @@ def test_blocks_stream_into_the_node_with_the_library_output(scene, generation, 
         seen.append(slices)
         assert node.GetImageData().GetDimensions() == (16, 16, slices)
         assert node.GetSpacing() == pytest.approx((1.5, 1.5, 2.5))
-        np.testing.assert_allclose(logic.ijkToRAS(node), expected.geometry.ijk_to_ras())
+        np.testing.assert_allclose(generation.ijkToRAS(node), expected.geometry.ijk_to_ras())
         np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), expected.hu[:slices])
         if slices < 10:
             assert node.GetAttribute("CTFlow.partial") == "True"
 
-    snapshots = run(generation, settings, onProgress=check)
+    snapshots = run(logic, settings, onProgress=check)
     assert seen == [4, 8, 10]  # one block per poll: the views fill in block by block
     assert [s.firstBlock for s in snapshots].count(True) == 1
     final = snapshots[-1]
     assert (final.state, final.blocksDone, final.blocksExpected, final.slices) == ("done", 3, 3, 10)
     assert final.message.startswith("Done: 10 slices") and "not for diagnosis" in final.message
-    assert not workers_alive()
+    assert final.blockLatency < 5.0
 
 
-def test_a_volume_that_ends_where_a_block_would_start_shows_every_block_done(scene, generation, settings, steered):
-    """The model draws its end marker as block 3's first slice: the stream learns that block 2 was the last only
-    after handing it over, with an estimate of more blocks to come."""
-    generation._loaded = ((settings.modelLocation, None, "cpu"), steered(2, 0))  # as if this model were loaded
-    try:
-        snapshots = run(generation, dataclasses.replace(settings, slices=0))
-    finally:
-        generation._loaded = None
-    assert any(s.blocksExpected > 2 for s in snapshots if s.state == "generating")
-    final = snapshots[-1]
-    assert (final.state, final.blocksDone, final.blocksExpected, final.slices) == ("done", 2, 2, 8)
-    assert final.barText == "2 / 2 blocks"
+def test_the_worker_keeps_the_model_between_runs(scene, logic, settings):
+    run(logic, settings)
+    again = run(logic, dataclasses.replace(settings, seed=6))
+    assert "loading" not in {s.state for s in again} and again[-1].state == "done"
+    logic.unloadModel()
+    reloaded = run(logic, settings)
+    assert "loading" in {s.state for s in reloaded} and reloaded[-1].state == "done"
 
 
-def test_the_node_carries_name_provenance_and_window(scene, generation, settings):
-    node = run(generation, dataclasses.replace(settings, window="bone"))[-1].node
+def test_the_node_carries_name_provenance_and_window(scene, logic, settings):
+    node = run(logic, dataclasses.replace(settings, window="bone"))[-1].node
     assert node.GetName() == "Synthetic CT (CTFlow) - Moderate right pleural effusion. - seed 5"
     assert node.GetAttribute("CTFlow.Synthetic") == ctflow.SYNTHETIC_NOTICE
     assert node.GetAttribute("CTFlow.seed") == "5"
@@ -92,7 +93,7 @@ def test_the_node_carries_name_provenance_and_window(scene, generation, settings
     assert node.GetAttribute("CTFlow.ctflow_version") == ctflow.__version__
     assert node.GetAttribute("CTFlow.partial") == "False"
     assert "right pleural effusion" in node.GetAttribute("CTFlow.report")
-    provenance = generation.provenanceOf(node)
+    provenance = logic.provenanceOf(node)
     assert (provenance.seed, provenance.steps, provenance.partial) == (5, 2, False)
     display = node.GetDisplayNode()
     assert (display.GetWindow(), display.GetLevel()) == WINDOW_PRESETS["bone"]
@@ -101,33 +102,32 @@ def test_the_node_carries_name_provenance_and_window(scene, generation, settings
     assert [c.GetBackgroundVolumeID() for c in composites] == [node.GetID()] * 3
 
 
-def test_cancel_stops_within_a_block_and_keeps_a_partial_volume(scene, generation, settings):
+def test_cancel_stops_within_a_block_and_keeps_a_partial_volume(scene, logic, settings):
     state = {}
 
     def cancel_after_first_block(progress):
         if progress.firstBlock:
             state["at_cancel"] = progress.blocksDone
-            generation.cancel()
+            logic.cancel()
 
-    snapshots = run(generation, dataclasses.replace(settings, slices=400), onProgress=cancel_after_first_block)
+    snapshots = run(logic, dataclasses.replace(settings, slices=400), onProgress=cancel_after_first_block)
     final = snapshots[-1]
     assert final.state == "cancelled"
     assert final.blocksDone <= state["at_cancel"] + 2  # at most the block already queued: the one in work is dropped
     assert slicer.util.arrayFromVolume(final.node).shape[0] == final.slices < 400
     assert final.node.GetAttribute("CTFlow.partial") == "True"
     assert final.message.startswith("Cancelled: kept")
-    assert not workers_alive()
 
 
-def test_replace_mode_reuses_the_last_node(scene, generation, settings, tiny_pipeline):
-    first = run(generation, settings)[-1].node
+def test_replace_mode_reuses_the_last_node(scene, logic, settings, tiny_pipeline):
+    first = run(logic, settings)[-1].node
     again = dataclasses.replace(settings, seed=6, slices=6, replaceOutput=True)
-    second = run(generation, again, replace=first)[-1].node
+    second = run(logic, again, replace=first)[-1].node
     assert second is first
     assert len(slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")) == 1
     assert first.GetName().endswith("seed 6") and first.GetAttribute("CTFlow.seed") == "6"
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(first), expected_volume(tiny_pipeline, again).hu)
-    third = run(generation, settings)[-1].node
+    third = run(logic, settings)[-1].node
     assert third is not first and len(slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")) == 2
 
 
@@ -139,36 +139,87 @@ def test_replace_mode_reuses_the_last_node(scene, generation, settings, tiny_pip
         ({"modelSource": "folder", "modelLocation": "/no/such/model"}, "does not exist"),
         ({"modelSource": "hub", "modelLocation": ""}, "type a hub id"),
         ({"device": "cuda"}, "CUDA was requested"),
+        ({"slices": 5000}, "slice count must be"),
     ],
 )
-def test_errors_end_as_a_message_without_a_node(scene, generation, settings, monkeypatch, change, message):
+def test_errors_end_as_a_message_without_a_node(scene, logic, settings, monkeypatch, change, message):
     monkeypatch.setattr(resources, "bundledModel", lambda: None)
     if change.get("device") == "cuda" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    final = run(generation, dataclasses.replace(settings, **change))[-1]
+    final = run(logic, dataclasses.replace(settings, **change))[-1]
     assert final.state == "failed"
     assert final.message.startswith("Error:") and message in final.message
     assert final.node is None and not slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
-    assert not workers_alive()
 
 
+def test_a_worker_that_dies_gives_one_line_and_the_next_run_a_new_worker(scene, logic, settings):
+    def kill_after_first_block(progress):
+        if progress.firstBlock:
+            os.kill(logic._worker.process.pid, signal.SIGKILL)  # what the kernel's OOM killer does
 
-@pytest.mark.parametrize(
-    ("error", "message"),
-    [(torch.cuda.OutOfMemoryError("CUDA out of memory"), "out of GPU memory: choose CPU"),
-     (RuntimeError("boom"), "unexpected RuntimeError: boom")],
-)
-def test_worker_failures_end_as_a_message(scene, generation, settings, monkeypatch, error, message):
-    def fail(settings):
-        raise error
+    final = run(logic, dataclasses.replace(settings, slices=400), onProgress=kill_after_first_block)[-1]
+    assert final.state == "failed" and final.node is not None
+    assert "stopped unexpectedly (exit code -9, killed by SIGKILL" in final.message
+    assert "The next Generate starts a new one." in final.message
+    assert final.node.GetAttribute("CTFlow.partial") == "True"
+    assert slicer.util.arrayFromVolume(final.node).shape[0] == final.slices > 0
+    again = run(logic, settings)[-1]
+    assert again.state == "done" and again.slices == 10
 
-    monkeypatch.setattr(logic, "generationRequest", fail)
-    final = run(generation, settings)[-1]
-    assert final.state == "failed" and message in final.message
-    assert not workers_alive()
 
-def test_provenance_survives_scene_save_and_reload(scene, generation, settings, tmp_path):
-    node = run(generation, settings)[-1].node
+def test_a_stuck_worker_is_ended_after_the_cancel_grace(scene, logic, settings):
+    import CTFlowSlicer
+
+    state = {}
+
+    def freeze_then_cancel(progress):
+        if progress.firstBlock:
+            state["pid"] = logic._worker.process.pid
+            os.kill(state["pid"], signal.SIGSTOP)  # a worker stuck in a long native call
+            state["cancelled"] = time.monotonic()
+            logic.cancel()
+
+    final = run(logic, dataclasses.replace(settings, slices=400), onProgress=freeze_then_cancel)[-1]
+    waited = time.monotonic() - state["cancelled"]
+    assert CTFlowSlicer.CANCEL_GRACE_S <= waited < CTFlowSlicer.CANCEL_GRACE_S + 3
+    assert final.state == "cancelled" and "did not stop within 3 s and was ended" in final.message
+    assert final.node.GetAttribute("CTFlow.partial") == "True"
+    with pytest.raises(ProcessLookupError):
+        os.killpg(state["pid"], 0)  # the worker's whole process group is gone
+    assert run(logic, settings)[-1].state == "done"
+
+
+def test_closing_the_scene_or_quitting_never_waits_on_the_worker(scene, logic, settings):
+    import CTFlowSlicer
+
+    folders = run_folders()
+    logic.start(dataclasses.replace(settings, slices=400))
+    while logic.poll().node is None:
+        time.sleep(0.01)
+    started = time.monotonic()
+    logic.stop()  # what the panel does when the scene starts closing
+    assert time.monotonic() - started < 0.2 and not logic.isRunning()
+    assert logic.poll().state == "idle"
+    started = time.monotonic()
+    other = CTFlowSlicer.CTFlowSlicerLogic()  # quitting while a run is in progress
+    other.start(dataclasses.replace(settings, slices=400))
+    while other.poll().node is None:
+        time.sleep(0.01)
+    pid = other._worker.process.pid
+    started = time.monotonic()
+    other.shutdown()
+    assert time.monotonic() - started < 2.0
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    deadline = time.monotonic() + 30
+    while run_folders() - folders and time.monotonic() < deadline:  # the first logic's worker ends its run
+        logic.poll()
+        time.sleep(0.05)
+    assert run_folders() - folders == set()
+
+
+def test_provenance_survives_scene_save_and_reload(scene, logic, settings, tmp_path):
+    node = run(logic, settings)[-1].node
     hu = slicer.util.arrayFromVolume(node).copy()
     storage = node.CreateDefaultStorageNode()
     scene.AddNode(storage)
@@ -184,21 +235,21 @@ def test_provenance_survives_scene_save_and_reload(scene, generation, settings, 
     copy = reloaded.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
     names = [node.GetAttributeNames()[i] for i in range(len(node.GetAttributeNames()))]
     assert {name: copy.GetAttribute(name) for name in names} == {name: node.GetAttribute(name) for name in names}
-    assert generation.provenanceOf(copy) == generation.provenanceOf(node)
+    assert logic.provenanceOf(copy) == logic.provenanceOf(node)
     # Slicer stores a right-handed IJK: the reloaded k axis runs inferior to superior, same voxels in space.
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(copy)[::-1], hu)
-    flipped = logic.ijkToRAS(node) @ np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, -1, 9], [0, 0, 0, 1]])
-    np.testing.assert_allclose(logic.ijkToRAS(copy), flipped, atol=1e-6)
+    flipped = generation.ijkToRAS(node) @ np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, -1, 9], [0, 0, 0, 1]])
+    np.testing.assert_allclose(generation.ijkToRAS(copy), flipped, atol=1e-6)
 
 
 @pytest.mark.parametrize("suffix", [".nrrd", ".nii.gz"])
-def test_saved_files_carry_voxels_geometry_and_provenance(scene, generation, settings, tmp_path, suffix):
-    node = run(generation, settings)[-1].node
-    written = generation.saveVolume(node, tmp_path / f"synthetic{suffix}")
+def test_saved_files_carry_voxels_geometry_and_provenance(scene, logic, settings, tmp_path, suffix):
+    node = run(logic, settings)[-1].node
+    written = logic.saveVolume(node, tmp_path / f"synthetic{suffix}")
     volume = ctflow.read_volume(written)
     np.testing.assert_array_equal(volume.hu, slicer.util.arrayFromVolume(node))
-    np.testing.assert_allclose(volume.geometry.ijk_to_ras(), logic.ijkToRAS(node), atol=1e-5)
-    assert volume.provenance == generation.provenanceOf(node)
+    np.testing.assert_allclose(volume.geometry.ijk_to_ras(), generation.ijkToRAS(node), atol=1e-5)
+    assert volume.provenance == logic.provenanceOf(node)
 
 
 def test_window_presets(scene):
@@ -216,7 +267,7 @@ def test_settings_round_trip_through_the_parameter_node(scene):
                                   replaceOutput=True, window="bone")
     settings.save(node)
     assert GenerationSettings.load(node) == settings
-    assert logic.modelChoice(settings) == ("org/m", "v1")
+    assert generation.modelChoice(settings, None) == ("org/m", "v1")
 
 
 
