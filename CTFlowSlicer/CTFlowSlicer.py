@@ -78,7 +78,7 @@ class CTFlowSlicer(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = "CTFlow Text-to-CT"
-        self.parent.categories = ["Synthetic Data"]
+        self.parent.categories = ["Image Synthesis"]
         self.parent.dependencies = []
         self.parent.contributors = ["CTFlow for 3D Slicer contributors"]
         self.parent.helpText = HELP_TEXT

@@ -55,7 +55,9 @@ def test_a_fresh_panel_shows_what_generate_will_use(panel):
     assert shown == GenerationSettings.load(panel._parameterNode)
     assert (shown.slices, shown.modelSource, shown.window) == (0, "bundled", "lung")
     assert panel.ui.slicesSpinBox.text() == "Automatic" and panel.ui.stepsSpinBox.text() == "Model default"
-    assert panel.ui.deviceLabel.text().startswith("Detected:")
+    assert panel.ui.deviceLabel.text() == "Detecting PyTorch and the GPU ..."  # the worker imports torch, not Slicer
+    wait_until(lambda: panel.ui.deviceLabel.text().startswith("Detected:"))
+    assert not panel._timer.isActive()  # once the worker has answered, the panel idles
 
 
 def test_generate_watch_the_volume_grow_then_cancel(panel, tiny_model, output_dir):
@@ -83,7 +85,7 @@ def test_generate_watch_the_volume_grow_then_cancel(panel, tiny_model, output_di
     assert ui.statusLabel.text().startswith("Cancelled: kept")
     assert grown_to <= slices_in(node) < 400
     assert node.GetAttribute("CTFlow.partial") == "True"
-    assert not [t for t in threading.enumerate() if t.name == "CTFlow generation"]
+    assert threading.enumerate() == [threading.main_thread()]  # generation ran in the worker process
 
 
 def test_finish_then_window_save_and_replace(panel, tiny_model, tmp_path, monkeypatch):
@@ -160,7 +162,14 @@ def test_every_control_has_a_tooltip_and_a_keyboard_path(panel, tiny_model):
 
     use_tiny_model(ui, tiny_model, slices=4)
     ui.reportTextEdit.setPlainText("Findings: Normal chest.")
+    elsewhere = QtWidgets.QLineEdit()  # another part of the main window that holds the panel
+    panel.parent.layout().addWidget(elsewhere)
     panel.parent.activateWindow()
+    elsewhere.setFocus()
+    QtWidgets.QApplication.processEvents()
+    assert QtWidgets.QApplication.focusWidget() is elsewhere
+    QtTest.QTest.keyClick(elsewhere, QtCore.Qt.Key_Return, QtCore.Qt.ControlModifier)
+    assert ui.generateButton.text() == "&Generate"  # the shortcut belongs to the panel
     ui.reportTextEdit.setFocus()
     QtTest.QTest.keyClick(ui.reportTextEdit, QtCore.Qt.Key_Return, QtCore.Qt.ControlModifier)
     assert ui.generateButton.text() == "&Cancel"  # Ctrl+Enter generates from anywhere in the panel
@@ -173,7 +182,7 @@ def test_module_description_says_synthetic(qt_application):
 
     parent = types.SimpleNamespace()
     CTFlowSlicer.CTFlowSlicer(parent)
-    assert parent.title == "CTFlow Text-to-CT" and parent.categories == ["Synthetic Data"]
+    assert parent.title == "CTFlow Text-to-CT" and parent.categories == ["Image Synthesis"]
     assert "must not be used for diagnosis" in parent.helpText
     assert "synthetic and not for diagnosis" in parent.acknowledgementText
 
