@@ -51,13 +51,24 @@ def logic(qt_application):
     logic.shutdown()
 
 
+def load_helper(name: str):
+    """A helper module of this folder (pytest's importlib mode puts none of them on sys.path)."""
+    spec = importlib.util.spec_from_file_location(f"ctflow_slicer_{name}", Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def qt_application(tmp_path_factory):
     """Slicer's Qt world stood in by PySide6 (offscreen); must come before CTFlowSlicer.py is imported."""
-    spec = importlib.util.spec_from_file_location("ctflow_slicer_standin", Path(__file__).with_name("standin.py"))
-    standin = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(standin)
-    return standin.install(str(tmp_path_factory.mktemp("slicer-temporary")))
+    return load_helper("standin").install(str(tmp_path_factory.mktemp("slicer-temporary")))
+
+
+@pytest.fixture(scope="session")
+def pythonqt_host():
+    """A main thread that holds the GIL while idle, as Slicer's does (pythonqt_host.py)."""
+    return load_helper("pythonqt_host")
 
 
 @pytest.fixture
