@@ -59,7 +59,7 @@ def unsatisfied(requirement: str) -> str | None:
 
 
 def missing() -> list[str]:
-    """The requirements not satisfied, e.g. ["torch>=2.5 (2.1.0 installed)", "diffusers>=0.30"]."""
+    """The requirements not satisfied, each with the version installed if there is one (too old)."""
     problems = []
     for requirement in requirements():
         state = unsatisfied(requirement)
