@@ -40,17 +40,19 @@ TOOL_FILES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini", ".gitattributes
 TOOL_FOLDERS = frozenset({".git", ".cache"})
 
 
-BUNDLED_MODEL = Path(__file__).resolve().parents[2] / "Resources" / "Models" / "ctflow-demo"
+PACKAGED_MODEL = Path(__file__).resolve().parent / "models" / "ctflow-demo"  # in a wheel: setup.py puts it there
+BUNDLED_MODEL = Path(__file__).resolve().parents[2] / "Resources" / "Models" / "ctflow-demo"  # in the repository
 
 
 def default_model() -> Path:
-    """$CTFLOW_MODEL if set, else the demo model bundled in the repository's Resources/Models/."""
+    """$CTFLOW_MODEL if set, else the bundled demo model: inside an installed package, or in a source checkout."""
     if os.environ.get("CTFLOW_MODEL"):
         return Path(os.environ["CTFLOW_MODEL"])
-    if (BUNDLED_MODEL / CONFIG).is_file():
-        return BUNDLED_MODEL
+    for folder in (PACKAGED_MODEL, BUNDLED_MODEL):
+        if (folder / CONFIG).is_file():
+            return folder
     raise ModelError(
-        f"no trained model is bundled at {BUNDLED_MODEL} (an incomplete checkout or install?); "
+        f"no trained model is bundled at {PACKAGED_MODEL} or {BUNDLED_MODEL} (an incomplete checkout or install?); "
         "pass --model FOLDER_OR_HUB_ID or set CTFLOW_MODEL"
     )
 

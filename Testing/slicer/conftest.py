@@ -71,6 +71,12 @@ def pythonqt_host():
     return load_helper("pythonqt_host")
 
 
+@pytest.fixture(scope="session")
+def slice_views():
+    """Offscreen rendering of the red, yellow and green views by Slicer's slice logic (slice_views.py)."""
+    return load_helper("slice_views")
+
+
 @pytest.fixture
 def panel(qt_application, scene):
     """The module's real widget, set up from the real .ui file in a visible (offscreen) window."""

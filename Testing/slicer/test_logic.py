@@ -252,6 +252,14 @@ def test_saved_files_carry_voxels_geometry_and_provenance(scene, logic, settings
     assert volume.provenance == logic.provenanceOf(node)
 
 
+def test_the_slice_views_show_the_generated_volume(scene, logic, settings, slice_views, output_dir):
+    node = run(logic, dataclasses.replace(settings, slices=12))[-1].node
+    axial, coronal, sagittal = slice_views.render(scene, node, size=64)
+    assert all(view.shape == (64, 64, 3) and view.std() > 10 for view in (axial, coronal, sagittal))
+    assert not np.array_equal(axial, coronal) and not np.array_equal(coronal, sagittal)
+    slice_views.save_side_by_side([axial, coronal, sagittal], output_dir / "slicer_views_tiny.png")
+
+
 def test_window_presets(scene):
     node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
     node.CreateDefaultDisplayNodes()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import urllib.parse
 from pathlib import Path
 
 import ctflow
@@ -39,17 +41,49 @@ def test_the_module_build_lists_every_script_and_resource():
 
 def test_extension_metadata_agrees_everywhere():
     top = (REPO / "CMakeLists.txt").read_text()
-    description = s4ext()
-    assert re.search(r"^project\(CTFlow\)$", top, re.MULTILINE) and (REPO / "CTFlow.s4ext").is_file()
-    assert "add_subdirectory(CTFlowSlicer)" in top and (REPO / "LICENSE").is_file()
+    description, entry = s4ext(), index_entry()
+    assert "add_subdirectory(CTFlowSlicer)" in top
+    assert "cmake_minimum_required(VERSION 3.20.6...3.22.6 FATAL_ERROR)" in top  # as Slicer 5.10's template
     for key, variable in (("homepage", "EXTENSION_HOMEPAGE"), ("category", "EXTENSION_CATEGORY"),
                           ("iconurl", "EXTENSION_ICONURL"), ("screenshoturls", "EXTENSION_SCREENSHOTURLS"),
                           ("description", "EXTENSION_DESCRIPTION"), ("depends", "EXTENSION_DEPENDS")):
         assert description[key] == cmake_value(variable), key
-    assert 'self.parent.categories = ["Synthetic Data"]' in (MODULE / "CTFlowSlicer.py").read_text()
-    assert cmake_value("EXTENSION_CATEGORY") == "Synthetic Data"
-    for url in (description["iconurl"], description["screenshoturls"]):
-        assert (REPO / url.split("/main/", 1)[1]).is_file(), url
+    assert (description["category"], description["scmurl"], description["scmrevision"]) == (
+        entry["category"], entry["scm_url"], entry["scm_revision"])
+    assert description["depends"].split() == entry["build_dependencies"] == ["PyTorch"]
+    assert description["build_subdirectory"] == entry["build_subdirectory"]
+    assert f'self.parent.categories = ["{entry["category"]}"]' in (MODULE / "CTFlowSlicer.py").read_text()
+
+
+def index_entry() -> dict:
+    return json.loads((REPO / "CTFlow.json").read_text())
+
+
+SCHEMA_KEYS = {"$schema": str, "category": str, "scm_url": str, "scm_revision": str, "scm_type": str,
+               "build_dependencies": list, "dicom_support_rule": str, "build_subdirectory": str, "enabled": bool,
+               "tier": int}
+
+
+def test_the_index_entry_passes_the_index_checks_offline():
+    """What Slicer/ExtensionsIndex's check_description_files.py checks, without its network steps (the URLs are
+    checked against the files they will serve once pushed)."""
+    entry, top = index_entry(), (REPO / "CMakeLists.txt").read_text()
+    assert {"$schema", "category", "scm_url"} <= set(entry) <= set(SCHEMA_KEYS)
+    assert all(isinstance(entry[key], SCHEMA_KEYS[key]) for key in entry)
+    assert "slicer-extension-catalog-entry-schema" in entry["$schema"] and 1 <= entry["tier"] <= 5
+    assert entry["category"] == "Image Synthesis"  # one of the checker's categories ("Synthetic Data" is not)
+    url = urllib.parse.urlsplit(entry["scm_url"])
+    assert "://" in entry["scm_url"] and url.scheme in ("git", "https")
+    assert "slicer" in Path(url.path).stem.lower()  # the repository name check
+    assert re.findall(r"project\s*\(\s*([^\s)]+)", top, re.IGNORECASE)[0] == "CTFlow"  # == the entry's file name
+    urls = [cmake_value("EXTENSION_ICONURL"), *cmake_value("EXTENSION_SCREENSHOTURLS").split()]
+    for image in urls:
+        assert image.startswith("https://raw.githubusercontent.com/") and image.endswith(".png"), image
+        served = REPO / image.split("/main/", 1)[1]
+        assert served.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", image
+    assert "slicer_views.png" in urls[1]  # the first screenshot shows the slice views, not a bare panel
+    assert (REPO / "LICENSE").is_file()
+    assert entry["build_dependencies"] == ["PyTorch"]  # an extension the index has
 
 
 def test_icons_are_128_pixel_pngs():
