@@ -24,12 +24,15 @@ from pathlib import Path
 
 import qt
 import slicer
+import vtk
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
+from slicer.i18n import tr as _
+from slicer.i18n import translate
 from slicer.util import VTKObservationMixin
 
 from CTFlowSlicerLib import dependencies, resources
@@ -42,19 +45,17 @@ from ctflow.worker import WorkerProcess  # noqa: E402
 from CTFlowSlicerLib import generation  # noqa: E402
 from CTFlowSlicerLib.display import applyWindow  # noqa: E402
 from CTFlowSlicerLib.generation import Progress, Run  # noqa: E402
-from CTFlowSlicerLib.parameters import OUTPUT_VOLUME, GenerationSettings, newSeed  # noqa: E402
+from CTFlowSlicerLib.parameters import CTFlowSlicerParameterNode, newSeed  # noqa: E402
 
 POLL_INTERVAL_MS = 100
 CANCEL_GRACE_S = 3.0  # a cancelled run stops within a sampling step; a worker silent this long is ended
-DEVICE_CHOICES = (("auto", "Automatic"), ("cuda", "CUDA GPU"), ("cpu", "CPU"))
-MODEL_CHOICES = (("bundled", "Bundled demo model"), ("folder", "Local folder"), ("hub", "Hub id"))
-MODEL_PLACEHOLDERS = {"bundled": "", "folder": "model folder", "hub": "org/name or org/name@revision"}
+MODEL_PLACEHOLDERS = {"bundled": "", "folder": _("model folder"), "hub": _("org/name or org/name@revision")}
 WINDOW_BUTTONS = {"lung": "lungWindowButton", "mediastinum": "mediastinumWindowButton", "bone": "boneWindowButton"}
 SAVE_BUTTONS = {"saveNrrdButton": (".nrrd", "NRRD (*.nrrd)"), "saveNiftiButton": (".nii.gz", "NIfTI (*.nii.gz)")}
-CANCEL_TOOLTIP = "Stop generating (Ctrl+Enter). The slices already made stay in the scene, marked partial."
+CANCEL_TOOLTIP = _("Stop generating (Ctrl+Enter). The slices already made stay in the scene, marked partial.")
 ERROR_STYLE = "color: #d32f2f;"
 
-HELP_TEXT = """
+HELP_TEXT = _("""
 Generates a <b>synthetic</b> chest CT volume from the text of a radiology report (Findings and Impressions)
 with CTFlow, a latent flow-matching model that writes the volume block by block, like the frames of a video.
 The slices appear in the red, yellow and green views as each block is decoded; Cancel keeps what was made.
@@ -64,21 +65,21 @@ attributes named CTFlow.* (kept when the scene is saved) and in the header of fi
 <br><br>
 <b>The output is synthetic. It is not an image of a real patient and must not be used for diagnosis or
 treatment.</b>
-"""
+""")
 
-ACKNOWLEDGEMENT_TEXT = """
+ACKNOWLEDGEMENT_TEXT = _("""
 Method: CTFlow, by Wang, Reynaud, Erick and Kainz, "CTFlow: Video-Inspired Latent Flow Matching for 3D CT
 Synthesis" (ICCV 2025 workshop VLM3D, arXiv 2508.12900). The sample reports are written in the style of the
 CT-RATE dataset. This extension is an independent implementation under the Apache-2.0 licence; it is not a
 medical device, and every volume it makes is synthetic and not for diagnosis.
-"""
+""")
 
 
 class CTFlowSlicer(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "CTFlow Text-to-CT"
-        self.parent.categories = ["Image Synthesis"]
+        self.parent.title = _("CTFlow Text-to-CT")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Image Synthesis")]
         self.parent.dependencies = []
         self.parent.contributors = ["CTFlow for 3D Slicer contributors"]
         self.parent.helpText = HELP_TEXT
@@ -86,14 +87,14 @@ class CTFlowSlicer(ScriptedLoadableModule):
 
 
 class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The panel. The parameter node holds its settings; generation itself lives in the logic."""
+    """The panel: its widgets are bound to the parameter node (SlicerParameterName); generation is the Logic's."""
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
         self._parameterNode = None
-        self._showingSettings = False  # True while the GUI is being set from the parameter node
+        self._parameterNodeGuiTag = None
         self._running = False
 
     def setup(self):
@@ -101,9 +102,9 @@ class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/CTFlowSlicer.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
+        self.ui.outputVolumeSelector.setMRMLScene(slicer.mrmlScene)
         self.logic = CTFlowSlicerLogic()
         self._generateTooltip = self.ui.generateButton.property("toolTip")
-        self._fillChoices()
         self._connectGUI(uiWidget)
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
@@ -124,40 +125,47 @@ class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def enter(self):
         self.initializeParameterNode()
 
+    def exit(self):
+        self.setParameterNode(None)
+
     def onSceneStartClose(self, caller, event):
         self._stopGeneration()  # returns at once: the worker stops the run by itself
-        self._parameterNode = None
+        self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
-        self.initializeParameterNode()
+        if self.parent.isEntered:
+            self.initializeParameterNode()
 
     def initializeParameterNode(self):
-        self._parameterNode = self.logic.getParameterNode()
-        settings = GenerationSettings.load(self._parameterNode)
-        settings.save(self._parameterNode)  # a fresh node keeps the defaults it is shown with, its new seed included
-        self._showSettings(settings)
+        self.setParameterNode(self.logic.getParameterNode())
+
+    def setParameterNode(self, parameterNode):
+        """Bind the panel's widgets to `parameterNode` (or unbind them, None)."""
+        if self._parameterNode is not None:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParametersChanged)
+        self._parameterNode = parameterNode
+        if parameterNode is not None:
+            self._parameterNodeGuiTag = parameterNode.connectGui(self.ui)
+            self.addObserver(parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParametersChanged)
+            self.onParametersChanged()
+
+    def onParametersChanged(self, *_):
+        """What the parameters decide beyond the bound widgets: the model row, the window buttons, Save."""
+        parameters = self._parameterNode
+        self._updateModelRow()
+        getattr(self.ui, WINDOW_BUTTONS.get(parameters.window, "lungWindowButton")).setChecked(True)
+        hasVolume = parameters.generatedVolume is not None
+        for name in SAVE_BUTTONS:
+            getattr(self.ui, name).setEnabled(hasVolume)
 
     # -- set-up -------------------------------------------------------------------------------------------
 
-    def _fillChoices(self):
-        ui = self.ui
-        ui.sampleReportComboBox.addItem("Choose a sample report ...", "")
-        for title, path in resources.sampleReports().items():
-            ui.sampleReportComboBox.addItem(title, str(path))
-        for combo, choices in ((ui.deviceComboBox, DEVICE_CHOICES), (ui.modelSourceComboBox, MODEL_CHOICES)):
-            for key, label in choices:
-                combo.addItem(label, key)
-
     def _connectGUI(self, uiWidget):
         ui = self.ui
-        for edit in (ui.reportTextEdit, ui.impressionsTextEdit):
-            edit.textChanged.connect(self.updateParameterNodeFromGUI)
-        for box in (ui.slicesSpinBox, ui.seedSpinBox, ui.stepsSpinBox, ui.guidanceSpinBox):
-            box.valueChanged.connect(self.updateParameterNodeFromGUI)
-        for combo in (ui.deviceComboBox, ui.modelSourceComboBox):
-            combo.currentIndexChanged.connect(self.updateParameterNodeFromGUI)
-        ui.modelLocationLineEdit.textChanged.connect(self.updateParameterNodeFromGUI)
-        ui.replaceVolumeRadioButton.toggled.connect(self.updateParameterNodeFromGUI)
+        ui.sampleReportComboBox.addItem(_("Choose a sample report ..."), "")
+        for title, path in resources.sampleReports().items():
+            ui.sampleReportComboBox.addItem(title, str(path))
         ui.sampleReportComboBox.activated.connect(self.onSampleReport)
         ui.newSeedButton.clicked.connect(self.onNewSeed)
         ui.browseModelButton.clicked.connect(self.onBrowseModel)
@@ -171,93 +179,38 @@ class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             shortcut.setContext(qt.Qt.WidgetWithChildrenShortcut)  # the panel's, not the whole main window's
             shortcut.activated.connect(self.onGenerateButton)
 
-    # -- parameter node <-> GUI ---------------------------------------------------------------------------
-
-    def updateParameterNodeFromGUI(self, *_):
-        if self._parameterNode is None or self._showingSettings:
-            return
-        self._settingsFromGUI().save(self._parameterNode)
-        self._updateModelRow()
-
-    def _settingsFromGUI(self) -> GenerationSettings:
-        ui = self.ui
-        return GenerationSettings(
-            report=ui.reportTextEdit.toPlainText(),
-            impressions=ui.impressionsTextEdit.toPlainText(),
-            slices=ui.slicesSpinBox.property("value"),
-            seed=ui.seedSpinBox.property("value"),
-            steps=ui.stepsSpinBox.property("value"),
-            guidance=ui.guidanceSpinBox.property("value"),
-            device=ui.deviceComboBox.property("currentData"),
-            modelSource=ui.modelSourceComboBox.property("currentData"),
-            modelLocation=ui.modelLocationLineEdit.property("text"),
-            replaceOutput=ui.replaceVolumeRadioButton.isChecked(),
-            window=next(preset for preset, name in WINDOW_BUTTONS.items() if getattr(ui, name).isChecked()),
-        )
-
-    def _showSettings(self, settings: GenerationSettings):
-        ui = self.ui
-        self._showingSettings = True
-        try:
-            ui.reportTextEdit.setPlainText(settings.report)
-            ui.impressionsTextEdit.setPlainText(settings.impressions)
-            ui.slicesSpinBox.setValue(settings.slices)
-            ui.seedSpinBox.setValue(settings.seed)
-            ui.stepsSpinBox.setValue(settings.steps)
-            ui.guidanceSpinBox.setValue(settings.guidance)
-            ui.deviceComboBox.setCurrentIndex(max(ui.deviceComboBox.findData(settings.device), 0))
-            ui.modelSourceComboBox.setCurrentIndex(max(ui.modelSourceComboBox.findData(settings.modelSource), 0))
-            ui.modelLocationLineEdit.setText(settings.modelLocation)
-            ui.replaceVolumeRadioButton.setChecked(settings.replaceOutput)
-            ui.newVolumeRadioButton.setChecked(not settings.replaceOutput)
-            getattr(ui, WINDOW_BUTTONS[settings.window]).setChecked(True)
-        finally:
-            self._showingSettings = False
-        self._updateModelRow()
-        self._updateSaveButtons()
-
     def _updateModelRow(self):
-        ui = self.ui
-        source = ui.modelSourceComboBox.property("currentData")
-        location = ui.modelLocationLineEdit.property("text").strip()
+        ui, parameters = self.ui, self._parameterNode
+        source = parameters.modelSource.value
         ui.modelLocationLineEdit.setEnabled(source != "bundled")
         ui.browseModelButton.setEnabled(source == "folder")
         ui.modelLocationLineEdit.setPlaceholderText(MODEL_PLACEHOLDERS[source])
-        problem, text = modelStatus(source, location)
+        problem, text = modelStatus(parameters)
         ui.modelStatusLabel.setText(text)
         ui.modelStatusLabel.setStyleSheet(ERROR_STYLE if problem else "")
-
-    def _updateSaveButtons(self):
-        hasVolume = self._outputVolume() is not None
-        for name in SAVE_BUTTONS:
-            getattr(self.ui, name).setEnabled(hasVolume)
-
-    def _outputVolume(self):
-        return self._parameterNode.GetNodeReference(OUTPUT_VOLUME) if self._parameterNode is not None else None
 
     # -- actions ------------------------------------------------------------------------------------------
 
     def onSampleReport(self, *_):
-        combo = self.ui.sampleReportComboBox
-        path = combo.property("currentData")
+        path = self.ui.sampleReportComboBox.property("currentData")
         if path:
-            self.ui.reportTextEdit.setPlainText(Path(path).read_text(encoding="utf-8"))
-            self.ui.impressionsTextEdit.setPlainText("")
+            self._parameterNode.report = Path(path).read_text(encoding="utf-8")
+            self._parameterNode.impressions = ""
 
     def onNewSeed(self):
-        self.ui.seedSpinBox.setValue(newSeed())
+        self._parameterNode.seed = newSeed()
 
     def onBrowseModel(self):
-        start = self.ui.modelLocationLineEdit.property("text")
-        folder = qt.QFileDialog.getExistingDirectory(self.parent, "Choose a CTFlow model folder", start)
+        folder = qt.QFileDialog.getExistingDirectory(self.parent, _("Choose a CTFlow model folder"),
+                                                     self._parameterNode.modelLocation)
         if folder:
-            self.ui.modelLocationLineEdit.setText(folder)
+            self._parameterNode.modelLocation = folder
 
     def onGenerateButton(self):
         """Generate, or, while generating, cancel. Dependencies are installed here, on first use."""
         if self._running:
             self.logic.cancel()
-            self._setStatus("Cancelling: the model stops at its next sampling step ...")
+            self._setStatus(_("Cancelling: the model stops at its next sampling step ..."))
             return
         if dependencies.installing():
             return  # Generate was pressed again while an install dialog is open
@@ -269,8 +222,7 @@ class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if problem:
             self._setStatus(problem, error=True)
             return
-        settings = GenerationSettings.load(self._parameterNode)
-        self.logic.start(settings, self._outputVolume() if settings.replaceOutput else None)
+        self.logic.start(self._parameterNode)
         self._setRunning(True)
         self._timer.start()
 
@@ -284,8 +236,7 @@ class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         progress = self.logic.poll()
         self._showProgress(progress)
         if progress.firstBlock:
-            self._parameterNode.SetNodeReferenceID(OUTPUT_VOLUME, progress.node.GetID())
-            self._updateSaveButtons()
+            self._parameterNode.generatedVolume = progress.node
             slicer.util.setSliceViewerLayers(fit=True)
         if progress.finished:
             self._setRunning(False)
@@ -293,19 +244,19 @@ class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 slicer.util.setSliceViewerLayers(fit=True)
 
     def onWindow(self, preset: str):
-        self.updateParameterNodeFromGUI()
-        volume = self._outputVolume()
+        self._parameterNode.window = preset
+        volume = self._parameterNode.generatedVolume
         if volume is not None:
             applyWindow(volume, preset)
 
     def onSave(self, suffix: str, fileFilter: str):
-        volume = self._outputVolume()
+        volume = self._parameterNode.generatedVolume
         if volume is None:
-            self._setStatus("There is no generated volume to save: it was deleted.", error=True)
+            self._setStatus(_("There is no generated volume to save: it was deleted."), error=True)
             return
         name = re.sub(r"[^\w.-]+", "_", volume.GetName()).strip("_") + suffix
         path = qt.QFileDialog.getSaveFileName(
-            self.parent, "Save the synthetic CT", os.path.join(qt.QDir.homePath(), name), fileFilter
+            self.parent, _("Save the synthetic CT"), os.path.join(qt.QDir.homePath(), name), fileFilter
         )
         if not path:
             return
@@ -314,13 +265,13 @@ class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             written = self.logic.saveVolume(volume, path)
         except ImportError as exc:  # nibabel or pynrrd: installed with the rest on the first Generate
-            self._setStatus(f"Could not save: {exc.name} is not installed yet; click Generate once to install it.",
-                            error=True)
+            self._setStatus(_("Could not save: {name} is not installed yet; click Generate once to install it.")
+                            .format(name=exc.name), error=True)
             return
         except (OSError, ctflow.CTFlowError) as exc:
-            self._setStatus(f"Could not save: {exc}", error=True)
+            self._setStatus(_("Could not save: {error}").format(error=exc), error=True)
             return
-        self._setStatus(f"Saved {written} (provenance in the header).")
+        self._setStatus(_("Saved {path} (provenance in the header).").format(path=written))
 
     # -- display ------------------------------------------------------------------------------------------
 
@@ -344,7 +295,7 @@ class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _setRunning(self, running: bool):
         self._running = running
-        self.ui.generateButton.setText("&Cancel" if running else "&Generate")
+        self.ui.generateButton.setText(_("&Cancel") if running else _("&Generate"))
         self.ui.generateButton.setToolTip(CANCEL_TOOLTIP if running else self._generateTooltip)
 
     def _showDetectedDevice(self):
@@ -356,26 +307,33 @@ class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._setRunning(False)
 
 
-def modelStatus(source: str, location: str) -> tuple[bool, str]:
-    """(is it a problem, a line for the panel) about the chosen model."""
-    if source == "bundled":
-        folder = resources.bundledModel()
-        return (True, resources.NO_BUNDLED_MODEL) if folder is None else (False, f"Bundled model: {folder.name}.")
-    if source == "folder":
-        if location and not Path(location).expanduser().is_dir():
-            return True, "This folder does not exist."
-        return False, "A folder with config.json, model.safetensors and checksums.sha256."
-    return False, "Downloaded from the Hugging Face hub on first use (needs internet), then cached."
+def modelStatus(parameters) -> tuple[bool, str]:
+    """(is it a problem, a line for the panel) about the chosen model: what generation.modelChoice says."""
+    try:
+        model, revision = generation.modelChoice(parameters, resources.bundledModel())
+    except ctflow.ModelError as exc:
+        source = parameters.modelSource.value
+        if source == "bundled" or parameters.modelLocation.strip():
+            return True, str(exc)[:1].upper() + str(exc)[1:]
+        return False, {"folder": _("A folder with config.json, model.safetensors and checksums.sha256."),
+                       "hub": _("A hub id such as org/name, optionally org/name@revision.")}[source]
+    if parameters.modelSource.value == "bundled":
+        return False, _("Bundled model: {name}.").format(name=Path(model).name)
+    if parameters.modelSource.value == "hub":
+        return False, _("Downloaded from the Hugging Face hub on first use (needs internet), then cached.")
+    return False, _("Model folder found.")
 
 
 class CTFlowSlicerLogic(ScriptedLoadableModuleLogic):
-    """The module's API, without GUI: generate from GenerationSettings into a volume node, one block per poll().
+    """The module's API, without GUI: generate what a parameter node asks into a volume node, one block per poll().
 
     The worker process is started on first use and kept, with its model loaded, for the next runs; a worker
     that died is replaced at the next start(). Every call returns at once: nothing here waits on the worker.
 
         logic = CTFlowSlicerLogic()
-        logic.start(GenerationSettings(report="Findings: ...", seed=1))
+        parameters = logic.getParameterNode()           # CTFlowSlicerParameterNode
+        parameters.report = "Findings: ..."
+        logic.start(parameters)
         while not (progress := logic.poll()).finished:   # the panel calls poll() from a QTimer
             slicer.app.processEvents()
         progress.node                                    # the vtkMRMLScalarVolumeNode
@@ -389,6 +347,15 @@ class CTFlowSlicerLogic(ScriptedLoadableModuleLogic):
         self._abandoned: dict[str, Path | None] = {}  # runs dropped by stop(): their folders go when they end
         self._inbox: list[dict] = []  # what the worker said that poll() has not handled yet
         self._runIds = itertools.count(1)
+
+    def getParameterNode(self) -> CTFlowSlicerParameterNode:
+        """The module's parameter node; a new one draws a fresh seed."""
+        node = ScriptedLoadableModuleLogic.getParameterNode(self)
+        fresh = "seed" not in node.GetParameterNames()
+        parameters = CTFlowSlicerParameterNode(node)
+        if fresh:
+            parameters.seed = newSeed()
+        return parameters
 
     # -- the worker process -----------------------------------------------------------------------------------
 
@@ -439,11 +406,12 @@ class CTFlowSlicerLogic(ScriptedLoadableModuleLogic):
 
     # -- runs -------------------------------------------------------------------------------------------------
 
-    def start(self, settings: GenerationSettings, replace=None) -> None:
-        """Begin generating; progress, the volume and errors arrive through poll(). `replace`: a node to overwrite."""
+    def start(self, settings: CTFlowSlicerParameterNode) -> None:
+        """Begin generating; progress, the volume and errors arrive through poll(). Its outputVolume, if set, is
+        overwritten; else a new volume is made."""
         if self.isRunning():
             raise RuntimeError("a generation is already running; cancel it first")
-        run = Run(f"run-{next(self._runIds)}", settings, replace, Progress("starting", "Starting ..."))
+        run = Run(f"run-{next(self._runIds)}", settings, settings.outputVolume, Progress("starting", _("Starting ...")))
         self._run = run
         try:
             ctflow.parse_report(settings.report, settings.impressions)  # a bad report fails before a slow start
@@ -453,9 +421,9 @@ class CTFlowSlicerLogic(ScriptedLoadableModuleLogic):
             return
         self.startWorker()
         if self._workerInfo is None:
-            run.progress.message = "Starting the generation process ..."
+            run.progress.message = _("Starting the generation process ...")
         self._worker.send({"type": "generate", "id": run.runId, "model": model, "revision": revision,
-                           "device": settings.device, "request": generation.requestFields(settings)})
+                           "device": settings.device.value, "request": generation.requestFields(settings)})
 
     def isRunning(self) -> bool:
         return self._run is not None and not self._run.progress.finished
@@ -610,10 +578,9 @@ class CTFlowSlicerTest(ScriptedLoadableModuleTest):
 
     def _generate(self, slices: int, cancelAfterFirstBlock: bool = False):
         logic = CTFlowSlicerLogic()
-        settings = GenerationSettings(
-            report=self.REPORT, slices=slices, seed=1, steps=2, device="cpu", modelSource="folder",
-            modelLocation=str(self._tinyModel()),
-        )
+        settings = logic.getParameterNode()
+        settings.report, settings.slices, settings.seed, settings.steps = self.REPORT, slices, 1, 2
+        settings.device, settings.modelSource, settings.modelLocation = "cpu", "folder", str(self._tinyModel())
         try:
             logic.start(settings)
             progress = logic.poll()

@@ -17,7 +17,6 @@ import slicer
 import vtk
 
 from .display import applyWindow
-from .parameters import GenerationSettings
 
 ATTRIBUTE_PREFIX = "CTFlow."
 SYNTHETIC_ATTRIBUTE = "CTFlow.Synthetic"  # holds ctflow.SYNTHETIC_NOTICE; every volume CTFlow made has it
@@ -54,7 +53,7 @@ class Run:
     """One Generate: what was asked, and what has arrived from the worker so far."""
 
     runId: str
-    settings: GenerationSettings
+    settings: object  # the CTFlowSlicerParameterNode it was started with
     replace: object | None  # a volume node to overwrite, or None for a new one
     progress: Progress
     started: float = field(default_factory=time.perf_counter)
@@ -109,19 +108,19 @@ class Run:
         progress.message = finishedMessage(progress, self.planned, error)
 
 
-def modelChoice(settings: GenerationSettings, bundledModel: Path | None) -> tuple[str, str | None]:
+def modelChoice(settings, bundledModel: Path | None) -> tuple[str, str | None]:
     """(model folder or hub id, revision) for the panel's Model row, or a ModelError that says what to do.
 
     The one rule for which model is used; the panel's model status line shows what it says.
     """
     from .resources import NO_BUNDLED_MODEL
 
-    if settings.modelSource == "bundled":
+    if settings.modelSource.value == "bundled":
         if bundledModel is None:
             raise ctflow.ModelError(NO_BUNDLED_MODEL)
         return str(bundledModel), None
     location = settings.modelLocation.strip()
-    if settings.modelSource == "hub":
+    if settings.modelSource.value == "hub":
         hubId, _, revision = location.partition("@")
         if not hubId:
             raise ctflow.ModelError("type a hub id such as org/name (optionally org/name@revision) under Model")
@@ -133,7 +132,7 @@ def modelChoice(settings: GenerationSettings, bundledModel: Path | None) -> tupl
     return str(Path(location).expanduser()), None
 
 
-def requestFields(settings: GenerationSettings) -> dict:
+def requestFields(settings) -> dict:
     """The protocol's request: zero in the panel means "the model's default" (null)."""
     return {"report": settings.report, "impressions": settings.impressions or None, "slices": settings.slices or None,
             "seed": settings.seed, "steps": settings.steps or None, "guidance": settings.guidance or None}

@@ -1,56 +1,62 @@
-"""The panel's settings, kept in the module's parameter node so that a saved scene reopens with the same request."""
+"""The module's parameter node: one generation request as the panel shows it, kept in the scene, so a saved
+scene reopens with the same request. The .ui binds its widgets to these fields by their SlicerParameterName."""
 
 from __future__ import annotations
 
-import dataclasses
+import enum
 import random
-from dataclasses import dataclass, field
+from typing import Annotated
 
-OUTPUT_VOLUME = "OutputVolume"  # parameter-node reference: the last generated volume, the one "replace" reuses
+from slicer import vtkMRMLScalarVolumeNode
+from slicer.parameterNodeWrapper import Decimals, SingleStep, WithinRange, parameterNodeWrapper
+
 MAX_SEED = 2**31 - 1  # what a Qt spin box can hold
+MAX_SLICES = 2048  # ctflow.pipeline.MAX_SLICES (not imported: that module needs torch)
+
+
+class Device(str, enum.Enum):
+    AUTO = "auto"
+    CUDA = "cuda"
+    CPU = "cpu"
+
+    def label(self) -> str:
+        return {"auto": "Automatic", "cuda": "CUDA GPU", "cpu": "CPU"}[self.value]
+
+
+class ModelSource(str, enum.Enum):
+    BUNDLED = "bundled"
+    FOLDER = "folder"
+    HUB = "hub"
+
+    def label(self) -> str:
+        return {"bundled": "Bundled demo model", "folder": "Local folder", "hub": "Hub id"}[self.value]
 
 
 def newSeed() -> int:
     return random.SystemRandom().randrange(MAX_SEED + 1)
 
 
-@dataclass
-class GenerationSettings:
-    """One generation request as the panel shows it; zero means "automatic" or "the model's default"."""
+@parameterNodeWrapper
+class CTFlowSlicerParameterNode:
+    """Zero means "automatic" or "the model's default".
 
-    report: str = ""  # Findings, or a whole report with Findings and Impressions headers
+    report - Findings, or a whole report with Findings and Impressions headers.
+    slices - 0: the model decides where the volume ends.
+    modelLocation - a model folder, or a hub id "org/name" with an optional "@revision".
+    outputVolume - the volume Generate overwrites; None: a new volume each time.
+    window - a key of display.WINDOW_PRESETS, for the current and the next volumes.
+    generatedVolume - the volume generated last: what Save and the window buttons act on.
+    """
+
+    report: str = ""
     impressions: str = ""
-    slices: int = 0  # 0: the model decides where the volume ends
-    seed: int = field(default_factory=newSeed)  # a fresh panel starts with a fresh seed
-    steps: int = 0
-    guidance: float = 0.0
-    device: str = "auto"  # auto, cuda or cpu
-    modelSource: str = "bundled"  # bundled, folder or hub
-    modelLocation: str = ""  # a model folder, or a hub id "org/name" with an optional "@revision"
-    replaceOutput: bool = False
-    window: str = "lung"  # a key of display.WINDOW_PRESETS
-
-    def save(self, node) -> None:
-        """Write every field into a vtkMRMLScriptedModuleNode (parameters are strings)."""
-        for item in dataclasses.fields(self):
-            node.SetParameter(item.name, str(getattr(self, item.name)))
-
-    @classmethod
-    def load(cls, node) -> "GenerationSettings":
-        """Read back what save() wrote; a field missing from the node keeps its default."""
-        values = {}
-        for item in dataclasses.fields(cls):
-            text = node.GetParameter(item.name)
-            if text:
-                values[item.name] = _parse(item.type, text)
-        return cls(**values)
-
-
-def _parse(kind: str, text: str):
-    if kind == "bool":
-        return text == "True"
-    if kind == "int":
-        return int(text)
-    if kind == "float":
-        return float(text)
-    return text
+    slices: Annotated[int, WithinRange(0, MAX_SLICES)] = 0
+    seed: Annotated[int, WithinRange(0, MAX_SEED)] = 0  # a fresh parameter node draws one (the Logic)
+    steps: Annotated[int, WithinRange(0, 1000)] = 0
+    guidance: Annotated[float, WithinRange(0.0, 30.0), Decimals(1), SingleStep(0.5)] = 0.0
+    device: Device = Device.AUTO
+    modelSource: ModelSource = ModelSource.BUNDLED
+    modelLocation: str = ""
+    outputVolume: vtkMRMLScalarVolumeNode
+    window: str = "lung"
+    generatedVolume: vtkMRMLScalarVolumeNode

@@ -30,14 +30,27 @@ def scene():
     return slicer.mrmlScene
 
 
-@pytest.fixture
-def settings(tiny_model):
-    """Ten slices (three blocks of the tiny model) from a local model folder, two sampling steps, on the CPU."""
-    from CTFlowSlicerLib.parameters import GenerationSettings
+def change(parameters, **values):
+    """Set fields of a parameter node; returns it (tests build requests with it)."""
+    for name, value in values.items():
+        setattr(parameters, name, value)
+    return parameters
 
-    return GenerationSettings(
-        report=REPORT, slices=10, seed=5, steps=2, device="cpu", modelSource="folder", modelLocation=str(tiny_model)
-    )
+
+@pytest.fixture(name="change")
+def change_fixture():
+    return change
+
+
+@pytest.fixture
+def settings(qt_application, scene, tiny_model):
+    """The module's parameter node asking for ten slices (three blocks of the tiny model) from a local model
+    folder, two sampling steps, on the CPU."""
+    from CTFlowSlicerLib.parameters import CTFlowSlicerParameterNode
+
+    parameters = CTFlowSlicerParameterNode(scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode"))
+    return change(parameters, report=REPORT, slices=10, seed=5, steps=2, device="cpu", modelSource="folder",
+                  modelLocation=str(tiny_model))
 
 
 @pytest.fixture(scope="session")
@@ -55,6 +68,7 @@ def load_helper(name: str):
     """A helper module of this folder (pytest's importlib mode puts none of them on sys.path)."""
     spec = importlib.util.spec_from_file_location(f"ctflow_slicer_{name}", Path(__file__).with_name(f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and typing look their module up there
     spec.loader.exec_module(module)
     return module
 

@@ -6,18 +6,28 @@ Only what the module touches and PySide6 spells differently is provided here:
 - QFileDialog.getSaveFileName returning the path alone, as PythonQt does (PySide6 returns (path, filter));
 - slicer.app without a layout manager (there are no slice views offscreen), with processEvents and a
   temporary folder;
-- slicer.ScriptedLoadableModule's four base classes, reduced to what the module uses.
+- slicer.ScriptedLoadableModule's four base classes, reduced to what the module uses;
+- slicer.i18n's tr (no translations loaded: the source text);
+- qMRMLNodeComboBox (a C++ widget of Slicer's), listing the scene's nodes of its nodeTypes, for .ui files;
+- slicer.parameterNodeWrapper: typed fields stored in a vtkMRMLScriptedModuleNode, and connectGui binding the
+  widgets whose SlicerParameterName property names a field. As in Slicer, only the widget/type pairs that
+  Slicer's own connectors support bind (a QPlainTextEdit or a QRadioButton does not), a combo box shows an
+  Enum's labels, and unbounded spin boxes get the connectors' wide default ranges.
 Everything else - slicer.util, MRML, the .ui file, the module's own code - is the real thing.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import os
 import sys
 import types
+import typing
 import unittest
 
 import slicer
+import vtk
 from PySide6 import QtCore, QtGui, QtUiTools, QtWidgets
 
 
@@ -29,7 +39,7 @@ def install(temporaryPath: str) -> QtWidgets.QApplication:
             if name.startswith("Q"):
                 setattr(qt, name, getattr(module, name))
     qt.Qt = QtCore.Qt
-    qt.QUiLoader = QtUiTools.QUiLoader
+    qt.QUiLoader = UiLoader
     qt.QFileDialog = FileDialog
     QtCore.QObject.name = property(QtCore.QObject.objectName)
     sys.modules["qt"] = qt
@@ -43,7 +53,239 @@ def install(temporaryPath: str) -> QtWidgets.QApplication:
     slicer.app = types.SimpleNamespace(
         layoutManager=lambda: None, processEvents=application.processEvents, temporaryPath=temporaryPath
     )
+    slicer.qMRMLNodeComboBox = qMRMLNodeComboBox
+    i18n = types.ModuleType("slicer.i18n")
+    i18n.tr = lambda text: text
+    i18n.translate = lambda context, text: text
+    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
+    for item in (parameterNodeWrapper, Choice, Minimum, Maximum, WithinRange, Decimals, SingleStep):
+        setattr(wrapper, item.__name__, item)
+    for module in (i18n, wrapper):
+        sys.modules[module.__name__] = module
+        setattr(slicer, module.__name__.split(".")[1], module)
     return application
+
+
+class UiLoader(QtUiTools.QUiLoader):
+    """Knows Slicer's custom widgets that the module's .ui uses."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.registerCustomWidget(qMRMLNodeComboBox)
+
+
+class qMRMLNodeComboBox(QtWidgets.QComboBox):
+    """The scene's nodes of `nodeTypes` (dynamic properties from the .ui, as Slicer's Q_PROPERTYs), plus the
+    noneDisplay entry when noneEnabled; currentNodeChanged(node or None)."""
+
+    currentNodeChanged = QtCore.Signal(object)
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self._scene = None
+        self._observers = []
+        self.currentIndexChanged.connect(lambda _: self.currentNodeChanged.emit(self.currentNode()))
+
+    def setMRMLScene(self, scene) -> None:
+        for tag in self._observers:
+            self._scene.RemoveObserver(tag)
+        self._scene = scene
+        self._observers = [scene.AddObserver(event, lambda *_: self._refresh())
+                           for event in (scene.NodeAddedEvent, scene.NodeRemovedEvent)]
+        self._refresh()
+
+    def _nodes(self) -> list:
+        nodes = []
+        for nodeType in self.property("nodeTypes") or []:
+            nodes += [n for n in slicer.util.getNodesByClass(nodeType) if n.GetScene() is self._scene]
+        return nodes
+
+    def _refresh(self) -> None:
+        current = self.currentNode()
+        self.blockSignals(True)
+        self.clear()
+        if self.property("noneEnabled"):
+            self.addItem(self.property("noneDisplay") or "None", None)
+        for node in self._nodes():
+            self.addItem(node.GetName(), node.GetID())
+        self.blockSignals(False)
+        self.setCurrentNode(current)
+
+    def currentNode(self):
+        nodeId = self.currentData()
+        return self._scene.GetNodeByID(nodeId) if nodeId and self._scene is not None else None
+
+    def setCurrentNode(self, node) -> None:
+        index = self.findData(node.GetID() if node is not None else None)
+        self.setCurrentIndex(index if index >= 0 else (0 if self.property("noneEnabled") else -1))
+
+
+@dataclasses.dataclass
+class Choice:
+    choices: typing.Sequence
+
+
+@dataclasses.dataclass
+class Minimum:
+    minimum: float
+
+
+@dataclasses.dataclass
+class Maximum:
+    maximum: float
+
+
+@dataclasses.dataclass
+class WithinRange:
+    minimum: float
+    maximum: float
+
+
+@dataclasses.dataclass
+class Decimals:
+    value: int
+
+
+@dataclasses.dataclass
+class SingleStep:
+    value: float
+
+
+def _split(hint):
+    if typing.get_origin(hint) is typing.Annotated:
+        base, *annotations = typing.get_args(hint)
+    else:
+        base, annotations = hint, []
+    if typing.get_origin(base) in (typing.Union, types.UnionType):  # Optional[node class]
+        base = next(arg for arg in typing.get_args(base) if arg is not type(None))
+    return base, annotations
+
+
+def _first(annotations, kind):
+    return next((a for a in annotations if isinstance(a, kind)), None)
+
+
+def _isNode(base) -> bool:
+    return isinstance(base, type) and issubclass(base, slicer.vtkMRMLNode)
+
+
+def parameterNodeWrapper(cls):
+    """Fields are the class's annotations; their class attributes are the defaults."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    defaults = {name: getattr(cls, name, None) for name in hints}
+
+    def make(name, base):
+        def read(self):
+            node = self.parameterNode
+            if _isNode(base):
+                return node.GetNodeReference(name)
+            text = node.GetParameter(name)
+            if issubclass(base, enum.Enum):
+                return base(text)
+            if base is bool:
+                return text == "True"
+            return base(text)
+
+        def write(self, value):
+            if _isNode(base):
+                self.parameterNode.SetNodeReferenceID(name, value.GetID() if value is not None else None)
+            else:
+                self.parameterNode.SetParameter(name, str(value.value if isinstance(value, enum.Enum) else value))
+
+        return property(read, write)
+
+    def __init__(self, parameterNode):
+        self.parameterNode = parameterNode
+        for name, hint in hints.items():
+            base, _ = _split(hint)
+            missing = (parameterNode.GetNodeReferenceID(name) is None) if _isNode(base) else \
+                name not in parameterNode.GetParameterNames()
+            if missing and defaults[name] is not None:
+                setattr(self, name, defaults[name])
+
+    def connectGui(self, gui):
+        """Bind every widget of `gui` (a childWidgetVariables namespace) whose SlicerParameterName names a field."""
+        bindings = []
+        for widget in vars(gui).values():
+            name = widget.property("SlicerParameterName") if isinstance(widget, QtCore.QObject) else None
+            if name:
+                bindings.append(_Binding(self, name, widget, *_split(hints[name])))
+        node = self.parameterNode
+        tag = node.AddObserver(vtk.vtkCommand.ModifiedEvent, lambda *_: [b.show() for b in bindings])
+        for binding in bindings:
+            binding.show()
+        return (tag, bindings)
+
+    def disconnectGui(self, tag):
+        self.parameterNode.RemoveObserver(tag[0])
+        for binding in tag[1]:
+            binding.disconnect()
+
+    members = {name: make(name, _split(hint)[0]) for name, hint in hints.items()}
+    return type(cls.__name__, (), {**members, "__init__": __init__, "connectGui": connectGui,
+                                   "disconnectGui": disconnectGui, "__doc__": cls.__doc__,
+                                   "__module__": cls.__module__, "fieldNames": tuple(hints)})
+
+
+class _Binding:
+    """One widget <-> one field, for the widget/type pairs Slicer's connectors support."""
+
+    def __init__(self, wrapper, name, widget, base, annotations):
+        self.wrapper, self.name, self.widget = wrapper, name, widget
+        kind = type(widget)
+        if kind is QtWidgets.QTextEdit and base is str:
+            self.get, self.set, signal = widget.toPlainText, widget.setPlainText, widget.textChanged
+        elif kind is QtWidgets.QLineEdit and base is str:
+            self.get, self.set, signal = widget.text, widget.setText, widget.textChanged
+        elif kind in (QtWidgets.QSpinBox, QtWidgets.QDoubleSpinBox) and base is (
+                int if kind is QtWidgets.QSpinBox else float):
+            self._range(widget, annotations, base)
+            self.get, self.set, signal = widget.value, widget.setValue, widget.valueChanged
+        elif kind is QtWidgets.QComboBox and isinstance(base, type) and issubclass(base, enum.Enum):
+            label = getattr(base, "label", lambda member: member.name)
+            members = list(base)
+            widget.clear()
+            for member in members:
+                widget.addItem(label(member))
+            self.get = lambda: members[widget.currentIndex()]
+            self.set = lambda value: widget.setCurrentIndex(members.index(value))
+            signal = widget.currentIndexChanged
+        elif kind in (QtWidgets.QCheckBox, QtWidgets.QPushButton) and base is bool:
+            widget.setCheckable(True)
+            self.get, self.set, signal = widget.isChecked, widget.setChecked, widget.toggled
+        elif kind is qMRMLNodeComboBox and _isNode(base):
+            widget.setProperty("nodeTypes", [base.__name__])
+            widget._refresh()
+            self.get, self.set, signal = widget.currentNode, widget.setCurrentNode, widget.currentNodeChanged
+        else:
+            raise RuntimeError(f"Unable to create GUI connector from datatype '{base}' to widget type '{kind}'")
+        self.signal = signal
+        signal.connect(self.store)
+
+    @staticmethod
+    def _range(widget, annotations, base):
+        within, low, high = (_first(annotations, k) for k in (WithinRange, Minimum, Maximum))
+        wide = (-2**31, 2**31 - 1) if base is int else (float("-inf"), float("inf"))
+        widget.setRange(within.minimum if within else low.minimum if low else wide[0],
+                        within.maximum if within else high.maximum if high else wide[1])
+        for kind, setter in ((Decimals, "setDecimals"), (SingleStep, "setSingleStep")):
+            annotation = _first(annotations, kind)
+            if annotation is not None:
+                getattr(widget, setter)(annotation.value)
+
+    def store(self, *_):
+        if getattr(self.wrapper, self.name) != self.get():
+            setattr(self.wrapper, self.name, self.get())
+
+    def show(self):
+        value = getattr(self.wrapper, self.name)
+        if self.get() != value:
+            self.widget.blockSignals(True)
+            self.set(value)
+            self.widget.blockSignals(False)
+
+    def disconnect(self):
+        self.signal.disconnect(self.store)
 
 
 class FileDialog(QtWidgets.QFileDialog):
@@ -60,6 +302,7 @@ class ScriptedLoadableModule:
 class ScriptedLoadableModuleWidget:
     def __init__(self, parent):
         self.parent = parent
+        parent.isEntered = True  # qSlicerScriptedLoadableModuleWidget's property: the module is shown
         self.layout = parent.layout() or QtWidgets.QVBoxLayout(parent)
 
     def resourcePath(self, filename: str) -> str:

@@ -3,7 +3,6 @@ tiny real model. Polling here sleeps in Python; test_pythonqt_host.py polls the 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import time
@@ -17,12 +16,11 @@ import torch
 
 from CTFlowSlicerLib import generation, resources
 from CTFlowSlicerLib.display import WINDOW_PRESETS, applyWindow
-from CTFlowSlicerLib.parameters import GenerationSettings
 
 
-def run(logic, settings, replace=None, onProgress=lambda progress: None, timeout=120.0):
+def run(logic, settings, onProgress=lambda progress: None, timeout=120.0):
     """Start, then poll as the panel's timer does until the end; returns every snapshot."""
-    logic.start(settings, replace)
+    logic.start(settings)
     snapshots = []
     deadline = time.monotonic() + timeout
     while not (snapshots and snapshots[-1].finished):
@@ -73,17 +71,17 @@ def test_blocks_stream_into_the_node_with_the_library_output(scene, logic, setti
     assert final.blockLatency < 5.0
 
 
-def test_the_worker_keeps_the_model_between_runs(scene, logic, settings):
+def test_the_worker_keeps_the_model_between_runs(scene, logic, settings, change):
     run(logic, settings)
-    again = run(logic, dataclasses.replace(settings, seed=6))
+    again = run(logic, change(settings, seed=6))
     assert "loading" not in {s.state for s in again} and again[-1].state == "done"
     logic.unloadModel()
     reloaded = run(logic, settings)
     assert "loading" in {s.state for s in reloaded} and reloaded[-1].state == "done"
 
 
-def test_the_node_carries_name_provenance_and_window(scene, logic, settings):
-    node = run(logic, dataclasses.replace(settings, window="bone"))[-1].node
+def test_the_node_carries_name_provenance_and_window(scene, logic, settings, change):
+    node = run(logic, change(settings, window="bone"))[-1].node
     assert node.GetName() == "Synthetic CT (CTFlow) - Moderate right pleural effusion. - seed 5"
     assert node.GetAttribute("CTFlow.Synthetic") == ctflow.SYNTHETIC_NOTICE
     assert node.GetAttribute("CTFlow.seed") == "5"
@@ -102,7 +100,7 @@ def test_the_node_carries_name_provenance_and_window(scene, logic, settings):
     assert [c.GetBackgroundVolumeID() for c in composites] == [node.GetID()] * 3
 
 
-def test_cancel_stops_within_a_block_and_keeps_a_partial_volume(scene, logic, settings):
+def test_cancel_stops_within_a_block_and_keeps_a_partial_volume(scene, logic, settings, change):
     state = {}
 
     def cancel_after_first_block(progress):
@@ -110,7 +108,7 @@ def test_cancel_stops_within_a_block_and_keeps_a_partial_volume(scene, logic, se
             state["at_cancel"] = progress.blocksDone
             logic.cancel()
 
-    snapshots = run(logic, dataclasses.replace(settings, slices=400), onProgress=cancel_after_first_block)
+    snapshots = run(logic, change(settings, slices=400), onProgress=cancel_after_first_block)
     final = snapshots[-1]
     assert final.state == "cancelled"
     assert final.blocksDone <= state["at_cancel"] + 2  # at most the block already queued: the one in work is dropped
@@ -119,20 +117,20 @@ def test_cancel_stops_within_a_block_and_keeps_a_partial_volume(scene, logic, se
     assert final.message.startswith("Cancelled: kept")
 
 
-def test_replace_mode_reuses_the_last_node(scene, logic, settings, tiny_pipeline):
+def test_replace_mode_reuses_the_last_node(scene, logic, settings, tiny_pipeline, change):
     first = run(logic, settings)[-1].node
-    again = dataclasses.replace(settings, seed=6, slices=6, replaceOutput=True)
-    second = run(logic, again, replace=first)[-1].node
+    again = change(settings, seed=6, slices=6, outputVolume=first)
+    second = run(logic, again)[-1].node
     assert second is first
     assert len(slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")) == 1
     assert first.GetName().endswith("seed 6") and first.GetAttribute("CTFlow.seed") == "6"
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(first), expected_volume(tiny_pipeline, again).hu)
-    third = run(logic, settings)[-1].node
+    third = run(logic, change(settings, outputVolume=None))[-1].node
     assert third is not first and len(slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")) == 2
 
 
 @pytest.mark.parametrize(
-    ("change", "message"),
+    ("fields", "message"),
     [
         ({"report": "  "}, "the report is empty"),
         ({"modelSource": "bundled"}, "No trained CTFlow model is bundled"),
@@ -142,32 +140,32 @@ def test_replace_mode_reuses_the_last_node(scene, logic, settings, tiny_pipeline
         ({"slices": 5000}, "slice count must be"),
     ],
 )
-def test_errors_end_as_a_message_without_a_node(scene, logic, settings, monkeypatch, change, message):
+def test_errors_end_as_a_message_without_a_node(scene, logic, settings, monkeypatch, fields, message, change):
     monkeypatch.setattr(resources, "bundledModel", lambda: None)
-    if change.get("device") == "cuda" and torch.cuda.is_available():
+    if fields.get("device") == "cuda" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    final = run(logic, dataclasses.replace(settings, **change))[-1]
+    final = run(logic, change(settings, **fields))[-1]
     assert final.state == "failed"
     assert final.message.startswith("Error:") and message in final.message
     assert final.node is None and not slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
 
 
-def test_a_worker_that_dies_gives_one_line_and_the_next_run_a_new_worker(scene, logic, settings):
+def test_a_worker_that_dies_gives_one_line_and_the_next_run_a_new_worker(scene, logic, settings, change):
     def kill_after_first_block(progress):
         if progress.firstBlock:
             os.kill(logic._worker.process.pid, signal.SIGKILL)  # what the kernel's OOM killer does
 
-    final = run(logic, dataclasses.replace(settings, slices=400), onProgress=kill_after_first_block)[-1]
+    final = run(logic, change(settings, slices=400), onProgress=kill_after_first_block)[-1]
     assert final.state == "failed" and final.node is not None
     assert "stopped unexpectedly (exit code -9, killed by SIGKILL" in final.message
     assert "The next Generate starts a new one." in final.message
     assert final.node.GetAttribute("CTFlow.partial") == "True"
     assert slicer.util.arrayFromVolume(final.node).shape[0] == final.slices > 0
-    again = run(logic, settings)[-1]
+    again = run(logic, change(settings, slices=10))[-1]
     assert again.state == "done" and again.slices == 10
 
 
-def test_a_stuck_worker_is_ended_after_the_cancel_grace(scene, logic, settings):
+def test_a_stuck_worker_is_ended_after_the_cancel_grace(scene, logic, settings, change):
     import CTFlowSlicer
 
     state = {}
@@ -179,21 +177,21 @@ def test_a_stuck_worker_is_ended_after_the_cancel_grace(scene, logic, settings):
             state["cancelled"] = time.monotonic()
             logic.cancel()
 
-    final = run(logic, dataclasses.replace(settings, slices=400), onProgress=freeze_then_cancel)[-1]
+    final = run(logic, change(settings, slices=400), onProgress=freeze_then_cancel)[-1]
     waited = time.monotonic() - state["cancelled"]
     assert CTFlowSlicer.CANCEL_GRACE_S <= waited < CTFlowSlicer.CANCEL_GRACE_S + 3
     assert final.state == "cancelled" and "did not stop within 3 s and was ended" in final.message
     assert final.node.GetAttribute("CTFlow.partial") == "True"
     with pytest.raises(ProcessLookupError):
         os.killpg(state["pid"], 0)  # the worker's whole process group is gone
-    assert run(logic, settings)[-1].state == "done"
+    assert run(logic, change(settings, slices=10))[-1].state == "done"
 
 
-def test_closing_the_scene_or_quitting_never_waits_on_the_worker(scene, logic, settings):
+def test_closing_the_scene_or_quitting_never_waits_on_the_worker(scene, logic, settings, change):
     import CTFlowSlicer
 
     folders = run_folders()
-    logic.start(dataclasses.replace(settings, slices=400))
+    logic.start(change(settings, slices=400))
     while logic.poll().node is None:
         time.sleep(0.01)
     started = time.monotonic()
@@ -202,7 +200,7 @@ def test_closing_the_scene_or_quitting_never_waits_on_the_worker(scene, logic, s
     assert logic.poll().state == "idle"
     started = time.monotonic()
     other = CTFlowSlicer.CTFlowSlicerLogic()  # quitting while a run is in progress
-    other.start(dataclasses.replace(settings, slices=400))
+    other.start(change(settings, slices=400))
     while other.poll().node is None:
         time.sleep(0.01)
     pid = other._worker.process.pid
@@ -252,8 +250,8 @@ def test_saved_files_carry_voxels_geometry_and_provenance(scene, logic, settings
     assert volume.provenance == logic.provenanceOf(node)
 
 
-def test_the_slice_views_show_the_generated_volume(scene, logic, settings, slice_views, output_dir):
-    node = run(logic, dataclasses.replace(settings, slices=12))[-1].node
+def test_the_slice_views_show_the_generated_volume(scene, logic, settings, slice_views, output_dir, change):
+    node = run(logic, change(settings, slices=12))[-1].node
     axial, coronal, sagittal = slice_views.render(scene, node, size=64)
     assert all(view.shape == (64, 64, 3) and view.std() > 10 for view in (axial, coronal, sagittal))
     assert not np.array_equal(axial, coronal) and not np.array_equal(coronal, sagittal)
@@ -268,26 +266,46 @@ def test_window_presets(scene):
         assert (node.GetDisplayNode().GetWindow(), node.GetDisplayNode().GetLevel()) == (window, level)
 
 
-def test_settings_round_trip_through_the_parameter_node(scene):
-    node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
-    settings = GenerationSettings(report="Findings: a\nb", impressions="c", slices=64, seed=9, steps=30,
-                                  guidance=2.5, device="cpu", modelSource="hub", modelLocation="org/m@v1",
-                                  replaceOutput=True, window="bone")
-    settings.save(node)
-    assert GenerationSettings.load(node) == settings
-    assert generation.modelChoice(settings, None) == ("org/m", "v1")
+def test_the_request_is_kept_in_the_scene(scene, logic, settings, change, tmp_path):
+    """The parameter node survives saving and reopening the scene, so a scene reopens with the same request."""
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "target")
+    change(settings, report="Findings: a\nb", impressions="c", slices=64, seed=9, steps=30, guidance=2.5,
+           device="cpu", modelSource="hub", modelLocation="org/m@v1", outputVolume=volume, window="bone")
+    scene.SetURL(str(tmp_path / "scene.mrml"))
+    assert scene.Commit()
+    reopened = slicer.vtkMRMLScene()
+    reopened.SetURL(str(tmp_path / "scene.mrml"))
+    assert reopened.Connect()
+    kind = "vtkMRMLScriptedModuleNode"
+    node = next(node for node in (reopened.GetNthNodeByClass(i, kind) for i in range(reopened.GetNumberOfNodesByClass(kind)))
+                if node.GetParameter("report"))
+    again = type(settings)(node)
+    fields = ("report", "impressions", "slices", "seed", "steps", "guidance", "device", "modelSource",
+              "modelLocation", "window")
+    assert {f: getattr(again, f) for f in fields} == {f: getattr(settings, f) for f in fields}
+    assert again.outputVolume.GetName() == "target" and again.generatedVolume is None
+    assert generation.modelChoice(again, None) == ("org/m", "v1")
+    assert generation.requestFields(again) == {"report": "Findings: a\nb", "impressions": "c", "slices": 64,
+                                               "seed": 9, "steps": 30, "guidance": 2.5}
 
 
-
-def test_the_published_model_runs_in_the_panel_like_any_model_folder(scene, generation, settings, released_model):
+def test_the_published_model_runs_in_the_panel_like_any_model_folder(scene, logic, settings, released_model, change):
     """A folder from `ctflow import-released` (tiny, released layout): a synthetic volume in HU at its spacing."""
-    released = dataclasses.replace(settings, modelLocation=str(released_model), slices=20, steps=3)
-    final = run(generation, released)[-1]
+    final = run(logic, change(settings, modelLocation=str(released_model), slices=20, steps=3))[-1]
     assert (final.state, final.slices) == ("done", 20), final.message
     node = final.node
     assert node.GetSpacing() == pytest.approx((1.40625, 1.40625, 1.5))
     hu = slicer.util.arrayFromVolume(node)
     assert hu.shape == (20, 16, 16) and -1000 <= hu.min() and hu.max() <= 1000
     assert node.GetAttribute("CTFlow.model") == "ctflow-released-D64"
-    guided = run(generation, dataclasses.replace(released, guidance=2.0))[-1]
+    guided = run(logic, change(settings, guidance=2.0))[-1]
     assert guided.state == "failed" and "trained without text dropout" in guided.message
+
+
+def test_a_fresh_parameter_node_draws_a_seed(scene, logic):
+    seeds = set()
+    for _ in range(3):
+        slicer.mrmlScene = slicer.vtkMRMLScene()
+        seeds.add(logic.getParameterNode().seed)
+    assert len(seeds) == 3  # each new scene gets its own
+    assert logic.getParameterNode().seed == logic.getParameterNode().seed  # and keeps it

@@ -14,10 +14,9 @@ from PySide6 import QtCore, QtTest, QtWidgets
 
 from CTFlowSlicerLib import resources
 from CTFlowSlicerLib.display import WINDOW_PRESETS
-from CTFlowSlicerLib.parameters import OUTPUT_VOLUME, GenerationSettings
 
 INTERACTIVE = (QtWidgets.QAbstractButton, QtWidgets.QComboBox, QtWidgets.QAbstractSpinBox, QtWidgets.QLineEdit,
-               QtWidgets.QPlainTextEdit, QtWidgets.QProgressBar)
+               QtWidgets.QTextEdit, QtWidgets.QProgressBar)
 
 
 def wait_until(condition, timeout: float = 60.0) -> None:
@@ -29,21 +28,23 @@ def wait_until(condition, timeout: float = 60.0) -> None:
         time.sleep(0.01)
 
 
-def choose(combo: QtWidgets.QComboBox, data: str) -> None:
-    combo.setCurrentIndex(combo.findData(data))
+def choose(combo: QtWidgets.QComboBox, text: str) -> None:
+    index = combo.findText(text)
+    assert index >= 0, text
+    combo.setCurrentIndex(index)
 
 
 def use_tiny_model(ui, tiny_model, slices: int) -> None:
-    choose(ui.modelSourceComboBox, "folder")
+    choose(ui.modelSourceComboBox, "Local folder")
     ui.modelLocationLineEdit.setText(str(tiny_model))
-    choose(ui.deviceComboBox, "cpu")
+    choose(ui.deviceComboBox, "CPU")
     ui.slicesSpinBox.setValue(slices)
     ui.stepsSpinBox.setValue(2)
     ui.seedSpinBox.setValue(11)
 
 
 def output_volume(panel):
-    return panel._parameterNode.GetNodeReference(OUTPUT_VOLUME)
+    return panel._parameterNode.generatedVolume
 
 
 def slices_in(node) -> int:
@@ -51,9 +52,14 @@ def slices_in(node) -> int:
 
 
 def test_a_fresh_panel_shows_what_generate_will_use(panel):
-    shown = panel._settingsFromGUI()
-    assert shown == GenerationSettings.load(panel._parameterNode)
-    assert (shown.slices, shown.modelSource, shown.window) == (0, "bundled", "lung")
+    ui, parameters = panel.ui, panel._parameterNode
+    assert (ui.slicesSpinBox.value(), ui.seedSpinBox.value()) == (parameters.slices, parameters.seed) == (0, parameters.seed)
+    assert ui.seedSpinBox.value() > 0  # a fresh parameter node draws a seed
+    assert ui.modelSourceComboBox.currentText() == "Bundled demo model" and parameters.modelSource == "bundled"
+    assert [ui.deviceComboBox.itemText(i) for i in range(3)] == ["Automatic", "CUDA GPU", "CPU"]
+    assert ui.outputVolumeSelector.currentText() == "Create a new volume" and parameters.outputVolume is None
+    assert ui.lungWindowButton.isChecked() and parameters.window == "lung"
+    assert ui.slicesSpinBox.maximum() == 2048 and ui.guidanceSpinBox.singleStep() == 0.5
     assert panel.ui.slicesSpinBox.text() == "Automatic" and panel.ui.stepsSpinBox.text() == "Model default"
     assert panel.ui.deviceLabel.text() == "Detecting PyTorch and the GPU ..."  # the worker imports torch, not Slicer
     wait_until(lambda: panel.ui.deviceLabel.text().startswith("Detected:"))
@@ -66,7 +72,7 @@ def test_generate_watch_the_volume_grow_then_cancel(panel, tiny_model, output_di
     ui.sampleReportComboBox.setCurrentIndex(sample)
     ui.sampleReportComboBox.activated.emit(sample)
     use_tiny_model(ui, tiny_model, slices=400)
-    settings = GenerationSettings.load(panel._parameterNode)
+    settings = panel._parameterNode
     assert settings.report.startswith("Findings:") and "right pleural effusion" in settings.report
     assert (settings.slices, settings.steps, settings.seed, settings.modelSource) == (400, 2, 11, "folder")
 
@@ -105,7 +111,7 @@ def test_finish_then_window_save_and_replace(panel, tiny_model, tmp_path, monkey
     ui.mediastinumWindowButton.click()
     display = node.GetDisplayNode()
     assert (display.GetWindow(), display.GetLevel()) == WINDOW_PRESETS["mediastinum"]
-    assert GenerationSettings.load(panel._parameterNode).window == "mediastinum"
+    assert panel._parameterNode.window == "mediastinum"
 
     monkeypatch.setattr(QtWidgets.QFileDialog, "getSaveFileName", lambda *args: (str(tmp_path / "ct"), "NRRD"))
     ui.saveNrrdButton.click()
@@ -113,7 +119,8 @@ def test_finish_then_window_save_and_replace(panel, tiny_model, tmp_path, monkey
     assert saved.provenance.seed == 11 and saved.hu.shape == (6, 16, 16)
     assert ui.statusLabel.text().startswith("Saved ")
 
-    ui.replaceVolumeRadioButton.click()
+    ui.outputVolumeSelector.setCurrentIndex(ui.outputVolumeSelector.findText(node.GetName()))
+    assert panel._parameterNode.outputVolume is node
     ui.newSeedButton.click()
     ui.generateButton.click()
     wait_until(lambda: ui.generateButton.text() == "&Generate")
@@ -124,8 +131,8 @@ def test_finish_then_window_save_and_replace(panel, tiny_model, tmp_path, monkey
 def test_errors_appear_in_the_panel(panel, monkeypatch):
     monkeypatch.setattr(resources, "bundledModel", lambda: None)  # an install that lacks the model
     ui = panel.ui
-    choose(ui.modelSourceComboBox, "folder")
-    choose(ui.modelSourceComboBox, "bundled")  # a change of source re-reads the model's status
+    choose(ui.modelSourceComboBox, "Local folder")
+    choose(ui.modelSourceComboBox, "Bundled demo model")  # a change of source re-reads the model's status
     assert ui.modelStatusLabel.text() == resources.NO_BUNDLED_MODEL
     assert not ui.modelLocationLineEdit.isEnabled()
 
@@ -136,9 +143,9 @@ def test_errors_appear_in_the_panel(panel, monkeypatch):
     assert "color" in ui.statusLabel.styleSheet()
     assert output_volume(panel) is None
 
-    choose(ui.modelSourceComboBox, "folder")
+    choose(ui.modelSourceComboBox, "Local folder")
     ui.modelLocationLineEdit.setText("/no/such/folder")
-    assert ui.modelStatusLabel.text() == "This folder does not exist."
+    assert ui.modelStatusLabel.text().startswith("The model folder '/no/such/folder' does not exist")
 
 
 def test_every_control_has_a_tooltip_and_a_keyboard_path(panel, tiny_model):
@@ -158,7 +165,7 @@ def test_every_control_has_a_tooltip_and_a_keyboard_path(panel, tiny_model):
             chain.append(widget.objectName())
         widget = widget.nextInFocusChain()
     assert chain[:2] == ["reportTextEdit", "impressionsTextEdit"]
-    assert chain.index("replaceVolumeRadioButton") < chain.index("generateButton") < chain.index("saveNiftiButton")
+    assert chain.index("outputVolumeSelector") < chain.index("generateButton") < chain.index("saveNiftiButton")
 
     use_tiny_model(ui, tiny_model, slices=4)
     ui.reportTextEdit.setPlainText("Findings: Normal chest.")

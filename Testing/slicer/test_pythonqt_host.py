@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 
@@ -33,8 +32,8 @@ def test_the_host_starves_python_threads_as_slicer_does(pythonqt_host):
     assert starved < 0.25 * free, (starved, free)  # a few switch intervals around the C call, never during it
 
 
-def test_a_generation_finishes_under_the_host(scene, logic, settings, pythonqt_host):
-    snapshots, seconds = pythonqt_host.drive(logic, dataclasses.replace(settings, slices=12), tick=0.1, timeout=120.0)
+def test_a_generation_finishes_under_the_host(scene, logic, settings, pythonqt_host, change):
+    snapshots, seconds = pythonqt_host.drive(logic, change(settings, slices=12), tick=0.1, timeout=120.0)
     final = snapshots[-1]
     assert (final.state, final.slices, final.blocksDone) == ("done", 12, 3)
     assert [s.firstBlock for s in snapshots].count(True) == 1
