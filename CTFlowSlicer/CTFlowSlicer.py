@@ -169,6 +169,7 @@ class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.sampleReportComboBox.activated.connect(self.onSampleReport)
         ui.newSeedButton.clicked.connect(self.onNewSeed)
         ui.browseModelButton.clicked.connect(self.onBrowseModel)
+        ui.unloadModelButton.clicked.connect(self.onUnloadModel)
         ui.generateButton.clicked.connect(self.onGenerateButton)
         for preset, name in WINDOW_BUTTONS.items():
             getattr(ui, name).clicked.connect(lambda _checked=False, preset=preset: self.onWindow(preset))
@@ -205,6 +206,10 @@ class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                      self._parameterNode.modelLocation)
         if folder:
             self._parameterNode.modelLocation = folder
+
+    def onUnloadModel(self):
+        self.logic.unloadModel()
+        self._setStatus(_("The model was unloaded; the next Generate loads it again."))
 
     def onGenerateButton(self):
         """Generate, or, while generating, cancel. Dependencies are installed here, on first use."""
@@ -389,7 +394,7 @@ class CTFlowSlicerLogic(ScriptedLoadableModuleLogic):
         return self._worker is not None and self._workerInfo is None and not self._worker.ended
 
     def unloadModel(self) -> None:
-        """Free the model's memory (GPU memory included); the next run loads it again."""
+        """Free the model's memory (GPU memory included); the next run loads it again. Waits for a running one."""
         if self._worker is not None:
             self._worker.send({"type": "unload"})
 

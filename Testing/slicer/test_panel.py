@@ -3,6 +3,8 @@ Slicer's PythonQt (standin.py). Clicks go through Qt; blocks arrive through the 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 import types
@@ -202,3 +204,62 @@ def test_slicer_self_test_runs(qt_application, scene, tiny_model):
     cache.mkdir(exist_ok=True)
     (cache / "tiny").symlink_to(tiny_model)
     CTFlowSlicer.CTFlowSlicerTest().runTest()
+
+
+def test_unload_frees_the_model_and_the_next_run_loads_it_again(panel, tiny_model):
+    ui = panel.ui
+    ui.reportTextEdit.setPlainText("Findings: Normal chest.")
+    use_tiny_model(ui, tiny_model, slices=4)
+    ui.generateButton.click()
+    wait_until(lambda: ui.generateButton.text() == "&Generate")
+    ui.unloadModelButton.click()
+    assert ui.statusLabel.text().startswith("The model was unloaded")
+    states = []
+    ui.generateButton.click()
+    wait_until(lambda: states.append(ui.statusLabel.text()) or ui.generateButton.text() == "&Generate")
+    assert any(text.startswith("Loading model") for text in states)
+
+
+def test_save_without_the_writers_installed_says_what_to_do(panel, tiny_model, monkeypatch, tmp_path):
+    ui = panel.ui
+    ui.reportTextEdit.setPlainText("Findings: Normal chest.")
+    use_tiny_model(ui, tiny_model, slices=4)
+    ui.generateButton.click()
+    wait_until(lambda: ui.generateButton.text() == "&Generate")
+    monkeypatch.setitem(sys.modules, "nrrd", None)  # a Slicer where pynrrd is not installed yet
+    monkeypatch.setattr(QtWidgets.QFileDialog, "getSaveFileName", lambda *args: (str(tmp_path / "ct"), "NRRD"))
+    ui.saveNrrdButton.click()
+    assert ui.statusLabel.text() == "Could not save: nrrd is not installed yet; click Generate once to install it."
+
+
+def test_reload_and_test_without_torch_says_skipped_instead_of_failing(qt_application, monkeypatch, capsys):
+    import CTFlowSlicer
+
+    monkeypatch.setattr(CTFlowSlicer.dependencies, "missing", lambda: ["torch>=2.5"])
+    CTFlowSlicer.CTFlowSlicerTest().runTest()
+    assert "Skipped: torch>=2.5 not installed yet" in capsys.readouterr().out
+
+
+def test_opening_the_panel_never_imports_torch_in_slicers_process(tmp_path):
+    """The panel asks the worker process which GPU there is; Slicer's own process never imports torch."""
+    script = f"""
+import importlib.util, sys, time
+sys.path.insert(0, {str(Path(__file__).resolve().parents[2] / "CTFlowSlicer")!r})
+spec = importlib.util.spec_from_file_location("standin", {str(Path(__file__).with_name("standin.py"))!r})
+standin = importlib.util.module_from_spec(spec); sys.modules["standin"] = standin; spec.loader.exec_module(standin)
+application = standin.install({str(tmp_path)!r})
+import slicer
+slicer.mrmlScene = slicer.vtkMRMLScene()
+from PySide6 import QtWidgets
+import CTFlowSlicer
+window = QtWidgets.QWidget()
+widget = CTFlowSlicer.CTFlowSlicerWidget(window)
+widget.setup()
+deadline = time.monotonic() + 120
+while not widget.ui.deviceLabel.text().startswith("Detected:") and time.monotonic() < deadline:
+    application.processEvents(); time.sleep(0.02)
+print(widget.ui.deviceLabel.text(), "torch" in sys.modules)
+widget.cleanup()
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
+    assert result.stdout.strip().endswith("False") and "Detected:" in result.stdout, result.stdout + result.stderr
