@@ -14,7 +14,7 @@ import ctflow
 import numpy as np
 import slicer
 
-from .logic import GenerationLogic, ijkToRAS
+from .generation import ijkToRAS, provenanceOf
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ def volumeOf(node) -> ctflow.Volume:
     return ctflow.Volume(
         slicer.util.arrayFromVolume(node).astype(np.int16),
         ctflow.Geometry.from_ijk_to_ras(ijkToRAS(node)),
-        GenerationLogic.provenanceOf(node),
+        provenanceOf(node),
     )
 
 

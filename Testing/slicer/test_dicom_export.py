@@ -15,7 +15,7 @@ import pydicom
 import pytest
 import slicer
 
-from CTFlowSlicerLib import dicom_export, logic
+from CTFlowSlicerLib import dicom_export, generation
 
 ROTATED = np.array([[-0.96, 0.28, 0.0], [-0.28, -0.96, 0.0], [0.0, 0.0, -1.0]])
 
@@ -30,10 +30,10 @@ def node(scene):
     )
     hu = np.random.default_rng(2).integers(-1000, 1500, size=(6, 8, 9)).astype(np.int16)
     volume = ctflow.Volume(hu, ctflow.Geometry((0.7, 0.8, 2.5), (5.0, -3.0, 40.0), ROTATED), provenance)
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", logic.volumeName(provenance))
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", generation.volumeName(provenance))
     node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(volume.geometry.ijk_to_ras()))
     for key, value in provenance.as_dict().items():
-        node.SetAttribute(logic.attributeName(key), value)
+        node.SetAttribute(generation.attributeName(key), value)
     slicer.util.updateVolumeFromArray(node, volume.hu)
     return node
 
@@ -49,8 +49,8 @@ def test_the_series_holds_the_node_and_slicer_reads_it_back(node, tmp_path):
     assert "not added to the DICOM database" in result.message and "6 slices" in result.message
     back = ctflow.read_volume(result.folder)
     assert np.array_equal(back.hu, slicer.util.arrayFromVolume(node))
-    assert np.allclose(back.geometry.ijk_to_ras(), logic.ijkToRAS(node), atol=1e-6)
-    assert back.provenance == logic.GenerationLogic.provenanceOf(node)
+    assert np.allclose(back.geometry.ijk_to_ras(), generation.ijkToRAS(node), atol=1e-6)
+    assert back.provenance == generation.provenanceOf(node)
     assert pydicom.dcmread(next(result.folder.iterdir())).SyntheticData == "YES"
     # Slicer's own reader (ITK/GDCM archetype) loads the series into a fresh node at the same places
     scene = slicer.vtkMRMLScene()
@@ -58,8 +58,8 @@ def test_the_series_holds_the_node_and_slicer_reads_it_back(node, tmp_path):
     storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
     storage.SetFileName(str(sorted(result.folder.iterdir())[0]))
     assert storage.ReadData(loaded)
-    theirs = canonical(slicer.util.arrayFromVolume(loaded), logic.ijkToRAS(loaded))
-    ours = canonical(slicer.util.arrayFromVolume(node), logic.ijkToRAS(node))
+    theirs = canonical(slicer.util.arrayFromVolume(loaded), generation.ijkToRAS(loaded))
+    ours = canonical(slicer.util.arrayFromVolume(node), generation.ijkToRAS(node))
     assert np.array_equal(theirs[0], ours[0]) and np.allclose(theirs[1], ours[1], atol=1e-4)
 
 

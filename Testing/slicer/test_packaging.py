@@ -52,7 +52,8 @@ def test_extension_metadata_agrees_everywhere():
         entry["category"], entry["scm_url"], entry["scm_revision"])
     assert description["depends"].split() == entry["build_dependencies"] == ["PyTorch"]
     assert description["build_subdirectory"] == entry["build_subdirectory"]
-    assert f'self.parent.categories = ["{entry["category"]}"]' in (MODULE / "CTFlowSlicer.py").read_text()
+    module = (MODULE / "CTFlowSlicer.py").read_text()
+    assert f'categories = [translate("qSlicerAbstractCoreModule", "{entry["category"]}")]' in module
 
 
 def index_entry() -> dict:
