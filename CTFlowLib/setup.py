@@ -15,7 +15,8 @@ class BuildWithDemoModel(build_py):
     def run(self):
         super().run()
         if DEMO_MODEL.is_dir() and not self.editable_mode:  # an editable install finds it in the repository
-            shutil.copytree(DEMO_MODEL, Path(self.build_lib) / "ctflow" / "models" / DEMO_MODEL.name, dirs_exist_ok=True)
+            target = Path(self.build_lib) / "ctflow" / "models" / DEMO_MODEL.name
+            shutil.copytree(DEMO_MODEL, target, dirs_exist_ok=True)
 
 
 setup(cmdclass={"build_py": BuildWithDemoModel})

@@ -143,7 +143,8 @@ class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Bind the panel's widgets to `parameterNode` (or unbind them, None)."""
         if self._parameterNode is not None:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParametersChanged)
+            self.removeObserver(self._parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent,
+                                self.onParametersChanged)
         self._parameterNode = parameterNode
         if parameterNode is not None:
             self._parameterNodeGuiTag = parameterNode.connectGui(self.ui)

@@ -40,8 +40,8 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny", choices=("tiny", "cpu"), help="size of the random model")
     parser.add_argument("--slices", type=int, default=32)
     parser.add_argument("--steps", type=int, default=400,
-                        help="sampling steps per block (0: the model's default); 400 gives the tiny model blocks of about half a "
-                             "second, several timer ticks, as real models have")
+                        help="sampling steps per block (0: the model's default); 400 gives the tiny model blocks "
+                             "of about half a second, several timer ticks, as real models have")
     parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--tick", type=float, default=0.1, help="the panel's timer interval, s (default: 0.1)")
     args = parser.parse_args()

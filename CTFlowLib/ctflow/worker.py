@@ -84,13 +84,13 @@ class Worker:
         """Answer requests until stdin closes; then remove the run folders left and return."""
         import torch
 
-        cuda = torch.cuda.is_available()
-        gpu = torch.cuda.get_device_properties(0) if cuda else None
         from . import __version__
 
+        cuda = torch.cuda.is_available()
+        gpu = torch.cuda.get_device_properties(0) if cuda else None
         self.send({"type": "ready", "protocol": PROTOCOL, "ctflow_version": __version__,
-                   "torch_version": torch.__version__, "pid": os.getpid(), "cuda": cuda,
-                   "gpu": gpu.name if gpu else None, "gpu_memory_gb": round(gpu.total_memory / 2**30, 1) if gpu else None})
+                   "torch_version": torch.__version__, "pid": os.getpid(), "cuda": cuda, "gpu": gpu and gpu.name,
+                   "gpu_memory_gb": gpu and round(gpu.total_memory / 2**30, 1)})
         threading.Thread(target=self._read, args=(stdin,), name="ctflow-worker-stdin", daemon=True).start()
         try:
             while (message := self._inbox.get()) is not None and not self._closing.is_set():
@@ -165,7 +165,8 @@ class Worker:
                            "start": block.start, "stop": block.stop, "blocks_done": block.blocks_done,
                            "blocks_expected": block.blocks_expected, "elapsed_s": block.elapsed_s,
                            "block_s": block.block_s, "eta_s": block.eta_s, "time": time.time(),
-                           "ijk_to_ras": block.geometry.ijk_to_ras().tolist(), "provenance": block.provenance.as_dict()})
+                           "ijk_to_ras": block.geometry.ijk_to_ras().tolist(),
+                           "provenance": block.provenance.as_dict()})
             if cancel.is_set():
                 self.send({"type": "cancelled", "id": run_id, "slices": made})
             else:

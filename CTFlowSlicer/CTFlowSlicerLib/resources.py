@@ -45,7 +45,8 @@ def ctflowLibrary() -> Path:
     """The folder holding the bundled ctflow package and its requirements.txt."""
     folder = shipped("CTFlowLib")
     if folder is None:
-        raise RuntimeError("this copy of the CTFlow extension lacks its ctflow library (Resources/CTFlowLib): reinstall it")
+        raise RuntimeError(
+            "this copy of the CTFlow extension lacks its ctflow library (Resources/CTFlowLib): reinstall it")
     return folder
 
 

@@ -277,8 +277,8 @@ def test_the_request_is_kept_in_the_scene(scene, logic, settings, change, tmp_pa
     reopened.SetURL(str(tmp_path / "scene.mrml"))
     assert reopened.Connect()
     kind = "vtkMRMLScriptedModuleNode"
-    node = next(node for node in (reopened.GetNthNodeByClass(i, kind) for i in range(reopened.GetNumberOfNodesByClass(kind)))
-                if node.GetParameter("report"))
+    nodes = (reopened.GetNthNodeByClass(i, kind) for i in range(reopened.GetNumberOfNodesByClass(kind)))
+    node = next(node for node in nodes if node.GetParameter("report"))
     again = type(settings)(node)
     fields = ("report", "impressions", "slices", "seed", "steps", "guidance", "device", "modelSource",
               "modelLocation", "window")
