@@ -14,7 +14,6 @@ each block in the scene within 1 s of being decoded. Random weights time like tr
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import re
 import subprocess
 import sys
@@ -23,15 +22,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "CTFlowSlicer"))
+sys.path[:0] = [str(REPO / "CTFlowSlicer"), str(REPO / "Testing" / "slicer")]  # the module; standin, pythonqt_host
 REPORT = REPO / "Resources" / "SampleReports" / "right_pleural_effusion.txt"
-
-
-def helper(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "Testing" / "slicer" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def main() -> None:
@@ -60,17 +52,19 @@ def main() -> None:
         print(f"CLI: {slices} slices in {seconds} s after loading: {int(slices) / float(seconds):.2f} slices/s")
         return int(slices) / float(seconds)
 
-    helper("standin").install(str(scratch))
-    host = helper("pythonqt_host")
+    import pythonqt_host as host
     import slicer
+    import standin
+
+    standin.install(str(scratch))
 
     import CTFlowSlicer
-    from CTFlowSlicerLib.parameters import GenerationSettings
 
     slicer.mrmlScene = slicer.vtkMRMLScene()
-    settings = GenerationSettings(report=REPORT.read_text(encoding="utf-8"), slices=args.slices, seed=1,
-                                  steps=args.steps, device=args.device, modelSource="folder", modelLocation=str(model))
     logic = CTFlowSlicer.CTFlowSlicerLogic()
+    settings = logic.getParameterNode()
+    settings.report, settings.slices, settings.seed, settings.steps = REPORT.read_text("utf-8"), args.slices, 1, args.steps
+    settings.device, settings.modelSource, settings.modelLocation = args.device, "folder", str(model)
     try:
         for run in ("cold", "warm"):
             started, first, latencies, planned = time.perf_counter(), [], [], []

@@ -72,24 +72,19 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=64)
     parser.add_argument("--report", type=Path, default=Path("Resources/SampleReports/right_pleural_effusion.txt"))
     args = parser.parse_args()
-    here = Path(__file__).resolve().parent
-    sys.path.insert(0, str(here.parents[1] / "CTFlowSlicer"))
-    import importlib.util
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "CTFlowSlicer"))
+    import standin  # this script's folder is on sys.path
 
-    spec = importlib.util.spec_from_file_location("standin", here / "standin.py")
-    standin = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(standin)
     standin.install(tempfile.mkdtemp())
     import slicer
 
     import CTFlowSlicer
-    from CTFlowSlicerLib.parameters import GenerationSettings
 
     slicer.mrmlScene = slicer.vtkMRMLScene()
-    settings = GenerationSettings(report=args.report.read_text(encoding="utf-8"), slices=args.slices, seed=1,
-                                  modelSource="folder" if args.model else "bundled",
-                                  modelLocation=str(args.model or ""))
     logic = CTFlowSlicer.CTFlowSlicerLogic()
+    settings = logic.getParameterNode()
+    settings.report, settings.slices, settings.seed = args.report.read_text(encoding="utf-8"), args.slices, 1
+    settings.modelSource, settings.modelLocation = ("folder", str(args.model)) if args.model else ("bundled", "")
     try:
         logic.start(settings)
         while not (progress := logic.poll()).finished:
