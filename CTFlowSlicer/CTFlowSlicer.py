@@ -112,10 +112,13 @@ class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.initializeParameterNode()
-        if not dependencies.missing():  # the worker imports torch, which takes seconds, and reports the GPU it sees
-            self.logic.startWorker()
-            self._timer.start()
         self._showDetectedDevice()
+        if not dependencies.missing():  # the worker imports torch, which takes seconds, and reports the GPU it sees
+            try:
+                self.logic.startWorker()
+                self._timer.start()
+            except ctflow.CTFlowError as exc:
+                self.ui.deviceLabel.setText(str(exc))
 
     def cleanup(self):
         self.removeObservers()
@@ -366,7 +369,8 @@ class CTFlowSlicerLogic(ScriptedLoadableModuleLogic):
     # -- the worker process -----------------------------------------------------------------------------------
 
     def startWorker(self) -> None:
-        """Start the worker unless one is running. Loads no model: that waits for the first run."""
+        """Start the worker unless one is running. Loads no model: that waits for the first run. Raises
+        ctflow.CTFlowError when Slicer's Python cannot be found."""
         if self._worker is not None and self._worker.returncode is None and not self._worker.ended:
             return
         if self._worker is not None:
@@ -422,10 +426,10 @@ class CTFlowSlicerLogic(ScriptedLoadableModuleLogic):
         try:
             ctflow.parse_report(settings.report, settings.impressions)  # a bad report fails before a slow start
             model, revision = generation.modelChoice(settings, resources.bundledModel())
+            self.startWorker()
         except ctflow.CTFlowError as exc:
             run.finish("failed", str(exc))
             return
-        self.startWorker()
         if self._workerInfo is None:
             run.progress.message = _("Starting the generation process ...")
         self._worker.send({"type": "generate", "id": run.runId, "model": model, "revision": revision,
@@ -526,8 +530,15 @@ class CTFlowSlicerLogic(ScriptedLoadableModuleLogic):
 
 
 def workerPython() -> str:
-    """Slicer's own Python launcher (it sets up Slicer's environment), else this interpreter (outside Slicer)."""
-    return shutil.which("PythonSlicer") or sys.executable
+    """Slicer's own Python launcher (it sets up Slicer's environment): on the PATH or beside the application;
+    outside Slicer, this interpreter. Never the Slicer application itself, which would open a second window."""
+    found = shutil.which("PythonSlicer") or shutil.which("PythonSlicer", path=str(Path(sys.executable).parent))
+    if found:
+        return found
+    if Path(sys.executable).name.lower().startswith("python"):
+        return sys.executable
+    raise ctflow.CTFlowError(
+        f"Slicer's Python launcher (PythonSlicer) is not beside {sys.executable}: reinstall Slicer")
 
 
 def describeExit(code: int | None) -> str:

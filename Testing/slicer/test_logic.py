@@ -309,3 +309,18 @@ def test_a_fresh_parameter_node_draws_a_seed(scene, logic):
         seeds.add(logic.getParameterNode().seed)
     assert len(seeds) == 3  # each new scene gets its own
     assert logic.getParameterNode().seed == logic.getParameterNode().seed  # and keeps it
+
+
+def test_the_worker_runs_on_slicers_python_never_on_the_application(qt_application, tmp_path, monkeypatch):
+    import CTFlowSlicer
+
+    application = tmp_path / "bin" / "SlicerApp-real"  # what sys.executable is inside Slicer
+    application.parent.mkdir()
+    monkeypatch.setattr(CTFlowSlicer.sys, "executable", str(application))
+    monkeypatch.setenv("PATH", str(tmp_path / "elsewhere"))
+    with pytest.raises(ctflow.CTFlowError, match="PythonSlicer"):
+        CTFlowSlicer.workerPython()
+    launcher = application.with_name("PythonSlicer")
+    launcher.write_text("#!/bin/sh\n")
+    launcher.chmod(0o755)
+    assert CTFlowSlicer.workerPython() == str(launcher)
