@@ -63,7 +63,8 @@ def main() -> None:
     slicer.mrmlScene = slicer.vtkMRMLScene()
     logic = CTFlowSlicer.CTFlowSlicerLogic()
     settings = logic.getParameterNode()
-    settings.report, settings.slices, settings.seed, settings.steps = REPORT.read_text("utf-8"), args.slices, 1, args.steps
+    settings.report, settings.slices, settings.seed = REPORT.read_text(encoding="utf-8"), args.slices, 1
+    settings.steps = args.steps
     settings.device, settings.modelSource, settings.modelLocation = args.device, "folder", str(model)
     try:
         for run in ("cold", "warm"):
