@@ -112,13 +112,13 @@ class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.initializeParameterNode()
-        self._showDetectedDevice()
-        if not dependencies.missing():  # the worker imports torch, which takes seconds, and reports the GPU it sees
-            try:
+        try:
+            if not dependencies.missing():  # the worker imports torch, which takes seconds, and reports the GPU
                 self.logic.startWorker()
                 self._timer.start()
-            except ctflow.CTFlowError as exc:
-                self.ui.deviceLabel.setText(str(exc))
+            self._showDetectedDevice()
+        except ctflow.CTFlowError as exc:  # no PythonSlicer
+            self.ui.deviceLabel.setText(str(exc))
 
     def cleanup(self):
         self.removeObservers()
