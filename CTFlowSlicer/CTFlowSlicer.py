@@ -387,11 +387,16 @@ class CTFlowSlicerLogic(ScriptedLoadableModuleLogic):
         self._receive()
         info = self._workerInfo
         if info is None:
-            return "Detecting PyTorch and the GPU ..." if self._worker is not None else \
-                "PyTorch and the GPU are detected when the generation process starts (at the first Generate)."
-        if not info["cuda"]:
-            return f"Detected: no CUDA GPU, CPU only (PyTorch {info['torch_version']})."
-        return f"Detected: {info['gpu']}, {info['gpu_memory_gb']:.0f} GB (PyTorch {info['torch_version']})."
+            return _("Detecting PyTorch and the GPU ...") if self._worker is not None else \
+                _("PyTorch and the GPU are detected when the generation process starts (at the first Generate).")
+        version = info["torch_version"]
+        if info["cuda"]:
+            return _("Detected: {gpu}, {memory:.0f} GB (PyTorch {version}).").format(
+                gpu=info["gpu"], memory=info["gpu_memory_gb"], version=version)
+        if version.endswith("+cpu"):
+            return _("Detected: CPU only: this PyTorch ({version}) is a CPU-only build; for an NVIDIA GPU, reinstall "
+                     "PyTorch with the PyTorch extension.").format(version=version)
+        return _("Detected: no CUDA GPU, CPU only (PyTorch {version}).").format(version=version)
 
     def workerStarting(self) -> bool:
         """True until the worker has said which torch and GPU it has (or has died trying)."""

@@ -324,3 +324,19 @@ def test_the_worker_runs_on_slicers_python_never_on_the_application(qt_applicati
     launcher.write_text("#!/bin/sh\n")
     launcher.chmod(0o755)
     assert CTFlowSlicer.workerPython() == str(launcher)
+
+
+@pytest.mark.parametrize(
+    ("ready", "line"),
+    [({"cuda": True, "gpu": "NVIDIA H100", "gpu_memory_gb": 79.6, "torch_version": "2.6.0+cu124"},
+      "Detected: NVIDIA H100, 80 GB (PyTorch 2.6.0+cu124)."),
+     ({"cuda": False, "gpu": None, "gpu_memory_gb": None, "torch_version": "2.13.0+cpu"}, "is a CPU-only build"),
+     ({"cuda": False, "gpu": None, "gpu_memory_gb": None, "torch_version": "2.6.0+cu124"}, "no CUDA GPU")],
+)
+def test_the_device_line_says_what_the_worker_found(qt_application, ready, line):
+    import CTFlowSlicer
+
+    logic = CTFlowSlicer.CTFlowSlicerLogic()
+    assert logic.deviceDescription().startswith("PyTorch and the GPU are detected when")
+    logic._workerInfo = {"type": "ready", **ready}  # what the worker's ready message says
+    assert line in logic.deviceDescription()
