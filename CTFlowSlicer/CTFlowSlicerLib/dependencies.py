@@ -40,17 +40,22 @@ def requirements() -> list[str]:
     return sorted((line for line in found if line), key=lambda line: distribution(line) != "torch")
 
 
-def distribution(requirement: str) -> str:
-    from packaging.requirements import Requirement
+def parseRequirement(requirement: str):
+    """A packaging Requirement; pip's vendored copy where Slicer's Python lacks the packaging distribution."""
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:
+        from pip._vendor.packaging.requirements import Requirement
+    return Requirement(requirement)
 
-    return Requirement(requirement).name
+
+def distribution(requirement: str) -> str:
+    return parseRequirement(requirement).name
 
 
 def unsatisfied(requirement: str) -> str | None:
     """None when installed in a version the requirement accepts, else what is wrong ("missing" or the version)."""
-    from packaging.requirements import Requirement
-
-    parsed = Requirement(requirement)
+    parsed = parseRequirement(requirement)
     try:
         version = importlib.metadata.version(parsed.name)
     except importlib.metadata.PackageNotFoundError:
@@ -138,12 +143,10 @@ def pipInstall(needed: list[str]) -> None:
     try:
         installer = _slicerModule("pydeps") or _slicerModule("packaging")
         if installer is not None and hasattr(installer, "pip_ensure"):
-            from packaging.requirements import Requirement
-
             options = {"constraints": str(constraints), "requester": REQUESTER}
             if "prompt_install" in inspect.signature(installer.pip_ensure).parameters:
                 options["prompt_install"] = False  # the user has just agreed to our own, fuller question
-            installer.pip_ensure([Requirement(r) for r in needed], **options)
+            installer.pip_ensure([parseRequirement(r) for r in needed], **options)
         else:
             slicer.util.pip_install(needed + ["-c", str(constraints)])
     finally:
