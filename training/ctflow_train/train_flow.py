@@ -29,7 +29,7 @@ import argparse
 import copy
 import dataclasses
 import json
-import math
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -37,19 +37,61 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ctflow.batch import rank_and_world
 from ctflow.config import DENOISER_PRESETS, PREDICTIONS
 from ctflow.denoiser import STDiT, parameter_count
 from ctflow.errors import CTFlowError
 
 from .checkpoint import (
-    CHECKPOINT, add_run_options, load_checkpoint, open_loss_log, open_safetensors, prepare_run_folder, save_checkpoint,
+    CHECKPOINT, load_checkpoint, open_loss_log, open_safetensors, prepare_run_folder, save_checkpoint,
 )
 from .flow_data import Batch, BlockDataset, SamplingRules, ShareSampler, block_loader, noises
 from .latent_store import LatentStore, open_stores
+from .options import add_run_options
+from .runtime import RunConfig, cosine_schedule, set_threads, start_processes
 
 OUTPUTS = (CHECKPOINT, "loss.csv")  # what a run writes to --out
 ADDABLE = ("position_embed.", "text_vector.", "seam_embed.")  # parts a warm start may switch on (they start as no-ops)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowRun(RunConfig):
+    """The options of one `ctflow-train flow` run (see `configure`)."""
+
+    cache: list[Path]
+    out: Path
+    preset: str
+    hidden: int | None
+    depth: int | None
+    heads: int | None
+    patch: list[int] | None
+    prediction: str | None
+    slice_position: bool
+    pooled_text: bool
+    seam_context: bool
+    init: Path | None
+    time_shift: float
+    block: int
+    steps: int
+    batch_size: int
+    accumulate: int
+    compile: bool
+    workers: int
+    lr: float
+    warmup: int
+    weight_decay: float
+    clip: float
+    ema: float
+    start_p: float
+    length_p: float
+    text_drop: float
+    cond_noise: float
+    rollout_p: float
+    seed: int
+    threads: int
+    log_every: int
+    save_every: int
+    resume: bool
+    overwrite: bool
 
 
 class Conditioned(torch.nn.Module):
@@ -63,7 +105,7 @@ class Conditioned(torch.nn.Module):
         return self.denoiser.output(z_t, t, self.denoiser.prepare(previous, text, mask, first_slice))
 
 
-def denoiser_config(args: argparse.Namespace, store: LatentStore):
+def denoiser_config(args: FlowRun, store: LatentStore):
     """The preset, with the latent shape and text width the store dictates and any size overrides."""
     channels, size = store.start.shape[0], store.start.shape[-1]
     overrides = {k: v for k, v in {"hidden_size": args.hidden, "depth": args.depth, "num_heads": args.heads,
@@ -74,7 +116,7 @@ def denoiser_config(args: argparse.Namespace, store: LatentStore):
                                text_dim=store.empty.shape[-1], block_slices=args.block, **overrides)
 
 
-def sampling_rules(args: argparse.Namespace) -> SamplingRules:
+def sampling_rules(args: FlowRun) -> SamplingRules:
     return SamplingRules(args.block, args.start_p, args.length_p, args.text_drop, args.time_shift)
 
 
@@ -129,29 +171,16 @@ def flow_loss(model, ema: STDiT, batch: Batch, config, args, autocast, device) -
     return F.mse_loss(predicted.float(), x0 if config.prediction == "clean" else noise.noise - x0)
 
 
-def learning_rate(step: int, args) -> float:
-    """Linear warm-up, then cosine decay to 10 % at --steps."""
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    progress = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
-    return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
-
-
-def train(args: argparse.Namespace) -> dict:
+def train(args: FlowRun) -> dict:
     # ---- processes: DistributedDataParallel only when torchrun started more than one
-    rank, world, local_rank = rank_and_world()
-    ddp = world > 1
-    if ddp:
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    device = torch.device(f"cuda:{local_rank or 0}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    processes = start_processes(join_group=True)
+    rank, world, local_rank, device, ddp = (processes.rank, processes.world, processes.local_rank, processes.device,
+                                            processes.distributed)
+    set_threads(args.threads)
     # bf16 only where the hardware has it: on an AVX2-only CPU bf16 matmuls are ~50x slower than fp32
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     autocast = torch.autocast("cuda", torch.bfloat16) if use_bf16 else nullcontext()
-    master = rank == 0
+    master = processes.master
 
     # ---- data, model, EMA, optimizer (bad inputs end here, before --out is touched)
     stores = open_stores(args.cache)
@@ -177,7 +206,7 @@ def train(args: argparse.Namespace) -> dict:
         meta = load_checkpoint(out / CHECKPOINT, {"model": model, "ema": ema}, {"optimizer": optimizer}, {})
         step, elapsed, samples = meta["step"], meta["elapsed_s"], meta.get("samples", 0)
     dataset = BlockDataset(stores, sampling_rules(args), args.seed)
-    batches = iter(block_loader(dataset, ShareSampler(rank, world, args.batch, samples), args.workers,
+    batches = iter(block_loader(dataset, ShareSampler(rank, world, args.batch_size, samples), args.workers,
                                 pin_memory=device.type == "cuda"))
     raw_model, model = model, Conditioned(model)
     if ddp:
@@ -193,7 +222,7 @@ def train(args: argparse.Namespace) -> dict:
     logged = torch.tensor(float("nan"))  # the last step's loss (nan when a resumed run has nothing left to do)
     while step < args.steps:
         started = time.perf_counter()
-        lr = learning_rate(step, args)
+        lr = cosine_schedule(step, args.lr, args.warmup, args.steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
@@ -211,7 +240,7 @@ def train(args: argparse.Namespace) -> dict:
             for e, p in zip(ema.parameters(), raw_model.parameters()):
                 e.lerp_(p, 1 - beta)
         step += 1
-        samples += world * args.batch * args.accumulate
+        samples += world * args.batch_size * args.accumulate
         step_s = time.perf_counter() - started
         elapsed += step_s
         if ddp:  # the logged loss is the mean over ranks (gloo has no AVG)
@@ -226,7 +255,7 @@ def train(args: argparse.Namespace) -> dict:
             log.flush()  # the loss log reaches at least as far as the checkpoint, whenever the run is killed
             meta = {"step": step, "samples": samples, "elapsed_s": elapsed, "denoiser": dataclasses.asdict(config),
                     "world": world, "device": str(device), "cache": [str(path) for path in args.cache],
-                    "args": vars(args)}
+                    "args": args.meta()}
             save_checkpoint(out / CHECKPOINT, {"model": raw_model, "ema": ema}, {"optimizer": optimizer}, {}, meta)
     if master:
         log.close()
@@ -257,7 +286,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="> 1 trains more often at high noise, where a block's layout is decided")
     parser.add_argument("--block", type=int, default=16, help="slices per block (the data's end padding assumes 16)")
     parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--batch", type=int, default=8, help="per process (the global batch is this x processes)")
+    parser.add_argument("--batch", dest="batch_size", type=int, default=8,
+                        help="per process (the global batch is this x processes)")
     parser.add_argument("--accumulate", type=int, default=1,
                         help="batches per optimizer step (gradient accumulation): "
                              "global batch = batch x processes x this")
@@ -279,11 +309,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    print(json.dumps(train(args)))
+    print(json.dumps(train(FlowRun.from_args(args))))
     return 0
 
 
-if __name__ == "__main__":  # torchrun entry point
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    configure(parser)
-    raise SystemExit(run(parser.parse_args()))
+if __name__ == "__main__":  # torchrun entry point: `ctflow-train flow`, with its error handling
+    from .cli import main
+
+    sys.exit(main(["flow", *sys.argv[1:]]))

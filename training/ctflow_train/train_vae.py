@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,7 +33,9 @@ from ctflow.config import AutoencoderConfig
 from ctflow.errors import CTFlowError
 from ctflow.pipeline import END_HU, START_HU
 
-from .checkpoint import CHECKPOINT, add_run_options, load_checkpoint, open_loss_log, prepare_run_folder, save_checkpoint
+from .checkpoint import CHECKPOINT, load_checkpoint, open_loss_log, prepare_run_folder, save_checkpoint
+from .options import add_run_options
+from .runtime import RunConfig, cosine_schedule, load_vae, set_threads
 from .training_data import list_cases, load_cases
 
 OUTPUTS = (CHECKPOINT, "loss.csv", "metrics.json", "vae")  # what a run writes to --out
@@ -49,6 +51,35 @@ VAE_VARIANTS = {
     "cpu-16x": dict(VAE_PRESETS["cpu"], block_out_channels=(8, 16, 32, 64, 64), norm_num_groups=4,
                     down_block_types=("DownEncoderBlock2D",) * 5, up_block_types=("UpDecoderBlock2D",) * 5),
 }
+
+
+@dataclass(frozen=True)
+class VAERun(RunConfig):
+    """The options of one `ctflow-train vae` run (see `configure`)."""
+
+    data: Path
+    out: Path
+    preset: str
+    decoder_of: Path | None
+    size: int
+    steps: int
+    batch_size: int
+    crop: int
+    lr: float
+    warmup: int
+    kl_weight: float
+    adv_weight: float
+    adv_start: int
+    constant_p: float
+    holdout: int
+    eval_every: int
+    eval_slices: int
+    seed: int
+    threads: int
+    log_every: int
+    save_every: int
+    resume: bool
+    overwrite: bool
 
 
 class PatchDiscriminator(nn.Sequential):
@@ -93,7 +124,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float) -> torch.Tensor:
     return 10 * torch.log10(data_range**2 / mse.clamp(min=1e-12))
 
 
-def evaluate(autoencoder: SliceAutoencoder, hu: torch.Tensor) -> dict:
+def reconstruction_metrics(autoencoder: SliceAutoencoder, hu: torch.Tensor) -> dict:
     """PSNR/SSIM of reconstructions of HU slices [N, H, W], both clipped to the model's HU window."""
     low, high = autoencoder.config.hu_window
     original = hu.float().clamp(low, high)
@@ -121,15 +152,16 @@ def slice_pool(cases) -> torch.Tensor:
     return torch.cat([torch.from_numpy(case.hu[: case.content_slices]) for case in cases])
 
 
-def draw_batch(pool: torch.Tensor, batch: int, crop: int, constant_p: float, generator: torch.Generator) -> torch.Tensor:
+def draw_batch(pool: torch.Tensor, batch_size: int, crop: int, constant_p: float,
+               generator: torch.Generator) -> torch.Tensor:
     """[B, crop, crop] HU: random slices at random crops; a few are the constant start/end slices the pipeline encodes."""
     n, height, width = pool.shape
-    index = torch.randint(n, (batch,), generator=generator)
-    top = torch.randint(height - crop + 1, (batch,), generator=generator)
-    left = torch.randint(width - crop + 1, (batch,), generator=generator)
+    index = torch.randint(n, (batch_size,), generator=generator)
+    top = torch.randint(height - crop + 1, (batch_size,), generator=generator)
+    left = torch.randint(width - crop + 1, (batch_size,), generator=generator)
     out = torch.stack([pool[i, y : y + crop, x : x + crop] for i, y, x in zip(index, top, left)]).float()
-    constant = torch.rand(batch, generator=generator) < constant_p
-    value = torch.where(torch.rand(batch, generator=generator) < 0.5, START_HU, END_HU)
+    constant = torch.rand(batch_size, generator=generator) < constant_p
+    value = torch.where(torch.rand(batch_size, generator=generator) < 0.5, START_HU, END_HU)
     out[constant] = value[constant, None, None].expand(-1, crop, crop)
     return out
 
@@ -137,17 +169,17 @@ def draw_batch(pool: torch.Tensor, batch: int, crop: int, constant_p: float, gen
 # -------------------------------------------------------------------------------------- training
 
 
-def build(args: argparse.Namespace):
+def build(args: VAERun):
     """VAE (fresh, or an earlier run's to train its decoder), discriminator and optimizers. The VAE is wrapped by
     ctflow's SliceAutoencoder for the HU mapping."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(args.seed)
     if args.decoder_of:
-        vae = AutoencoderKL.from_pretrained(args.decoder_of / "vae", use_safetensors=True, local_files_only=True)
+        autoencoder = load_vae(args.decoder_of / "vae", args.size, chunk_size=AutoencoderConfig.chunk_size)
     else:
-        vae = AutoencoderKL(**VAE_VARIANTS[args.preset])
-    autoencoder = SliceAutoencoder(vae, AutoencoderConfig(image_size=args.size))
+        autoencoder = SliceAutoencoder(AutoencoderKL(**VAE_VARIANTS[args.preset]), AutoencoderConfig(image_size=args.size))
+    vae = autoencoder.vae
     vae.train().requires_grad_(True)  # SliceAutoencoder freezes for inference; here we train
     if args.decoder_of:  # what makes the latents stays fixed
         vae.encoder.eval().requires_grad_(False)
@@ -157,14 +189,6 @@ def build(args: argparse.Namespace):
     opt_vae = torch.optim.AdamW(trained, lr=args.lr, betas=(0.5, 0.9), weight_decay=0.0)
     opt_disc = torch.optim.AdamW(disc.parameters(), lr=args.lr, betas=(0.5, 0.9), weight_decay=0.0)
     return autoencoder, disc, opt_vae, opt_disc
-
-
-def learning_rate(step: int, args: argparse.Namespace) -> float:
-    """Linear warm-up, then cosine decay to 10 %."""
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
-    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def train_step(autoencoder, disc, opt_vae, opt_disc, hu: torch.Tensor, step: int, args) -> dict:
@@ -202,7 +226,7 @@ def standardise_latents(autoencoder: SliceAutoencoder, pool: torch.Tensor, count
     return {"shift_factor": shift, "scaling_factor": scale}
 
 
-def train(args: argparse.Namespace) -> dict:
+def train(args: VAERun) -> dict:
     out = Path(args.out)
     train_entries, held_entries = list_cases(args.data, args.holdout)  # a bad --data ends here, before --out exists
     if args.decoder_of and not all((args.decoder_of / name).exists() for name in ("vae", "metrics.json")):
@@ -210,8 +234,7 @@ def train(args: argparse.Namespace) -> dict:
                           "(vae/, metrics.json)")
     prepare_run_folder(out, OUTPUTS, args.resume, args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     pool = slice_pool(load_cases(args.data, train_entries))  # [N, H, W] int16
     autoencoder, disc, opt_vae, opt_disc = build(args)
     generator = torch.Generator().manual_seed(args.seed)
@@ -228,19 +251,20 @@ def train(args: argparse.Namespace) -> dict:
           f"{len(pool)} training slices, from step {step}", flush=True)
     while step < args.steps:
         started = time.perf_counter()
+        lr = cosine_schedule(step, args.lr, args.warmup, args.steps)
         for group in opt_vae.param_groups + opt_disc.param_groups:
-            group["lr"] = learning_rate(step, args)
-        hu = draw_batch(pool, args.batch, args.crop, args.constant_p, generator)
+            group["lr"] = lr
+        hu = draw_batch(pool, args.batch_size, args.crop, args.constant_p, generator)
         losses = train_step(autoencoder, disc, opt_vae, opt_disc, hu, step, args)
         step += 1
         step_s = time.perf_counter() - started
         elapsed += step_s
-        writer.writerow([step, f"{learning_rate(step - 1, args):.3g}"] + [f"{v:.5g}" for v in losses.values()] + [f"{step_s:.3f}"])
+        writer.writerow([step, f"{lr:.3g}"] + [f"{v:.5g}" for v in losses.values()] + [f"{step_s:.3f}"])
         if step % args.log_every == 0 or step == args.steps:
             log.flush()
             print(f"step {step}/{args.steps} " + " ".join(f"{k} {v:.4g}" for k, v in losses.items()) + f" {step_s:.2f}s", flush=True)
         if step % args.save_every == 0 or step == args.steps:
-            save_checkpoint(checkpoint, modules, optimizers, {"data": generator}, {"step": step, "elapsed_s": elapsed, "args": vars(args)})
+            save_checkpoint(checkpoint, modules, optimizers, {"data": generator}, {"step": step, "elapsed_s": elapsed, "args": args.meta()})
     log.close()
     autoencoder.vae.eval()
     if args.decoder_of:
@@ -257,7 +281,7 @@ def train(args: argparse.Namespace) -> dict:
     metrics = {
         **origin, "steps": step, "train_seconds": round(elapsed, 1), "train_slices": int(len(pool)),
         "held_out_patients": [entry["name"] for entry in held_entries], **scale,
-        "held_out": evaluate(SliceAutoencoder(autoencoder.vae, autoencoder.config), held),
+        "held_out": reconstruction_metrics(SliceAutoencoder(autoencoder.vae, autoencoder.config), held),
         "lpips": "not measured: LPIPS needs downloaded network weights (offline here)",
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
@@ -272,7 +296,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decoder-of", type=Path, help="earlier vae run folder: train its decoder only, keeping its latents")
     parser.add_argument("--size", type=int, default=256, help="slice size of the data (rows = columns)")
     parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", dest="batch_size", type=int, default=8, help="slices per step")
     parser.add_argument("--crop", type=int, default=128, help="training crop side (pixels)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=50)
@@ -287,5 +311,5 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    train(args)
+    train(VAERun.from_args(args))
     return 0

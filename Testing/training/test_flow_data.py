@@ -1,0 +1,78 @@
+"""Flow training's samples: StartBoost and text dropout, consecutive blocks, epochs and rank shares, and samples that
+depend on their position only.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from ctflow_train.flow_data import BlockDataset, SamplingRules, ShareSampler, block_loader, collate, noises
+from ctflow_train.latent_store import LatentStore, open_stores
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
+
+
+def test_batches_follow_startboost_and_text_dropout(tiny, cache):
+    store = LatentStore(cache)
+    batch = tiny.draw(cache, 5, start_p=1.0, text_drop=1.0)
+    assert batch.x0.shape == batch.previous.shape == batch.before.shape == (5, 4, tiny.BLOCK, 8, 8)
+    assert batch.first.all()
+    assert torch.equal(batch.previous, store.start[None, :, None].expand_as(batch.previous))  # black previous
+    assert torch.equal(batch.text[:, :2], store.empty[None].expand(5, -1, -1)) and batch.mask.sum(1).eq(2).all()
+    batch = tiny.draw(cache, 50, start_p=0.0, text_drop=0.0)
+    assert not batch.first.any()
+    assert not torch.equal(batch.previous[0], store.start[:, None].expand_as(batch.previous[0]))
+    lengths = set(batch.mask.sum(1).tolist())
+    assert len(lengths) >= 2  # plain and length prompts both drawn
+    assert 0 <= batch.t.min() and batch.t.max() <= 1 and tiny.draw(cache, 50, time_shift=3.0).t.mean() > batch.t.mean()
+
+
+def test_batch_windows_are_consecutive_blocks_of_one_volume(tiny, cache):
+    store = LatentStore(cache)
+    batch = tiny.draw(cache, 20, seed=1, start_p=0.0)
+    padded = [torch.cat([store.start[None].expand(2 * tiny.BLOCK, -1, -1, -1), store.latents(v)]) for v in range(3)]
+    for i in range(20):
+        window = torch.cat([batch.before[i], batch.previous[i], batch.x0[i]], dim=1).permute(1, 0, 2, 3)  # [3T, C, h, w]
+        assert any(torch.equal(window, v[o : o + 3 * tiny.BLOCK]) for v in padded for o in range(tiny.BLOCK, len(v) - 3 * tiny.BLOCK + 1))
+
+
+def test_every_epoch_visits_each_volume_once_and_ranks_take_disjoint_shares(tiny, cache):
+    stores = open_stores([cache, cache])
+    dataset = BlockDataset(stores, SamplingRules(tiny.BLOCK), 0)
+    numbers = [[3 * stores.index(store) + v for store, v in map(dataset.volume, range(e * 6, e * 6 + 6))]
+               for e in range(3)]
+    assert all(sorted(epoch) == list(range(6)) for epoch in numbers)
+    assert len({tuple(epoch) for epoch in numbers}) > 1  # a new order each epoch
+    ranks = [ShareSampler(rank, 2, 3, start=12) for rank in range(2)]
+    taken = [list(itertools.islice(iter(sampler), 9)) for sampler in ranks]  # 3 steps of a global batch of 6
+    assert not set(taken[0]) & set(taken[1]) and sorted(taken[0] + taken[1]) == list(range(12, 30))
+    assert taken[0][:3] == [12, 13, 14] and taken[1][:3] == [15, 16, 17]
+
+
+def test_a_sample_depends_on_its_position_only_not_on_the_worker_that_makes_it(tiny, cache):
+    dataset = BlockDataset(open_stores([cache]), SamplingRules(tiny.BLOCK), 0)
+    alone = collate([dataset[p] for p in range(12, 18)])
+    loader = block_loader(dataset, ShareSampler(0, 1, 3, start=12), workers=2, pin_memory=False)
+    batches = iter(loader)
+    workers = [next(batches), next(batches)]
+    for name, value in alone._asdict().items():
+        assert torch.equal(value[:3], getattr(workers[0], name)[: len(value[:3])]) or name in ("text", "mask")
+        assert torch.equal(value[3:], getattr(workers[1], name)[: len(value[3:])]) or name in ("text", "mask")
+    assert not torch.equal(alone.seed, tiny.draw(cache, 6, first=13).seed)
+    noise = noises(alone, torch.device("cpu"), rollout=True)  # made from each sample's seed, whatever the batch
+    assert torch.equal(noise.cond[4:], noises(tiny.draw(cache, 2, first=16), torch.device("cpu"), rollout=True).cond)
+    assert noise.noise.shape == alone.x0.shape and noises(alone, torch.device("cpu"), rollout=False).rollout is None
+    assert abs(float(noise.noise.std()) - 1) < 0.1 and not torch.equal(noise.noise, noise.cond)
+
+
+def test_batches_say_where_each_block_starts(tiny, cache):
+    store = LatentStore(cache)
+    batch = tiny.draw(cache, 30, seed=3, start_p=0.3)
+    for i in range(30):
+        offset = int(batch.first_slice[i])
+        assert bool(batch.first[i]) == (offset == 0)
+        assert any(len(v) >= offset + tiny.BLOCK and torch.equal(batch.x0[i].transpose(0, 1), v[offset : offset + tiny.BLOCK])
+                   for v in map(store.latents, range(len(store))))

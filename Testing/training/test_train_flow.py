@@ -1,0 +1,130 @@
+"""Flow-matching training of the denoiser: rollout of previous blocks, a falling loss, bit-for-bit resume, warm
+starts and the seam context.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import ctflow
+from ctflow.denoiser import STDiT
+from ctflow_train import export, train_flow
+from ctflow_train.checkpoint import read_meta
+from ctflow_train.flow_data import noises
+from ctflow_train.latent_store import LatentStore
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
+
+
+def test_rollout_replaces_only_previous_blocks_that_follow_real_slices(tiny, cache):
+    torch.manual_seed(0)
+    model = STDiT(train_flow.denoiser_config(tiny.flow_run(cache, "unused"), LatentStore(cache))).eval()
+    batch = tiny.draw(cache, 8, seed=2)
+    noise = noises(batch, torch.device("cpu"), rollout=True).rollout
+    assert batch.first.any() and not batch.first.all()
+    rolled = train_flow.roll_out_previous(model, batch, 1.0, noise)
+    assert rolled.shape == batch.previous.shape and torch.isfinite(rolled).all()
+    for i in range(8):  # a first block's previous is the exact start block; every other one is the model's estimate
+        assert torch.equal(rolled[i], batch.previous[i]) == bool(batch.first[i])
+    untouched = train_flow.roll_out_previous(model, batch, 0.0, noise)
+    assert torch.equal(untouched, batch.previous)
+    some = train_flow.roll_out_previous(model, batch, 0.5, noise)  # where its uniform draw is below the share
+    kept = batch.first | (batch.rollout_u >= 0.5)
+    assert all(torch.equal(some[i], batch.previous[i]) == bool(kept[i]) for i in range(8))
+
+
+def test_denoiser_loss_falls_on_a_fixed_batch(tiny, cache):
+    torch.manual_seed(0)
+    config = train_flow.denoiser_config(tiny.flow_run(cache, "unused"), LatentStore(cache))
+    model = train_flow.Conditioned(STDiT(config))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    batch = tiny.draw(cache, 4)
+    x0, prev, text, mask, first_slice, t = batch.x0, batch.previous, batch.text, batch.mask, batch.first_slice, batch.t
+    noise = noises(batch, torch.device("cpu"), rollout=False).noise
+    z_t = (1 - t.view(-1, 1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1, 1) * noise
+    losses = []
+    for _ in range(10):
+        loss = torch.nn.functional.mse_loss(model(z_t, t, prev, text, mask, first_slice), noise - x0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])
+
+
+def test_resume_continues_bit_for_bit(tiny, cache, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_flow.train(tiny.flow_run(cache, straight, steps=4, rollout_p=0.5, workers=2))  # worker processes or not:
+    train_flow.train(tiny.flow_run(cache, resumed, steps=2, rollout_p=0.5))  # the same samples
+    train_flow.train(tiny.flow_run(cache, resumed, steps=4, resume=True, rollout_p=0.5))
+    a, b = load_file(straight / "checkpoint.safetensors"), load_file(resumed / "checkpoint.safetensors")
+    assert a.keys() == b.keys() and any(k.startswith("optimizer/") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (straight / "loss.csv").read_text().count("\n") == 5
+    losses = [[row.split(",")[2] for row in (f / "loss.csv").read_text().splitlines()] for f in (straight, resumed)]
+    assert losses[0] == losses[1]
+
+
+def test_warm_start_into_a_clean_prediction_run(tiny, cache, tmp_path):
+    """--init copies the earlier run's EMA weights; with lr 0 the step leaves them as they were."""
+    velocity, clean = tmp_path / "velocity", tmp_path / "clean"
+    train_flow.train(tiny.flow_run(cache, velocity, steps=2))
+    result = train_flow.train(tiny.flow_run(cache, clean, steps=1, init=velocity, prediction="clean", lr=0.0, time_shift=3.0))
+    a, b = load_file(velocity / "checkpoint.safetensors"), load_file(clean / "checkpoint.safetensors")
+    weights = [k.removeprefix("ema/") for k in a if k.startswith("ema/")]
+    assert weights and all(torch.equal(b[f"model/{k}"], a[f"ema/{k}"]) for k in weights)
+    assert not all(torch.equal(a[f"model/{k}"], a[f"ema/{k}"]) for k in weights)  # the copy is the EMA, not the raw weights
+    assert read_meta(clean / "checkpoint.safetensors")["denoiser"]["prediction"] == "clean"
+    assert np.isfinite(result["loss"])
+
+
+def test_warm_start_adds_switched_on_parts_that_change_nothing_yet(tiny, cache, tmp_path):
+    plain, placed = tmp_path / "plain", tmp_path / "placed"
+    train_flow.train(tiny.flow_run(cache, plain, steps=2))
+    train_flow.train(tiny.flow_run(cache, placed, steps=1, init=plain, slice_position=True, pooled_text=True,
+                               seam_context=True, lr=0.0))
+    a, b = load_file(plain / "checkpoint.safetensors"), load_file(placed / "checkpoint.safetensors")
+    added = [k for k in b if k.startswith(("model/position_embed.", "model/text_vector.", "model/seam_embed."))]
+    assert {k.split(".")[0] for k in added} == {"model/position_embed", "model/text_vector", "model/seam_embed"}
+    assert not any(k.replace("model/", "ema/", 1) in a for k in added)
+    assert all(torch.equal(b[f"model/{k[4:]}"], a[k]) for k in a if k.startswith("ema/"))
+    config = read_meta(placed / "checkpoint.safetensors")["denoiser"]
+    assert config["slice_position"] is True and config["pooled_text"] is True and config["seam_context"] is True
+    with pytest.raises(ctflow.CTFlowError, match="does not fit"):  # other shapes are refused, not half-loaded
+        train_flow.train(tiny.flow_run(cache, tmp_path / "other", steps=1, init=placed, hidden=64, heads=2))
+    stages = export.lineage(placed)  # the model card counts every stage's training
+    assert [(s["run"], s["steps"], s["slice_position"], s["pooled_text"], s["seam_context"], s["caches"])
+            for s in stages] == [("plain", 2, False, False, False, ["latents"]),
+                                 ("placed", 1, True, True, True, ["latents"])]
+    shutil.rmtree(plain)
+    assert [s.get("missing", False) for s in export.lineage(placed)] == [True, False]
+
+
+def test_seam_context_trains_on_exact_slices_across_the_seam(tiny, cache, tmp_path, monkeypatch):
+    """The previous block gets noise and the model's own estimates, except its last patch of slices: the new block
+    must learn to continue those as they are."""
+    seen = []
+    prepare = STDiT.prepare
+
+    def recording(self, previous, *args):  # a spy: records what the real method gets, then runs it
+        if torch.is_grad_enabled():  # the training pass, not the no-grad rollout estimate of the previous block
+            seen.append(previous.detach().clone())
+        return prepare(self, previous, *args)
+
+    monkeypatch.setattr(STDiT, "prepare", recording)
+    train_flow.train(tiny.flow_run(cache, tmp_path / "seam", steps=2, seam_context=True, cond_noise=0.5, rollout_p=1.0,
+                               start_p=0.0))
+    store = LatentStore(cache)
+    windows = [store.latents(v).transpose(0, 1) for v in range(len(store))]  # [C, S, h, w] each
+
+    def is_real(slices):  # [C, n, h, w]: n consecutive slices of some cached volume, bit for bit
+        n = slices.shape[1]
+        return any(torch.equal(slices, v[:, i : i + n]) for v in windows for i in range(v.shape[1] - n + 1))
+
+    assert len(seen) == 2 and all(is_real(block[:, -2:]) and not is_real(block[:, :2]) for p in seen for block in p)

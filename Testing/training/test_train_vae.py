@@ -1,0 +1,64 @@
+"""The slice autoencoder's training: image metrics, a falling loss, a standardised VAE with held-out figures, and a
+decoder-only run that keeps the latents.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ctflow_train import export, train_vae
+from ctflow_train.runtime import load_vae
+from ctflow_train.training_data import list_cases, load_cases
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
+
+
+def test_ssim_and_psnr_on_known_cases():
+    a = torch.rand(2, 32, 32)
+    assert torch.allclose(train_vae.ssim(a, a), torch.ones(2))
+    assert (train_vae.ssim(a, 1 - a) < 0).all()  # inverted contrast: negative correlation
+    assert train_vae.ssim(a, a + 0.1 * torch.randn_like(a)).mean() < 0.95
+    assert torch.allclose(train_vae.psnr(a, a + 0.1, 1.0), torch.full((2,), 20.0), atol=1e-3)
+
+
+def test_vae_loss_falls_on_a_fixed_batch(tiny, data, tmp_path):
+    args = tiny.vae_run(data, tmp_path, lr=3e-3, adv_start=100)
+    autoencoder, disc, opt_vae, opt_disc = train_vae.build(args)
+    pool = train_vae.slice_pool(load_cases(data, list_cases(data, 1)[0]))
+    hu = train_vae.draw_batch(pool, 4, tiny.SIZE, 0.0, torch.Generator().manual_seed(0))
+    losses = [train_vae.train_step(autoencoder, disc, opt_vae, opt_disc, hu, step, args)["rec_l1"] for step in range(8)]
+    assert all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])
+
+
+def test_vae_run_writes_a_standardised_vae_with_held_out_metrics(tiny, vae_run):
+    out, metrics = vae_run
+    assert (out / "vae" / "config.json").is_file() and (out / "loss.csv").is_file()
+    assert metrics["held_out_patients"] == ["tiny_3"]
+    held = metrics["held_out"]
+    assert held["slices"] == 8 and np.isfinite(held["psnr_db"]) and -1 <= held["ssim"] <= 1
+    rows = (out / "loss.csv").read_text().splitlines()
+    assert len(rows) == 1 + 6 and float(rows[-1].split(",")[4]) != 0  # the discriminator joined at step 3
+    vae = load_vae(out / "vae", tiny.SIZE)
+    latents = vae.encode(torch.from_numpy(tiny.volume(np.random.default_rng(1), 12)[:12]))
+    assert abs(float(latents.mean())) < 0.5 and 0.5 < float(latents.std()) < 2  # shift/scale make them ~N(0, 1)
+
+
+def test_decoder_run_keeps_the_latents_and_trains_the_decoder(tiny, data, vae_run, tmp_path):
+    base, base_metrics = vae_run
+    metrics = train_vae.train(tiny.vae_run(data, tmp_path, decoder_of=base, steps=3, adv_start=0))
+    before = load_file(base / "vae" / "diffusion_pytorch_model.safetensors")
+    after = load_file(tmp_path / "vae" / "diffusion_pytorch_model.safetensors")
+    assert before.keys() == after.keys()
+    encoding = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    assert encoding and all(torch.equal(before[k], after[k]) for k in encoding)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    hu = torch.from_numpy(tiny.volume(np.random.default_rng(1), 12)[:12])
+    old, new = load_vae(base / "vae", tiny.SIZE), load_vae(tmp_path / "vae", tiny.SIZE)
+    assert torch.equal(old.encode(hu), new.encode(hu))  # the same standardised latents: caches and denoisers stay valid
+    assert metrics["preset"] == base_metrics["preset"] and metrics["steps"] == 3
+    assert metrics["decoder_of"]["steps"] == 6 and metrics["decoder_of"]["held_out"] == base_metrics["held_out"]
+    assert "then its decoder alone 3 steps" in export.autoencoder_training(metrics)
