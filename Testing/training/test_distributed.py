@@ -101,7 +101,7 @@ def in_this_process(out, *arguments: str):
     threads = torch.get_num_threads()
     parser = argparse.ArgumentParser()
     train_flow.configure(parser)
-    train_flow.train(parser.parse_args(list(arguments)))
+    train_flow.train(train_flow.FlowRun.from_args(parser.parse_args(list(arguments))))
     torch.set_num_threads(threads)
     return out
 

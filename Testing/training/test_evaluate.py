@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
-from ctflow_train import evaluate
+from ctflow_train import evaluate, export
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
@@ -16,3 +18,39 @@ def test_seam_jump_separates_block_boundaries_from_block_insides():
     hu[16:] = 1000  # white end slices: not part of the volume
     assert evaluate.real_slices(hu) == 16
     assert evaluate.seam_jump(hu, 4) == {"boundary_hu": pytest.approx(100 / 3), "inside_hu": 0.0}
+
+
+def an_evaluation() -> evaluate.ModelEvaluation:
+    return evaluate.ModelEvaluation(
+        seam_continuity_generated=evaluate.SeamContinuity(31.5, 12.25, 2.57, 6),
+        seam_continuity_cohort=evaluate.SeamContinuity(9.0, 8.5, 1.06, 2),
+        length_unrequested=evaluate.UnrequestedLength(120, 14.5, 20.0, [evaluate.FreeLength("p1", 110, 130, 40.2)]),
+        length_requested_in_prompt=evaluate.LengthInPrompt(8.0, [evaluate.PromptedLength("p1", 96, 104)]),
+        seconds_per_128_slices=41.3,
+        machine="x86_64, 2 cores, torch 2.13.0, 1 threads",
+    )
+
+
+def test_a_model_evaluation_survives_its_json():
+    result = an_evaluation()
+    written = json.loads(json.dumps(result.to_json()))
+    assert evaluate.ModelEvaluation.is_one(written) and evaluate.ModelEvaluation.from_json(written) == result
+    assert written["length_unrequested"]["volumes"] == [{"patient": "p1", "real": 110, "generated": 130, "seconds": 40.2}]
+    assert written["seam_continuity_generated"] == {"boundary_hu": 31.5, "inside_hu": 12.25, "ratio": 2.57, "volumes": 6}
+    assert not evaluate.ModelEvaluation.is_one({"seconds_per_128_slices": 12.5})
+
+
+def test_the_model_card_lines_of_an_evaluation_are_its_figures_without_per_volume_details():
+    """The lines the card showed when it read the JSON by key: each figure, its per-volume lists and counts left out."""
+    result = an_evaluation()
+    assert result.markdown() == [
+        '- seam_continuity_generated: {"boundary_hu": 31.5, "inside_hu": 12.25, "ratio": 2.57}',
+        '- seam_continuity_cohort: {"boundary_hu": 9.0, "inside_hu": 8.5, "ratio": 1.06}',
+        '- length_unrequested: {"typical": 120, "mean_abs_error_vs_typical": 14.5, "mean_abs_error_vs_patient": 20.0}',
+        '- length_requested_in_prompt: {"mean_abs_error": 8.0}',
+        '- seconds_per_128_slices: 41.3',
+        '- machine: "x86_64, 2 cores, torch 2.13.0, 1 threads"',
+    ]
+    generic = [f"- {key}: {json.dumps(export.summary(value))}" for key, value in result.to_json().items()]
+    assert export.evaluation_lines([result.to_json(), {"seams": {"ratio": 1.1, "volumes": [1]}}]) == [
+        *generic, '- seams: {"ratio": 1.1}']

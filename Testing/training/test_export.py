@@ -51,8 +51,8 @@ def test_export_loads_in_ctflow_and_generates(tiny, data, vae_run, cache, tmp_pa
     assert stored.keys() == ema.keys() and all(v.dtype == torch.float16 for v in stored.values())
     assert all(torch.equal(stored[k], ema[k].half()) for k in ema)  # the EMA weights, rounded to half
     config = json.loads((folder / "config.json").read_text())
-    tiny = DENOISER_PRESETS["tiny"]
-    assert config["denoiser"]["hidden_size"] == tiny.hidden_size and config["denoiser"]["latent_size"] == 8
+    preset = DENOISER_PRESETS["tiny"]
+    assert config["denoiser"]["hidden_size"] == preset.hidden_size and config["denoiser"]["latent_size"] == 8
     assert config["typical_slices"] == 14 and config["geometry"]["spacing"] == [2.0, 2.0, 2.5]
     assert config["end_tolerance"] > 0 and config["max_slices"] in (256, 14)  # 14: could not calibrate the end
     card = (folder / "README.md").read_text()
