@@ -60,7 +60,8 @@ class Tiny:
         findings = {finding.name: {"present": False} for finding in FINDINGS}
         for k, name in enumerate(finding_study.STUDIED):
             if (n + k + 1) % 2:
-                findings[name] = {"present": True, **Tiny.on_side(STUDIED_PARAMETERS[name], "right" if n < 2 else "left")}
+                where = "right" if n < 2 else "left"
+                findings[name] = {"present": True, **Tiny.on_side(STUDIED_PARAMETERS[name], where)}
         return {"name": f"tiny_{n}", "synthetic": True, "findings": findings}
 
     @staticmethod
@@ -118,7 +119,8 @@ def data(tmp_path_factory):
         for n in range(4):
             report = Report(findings=f"Patient {n}. {'Pleural effusion.' if n % 2 else 'No pleural effusion.'}",
                             impressions="Normal." if n % 2 == 0 else "Effusion.")
-            writer.add(f"tiny_{n}", Volume(Tiny.volume(rng, 14), Geometry((2.0, 2.0, 2.5)), None), report, Tiny.labels(n))
+            volume = Volume(Tiny.volume(rng, 14), Geometry((2.0, 2.0, 2.5)), None)
+            writer.add(f"tiny_{n}", volume, report, Tiny.labels(n))
     return folder
 
 

@@ -35,8 +35,10 @@ def test_a_model_evaluation_survives_its_json():
     result = an_evaluation()
     written = json.loads(json.dumps(result.to_json()))
     assert evaluate.ModelEvaluation.is_one(written) and evaluate.ModelEvaluation.from_json(written) == result
-    assert written["length_unrequested"]["volumes"] == [{"patient": "p1", "real": 110, "generated": 130, "seconds": 40.2}]
-    assert written["seam_continuity_generated"] == {"boundary_hu": 31.5, "inside_hu": 12.25, "ratio": 2.57, "volumes": 6}
+    assert written["length_unrequested"]["volumes"] == [{"patient": "p1", "real": 110, "generated": 130,
+                                                          "seconds": 40.2}]
+    assert written["seam_continuity_generated"] == {"boundary_hu": 31.5, "inside_hu": 12.25, "ratio": 2.57,
+                                                    "volumes": 6}
     assert not evaluate.ModelEvaluation.is_one({"seconds_per_128_slices": 12.5})
 
 

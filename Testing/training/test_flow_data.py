@@ -33,10 +33,11 @@ def test_batches_follow_startboost_and_text_dropout(tiny, cache):
 def test_batch_windows_are_consecutive_blocks_of_one_volume(tiny, cache):
     store = LatentStore(cache)
     batch = tiny.draw(cache, 20, seed=1, start_p=0.0)
-    padded = [torch.cat([store.start[None].expand(2 * tiny.BLOCK, -1, -1, -1), store.latents(v)]) for v in range(3)]
+    block = tiny.BLOCK
+    padded = [torch.cat([store.start[None].expand(2 * block, -1, -1, -1), store.latents(v)]) for v in range(3)]
     for i in range(20):
         window = torch.cat([batch.before[i], batch.previous[i], batch.x0[i]], dim=1).permute(1, 0, 2, 3)  # [3T, C, h, w]
-        assert any(torch.equal(window, v[o : o + 3 * tiny.BLOCK]) for v in padded for o in range(tiny.BLOCK, len(v) - 3 * tiny.BLOCK + 1))
+        assert any(torch.equal(window, v[o : o + 3 * block]) for v in padded for o in range(block, len(v) - 3 * block + 1))
 
 
 def test_every_epoch_visits_each_volume_once_and_ranks_take_disjoint_shares(tiny, cache):
@@ -74,5 +75,6 @@ def test_batches_say_where_each_block_starts(tiny, cache):
     for i in range(30):
         offset = int(batch.first_slice[i])
         assert bool(batch.first[i]) == (offset == 0)
-        assert any(len(v) >= offset + tiny.BLOCK and torch.equal(batch.x0[i].transpose(0, 1), v[offset : offset + tiny.BLOCK])
+        end = offset + tiny.BLOCK
+        assert any(len(v) >= end and torch.equal(batch.x0[i].transpose(0, 1), v[offset:end])
                    for v in map(store.latents, range(len(store))))

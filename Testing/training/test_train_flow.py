@@ -75,7 +75,8 @@ def test_warm_start_into_a_clean_prediction_run(tiny, cache, tmp_path):
     """--init copies the earlier run's EMA weights; with lr 0 the step leaves them as they were."""
     velocity, clean = tmp_path / "velocity", tmp_path / "clean"
     train_flow.train(tiny.flow_run(cache, velocity, steps=2))
-    result = train_flow.train(tiny.flow_run(cache, clean, steps=1, init=velocity, prediction="clean", lr=0.0, time_shift=3.0))
+    result = train_flow.train(tiny.flow_run(cache, clean, steps=1, init=velocity, prediction="clean", lr=0.0,
+                                            time_shift=3.0))
     a, b = load_file(velocity / "checkpoint.safetensors"), load_file(clean / "checkpoint.safetensors")
     weights = [k.removeprefix("ema/") for k in a if k.startswith("ema/")]
     assert weights and all(torch.equal(b[f"model/{k}"], a[f"ema/{k}"]) for k in weights)
