@@ -1,7 +1,7 @@
 """The bundled demo model: intact, small, labelled synthetic, and it turns a sample report into chest-like HU on CPU.
 
 How good its anatomy is, and how fast, is measured by `ctflow-train evaluate`, `ctflow-train finding-study` and
-`bench/generation.py` (figures in docs/training.md and the model card); this test catches a missing, damaged or
+`bench/generation.py` (figures in docs/training-log.md and the model card); this test catches a missing, damaged or
 wrongly exported bundle, and a model that no longer makes a body with lungs in it.
 """
 
