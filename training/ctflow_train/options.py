@@ -4,6 +4,7 @@ parser (and `ctflow-train --help`) imports no model code."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -46,6 +47,31 @@ def add_run_options(parser: argparse.ArgumentParser, save_every: int) -> None:
     again = parser.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help=f"continue the run in --out from its {CHECKPOINT}")
     again.add_argument("--overwrite", action="store_true", help="replace the run already in --out (default: refuse)")
+
+
+# Run config fields whose checkpoint metadata ("args") keeps the option's older name: that metadata is a file format.
+META_NAMES = {"batch_size": "batch"}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """A checkpointed run's typed options, built once from the command line: subclasses add theirs as fields named
+    like their argparse destinations. These are the ones add_run_options declares."""
+
+    seed: int
+    threads: int
+    log_every: int
+    save_every: int
+    resume: bool
+    overwrite: bool
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace):
+        return cls(**{field.name: getattr(args, field.name) for field in dataclasses.fields(cls)})
+
+    def meta(self) -> dict:
+        """The options as a checkpoint records them (JSON-able with default=str)."""
+        return {META_NAMES.get(name, name): value for name, value in dataclasses.asdict(self).items()}
 
 
 def print_json(data: dict) -> int:

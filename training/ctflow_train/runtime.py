@@ -1,9 +1,8 @@
-"""What every training process sets up the same way: its run's options as one typed config, torch threads, its
-place among the processes torchrun started and its device, the learning-rate schedule, and a trained VAE read back."""
+"""What every training process sets up the same way: torch threads, its place among the processes torchrun started
+and its device, the learning-rate schedule, and a trained VAE read back."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -14,22 +13,6 @@ import torch
 from ctflow.autoencoder import SliceAutoencoder
 from ctflow.batch import rank_and_world
 from ctflow.config import AutoencoderConfig
-
-# Run config fields whose checkpoint metadata ("args") keeps the option's older name: that metadata is a file format.
-META_NAMES = {"batch_size": "batch"}
-
-
-class RunConfig:
-    """Base of a run's typed options (a dataclass whose fields are its argparse destinations), built once."""
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace):
-        return cls(**{field.name: getattr(args, field.name) for field in dataclasses.fields(cls)})
-
-    def meta(self) -> dict:
-        """The options as a checkpoint records them (JSON-able with default=str)."""
-        return {META_NAMES.get(name, name): value for name, value in dataclasses.asdict(self).items()}
-
 
 def set_threads(threads: int) -> None:
     """--threads: torch's CPU threads, or torch's own choice for 0."""

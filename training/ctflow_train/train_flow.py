@@ -46,15 +46,15 @@ from .checkpoint import (
 )
 from .flow_data import Batch, BlockDataset, SamplingRules, ShareSampler, block_loader, noises
 from .latent_store import LatentStore, open_stores
-from .options import add_run_options
-from .runtime import RunConfig, cosine_schedule, set_threads, start_processes
+from .options import RunOptions, add_run_options
+from .runtime import cosine_schedule, set_threads, start_processes
 
 OUTPUTS = (CHECKPOINT, "loss.csv")  # what a run writes to --out
 ADDABLE = ("position_embed.", "text_vector.", "seam_embed.")  # parts a warm start may switch on (they start as no-ops)
 
 
 @dataclasses.dataclass(frozen=True)
-class FlowRun(RunConfig):
+class FlowRun(RunOptions):
     """The options of one `ctflow-train flow` run (see `configure`)."""
 
     cache: list[Path]
@@ -86,12 +86,6 @@ class FlowRun(RunConfig):
     text_drop: float
     cond_noise: float
     rollout_p: float
-    seed: int
-    threads: int
-    log_every: int
-    save_every: int
-    resume: bool
-    overwrite: bool
 
 
 class Conditioned(torch.nn.Module):

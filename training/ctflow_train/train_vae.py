@@ -34,8 +34,8 @@ from ctflow.errors import CTFlowError
 from ctflow.pipeline import END_HU, START_HU
 
 from .checkpoint import CHECKPOINT, load_checkpoint, open_loss_log, prepare_run_folder, save_checkpoint
-from .options import add_run_options
-from .runtime import RunConfig, cosine_schedule, load_vae, set_threads
+from .options import RunOptions, add_run_options
+from .runtime import cosine_schedule, load_vae, set_threads
 from .training_data import list_cases, load_cases
 
 OUTPUTS = (CHECKPOINT, "loss.csv", "metrics.json", "vae")  # what a run writes to --out
@@ -54,7 +54,7 @@ VAE_VARIANTS = {
 
 
 @dataclass(frozen=True)
-class VAERun(RunConfig):
+class VAERun(RunOptions):
     """The options of one `ctflow-train vae` run (see `configure`)."""
 
     data: Path
@@ -74,12 +74,6 @@ class VAERun(RunConfig):
     holdout: int
     eval_every: int
     eval_slices: int
-    seed: int
-    threads: int
-    log_every: int
-    save_every: int
-    resume: bool
-    overwrite: bool
 
 
 class PatchDiscriminator(nn.Sequential):
