@@ -28,7 +28,9 @@ from ctflow.volume import Geometry, Volume
 from .anatomy import LUNG_LOBES, Anatomy, close_fissures, in_labels, load_anatomy, remove_contrast
 from .dataset import DatasetWriter, check_free
 from .findings import CODES, SIDED, SIDES, Scene, ctrate_labels, draw_findings
-from .options import add_model_space_options, add_overwrite_option, cache_option, positive, print_json, progress
+from .options import (
+    add_model_space_options, add_overwrite_option, cache_option, positive, print_json, progress,
+)
 from .preprocess import HU_MIN, append_end_slices, resample, square_fov, to_model_window
 from .reports import write_report
 

@@ -32,7 +32,7 @@ from ctflow import CTFlowPipeline, GenerationRequest
 from ctflow.pipeline import first_white_slice
 from ctflow.qa import seam_continuity
 
-from .options import add_threads_option
+from .options import add_holdout_option, add_threads_option
 from .runtime import set_threads
 from .training_data import list_cases, load_case
 
@@ -206,7 +206,7 @@ def evaluate_model(args: argparse.Namespace) -> ModelEvaluation:
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="model folder")
     parser.add_argument("--data", type=Path, required=True, help="prepared folder the model was trained from")
-    parser.add_argument("--holdout", type=int, default=4, help="its last N patients (not trained on) give the reports")
+    add_holdout_option(parser)  # its held-out patients give the reports
     parser.add_argument("--requested", type=int, nargs="*", default=[96, 160], help="lengths to put in the prompt")
     parser.add_argument("--seed", type=int, default=0)
     add_threads_option(parser)

@@ -48,6 +48,7 @@ from ctflow.pipeline import END_HU, START_HU
 from ctflow.report import render_prompt
 from ctflow.text_encoder import TextEncoder
 
+from .options import add_holdout_option, add_size_option
 from .runtime import load_vae, start_processes
 from .training_data import list_cases, load_case
 
@@ -244,9 +245,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vae", type=Path, required=True, help="trained VAE folder (ctflow-train vae --out X: X/vae)")
     parser.add_argument("--out", type=Path, required=True,
                         help="store folder: created, or resumed / extended when it holds a store of the same encoders")
-    parser.add_argument("--holdout", type=int, default=4, help="last N patients of the index: left out, as for the VAE")
+    add_holdout_option(parser)
     parser.add_argument("--limit", type=int, default=0, help="use only the first N training patients (0: all)")
-    parser.add_argument("--size", type=int, default=256, help="slice size of the data")
+    add_size_option(parser)
     parser.add_argument("--text-source", default=TextConfig.source, help="text encoder (see ctflow TextConfig.source)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float16",
                         help="storage type of latents and embeddings (float16: finer steps; bfloat16: wider range)")

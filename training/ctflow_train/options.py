@@ -24,14 +24,32 @@ def positive(kind: type):
     return parse
 
 
-def add_model_space_options(parser: argparse.ArgumentParser) -> None:
+def add_size_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=positive(int), default=256, help="slice rows = columns (default 256)")
+
+
+def add_model_space_options(parser: argparse.ArgumentParser) -> None:
+    add_size_option(parser)
     parser.add_argument("--slice-spacing", type=positive(float), default=2.5, help="slice spacing in mm (default 2.5)")
 
 
 def add_overwrite_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the prepared data already in --out, removing its cases (default: refuse)")
+
+
+def add_holdout_option(parser: argparse.ArgumentParser) -> None:
+    """The same patients stay out of the VAE, the latent store and the denoiser, and give evaluation its reports."""
+    parser.add_argument("--holdout", type=int, default=4,
+                        help="last N patients of the prepared folder's index: held out of training (default 4)")
+
+
+def add_schedule_options(parser: argparse.ArgumentParser, steps: int, lr: float, warmup: int) -> None:
+    """The options of the one learning-rate schedule (runtime.cosine_schedule)."""
+    parser.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
+    parser.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
+    parser.add_argument("--warmup", type=int, default=warmup,
+                        help=f"steps of linear warm-up, then cosine decay to 10 %% at --steps (default {warmup})")
 
 
 def add_threads_option(parser: argparse.ArgumentParser) -> None:

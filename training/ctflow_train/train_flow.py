@@ -46,7 +46,7 @@ from .checkpoint import (
 )
 from .flow_data import Batch, BlockDataset, SamplingRules, ShareSampler, block_loader, noises
 from .latent_store import LatentStore, open_stores
-from .options import RunOptions, add_run_options
+from .options import RunOptions, add_run_options, add_schedule_options
 from .runtime import cosine_schedule, set_threads, start_processes
 
 OUTPUTS = (CHECKPOINT, "loss.csv")  # what a run writes to --out
@@ -279,7 +279,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-shift", type=float, default=1.0,
                         help="> 1 trains more often at high noise, where a block's layout is decided")
     parser.add_argument("--block", type=int, default=16, help="slices per block (the data's end padding assumes 16)")
-    parser.add_argument("--steps", type=int, default=2000)
+    add_schedule_options(parser, steps=2000, lr=2e-4, warmup=100)
     parser.add_argument("--batch", dest="batch_size", type=int, default=8,
                         help="per process (the global batch is this x processes)")
     parser.add_argument("--accumulate", type=int, default=1,
@@ -288,8 +288,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the denoiser (minutes to compile; pays on GPUs over long runs)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes per process (0: none)")
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--weight-decay", type=float, default=1e-2)
     parser.add_argument("--clip", type=float, default=1.0)
     parser.add_argument("--ema", type=float, default=0.999)

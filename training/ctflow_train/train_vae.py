@@ -34,7 +34,9 @@ from ctflow.errors import CTFlowError
 from ctflow.pipeline import END_HU, START_HU
 
 from .checkpoint import CHECKPOINT, load_checkpoint, open_loss_log, prepare_run_folder, save_checkpoint
-from .options import RunOptions, add_run_options
+from .options import (
+    RunOptions, add_holdout_option, add_run_options, add_schedule_options, add_size_option,
+)
 from .runtime import cosine_schedule, load_vae, set_threads
 from .training_data import list_cases, load_cases
 
@@ -288,17 +290,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--preset", default="cpu-fast", choices=sorted(VAE_VARIANTS), help="VAE architecture")
     parser.add_argument("--decoder-of", type=Path, help="earlier vae run folder: train its decoder only, keeping its latents")
-    parser.add_argument("--size", type=int, default=256, help="slice size of the data (rows = columns)")
-    parser.add_argument("--steps", type=int, default=2000)
+    add_size_option(parser)
+    add_schedule_options(parser, steps=2000, lr=1e-3, warmup=50)
     parser.add_argument("--batch", dest="batch_size", type=int, default=8, help="slices per step")
     parser.add_argument("--crop", type=int, default=128, help="training crop side (pixels)")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--kl-weight", type=float, default=1e-6)
     parser.add_argument("--adv-weight", type=float, default=0.05)
     parser.add_argument("--adv-start", type=int, default=1000, help="step at which the discriminator joins")
     parser.add_argument("--constant-p", type=float, default=0.03, help="share of all-black / all-white slices")
-    parser.add_argument("--holdout", type=int, default=4, help="last N patients of the index: evaluation only")
+    add_holdout_option(parser)
     parser.add_argument("--eval-every", type=int, default=4, help="evaluate every N-th held-out slice")
     parser.add_argument("--eval-slices", type=int, default=128)
     add_run_options(parser, save_every=200)
