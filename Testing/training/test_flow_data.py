@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 
-from ctflow_train.flow_data import BlockDataset, SamplingRules, ShareSampler, block_loader, collate, noises
+from ctflow_train.flow_data import Batch, BlockDataset, SamplingRules, ShareSampler, block_loader, collate, noises
 from ctflow_train.latent_store import LatentStore, open_stores
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
@@ -59,7 +59,8 @@ def test_a_sample_depends_on_its_position_only_not_on_the_worker_that_makes_it(t
     loader = block_loader(dataset, ShareSampler(0, 1, 3, start=12), workers=2, pin_memory=False)
     batches = iter(loader)
     workers = [next(batches), next(batches)]
-    for name, value in alone._asdict().items():
+    for name in Batch.__annotations__:  # every field of the batch
+        value = getattr(alone, name)
         assert torch.equal(value[:3], getattr(workers[0], name)[: len(value[:3])]) or name in ("text", "mask")
         assert torch.equal(value[3:], getattr(workers[1], name)[: len(value[3:])]) or name in ("text", "mask")
     assert not torch.equal(alone.seed, tiny.draw(cache, 6, first=13).seed)

