@@ -4,12 +4,14 @@ decoder-only run that keeps the latents.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from ctflow_train import export, train_vae
+from ctflow_train import train_vae
 from ctflow_train.runtime import load_vae
 from ctflow_train.training_data import list_cases, load_cases
 
@@ -37,9 +39,11 @@ def test_vae_loss_falls_on_a_fixed_batch(tiny, data, tmp_path):
 def test_vae_run_writes_a_standardised_vae_with_held_out_metrics(tiny, vae_run):
     out, metrics = vae_run
     assert (out / "vae" / "config.json").is_file() and (out / "loss.csv").is_file()
-    assert metrics["held_out_patients"] == ["tiny_3"]
-    held = metrics["held_out"]
-    assert held["slices"] == 8 and np.isfinite(held["psnr_db"]) and -1 <= held["ssim"] <= 1
+    assert metrics.held_out_patients == ["tiny_3"]
+    held = metrics.held_out
+    assert held.slices == 8 and np.isfinite(held.psnr_db) and -1 <= held.ssim <= 1
+    assert train_vae.AutoencoderMetrics.read(out) == metrics  # metrics.json reads back as written
+    assert "decoder_of" not in json.loads((out / "metrics.json").read_text())  # a whole autoencoder was trained
     rows = (out / "loss.csv").read_text().splitlines()
     assert len(rows) == 1 + 6 and float(rows[-1].split(",")[4]) != 0  # the discriminator joined at step 3
     vae = load_vae(out / "vae", tiny.SIZE)
@@ -59,6 +63,7 @@ def test_decoder_run_keeps_the_latents_and_trains_the_decoder(tiny, data, vae_ru
     hu = torch.from_numpy(tiny.volume(np.random.default_rng(1), 12)[:12])
     old, new = load_vae(base / "vae", tiny.SIZE), load_vae(tmp_path / "vae", tiny.SIZE)
     assert torch.equal(old.encode(hu), new.encode(hu))  # the same standardised latents: caches and denoisers stay valid
-    assert metrics["preset"] == base_metrics["preset"] and metrics["steps"] == 3
-    assert metrics["decoder_of"]["steps"] == 6 and metrics["decoder_of"]["held_out"] == base_metrics["held_out"]
-    assert "then its decoder alone 3 steps" in export.autoencoder_training(metrics)
+    assert metrics.preset == base_metrics.preset and metrics.steps == 3
+    assert metrics.decoder_of.steps == 6 and metrics.decoder_of.held_out == base_metrics.held_out
+    assert "then its decoder alone 3 steps" in metrics.training()
+    assert train_vae.AutoencoderMetrics.read(tmp_path) == metrics

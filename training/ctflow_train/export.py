@@ -27,6 +27,7 @@ from .checkpoint import CHECKPOINT, load_checkpoint, read_meta
 from .evaluate import ModelEvaluation
 from .latent_store import LatentStore
 from .runtime import load_vae
+from .train_vae import AutoencoderMetrics
 
 END_FRACTION = 0.9
 MIN_END_ACCURACY = 0.9  # below this the model's white frames are not told apart from real ones
@@ -116,11 +117,10 @@ def choose_tolerance(found: dict[str, list]) -> dict:
     return {"tolerance": (best + above[0]) / 2 if above else best, "accuracy": round(accuracy(best), 3), "reliable": True}
 
 
-def model_card(config: ModelConfig, vae_metrics: dict, flow_meta: dict, stages: list[dict], cache_meta: dict,
+def model_card(config: ModelConfig, vae_metrics: AutoencoderMetrics, flow_meta: dict, stages: list[dict], cache_meta: dict,
                calibration: dict, end: dict, evaluations: list[dict], parameters: dict) -> str:
     """README.md of the model folder: what it was trained on, how long, how good, and what it cannot do.
     `evaluations`: the --evaluation files (a ModelEvaluation, a finding study, other figures)."""
-    held = vae_metrics["held_out"]
     known = [s for s in stages if not s.get("missing")]
     lines = [
         f"# {config.name}",
@@ -138,8 +138,8 @@ def model_card(config: ModelConfig, vae_metrics: dict, flow_meta: dict, stages: 
         f"{cache_meta['median_content_slices']} real slices per volume plus white end slices.",
         "",
         "## Model",
-        f"- slice autoencoder: diffusers AutoencoderKL `{vae_metrics['preset']}` ({parameters['vae'] / 1e6:.2f} M "
-        f"parameters), {autoencoder_training(vae_metrics)}; L1 + KL + patch-GAN.",
+        f"- slice autoencoder: diffusers AutoencoderKL `{vae_metrics.preset}` ({parameters['vae'] / 1e6:.2f} M "
+        f"parameters), {vae_metrics.training()}; L1 + KL + patch-GAN.",
         f"- denoiser: STDiT {parameters['denoiser'] / 1e6:.2f} M parameters (hidden {config.denoiser.hidden_size}, "
         f"depth {config.denoiser.depth}, patch {list(config.denoiser.patch_size)}, blocks of "
         f"{config.denoiser.block_slices} slices{', conditioned on slice position' if config.denoiser.slice_position else ''}"
@@ -157,9 +157,7 @@ def model_card(config: ModelConfig, vae_metrics: dict, flow_meta: dict, stages: 
         f"- training machine: {platform.processor() or platform.machine()}, torch {torch.__version__}.",
         "",
         "## Measured",
-        f"- autoencoder on {held['slices']} held-out slices ({len(vae_metrics['held_out_patients'])} unseen patients), "
-        f"HU window [-1000, 1000]: PSNR {held['psnr_db']} dB, SSIM {held['ssim']}, mean abs error {held['mae_hu']} HU. "
-        "LPIPS not measured (its weights cannot be downloaded offline).",
+        vae_metrics.markdown(),
         f"- end of volume: end_tolerance {config.end_tolerance:.3f} (end_fraction {config.end_fraction}), calibrated on "
         f"{len(calibration['white'])} generated white and {len(calibration['content'])} real frames: balanced accuracy "
         f"{end['accuracy']}" + ("." if end["reliable"] else f"; too low to trust, so volumes without a requested length "
@@ -189,15 +187,6 @@ def model_card(config: ModelConfig, vae_metrics: dict, flow_meta: dict, stages: 
         "",
     ]
     return "\n".join(lines)
-
-
-def autoencoder_training(metrics: dict) -> str:
-    """Steps and time of the autoencoder, and of its decoder's own run when it had one (train_vae --decoder-of)."""
-    base = metrics.get("decoder_of")
-    if base is None:
-        return f"{metrics['steps']} steps, {metrics['train_seconds'] / 60:.0f} min"
-    return (f"{base['steps']} steps, {base['train_seconds'] / 60:.0f} min (held out: PSNR {base['held_out']['psnr_db']} dB), "
-            f"then its decoder alone {metrics['steps']} steps, {metrics['train_seconds'] / 60:.0f} min")
 
 
 def findings_table(study: dict) -> list[str]:
@@ -251,7 +240,7 @@ def export(args: argparse.Namespace) -> Path:
     model, flow_meta = load_ema(args.flow)
     cache = LatentStore(args.cache)
     autoencoder = load_vae(args.vae / "vae", cache.meta["image_size"])
-    vae_metrics = json.loads((args.vae / "metrics.json").read_text())
+    vae_metrics = AutoencoderMetrics.read(args.vae)
     sampling = SamplingConfig(steps=args.steps, method=args.sampler, shift=args.shift, guidance=args.guidance)
     calibration = end_distances(model, cache, sampling, args.calibration_cases, args.seed)
     end = choose_tolerance(calibration)

@@ -19,6 +19,7 @@ Writes to --out: vae/ (diffusers folder), checkpoint.safetensors (for --resume),
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -120,18 +121,85 @@ def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float) -> torch.Tensor:
     return 10 * torch.log10(data_range**2 / mse.clamp(min=1e-12))
 
 
-def reconstruction_metrics(autoencoder: SliceAutoencoder, hu: torch.Tensor) -> dict:
+@dataclass(frozen=True)
+class Reconstruction:
+    """How well held-out slices come back through the autoencoder, in the model's HU window."""
+
+    slices: int
+    psnr_db: float
+    ssim: float
+    mae_hu: float
+
+
+@dataclass(frozen=True)
+class DecoderOrigin:
+    """The run whose encoder a decoder-only run (--decoder-of) kept, with its own training and figures."""
+
+    run: str
+    steps: int
+    train_seconds: float
+    held_out: Reconstruction
+
+
+@dataclass(frozen=True)
+class AutoencoderMetrics:
+    """A `ctflow-train vae` run's metrics.json (its field names are that file's format): read back by export for the
+    model card and by a later --decoder-of run."""
+
+    preset: str
+    decoder_of: DecoderOrigin | None  # None: the run trained the whole autoencoder
+    steps: int
+    train_seconds: float
+    train_slices: int
+    held_out_patients: list[str]
+    shift_factor: float
+    scaling_factor: float
+    held_out: Reconstruction
+    lpips: str = "not measured: LPIPS needs downloaded network weights (offline here)"
+
+    def to_json(self) -> dict:
+        data = dataclasses.asdict(self)
+        return data if self.decoder_of else {k: v for k, v in data.items() if k != "decoder_of"}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "AutoencoderMetrics":
+        origin = data.get("decoder_of")
+        if origin is not None:
+            origin = DecoderOrigin(**{**origin, "held_out": Reconstruction(**origin["held_out"])})
+        return cls(**{**data, "decoder_of": origin, "held_out": Reconstruction(**data["held_out"])})
+
+    @classmethod
+    def read(cls, run_folder: Path) -> "AutoencoderMetrics":
+        return cls.from_json(json.loads((run_folder / "metrics.json").read_text()))
+
+    def training(self) -> str:
+        """Steps and time of the autoencoder, and of its decoder's own run when it had one."""
+        if self.decoder_of is None:
+            return f"{self.steps} steps, {self.train_seconds / 60:.0f} min"
+        base = self.decoder_of
+        return (f"{base.steps} steps, {base.train_seconds / 60:.0f} min (held out: PSNR {base.held_out.psnr_db} dB), "
+                f"then its decoder alone {self.steps} steps, {self.train_seconds / 60:.0f} min")
+
+    def markdown(self) -> str:
+        """The model card's line of the held-out figures."""
+        held = self.held_out
+        return (f"- autoencoder on {held.slices} held-out slices ({len(self.held_out_patients)} unseen patients), "
+                f"HU window [-1000, 1000]: PSNR {held.psnr_db} dB, SSIM {held.ssim}, mean abs error {held.mae_hu} HU. "
+                "LPIPS not measured (its weights cannot be downloaded offline).")
+
+
+def reconstruction_metrics(autoencoder: SliceAutoencoder, hu: torch.Tensor) -> Reconstruction:
     """PSNR/SSIM of reconstructions of HU slices [N, H, W], both clipped to the model's HU window."""
     low, high = autoencoder.config.hu_window
     original = hu.float().clamp(low, high)
     recon = autoencoder.decode(autoencoder.encode(original))  # [N, H, W] HU
     span = high - low
-    return {
-        "slices": int(len(hu)),
-        "psnr_db": round(float(psnr(recon, original, span).mean()), 2),
-        "ssim": round(float(ssim((recon - low) / span, (original - low) / span).mean()), 4),
-        "mae_hu": round(float((recon - original).abs().mean()), 1),
-    }
+    return Reconstruction(
+        slices=int(len(hu)),
+        psnr_db=round(float(psnr(recon, original, span).mean()), 2),
+        ssim=round(float(ssim((recon - low) / span, (original - low) / span).mean()), 4),
+        mae_hu=round(float((recon - original).abs().mean()), 1),
+    )
 
 
 def held_out_slices(cases, every: int, limit: int) -> torch.Tensor:
@@ -222,7 +290,7 @@ def standardise_latents(autoencoder: SliceAutoencoder, pool: torch.Tensor, count
     return {"shift_factor": shift, "scaling_factor": scale}
 
 
-def train(args: VAERun) -> dict:
+def train(args: VAERun) -> AutoencoderMetrics:
     out = Path(args.out)
     train_entries, held_entries = list_cases(args.data, args.holdout)  # a bad --data ends here, before --out exists
     if args.decoder_of and not all((args.decoder_of / name).exists() for name in ("vae", "metrics.json")):
@@ -264,24 +332,21 @@ def train(args: VAERun) -> dict:
     log.close()
     autoencoder.vae.eval()
     if args.decoder_of:
-        base = json.loads((args.decoder_of / "metrics.json").read_text())
-        scale = {key: base[key] for key in ("shift_factor", "scaling_factor")}  # kept in the config all along
-        origin = {"preset": base["preset"], "decoder_of": {"run": str(args.decoder_of), "steps": base["steps"],
-                                                          "train_seconds": base["train_seconds"],
-                                                          "held_out": base["held_out"]}}
+        base = AutoencoderMetrics.read(args.decoder_of)
+        scale = {"shift_factor": base.shift_factor, "scaling_factor": base.scaling_factor}  # in the config all along
+        preset, origin = base.preset, DecoderOrigin(str(args.decoder_of), base.steps, base.train_seconds, base.held_out)
     else:
         scale = standardise_latents(autoencoder, pool, 512, generator)
-        origin = {"preset": args.preset}
+        preset, origin = args.preset, None
     autoencoder.vae.save_pretrained(out / "vae", safe_serialization=True)
     held = held_out_slices(load_cases(args.data, held_entries), args.eval_every, args.eval_slices)
-    metrics = {
-        **origin, "steps": step, "train_seconds": round(elapsed, 1), "train_slices": int(len(pool)),
-        "held_out_patients": [entry["name"] for entry in held_entries], **scale,
-        "held_out": reconstruction_metrics(SliceAutoencoder(autoencoder.vae, autoencoder.config), held),
-        "lpips": "not measured: LPIPS needs downloaded network weights (offline here)",
-    }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    print(json.dumps(metrics["held_out"]), flush=True)
+    metrics = AutoencoderMetrics(
+        preset=preset, decoder_of=origin, steps=step, train_seconds=round(elapsed, 1), train_slices=int(len(pool)),
+        held_out_patients=[entry["name"] for entry in held_entries], **scale,
+        held_out=reconstruction_metrics(SliceAutoencoder(autoencoder.vae, autoencoder.config), held),
+    )
+    (out / "metrics.json").write_text(json.dumps(metrics.to_json(), indent=1) + "\n")
+    print(json.dumps(dataclasses.asdict(metrics.held_out)), flush=True)
     return metrics
 
 
