@@ -45,7 +45,7 @@ def test_export_loads_in_ctflow_and_generates(tiny, data, vae_run, cache, tmp_pa
     args = parser.parse_args(["--flow", str(flow), "--vae", str(vae_run[0]), "--cache", str(cache),
                               "--out", str(tmp_path / "model"), "--steps", "2", "--calibration-cases", "2", "--half",
                               "--evaluation", str(figures)])
-    folder = export.export(args)
+    folder = export.export(export.ExportRun.from_args(args))
     stored = load_file(folder / "model.safetensors")
     ema = {k.removeprefix("ema/"): v for k, v in load_file(flow / "checkpoint.safetensors").items() if k.startswith("ema/")}
     assert stored.keys() == ema.keys() and all(v.dtype == torch.float16 for v in stored.values())

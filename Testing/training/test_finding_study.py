@@ -62,8 +62,9 @@ def test_finding_study_probes_the_cohort_and_counts_generated_volumes(tiny, data
     train_flow.train(tiny.flow_run(cache, flow, steps=2))
     parser = argparse.ArgumentParser()
     export.configure(parser)
-    export.export(parser.parse_args(["--flow", str(flow), "--vae", str(vae_run[0]), "--cache", str(cache),
-                                     "--out", str(tmp_path / "model"), "--steps", "2", "--calibration-cases", "2"]))
+    args = parser.parse_args(["--flow", str(flow), "--vae", str(vae_run[0]), "--cache", str(cache),
+                              "--out", str(tmp_path / "model"), "--steps", "2", "--calibration-cases", "2"])
+    export.export(export.ExportRun.from_args(args))
     parser = argparse.ArgumentParser()
     finding_study.configure(parser)
     args = parser.parse_args(["--model", str(tmp_path / "model"), "--data", str(data), str(data), "--latents", str(cache),

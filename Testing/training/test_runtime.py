@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ctflow
-from ctflow_train import train_flow, train_vae
+from ctflow_train import evaluate, export, train_flow, train_vae
 from ctflow_train.runtime import cosine_schedule, start_processes
 
 
@@ -32,6 +32,18 @@ def test_processes_follow_torchrun_variables(monkeypatch):
     monkeypatch.setenv("RANK", "3")
     with pytest.raises(ctflow.CTFlowError, match="does not fit WORLD_SIZE"):
         start_processes(join_group=False)
+
+
+@pytest.mark.parametrize("module, run_config, argv", [
+    (export, export.ExportRun, ["--flow", "f", "--vae", "v", "--cache", "c", "--out", "o"]),
+    (evaluate, evaluate.EvaluationRun, ["--model", "m", "--data", "d", "--out", "o"]),
+])
+def test_a_command_config_takes_every_option(module, run_config, argv):
+    parser = argparse.ArgumentParser()
+    module.configure(parser)
+    args = parser.parse_args(argv)
+    assert {field.name for field in dataclasses.fields(run_config)} == set(vars(args))
+    assert dataclasses.asdict(run_config.from_args(args)) == vars(args)
 
 
 @pytest.mark.parametrize("module, run_config, argv", [

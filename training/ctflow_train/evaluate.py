@@ -32,9 +32,22 @@ from ctflow import CTFlowPipeline, GenerationRequest
 from ctflow.pipeline import first_white_slice
 from ctflow.qa import seam_continuity
 
-from .options import add_holdout_option, add_threads_option
+from .options import RunConfig, add_holdout_option, add_threads_option
 from .runtime import set_threads
 from .training_data import list_cases, load_case
+
+
+@dataclass(frozen=True)
+class EvaluationRun(RunConfig):
+    """The options of `ctflow-train evaluate` (see `configure`)."""
+
+    model: Path
+    data: Path
+    holdout: int
+    requested: list[int]
+    seed: int
+    threads: int
+    out: Path
 
 
 @dataclass(frozen=True)
@@ -163,7 +176,7 @@ def generate(pipe: CTFlowPipeline, report: str, seed: int, prompt_slices: int | 
     return volume.hu, time.perf_counter() - started
 
 
-def evaluate_model(args: argparse.Namespace) -> ModelEvaluation:
+def evaluate_model(args: EvaluationRun) -> ModelEvaluation:
     set_threads(args.threads)
     pipe = CTFlowPipeline.from_pretrained(args.model, device="cpu")
     block = pipe.config.denoiser.block_slices
@@ -214,7 +227,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = evaluate_model(args)
+    result = evaluate_model(EvaluationRun.from_args(args))
     figures = result.to_json()
     args.out.write_text(json.dumps(figures, indent=1) + "\n")
     print(json.dumps({k: v for k, v in figures.items() if k not in ("length_unrequested", "length_requested_in_prompt")}))

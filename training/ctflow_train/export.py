@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from ctflow.sampling import METHODS, sample
 from .checkpoint import CHECKPOINT, load_checkpoint, read_meta
 from .evaluate import ModelEvaluation
 from .latent_store import LatentStore
+from .options import RunConfig
 from .runtime import load_vae
 from .train_vae import AutoencoderMetrics
 
@@ -36,6 +38,28 @@ DETAILS = ("volumes", "values", "reports", "side_values", "sided_reports")
 STUDY = ("detectors", "seeds", "steps", "guidance", "shown_when_asked", "shown_when_negated",
          "asking_raised_probability", "own_report_ranked_first", "at_reported_side",
          "right_report_more_right")  # finding-study entries: the card's findings tables
+
+
+@dataclass(frozen=True)
+class ExportRun(RunConfig):
+    """The options of `ctflow-train export` (see `configure`)."""
+
+    flow: Path
+    vae: Path
+    cache: Path
+    out: Path
+    name: str
+    description: str
+    steps: int
+    sampler: str
+    shift: float
+    guidance: float
+    max_slices: int
+    calibration_cases: int
+    evaluation: list[Path]
+    seed: int
+    half: bool
+    overwrite: bool
 
 
 def load_ema(flow_folder: Path) -> tuple[STDiT, dict]:
@@ -236,7 +260,7 @@ def summary(value):
     return value
 
 
-def export(args: argparse.Namespace) -> Path:
+def export(args: ExportRun) -> Path:
     model, flow_meta = load_ema(args.flow)
     cache = LatentStore(args.cache)
     autoencoder = load_vae(args.vae / "vae", cache.meta["image_size"])
@@ -288,5 +312,5 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    print(export(args))
+    print(export(ExportRun.from_args(args)))
     return 0

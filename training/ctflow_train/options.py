@@ -71,17 +71,9 @@ def add_run_options(parser: argparse.ArgumentParser, save_every: int) -> None:
 META_NAMES = {"batch_size": "batch"}
 
 
-@dataclasses.dataclass(frozen=True)
-class RunOptions:
-    """A checkpointed run's typed options, built once from the command line: subclasses add theirs as fields named
-    like their argparse destinations. These are the ones add_run_options declares."""
-
-    seed: int
-    threads: int
-    log_every: int
-    save_every: int
-    resume: bool
-    overwrite: bool
+class RunConfig:
+    """A command's typed options, built once from the command line: a frozen dataclass whose fields are named like
+    its argparse destinations."""
 
     @classmethod
     def from_args(cls, args: argparse.Namespace):
@@ -90,6 +82,18 @@ class RunOptions:
     def meta(self) -> dict:
         """The options as a checkpoint records them (JSON-able with default=str)."""
         return {META_NAMES.get(name, name): value for name, value in dataclasses.asdict(self).items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions(RunConfig):
+    """A checkpointed training run's options: the ones add_run_options declares (subclasses add theirs)."""
+
+    seed: int
+    threads: int
+    log_every: int
+    save_every: int
+    resume: bool
+    overwrite: bool
 
 
 def print_json(data: dict) -> int:
