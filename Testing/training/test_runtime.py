@@ -35,27 +35,19 @@ def test_processes_follow_torchrun_variables(monkeypatch):
 
 
 @pytest.mark.parametrize("module, run_config, argv", [
-    (export, export.ExportRun, ["--flow", "f", "--vae", "v", "--cache", "c", "--out", "o"]),
-    (evaluate, evaluate.EvaluationRun, ["--model", "m", "--data", "d", "--out", "o"]),
-])
-def test_a_command_config_takes_every_option(module, run_config, argv):
-    parser = argparse.ArgumentParser()
-    module.configure(parser)
-    args = parser.parse_args(argv)
-    assert {field.name for field in dataclasses.fields(run_config)} == set(vars(args))
-    assert dataclasses.asdict(run_config.from_args(args)) == vars(args)
-
-
-@pytest.mark.parametrize("module, run_config, argv", [
     (train_flow, train_flow.FlowRun, ["--cache", "a", "b", "--out", "o", "--batch", "5"]),
     (train_vae, train_vae.VAERun, ["--data", "d", "--out", "o", "--batch", "5"]),
+    (export, export.ExportRun, ["--flow", "f", "--vae", "v", "--cache", "c", "--out", "o"]),
+    (evaluate, evaluate.EvaluationRun, ["--model", "m", "--data", "d", "--out", "o"]),
 ])
 def test_a_run_config_takes_every_option_once_and_records_them_by_their_names(module, run_config, argv):
     parser = argparse.ArgumentParser()
     module.configure(parser)
     args = parser.parse_args(argv)
-    config = run_config.from_args(argparse.Namespace(**vars(args), command="flow", run=print))  # as cli passes it
+    config = run_config.from_args(argparse.Namespace(**vars(args), command="x", run=print))  # as cli passes it
     assert {field.name for field in dataclasses.fields(run_config)} == set(vars(args))  # no option left out
-    assert config.batch_size == 5 and config.lr == args.lr
+    assert dataclasses.asdict(config) == vars(args)
     meta = config.meta()  # a checkpoint's "args": read back by export's lineage, so the option names stay
-    assert meta["batch"] == 5 and "batch_size" not in meta and "run" not in meta
+    assert "batch_size" not in meta and "run" not in meta
+    if "batch_size" in vars(args):
+        assert config.batch_size == 5 and meta["batch"] == 5
