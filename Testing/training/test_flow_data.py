@@ -36,8 +36,9 @@ def test_batch_windows_are_consecutive_blocks_of_one_volume(tiny, cache):
     block = tiny.BLOCK
     padded = [torch.cat([store.start[None].expand(2 * block, -1, -1, -1), store.latents(v)]) for v in range(3)]
     for i in range(20):
-        window = torch.cat([batch.before[i], batch.previous[i], batch.x0[i]], dim=1).permute(1, 0, 2, 3)  # [3T, C, h, w]
-        assert any(torch.equal(window, v[o : o + 3 * block]) for v in padded for o in range(block, len(v) - 3 * block + 1))
+        window = torch.cat([batch.before[i], batch.previous[i], batch.x0[i]], dim=1).permute(1, 0, 2, 3)  # [3T,C,h,w]
+        assert any(torch.equal(window, v[o : o + 3 * block])
+                   for v in padded for o in range(block, len(v) - 3 * block + 1))
 
 
 def test_every_epoch_visits_each_volume_once_and_ranks_take_disjoint_shares(tiny, cache):

@@ -80,7 +80,8 @@ def test_warm_start_into_a_clean_prediction_run(tiny, cache, tmp_path):
     a, b = load_file(velocity / "checkpoint.safetensors"), load_file(clean / "checkpoint.safetensors")
     weights = [k.removeprefix("ema/") for k in a if k.startswith("ema/")]
     assert weights and all(torch.equal(b[f"model/{k}"], a[f"ema/{k}"]) for k in weights)
-    assert not all(torch.equal(a[f"model/{k}"], a[f"ema/{k}"]) for k in weights)  # the copy is the EMA, not the raw weights
+    # the copy is the EMA, not the raw weights
+    assert not all(torch.equal(a[f"model/{k}"], a[f"ema/{k}"]) for k in weights)
     assert read_meta(clean / "checkpoint.safetensors")["denoiser"]["prediction"] == "clean"
     assert np.isfinite(result["loss"])
 
