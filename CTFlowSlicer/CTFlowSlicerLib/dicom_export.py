@@ -11,40 +11,39 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ctflow
-import numpy as np
 import slicer
 
-from .generation import ijkToRAS, provenanceOf
+from .generation import volumeOf
 
 
 @dataclass(frozen=True)
 class DicomExport:
     folder: Path  # the series folder written
+    instances: int  # files in it, one per slice
+    description: str  # its Series Description: SYNTHETIC ... NOT FOR DIAGNOSIS, and INCOMPLETE for a partial volume
     imported: bool  # added to slicer.dicomDatabase
     message: str  # one line for the status bar
 
 
-def volumeOf(node) -> ctflow.Volume:
-    """The node as a ctflow Volume: voxels [k, j, i], its IJK-to-RAS, and the provenance stored on it."""
-    return ctflow.Volume(
-        slicer.util.arrayFromVolume(node).astype(np.int16),
-        ctflow.Geometry.from_ijk_to_ras(ijkToRAS(node)),
-        provenanceOf(node),
-    )
-
-
 def exportDicom(node, folder: str | Path, overwrite: bool = False, database=None) -> DicomExport:
     """Write `node` as a series into `folder` and import it (copying the files) into `database`, by default
-    slicer.dicomDatabase. Raises ctflow.CTFlowError for a node CTFlow did not make or a folder that exists."""
+    slicer.dicomDatabase. Raises ctflow.CTFlowError for a node CTFlow did not make, and ctflow.OutputExistsError
+    for a folder that exists (unless `overwrite`)."""
+    import pydicom  # installed with the rest on the first Generate, as the library's writer needs it too
+
     volume = volumeOf(node)
     if volume.provenance is None:
         raise ctflow.CTFlowError(f"{node.GetName()} was not made by CTFlow: export it with Slicer's DICOM module")
     written = ctflow.write_dicom(volume, folder, overwrite=overwrite)
-    slices = f"{volume.shape[0]} slices"
+    files = sorted(written.iterdir())
+    description = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesDescription
+    wrote = f'Wrote the DICOM series {written}: {len(files)} instances, "{description}", Synthetic Data YES'
     reason = addToDicomDatabase(written, database)
     if reason is None:
-        return DicomExport(written, True, f"Wrote {written} ({slices}) and added it to the DICOM database")
-    return DicomExport(written, False, f"Wrote {written} ({slices}); not added to the DICOM database: {reason}")
+        message = f"{wrote}; added to the DICOM database (the DICOM module sends it to a PACS)."
+    else:
+        message = f"{wrote}; not added to the DICOM database: {reason}."
+    return DicomExport(written, len(files), description, reason is None, message)
 
 
 def addToDicomDatabase(folder: Path, database=None) -> str | None:

@@ -189,14 +189,18 @@ def provenanceOf(node) -> ctflow.Provenance | None:
     return ctflow.Provenance.from_dict({key: value for key, value in values.items() if value is not None})
 
 
-def saveVolume(node, path: str | Path) -> Path:
-    """Write .nrrd or .nii.gz with the provenance in the header; ctflow's writers also mark the file synthetic."""
-    volume = ctflow.Volume(
+def volumeOf(node) -> ctflow.Volume:
+    """The node as a ctflow Volume: voxels [k, j, i] in int16 HU, its IJK-to-RAS, and the provenance stored on it."""
+    return ctflow.Volume(
         slicer.util.arrayFromVolume(node).astype(np.int16),
         ctflow.Geometry.from_ijk_to_ras(ijkToRAS(node)),
         provenanceOf(node),
     )
-    return ctflow.write_volume(volume, path, overwrite=True)
+
+
+def saveVolume(node, path: str | Path) -> Path:
+    """Write .nrrd or .nii.gz with the provenance in the header; ctflow's writers also mark the file synthetic."""
+    return ctflow.write_volume(volumeOf(node), path, overwrite=True)
 
 
 def withNotices(text: str, notices: tuple[str, ...]) -> str:

@@ -74,9 +74,26 @@ def load_helper(name: str):
 
 
 @pytest.fixture(scope="session")
-def qt_application(tmp_path_factory):
+def standin():
+    return load_helper("standin")
+
+
+@pytest.fixture(scope="session")
+def qt_application(standin, tmp_path_factory):
     """Slicer's Qt world stood in by PySide6 (offscreen); must come before CTFlowSlicer.py is imported."""
-    return load_helper("standin").install(str(tmp_path_factory.mktemp("slicer-temporary")))
+    return standin.install(str(tmp_path_factory.mktemp("slicer-temporary")))
+
+
+@pytest.fixture
+def dicom_database(standin, tmp_path, monkeypatch):
+    """Slicer's DICOM database, open and empty, as slicer.dicomDatabase, with DICOMLib.DICOMUtils importable
+    (standin.py: ctk's database and indexer exist only in the Slicer application)."""
+    import slicer
+
+    database = standin.ctkDICOMDatabase(tmp_path / "SlicerDICOMDatabase")
+    monkeypatch.setitem(sys.modules, "DICOMLib", standin.DICOMLib)
+    monkeypatch.setattr(slicer, "dicomDatabase", database, raising=False)
+    return database
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,9 @@ Only what the module touches and PySide6 spells differently is provided here:
   widgets whose SlicerParameterName property names a field. As in Slicer, only the widget/type pairs that
   Slicer's own connectors support bind (a QPlainTextEdit or a QRadioButton does not), a combo box shows an
   Enum's labels, and unbounded spin boxes get the connectors' wide default ranges.
+- Slicer's DICOM database for the tests that ask for it (conftest's dicom_database): ctk's ctkDICOMDatabase and
+  ctkDICOMIndexer (C++, only in the Slicer application) as an index of the files copied into the database's
+  folder, and DICOMLib.DICOMUtils.importDicom with Slicer 5.10/5.12's signature and behaviour.
 Everything else - slicer.util, MRML, the .ui file, the module's own code - is the real thing.
 """
 
@@ -20,12 +23,16 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import logging
 import os
+import shutil
 import sys
 import types
 import typing
 import unittest
+from pathlib import Path
 
+import pydicom
 import slicer
 import vtk
 from PySide6 import QtCore, QtGui, QtUiTools, QtWidgets
@@ -330,3 +337,65 @@ class ScriptedLoadableModuleLogic:
 class ScriptedLoadableModuleTest(unittest.TestCase):
     def delayDisplay(self, message: str, msec: int = 1000) -> None:
         print(message)
+
+
+class ctkDICOMDatabase:
+    """An open DICOM database in `directory`: which files (copied under directory/dicom) hold which series. The
+    real one keeps this index in SQLite; DICOMUtils and the module use isOpen, databaseDirectory and these calls."""
+
+    def __init__(self, directory) -> None:
+        self.databaseDirectory = str(directory)
+        self.isOpen = True
+        self._seriesFiles: dict[str, list[str]] = {}
+
+    def filesForSeries(self, seriesUID: str) -> list[str]:
+        return list(self._seriesFiles.get(seriesUID, []))
+
+    def seriesForFile(self, path: str) -> str:
+        return next((uid for uid, files in self._seriesFiles.items() if path in files), "")
+
+
+class ctkDICOMIndexer:
+    """Indexes every DICOM file under a folder into a database, copying it there first when asked; files that
+    are not DICOM are passed over, as ctk does."""
+
+    def addDirectory(self, database: ctkDICOMDatabase, directoryName: str, copyFiles: bool = False) -> None:
+        if not isinstance(directoryName, str):  # PythonQt converts a str, not a Path, to the QString it takes
+            raise TypeError(f"ctkDICOMIndexer.addDirectory(): the folder must be a str, not {type(directoryName)}")
+        if not database.isOpen:
+            raise RuntimeError("the DICOM database is not open")
+        for path in sorted(p for p in Path(directoryName).rglob("*") if p.is_file()):
+            try:
+                dataset = pydicom.dcmread(path, stop_before_pixels=True)
+            except pydicom.errors.InvalidDicomError:
+                continue
+            target = path
+            if copyFiles:
+                target = Path(database.databaseDirectory, "dicom", dataset.StudyInstanceUID,
+                              dataset.SeriesInstanceUID, dataset.SOPInstanceUID)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)
+            database._seriesFiles.setdefault(dataset.SeriesInstanceUID, []).append(str(target))
+
+    def waitForImportFinished(self) -> None:
+        """addDirectory has finished: it indexes synchronously."""
+
+
+def importDicom(dicomDataDir, dicomDatabase=None, copyFiles=False):
+    """DICOMUtils.importDicom: index a folder into `dicomDatabase` (slicer.dicomDatabase by default) with ctk's
+    indexer; on any error, log it and return False."""
+    try:
+        indexer = ctkDICOMIndexer()
+        indexer.addDirectory(dicomDatabase if dicomDatabase is not None else slicer.dicomDatabase, dicomDataDir,
+                             copyFiles)
+        indexer.waitForImportFinished()
+    except Exception:
+        logging.exception("Failed to import DICOM folder %s", dicomDataDir)
+        return False
+    return True
+
+
+DICOMUtils = types.ModuleType("DICOMLib.DICOMUtils")
+DICOMUtils.importDicom = importDicom
+DICOMLib = types.ModuleType("DICOMLib")
+DICOMLib.DICOMUtils = DICOMUtils

@@ -1,11 +1,9 @@
 """Export DICOM from a volume node: the series the library writes from the node's voxels, geometry and provenance,
 read back by ctflow and by Slicer's own reader (slicer-core). Slicer's DICOM database (ctk) does not exist outside
-the Slicer application: its import is checked against a stand-in that indexes the files the way ctk's does."""
+the Slicer application: its import is checked against standin.py's, which indexes the files the way ctk's does."""
 
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
 
 import ctflow
@@ -46,7 +44,7 @@ def canonical(array_kji, ijk_to_ras):
 def test_the_series_holds_the_node_and_slicer_reads_it_back(node, tmp_path):
     result = dicom_export.exportDicom(node, tmp_path / "ct.dcm")
     assert result.folder == tmp_path / "ct.dcm" and not result.imported
-    assert "not added to the DICOM database" in result.message and "6 slices" in result.message
+    assert "not added to the DICOM database" in result.message and "6 instances" in result.message
     back = ctflow.read_volume(result.folder)
     assert np.array_equal(back.hu, slicer.util.arrayFromVolume(node))
     assert np.allclose(back.geometry.ijk_to_ras(), generation.ijkToRAS(node), atol=1e-6)
@@ -78,33 +76,13 @@ def test_an_existing_folder_is_kept_unless_overwrite(node, tmp_path):
     assert dicom_export.exportDicom(node, tmp_path / "ct.dcm", overwrite=True).folder.is_dir()
 
 
-class IndexingDatabase:
-    """Stands in for ctkDICOMDatabase and ctkDICOMIndexer: an open database that, like ctk's indexer with
-    copyFiles, parses every DICOM file of a folder, copies it into its own folder and records its series."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder, self.isOpen, self.files = folder, True, {}
-
-    def importDicom(self, dicomDataDir, dicomDatabase=None, copyFiles=False):
-        database = dicomDatabase or slicer.dicomDatabase
-        for path in sorted(Path(dicomDataDir).iterdir()):
-            dataset = pydicom.dcmread(path)
-            target = database.folder / dataset.SOPInstanceUID if copyFiles else path
-            if copyFiles:
-                target.write_bytes(path.read_bytes())
-            database.files.setdefault(dataset.SeriesInstanceUID, []).append(target)
-        return True
-
-
-def test_the_series_is_added_to_the_dicom_database(node, tmp_path, monkeypatch):
-    database = IndexingDatabase(tmp_path / "database")
-    database.folder.mkdir()
-    monkeypatch.setitem(sys.modules, "DICOMLib", types.SimpleNamespace(DICOMUtils=database))
-    monkeypatch.setattr(slicer, "dicomDatabase", database, raising=False)
+def test_the_series_is_added_to_the_dicom_database(node, tmp_path, dicom_database):
     result = dicom_export.exportDicom(node, tmp_path / "ct.dcm")
-    assert result.imported and result.message.endswith("added it to the DICOM database")
+    assert result.imported and "; added to the DICOM database" in result.message
     series = pydicom.dcmread(next(result.folder.iterdir())).SeriesInstanceUID
-    assert len(database.files[series]) == 6 and all(p.parent == database.folder for p in database.files[series])
-    database.isOpen = False
+    copies = dicom_database.filesForSeries(series)
+    assert len(copies) == result.instances == 6
+    assert all(Path(copy).is_relative_to(dicom_database.databaseDirectory) for copy in copies)
+    dicom_database.isOpen = False
     closed = dicom_export.exportDicom(node, tmp_path / "again.dcm")
     assert not closed.imported and "no DICOM database is open" in closed.message
