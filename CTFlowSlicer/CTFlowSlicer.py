@@ -11,6 +11,7 @@ Qt properties are read with widget.property("name"): the same call works in Slic
 PySide6 stand-in that the panel test runs this file with.
 """
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -42,7 +43,7 @@ resources.useBundledLibrary()  # ctflow comes from the extension itself, for the
 import ctflow  # noqa: E402 - the bundled copy; torch-free until a model is needed, which only the worker does
 from ctflow.worker import WorkerProcess  # noqa: E402
 
-from CTFlowSlicerLib import generation  # noqa: E402
+from CTFlowSlicerLib import dicom_export, generation  # noqa: E402
 from CTFlowSlicerLib.display import applyWindow  # noqa: E402
 from CTFlowSlicerLib.generation import Progress, Run  # noqa: E402
 from CTFlowSlicerLib.parameters import CTFlowSlicerParameterNode, newSeed  # noqa: E402
@@ -62,6 +63,8 @@ The slices appear in the red, yellow and green views as each block is decoded; C
 <br><br>
 The report, seed, sampling steps, guidance, model and library version are stored with the volume as node
 attributes named CTFlow.* (kept when the scene is saved) and in the header of files saved from the panel.
+Export DICOM writes a series marked Synthetic Data YES and adds it to Slicer's DICOM database, from where the
+DICOM module sends it to a PACS.
 <br><br>
 <b>The output is synthetic. It is not an image of a real patient and must not be used for diagnosis or
 treatment.</b>
@@ -155,13 +158,11 @@ class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.onParametersChanged()
 
     def onParametersChanged(self, *_):
-        """What the parameters decide beyond the bound widgets: the model row, the window buttons, Save."""
+        """What the parameters decide beyond the bound widgets: the model row, the window buttons, Save, Export."""
         parameters = self._parameterNode
         self._updateModelRow()
         getattr(self.ui, WINDOW_BUTTONS.get(parameters.window, "lungWindowButton")).setChecked(True)
-        hasVolume = parameters.generatedVolume is not None
-        for name in SAVE_BUTTONS:
-            getattr(self.ui, name).setEnabled(hasVolume)
+        self._updateWriteButtons()
 
     # -- set-up -------------------------------------------------------------------------------------------
 
@@ -179,10 +180,20 @@ class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             getattr(ui, name).clicked.connect(lambda _checked=False, preset=preset: self.onWindow(preset))
         for name, (suffix, fileFilter) in SAVE_BUTTONS.items():
             getattr(ui, name).clicked.connect(lambda _checked=False, s=suffix, f=fileFilter: self.onSave(s, f))
+        ui.exportDicomButton.clicked.connect(self.onExportDicom)
         self._shortcuts = [qt.QShortcut(qt.QKeySequence(keys), uiWidget) for keys in ("Ctrl+Return", "Ctrl+Enter")]
         for shortcut in self._shortcuts:
             shortcut.setContext(qt.Qt.WidgetWithChildrenShortcut)  # the panel's, not the whole main window's
             shortcut.activated.connect(self.onGenerateButton)
+
+    def _updateWriteButtons(self):
+        """Save: any generated volume, even while it grows. Export DICOM: a volume CTFlow made (it is marked
+        synthetic, and only such a volume may be), once no generation is running."""
+        volume = self._parameterNode.generatedVolume if self._parameterNode is not None else None
+        for name in SAVE_BUTTONS:
+            getattr(self.ui, name).setEnabled(volume is not None)
+        madeByCTFlow = volume is not None and self.logic.provenanceOf(volume) is not None
+        self.ui.exportDicomButton.setEnabled(madeByCTFlow and not self._running)
 
     def _updateModelRow(self):
         ui, parameters = self.ui, self._parameterNode
@@ -263,9 +274,9 @@ class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if volume is None:
             self._setStatus(_("There is no generated volume to save: it was deleted."), error=True)
             return
-        name = re.sub(r"[^\w.-]+", "_", volume.GetName()).strip("_") + suffix
         path = qt.QFileDialog.getSaveFileName(
-            self.parent, _("Save the synthetic CT"), os.path.join(qt.QDir.homePath(), name), fileFilter
+            self.parent, _("Save the synthetic CT"), os.path.join(qt.QDir.homePath(), fileName(volume, suffix)),
+            fileFilter
         )
         if not path:
             return
@@ -273,14 +284,53 @@ class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             path += suffix
         try:
             written = self.logic.saveVolume(volume, path)
-        except ImportError as exc:  # nibabel or pynrrd: installed with the rest on the first Generate
-            self._setStatus(_("Could not save: {name} is not installed yet; click Generate once to install it.")
-                            .format(name=exc.name), error=True)
-            return
-        except (OSError, ctflow.CTFlowError) as exc:
-            self._setStatus(_("Could not save: {error}").format(error=exc), error=True)
+        except (ImportError, OSError, ctflow.CTFlowError) as exc:
+            self._setStatus(_("Could not save: {error}").format(error=writeError(exc)), error=True)
             return
         self._setStatus(_("Saved {path} (provenance in the header).").format(path=written))
+
+    def onExportDicom(self):
+        """Write the series into a folder named after the volume, in a folder the user picks; then the database."""
+        volume = self._parameterNode.generatedVolume
+        if volume is None:
+            self._setStatus(_("There is no generated volume to export: it was deleted."), error=True)
+            return
+        parent = qt.QFileDialog.getExistingDirectory(
+            self.parent, _("Choose the folder to write the DICOM series in (as a folder named after the volume)"),
+            qt.QDir.homePath()
+        )
+        if not parent:
+            return
+        folder = os.path.join(parent, fileName(volume, ".dcm"))
+        try:
+            export = self._writeSeries(volume, folder)
+        except (ImportError, OSError, ctflow.CTFlowError) as exc:
+            self._setStatus(_("Could not export: {error}").format(error=writeError(exc)), error=True)
+            return
+        if export is None:
+            self._setStatus(_("Not exported: {folder} exists and was kept.").format(folder=folder))
+            return
+        self._setStatus(export.message)
+
+    def _writeSeries(self, volume, folder: str):
+        """The export; a folder that exists is replaced only when the user says so (else None)."""
+        try:
+            with waitCursor():
+                return self.logic.exportDicom(volume, folder)
+        except ctflow.OutputExistsError:
+            if not self._confirmReplace(folder):
+                return None
+        with waitCursor():
+            return self.logic.exportDicom(volume, folder, overwrite=True)
+
+    def _confirmReplace(self, folder: str) -> bool:
+        answer = qt.QMessageBox.question(
+            self.parent, _("Replace the DICOM series?"),
+            _("{folder} exists. Replace it with this series? A folder that holds anything but DICOM files is "
+              "never replaced.").format(folder=folder),
+            qt.QMessageBox.Yes | qt.QMessageBox.No, qt.QMessageBox.No,
+        )
+        return answer == qt.QMessageBox.Yes
 
     # -- display ------------------------------------------------------------------------------------------
 
@@ -306,6 +356,7 @@ class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._running = running
         self.ui.generateButton.setText(_("&Cancel") if running else _("&Generate"))
         self.ui.generateButton.setToolTip(CANCEL_TOOLTIP if running else self._generateTooltip)
+        self._updateWriteButtons()
 
     def _showDetectedDevice(self):
         self.ui.deviceLabel.setText(self.logic.deviceDescription())
@@ -314,6 +365,27 @@ class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._running:
             self.logic.stop()
             self._setRunning(False)
+
+
+def fileName(volume, suffix: str) -> str:
+    """The volume's name as a file name: what the save and export dialogs propose."""
+    return re.sub(r"[^\w.-]+", "_", volume.GetName()).strip("_") + suffix
+
+
+def writeError(exc: Exception) -> str:
+    """The line for a write that failed; a writer's missing package is installed with the rest on first Generate."""
+    if isinstance(exc, ImportError):
+        return _("{name} is not installed yet; click Generate once to install it.").format(name=exc.name)
+    return str(exc)
+
+
+@contextlib.contextmanager
+def waitCursor():
+    qt.QApplication.setOverrideCursor(qt.QCursor(qt.Qt.WaitCursor))
+    try:
+        yield
+    finally:
+        qt.QApplication.restoreOverrideCursor()
 
 
 def modelStatus(parameters) -> tuple[bool, str]:
@@ -532,6 +604,7 @@ class CTFlowSlicerLogic(ScriptedLoadableModuleLogic):
 
     provenanceOf = staticmethod(generation.provenanceOf)
     saveVolume = staticmethod(generation.saveVolume)
+    exportDicom = staticmethod(dicom_export.exportDicom)  # (node, folder, overwrite=False) -> DicomExport
 
 
 def workerPython() -> str:

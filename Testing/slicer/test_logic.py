@@ -10,6 +10,7 @@ from pathlib import Path
 
 import ctflow
 import numpy as np
+import pydicom
 import pytest
 import slicer
 import torch
@@ -248,6 +249,23 @@ def test_saved_files_carry_voxels_geometry_and_provenance(scene, logic, settings
     np.testing.assert_array_equal(volume.hu, slicer.util.arrayFromVolume(node))
     np.testing.assert_allclose(volume.geometry.ijk_to_ras(), generation.ijkToRAS(node), atol=1e-5)
     assert volume.provenance == logic.provenanceOf(node)
+
+
+def test_a_cancelled_volume_exports_as_an_incomplete_dicom_series(scene, logic, settings, change, tmp_path,
+                                                                  dicom_database):
+    def cancel_after_first_block(progress):
+        if progress.firstBlock:
+            logic.cancel()
+
+    node = run(logic, change(settings, slices=400), onProgress=cancel_after_first_block)[-1].node
+    export = logic.exportDicom(node, tmp_path / "partial.dcm")
+    assert export.description == "SYNTHETIC CT (CTFlow) - NOT FOR DIAGNOSIS - INCOMPLETE"
+    assert export.imported and export.instances == slicer.util.arrayFromVolume(node).shape[0] < 400
+    series = ctflow.read_volume(export.folder)
+    assert series.provenance.partial and series.provenance == logic.provenanceOf(node)
+    np.testing.assert_array_equal(series.hu, slicer.util.arrayFromVolume(node))
+    uid = pydicom.dcmread(sorted(export.folder.iterdir())[0], stop_before_pixels=True).SeriesInstanceUID
+    assert len(dicom_database.filesForSeries(uid)) == export.instances
 
 
 def test_the_slice_views_show_the_generated_volume(scene, logic, settings, slice_views, output_dir, change):
