@@ -11,10 +11,12 @@ import types
 from pathlib import Path
 
 import ctflow
+import numpy as np
+import pydicom
 import slicer
 from PySide6 import QtCore, QtTest, QtWidgets
 
-from CTFlowSlicerLib import resources
+from CTFlowSlicerLib import generation, resources
 from CTFlowSlicerLib.display import WINDOW_PRESETS
 
 INTERACTIVE = (QtWidgets.QAbstractButton, QtWidgets.QComboBox, QtWidgets.QAbstractSpinBox, QtWidgets.QLineEdit,
@@ -43,6 +45,21 @@ def use_tiny_model(ui, tiny_model, slices: int) -> None:
     ui.slicesSpinBox.setValue(slices)
     ui.stepsSpinBox.setValue(2)
     ui.seedSpinBox.setValue(11)
+
+
+def answer_next_question(button, asked: list, tries: int = 200) -> None:
+    """Press `button` in the message box that the next click opens (it runs its own event loop); its text goes to
+    `asked`. Gives up after `tries` looks, 10 ms apart, when none opens."""
+    def press(left=tries):
+        box = QtWidgets.QApplication.activeModalWidget()
+        if not isinstance(box, QtWidgets.QMessageBox):
+            if left:
+                QtCore.QTimer.singleShot(10, lambda: press(left - 1))
+            return
+        asked.append(box.text())
+        box.button(button).click()
+
+    QtCore.QTimer.singleShot(0, press)
 
 
 def output_volume(panel):
@@ -85,6 +102,7 @@ def test_generate_watch_the_volume_grow_then_cancel(panel, tiny_model, output_di
     node = output_volume(panel)
     grown_to = slices_in(node)
     assert grown_to >= 8 and node.GetAttribute("CTFlow.partial") == "True"
+    assert ui.saveNrrdButton.isEnabled() and not ui.exportDicomButton.isEnabled()  # no DICOM of a growing volume
     assert ui.progressBar.maximum() == 100 and "blocks, about" in ui.progressBar.format()
     assert ui.statusLabel.text().startswith("Block ")
     panel.parent.grab().save(str(output_dir / "slicer_panel.png"))
@@ -94,6 +112,7 @@ def test_generate_watch_the_volume_grow_then_cancel(panel, tiny_model, output_di
     assert ui.statusLabel.text().startswith("Cancelled: kept")
     assert grown_to <= slices_in(node) < 400
     assert node.GetAttribute("CTFlow.partial") == "True"
+    assert ui.exportDicomButton.isEnabled()  # a cancelled volume exports, marked INCOMPLETE (test_logic.py)
     assert set(threading.enumerate()) == threads  # generation ran in the worker process, on no thread of ours
 
 
@@ -129,6 +148,59 @@ def test_finish_then_window_save_and_replace(panel, tiny_model, tmp_path, monkey
     wait_until(lambda: ui.generateButton.text() == "&Generate")
     assert output_volume(panel) is node and len(slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")) == 1
     assert node.GetAttribute("CTFlow.seed") == str(ui.seedSpinBox.value()) != "11"
+
+
+def test_export_dicom_writes_a_synthetic_series_and_adds_it_to_the_database(panel, tiny_model, tmp_path, monkeypatch,
+                                                                            dicom_database):
+    ui = panel.ui
+    assert not ui.exportDicomButton.isEnabled()
+    ui.reportTextEdit.setPlainText("Findings: Small left pleural effusion.\nImpressions: Left effusion.")
+    use_tiny_model(ui, tiny_model, slices=6)
+    ui.generateButton.click()
+    assert not ui.exportDicomButton.isEnabled()
+    wait_until(lambda: ui.generateButton.text() == "&Generate")
+    assert ui.exportDicomButton.isEnabled()
+    node = output_volume(panel)
+
+    monkeypatch.setattr(QtWidgets.QFileDialog, "getExistingDirectory", lambda *args: str(tmp_path))
+    ui.exportDicomButton.click()
+    folder = tmp_path / "Synthetic_CT_CTFlow_-_Left_effusion._-_seed_11.dcm"
+    files = sorted(folder.iterdir())
+    assert ui.statusLabel.text() == (
+        f'Wrote the DICOM series {folder}: 6 instances, "SYNTHETIC CT (CTFlow) - NOT FOR DIAGNOSIS", Synthetic Data '
+        "YES; added to the DICOM database (the DICOM module sends it to a PACS).")
+    first = pydicom.dcmread(files[0])
+    assert len(files) == 6 and first.SyntheticData == "YES" and first.PatientName == "SYNTHETIC^CTFLOW"
+    series = ctflow.read_volume(folder)
+    np.testing.assert_array_equal(series.hu, slicer.util.arrayFromVolume(node))
+    np.testing.assert_allclose(series.geometry.ijk_to_ras(), generation.ijkToRAS(node), atol=1e-6)
+    assert series.provenance == generation.provenanceOf(node) and series.provenance.seed == 11
+    copies = dicom_database.filesForSeries(first.SeriesInstanceUID)  # the database indexed the folder just written
+    assert sorted(Path(copy).read_bytes() for copy in copies) == sorted(file.read_bytes() for file in files)
+
+    asked = []
+    answer_next_question(QtWidgets.QMessageBox.No, asked)
+    ui.exportDicomButton.click()
+    assert asked == [f"{folder} exists. Replace it with this series? A folder that holds anything but DICOM files "
+                     "is never replaced."]
+    assert ui.statusLabel.text() == f"Not exported: {folder} exists and was kept."
+    assert [file.read_bytes() for file in sorted(folder.iterdir())] == [file.read_bytes() for file in files]
+    answer_next_question(QtWidgets.QMessageBox.Yes, asked)
+    ui.exportDicomButton.click()
+    replaced = pydicom.dcmread(sorted(folder.iterdir())[0], stop_before_pixels=True).SeriesInstanceUID
+    assert replaced != first.SeriesInstanceUID and len(dicom_database.filesForSeries(replaced)) == 6
+    assert ui.statusLabel.text().startswith(f"Wrote the DICOM series {folder}: 6 instances")
+
+    (folder / "notes.txt").write_text("mine")  # never replaced, even when asked to
+    answer_next_question(QtWidgets.QMessageBox.Yes, asked)
+    ui.exportDicomButton.click()
+    assert ui.statusLabel.text() == f"Could not export: {folder} is not a folder of DICOM files only; not replacing it"
+    assert "color" in ui.statusLabel.styleSheet()
+    assert (folder / "notes.txt").read_text() == "mine" and len(list(folder.iterdir())) == 7
+
+    patient = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Patient CT")
+    panel._parameterNode.generatedVolume = patient  # a volume CTFlow did not make is not exported as synthetic
+    assert ui.saveNrrdButton.isEnabled() and not ui.exportDicomButton.isEnabled()
 
 
 def test_errors_appear_in_the_panel(panel, monkeypatch):
