@@ -20,6 +20,7 @@ import re
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -662,6 +663,17 @@ class CTFlowSlicerTest(ScriptedLoadableModuleTest):
         self.assertEqual(node.GetAttribute("CTFlow.partial"), "False")
         self.assertIn("not for diagnosis", node.GetAttribute("CTFlow.Synthetic"))
         self.delayDisplay("Synthetic volume streamed into the scene")
+        import pydicom
+        from DICOMLib import DICOMUtils
+
+        folder = Path(tempfile.mkdtemp(dir=slicer.app.temporaryPath)) / "series.dcm"
+        with DICOMUtils.TemporaryDICOMDatabase() as database:  # the user's own database stays untouched
+            export = CTFlowSlicerLogic.exportDicom(node, folder, database=database)
+            self.assertTrue(export.imported, export.message)
+            self.assertEqual(export.instances, 10)
+            uid = pydicom.dcmread(next(folder.iterdir()), stop_before_pixels=True).SeriesInstanceUID
+            self.assertEqual(len(database.filesForSeries(uid)), 10)  # copied into the database and indexed
+        self.delayDisplay("Exported as a synthetic DICOM series into a temporary DICOM database")
 
     def test_CancelKeepsPartialVolume(self):
         progress = self._generate(slices=400, cancelAfterFirstBlock=True)

@@ -15,7 +15,8 @@ Only what the module touches and PySide6 spells differently is provided here:
   Enum's labels, and unbounded spin boxes get the connectors' wide default ranges.
 - Slicer's DICOM database for the tests that ask for it (conftest's dicom_database): ctk's ctkDICOMDatabase and
   ctkDICOMIndexer (C++, only in the Slicer application) as an index of the files copied into the database's
-  folder, and DICOMLib.DICOMUtils.importDicom with Slicer 5.10/5.12's signature and behaviour.
+  folder, and DICOMLib.DICOMUtils's importDicom (Slicer 5.10/5.12's signature and behaviour) and
+  TemporaryDICOMDatabase.
 Everything else - slicer.util, MRML, the .ui file, the module's own code - is the real thing.
 """
 
@@ -27,6 +28,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import types
 import typing
 import unittest
@@ -395,7 +397,23 @@ def importDicom(dicomDataDir, dicomDatabase=None, copyFiles=False):
     return True
 
 
+class TemporaryDICOMDatabase:
+    """DICOMUtils.TemporaryDICOMDatabase: an empty database in Slicer's temporary folder is slicer.dicomDatabase
+    inside the with block; then it is closed and the previous one is back."""
+
+    def __enter__(self) -> ctkDICOMDatabase:
+        self._previous = getattr(slicer, "dicomDatabase", None)
+        slicer.dicomDatabase = ctkDICOMDatabase(tempfile.mkdtemp(prefix="TempDICOMDatabase",
+                                                                 dir=slicer.app.temporaryPath))
+        return slicer.dicomDatabase
+
+    def __exit__(self, *exception) -> None:
+        slicer.dicomDatabase.isOpen = False
+        slicer.dicomDatabase = self._previous
+
+
 DICOMUtils = types.ModuleType("DICOMLib.DICOMUtils")
 DICOMUtils.importDicom = importDicom
+DICOMUtils.TemporaryDICOMDatabase = TemporaryDICOMDatabase
 DICOMLib = types.ModuleType("DICOMLib")
 DICOMLib.DICOMUtils = DICOMUtils

@@ -269,7 +269,7 @@ def test_module_description_says_synthetic(qt_application):
     assert "synthetic and not for diagnosis" in parent.acknowledgementText
 
 
-def test_slicer_self_test_runs(qt_application, scene, tiny_model):
+def test_slicer_self_test_runs(qt_application, scene, tiny_model, dicom_database):
     """CTFlowSlicerTest is what a user runs in Slicer; here it runs against the stand-in with the session's model."""
     import CTFlowSlicer
 
