@@ -193,8 +193,8 @@ class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         volume = self._parameterNode.generatedVolume if self._parameterNode is not None else None
         for name in SAVE_BUTTONS:
             getattr(self.ui, name).setEnabled(volume is not None)
-        madeByCTFlow = volume is not None and self.logic.provenanceOf(volume) is not None
-        self.ui.exportDicomButton.setEnabled(madeByCTFlow and not self._running)
+        self.ui.exportDicomButton.setEnabled(volume is not None and generation.madeByCTFlow(volume)
+                                             and not self._running)
 
     def _updateModelRow(self):
         ui, parameters = self.ui, self._parameterNode

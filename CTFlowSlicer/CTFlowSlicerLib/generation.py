@@ -181,12 +181,21 @@ def volumeName(provenance: ctflow.Provenance, limit: int = 40) -> str:
     return f"Synthetic CT (CTFlow) - {short} - seed {provenance.seed}"
 
 
+def madeByCTFlow(node) -> bool:
+    return node.GetAttribute(SYNTHETIC_ATTRIBUTE) is not None
+
+
 def provenanceOf(node) -> ctflow.Provenance | None:
-    """Provenance read back from the node's attributes (saved scenes keep them); None if CTFlow did not make it."""
-    if node.GetAttribute(SYNTHETIC_ATTRIBUTE) is None:
+    """Provenance read back from the node's attributes (saved scenes keep them); None if CTFlow did not make it.
+    Raises ctflow.CTFlowError for attributes edited into something that is not a provenance."""
+    if not madeByCTFlow(node):
         return None
     values = {key: node.GetAttribute(attributeName(key)) for key in PROVENANCE_KEYS}
-    return ctflow.Provenance.from_dict({key: value for key, value in values.items() if value is not None})
+    try:
+        return ctflow.Provenance.from_dict({key: value for key, value in values.items() if value is not None})
+    except (TypeError, ValueError) as exc:
+        name = node.GetName()
+        raise ctflow.CTFlowError(f"the CTFlow.* attributes of {name} do not read as a provenance: {exc}") from exc
 
 
 def volumeOf(node) -> ctflow.Volume:

@@ -69,6 +69,13 @@ def test_a_volume_ctflow_did_not_make_is_not_exported(scene, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_edited_provenance_attributes_stop_the_export_with_one_line(node, tmp_path):
+    node.SetAttribute("CTFlow.seed", "seven")
+    with pytest.raises(ctflow.CTFlowError, match="do not read as a provenance: invalid literal"):
+        dicom_export.exportDicom(node, tmp_path / "ct.dcm")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_existing_folder_is_kept_unless_overwrite(node, tmp_path):
     dicom_export.exportDicom(node, tmp_path / "ct.dcm")
     with pytest.raises(ctflow.OutputExistsError):
