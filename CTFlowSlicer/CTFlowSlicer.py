@@ -419,6 +419,7 @@ class CTFlowSlicerLogic(ScriptedLoadableModuleLogic):
         while not (progress := logic.poll()).finished:   # the panel calls poll() from a QTimer
             slicer.app.processEvents()
         progress.node                                    # the vtkMRMLScalarVolumeNode
+        logic.exportDicom(progress.node, "chest.dcm")     # a series marked synthetic, added to the DICOM database
     """
 
     def __init__(self):
