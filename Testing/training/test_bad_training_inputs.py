@@ -93,6 +93,12 @@ NEW = "new"  # an output path that does not exist yet
 CASES = [
     # --- item 3: a finished run or a prepared folder is never replaced unasked
     Case("vae over a finished run", ["vae", "--data", "{root}/data", "--out", "{root}/vae", *VAE], 1, "--overwrite"),
+    Case("evaluate over an earlier result", ["evaluate", "--model", "{root}/vae", "--data", "{root}/data", "--out",
+                                             "{root}/result.json"], 1, "--overwrite",
+         damage=lambda root: (root / "result.json").write_text("{}\n")),
+    Case("cohort-preview over an earlier image", ["cohort-preview", "--cohort", "{root}/data", "--out",
+                                                  "{root}/preview.png"], 1, "--overwrite",
+         damage=lambda root: (root / "preview.png").write_bytes(b"an image the user keeps")),
     Case("flow over a finished run", ["flow", "--cache", "{root}/latents", "--out", "{root}/flow", *FLOW],
          1, "--overwrite"),
     Case("prepare-ctrate over a prepared folder", ["prepare-ctrate", "--root", "{root}/ctrate", "--reports",

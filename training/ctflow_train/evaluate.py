@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ctflow import CTFlowPipeline, GenerationRequest
+from ctflow.io import atomic_write, check_output_path
 from ctflow.pipeline import first_white_slice
 from ctflow.qa import seam_continuity
 
@@ -224,11 +225,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     add_threads_option(parser)
     parser.add_argument("--out", type=Path, required=True, help="JSON to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file (default: refuse)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out.exists() and not args.overwrite:  # minutes of generation must not end in a refusal
+        check_output_path(args.out, args.overwrite, suffixes=(".json",))
     result = evaluate_model(EvaluationRun.from_args(args))
     figures = result.to_json()
-    args.out.write_text(json.dumps(figures, indent=1) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(args.out, lambda tmp: tmp.write_text(json.dumps(figures, indent=1) + "\n"), overwrite=args.overwrite)
     print(json.dumps({k: v for k, v in figures.items() if k not in ("length_unrequested", "length_requested_in_prompt")}))
     return 0

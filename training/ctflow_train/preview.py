@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from ctflow.io import read_volume
+from ctflow.io import atomic_write, check_output_path, read_volume
 from ctflow.preview import WINDOWS, apply_window
 
 from .dataset import content_slices, read_index
@@ -51,12 +51,13 @@ def render_cohort_preview(folder: str | Path, patients: int = 4, tile: int = 256
     return sheet
 
 
-def write_cohort_preview(folder: str | Path, out: str | Path, patients: int = 4) -> Path:
+def write_cohort_preview(folder: str | Path, out: str | Path, patients: int = 4, overwrite: bool = False) -> Path:
     out = Path(out)
+    if out.exists() and not overwrite:
+        check_output_path(out, overwrite, suffixes=(".png",))  # says why, before the cohort is read
     image = render_cohort_preview(folder, patients)  # a bad --cohort ends here, before --out's folder is made
     out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out, format="PNG")
-    return out
+    return atomic_write(out, lambda tmp: image.save(tmp, format="PNG"), overwrite=overwrite)
 
 
 def _focus(findings: dict[str, dict], shape: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -85,8 +86,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cohort", type=Path, required=True, help="a folder written by `ctflow-train cohort`")
     parser.add_argument("--out", type=Path, default=Path("docs/images/cohort_samples.png"), help="PNG to write")
     parser.add_argument("--patients", type=positive(int), default=4, help="patients to show (default 4)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out image (default: refuse)")
 
 
 def run(args: argparse.Namespace) -> int:
-    print(write_cohort_preview(args.cohort, args.out, args.patients))
+    print(write_cohort_preview(args.cohort, args.out, args.patients, args.overwrite))
     return 0
