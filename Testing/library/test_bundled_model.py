@@ -5,6 +5,7 @@ How good its anatomy is, and how fast, is measured by `ctflow-train evaluate`, `
 wrongly exported bundle, and a model that no longer makes a body with lungs in it.
 """
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,9 @@ import ctflow
 from ctflow.model_folder import default_model, verify_checksums
 
 REPORT = Path(__file__).parents[2] / "Resources" / "SampleReports" / "normal_chest.txt"
+# sha256 of the int16 HU (little-endian) of the sample report at slices=16, steps=4, seed 0 on the CPU, computed
+# before the refactor of issue 15: any change to sampling, the end rule, decoding or weight loading changes it.
+FINGERPRINT = "4b1c5b19a61cc4b0a7605f8621874a637b5c714392e4bb1b3afb58a025e4370d"
 MAX_BYTES = 40_000_000  # the issue allows tens of MB; the repository carries every version of it
 
 
@@ -42,3 +46,10 @@ def test_sample_report_gives_a_body_with_lungs_at_chest_hu(two_blocks):
     soft = ((middle > -150) & (middle < 150)).mean()
     assert lung > 0.1 and soft > 0.1, f"lung {lung:.2f}, soft tissue {soft:.2f} of the chest's inner box"
     assert two_blocks.provenance.model == "ctflow-demo" and "synthetic" in two_blocks.provenance.synthetic.lower()
+
+
+def test_fixed_seed_output_is_bit_identical_to_the_recorded_fingerprint():
+    pipe = ctflow.CTFlowPipeline.from_pretrained(device="cpu")
+    volume = pipe.generate(ctflow.GenerationRequest(REPORT.read_text(), slices=16, seed=0, steps=4))
+    assert volume.hu.shape == (16, 256, 256)
+    assert hashlib.sha256(np.ascontiguousarray(volume.hu, dtype="<i2").tobytes()).hexdigest() == FINGERPRINT
