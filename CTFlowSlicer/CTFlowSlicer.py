@@ -45,14 +45,14 @@ import ctflow  # noqa: E402 - the bundled copy; torch-free until a model is need
 from ctflow.worker import WorkerProcess  # noqa: E402
 
 from CTFlowSlicerLib import dicom_export, generation  # noqa: E402
-from CTFlowSlicerLib.display import applyWindow  # noqa: E402
+from CTFlowSlicerLib.display import SLICE_VIEW_WINDOWS, applyWindow  # noqa: E402
 from CTFlowSlicerLib.generation import Progress, Run  # noqa: E402
 from CTFlowSlicerLib.parameters import CTFlowSlicerParameterNode, newSeed  # noqa: E402
 
 POLL_INTERVAL_MS = 100
 CANCEL_GRACE_S = 3.0  # a cancelled run stops within a sampling step; a worker silent this long is ended
 MODEL_PLACEHOLDERS = {"bundled": "", "folder": _("model folder"), "hub": _("org/name or org/name@revision")}
-WINDOW_BUTTONS = {"lung": "lungWindowButton", "mediastinum": "mediastinumWindowButton", "bone": "boneWindowButton"}
+WINDOW_BUTTONS = {name: f"{name}WindowButton" for name in SLICE_VIEW_WINDOWS}
 SAVE_BUTTONS = {"saveNrrdButton": (".nrrd", "NRRD (*.nrrd)"), "saveNiftiButton": (".nii.gz", "NIfTI (*.nii.gz)")}
 CANCEL_TOOLTIP = _("Stop generating (Ctrl+Enter). The slices already made stay in the scene, marked partial.")
 ERROR_STYLE = "color: #d32f2f;"

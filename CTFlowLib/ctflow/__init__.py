@@ -27,7 +27,7 @@ _EXPORTS = {
     "Block": "pipeline", "CTFlowPipeline": "pipeline", "GenerationPlan": "pipeline", "GenerationRequest": "pipeline",
     "import_released": "released", "load_released_denoiser": "released",
     "Report": "report", "parse_report": "report", "render_prompt": "report",
-    "SYNTHETIC_NOTICE": "volume", "Geometry": "volume", "Provenance": "volume", "Volume": "volume",
+    "SYNTHETIC_NOTICE": "conventions", "Geometry": "volume", "Provenance": "volume", "Volume": "volume",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -8,6 +8,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .conventions import BLOCK_SLICES, HU_WINDOW
 from .errors import ModelError
 from .sampling import METHODS
 
@@ -33,7 +34,7 @@ class DenoiserConfig:
     patch_size: tuple[int, int, int] = (2, 2, 2)  # (t, h, w)
     mlp_ratio: float = 4.0
     text_dim: int = 768
-    block_slices: int = 16  # slices per generated block (the paper's "sequence")
+    block_slices: int = BLOCK_SLICES  # slices per generated block (the paper's "sequence")
     latent_size: int = 32  # latent height = width
     # What the network's last layer outputs: "velocity" (noise - clean, as CTFlow) or "clean" (the clean block,
     # turned into velocity for the sampler). Clean prediction suits small models with wide patches: its target
@@ -84,7 +85,7 @@ DENOISER_PRESETS: dict[str, DenoiserConfig] = {
 class AutoencoderConfig:
     """How HU slices map to the VAE. Its architecture and latent scaling/shift live in vae/config.json."""
 
-    hu_window: tuple[float, float] = (-1000.0, 1000.0)
+    hu_window: tuple[float, float] = HU_WINDOW
     # The VAE image values the window's ends map to. The released CTFlow model: (0, 1), an inferred mapping
     # (its code writes clamp(306 * image, 0, 255) PNGs and documents no HU window; docs/released_model.md).
     pixel_range: tuple[float, float] = (-1.0, 1.0)

@@ -36,15 +36,15 @@ from typing import Callable
 import numpy as np
 
 from . import __version__
+from .conventions import SYNTHETIC_LABEL, WINDOWS
 from .errors import CTFlowError, OutputExistsError
-from .preview import WINDOWS
 from .volume import Geometry, Provenance, Volume
 
 UID_ROOT = "2.25."  # ISO/IEC 9834-8 UUID-derived UIDs (PS3.5 B.2)
 IMPLEMENTATION_CLASS_UID = f"{UID_ROOT}{uuid.uuid5(uuid.NAMESPACE_URL, 'urn:ctflow:dicom-writer').int}"
 PRIVATE_GROUP, PRIVATE_CREATOR = 0x0011, "CTFlow provenance"
 SYNTHESIZING_EQUIPMENT = ("109100", "DCM", "Synthesizing Equipment")
-NOT_FOR_DIAGNOSIS = "SYNTHETIC CT (CTFlow) - NOT FOR DIAGNOSIS"
+NOT_FOR_DIAGNOSIS = SYNTHETIC_LABEL.upper()  # descriptions in capitals, as DICOM viewers list them
 PATIENT_NAME = "SYNTHETIC^CTFLOW"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 _TO_LPS = np.array([-1.0, -1.0, 1.0])  # RAS <-> LPS flips the first two axes
@@ -190,8 +190,8 @@ def series_header(volume: Volume, study: Study, series_number: int):
     ds.Rows, ds.Columns = rows, columns
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
     ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "HU"
-    ds.WindowCenter = [WINDOWS[name][0] for name in _SHOWN_WINDOWS]
-    ds.WindowWidth = [WINDOWS[name][1] for name in _SHOWN_WINDOWS]
+    ds.WindowCenter = [WINDOWS[name].level for name in _SHOWN_WINDOWS]
+    ds.WindowWidth = [WINDOWS[name].width for name in _SHOWN_WINDOWS]
     ds.WindowCenterWidthExplanation = [name.replace(" ", "_").upper() for name in _SHOWN_WINDOWS]
     _set_geometry_shared(ds, volume.geometry)
     # SOP common: the synthetic flag and who made it

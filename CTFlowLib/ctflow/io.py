@@ -22,13 +22,13 @@ from typing import Callable
 
 import numpy as np
 
+from .conventions import SYNTHETIC_LABEL
 from .errors import CTFlowError, OutputExistsError
 from .volume import Geometry, Provenance, Volume
 
 SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 DICOM, DICOM_SUFFIX = "dicom", ".dcm"
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS flips the first two axes
-_SYNTHETIC_HEADER = "SYNTHETIC CT (CTFlow) - not for diagnosis"
 _FIELD_PREFIX = "CTFlow_"  # provenance keys in NRRD and MetaImage headers
 TEMP_PREFIX = ".ctflow-tmp."  # + "<pid>.<random>": whose it is, and no suffix a volume reader would accept
 _RUN_STARTED = time.time()  # a temporary file older than this run, whose writer is gone, is a leftover
@@ -284,7 +284,7 @@ def _write_nifti(volume: Volume, path: Path, compressed: bool = True) -> None:
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
     if volume.provenance is not None:  # only what ctflow made is marked synthetic (training data may be real CT)
-        header["descrip"] = _SYNTHETIC_HEADER.encode()
+        header["descrip"] = SYNTHETIC_LABEL.encode()
         header["intent_name"] = b"SYNTHETIC"
         payload = json.dumps({"ctflow_provenance": volume.provenance.as_dict()}).encode()
         header.extensions.append(nib.nifti1.Nifti1Extension("comment", payload))
@@ -336,7 +336,7 @@ def _write_nrrd(volume: Volume, path: Path) -> None:
         "encoding": "gzip",
     }
     if volume.provenance is not None:
-        header["content"] = _SYNTHETIC_HEADER
+        header["content"] = SYNTHETIC_LABEL
     header.update(_provenance_fields(volume.provenance))
     nrrd.write(str(path), np.ascontiguousarray(volume.hu.transpose(2, 1, 0)).astype(np.int16), header, index_order="F")
 

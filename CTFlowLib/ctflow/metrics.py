@@ -26,12 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .batch import ID_KEYS, read_manifest, read_table, safe_id
+from .conventions import HU_WINDOW
 from .errors import CTFlowError
 from .io import read_volume
 from .volume import Volume
 
 PLANES = ("axial", "coronal", "sagittal")
-HU_WINDOW = (-1000.0, 1000.0)  # slices enter the feature network as this window mapped to [0, 1]
 RADIMAGENET_MEAN = (0.406, 0.456, 0.485)  # Keras-trained RadImageNet: BGR means on [0, 1] input, no scaling
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 MIN_SIZE, MAX_SIZE = 32, 1024  # slice size in pixels: ResNet-50 needs 32 to keep a feature map

@@ -24,6 +24,7 @@ import torch
 from . import __version__
 from .autoencoder import SliceAutoencoder
 from .config import MAX_SLICES, ModelConfig, SamplingConfig
+from .conventions import END_HU, START_HU, real_slices
 from .denoiser import STDiT, parameter_count
 from .errors import CTFlowError, DeviceError, ModelError, RequestError
 from .model_folder import (
@@ -34,9 +35,7 @@ from .sampling import Cancelled, guided, sample, validate
 from .text_encoder import TextEncoder, unit_cls
 from .volume import Geometry, Provenance, Volume
 
-START_HU, END_HU = -1000.0, 1000.0  # the all-black start block and the white end-of-volume slices
 MARKER_SEED_OFFSET = 1  # the released mode's marker samples: a stream apart from the noise of the same seed
-WHITE_MEAN_HU = 0.9 * END_HU  # a decoded end slice averages near +1000 HU; a real one, with air around the body, never
 MAX_GUIDANCE = 30.0
 UNKNOWN_TOKENS_NOTICE = 0.5  # tell the user when the text encoder knows fewer than half of the report's tokens
 
@@ -281,10 +280,10 @@ class CTFlowPipeline:
         try:
             for clean, last in latents:
                 hu = self._decode(clean)
-                white = None if req.slices or self.released_mode else first_white_slice(hu)
-                if white is not None:  # the decoder draws an end marker plainly where the latent test may miss it
-                    hu, last = hu[:white], True
-                    if not white:
+                real = len(hu) if req.slices or self.released_mode else real_slices(hu)
+                if real < len(hu):  # the decoder draws an end marker plainly where the latent test may miss it
+                    hu, last = hu[:real], True
+                    if not real:
                         return  # the block starts with the end marker: the block before was the last
                 now = time.perf_counter()
                 made += hu.shape[0]
@@ -463,12 +462,6 @@ def _hold_back_white_tail(
                 yield block[:, :content], last
     finally:
         latents.close()
-
-
-def first_white_slice(hu: np.ndarray) -> int | None:
-    """Index of the first decoded end-marker slice in hu [T, H, W], or None."""
-    white = np.flatnonzero(hu.reshape(len(hu), -1).mean(1) > WHITE_MEAN_HU)
-    return int(white[0]) if len(white) else None
 
 
 _DONE = object()

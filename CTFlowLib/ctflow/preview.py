@@ -9,10 +9,9 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .conventions import SYNTHETIC_LABEL, WINDOWS
 from .io import atomic_write, check_output_path
 from .volume import Volume
-
-WINDOWS = {"lung": (-600.0, 1500.0), "soft tissue": (40.0, 400.0), "bone": (400.0, 1800.0)}  # (level, width)
 
 
 def apply_window(hu: np.ndarray, level: float, width: float) -> np.ndarray:
@@ -34,7 +33,7 @@ def render_preview(volume: Volume, tile: int = 256, windows: tuple[str, ...] = (
     label_height = 16
     sheet = Image.new("L", (tile * len(planes), (tile + label_height) * len(windows) + label_height), 0)
     draw = ImageDraw.Draw(sheet)
-    draw.text((4, 2), f"SYNTHETIC CT (CTFlow) - not for diagnosis - {volume.shape[0]} slices", fill=255)
+    draw.text((4, 2), f"{SYNTHETIC_LABEL} - {volume.shape[0]} slices", fill=255)
     for row, window in enumerate(windows):
         top = label_height + row * (tile + label_height)
         for col, (name, plane, aspect) in enumerate(planes):

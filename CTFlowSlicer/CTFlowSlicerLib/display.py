@@ -1,14 +1,13 @@
-"""CT window presets for the slice views (no torch or ctflow needed: a loaded scene can use them too)."""
+"""CT window presets for the slice views. Their HU values are ctflow.conventions.WINDOWS, shared with previews and
+DICOM headers (the bundled ctflow: torch-free)."""
 
-WINDOW_PRESETS = {  # name: (window width, window level) in HU
-    "lung": (1500.0, -600.0),
-    "mediastinum": (350.0, 40.0),
-    "bone": (1800.0, 400.0),
-}
+from ctflow.conventions import WINDOWS
+
+SLICE_VIEW_WINDOWS = ("lung", "mediastinum", "bone")  # the panel's window buttons, in order
 
 
 def applyWindow(volumeNode, preset: str) -> None:
-    window, level = WINDOW_PRESETS[preset]
+    window = WINDOWS[preset]
     display = volumeNode.GetDisplayNode()
     display.AutoWindowLevelOff()
-    display.SetWindowLevel(window, level)
+    display.SetWindowLevel(window.width, window.level)

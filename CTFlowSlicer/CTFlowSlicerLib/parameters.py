@@ -44,7 +44,7 @@ class CTFlowSlicerParameterNode:
     slices - 0: the model decides where the volume ends.
     modelLocation - a model folder, or a hub id "org/name" with an optional "@revision".
     outputVolume - the volume Generate overwrites; None: a new volume each time.
-    window - a key of display.WINDOW_PRESETS, for the current and the next volumes.
+    window - one of display.SLICE_VIEW_WINDOWS, for the current and the next volumes.
     generatedVolume - the volume generated last: what Save and the window buttons act on.
     """
 

@@ -10,7 +10,8 @@ import torch
 from ctflow import CTFlowError, CTFlowPipeline, DeviceError, GenerationRequest, ReportError, RequestError
 from ctflow.autoencoder import SliceAutoencoder
 from ctflow.model_folder import default_model, load_vae, read_config
-from ctflow.pipeline import first_white_slice, select_device
+from ctflow.conventions import real_slices
+from ctflow.pipeline import select_device
 
 REPORT = "Findings: A 12 mm nodule in the right upper lobe. Impressions: Right upper lobe nodule."
 
@@ -143,8 +144,8 @@ def test_a_drawn_end_marker_ends_the_volume_where_the_latent_test_misses_it(tiny
     blocks = list(pipeline.stream(GenerationRequest(REPORT, seed=0, steps=2)))
     assert blocks[-1].stop == slices and blocks[0].stop == 16
     hu = np.concatenate([b.hu for b in blocks])
-    assert first_white_slice(hu) is None and hu.reshape(len(hu), -1).mean(1).max() < 500  # no white slice kept
-    assert first_white_slice(np.concatenate([hu, np.full((2, 256, 256), 1000, np.int16)])) == slices
+    assert real_slices(hu) == len(hu) and hu.reshape(len(hu), -1).mean(1).max() < 500  # no white slice kept
+    assert real_slices(np.concatenate([hu, np.full((2, 256, 256), 1000, np.int16)])) == slices
 
 
 def test_each_block_is_told_where_it_starts(steered):

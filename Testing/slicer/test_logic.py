@@ -14,9 +14,10 @@ import pydicom
 import pytest
 import slicer
 import torch
+from ctflow.conventions import WINDOWS
 
 from CTFlowSlicerLib import generation, resources
-from CTFlowSlicerLib.display import WINDOW_PRESETS, applyWindow
+from CTFlowSlicerLib.display import SLICE_VIEW_WINDOWS, applyWindow
 
 
 def run(logic, settings, onProgress=lambda progress: None, timeout=120.0):
@@ -95,7 +96,7 @@ def test_the_node_carries_name_provenance_and_window(scene, logic, settings, cha
     provenance = logic.provenanceOf(node)
     assert (provenance.seed, provenance.steps, provenance.partial) == (5, 2, False)
     display = node.GetDisplayNode()
-    assert (display.GetWindow(), display.GetLevel()) == WINDOW_PRESETS["bone"]
+    assert (display.GetWindow(), display.GetLevel()) == (WINDOWS["bone"].width, WINDOWS["bone"].level)
     assert not display.GetAutoWindowLevel()
     composites = slicer.util.getNodesByClass("vtkMRMLSliceCompositeNode")
     assert [c.GetBackgroundVolumeID() for c in composites] == [node.GetID()] * 3
@@ -281,7 +282,8 @@ def test_the_slice_views_show_the_generated_volume(scene, logic, settings, slice
 def test_window_presets(scene):
     node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
     node.CreateDefaultDisplayNodes()
-    for name, (window, level) in WINDOW_PRESETS.items():
+    for name in SLICE_VIEW_WINDOWS:
+        window, level = WINDOWS[name].width, WINDOWS[name].level
         applyWindow(node, name)
         assert (node.GetDisplayNode().GetWindow(), node.GetDisplayNode().GetLevel()) == (window, level)
 

@@ -14,10 +14,10 @@ import ctflow
 import numpy as np
 import pydicom
 import slicer
+from ctflow.conventions import WINDOWS
 from PySide6 import QtCore, QtTest, QtWidgets
 
 from CTFlowSlicerLib import generation, resources
-from CTFlowSlicerLib.display import WINDOW_PRESETS
 
 INTERACTIVE = (QtWidgets.QAbstractButton, QtWidgets.QComboBox, QtWidgets.QAbstractSpinBox, QtWidgets.QLineEdit,
                QtWidgets.QTextEdit, QtWidgets.QProgressBar)
@@ -132,7 +132,7 @@ def test_finish_then_window_save_and_replace(panel, tiny_model, tmp_path, monkey
 
     ui.mediastinumWindowButton.click()
     display = node.GetDisplayNode()
-    assert (display.GetWindow(), display.GetLevel()) == WINDOW_PRESETS["mediastinum"]
+    assert (display.GetWindow(), display.GetLevel()) == (WINDOWS["mediastinum"].width, WINDOWS["mediastinum"].level)
     assert panel._parameterNode.window == "mediastinum"
 
     monkeypatch.setattr(QtWidgets.QFileDialog, "getSaveFileName", lambda *args: (str(tmp_path / "ct"), "NRRD"))

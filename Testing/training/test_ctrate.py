@@ -13,7 +13,9 @@ import pytest
 from ctflow.io import read_volume
 from ctflow.volume import Geometry
 from ctflow_train import cli, ctrate, preprocess
-from ctflow_train.dataset import content_slices, read_index
+from ctflow.conventions import BLOCK_SLICES
+from ctflow.conventions import real_slices as content_slices
+from ctflow_train.dataset import read_index
 
 SHAPE = (24, 24, 10)  # nibabel order: x (columns), y (rows), slices
 TISSUE, MARKER = 40, 700
@@ -139,8 +141,8 @@ def test_prepare_ctrate_writes_model_space_and_skip_report(tree, tmp_path):
     for name, entry in index.items():
         volume = read_volume(out / entry["volume"])
         assert volume.hu.dtype == np.int16 and volume.hu.shape[1:] == (32, 32)
-        assert volume.hu.shape[0] % preprocess.END_BLOCK == 0
-        assert np.all(volume.hu[-preprocess.END_BLOCK :] == preprocess.HU_MAX)
+        assert volume.hu.shape[0] % BLOCK_SLICES == 0
+        assert np.all(volume.hu[-BLOCK_SLICES :] == preprocess.HU_MAX)
         assert entry["slices"] == content_slices(volume.hu) == volume.hu.shape[0] - np.all(volume.hu == 1000, axis=(1, 2)).sum()
         assert volume.hu[: entry["slices"]].min() == -1000
         assert volume.geometry.spacing[2] == pytest.approx(3.0)

@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage
 
+from ctflow.conventions import append_end_slices
 from ctflow.report import Report
 from ctflow.volume import Geometry, Volume
 
@@ -31,7 +32,7 @@ from .findings import CODES, SIDED, SIDES, Scene, ctrate_labels, draw_findings
 from .options import (
     add_download_cache_option, add_model_space_options, add_overwrite_option, positive, print_json, progress,
 )
-from .preprocess import HU_MIN, append_end_slices, resample, square_fov, to_model_window
+from .preprocess import HU_MIN, resample, square_fov, to_model_window
 from .reports import write_report
 
 FOV_MARGIN = (1.06, 1.3)  # output field of view / body size

@@ -16,23 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ctflow.conventions import real_slices
 from ctflow.errors import CTFlowError
 from ctflow.io import write_volume
 from ctflow.report import Report
 from ctflow.volume import Volume
 
-from .preprocess import HU_MAX
 
 INDEX, SKIPPED = "index.jsonl", "skipped.json"
-
-
-def content_slices(hu: np.ndarray) -> int:
-    """Slices before the white end marker (no real slice is +1000 HU everywhere)."""
-    white = np.all(hu == HU_MAX, axis=(1, 2))
-    count = len(white)
-    while count and white[count - 1]:
-        count -= 1
-    return count
 
 
 def read_index(folder: str | Path) -> list[dict]:
@@ -98,7 +89,7 @@ class DatasetWriter:
             "labels": None,
             "findings": report.findings,
             "impressions": report.impressions,
-            "slices": content_slices(volume.hu),
+            "slices": real_slices(volume.hu),
             "total_slices": int(volume.hu.shape[0]),
             "spacing": [round(s, 4) for s in volume.geometry.spacing],
         }

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from ctflow import CTFlowPipeline, GenerationRequest
+from ctflow.conventions import real_slices
 from ctflow.io import atomic_write, check_output_path
-from ctflow.pipeline import first_white_slice
 from ctflow.qa import seam_continuity
 
 from .options import RunConfig, add_holdout_option, add_threads_option
@@ -147,12 +147,6 @@ class ModelEvaluation:
     def markdown(self) -> list[str]:
         """The model card's lines: one a figure, its value as JSON."""
         return [f"- {name}: {json.dumps(value)}" for name, value in self.figures().items()]
-
-
-def real_slices(hu: np.ndarray) -> int:
-    """Slices before the first (near-)white one."""
-    white = first_white_slice(hu)
-    return len(hu) if white is None else white
 
 
 def seam_jump(hu: np.ndarray, block: int) -> dict:

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ctflow import CTFlowPipeline, GenerationRequest
-from ctflow.pipeline import START_HU
+from ctflow.conventions import START_HU
 
 from .dataset import read_index
 from .evaluate import real_slices

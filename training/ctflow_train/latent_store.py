@@ -44,7 +44,7 @@ from ctflow.config import TextConfig
 from ctflow.errors import CTFlowError
 from ctflow.io import atomic_write
 from ctflow.model_folder import sha256_file
-from ctflow.pipeline import END_HU, START_HU
+from ctflow.conventions import END_HU, START_HU
 from ctflow.report import render_prompt
 from ctflow.text_encoder import TextEncoder
 

@@ -10,10 +10,10 @@ import numpy as np
 from nibabel import orientations
 from scipy import ndimage
 
+from ctflow.conventions import HU_WINDOW, append_end_slices
 from ctflow.volume import Geometry, Volume
 
-HU_MIN, HU_MAX = -1000.0, 1000.0  # the model's window; HU_MIN is also the start token, HU_MAX the end marker
-END_BLOCK = 16  # slices per model block: a whole white block always follows the last real slice
+HU_MIN, HU_MAX = HU_WINDOW  # the model's window; HU_MIN is also the start token, HU_MAX the end marker
 CANONICAL_AXCODES = ("L", "P", "I")  # nibabel codes of i, j, k: to patient left, posterior, inferior
 
 
@@ -76,16 +76,6 @@ def resample(
 def to_model_window(hu: np.ndarray) -> np.ndarray:
     """HU (any float) -> int16 clipped to the model window."""
     return np.clip(np.rint(hu), HU_MIN, HU_MAX).astype(np.int16)
-
-
-def append_end_slices(hu: np.ndarray) -> np.ndarray:
-    """Pad with white slices to a whole number of blocks, the last block entirely white.
-
-    The sampler stops when a new block starts white, so every training volume must end that way.
-    """
-    count = END_BLOCK + (-hu.shape[0]) % END_BLOCK
-    white = np.full((count, *hu.shape[1:]), HU_MAX, dtype=hu.dtype)
-    return np.concatenate([hu, white])
 
 
 def prepare(hu: np.ndarray, geometry: Geometry, size: int, slice_spacing: float) -> Volume:

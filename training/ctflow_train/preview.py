@@ -14,10 +14,11 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from ctflow.conventions import WINDOWS, real_slices
 from ctflow.io import atomic_write, check_output_path, read_volume
-from ctflow.preview import WINDOWS, apply_window
+from ctflow.preview import apply_window
 
-from .dataset import content_slices, read_index
+from .dataset import read_index
 from .options import positive
 
 FOCUS = ("nodule", "consolidation", "ground_glass", "atelectasis", "lymphadenopathy", "medical_material")  # have a centre
@@ -33,7 +34,7 @@ def render_cohort_preview(folder: str | Path, patients: int = 4, tile: int = 256
     draw = ImageDraw.Draw(sheet)
     for row, entry in enumerate(entries):
         volume = read_volume(folder / entry["volume"])
-        hu = volume.hu[: content_slices(volume.hu)]
+        hu = volume.hu[: real_slices(volume.hu)]
         findings = json.loads((folder / entry["labels"]).read_text())["findings"] if entry["labels"] else {}
         k, j, _ = _focus(findings, hu.shape)
         spacing_i, spacing_j, spacing_k = volume.geometry.spacing

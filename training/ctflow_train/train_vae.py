@@ -32,7 +32,7 @@ from torch import nn
 from ctflow.autoencoder import VAE_PRESETS, SliceAutoencoder
 from ctflow.config import AutoencoderConfig
 from ctflow.errors import CTFlowError
-from ctflow.pipeline import END_HU, START_HU
+from ctflow.conventions import END_HU, START_HU
 
 from .checkpoint import CHECKPOINT, load_checkpoint, open_loss_log, prepare_run_folder, save_checkpoint
 from .options import (
