@@ -53,7 +53,7 @@ def steered(tiny_pipeline):
 
     import ctflow
     import torch
-    from ctflow.pipeline import END_HU
+    from ctflow.conventions import END_HU
 
     class SteerTo(torch.nn.Module):
         """(z - target) / t is the exact rectified-flow velocity towards `target`, so every solver lands on it."""
