@@ -106,13 +106,12 @@ def synchronize(device: torch.device) -> None:
 
 def run_setting(pipeline, options: dict, ahead: bool, slices: int, seed: int) -> tuple[dict, ctflow.Volume]:
     """Time one generation from report to last block; returns the timings and the volume."""
-    pipeline.decode_ahead = ahead
     synchronize(pipeline.device)
     with PeakMemory(pipeline.device) as memory:
         started = time.perf_counter()
         plan = pipeline.plan(ctflow.GenerationRequest(REPORT, slices=slices, seed=seed, **options))
         blocks = []
-        for block in pipeline.stream(plan):
+        for block in pipeline.stream(plan, decode_ahead=ahead):
             if not blocks:
                 first = time.perf_counter() - started
             blocks.append(block)

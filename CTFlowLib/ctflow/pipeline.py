@@ -1,8 +1,9 @@
 """Report -> volume, block by block: the autoregressive CTFlow loop with a streaming API.
 
-One report's path: plan() parses and embeds it once; stream() samples each block of latent slices
-conditioned on the previous block (the black start block first) and the text, decodes it to HU and
-yields it at once; generate() collects the stream into a Volume.
+One report's path: plan() parses and embeds it once and fixes the options (guidance among them); stream() samples
+each block of latent slices conditioned on the previous block (the black start block first) and the text, asks the
+end detector (ending.VolumeEnd) what of it belongs to the volume, decodes that to HU and yields it at once;
+generate() collects the stream into a Volume.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from .model_folder import (
     _HUB_ID, CARD, WEIGHTS, default_model, load_denoiser, load_vae, read_config, resolve_model, verify_checksums,
 )
 from .report import Report, parse_report, render_prompt
-from .sampling import Cancelled, guided, sample, validate
+from .ending import VolumeEnd
+from .sampling import Cancelled, Guidance, sample, validate
 from .text_encoder import TextEncoder, unit_cls
 from .volume import Geometry, Provenance, Volume
 
@@ -50,7 +52,10 @@ class GenerationRequest:
 
     report: str
     impressions: str | None = None  # when Findings and Impressions come from separate boxes
-    slices: int | None = None  # exact length; None lets the model end the volume itself
+    slices: int | None = None  # stop at exactly this many slices; None lets the model end the volume itself
+    # The length written into the prompt ("Length: N slices"); None: `slices`. Set it without `slices` to ask the
+    # model for a length and let it end the volume itself (how well it follows is what evaluation measures).
+    prompt_slices: int | None = None
     seed: int | None = None  # None draws a fresh seed (recorded in provenance)
     steps: int | None = None
     guidance: float | None = None
@@ -69,13 +74,14 @@ class GenerationPlan:
     prompt: str
     report_text: str
     notices: tuple[str, ...]  # things the caller should tell the user (e.g. the report was truncated)
-    text: torch.Tensor  # [2 or 1, M, text_dim]: conditional (and unconditional for guidance)
+    text: torch.Tensor  # [guidance.branches, M, text_dim]: conditional (and unconditional for guidance)
     text_mask: torch.Tensor
+    guidance: Guidance
 
 
 @dataclass(frozen=True)
-class Block:
-    """One decoded block of slices, in order; slices [start, stop) of the volume."""
+class DecodedBlock:
+    """One decoded block of slices, in order, with the generation's progress; slices [start, stop) of the volume."""
 
     index: int
     start: int
@@ -98,6 +104,7 @@ def with_defaults(request: GenerationRequest, sampling: SamplingConfig) -> Gener
         guidance=request.guidance if request.guidance is not None else sampling.guidance,
         sampler=request.sampler or sampling.method,
         shift=request.shift if request.shift is not None else sampling.shift,
+        prompt_slices=request.prompt_slices if request.prompt_slices is not None else request.slices,
     )
 
 
@@ -115,6 +122,9 @@ def check_options(request: GenerationRequest, config: ModelConfig | None = None)
     if slices is not None and config is not None and slices > config.max_slices:
         raise RequestError(f"slice count {slices} is more than this model makes: at most {config.max_slices} slices "
                            "(max_slices in its config.json)")
+    length = resolved.prompt_slices
+    if length is not None and not (isinstance(length, int) and 1 <= length <= MAX_SLICES):
+        raise RequestError(f"the prompt's length must be a whole number from 1 to {MAX_SLICES} slices, not {length!r}")
     if resolved.seed is not None and not (isinstance(resolved.seed, int) and 0 <= resolved.seed < 2**63):
         raise RequestError(f"seed must be a non-negative whole number, not {resolved.seed!r}")
     guidance = resolved.guidance
@@ -183,9 +193,6 @@ class CTFlowPipeline:
         self.weights_sha256 = weights_sha256
         self.device = device
         self.card = card  # the model folder's README.md: data, training, metrics, limits
-        # Sample block k + 1 on a worker thread while block k is decoded and consumed. Off by default: on a
-        # CPU both halves compete for the same cores; docs/BENCHMARKS.md says where it pays.
-        self.decode_ahead = False
 
     @classmethod
     def from_pretrained(
@@ -220,12 +227,13 @@ class CTFlowPipeline:
         report = check_request(resolved, self.config)
         if request.embedding is not None:  # the report text is only recorded; the model sees the given vector
             tokens = self._given_embedding(request.embedding)
-            return GenerationPlan(resolved, report.text, report.text, (), tokens, torch.ones(1, 1, dtype=torch.bool))
+            return GenerationPlan(resolved, report.text, report.text, (), tokens, torch.ones(1, 1, dtype=torch.bool),
+                                  Guidance(resolved.guidance))
         # The released model never saw our meta lines (length, spacing): it gets the report sections alone.
         spacing = self.config.geometry.spacing[2]
-        prompt = report.text if self.released_mode else render_prompt(report, resolved.slices, spacing)
-        texts = [prompt] if resolved.guidance == 1.0 else [prompt, ""]  # "" is the empty-report embedding
-        embedding = self.text_encoder.encode(texts)
+        prompt = report.text if self.released_mode else render_prompt(report, resolved.prompt_slices, spacing)
+        guidance = Guidance(resolved.guidance)
+        embedding = self.text_encoder.encode(guidance.texts(prompt))
         notices = []
         if report.truncated or embedding.truncated[0]:
             notices.append(
@@ -238,7 +246,7 @@ class CTFlowPipeline:
                 f"the text encoder does not know {unknown:.0%} of the report's tokens (it reads English): "
                 "the volume will hardly follow the report"
             )
-        return GenerationPlan(resolved, prompt, report.text, tuple(notices), embedding.tokens, embedding.mask)
+        return GenerationPlan(resolved, prompt, report.text, tuple(notices), embedding.tokens, embedding.mask, guidance)
 
     def _given_embedding(self, vectors: torch.Tensor) -> torch.Tensor:
         """A precomputed report embedding ([D], [N, D] or [1, N, D]) -> [1, 1, D]: its first row, L2-normalised, as
@@ -257,58 +265,43 @@ class CTFlowPipeline:
 
     # -- generation -----------------------------------------------------------------------------------------
 
-    def stream(self, request: GenerationRequest | GenerationPlan, cancel: CancelFlag | None = None) -> Iterator[Block]:
-        """Yield decoded blocks in order as soon as each is ready. Stops early (no error) when cancelled."""
+    def stream(
+        self, request: GenerationRequest | GenerationPlan, cancel: CancelFlag | None = None, decode_ahead: bool = False,
+    ) -> Iterator[DecodedBlock]:
+        """Yield decoded blocks in order as soon as each is ready. Stops early (no error) when cancelled.
+
+        decode_ahead: sample block k + 1 on a worker thread while block k is decoded and consumed. On a CPU both
+        halves compete for the same cores; docs/BENCHMARKS.md says where it pays.
+        """
         plan = request if isinstance(request, GenerationPlan) else self.plan(request)
-        req = plan.request
-        block_len = self.config.denoiser.block_slices
-        expected = math.ceil((req.slices or self.config.typical_slices) / block_len)
-        geometry = Geometry.centred(self.config.geometry.spacing, (1, self.autoencoder.config.image_size,
-                                                                    self.autoencoder.config.image_size))
-        provenance = Provenance(
-            report=plan.report_text, prompt=plan.prompt, seed=req.seed, steps=req.steps, sampler=req.sampler,
-            shift=req.shift, guidance=req.guidance, model=self.model_id, model_sha256=self.weights_sha256,
-            ctflow_version=__version__, device=str(self.device), slices_requested=req.slices, block_slices=block_len,
-        )
         stopped = threading.Event()  # set when the consumer stops iterating: ends a decode-ahead worker too
         is_cancelled = (lambda: stopped.is_set() or cancel.is_set()) if cancel is not None else stopped.is_set
-        latents = self._latents(plan, is_cancelled)
-        if self.decode_ahead:
-            latents = _run_ahead(latents, stopped)
-        started = block_start = time.perf_counter()
-        made = index = 0
+        start, white = self._markers(plan.request.seed)
+        blocks = self._sample_blocks(plan, start, is_cancelled)
+        if decode_ahead:
+            blocks = _run_ahead(blocks, stopped)
+        volume_end = VolumeEnd(self._end_rule(plan.request), white, self.config.end_tolerance, self.config.end_fraction)
+        progress = _Progress(self._provenance(plan), self._geometry(), self._expected_blocks(plan.request))
         try:
-            for clean, last in latents:
-                hu = self._decode(clean)
-                real = len(hu) if req.slices or self.released_mode else real_slices(hu)
-                if real < len(hu):  # the decoder draws an end marker plainly where the latent test may miss it
-                    hu, last = hu[:real], True
-                    if not real:
-                        return  # the block starts with the end marker: the block before was the last
-                now = time.perf_counter()
-                made += hu.shape[0]
-                index += 1
-                expected = index if last else max(expected, index + 1)
-                yield Block(
-                    index=index - 1, start=made - hu.shape[0], stop=made, hu=hu, geometry=geometry,
-                    provenance=provenance, blocks_done=index, blocks_expected=expected, elapsed_s=now - started,
-                    block_s=now - block_start, eta_s=(now - started) / index * (expected - index),
-                )
+            for first_slice, latents in blocks:  # sample a block
+                hu, last = volume_end(latents, self._length_cap(plan.request) - first_slice, self._decode)  # end, decode
+                if hu is not None:
+                    yield progress.add(hu, last)
+                    progress.resume()  # the consumer is done with the block: the next block's time starts
                 if last or is_cancelled():
                     return
-                block_start = time.perf_counter()
         except torch.OutOfMemoryError as exc:
             raise DeviceError(
-                f"out of {self.device.type} memory while generating block {index + 1}; "
+                f"out of {self.device.type} memory while generating block {progress.blocks_done + 1}; "
                 "close other GPU programs or use --device cpu"
             ) from exc
         finally:
             stopped.set()
-            latents.close()  # ends a decode-ahead worker before returning
+            blocks.close()  # ends a decode-ahead worker before returning
 
     def generate(
         self, request: GenerationRequest | GenerationPlan, cancel: CancelFlag | None = None,
-        on_block: Callable[[Block], None] | None = None,
+        on_block: Callable[[DecodedBlock], None] | None = None,
     ) -> Volume:
         """Run the stream to the end and return the volume; cancelled runs return what was made, marked partial."""
         blocks = []
@@ -352,7 +345,7 @@ class CTFlowPipeline:
     def released_mode(self) -> bool:
         return self.config.sampling.mode == "released"
 
-    def _end_markers(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _markers(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The start block's slice latent and the white end-marker latent, each [C, h, w].
 
         The released generator draws both as VAE posterior samples (from the request's seed here); ours uses modes.
@@ -363,46 +356,50 @@ class CTFlowPipeline:
         return (self.autoencoder.constant_latent(START_HU, generator),
                 self.autoencoder.constant_latent(END_HU, generator))
 
-    def _latents(self, plan: GenerationPlan, is_cancelled: Callable[[], bool]) -> Iterator[tuple[torch.Tensor, bool]]:
-        """The volume's clean latents as consecutive pieces (latents [C, n, h, w], last), in the model's mode."""
-        markers = self._end_markers(plan.request.seed)
-        latents = self._latent_blocks(plan, markers, is_cancelled)
-        if self.released_mode and not plan.request.slices:
-            latents = _hold_back_white_tail(latents, markers[1], self.config.end_tolerance, self.config.end_fraction)
-        return latents
+    def _end_rule(self, request: GenerationRequest) -> str:
+        return "length" if request.slices else self.config.sampling.mode
 
-    def _latent_blocks(
-        self, plan: GenerationPlan, markers: tuple[torch.Tensor, torch.Tensor], is_cancelled: Callable[[], bool],
-    ) -> Iterator[tuple[torch.Tensor, bool]]:
-        """Sample block after block, each conditioned on the one before: yields (clean latents [C, kept, h, w], last).
-        markers: the start and white latents [C, h, w] (_end_markers).
+    def _length_cap(self, request: GenerationRequest) -> int:
+        """The requested length, or the model's max_slices when it ends the volume itself."""
+        return request.slices or self.config.max_slices
+
+    def _expected_blocks(self, request: GenerationRequest) -> int:
+        return math.ceil((request.slices or self.config.typical_slices) / self.config.denoiser.block_slices)
+
+    def _geometry(self) -> Geometry:
+        size = self.autoencoder.config.image_size
+        return Geometry.centred(self.config.geometry.spacing, (1, size, size))
+
+    def _provenance(self, plan: GenerationPlan) -> Provenance:
+        req = plan.request
+        return Provenance(
+            report=plan.report_text, prompt=plan.prompt, seed=req.seed, steps=req.steps, sampler=req.sampler,
+            shift=req.shift, guidance=req.guidance, model=self.model_id, model_sha256=self.weights_sha256,
+            ctflow_version=__version__, device=str(self.device), slices_requested=req.slices,
+            block_slices=self.config.denoiser.block_slices,
+        )
+
+    def _sample_blocks(
+        self, plan: GenerationPlan, start: torch.Tensor, is_cancelled: Callable[[], bool],
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Sample block after block up to the length cap, each conditioned on the one before (the start block
+        first): yields (the block's first slice, its clean latents [C, T, h, w]). start: the start latent [C, h, w].
 
         Sampling only, no decoding, so it can run one block ahead of the decoder (decode_ahead).
         """
         req = plan.request
         block_len = self.config.denoiser.block_slices
-        target = req.slices or self.config.max_slices
         generator = torch.Generator("cpu").manual_seed(req.seed)  # CPU noise: the same seed gives the same noise anywhere
-        start, white = markers
         previous = start.to(self.device)[:, None].expand(-1, block_len, -1, -1)[None]  # [1, C, T, h, w]
-        white = white.to(self.device)
-        made = 0
-        while made < target:
+        for first_slice in range(0, self._length_cap(req), block_len):
             noise = self._block_noise(previous.shape, generator)
             with torch.no_grad():  # per thread: the decode-ahead worker needs its own
                 try:
-                    clean = sample(self._velocity(previous, plan, made), noise, req.steps, req.sampler, req.shift, is_cancelled)
+                    clean = sample(self._velocity(previous, plan, first_slice), noise, req.steps, req.sampler,
+                                   req.shift, is_cancelled)
                 except Cancelled:
                     return
-                end = None if req.slices else self._end_frame(clean[0], white)
-            keep = min(block_len, target - made, block_len if end is None else end)
-            if not keep:
-                return  # the new block starts with the end marker: the previous block was the last
-            made += keep
-            last = end is not None or made >= target
-            yield clean[0, :, :keep], last
-            if last:
-                return
+            yield first_slice, clean[0]
             previous = clean
 
     def _block_noise(self, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
@@ -411,22 +408,14 @@ class CTFlowPipeline:
 
     def _velocity(self, previous: torch.Tensor, plan: GenerationPlan, first_slice: int):
         """The velocity field for one block; its conditioning (previous block, text, position) is computed once here."""
-        batch = plan.text.shape[0]  # 2 with guidance: [conditional; unconditional]
-        cond = self.denoiser.prepare(previous.expand(batch, -1, -1, -1, -1), plan.text, plan.text_mask,
+        branches = plan.guidance.branches  # 2 with guidance: [conditional; unconditional]
+        cond = self.denoiser.prepare(previous.expand(branches, -1, -1, -1, -1), plan.text, plan.text_mask,
                                      torch.tensor(float(first_slice)))
 
         def model(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self.denoiser(z, t.expand(z.shape[0]), cond)
 
-        return model if batch == 1 else guided(model, plan.request.guidance)
-
-    def _end_frame(self, block: torch.Tensor, white: torch.Tensor) -> int | None:
-        """Where block [C, T, h, w] ends the volume, or None: our rule cuts at its first white frame; the released
-        rule ends the volume after the block when its first frame is white (the block is kept whole)."""
-        frames = torch.nonzero(white_frames(block, white, self.config.end_tolerance, self.config.end_fraction))
-        if self.released_mode:
-            return block.shape[1] if len(frames) and frames[0] == 0 else None
-        return int(frames[0]) if len(frames) else None
+        return plan.guidance.velocity(model)
 
     def _decode(self, latents: torch.Tensor) -> np.ndarray:
         hu = self.autoencoder.decode(latents.permute(1, 0, 2, 3))  # [T, h, w] latents -> [T, H, W] HU
@@ -436,32 +425,32 @@ class CTFlowPipeline:
         return hu.round().clamp(-32768, 32767).to(torch.int16).cpu().numpy()
 
 
-def white_frames(block: torch.Tensor, white: torch.Tensor, tolerance: float, fraction: float) -> torch.Tensor:
-    """[T] bool: the frames of block [C, T, h, w] whose latents lie within `tolerance` of the white marker white
-    [C, h, w] for more than `fraction` of their elements (the released code's test, strict on both counts)."""
-    close = ((block - white[:, None]).abs() < tolerance).float().mean(dim=(0, 2, 3))  # [T]
-    return close > fraction
+class _Progress:
+    """Numbers the decoded blocks of one stream and times them."""
+
+    def __init__(self, provenance: Provenance, geometry: Geometry, expected: int) -> None:
+        self.provenance, self.geometry, self.expected = provenance, geometry, expected
+        self.blocks_done = self.slices = 0
+        self.started = self.block_started = time.perf_counter()
+
+    def add(self, hu: np.ndarray, last: bool) -> DecodedBlock:
+        now = time.perf_counter()
+        self.slices += hu.shape[0]
+        self.blocks_done += 1
+        self.expected = self.blocks_done if last else max(self.expected, self.blocks_done + 1)
+        elapsed = now - self.started
+        return DecodedBlock(
+            index=self.blocks_done - 1, start=self.slices - hu.shape[0], stop=self.slices, hu=hu,
+            geometry=self.geometry, provenance=self.provenance, blocks_done=self.blocks_done,
+            blocks_expected=self.expected, elapsed_s=elapsed, block_s=now - self.block_started,
+            eta_s=elapsed / self.blocks_done * (self.expected - self.blocks_done),
+        )
+
+    def resume(self) -> None:
+        self.block_started = time.perf_counter()
 
 
-def _hold_back_white_tail(
-    latents: Iterator[tuple[torch.Tensor, bool]], white: torch.Tensor, tolerance: float, fraction: float,
-) -> Iterator[tuple[torch.Tensor, bool]]:
-    """The released rule trims white frames off the end of the volume: hold back each block's trailing white run
-    until a later frame shows it is not the end (then it goes out in front of that block); drop it at the end."""
-    tail = None  # [C, n, h, w] white frames held back
-    try:
-        for block, last in latents:
-            if tail is not None:
-                block = torch.cat([tail, block], dim=1)
-            is_white = white_frames(block, white.to(block.device), tolerance, fraction).tolist()
-            content = len(is_white)
-            while content and is_white[content - 1]:
-                content -= 1
-            tail = block[:, content:]
-            if content:
-                yield block[:, :content], last
-    finally:
-        latents.close()
+Block = DecodedBlock  # deprecated: the name before 0.2 (README, "Streaming")
 
 
 _DONE = object()

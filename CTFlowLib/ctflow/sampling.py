@@ -4,6 +4,7 @@ integrated from t = 1 (noise) to t = 0 (clean)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -91,3 +92,23 @@ def guided(model_velocity: Velocity, guidance: float) -> Velocity:
         return v_uncond + guidance * (v_cond - v_uncond)
 
     return velocity
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Classifier-free guidance at `scale`, decided once per generation (plan()): scale 1 runs the conditional
+    branch alone; any other scale runs [conditional; unconditional] in one batch and mixes them (guided)."""
+
+    scale: float
+
+    @property
+    def branches(self) -> int:
+        """Rows of text conditioning, and of the denoiser's batch: 1, or 2 with the empty report's embedding."""
+        return 1 if self.scale == 1.0 else 2
+
+    def texts(self, prompt: str) -> list[str]:
+        """The texts to embed: the prompt, then "" (the empty report) when guiding."""
+        return [prompt, ""][: self.branches]
+
+    def velocity(self, model_velocity: Velocity) -> Velocity:
+        return model_velocity if self.branches == 1 else guided(model_velocity, self.scale)

@@ -70,6 +70,17 @@ def test_provenance_says_what_made_the_volume(tiny_pipeline):
 def test_guidance_embeds_the_empty_report_alongside(tiny_pipeline):
     assert tiny_pipeline.plan(GenerationRequest(REPORT, guidance=3.0)).text.shape[0] == 2
     assert tiny_pipeline.plan(GenerationRequest(REPORT, guidance=1.0)).text.shape[0] == 1
+    assert tiny_pipeline.plan(GenerationRequest(REPORT, guidance=3.0)).guidance.branches == 2
+
+
+def test_a_length_in_the_prompt_does_not_stop_the_volume_there(tiny_pipeline):
+    asked = tiny_pipeline.plan(GenerationRequest(REPORT, prompt_slices=6, seed=2, steps=2))
+    assert "Length: 6 slices" in asked.prompt and asked.request.slices is None  # the model ends the volume itself
+    assert "Length: 5 slices" in tiny_pipeline.plan(GenerationRequest(REPORT, slices=5)).prompt  # slices: both
+    volume = tiny_pipeline.generate(asked)
+    assert volume.provenance.slices_requested is None and "Length: 6 slices" in volume.provenance.prompt
+    with pytest.raises(RequestError, match="prompt's length"):
+        tiny_pipeline.plan(GenerationRequest(REPORT, prompt_slices=0))
 
 
 def test_overlong_report_is_used_and_the_caller_told(tiny_pipeline):
@@ -189,10 +200,9 @@ def test_out_of_memory_becomes_an_actionable_error(tiny_pipeline, monkeypatch):
 def test_decode_ahead_makes_the_same_volume_and_ends_with_the_consumer(tiny_pipeline, monkeypatch):
     request = GenerationRequest(REPORT, slices=10, seed=3, steps=2)
     plain = tiny_pipeline.generate(request)
-    monkeypatch.setattr(tiny_pipeline, "decode_ahead", True)
-    ahead = tiny_pipeline.generate(request)
-    assert np.array_equal(plain.hu, ahead.hu) and ahead.provenance.block_slices == 4
-    stream = tiny_pipeline.stream(GenerationRequest(REPORT, slices=400, seed=3, steps=2))
+    ahead = list(tiny_pipeline.stream(request, decode_ahead=True))
+    assert np.array_equal(plain.hu, np.concatenate([b.hu for b in ahead])) and ahead[0].provenance.block_slices == 4
+    stream = tiny_pipeline.stream(GenerationRequest(REPORT, slices=400, seed=3, steps=2), decode_ahead=True)
     next(stream)
     stream.close()  # the consumer stops: the sampling worker must be gone, not left running
     assert not any(thread.name == "ctflow-sampler" for thread in threading.enumerate())
@@ -202,4 +212,4 @@ def test_decode_ahead_makes_the_same_volume_and_ends_with_the_consumer(tiny_pipe
 
     monkeypatch.setattr(tiny_pipeline.denoiser, "forward", exhausted)
     with pytest.raises(DeviceError, match="block 1"):  # the worker's error reaches the caller
-        run(tiny_pipeline, slices=4)
+        list(tiny_pipeline.stream(GenerationRequest(REPORT, slices=4, seed=3, steps=2), decode_ahead=True))

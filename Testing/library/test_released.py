@@ -17,10 +17,11 @@ from safetensors.torch import load_file, save_file
 from ctflow.config import ModelConfig, SamplingConfig
 from ctflow.denoiser import STDiT
 from ctflow.errors import ModelError, RequestError
-from ctflow.pipeline import CTFlowPipeline, GenerationPlan, GenerationRequest, white_frames
+from ctflow.ending import VolumeEnd, white_frames
+from ctflow.pipeline import CTFlowPipeline, GenerationPlan, GenerationRequest
 from ctflow import load_released_denoiser
 from ctflow.released import build_released_stdit, save_released_layout
-from ctflow.sampling import sample
+from ctflow.sampling import Guidance, sample
 
 DATA = Path(__file__).parents[1] / "data" / "ctflow_release"
 TINY_A = DATA / "tiny_a"
@@ -226,18 +227,22 @@ def released_model_config(**sampling) -> ModelConfig:
 
 
 class FixtureNoise(CTFlowPipeline):
-    """The pipeline with the original run's random draws (start/end markers, one noise per block) put back."""
+    """The pipeline with the original run's random draws (start/end markers, one noise per block) put back; its
+    "decoder" hands the kept latents [C, n, h, w] through as [n, C, h, w], to compare with the original's latents."""
 
     def __init__(self, *args, draws, **kwargs):
         super().__init__(*args, **kwargs)
         self.draws = draws
         self.noises = iter(draws["noises"][:, None])
 
-    def _end_markers(self, seed):
+    def _markers(self, seed):
         return self.draws["init_block_scaled"][0, :, 0], self.draws["one_latent_scaled"][0]
 
     def _block_noise(self, shape, generator):
         return next(self.noises)
+
+    def _decode(self, latents):
+        return latents.permute(1, 0, 2, 3).numpy()
 
 
 @pytest.fixture(scope="module")
@@ -254,43 +259,43 @@ def text_encoder(released_model):
 
 def fixture_plan(text, **request):
     request = GenerationRequest("fixture", seed=0, steps=200, sampler="euler", shift=1.0, guidance=1.0, **request)
-    return GenerationPlan(request, "", "", (), text, torch.ones(1, 1, dtype=torch.bool))
+    return GenerationPlan(request, "", "", (), text, torch.ones(1, 1, dtype=torch.bool), Guidance(1.0))
 
 
 def test_released_mode_reproduces_the_original_three_block_generation(generation, autoencoder, text_encoder):
     pipe = FixtureNoise(released_model_config(), build_released_stdit(TINY_A), autoencoder, text_encoder,
                         draws=generation)
-    pieces = list(pipe._latents(fixture_plan(generation["prompt_embeds"]), lambda: False))
-    volume = torch.cat([piece for piece, _ in pieces], dim=1)
+    pieces = list(pipe.stream(fixture_plan(generation["prompt_embeds"])))
+    volume = torch.cat([torch.from_numpy(piece.hu) for piece in pieces]).permute(1, 0, 2, 3)
     assert volume.shape == generation["result"][0].shape  # 3 blocks, the init block dropped, nothing trimmed
     assert (volume - generation["result"][0]).abs().max() < VOLUME_TOL
-    assert [last for _, last in pieces] == [False, False, True]
+    assert [piece.blocks_done == piece.blocks_expected for piece in pieces] == [False, False, True]  # last
 
 
 def test_the_stop_rule_keeps_white_slices_inside_and_trims_them_at_the_end(generation):
-    from ctflow.pipeline import _hold_back_white_tail
-
     synthetic, white = generation["stop/synthetic"][0], generation["one_latent_scaled"][0]
     assert white_frames(synthetic, white, 0.1, 0.9)[[12, 0]].tolist() == [True, False]  # near / far from white
-    pieces = (piece for piece in [(synthetic[:, :16], False), (synthetic[:, 16:], True)])
-    kept = list(_hold_back_white_tail(pieces, white, 0.1, 0.9))
-    trimmed = torch.cat([piece for piece, _ in kept], dim=1)
+    volume_end = VolumeEnd("released", white, 0.1, 0.9)
+    trimmed = torch.cat([volume_end.latents(piece, room=48)[0] for piece in (synthetic[:, :16], synthetic[:, 16:])],
+                        dim=1)
     assert trimmed.shape[1] == int(generation["stop/trimmed_length"]) == 17
     assert torch.equal(trimmed, synthetic[:, :17])
 
 
-def test_a_block_starting_white_ends_the_volume_and_is_kept(generation, autoencoder, text_encoder):
+def test_a_block_starting_white_ends_the_volume_and_is_kept(generation):
     """The released rule: the stop block stays (then its white tail is trimmed); our rule would cut at once."""
     config = released_model_config()
-    pipe = CTFlowPipeline(config, build_released_stdit(TINY_A), autoencoder, text_encoder)
     white = generation["one_latent_scaled"][0]
     block = generation["result"][0, :, :16].clone()
-    assert pipe._end_frame(block, white) is None
+
+    def cut(rule):  # (frames kept, whether the volume ends after them)
+        kept, last = VolumeEnd(rule, white, config.end_tolerance, config.end_fraction).latents(block, room=48)
+        return kept.shape[1], last
+
+    assert cut("released")[1] is False
     block[:, 0] = white
-    assert pipe._end_frame(block, white) == 16
-    ours = CTFlowPipeline(dataclasses.replace(config, sampling=SamplingConfig()), pipe.denoiser, pipe.autoencoder,
-                          text_encoder)
-    assert ours._end_frame(block, white) == 0
+    assert cut("released") == (16, True)
+    assert cut("ctflow") == (0, True)
 
 
 def test_guidance_is_refused_for_a_model_without_an_unconditional_branch(autoencoder, text_encoder):

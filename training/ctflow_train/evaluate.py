@@ -16,7 +16,6 @@ card's lines (`markdown`).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from dataclasses import dataclass
 import os
@@ -164,8 +163,7 @@ def summarise(seams: list[dict]) -> SeamContinuity:
 
 def generate(pipe: CTFlowPipeline, report: str, seed: int, prompt_slices: int | None = None):
     """(HU volume, seconds). With prompt_slices the prompt says "Length: N slices" but the model still ends it."""
-    plan = pipe.plan(GenerationRequest(report, slices=prompt_slices, seed=seed))
-    plan = dataclasses.replace(plan, request=dataclasses.replace(plan.request, slices=None))
+    plan = pipe.plan(GenerationRequest(report, prompt_slices=prompt_slices, seed=seed))
     started = time.perf_counter()
     volume = pipe.generate(plan)
     return volume.hu, time.perf_counter() - started
