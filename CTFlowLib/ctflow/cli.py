@@ -24,10 +24,10 @@ from .io import (
     write_volume,
 )
 from .pipeline import (
-    Block, CTFlowPipeline, GenerationRequest, check_options, check_request, local_config, select_device,
+    DEVICES, CTFlowPipeline, DecodedBlock, GenerationRequest, check_options, check_request, local_config, select_device,
 )
 from .sampling import METHODS
-from .volume import SYNTHETIC_NOTICE
+from .conventions import SYNTHETIC_NOTICE
 
 EXIT_ERROR, EXIT_CANCELLED, EXIT_TERMINATED = 1, 130, 128 + signal.SIGTERM
 MAX_REPORT_FILE_BYTES = 256 * 1024  # a long report is a few KB; a bigger file is the wrong one (or /dev/zero)
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     metrics.add_argument("--size", type=int, default=256, help="slices are resized to size x size (default: 256)")
     metrics.add_argument("--labels", type=Path, help="requested findings per report id (.csv or .jsonl): text alignment")
     metrics.add_argument("--detector", help="finding detector package.module:function (volume -> probabilities)")
-    metrics.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where features run")
+    metrics.add_argument("--device", default="auto", help=f"where features run: {DEVICES}")
     metrics.add_argument("--out", type=Path, help="also write the results to this JSON file")
     metrics.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     metrics.set_defaults(run=run_metrics)
@@ -148,7 +148,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model folder or hub id org/name (default: the bundled demo model)")
     parser.add_argument("--revision", help="hub revision (branch, tag or commit) when --model is a hub id")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run (default: auto)")
+    parser.add_argument("--device", default="auto", help=f"where to run: {DEVICES} (default: auto)")
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -277,6 +277,7 @@ def run_qa(args: argparse.Namespace) -> int:
 def run_metrics(args: argparse.Namespace) -> int:
     from . import metrics, qa
 
+    select_device(args.device)  # a wrong --device fails now, not after the features of the first set
     if not args.reference and not args.labels:
         raise CTFlowError("nothing to compute: give --reference (FID) and/or --labels with --detector (text alignment)")
     if args.labels and not args.detector:
@@ -385,13 +386,13 @@ class ProgressBar:
         self.width = width
         self.started = time.perf_counter()
         self.interactive = sys.stderr.isatty()
-        self.last: Block | None = None
+        self.last: DecodedBlock | None = None
 
     @property
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
 
-    def update(self, block: Block) -> None:
+    def update(self, block: DecodedBlock) -> None:
         self.last = block
         self.show("block", block.blocks_done, block.blocks_expected,
                   f"{block.stop} slices, {block.elapsed_s:.1f} s, ETA {block.eta_s:.0f} s")

@@ -20,7 +20,7 @@ PREDICTIONS = ("velocity", "clean")
 VARIANTS = ("ctflow", "released")
 SAMPLING_MODES = ("ctflow", "released")
 TEXT_MODES = ("tokens", "pooled", "cls")
-MAX_SLICES = 2048  # refuse larger volumes: a chest CT has a few hundred slices at most
+MAX_SLICES = 2048  # the ceiling of every slice count (a request, a model's max_slices): a chest CT has a few hundred
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,7 @@ class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     geometry: GeometryConfig = field(default_factory=GeometryConfig)
-    max_slices: int = 512  # hard cap when the report does not ask for a length
+    max_slices: int = 512  # this model's cap: a request may not ask for more, and an unended volume stops here
     typical_slices: int = 128  # for the ETA before the model has decided where the volume ends
     end_fraction: float = 0.9  # a frame is "white" (end of volume) when this share of its latents ...
     end_tolerance: float = 0.1  # ... lies within this distance of the white-slice latent

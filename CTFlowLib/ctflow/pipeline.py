@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 import queue
+import re
 import secrets
 import threading
 import time
@@ -161,16 +162,19 @@ def refuse_revision_for_folder(model: str | os.PathLike | None, revision: str | 
                          "drop --revision")
 
 
+DEVICES = "auto, cpu, cuda or cuda:N"  # what select_device (and every --device) accepts
+
+
 def select_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise DeviceError(f"unknown device {name!r}: use {DEVICES}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
         raise DeviceError(
             f"CUDA was requested but this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu "
             "or install a CUDA build of torch"
         )
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise DeviceError(f"unknown device {name!r}: use auto, cpu or cuda")
     return torch.device(name)
 
 

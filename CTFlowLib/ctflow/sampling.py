@@ -39,7 +39,7 @@ def sample(
     velocity: Velocity,
     noise: torch.Tensor,
     steps: int,
-    method: str = "heun",
+    method: str,
     shift: float = 1.0,
     is_cancelled: Callable[[], bool] = lambda: False,
 ) -> torch.Tensor:

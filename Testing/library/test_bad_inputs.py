@@ -167,6 +167,8 @@ CASES = [
     Case("slices-huge", f"{GEN} --report {REPORT} {OUT} --slices 100000", 1, "slice"),
     Case("seed-negative", f"{GEN} --report {REPORT} {OUT} --seed -1", 1, "seed"),
     Case("device-cuda-absent", f"{GEN} --report {REPORT} {OUT} --device cuda", 1, "CUDA"),
+    Case("device-cuda-index-absent", f"{GEN} --report {REPORT} {OUT} --device cuda:1", 1, "CUDA"),
+    Case("device-unknown", f"{GEN} --report {REPORT} {OUT} --device tpu", 1, "unknown device 'tpu'"),
     Case("batch-shift-inf", "batch {tmp}/r.csv --out {tmp}/out --model {model} --shift inf", 1, "shift",
          files(**{"r.csv": "id,report\na,Findings: x.\n"})),
     Case("batch-guidance-nan", "batch {tmp}/r.csv --out {tmp}/out --model {model} --guidance nan", 1, "guidance",

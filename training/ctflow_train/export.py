@@ -299,11 +299,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="model folder to write")
     parser.add_argument("--name", default="ctflow-demo")
     parser.add_argument("--description", default="CTFlow demo model: small, CPU-friendly, trained on a synthetic cohort.")
-    parser.add_argument("--steps", type=int, default=32, help="default sampling steps per block")
-    parser.add_argument("--sampler", default="ab2", choices=METHODS)
-    parser.add_argument("--shift", type=float, default=1.0, help="default time shift")
-    parser.add_argument("--guidance", type=float, default=1.0, help="default classifier-free guidance (1: off, fastest)")
-    parser.add_argument("--max-slices", type=int, default=256, help="cap when the model does not end the volume")
+    sampling, model = SamplingConfig(), ModelConfig()  # the library's defaults, declared once there
+    parser.add_argument("--steps", type=int, default=sampling.steps, help="default sampling steps per block")
+    parser.add_argument("--sampler", default=sampling.method, choices=METHODS)
+    parser.add_argument("--shift", type=float, default=sampling.shift, help="default time shift")
+    parser.add_argument("--guidance", type=float, default=sampling.guidance,
+                        help="default classifier-free guidance (1: off, fastest)")
+    parser.add_argument("--max-slices", type=int, default=model.max_slices, help="cap when the model does not end the volume")
     parser.add_argument("--calibration-cases", type=int, default=8, help="volumes used to calibrate end detection")
     parser.add_argument("--evaluation", type=Path, nargs="*", default=[], help="JSON files of measured figures for the model card")
     parser.add_argument("--seed", type=int, default=0)
