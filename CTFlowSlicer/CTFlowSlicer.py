@@ -708,5 +708,7 @@ class CTFlowSlicerTest(ScriptedLoadableModuleTest):
         as the worker would: importing torch here is fine in a test)."""
         folder = Path(slicer.app.temporaryPath) / "CTFlowSlicerTest" / "tiny"
         if not (folder / "config.json").is_file():
-            ctflow.create_random_model(folder, "tiny", overwrite=True)
+            from ctflow.testing import create_random_model
+
+            create_random_model(folder, "tiny", overwrite=True)
         return folder

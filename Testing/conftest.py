@@ -27,9 +27,9 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    import ctflow
+    from ctflow.testing import create_random_model
 
-    return ctflow.create_random_model(tmp_path_factory.mktemp("models") / "tiny", "tiny", seed=0)
+    return create_random_model(tmp_path_factory.mktemp("models") / "tiny", "tiny", seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -36,6 +36,7 @@ import torch
 
 import ctflow
 from ctflow import qa
+from ctflow.testing import create_random_model
 
 REPORT = "Findings: Trachea and main bronchi are patent. No nodule, consolidation or pleural effusion. " \
          "Heart size is normal. Impressions: Normal chest CT."
@@ -260,7 +261,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:  # random weights are loaded, then their folder goes
-        model = args.model or ctflow.create_random_model(Path(scratch) / args.preset, args.preset)
+        model = args.model or create_random_model(Path(scratch) / args.preset, args.preset)
         pipeline = ctflow.CTFlowPipeline.from_pretrained(model, device=args.device, dtype=DTYPES[args.dtype])
     if args.compile:
         pipeline.compile()

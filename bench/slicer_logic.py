@@ -34,13 +34,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400,
                         help="sampling steps per block (0: the model's default); 400 gives the tiny model blocks "
                              "of about half a second, several timer ticks, as real models have")
-    parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--tick", type=float, default=0.1, help="the panel's timer interval, s (default: 0.1)")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="ctflow-bench-"))
-    import ctflow
+    from ctflow.testing import create_random_model
 
-    model = args.model or ctflow.create_random_model(scratch / args.preset, args.preset)
+    model = args.model or create_random_model(scratch / args.preset, args.preset)
 
     command = [sys.executable, "-m", "ctflow", "generate", "--report-file", str(REPORT), "--out",
                str(scratch / "cli.nrrd"), "--slices", str(args.slices), "--seed", "1", "--model", str(model),

@@ -23,7 +23,7 @@ _EXPORTS = {
     "CTFlowError": "errors", "DeviceError": "errors", "ModelError": "errors", "OutputExistsError": "errors",
     "ReportError": "errors", "RequestError": "errors",
     "read_dicom": "dicom", "write_dicom": "dicom", "read_volume": "io", "write_volume": "io",
-    "create_random_model": "model_folder", "default_model": "model_folder", "save_model": "model_folder",
+    "default_model": "hub", "save_model": "model_folder",
     "Block": "pipeline", "DecodedBlock": "pipeline", "CTFlowPipeline": "pipeline", "GenerationPlan": "pipeline", "GenerationRequest": "pipeline",
     "import_released": "released", "load_released_denoiser": "released",
     "Report": "report", "parse_report": "report", "render_prompt": "report",

@@ -43,7 +43,7 @@ from typing import Callable, Iterable, Iterator
 
 from .errors import CTFlowError, ReportError
 from .io import DICOM, DICOM_SUFFIX, atomic_write, write_volume
-from .model_folder import sha256_file
+from .checksums import sha256_file
 from .pipeline import CancelFlag, CTFlowPipeline, GenerationRequest, check_options, with_defaults
 from .report import Report, parse_report
 

@@ -159,7 +159,7 @@ def run_generate(args: argparse.Namespace) -> int:
     report = read_report_file(args.report_file) if args.report_file else args.report
     embedding = None
     if args.embedding:
-        from .model_folder import sha256_file
+        from .checksums import sha256_file
         from .text_encoder import read_embedding
 
         embedding = read_embedding(args.embedding)

@@ -29,9 +29,8 @@ from .config import MAX_SLICES, ModelConfig, SamplingConfig
 from .conventions import END_HU, START_HU, real_slices
 from .denoiser import STDiT, parameter_count
 from .errors import CTFlowError, DeviceError, ModelError, RequestError
-from .model_folder import (
-    _HUB_ID, CARD, WEIGHTS, default_model, load_denoiser, load_vae, read_config, resolve_model, verify_checksums,
-)
+from .hub import default_model, is_hub_id, resolve_model
+from .model_folder import CARD, WEIGHTS, load_denoiser, load_vae, read_config, verify_model_folder
 from .report import Report, parse_report, render_prompt
 from .ending import VolumeEnd
 from .sampling import Cancelled, Guidance, sample, validate
@@ -149,7 +148,7 @@ def local_config(model: str | os.PathLike | None, revision: str | None = None) -
     """config.json of a local model folder (None: the bundled one), read without touching its weights; None for a
     hub id, which is read once downloaded."""
     refuse_revision_for_folder(model, revision)
-    if model is not None and isinstance(model, str) and _HUB_ID.match(model) and not Path(model).expanduser().exists():
+    if model is not None and is_hub_id(model):
         return None
     return read_config(resolve_model(model if model is not None else default_model()))
 
@@ -206,7 +205,7 @@ class CTFlowPipeline:
         """Load a model folder or hub id (default: the bundled demo model), verifying its checksums first."""
         refuse_revision_for_folder(model, revision)
         folder = resolve_model(model if model is not None else default_model(), revision, local_files_only)
-        checksums = verify_checksums(folder)
+        checksums = verify_model_folder(folder)
         config = read_config(folder)
         target = select_device(device)
         dtype = dtype or (torch.bfloat16 if target.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32)

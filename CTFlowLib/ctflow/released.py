@@ -251,7 +251,7 @@ RELEASED_SPACING = (480 * 0.75 / 256, 480 * 0.75 / 256, 1.5)
 def resolve_source(spec: str, what: str, patterns: tuple[str, ...] = ("*.json", "*.safetensors")) -> tuple[Path, str]:
     """A folder for FOLDER or hub id "org/name[/subfolder][@revision]", and where it came from (with the commit).
     From the hub only files matching `patterns` are fetched: never pickles or code."""
-    from .model_folder import resolve_hub
+    from .hub import resolve_hub
 
     path = Path(spec).expanduser()
     if path.exists():
@@ -278,7 +278,8 @@ def import_released(
     from diffusers import AutoencoderKL
 
     from .config import AutoencoderConfig, GeometryConfig, ModelConfig, SamplingConfig, TextConfig
-    from .model_folder import save_model, sha256_file
+    from .checksums import sha256_file
+    from .model_folder import save_model
 
     out = Path(out)
     if out.exists() and not overwrite:

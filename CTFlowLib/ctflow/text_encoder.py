@@ -120,7 +120,7 @@ def resolve_text_source(source: str, model_folder: Path | None, local_files_only
         return package_files(rest)
     if kind == "folder":
         return encoder_subfolder(model_folder, rest)
-    from .model_folder import resolve_hub
+    from .hub import resolve_hub
 
     repo_id, _, revision = source.partition("@")
     return resolve_hub(repo_id, revision or None, local_files_only)

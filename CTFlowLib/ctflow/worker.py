@@ -199,7 +199,7 @@ class Worker:
         import torch
 
         from .cli import quiet_third_party_logs
-        from .model_folder import default_model
+        from .hub import default_model
         from .pipeline import CTFlowPipeline
 
         key = self._key(message)

@@ -12,7 +12,7 @@ from ctflow import CTFlowError, GenerationRequest, read_volume
 from ctflow.batch import (
     COLUMNS, BatchFolder, merge_manifest, plan_items, rank_and_world, read_manifest, read_reports, run_batch, shard,
 )
-from ctflow.model_folder import sha256_file
+from ctflow.checksums import sha256_file
 
 OPTIONS = GenerationRequest("", steps=1)
 

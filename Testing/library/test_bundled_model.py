@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import ctflow
-from ctflow.model_folder import default_model, verify_checksums
+from ctflow.hub import default_model
+from ctflow.model_folder import verify_model_folder
 
 REPORT = Path(__file__).parents[2] / "Resources" / "SampleReports" / "normal_chest.txt"
 # sha256 of the int16 HU (little-endian) of the sample report at slices=16, steps=4, seed 0 on the CPU, computed
@@ -23,7 +24,7 @@ MAX_BYTES = 40_000_000  # the issue allows tens of MB; the repository carries ev
 
 def test_bundle_is_intact_small_and_says_what_it_is():
     folder = default_model()
-    assert verify_checksums(folder)  # raises CorruptModelError on a changed or missing file
+    assert verify_model_folder(folder)  # raises CorruptModelError on a changed or missing file
     assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) < MAX_BYTES
     card = (folder / "README.md").read_text().lower()
     assert "synthetic" in card and "not for clinical use" in card and "psnr" in card

@@ -28,7 +28,8 @@ from ctflow import cli
 from ctflow.config import ModelConfig
 from ctflow.denoiser import STDiT
 from ctflow.errors import CTFlowError
-from ctflow.model_folder import CHECKSUMS, CONFIG, WEIGHTS, read_config, sha256_file, verify_checksums, write_checksums
+from ctflow.checksums import CHECKSUMS, sha256_file, write_checksums
+from ctflow.model_folder import CONFIG, WEIGHTS, read_config, verify_model_folder
 
 VAE_WEIGHTS = "vae/diffusion_pytorch_model.safetensors"
 SENTINEL_MODULE = "ctflow_hostile_sentinel"  # importing it writes a marker file: proof that code ran
@@ -294,7 +295,7 @@ def test_what_file_browsers_git_and_the_hub_client_add_is_tolerated(tiny_model, 
                  ".cache/huggingface/download/model.safetensors.metadata"):
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(b"written by a tool, never read by ctflow")
-    assert verify_checksums(folder)[WEIGHTS] == sha256_file(folder / WEIGHTS)
+    assert verify_model_folder(folder)[WEIGHTS] == sha256_file(folder / WEIGHTS)
 
 
 # ------------------------------------------------------------------------------ fresh interpreters
@@ -432,6 +433,6 @@ def test_fuzz_checksums_reader(lines, tiny_model, tmp_path_factory):
         (folder / name).write_bytes(b"{}")
     (folder / CHECKSUMS).write_bytes(b"\n".join(lines))
     try:
-        verify_checksums(folder)
+        verify_model_folder(folder)
     except CTFlowError:
         pass

@@ -10,7 +10,9 @@ import torch
 import ctflow
 from ctflow import CTFlowPipeline, GenerationRequest, ModelError
 from ctflow.errors import CorruptModelError
-from ctflow.model_folder import CHECKSUMS, WEIGHTS, default_model, resolve_model, write_checksums
+from ctflow.checksums import CHECKSUMS, write_checksums
+from ctflow.hub import default_model, resolve_model
+from ctflow.model_folder import WEIGHTS
 
 
 @pytest.fixture
@@ -70,7 +72,7 @@ def test_not_a_model_and_no_bundled_model(tmp_path, monkeypatch):
     with pytest.raises(ModelError, match="not found"):
         resolve_model(tmp_path / "nothing")
     monkeypatch.delenv("CTFLOW_MODEL", raising=False)
-    monkeypatch.setattr(ctflow.model_folder, "BUNDLED_MODEL", tmp_path / "absent")
+    monkeypatch.setattr(ctflow.hub, "BUNDLED_MODEL", tmp_path / "absent")
     with pytest.raises(ModelError, match="no trained model is bundled"):
         default_model()
     monkeypatch.setenv("CTFLOW_MODEL", str(tmp_path))

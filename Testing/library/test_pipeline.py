@@ -9,7 +9,8 @@ import torch
 
 from ctflow import CTFlowError, CTFlowPipeline, DeviceError, GenerationRequest, ReportError, RequestError
 from ctflow.autoencoder import SliceAutoencoder
-from ctflow.model_folder import default_model, load_vae, read_config
+from ctflow.hub import default_model
+from ctflow.model_folder import load_vae, read_config
 from ctflow.conventions import real_slices
 from ctflow.pipeline import select_device
 

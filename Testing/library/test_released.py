@@ -314,9 +314,9 @@ def sources(released_downloads, released_model):
 
 
 def test_import_builds_a_verified_model_folder_with_a_card(released_model):
-    from ctflow.model_folder import read_config, verify_checksums
+    from ctflow.model_folder import read_config, verify_model_folder
 
-    listed = verify_checksums(released_model)
+    listed = verify_model_folder(released_model)
     assert {"model.safetensors", "config.json", "README.md", "vae/config.json", "text_encoder/model.safetensors",
             "text_encoder/tokenizer.json"} <= set(listed)
     config = read_config(released_model)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from ctflow.model_folder import sha256_file
+from ctflow.checksums import sha256_file
 from ctflow.report import Report
 from ctflow.volume import Geometry, Volume
 from ctflow_train import cli

@@ -43,7 +43,7 @@ from ctflow.batch import shard
 from ctflow.config import TextConfig
 from ctflow.errors import CTFlowError
 from ctflow.io import atomic_write
-from ctflow.model_folder import sha256_file
+from ctflow.checksums import sha256_file
 from ctflow.conventions import END_HU, START_HU
 from ctflow.report import render_prompt
 from ctflow.text_encoder import TextEncoder
