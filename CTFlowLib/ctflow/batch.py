@@ -30,10 +30,8 @@ import csv
 import dataclasses
 import datetime as dt
 import hashlib
-import io
 import json
 import os
-import re
 import shutil
 import time
 import uuid
@@ -46,17 +44,16 @@ from .io import DICOM, DICOM_SUFFIX, atomic_write, write_volume
 from .checksums import sha256_file
 from .pipeline import CancelFlag, CTFlowPipeline, GenerationRequest, check_options, with_defaults
 from .report import Report, parse_report
+from .tables import read_table_rows, row_id, safe_id
 
 MANIFEST_DIR, ITEMS_DIR, LOCKS_DIR, SETTINGS = ".manifest", "items", "locks", "batch.json"
 DICOM_STUDIES = "dicom.json"
 MANIFEST_CSV, MANIFEST_JSON = "manifest.csv", "manifest.json"
 COLUMNS = ("file", "report_id", "report", "seed", "slices", "slices_requested", "block_slices", "model",
            "model_sha256", "sha256", "time_s", "steps", "sampler", "guidance", "shift", "device", "rank")
-ID_KEYS = ("id", "name", "VolumeName")
 CHALLENGE_NAME = "input_image_name"  # VLM3D text-to-CT challenge: the output file's name
 CHALLENGE_SUFFIXES = (".mha", ".nii.gz", ".nii", ".nrrd")
 SECTION_KEYS = (("findings", "impressions"), ("Findings_EN", "Impressions_EN"))
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 @dataclass(frozen=True)
@@ -87,48 +84,6 @@ class BatchResult:
     failed: dict[str, str] = field(default_factory=dict)  # item name -> error message
     busy: list[str] = field(default_factory=list)  # being made by another process on the same folder
     merged: bool = False
-
-
-def read_table(path: str | os.PathLike) -> list[dict]:
-    """Rows of a .csv (header line), .jsonl (one JSON object a line) or .json (an array of objects) file."""
-    return [row for _, row in read_table_rows(path)]
-
-
-def read_table_rows(path: str | os.PathLike) -> list[tuple[str, dict]]:
-    """(where, row) of each row of a table, where "line N" or "item N" names the row in messages."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise CTFlowError(f"{path} does not exist") from exc
-    except UnicodeDecodeError as exc:
-        raise CTFlowError(f"{path} is not UTF-8 text") from exc
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(text))
-        return [(f"line {reader.line_num}", row) for row in reader]
-    if suffix == ".json":
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise CTFlowError(f"{path} line {exc.lineno}: not JSON ({exc.msg})") from exc
-        if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
-            raise CTFlowError(f"{path} must hold a JSON array of objects")
-        return [(f"item {number}", row) for number, row in enumerate(rows, start=1)]
-    if suffix != ".jsonl":
-        raise CTFlowError(f"unsupported table {path.name!r}: use .csv, .jsonl or .json")
-    rows = []
-    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines: JSON text may hold U+2028
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise CTFlowError(f"{path} line {number}: not JSON ({exc.msg})") from exc
-        if not isinstance(row, dict):
-            raise CTFlowError(f"{path} line {number}: not a JSON object but a {type(row).__name__}")
-        rows.append((f"line {number}", row))
-    return rows
 
 
 def read_reports(path: str | os.PathLike) -> list[ReportRow]:
@@ -163,8 +118,7 @@ def _report_row(row: dict, order: int, where: str) -> ReportRow:
     slices = _slices_cell(row.get("slices"), where)
     if row.get(CHALLENGE_NAME):
         return ReportRow(safe_id(challenge_stem(str(row[CHALLENGE_NAME]))), str(text), slices, order, named=True)
-    raw_id = next((str(row[key]) for key in ID_KEYS if row.get(key) not in (None, "")), f"r{order:05d}")
-    return ReportRow(safe_id(raw_id), str(text), slices, order)
+    return ReportRow(row_id(row, order), str(text), slices, order)
 
 
 def challenge_stem(name: str) -> str:
@@ -183,11 +137,6 @@ def _slices_cell(value: object, where: str) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise CTFlowError(f"{where}: slices must be a whole number of at least 1 (or empty), not {value!r}")
     return value
-
-
-def safe_id(raw: str) -> str:
-    """A report id usable in file names on every system (the labels of a metrics run are matched the same way)."""
-    return _UNSAFE.sub("_", raw)
 
 
 def plan_items(reports: Iterable[ReportRow], seeds: int, first_seed: int = 0) -> list[Item]:

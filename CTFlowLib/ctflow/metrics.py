@@ -25,10 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batch import ID_KEYS, read_manifest, read_table, safe_id
+from .batch import read_manifest
 from .conventions import HU_WINDOW
 from .errors import CTFlowError
 from .io import read_volume
+from .tables import ID_KEYS, read_table, row_id
 from .volume import Volume
 
 PLANES = ("axial", "coronal", "sagittal")
@@ -235,10 +236,9 @@ def read_labels(path: str | os.PathLike) -> dict[str, dict[str, bool]]:
     path = Path(path)
     labels = {}
     for order, row in enumerate(read_table(path)):
-        raw_id = next((str(row[key]) for key in ID_KEYS if row.get(key) not in (None, "")), f"r{order:05d}")
         found = _row_labels(row, path.parent)
         if found:
-            labels[safe_id(raw_id)] = found
+            labels[row_id(row, order)] = found
     if not labels:
         raise CTFlowError(f"{path} holds no finding labels")
     return labels

@@ -26,7 +26,7 @@ import torch
 from . import __version__
 from .autoencoder import SliceAutoencoder
 from .config import MAX_SLICES, ModelConfig, SamplingConfig
-from .conventions import END_HU, START_HU, real_slices
+from .conventions import END_HU, START_HU
 from .denoiser import STDiT, parameter_count
 from .errors import CTFlowError, DeviceError, ModelError, RequestError
 from .hub import default_model, is_hub_id, resolve_model

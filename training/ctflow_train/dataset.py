@@ -14,14 +14,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
 from ctflow.conventions import real_slices
 from ctflow.errors import CTFlowError
 from ctflow.io import write_volume
 from ctflow.report import Report
 from ctflow.volume import Volume
-
 
 INDEX, SKIPPED = "index.jsonl", "skipped.json"
 
