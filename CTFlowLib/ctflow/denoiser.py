@@ -106,11 +106,12 @@ class Mlp(nn.Sequential):
         super().__init__(nn.Linear(hidden, inner), nn.GELU(approximate="tanh"), nn.Linear(inner, out or hidden))
 
 
-class STDiTBlock(nn.Module):
-    """Spatial attention (within a slice), temporal attention (across slices), cross-attention to text, MLP.
+class STDiTLayer(nn.Module):
+    """One transformer layer: spatial attention (within a slice), temporal attention (across slices), cross-attention
+    to text, MLP. ("Block" in ctflow means the slices generated together; OpenSora calls this an STDiT block.)
 
-    adaLN-single: the block's shift/scale/gate come from one shared timestep projection plus a
-    learned per-block table. released=True: the published CTFlow block (no LayerNorm before the temporal and
+    adaLN-single: the layer's shift/scale/gate come from one shared timestep projection plus a
+    learned per-layer table. released=True: the published CTFlow layer (no LayerNorm before the temporal and
     cross-attention, attention heads merged without a transpose).
     """
 
@@ -128,13 +129,15 @@ class STDiTBlock(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(6, hidden) / hidden**0.5)
 
     def forward(
-        self, x: torch.Tensor, t6: torch.Tensor, text_kv: torch.Tensor, mask: torch.Tensor,
+        self, x: torch.Tensor, time_modulation: torch.Tensor, text_kv: torch.Tensor, mask: torch.Tensor,
         temporal_code: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        # x: [B, t, s, D]; t6: [B, 6, D]; text_kv: [2, B, heads, M, D/heads]; mask: [B, M];
-        # temporal_code: [t, D] added to the temporal attention's input only (the released model's block 0)
+        # x: [B, t, s, D]; time_modulation: [B, 6, D], the shared adaLN shift/scale/gate of attention and MLP from the
+        # flow time; text_kv: [2, B, heads, M, D/heads]; mask: [B, M];
+        # temporal_code: [t, D] added to the temporal attention's input only (the released model's layer 0)
         b, nt, ns, dim = x.shape
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = (self.scale_shift_table + t6).unsqueeze(2).unbind(1)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = (
+            self.scale_shift_table + time_modulation).unsqueeze(2).unbind(1)
         # each: [B, 1, D], broadcast over tokens below
         h = modulate(self.norm_spatial(x.view(b, nt * ns, dim)), shift_a, scale_a)
         h = self.spatial(h.view(b * nt, ns, dim)).view(b, nt * ns, dim)
@@ -154,7 +157,7 @@ class Conditioning:
     """What stays fixed while one block is sampled: computed once per block, not once per step."""
 
     previous: torch.Tensor  # [B, t, s, D] patch embedding of the previous clean block
-    text_kv: list[torch.Tensor]  # per STDiT block: [2, B, heads, M, D/heads] cross-attention keys and values
+    text_kv: list[torch.Tensor]  # per STDiT layer: [2, B, heads, M, D/heads] cross-attention keys and values
     mask: torch.Tensor  # [B, M] bool
     vector: torch.Tensor | None = None  # [B, D] added to the time embedding: slice position and/or pooled text
 
@@ -182,7 +185,8 @@ class STDiT(nn.Module):
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.text_embed = Mlp(config.text_dim, d / config.text_dim, out=d)
         self.text_vector = Mlp(config.text_dim, d / config.text_dim, out=d) if config.pooled_text else None
-        self.blocks = nn.ModuleList(STDiTBlock(d, config.num_heads, config.mlp_ratio, self.released)
+        # The transformer layers. "blocks" (and t_block) are weight names in every shipped model.safetensors: keep them.
+        self.blocks = nn.ModuleList(STDiTLayer(d, config.num_heads, config.mlp_ratio, self.released)
                                     for _ in range(config.depth))
         self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.final_table = nn.Parameter(torch.randn(2, d) / d**0.5)
@@ -211,15 +215,15 @@ class STDiT(nn.Module):
         for layer in (self.t_block[1], self.final):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
-        for block in self.blocks:
-            nn.init.zeros_(block.cross.proj.weight)
+        for layer in self.blocks:
+            nn.init.zeros_(layer.cross.proj.weight)
 
     def _patch_positions(self, tokens: torch.Tensor) -> torch.Tensor:
         # tokens: [B, D, t, h, w] -> [B, t, s, D] with fixed spatial and temporal position codes added
         b, d, nt, nh, nw = tokens.shape
         x = tokens.flatten(3).permute(0, 2, 3, 1)
         spatial = sincos_2d(nh, nw, d, columns_first=self.released).to(x)
-        if self.released:  # the temporal code goes into block 0's temporal attention instead
+        if self.released:  # the temporal code goes into layer 0's temporal attention instead
             return x + spatial[None, None]
         return x + spatial[None, None] + sincos_1d(nt, d).to(x)[None, :, None]
 
@@ -244,17 +248,17 @@ class STDiT(nn.Module):
             pooled = (text.to(dtype) * weights).sum(1) / weights.sum(1).clamp(min=1)  # [B, text_dim] mean token
             vectors.append(self.text_vector(pooled))  # [B, D]
         tokens = self.text_embed(text.to(dtype))  # [B, M, D]
-        return Conditioning(prev_tokens, [block.cross.keys_values(tokens) for block in self.blocks], mask.bool(),
+        return Conditioning(prev_tokens, [layer.cross.keys_values(tokens) for layer in self.blocks], mask.bool(),
                             sum(vectors) if vectors else None)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """x: [B, C, T, H, W] noisy block at flow time t: [B] -> velocity [B, C, T, H, W]."""
-        out = self.output(x, t, cond)
+        out = self.predict(x, t, cond)
         if self.config.prediction == "velocity":
             return out
         return (x.float() - out) / t.float().clamp(min=MIN_TIME).view(-1, 1, 1, 1, 1)
 
-    def output(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """What the last layer predicts, velocity or clean block (config.prediction): the training target."""
         b, c, nt, nh, nw = x.shape
         pt, ph, pw = self.config.patch_size
@@ -262,10 +266,10 @@ class STDiT(nn.Module):
         t_emb = self.t_embed(t)  # [B, D]
         if cond.vector is not None:
             t_emb = t_emb + cond.vector
-        t6 = self.t_block(t_emb).view(b, 6, -1)  # [B, 6, D]
+        time_modulation = self.t_block(t_emb).view(b, 6, -1)  # [B, 6, D]: adaLN-single, shared by every layer
         temporal_code = sincos_1d(nt // pt, h.shape[-1]).to(h) if self.released else None
-        for index, (block, text_kv) in enumerate(zip(self.blocks, cond.text_kv)):
-            h = block(h, t6, text_kv, cond.mask, temporal_code if index == 0 else None)
+        for index, (layer, text_kv) in enumerate(zip(self.blocks, cond.text_kv)):
+            h = layer(h, time_modulation, text_kv, cond.mask, temporal_code if index == 0 else None)
         shift, scale = (self.final_table[None] + t_emb[:, None]).unsqueeze(2).unbind(1)  # [B, 1, D] each
         h = self.final(modulate(self.final_norm(h.flatten(1, 2)), shift, scale))  # [B, t*s, pt*ph*pw*C]
         h = h.view(b, nt // pt, nh // ph, nw // pw, pt, ph, pw, c)

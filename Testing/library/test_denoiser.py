@@ -97,12 +97,12 @@ def test_clean_prediction_is_served_to_the_sampler_as_velocity():
     x, previous, text, mask = inputs(batch=2)
     t = torch.tensor([0.25, 1.0])
     cond = model.prepare(previous, text, mask)
-    clean = model.output(x, t, cond)
+    clean = model.predict(x, t, cond)
     velocity = model(x, t, cond)
     assert torch.allclose(velocity, (x - clean) / t.view(-1, 1, 1, 1, 1), atol=1e-5)
     assert torch.allclose(x[1] - 1.0 * velocity[1], clean[1], atol=1e-5)
     velocity_model = small_model()
-    assert torch.equal(velocity_model.output(x, t, cond), velocity_model(x, t, cond))
+    assert torch.equal(velocity_model.predict(x, t, cond), velocity_model(x, t, cond))
 
 
 def test_slice_position_starts_as_a_no_op_and_then_tells_blocks_apart():

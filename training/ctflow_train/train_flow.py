@@ -96,7 +96,7 @@ class Conditioned(torch.nn.Module):
         self.denoiser = denoiser
 
     def forward(self, z_t, t, previous, text, mask, first_slice):
-        return self.denoiser.output(z_t, t, self.denoiser.prepare(previous, text, mask, first_slice))
+        return self.denoiser.predict(z_t, t, self.denoiser.prepare(previous, text, mask, first_slice))
 
 
 def denoiser_config(args: FlowRun, store: LatentStore):
