@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from .errors import CorruptModelError
+from .io import read_text_file
 
 CHECKSUMS = "checksums.sha256"
 _MANIFEST_LINE = re.compile(r"([0-9a-fA-F]{64}) [ *](.+)")  # sha256sum's text and binary modes
@@ -78,12 +79,7 @@ def read_manifest(folder: Path) -> dict[str, str]:
     manifest = folder / CHECKSUMS
     if not manifest.is_file():
         raise CorruptModelError(f"{folder} has no {CHECKSUMS}; refusing to load unverified weights")
-    try:
-        text = manifest.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise CorruptModelError(f"{manifest} is not UTF-8 text (byte {exc.start}); re-download the model") from exc
-    except OSError as exc:
-        raise CorruptModelError(f"cannot read {manifest}: {exc.strerror}") from exc
+    text = read_text_file(manifest, CorruptModelError, "; re-download the model")
     expected: dict[str, str] = {}
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():

@@ -36,6 +36,18 @@ _SWEPT: set[Path] = set()  # folders already cleared of leftovers by this proces
 _HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())  # no "-": the pid follows the last one
 
 
+def read_text_file(path: Path, error: type[CTFlowError] = CTFlowError, advice: str = "") -> str:
+    """A UTF-8 text file's content, or one `error` that names the file and says what is wrong (`advice` appended
+    to the encoding case, where the fix is to get the file again)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise error(f"{path} does not exist") from exc
+    except UnicodeDecodeError as exc:
+        raise error(f"{path} is not UTF-8 text (byte {exc.start}){advice}") from exc
+    except OSError as exc:
+        raise error(f"cannot read {path}: {exc.strerror}") from exc
+
 def volume_format(path: str | os.PathLike) -> str:
     """The writer's suffix for `path`, or a clear error naming the supported ones."""
     name = str(path).lower()

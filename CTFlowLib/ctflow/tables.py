@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 from .errors import CTFlowError
+from .io import read_text_file
 
 ID_KEYS = ("id", "name", "VolumeName")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -24,12 +25,7 @@ def read_table(path: str | os.PathLike) -> list[dict]:
 def read_table_rows(path: str | os.PathLike) -> list[tuple[str, dict]]:
     """(where, row) of each row of a table, where "line N" or "item N" names the row in messages."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise CTFlowError(f"{path} does not exist") from exc
-    except UnicodeDecodeError as exc:
-        raise CTFlowError(f"{path} is not UTF-8 text") from exc
+    text = read_text_file(path)
     suffix = path.suffix.lower()
     if suffix == ".csv":
         reader = csv.DictReader(io.StringIO(text))
