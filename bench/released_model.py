@@ -29,7 +29,7 @@ import torch
 import ctflow
 from ctflow.autoencoder import VAE_PRESETS
 from ctflow.denoiser import STDiT, parameter_count
-from ctflow.pipeline import select_device
+from ctflow.devices import select_device
 from ctflow.released import import_released, save_released_layout
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -18,16 +18,15 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .conventions import SYNTHETIC_NOTICE
+from .devices import DEVICES, select_device
 from .errors import CTFlowError, ReportError
 from .io import (
     DICOM, StagedWrites, atomic_write, check_output_path, check_volume_output, is_dicom_path, volume_writer,
     write_volume,
 )
-from .pipeline import (
-    DEVICES, CTFlowPipeline, DecodedBlock, GenerationRequest, check_options, check_request, local_config, select_device,
-)
+from .pipeline import CTFlowPipeline, DecodedBlock, GenerationRequest, check_options, check_request, local_config
 from .sampling import METHODS
-from .conventions import SYNTHETIC_NOTICE
 
 EXIT_ERROR, EXIT_CANCELLED, EXIT_TERMINATED = 1, 130, 128 + signal.SIGTERM
 MAX_REPORT_FILE_BYTES = 256 * 1024  # a long report is a few KB; a bigger file is the wrong one (or /dev/zero)

@@ -12,7 +12,6 @@ import dataclasses
 import math
 import os
 import queue
-import re
 import secrets
 import threading
 import time
@@ -27,6 +26,7 @@ from . import __version__
 from .autoencoder import SliceAutoencoder
 from .config import MAX_SLICES, ModelConfig, SamplingConfig
 from .conventions import END_HU, START_HU
+from .devices import select_device
 from .denoiser import STDiT, parameter_count
 from .errors import CTFlowError, DeviceError, ModelError, RequestError
 from .hub import default_model, is_hub_id, resolve_model
@@ -159,22 +159,6 @@ def refuse_revision_for_folder(model: str | os.PathLike | None, revision: str | 
         where = "the bundled model" if model is None else str(model)
         raise ModelError(f"--revision {revision} selects a version of a hub model, but {where} is a local folder; "
                          "drop --revision")
-
-
-DEVICES = "auto, cpu, cuda or cuda:N"  # what select_device (and every --device) accepts
-
-
-def select_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
-        raise DeviceError(f"unknown device {name!r}: use {DEVICES}")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DeviceError(
-            f"CUDA was requested but this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu "
-            "or install a CUDA build of torch"
-        )
-    return torch.device(name)
 
 
 class CTFlowPipeline:

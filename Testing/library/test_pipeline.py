@@ -12,7 +12,7 @@ from ctflow.autoencoder import SliceAutoencoder
 from ctflow.hub import default_model
 from ctflow.model_folder import load_vae, read_config
 from ctflow.conventions import real_slices
-from ctflow.pipeline import select_device
+from ctflow.devices import select_device
 
 REPORT = "Findings: A 12 mm nodule in the right upper lobe. Impressions: Right upper lobe nodule."
 
