@@ -16,6 +16,7 @@ card's lines (`markdown`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from dataclasses import dataclass
 import os
