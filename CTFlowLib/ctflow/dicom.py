@@ -36,7 +36,7 @@ from typing import Callable
 import numpy as np
 
 from . import __version__
-from .conventions import SYNTHETIC_LABEL, WINDOWS
+from .conventions import SYNTHETIC_DESCRIPTION, WINDOWS
 from .errors import CTFlowError, OutputExistsError
 from .volume import Geometry, Provenance, Volume
 
@@ -44,7 +44,7 @@ UID_ROOT = "2.25."  # ISO/IEC 9834-8 UUID-derived UIDs (PS3.5 B.2)
 IMPLEMENTATION_CLASS_UID = f"{UID_ROOT}{uuid.uuid5(uuid.NAMESPACE_URL, 'urn:ctflow:dicom-writer').int}"
 PRIVATE_GROUP, PRIVATE_CREATOR = 0x0011, "CTFlow provenance"
 SYNTHESIZING_EQUIPMENT = ("109100", "DCM", "Synthesizing Equipment")
-NOT_FOR_DIAGNOSIS = SYNTHETIC_LABEL.upper()  # descriptions in capitals, as DICOM viewers list them
+NOT_FOR_DIAGNOSIS = SYNTHETIC_DESCRIPTION
 PATIENT_NAME = "SYNTHETIC^CTFLOW"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 _TO_LPS = np.array([-1.0, -1.0, 1.0])  # RAS <-> LPS flips the first two axes
