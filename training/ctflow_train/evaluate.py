@@ -49,6 +49,7 @@ class EvaluationRun(RunConfig):
     seed: int
     threads: int
     out: Path
+    overwrite: bool
 
 
 @dataclass(frozen=True)
@@ -222,11 +223,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.out.exists() and not args.overwrite:  # minutes of generation must not end in a refusal
-        check_output_path(args.out, args.overwrite, suffixes=(".json",))
-    result = evaluate_model(EvaluationRun.from_args(args))
-    figures = result.to_json()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out, lambda tmp: tmp.write_text(json.dumps(figures, indent=1) + "\n"), overwrite=args.overwrite)
+    options = EvaluationRun.from_args(args)
+    if options.out.exists() and not options.overwrite:  # minutes of generation must not end in a refusal
+        check_output_path(options.out, options.overwrite, suffixes=(".json",))
+    figures = evaluate_model(options).to_json()
+    options.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(options.out, lambda tmp: tmp.write_text(json.dumps(figures, indent=1) + "\n"), overwrite=options.overwrite)
     print(json.dumps({k: v for k, v in figures.items() if k not in ("length_unrequested", "length_requested_in_prompt")}))
     return 0
