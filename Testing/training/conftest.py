@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 import ctflow
 from ctflow.report import Report
 from ctflow.volume import Geometry, Volume
-from ctflow_train import finding_study, latent_store, train_flow, train_vae
+from ctflow_train import latent_store, train_flow, train_vae
 from ctflow_train.dataset import DatasetWriter
 from ctflow_train.findings import FINDINGS
 from ctflow_train.flow_data import Batch, BlockDataset, SamplingRules, collate
@@ -58,7 +58,7 @@ class Tiny:
         """Every finding absent but the studied ones, which alternate (pleural effusion as the report says); sided
         findings are on the right in patients 0 and 1, on the left in 2 and 3."""
         findings = {finding.name: {"present": False} for finding in FINDINGS}
-        for k, name in enumerate(finding_study.STUDIED):
+        for k, name in enumerate(STUDIED_PARAMETERS):
             if (n + k + 1) % 2:
                 where = "right" if n < 2 else "left"
                 findings[name] = {"present": True, **Tiny.on_side(STUDIED_PARAMETERS[name], where)}

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import ctflow
 from ctflow.config import DENOISER_PRESETS
-from ctflow_train import export, train_flow
+from ctflow_train import export, finding_study, train_flow
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
@@ -29,23 +29,19 @@ def test_export_loads_in_ctflow_and_generates(tiny, data, vae_run, cache, tmp_pa
     train_flow.train(tiny.flow_run(cache, flow, steps=3))
     figures = tmp_path / "figures.json"  # as evaluate and finding-study write them: figures plus long details
     figures.write_text(json.dumps({"seconds_per_128_slices": 12.5, "seams": {"ratio": 1.1, "volumes": [{"x": 1}]},
-                                   "values": {"normal": [0.25]}, "reports": {"normal": "Findings: ABSENT-TEXT."},
-                                   "detectors": {"emphysema": {"cross_validated_accuracy": 0.62, "volumes": 236,
-                                                               "patients": 76},
-                                                 "consolidation": {"side": {"cross_validated_accuracy": 0.71,
-                                                                           "always_the_commoner_side": 0.54}}},
-                                   "seeds": 10, "steps": 16, "guidance": 1.0, "shown_when_asked": {"emphysema": 7},
-                                   "shown_when_negated": {"emphysema": 3},
-                                   "asking_raised_probability": {"emphysema": 8},
-                                   "own_report_ranked_first": {"emphysema": 4},
-                                   "at_reported_side": {"consolidation": {"right": 6, "left": 2}},
-                                   "right_report_more_right": {"consolidation": 9},
-                                   "side_values": {"consolidation": {"right": [0.875]}}}))
+                                   "values": {"normal": [0.25]}, "reports": {"normal": "Findings: ABSENT-TEXT."}}))
+    study = finding_study.FindingStudy(
+        "model", 2, 0, 16, 1.0, "236 volumes", "12 patients",
+        [finding_study.DetectorScore("emphysema", "present", [False, True], 236, 76, 0.7, 0.62, 0.75)], {},
+        [finding_study.Response("writer", "emphysema", "emphysema", [0.875, 0.25], [0.125, 0.5], 1)], [],
+        {"writer/normal": "Findings: ABSENT-TEXT."})
+    findings = tmp_path / "findings.json"
+    findings.write_text(study.to_json())
     parser = argparse.ArgumentParser()
     export.configure(parser)
     args = parser.parse_args(["--flow", str(flow), "--vae", str(vae_run[0]), "--cache", str(cache),
                               "--out", str(tmp_path / "model"), "--steps", "2", "--calibration-cases", "2", "--half",
-                              "--evaluation", str(figures)])
+                              "--evaluation", str(figures), str(findings)])
     folder = export.export(export.ExportRun.from_args(args))
     stored = load_file(folder / "model.safetensors")
     checkpoint = load_file(flow / "checkpoint.safetensors")
@@ -63,10 +59,14 @@ def test_export_loads_in_ctflow_and_generates(tiny, data, vae_run, cache, tmp_pa
     assert "slice position" in card and "pooled-text vector" not in card  # the card names only what the model has
     assert '- seconds_per_128_slices: 12.5' in card and '- seams: {"ratio": 1.1}' in card
     assert "ABSENT-TEXT" not in card and "0.25" not in card  # per-volume details stay in the JSON
-    assert "| emphysema | 0.62 | 7/10 | 3/10 | 8/10 | 4/10 |" in card and "- shown_when_asked" not in card
-    assert "labels of 236 cached volumes of 76 training patients" in card
-    assert "| consolidation | 0.71 (0.54) | 6/10 | 2/10 | 9/10 |" in card and "- at_reported_side" not in card
-    assert "0.875" not in card
+    assert study.markdown().rstrip() in card and "| writer | emphysema | hu 0.75 (0.7) | 1/2 | 0/2 | 1/2 | 1/2 |" in card
+    assert "- responses" not in card and "0.875," not in card  # the study's tables, not its JSON
+    warm = tmp_path / "warm"  # a run warm-started from the model folder: its half-precision EMA, in float32
+    train_flow.train(tiny.flow_run(cache, warm, steps=1, init=folder, lr=0.0))
+    started = load_file(warm / "checkpoint.safetensors")
+    assert all(torch.equal(started[f"model/{k}"], v.float()) for k, v in stored.items())
+    with pytest.raises(ctflow.CTFlowError, match="neither a flow run"):
+        train_flow.train(tiny.flow_run(cache, tmp_path / "nowhere", steps=1, init=tmp_path))
     pipe = ctflow.CTFlowPipeline.from_pretrained(folder, device="cpu")
     volume = pipe.generate(ctflow.GenerationRequest("Findings: No pleural effusion.", slices=6, seed=1))
     assert volume.hu.shape == (6, tiny.SIZE, tiny.SIZE) and volume.hu.dtype == np.int16

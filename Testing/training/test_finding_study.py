@@ -1,4 +1,5 @@
-"""The finding study: latent grid features, probes, mirrored differences, sides, and the study on a tiny model."""
+"""finding-study: latent grid features, probes and classifiers, the anatomy prior's HU features, the choice between
+latent and HU detectors, the reports it generates, its typed result, and the study on a tiny model."""
 
 from __future__ import annotations
 
@@ -9,16 +10,22 @@ import numpy as np
 import pytest
 import torch
 
-from ctflow_train import export, finding_study, train_flow
+from ctflow.errors import CTFlowError
+from ctflow_train import export, train_flow
+from ctflow_train import finding_study as fs
+from ctflow_train.findings import FINDINGS, LOBES
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
+
+NAMES = {"lung_upper_lobe_right": 1, "lung_middle_lobe_right": 2, "lung_lower_lobe_right": 3,
+         "lung_upper_lobe_left": 4, "lung_lower_lobe_left": 5, "heart": 6, "aorta": 7, "trachea": 8, "esophagus": 9}
 
 
 def test_grid_features_are_the_mean_and_spread_of_each_cell():
     latents = torch.zeros(16, 4, 8, 8)
     latents[:8, 2] = 1.0  # channel 2 bright in the upper half of the body
     latents[:, 1, :, 0] = 3.0  # channel 1: a bright column in every slice, spread within the cells that hold it
-    mean, spread = finding_study.grid_features(latents).reshape(2, 4, *finding_study.GRID)
+    mean, spread = fs.grid_features(latents).reshape(2, 4, *fs.GRID)
     assert np.all(mean[2, :4] == 1.0) and np.all(mean[2, 4:] == 0.0) and np.all(spread[2] == 0.0)
     assert np.all(spread[1, :, 0] == 0.0) and mean[1].sum() == 3.0 * 8 * 8
 
@@ -28,33 +35,187 @@ def test_probe_learns_a_finding_and_cross_validation_keeps_twins_apart():
     x, y = rng.normal(size=(80, 200)), rng.random(80) < 0.5
     x[np.ix_(y, np.arange(20))] += 0.8  # the finding shifts a region's averages a little
     groups = [f"p{i // 2}" for i in range(80)]
-    assert finding_study.cross_validated_accuracy(x, y, groups) > 0.8
-    probe = finding_study.fit_probe(x, y)
+    assert fs.cross_validated_accuracy(x, y, groups) > 0.8
+    probe = fs.fit_probe(x, y)
     assert ((probe.probability(x) > 0.5) == y).mean() > 0.9
     # a patient and his twin are near copies with one label: only a split that keeps them together is honest
     noise, labels = rng.normal(size=(40, 200)), rng.random(40) < 0.5
     twins = np.repeat(noise, 2, axis=0) + 0.05 * rng.normal(size=(80, 200))
-    together = finding_study.cross_validated_accuracy(twins, np.repeat(labels, 2), groups)
-    apart = finding_study.cross_validated_accuracy(twins, np.repeat(labels, 2), [str(i) for i in range(80)])
+    together = fs.cross_validated_accuracy(twins, np.repeat(labels, 2), groups)
+    apart = fs.cross_validated_accuracy(twins, np.repeat(labels, 2), [str(i) for i in range(80)])
     assert together < 0.75 and apart > 0.9
 
 
 def test_mirrored_difference_is_the_features_minus_those_of_the_mirrored_volume():
     latents = torch.from_numpy(np.random.default_rng(0).normal(size=(16, 4, 16, 16))).float()
-    features = finding_study.grid_features(latents)
-    expected = features - finding_study.grid_features(latents.flip(-1))
-    assert np.allclose(finding_study.mirrored_difference(features), expected, atol=1e-6)
-    assert np.allclose(finding_study.mirrored_difference(np.stack([features, features]))[1], expected, atol=1e-6)
+    features = fs.grid_features(latents)
+    expected = features - fs.grid_features(latents.flip(-1))
+    assert np.allclose(fs.mirrored_difference(features), expected, atol=1e-6)
+    assert np.allclose(fs.mirrored_difference(np.stack([features, features]))[1], expected, atol=1e-6)
     symmetric = torch.cat([latents[..., :8], latents[..., :8].flip(-1)], -1)
-    assert np.abs(finding_study.mirrored_difference(finding_study.grid_features(symmetric))).max() < 1e-6
+    assert np.abs(fs.mirrored_difference(fs.grid_features(symmetric))).max() < 1e-6
 
 
 def test_a_finding_is_on_one_side_by_its_side_or_its_lobe():
-    assert finding_study.side({"present": True, "side": "left", "grade": "small"}) == "left"
-    assert finding_study.side({"present": True, "side": "bilateral"}) is None
-    assert finding_study.side({"present": True, "lobe": "right middle lobe"}) == "right"
-    assert finding_study.side({"present": False, "side": "left"}) is None
-    assert finding_study.side({"present": True, "scale": 1.2}) is None
+    assert fs.side({"present": True, "side": "left", "grade": "small"}) == "left"
+    assert fs.side({"present": True, "side": "bilateral"}) is None
+    assert fs.side({"present": True, "lobe": "right middle lobe"}) == "right"
+    assert fs.side({"present": False, "side": "left"}) is None
+    assert fs.side({"present": True, "scale": 1.2}) is None
+
+
+def label_map(slices: int, size: int = 16) -> np.ndarray:
+    """Right lung in the image's left columns (radiological view), left lung on the other side, a heart between;
+    upper lobes in the top half of the slices, lower lobes below (the middle lobe in front of the right lower)."""
+    labels = np.zeros((slices, size, size), np.uint8)
+    top = slices // 2
+    labels[:top, 4:12, 2:6], labels[:top, 4:12, 10:14] = NAMES["lung_upper_lobe_right"], NAMES["lung_upper_lobe_left"]
+    labels[top:, 8:12, 2:6], labels[top:, 4:8, 2:6] = NAMES["lung_lower_lobe_right"], NAMES["lung_middle_lobe_right"]
+    labels[top:, 4:12, 10:14] = NAMES["lung_lower_lobe_left"]
+    labels[top:, 6:10, 6:10] = NAMES["heart"]
+    return labels
+
+
+def test_the_prior_reads_each_region_in_its_own_hu_bins(tmp_path):
+    prior = fs.AnatomyPrior.from_label_maps([label_map(16), label_map(24)], NAMES)
+    assert prior.weights.shape == (len(fs.REGIONS) + 1, fs.LEVELS, 8, 8) and prior.patients == 2
+    rll = prior.regions.index("right lower lobe")
+    assert prior.weights[rll, :4].max() == 0 and prior.weights[rll, 4:].max() == 1  # lower half of each body
+    hu = np.full((20, 16, 16), -850.0)  # aerated lung everywhere
+    fluid = hu.copy()
+    fluid[10:, 8:12, 2:6] = 10  # fluid in the right lower lobe: its fluid bin fills, the left lower lobe's does not
+    bins = len(fs.HU_EDGES) + 1
+    before = prior.features(fs.pooled(hu)).reshape(len(prior.regions), fs.LEVELS, bins)
+    after = prior.features(fs.pooled(fluid)).reshape(len(prior.regions), fs.LEVELS, bins)
+    fluid_bin = int(np.digitize(10, fs.HU_EDGES))
+    assert after[rll, 6, fluid_bin] > 0.9 and before[rll, 6, fluid_bin] == 0
+    assert after[prior.regions.index("left lower lobe"), 6, fluid_bin] == 0
+    prior.save(tmp_path / "prior.npz")
+    again = fs.AnatomyPrior.load(tmp_path / "prior.npz")
+    assert again.regions == prior.regions and np.array_equal(again.weights, prior.weights)
+    with pytest.raises(CTFlowError, match="a slice"):
+        prior.features(np.zeros((4, 16, 16), np.int16))  # not pooled: another grid
+
+
+def test_the_place_that_changed_most_is_where_the_pair_differs():
+    prior = fs.AnatomyPrior.from_label_maps([label_map(16), label_map(24)], NAMES)
+    negated = np.full((20, 8, 8), -850, np.int16)  # pooled HU of a pair: 20 real slices
+    asked = negated.copy()
+    asked[12:, 4:6, 1:3] = 0  # a change low in the right lung's back: the right lower lobe
+    lobes = {name: (name,) for name in LOBES.values()}
+    assert fs.changed_place(prior, asked, negated, fs.SIDE_REGIONS) == "right"
+    assert fs.changed_place(prior, asked, negated, lobes) == "right lower lobe"
+    longer = np.concatenate([asked, asked[-4:]])  # another length: compared by fraction of the body
+    longer[:, 4:6, 1:3] = -850
+    longer[:, 2:4, 5:7] = 0  # now in the left lung, upper and lower
+    assert fs.changed_place(prior, longer, negated, fs.SIDE_REGIONS) == "left"
+
+
+def test_levels_split_any_body_into_the_same_fractions():
+    assert fs.levels(8).tolist() == list(range(8))
+    assert fs.levels(16).tolist() == [k // 2 for k in range(16)]
+    assert fs.levels(3).tolist() == [1, 4, 6]
+
+
+def test_a_lobe_classifier_beats_chance_and_one_class_gives_a_constant_probe():
+    rng = np.random.default_rng(0)
+    lobes = np.array(list(LOBES.values()))[rng.integers(0, 5, 100)]
+    x = rng.normal(size=(100, 30))
+    for k, name in enumerate(LOBES.values()):
+        x[lobes == name, k] += 2.5
+    classes = tuple(sorted(set(lobes)))
+    accuracy = fs.cross_validated_accuracy(x, lobes, [f"p{i // 2}" for i in range(100)], classes)
+    assert accuracy > 0.4  # chance: about 0.2 (the strong L2 keeps the probes near the base rate)
+    classifier = fs.fit_classifier(x, lobes, classes)
+    assert np.allclose(classifier.probabilities(x).sum(1), 1) and (np.array(classifier.predict(x)) == lobes).mean() > 0.5
+    constant = fs.fit_probe(x, np.ones(100, bool))
+    assert np.all(constant.probability(x) > 0.99)
+
+
+def labelled(n: int, rng: np.random.Generator):
+    """n volumes: cardiomegaly seen only in the HU features, pleural effusion's side only in the latents; the other
+    findings absent (so not studied)."""
+    features, labels = [], []
+    for k in range(n):
+        findings = {f.name: {"present": False} for f in FINDINGS}
+        enlarged, where = k % 2 == 0, ("right", "left")[k // 2 % 2]
+        findings["cardiomegaly"] = {"present": enlarged, "scale": 1.2}
+        findings["pleural_effusion"] = {"present": True, "side": where, "grade": "small"}
+        latent, hu = rng.normal(size=2 * 4 * 8 * 8 * 8), rng.normal(size=60)
+        hu[:5] += 2.0 if enlarged else 0.0
+        cells = latent.reshape(2 * 4 * 8 * 8, 8)
+        cells[:40, 0] += 2.0 if where == "right" else -2.0  # an asymmetry across the columns
+        features.append(fs.Features(latent, hu))
+        labels.append(findings)
+    return features, labels
+
+
+def test_calibrate_chooses_the_detector_that_sees_the_finding():
+    features, labels = labelled(40, np.random.default_rng(1))
+    detectors, skipped = fs.calibrate(features, labels, [f"p{k}" for k in range(40)])
+    cardiomegaly = detectors["cardiomegaly", "present"].score
+    assert cardiomegaly.used == "hu" and cardiomegaly.hu > 0.9 and cardiomegaly.latent < 0.8
+    assert cardiomegaly.chance == 0.5 and cardiomegaly.volumes == 40 and cardiomegaly.classes == [False, True]
+    effusion_side = detectors["pleural_effusion", "side"].score
+    assert effusion_side.used == "latent" and effusion_side.latent > 0.9 and effusion_side.classes == ["left", "right"]
+    assert ("pleural_effusion", "present") not in detectors  # every volume has it: nothing to tell apart
+    assert "pleural_effusion present" in skipped and "emphysema present" in skipped
+    assert ("cardiomegaly", "side") not in detectors and "cardiomegaly side" not in skipped  # it has no side
+    probabilities = detectors["cardiomegaly", "present"].probabilities(features[:4])
+    assert probabilities.shape == (4, 2) and probabilities[0, 1] > 0.5 > probabilities[1, 1]
+
+
+def test_writer_reports_describe_one_finding_each_and_both_sides(tmp_path):
+    from ctflow.volume import Geometry, Volume
+    from ctflow.report import Report
+    from ctflow_train.dataset import DatasetWriter
+
+    rows = [("consolidation", {"lobe": "right lower lobe", "air_bronchogram": False, "volume_ml": 30}),
+            ("consolidation", {"lobe": "left upper lobe", "air_bronchogram": True, "volume_ml": 40}),
+            ("emphysema", {"severity": "mild", "low_attenuation_fraction": 0.1})]
+    with DatasetWriter(tmp_path) as writer:
+        for k, (name, params) in enumerate(rows):
+            findings = {f.name: {"present": False} for f in FINDINGS}
+            findings[name] = {"present": True, **params}
+            volume = Volume(np.full((4, 8, 8), -1000, np.int16), Geometry((1.0, 1.0, 2.5)), None)
+            writer.add(f"synth_0_{k:05d}", volume, Report("x", "y"), {"findings": findings})
+    reports, located = fs.writer_reports(tmp_path, 0, ("emphysema", "consolidation"))
+    assert set(reports) == {"normal", "emphysema", "consolidation"}
+    assert "right lower lobe" in reports["consolidation"] and "emphysema" in reports["emphysema"].lower()
+    assert [(r.name, r.side, r.lobe) for r in located] == [("consolidation right", "right", "right lower lobe"),
+                                                           ("consolidation left", "left", "left upper lobe")]
+    with pytest.raises(CTFlowError, match="no patient .* has nodule"):
+        fs.writer_reports(tmp_path, 0, ("nodule",))
+
+
+def study() -> fs.FindingStudy:
+    score = fs.DetectorScore("consolidation", "present", [False, True], 80, 80, 0.7, 0.81, 0.86)
+    lobe = fs.DetectorScore("consolidation", "lobe", ["left lower lobe", "right lower lobe"], 24, 24, 0.5, 0.6, 0.55)
+    return fs.FindingStudy(
+        "model", 3, 0, 16, 1.0, "80 volumes", "12 patients", [score, lobe], {"emphysema side": "why"},
+        [fs.Response("writer", "consolidation", "consolidation", [0.9, 0.4, 0.7], [0.2, 0.6, 0.1], 2),
+         fs.Response("heldout", "consolidation_RLL", "consolidation", [0.6, 0.7, 0.2], [0.3, 0.3, 0.3])],
+        [fs.Placement("heldout", "consolidation_RLL", "consolidation", "lobe", "right lower lobe",
+                      ["right lower lobe", "left lower lobe", "right lower lobe"], 0.5)],
+        {"writer/normal": "Findings: normal."})
+
+
+def test_the_result_counts_round_trips_and_makes_tables():
+    result = study()
+    assert result.detectors[0].used == "hu" and result.detectors[1].used == "latent"
+    writer, heldout = result.responses
+    assert (writer.shown_when_asked, writer.shown_when_negated, writer.raised) == (2, 1, 2)
+    assert (heldout.shown_when_asked, heldout.shown_when_negated, heldout.raised) == (2, 0, 2)
+    assert result.placements[0].hits == 2
+    again = fs.FindingStudy.from_json(result.to_json())
+    assert again == result
+    table = result.markdown()
+    assert "| consolidation | present | 80 (80) | 0.7 | 0.81 | 0.86 | hu |" in table
+    assert "| writer | consolidation | hu 0.86 (0.7) | 2/3 | 1/3 | 2/3 | 2/3 | 0.667 / 0.300 |" in table
+    assert "| heldout | consolidation_RLL | lobe | right lower lobe | latent 0.6 | 2/3 | 0.50 |" in table
+    assert "not fitted: emphysema side (why)" in table
+    with pytest.raises(CTFlowError, match="not the JSON"):
+        fs.FindingStudy.from_json(json.dumps({"seeds": 3}))
 
 
 def test_finding_study_probes_the_cohort_and_counts_generated_volumes(tiny, data, vae_run, cache, tmp_path):
@@ -65,46 +226,53 @@ def test_finding_study_probes_the_cohort_and_counts_generated_volumes(tiny, data
     args = parser.parse_args(["--flow", str(flow), "--vae", str(vae_run[0]), "--cache", str(cache),
                               "--out", str(tmp_path / "model"), "--steps", "2", "--calibration-cases", "2"])
     export.export(export.ExportRun.from_args(args))
+    lungs = np.zeros((14, tiny.SIZE, tiny.SIZE), np.uint8)  # the tiny volumes' anatomy, roughly: a lung on each side
+    lungs[:, 6:10, 3:7], lungs[:, 6:10, 9:13], lungs[:, 7:9, 7:9] = 1, 2, 3
+    names = {**dict.fromkeys(LOBES, 0), "lung_upper_lobe_right": 1, "lung_upper_lobe_left": 2, "heart": 3,
+             "aorta": 0, "trachea": 0, "esophagus": 0}
+    fs.AnatomyPrior.from_label_maps([lungs], names).save(tmp_path / "prior.npz")
     parser = argparse.ArgumentParser()
-    finding_study.configure(parser)
-    args = parser.parse_args(["--model", str(tmp_path / "model"), "--data", str(data), str(data),
-                              "--latents", str(cache), str(cache), "--seeds", "2", "--steps", "2",
-                              "--out", str(tmp_path / "findings.json")])
-    assert finding_study.run(args) == 0
-    result = json.loads((tmp_path / "findings.json").read_text())
-    studied = set(finding_study.STUDIED)
-    assert all(d["volumes"] == 6 and d["patients"] == 3 and d["with_finding"] in (2, 4)
-               for d in result["detectors"].values())
-    for key in ("shown_when_asked", "shown_when_negated", "asking_raised_probability", "own_report_ranked_first"):
-        assert set(result[key]) == studied and all(0 <= n <= 2 for n in result[key].values())
-    values = result["values"]
-    for finding in studied:  # recount two of them from the stored probabilities
-        asked, negated = values[finding], values["normal"]
-        raised = sum(a[finding] > n[finding] for a, n in zip(asked, negated))
-        assert result["asking_raised_probability"][finding] == raised
-        firsts = sum(max(values, key=lambda kind: values[kind][s][finding]) == finding for s in range(2))
-        assert result["own_report_ranked_first"][finding] == firsts
-    assert set(result["values"]) == studied | {"normal"} and len(result["values"]["normal"]) == 2
-    # sides: the cache holds patients 0-2, so pleural effusion (patients 1, 3) is seen on the right only
-    assert result["detectors"]["pleural_effusion"]["side"] == {"skipped": "the cached volumes show it on one side only"}
-    side = result["detectors"]["consolidation"]["side"]
-    assert side["right"] == 2 and side["left"] == 2 and side["always_the_commoner_side"] == 0.5
-    sided = result["sided_reports"]
-    assert set(sided) == set(result["at_reported_side"]) == set(result["side_values"]) == {"consolidation"}
-    assert "right lower lobe" in sided["consolidation"]["right"] and "left lower lobe" in sided["consolidation"]["left"]
-    # its first patient has it on the right
-    assert result["reports"]["consolidation"] == sided["consolidation"]["right"]
-    right = result["side_values"]["consolidation"]
-    assert result["at_reported_side"]["consolidation"] == {"right": sum(p > 0.5 for p in right["right"]),
-                                                           "left": sum(p < 0.5 for p in right["left"])}
-    more_right = sum(a > b for a, b in zip(right["right"], right["left"]))
-    assert result["right_report_more_right"]["consolidation"] == more_right
-    assert all(0 <= p <= 1 for ps in result["values"].values() for v in ps for p in v.values())
-    assert "No emphysema" in result["reports"]["normal"] or "emphysema" in result["reports"]["normal"].lower()
-    assert "pleural effusion" in result["reports"]["pleural_effusion"].lower()
+    fs.configure(parser)
+    out = tmp_path / "findings.json"
+    argv = ["--model", str(tmp_path / "model"), "--data", str(data), str(data), "--latents", str(cache), str(cache),
+            "--prior", str(tmp_path / "prior.npz"), "--feature-cache", str(tmp_path / "features"),
+            "--heldout-per-finding", "1", "--seeds", "2", "--steps", "2", "--out", str(out)]
+    assert fs.run(parser.parse_args(argv)) == 0
+    result = fs.FindingStudy.from_json(out.read_text())
+    assert out.with_suffix(".md").read_text() == result.markdown()
+    studied = {"emphysema", "pleural_effusion", "consolidation", "cardiomegaly"}  # what the tiny labels vary
+    present = {d.finding: d for d in result.detectors if d.target == "present"}
+    assert set(present) == studied and all(d.volumes == 6 and d.patients == 3 for d in present.values())
+    assert all(0 <= d.latent <= 1 and 0 <= d.hu <= 1 and d.used in ("latent", "hu") for d in result.detectors)
+    writer = {r.case: r for r in result.responses if r.report_set == "writer"}
+    heldout = [r for r in result.responses if r.report_set == "heldout"]
+    assert set(writer) == studied and all(len(r.asked) == len(r.negated) == 2 for r in result.responses)
+    assert {r.finding for r in heldout} == studied and len(heldout) == 4  # one case each
+    assert set(result.reports) >= {f"writer/{f}" for f in studied} | {"writer/normal"}  # each against the normal one
+    assert {f"heldout/{r.case}/negated" for r in heldout} <= set(result.reports)  # each against its counterpart
+    assert all(0 <= r.ranked_first <= 2 for r in writer.values())
+    # sides: the store holds patients 0-2, so pleural effusion (patients 1, 3) is seen on the right only
+    assert result.detector("pleural_effusion", "side") is None
+    side = result.detector("consolidation", "side")
+    assert side.classes == ["left", "right"] and side.volumes == 4 and side.chance == 0.5
+    placed = {(p.report_set, p.case, p.target): p for p in result.placements}
+    assert ("writer", "consolidation right", "side") in placed and ("writer", "consolidation left", "side") in placed
+    read = [p for p in placed.values() if "change" not in p.target]
+    assert read and all(p.finding == "consolidation" for p in read)  # the only finding with side and lobe detectors
+    changed = placed["writer", "pleural_effusion left", "side (change)"]  # read without a detector
+    assert changed.expected == "left" and len(changed.predicted) == 2 and changed.chance == 0.5
+    assert "right lower lobe" in result.reports["writer/consolidation right"]
+    assert "left lower lobe" in result.reports["writer/consolidation left"]
+    cached = len(list((tmp_path / "features").iterdir()))  # training volumes and every generated volume
+    assert fs.run(parser.parse_args([*argv, "--overwrite"])) == 0
+    assert len(list((tmp_path / "features").iterdir())) == cached  # nothing generated twice
+    assert fs.FindingStudy.from_json(out.read_text()) == result  # and the same figures
+    with pytest.raises(CTFlowError, match="exists"):
+        fs.run(parser.parse_args(argv))
+    args = parser.parse_args([*argv, "--overwrite"])
     args.latents = args.latents[:1]
-    with pytest.raises(ValueError, match="one --latents cache per --data folder"):
-        finding_study.run_study(args)
+    with pytest.raises(CTFlowError, match="one --latents store per --data folder"):
+        fs.run_study(args)
     args.data, args.latents = [data], [tiny.store_of_another_vae(cache, tmp_path)]
-    with pytest.raises(ValueError, match="not encoded by the model's autoencoder"):
-        finding_study.run_study(args)
+    with pytest.raises(CTFlowError, match="not encoded by the model's autoencoder"):
+        fs.run_study(args)

@@ -1,14 +1,21 @@
-"""Flow training's samples: StartBoost and text dropout, consecutive blocks, epochs and rank shares, and samples that
-depend on their position only.
+"""Flow training's samples: StartBoost and text dropout, consecutive blocks, epochs and rank shares, samples that
+depend on their position only, EndBoost and paired twins.
 """
 
 from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
+from ctflow.config import ModelConfig
+from ctflow.errors import CTFlowError
+from ctflow.report import Report
+from ctflow.volume import Geometry, Volume
+from ctflow_train import latent_store, train_flow
+from ctflow_train.dataset import DatasetWriter
 from ctflow_train.flow_data import Batch, BlockDataset, SamplingRules, ShareSampler, block_loader, collate, noises
 from ctflow_train.latent_store import LatentStore, open_stores
 
@@ -80,3 +87,56 @@ def test_batches_say_where_each_block_starts(tiny, cache):
         end = offset + tiny.BLOCK
         assert any(len(v) >= end and torch.equal(batch.x0[i].transpose(0, 1), v[offset:end])
                    for v in map(store.latents, range(len(store))))
+
+
+def test_endboost_draws_blocks_that_hold_the_end_and_leaves_other_runs_alone(tiny, cache):
+    white = LatentStore(cache).end[:, None]  # [C, 1, h, w]
+
+    def holds_end(x0: torch.Tensor) -> bool:  # a white slice (as the store keeps it, in float16) in the block
+        return bool(((x0.float() - white).abs().amax(dim=(0, 2, 3)) < 1e-2).any())
+
+    assert all(map(holds_end, tiny.draw(cache, 30, seed=2, start_p=0.0, end_p=1.0).x0))  # at or after the end
+    plain = tiny.draw(cache, 30, seed=2, start_p=0.0)
+    assert sum(map(holds_end, plain.x0)) < 30
+    assert torch.equal(tiny.draw(cache, 30, seed=2, start_p=0.0, end_p=0.0).x0, plain.x0)  # off: the draws of before
+
+
+@pytest.fixture(scope="module")
+def twin_store(tiny, vae_run, tmp_path_factory):
+    """Two patients, the first with two twins (a finding flipped, one moved to a side): as `cohort --twins` names them."""
+    folder = tmp_path_factory.mktemp("twins")
+    rng = np.random.default_rng(5)
+    with DatasetWriter(folder) as writer:
+        for name in ("synth_0_00000", "synth_0_00000_with_emphysema", "synth_0_00000_with_right_consolidation",
+                     "synth_0_00001"):
+            report = Report(findings=f"{name.replace('_', ' ')}.", impressions="Normal.")
+            volume = Volume(tiny.volume(rng, 14), Geometry((2.0, 2.0, 2.5)), None)
+            writer.add(name, volume, report, tiny.labels(0))
+    path = tmp_path_factory.mktemp("twin_store") / "latents"
+    latent_store.build_store(folder, vae_run[0] / "vae", path, 0, tiny.SIZE, ModelConfig().text, log=lambda line: None)
+    return path
+
+
+def test_paired_twins_give_every_second_sample_a_twin_with_the_same_draws(tiny, twin_store):
+    stores = open_stores([twin_store])
+    names = stores[0].names
+    paired = BlockDataset(stores, SamplingRules(tiny.BLOCK, start_p=0.0, text_drop=0.0, paired_twins=True), 4)
+    plain = BlockDataset(stores, SamplingRules(tiny.BLOCK, start_p=0.0, text_drop=0.0), 4)
+    assert paired.twins == {0: [1, 2], 1: [0, 2], 2: [0, 1]}  # the fourth volume is another patient
+    pairs, other_blocks = 0, 0
+    for first in range(0, 16, 2):
+        a, b = paired[first], paired[first + 1]
+        assert torch.equal(a["x0"], plain[first]["x0"])  # the pair's first sample is what it was
+        _, volume = paired.volume(first)
+        if names[volume] == "synth_0_00001":  # no twin: an ordinary sample
+            assert torch.equal(b["x0"], plain[first + 1]["x0"])
+            continue
+        pairs += 1
+        assert all(torch.equal(a[k], b[k]) for k in ("first_slice", "t", "seed", "rollout_u", "rollout_t"))
+        assert not torch.equal(a["text"], b["text"])  # another report
+        other_blocks += not torch.equal(a["x0"], b["x0"])  # another volume (unless the block is all white end slices)
+    assert pairs >= 3 and other_blocks >= 2
+    batch = tiny.draw(twin_store, 8, seed=4, start_p=0.0, text_drop=0.0)
+    assert torch.equal(batch.x0, collate([plain[p] for p in range(8)]).x0)  # off: the draws of before
+    with pytest.raises(CTFlowError, match="even --batch"):
+        train_flow.train(tiny.flow_run(twin_store, twin_store.parent / "odd", paired_twins=True))

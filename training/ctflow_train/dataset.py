@@ -12,6 +12,7 @@ The index is written as cases finish, so an interrupted run still leaves a usabl
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from ctflow.conventions import real_slices
@@ -21,6 +22,12 @@ from ctflow.report import Report
 from ctflow.volume import Volume
 
 INDEX, SKIPPED = "index.jsonl", "skipped.json"
+TWIN_SUFFIX = re.compile(r"_with(out)?_[a-z_]+$")  # cohort twins: <patient>_with_X, _without_X, _with_right_X
+
+
+def patient_of(name: str) -> str:
+    """The patient a volume shows: a cohort twin's name without its suffix, any other name as it is."""
+    return TWIN_SUFFIX.sub("", name)
 
 
 def read_index(folder: str | Path) -> list[dict]:

@@ -26,6 +26,7 @@ from ctflow.sampling import METHODS, sample
 
 from .checkpoint import CHECKPOINT, load_checkpoint, read_meta
 from .evaluate import ModelEvaluation
+from .finding_study import FindingStudy
 from .latent_store import LatentStore
 from .options import RunConfig
 from .runtime import load_vae
@@ -35,9 +36,6 @@ END_FRACTION = 0.9
 MIN_END_ACCURACY = 0.9  # below this the model's white frames are not told apart from real ones
 # evaluation entries too long for a model card (they stay in the JSON)
 DETAILS = ("volumes", "values", "reports", "side_values", "sided_reports")
-STUDY = ("detectors", "seeds", "steps", "guidance", "shown_when_asked", "shown_when_negated",
-         "asking_raised_probability", "own_report_ranked_first", "at_reported_side",
-         "right_report_more_right")  # finding-study entries: the card's findings tables
 
 
 @dataclass(frozen=True)
@@ -189,9 +187,9 @@ def model_card(config: ModelConfig, vae_metrics: AutoencoderMetrics, flow_meta: 
         " A volume also ends at the first slice the decoder draws white.",
     ]
     lines += evaluation_lines(evaluations)
-    evaluation = {key: value for data in evaluations for key, value in data.items()}
-    if "shown_when_asked" in evaluation:
-        lines += findings_table(evaluation)
+    for data in evaluations:
+        if FindingStudy.is_one(data):
+            lines += findings_section(FindingStudy.from_json(json.dumps(data)))
     lines += ["", "## Training stages", "", "| run | steps | minutes | device | batch | lr | previous-block noise | "
               "own-estimate share | slice position | pooled text | seam context | latent caches |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -213,32 +211,9 @@ def model_card(config: ModelConfig, vae_metrics: AutoencoderMetrics, flow_meta: 
     return "\n".join(lines)
 
 
-def findings_table(study: dict) -> list[str]:
-    """`ctflow-train finding-study`'s counts, one row per finding."""
-    n = study["seeds"]
-    probed = next(iter(study["detectors"].values()))
-    lines = ["", "## Findings asked for vs negated (`ctflow-train finding-study`)", "",
-             f"{n} seeds per report, {study['steps']} sampling steps, guidance {study['guidance']}. Detector: a probe on "
-             f"the volume's latents, trained on the labels of {probed['volumes']} cached volumes of "
-             f"{probed['patients']} training patients and their twins; its accuracy is cross-validated with each "
-             "patient and his twins in one fold.", "",
-             "| finding | detector accuracy | shown when asked | shown when negated | asking raised the probability | "
-             "own report ranked first of all |", "|---|---|---|---|---|---|"]
-    for finding, asked in study["shown_when_asked"].items():
-        lines.append(f"| {finding} | {study['detectors'][finding]['cross_validated_accuracy']} | {asked}/{n} | "
-                     f"{study['shown_when_negated'][finding]}/{n} | {study['asking_raised_probability'][finding]}/{n} | "
-                     f"{study['own_report_ranked_first'][finding]}/{n} |")
-    sides = study.get("at_reported_side", {})
-    if sides:
-        lines += ["", "Where the report puts it: the finding's report with it on the right, then on the left (same seeds); "
-                  "a second probe, trained on those volumes that show the finding on one side, tells right from left.", "",
-                  "| finding | side detector accuracy (always guessing the commoner side) | on the right when reported right | "
-                  "on the left when reported left | right report more right than left report |", "|---|---|---|---|---|"]
-        for finding, at in sides.items():
-            detector = study["detectors"][finding]["side"]
-            lines.append(f"| {finding} | {detector['cross_validated_accuracy']} ({detector['always_the_commoner_side']}) | "
-                         f"{at['right']}/{n} | {at['left']}/{n} | {study['right_report_more_right'][finding]}/{n} |")
-    return lines
+def findings_section(study: FindingStudy) -> list[str]:
+    """`ctflow-train finding-study`'s tables: detectors, responses, placements."""
+    return ["", "## Findings asked for vs negated (`ctflow-train finding-study`)", "", study.markdown().rstrip()]
 
 
 def evaluation_lines(evaluations: list[dict]) -> list[str]:
@@ -248,8 +223,8 @@ def evaluation_lines(evaluations: list[dict]) -> list[str]:
     for data in evaluations:
         if ModelEvaluation.is_one(data):
             lines += ModelEvaluation.from_json(data).markdown()
-        else:
-            lines += [f"- {key}: {json.dumps(summary(value))}" for key, value in data.items() if key not in DETAILS + STUDY]
+        elif not FindingStudy.is_one(data):
+            lines += [f"- {key}: {json.dumps(summary(value))}" for key, value in data.items() if key not in DETAILS]
     return lines
 
 

@@ -1,41 +1,38 @@
-"""Does a finding appear when the report asks for it, and stay away when the report negates it?
+"""Does a finding appear when the report asks for it, where it asks for it, and stay away when negated?
 
-    ctflow-train finding-study --model Resources/Models/ctflow-demo --data cache/cohort cache/twins \\
-        --latents cache/latents16 cache/twins16 --seeds 10 --out cache/findings.json
+    ctflow-train finding-study --model Resources/Models/ctflow-demo --data cache/cohort \\
+        --latents cache/latents16 --prior cache/anatomy_prior.npz --seeds 10 --out cache/findings.json
 
-The detector of each finding is a probe: a logistic regression on the volume's latents (the model's own space)
-of every 4th real slice, averaged over a coarse grid (8 levels x 8 x 8 places x the latent channels; mean and
-spread in each cell). It is trained on the cohort's latent caches and label files, and cohort twins
-(`ctflow-train cohort --twins`) sharpen it, since a pair differs only in the finding. Its accuracy is
-cross-validated with each patient and his twins in one fold. CTFlow and GenerateCT measure text alignment alike:
-a classifier trained on real CTs (CT-CLIP there) applied to generated ones. HU rules on the decoded volumes do
-worse through the 16x slice autoencoder: the share of lung below -950 HU (LAA-950) and the lungs' area, in 4
-levels, told emphysema apart in 65 % of the cohort's volumes and pleural effusion in 64 % (latent probe: 62 % and
-83 %); adding them to the probe changed nothing, so they are not measured.
+Every finding the cohort draws is studied, with two report sets: the cohort's own writer (reports.py: the finding
+alone described, against a normal report that negates every finding) and the held-out phrasings
+(heldout_reports.json: a radiologist's own words, each against its counterpart with the finding negated or
+resolved). Same seeds for both reports of a pair, so the study also counts the seeds in which asking raised the
+detector's probability over negating: a paired comparison, which a weak detector blurs less than the counts.
 
-A generated volume is encoded by the model's VAE, as the cohort's volumes were, and "shows" the finding when its
-probe says more likely than not. Reports: the finding alone described (its parameters taken from a cohort
-patient), versus a normal report, which negates every finding; the same seeds for both, so the study also
-counts the seeds in which asking raised the probe's probability over negating: a paired comparison, which a
-weak detector blurs less than it blurs the counts. Any described finding may change a volume somewhat (a report
-that is not normal), so it also counts the seeds in which the finding's own report, of all the reports, gave its
-probe the highest probability (1 in 5 by chance): that the change is the one asked for.
-
-Where the report puts it: for findings on one side (pleural effusion, consolidation), a second probe, fitted on
-the cohort's volumes that have the finding on one side only, tells right from left. It reads the grid's features
-minus those of its mirror image, the part that differs between the two sides (cross-validated on the cohort: 0.82
-for consolidation where the plain grid gave 0.65). The finding's report is generated once with the finding on the
-right and once on the left (parameters of the first cohort patient with it there), and the study counts the seeds
-whose volume that probe puts on the reported side, and the seeds in which the right-sided report made the volume
-more right-sided than the left-sided one did (5 in 10 by chance).
+Detectors, so that "the model does not respond" can be told from "the detector cannot see it": for each finding
+and target (present; its side; its lobe, where the cohort's labels name one) two classifiers are cross-validated
+on the cohort's volumes, each patient and his twins in one fold, and the better one reads the generated volumes:
+- a probe on the volume's latents (the model's own space) of every 4th real slice, averaged over a coarse grid
+  (8 levels x 8 x 8 places x the latent channels, mean and spread); for the side, the grid minus its mirror image;
+- a probe on the decoded HU (every 4th real slice, through the model's own decoder, as a generated volume is) in
+  the regions of an anatomy prior: the share of voxels in 11 HU bins in each lobe, the heart, the aorta, the airway
+  and oesophagus and the whole slice, in 8 levels along the body. A generated volume has no label map, so the
+  regions are the cohort's mean label maps (the share of patients in whom a place lies in that structure), with
+  the body's levels taken as fractions of its real slices: registration-free, and blurred where patients differ.
+Probes are L2-penalised logistic regressions, one against the rest for the lobe; the lobe predicted is the likeliest.
+Side and lobe are also read without a detector: the place (the prior's lobes, or a lung's) where the volume differs
+most from its pair, the same seed with the finding negated ("side (change)", "lobe (change)").
+CTFlow and GenerateCT measure text alignment alike: a classifier trained on real CTs applied to generated ones.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -43,19 +40,34 @@ import torch
 import torch.nn.functional as F
 
 from ctflow import CTFlowPipeline, GenerationRequest
-from ctflow.conventions import START_HU
+from ctflow.conventions import START_HU, real_slices
+from ctflow.errors import CTFlowError
+from ctflow.io import atomic_write
+from ctflow.model_folder import sha256_file
 
-from .dataset import read_index
-from .evaluate import real_slices
-from .findings import SIDED, SIDES  # the findings a report puts on one side; "right", "left"
+from .anatomy import in_labels
+from .dataset import patient_of, read_index
+from .findings import FINDINGS, LOBES, SIDES
+from .heldout import DEFAULT as HELDOUT, HeldOutCase, load_heldout
 from .latent_store import LatentStore, same_encoding
 from .reports import write_report
 
-STUDIED = ("emphysema", "pleural_effusion", "consolidation", "cardiomegaly")
+STUDIED = tuple(finding.name for finding in FINDINGS)  # every finding the cohort draws
+KINDS = ("latent", "hu")
 GRID = (8, 8, 8)  # levels along the body x rows x columns the latents are averaged over
 EVERY = 4  # every 4th real slice is enough for 8 levels, and a generated volume is encoded 4x faster
+POOL = 2  # decoded HU averaged over 2 x 2 pixels: the 16x latent keeps no finer detail
+LEVELS = 8
+HU_EDGES = (-950, -850, -700, -400, -100, 20, 80, 150, 400, 1000)  # air, emphysema, lung, haze, fat, fluid,
+# soft tissue, enhancing tissue, calcium, bone, metal
+REGIONS = {**{name: (label,) for label, name in LOBES.items()}, "heart": ("heart",), "aorta": ("aorta",),
+           "airway and oesophagus": ("trachea", "esophagus")}  # and the whole slice
 FOLDS = 5
-TWIN_SUFFIX = re.compile(r"_with(out)?_[a-z_]+$")
+COHORT_NAME = re.compile(r"^synth_(\d+)_(\d+)$")
+MIN_CLASS = 2  # volumes each class needs for a detector to be fitted and cross-validated
+
+
+# ---------------------------------------------------------------- features
 
 
 def grid_features(latents: torch.Tensor) -> np.ndarray:
@@ -72,6 +84,142 @@ def mirrored_difference(features: np.ndarray) -> np.ndarray:
     return (cells - cells[..., ::-1]).reshape(features.shape)
 
 
+def pooled(hu: np.ndarray) -> np.ndarray:
+    """[S, H, W] HU -> int16 [S, H/POOL, W/POOL] means."""
+    s, h, w = hu.shape
+    return np.rint(hu.reshape(s, h // POOL, POOL, w // POOL, POOL).mean((2, 4))).astype(np.int16)
+
+
+def levels(slices: int) -> np.ndarray:
+    """The level (of LEVELS, head to feet) of each of `slices` slices: registration-free, by fraction of the body."""
+    return np.minimum(((np.arange(slices) + 0.5) * LEVELS / slices).astype(int), LEVELS - 1)
+
+
+@dataclasses.dataclass
+class AnatomyPrior:
+    """Soft regions in the model's grid: [region, level, row, column] share of patients with that structure there."""
+
+    regions: tuple[str, ...]
+    weights: np.ndarray  # float32 [len(regions), LEVELS, H / POOL, W / POOL]
+    patients: int
+
+    @classmethod
+    def from_label_maps(cls, maps: list[np.ndarray], names: dict[str, int]) -> "AnatomyPrior":
+        """From label maps [S, H, W] of real slices (each its own length), `names` structure -> label id."""
+        s, h, w = maps[0].shape
+        weights = np.zeros((len(REGIONS) + 1, LEVELS, h // POOL, w // POOL), np.float32)
+        for labels in maps:
+            level = levels(len(labels))
+            for r, structures in enumerate(REGIONS.values()):
+                inside = in_labels(labels, [names[s] for s in structures]).astype(np.float32)
+                share = inside.reshape(len(labels), h // POOL, POOL, w // POOL, POOL).mean((2, 4))
+                for lv in range(LEVELS):
+                    weights[r, lv] += share[level == lv].mean(0) / len(maps)
+        weights[-1] = 1.0
+        return cls((*REGIONS, "whole slice"), weights, len(maps))
+
+    def save(self, path: Path) -> None:
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.savez would add .npz to the temporary name
+                np.savez(f, weights=self.weights, regions=np.array(self.regions), patients=self.patients)
+
+        atomic_write(path, write, overwrite=True)
+
+    @classmethod
+    def load(cls, path: Path) -> "AnatomyPrior":
+        with np.load(path) as stored:
+            return cls(tuple(str(r) for r in stored["regions"]), stored["weights"], int(stored["patients"]))
+
+    def features(self, hu: np.ndarray) -> np.ndarray:
+        """Pooled HU [S, h, w] of a volume's real slices -> share of each region's voxels in each HU bin, per level."""
+        if hu.shape[1:] != self.weights.shape[2:]:
+            raise CTFlowError(f"the anatomy prior is {self.weights.shape[2:]} a slice, the volume {hu.shape[1:]}")
+        bins = np.digitize(hu, HU_EDGES)
+        count = len(HU_EDGES) + 1
+        share = np.zeros((LEVELS, count, *hu.shape[1:]), np.float32)
+        for lv, where in enumerate(levels(len(hu))[None] == np.arange(LEVELS)[:, None]):
+            if where.any():
+                share[lv] = (bins[where][None] == np.arange(count)[:, None, None, None]).mean(1)
+        inside = np.einsum("rlhw,lbhw->rlb", self.weights, share)
+        return (inside / (self.weights.sum((2, 3))[..., None] + 1e-6)).ravel()
+
+
+def cohort_prior(folder: Path, patients: int, size: int, slice_spacing: float, cache: Path | None, log) -> AnatomyPrior:
+    """The prior from the label maps of the first `patients` patients of a cohort folder, drawn again (the cohort
+    keeps their findings, not their maps; a patient is a function of the cohort seed and his index)."""
+    from .cohort import generate_patient, template
+
+    names = [m.groups() for e in read_index(folder) if (m := COHORT_NAME.match(e["name"]))][:patients]
+    if not names:
+        raise CTFlowError(f"{folder} holds no patient of `ctflow-train cohort`: its anatomy cannot be drawn again")
+    maps = []
+    for seed, index in names:
+        maps.append(generate_patient(int(seed), int(index), size, slice_spacing, cache).labels)
+        log(f"anatomy prior: patient {len(maps)}/{len(names)}")
+    return AnatomyPrior.from_label_maps(maps, template(size, cache).anatomy.names)
+
+
+@dataclasses.dataclass
+class Features:
+    """What the detectors read of one volume."""
+
+    latent: np.ndarray  # grid_features of its latents
+    hu: np.ndarray  # AnatomyPrior.features of its decoded HU
+    pooled: np.ndarray | None = None  # its pooled decoded HU, for a generated volume (see `changed_place`)
+
+    def view(self, kind: str, target: str) -> np.ndarray:
+        if kind == "hu":
+            return self.hu  # the regions are on one side already
+        return mirrored_difference(self.latent) if target == "side" else self.latent
+
+
+class FeatureCache:
+    """Latent grid and pooled decoded HU of volumes, one .npz a volume under a key, so a rerun (more seeds, another
+    prior) encodes and decodes nothing twice. Without a folder it keeps nothing."""
+
+    def __init__(self, folder: Path | None, prior: AnatomyPrior) -> None:
+        self.folder, self.prior = folder, prior
+        if folder:
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def get(self, key: str, make, keep_hu: bool = False) -> Features:
+        """`make()` -> (latent grid, pooled HU), called only when `key` is not stored; `keep_hu`: Features.pooled."""
+        path = self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz" if self.folder else None
+        if path and path.is_file():
+            with np.load(path) as stored:
+                latent, hu = stored["latent"], stored["hu"]
+        else:
+            latent, hu = make()
+            if path:
+                def write(tmp: Path) -> None:
+                    with open(tmp, "wb") as f:
+                        np.savez(f, latent=latent, hu=hu)
+
+                atomic_write(path, write, overwrite=True)
+        return Features(latent, self.prior.features(hu), hu if keep_hu else None)
+
+
+SIDE_REGIONS = {side: tuple(LOBES[label] for label in labels) for side, labels in SIDES.items()}
+CHANGE_SLICES = 4 * LEVELS  # both volumes of a pair, resampled along the body to as many slices
+
+
+def changed_place(prior: AnatomyPrior, asked: np.ndarray, negated: np.ndarray, places: dict[str, tuple[str, ...]]) -> str:
+    """Of `places` (name -> prior regions), the one in which a volume differs most from its pair's (same seed, the
+    finding negated): mean |HU change| weighted by the prior. Needs no detector, so it cannot be blind where the
+    probes are; but where the report changed the whole anatomy, that change is read as well."""
+    def along_body(hu: np.ndarray) -> np.ndarray:
+        return hu[((np.arange(CHANGE_SLICES) + 0.5) * len(hu) / CHANGE_SLICES).astype(int)].astype(np.float32)
+
+    change = np.abs(along_body(asked) - along_body(negated))  # [CHANGE_SLICES, h, w]
+    weights = np.repeat(prior.weights, CHANGE_SLICES // LEVELS, axis=1)  # [R, CHANGE_SLICES, h, w]
+    score = {name: sum((weights[prior.regions.index(r)] * change).sum() for r in regions) /
+             (sum(weights[prior.regions.index(r)].sum() for r in regions) + 1e-6) for name, regions in places.items()}
+    return max(score, key=score.get)
+
+
+# ---------------------------------------------------------------- probes
+
+
 @dataclasses.dataclass
 class Probe:
     """Logistic regression on standardised features."""
@@ -83,12 +231,15 @@ class Probe:
 
     def probability(self, features: np.ndarray) -> np.ndarray:
         z = ((features - self.mean) / self.scale) @ self.weight + self.bias
-        return 1 / (1 + np.exp(-z))
+        return 1 / (1 + np.exp(-np.clip(z, -60, 60)))
 
 
 def fit_probe(x: np.ndarray, y: np.ndarray, l2: float = 1.0) -> Probe:
-    """Penalised maximum likelihood (L-BFGS); strong L2 because features outnumber patients."""
+    """Penalised maximum likelihood (L-BFGS); strong L2 because features outnumber patients. One class only: a
+    constant probe."""
     mean, scale = x.mean(0), x.std(0) + 1e-6
+    if y.all() or not y.any():
+        return Probe(mean, scale, np.zeros(x.shape[1]), 30.0 if y.all() else -30.0)
     xs = torch.from_numpy((x - mean) / scale).double()
     ys = torch.from_numpy(y.astype(np.float64))
     weight = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
@@ -105,7 +256,31 @@ def fit_probe(x: np.ndarray, y: np.ndarray, l2: float = 1.0) -> Probe:
     return Probe(mean, scale, weight.detach().numpy(), float(bias.detach()))
 
 
-def cross_validated_accuracy(x: np.ndarray, y: np.ndarray, groups: list[str]) -> float:
+@dataclasses.dataclass
+class Classifier:
+    """Two classes: one probe for the second. More: one probe per class against the rest, normalised."""
+
+    classes: tuple
+    probes: list[Probe]
+
+    def probabilities(self, x: np.ndarray) -> np.ndarray:
+        """[n, len(classes)]"""
+        if len(self.classes) == 2:
+            p = self.probes[0].probability(x)
+            return np.stack([1 - p, p], -1)
+        p = np.stack([probe.probability(x) for probe in self.probes], -1) + 1e-12
+        return p / p.sum(-1, keepdims=True)
+
+    def predict(self, x: np.ndarray) -> list:
+        return [self.classes[k] for k in self.probabilities(x).argmax(-1)]
+
+
+def fit_classifier(x: np.ndarray, y: np.ndarray, classes: tuple) -> Classifier:
+    targets = classes[1:] if len(classes) == 2 else classes
+    return Classifier(classes, [fit_probe(x, y == c) for c in targets])
+
+
+def cross_validated_accuracy(x: np.ndarray, y: np.ndarray, groups: list[str], classes: tuple = (False, True)) -> float:
     """Accuracy on held-out folds of whole groups (a patient and his twins), so a twin never tests its pair."""
     names = sorted(set(groups))
     fold_of = {name: number % FOLDS for number, name in enumerate(names)}
@@ -113,10 +288,9 @@ def cross_validated_accuracy(x: np.ndarray, y: np.ndarray, groups: list[str]) ->
     right = 0
     for fold in range(FOLDS):
         test = folds == fold
-        if test.any() and 0 < y[~test].sum() < (~test).sum():
-            right += int(((fit_probe(x[~test], y[~test]).probability(x[test]) > 0.5) == y[test]).sum())
-        else:
-            right += int((y[test] == (y[~test].mean() > 0.5)).sum())
+        if test.any():
+            predicted = fit_classifier(x[~test], y[~test], classes).predict(x[test])
+            right += int((np.array(predicted, dtype=y.dtype) == y[test]).sum())
     return right / len(y)
 
 
@@ -128,150 +302,376 @@ def side(params: dict) -> str | None:
     return where if where in SIDES else None
 
 
-def labelled_latents(folders: list[Path], caches: list[Path], start: torch.Tensor):
-    """Features of every cached volume, its findings (label file) and its patient. `start` is the start slice's
-    latent as the model's autoencoder encodes it: caches from another one are refused."""
-    features, labels, groups = [], [], []
-    for folder, path in zip(folders, caches, strict=True):
-        cache = LatentStore(path)
-        if not same_encoding(cache.start, start):
-            raise ValueError(f"{path} was not encoded by the model's autoencoder: probes trained on it would not "
-                             "read the model's volumes")
-        index = {entry["name"]: entry for entry in read_index(folder)}
-        for number, name in enumerate(cache.meta["names"]):
-            labels.append(json.loads((folder / index[name]["labels"]).read_text())["findings"])
-            features.append(grid_features(cache.window(number, 0, cache.meta["content_slices"][number])[::EVERY]))
-            groups.append(TWIN_SUFFIX.sub("", name))
-    return np.stack(features), labels, groups
+def lobe(params: dict) -> str | None:
+    """The lobe a present finding lies in, as a report names it; None when it has none."""
+    return params.get("lobe") if params["present"] else None
+
+
+TARGETS = {"present": lambda p: bool(p["present"]), "side": side, "lobe": lobe}  # None: not a case of that target
 
 
 @dataclasses.dataclass
-class Detectors:
-    present: dict[str, Probe]  # per studied finding: is it there?
-    right: dict[str, Probe]  # per sided finding seen on both sides: is it on the right rather than the left?
-    report: dict  # per finding: cross-validated accuracies and counts
+class DetectorScore:
+    """Cross-validated accuracy of both detectors of one finding and target."""
+
+    finding: str
+    target: str  # "present", "side" or "lobe"
+    classes: list
+    volumes: int  # volumes with a label for the target (for side and lobe: those with the finding there)
+    patients: int
+    chance: float  # accuracy of always guessing the commonest class: what a detector must beat
+    latent: float  # cross-validated accuracy of the latent probe
+    hu: float  # ... of the probe on decoded HU in the anatomy prior's regions
+    used: str = ""  # the better of the two, which reads the generated volumes
+
+    def __post_init__(self) -> None:
+        self.used = self.used or ("hu" if self.hu > self.latent else "latent")
 
 
-def calibrate(folders: list[Path], caches: list[Path], start: torch.Tensor) -> Detectors:
-    """The probes, fitted on every cached volume, and their cross-validated accuracy."""
-    x, labels, groups = labelled_latents(folders, caches, start)
-    detectors = Detectors({}, {}, {})
+@dataclasses.dataclass
+class Detector:
+    score: DetectorScore
+    classifier: Classifier
+
+    def probabilities(self, features: list[Features]) -> np.ndarray:
+        x = np.stack([f.view(self.score.used, self.score.target) for f in features])
+        return self.classifier.probabilities(x)
+
+
+def calibrate(features: list[Features], labels: list[dict], groups: list[str], log=lambda line: None):
+    """Detectors of every studied finding and target the labels allow (each class seen in MIN_CLASS volumes),
+    fitted on every volume; and what was left out, and why."""
+    detectors: dict[tuple[str, str], Detector] = {}
+    skipped: dict[str, str] = {}
     for finding in STUDIED:
-        y = np.array([bool(findings[finding]["present"]) for findings in labels])
-        if y.all() or not y.any():
-            raise ValueError(f"the cached volumes all have or all lack {finding}: a probe needs both")
-        detectors.present[finding] = fit_probe(x, y)
-        detectors.report[finding] = {"cross_validated_accuracy": round(cross_validated_accuracy(x, y, groups), 3),
-                                     "volumes": len(y), "with_finding": int(y.sum()), "patients": len(set(groups))}
-    for finding in SIDED:
-        where = [side(findings[finding]) for findings in labels]
-        one_sided = np.array([w is not None for w in where])
-        y = np.array([w == "right" for w in where])[one_sided]
-        if y.all() or not y.any():
-            detectors.report[finding]["side"] = {"skipped": "the cached volumes show it on one side only"}
-            continue
-        asymmetry = mirrored_difference(x[one_sided])
-        detectors.right[finding] = fit_probe(asymmetry, y)
-        one_sided_groups = [g for g, keep in zip(groups, one_sided) if keep]
-        detectors.report[finding]["side"] = {
-            "cross_validated_accuracy": round(cross_validated_accuracy(asymmetry, y, one_sided_groups), 3),
-            "right": int(y.sum()), "left": int((~y).sum()),
-            "always_the_commoner_side": round(max(y.mean(), 1 - y.mean()), 3)}  # what a probe must beat
-    return detectors
+        for target, read in TARGETS.items():
+            values = [read(findings[finding]) for findings in labels]
+            y = np.array([v for v in values if v is not None])
+            classes = tuple(sorted(c for c in set(y.tolist()) if (y == c).sum() >= MIN_CLASS))
+            if len(classes) < 2:
+                if target == "present" or len(set(y.tolist())) > 0:
+                    skipped[f"{finding} {target}"] = f"fewer than {MIN_CLASS} volumes in each of two classes"
+                continue
+            keep = np.array([v is not None and v in classes for v in values])
+            y = np.array([v for v, k in zip(values, keep) if k])
+            kept = [f for f, k in zip(features, keep) if k]
+            kept_groups = [g for g, k in zip(groups, keep) if k]
+            accuracy = {kind: cross_validated_accuracy(np.stack([f.view(kind, target) for f in kept]), y, kept_groups,
+                                                       classes) for kind in KINDS}
+            counts = [(y == c).sum() for c in classes]
+            score = DetectorScore(finding, target, list(classes), len(y), len(set(kept_groups)),
+                                  round(max(counts) / len(y), 3), round(accuracy["latent"], 3), round(accuracy["hu"], 3))
+            x = np.stack([f.view(score.used, target) for f in kept])
+            detectors[finding, target] = Detector(score, fit_classifier(x, y, classes))
+            log(f"detector {finding} {target}: latent {score.latent}, HU {score.hu}, chance {score.chance}")
+    return detectors, skipped
 
 
-def volume_features(pipe: CTFlowPipeline, hu: np.ndarray) -> np.ndarray:
-    """A generated volume's features: encoded by the model's VAE, as the cohort's volumes were."""
-    with torch.no_grad():
-        latents = pipe.autoencoder.encode(torch.from_numpy(hu[: max(1, real_slices(hu)) : EVERY]).to(pipe.device))
-    return grid_features(latents.cpu())
+# ---------------------------------------------------------------- the result
 
 
-def study_reports(data: Path, seed: int) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
-    """'normal' (every finding negated) and, per studied finding, a report describing that finding alone (on one
-    side for a sided finding); and per sided finding, its report with the finding on each side, where the cohort
-    has a patient with it there."""
+@dataclasses.dataclass
+class Response:
+    """One finding, one pair of reports: the detector's probability that it is there, per seed."""
+
+    report_set: str  # "writer" (reports.py) or "heldout" (heldout_reports.json)
+    case: str  # writer: the finding; held out: the case's name
+    finding: str
+    asked: list[float]  # report describing the finding
+    negated: list[float]  # writer: the normal report; held out: the case's counterpart
+    ranked_first: int | None = None  # writer: seeds whose own report gave the finding's probability the highest
+
+    @property
+    def shown_when_asked(self) -> int:
+        return sum(p > 0.5 for p in self.asked)
+
+    @property
+    def shown_when_negated(self) -> int:
+        return sum(p > 0.5 for p in self.negated)
+
+    @property
+    def raised(self) -> int:
+        return sum(a > n for a, n in zip(self.asked, self.negated))
+
+
+@dataclasses.dataclass
+class Placement:
+    """Where a located report's volumes show the finding, per seed."""
+
+    report_set: str
+    case: str
+    finding: str
+    target: str  # "side" or "lobe"
+    expected: str
+    predicted: list[str]
+    chance: float  # 1 / the detector's classes
+
+    @property
+    def hits(self) -> int:
+        return sum(p == self.expected for p in self.predicted)
+
+
+@dataclasses.dataclass
+class FindingStudy:
+    model: str
+    seeds: int
+    seed: int
+    steps: int
+    guidance: float
+    training: str  # what the detectors were fitted on
+    anatomy: str  # how the HU detectors' regions were made
+    detectors: list[DetectorScore]
+    skipped: dict[str, str]  # detector -> why it was not fitted
+    responses: list[Response]
+    placements: list[Placement]
+    reports: dict[str, str]  # every generated report: "writer/<name>" or "heldout/<case>[/negated]" -> text
+    kind: str = "finding-study"
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1) + "\n"
+
+    @staticmethod
+    def is_one(data: dict) -> bool:
+        """Whether a JSON object is a finding study (an --evaluation file may hold other figures)."""
+        return data.get("kind") == "finding-study"
+
+    @classmethod
+    def from_json(cls, text: str) -> "FindingStudy":
+        data = json.loads(text)
+        if not cls.is_one(data):
+            raise CTFlowError("not the JSON of `ctflow-train finding-study`")
+        return cls(**{**data, "detectors": [DetectorScore(**d) for d in data["detectors"]],
+                      "responses": [Response(**r) for r in data["responses"]],
+                      "placements": [Placement(**p) for p in data["placements"]]})
+
+    def detector(self, finding: str, target: str) -> DetectorScore | None:
+        return next((d for d in self.detectors if (d.finding, d.target) == (finding, target)), None)
+
+    def markdown(self) -> str:
+        n = self.seeds
+        lines = [f"{n} seed(s) per report, {self.steps} sampling steps, guidance {self.guidance}; model {self.model}.",
+                 f"Detectors fitted on {self.training}; HU regions: {self.anatomy}.", "",
+                 "| finding | target | volumes (patients) | always the commonest | latent probe | HU in anatomy prior | used |",
+                 "|---|---|---|---|---|---|---|"]
+        lines += [f"| {d.finding} | {d.target} | {d.volumes} ({d.patients}) | {d.chance} | {d.latent} | {d.hu} | {d.used} |"
+                  for d in self.detectors]
+        lines += [f"- not fitted: {name} ({why})" for name, why in self.skipped.items()]
+        lines += ["", "| report set | case | present detector (always the commonest) | shown when asked | shown when negated | asking raised "
+                  "the probability | own report ranked first | mean probability asked / negated |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in self.responses:
+            d = self.detector(r.finding, "present")
+            first = "" if r.ranked_first is None else f"{r.ranked_first}/{n}"
+            lines.append(f"| {r.report_set} | {r.case} | {d.used} {max(d.latent, d.hu)} ({d.chance}) | "
+                         f"{r.shown_when_asked}/{n} | "
+                         f"{r.shown_when_negated}/{n} | {r.raised}/{n} | {first} | "
+                         f"{np.mean(r.asked):.3f} / {np.mean(r.negated):.3f} |")
+        lines += ["", "| report set | case | where | expected | detector | at the expected place | chance |",
+                  "|---|---|---|---|---|---|---|"]
+        for p in self.placements:
+            d = self.detector(p.finding, p.target)
+            reader = f"{d.used} {max(d.latent, d.hu)}" if d else "largest change against the pair"
+            lines.append(f"| {p.report_set} | {p.case} | {p.target} | {p.expected} | {reader} | {p.hits}/{n} | "
+                         f"{p.chance:.2f} |")
+        return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- reports
+
+
+@dataclasses.dataclass(frozen=True)
+class Located:
+    """A report that puts its finding somewhere: the side, and the lobe where it names one; and its pair."""
+
+    name: str
+    finding: str
+    text: str
+    side: str | None
+    lobe: str | None
+    negated: str  # the same report with the finding negated (writer: the normal report)
+
+
+def writer_reports(data: Path, seed: int, studied: tuple[str, ...]) -> tuple[dict[str, str], list[Located]]:
+    """'normal' (every finding negated) and, per finding of `studied`, a report describing that finding alone (its
+    parameters from the first cohort patient with it, on one side where it takes one); and per finding that can lie
+    on either side, its report with it on the right and on the left (from the first patient with it there)."""
     absent = {"present": False}
-    entries = read_index(data)
-    labels = [json.loads((data / entry["labels"]).read_text())["findings"] for entry in entries]
+    labels = [json.loads((data / entry["labels"]).read_text())["findings"] for entry in read_index(data)]
     normal = {name: absent for name in labels[0]}
 
-    def describing(finding: str, wanted) -> str | None:
+    def describing(finding: str, wanted) -> tuple[str, dict] | None:
         params = next((findings[finding] for findings in labels if wanted(findings[finding])), None)
-        return None if params is None else write_report({**normal, finding: params}, np.random.default_rng(seed)).text
+        return None if params is None else (write_report({**normal, finding: params}, np.random.default_rng(seed)).text,
+                                            params)
 
     reports = {"normal": write_report(normal, np.random.default_rng(seed)).text}
-    for finding in STUDIED:
-        described = describing(finding, (lambda p: side(p) is not None) if finding in SIDED else (lambda p: p["present"]))
+    located = []
+    for finding in studied:
+        sided = {where: describing(finding, lambda p, where=where: side(p) == where) for where in SIDES}
+        described = next((d for d in sided.values() if d), None) or describing(finding, lambda p: p["present"])
         if described is None:
-            raise ValueError(f"no patient in {data} has {finding}: its report cannot be written")
-        reports[finding] = described
-    sided = {finding: {where: describing(finding, lambda p, where=where: side(p) == where) for where in SIDES}
-             for finding in SIDED}
-    return reports, {finding: texts for finding, texts in sided.items() if None not in texts.values()}
+            raise CTFlowError(f"no patient in {data} has {finding}: its report cannot be written")
+        reports[finding] = described[0]
+        located += [Located(f"{finding} {where}", finding, text, where, lobe(params), reports["normal"])
+                    for where, (text, params) in ((w, d) for w, d in sided.items() if d)]
+    return reports, located
 
 
-def run_study(args: argparse.Namespace) -> dict:
+def heldout_located(cases: list[HeldOutCase]) -> list[Located]:
+    return [Located(c.name, c.finding, c.report, c.side, c.lobe, c.negated) for c in cases if c.side or c.lobe]
+
+
+# ---------------------------------------------------------------- the study
+
+
+def model_hash(folder: Path) -> str:
+    """One hash of a model folder's weights (denoiser and autoencoder): a feature cache key."""
+    return hashlib.sha256(" ".join(sha256_file(p) for p in sorted(folder.rglob("*.safetensors"))).encode()).hexdigest()
+
+
+def training_set(pipe: CTFlowPipeline, folders: list[Path], stores: list[Path], cache: FeatureCache, model: str, log):
+    """Features, findings (label files) and patient of every volume of the latent stores, refused unless encoded by
+    the model's autoencoder; the HU are the store's latents decoded by the model's decoder."""
+    start = pipe.autoencoder.constant_latent(START_HU).cpu()
+    features, labels, groups = [], [], []
+    for folder, path in zip(folders, stores, strict=True):
+        store = LatentStore(path)
+        if not same_encoding(store.start, start):
+            raise CTFlowError(f"{path} was not encoded by the model's autoencoder: probes trained on it would not "
+                              "read the model's volumes")
+        index = {entry["name"]: entry for entry in read_index(folder)}
+        for number, name in enumerate(store.meta["names"]):
+            def make(number=number):
+                latents = store.window(number, 0, store.meta["content_slices"][number])[::EVERY].float()
+                with torch.no_grad():
+                    hu = pipe.autoencoder.decode(latents.to(pipe.device)).cpu().numpy()
+                return grid_features(latents), pooled(hu)
+
+            features.append(cache.get(f"store {model} {store.header.get('vae_sha256')} {name}", make))
+            labels.append(json.loads((folder / index[name]["labels"]).read_text())["findings"])
+            groups.append(patient_of(name))
+            if len(features) % 20 == 0:
+                log(f"training volumes: {len(features)}")
+    return features, labels, groups
+
+
+def volume_features(pipe: CTFlowPipeline, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A generated volume's latent grid (encoded by the model's VAE, as the cohort's volumes were) and pooled HU."""
+    kept = hu[: max(1, real_slices(hu)) : EVERY]
+    with torch.no_grad():
+        latents = pipe.autoencoder.encode(torch.from_numpy(kept).to(pipe.device))
+    return grid_features(latents.cpu()), pooled(kept.astype(np.float32))
+
+
+def run_study(args: argparse.Namespace, log=lambda line: None) -> FindingStudy:
     if args.threads:
         torch.set_num_threads(args.threads)
     if len(args.data) != len(args.latents):
-        raise ValueError("give one --latents cache per --data folder, in the same order")
+        raise CTFlowError("give one --latents store per --data folder, in the same order")
+    cases = load_heldout(args.heldout)
+    if args.heldout_per_finding:
+        findings = [c.finding for c in cases]
+        cases = [c for n, c in enumerate(cases) if findings[:n].count(c.finding) < args.heldout_per_finding]
     pipe = CTFlowPipeline.from_pretrained(args.model, device="cpu")
-    detectors = calibrate(args.data, args.latents, pipe.autoencoder.constant_latent(START_HU).cpu())
-    reports, sided_reports = study_reports(args.data[0], args.seed)
-    sided_reports = {f: texts for f, texts in sided_reports.items() if f in detectors.right}
-    request = GenerationRequest("", steps=args.steps, guidance=args.guidance)
-    generated: dict[str, list[np.ndarray]] = {}  # report text -> features per seed; a text is generated once
+    if args.prior.is_file():
+        prior = AnatomyPrior.load(args.prior)
+    else:
+        geometry = pipe.config.geometry.spacing
+        prior = cohort_prior(args.data[0], args.prior_patients, pipe.config.autoencoder.image_size, geometry[2],
+                             args.ct_cache, log)
+        prior.save(args.prior)
+    cache = FeatureCache(args.feature_cache, prior)
+    weights = model_hash(Path(args.model))
+    features, labels, groups = training_set(pipe, args.data, args.latents, cache, weights, log)
+    detectors, skipped = calibrate(features, labels, groups, log)
+    studied = tuple(f for f in STUDIED if (f, "present") in detectors)
+    writer, writer_located = writer_reports(args.data[0], args.seed, studied)
+    steps = args.steps or pipe.config.sampling.steps
+    guidance = pipe.config.sampling.guidance if args.guidance is None else args.guidance
 
-    def features(text: str) -> list[np.ndarray]:
-        if text not in generated:
-            generated[text] = [volume_features(pipe, pipe.generate(dataclasses.replace(request, report=text,
-                                                                                        seed=args.seed + s)).hu)
-                               for s in range(args.seeds)]
-        return generated[text]
+    made: dict[str, list[Features]] = {}  # report text -> features per seed: a text is generated once
 
-    probability = {kind: [{f: float(detectors.present[f].probability(x)) for f in STUDIED} for x in features(text)]
-                   for kind, text in reports.items()}
-    right = {f: {where: [float(detectors.right[f].probability(mirrored_difference(x))) for x in features(text)]
-                 for where, text in texts.items()} for f, texts in sided_reports.items()}
-    asked, negated = {f: probability[f] for f in STUDIED}, probability["normal"]
-    return {
-        "detectors": detectors.report,
-        "seeds": args.seeds,
-        "steps": args.steps or pipe.config.sampling.steps,
-        "guidance": pipe.config.sampling.guidance if args.guidance is None else args.guidance,
-        "shown_when_asked": {f: sum(p[f] > 0.5 for p in asked[f]) for f in STUDIED},
-        "shown_when_negated": {f: sum(p[f] > 0.5 for p in negated) for f in STUDIED},
-        "asking_raised_probability": {f: sum(a[f] > n[f] for a, n in zip(asked[f], negated)) for f in STUDIED},
-        "own_report_ranked_first": {f: sum(max(probability, key=lambda kind: probability[kind][s][f]) == f
-                                           for s in range(args.seeds)) for f in STUDIED},
-        "at_reported_side": {f: {"right": sum(p > 0.5 for p in r["right"]), "left": sum(p < 0.5 for p in r["left"])}
-                             for f, r in right.items()},
-        "right_report_more_right": {f: sum(a > b for a, b in zip(r["right"], r["left"])) for f, r in right.items()},
-        "values": probability,  # unrounded, so the counts above can be recounted from them
-        "side_values": right,  # probability that the finding is on the right, per sided report and seed
-        "reports": reports,
-        "sided_reports": sided_reports,
-    }
+    def generate(text: str, seed: int):
+        log(f"generating seed {seed}: {text[:70]!r}")
+        volume = pipe.generate(GenerationRequest(text, seed=seed, steps=steps, guidance=guidance))
+        return volume_features(pipe, volume.hu)
+
+    def generated(text: str) -> list[Features]:
+        if text not in made:
+            made[text] = [cache.get(f"generated {weights} {steps} {guidance} {seed} {text}",
+                                    lambda seed=seed: generate(text, seed), keep_hu=True)
+                          for seed in range(args.seed, args.seed + args.seeds)]
+        return made[text]
+
+    def present(finding: str, text: str) -> list[float]:
+        return detectors[finding, "present"].probabilities(generated(text))[:, 1].tolist()
+
+    responses, placements, reports = [], [], {f"writer/{k}": v for k, v in writer.items()}
+    for finding in studied:
+        every = {kind: present(finding, text) for kind, text in writer.items()}
+        first = sum(max(every, key=lambda kind: every[kind][s]) == finding for s in range(args.seeds))
+        responses.append(Response("writer", finding, finding, every[finding], every["normal"], first))
+    for case in cases:
+        if case.finding in studied:
+            responses.append(Response("heldout", case.name, case.finding, present(case.finding, case.report),
+                                      present(case.finding, case.negated)))
+            reports[f"heldout/{case.name}"], reports[f"heldout/{case.name}/negated"] = case.report, case.negated
+    for report_set, located in (("writer", writer_located), ("heldout", heldout_located(cases))):
+        for where in located:
+            for target, expected in (("side", where.side), ("lobe", where.lobe)):
+                detector = detectors.get((where.finding, target))
+                if expected and detector and expected in detector.classifier.classes:
+                    predicted = detector.classifier.predict(np.stack([f.view(detector.score.used, target)
+                                                                      for f in generated(where.text)]))
+                    placements.append(Placement(report_set, where.name, where.finding, target, expected,
+                                                [str(p) for p in predicted], 1 / len(detector.classifier.classes)))
+            for target, expected, places in (("side (change)", where.side, SIDE_REGIONS),
+                                             ("lobe (change)", where.lobe, {name: (name,) for name in LOBES.values()})):
+                if expected:
+                    pairs = zip(generated(where.text), generated(where.negated))
+                    placements.append(Placement(report_set, where.name, where.finding, target, expected,
+                                                [changed_place(prior, a.pooled, n.pooled, places) for a, n in pairs],
+                                                1 / len(places)))
+            if report_set == "writer":
+                reports[f"writer/{where.name}"] = where.text
+    volumes = len(features)
+    training = (f"{volumes} volumes of {len(set(groups))} patients ({', '.join(str(d) for d in args.data)}), "
+                "cross-validated with each patient and his twins in one fold")
+    anatomy = (f"the mean label maps of {prior.patients} cohort patients in the model's grid (levels by fraction of "
+               "the real slices), no registration")
+    return FindingStudy(str(args.model), args.seeds, args.seed, steps, guidance, training, anatomy,
+                        [d.score for d in detectors.values()], skipped, responses, placements, reports)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="model folder")
     parser.add_argument("--data", type=Path, nargs="+", required=True,
-                        help="cohort folder(s) whose labels train the probes (the first also gives the reports)")
+                        help="cohort folder(s) whose labels train the detectors (the first also gives the reports)")
     parser.add_argument("--latents", type=Path, nargs="+", required=True, help="the latent store of each --data folder")
+    parser.add_argument("--prior", type=Path, required=True,
+                        help="anatomy prior .npz: read, or made from the first --data cohort's patients and written")
+    parser.add_argument("--prior-patients", type=int, default=12, help="cohort patients the prior is made from")
+    parser.add_argument("--ct-cache", type=Path, help="where the cohort's base CT is (as `cohort --cache`)")
+    parser.add_argument("--feature-cache", type=Path,
+                        help="folder keeping each volume's features, so a rerun generates only what is new")
+    parser.add_argument("--heldout", type=Path, default=HELDOUT, help="held-out report phrasings (JSON)")
+    parser.add_argument("--heldout-per-finding", type=int, default=0,
+                        help="study only the first N held-out cases of each finding (0: all)")
     parser.add_argument("--seeds", type=int, default=10, help="generations per report")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, help="sampling steps per block (default: the model's)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance (default: the model's)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--out", type=Path, required=True, help="JSON to write")
+    parser.add_argument("--out", type=Path, required=True, help="JSON to write (and its tables beside it, .md)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out and its tables if they exist")
 
 
 def run(args: argparse.Namespace) -> int:
-    result = run_study(args)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    keys = ("detectors", "shown_when_asked", "shown_when_negated", "asking_raised_probability", "own_report_ranked_first",
-            "at_reported_side", "right_report_more_right")
-    print(json.dumps({k: result[k] for k in keys}, indent=1))
+    table = args.out.with_suffix(".md")
+    if not args.overwrite and (args.out.exists() or table.exists()):
+        raise CTFlowError(f"{args.out} or {table.name} exists: give another --out, or --overwrite")
+    study = run_study(args, lambda line: print(line, file=sys.stderr, flush=True))
+    atomic_write(args.out, lambda tmp: tmp.write_text(study.to_json()), overwrite=True)
+    atomic_write(table, lambda tmp: tmp.write_text(study.markdown()), overwrite=True)
+    print(study.markdown())
     return 0

@@ -87,7 +87,7 @@ class LatentStore:
             raise CTFlowError(f"{folder} holds no volumes")
         self.names = [row["name"] for row in rows]
         self.slices = [row["slices"] for row in rows]  # all slices, white end slices included
-        content = [row["content_slices"] for row in rows]
+        self.content_slices = content = [row["content_slices"] for row in rows]  # real slices, before the white ones
         self.meta = {
             "names": self.names,
             "content_slices": content,

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from ctflow.config import DENOISER_PRESETS, PREDICTIONS
 from ctflow.denoiser import STDiT, parameter_count
 from ctflow.errors import CTFlowError
+from ctflow.model_folder import WEIGHTS
 
 from .checkpoint import (
     CHECKPOINT, load_checkpoint, open_loss_log, open_safetensors, prepare_run_folder, save_checkpoint,
@@ -82,10 +83,12 @@ class FlowRun(RunOptions):
     clip: float
     ema: float
     start_p: float
+    end_p: float
     length_p: float
     text_drop: float
     cond_noise: float
     rollout_p: float
+    paired_twins: bool
 
 
 class Conditioned(torch.nn.Module):
@@ -111,7 +114,8 @@ def denoiser_config(args: FlowRun, store: LatentStore):
 
 
 def sampling_rules(args: FlowRun) -> SamplingRules:
-    return SamplingRules(args.block, args.start_p, args.length_p, args.text_drop, args.time_shift)
+    return SamplingRules(args.block, start_p=args.start_p, end_p=args.end_p, length_p=args.length_p,
+                         text_drop=args.text_drop, time_shift=args.time_shift, paired_twins=args.paired_twins)
 
 
 def roll_out_previous(ema: STDiT, batch: Batch, share: float, noise: torch.Tensor) -> torch.Tensor:
@@ -134,12 +138,19 @@ def roll_out_previous(ema: STDiT, batch: Batch, share: float, noise: torch.Tenso
     return torch.where(chosen.to(device).view(-1, 1, 1, 1, 1), estimate, previous)
 
 
-def warm_start(model: STDiT, checkpoint: Path) -> None:
-    """The EMA weights of an earlier run of the same shape. A part the earlier model lacked (the slice-position
-    embedding or the pooled-text vector, switched on now) keeps its no-op initialisation, so training starts from
-    the same function."""
-    with open_safetensors(checkpoint) as handle:
-        ema = {k.removeprefix("ema/"): handle.get_tensor(k) for k in handle.keys() if k.startswith("ema/")}
+def warm_start(model: STDiT, folder: Path) -> None:
+    """The EMA weights of an earlier run of the same shape, or the denoiser of a model folder (`export`: the EMA
+    weights, perhaps in half precision), e.g. the bundled model when its runs are gone. A part the earlier model
+    lacked (the slice-position embedding or the pooled-text vector, switched on now) keeps its no-op initialisation,
+    so training starts from the same function."""
+    checkpoint = folder / CHECKPOINT
+    if checkpoint.is_file():
+        with open_safetensors(checkpoint) as handle:
+            ema = {k.removeprefix("ema/"): handle.get_tensor(k) for k in handle.keys() if k.startswith("ema/")}
+    else:
+        checkpoint = folder / WEIGHTS
+        with open_safetensors(checkpoint) as handle:
+            ema = {k: handle.get_tensor(k).float() for k in handle.keys()}
     try:
         missing, unexpected = model.load_state_dict(ema, strict=False)
     except RuntimeError as exc:  # shapes differ
@@ -178,8 +189,11 @@ def train(args: FlowRun) -> dict:
 
     # ---- data, model, EMA, optimizer (bad inputs end here, before --out is touched)
     stores = open_stores(args.cache)
-    if args.init and not (args.init / CHECKPOINT).is_file():
-        raise CTFlowError(f"--init {args.init} has no {CHECKPOINT}: give the folder of a `ctflow-train flow` run")
+    if args.init and not any((args.init / name).is_file() for name in (CHECKPOINT, WEIGHTS)):
+        raise CTFlowError(f"--init {args.init}: neither a flow run ({CHECKPOINT}) nor a model folder ({WEIGHTS})")
+    if args.paired_twins and args.batch_size % 2:
+        raise CTFlowError(f"--paired-twins needs an even --batch (a pair is two samples of one rank), not "
+                          f"{args.batch_size}")
     out = Path(args.out)
     prepare_run_folder(out, OUTPUTS, args.resume, args.overwrite, remove=master)
     out.mkdir(parents=True, exist_ok=True)
@@ -187,7 +201,7 @@ def train(args: FlowRun) -> dict:
     torch.manual_seed(args.seed)  # same initial weights on every rank
     model = STDiT(config)
     if args.init:
-        warm_start(model, args.init / CHECKPOINT)
+        warm_start(model, args.init)
     model = model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     decay, no_decay = [p for p in model.parameters() if p.dim() >= 2], [p for p in model.parameters() if p.dim() < 2]
@@ -275,7 +289,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seam-context", action="store_true",
                         help="also give the new block's first slices the previous block's last ones, spatially aligned "
                              "and kept exact (no --cond-noise, never the model's own estimate)")
-    parser.add_argument("--init", type=Path, help="start from the EMA weights of this flow run's folder (same shape)")
+    parser.add_argument("--init", type=Path,
+                        help="start from the EMA weights of this flow run's folder, or a model folder's (same shape)")
     parser.add_argument("--time-shift", type=float, default=1.0,
                         help="> 1 trains more often at high noise, where a block's layout is decided")
     parser.add_argument("--block", type=int, default=16, help="slices per block (the data's end padding assumes 16)")
@@ -292,6 +307,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip", type=float, default=1.0)
     parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--start-p", type=float, default=0.5, help="StartBoost: share of first blocks")
+    parser.add_argument("--end-p", type=float, default=0.0,
+                        help="EndBoost: of the other blocks, the share that holds the volume's white end slices")
+    parser.add_argument("--paired-twins", action="store_true",
+                        help="every second sample: a cohort twin of the one before, with the same draws (even --batch)")
     parser.add_argument("--length-p", type=float, default=0.5, help="share of prompts with 'Length: N slices'")
     parser.add_argument("--text-drop", type=float, default=0.1, help="share of prompts replaced by ''")
     parser.add_argument("--cond-noise", type=float, default=0.05, help="noise on the previous block")
