@@ -59,7 +59,8 @@ def test_export_loads_in_ctflow_and_generates(tiny, data, vae_run, cache, tmp_pa
     assert "slice position" in card and "pooled-text vector" not in card  # the card names only what the model has
     assert '- seconds_per_128_slices: 12.5' in card and '- seams: {"ratio": 1.1}' in card
     assert "ABSENT-TEXT" not in card and "0.25" not in card  # per-volume details stay in the JSON
-    assert study.markdown().rstrip() in card and "| writer | emphysema | hu 0.75 (0.7) | 1/2 | 0/2 | 1/2 | 1/2 |" in card
+    assert study.markdown().rstrip() in card
+    assert "| writer | emphysema | hu 0.75 (0.7) | 1/2 | 0/2 | 1/2 | 1/2 |" in card
     assert "- responses" not in card and "0.875," not in card  # the study's tables, not its JSON
     warm = tmp_path / "warm"  # a run warm-started from the model folder: its half-precision EMA, in float32
     train_flow.train(tiny.flow_run(cache, warm, steps=1, init=folder, lr=0.0))

@@ -127,7 +127,8 @@ def test_a_lobe_classifier_beats_chance_and_one_class_gives_a_constant_probe():
     accuracy = fs.cross_validated_accuracy(x, lobes, [f"p{i // 2}" for i in range(100)], classes)
     assert accuracy > 0.4  # chance: about 0.2 (the strong L2 keeps the probes near the base rate)
     classifier = fs.fit_classifier(x, lobes, classes)
-    assert np.allclose(classifier.probabilities(x).sum(1), 1) and (np.array(classifier.predict(x)) == lobes).mean() > 0.5
+    assert np.allclose(classifier.probabilities(x).sum(1), 1)
+    assert (np.array(classifier.predict(x)) == lobes).mean() > 0.5
     constant = fs.fit_probe(x, np.ones(100, bool))
     assert np.all(constant.probability(x) > 0.99)
 

@@ -103,7 +103,7 @@ def test_endboost_draws_blocks_that_hold_the_end_and_leaves_other_runs_alone(tin
 
 @pytest.fixture(scope="module")
 def twin_store(tiny, vae_run, tmp_path_factory):
-    """Two patients, the first with two twins (a finding flipped, one moved to a side): as `cohort --twins` names them."""
+    """Two patients, the first with two twins (a finding flipped, one moved to a side), named as `cohort` names them."""
     folder = tmp_path_factory.mktemp("twins")
     rng = np.random.default_rng(5)
     with DatasetWriter(folder) as writer:
