@@ -40,10 +40,10 @@ import torch
 import torch.nn.functional as F
 
 from ctflow import CTFlowPipeline, GenerationRequest
+from ctflow.checksums import sha256_file
 from ctflow.conventions import START_HU, real_slices
 from ctflow.errors import CTFlowError
 from ctflow.io import atomic_write
-from ctflow.model_folder import sha256_file
 
 from .anatomy import in_labels
 from .dataset import patient_of, read_index
