@@ -79,7 +79,7 @@ def test_the_writer_cannot_write_them():
             assert not shared, f"{case.name} shares {shared} with reports.py"
     rng = np.random.default_rng(0)  # and whole reports the writer draws, with the cases' findings present or absent
     absent = {name: {"present": False} for name in reports.FINDINGS}
-    drawn = [reports.write_report(absent, rng).text for _ in range(50)]
+    drawn = [reports.compose_report(absent, rng).text for _ in range(50)]
     assert not {text for case in cases for text in (case.report, case.negated)} & set(drawn)
 
 

@@ -33,7 +33,7 @@ from .options import (
     add_download_cache_option, add_model_space_options, add_overwrite_option, positive, print_json, progress,
 )
 from .preprocess import HU_MIN, resample, square_fov, to_model_window
-from .reports import write_report
+from .reports import compose_report
 
 FOV_MARGIN = (1.06, 1.3)  # output field of view / body size
 HABITUS = (0.88, 1.15)  # in-plane body scale
@@ -245,7 +245,7 @@ def generate_patient(
     drawn = draw_findings(scene, finding_rng, present)
     hu = degrade(scene.hu, noise_rng, body["blur_px"], body["noise_hu"])
     volume = Volume(append_end_slices(to_model_window(hu)), geometry, None)
-    return Patient(patient_name(seed, index), volume, scene.labels, scene.finding_mask, drawn, write_report(drawn, report_rng), _rounded(body))
+    return Patient(patient_name(seed, index), volume, scene.labels, scene.finding_mask, drawn, compose_report(drawn, report_rng), _rounded(body))
 
 
 def patient_name(seed: int, index: int) -> str:

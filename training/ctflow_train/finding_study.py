@@ -50,7 +50,9 @@ from .dataset import patient_of, read_index
 from .findings import FINDINGS, LOBES, SIDES
 from .heldout import DEFAULT as HELDOUT, HeldOutCase, load_heldout
 from .latent_store import LatentStore, same_encoding
-from .reports import write_report
+from .options import add_threads_option
+from .reports import compose_report
+from .runtime import set_threads
 
 STUDIED = tuple(finding.name for finding in FINDINGS)  # every finding the cohort draws
 KINDS = ("latent", "hu")
@@ -501,10 +503,10 @@ def writer_reports(data: Path, seed: int, studied: tuple[str, ...]) -> tuple[dic
 
     def describing(finding: str, wanted) -> tuple[str, dict] | None:
         params = next((findings[finding] for findings in labels if wanted(findings[finding])), None)
-        return None if params is None else (write_report({**normal, finding: params}, np.random.default_rng(seed)).text,
+        return None if params is None else (compose_report({**normal, finding: params}, np.random.default_rng(seed)).text,
                                             params)
 
-    reports = {"normal": write_report(normal, np.random.default_rng(seed)).text}
+    reports = {"normal": compose_report(normal, np.random.default_rng(seed)).text}
     located = []
     for finding in studied:
         sided = {where: describing(finding, lambda p, where=where: side(p) == where) for where in SIDES}
@@ -564,8 +566,7 @@ def volume_features(pipe: CTFlowPipeline, hu: np.ndarray) -> tuple[np.ndarray, n
 
 
 def run_study(args: argparse.Namespace, log=lambda line: None) -> FindingStudy:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if len(args.data) != len(args.latents):
         raise CTFlowError("give one --latents store per --data folder, in the same order")
     cases = load_heldout(args.heldout)
@@ -661,7 +662,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, help="sampling steps per block (default: the model's)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance (default: the model's)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    add_threads_option(parser)
     parser.add_argument("--out", type=Path, required=True, help="JSON to write (and its tables beside it, .md)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out and its tables if they exist")
 

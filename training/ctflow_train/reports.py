@@ -165,7 +165,7 @@ IMPRESSIONS: dict[str, Callable[[Params], str]] = {  # most important first
 NORMAL_IMPRESSIONS = ["No acute abnormality in the chest.", "Normal CT of the chest.", "No significant pathology in the thorax."]
 
 
-def write_report(drawn: dict[str, dict], rng: np.random.Generator) -> Report:
+def compose_report(drawn: dict[str, dict], rng: np.random.Generator) -> Report:
     """Findings and Impressions for the drawn findings (name -> {"present": bool, ...})."""
     return Report(findings=" ".join(_findings(drawn, rng)), impressions=_impressions(drawn, rng))
 

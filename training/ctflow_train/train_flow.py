@@ -267,7 +267,9 @@ def train(args: FlowRun) -> dict:
             save_checkpoint(out / CHECKPOINT, {"model": raw_model, "ema": ema}, {"optimizer": optimizer}, {}, meta)
     if master:
         log.close()
-    if ddp:
+    del batches  # DataLoader workers end before the process group does
+    if ddp:  # leave together: a rank that tears gloo down while another still saves can abort at exit
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return {"step": step, "elapsed_s": round(elapsed, 1), "loss": logged.item()}
 
