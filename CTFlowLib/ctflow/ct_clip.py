@@ -90,4 +90,4 @@ def convert_ct_clip_text(checkpoint: Path, tokenizer: Path, out: Path, heads: in
         kept = {k: v for k, v in json.loads(settings.read_text()).items() if k not in _REMOTE_CODE_KEYS}
         settings.write_text(json.dumps(kept, indent=2) + "\n")
 
-    return atomic_folder(out, fill)
+    return atomic_folder(out, fill, overwrite)

@@ -26,18 +26,16 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from . import __version__
 from .conventions import SYNTHETIC_DESCRIPTION, WINDOWS
 from .errors import CTFlowError, OutputExistsError
+from .io import atomic_folder
 from .volume import Geometry, Provenance, Volume
 
 UID_ROOT = "2.25."  # ISO/IEC 9834-8 UUID-derived UIDs (PS3.5 B.2)
@@ -94,7 +92,7 @@ def write_dicom(
         for k in range(volume.shape[0]):
             slice_instance(header, volume, k).save_as(tmp / f"{k + 1:0{width}d}.dcm", enforce_file_format=True)
 
-    return write_folder_atomically(folder, write, overwrite)
+    return atomic_folder(folder, write, overwrite)
 
 
 def check_dicom_folder(folder: str | os.PathLike, overwrite: bool) -> Path:
@@ -109,35 +107,6 @@ def check_dicom_folder(folder: str | os.PathLike, overwrite: bool) -> Path:
             raise OutputExistsError(f"{folder} already exists; choose another name or pass --overwrite")
         if folder.is_symlink() or not folder.is_dir() or not all(is_dicom_file(p) for p in folder.iterdir()):
             raise OutputExistsError(f"{folder} is not a folder of DICOM files only; not replacing it")
-    return folder
-
-
-def write_folder_atomically(folder: Path, write: Callable[[Path], None], overwrite: bool) -> Path:
-    """Call write(tmp) on a sibling temporary folder, then rename it to `folder`: readers see all of it or none."""
-    from .io import plain_mode, remove_stale_temps, temp_prefix
-
-    remove_stale_temps(folder.parent)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=temp_prefix()))  # a killed run's is removed next time
-    old = None
-    try:
-        write(tmp)
-        tmp.chmod(plain_mode(directory=True))
-        if folder.exists():
-            if not overwrite:
-                raise OutputExistsError(f"{folder} already exists; choose another name or pass --overwrite")
-            old = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.old")
-            os.rename(folder, old)
-        try:
-            os.rename(tmp, folder)  # refuses a non-empty folder that appeared meanwhile
-        except OSError as exc:
-            if old is not None:
-                os.rename(old, folder)
-                old = None
-            raise OutputExistsError(f"{folder} appeared while the series was written; nothing was replaced") from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     return folder
 
 

@@ -253,22 +253,34 @@ def _running(pid: int) -> bool:
     return True
 
 
-def atomic_folder(folder: Path, fill) -> Path:
-    """Call fill(staging) on a sibling temporary folder, make its contents shareable, then move it onto `folder` in
-    one step (replacing a folder there: the caller has checked that it may)."""
-    import shutil
-
+def atomic_folder(folder: Path, fill: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Call fill(staging) on a sibling temporary folder, make its contents shareable, then rename it onto `folder`:
+    readers see all of it or none. A folder already there is replaced only with `overwrite`, and kept if the new one
+    cannot take its place; a killed run's staging folder is removed by the next run in that folder."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    remove_stale_temps(folder.parent)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=temp_prefix()))
+    old = None
     try:
         fill(staging)
-        for path in [staging, *staging.rglob("*")]:  # mkdtemp and safetensors make them private; a model is shared
+        for path in [staging, *staging.rglob("*")]:  # mkdtemp and safetensors make them private; the result is not
             path.chmod(plain_mode(path.is_dir()))
         if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
+            if not overwrite:
+                raise exists_error(folder)
+            old = folder.with_name(f"{temp_prefix()}old-{os.urandom(4).hex()}")  # cleaned like the staging folder
+            os.rename(folder, old)
+        try:
+            os.rename(staging, folder)  # refuses a non-empty folder that appeared meanwhile
+        except OSError as exc:
+            if old is not None:
+                os.rename(old, folder)
+                old = None
+            raise OutputExistsError(f"{folder} appeared while it was being written; nothing was replaced") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     return folder
 
 

@@ -108,7 +108,7 @@ def save_model(
         (staging / CARD).write_text(card or default_card(config))
         write_checksums(staging)
 
-    return atomic_folder(folder, fill)
+    return atomic_folder(folder, fill, overwrite)
 
 
 def _not_data_files(folder: str, names: list[str]) -> list[str]:
