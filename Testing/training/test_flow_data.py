@@ -4,6 +4,8 @@ depend on their position only, EndBoost and paired twins.
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import itertools
 
 import numpy as np
@@ -129,14 +131,41 @@ def test_paired_twins_give_every_second_sample_a_twin_with_the_same_draws(tiny, 
         assert torch.equal(a["x0"], plain[first]["x0"])  # the pair's first sample is what it was
         _, volume = paired.volume(first)
         if names[volume] == "synth_0_00001":  # no twin: an ordinary sample
-            assert torch.equal(b["x0"], plain[first + 1]["x0"])
+            assert torch.equal(b["x0"], plain[first + 1]["x0"]) and not b["twin"]
             continue
         pairs += 1
         assert all(torch.equal(a[k], b[k]) for k in ("first_slice", "t", "seed", "rollout_u", "rollout_t"))
         assert not torch.equal(a["text"], b["text"])  # another report
+        assert b["twin"] and not a["twin"]
         other_blocks += not torch.equal(a["x0"], b["x0"])  # another volume (unless the block is all white end slices)
     assert pairs >= 3 and other_blocks >= 2
     batch = tiny.draw(twin_store, 8, seed=4, start_p=0.0, text_drop=0.0)
     assert torch.equal(batch.x0, collate([plain[p] for p in range(8)]).x0)  # off: the draws of before
     with pytest.raises(CTFlowError, match="even --batch"):
         train_flow.train(tiny.flow_run(twin_store, twin_store.parent / "odd", paired_twins=True))
+
+
+def test_pair_loss_is_the_relative_error_of_the_twins_difference():
+    target = torch.randn(4, 2, 3, 4, 4)
+    target[3] = target[2]  # the second pair's twin differs by nothing (the finding lies outside this block)
+    twin = torch.tensor([False, True, False, True])
+    assert train_flow.pair_loss(target, target, twin) == 0  # the difference drawn exactly
+    same = target.clone()
+    same[1] = same[0]  # the twin drawn like its pair: the whole difference missed
+    assert train_flow.pair_loss(same, target, twin).item() == pytest.approx(1.0)
+    spurious = target.clone()
+    spurious[3] += 0.1  # a difference where there is none is an error too
+    assert train_flow.pair_loss(spurious, target, twin) > 0
+    assert train_flow.pair_loss(same, target, torch.tensor([False, False, False, False])) == 0  # no twin pairs
+
+
+def test_pair_weight_trains_on_twin_pairs_and_logs_their_loss(tiny, twin_store, tmp_path):
+    run = tiny.flow_run(twin_store, tmp_path / "pairs", paired_twins=True, pair_weight=1.0, batch_size=4)
+    assert np.isfinite(train_flow.train(run)["loss"])
+    with open(tmp_path / "pairs" / "loss.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == run.steps and all(float(row["pair_loss"]) >= 0 for row in rows)
+    assert any(float(row["pair_loss"]) > 0 for row in rows)  # the twins' differences reached the loss
+    for bad, message in (({"paired_twins": False}, "needs --paired-twins"), ({"pair_weight": float("nan")}, "finite")):
+        with pytest.raises(CTFlowError, match=message):
+            train_flow.train(dataclasses.replace(run, out=tmp_path / "bad", **bad))

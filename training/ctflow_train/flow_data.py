@@ -67,6 +67,7 @@ class Batch(NamedTuple):
     seed: torch.Tensor  # [B] int64: each sample's noise, made where it is used (`noises`)
     rollout_u: torch.Tensor  # [B] uniform: the previous block is the model's estimate where below --rollout-p
     rollout_t: torch.Tensor  # [B] the time the previous block is noised to for that estimate
+    twin: torch.Tensor  # [B] bool: a cohort twin of the sample before it, with its draws (paired twins)
 
 
 def generator(*key: int) -> torch.Generator:
@@ -137,7 +138,8 @@ class BlockDataset(Dataset):
         text = store.empty if uniform() < rules.text_drop else store.text(kind, volume)
         return {"x0": x0, "previous": previous, "before": before, "first_slice": torch.tensor(float(offset)),
                 "text": text, "t": shift_time(uniform(), rules.time_shift),
-                "seed": torch.randint(2**62, (), generator=draws), "rollout_u": uniform(), "rollout_t": uniform()}
+                "seed": torch.randint(2**62, (), generator=draws), "rollout_u": uniform(), "rollout_t": uniform(),
+                "twin": torch.tensor(bool(others))}
 
 
 def twin_numbers(names: list[str]) -> dict[int, list[int]]:

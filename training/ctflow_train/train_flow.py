@@ -29,6 +29,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import sys
 import time
 from contextlib import nullcontext
@@ -50,7 +51,8 @@ from .latent_store import LatentStore, open_stores
 from .options import RunOptions, add_run_options, add_schedule_options
 from .runtime import cosine_schedule, set_threads, start_processes
 
-OUTPUTS = (CHECKPOINT, "loss.csv")  # what a run writes to --out
+OUTPUTS = (CHECKPOINT, "loss.csv")
+PAIR_FLOOR = 1e-4  # per element: the scale of a pair loss whose twins differ by less (the finding not in the block)  # what a run writes to --out
 ADDABLE = ("position_embed.", "text_vector.", "seam_embed.")  # parts a warm start may switch on (they start as no-ops)
 
 
@@ -89,6 +91,7 @@ class FlowRun(RunOptions):
     cond_noise: float
     rollout_p: float
     paired_twins: bool
+    pair_weight: float
 
 
 class Conditioned(torch.nn.Module):
@@ -159,9 +162,10 @@ def warm_start(model: STDiT, folder: Path) -> None:
         raise CTFlowError(f"{checkpoint} does not fit this denoiser: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
-def flow_loss(model, ema: STDiT, batch: Batch, config, args, autocast, device) -> torch.Tensor:
+def flow_loss(model, ema: STDiT, batch: Batch, config, args, autocast, device) -> tuple[torch.Tensor, torch.Tensor]:
     """The flow-matching loss of one batch: previous blocks made imperfect (rollout, noise), then MSE against
-    what the model predicts (velocity, or the clean block)."""
+    what the model predicts (velocity, or the clean block); and the pair loss of its twin pairs (zero without
+    --pair-weight). Returns (loss to minimise, pair loss alone)."""
     noise = noises(batch, device, rollout=args.rollout_p > 0)
     prev = roll_out_previous(ema, batch, args.rollout_p, noise.rollout) if args.rollout_p else batch.previous
     prev = prev.to(device) + args.cond_noise * noise.cond
@@ -172,8 +176,26 @@ def flow_loss(model, ema: STDiT, batch: Batch, config, args, autocast, device) -
     tt = t.view(-1, 1, 1, 1, 1)
     z_t = (1 - tt) * x0 + tt * noise.noise
     with autocast:
-        predicted = model(z_t, t, prev, text, mask, first_slice)  # [B, C, T, h, w]
-    return F.mse_loss(predicted.float(), x0 if config.prediction == "clean" else noise.noise - x0)
+        predicted = model(z_t, t, prev, text, mask, first_slice).float()  # [B, C, T, h, w]
+    target = x0 if config.prediction == "clean" else noise.noise - x0
+    paired = pair_loss(predicted, target, batch.twin.to(device)) if args.pair_weight else predicted.new_zeros(())
+    return F.mse_loss(predicted, target) + args.pair_weight * paired, paired.detach()
+
+
+def pair_loss(predicted: torch.Tensor, target: torch.Tensor, twin: torch.Tensor) -> torch.Tensor:
+    """How far the difference between a twin's prediction and its pair's is from the difference of their targets,
+    relative to that difference (1: the model draws both the same). With the same noise, time and previous-block
+    draws, that difference is the finding's voxels and nothing else: the part of the target only the report
+    explains, a few hundredths of the latent where patients differ by half (it hardly moves the plain MSE). Zero
+    for a batch without a twin pair."""
+    real = twin[1::2]  # [B/2] pairs whose second sample is a twin of the first
+    if not real.any():
+        return predicted.new_zeros(())
+    wanted = (target[1::2] - target[0::2])[real]  # [P, C, T, h, w]
+    drawn = (predicted[1::2] - predicted[0::2])[real]
+    # blocks the finding does not reach differ by nothing: floor the scale, there any drawn difference is an error
+    scale = wanted.square().sum().clamp(min=PAIR_FLOOR * wanted.numel())
+    return (drawn - wanted).square().sum() / scale
 
 
 def train(args: FlowRun) -> dict:
@@ -191,6 +213,10 @@ def train(args: FlowRun) -> dict:
     stores = open_stores(args.cache)
     if args.init and not any((args.init / name).is_file() for name in (CHECKPOINT, WEIGHTS)):
         raise CTFlowError(f"--init {args.init}: neither a flow run ({CHECKPOINT}) nor a model folder ({WEIGHTS})")
+    if not math.isfinite(args.pair_weight) or args.pair_weight < 0:
+        raise CTFlowError(f"--pair-weight must be a finite number >= 0, not {args.pair_weight}")
+    if args.pair_weight and not args.paired_twins:
+        raise CTFlowError("--pair-weight needs --paired-twins (the pairs it compares)")
     if args.paired_twins and args.batch_size % 2:
         raise CTFlowError(f"--paired-twins needs an even --batch (a pair is two samples of one rank), not "
                           f"{args.batch_size}")
@@ -221,10 +247,11 @@ def train(args: FlowRun) -> dict:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
     if args.compile:  # after the DDP wrap, so the graph breaks where DDP's gradient buckets are
         model = torch.compile(model)
+    pair_column = ["pair_loss"] if args.pair_weight else []  # the loss.csv of earlier runs stays as it was
     if master:
         print(f"denoiser {parameter_count(raw_model) / 1e6:.2f} M parameters, {config}; {len(dataset)} volumes; "
               f"world {world}; from step {step}", flush=True)
-        log, writer = open_loss_log(out / "loss.csv", ["step", "lr", "loss", "step_s"], step)
+        log, writer = open_loss_log(out / "loss.csv", ["step", "lr", "loss", "step_s", *pair_column], step)
 
     # ---- the loop
     logged = torch.tensor(float("nan"))  # the last step's loss (nan when a resumed run has nothing left to do)
@@ -234,13 +261,14 @@ def train(args: FlowRun) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
-        logged = torch.zeros((), device=device)
+        logged, logged_pair = torch.zeros((), device=device), torch.zeros((), device=device)
         for micro in range(args.accumulate):  # gradients add up; DDP averages them over ranks on the last one only
             last = micro == args.accumulate - 1
             with model.no_sync() if ddp and not last else nullcontext():
-                loss = flow_loss(model, ema, next(batches), config, args, autocast, device) / args.accumulate
-                loss.backward()
-            logged += loss.detach()
+                loss, paired = flow_loss(model, ema, next(batches), config, args, autocast, device)
+                (loss / args.accumulate).backward()
+            logged += loss.detach() / args.accumulate
+            logged_pair += paired / args.accumulate
         torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip)
         optimizer.step()
         with torch.no_grad():
@@ -253,12 +281,16 @@ def train(args: FlowRun) -> dict:
         elapsed += step_s
         if ddp:  # the logged loss is the mean over ranks (gloo has no AVG)
             torch.distributed.all_reduce(logged)
+            torch.distributed.all_reduce(logged_pair)
             logged /= world
+            logged_pair /= world
         if master:
-            writer.writerow([step, f"{lr:.4g}", f"{logged.item():.5f}", f"{step_s:.3f}"])
+            pair = [f"{logged_pair.item():.5f}"] if pair_column else []
+            writer.writerow([step, f"{lr:.4g}", f"{logged.item():.5f}", f"{step_s:.3f}", *pair])
             if step % args.log_every == 0:
                 log.flush()
-                print(f"step {step}/{args.steps} loss {logged.item():.4f} lr {lr:.2e} {step_s:.2f}s", flush=True)
+                print(f"step {step}/{args.steps} loss {logged.item():.4f}{' pair ' + pair[0] if pair else ''} "
+                      f"lr {lr:.2e} {step_s:.2f}s", flush=True)
         if master and (step % args.save_every == 0 or step == args.steps):  # every rank holds the same weights
             log.flush()  # the loss log reaches at least as far as the checkpoint, whenever the run is killed
             meta = {"step": step, "samples": samples, "elapsed_s": elapsed, "denoiser": dataclasses.asdict(config),
@@ -313,6 +345,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="EndBoost: of the other blocks, the share that holds the volume's white end slices")
     parser.add_argument("--paired-twins", action="store_true",
                         help="every second sample: a cohort twin of the one before, with the same draws (even --batch)")
+    parser.add_argument("--pair-weight", type=float, default=0.0,
+                        help="with --paired-twins: weight of the pair loss, the error of the difference between a "
+                             "twin's prediction and its pair's relative to the difference of their targets")
     parser.add_argument("--length-p", type=float, default=0.5, help="share of prompts with 'Length: N slices'")
     parser.add_argument("--text-drop", type=float, default=0.1, help="share of prompts replaced by ''")
     parser.add_argument("--cond-noise", type=float, default=0.05, help="noise on the previous block")
