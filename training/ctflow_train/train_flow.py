@@ -51,8 +51,8 @@ from .latent_store import LatentStore, open_stores
 from .options import RunOptions, add_run_options, add_schedule_options
 from .runtime import cosine_schedule, set_threads, start_processes
 
-OUTPUTS = (CHECKPOINT, "loss.csv")
-PAIR_FLOOR = 1e-4  # per element: the scale of a pair loss whose twins differ by less (the finding not in the block)  # what a run writes to --out
+OUTPUTS = (CHECKPOINT, "loss.csv")  # what a run writes to --out
+PAIR_FLOOR = 1e-3  # per element: the pair loss's scale where twins differ by less (a block the finding misses)
 ADDABLE = ("position_embed.", "text_vector.", "seam_embed.")  # parts a warm start may switch on (they start as no-ops)
 
 
