@@ -72,3 +72,47 @@ def test_export_loads_in_ctflow_and_generates(tiny, data, vae_run, cache, tmp_pa
     volume = pipe.generate(ctflow.GenerationRequest("Findings: No pleural effusion.", slices=6, seed=1))
     assert volume.hu.shape == (6, tiny.SIZE, tiny.SIZE) and volume.hu.dtype == np.int16
     assert volume.provenance.prompt.endswith("Length: 6 slices\nSpacing: 2.5 mm")
+
+
+def exported(tiny, flow, vae_run, cache, out):
+    parser = argparse.ArgumentParser()
+    export.configure(parser)
+    args = parser.parse_args(["--flow", str(flow), "--vae", str(vae_run[0]), "--cache", str(cache), "--out", str(out),
+                              "--steps", "1", "--calibration-cases", "1"])
+    return export.export(export.ExportRun.from_args(args))
+
+
+def test_a_run_started_from_a_model_folder_keeps_the_stages_of_its_card(tiny, vae_run, cache, tmp_path):
+    train_flow.train(tiny.flow_run(cache, tmp_path / "first", steps=2))
+    train_flow.train(tiny.flow_run(cache, tmp_path / "second", steps=1, init=tmp_path / "first", cond_noise=0.25))
+    bundled = exported(tiny, tmp_path / "second", vae_run, cache, tmp_path / "bundled")
+    train_flow.train(tiny.flow_run(cache, tmp_path / "third", steps=3, init=bundled, slice_position=True))
+    earlier = export.card_stages(bundled / "README.md")
+    assert [(s["run"], s["steps"], s["cond_noise"]) for s in earlier] == [("first", 2, 0.05), ("second", 1, 0.25)]
+    assert earlier == export.lineage(tmp_path / "second")  # the card's table reads back as the stages it was made of
+    card = (exported(tiny, tmp_path / "third", vae_run, cache, tmp_path / "again") / "README.md").read_text()
+    stages = export.card_stages(tmp_path / "again" / "README.md")
+    assert [(s["run"], s["steps"], s["slice_position"]) for s in stages] == [
+        ("first", 2, False), ("second", 1, False), ("third", 3, True)]
+    minutes = sum(s["minutes"] for s in stages)
+    assert f"Trained in 3 stage(s), each warm-started from the one before: 6 steps, {minutes:.0f} min in all" in card
+    assert "not found" not in card
+
+
+def test_a_model_folder_without_a_stage_table_is_a_stage_not_found(tmp_path):
+    assert export.card_stages(tmp_path / "README.md") == []  # no card
+    (tmp_path / "README.md").write_text("# a model\n\n## Training stages\n\nTrained elsewhere.\n")
+    assert export.card_stages(tmp_path / "README.md") == []  # no table
+    row = "| a | 12 | 1.5 | cpu x1 | 4 | 0.001 | 0.1 | 0.0 | False | False | False | latents |"
+    table = ["## Training stages", "", "| " + " | ".join(c.header for c in export.STAGE_COLUMNS) + " |",
+             "|" + "---|" * len(export.STAGE_COLUMNS), row, f"| gone | {export.MISSING_STAGE} |||||||||||", "",
+             "## Limits", "| not | a | stage |"]
+    (tmp_path / "README.md").write_text("\n".join(table) + "\n")
+    a, gone = export.card_stages(tmp_path / "README.md")
+    assert a == {"run": "a", "steps": 12, "minutes": 1.5, "device": "cpu x1", "batch": 4, "lr": 0.001,
+                 "cond_noise": 0.1, "rollout_p": 0.0, "slice_position": False, "pooled_text": False,
+                 "seam_context": False, "caches": ["latents"]}
+    assert gone == {"run": "gone", "missing": True}
+    assert export.stage_table([a, gone]) == table[2:6]  # what it reads is what the card writes
+    (tmp_path / "README.md").write_text("\n".join(table).replace("| 12 |", "| twelve |") + "\n")
+    assert export.card_stages(tmp_path / "README.md") == []  # edited by hand: nothing counted rather than a guess

@@ -21,7 +21,7 @@ import torch
 
 from ctflow.config import DenoiserConfig, GeometryConfig, ModelConfig, SamplingConfig, TextConfig
 from ctflow.denoiser import STDiT, parameter_count
-from ctflow.model_folder import save_model
+from ctflow.model_folder import CARD, save_model
 from ctflow.sampling import METHODS, sample
 
 from .checkpoint import CHECKPOINT, load_checkpoint, read_meta
@@ -73,13 +73,14 @@ def _as_list(value) -> list:
 
 
 def lineage(flow_folder: Path) -> list[dict]:
-    """The run and the runs it warm-started from (--init), oldest first: what the weights really cost to train."""
+    """The run and the runs it warm-started from (--init), oldest first: what the weights really cost to train. A
+    run started from a model folder continues with the stages that folder's card lists (its runs may be gone)."""
     stages, folder = [], flow_folder
     while folder is not None:
         meta = read_meta(folder / CHECKPOINT)
         args = meta["args"]
         stages.append({"run": folder.name, "steps": meta["step"], "minutes": round(meta["elapsed_s"] / 60, 1),
-                       "device": meta["device"], "world": meta["world"], "lr": args["lr"], "batch": args["batch"],
+                       "device": f"{meta['device']} x{meta['world']}", "lr": args["lr"], "batch": args["batch"],
                        "cond_noise": args["cond_noise"], "rollout_p": args.get("rollout_p", 0.0),
                        "slice_position": meta["denoiser"].get("slice_position", False),
                        "pooled_text": meta["denoiser"].get("pooled_text", False),
@@ -88,8 +89,85 @@ def lineage(flow_folder: Path) -> list[dict]:
         init = args.get("init")
         folder = Path(init) if init and (Path(init) / CHECKPOINT).is_file() else None
         if init and folder is None:
-            stages.append({"run": str(init), "missing": True})  # its figures are gone; the card says so
+            carried = card_stages(Path(init) / CARD)
+            stages += carried[::-1] or [{"run": str(init), "missing": True}]  # gone: the card says so
     return stages[::-1]
+
+
+@dataclass(frozen=True)
+class StageColumn:
+    """A column of the model card's table of training stages: its header, the stage's field, and the field's type
+    (how the cell is read back when a model folder's card gives the stages a new run started from)."""
+
+    header: str
+    key: str
+    kind: type = str
+    default: object = None  # for a card written before the column existed; None: the column is required
+
+    def cell(self, stage: dict) -> str:
+        value = stage[self.key]
+        return ", ".join(value) if self.kind is list else str(value)
+
+    def read(self, cell: str):
+        if self.kind is bool:
+            return cell == "True"
+        if self.kind is list:
+            return cell.split(", ") if cell else []
+        return self.kind(cell)
+
+
+STAGES_HEADING = "## Training stages"
+MISSING_STAGE = "not found: its figures are not counted"
+STAGE_COLUMNS = (
+    StageColumn("run", "run"), StageColumn("steps", "steps", int), StageColumn("minutes", "minutes", float),
+    StageColumn("device", "device"), StageColumn("batch", "batch", int), StageColumn("lr", "lr", float),
+    StageColumn("previous-block noise", "cond_noise", float),
+    StageColumn("own-estimate share", "rollout_p", float, 0.0),
+    StageColumn("slice position", "slice_position", bool, False),
+    StageColumn("pooled text", "pooled_text", bool, False),
+    StageColumn("seam context", "seam_context", bool, False),
+    StageColumn("latent caches", "caches", list),
+)
+
+
+def stage_table(stages: list[dict]) -> list[str]:
+    """The card's table: one row a stage; a stage whose run is gone says so and counts nothing."""
+    return [f"| {' | '.join(c.header for c in STAGE_COLUMNS)} |", "|" + "---|" * len(STAGE_COLUMNS)] + [
+        f"| {s['run']} | {MISSING_STAGE} |" + "|" * (len(STAGE_COLUMNS) - 2) if s.get("missing") else
+        f"| {' | '.join(c.cell(s) for c in STAGE_COLUMNS)} |" for s in stages]
+
+
+def card_stages(card: Path) -> list[dict]:
+    """The stages the table of a model card (`model_card`'s own) lists, oldest first; [] when there is no card or
+    no such table: a run warm-started from a model folder keeps what that folder's weights cost to train."""
+    if not card.is_file():
+        return []
+    lines = card.read_text(encoding="utf-8", errors="replace").splitlines()
+    if STAGES_HEADING not in lines:
+        return []
+    rows = []
+    for line in lines[lines.index(STAGES_HEADING) + 1:]:
+        if line.startswith("|"):
+            rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+        elif rows or line.strip():
+            break  # the table ends at its first other line
+    if len(rows) < 2:
+        return []
+    columns = {c.header: c for c in STAGE_COLUMNS}
+    index = {header: n for n, header in enumerate(rows[0]) if header in columns}
+    if any(c.default is None and c.header not in index for c in STAGE_COLUMNS):
+        return []  # not the table this export writes
+    stages = []
+    try:
+        for row in rows[2:]:
+            if len(row) > 1 and row[1] == MISSING_STAGE:
+                stages.append({"run": row[0], "missing": True})
+            else:
+                stages.append({c.key: c.read(row[index[c.header]]) if c.header in index else c.default
+                               for c in STAGE_COLUMNS})
+    except (ValueError, IndexError):  # a card edited by hand: its figures cannot be read, so none are counted
+        return []
+    return stages
 
 
 @torch.no_grad()
@@ -190,13 +268,7 @@ def model_card(config: ModelConfig, vae_metrics: AutoencoderMetrics, flow_meta: 
     for data in evaluations:
         if FindingStudy.is_one(data):
             lines += findings_section(FindingStudy.from_json(json.dumps(data)))
-    lines += ["", "## Training stages", "", "| run | steps | minutes | device | batch | lr | previous-block noise | "
-              "own-estimate share | slice position | pooled text | seam context | latent caches |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {s['run']} | not found: its figures are not counted ||||||||||" if s.get("missing") else
-              f"| {s['run']} | {s['steps']} | {s['minutes']} | {s['device']} x{s['world']} | {s['batch']} | {s['lr']} | "
-              f"{s['cond_noise']} | {s['rollout_p']} | {s['slice_position']} | {s['pooled_text']} | {s['seam_context']} | "
-              f"{', '.join(s['caches'])} |" for s in stages]
+    lines += ["", STAGES_HEADING, "", *stage_table(stages)]
     lines += [
         "",
         "## Limits",
