@@ -20,16 +20,16 @@ import torch
 from . import __version__
 from .conventions import SYNTHETIC_NOTICE
 from .devices import DEVICES, select_device
-from .errors import CTFlowError, ReportError
+from .errors import CTFlowError
 from .io import (
     DICOM, StagedWrites, atomic_write, check_output_path, check_volume_output, is_dicom_path, volume_writer,
     write_volume,
 )
 from .pipeline import CTFlowPipeline, DecodedBlock, GenerationRequest, check_options, check_request, local_config
+from .report import read_report_file
 from .sampling import METHODS
 
 EXIT_ERROR, EXIT_CANCELLED, EXIT_TERMINATED = 1, 130, 128 + signal.SIGTERM
-MAX_REPORT_FILE_BYTES = 256 * 1024  # a long report is a few KB; a bigger file is the wrong one (or /dev/zero)
 
 
 class Terminated(KeyboardInterrupt):
@@ -358,24 +358,6 @@ def run_worker(args: argparse.Namespace) -> int:
     from .worker import main as serve
 
     return serve([])
-
-
-def read_report_file(path: Path) -> str:
-    """The file's text; at most MAX_REPORT_FILE_BYTES are read, so /dev/zero or a CT volume fails at once."""
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_REPORT_FILE_BYTES + 1)
-    except FileNotFoundError as exc:
-        raise ReportError(f"report file {path} does not exist") from exc
-    except OSError as exc:
-        raise ReportError(f"cannot read report file {path}: {exc.strerror}") from exc
-    if len(data) > MAX_REPORT_FILE_BYTES:
-        raise ReportError(f"report file {path} is larger than {MAX_REPORT_FILE_BYTES // 1024} KB; a report is a few KB "
-                          "of text: is it the right file?")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ReportError(f"report file {path} is not UTF-8 text") from exc
 
 
 class ProgressBar:

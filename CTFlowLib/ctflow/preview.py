@@ -20,6 +20,14 @@ def apply_window(hu: np.ndarray, level: float, width: float) -> np.ndarray:
     return (np.clip((hu.astype(np.float32) - low) / width, 0, 1) * 255).astype(np.uint8)
 
 
+def plane_image(plane: np.ndarray, aspect: float, tile: int, resample: int = Image.BILINEAR) -> Image.Image:
+    """A 2-D uint8 plane scaled to fit a tile x tile square, its pixels drawn `aspect` (row/column spacing) tall."""
+    height, width = plane.shape
+    scale = tile / max(width, height * aspect)
+    size = (max(1, round(width * scale)), max(1, round(height * aspect * scale)))
+    return Image.fromarray(plane).resize(size, resample)
+
+
 def mid_planes(volume: Volume) -> list[tuple[str, np.ndarray, float]]:
     """(name, plane, row/column pixel aspect) in radiological display: patient right on the image left."""
     hu = volume.hu
@@ -37,10 +45,7 @@ def render_preview(volume: Volume, tile: int = 256, windows: tuple[str, ...] = (
     for row, window in enumerate(windows):
         top = label_height + row * (tile + label_height)
         for col, (name, plane, aspect) in enumerate(planes):
-            image = Image.fromarray(apply_window(plane, *WINDOWS[window]))
-            height, width = plane.shape
-            scale = tile / max(width, height * aspect)
-            image = image.resize((max(1, round(width * scale)), max(1, round(height * aspect * scale))), Image.BILINEAR)
+            image = plane_image(apply_window(plane, *WINDOWS[window]), aspect, tile)
             sheet.paste(image, (col * tile + (tile - image.width) // 2, top + label_height))
             draw.text((col * tile + 4, top + 2), f"{name}, {window} window", fill=200)
     return sheet

@@ -7,6 +7,7 @@ so the two can never drift apart.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from .errors import ReportError
 
 # Longer input is cut before tokenising (the encoder keeps far fewer tokens anyway); the caller is told.
 MAX_REPORT_CHARS = 20_000
+MAX_REPORT_FILE_BYTES = 256 * 1024  # a long report is a few KB; a bigger file is the wrong one (or /dev/zero)
 
 # A section header: "Findings:" anywhere (after a space, a colon or the start), "Findings -" at a line start, or
 # "FINDINGS" alone on its line. Spaces are normalised first (every kind but the newline becomes " "), so what
@@ -61,6 +63,24 @@ def parse_report(report: object, impressions: str | None = None) -> Report:
     if not findings and not joined_impressions:
         raise ReportError("the report is empty: type the Findings and/or Impressions of a chest CT report")
     return Report(findings=findings, impressions=joined_impressions, truncated=truncated)
+
+
+def read_report_file(path: str | os.PathLike) -> str:
+    """The file's text; at most MAX_REPORT_FILE_BYTES are read, so /dev/zero or a CT volume fails at once."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_REPORT_FILE_BYTES + 1)
+    except FileNotFoundError as exc:
+        raise ReportError(f"report file {path} does not exist") from exc
+    except OSError as exc:
+        raise ReportError(f"cannot read report file {path}: {exc.strerror}") from exc
+    if len(data) > MAX_REPORT_FILE_BYTES:
+        raise ReportError(f"report file {path} is larger than {MAX_REPORT_FILE_BYTES // 1024} KB; a report is a few KB "
+                          "of text: is it the right file?")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ReportError(f"report file {path} is not UTF-8 text") from exc
 
 
 def render_prompt(report: Report, slices: int | None = None, slice_spacing: float | None = None) -> str:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctflow import CTFlowPipeline, GenerationRequest
+from ctflow import CTFlowPipeline, GenerationRequest, Volume
 from ctflow.conventions import real_slices
 from ctflow.io import atomic_write, check_output_path
 from ctflow.qa import seam_continuity
@@ -163,12 +163,15 @@ def summarise(seams: list[dict]) -> SeamContinuity:
     return SeamContinuity(round(boundary, 1), round(inside, 1), round(boundary / inside, 2), len(seams))
 
 
-def generate(pipe: CTFlowPipeline, report: str, seed: int, prompt_slices: int | None = None):
-    """(HU volume, seconds). With prompt_slices the prompt says "Length: N slices" but the model still ends it."""
-    plan = pipe.plan(GenerationRequest(report, prompt_slices=prompt_slices, seed=seed))
+def generate_volume(pipe: CTFlowPipeline, report: str, seed: int, prompt_slices: int | None = None,
+                    **request) -> tuple[Volume, float]:
+    """(volume, seconds): how the training package's measurements generate, through ctflow's public API as a user
+    does. With prompt_slices the prompt says "Length: N slices" but the model still ends it; `request`: other
+    GenerationRequest fields (steps, guidance, slices)."""
+    plan = pipe.plan(GenerationRequest(report, prompt_slices=prompt_slices, seed=seed, **request))
     started = time.perf_counter()
     volume = pipe.generate(plan)
-    return volume.hu, time.perf_counter() - started
+    return volume, time.perf_counter() - started
 
 
 def evaluate_model(args: EvaluationRun) -> ModelEvaluation:
@@ -181,12 +184,14 @@ def evaluate_model(args: EvaluationRun) -> ModelEvaluation:
     free, asked, seams, seconds = [], [], [], []
     for number, case in enumerate(cases):
         seed = args.seed + number
-        hu, took = generate(pipe, case.report.text, seed)
+        volume, took = generate_volume(pipe, case.report.text, seed)
+        hu = volume.hu
         free.append(FreeLength(case.name, case.content_slices, real_slices(hu), round(took, 1)))
         seams.append(seam_jump(hu, block))
         seconds.append(took / max(1, len(hu)))
         for requested in args.requested:
-            hu, took = generate(pipe, case.report.text, seed, requested)
+            volume, took = generate_volume(pipe, case.report.text, seed, requested)
+            hu = volume.hu
             asked.append(PromptedLength(case.name, requested, real_slices(hu)))
             seams.append(seam_jump(hu, block))
             seconds.append(took / max(1, len(hu)))

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ctflow import CTFlowPipeline, GenerationRequest
+from ctflow import CTFlowPipeline
 from ctflow.checksums import sha256_file
 from ctflow.conventions import START_HU, real_slices
 from ctflow.errors import CTFlowError
@@ -47,6 +47,7 @@ from ctflow.io import atomic_write
 
 from .anatomy import in_labels
 from .dataset import patient_of, read_index
+from .evaluate import generate_volume
 from .findings import FINDINGS, LOBES, SIDES
 from .heldout import DEFAULT as HELDOUT, HeldOutCase, load_heldout
 from .latent_store import LatentStore, same_encoding
@@ -594,7 +595,7 @@ def run_study(args: argparse.Namespace, log=lambda line: None) -> FindingStudy:
 
     def generate(text: str, seed: int):
         log(f"generating seed {seed}: {text[:70]!r}")
-        volume = pipe.generate(GenerationRequest(text, seed=seed, steps=steps, guidance=guidance))
+        volume, _ = generate_volume(pipe, text, seed, steps=steps, guidance=guidance)
         return volume_features(pipe, volume.hu)
 
     def generated(text: str) -> list[Features]:

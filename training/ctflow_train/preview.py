@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 
 from ctflow.conventions import WINDOWS, real_slices
 from ctflow.io import atomic_write, check_output_path, read_volume
-from ctflow.preview import apply_window
+from ctflow.preview import apply_window, plane_image
 
 from .dataset import read_index
 from .options import positive
@@ -41,9 +41,7 @@ def render_cohort_preview(folder: str | Path, patients: int = 4, tile: int = 256
         planes = [(hu[k], spacing_j / spacing_i), (hu[:, j, :], spacing_k / spacing_i)]
         top = row * row_height
         for column, (plane, aspect) in enumerate(planes):
-            image = Image.fromarray(apply_window(plane, *WINDOWS["lung"]))
-            scale = tile / max(plane.shape[1], plane.shape[0] * aspect)
-            image = image.resize((round(plane.shape[1] * scale), round(plane.shape[0] * aspect * scale)), Image.BILINEAR)
+            image = plane_image(apply_window(plane, *WINDOWS["lung"]), aspect, tile)
             sheet.paste(image, (column * tile + (tile - image.width) // 2, top + (tile - image.height) // 2))
         caption = _caption(findings) if entry["labels"] else entry["impressions"]
         text = f"{entry['name']} ({entry['slices']} slices, axial k={k}, coronal j={j}): {caption}"
