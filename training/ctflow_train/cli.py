@@ -50,6 +50,8 @@ for _command in (
     Command("export", "write a ctflow model folder with a model card", "export"),
     Command("evaluate", "seam continuity, length accuracy and speed of a model folder", "evaluate"),
     Command("finding-study", "how often findings appear when asked vs negated", "finding_study"),
+    Command("report-figure", "PNG of where each report's finding appears against a normal report, per seed",
+            "report_figure"),
 ):
     register(_command)
 

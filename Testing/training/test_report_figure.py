@@ -1,0 +1,104 @@
+"""report-figure: where a report changed its volume against the normal one, the picture of it, and the command on a
+tiny random model with real report files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ctflow.conventions import END_HU
+from ctflow_train import cli
+from ctflow_train import report_figure as rf
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
+
+SAMPLES = Path(__file__).parents[2] / "Resources" / "SampleReports"
+SPACING = (1.5, 1.5, 2.5)  # i, j, k in mm
+
+
+def chest(slices: int = 40, size: int = 48) -> np.ndarray:
+    """int16 [slices + 4 white end slices, size, size]: soft tissue with two dark lungs."""
+    hu = np.full((slices + 4, size, size), 40, np.int16)
+    hu[:slices, 10:38, 6:22] = hu[:slices, 10:38, 26:42] = -850
+    hu[slices:] = END_HU
+    return hu
+
+
+def test_the_place_of_largest_change_is_the_blob_not_a_lone_voxel_or_a_faint_shift():
+    normal = chest()
+    asked = normal.copy()
+    asked[25:30, 28:34, 30:36] = 30  # a consolidation in the left lower lung: +880 HU over 5 x 6 x 6 voxels
+    asked[5, 12, 8] = 1000  # one voxel the sampler drew differently, stronger than the blob
+    asked[:40] += 30  # and the whole volume a little brighter
+    k, j, i = rf.changed_centre(rf.change(asked, normal), SPACING)
+    assert 25 <= k < 30 and 28 <= j < 34 and 30 <= i < 36
+    axial, coronal = rf.views(asked, normal, SPACING)
+    assert axial.name == f"axial k={k}" and coronal.name == f"coronal j={j}"
+    assert axial.changed.sum() == 36 + (k == 5) and axial.changed[28:34, 30:36].all()  # only the blob is outlined
+    assert coronal.hu.shape == (40, 48) and coronal.aspect == pytest.approx(2.5 / 1.5)
+
+
+def test_the_change_covers_the_slices_both_volumes_have():
+    longer, shorter = chest(40), chest(32)
+    shorter[:32] += 100
+    difference = rf.change(longer, shorter)
+    assert difference.shape == (32, 48, 48) and np.all(difference == 100)  # never real slices against white ones
+
+
+def test_a_tile_outlines_the_change_in_red():
+    normal = chest()
+    asked = normal.copy()
+    asked[20:24, 14:24, 10:20] = 20
+    axial, coronal = rf.views(asked, normal, SPACING)
+    for view in (axial, coronal):
+        pixels = np.asarray(rf.tile_image(view, "lung", 96))
+        red = np.all(pixels == (255, 0, 0), axis=-1)
+        columns = np.nonzero(red)[1] * 48 / red.shape[1]  # in the volume's columns
+        assert red.any() and columns.min() >= 9 and columns.max() <= 21
+    unchanged = rf.views(normal, normal, SPACING)[0]
+    assert not np.all(np.asarray(rf.tile_image(unchanged, "lung", 96)) == (255, 0, 0), axis=-1).any()
+
+
+@pytest.fixture
+def reports(tmp_path) -> list[Path]:
+    """Two sample reports with findings and the normal one, copied from Resources/SampleReports."""
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    names = ("RUL_nodule.txt", "right_pleural_effusion.txt", "normal_chest.txt")
+    for name in names:
+        (folder / name).write_text((SAMPLES / name).read_text())
+    return [folder / name for name in names]
+
+
+def test_report_figure_draws_a_row_per_report_and_two_views_per_seed(tiny_model, reports, tmp_path, capsys):
+    out = tmp_path / "images" / "sample_reports.png"
+    argv = ["report-figure", "--model", str(tiny_model), "--reports", *map(str, reports), "--normal", str(reports[2]),
+            "--seeds", "3", "4", "--slices", "6", "--steps", "1", "--tile", "64", "--threads", "1", "--out", str(out)]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == str(out)
+    progress = [line for line in captured.err.splitlines() if line.startswith("volume ")]
+    assert len(progress) == 6 and all("ETA" in line for line in progress)  # 2 reports x 2 seeds + the normal once a seed
+    assert sum("normal_chest.txt" in line for line in progress) == 2
+    image = Image.open(out)
+    assert image.size == (2 * 2 * 64, rf.header_height() + 2 * rf.row_height(64))
+    assert image.size == rf.figure_size(rows=2, seeds=2, tile=64)
+    before = out.read_bytes()
+    assert cli.main(argv) == 1  # an existing picture is not replaced unasked
+    assert "--overwrite" in capsys.readouterr().err and out.read_bytes() == before
+
+
+def test_report_figure_refuses_bad_reports_before_loading_the_model(reports, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    base = ["report-figure", "--model", str(tmp_path), "--normal", str(reports[2]), "--out", str(tmp_path / "f.png")]
+    for given, message in (([str(empty)], f"{empty}: the report is empty"),
+                           ([str(tmp_path / "missing.txt")], "missing.txt does not exist"),
+                           ([str(reports[2])], "at least one report besides the --normal one")):
+        assert cli.main([*base, "--reports", *given]) == 1
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "f.png").exists()

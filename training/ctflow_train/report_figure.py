@@ -1,0 +1,243 @@
+"""A picture of where a model puts each report's finding: `ctflow-train report-figure`.
+
+    ctflow-train report-figure --model Resources/Models/ctflow-demo --reports Resources/SampleReports/*.txt \\
+        --normal Resources/SampleReports/normal_chest.txt --seeds 0 1 --out docs/images/sample_reports.png
+
+One row per report, and per seed two views: the axial and the coronal slice through the place where the report's
+volume differs most from the normal report's volume on the same seed (the finding asked for, where the model drew
+it), the change outlined in red. The same seed gives both volumes the same noise, so what differs is what the text
+changed. Every volume is generated through ctflow's public API (evaluate.generate_volume), as a user would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from scipy.ndimage import binary_erosion, gaussian_filter
+
+from ctflow.conventions import SYNTHETIC_NOTICE, WINDOWS, real_slices
+from ctflow.errors import CTFlowError, ModelError, ReportError
+from ctflow.io import atomic_write, check_output_path
+from ctflow.preview import apply_window, plane_image
+from ctflow.report import parse_report, read_report_file
+
+from .options import RunConfig, add_threads_option, positive, progress
+
+FOCUS_MM = 5.0  # the change is averaged with a Gaussian of this sigma (12 mm across at half height: a finding's size)
+CHANGE_HU = 200.0  # outlined: voxels whose HU the report changed by more than this
+LINE = 14  # pixels a line of text takes
+CAPTION_LINES = 2
+HEADER_LINES = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class FigureRun(RunConfig):
+    """The options of `ctflow-train report-figure` (see `configure`)."""
+
+    model: Path
+    reports: list[Path]
+    normal: Path
+    seeds: list[int]
+    out: Path
+    steps: int | None
+    guidance: float | None
+    slices: int | None
+    window: str
+    tile: int
+    threads: int
+    overwrite: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleReport:
+    path: Path
+    text: str
+    impressions: str
+
+
+def read_sample_report(path: Path) -> SampleReport:
+    """The file's text, refused (with its name) when it cannot be read or holds no report."""
+    text = read_report_file(path)  # its errors name the file
+    try:
+        return SampleReport(path, text, parse_report(text).impressions)
+    except ReportError as exc:
+        raise ReportError(f"{path}: {exc}") from exc
+
+
+# ---------------------------------------------------------------- where the report changed the volume
+
+
+def change(asked: np.ndarray, normal: np.ndarray) -> np.ndarray:
+    """|HU difference| [k, j, i] of two volumes over the real slices both have (each may end elsewhere)."""
+    common = min(real_slices(asked), real_slices(normal))
+    return np.abs(asked[:common].astype(np.float32) - normal[:common].astype(np.float32))
+
+
+def changed_centre(difference: np.ndarray, spacing: tuple[float, float, float]) -> tuple[int, int, int]:
+    """The voxel [k, j, i] where the change is largest: the maximum of |HU difference| smoothed by a Gaussian of
+    FOCUS_MM (`spacing`: i, j, k in mm).
+
+    Why a smoothed maximum rather than the centre of the largest connected region above a threshold: a finding is a
+    compact blob of change, and its finding-sized weighted mean peaks at the blob's centre (a Gaussian has no
+    plateau, as a box mean has over a blob smaller than the box), while a lone voxel the sampler drew differently
+    averages away. It needs no threshold, and it still finds the strongest spot where the text
+    moved the whole anatomy a little (as today's demo model does), where one region would span the body and its
+    centre could lie outside the change altogether."""
+    smoothed = gaussian_filter(difference, sigma=[FOCUS_MM / s for s in spacing[::-1]], mode="constant")  # [k, j, i]
+    return tuple(int(n) for n in np.unravel_index(np.argmax(smoothed), smoothed.shape))
+
+
+@dataclasses.dataclass
+class View:
+    name: str  # "axial k=57", "coronal j=120"
+    hu: np.ndarray  # the plane
+    changed: np.ndarray  # bool: |HU difference| > CHANGE_HU there
+    aspect: float  # row / column pixel spacing
+    peak: float  # the largest |HU difference| in the plane: near 0, the report changed nothing there
+
+
+def views(asked: np.ndarray, normal: np.ndarray, spacing: tuple[float, float, float]) -> list[View]:
+    """The axial and coronal planes of `asked` through its largest change against `normal` (same seed)."""
+    difference = change(asked, normal)
+    k, j, _ = changed_centre(difference, spacing)
+    hu, changed = asked[: len(difference)], difference > CHANGE_HU
+    sx, sy, sz = spacing
+    return [View(f"axial k={k}", hu[k], changed[k], sy / sx, float(difference[k].max())),
+            View(f"coronal j={j}", hu[:, j, :], changed[:, j, :], sz / sx, float(difference[:, j, :].max()))]
+
+
+# ---------------------------------------------------------------- the picture
+
+
+def tile_image(view: View, window: str, tile: int) -> Image.Image:
+    """The plane in a display window, scaled into the tile, with the changed region's outline in red."""
+    image = plane_image(apply_window(view.hu, *WINDOWS[window]), view.aspect, tile).convert("RGB")
+    inside = np.asarray(plane_image(view.changed.astype(np.uint8) * 255, view.aspect, tile, Image.NEAREST)) > 127
+    pixels = np.array(image)
+    pixels[inside & ~binary_erosion(inside)] = (255, 0, 0)
+    return Image.fromarray(pixels)
+
+
+def figure_size(rows: int, seeds: int, tile: int) -> tuple[int, int]:
+    """(width, height): a header, then per row its caption and one tile per seed and view."""
+    return 2 * seeds * tile, header_height() + rows * row_height(tile)
+
+
+def header_height() -> int:
+    return HEADER_LINES * LINE + 8
+
+
+def row_height(tile: int) -> int:
+    return CAPTION_LINES * LINE + 4 + tile
+
+
+def render_figure(header: str, rows: list[tuple[SampleReport, dict[int, list[View]]]], window: str,
+                  tile: int) -> Image.Image:
+    """`header`: what the figure shows (wrapped); `rows`: each report and, per seed, its views."""
+    seeds = list(rows[0][1])
+    sheet = Image.new("RGB", figure_size(len(rows), len(seeds), tile), (0, 0, 0))
+    draw = ImageDraw.Draw(sheet)
+    characters = sheet.width // 6  # the default font's characters are about 6 pixels wide
+    for number, line in enumerate(textwrap.wrap(header, characters, max_lines=HEADER_LINES, placeholder=" ...")):
+        draw.text((4, 4 + LINE * number), line, fill=(255, 255, 255))
+    for row, (report, by_seed) in enumerate(rows):
+        top = header_height() + row * row_height(tile)
+        caption = f"{report.path.name} - SYNTHETIC - Impressions: {report.impressions}"
+        for number, line in enumerate(textwrap.wrap(caption, characters, max_lines=CAPTION_LINES, placeholder=" ...")):
+            draw.text((4, top + 2 + LINE * number), line, fill=(255, 255, 255))
+        top += CAPTION_LINES * LINE + 4
+        left = 0
+        for seed in seeds:
+            for view in by_seed[seed]:
+                image = tile_image(view, window, tile)
+                sheet.paste(image, (left + (tile - image.width) // 2, top + (tile - image.height) // 2))
+                label = f"seed {seed}, {view.name}, largest change {view.peak:.0f} HU"
+                draw.rectangle(draw.textbbox((left + 2, top + 2), label), fill=(0, 0, 0))  # readable on any grey
+                draw.text((left + 2, top + 2), label, fill=(255, 255, 0))
+                left += tile
+    return sheet
+
+
+# ---------------------------------------------------------------- the command
+
+
+def check_inputs(run: FigureRun) -> tuple[SampleReport, list[SampleReport]]:
+    """The normal report and the others, every input checked before a model loads or a volume is generated."""
+    if run.out.exists() and not run.overwrite:
+        check_output_path(run.out, run.overwrite, suffixes=(".png",))  # says why
+    if not run.model.is_dir():
+        raise ModelError(f"model folder {run.model} is missing")
+    normal = read_sample_report(run.normal)
+    reports = [read_sample_report(path) for path in dict.fromkeys(run.reports)
+               if path.resolve() != run.normal.resolve()]
+    if not reports:
+        raise CTFlowError("give at least one report besides the --normal one")
+    return normal, reports
+
+
+def make_figure(run: FigureRun, log=progress) -> Image.Image:
+    from ctflow import CTFlowPipeline
+
+    from .evaluate import generate_volume
+    from .runtime import set_threads
+
+    normal, reports = check_inputs(run)
+    set_threads(run.threads)
+    pipe = CTFlowPipeline.from_pretrained(run.model, device="cpu")
+    request = {"steps": run.steps, "guidance": run.guidance, "slices": run.slices}
+    total, done, started = len(run.seeds) * (len(reports) + 1), 0, time.perf_counter()
+
+    def generated(report: SampleReport, seed: int):
+        nonlocal done
+        volume, took = generate_volume(pipe, report.text, seed, **request)
+        done += 1
+        eta = (time.perf_counter() - started) / done * (total - done)
+        log(f"volume {done}/{total}: {report.path.name}, seed {seed}: {real_slices(volume.hu)} slices in {took:.1f} s; "
+            f"ETA {eta:.0f} s")
+        return volume
+
+    normals = {seed: generated(normal, seed) for seed in run.seeds}  # each once, the baseline of every row
+    rows = []
+    for report in reports:
+        by_seed = {}
+        for seed in run.seeds:
+            volume = generated(report, seed)
+            by_seed[seed] = views(volume.hu, normals[seed].hu, volume.geometry.spacing)
+        rows.append((report, by_seed))
+    made = normals[run.seeds[0]].provenance
+    header = (f"{SYNTHETIC_NOTICE}. "
+              f"Model {made.model} (weights sha256 {made.model_sha256[:12]}), {made.steps} {made.sampler} steps, "
+              f"guidance {made.guidance:g}. Per seed: axial and coronal slice through the largest change against "
+              f"{normal.path.name} on the same seed; red: |HU change| > {CHANGE_HU:g}. {run.window} window.")
+    return render_figure(header, rows, run.window, run.tile)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, required=True, help="model folder")
+    parser.add_argument("--reports", type=Path, nargs="+", required=True,
+                        help="report files, one row each (the --normal one among them is left out)")
+    parser.add_argument("--normal", type=Path, required=True, help="the normal report every volume is compared with")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds: two views each (default 0 1)")
+    parser.add_argument("--out", type=Path, default=Path("docs/images/sample_reports.png"), help="PNG to write")
+    parser.add_argument("--steps", type=positive(int), help="sampling steps per block (default: the model's)")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance (default: the model's)")
+    parser.add_argument("--slices", type=positive(int), help="stop every volume at this many slices (default: the "
+                                                             "model ends each itself)")
+    parser.add_argument("--window", default="lung", choices=list(WINDOWS), help="display window (default lung)")
+    parser.add_argument("--tile", type=positive(int), default=256, help="pixels a view takes (default 256)")
+    add_threads_option(parser)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out image (default: refuse)")
+
+
+def run(args: argparse.Namespace) -> int:
+    options = FigureRun.from_args(args)
+    image = make_figure(options)
+    options.out.parent.mkdir(parents=True, exist_ok=True)
+    print(atomic_write(options.out, lambda tmp: image.save(tmp, format="PNG"), overwrite=options.overwrite))
+    return 0
