@@ -30,6 +30,9 @@ FLOW = ["--preset", "tiny", "--block", "4", "--batch", "2", "--steps", "2", "--w
         "--threads", "1"]
 
 
+FIGURE = ["report-figure", "--reports", "{root}/report.txt", "--normal", "{root}/normal.txt"]  # report files: `world`
+
+
 def run_train(argv: list[str], capsys) -> tuple[int | str, str]:
     """Exit code (or 'traceback: ...' when an exception escaped) and stderr of `ctflow-train ARGV`, in-process."""
     try:
@@ -64,6 +67,8 @@ def world(tmp_path_factory):
         assert cli.main(argv) == 0, argv
     (root / "ctrate").mkdir()
     (root / "reports.csv").write_text("VolumeName,Findings_EN,Impressions_EN\n")
+    (root / "report.txt").write_text("Findings: Right pleural effusion.\n\nImpressions: Effusion.\n")
+    (root / "normal.txt").write_text("Findings: No pleural effusion.\n\nImpressions: Normal chest CT.\n")
     return root
 
 
@@ -156,6 +161,15 @@ CASES = [
                                                f"{{root}}/{NEW}/f.json"], 1, "missing", absent=(NEW,)),
     Case("evaluate a missing model", ["evaluate", "--model", "{root}/missing", "--data", "{root}/data", "--out",
                                       f"{{root}}/{NEW}/e.json"], 1, "missing", absent=(NEW,)),
+    Case("report-figure over an earlier image", [*FIGURE, "--model", "{root}/vae", "--out", "{root}/figure.png"], 1,
+         "--overwrite", damage=lambda root: (root / "figure.png").write_bytes(b"an image the user keeps")),
+    Case("report-figure of a missing model", [*FIGURE, "--model", "{root}/missing", "--out", f"{{root}}/{NEW}/f.png"],
+         1, "missing", absent=(NEW,)),
+    Case("report-figure of an empty report", [*FIGURE, "--model", "{root}/vae", "--out", f"{{root}}/{NEW}/f.png"], 1,
+         "report.txt: the report is empty", absent=(NEW,), damage=lambda root: (root / "report.txt").write_text("\n")),
+    Case("report-figure with a seed that is no number", [*FIGURE, "--model", "{root}/vae", "--seeds", "0", "one",
+                                                         "--out", f"{{root}}/{NEW}/f.png"], 2, "invalid int value",
+         absent=(NEW,)),
 ]
 
 

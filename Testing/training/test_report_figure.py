@@ -36,7 +36,7 @@ def test_the_place_of_largest_change_is_the_blob_not_a_lone_voxel_or_a_faint_shi
     k, j, i = rf.changed_centre(rf.change(asked, normal), SPACING)
     assert 25 <= k < 30 and 28 <= j < 34 and 30 <= i < 36
     axial, coronal = rf.views(asked, normal, SPACING)
-    assert axial.name == f"axial k={k}" and coronal.name == f"coronal j={j}"
+    assert axial.name == f"axial k={k}" and coronal.name == f"coronal j={j}" and axial.peak == 910  # -850 to 60
     assert axial.changed.sum() == 36 + (k == 5) and axial.changed[28:34, 30:36].all()  # only the blob is outlined
     assert coronal.hu.shape == (40, 48) and coronal.aspect == pytest.approx(2.5 / 1.5)
 
@@ -83,20 +83,20 @@ def test_report_figure_draws_a_row_per_report_and_two_views_per_seed(tiny_model,
     progress = [line for line in captured.err.splitlines() if line.startswith("volume ")]
     assert len(progress) == 6 and all("ETA" in line for line in progress)  # 2 reports x 2 seeds + the normal once a seed
     assert sum("normal_chest.txt" in line for line in progress) == 2
-    image = Image.open(out)
-    assert image.size == (2 * 2 * 64, rf.header_height() + 2 * rf.row_height(64))
-    assert image.size == rf.figure_size(rows=2, seeds=2, tile=64)
+    width, height = Image.open(out).size
+    assert width == 2 * 2 * 64  # per seed an axial and a coronal view
+    one_report = [*argv, "--reports", str(reports[0]), "--overwrite"]  # the later --reports wins
+    assert cli.main(one_report) == 0 and capsys.readouterr().err.count("ETA") == 4
+    assert Image.open(out).size == (width, height - rf.row_height(64))  # a row a report
     before = out.read_bytes()
     assert cli.main(argv) == 1  # an existing picture is not replaced unasked
     assert "--overwrite" in capsys.readouterr().err and out.read_bytes() == before
 
 
 def test_report_figure_refuses_bad_reports_before_loading_the_model(reports, tmp_path, capsys):
-    empty = tmp_path / "empty.txt"
-    empty.write_text("  \n")
+    """(An empty report, a missing model, an existing picture: test_bad_training_inputs' table.)"""
     base = ["report-figure", "--model", str(tmp_path), "--normal", str(reports[2]), "--out", str(tmp_path / "f.png")]
-    for given, message in (([str(empty)], f"{empty}: the report is empty"),
-                           ([str(tmp_path / "missing.txt")], "missing.txt does not exist"),
+    for given, message in (([str(tmp_path / "missing.txt")], "missing.txt does not exist"),
                            ([str(reports[2])], "at least one report besides the --normal one")):
         assert cli.main([*base, "--reports", *given]) == 1
         err = capsys.readouterr().err

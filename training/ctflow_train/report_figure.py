@@ -33,7 +33,6 @@ FOCUS_MM = 5.0  # the change is averaged with a Gaussian of this sigma (12 mm ac
 CHANGE_HU = 200.0  # outlined: voxels whose HU the report changed by more than this
 LINE = 14  # pixels a line of text takes
 CAPTION_LINES = 2
-HEADER_LINES = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,30 +123,26 @@ def tile_image(view: View, window: str, tile: int) -> Image.Image:
     return Image.fromarray(pixels)
 
 
-def figure_size(rows: int, seeds: int, tile: int) -> tuple[int, int]:
-    """(width, height): a header, then per row its caption and one tile per seed and view."""
-    return 2 * seeds * tile, header_height() + rows * row_height(tile)
-
-
-def header_height() -> int:
-    return HEADER_LINES * LINE + 8
-
-
 def row_height(tile: int) -> int:
+    """A row: its caption, then one tile per seed and view."""
     return CAPTION_LINES * LINE + 4 + tile
 
 
 def render_figure(header: str, rows: list[tuple[SampleReport, dict[int, list[View]]]], window: str,
                   tile: int) -> Image.Image:
-    """`header`: what the figure shows (wrapped); `rows`: each report and, per seed, its views."""
+    """`header`: what the figure shows, wrapped to the figure's width above the rows; `rows`: each report and, per
+    seed, its views."""
     seeds = list(rows[0][1])
-    sheet = Image.new("RGB", figure_size(len(rows), len(seeds), tile), (0, 0, 0))
+    width = 2 * len(seeds) * tile
+    characters = width // 6  # the default font's characters are about 6 pixels wide
+    header_lines = textwrap.wrap(header, characters)
+    header_height = len(header_lines) * LINE + 8
+    sheet = Image.new("RGB", (width, header_height + len(rows) * row_height(tile)), (0, 0, 0))
     draw = ImageDraw.Draw(sheet)
-    characters = sheet.width // 6  # the default font's characters are about 6 pixels wide
-    for number, line in enumerate(textwrap.wrap(header, characters, max_lines=HEADER_LINES, placeholder=" ...")):
+    for number, line in enumerate(header_lines):
         draw.text((4, 4 + LINE * number), line, fill=(255, 255, 255))
     for row, (report, by_seed) in enumerate(rows):
-        top = header_height() + row * row_height(tile)
+        top = header_height + row * row_height(tile)
         caption = f"{report.path.name} - SYNTHETIC - Impressions: {report.impressions}"
         for number, line in enumerate(textwrap.wrap(caption, characters, max_lines=CAPTION_LINES, placeholder=" ...")):
             draw.text((4, top + 2 + LINE * number), line, fill=(255, 255, 255))
