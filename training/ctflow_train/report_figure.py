@@ -21,13 +21,16 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy.ndimage import binary_erosion, gaussian_filter
 
+from ctflow import CTFlowPipeline
 from ctflow.conventions import SYNTHETIC_NOTICE, WINDOWS, real_slices
 from ctflow.errors import CTFlowError, ModelError, ReportError
 from ctflow.io import atomic_write, check_output_path
 from ctflow.preview import apply_window, plane_image
 from ctflow.report import parse_report, read_report_file
 
+from .evaluate import generate_volume
 from .options import RunConfig, add_threads_option, positive, progress
+from .runtime import set_threads
 
 FOCUS_MM = 5.0  # the change is averaged with a Gaussian of this sigma (12 mm across at half height: a finding's size)
 CHANGE_HU = 200.0  # outlined: voxels whose HU the report changed by more than this
@@ -177,11 +180,6 @@ def check_inputs(run: FigureRun) -> tuple[SampleReport, list[SampleReport]]:
 
 
 def make_figure(run: FigureRun, log=progress) -> Image.Image:
-    from ctflow import CTFlowPipeline
-
-    from .evaluate import generate_volume
-    from .runtime import set_threads
-
     normal, reports = check_inputs(run)
     set_threads(run.threads)
     pipe = CTFlowPipeline.from_pretrained(run.model, device="cpu")
