@@ -88,9 +88,9 @@ def changed_centre(difference: np.ndarray, spacing: tuple[float, float, float]) 
     Why a smoothed maximum rather than the centre of the largest connected region above a threshold: a finding is a
     compact blob of change, and its finding-sized weighted mean peaks at the blob's centre (a Gaussian has no
     plateau, as a box mean has over a blob smaller than the box), while a lone voxel the sampler drew differently
-    averages away. It needs no threshold, and it still finds the strongest spot where the text
-    moved the whole anatomy a little (as today's demo model does), where one region would span the body and its
-    centre could lie outside the change altogether."""
+    averages away. It needs no threshold, and where the text moved the whole anatomy a little (as today's demo
+    model does) it still finds the strongest spot, where one region would span the body and its centre could lie
+    outside the change altogether."""
     smoothed = gaussian_filter(difference, sigma=[FOCUS_MM / s for s in spacing[::-1]], mode="constant")  # [k, j, i]
     return tuple(int(n) for n in np.unravel_index(np.argmax(smoothed), smoothed.shape))
 
@@ -181,10 +181,11 @@ def check_inputs(run: FigureRun) -> tuple[SampleReport, list[SampleReport]]:
 
 def make_figure(run: FigureRun, log=progress) -> Image.Image:
     normal, reports = check_inputs(run)
+    seeds = list(dict.fromkeys(run.seeds))
     set_threads(run.threads)
     pipe = CTFlowPipeline.from_pretrained(run.model, device="cpu")
     request = {"steps": run.steps, "guidance": run.guidance, "slices": run.slices}
-    total, done, started = len(run.seeds) * (len(reports) + 1), 0, time.perf_counter()
+    total, done, started = len(seeds) * (len(reports) + 1), 0, time.perf_counter()
 
     def generated(report: SampleReport, seed: int):
         nonlocal done
@@ -195,15 +196,15 @@ def make_figure(run: FigureRun, log=progress) -> Image.Image:
             f"ETA {eta:.0f} s")
         return volume
 
-    normals = {seed: generated(normal, seed) for seed in run.seeds}  # each once, the baseline of every row
+    normals = {seed: generated(normal, seed) for seed in seeds}  # each once, the baseline of every row
     rows = []
     for report in reports:
         by_seed = {}
-        for seed in run.seeds:
+        for seed in seeds:
             volume = generated(report, seed)
             by_seed[seed] = views(volume.hu, normals[seed].hu, volume.geometry.spacing)
         rows.append((report, by_seed))
-    made = normals[run.seeds[0]].provenance
+    made = normals[seeds[0]].provenance
     header = (f"{SYNTHETIC_NOTICE}. "
               f"Model {made.model} (weights sha256 {made.model_sha256[:12]}), {made.steps} {made.sampler} steps, "
               f"guidance {made.guidance:g}. Per seed: axial and coronal slice through the largest change against "
