@@ -48,6 +48,13 @@ def test_the_change_covers_the_slices_both_volumes_have():
     assert difference.shape == (32, 48, 48) and np.all(difference == 100)  # never real slices against white ones
 
 
+def test_a_caption_says_the_impressions_or_else_the_findings(tmp_path):
+    (tmp_path / "a.txt").write_text("Findings: Small right pleural effusion.\n\nImpressions: Effusion.")
+    (tmp_path / "b.txt").write_text("Small right pleural effusion.")
+    assert rf.read_sample_report(tmp_path / "a.txt").summary == "Impressions: Effusion."
+    assert rf.read_sample_report(tmp_path / "b.txt").summary == "Findings: Small right pleural effusion."
+
+
 def test_a_tile_outlines_the_change_in_red():
     normal = chest()
     asked = normal.copy()

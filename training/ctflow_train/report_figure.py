@@ -60,16 +60,18 @@ class FigureRun(RunConfig):
 class SampleReport:
     path: Path
     text: str
-    impressions: str
+    summary: str  # for the caption: "Impressions: ...", or the Findings of a report without Impressions
 
 
 def read_sample_report(path: Path) -> SampleReport:
     """The file's text, refused (with its name) when it cannot be read or holds no report."""
     text = read_report_file(path)  # its errors name the file
     try:
-        return SampleReport(path, text, parse_report(text).impressions)
+        report = parse_report(text)
     except ReportError as exc:
         raise ReportError(f"{path}: {exc}") from exc
+    summary = f"Impressions: {report.impressions}" if report.impressions else f"Findings: {report.findings}"
+    return SampleReport(path, text, summary)
 
 
 # ---------------------------------------------------------------- where the report changed the volume
@@ -146,7 +148,7 @@ def render_figure(header: str, rows: list[tuple[SampleReport, dict[int, list[Vie
         draw.text((4, 4 + LINE * number), line, fill=(255, 255, 255))
     for row, (report, by_seed) in enumerate(rows):
         top = header_height + row * row_height(tile)
-        caption = f"{report.path.name} - SYNTHETIC - Impressions: {report.impressions}"
+        caption = f"{report.path.name} - SYNTHETIC - {report.summary}"
         for number, line in enumerate(textwrap.wrap(caption, characters, max_lines=CAPTION_LINES, placeholder=" ...")):
             draw.text((4, top + 2 + LINE * number), line, fill=(255, 255, 255))
         top += CAPTION_LINES * LINE + 4
