@@ -140,4 +140,5 @@ def open_loss_log(path: str | os.PathLike, header: list[str], step: int):
     handle = open(path, "w", newline="")
     writer = csv.writer(handle)
     writer.writerows([header, *rows])
+    handle.flush()  # the kept rows are on disk before the run goes on: a kill soon after a resume loses none
     return handle, writer
