@@ -268,6 +268,9 @@ def test_finding_study_probes_the_cohort_and_counts_generated_volumes(tiny, data
     assert fs.run(parser.parse_args([*argv, "--overwrite"])) == 0
     assert len(list((tmp_path / "features").iterdir())) == cached  # nothing generated twice
     assert fs.FindingStudy.from_json(out.read_text()) == result  # and the same figures
+    assert fs.run(parser.parse_args([*argv, "--seed", "1", "--seeds", "1", "--overwrite"])) == 0
+    assert len(list((tmp_path / "features").iterdir())) == cached  # a run over other seeds: the same reports
+    assert fs.FindingStudy.from_json(out.read_text()).reports == result.reports
     with pytest.raises(CTFlowError, match="exists"):
         fs.run(parser.parse_args(argv))
     args = parser.parse_args([*argv, "--overwrite"])
