@@ -222,7 +222,7 @@ def test_the_result_counts_round_trips_and_makes_tables():
 def test_finding_study_probes_the_cohort_and_counts_generated_volumes(tiny, data, vae_run, cache, tmp_path):
     flow = tmp_path / "flow"
     train_flow.train(tiny.flow_run(cache, flow, steps=2))
-    parser = argparse.ArgumentParser()
+    parser = parser_export = argparse.ArgumentParser()
     export.configure(parser)
     args = parser.parse_args(["--flow", str(flow), "--vae", str(vae_run[0]), "--cache", str(cache),
                               "--out", str(tmp_path / "model"), "--steps", "2", "--calibration-cases", "2"])
@@ -271,6 +271,14 @@ def test_finding_study_probes_the_cohort_and_counts_generated_volumes(tiny, data
     assert fs.run(parser.parse_args([*argv, "--seed", "1", "--seeds", "1", "--overwrite"])) == 0
     assert len(list((tmp_path / "features").iterdir())) == cached  # a run over other seeds: the same reports
     assert fs.FindingStudy.from_json(out.read_text()).reports == result.reports
+    train_flow.train(tiny.flow_run(cache, tmp_path / "flow2", steps=1))  # another denoiser, the same autoencoder
+    export.export(export.ExportRun.from_args(parser_export.parse_args(
+        ["--flow", str(tmp_path / "flow2"), "--vae", str(vae_run[0]), "--cache", str(cache), "--out",
+         str(tmp_path / "model2"), "--steps", "2", "--calibration-cases", "2"])))
+    argv2 = [*argv, "--model", str(tmp_path / "model2"), "--seeds", "1", "--overwrite"]
+    assert fs.run(parser.parse_args(argv2)) == 0
+    generated = len(set(result.reports.values()))  # one volume a report text; the training volumes are not decoded again
+    assert len(list((tmp_path / "features").iterdir())) == cached + generated
     with pytest.raises(CTFlowError, match="exists"):
         fs.run(parser.parse_args(argv))
     args = parser.parse_args([*argv, "--overwrite"])

@@ -44,6 +44,7 @@ from ctflow.checksums import sha256_file
 from ctflow.conventions import START_HU, real_slices
 from ctflow.errors import CTFlowError
 from ctflow.io import atomic_write
+from ctflow.model_folder import VAE_FOLDER
 
 from .anatomy import in_labels
 from .dataset import patient_of, read_index
@@ -529,14 +530,17 @@ def heldout_located(cases: list[HeldOutCase]) -> list[Located]:
 # ---------------------------------------------------------------- the study
 
 
-def model_hash(folder: Path) -> str:
-    """One hash of a model folder's weights (denoiser and autoencoder): a feature cache key."""
+def weights_hash(folder: Path) -> str:
+    """One hash of the weights under a folder (a model folder: denoiser and autoencoder; its vae/: the
+    autoencoder alone): a feature cache key."""
     return hashlib.sha256(" ".join(sha256_file(p) for p in sorted(folder.rglob("*.safetensors"))).encode()).hexdigest()
 
 
-def training_set(pipe: CTFlowPipeline, folders: list[Path], stores: list[Path], cache: FeatureCache, model: str, log):
+def training_set(pipe: CTFlowPipeline, folders: list[Path], stores: list[Path], cache: FeatureCache, autoencoder: str,
+                 log):
     """Features, findings (label files) and patient of every volume of the latent stores, refused unless encoded by
-    the model's autoencoder; the HU are the store's latents decoded by the model's decoder."""
+    the model's autoencoder; the HU are the store's latents decoded by the model's decoder. Cached under the
+    autoencoder's weights (`autoencoder`), so models that share it (a denoiser trained on) decode them once."""
     start = pipe.autoencoder.constant_latent(START_HU).cpu()
     features, labels, groups = [], [], []
     for folder, path in zip(folders, stores, strict=True):
@@ -552,7 +556,7 @@ def training_set(pipe: CTFlowPipeline, folders: list[Path], stores: list[Path], 
                     hu = pipe.autoencoder.decode(latents.to(pipe.device)).cpu().numpy()
                 return grid_features(latents), pooled(hu)
 
-            features.append(cache.get(f"store {model} {store.header.get('vae_sha256')} {name}", make))
+            features.append(cache.get(f"store {autoencoder} {store.header.get('vae_sha256')} {name}", make))
             labels.append(json.loads((folder / index[name]["labels"]).read_text())["findings"])
             groups.append(patient_of(name))
             if len(features) % 20 == 0:
@@ -585,8 +589,9 @@ def run_study(args: argparse.Namespace, log=lambda line: None) -> FindingStudy:
                              args.ct_cache, log)
         prior.save(args.prior)
     cache = FeatureCache(args.feature_cache, prior)
-    weights = model_hash(Path(args.model))
-    features, labels, groups = training_set(pipe, args.data, args.latents, cache, weights, log)
+    weights = weights_hash(args.model)
+    features, labels, groups = training_set(pipe, args.data, args.latents, cache, weights_hash(args.model / VAE_FOLDER),
+                                            log)
     detectors, skipped = calibrate(features, labels, groups, log)
     studied = tuple(f for f in STUDIED if (f, "present") in detectors)
     writer, writer_located = writer_reports(args.data[0], WORDING_SEED, studied)
@@ -636,8 +641,9 @@ def run_study(args: argparse.Namespace, log=lambda line: None) -> FindingStudy:
                     placements.append(Placement(report_set, where.name, where.finding, target, expected,
                                                 [changed_place(prior, a.pooled, n.pooled, places) for a, n in pairs],
                                                 1 / len(places)))
-            if report_set == "writer":
-                reports[f"writer/{where.name}"] = where.text
+            reports[f"{report_set}/{where.name}"] = where.text  # a held-out case read by its change alone too
+            if report_set == "heldout":
+                reports[f"heldout/{where.name}/negated"] = where.negated
     volumes = len(features)
     training = (f"{volumes} volumes of {len(set(groups))} patients ({', '.join(str(d) for d in args.data)}), "
                 "cross-validated with each patient and his twins in one fold")
