@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+# The Ctrl-C tests send SIGINT as a terminal would. A suite started in the background (`make test &`, nohup) inherits
+# SIGINT ignored, and so would every process it starts, which then never sees the signal: restore Python's handler,
+# so children start with the default action, as from a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 OUTPUT = Path(__file__).parent / "_output"  # screenshots and other artefacts a person may want to look at
 
