@@ -21,7 +21,7 @@ forget_working_folder()
 _EXPORTS = {
     "DENOISER_PRESETS": "config", "DenoiserConfig": "config", "ModelConfig": "config",
     "CTFlowError": "errors", "DeviceError": "errors", "ModelError": "errors", "OutputExistsError": "errors",
-    "ReportError": "errors", "RequestError": "errors",
+    "OutOfMemory": "errors", "ReportError": "errors", "RequestError": "errors",
     "read_dicom": "dicom", "write_dicom": "dicom", "read_volume": "io", "write_volume": "io",
     "default_model": "hub", "save_model": "model_folder",
     "Block": "pipeline", "DecodedBlock": "pipeline", "CTFlowPipeline": "pipeline", "GenerationPlan": "pipeline", "GenerationRequest": "pipeline",

@@ -1,4 +1,5 @@
-"""Which torch device a run uses: one name rule for the library, every --device and the worker."""
+"""Which torch device a run uses (one name rule for the library, every --device and the worker), and what running
+out of its memory looks like."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import re
 
 import torch
 
-from .errors import DeviceError
+from .errors import DeviceError, OutOfMemory
 
 DEVICES = "auto, cpu, cuda or cuda:N"  # what select_device (and every --device) accepts
 
@@ -22,3 +23,24 @@ def select_device(name: str = "auto") -> torch.device:
             "or install a CUDA build of torch"
         )
     return torch.device(name)
+
+
+# torch's CPU allocator reports a failed allocation as a plain RuntimeError with this text, not as OutOfMemoryError
+_CPU_ALLOCATOR_FAILED = re.compile(r"DefaultCPUAllocator: (can't allocate|not enough) memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is a device running out of memory: CUDA's OutOfMemoryError, numpy's MemoryError, or the
+    RuntimeError of torch's CPU allocator."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and bool(_CPU_ALLOCATOR_FAILED.search(str(exc)))
+
+
+def out_of_memory(device: torch.device, doing: str, smaller: str = "") -> OutOfMemory:
+    """The error for running out of `device`'s memory while `doing`, saying what to try (`smaller`: a smaller request
+    that would fit better, when there is one)."""
+    advice = ["close other programs using its memory", *(["use --device cpu"] if device.type == "cuda" else []),
+              *([smaller] if smaller else [])]
+    return OutOfMemory(f"out of {device.type} memory while {doing}; {', '.join(advice[:-1])}"
+                       f"{' or ' if len(advice) > 1 else ''}{advice[-1]}")

@@ -25,5 +25,9 @@ class DeviceError(CTFlowError):
     """The requested device is not available, or ran out of memory."""
 
 
+class OutOfMemory(DeviceError):
+    """The device ran out of memory: a smaller request, or another device, may fit."""
+
+
 class OutputExistsError(CTFlowError, FileExistsError):
     """Refusing to overwrite a file the user already has."""

@@ -26,9 +26,9 @@ from . import __version__
 from .autoencoder import SliceAutoencoder
 from .config import MAX_SLICES, ModelConfig, SamplingConfig
 from .conventions import END_HU, START_HU
-from .devices import select_device
+from .devices import is_out_of_memory, out_of_memory, select_device
 from .denoiser import STDiT, parameter_count
-from .errors import CTFlowError, DeviceError, ModelError, RequestError
+from .errors import CTFlowError, ModelError, RequestError
 from .hub import default_model, is_hub_id, resolve_model
 from .model_folder import CARD, WEIGHTS, load_denoiser, load_vae, read_config, verify_model_folder
 from .report import Report, parse_report, render_prompt
@@ -198,8 +198,10 @@ class CTFlowPipeline:
             autoencoder = SliceAutoencoder(load_vae(folder).to(target), config.autoencoder)
             text_encoder = TextEncoder.load(config.text, folder, local_files_only)
             text_encoder.model.to(target)
-        except torch.OutOfMemoryError as exc:
-            raise DeviceError(f"not enough {target.type} memory to load {folder.name}; try --device cpu") from exc
+        except (RuntimeError, MemoryError) as exc:
+            if not is_out_of_memory(exc):
+                raise
+            raise out_of_memory(target, f"loading {folder.name}") from exc
         model_id = str(model) if model is not None and not Path(model).is_dir() else config.name
         card = (folder / CARD).read_text(encoding="utf-8") if (folder / CARD).is_file() else ""
         return cls(config, denoiser, autoencoder, text_encoder, model_id, checksums[WEIGHTS], target, card)
@@ -277,11 +279,10 @@ class CTFlowPipeline:
                     progress.resume()  # the consumer is done with the block: the next block's time starts
                 if last or is_cancelled():
                     return
-        except torch.OutOfMemoryError as exc:
-            raise DeviceError(
-                f"out of {self.device.type} memory while generating block {progress.blocks_done + 1}; "
-                "close other GPU programs or use --device cpu"
-            ) from exc
+        except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+            if not is_out_of_memory(exc):
+                raise
+            raise out_of_memory(self.device, f"generating block {progress.blocks_done + 1}", "ask for fewer slices") from exc
         finally:
             stopped.set()
             blocks.close()  # ends a decode-ahead worker before returning

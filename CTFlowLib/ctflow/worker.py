@@ -130,9 +130,8 @@ class Worker:
         self.send({"type": "error", "id": run_id, "error": kind, "message": message})
 
     def _generate(self, message: dict) -> None:
-        import torch
-
-        from .errors import CTFlowError, RequestError
+        from .devices import is_out_of_memory
+        from .errors import CTFlowError, OutOfMemory, RequestError
         from .pipeline import GenerationRequest
 
         run_id = message.get("id")
@@ -171,15 +170,19 @@ class Worker:
                 self.send({"type": "cancelled", "id": run_id, "slices": made})
             else:
                 self.send({"type": "done", "id": run_id, "slices": made, "elapsed_s": time.perf_counter() - started})
+        except OutOfMemory as exc:
+            self._unload()  # the next run loads the model afresh, into memory as empty as it gets
+            self._error(run_id, "DeviceError", str(exc))
         except CTFlowError as exc:
             self._error(run_id, type(exc).__name__, str(exc))
-        except (torch.OutOfMemoryError, MemoryError):
-            self._unload()
-            self._error(run_id, "DeviceError", "out of memory: choose the CPU, ask for fewer slices, or close other "
-                                               "programs using the memory")
         except Exception as exc:  # noqa: BLE001 - the run ends with one line; the traceback goes to the log
-            traceback.print_exc(file=sys.stderr)
-            self._error(run_id, type(exc).__name__, f"unexpected {type(exc).__name__}: {exc} (see the worker log)")
+            if is_out_of_memory(exc):  # outside the pipeline: planning, saving a block
+                self._unload()
+                self._error(run_id, "DeviceError", "out of memory: ask for fewer slices, or close other programs "
+                                                   "using the memory")
+            else:
+                traceback.print_exc(file=sys.stderr)
+                self._error(run_id, type(exc).__name__, f"unexpected {type(exc).__name__}: {exc} (see the worker log)")
         finally:
             self._cancelled.discard(run_id)
 

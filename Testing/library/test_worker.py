@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -121,6 +122,34 @@ def test_a_bad_request_ends_its_run_with_one_error_line(worker, tiny_model, mess
     reply = until(worker, *ENDINGS)[-1]
     assert (reply["type"], reply["id"], reply["error"]) == ("error", "bad", error)
     assert words in reply["message"] and "\n" not in reply["message"]
+
+
+def test_running_out_of_memory_ends_the_run_with_one_line_and_the_worker_goes_on():
+    """Memory really runs out, nothing simulated: once a first run has loaded the bundled model, the worker's address
+    space is capped a little above what it holds, so the next run's first large allocation fails (torch's CPU
+    allocator then raises a plain RuntimeError, not OutOfMemoryError). With the cap lifted, a run works again."""
+    worker = start_worker()
+    try:
+        def run(run_id, slices):
+            worker.send({"type": "generate", "id": run_id, "device": "cpu",
+                         "request": {"report": REPORT, "slices": slices, "steps": 1}})
+            messages = until(worker, *ENDINGS)
+            for planned in (m for m in messages if m["type"] == "planned"):
+                shutil.rmtree(planned["folder"])
+            return messages[-1]
+
+        assert run("loads the model", 4)["type"] == "done"
+        status = Path(f"/proc/{worker.process.pid}/status").read_text()
+        held = int(next(line for line in status.splitlines() if line.startswith("VmSize:")).split()[1]) * 1024
+        uncapped = resource.prlimit(worker.process.pid, resource.RLIMIT_AS, (held + 16 * 2**20, resource.RLIM_INFINITY))
+        reply = run("too big", 32)
+        assert (reply["type"], reply["error"]) == ("error", "DeviceError"), reply
+        assert reply["message"].startswith("out of cpu memory while generating block 1;"), reply["message"]
+        assert "fewer slices" in reply["message"] and "\n" not in reply["message"]
+        resource.prlimit(worker.process.pid, resource.RLIMIT_AS, uncapped)
+        assert run("after", 4)["type"] == "done"  # the model was unloaded and loads again
+    finally:
+        worker.close(timeout=EXIT_GRACE_S)
 
 
 def test_lines_that_are_not_protocol_get_an_error_and_the_worker_goes_on(worker):
