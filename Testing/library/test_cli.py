@@ -94,3 +94,21 @@ def test_the_installed_command_runs(tiny_model, tmp_path):
                              str(tmp_path / "x.nii.gz"), "--model", str(tiny_model)], capture_output=True, text=True)
     assert result.returncode == 1 and result.stderr.startswith("ctflow: error: the report is empty")
     assert "Traceback" not in result.stderr and not (tmp_path / "x.nii.gz").exists()
+
+
+def test_no_memory_for_the_model_is_one_line_and_no_file(tmp_path):
+    """Memory really runs out: with every module imported (imports under such a cap can hang in the import machinery),
+    the process caps its own address space a little above what it holds, then asks for the bundled model (tens of
+    MB); loading it fails in torch's CPU allocator."""
+    out = tmp_path / "x.nii.gz"
+    capped = ("import resource, sys\n"
+              "import ctflow.pipeline\n"
+              "from ctflow.cli import main, quiet_third_party_logs\n"
+              "quiet_third_party_logs()\n"
+              "held = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
+              "resource.setrlimit(resource.RLIMIT_AS, (held + 8 * 2**20, resource.RLIM_INFINITY))\n"
+              f"sys.exit(main(['generate', '--report', 'Normal chest.', '--out', {str(out)!r}]))\n")
+    result = subprocess.run([sys.executable, "-c", capped], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("ctflow: error: out of cpu memory while loading ctflow-demo;"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
