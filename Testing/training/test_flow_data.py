@@ -145,18 +145,23 @@ def test_paired_twins_give_every_second_sample_a_twin_with_the_same_draws(tiny, 
         train_flow.train(tiny.flow_run(twin_store, twin_store.parent / "odd", paired_twins=True))
 
 
-def test_pair_loss_is_the_relative_error_of_the_twins_difference():
-    target = torch.randn(4, 2, 3, 4, 4)
+def test_pair_loss_is_the_relative_error_of_the_twins_difference_where_the_finding_reaches():
+    target = torch.randn(6, 2, 3, 4, 4)
     target[3] = target[2]  # the second pair's twin differs by nothing (the finding lies outside this block)
-    twin = torch.tensor([False, True, False, True])
-    assert train_flow.pair_loss(target, target, twin) == 0  # the difference drawn exactly
+    target[5] = target[4] + 0.5  # the third pair differs everywhere
+    twin = torch.tensor([False, True, False, True, False, True])
+    assert train_flow.pair_loss(target, target, twin) == 0  # the differences drawn exactly
     same = target.clone()
-    same[1] = same[0]  # the twin drawn like its pair: the whole difference missed
+    same[1], same[5] = same[0], same[4]  # each twin drawn like its pair: the whole difference missed
     assert train_flow.pair_loss(same, target, twin).item() == pytest.approx(1.0)
+    half = target.clone()
+    half[5] = target[4] + 0.25  # half the difference drawn in one pair of the two the finding reaches: error 1/4
+    assert train_flow.pair_loss(half, target, twin).item() == pytest.approx(0.125)
     spurious = target.clone()
-    spurious[3] += 0.1  # a difference where there is none is an error too
-    assert train_flow.pair_loss(spurious, target, twin) > 0
-    assert train_flow.pair_loss(same, target, torch.tensor([False, False, False, False])) == 0  # no twin pairs
+    spurious[3] += 0.1  # a difference drawn where the finding is not: no pull towards drawing both alike
+    assert train_flow.pair_loss(spurious, target, twin) == 0
+    assert train_flow.pair_loss(same, target, torch.tensor([False] * 6)) == 0  # no twin pairs
+    assert train_flow.pair_loss(spurious, target, torch.tensor([False, False, False, True, False, False])) == 0
 
 
 def test_pair_weight_trains_on_twin_pairs_and_logs_their_loss(tiny, twin_store, tmp_path):

@@ -52,7 +52,7 @@ from .options import RunOptions, add_run_options, add_schedule_options
 from .runtime import cosine_schedule, set_threads, start_processes
 
 OUTPUTS = (CHECKPOINT, "loss.csv")  # what a run writes to --out
-PAIR_FLOOR = 1e-3  # per element: the pair loss's scale where twins differ by less (a block the finding misses)
+PAIR_REACH = 1e-3  # mean square per latent value: twins' targets differing by less are a block the finding misses
 ADDABLE = ("position_embed.", "text_vector.", "seam_embed.")  # parts a warm start may switch on (they start as no-ops)
 
 
@@ -184,18 +184,19 @@ def flow_loss(model, ema: STDiT, batch: Batch, config, args, autocast, device) -
 
 def pair_loss(predicted: torch.Tensor, target: torch.Tensor, twin: torch.Tensor) -> torch.Tensor:
     """How far the difference between a twin's prediction and its pair's is from the difference of their targets,
-    relative to that difference (1: the model draws both the same). With the same noise, time and previous-block
-    draws, that difference is the finding's voxels and nothing else: the part of the target only the report
-    explains, a few hundredths of the latent where patients differ by half (it hardly moves the plain MSE). Zero
-    for a batch without a twin pair."""
-    real = twin[1::2]  # [B/2] pairs whose second sample is a twin of the first
-    if not real.any():
+    relative to that difference (1: the model draws both the same), averaged over the pairs whose block the finding
+    reaches. With the same noise, time and previous-block draws, that difference is the finding's voxels and nothing
+    else: the part of the target only the report explains, a few hundredths of the latent where patients differ by
+    half (it hardly moves the plain MSE). Pairs the finding misses count for nothing: held to draw no difference
+    there, a model learns to draw both reports alike (the run of 2026-11-28). Zero without such a pair."""
+    pairs = twin[1::2]  # [B/2] pairs whose second sample is a twin of the first
+    wanted = (target[1::2] - target[0::2])[pairs].flatten(1)  # [P, C*T*h*w]
+    drawn = (predicted[1::2] - predicted[0::2])[pairs].flatten(1)
+    scale = wanted.square().sum(1)  # [P]
+    reached = scale > PAIR_REACH * wanted.shape[1]
+    if not reached.any():
         return predicted.new_zeros(())
-    wanted = (target[1::2] - target[0::2])[real]  # [P, C, T, h, w]
-    drawn = (predicted[1::2] - predicted[0::2])[real]
-    # blocks the finding does not reach differ by nothing: floor the scale, there any drawn difference is an error
-    scale = wanted.square().sum().clamp(min=PAIR_FLOOR * wanted.numel())
-    return (drawn - wanted).square().sum() / scale
+    return ((drawn - wanted)[reached].square().sum(1) / scale[reached]).mean()
 
 
 def train(args: FlowRun) -> dict:
