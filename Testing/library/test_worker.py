@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -144,7 +145,7 @@ def test_running_out_of_memory_ends_the_run_with_one_line_and_the_worker_goes_on
         uncapped = resource.prlimit(worker.process.pid, resource.RLIMIT_AS, (held + 16 * 2**20, resource.RLIM_INFINITY))
         reply = run("too big", 32)
         assert (reply["type"], reply["error"]) == ("error", "DeviceError"), reply
-        assert reply["message"].startswith("out of cpu memory while generating block 1;"), reply["message"]
+        assert re.match(r"out of (cpu )?memory", reply["message"]), reply["message"]  # sampling; or planning, first
         assert "fewer slices" in reply["message"] and "\n" not in reply["message"]
         resource.prlimit(worker.process.pid, resource.RLIMIT_AS, uncapped)
         assert run("after", 4)["type"] == "done"  # the model was unloaded and loads again
