@@ -97,11 +97,13 @@ class DecodedBlock:
 
 
 def with_defaults(request: GenerationRequest, sampling: SamplingConfig) -> GenerationRequest:
-    """The request with every unset sampling option replaced by the model's default (the seed stays as given)."""
+    """The request with every unset sampling option replaced by the model's default (the seed stays as given).
+    A precomputed embedding has no empty-report twin to guide by, so its default guidance is 1 (off)."""
+    default_guidance = 1.0 if request.embedding is not None else sampling.guidance
     return dataclasses.replace(
         request,
         steps=request.steps if request.steps is not None else sampling.steps,
-        guidance=request.guidance if request.guidance is not None else sampling.guidance,
+        guidance=request.guidance if request.guidance is not None else default_guidance,
         sampler=request.sampler or sampling.method,
         shift=request.shift if request.shift is not None else sampling.shift,
         prompt_slices=request.prompt_slices if request.prompt_slices is not None else request.slices,
@@ -216,8 +218,11 @@ class CTFlowPipeline:
         report = check_request(resolved, self.config)
         if request.embedding is not None:  # the report text is only recorded; the model sees the given vector
             tokens = self._given_embedding(request.embedding)
-            return GenerationPlan(resolved, report.text, report.text, (), tokens, torch.ones(1, 1, dtype=torch.bool),
-                                  Guidance(resolved.guidance))
+            unguided = (f"guidance 1 (the model's default is {self.config.sampling.guidance:g}): a precomputed "
+                        "embedding has no empty-report twin to guide by",) if request.guidance is None \
+                and self.config.sampling.guidance != 1.0 else ()
+            return GenerationPlan(resolved, report.text, report.text, unguided, tokens,
+                                  torch.ones(1, 1, dtype=torch.bool), Guidance(resolved.guidance))
         # The released model never saw our meta lines (length, spacing): it gets the report sections alone.
         spacing = self.config.geometry.spacing[2]
         prompt = report.text if self.released_mode else render_prompt(report, resolved.prompt_slices, spacing)
