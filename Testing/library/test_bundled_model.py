@@ -16,8 +16,9 @@ from ctflow.hub import default_model
 from ctflow.model_folder import verify_model_folder
 
 REPORT = Path(__file__).parents[2] / "Resources" / "SampleReports" / "normal_chest.txt"
-# sha256 of the int16 HU (little-endian) of the sample report at slices=16, steps=4, seed 0 on the CPU, computed
-# before the refactor of issue 15: any change to sampling, the end rule, decoding or weight loading changes it.
+# sha256 of the int16 HU (little-endian) of the sample report at slices=16, steps=4, seed 0, guidance 1 on the CPU,
+# computed before the refactor of issue 15: any change to sampling, the end rule, decoding or weight loading changes
+# it. (The model's default guidance became 3 on 2026-11-28; the weights did not change.)
 FINGERPRINT = "4b1c5b19a61cc4b0a7605f8621874a637b5c714392e4bb1b3afb58a025e4370d"
 MAX_BYTES = 40_000_000  # the issue allows tens of MB; the repository carries every version of it
 
@@ -51,6 +52,6 @@ def test_sample_report_gives_a_body_with_lungs_at_chest_hu(two_blocks):
 
 def test_fixed_seed_output_is_bit_identical_to_the_recorded_fingerprint():
     pipe = ctflow.CTFlowPipeline.from_pretrained(device="cpu")
-    volume = pipe.generate(ctflow.GenerationRequest(REPORT.read_text(), slices=16, seed=0, steps=4))
+    volume = pipe.generate(ctflow.GenerationRequest(REPORT.read_text(), slices=16, seed=0, steps=4, guidance=1.0))
     assert volume.hu.shape == (16, 256, 256)
     assert hashlib.sha256(np.ascontiguousarray(volume.hu, dtype="<i2").tobytes()).hexdigest() == FINGERPRINT
