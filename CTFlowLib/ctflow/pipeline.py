@@ -218,10 +218,11 @@ class CTFlowPipeline:
         report = check_request(resolved, self.config)
         if request.embedding is not None:  # the report text is only recorded; the model sees the given vector
             tokens = self._given_embedding(request.embedding)
-            unguided = (f"guidance 1 (the model's default is {self.config.sampling.guidance:g}): a precomputed "
-                        "embedding has no empty-report twin to guide by",) if request.guidance is None \
-                and self.config.sampling.guidance != 1.0 else ()
-            return GenerationPlan(resolved, report.text, report.text, unguided, tokens,
+            notices = ()
+            if request.guidance is None and resolved.guidance != self.config.sampling.guidance:  # with_defaults
+                notices = (f"guidance 1 (the model's default is {self.config.sampling.guidance:g}): a precomputed "
+                           "embedding has no empty-report twin to guide by",)
+            return GenerationPlan(resolved, report.text, report.text, notices, tokens,
                                   torch.ones(1, 1, dtype=torch.bool), Guidance(resolved.guidance))
         # The released model never saw our meta lines (length, spacing): it gets the report sections alone.
         spacing = self.config.geometry.spacing[2]
