@@ -164,13 +164,37 @@ def test_pair_loss_is_the_relative_error_of_the_twins_difference_where_the_findi
     assert train_flow.pair_loss(spurious, target, torch.tensor([False, False, False, True, False, False])) == 0
 
 
-def test_pair_weight_trains_on_twin_pairs_and_logs_their_loss(tiny, twin_store, tmp_path):
-    run = tiny.flow_run(twin_store, tmp_path / "pairs", paired_twins=True, pair_weight=1.0, batch_size=4)
+def test_region_loss_is_both_twins_error_inside_where_their_targets_differ():
+    target = torch.zeros(4, 2, 3, 4, 4)
+    target[1, :, 1, 2, 2] = 1.0  # the first pair's twin differs at one latent position: the finding's region
+    target[3] = target[2]  # the second pair: the finding misses this block
+    twin = torch.tensor([False, True, False, True])
+    assert train_flow.region_loss(target, target, twin) == 0
+    outside = target.clone()
+    outside[:, :, 0] += 3.0  # errors away from the finding are the plain MSE's, not this loss's
+    assert train_flow.region_loss(outside, target, twin) == 0
+    missed = target.clone()
+    missed[1] = target[0]  # the twin drawn without its finding: squared error 1 in one twin of two
+    assert train_flow.region_loss(missed, target, twin).item() == pytest.approx(0.5)
+    swapped = missed.clone()
+    swapped[0, :, 1, 2, 2] = 1.0  # and the finding drawn into the twin that negates it: error in both
+    assert train_flow.region_loss(swapped, target, twin).item() == pytest.approx(1.0)
+    assert train_flow.region_loss(swapped, target, torch.tensor([False] * 4)) == 0  # no twin pairs
+    faint = target.clone()
+    faint[1, :, 1, 2, 2] = 0.01  # a difference under FINDING_REACH is no region
+    assert train_flow.region_loss(swapped, faint, twin) == 0
+
+
+@pytest.mark.parametrize("weight, column", [("pair_weight", "pair_loss"), ("region_weight", "region_loss")])
+def test_twin_losses_train_on_twin_pairs_and_log_their_loss(tiny, twin_store, tmp_path, weight, column):
+    run = tiny.flow_run(twin_store, tmp_path / "pairs", paired_twins=True, batch_size=4, **{weight: 1.0})
     assert np.isfinite(train_flow.train(run)["loss"])
     with open(tmp_path / "pairs" / "loss.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == run.steps and all(float(row["pair_loss"]) >= 0 for row in rows)
-    assert any(float(row["pair_loss"]) > 0 for row in rows)  # the twins' differences reached the loss
-    for bad, message in (({"paired_twins": False}, "needs --paired-twins"), ({"pair_weight": float("nan")}, "finite")):
+    assert len(rows) == run.steps and all(float(row[column]) >= 0 for row in rows)
+    assert any(float(row[column]) > 0 for row in rows)  # the twins' differences reached the loss
+    assert set(rows[0]) == {"step", "lr", "loss", "step_s", column}  # only the losses the run adds
+    for bad, message in (({"paired_twins": False}, "needs --paired-twins"), ({weight: float("nan")}, "finite"),
+                         ({weight: -1.0}, "finite")):
         with pytest.raises(CTFlowError, match=message):
             train_flow.train(dataclasses.replace(run, out=tmp_path / "bad", **bad))

@@ -52,7 +52,8 @@ from .options import RunOptions, add_run_options, add_schedule_options
 from .runtime import cosine_schedule, set_threads, start_processes
 
 OUTPUTS = (CHECKPOINT, "loss.csv")  # what a run writes to --out
-PAIR_REACH = 1e-3  # mean square per latent value: twins' targets differing by less are a block the finding misses
+FINDING_REACH = 1e-3  # mean square per latent value: where twins' targets differ by less (over a block for the pair
+#                        loss, over one position's channels for the region loss), the finding is not
 ADDABLE = ("position_embed.", "text_vector.", "seam_embed.")  # parts a warm start may switch on (they start as no-ops)
 
 
@@ -92,6 +93,7 @@ class FlowRun(RunOptions):
     rollout_p: float
     paired_twins: bool
     pair_weight: float
+    region_weight: float
 
 
 class Conditioned(torch.nn.Module):
@@ -162,10 +164,16 @@ def warm_start(model: STDiT, folder: Path) -> None:
         raise CTFlowError(f"{checkpoint} does not fit this denoiser: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
-def flow_loss(model, ema: STDiT, batch: Batch, config, args, autocast, device) -> tuple[torch.Tensor, torch.Tensor]:
+def twin_terms(args: FlowRun) -> dict[str, float]:
+    """The losses of twin pairs this run adds to the flow loss, by loss.csv column: their weights (none by default)."""
+    return {name: weight for name, weight in (("pair_loss", args.pair_weight), ("region_loss", args.region_weight))
+            if weight}
+
+
+def flow_loss(model, ema: STDiT, batch: Batch, config, args, autocast, device) -> tuple[torch.Tensor, dict]:
     """The flow-matching loss of one batch: previous blocks made imperfect (rollout, noise), then MSE against
-    what the model predicts (velocity, or the clean block); and the pair loss of its twin pairs (zero without
-    --pair-weight). Returns (loss to minimise, pair loss alone)."""
+    what the model predicts (velocity, or the clean block); plus the weighted losses of its twin pairs
+    (`twin_terms`). Returns (loss to minimise, each twin loss alone)."""
     noise = noises(batch, device, rollout=args.rollout_p > 0)
     prev = roll_out_previous(ema, batch, args.rollout_p, noise.rollout) if args.rollout_p else batch.previous
     prev = prev.to(device) + args.cond_noise * noise.cond
@@ -178,8 +186,10 @@ def flow_loss(model, ema: STDiT, batch: Batch, config, args, autocast, device) -
     with autocast:
         predicted = model(z_t, t, prev, text, mask, first_slice).float()  # [B, C, T, h, w]
     target = x0 if config.prediction == "clean" else noise.noise - x0
-    paired = pair_loss(predicted, target, batch.twin.to(device)) if args.pair_weight else predicted.new_zeros(())
-    return F.mse_loss(predicted, target) + args.pair_weight * paired, paired.detach()
+    twin, losses = batch.twin.to(device), {"pair_loss": pair_loss, "region_loss": region_loss}
+    terms = {name: losses[name](predicted, target, twin) for name in twin_terms(args)}
+    loss = F.mse_loss(predicted, target) + sum(weight * terms[name] for name, weight in twin_terms(args).items())
+    return loss, {name: term.detach() for name, term in terms.items()}
 
 
 def pair_loss(predicted: torch.Tensor, target: torch.Tensor, twin: torch.Tensor) -> torch.Tensor:
@@ -193,10 +203,27 @@ def pair_loss(predicted: torch.Tensor, target: torch.Tensor, twin: torch.Tensor)
     wanted = (target[1::2] - target[0::2])[pairs].flatten(1)  # [P, C*T*h*w]
     drawn = (predicted[1::2] - predicted[0::2])[pairs].flatten(1)
     scale = wanted.square().sum(1)  # [P]
-    reached = scale > PAIR_REACH * wanted.shape[1]
+    reached = scale > FINDING_REACH * wanted.shape[1]
     if not reached.any():
         return predicted.new_zeros(())
     return ((drawn - wanted)[reached].square().sum(1) / scale[reached]).mean()
+
+
+def region_loss(predicted: torch.Tensor, target: torch.Tensor, twin: torch.Tensor) -> torch.Tensor:
+    """The mean square error inside the finding's region, of both twins of every pair whose block it reaches: the
+    latent positions where the pair's targets differ. A finding covers 0.1-10 % of a block's positions, so the
+    plain MSE hardly weighs it; here each pair's region weighs as much as a whole block (MAISI-v2's region losses).
+    Unlike the pair loss it never asks for a difference, only for each twin's own target. Zero without such a pair."""
+    pairs = twin[1::2]  # [B/2]
+    region = (target[1::2] - target[0::2])[pairs].square().mean(1, keepdim=True) > FINDING_REACH  # [P, 1, T, h, w]
+    size = region.flatten(1).sum(1)  # [P] positions in the region
+    reached = size > 0
+    if not reached.any():
+        return predicted.new_zeros(())
+    error = (predicted - target).square()
+    both = (error[0::2] + error[1::2])[pairs]  # [P, C, T, h, w]
+    inside = (both * region).flatten(1).sum(1) / (2 * predicted.shape[1] * size.clamp(min=1))  # [P]
+    return inside[reached].mean()
 
 
 def train(args: FlowRun) -> dict:
@@ -214,10 +241,11 @@ def train(args: FlowRun) -> dict:
     stores = open_stores(args.cache)
     if args.init and not any((args.init / name).is_file() for name in (CHECKPOINT, WEIGHTS)):
         raise CTFlowError(f"--init {args.init}: neither a flow run ({CHECKPOINT}) nor a model folder ({WEIGHTS})")
-    if not math.isfinite(args.pair_weight) or args.pair_weight < 0:
-        raise CTFlowError(f"--pair-weight must be a finite number >= 0, not {args.pair_weight}")
-    if args.pair_weight and not args.paired_twins:
-        raise CTFlowError("--pair-weight needs --paired-twins (the pairs it compares)")
+    for option, weight in (("--pair-weight", args.pair_weight), ("--region-weight", args.region_weight)):
+        if not math.isfinite(weight) or weight < 0:
+            raise CTFlowError(f"{option} must be a finite number >= 0, not {weight}")
+        if weight and not args.paired_twins:
+            raise CTFlowError(f"{option} needs --paired-twins (the pairs it compares)")
     if args.paired_twins and args.batch_size % 2:
         raise CTFlowError(f"--paired-twins needs an even --batch (a pair is two samples of one rank), not "
                           f"{args.batch_size}")
@@ -248,11 +276,11 @@ def train(args: FlowRun) -> dict:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
     if args.compile:  # after the DDP wrap, so the graph breaks where DDP's gradient buckets are
         model = torch.compile(model)
-    pair_column = ["pair_loss"] if args.pair_weight else []  # the loss.csv of earlier runs stays as it was
+    twin_columns = list(twin_terms(args))  # none by default: the loss.csv of earlier runs stays as it was
     if master:
         print(f"denoiser {parameter_count(raw_model) / 1e6:.2f} M parameters, {config}; {len(dataset)} volumes; "
               f"world {world}; from step {step}", flush=True)
-        log, writer = open_loss_log(out / "loss.csv", ["step", "lr", "loss", "step_s", *pair_column], step)
+        log, writer = open_loss_log(out / "loss.csv", ["step", "lr", "loss", "step_s", *twin_columns], step)
 
     # ---- the loop
     logged = torch.tensor(float("nan"))  # the last step's loss (nan when a resumed run has nothing left to do)
@@ -262,14 +290,16 @@ def train(args: FlowRun) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
-        logged, logged_pair = torch.zeros((), device=device), torch.zeros((), device=device)
+        logged = torch.zeros((), device=device)
+        logged_terms = torch.zeros(len(twin_columns), device=device)
         for micro in range(args.accumulate):  # gradients add up; DDP averages them over ranks on the last one only
             last = micro == args.accumulate - 1
             with model.no_sync() if ddp and not last else nullcontext():
-                loss, paired = flow_loss(model, ema, next(batches), config, args, autocast, device)
+                loss, terms = flow_loss(model, ema, next(batches), config, args, autocast, device)
                 (loss / args.accumulate).backward()
             logged += loss.detach() / args.accumulate
-            logged_pair += paired / args.accumulate
+            for i, name in enumerate(twin_columns):
+                logged_terms[i] += terms[name] / args.accumulate
         torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip)
         optimizer.step()
         with torch.no_grad():
@@ -282,16 +312,17 @@ def train(args: FlowRun) -> dict:
         elapsed += step_s
         if ddp:  # the logged loss is the mean over ranks (gloo has no AVG)
             torch.distributed.all_reduce(logged)
-            torch.distributed.all_reduce(logged_pair)
+            if twin_columns:
+                torch.distributed.all_reduce(logged_terms)
             logged /= world
-            logged_pair /= world
+            logged_terms /= world
         if master:
-            pair = [f"{logged_pair.item():.5f}"] if pair_column else []
-            writer.writerow([step, f"{lr:.4g}", f"{logged.item():.5f}", f"{step_s:.3f}", *pair])
+            terms = [f"{value:.5f}" for value in logged_terms.tolist()]
+            writer.writerow([step, f"{lr:.4g}", f"{logged.item():.5f}", f"{step_s:.3f}", *terms])
             if step % args.log_every == 0:
                 log.flush()
-                print(f"step {step}/{args.steps} loss {logged.item():.4f}{' pair ' + pair[0] if pair else ''} "
-                      f"lr {lr:.2e} {step_s:.2f}s", flush=True)
+                shown = "".join(f" {name.removesuffix('_loss')} {value}" for name, value in zip(twin_columns, terms))
+                print(f"step {step}/{args.steps} loss {logged.item():.4f}{shown} lr {lr:.2e} {step_s:.2f}s", flush=True)
         if master and (step % args.save_every == 0 or step == args.steps):  # every rank holds the same weights
             log.flush()  # the loss log reaches at least as far as the checkpoint, whenever the run is killed
             meta = {"step": step, "samples": samples, "elapsed_s": elapsed, "denoiser": dataclasses.asdict(config),
@@ -349,6 +380,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pair-weight", type=float, default=0.0,
                         help="with --paired-twins: weight of the pair loss, the error of the difference between a "
                              "twin's prediction and its pair's relative to the difference of their targets")
+    parser.add_argument("--region-weight", type=float, default=0.0,
+                        help="with --paired-twins: weight of the region loss, the mean square error of both twins "
+                             "inside the finding's region (where their targets differ)")
     parser.add_argument("--length-p", type=float, default=0.5, help="share of prompts with 'Length: N slices'")
     parser.add_argument("--text-drop", type=float, default=0.1, help="share of prompts replaced by ''")
     parser.add_argument("--cond-noise", type=float, default=0.05, help="noise on the previous block")
