@@ -186,9 +186,9 @@ def flow_loss(model, ema: STDiT, batch: Batch, config, args, autocast, device) -
     with autocast:
         predicted = model(z_t, t, prev, text, mask, first_slice).float()  # [B, C, T, h, w]
     target = x0 if config.prediction == "clean" else noise.noise - x0
-    twin, losses = batch.twin.to(device), {"pair_loss": pair_loss, "region_loss": region_loss}
-    terms = {name: losses[name](predicted, target, twin) for name in twin_terms(args)}
-    loss = F.mse_loss(predicted, target) + sum(weight * terms[name] for name, weight in twin_terms(args).items())
+    twin, weights = batch.twin.to(device), twin_terms(args)
+    terms = {name: TWIN_LOSSES[name](predicted, target, twin) for name in weights}
+    loss = F.mse_loss(predicted, target) + sum(weight * terms[name] for name, weight in weights.items())
     return loss, {name: term.detach() for name, term in terms.items()}
 
 
@@ -224,6 +224,9 @@ def region_loss(predicted: torch.Tensor, target: torch.Tensor, twin: torch.Tenso
     both = (error[0::2] + error[1::2])[pairs]  # [P, C, T, h, w]
     inside = (both * region).flatten(1).sum(1) / (2 * predicted.shape[1] * size.clamp(min=1))  # [P]
     return inside[reached].mean()
+
+
+TWIN_LOSSES = {"pair_loss": pair_loss, "region_loss": region_loss}  # by loss.csv column (`twin_terms`)
 
 
 def train(args: FlowRun) -> dict:
