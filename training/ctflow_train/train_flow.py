@@ -320,11 +320,11 @@ def train(args: FlowRun) -> dict:
             logged /= world
             logged_terms /= world
         if master:
-            terms = [f"{value:.5f}" for value in logged_terms.tolist()]
-            writer.writerow([step, f"{lr:.4g}", f"{logged.item():.5f}", f"{step_s:.3f}", *terms])
+            cells = [f"{value:.5f}" for value in logged_terms.tolist()]
+            writer.writerow([step, f"{lr:.4g}", f"{logged.item():.5f}", f"{step_s:.3f}", *cells])
             if step % args.log_every == 0:
                 log.flush()
-                shown = "".join(f" {name.removesuffix('_loss')} {value}" for name, value in zip(twin_columns, terms))
+                shown = "".join(f" {name.removesuffix('_loss')} {value}" for name, value in zip(twin_columns, cells))
                 print(f"step {step}/{args.steps} loss {logged.item():.4f}{shown} lr {lr:.2e} {step_s:.2f}s", flush=True)
         if master and (step % args.save_every == 0 or step == args.steps):  # every rank holds the same weights
             log.flush()  # the loss log reaches at least as far as the checkpoint, whenever the run is killed
