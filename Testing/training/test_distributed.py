@@ -28,21 +28,24 @@ OPTIONS = ["--preset", "tiny", "--block", str(BLOCK), "--warmup", "2", "--lr", "
            "--save-every", "2", "--workers", "0", "--threads", "1"]
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("store")
+def write_store(folder: Path, names: list[str]) -> Path:
     rng = torch.Generator().manual_seed(0)
     header = {"format": FORMAT, "dtype": "float16", "image_size": 16, "latent_shape": [4, 8, 8], "text_dim": 32,
               "vae": "random", "vae_sha256": None, "text": {}}
     common = {"start": torch.randn(4, 8, 8, generator=rng), "end": torch.randn(4, 8, 8, generator=rng),
               "text/empty": torch.randn(2, 32, generator=rng)}
     writer = StoreWriter(folder, header, common)
-    for n in range(5):
+    for n, name in enumerate(names):
         slices = 14 + 2 * n
         text = {kind: torch.randn(5 + n + tokens, 32, generator=rng) for tokens, kind in enumerate(("plain", "length"))}
-        writer.add(f"v{n}", torch.randn(slices, 4, 8, 8, generator=rng), text, slices - 4, (1.0, 1.0, 2.5), "random")
+        writer.add(name, torch.randn(slices, 4, 8, 8, generator=rng), text, slices - 4, (1.0, 1.0, 2.5), "random")
     writer.merge()
     return folder
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return write_store(tmp_path_factory.mktemp("store"), [f"v{n}" for n in range(5)])
 
 
 def command(store, out, batch: int, *extra: str) -> list[str]:
@@ -122,6 +125,23 @@ def test_two_processes_train_as_one_with_the_same_global_batch(one_process, two_
     assert read_meta(two_processes / "checkpoint.safetensors")["world"] == 2
     assert read_meta(two_processes / "checkpoint.safetensors")["samples"] == STEPS * 4
     assert sorted(path.name for path in two_processes.iterdir()) == ["checkpoint.safetensors", "loss.csv"]  # rank 0's
+
+
+def test_twin_losses_train_and_log_on_two_processes_as_on_one(tmp_path):
+    """A rank may hold more twin pairs than another: the twin losses are averaged over pair slots, not over the
+    pairs a rank holds, so the ranks' losses and gradients still add up to one process's."""
+    twins = write_store(tmp_path / "twins", ["v0", "v0_with_emphysema", "v1", "v1_with_right_consolidation", "v2"])
+    extra = ("--paired-twins", "--pair-weight", "0.1", "--region-weight", "0.5")
+    single = in_this_process(tmp_path / "one", *command(twins, tmp_path / "one", 4, *extra))
+    double = tmp_path / "two"
+    finish(torchrun(twins, double, *extra))
+    columns = ("loss", "pair_loss", "region_loss")
+    rows = {out: [[float(row[c]) for c in columns] for row in csv.DictReader(open(out / "loss.csv", newline=""))]
+            for out in (single, double)}
+    assert len(rows[double]) == STEPS and any(row[2] > 0 for row in rows[double])  # the pairs reached the losses
+    assert rows[double] == [pytest.approx(row, abs=2e-5) for row in rows[single]]
+    one, two = weights(single), weights(double)
+    assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)
 
 
 def test_a_killed_two_process_run_resumes_to_the_same_weights(store, two_processes, tmp_path):

@@ -146,6 +146,7 @@ def test_paired_twins_give_every_second_sample_a_twin_with_the_same_draws(tiny, 
 
 
 def test_pair_loss_is_the_relative_error_of_the_twins_difference_where_the_finding_reaches():
+    """Averaged over the 3 pair slots of a batch of 6, the slot whose block the finding misses counting zero."""
     target = torch.randn(6, 2, 3, 4, 4)
     target[3] = target[2]  # the second pair's twin differs by nothing (the finding lies outside this block)
     target[5] = target[4] + 0.5  # the third pair differs everywhere
@@ -153,10 +154,10 @@ def test_pair_loss_is_the_relative_error_of_the_twins_difference_where_the_findi
     assert train_flow.pair_loss(target, target, twin) == 0  # the differences drawn exactly
     same = target.clone()
     same[1], same[5] = same[0], same[4]  # each twin drawn like its pair: the whole difference missed
-    assert train_flow.pair_loss(same, target, twin).item() == pytest.approx(1.0)
+    assert train_flow.pair_loss(same, target, twin).item() == pytest.approx(2 / 3)
     half = target.clone()
     half[5] = target[4] + 0.25  # half the difference drawn in one pair of the two the finding reaches: error 1/4
-    assert train_flow.pair_loss(half, target, twin).item() == pytest.approx(0.125)
+    assert train_flow.pair_loss(half, target, twin).item() == pytest.approx(0.25 / 3)
     spurious = target.clone()
     spurious[3] += 0.1  # a difference drawn where the finding is not: no pull towards drawing both alike
     assert train_flow.pair_loss(spurious, target, twin) == 0
@@ -165,6 +166,7 @@ def test_pair_loss_is_the_relative_error_of_the_twins_difference_where_the_findi
 
 
 def test_region_loss_is_both_twins_error_inside_where_their_targets_differ():
+    """Averaged over the 2 pair slots of a batch of 4, the slot whose block the finding misses counting zero."""
     target = torch.zeros(4, 2, 3, 4, 4)
     target[1, :, 1, 2, 2] = 1.0  # the first pair's twin differs at one latent position: the finding's region
     target[3] = target[2]  # the second pair: the finding misses this block
@@ -175,10 +177,10 @@ def test_region_loss_is_both_twins_error_inside_where_their_targets_differ():
     assert train_flow.region_loss(outside, target, twin) == 0
     missed = target.clone()
     missed[1] = target[0]  # the twin drawn without its finding: squared error 1 in one twin of two
-    assert train_flow.region_loss(missed, target, twin).item() == pytest.approx(0.5)
+    assert train_flow.region_loss(missed, target, twin).item() == pytest.approx(0.5 / 2)
     swapped = missed.clone()
     swapped[0, :, 1, 2, 2] = 1.0  # and the finding drawn into the twin that negates it: error in both
-    assert train_flow.region_loss(swapped, target, twin).item() == pytest.approx(1.0)
+    assert train_flow.region_loss(swapped, target, twin).item() == pytest.approx(1.0 / 2)
     assert train_flow.region_loss(swapped, target, torch.tensor([False] * 4)) == 0  # no twin pairs
     faint = target.clone()
     faint[1, :, 1, 2, 2] = 0.01  # a difference under FINDING_REACH is no region

@@ -194,36 +194,32 @@ def flow_loss(model, ema: STDiT, batch: Batch, config, args, autocast, device) -
 
 def pair_loss(predicted: torch.Tensor, target: torch.Tensor, twin: torch.Tensor) -> torch.Tensor:
     """How far the difference between a twin's prediction and its pair's is from the difference of their targets,
-    relative to that difference (1: the model draws both the same), averaged over the pairs whose block the finding
-    reaches. With the same noise, time and previous-block draws, that difference is the finding's voxels and nothing
-    else: the part of the target only the report explains, a few hundredths of the latent where patients differ by
-    half (it hardly moves the plain MSE). Pairs the finding misses count for nothing: held to draw no difference
-    there, a model learns to draw both reports alike (the run of 2026-11-28). Zero without such a pair."""
-    pairs = twin[1::2]  # [B/2] pairs whose second sample is a twin of the first
-    wanted = (target[1::2] - target[0::2])[pairs].flatten(1)  # [P, C*T*h*w]
-    drawn = (predicted[1::2] - predicted[0::2])[pairs].flatten(1)
+    relative to that difference (1: the model draws both the same), over the pairs whose block the finding reaches.
+    With the same noise, time and previous-block draws, that difference is the finding's voxels and nothing else:
+    the part of the target only the report explains, a few hundredths of the latent where patients differ by half
+    (it hardly moves the plain MSE). Pairs the finding misses count zero: held to draw no difference there, a model
+    learns to draw both reports alike (the run of 2026-11-28). Averaged over the batch's B/2 pair slots, as the MSE
+    over its samples, so ranks and accumulated batches add up to the loss of one process."""
+    slots = twin[1::2]  # [B/2] True where the slot's second sample is a twin of its first
+    wanted = (target[1::2] - target[0::2])[slots].flatten(1)  # [P, C*T*h*w]
+    drawn = (predicted[1::2] - predicted[0::2])[slots].flatten(1)
     scale = wanted.square().sum(1)  # [P]
     reached = scale > FINDING_REACH * wanted.shape[1]
-    if not reached.any():
-        return predicted.new_zeros(())
-    return ((drawn - wanted)[reached].square().sum(1) / scale[reached]).mean()
+    return ((drawn - wanted)[reached].square().sum(1) / scale[reached]).sum() / slots.numel()
 
 
 def region_loss(predicted: torch.Tensor, target: torch.Tensor, twin: torch.Tensor) -> torch.Tensor:
     """The mean square error inside the finding's region, of both twins of every pair whose block it reaches: the
     latent positions where the pair's targets differ. A finding covers 0.1-10 % of a block's positions, so the
     plain MSE hardly weighs it; here each pair's region weighs as much as a whole block (MAISI-v2's region losses).
-    Unlike the pair loss it never asks for a difference, only for each twin's own target. Zero without such a pair."""
-    pairs = twin[1::2]  # [B/2]
-    region = (target[1::2] - target[0::2])[pairs].square().mean(1, keepdim=True) > FINDING_REACH  # [P, 1, T, h, w]
-    size = region.flatten(1).sum(1)  # [P] positions in the region
-    reached = size > 0
-    if not reached.any():
-        return predicted.new_zeros(())
+    Unlike the pair loss it never asks for a difference, only for each twin's own target. Averaged over the batch's
+    B/2 pair slots (a pair without a region counts zero), as the pair loss."""
+    slots = twin[1::2]  # [B/2]
+    region = (target[1::2] - target[0::2])[slots].square().mean(1, keepdim=True) > FINDING_REACH  # [P, 1, T, h, w]
+    size = region.flatten(1).sum(1).clamp(min=1)  # [P] positions in the region
     error = (predicted - target).square()
-    both = (error[0::2] + error[1::2])[pairs]  # [P, C, T, h, w]
-    inside = (both * region).flatten(1).sum(1) / (2 * predicted.shape[1] * size.clamp(min=1))  # [P]
-    return inside[reached].mean()
+    both = (error[0::2] + error[1::2])[slots]  # [P, C, T, h, w]
+    return ((both * region).flatten(1).sum(1) / (2 * predicted.shape[1] * size)).sum() / slots.numel()
 
 
 TWIN_LOSSES = {"pair_loss": pair_loss, "region_loss": region_loss}  # by loss.csv column (`twin_terms`)
