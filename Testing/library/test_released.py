@@ -305,7 +305,6 @@ def test_guidance_is_refused_for_a_model_without_an_unconditional_branch(autoenc
     assert pipe.plan(GenerationRequest("Findings: right pleural effusion.")).text.shape == (1, 1, 768)
 
 
-
 def test_a_precomputed_embedding_is_sampled_unguided_by_default(autoencoder, text_encoder):
     """A one-vector model whose default guidance is 3: a given embedding has no empty-report twin, so without a
     guidance asked for it runs at 1 and says so; asked for, guidance is refused."""
@@ -321,6 +320,7 @@ def test_a_precomputed_embedding_is_sampled_unguided_by_default(autoencoder, tex
     with pytest.raises(RequestError, match="with a precomputed embedding use guidance 1"):
         pipe.plan(GenerationRequest("Findings: nodule.", embedding=vector, guidance=3.0))
     assert pipe.plan(GenerationRequest("Findings: nodule.")).request.guidance == 3.0  # text: the default
+
 
 # -- import-released: a normal model folder that `ctflow generate` runs end to end ------------------------------
 
