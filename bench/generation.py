@@ -36,6 +36,7 @@ import torch
 
 import ctflow
 from ctflow import qa
+from ctflow.sampling import block_velocity
 from ctflow.testing import create_random_model
 
 REPORT = "Findings: Trachea and main bronchi are patent. No nodule, consolidation or pleural effusion. " \
@@ -190,7 +191,7 @@ def project(pipeline, settings: list[str], repeats: int = 3) -> list[dict]:
         plan = pipeline.plan(ctflow.GenerationRequest(REPORT, seed=0, **options))
         req, batch = plan.request, plan.text.shape[0]
         if batch not in call_s:
-            velocity = pipeline._velocity(block, plan, 0)
+            velocity = block_velocity(pipeline.denoiser, block, plan.text, plan.text_mask, 0, plan.guidance)
             with torch.no_grad():
                 t = torch.tensor(0.5, device=pipeline.device)
                 call_s[batch] = timed(lambda: velocity(block, t), pipeline.device, repeats)

@@ -22,11 +22,16 @@ SYNTHETIC_LABEL = "SYNTHETIC CT (CTFlow) - not for diagnosis"  # the short form,
 SYNTHETIC_DESCRIPTION = "SYNTHETIC CT (CTFlow) - NOT FOR DIAGNOSIS"  # DICOM Study and Series Description
 
 
-def real_slices(hu: np.ndarray) -> int:
-    """How many slices of hu [T, H, W] come before the first end slice (all of them when there is none).
+def end_slices(hu: np.ndarray) -> np.ndarray:
+    """[T] bool: which slices of hu [T, H, W] are white end slices.
 
-    The one test of where a volume ends, for decoded blocks and training volumes alike."""
-    ends = np.flatnonzero(hu.reshape(len(hu), -1).mean(1) > END_SLICE_MEAN_HU)
+    The one test of an end slice, for decoded blocks, training volumes and the export's end calibration alike."""
+    return hu.reshape(len(hu), -1).mean(1) > END_SLICE_MEAN_HU
+
+
+def real_slices(hu: np.ndarray) -> int:
+    """How many slices of hu [T, H, W] come before the first end slice (all of them when there is none)."""
+    ends = np.flatnonzero(end_slices(hu))
     return int(ends[0]) if len(ends) else len(hu)
 
 

@@ -33,7 +33,7 @@ from .hub import default_model, is_hub_id, resolve_model
 from .model_folder import CARD, WEIGHTS, load_denoiser, load_vae, read_config, verify_model_folder
 from .report import Report, parse_report, render_prompt
 from .ending import VolumeEnd
-from .sampling import Cancelled, Guidance, sample, validate
+from .sampling import Cancelled, Guidance, block_velocity, sample, validate
 from .text_encoder import TextEncoder, unit_cls
 from .volume import Geometry, Provenance, Volume
 
@@ -389,8 +389,9 @@ class CTFlowPipeline:
             noise = self._block_noise(previous.shape, generator)
             with torch.no_grad():  # per thread: the decode-ahead worker needs its own
                 try:
-                    clean = sample(self._velocity(previous, plan, first_slice), noise, req.steps, req.sampler,
-                                   req.shift, is_cancelled)
+                    velocity = block_velocity(self.denoiser, previous, plan.text, plan.text_mask, first_slice,
+                                              plan.guidance)
+                    clean = sample(velocity, noise, req.steps, req.sampler, req.shift, is_cancelled)
                 except Cancelled:
                     return
             yield first_slice, clean[0]
@@ -399,17 +400,6 @@ class CTFlowPipeline:
     def _block_noise(self, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
         """A block's starting noise, drawn on the CPU: the same seed gives the same noise on any device."""
         return torch.randn(shape, generator=generator).to(self.device)
-
-    def _velocity(self, previous: torch.Tensor, plan: GenerationPlan, first_slice: int):
-        """The velocity field for one block; its conditioning (previous block, text, position) is computed once here."""
-        branches = plan.guidance.branches  # 2 with guidance: [conditional; unconditional]
-        cond = self.denoiser.prepare(previous.expand(branches, -1, -1, -1, -1), plan.text, plan.text_mask,
-                                     torch.tensor(float(first_slice)))
-
-        def model(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.denoiser(z, t.expand(z.shape[0]), cond)
-
-        return plan.guidance.velocity(model)
 
     def _decode(self, latents: torch.Tensor) -> np.ndarray:
         hu = self.autoencoder.decode(latents.permute(1, 0, 2, 3))  # [T, h, w] latents -> [T, H, W] HU

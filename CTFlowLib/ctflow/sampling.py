@@ -112,3 +112,19 @@ class Guidance:
 
     def velocity(self, model_velocity: Velocity) -> Velocity:
         return model_velocity if self.branches == 1 else guided(model_velocity, self.scale)
+
+
+def block_velocity(denoiser, previous: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, first_slice: int,
+                   guidance: Guidance) -> Velocity:
+    """The velocity field of one block for a denoiser (STDiT), guided; its conditioning is computed once here.
+
+    previous: [1, C, T, h, w] clean block before it; text, mask: [guidance.branches, M, D], [branches, M]
+    ([conditional; unconditional]); first_slice: the block's first slice in the volume. One home for the pipeline
+    and the export's end calibration, so the calibration meets the blocks the pipeline makes."""
+    cond = denoiser.prepare(previous.expand(guidance.branches, -1, -1, -1, -1), text, mask,
+                            torch.tensor(float(first_slice)))
+
+    def model(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return denoiser(z, t.expand(z.shape[0]), cond)
+
+    return guidance.velocity(model)

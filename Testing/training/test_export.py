@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,10 +13,15 @@ import torch
 from safetensors.torch import load_file
 
 import ctflow
-from ctflow.config import DENOISER_PRESETS
-from ctflow_train import export, finding_study, train_flow
+from ctflow.config import DENOISER_PRESETS, SamplingConfig
+from ctflow.report import Report
+from ctflow.volume import Geometry, Volume
+from ctflow_train import export, finding_study, latent_store, train_flow
+from ctflow_train.dataset import DatasetWriter
+from ctflow_train.runtime import load_vae
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
+DEMO_VAE = Path(__file__).parents[2] / "Resources" / "Models" / "ctflow-demo" / "vae"
 
 
 def test_end_tolerance_separates_white_from_real_frames():
@@ -22,6 +29,49 @@ def test_end_tolerance_separates_white_from_real_frames():
     assert end["reliable"] is False and end["tolerance"] == pytest.approx(0.125)  # one real frame in the white range
     end = export.choose_tolerance({"white": [0.1, 0.2], "content": [0.5, 0.7]})
     assert end == {"tolerance": pytest.approx(0.35), "accuracy": 1.0, "reliable": True}
+
+
+class DrawsOneBlock(torch.nn.Module):
+    """A denoiser that draws `block` [C, T, h, w] whatever it is given: on the straight path from noise to the block,
+    the velocity at (z, t) is (z - block) / t. It stands in for a trained model whose end frames are known."""
+
+    def __init__(self, block: torch.Tensor) -> None:
+        super().__init__()
+        self.block, self.config = block, types.SimpleNamespace(block_slices=block.shape[1])
+
+    def prepare(self, previous, text, mask, first_slice):
+        assert previous.shape[0] == text.shape[0] == mask.shape[0] == 2  # guided: [conditional; unconditional]
+        return None
+
+    def forward(self, z, t, cond):
+        return (z - self.block) / t[:, None, None, None, None]
+
+
+def test_end_calibration_labels_frames_by_what_the_decoder_draws_not_where_the_patient_ended(tiny, tmp_path):
+    """The bundled 16x VAE decodes its white latent white, unlike the tiny one; the patient's scan ends at slice 30,
+    but the model draws its end slices from frame 5 of that block: those, and only those, are the white frames."""
+    data, rng = tmp_path / "data", np.random.default_rng(0)
+    with DatasetWriter(data) as writer:
+        hu = np.kron(tiny.volume(rng, 30), np.ones((1, 16, 16), np.int16))  # 30 real slices + 4 white, 256 x 256
+        writer.add("p0", Volume(hu, Geometry((1.5, 1.5, 2.5)), None), Report("No effusion.", "Normal."), tiny.labels(0))
+    latent_store.build_store(data, DEMO_VAE, tmp_path / "store", 0, 256, ctflow.ModelConfig().text,
+                             log=lambda line: None)
+    store = latent_store.LatentStore(tmp_path / "store")
+    drawn = store.latents(0)[:16].clone()  # [T, C, h, w] real frames...
+    drawn[5:] = store.end  # ...then white from frame 5 (the patient's own end is at frame 30 - 16 = 14)
+    model = DrawsOneBlock(drawn.permute(1, 0, 2, 3))
+    found = export.end_distances(model, load_vae(DEMO_VAE, 256), store, SamplingConfig(guidance=3),
+                                 1, 0)
+    assert len(found["white"]) == 11 and len(found["content"]) == 5
+    assert max(found["white"]) < 0.1 < min(found["content"])  # the latent test's distance tells them apart
+    assert export.choose_tolerance(found)["reliable"]
+
+
+def test_a_model_that_never_draws_an_end_slice_is_not_trusted_to_end_a_volume():
+    assert export.choose_tolerance({"white": [], "content": [0.4, 2.0]}) == {
+        "tolerance": 0.2, "accuracy": None, "reliable": False}
+    with pytest.raises(ValueError, match="not white"):
+        export.choose_tolerance({"white": [0.1], "content": []})
 
 
 def test_export_loads_in_ctflow_and_generates(tiny, data, vae_run, cache, tmp_path):

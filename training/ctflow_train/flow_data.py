@@ -170,11 +170,17 @@ def noises(batch: Batch, device: torch.device, rollout: bool) -> Noise:
 
 def collate(samples: list[dict[str, torch.Tensor]]) -> Batch:
     """Stack samples into a Batch; prompts padded to the longest, with a mask."""
-    longest = max(len(sample["text"]) for sample in samples)
-    padded = [{**sample, "text": F.pad(sample["text"], (0, 0, 0, longest - len(sample["text"]))),
-               "mask": torch.arange(longest) < len(sample["text"])} for sample in samples]
-    stacked = default_collate(padded)  # in a worker, straight into shared memory: no copy on the way to the trainer
-    return Batch(first=stacked["first_slice"] == 0, **stacked)
+    text, mask = padded([sample["text"] for sample in samples])
+    stacked = default_collate([{k: v for k, v in sample.items() if k != "text"} for sample in samples])
+    return Batch(first=stacked["first_slice"] == 0, text=text, mask=mask, **stacked)
+
+
+def padded(texts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts' token embeddings [M_i, D] padded to the longest: ([B, M, D], mask [B, M]). default_collate stacks:
+    in a worker, straight into shared memory, no copy on the way to the trainer."""
+    longest = max(len(text) for text in texts)
+    return (default_collate([F.pad(text, (0, 0, 0, longest - len(text))) for text in texts]),
+            default_collate([torch.arange(longest) < len(text) for text in texts]))
 
 
 class ShareSampler(Sampler[int]):
