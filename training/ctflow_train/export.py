@@ -239,7 +239,6 @@ def model_card(config: ModelConfig, vae_metrics: AutoencoderMetrics, flow_meta: 
     """README.md of the model folder: what it was trained on, how long, how good, and what it cannot do.
     `evaluations`: the --evaluation files (a ModelEvaluation, a finding study, other figures)."""
     known = [s for s in stages if not s.get("missing")]
-    frames = len(calibration["white"]) + len(calibration["content"])
     lines = [
         f"# {config.name}",
         "",
@@ -276,10 +275,7 @@ def model_card(config: ModelConfig, vae_metrics: AutoencoderMetrics, flow_meta: 
         "",
         "## Measured",
         vae_metrics.markdown(),
-        f"- end of volume: end_tolerance {config.end_tolerance:.3f} (end_fraction {config.end_fraction}), calibrated on "
-        f"{frames // config.denoiser.block_slices} blocks it generated at the end of training volumes "
-        f"({len(calibration['white'])} of their {frames} frames drawn white by the decoder): "
-        + end_sentence(end, config.max_slices) + " A volume also ends at the first slice the decoder draws white.",
+        end_line(config, calibration, end),
     ]
     lines += evaluation_lines(evaluations)
     for data in evaluations:
@@ -300,15 +296,21 @@ def model_card(config: ModelConfig, vae_metrics: AutoencoderMetrics, flow_meta: 
     return "\n".join(lines)
 
 
-def end_sentence(end: dict, max_slices: int) -> str:
-    """How far the latent end test agrees with the decoder, and what the export made of it."""
+def end_line(config: ModelConfig, calibration: dict, end: dict) -> str:
+    """The card's line on how the model's volumes end: the latent test's agreement with the decoder, and what the
+    export made of it."""
+    frames = len(calibration["white"]) + len(calibration["content"])
     if end["accuracy"] is None:
         found = "the model drew no end slice"
     else:
         found = f"the latent test agrees with the decoder on a balanced {end['accuracy']} of frames"
-    if end["reliable"]:
-        return found + "."
-    return f"{found}, too few to trust, so volumes without a requested length stop at the typical {max_slices} slices at most."
+        found += "" if end["reliable"] else ", too few to trust"
+    if not end["reliable"]:
+        found += f", so volumes without a requested length stop at the typical {config.max_slices} slices at most"
+    return (f"- end of volume: end_tolerance {config.end_tolerance:.3f} (end_fraction {config.end_fraction}), calibrated "
+            f"on {frames // config.denoiser.block_slices} blocks it generated at the end of training volumes "
+            f"({len(calibration['white'])} of their {frames} frames drawn white by the decoder): {found}. A volume also "
+            "ends at the first slice the decoder draws white.")
 
 
 def findings_section(study: FindingStudy) -> list[str]:
