@@ -30,6 +30,7 @@ NOMINAL_HU = {"air": -1000.0, "lung": -850.0, "fat": -100.0, "soft tissue": 40.0
 HISTOGRAM_EDGES = np.arange(-1100.0, 2001.0, 20.0)
 DIVERSITY_PAIRS = 20  # pairs compared per group at most: keeps a set of thousands cheap
 SEEDS_KEPT = 7  # thumbnails kept per report for diversity (21 pairs)
+MIN_LUNG_SHARE = 0.01  # a volume whose slices never hold this share of lung-density voxels has no lungs
 
 
 def volume_files(path: str | os.PathLike) -> list[Path]:
@@ -70,6 +71,20 @@ def seam_continuity(hu: np.ndarray, block_slices: int) -> dict:
         "ratio": float(across.mean() / max(inside.mean(), 1e-6)),
         "z": float((across.mean() - inside.mean()) / max(inside.std(), 1e-6)),
     }
+
+
+def lungs_end(hu: np.ndarray, run: int = 5) -> int | None:
+    """The slice (head to feet) below which the lungs have faded: the last one whose share of lung-density voxels
+    (TISSUES) is still half the volume's peak share, in a running mean over `run` slices; None without lungs.
+
+    Half the peak, not any lung at all: the costophrenic recesses reach far below the dome of the diaphragm. Where a
+    generated volume's lungs end shows how fast its anatomy runs from head to feet, apart from where it ends."""
+    low, high = TISSUES["lung"]
+    share = ((hu >= low) & (hu < high)).reshape(len(hu), -1).mean(1)
+    smooth = np.convolve(share, np.ones(run) / run, mode="same")
+    if not len(smooth) or smooth.max() < MIN_LUNG_SHARE:
+        return None
+    return int(np.flatnonzero(smooth >= smooth.max() / 2)[-1]) + 1
 
 
 # -- detail over depth -------------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ from ctflow import Geometry, Provenance, Volume, write_volume
 from ctflow.cli import main
 from ctflow.errors import OutputExistsError
 from ctflow.qa import (
-    NOMINAL_HU, assess, compare_hu, detail_over_depth, diversity, hu_statistics, load_reference, run_qa,
-    seam_continuity, thumbnail,
+    NOMINAL_HU, assess, compare_hu, detail_over_depth, diversity, hu_statistics, load_reference, lungs_end,
+    run_qa, seam_continuity, thumbnail,
 )
 
 
@@ -66,6 +66,18 @@ def test_hu_statistics_of_known_tissues():
     assert shifted["histogram_distance_hu"] == pytest.approx(20.0)
     assert shifted["tissues"]["fat"]["mean_hu"] == pytest.approx(20.0)
     assert compare_hu(stats, stats)["histogram_distance_hu"] == 0
+
+
+def test_the_lungs_end_where_their_share_falls_below_half_its_peak():
+    hu = np.full((90, 20, 20), 40, np.int16)  # soft tissue from head to feet
+    hu[10:50, 4:16, 4:16] = -850  # lungs over slices 10-49: 36 % of each slice
+    hu[50:80, 4:6, 4:6] = -700  # a recess of lung-density voxels low down: 1 %, not the lungs
+    assert lungs_end(hu) == 50
+    hu[30:50, 4:16, 12:16] = 40  # the lower lungs two thirds as wide: still lungs, the fade just reached sooner
+    assert lungs_end(hu) == 49  # the running mean over slices 46-50 still holds 4/5 of 24 %, over half the peak
+    hu[40:50, 4:16, 4:16] = 40  # the lowest ten slices without lung: ten slices sooner
+    assert lungs_end(hu) == 39
+    assert lungs_end(np.full((30, 8, 8), 40, np.int16)) is None  # no lungs at all
 
 
 def test_assess_reads_block_size_and_requested_length_from_provenance():

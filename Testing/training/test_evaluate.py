@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
-from ctflow_train import evaluate, export
+from ctflow import qa
+from ctflow_train import evaluate, export, train_flow
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
@@ -56,3 +59,35 @@ def test_the_model_card_lines_of_an_evaluation_are_its_figures_without_per_volum
     generic = [f"- {key}: {json.dumps(export.summary(value))}" for key, value in result.to_json().items()]
     assert export.evaluation_lines([result.to_json(), {"seams": {"ratio": 1.1, "volumes": [1]}}]) == [
         *generic, '- seams: {"ratio": 1.1}']
+
+
+def test_the_unrequested_length_splits_into_where_the_lungs_end_and_how_far_below_them():
+    volumes = [evaluate.FreeLength("p1", 130, 100, 40.0, patient_lungs_end=90, lungs_end=70),
+               evaluate.FreeLength("p2", 120, 110, 41.0, patient_lungs_end=85, lungs_end=81),
+               evaluate.FreeLength("p3", 125, 90, 39.0, patient_lungs_end=88, lungs_end=None)]  # no lungs drawn
+    length = evaluate.UnrequestedLength.of(124, volumes)
+    assert length.figures() == {"typical": 124, "mean_abs_error_vs_typical": 24, "mean_abs_error_vs_patient": 25,
+                                "lungs_end_vs_patient": -12.0, "end_below_lungs": 29.5, "patient_end_below_lungs": 37.5}
+    written = json.loads(json.dumps(dataclasses.replace(an_evaluation(), length_unrequested=length).to_json()))
+    assert evaluate.ModelEvaluation.from_json(written).length_unrequested == length
+    before = an_evaluation().to_json()  # not measured: the file as written before the lung figures, and read back
+    assert "lungs_end" not in str(before) and evaluate.ModelEvaluation.from_json(before) == an_evaluation()
+
+
+def test_evaluate_measures_an_exported_model_through_the_pipeline(tiny, data, vae_run, cache, tmp_path):
+    train_flow.train(tiny.flow_run(cache, tmp_path / "flow", steps=2))
+    parser = argparse.ArgumentParser()
+    export.configure(parser)
+    export.export(export.ExportRun.from_args(parser.parse_args([
+        "--flow", str(tmp_path / "flow"), "--vae", str(vae_run[0]), "--cache", str(cache), "--out",
+        str(tmp_path / "model"), "--steps", "1", "--calibration-cases", "1"])))
+    parser = argparse.ArgumentParser()
+    evaluate.configure(parser)
+    args = parser.parse_args(["--model", str(tmp_path / "model"), "--data", str(data), "--holdout", "2",
+                              "--requested", "8", "--out", str(tmp_path / "eval.json")])
+    result = evaluate.evaluate_model(evaluate.EvaluationRun.from_args(args))
+    free = result.length_unrequested.volumes
+    assert [v.patient for v in free] == ["tiny_2", "tiny_3"] and all(v.real == 14 for v in free)
+    assert all(v.generated == 14 for v in free)  # this model draws no end slice: capped at the typical 14
+    assert [v.patient_lungs_end for v in free] == [qa.lungs_end(tiny.volume(np.random.default_rng(0), 14)[:14])] * 2
+    assert [a.requested for a in result.length_requested_in_prompt.volumes] == [8, 8]

@@ -5,7 +5,7 @@
 - seam continuity: mean |HU difference| between consecutive slices across block boundaries vs inside blocks
   (real slices only), for generated volumes and, as the reference, for the cohort's own volumes;
 - length: where the model ends a volume by itself, against the cohort's typical length and the length of the
-  patient whose report was used; and, with "Length: N slices" in the prompt but the end left to the model,
+  patient whose report was used, split into where the lungs end and how far below them the volume ends; and, with "Length: N slices" in the prompt but the end left to the model,
   how far its end lies from N;
 - time: seconds per generated volume on this machine.
 
@@ -31,7 +31,7 @@ import torch
 from ctflow import CTFlowPipeline, GenerationRequest, Volume
 from ctflow.conventions import real_slices
 from ctflow.io import atomic_write, check_output_path
-from ctflow.qa import seam_continuity
+from ctflow.qa import lungs_end, seam_continuity
 
 from .options import RunConfig, add_holdout_option, add_threads_option
 from .runtime import set_threads
@@ -67,12 +67,15 @@ class SeamContinuity:
 
 @dataclass(frozen=True)
 class FreeLength:
-    """One volume whose end the model chose: its patient's real slices and the slices generated."""
+    """One volume whose end the model chose: its patient's real slices and the slices generated, and where the
+    lungs end in each (qa.lungs_end; None in evaluations written before 2026-11-28 or where no lungs were found)."""
 
     patient: str
     real: int
     generated: int
     seconds: float
+    patient_lungs_end: int | None = None
+    lungs_end: int | None = None
 
 
 @dataclass(frozen=True)
@@ -86,14 +89,38 @@ class PromptedLength:
 
 @dataclass(frozen=True)
 class UnrequestedLength:
+    """Where the model ends volumes by itself. The length splits into the pace of the anatomy (where the lungs end,
+    against the patient's) and the end's distance below the lungs (generated and real, which the cohort draws at
+    random): a model can end at the right distance below lungs that come too early."""
+
     typical: int
     mean_abs_error_vs_typical: float
     mean_abs_error_vs_patient: float
     volumes: list[FreeLength]
+    lungs_end_vs_patient: float | None = None  # mean of generated minus patient: < 0, the anatomy runs ahead
+    end_below_lungs: float | None = None  # mean slices from where the lungs end to the volume's end
+    patient_end_below_lungs: float | None = None
+
+    @classmethod
+    def of(cls, typical: int, volumes: list[FreeLength]) -> "UnrequestedLength":
+        both = [v for v in volumes if v.lungs_end is not None and v.patient_lungs_end is not None]
+
+        def mean(values) -> float | None:
+            values = list(values)
+            return round(statistics.mean(values), 1) if values else None
+
+        return cls(typical, mean(abs(v.generated - typical) for v in volumes),
+                   mean(abs(v.generated - v.real) for v in volumes), volumes,
+                   mean(v.lungs_end - v.patient_lungs_end for v in both), mean(v.generated - v.lungs_end for v in both),
+                   mean(v.real - v.patient_lungs_end for v in both))
 
     def figures(self) -> dict:
-        return {"typical": self.typical, "mean_abs_error_vs_typical": self.mean_abs_error_vs_typical,
-                "mean_abs_error_vs_patient": self.mean_abs_error_vs_patient}
+        """The card's figures; the lung ones only where measured (not in evaluations from before them)."""
+        figures = {"typical": self.typical, "mean_abs_error_vs_typical": self.mean_abs_error_vs_typical,
+                   "mean_abs_error_vs_patient": self.mean_abs_error_vs_patient,
+                   "lungs_end_vs_patient": self.lungs_end_vs_patient, "end_below_lungs": self.end_below_lungs,
+                   "patient_end_below_lungs": self.patient_end_below_lungs}
+        return {name: value for name, value in figures.items() if value is not None}
 
 
 @dataclass(frozen=True)
@@ -117,7 +144,12 @@ class ModelEvaluation:
     machine: str
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        """dataclasses.asdict, less the lung figures where they were not measured: the file as before them."""
+        data = dataclasses.asdict(self)
+        free = data["length_unrequested"]
+        free["volumes"] = [{k: v for k, v in volume.items() if v is not None} for volume in free["volumes"]]
+        data["length_unrequested"] = {k: v for k, v in free.items() if v is not None}
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> "ModelEvaluation":
@@ -186,7 +218,9 @@ def evaluate_model(args: EvaluationRun) -> ModelEvaluation:
         seed = args.seed + number
         volume, took = generate_volume(pipe, case.report.text, seed)
         hu = volume.hu
-        free.append(FreeLength(case.name, case.content_slices, real_slices(hu), round(took, 1)))
+        generated = real_slices(hu)
+        free.append(FreeLength(case.name, case.content_slices, generated, round(took, 1),
+                               lungs_end(case.hu[: case.content_slices]), lungs_end(hu[:generated])))
         seams.append(seam_jump(hu, block))
         seconds.append(took / max(1, len(hu)))
         for requested in args.requested:
@@ -200,12 +234,7 @@ def evaluate_model(args: EvaluationRun) -> ModelEvaluation:
     return ModelEvaluation(
         seam_continuity_generated=summarise(seams),
         seam_continuity_cohort=summarise([seam_jump(case.hu, block) for case in cases]),
-        length_unrequested=UnrequestedLength(
-            typical=typical,
-            mean_abs_error_vs_typical=round(statistics.mean(abs(f.generated - typical) for f in free), 1),
-            mean_abs_error_vs_patient=round(statistics.mean(abs(f.generated - f.real) for f in free), 1),
-            volumes=free,
-        ),
+        length_unrequested=UnrequestedLength.of(typical, free),
         length_requested_in_prompt=LengthInPrompt(
             mean_abs_error=round(statistics.mean(abs(a.generated - a.requested) for a in asked), 1) if asked else None,
             volumes=asked,
