@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
+from ctflow.checksums import write_checksums
 from ctflow.errors import CTFlowError
 from ctflow_train import export, train_flow
 from ctflow_train import finding_study as fs
@@ -279,6 +281,12 @@ def test_finding_study_probes_the_cohort_and_counts_generated_volumes(tiny, data
     assert fs.run(parser.parse_args(argv2)) == 0
     generated = len(set(result.reports.values()))  # one volume a report text; the training volumes are not decoded again
     assert len(list((tmp_path / "features").iterdir())) == cached + generated
+    capped = shutil.copytree(tmp_path / "model2", tmp_path / "model3")  # the same weights, volumes ended elsewhere
+    config = json.loads((capped / "config.json").read_text())
+    (capped / "config.json").write_text(json.dumps({**config, "max_slices": config["max_slices"] - 2}))
+    write_checksums(capped)
+    assert fs.run(parser.parse_args([*argv2, "--model", str(capped)])) == 0
+    assert len(list((tmp_path / "features").iterdir())) == cached + 2 * generated  # made again, not read back
     with pytest.raises(CTFlowError, match="exists"):
         fs.run(parser.parse_args(argv))
     args = parser.parse_args([*argv, "--overwrite"])

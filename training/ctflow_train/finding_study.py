@@ -44,7 +44,7 @@ from ctflow.checksums import sha256_file
 from ctflow.conventions import START_HU, real_slices
 from ctflow.errors import CTFlowError
 from ctflow.io import atomic_write
-from ctflow.model_folder import VAE_FOLDER
+from ctflow.model_folder import CONFIG, VAE_FOLDER
 
 from .anatomy import in_labels
 from .dataset import patient_of, read_index
@@ -589,7 +589,7 @@ def run_study(args: argparse.Namespace, log=lambda line: None) -> FindingStudy:
                              args.ct_cache, log)
         prior.save(args.prior)
     cache = FeatureCache(args.feature_cache, prior)
-    weights = weights_hash(args.model)
+    model = f"{weights_hash(args.model)} {sha256_file(args.model / CONFIG)}"  # the config sets where volumes end
     features, labels, groups = training_set(pipe, args.data, args.latents, cache, weights_hash(args.model / VAE_FOLDER),
                                             log)
     detectors, skipped = calibrate(features, labels, groups, log)
@@ -607,7 +607,7 @@ def run_study(args: argparse.Namespace, log=lambda line: None) -> FindingStudy:
 
     def generated(text: str) -> list[Features]:
         if text not in made:
-            made[text] = [cache.get(f"generated {weights} {steps} {guidance} {seed} {text}",
+            made[text] = [cache.get(f"generated {model} {steps} {guidance} {seed} {text}",
                                     lambda seed=seed: generate(text, seed), keep_hu=True)
                           for seed in range(args.seed, args.seed + args.seeds)]
         return made[text]
