@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import ctflow
 from ctflow.denoiser import STDiT
+from ctflow.sampling import Guidance, block_velocity, sample
 from ctflow_train import export, train_flow
 from ctflow_train.checkpoint import read_meta
 from ctflow_train.flow_data import noises
@@ -36,6 +37,35 @@ def test_rollout_replaces_only_previous_blocks_that_follow_real_slices(tiny, cac
     some = train_flow.roll_out_previous(model, batch, 0.5, noise)  # where its uniform draw is below the share
     kept = batch.first | (batch.rollout_u >= 0.5)
     assert all(torch.equal(some[i], batch.previous[i]) == bool(kept[i]) for i in range(8))
+
+
+def test_a_rollout_of_several_steps_is_the_block_generation_would_make_from_that_noise(tiny, cache):
+    torch.manual_seed(0)
+    run = tiny.flow_run(cache, "unused", slice_position=True)
+    model = STDiT(train_flow.denoiser_config(run, LatentStore(cache))).eval()
+    batch = tiny.draw(cache, 8, seed=2)
+    noise = noises(batch, torch.device("cpu"), rollout=True).rollout
+    rolled = train_flow.roll_out_previous(model, batch, 0.5, noise, steps=3)
+    chosen = ~batch.first & (batch.rollout_u < 0.5)
+    assert chosen.any() and not chosen.all()
+    for i in range(8):
+        if not chosen[i]:
+            assert torch.equal(rolled[i], batch.previous[i])
+            continue
+        first_slice = int(batch.first_slice[i]) - tiny.BLOCK  # the previous block's own first slice
+        text, mask = batch.text[i:i + 1], batch.mask[i:i + 1]
+        velocity = block_velocity(model, batch.before[i:i + 1], text, mask, first_slice, Guidance(1.0))
+        made = sample(velocity, noise[i:i + 1], 3, "euler")[0]  # the pipeline's way to a block
+        assert torch.allclose(rolled[i], made, atol=1e-5) and not torch.allclose(rolled[i], batch.previous[i])
+
+
+def test_a_run_with_sampled_rollouts_trains_and_its_stage_says_so(tiny, cache, tmp_path):
+    run = tiny.flow_run(cache, tmp_path / "sampled", steps=2, rollout_p=0.5, rollout_steps=2)
+    assert np.isfinite(train_flow.train(run)["loss"])
+    assert [(s["rollout_p"], s["rollout_steps"]) for s in export.lineage(tmp_path / "sampled")] == [(0.5, 2)]
+    with pytest.raises(ctflow.CTFlowError, match="--rollout-steps must be at least 1"):
+        train_flow.train(tiny.flow_run(cache, tmp_path / "none", rollout_p=0.5, rollout_steps=0))
+    assert not (tmp_path / "none").exists()
 
 
 def test_denoiser_loss_falls_on_a_fixed_batch(tiny, cache):

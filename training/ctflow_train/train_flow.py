@@ -10,8 +10,9 @@ last slices next to the new block's first; --cache takes several latent stores):
      prompts, text dropout; every draw fixed by the seed and the sample's position, so the global batch is the
      same for any number of processes and a resumed run continues with the very samples it would have taken).
   2. generation conditions on its own imperfect output, so the previous block is made imperfect too: with
-     probability --rollout-p it is replaced by the EMA model's one-step estimate of it (from its noised self at a
-     random time, given the block before it), and a little noise (--cond-noise) is added to every one; with
+     probability --rollout-p it is replaced by the EMA model's estimate of it, given the block before it (one step
+     from its noised self at a random time, or with --rollout-steps N a block sampled from noise in N steps), and a
+     little noise (--cond-noise) is added to every one; with
      --seam-context its last slices stay the real ones, so the model learns to continue them exactly.
   3. text: the prompt with "Length: N slices" half the time (--length-p), so both a requested and a free
      length work; replaced by the embedding of "" with probability --text-drop, as the pipeline's
@@ -42,6 +43,7 @@ from ctflow.config import DENOISER_PRESETS, PREDICTIONS
 from ctflow.denoiser import STDiT, parameter_count
 from ctflow.errors import CTFlowError
 from ctflow.model_folder import WEIGHTS
+from ctflow.sampling import sample
 
 from .checkpoint import (
     CHECKPOINT, load_checkpoint, open_loss_log, open_safetensors, prepare_run_folder, save_checkpoint,
@@ -91,6 +93,7 @@ class FlowRun(RunOptions):
     text_drop: float
     cond_noise: float
     rollout_p: float
+    rollout_steps: int
     paired_twins: bool
     pair_weight: float
     region_weight: float
@@ -123,14 +126,19 @@ def sampling_rules(args: FlowRun) -> SamplingRules:
                          text_drop=args.text_drop, time_shift=args.time_shift, paired_twins=args.paired_twins)
 
 
-def roll_out_previous(ema: STDiT, batch: Batch, share: float, noise: torch.Tensor) -> torch.Tensor:
-    """Previous blocks [B, C, T, h, w], a share of them replaced by the model's own estimate: one denoising step
-    from a random flow time (noise [B, C, T, h, w] on the model's device), conditioned on the block before. What
-    generation feeds back is never the real block, and a model trained only on real ones drifts once its own output
-    is its input (exposure bias)."""
+def roll_out_previous(ema: STDiT, batch: Batch, share: float, noise: torch.Tensor, steps: int = 1) -> torch.Tensor:
+    """Previous blocks [B, C, T, h, w], a share of them replaced by the model's own estimate, conditioned on the block
+    before (noise [B, C, T, h, w] on the model's device). What generation feeds back is never the real block, and a
+    model trained only on real ones drifts once its own output is its input (exposure bias).
+
+    steps 1: one denoising step from a random flow time, a blur of the real block. More: the block sampled from pure
+    noise in that many Euler steps, as generation makes it: a sharp block whose content is off, the error that
+    builds up along a generated volume (the anatomy running ahead)."""
     chosen = (batch.rollout_u < share) & ~batch.first  # a first block's start block is exact
     if not chosen.any():
         return batch.previous
+    if steps > 1:
+        return sampled_previous(ema, batch, chosen, noise, steps)
     device = next(ema.parameters()).device
     previous, t = batch.previous.to(device), batch.rollout_t.to(device)
     tt = t.view(-1, 1, 1, 1, 1)
@@ -141,6 +149,20 @@ def roll_out_previous(ema: STDiT, batch: Batch, share: float, noise: torch.Tenso
         velocity = ema(z_t, t, cond)
     estimate = (z_t - tt * velocity.float()).to(previous.dtype)  # clean block from velocity = noise - x0
     return torch.where(chosen.to(device).view(-1, 1, 1, 1, 1), estimate, previous)
+
+
+@torch.no_grad()
+def sampled_previous(ema: STDiT, batch: Batch, chosen: torch.Tensor, noise: torch.Tensor, steps: int) -> torch.Tensor:
+    """roll_out_previous with `steps` > 1: the chosen previous blocks sampled from their noise by the EMA model."""
+    device = next(ema.parameters()).device
+    previous, pick = batch.previous.to(device), chosen.to(device)
+    first_slice = (batch.first_slice.to(device) - previous.shape[2]).clamp(min=0)[pick]
+    cond = ema.prepare(batch.before.to(device)[pick], batch.text.to(device)[pick], batch.mask.to(device)[pick],
+                       first_slice)
+    estimate = sample(lambda z, t: ema(z, t.expand(len(z)), cond), noise[pick], steps, "euler")
+    previous = previous.clone()
+    previous[pick] = estimate.to(previous.dtype)
+    return previous
 
 
 def warm_start(model: STDiT, folder: Path) -> None:
@@ -175,7 +197,8 @@ def flow_loss(model, ema: STDiT, batch: Batch, config, args, autocast, device) -
     what the model predicts (velocity, or the clean block); plus the weighted losses of its twin pairs
     (`twin_terms`). Returns (loss to minimise, each twin loss alone)."""
     noise = noises(batch, device, rollout=args.rollout_p > 0)
-    prev = roll_out_previous(ema, batch, args.rollout_p, noise.rollout) if args.rollout_p else batch.previous
+    prev = (roll_out_previous(ema, batch, args.rollout_p, noise.rollout, args.rollout_steps) if args.rollout_p
+            else batch.previous)
     prev = prev.to(device) + args.cond_noise * noise.cond
     if config.seam_context:  # the slices across the seam stay exact: the new block must continue what is there
         prev[:, :, -config.patch_size[0]:] = batch.previous[:, :, -config.patch_size[0]:].to(device)
@@ -245,6 +268,8 @@ def train(args: FlowRun) -> dict:
             raise CTFlowError(f"{option} must be a finite number >= 0, not {weight}")
         if weight and not args.paired_twins:
             raise CTFlowError(f"{option} needs --paired-twins (the pairs it compares)")
+    if args.rollout_steps < 1:
+        raise CTFlowError(f"--rollout-steps must be at least 1, not {args.rollout_steps}")
     if args.paired_twins and args.batch_size % 2:
         raise CTFlowError(f"--paired-twins needs an even --batch (a pair is two samples of one rank), not "
                           f"{args.batch_size}")
@@ -386,7 +411,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-drop", type=float, default=0.1, help="share of prompts replaced by ''")
     parser.add_argument("--cond-noise", type=float, default=0.05, help="noise on the previous block")
     parser.add_argument("--rollout-p", type=float, default=0.0,
-                        help="share of previous blocks replaced by the model's own one-step estimate of them")
+                        help="share of previous blocks replaced by the model's own estimate of them")
+    parser.add_argument("--rollout-steps", type=int, default=1,
+                        help="1: that estimate is one denoising step from a random time; N > 1: the block sampled "
+                             "from noise in N Euler steps, as generation makes it")
     add_run_options(parser, save_every=250)
 
 
