@@ -5,8 +5,8 @@
 - seam continuity: mean |HU difference| between consecutive slices across block boundaries vs inside blocks
   (real slices only), for generated volumes and, as the reference, for the cohort's own volumes;
 - length: where the model ends a volume by itself, against the cohort's typical length and the length of the
-  patient whose report was used, split into where the lungs end and how far below them the volume ends; and, with "Length: N slices" in the prompt but the end left to the model,
-  how far its end lies from N;
+  patient whose report was used, split into where the lungs end and how far below them the volume ends; and,
+  with "Length: N slices" in the prompt but the end left to the model, how far its end lies from N;
 - time: seconds per generated volume on this machine.
 
 The result is a ModelEvaluation: written as JSON (`to_json`), read back by the export (`from_json`) for the model
@@ -50,6 +50,12 @@ class EvaluationRun(RunConfig):
     threads: int
     out: Path
     overwrite: bool
+
+
+def mean(values) -> float | None:
+    """The mean to one decimal, None for no values: the figures of an evaluation."""
+    values = list(values)
+    return round(statistics.mean(values), 1) if values else None
 
 
 @dataclass(frozen=True)
@@ -104,11 +110,6 @@ class UnrequestedLength:
     @classmethod
     def of(cls, typical: int, volumes: list[FreeLength]) -> "UnrequestedLength":
         both = [v for v in volumes if v.lungs_end is not None and v.patient_lungs_end is not None]
-
-        def mean(values) -> float | None:
-            values = list(values)
-            return round(statistics.mean(values), 1) if values else None
-
         return cls(typical, mean(abs(v.generated - typical) for v in volumes),
                    mean(abs(v.generated - v.real) for v in volumes), volumes,
                    mean(v.lungs_end - v.patient_lungs_end for v in both), mean(v.generated - v.lungs_end for v in both),
@@ -236,7 +237,7 @@ def evaluate_model(args: EvaluationRun) -> ModelEvaluation:
         seam_continuity_cohort=summarise([seam_jump(case.hu, block) for case in cases]),
         length_unrequested=UnrequestedLength.of(typical, free),
         length_requested_in_prompt=LengthInPrompt(
-            mean_abs_error=round(statistics.mean(abs(a.generated - a.requested) for a in asked), 1) if asked else None,
+            mean_abs_error=mean(abs(a.generated - a.requested) for a in asked),
             volumes=asked,
         ),
         seconds_per_128_slices=round(128 * statistics.mean(seconds), 1),
