@@ -532,7 +532,8 @@ class CTFlowSlicerLogic(ScriptedLoadableModuleLogic):
             self._abandoned[run.runId] = run.folder
 
     def poll(self) -> Progress:
-        """Apply what the worker said since the last call, at most one block; returns a snapshot. Never waits."""
+        """Apply what the worker said since the last call, up to one block or the start of a model load (so the
+        panel shows that it is loading even when the load is quick); returns a snapshot. Never waits."""
         self._receive()
         run = self._run
         if run is None:
@@ -541,7 +542,7 @@ class CTFlowSlicerLogic(ScriptedLoadableModuleLogic):
         while not run.progress.finished and self._inbox:
             message = self._inbox.pop(0)
             self._handle(run, message)
-            if message["type"] == "block":
+            if message["type"] in ("block", "loading"):
                 break
         if not run.progress.finished:
             if not self._inbox and self._worker.ended:

@@ -20,9 +20,10 @@ from CTFlowSlicerLib import generation, resources
 from CTFlowSlicerLib.display import SLICE_VIEW_WINDOWS, applyWindow
 
 
-def run(logic, settings, onProgress=lambda progress: None, timeout=120.0):
+def run(logic, settings, onProgress=lambda progress: None, timeout=120.0, firstPollAfter=0.0):
     """Start, then poll as the panel's timer does until the end; returns every snapshot."""
     logic.start(settings)
+    time.sleep(firstPollAfter)
     snapshots = []
     deadline = time.monotonic() + timeout
     while not (snapshots and snapshots[-1].finished):
@@ -78,7 +79,7 @@ def test_the_worker_keeps_the_model_between_runs(scene, logic, settings, change)
     again = run(logic, change(settings, seed=6))
     assert "loading" not in {s.state for s in again} and again[-1].state == "done"
     logic.unloadModel()
-    reloaded = run(logic, settings)
+    reloaded = run(logic, settings, firstPollAfter=3.0)  # the whole tiny run is in before the first poll
     assert "loading" in {s.state for s in reloaded} and reloaded[-1].state == "done"
 
 
