@@ -259,6 +259,20 @@ def test_calcifications_are_on_the_aortic_wall(everything):
     assert np.median(peaks) >= 300 and min(peaks) > 150  # brighter than any blood or soft tissue
 
 
+def test_calcifications_fit_on_a_fine_grid():
+    """Where a plaque's 4 mm reach is more voxels than on the usual grid (a body drawn small: 1.28 mm columns in
+    patient 4 of seed 1), a plaque on the aorta's outermost voxels still lies inside the aorta's box."""
+    shape, spacing = (12, 24, 24), np.array([2.5, 1.0, 1.0])
+    k, j, i = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    labels = np.broadcast_to(((j - 12) ** 2 + (i - 12) ** 2 <= 2) & (k >= 2) & (k < 10), shape).astype(np.uint8)
+    for seed in range(5):
+        scene = findings.Scene(np.zeros(shape, np.float32), labels.copy(), spacing, {"aorta": 1})
+        drawn = findings.arterial_calcification(scene, np.random.default_rng(seed))
+        plaques = scene.finding_mask == findings.CODES["arterial_calcification"]
+        assert plaques.any() and np.all(ndimage.binary_dilation(labels.astype(bool), iterations=2)[plaques])
+        assert len(drawn["centres_kji"]) == drawn["plaques"]
+
+
 def test_lymph_nodes_are_mediastinal_soft_tissue(everything):
     patient = everything[0]
     nodes = finding_voxels(patient, "lymphadenopathy")

@@ -484,6 +484,9 @@ def _node_stations(scene: Scene) -> list[tuple[str, np.ndarray]]:
     return [(name, at(*offsets[name])) for name in NODE_STATIONS]
 
 
+PLAQUE_REACH_MM = 4.0  # a plaque is drawn in the box this far around its centre
+
+
 def arterial_calcification(scene: Scene, rng: np.random.Generator) -> dict:
     """Bright plaques on the aortic wall: a band one voxel outside to two inside the aorta.
 
@@ -493,7 +496,7 @@ def arterial_calcification(scene: Scene, rng: np.random.Generator) -> dict:
     severity = _grade(rng, names=("mild", "moderate", "extensive"))
     count = int(rng.integers(*{"mild": (3, 8), "moderate": (8, 18), "extensive": (18, 35)}[severity]))
     aorta = scene.mask("aorta")
-    box = _bounding_box(aorta, 3)
+    box = _bounding_box(aorta, np.ceil(PLAQUE_REACH_MM / scene.spacing).astype(int))  # holds every plaque's box
     local = aorta[box]
     wall = local & ~ndimage.binary_erosion(local)
     band = ndimage.binary_dilation(local) & ~ndimage.binary_erosion(local, iterations=2)
@@ -501,7 +504,7 @@ def arterial_calcification(scene: Scene, rng: np.random.Generator) -> dict:
     centres = []
     for _ in range(count):
         centre = _random_voxel(wall, rng) + start
-        plaque, offsets = _box(scene, centre, 4.0)
+        plaque, offsets = _box(scene, centre, PLAQUE_REACH_MM)
         sub = tuple(slice(p.start - s, p.stop - s) for p, s in zip(plaque, start))
         radii = np.maximum(rng.uniform(1.5, 3.5, 3), scene.spacing)
         alpha = _ellipsoid(offsets, radii, 0.7) * band[sub]
