@@ -1,5 +1,5 @@
 """Flow training's samples: StartBoost and text dropout, consecutive blocks, epochs and rank shares, samples that
-depend on their position only, EndBoost and paired twins.
+depend on their position only, EndBoost, paired twins and FindingBoost.
 """
 
 from __future__ import annotations
@@ -145,6 +145,49 @@ def test_paired_twins_give_every_second_sample_a_twin_with_the_same_draws(tiny, 
         train_flow.train(tiny.flow_run(twin_store, twin_store.parent / "odd", paired_twins=True))
 
 
+@pytest.fixture(scope="module")
+def finding_store(tiny, vae_run, tmp_path_factory):
+    """A patient and its twin that differs in slices 13-14 alone (a finding), and another patient without a twin."""
+    folder = tmp_path_factory.mktemp("finding")
+    rng = np.random.default_rng(7)
+    patient = tiny.volume(rng, 30)
+    twin = patient.copy()
+    twin[13:15] += 600  # a dense finding across two slices
+    with DatasetWriter(folder) as writer:
+        for name, hu in (("synth_0_00000", patient), ("synth_0_00000_with_emphysema", twin),
+                         ("synth_0_00001", tiny.volume(rng, 30))):
+            report = Report(findings=f"{name.replace('_', ' ')}.", impressions="Normal.")
+            writer.add(name, Volume(hu, Geometry((2.0, 2.0, 2.5)), None), report, tiny.labels(0))
+    path = tmp_path_factory.mktemp("finding_store") / "latents"
+    latent_store.build_store(folder, vae_run[0] / "vae", path, 0, tiny.SIZE, ModelConfig().text, log=lambda line: None)
+    return path
+
+
+def test_findingboost_gives_twin_pairs_blocks_that_the_finding_reaches(tiny, finding_store):
+    stores = open_stores([finding_store])
+    names = stores[0].names
+
+    def pairs(finding_p: float) -> list[tuple[dict, dict, str]]:
+        rules = SamplingRules(tiny.BLOCK, start_p=0.3, text_drop=0.0, paired_twins=True, finding_p=finding_p)
+        dataset = BlockDataset(stores, rules, 3)
+        return [(dataset[p], dataset[p + 1], names[dataset.volume(p)[1]]) for p in range(0, 60, 2)]
+
+    # slices 13-14 lie in the blocks starting at 10-14 (a block starts at 0 or a whole block in; 4 slices each)
+    assert BlockDataset(stores, SamplingRules(tiny.BLOCK, paired_twins=True, finding_p=1.0), 3).finding_offsets(0, 1) \
+        == [10, 11, 12, 13, 14]
+    boosted, plain = pairs(1.0), pairs(0.0)
+    twin_pairs = [(a, b) for a, b, name in boosted if name != "synth_0_00001"]
+    assert len(twin_pairs) >= 10
+    for a, b in twin_pairs:  # every twin pair's block holds the finding, the same block in both
+        assert 10 <= float(a["first_slice"]) <= 14 and torch.equal(a["first_slice"], b["first_slice"])
+        assert not torch.equal(a["x0"], b["x0"]) and b["twin"]
+    missed = [a for a, b, name in plain if name != "synth_0_00001" and torch.equal(a["x0"], b["x0"])]
+    assert missed  # without FindingBoost many a pair's block misses the finding
+    for (a, _, name), (c, _, _) in zip(boosted, plain):  # pairs without a twin draw as before
+        if name == "synth_0_00001":
+            assert torch.equal(a["x0"], c["x0"]) and torch.equal(a["first_slice"], c["first_slice"])
+
+
 def test_pair_loss_is_the_relative_error_of_the_twins_difference_where_the_finding_reaches():
     """Averaged over the 3 pair slots of a batch of 6, the slot whose block the finding misses counting zero."""
     target = torch.randn(6, 2, 3, 4, 4)
@@ -200,3 +243,14 @@ def test_twin_losses_train_on_twin_pairs_and_log_their_loss(tiny, twin_store, tm
                          ({weight: -1.0}, "finite")):
         with pytest.raises(CTFlowError, match=message):
             train_flow.train(dataclasses.replace(run, out=tmp_path / "bad", **bad))
+
+
+def test_findingboost_puts_the_finding_into_the_region_loss(tiny, finding_store, tmp_path):
+    def reached_steps(finding_p: float) -> int:  # steps whose region loss saw a finding
+        run = tiny.flow_run(finding_store, tmp_path / str(finding_p), paired_twins=True, batch_size=4, steps=8,
+                            region_weight=1.0, finding_p=finding_p)
+        train_flow.train(run)
+        with open(run.out / "loss.csv") as handle:
+            return sum(float(row["region_loss"]) > 0 for row in csv.DictReader(handle))
+
+    assert reached_steps(1.0) > reached_steps(0.0)  # 7 of 8 steps against 1 of 8

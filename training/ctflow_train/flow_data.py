@@ -18,6 +18,9 @@ The sampling rules (CTFlow, REFERENCE §1):
   - paired twins (ours; off unless paired_twins): position 2m+1 takes a cohort twin of position 2m's volume (the
     same patient with one finding flipped or moved) with all of 2m's draws (offset, prompt kind, text dropout, time,
     noise, rollout), so the two losses differ only through the report and the finding's voxels.
+  - FindingBoost (ours; off unless finding_p > 0, with paired twins): with probability finding_p a pair's block is
+    one that the finding reaches (slices where the twins' latents differ). A uniform offset misses a nodule in
+    about eight blocks of nine, and a pair whose block it misses teaches nothing about the report's finding.
   - the prompt with "Length: N slices" with probability length_p, replaced by the embedding of "" with probability
     text_drop (classifier-free guidance's unconditional branch).
   - flow time t ~ U(0, 1) bent towards noise by time_shift; the draws that pick the previous blocks replaced by the
@@ -53,6 +56,7 @@ class SamplingRules:
     text_drop: float = 0.1
     time_shift: float = 1.0
     paired_twins: bool = False
+    finding_p: float = 0.0
 
 
 class Batch(NamedTuple):
@@ -77,6 +81,14 @@ def generator(*key: int) -> torch.Generator:
 
 
 ORDER, SAMPLE, TWIN = 0, 1, 2  # generator streams: the volume order of an epoch, the draws of a sample, its twin
+FINDING_REACH = 1e-3  # mean square per latent value: where twins' latents differ by less (over one position's
+#                        channels; the pair loss: over a block), the finding is not there
+
+
+def finding_region(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Where two twins' latents (or training targets) differ: [N, C, ...] -> bool [N, 1, ...], the finding's
+    positions. Their targets differ exactly where their latents do, for either prediction."""
+    return (a - b).square().mean(1, keepdim=True) > FINDING_REACH
 
 
 class BlockDataset(Dataset):
@@ -91,6 +103,7 @@ class BlockDataset(Dataset):
                 raise CTFlowError(f"{store.folder}: {short[0]} has fewer slices than a block of {rules.block}")
         self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
         self.twins = twin_numbers([name for store in stores for name in store.names]) if rules.paired_twins else {}
+        self._finding_offsets: dict[tuple[int, int], list[int]] = {}
 
     def __len__(self) -> int:
         return self.firsts[-1]
@@ -102,28 +115,58 @@ class BlockDataset(Dataset):
             self._epoch, self._order = epoch, torch.randperm(len(self), generator=generator(self.seed, ORDER, epoch))
         return int(self._order[k])
 
-    def volume(self, position: int) -> tuple[LatentStore, int]:
-        """The store and its volume number that `position` visits."""
-        number = self.number(position)
+    def locate(self, number: int) -> tuple[LatentStore, int]:
+        """A volume numbered over all stores -> its store and its number there."""
         store = bisect.bisect_right(self.firsts, number) - 1
         return self.stores[store], number - self.firsts[store]
+
+    def volume(self, position: int) -> tuple[LatentStore, int]:
+        """The store and its volume number that `position` visits."""
+        return self.locate(self.number(position))
+
+    def partner(self, position: int) -> int | None:
+        """The twin that odd `position` takes of the volume before it (None without one, or at an even position)."""
+        others = self.twins.get(self.number(position - 1), []) if self.twins and position % 2 else []
+        if not others:
+            return None
+        return others[int(torch.randint(len(others), (), generator=generator(self.seed, TWIN, position)))]
+
+    def finding_offsets(self, first: int, twin: int) -> list[int]:
+        """The offsets a block may start at (0, or a whole block in) whose block holds slices where the two volumes
+        differ: where the finding is. Cached per pair: two volume reads each."""
+        key = (min(first, twin), max(first, twin))
+        if key not in self._finding_offsets:
+            (store_a, a), (store_b, b) = self.locate(first), self.locate(twin)
+            la, lb = store_a.latents(a).float(), store_b.latents(b).float()
+            n, block = min(len(la), len(lb)), self.rules.block
+            differs = finding_region(la[:n], lb[:n]).flatten(1).any(1)  # [n] slices the finding reaches
+            starts = [0] + list(range(block, n - block + 1)) if n >= 2 * block else [0]
+            self._finding_offsets[key] = [o for o in starts if bool(differs[o:o + block].any())]
+        return self._finding_offsets[key]
+
+    def reached(self, position: int) -> list[int]:
+        """FindingBoost's offsets for the pair `position` belongs to (none where it has no twin)."""
+        first, twin = ((self.number(position - 1), self.partner(position)) if position % 2
+                       else (self.number(position), self.partner(position + 1)))
+        return [] if twin is None else self.finding_offsets(first, twin)
 
     def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
         rules, block = self.rules, self.rules.block
         store, volume = self.volume(position)
         draws = generator(self.seed, SAMPLE, position)
-        others = self.twins.get(self.number(position - 1), []) if self.twins and position % 2 else []
-        if others:  # the twin of the pair's first volume, with the first's draws
-            number = others[int(torch.randint(len(others), (), generator=generator(self.seed, TWIN, position)))]
-            which = bisect.bisect_right(self.firsts, number) - 1
-            store, volume = self.stores[which], number - self.firsts[which]
+        twin = self.partner(position)
+        if twin is not None:  # the twin of the pair's first volume, with the first's draws
+            store, volume = self.locate(twin)
             draws = generator(self.seed, SAMPLE, position - 1)
 
         def uniform() -> torch.Tensor:
             return torch.rand((), generator=draws)
 
         slices = store.slices[volume]
-        if uniform() < rules.start_p or slices < 2 * block:
+        reached = self.reached(position) if rules.finding_p else []
+        if reached and uniform() < rules.finding_p:  # no draw without FindingBoost: old runs stay bit for bit
+            offset = reached[int(torch.randint(len(reached), (), generator=draws))]
+        elif uniform() < rules.start_p or slices < 2 * block:
             offset = 0
         else:
             low = block
@@ -139,7 +182,7 @@ class BlockDataset(Dataset):
         return {"x0": x0, "previous": previous, "before": before, "first_slice": torch.tensor(float(offset)),
                 "text": text, "t": shift_time(uniform(), rules.time_shift),
                 "seed": torch.randint(2**62, (), generator=draws), "rollout_u": uniform(), "rollout_t": uniform(),
-                "twin": torch.tensor(bool(others))}
+                "twin": torch.tensor(twin is not None)}
 
 
 def twin_numbers(names: list[str]) -> dict[int, list[int]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -13,15 +14,23 @@ CHECKPOINT = "checkpoint.safetensors"  # the file a checkpointed run continues f
 
 
 def positive(kind: type):
-    """argparse type: a number above zero, so a typo fails at once rather than deep inside a run."""
+    """argparse type: a finite number above zero, so a typo fails at once rather than deep inside a run."""
 
     def parse(text: str):
         value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be above zero, not {text}")
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"must be a finite number above zero, not {text}")
         return value
 
     return parse
+
+
+def share(text: str) -> float:
+    """argparse type: a probability, 0 to 1. NaN would compare false with every draw and silently switch a rule off."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a share from 0 to 1, not {text}")
+    return value
 
 
 def add_size_option(parser: argparse.ArgumentParser) -> None:

@@ -48,14 +48,14 @@ from ctflow.sampling import sample
 from .checkpoint import (
     CHECKPOINT, load_checkpoint, open_loss_log, open_safetensors, prepare_run_folder, save_checkpoint,
 )
-from .flow_data import Batch, BlockDataset, SamplingRules, ShareSampler, block_loader, noises
+from .flow_data import (
+    FINDING_REACH, Batch, BlockDataset, SamplingRules, ShareSampler, block_loader, finding_region, noises,
+)
 from .latent_store import LatentStore, open_stores
-from .options import RunOptions, add_run_options, add_schedule_options
+from .options import RunOptions, add_run_options, add_schedule_options, share
 from .runtime import cosine_schedule, set_threads, start_processes
 
 OUTPUTS = (CHECKPOINT, "loss.csv")  # what a run writes to --out
-FINDING_REACH = 1e-3  # mean square per latent value: where twins' targets differ by less (over a block for the pair
-#                        loss, over one position's channels for the region loss), the finding is not
 ADDABLE = ("position_embed.", "text_vector.", "seam_embed.")  # parts a warm start may switch on (they start as no-ops)
 
 
@@ -95,6 +95,7 @@ class FlowRun(RunOptions):
     rollout_p: float
     rollout_steps: int
     paired_twins: bool
+    finding_p: float
     pair_weight: float
     region_weight: float
 
@@ -123,7 +124,8 @@ def denoiser_config(args: FlowRun, store: LatentStore):
 
 def sampling_rules(args: FlowRun) -> SamplingRules:
     return SamplingRules(args.block, start_p=args.start_p, end_p=args.end_p, length_p=args.length_p,
-                         text_drop=args.text_drop, time_shift=args.time_shift, paired_twins=args.paired_twins)
+                         text_drop=args.text_drop, time_shift=args.time_shift, paired_twins=args.paired_twins,
+                         finding_p=args.finding_p)
 
 
 def roll_out_previous(ema: STDiT, batch: Batch, share: float, noise: torch.Tensor, steps: int = 1) -> torch.Tensor:
@@ -238,7 +240,7 @@ def region_loss(predicted: torch.Tensor, target: torch.Tensor, twin: torch.Tenso
     Unlike the pair loss it never asks for a difference, only for each twin's own target. Averaged over the batch's
     B/2 pair slots (a pair without a region counts zero), as the pair loss."""
     slots = twin[1::2]  # [B/2]
-    region = (target[1::2] - target[0::2])[slots].square().mean(1, keepdim=True) > FINDING_REACH  # [P, 1, T, h, w]
+    region = finding_region(target[1::2][slots], target[0::2][slots])  # [P, 1, T, h, w]
     size = region.flatten(1).sum(1).clamp(min=1)  # [P] positions in the region
     error = (predicted - target).square()
     both = (error[0::2] + error[1::2])[slots]  # [P, C, T, h, w]
@@ -268,6 +270,8 @@ def train(args: FlowRun) -> dict:
             raise CTFlowError(f"{option} must be a finite number >= 0, not {weight}")
         if weight and not args.paired_twins:
             raise CTFlowError(f"{option} needs --paired-twins (the pairs it compares)")
+    if args.finding_p and not args.paired_twins:
+        raise CTFlowError("--finding-p needs --paired-twins (the twins whose difference is the finding)")
     if args.rollout_steps < 1:
         raise CTFlowError(f"--rollout-steps must be at least 1, not {args.rollout_steps}")
     if args.paired_twins and args.batch_size % 2:
@@ -396,21 +400,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=1e-2)
     parser.add_argument("--clip", type=float, default=1.0)
     parser.add_argument("--ema", type=float, default=0.999)
-    parser.add_argument("--start-p", type=float, default=0.5, help="StartBoost: share of first blocks")
-    parser.add_argument("--end-p", type=float, default=0.0,
+    parser.add_argument("--start-p", type=share, default=0.5, help="StartBoost: share of first blocks")
+    parser.add_argument("--end-p", type=share, default=0.0,
                         help="EndBoost: of the other blocks, the share that holds the volume's white end slices")
     parser.add_argument("--paired-twins", action="store_true",
                         help="every second sample: a cohort twin of the one before, with the same draws (even --batch)")
+    parser.add_argument("--finding-p", type=share, default=0.0,
+                        help="FindingBoost, with --paired-twins: the share of twin pairs whose block is one the finding "
+                             "reaches (where the twins' latents differ)")
     parser.add_argument("--pair-weight", type=float, default=0.0,
                         help="with --paired-twins: weight of the pair loss, the error of the difference between a "
                              "twin's prediction and its pair's relative to the difference of their targets")
     parser.add_argument("--region-weight", type=float, default=0.0,
                         help="with --paired-twins: weight of the region loss, the mean square error of both twins "
                              "inside the finding's region (where their targets differ)")
-    parser.add_argument("--length-p", type=float, default=0.5, help="share of prompts with 'Length: N slices'")
-    parser.add_argument("--text-drop", type=float, default=0.1, help="share of prompts replaced by ''")
+    parser.add_argument("--length-p", type=share, default=0.5, help="share of prompts with 'Length: N slices'")
+    parser.add_argument("--text-drop", type=share, default=0.1, help="share of prompts replaced by ''")
     parser.add_argument("--cond-noise", type=float, default=0.05, help="noise on the previous block")
-    parser.add_argument("--rollout-p", type=float, default=0.0,
+    parser.add_argument("--rollout-p", type=share, default=0.0,
                         help="share of previous blocks replaced by the model's own estimate of them")
     parser.add_argument("--rollout-steps", type=int, default=1,
                         help="1: that estimate is one denoising step from a random time; N > 1: the block sampled "
