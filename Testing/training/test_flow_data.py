@@ -103,20 +103,23 @@ def test_endboost_draws_blocks_that_hold_the_end_and_leaves_other_runs_alone(tin
     assert torch.equal(tiny.draw(cache, 30, seed=2, start_p=0.0, end_p=0.0).x0, plain.x0)  # off: the draws of before
 
 
+def latent_store_of(tiny, vae_run, folder, volumes: dict[str, np.ndarray]):
+    """A latent store of these volumes (name -> HU), each with a report that names it, encoded by the tiny VAE."""
+    with DatasetWriter(folder / "data") as writer:
+        for name, hu in volumes.items():
+            report = Report(findings=f"{name.replace('_', ' ')}.", impressions="Normal.")
+            writer.add(name, Volume(hu, Geometry((2.0, 2.0, 2.5)), None), report, tiny.labels(0))
+    latent_store.build_store(folder / "data", vae_run[0] / "vae", folder / "latents", 0, tiny.SIZE, ModelConfig().text,
+                             log=lambda line: None)
+    return folder / "latents"
+
+
 @pytest.fixture(scope="module")
 def twin_store(tiny, vae_run, tmp_path_factory):
     """Two patients, the first with two twins (a finding flipped, one moved to a side), named as `cohort` names them."""
-    folder = tmp_path_factory.mktemp("twins")
     rng = np.random.default_rng(5)
-    with DatasetWriter(folder) as writer:
-        for name in ("synth_0_00000", "synth_0_00000_with_emphysema", "synth_0_00000_with_right_consolidation",
-                     "synth_0_00001"):
-            report = Report(findings=f"{name.replace('_', ' ')}.", impressions="Normal.")
-            volume = Volume(tiny.volume(rng, 14), Geometry((2.0, 2.0, 2.5)), None)
-            writer.add(name, volume, report, tiny.labels(0))
-    path = tmp_path_factory.mktemp("twin_store") / "latents"
-    latent_store.build_store(folder, vae_run[0] / "vae", path, 0, tiny.SIZE, ModelConfig().text, log=lambda line: None)
-    return path
+    names = ("synth_0_00000", "synth_0_00000_with_emphysema", "synth_0_00000_with_right_consolidation", "synth_0_00001")
+    return latent_store_of(tiny, vae_run, tmp_path_factory.mktemp("twins"), {n: tiny.volume(rng, 14) for n in names})
 
 
 def test_paired_twins_give_every_second_sample_a_twin_with_the_same_draws(tiny, twin_store):
@@ -148,19 +151,12 @@ def test_paired_twins_give_every_second_sample_a_twin_with_the_same_draws(tiny, 
 @pytest.fixture(scope="module")
 def finding_store(tiny, vae_run, tmp_path_factory):
     """A patient and its twin that differs in slices 13-14 alone (a finding), and another patient without a twin."""
-    folder = tmp_path_factory.mktemp("finding")
     rng = np.random.default_rng(7)
     patient = tiny.volume(rng, 30)
     twin = patient.copy()
     twin[13:15] += 600  # a dense finding across two slices
-    with DatasetWriter(folder) as writer:
-        for name, hu in (("synth_0_00000", patient), ("synth_0_00000_with_emphysema", twin),
-                         ("synth_0_00001", tiny.volume(rng, 30))):
-            report = Report(findings=f"{name.replace('_', ' ')}.", impressions="Normal.")
-            writer.add(name, Volume(hu, Geometry((2.0, 2.0, 2.5)), None), report, tiny.labels(0))
-    path = tmp_path_factory.mktemp("finding_store") / "latents"
-    latent_store.build_store(folder, vae_run[0] / "vae", path, 0, tiny.SIZE, ModelConfig().text, log=lambda line: None)
-    return path
+    return latent_store_of(tiny, vae_run, tmp_path_factory.mktemp("finding"), {
+        "synth_0_00000": patient, "synth_0_00000_with_emphysema": twin, "synth_0_00001": tiny.volume(rng, 30)})
 
 
 def test_findingboost_gives_twin_pairs_blocks_that_the_finding_reaches(tiny, finding_store):
