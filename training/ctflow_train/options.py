@@ -25,7 +25,7 @@ def positive(kind: type):
     return parse
 
 
-def share(text: str) -> float:
+def probability(text: str) -> float:
     """argparse type: a probability, 0 to 1. NaN would compare false with every draw and silently switch a rule off."""
     value = float(text)
     if not 0 <= value <= 1:

@@ -52,7 +52,7 @@ from .flow_data import (
     FINDING_REACH, Batch, BlockDataset, SamplingRules, ShareSampler, block_loader, finding_region, noises,
 )
 from .latent_store import LatentStore, open_stores
-from .options import RunOptions, add_run_options, add_schedule_options, share
+from .options import RunOptions, add_run_options, add_schedule_options, probability
 from .runtime import cosine_schedule, set_threads, start_processes
 
 OUTPUTS = (CHECKPOINT, "loss.csv")  # what a run writes to --out
@@ -400,12 +400,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=1e-2)
     parser.add_argument("--clip", type=float, default=1.0)
     parser.add_argument("--ema", type=float, default=0.999)
-    parser.add_argument("--start-p", type=share, default=0.5, help="StartBoost: share of first blocks")
-    parser.add_argument("--end-p", type=share, default=0.0,
+    parser.add_argument("--start-p", type=probability, default=0.5, help="StartBoost: share of first blocks")
+    parser.add_argument("--end-p", type=probability, default=0.0,
                         help="EndBoost: of the other blocks, the share that holds the volume's white end slices")
     parser.add_argument("--paired-twins", action="store_true",
                         help="every second sample: a cohort twin of the one before, with the same draws (even --batch)")
-    parser.add_argument("--finding-p", type=share, default=0.0,
+    parser.add_argument("--finding-p", type=probability, default=0.0,
                         help="FindingBoost, with --paired-twins: the share of twin pairs whose block is one the finding "
                              "reaches (where the twins' latents differ)")
     parser.add_argument("--pair-weight", type=float, default=0.0,
@@ -414,10 +414,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--region-weight", type=float, default=0.0,
                         help="with --paired-twins: weight of the region loss, the mean square error of both twins "
                              "inside the finding's region (where their targets differ)")
-    parser.add_argument("--length-p", type=share, default=0.5, help="share of prompts with 'Length: N slices'")
-    parser.add_argument("--text-drop", type=share, default=0.1, help="share of prompts replaced by ''")
+    parser.add_argument("--length-p", type=probability, default=0.5, help="share of prompts with 'Length: N slices'")
+    parser.add_argument("--text-drop", type=probability, default=0.1, help="share of prompts replaced by ''")
     parser.add_argument("--cond-noise", type=float, default=0.05, help="noise on the previous block")
-    parser.add_argument("--rollout-p", type=share, default=0.0,
+    parser.add_argument("--rollout-p", type=probability, default=0.0,
                         help="share of previous blocks replaced by the model's own estimate of them")
     parser.add_argument("--rollout-steps", type=int, default=1,
                         help="1: that estimate is one denoising step from a random time; N > 1: the block sampled "
