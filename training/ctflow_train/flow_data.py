@@ -144,26 +144,23 @@ class BlockDataset(Dataset):
             self._finding_offsets[key] = [o for o in starts if bool(differs[o:o + block].any())]
         return self._finding_offsets[key]
 
-    def reached(self, position: int) -> list[int]:
-        """FindingBoost's offsets for the pair `position` belongs to (none where it has no twin)."""
-        first, twin = ((self.number(position - 1), self.partner(position)) if position % 2
-                       else (self.number(position), self.partner(position + 1)))
-        return [] if twin is None else self.finding_offsets(first, twin)
-
     def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
         rules, block = self.rules, self.rules.block
         store, volume = self.volume(position)
         draws = generator(self.seed, SAMPLE, position)
-        twin = self.partner(position)
+        first = position - position % 2  # the pair's first position, and the twin its second takes
+        pair_twin = self.partner(first + 1)
+        twin = pair_twin if position % 2 else None
         if twin is not None:  # the twin of the pair's first volume, with the first's draws
             store, volume = self.locate(twin)
-            draws = generator(self.seed, SAMPLE, position - 1)
+            draws = generator(self.seed, SAMPLE, first)
 
         def uniform() -> torch.Tensor:
             return torch.rand((), generator=draws)
 
         slices = store.slices[volume]
-        reached = self.reached(position) if rules.finding_p else []
+        findings = rules.finding_p and pair_twin is not None
+        reached = self.finding_offsets(self.number(first), pair_twin) if findings else []
         if reached and uniform() < rules.finding_p:  # no draw without FindingBoost: old runs stay bit for bit
             offset = reached[int(torch.randint(len(reached), (), generator=draws))]
         elif uniform() < rules.start_p or slices < 2 * block:
