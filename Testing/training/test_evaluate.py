@@ -62,16 +62,30 @@ def test_the_model_card_lines_of_an_evaluation_are_its_figures_without_per_volum
 
 
 def test_the_unrequested_length_splits_into_where_the_lungs_end_and_how_far_below_them():
-    volumes = [evaluate.FreeLength("p1", 130, 100, 40.0, patient_lungs_end=90, lungs_end=70),
-               evaluate.FreeLength("p2", 120, 110, 41.0, patient_lungs_end=85, lungs_end=81),
+    volumes = [evaluate.FreeLength("p1", 130, 100, 40.0, patient_lungs_end=90, lungs_end=70, patient_lung_ml=2000.0,
+                                   lung_ml=1500.0),
+               evaluate.FreeLength("p2", 120, 110, 41.0, patient_lungs_end=85, lungs_end=81, patient_lung_ml=2500.0,
+                                   lung_ml=2600.0),
                evaluate.FreeLength("p3", 125, 90, 39.0, patient_lungs_end=88, lungs_end=None)]  # no lungs drawn
     length = evaluate.UnrequestedLength.of(124, volumes)
     assert length.figures() == {"typical": 124, "mean_abs_error_vs_typical": 24, "mean_abs_error_vs_patient": 25,
-                                "lungs_end_vs_patient": -12.0, "end_below_lungs": 29.5, "patient_end_below_lungs": 37.5}
+                                "lungs_end_vs_patient": -12.0, "end_below_lungs": 29.5, "patient_end_below_lungs": 37.5,
+                                "lung_volume_vs_patient": -10.5}
     written = json.loads(json.dumps(dataclasses.replace(an_evaluation(), length_unrequested=length).to_json()))
     assert evaluate.ModelEvaluation.from_json(written).length_unrequested == length
     before = an_evaluation().to_json()  # not measured: the file as written before the lung figures, and read back
     assert "lungs_end" not in str(before) and evaluate.ModelEvaluation.from_json(before) == an_evaluation()
+
+
+def test_the_lung_volume_is_lung_density_inside_the_body_and_not_the_blur_around_it():
+    hu = np.full((4, 40, 40), -1000, np.int16)  # air around the patient
+    hu[:, 5:35, 5:35] = 40  # the body
+    hu[:, 10:30, 10:18] = hu[:, 10:30, 22:30] = -850  # two lungs of 20 x 8 voxels a slice
+    hu[:, 3:5, 5:35] = -700  # the blur between the skin and the air: lung density, outside the body
+    assert evaluate.lung_volume_ml(hu, (1.0, 1.0, 2.5)) == 4 * 320 * 2.5 / 1000
+    hu[:, 10:30, 13:15] = 40  # one lung broken into two strips: less lung drawn
+    assert evaluate.lung_volume_ml(hu, (1.0, 1.0, 2.5)) == 4 * 280 * 2.5 / 1000
+    assert evaluate.lung_volume_ml(np.full((3, 20, 20), -1000, np.int16), (1.0, 1.0, 1.0)) == 0  # no body
 
 
 def test_evaluate_measures_an_exported_model_through_the_pipeline(tiny, data, vae_run, cache, tmp_path):
@@ -90,4 +104,5 @@ def test_evaluate_measures_an_exported_model_through_the_pipeline(tiny, data, va
     assert [v.patient for v in free] == ["tiny_2", "tiny_3"] and all(v.real == 14 for v in free)
     assert all(v.generated == 14 for v in free)  # this model draws no end slice: capped at the typical 14
     assert [v.patient_lungs_end for v in free] == [qa.lungs_end(tiny.volume(np.random.default_rng(0), 14)[:14])] * 2
+    assert all(v.patient_lung_ml is not None and v.lung_ml is not None for v in free)
     assert [a.requested for a in result.length_requested_in_prompt.volumes] == [8, 8]

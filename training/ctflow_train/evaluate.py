@@ -7,6 +7,8 @@
 - length: where the model ends a volume by itself, against the cohort's typical length and the length of the
   patient whose report was used, split into where the lungs end and how far below them the volume ends; and,
   with "Length: N slices" in the prompt but the end left to the model, how far its end lies from N;
+- lung volume: the lungs drawn inside the body against the patient's (a model can keep its seams and lengths and
+  still draw the lungs small and broken into patches);
 - time: seconds per generated volume on this machine.
 
 The result is a ModelEvaluation: written as JSON (`to_json`), read back by the export (`from_json`) for the model
@@ -27,11 +29,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from ctflow import CTFlowPipeline, GenerationRequest, Volume
 from ctflow.conventions import real_slices
 from ctflow.io import atomic_write, check_output_path
-from ctflow.qa import lungs_end, seam_continuity
+from ctflow.qa import TISSUES, lungs_end, seam_continuity
 
 from .options import RunConfig, add_holdout_option, add_threads_option
 from .runtime import set_threads
@@ -74,7 +77,8 @@ class SeamContinuity:
 @dataclass(frozen=True)
 class FreeLength:
     """One volume whose end the model chose: its patient's real slices and the slices generated, and where the
-    lungs end in each (qa.lungs_end; None in evaluations written before 2026-11-28 or where no lungs were found)."""
+    lungs end in each (qa.lungs_end; None in evaluations written before 2026-11-28 or where no lungs were found),
+    and their lung volumes (`lung_volume_ml`; None in evaluations written before 2026-11-29)."""
 
     patient: str
     real: int
@@ -82,6 +86,8 @@ class FreeLength:
     seconds: float
     patient_lungs_end: int | None = None
     lungs_end: int | None = None
+    patient_lung_ml: float | None = None
+    lung_ml: float | None = None
 
 
 @dataclass(frozen=True)
@@ -106,21 +112,25 @@ class UnrequestedLength:
     lungs_end_vs_patient: float | None = None  # mean of generated minus patient: < 0, the anatomy runs ahead
     end_below_lungs: float | None = None  # mean slices from where the lungs end to the volume's end
     patient_end_below_lungs: float | None = None
+    lung_volume_vs_patient: float | None = None  # mean percent of generated over patient: < 0, lungs drawn too small
 
     @classmethod
     def of(cls, typical: int, volumes: list[FreeLength]) -> "UnrequestedLength":
         both = [v for v in volumes if v.lungs_end is not None and v.patient_lungs_end is not None]
+        lungs = [v for v in volumes if v.lung_ml is not None and v.patient_lung_ml]
         return cls(typical, mean(abs(v.generated - typical) for v in volumes),
                    mean(abs(v.generated - v.real) for v in volumes), volumes,
                    mean(v.lungs_end - v.patient_lungs_end for v in both), mean(v.generated - v.lungs_end for v in both),
-                   mean(v.real - v.patient_lungs_end for v in both))
+                   mean(v.real - v.patient_lungs_end for v in both),
+                   mean(100 * (v.lung_ml / v.patient_lung_ml - 1) for v in lungs))
 
     def figures(self) -> dict:
         """The card's figures; the lung ones only where measured (not in evaluations from before them)."""
         figures = {"typical": self.typical, "mean_abs_error_vs_typical": self.mean_abs_error_vs_typical,
                    "mean_abs_error_vs_patient": self.mean_abs_error_vs_patient,
                    "lungs_end_vs_patient": self.lungs_end_vs_patient, "end_below_lungs": self.end_below_lungs,
-                   "patient_end_below_lungs": self.patient_end_below_lungs}
+                   "patient_end_below_lungs": self.patient_end_below_lungs,
+                   "lung_volume_vs_patient": self.lung_volume_vs_patient}
         return {name: value for name, value in figures.items() if value is not None}
 
 
@@ -189,6 +199,18 @@ def seam_jump(hu: np.ndarray, block: int) -> dict:
     return {"boundary_hu": seams["across_hu"], "inside_hu": seams["inside_hu"]} if seams["ratio"] is not None else {}
 
 
+def lung_volume_ml(hu: np.ndarray, spacing) -> float:
+    """Millilitres of lung-density voxels (qa.TISSUES) inside the body: each slice's body is what is denser than
+    lung, closed and filled, less a rim, so the blur between the skin and the air around it does not count."""
+    low, high = TISSUES["lung"]
+    voxels = 0
+    for axial in hu:
+        body = ndimage.binary_fill_holes(ndimage.binary_closing(axial >= high, iterations=2))
+        inside = ndimage.binary_erosion(body, iterations=2)
+        voxels += int(((axial >= low) & (axial < high) & inside).sum())
+    return round(voxels * float(np.prod(spacing)) / 1000, 1)
+
+
 def summarise(seams: list[dict]) -> SeamContinuity:
     seams = [s for s in seams if s]
     boundary = statistics.mean(s["boundary_hu"] for s in seams)
@@ -220,8 +242,10 @@ def evaluate_model(args: EvaluationRun) -> ModelEvaluation:
         volume, took = generate_volume(pipe, case.report.text, seed)
         hu = volume.hu
         generated = real_slices(hu)
-        free.append(FreeLength(case.name, case.content_slices, generated, round(took, 1),
-                               lungs_end(case.hu[: case.content_slices]), lungs_end(hu[:generated])))
+        real = case.hu[: case.content_slices]
+        free.append(FreeLength(case.name, case.content_slices, generated, round(took, 1), lungs_end(real),
+                               lungs_end(hu[:generated]), lung_volume_ml(real, case.spacing),
+                               lung_volume_ml(hu[:generated], pipe.config.geometry.spacing)))
         seams.append(seam_jump(hu, block))
         seconds.append(took / max(1, len(hu)))
         for requested in args.requested:
@@ -248,7 +272,8 @@ def evaluate_model(args: EvaluationRun) -> ModelEvaluation:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="model folder")
-    parser.add_argument("--data", type=Path, required=True, help="prepared folder the model was trained from")
+    parser.add_argument("--data", type=Path, required=True, help="prepared folder whose last --holdout patients give the reports and real lengths; "
+                        "keep them out of every latent store the model trained on")
     add_holdout_option(parser)  # its held-out patients give the reports
     parser.add_argument("--requested", type=int, nargs="*", default=[96, 160], help="lengths to put in the prompt")
     parser.add_argument("--seed", type=int, default=0)
