@@ -6,7 +6,9 @@
 One row per report, and per seed two views: the axial and the coronal slice through the place where the report's
 volume differs most from the normal report's volume on the same seed (the finding asked for, where the model drew
 it), the change outlined in red. The same seed gives both volumes the same noise, so what differs is what the text
-changed. Every volume is generated through ctflow's public API (evaluate.generate_volume), as a user would.
+changed. Every volume is generated through ctflow's public API (evaluate.generate_volume), as a user would; its
+progress line gives the lungs it drew, in ml (evaluate.lung_volume_ml), since a model can follow a report and break
+the lungs doing it.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from ctflow.io import atomic_write, check_output_path
 from ctflow.preview import apply_window, plane_image
 from ctflow.report import parse_report, read_report_file
 
-from .evaluate import generate_volume
+from .evaluate import generate_volume, lung_volume_ml
 from .options import RunConfig, add_threads_option, positive, progress
 from .runtime import set_threads
 
@@ -194,8 +196,10 @@ def make_figure(run: FigureRun, log=progress) -> Image.Image:
         volume, took = generate_volume(pipe, report.text, seed, **request)
         done += 1
         eta = (time.perf_counter() - started) / done * (total - done)
-        log(f"volume {done}/{total}: {report.path.name}, seed {seed}: {real_slices(volume.hu)} slices in {took:.1f} s; "
-            f"ETA {eta:.0f} s")
+        slices = real_slices(volume.hu)
+        lungs = lung_volume_ml(volume.hu[:slices], volume.geometry.spacing)  # a model can answer with broken lungs
+        log(f"volume {done}/{total}: {report.path.name}, seed {seed}: {slices} slices, lungs {lungs:.0f} ml, in "
+            f"{took:.1f} s; ETA {eta:.0f} s")
         return volume
 
     normals = {seed: generated(normal, seed) for seed in seeds}  # each once, the baseline of every row
