@@ -90,7 +90,7 @@ def test_report_figure_draws_a_row_per_report_and_two_views_per_seed(tiny_model,
     assert captured.out.strip() == str(out)
     progress = [line for line in captured.err.splitlines() if line.startswith("volume ")]
     assert len(progress) == 6 and all("ETA" in line for line in progress)  # 2 reports x 2 seeds + the normal once a seed
-    assert all(re.search(r", lungs \d+ ml, in ", line) for line in progress)  # each volume's lung volume, to look at
+    assert all(re.search(r", lungs \d+ ml, in ", line) for line in progress)  # each volume's lungs, to look at
     assert sum("normal_chest.txt" in line for line in progress) == 2
     width, height = Image.open(out).size
     assert width == 2 * 2 * 64  # per seed an axial and a coronal view

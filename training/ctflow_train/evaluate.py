@@ -272,7 +272,8 @@ def evaluate_model(args: EvaluationRun) -> ModelEvaluation:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="model folder")
-    parser.add_argument("--data", type=Path, required=True, help="prepared folder whose last --holdout patients give the reports and real lengths; "
+    parser.add_argument("--data", type=Path, required=True,
+                        help="prepared folder whose last --holdout patients give the reports and real lengths; "
                         "keep them out of every latent store the model trained on")
     add_holdout_option(parser)  # its held-out patients give the reports
     parser.add_argument("--requested", type=int, nargs="*", default=[96, 160], help="lengths to put in the prompt")
