@@ -42,3 +42,18 @@ def test_a_torchrun_entry_point_ends_in_one_line_on_stderr(tmp_path):
     assert done.stderr.strip().splitlines() == [f"ctflow-train: error: {tmp_path / 'missing'} is not a latent store "
                                                 "(no store.json): make one with ctflow-train cache-latents"]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_command_that_loads_a_model_prints_its_progress_and_nothing_of_the_libraries(tiny_model, tmp_path):
+    """diffusers' advice to install accelerate and transformers' weight-loading bar mean nothing to a ctflow-train
+    user (a separate process: the libraries' log handlers hold the stderr of their first import)."""
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    (reports / "normal.txt").write_text("Findings: Normal chest.")
+    (reports / "effusion.txt").write_text("Findings: Small right pleural effusion.")
+    done = python("-m", "ctflow_train.cli", "report-figure", "--model", str(tiny_model), "--reports",
+                  str(reports / "effusion.txt"), "--normal", str(reports / "normal.txt"), "--seeds", "0",
+                  "--slices", "2", "--steps", "1", "--tile", "32", "--threads", "1", "--out", str(tmp_path / "f.png"))
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("volume ") for line in lines), done.stderr
