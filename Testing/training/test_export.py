@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import shutil
 import types
 from pathlib import Path
 
@@ -142,7 +144,8 @@ def test_a_run_started_from_a_model_folder_keeps_the_stages_of_its_card(tiny, va
     train_flow.train(tiny.flow_run(cache, tmp_path / "third", steps=3, init=bundled, slice_position=True))
     earlier = export.card_stages(bundled / "README.md")
     assert [(s["run"], s["steps"], s["cond_noise"]) for s in earlier] == [("first", 2, 0.05), ("second", 1, 0.25)]
-    assert earlier == export.lineage(tmp_path / "second")  # the card's table reads back as the stages it was made of
+    stages = [{k: v for k, v in stage.items() if k != "stores"} for stage in export.lineage(tmp_path / "second")]
+    assert earlier == stages  # the card's table reads back as the stages it was made of (store paths are not in it)
     card = (exported(tiny, tmp_path / "third", vae_run, cache, tmp_path / "again") / "README.md").read_text()
     stages = export.card_stages(tmp_path / "again" / "README.md")
     assert [(s["run"], s["steps"], s["slice_position"]) for s in stages] == [
@@ -150,6 +153,31 @@ def test_a_run_started_from_a_model_folder_keeps_the_stages_of_its_card(tiny, va
     minutes = sum(s["minutes"] for s in stages)
     assert f"Trained in 3 stage(s), each warm-started from the one before: 6 steps, {minutes:.0f} min in all" in card
     assert "not found" not in card
+
+
+def test_the_card_counts_the_patients_of_every_store_the_stages_trained_on(tiny, vae_run, cache, tmp_path):
+    more = tmp_path / "more"  # a twin of a patient the first store holds, and a new patient
+    rng = np.random.default_rng(1)
+    with DatasetWriter(more) as writer:
+        for name in ("tiny_1_with_left_consolidation", "tiny_9"):
+            writer.add(name, Volume(tiny.volume(rng, 14), Geometry((2.0, 2.0, 2.5)), None),
+                       Report(findings="Left consolidation.", impressions=""), tiny.labels(1))
+    store = tmp_path / "more_latents"
+    latent_store.build_store(more, vae_run[0] / "vae", store, 0, tiny.SIZE, ctflow.ModelConfig().text,
+                             log=lambda line: None)
+    names = latent_store.LatentStore(cache).names
+    train_flow.train(tiny.flow_run(cache, tmp_path / "first", steps=1))
+    second = dataclasses.replace(tiny.flow_run(cache, tmp_path / "second", steps=1, init=tmp_path / "first"),
+                                 cache=[cache, store])
+    train_flow.train(second)
+    card = (exported(tiny, tmp_path / "second", vae_run, cache, tmp_path / "model") / "README.md").read_text()
+    assert "tiny_1" in names and "tiny_9" not in names  # so the twin adds a volume, not a patient
+    assert (f"- {len(names) + 1} synthetic patients in {len(names) + 2} volumes of the demo cohort (`ctflow-train "
+            "cohort`; latent stores latents, more_latents): ONE real base anatomy") in card
+    shutil.rmtree(store)
+    card = (exported(tiny, tmp_path / "second", vae_run, cache, tmp_path / "again") / "README.md").read_text()
+    assert (f"- {len(names)} synthetic patients in {len(names)} volumes of the demo cohort (`ctflow-train cohort`; "
+            "latent stores latents; not counted, no longer here: more_latents): ONE") in card
 
 
 def test_a_model_folder_without_a_stage_table_is_a_stage_not_found(tmp_path):

