@@ -20,6 +20,7 @@ import torch
 from . import __version__
 from .conventions import SYNTHETIC_NOTICE
 from .devices import DEVICES, select_device
+from .entry import quiet_third_party_logs
 from .errors import CTFlowError
 from .io import (
     DICOM, StagedWrites, atomic_write, check_output_path, check_volume_output, is_dicom_path, volume_writer,
@@ -399,17 +400,6 @@ def load_pipeline(args: argparse.Namespace, device: str, dtype: torch.dtype | No
     request does not wait for)."""
     quiet_third_party_logs()
     return CTFlowPipeline.from_pretrained(args.model, revision=args.revision, device=device, dtype=dtype)
-
-
-def quiet_third_party_logs() -> None:
-    """transformers/diffusers print load progress bars and advice that mean nothing to a ctflow user."""
-    import diffusers
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    diffusers.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,18 @@ def forget_working_folder() -> None:
         del sys.path[0]
 
 
+def quiet_third_party_logs() -> None:
+    """transformers/diffusers print load progress bars and advice that mean nothing to a user of ctflow or
+    ctflow-train (both commands and the generation worker call this)."""
+    import diffusers
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    diffusers.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+
+
 def ctflow() -> int:
     return _run("ctflow", "ctflow.cli")
 

@@ -201,7 +201,7 @@ class Worker:
         """The requested model: the one kept from the last run when model, revision, device and dtype agree."""
         import torch
 
-        from .cli import quiet_third_party_logs
+        from .entry import quiet_third_party_logs
         from .hub import default_model
         from .pipeline import CTFlowPipeline
 

@@ -103,7 +103,7 @@ def test_no_memory_for_the_model_is_one_line_and_no_file(tmp_path):
     out = tmp_path / "x.nii.gz"
     capped = ("import resource, sys\n"
               "import ctflow.pipeline\n"
-              "from ctflow.cli import main, quiet_third_party_logs\n"
+              "from ctflow.cli import main\nfrom ctflow.entry import quiet_third_party_logs\n"
               "quiet_third_party_logs()\n"
               "held = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
               "resource.setrlimit(resource.RLIMIT_AS, (held + 8 * 2**20, resource.RLIM_INFINITY))\n"

@@ -72,7 +72,7 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv[0] if argv else "").parse_args(argv)
-    from ctflow.cli import quiet_third_party_logs  # here: --help stays free of torch
+    from ctflow.entry import quiet_third_party_logs  # here: --help stays free of diffusers
 
     quiet_third_party_logs()
     try:
