@@ -21,14 +21,19 @@ def forget_working_folder() -> None:
 
 def quiet_third_party_logs() -> None:
     """transformers/diffusers print load progress bars and advice that mean nothing to a user of ctflow or
-    ctflow-train (both commands and the generation worker call this)."""
-    import diffusers
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    diffusers.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
+    ctflow-train (both commands and the generation worker call this). Imports neither: a command that never loads
+    them (a torchrun training rank) stays as it was; they read these settings when they load, or are told now."""
+    for name, value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),
+                        ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
+        os.environ.setdefault(name, value)
+    if "transformers" in sys.modules:
+        transformers = sys.modules["transformers"]
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    if "diffusers" in sys.modules:
+        diffusers = sys.modules["diffusers"]
+        diffusers.logging.set_verbosity_error()
+        diffusers.utils.logging.disable_progress_bar()
 
 
 def ctflow() -> int:

@@ -12,6 +12,7 @@ import importlib
 import sys
 from dataclasses import dataclass
 
+from ctflow.entry import quiet_third_party_logs
 from ctflow.errors import CTFlowError
 
 EXIT_ERROR = 1
@@ -72,8 +73,6 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv[0] if argv else "").parse_args(argv)
-    from ctflow.entry import quiet_third_party_logs  # here: --help stays free of diffusers
-
     quiet_third_party_logs()
     try:
         return args.run(args)
