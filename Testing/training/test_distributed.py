@@ -54,7 +54,8 @@ def command(store, out, batch: int, *extra: str) -> list[str]:
 
 def torchrun(store, out, *extra: str) -> subprocess.Popen:
     """Two processes of batch 2 each, as a cluster starts them."""
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path),
+                   "PYTHONFAULTHANDLER": "1"}
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              "-m", "ctflow_train.train_flow", *command(store, out, 2, *extra)],
                             env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -79,7 +80,18 @@ def signal_all(pids: list[int], number: int) -> None:
 
 
 def finish(process: subprocess.Popen) -> str:
-    output = process.communicate(timeout=300)[0].decode()
+    """The run's output once it has ended; a run that hangs is ended with every worker's Python stacks in the
+    failure (faulthandler prints them on SIGABRT), so a rare hang says where it was."""
+    try:
+        output = process.communicate(timeout=300)[0].decode()
+    except subprocess.TimeoutExpired:
+        members = family(process.pid)
+        signal_all(members[:1], signal.SIGSTOP)  # the launcher would end the other worker when one aborts
+        for worker in members[1:]:  # one at a time, so that their stacks do not interleave
+            signal_all([worker], signal.SIGABRT)
+            time.sleep(1)
+        signal_all(members, signal.SIGKILL)
+        pytest.fail("the two-process run hung; its output:\n" + process.communicate()[0].decode())
     assert process.returncode == 0, output
     return output
 
