@@ -18,7 +18,7 @@ import ctflow
 from ctflow.config import DENOISER_PRESETS, SamplingConfig
 from ctflow.report import Report
 from ctflow.volume import Geometry, Volume
-from ctflow_train import export, finding_study, latent_store, train_flow
+from ctflow_train import export, finding_study, latent_store, stages, train_flow
 from ctflow_train.dataset import DatasetWriter
 from ctflow_train.runtime import load_vae
 
@@ -155,6 +155,28 @@ def test_a_run_started_from_a_model_folder_keeps_the_stages_of_its_card(tiny, va
     assert "not found" not in card
 
 
+def test_a_model_folder_replaced_after_a_run_started_from_it_leaves_that_runs_stages_as_they_were(
+        tiny, vae_run, cache, tmp_path, monkeypatch):
+    """The usual --init is the bundled model, and the bundle is what an export of the new run replaces."""
+    train_flow.train(tiny.flow_run(cache, tmp_path / "first", steps=2))
+    bundle = exported(tiny, tmp_path / "first", vae_run, cache, tmp_path / "bundle")
+    train_flow.train(tiny.flow_run(cache, tmp_path / "second", steps=1, init=bundle))
+    newer = exported(tiny, tmp_path / "second", vae_run, cache, tmp_path / "newer")
+    shutil.copy(newer / "README.md", bundle / "README.md")  # the bundle is now the model trained from it
+
+    def runs():
+        return [stage["run"] for stage in export.lineage(tmp_path / "second")]
+
+    assert runs() == ["first", "second"]
+    (bundle / "README.md").write_text("# another model\n")  # or an unrelated one
+    assert runs() == ["first", "second"]  # the stages recorded when `second` started
+    recorded = export.read_meta  # a run from before they were recorded: the card as it is, up to this chain
+    monkeypatch.setattr(export, "read_meta",
+                        lambda path: {k: v for k, v in recorded(path).items() if k != "init_stages"})
+    shutil.copy(newer / "README.md", bundle / "README.md")
+    assert runs() == ["first", "second"]
+
+
 def test_the_card_counts_the_patients_of_every_store_the_stages_trained_on(tiny, vae_run, cache, tmp_path):
     more = tmp_path / "more"  # a twin of a patient the first store holds, and a new patient
     rng = np.random.default_rng(1)
@@ -181,20 +203,20 @@ def test_the_card_counts_the_patients_of_every_store_the_stages_trained_on(tiny,
 
 
 def test_a_model_folder_without_a_stage_table_is_a_stage_not_found(tmp_path):
-    assert export.card_stages(tmp_path / "README.md") == []  # no card
+    assert stages.card_stages(tmp_path / "README.md") == []  # no card
     (tmp_path / "README.md").write_text("# a model\n\n## Training stages\n\nTrained elsewhere.\n")
-    assert export.card_stages(tmp_path / "README.md") == []  # no table
+    assert stages.card_stages(tmp_path / "README.md") == []  # no table
     row = "| a | 12 | 1.5 | cpu x1 | 4 | 0.001 | 0.1 | 0.5 | 4 | 0.2 | 0.5 | 0.05 | 1.0 | False | False | False | latents |"
-    table = ["## Training stages", "", "| " + " | ".join(c.header for c in export.STAGE_COLUMNS) + " |",
-             "|" + "---|" * len(export.STAGE_COLUMNS), row, f"| gone | {export.MISSING_STAGE} |" + "|" * (len(export.STAGE_COLUMNS) - 2), "",
+    table = ["## Training stages", "", "| " + " | ".join(c.header for c in stages.STAGE_COLUMNS) + " |",
+             "|" + "---|" * len(stages.STAGE_COLUMNS), row, f"| gone | {stages.MISSING_STAGE} |" + "|" * (len(stages.STAGE_COLUMNS) - 2), "",
              "## Limits", "| not | a | stage |"]
     (tmp_path / "README.md").write_text("\n".join(table) + "\n")
-    a, gone = export.card_stages(tmp_path / "README.md")
+    a, gone = stages.card_stages(tmp_path / "README.md")
     assert a == {"run": "a", "steps": 12, "minutes": 1.5, "device": "cpu x1", "batch": 4, "lr": 0.001,
                  "cond_noise": 0.1, "rollout_p": 0.5, "rollout_steps": 4, "end_p": 0.2, "finding_p": 0.5, "pair_weight": 0.05,
                  "region_weight": 1.0, "slice_position": False, "pooled_text": False, "seam_context": False,
                  "caches": ["latents"]}
     assert gone == {"run": "gone", "missing": True}
-    assert export.stage_table([a, gone]) == table[2:6]  # what it reads is what the card writes
+    assert stages.stage_table([a, gone]) == table[2:6]  # what it reads is what the card writes
     (tmp_path / "README.md").write_text("\n".join(table).replace("| 12 |", "| twelve |") + "\n")
-    assert export.card_stages(tmp_path / "README.md") == []  # edited by hand: nothing counted rather than a guess
+    assert stages.card_stages(tmp_path / "README.md") == []  # edited by hand: nothing counted rather than a guess

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from ctflow.config import DENOISER_PRESETS, PREDICTIONS
 from ctflow.denoiser import STDiT, parameter_count
 from ctflow.errors import CTFlowError
-from ctflow.model_folder import WEIGHTS
+from ctflow.model_folder import CARD, WEIGHTS
 from ctflow.sampling import sample
 
 from .checkpoint import (
@@ -54,6 +54,7 @@ from .flow_data import (
 from .latent_store import LatentStore, open_stores
 from .options import RunOptions, add_run_options, add_schedule_options, probability
 from .runtime import cosine_schedule, set_threads, start_processes
+from .stages import card_stages
 
 OUTPUTS = (CHECKPOINT, "loss.csv")  # what a run writes to --out
 ADDABLE = ("position_embed.", "text_vector.", "seam_embed.")  # parts a warm start may switch on (they start as no-ops)
@@ -265,6 +266,8 @@ def train(args: FlowRun) -> dict:
     stores = open_stores(args.cache)
     if args.init and not any((args.init / name).is_file() for name in (CHECKPOINT, WEIGHTS)):
         raise CTFlowError(f"--init {args.init}: neither a flow run ({CHECKPOINT}) nor a model folder ({WEIGHTS})")
+    # a model folder's stages as its card lists them now: the folder may hold other weights by the time of export
+    init_stages = card_stages(args.init / CARD) if args.init and not (args.init / CHECKPOINT).is_file() else None
     for option, weight in (("--pair-weight", args.pair_weight), ("--region-weight", args.region_weight)):
         if not math.isfinite(weight) or weight < 0:
             raise CTFlowError(f"{option} must be a finite number >= 0, not {weight}")
@@ -296,6 +299,7 @@ def train(args: FlowRun) -> dict:
     if args.resume and (out / CHECKPOINT).exists():
         meta = load_checkpoint(out / CHECKPOINT, {"model": model, "ema": ema}, {"optimizer": optimizer}, {})
         step, elapsed, samples = meta["step"], meta["elapsed_s"], meta.get("samples", 0)
+        init_stages = meta.get("init_stages")  # as recorded when the run started
     dataset = BlockDataset(stores, sampling_rules(args), args.seed)
     batches = iter(block_loader(dataset, ShareSampler(rank, world, args.batch_size, samples), args.workers,
                                 pin_memory=device.type == "cuda"))
@@ -355,7 +359,7 @@ def train(args: FlowRun) -> dict:
             log.flush()  # the loss log reaches at least as far as the checkpoint, whenever the run is killed
             meta = {"step": step, "samples": samples, "elapsed_s": elapsed, "denoiser": dataclasses.asdict(config),
                     "world": world, "device": str(device), "cache": [str(path) for path in args.cache],
-                    "args": args.meta()}
+                    "args": args.meta(), **({} if init_stages is None else {"init_stages": init_stages})}
             save_checkpoint(out / CHECKPOINT, {"model": raw_model, "ema": ema}, {"optimizer": optimizer}, {}, meta)
     if master:
         log.close()
