@@ -5,7 +5,6 @@ How good its anatomy is, and how fast, is measured by `ctflow-train evaluate`, `
 wrongly exported bundle, and a model that no longer makes a body with lungs in it.
 """
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +15,13 @@ from ctflow.hub import default_model
 from ctflow.model_folder import verify_model_folder
 
 REPORT = Path(__file__).parents[2] / "Resources" / "SampleReports" / "normal_chest.txt"
-# sha256 of the int16 HU (little-endian) of the sample report at slices=16, steps=4, seed 0, guidance 1 on the CPU,
-# recorded when these weights were bundled (flow16_wide, 2026-11-29): any change to sampling, the end rule, decoding
-# or weight loading changes it.
-FINGERPRINT = "bc3afb6d7a4f09bed4b608c65399113001b83830288997583ec01c12eb795162"
+# Mean HU of each 16x16-voxel tile of each slice, [16, 16, 16], of the sample report at slices=16, steps=4, seed 0,
+# guidance 1 on the CPU (flow16_wide, recorded 2026-11-29 on an AVX2 CPU at 2 threads). The voxels themselves are not
+# portable: CPU kernels and thread counts round differently (1 HU at most, a tile 0.25 HU), while a change to
+# sampling, the end rule, decoding or weight loading moves some tile by hundreds of HU (5 steps for 4: 496, Euler for
+# AB2: 275).
+REFERENCE_TILES = Path(__file__).parents[1] / "data" / "bundled_model_tiles.npy"
+TILE_TOLERANCE_HU = 2.0
 MAX_BYTES = 40_000_000  # the issue allows tens of MB; the repository carries every version of it
 
 
@@ -50,8 +52,10 @@ def test_sample_report_gives_a_body_with_lungs_at_chest_hu(two_blocks):
     assert two_blocks.provenance.model == "ctflow-demo" and "synthetic" in two_blocks.provenance.synthetic.lower()
 
 
-def test_fixed_seed_output_is_bit_identical_to_the_recorded_fingerprint():
+def test_fixed_seed_output_matches_the_recorded_reference():
     pipe = ctflow.CTFlowPipeline.from_pretrained(device="cpu")
     volume = pipe.generate(ctflow.GenerationRequest(REPORT.read_text(), slices=16, seed=0, steps=4, guidance=1.0))
     assert volume.hu.shape == (16, 256, 256)
-    assert hashlib.sha256(np.ascontiguousarray(volume.hu, dtype="<i2").tobytes()).hexdigest() == FINGERPRINT
+    tiles = volume.hu.astype(np.float64).reshape(16, 16, 16, 16, 16).mean(axis=(2, 4))
+    worst = np.abs(tiles - np.load(REFERENCE_TILES, allow_pickle=False)).max()
+    assert worst <= TILE_TOLERANCE_HU, f"a tile's mean HU moved by {worst:.1f} from the recorded reference"
