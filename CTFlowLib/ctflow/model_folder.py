@@ -101,7 +101,7 @@ def save_model(
     def fill(staging: Path) -> None:
         (staging / CONFIG).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         state = {name: tensor.detach().cpu().contiguous() for name, tensor in denoiser.state_dict().items()}
-        save_file(state, staging / WEIGHTS, metadata={"format": "pt", "ctflow_config": CONFIG})
+        save_file(state, staging / WEIGHTS, metadata={"format": "pt"})  # one key: safetensors orders keys anew each save
         vae.save_pretrained(staging / VAE_FOLDER, safe_serialization=True)
         for name, source in (subfolders or {}).items():
             shutil.copytree(source, staging / name, ignore=_not_data_files)

@@ -98,3 +98,13 @@ def test_hub_ids_resolve_from_the_local_cache_offline(tiny_model, tmp_path, monk
     assert resolve_model("someone/ctflow-tiny", revision="v1", local_files_only=True).name == tagged
     with pytest.raises(ModelError, match="not in the local model cache"):
         resolve_model("someone/uncached", local_files_only=True)
+
+
+def test_saving_the_same_model_again_writes_the_same_bytes(tmp_path):
+    from ctflow.testing import create_random_model
+
+    def contents(folder):
+        return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    first, *others = [contents(create_random_model(tmp_path / f"copy{i}", "tiny", seed=0)) for i in range(6)]
+    assert all(other == first for other in others)  # a re-export can be checked by its checksums
