@@ -138,6 +138,17 @@ def test_warm_start_adds_switched_on_parts_that_change_nothing_yet(tiny, cache, 
     assert [s.get("missing", False) for s in export.lineage(placed)] == [True, False]
 
 
+def test_the_seam_weight_counts_the_blocks_first_slices_that_many_times():
+    target = torch.zeros(2, 3, 8, 4, 4)
+    off_first, off_last = target.clone(), target.clone()
+    off_first[:, :, :2] = 1  # wrong only in the two slices that join the previous block
+    off_last[:, :, -2:] = 1
+    plain = torch.nn.functional.mse_loss(off_first, target)
+    assert train_flow.seam_weighted_mse(off_first, target, 2, 1.0) == plain
+    assert train_flow.seam_weighted_mse(off_first, target, 2, 4.0) == 4 * plain
+    assert train_flow.seam_weighted_mse(off_last, target, 2, 4.0) == plain
+
+
 def test_seam_context_trains_on_exact_slices_across_the_seam(tiny, cache, tmp_path, monkeypatch):
     """The previous block gets noise and the model's own estimates, except its last patch of slices: the new block
     must learn to continue those as they are."""

@@ -93,6 +93,7 @@ def lineage(flow_folder: Path) -> list[dict]:
                        "end_p": args.get("end_p", 0.0), "finding_p": args.get("finding_p", 0.0),
                        "pair_weight": args.get("pair_weight", 0.0),
                        "region_weight": args.get("region_weight", 0.0),
+                       "seam_weight": args.get("seam_weight", 1.0),
                        "slice_position": meta["denoiser"].get("slice_position", False),
                        "pooled_text": meta["denoiser"].get("pooled_text", False),
                        "seam_context": meta["denoiser"].get("seam_context", False),

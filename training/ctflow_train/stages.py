@@ -18,7 +18,8 @@ class StageColumn:
     default: object = None  # for a card written before the column existed; None: the column is required
 
     def cell(self, stage: dict) -> str:
-        value = stage[self.key]
+        """The stage's value; the default where the stage was recorded before the column existed."""
+        value = stage[self.key] if self.default is None else stage.get(self.key, self.default)
         return ", ".join(value) if self.kind is list else str(value)
 
     def read(self, cell: str):
@@ -41,6 +42,7 @@ STAGE_COLUMNS = (
     StageColumn("finding-block share", "finding_p", float, 0.0),
     StageColumn("pair-loss weight", "pair_weight", float, 0.0),
     StageColumn("region-loss weight", "region_weight", float, 0.0),
+    StageColumn("seam weight", "seam_weight", float, 1.0),
     StageColumn("slice position", "slice_position", bool, False),
     StageColumn("pooled text", "pooled_text", bool, False),
     StageColumn("seam context", "seam_context", bool, False),

@@ -99,6 +99,7 @@ class FlowRun(RunOptions):
     finding_p: float
     pair_weight: float
     region_weight: float
+    seam_weight: float
 
 
 class Conditioned(torch.nn.Module):
@@ -214,8 +215,17 @@ def flow_loss(model, ema: STDiT, batch: Batch, config, args, autocast, device) -
     target = x0 if config.prediction == "clean" else noise.noise - x0
     twin, weights = batch.twin.to(device), twin_terms(args)
     terms = {name: TWIN_LOSSES[name](predicted, target, twin) for name in weights}
-    loss = F.mse_loss(predicted, target) + sum(weight * terms[name] for name, weight in weights.items())
+    loss = seam_weighted_mse(predicted, target, config.patch_size[0], args.seam_weight) + sum(weight * terms[name] for name, weight in weights.items())
     return loss, {name: term.detach() for name, term in terms.items()}
+
+
+def seam_weighted_mse(predicted: torch.Tensor, target: torch.Tensor, first: int, weight: float) -> torch.Tensor:
+    """The mean square error with the block's first `first` slices (those that join the previous block) counted
+    `weight` times: at weight 1 the plain MSE. The first slice must continue the last one exactly, and in the plain
+    MSE its error is one sixteenth of the block's."""
+    weights = torch.ones(predicted.shape[2], device=predicted.device)
+    weights[:first] = weight
+    return ((predicted - target).square() * weights.view(1, 1, -1, 1, 1)).mean()
 
 
 def pair_loss(predicted: torch.Tensor, target: torch.Tensor, twin: torch.Tensor) -> torch.Tensor:
@@ -273,6 +283,8 @@ def train(args: FlowRun) -> dict:
             raise CTFlowError(f"{option} must be a finite number >= 0, not {weight}")
         if weight and not args.paired_twins:
             raise CTFlowError(f"{option} needs --paired-twins (the pairs it compares)")
+    if not math.isfinite(args.seam_weight) or args.seam_weight < 0:
+        raise CTFlowError(f"--seam-weight must be a finite number >= 0, not {args.seam_weight}")
     if args.finding_p and not args.paired_twins:
         raise CTFlowError("--finding-p needs --paired-twins (the twins whose difference is the finding)")
     if args.rollout_steps < 1:
@@ -418,6 +430,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--region-weight", type=float, default=0.0,
                         help="with --paired-twins: weight of the region loss, the mean square error of both twins "
                              "inside the finding's region (where their targets differ)")
+    parser.add_argument("--seam-weight", type=float, default=1.0,
+                        help="weight of the block's first slices (one patch) in the loss, where it joins the previous "
+                             "block; 1: the plain mean square error")
     parser.add_argument("--length-p", type=probability, default=0.5, help="share of prompts with 'Length: N slices'")
     parser.add_argument("--text-drop", type=probability, default=0.1, help="share of prompts replaced by ''")
     parser.add_argument("--cond-noise", type=float, default=0.05, help="noise on the previous block")
