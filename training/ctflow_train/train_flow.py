@@ -18,7 +18,8 @@ last slices next to the new block's first; --cache takes several latent stores):
      length work; replaced by the embedding of "" with probability --text-drop, as the pipeline's
      unconditional branch, so guidance works.
   4. z_t = (1 - t) x0 + t noise, t ~ U(0, 1) bent towards noise by --time-shift; the model predicts
-     v = noise - x0, or x0 itself with --prediction clean (MSE against whichever it predicts).
+     v = noise - x0, or x0 itself with --prediction clean (MSE against whichever it predicts; --seam-weight counts
+     the block's first slices, where it joins the previous one, more).
   5. AdamW, warm-up then cosine decay, grad clip 1.0, EMA of the weights.
 Checkpoints (safetensors, atomic, written by rank 0) hold weights, EMA, optimizer and the samples taken: --resume
 continues bit for bit. DDP: torchrun starts the processes; each takes its share of every global batch.
