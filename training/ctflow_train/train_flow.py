@@ -38,7 +38,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ctflow.config import DENOISER_PRESETS, PREDICTIONS
 from ctflow.denoiser import STDiT, parameter_count
@@ -216,7 +215,8 @@ def flow_loss(model, ema: STDiT, batch: Batch, config, args, autocast, device) -
     target = x0 if config.prediction == "clean" else noise.noise - x0
     twin, weights = batch.twin.to(device), twin_terms(args)
     terms = {name: TWIN_LOSSES[name](predicted, target, twin) for name in weights}
-    loss = seam_weighted_mse(predicted, target, config.patch_size[0], args.seam_weight) + sum(weight * terms[name] for name, weight in weights.items())
+    loss = seam_weighted_mse(predicted, target, config.patch_size[0], args.seam_weight)
+    loss = loss + sum(weight * terms[name] for name, weight in weights.items())
     return loss, {name: term.detach() for name, term in terms.items()}
 
 
