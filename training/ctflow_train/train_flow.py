@@ -223,7 +223,7 @@ def flow_loss(model, ema: STDiT, batch: Batch, config, args, autocast, device) -
 def seam_weighted_mse(predicted: torch.Tensor, target: torch.Tensor, first: int, weight: float) -> torch.Tensor:
     """The mean square error with the block's first `first` slices (those that join the previous block) counted
     `weight` times: at weight 1 the plain MSE. The first slice must continue the last one exactly, and in the plain
-    MSE its error is one sixteenth of the block's."""
+    MSE the joining slices are a small share of the block (2 of 16 in the demo model)."""
     weights = torch.ones(predicted.shape[2], device=predicted.device)
     weights[:first] = weight
     return ((predicted - target).square() * weights.view(1, 1, -1, 1, 1)).mean()
