@@ -167,10 +167,8 @@ def test_the_worker_exits_by_itself_when_its_front_end_goes_mid_run(tiny_model):
     worker = start_worker()
     generate(worker, "orphan", tiny_model, slices=400)
     folder = until(worker, "block")[-2]["folder"]
-    started = time.monotonic()
     worker.process.stdin.close()  # what the operating system does when the front end dies
-    assert worker.process.wait(EXIT_GRACE_S + 5) == 0
-    assert time.monotonic() - started < EXIT_GRACE_S
+    assert worker.process.wait(EXIT_GRACE_S + 5) == 0  # 0, not the watchdog's 3: it stopped the run and exited
     assert not Path(folder).exists()  # the worker removes the run folders it left
 
 
