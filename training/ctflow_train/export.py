@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -34,7 +34,7 @@ from .finding_study import FindingStudy
 from .flow_data import padded
 from .latent_store import LatentStore
 from .options import RunConfig
-from .stages import STAGES_HEADING, card_stages, stage_table
+from .stages import STAGE_COLUMNS, STAGES_HEADING, card_stages, stage_table
 from .runtime import load_vae
 from .train_vae import AutoencoderMetrics
 
@@ -78,6 +78,9 @@ def _as_list(value) -> list:
     return value if isinstance(value, list) else [value]  # runs from before --cache took several files stored one path
 
 
+DENOISER_SWITCHES = {field.name for field in fields(DenoiserConfig)}  # stage columns the checkpoint's denoiser holds
+
+
 def lineage(flow_folder: Path) -> list[dict]:
     """The run and the runs it warm-started from (--init), oldest first: what the weights really cost to train. A
     run started from a model folder continues with the stages that folder's card listed when the run started (its
@@ -86,19 +89,14 @@ def lineage(flow_folder: Path) -> list[dict]:
     while folder is not None:
         meta = read_meta(folder / CHECKPOINT)
         args = meta["args"]
-        stages.append({"run": folder.name, "steps": meta["step"], "minutes": round(meta["elapsed_s"] / 60, 1),
-                       "device": f"{meta['device']} x{meta['world']}", "lr": args["lr"], "batch": args["batch"],
-                       "cond_noise": args["cond_noise"], "rollout_p": args.get("rollout_p", 0.0),
-                       "rollout_steps": args.get("rollout_steps", 1),
-                       "end_p": args.get("end_p", 0.0), "finding_p": args.get("finding_p", 0.0),
-                       "pair_weight": args.get("pair_weight", 0.0),
-                       "region_weight": args.get("region_weight", 0.0),
-                       "seam_weight": args.get("seam_weight", 1.0),
-                       "slice_position": meta["denoiser"].get("slice_position", False),
-                       "pooled_text": meta["denoiser"].get("pooled_text", False),
-                       "seam_context": meta["denoiser"].get("seam_context", False),
-                       "caches": [Path(path).name for path in _as_list(args["cache"])],
-                       "stores": [str(path) for path in _as_list(args["cache"])]})
+        stage = {"run": folder.name, "steps": meta["step"], "minutes": round(meta["elapsed_s"] / 60, 1),
+                 "device": f"{meta['device']} x{meta['world']}",
+                 "caches": [Path(path).name for path in _as_list(args["cache"])],
+                 "stores": [str(path) for path in _as_list(args["cache"])]}
+        for column in STAGE_COLUMNS:  # the rest: the run's arguments, or its denoiser's switches
+            if column.key not in stage:
+                stage[column.key] = column.value(meta["denoiser"] if column.key in DENOISER_SWITCHES else args)
+        stages.append(stage)
         init = args.get("init")
         folder = Path(init) if init and (Path(init) / CHECKPOINT).is_file() else None
         if init and folder is None:

@@ -17,9 +17,12 @@ class StageColumn:
     kind: type = str
     default: object = None  # for a card written before the column existed; None: the column is required
 
+    def value(self, record: dict):
+        """The field from a stage, or from a run's arguments; the default where they predate the column."""
+        return record[self.key] if self.default is None else record.get(self.key, self.default)
+
     def cell(self, stage: dict) -> str:
-        """The stage's value; the default where the stage was recorded before the column existed."""
-        value = stage[self.key] if self.default is None else stage.get(self.key, self.default)
+        value = self.value(stage)
         return ", ".join(value) if self.kind is list else str(value)
 
     def read(self, cell: str):
