@@ -434,7 +434,7 @@ class _Progress:
         self.block_started = time.perf_counter()
 
 
-Block = DecodedBlock  # deprecated: the name before 0.2 (README, "Streaming")
+Block = DecodedBlock  # deprecated: its first name, kept for scripts written against it (README, "The Python API")
 
 
 _DONE = object()

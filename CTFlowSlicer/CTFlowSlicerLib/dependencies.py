@@ -132,7 +132,7 @@ def installTorch(requirement: str) -> None:
 def pipInstall(needed: list[str]) -> None:
     """Our own explanation first (pip_ensure's prompt cannot carry it); then pip_ensure where Slicer has it
     (slicer.pydeps, 5.11+; slicer.packaging in early 5.12 builds), else slicer.util.pip_install."""
-    sizes = "about 200 MB: transformers, diffusers, safetensors, nibabel, pynrrd and the MiniLM text encoder"
+    sizes = "about 200 MB: transformers, diffusers, safetensors, nibabel, pynrrd, pydicom and the MiniLM text encoder"
     if not slicer.util.confirmOkCancelDisplay(
             f"CTFlow needs these Python packages ({sizes}):\n\n" + "\n".join(needed) +
             "\n\nSlicer's own numpy, SimpleITK and the installed PyTorch are kept as they are. Install now?",
