@@ -78,7 +78,7 @@ def _as_list(value) -> list:
     return value if isinstance(value, list) else [value]  # runs from before --cache took several files stored one path
 
 
-DENOISER_SWITCHES = {field.name for field in fields(DenoiserConfig)}  # stage columns the checkpoint's denoiser holds
+DENOISER_FIELDS = {field.name for field in fields(DenoiserConfig)}  # stage columns read from the denoiser config
 
 
 def lineage(flow_folder: Path) -> list[dict]:
@@ -93,9 +93,9 @@ def lineage(flow_folder: Path) -> list[dict]:
                  "device": f"{meta['device']} x{meta['world']}",
                  "caches": [Path(path).name for path in _as_list(args["cache"])],
                  "stores": [str(path) for path in _as_list(args["cache"])]}
-        for column in STAGE_COLUMNS:  # the rest: the run's arguments, or its denoiser's switches
+        for column in STAGE_COLUMNS:  # the rest: the run's arguments, or its denoiser config
             if column.key not in stage:
-                stage[column.key] = column.value(meta["denoiser"] if column.key in DENOISER_SWITCHES else args)
+                stage[column.key] = column.value(meta["denoiser"] if column.key in DENOISER_FIELDS else args)
         stages.append(stage)
         init = args.get("init")
         folder = Path(init) if init and (Path(init) / CHECKPOINT).is_file() else None
