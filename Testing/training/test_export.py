@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import ctflow
+import ctflow.checksums
 from ctflow.config import DENOISER_PRESETS, SamplingConfig
 from ctflow.report import Report
 from ctflow.volume import Geometry, Volume
@@ -129,12 +130,52 @@ def test_export_loads_in_ctflow_and_generates(tiny, data, vae_run, cache, tmp_pa
     assert volume.provenance.prompt.endswith("Length: 6 slices\nSpacing: 2.5 mm")
 
 
-def exported(tiny, flow, vae_run, cache, out):
+def exported(tiny, flow, vae_run, cache, out, *options):
     parser = argparse.ArgumentParser()
     export.configure(parser)
     args = parser.parse_args(["--flow", str(flow), "--vae", str(vae_run[0]), "--cache", str(cache), "--out", str(out),
-                              "--steps", "1", "--calibration-cases", "1"])
+                              "--steps", "1", "--calibration-cases", "1", *options])
     return export.export(export.ExportRun.from_args(args))
+
+
+def test_a_run_exports_as_the_weight_average_with_the_model_it_started_from(tiny, vae_run, cache, tmp_path):
+    train_flow.train(tiny.flow_run(cache, tmp_path / "first", steps=2))
+    start = exported(tiny, tmp_path / "first", vae_run, cache, tmp_path / "start", "--half")
+    train_flow.train(tiny.flow_run(cache, tmp_path / "tuned", steps=2, init=start))
+    soup = exported(tiny, tmp_path / "tuned", vae_run, cache, tmp_path / "soup", "--average-with", str(start),
+                    "--run-share", "0.25")
+    ema = {k.removeprefix("ema/"): v for k, v in load_file(tmp_path / "tuned" / "checkpoint.safetensors").items()
+           if k.startswith("ema/")}
+    began, stored = load_file(start / "model.safetensors"), load_file(soup / "model.safetensors")
+    assert stored.keys() == ema.keys() and any(not torch.equal(ema[k], began[k].float()) for k in ema)
+    assert all(torch.allclose(stored[k], 0.25 * ema[k] + 0.75 * began[k].float()) for k in ema)
+    card = (soup / "README.md").read_text()
+    sha = ctflow.checksums.read_manifest(start)["model.safetensors"]
+    assert (f"EMA weights averaged with the model this training started from: 25% the last stage's, 75% those of "
+            f"`{start}` (model.safetensors sha256 {sha[:16]}...).") in card
+    assert [s["run"] for s in export.card_stages(soup / "README.md")] == ["first", "tuned"]
+    pipe = ctflow.CTFlowPipeline.from_pretrained(soup, device="cpu")  # a model folder like any other
+    assert pipe.generate(ctflow.GenerationRequest("Findings: Normal.", slices=4, seed=0)).hu.shape[0] == 4
+
+    train_flow.train(tiny.flow_run(cache, tmp_path / "other", steps=1))  # not where `tuned` started
+    unrelated = exported(tiny, tmp_path / "other", vae_run, cache, tmp_path / "unrelated")
+    with pytest.raises(ctflow.CTFlowError, match="not a model this run started from"):
+        exported(tiny, tmp_path / "tuned", vae_run, cache, tmp_path / "no", "--average-with", str(unrelated))
+    retrained = shutil.copytree(start, tmp_path / "retrained")  # the same denoiser over another autoencoder
+    vae_file = retrained / "vae" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(vae_file)
+    weights = {k: v + 1e-3 if k.startswith("decoder.") else v for k, v in weights.items()}
+    save_file(weights, vae_file)
+    ctflow.checksums.write_checksums(retrained)
+    with pytest.raises(ctflow.CTFlowError, match="another autoencoder"):
+        exported(tiny, tmp_path / "tuned", vae_run, cache, tmp_path / "no", "--average-with", str(retrained))
+    with pytest.raises(ctflow.CTFlowError, match="give --average-with too"):
+        exported(tiny, tmp_path / "tuned", vae_run, cache, tmp_path / "no", "--run-share", "0.5")
+    for share in ("nan", "1.5"):
+        with pytest.raises(SystemExit):
+            exported(tiny, tmp_path / "tuned", vae_run, cache, tmp_path / "no", "--average-with", str(start),
+                     "--run-share", share)
+    assert not (tmp_path / "no").exists()
 
 
 def test_a_run_started_from_a_model_folder_keeps_the_stages_of_its_card(tiny, vae_run, cache, tmp_path):

@@ -2,6 +2,10 @@
 
     ctflow-train export --flow cache/flow --vae cache/vae --cache cache/latents \\
         --out Resources/Models/ctflow-demo [--evaluation cache/eval.json cache/findings.json] --overwrite
+    ctflow-train export --flow cache/flow --average-with Resources/Models/ctflow-demo --run-share 0.5 ...
+
+A run fine-tuned from a model folder can be exported as the weight average of the two (`--average-with`): the
+average often keeps what each does better (a "model soup", Wortsman et al. 2022); its card says so.
 
 The end-of-volume threshold is calibrated here: the pipeline calls a frame white when more than
 end_fraction of its latent values lie within end_tolerance of the white slice's latent. A trained model
@@ -24,7 +28,8 @@ from ctflow.config import DenoiserConfig, GeometryConfig, ModelConfig, SamplingC
 from ctflow.conventions import end_slices
 from ctflow.denoiser import STDiT, parameter_count
 from ctflow.errors import CTFlowError
-from ctflow.model_folder import CARD, save_model
+from ctflow.model_folder import CARD, WEIGHTS, load_denoiser, load_vae as load_folder_vae, read_config, save_model
+from ctflow.model_folder import verify_model_folder
 from ctflow.sampling import METHODS, Guidance, block_velocity, sample
 
 from .checkpoint import CHECKPOINT, load_checkpoint, read_meta
@@ -33,7 +38,7 @@ from .evaluate import ModelEvaluation
 from .finding_study import FindingStudy
 from .flow_data import padded
 from .latent_store import LatentStore
-from .options import RunConfig
+from .options import RunConfig, probability
 from .stages import STAGE_COLUMNS, STAGES_HEADING, card_stages, stage_table
 from .runtime import load_vae
 from .train_vae import AutoencoderMetrics
@@ -64,6 +69,45 @@ class ExportRun(RunConfig):
     seed: int
     half: bool
     overwrite: bool
+    average_with: Path | None
+    run_share: float | None
+
+
+@dataclass(frozen=True)
+class Average:
+    """A denoiser exported as `run_share` x the run's EMA weights + the rest x those of a model folder it started from."""
+
+    folder: Path
+    run_share: float
+    sha256: str  # of the folder's model.safetensors: which weights, whatever the folder holds later
+
+    def words(self) -> str:
+        return (f"EMA weights averaged with the model this training started from: {self.run_share:.0%} the last "
+                f"stage's, {1 - self.run_share:.0%} those of `{self.folder}` (model.safetensors sha256 "
+                f"{self.sha256[:16]}...)")
+
+
+def average_with_folder(model: STDiT, autoencoder: SliceAutoencoder, stages: list[dict], folder: Path,
+                        run_share: float) -> Average:
+    """Turn `model` (the run's EMA) into its weight average with the denoiser of `folder`. Only a folder this run
+    warm-started from, directly or through earlier runs (its card's stages are all in the run's lineage), decoding
+    the same autoencoder: an average of unrelated weights is no model, and its card could not say what it cost."""
+    digests = verify_model_folder(folder)
+    theirs = [stage["run"] for stage in card_stages(folder / CARD)]
+    if not theirs or not set(theirs) <= {stage["run"] for stage in stages}:
+        raise CTFlowError(f"--average-with {folder}: not a model this run started from (the stages its card lists, "
+                          f"{theirs or 'none'}, are not all in the run's lineage)")
+    config = read_config(folder)
+    if config.denoiser != model.config:
+        raise CTFlowError(f"--average-with {folder}: its denoiser is shaped differently from this run's")
+    exported, vae = autoencoder.vae.state_dict(), load_folder_vae(folder).state_dict()
+    if exported.keys() != vae.keys() or any(not torch.equal(exported[name], vae[name]) for name in vae):
+        raise CTFlowError(f"--average-with {folder}: it decodes with another autoencoder than --vae, so its denoiser "
+                          "speaks other latents")
+    other = load_denoiser(folder, config).state_dict()
+    model.load_state_dict({name: run_share * tensor + (1 - run_share) * other[name].float()
+                           for name, tensor in model.state_dict().items()})
+    return Average(folder, run_share, digests[WEIGHTS])
 
 
 def load_ema(flow_folder: Path) -> tuple[STDiT, dict]:
@@ -197,7 +241,8 @@ class TrainingData:
 
 
 def model_card(config: ModelConfig, vae_metrics: AutoencoderMetrics, flow_meta: dict, stages: list[dict], cache_meta: dict,
-               data: TrainingData, calibration: dict, end: dict, evaluations: list[dict], parameters: dict) -> str:
+               data: TrainingData, calibration: dict, end: dict, evaluations: list[dict], parameters: dict,
+               average: Average | None = None) -> str:
     """README.md of the model folder: what it was trained on, how long, how good, and what it cannot do.
     `evaluations`: the --evaluation files (a ModelEvaluation, a finding study, other figures)."""
     known = [s for s in stages if not s.get("missing")]
@@ -222,7 +267,8 @@ def model_card(config: ModelConfig, vae_metrics: AutoencoderMetrics, flow_meta: 
         f"{config.denoiser.block_slices} slices{', conditioned on slice position' if config.denoiser.slice_position else ''}"
         f"{', with a pooled-text vector' if config.denoiser.pooled_text else ''}"
         f"{', given the last slices of the previous block at the seam' if config.denoiser.seam_context else ''}), "
-        f"flow matching with StartBoost, predicting the {config.denoiser.prediction} target; EMA weights. "
+        f"flow matching with StartBoost, predicting the {config.denoiser.prediction} target; "
+        f"{average.words() if average else 'EMA weights'}. "
         f"Trained in {len(stages)} stage(s), each warm-started from the one before: "
         f"{sum(s['steps'] for s in known)} steps, {sum(s['minutes'] for s in known):.0f} min in all "
         "(stages below).",
@@ -298,9 +344,14 @@ def summary(value):
 
 
 def export(args: ExportRun) -> Path:
+    if args.run_share is not None and args.average_with is None:
+        raise CTFlowError("--run-share is the run's share of an average: give --average-with too")
     model, flow_meta = load_ema(args.flow)
     cache = LatentStore(args.cache)
     autoencoder = load_vae(args.vae / "vae", cache.meta["image_size"])
+    stages = lineage(args.flow)
+    average = None if args.average_with is None else average_with_folder(
+        model, autoencoder, stages, args.average_with, 0.5 if args.run_share is None else args.run_share)
     vae_metrics = AutoencoderMetrics.read(args.vae)
     sampling = SamplingConfig(steps=args.steps, method=args.sampler, shift=args.shift, guidance=args.guidance)
     calibration = end_distances(model, autoencoder, cache, sampling, args.calibration_cases, args.seed)
@@ -321,9 +372,8 @@ def export(args: ExportRun) -> Path:
     )
     evaluations = [json.loads(path.read_text()) for path in args.evaluation]
     parameters = {"vae": parameter_count(autoencoder.vae), "denoiser": parameter_count(model)}
-    stages = lineage(args.flow)
     card = model_card(config, vae_metrics, flow_meta, stages, cache.meta, TrainingData.of(stages, args.cache),
-                      calibration, end, evaluations, parameters)
+                      calibration, end, evaluations, parameters, average)
     stored = model.half() if args.half else model  # the pipeline loads either into its own dtype
     folder = save_model(args.out, config, stored, autoencoder.vae, card, overwrite=args.overwrite)
     (args.flow / "end_calibration.json").write_text(json.dumps({**end, **calibration}) + "\n")
@@ -349,6 +399,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--half", action="store_true", help="store the denoiser in float16: half the size on disk")
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--average-with", type=Path, help="a model folder this run started from: export the weight "
+                        "average of the run's EMA and its denoiser (end detection is calibrated on the average)")
+    parser.add_argument("--run-share", type=probability, help="the run's share of that average (default 0.5)")
 
 
 def run(args: argparse.Namespace) -> int:
