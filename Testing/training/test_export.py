@@ -240,7 +240,12 @@ def test_the_card_counts_the_patients_of_every_store_the_stages_trained_on(tiny,
     shutil.rmtree(store)
     card = (exported(tiny, tmp_path / "second", vae_run, cache, tmp_path / "again") / "README.md").read_text()
     assert (f"- {len(names)} synthetic patients in {len(names)} volumes of the demo cohort (`ctflow-train cohort`; "
-            "latent stores latents; not counted, no longer here: more_latents): ONE") in card
+            "latent stores latents; not counted, not here: more_latents): ONE") in card
+    later = tmp_path / "later"  # a run from the model folder: its card names the stores of the stages before
+    train_flow.train(tiny.flow_run(cache, later, steps=1, init=tmp_path / "model"))
+    card = (exported(tiny, later, vae_run, cache, tmp_path / "latest") / "README.md").read_text()
+    assert (f"- {len(names)} synthetic patients in {len(names)} volumes of the demo cohort (`ctflow-train cohort`; "
+            "latent stores latents; not counted, not here: more_latents): ONE") in card  # never silently fewer
 
 
 def test_a_model_folder_without_a_stage_table_is_a_stage_not_found(tmp_path):

