@@ -169,6 +169,8 @@ def test_a_run_exports_as_the_weight_average_with_the_model_it_started_from(tiny
     ctflow.checksums.write_checksums(retrained)
     with pytest.raises(ctflow.CTFlowError, match="another autoencoder"):
         exported(tiny, tmp_path / "tuned", vae_run, cache, tmp_path / "no", "--average-with", str(retrained))
+    with pytest.raises(ctflow.CTFlowError, match="already holds this run's weights"):  # the recipe run twice
+        exported(tiny, tmp_path / "tuned", vae_run, cache, tmp_path / "no", "--average-with", str(soup))
     with pytest.raises(ctflow.CTFlowError, match="give --average-with too"):
         exported(tiny, tmp_path / "tuned", vae_run, cache, tmp_path / "no", "--run-share", "0.5")
     for share in ("nan", "1.5"):

@@ -97,6 +97,9 @@ def average_with_folder(model: STDiT, autoencoder: SliceAutoencoder, stages: lis
     if not theirs or not set(theirs) <= {stage["run"] for stage in stages}:
         raise CTFlowError(f"--average-with {folder}: not a model this run started from (the stages its card lists, "
                           f"{theirs or 'none'}, are not all in the run's lineage)")
+    if stages[-1]["run"] in theirs:  # e.g. the recipe run twice: the folder is already this run's export
+        raise CTFlowError(f"--average-with {folder}: it already holds this run's weights (its card lists the stage "
+                          f"{stages[-1]['run']}); average with the model the run started from")
     config = read_config(folder)
     if config.denoiser != model.config:
         raise CTFlowError(f"--average-with {folder}: its denoiser is shaped differently from this run's")
