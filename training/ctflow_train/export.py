@@ -2,7 +2,7 @@
 
     ctflow-train export --flow cache/flow --vae cache/vae --cache cache/latents \\
         --out Resources/Models/ctflow-demo [--evaluation cache/eval.json cache/findings.json] --overwrite
-    ctflow-train export --flow cache/flow --average-with Resources/Models/ctflow-demo --run-share 0.5 ...
+    ctflow-train export --flow cache/flow_tuned --average-with cache/model_before --run-share 0.5 ...
 
 A run fine-tuned from a model folder can be exported as the weight average of the two (`--average-with`): the
 average often keeps what each does better (a "model soup", Wortsman et al. 2022); its card says so.
@@ -28,8 +28,8 @@ from ctflow.config import DenoiserConfig, GeometryConfig, ModelConfig, SamplingC
 from ctflow.conventions import end_slices
 from ctflow.denoiser import STDiT, parameter_count
 from ctflow.errors import CTFlowError
-from ctflow.model_folder import CARD, WEIGHTS, load_denoiser, load_vae as load_folder_vae, read_config, save_model
-from ctflow.model_folder import verify_model_folder
+from ctflow.model_folder import (CARD, WEIGHTS, load_denoiser, load_vae as load_folder_vae, read_config, save_model,
+                                 verify_model_folder)
 from ctflow.sampling import METHODS, Guidance, block_velocity, sample
 
 from .checkpoint import CHECKPOINT, load_checkpoint, read_meta
