@@ -21,7 +21,7 @@ from ctflow.report import Report
 from ctflow.volume import Geometry, Volume
 from ctflow_train import latent_store, train_flow, train_vae
 from ctflow_train.dataset import DatasetWriter
-from ctflow_train.findings import FINDINGS
+from ctflow_train.findings import CODES, FINDINGS
 from ctflow_train.flow_data import Batch, BlockDataset, SamplingRules, collate
 from ctflow_train.latent_store import open_stores
 
@@ -52,6 +52,17 @@ class Tiny:
             hu[k][lungs] = -850
         hu[slices:] = 1000
         return hu
+
+    @staticmethod
+    def effusion(hu: np.ndarray) -> np.ndarray:
+        """Fluid (10 HU) drawn into the back of the right lung of slices 4-9 of a Tiny.volume, in place; returns its
+        finding mask (uint8 [content slices, H, W], findings.CODES) as the cohort writes it."""
+        mask = np.zeros((len(hu) - 4, *hu.shape[1:]), np.uint8)
+        j = np.arange(hu.shape[1])[:, None]
+        i = np.arange(hu.shape[2])[None, :]
+        mask[4:10] = (hu[4:10] == -850) & (j >= 8) & (i < 8)
+        hu[:-4][mask > 0] = 10
+        return mask * CODES["pleural_effusion"]
 
     @staticmethod
     def labels(n: int) -> dict:
@@ -119,8 +130,9 @@ def data(tmp_path_factory):
         for n in range(4):
             report = Report(findings=f"Patient {n}. {'Pleural effusion.' if n % 2 else 'No pleural effusion.'}",
                             impressions="Normal." if n % 2 == 0 else "Effusion.")
-            volume = Volume(Tiny.volume(rng, 14), Geometry((2.0, 2.0, 2.5)), None)
-            writer.add(f"tiny_{n}", volume, report, Tiny.labels(n))
+            hu = Tiny.volume(rng, 14)
+            mask = Tiny.effusion(hu) if n % 2 else np.zeros((14, *hu.shape[1:]), np.uint8)  # as the report says
+            writer.add(f"tiny_{n}", Volume(hu, Geometry((2.0, 2.0, 2.5)), None), report, Tiny.labels(n), mask)
     return folder
 
 

@@ -374,6 +374,9 @@ def test_cli_cohort_and_preview(ct_folder, tmp_path, capsys):
         assert (out / entry["report"]).read_text().startswith("Findings: ")
     same = cohort.generate_patient(3, 1, size=SIZE)
     assert np.array_equal(read_volume(out / entries[1]["volume"]).hu, same.volume.hu)
+    mask = read_volume(out / entries[1]["mask"]).hu  # what each finding drew, on the volume's grid
+    assert mask.shape == same.finding_mask.shape == (entries[1]["slices"], SIZE, SIZE)
+    assert np.array_equal(mask, same.finding_mask) and mask.any()
 
     png = write_cohort_preview(out, tmp_path / "preview.png", patients=2)
     with Image.open(png) as image:

@@ -104,8 +104,8 @@ def test_evaluate_measures_an_exported_model_through_the_pipeline(tiny, data, va
     free = result.length_unrequested.volumes
     assert [v.patient for v in free] == ["tiny_2", "tiny_3"] and all(v.real == 14 for v in free)
     assert all(v.generated == 14 for v in free)  # this model draws no end slice: capped at the typical 14
-    assert [v.patient_lungs_end for v in free] == [qa.lungs_end(tiny.volume(np.random.default_rng(0), 14)[:14])] * 2
     held = [load_case(data, entry) for entry in list_cases(data, 2)[1]]
+    assert [v.patient_lungs_end for v in free] == [qa.lungs_end(c.hu[:14]) for c in held]
     assert [v.patient_lung_ml for v in free] == [evaluate.lung_volume_ml(c.hu[:14], c.spacing) for c in held]
     assert all(v.lung_ml is not None for v in free) and all(v.patient_lung_ml > 0 for v in free)
     assert [a.requested for a in result.length_requested_in_prompt.volumes] == [8, 8]

@@ -4,6 +4,7 @@ depend on their position only, EndBoost, paired twins and FindingBoost.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import itertools
@@ -20,6 +21,7 @@ from ctflow_train import latent_store, train_flow
 from ctflow_train.dataset import DatasetWriter
 from ctflow_train.flow_data import Batch, BlockDataset, SamplingRules, ShareSampler, block_loader, collate, noises
 from ctflow_train.latent_store import LatentStore, open_stores
+from ctflow_train.options import loss_weight
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
@@ -235,10 +237,11 @@ def test_twin_losses_train_on_twin_pairs_and_log_their_loss(tiny, twin_store, tm
     assert len(rows) == run.steps and all(float(row[column]) >= 0 for row in rows)
     assert any(float(row[column]) > 0 for row in rows)  # the twins' differences reached the loss
     assert set(rows[0]) == {"step", "lr", "loss", "step_s", column}  # only the losses the run adds
-    for bad, message in (({"paired_twins": False}, "needs --paired-twins"), ({weight: float("nan")}, "finite"),
-                         ({weight: -1.0}, "finite")):
-        with pytest.raises(CTFlowError, match=message):
-            train_flow.train(dataclasses.replace(run, out=tmp_path / "bad", **bad))
+    with pytest.raises(CTFlowError, match="needs --paired-twins"):
+        train_flow.train(dataclasses.replace(run, out=tmp_path / "bad", paired_twins=False))
+    for bad in ("nan", "-1"):  # refused by the parser, as every loss weight is
+        with pytest.raises(argparse.ArgumentTypeError, match="finite"):
+            loss_weight(bad)
 
 
 def test_findingboost_puts_the_finding_into_the_region_loss(tiny, finding_store, tmp_path):

@@ -30,10 +30,43 @@ def test_vae_loss_falls_on_a_fixed_batch(tiny, data, tmp_path):
     args = tiny.vae_run(data, tmp_path, lr=3e-3, adv_start=100)
     autoencoder, disc, opt_vae, opt_disc = train_vae.build(args)
     pool = train_vae.slice_pool(load_cases(data, list_cases(data, 1)[0]))
-    hu = train_vae.draw_batch(pool, 4, tiny.SIZE, 0.0, torch.Generator().manual_seed(0))
-    losses = [train_vae.train_step(autoencoder, disc, opt_vae, opt_disc, hu, step, args)["rec_l1"] for step in range(8)]
+    hu, findings = train_vae.draw_batch(pool, 4, tiny.SIZE, 0.0, torch.Generator().manual_seed(0))
+    losses = [train_vae.train_step(autoencoder, disc, opt_vae, opt_disc, hu, findings, step, args)["rec_l1"]
+              for step in range(8)]
     assert all(np.isfinite(losses))
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])
+
+
+def test_finding_crops_hold_a_finding_and_their_masks_follow_the_crop(data):
+    pool = train_vae.slice_pool(load_cases(data, list_cases(data, 1)[0], masks=True), masks=True)
+    assert pool.findings.shape == pool.hu.shape and len(pool.holding) == 6  # tiny_1's slices 4-9
+    generator = torch.Generator().manual_seed(0)
+    hu, findings = train_vae.draw_batch(pool, 64, 6, 0.0, generator, finding_crop_p=1.0)
+    assert findings.flatten(1).any(1).all()  # every 6-pixel crop of a 16-pixel slice holds fluid
+    assert (hu[findings] == 10).all() and (hu[~findings] != 10).all()  # the mask marks exactly the drawn fluid
+    hu, findings = train_vae.draw_batch(pool, 64, 6, 0.0, generator)
+    assert findings.flatten(1).any(1).float().mean() < 0.3  # at random, few crops do
+    hu, findings = train_vae.draw_batch(pool, 64, 6, 1.0, generator, finding_crop_p=1.0)
+    assert not findings.any()  # a constant start/end slice holds none
+    plain = train_vae.slice_pool(load_cases(data, list_cases(data, 1)[0]))
+    assert plain.findings is None and not train_vae.draw_batch(plain, 8, 6, 0.0, generator, 1.0)[1].any()
+
+
+def test_the_finding_weight_spends_the_autoencoder_on_the_findings(tiny, data, tmp_path):
+    """The same steps from the same start on the same crops: the weighted run reconstructs the fluid better."""
+    pool = train_vae.slice_pool(load_cases(data, list_cases(data, 1)[0], masks=True), masks=True)
+    hu, findings = train_vae.draw_batch(pool, 8, tiny.SIZE, 0.0, torch.Generator().manual_seed(0), finding_crop_p=0.5)
+    errors = {}
+    for finding_weight in (0.0, 30.0):
+        args = tiny.vae_run(data, tmp_path, lr=3e-3, adv_start=100, finding_weight=finding_weight)
+        autoencoder, disc, opt_vae, opt_disc = train_vae.build(args)  # seeded: the same start
+        torch.manual_seed(1)  # the same posterior samples
+        for step in range(25):
+            train_vae.train_step(autoencoder, disc, opt_vae, opt_disc, hu, findings, step, args)
+        with torch.no_grad():
+            recon = autoencoder.decode(autoencoder.encode(hu))
+        errors[finding_weight] = float((recon - hu).abs()[findings].mean())
+    assert errors[30.0] < 0.8 * errors[0.0], errors
 
 
 def test_vae_run_writes_a_standardised_vae_with_held_out_metrics(tiny, vae_run):
@@ -42,10 +75,13 @@ def test_vae_run_writes_a_standardised_vae_with_held_out_metrics(tiny, vae_run):
     assert metrics.held_out_patients == ["tiny_3"]
     held = metrics.held_out
     assert held.slices == 8 and np.isfinite(held.psnr_db) and -1 <= held.ssim <= 1
+    assert list(metrics.held_out_findings) == ["pleural_effusion"]  # tiny_3's fluid, measured apart
+    assert np.isfinite(metrics.held_out_findings["pleural_effusion"])
+    assert "Inside the findings: pleural effusion" in metrics.markdown()
     assert train_vae.AutoencoderMetrics.read(out) == metrics  # metrics.json reads back as written
     assert "decoder_of" not in json.loads((out / "metrics.json").read_text())  # a whole autoencoder was trained
     rows = (out / "loss.csv").read_text().splitlines()
-    assert len(rows) == 1 + 6 and float(rows[-1].split(",")[4]) != 0  # the discriminator joined at step 3
+    assert len(rows) == 1 + 6 and float(rows[-1].split(",")[rows[0].split(",").index("gen")]) != 0  # joined at step 3
     vae = load_vae(out / "vae", tiny.SIZE)
     latents = vae.encode(torch.from_numpy(tiny.volume(np.random.default_rng(1), 12)[:12]))
     assert abs(float(latents.mean())) < 0.5 and 0.5 < float(latents.std()) < 2  # shift/scale make them ~N(0, 1)

@@ -281,7 +281,7 @@ def generate_cohort(
             patient = generate_patient(*where) if twins or not side_twins else None  # side twins need his name only
             variants = _twins(patient, twins, *where) + _side_twins(patient_name(seed, index), side_twins, *where)
             for made, name in variants if twins or side_twins else [(patient, patient.name)]:
-                writer.add(name, made.volume, made.report, {**made.label_record(), "name": name})
+                writer.add(name, made.volume, made.report, {**made.label_record(), "name": name}, made.finding_mask)
                 if log:
                     log(f"{name}: {made.labels.shape[0]} slices, {', '.join(present_findings(made.findings)) or 'normal'}")
     finally:

@@ -4,6 +4,7 @@ Layout of an output folder:
   volumes/<name>.nii.gz  int16 HU in the model space, white end slices included
   reports/<name>.txt     "Findings: ...\\nImpressions: ..."
   labels/<name>.json     findings with their parameters and the 18 CT-RATE labels (cohort only)
+  masks/<name>.nii.gz    the voxels each finding drew, as findings.CODES, end slices excluded (cohort only)
   index.jsonl            one line per written case: paths, report sections, slice counts, spacing
   skipped.json           cases left out, each with its source and the reason
 The index is written as cases finish, so an interrupted run still leaves a usable index.
@@ -14,6 +15,8 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+
+import numpy as np
 
 from ctflow.conventions import real_slices
 from ctflow.errors import CTFlowError
@@ -63,7 +66,7 @@ def remove_cases(folder: Path) -> None:
         return
     root = folder.resolve()
     for entry in read_index(folder):
-        for key in ("volume", "report", "labels"):
+        for key in ("volume", "report", "labels", "mask"):
             path = folder / str(entry.get(key) or "")
             if entry.get(key) and path.resolve().is_relative_to(root) and path.is_file():
                 path.unlink()
@@ -84,13 +87,16 @@ class DatasetWriter:
         self.written = 0
         self.skipped: list[dict] = []
 
-    def add(self, name: str, volume: Volume, report: Report, labels: dict | None = None) -> dict:
-        """Write one case and its index line; returns the line."""
+    def add(self, name: str, volume: Volume, report: Report, labels: dict | None = None,
+            finding_mask: np.ndarray | None = None) -> dict:
+        """Write one case and its index line; returns the line. `finding_mask` [content slices, H, W] shares the
+        volume's grid."""
         entry = {
             "name": name,
             "volume": f"volumes/{name}.nii.gz",
             "report": f"reports/{name}.txt",
             "labels": None,
+            "mask": None,
             "findings": report.findings,
             "impressions": report.impressions,
             "slices": real_slices(volume.hu),
@@ -103,6 +109,11 @@ class DatasetWriter:
             entry["labels"] = f"labels/{name}.json"
             (self.folder / "labels").mkdir(exist_ok=True)
             (self.folder / entry["labels"]).write_text(json.dumps(labels, indent=1) + "\n", encoding="utf-8")
+        if finding_mask is not None:
+            entry["mask"] = f"masks/{name}.nii.gz"
+            (self.folder / "masks").mkdir(exist_ok=True)
+            write_volume(Volume(finding_mask.astype(np.int16), volume.geometry, None), self.folder / entry["mask"],
+                         overwrite=True)
         self._index.write(json.dumps(entry) + "\n")
         self._index.flush()
         self.written += 1

@@ -25,6 +25,14 @@ def positive(kind: type):
     return parse
 
 
+def loss_weight(text: str) -> float:
+    """argparse type: a loss weight, a finite number >= 0 (0 switches its term off)."""
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, not {text}")
+    return value
+
+
 def probability(text: str) -> float:
     """argparse type: a probability, 0 to 1. NaN would compare false with every draw and silently switch a rule off."""
     value = float(text)

@@ -31,7 +31,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import math
 import sys
 import time
 from contextlib import nullcontext
@@ -52,7 +51,7 @@ from .flow_data import (
     FINDING_REACH, Batch, BlockDataset, SamplingRules, ShareSampler, block_loader, finding_region, noises,
 )
 from .latent_store import LatentStore, open_stores
-from .options import RunOptions, add_run_options, add_schedule_options, probability
+from .options import RunOptions, add_run_options, add_schedule_options, loss_weight, probability
 from .runtime import cosine_schedule, set_threads, start_processes
 from .stages import card_stages
 
@@ -279,13 +278,9 @@ def train(args: FlowRun) -> dict:
         raise CTFlowError(f"--init {args.init}: neither a flow run ({CHECKPOINT}) nor a model folder ({WEIGHTS})")
     # a model folder's stages as its card lists them now: the folder may hold other weights by the time of export
     init_stages = card_stages(args.init / CARD) if args.init and not (args.init / CHECKPOINT).is_file() else None
-    for option, weight in (("--pair-weight", args.pair_weight), ("--region-weight", args.region_weight)):
-        if not math.isfinite(weight) or weight < 0:
-            raise CTFlowError(f"{option} must be a finite number >= 0, not {weight}")
-        if weight and not args.paired_twins:
+    for option, value in (("--pair-weight", args.pair_weight), ("--region-weight", args.region_weight)):
+        if value and not args.paired_twins:
             raise CTFlowError(f"{option} needs --paired-twins (the pairs it compares)")
-    if not math.isfinite(args.seam_weight) or args.seam_weight < 0:
-        raise CTFlowError(f"--seam-weight must be a finite number >= 0, not {args.seam_weight}")
     if args.finding_p and not args.paired_twins:
         raise CTFlowError("--finding-p needs --paired-twins (the twins whose difference is the finding)")
     if args.rollout_steps < 1:
@@ -425,13 +420,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--finding-p", type=probability, default=0.0,
                         help="FindingBoost, with --paired-twins: the share of twin pairs whose block is one the finding "
                              "reaches (where the twins' latents differ)")
-    parser.add_argument("--pair-weight", type=float, default=0.0,
+    parser.add_argument("--pair-weight", type=loss_weight, default=0.0,
                         help="with --paired-twins: weight of the pair loss, the error of the difference between a "
                              "twin's prediction and its pair's relative to the difference of their targets")
-    parser.add_argument("--region-weight", type=float, default=0.0,
+    parser.add_argument("--region-weight", type=loss_weight, default=0.0,
                         help="with --paired-twins: weight of the region loss, the mean square error of both twins "
                              "inside the finding's region (where their targets differ)")
-    parser.add_argument("--seam-weight", type=float, default=1.0,
+    parser.add_argument("--seam-weight", type=loss_weight, default=1.0,
                         help="weight of the block's first slices (one patch) in the loss, where it joins the previous "
                              "block; 1: the plain mean square error")
     parser.add_argument("--length-p", type=probability, default=0.5, help="share of prompts with 'Length: N slices'")

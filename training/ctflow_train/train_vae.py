@@ -9,6 +9,11 @@ PSNR/SSIM at full size. LPIPS, the usual perceptual term, needs downloaded netwo
 available offline, so it is not used. At the end the latents are standardised (shift and scale stored
 in the VAE config, as FLUX does) so flow matching sees unit-variance latents.
 
+`--finding-weight W` counts the pixels a cohort finding drew (masks/) 1 + W times in the reconstruction loss, and
+`--finding-crop-p P` centres that share of the crops on a finding: a finding is a few hundred of a slice's 65536
+pixels, so without them the 16x latent spends its few numbers on the anatomy every slice shares. Held-out slices
+that hold a finding are measured apart (metrics.json "held_out_findings": mean abs error in HU inside each one).
+
 `--decoder-of RUN` trains on only the decoder of an earlier run's VAE: the encoder and the latent standardisation
 stay as they were, so its latents, and every latent cache and denoiser made from them, stay valid, while the
 slices decoded from them get sharper.
@@ -22,7 +27,7 @@ import argparse
 import dataclasses
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,8 +40,9 @@ from ctflow.errors import CTFlowError
 from ctflow.conventions import END_HU, START_HU
 
 from .checkpoint import CHECKPOINT, load_checkpoint, open_loss_log, prepare_run_folder, save_checkpoint
+from .findings import CODES
 from .options import (
-    RunOptions, add_holdout_option, add_run_options, add_schedule_options, add_size_option,
+    RunOptions, add_holdout_option, add_run_options, add_schedule_options, add_size_option, loss_weight, probability,
 )
 from .runtime import cosine_schedule, load_vae, set_threads
 from .training_data import list_cases, load_cases
@@ -74,6 +80,8 @@ class VAERun(RunOptions):
     adv_weight: float
     adv_start: int
     constant_p: float
+    finding_weight: float
+    finding_crop_p: float
     holdout: int
     eval_every: int
     eval_slices: int
@@ -155,6 +163,7 @@ class AutoencoderMetrics:
     shift_factor: float
     scaling_factor: float
     held_out: Reconstruction
+    held_out_findings: dict[str, float] | None = None  # finding -> mean abs error (HU) inside it; cohort data only
     lpips: str = "not measured: LPIPS needs downloaded network weights (offline here)"
 
     def to_json(self) -> dict:
@@ -183,9 +192,13 @@ class AutoencoderMetrics:
     def markdown(self) -> str:
         """The model card's line of the held-out figures."""
         held = self.held_out
+        inside = ""
+        if self.held_out_findings:
+            inside = " Inside the findings: " + ", ".join(f"{name.replace('_', ' ')} {error} HU"
+                                                          for name, error in self.held_out_findings.items()) + "."
         return (f"- autoencoder on {held.slices} held-out slices ({len(self.held_out_patients)} unseen patients), "
-                f"HU window [-1000, 1000]: PSNR {held.psnr_db} dB, SSIM {held.ssim}, mean abs error {held.mae_hu} HU. "
-                "LPIPS not measured (its weights cannot be downloaded offline).")
+                f"HU window [-1000, 1000]: PSNR {held.psnr_db} dB, SSIM {held.ssim}, mean abs error {held.mae_hu} HU."
+                f"{inside} LPIPS not measured (its weights cannot be downloaded offline).")
 
 
 def reconstruction_metrics(autoencoder: SliceAutoencoder, hu: torch.Tensor) -> Reconstruction:
@@ -202,6 +215,22 @@ def reconstruction_metrics(autoencoder: SliceAutoencoder, hu: torch.Tensor) -> R
     )
 
 
+def finding_errors(autoencoder: SliceAutoencoder, cases, limit: int) -> dict[str, float]:
+    """Mean abs error (HU, model window) inside each finding, over at most `limit` held-out slices that hold one,
+    spread evenly: how much of a finding the latent keeps, apart from the anatomy around it."""
+    hu = torch.cat([torch.from_numpy(case.hu[: case.content_slices]) for case in cases])
+    mask = torch.cat([torch.from_numpy(case.finding_mask) for case in cases])
+    holding = mask.flatten(1).any(1).nonzero().squeeze(1)
+    if not len(holding):
+        return {}
+    chosen = holding[torch.linspace(0, len(holding) - 1, min(limit, len(holding))).round().long().unique()]
+    low, high = autoencoder.config.hu_window
+    original = hu[chosen].float().clamp(low, high)
+    error = (autoencoder.decode(autoencoder.encode(original)) - original).abs()  # [N, H, W] HU
+    return {name: round(float(error[mask[chosen] == code].mean()), 1)
+            for name, code in CODES.items() if (mask[chosen] == code).any()}
+
+
 def held_out_slices(cases, every: int, limit: int) -> torch.Tensor:
     """Every `every`-th content slice of the held-out patients, at most `limit`: [N, H, W] int16."""
     slices = [torch.from_numpy(case.hu[: case.content_slices : every]) for case in cases]
@@ -211,23 +240,51 @@ def held_out_slices(cases, every: int, limit: int) -> torch.Tensor:
 # -------------------------------------------------------------------------------------- data
 
 
-def slice_pool(cases) -> torch.Tensor:
-    """All content slices of the training patients: [N, H, W] int16 (white end slices are added by draw_batch)."""
-    return torch.cat([torch.from_numpy(case.hu[: case.content_slices]) for case in cases])
+@dataclass(frozen=True)
+class SlicePool:
+    """All content slices of the training patients (white end slices are added by draw_batch) and, for the
+    finding-weighted loss, which of their pixels a finding drew."""
+
+    hu: torch.Tensor  # [N, H, W] int16
+    findings: torch.Tensor | None = None  # [N, H, W] bool, or None: the loss weighs every pixel alike
+    holding: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # slices with a finding
+
+    def __len__(self) -> int:
+        return len(self.hu)
 
 
-def draw_batch(pool: torch.Tensor, batch_size: int, crop: int, constant_p: float,
-               generator: torch.Generator) -> torch.Tensor:
-    """[B, crop, crop] HU: random slices at random crops; a few are the constant start/end slices the pipeline encodes."""
-    n, height, width = pool.shape
+def slice_pool(cases, masks: bool = False) -> SlicePool:
+    hu = torch.cat([torch.from_numpy(case.hu[: case.content_slices]) for case in cases])
+    if not masks:
+        return SlicePool(hu)
+    findings = torch.cat([torch.from_numpy(case.finding_mask > 0) for case in cases])
+    return SlicePool(hu, findings, findings.flatten(1).any(1).nonzero().squeeze(1))
+
+
+def draw_batch(pool: SlicePool, batch_size: int, crop: int, constant_p: float, generator: torch.Generator,
+               finding_crop_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, crop, crop] HU, [B, crop, crop] bool finding pixels): random slices at random crops, a `finding_crop_p`
+    share of them around a random finding pixel; a few are the constant start/end slices the pipeline encodes."""
+    n, height, width = pool.hu.shape
     index = torch.randint(n, (batch_size,), generator=generator)
     top = torch.randint(height - crop + 1, (batch_size,), generator=generator)
     left = torch.randint(width - crop + 1, (batch_size,), generator=generator)
-    out = torch.stack([pool[i, y : y + crop, x : x + crop] for i, y, x in zip(index, top, left)]).float()
+    around_finding = (torch.rand(batch_size, generator=generator) < finding_crop_p) & (len(pool.holding) > 0)
+    for b in around_finding.nonzero().squeeze(1).tolist():
+        index[b] = pool.holding[torch.randint(len(pool.holding), (1,), generator=generator)]
+        pixels = pool.findings[index[b]].nonzero()  # [P, 2] (row, column)
+        y, x = pixels[torch.randint(len(pixels), (1,), generator=generator)][0]
+        top[b] = (y - torch.randint(crop, (1,), generator=generator)).clamp(0, height - crop)
+        left[b] = (x - torch.randint(crop, (1,), generator=generator)).clamp(0, width - crop)
+    crops = list(zip(index, top, left))
+    out = torch.stack([pool.hu[i, y : y + crop, x : x + crop] for i, y, x in crops]).float()
+    drawn = (torch.stack([pool.findings[i, y : y + crop, x : x + crop] for i, y, x in crops])
+             if pool.findings is not None else torch.zeros(batch_size, crop, crop, dtype=torch.bool))
     constant = torch.rand(batch_size, generator=generator) < constant_p
     value = torch.where(torch.rand(batch_size, generator=generator) < 0.5, START_HU, END_HU)
     out[constant] = value[constant, None, None].expand(-1, crop, crop)
-    return out
+    drawn[constant] = False
+    return out, drawn
 
 
 # -------------------------------------------------------------------------------------- training
@@ -255,13 +312,18 @@ def build(args: VAERun):
     return autoencoder, disc, opt_vae, opt_disc
 
 
-def train_step(autoencoder, disc, opt_vae, opt_disc, hu: torch.Tensor, step: int, args) -> dict:
-    """One generator (VAE) update and, once the adversarial phase started, one discriminator update."""
+def train_step(autoencoder, disc, opt_vae, opt_disc, hu: torch.Tensor, findings: torch.Tensor, step: int,
+               args) -> dict:
+    """One generator (VAE) update and, once the adversarial phase started, one discriminator update. The L1 counts
+    finding pixels 1 + finding_weight times (normalised by the weights: a batch without findings is the plain L1)."""
     vae = autoencoder.vae
     x = autoencoder.hu_to_model(hu).unsqueeze(1)  # [B, 1, h, w] in [-1, 1]
     posterior = vae.encode(x).latent_dist
     recon = vae.decode(posterior.sample()).sample  # [B, 1, h, w]
-    rec = (recon - x).abs().mean()
+    error = (recon - x).abs()
+    inside = findings.unsqueeze(1)  # [B, 1, h, w] bool
+    pixel_weight = 1 + args.finding_weight * inside.float()
+    rec = (error * pixel_weight).sum() / pixel_weight.sum()
     kl = posterior.kl().mean()  # summed over latent elements, averaged over the batch
     adversarial = step >= args.adv_start
     gen = -disc(recon).mean() if adversarial else torch.zeros(())
@@ -276,7 +338,8 @@ def train_step(autoencoder, disc, opt_vae, opt_disc, hu: torch.Tensor, step: int
         opt_disc.zero_grad(set_to_none=True)
         d_loss.backward()
         opt_disc.step()
-    return {"rec_l1": rec.item(), "kl": kl.item(), "gen": gen.item(), "disc": d_loss.item()}
+    finding_l1 = error.detach()[inside].mean().item() if inside.any() else float("nan")
+    return {"rec_l1": rec.item(), "finding_l1": finding_l1, "kl": kl.item(), "gen": gen.item(), "disc": d_loss.item()}
 
 
 @torch.no_grad()
@@ -284,7 +347,7 @@ def standardise_latents(autoencoder: SliceAutoencoder, pool: torch.Tensor, count
     """Set the VAE's shift/scaling so encoded training slices have mean 0 and std 1 over all latent elements."""
     vae = autoencoder.vae
     vae.register_to_config(shift_factor=0.0, scaling_factor=1.0)
-    raw = SliceAutoencoder(vae, autoencoder.config).encode(pool[torch.randperm(len(pool), generator=generator)[:count]])
+    raw = SliceAutoencoder(vae, autoencoder.config).encode(pool.hu[torch.randperm(len(pool), generator=generator)[:count]])
     shift, scale = float(raw.mean()), float(1 / raw.std())
     vae.register_to_config(shift_factor=shift, scaling_factor=scale)
     return {"shift_factor": shift, "scaling_factor": scale}
@@ -296,10 +359,14 @@ def train(args: VAERun) -> AutoencoderMetrics:
     if args.decoder_of and not all((args.decoder_of / name).exists() for name in ("vae", "metrics.json")):
         raise CTFlowError(f"--decoder-of {args.decoder_of} is not a finished `ctflow-train vae` run "
                           "(vae/, metrics.json)")
+    masks = all(entry.get("mask") for entry in train_entries)  # a cohort's: the log shows the error inside findings
+    if (args.finding_weight or args.finding_crop_p) and not masks:
+        raise CTFlowError(f"--finding-weight and --finding-crop-p need the finding masks (masks/) of a cohort; "
+                          f"{args.data} lacks some (make it with ctflow-train cohort)")
     prepare_run_folder(out, OUTPUTS, args.resume, args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     set_threads(args.threads)
-    pool = slice_pool(load_cases(args.data, train_entries))  # [N, H, W] int16
+    pool = slice_pool(load_cases(args.data, train_entries, masks), masks)
     autoencoder, disc, opt_vae, opt_disc = build(args)
     generator = torch.Generator().manual_seed(args.seed)
     modules = {"vae": autoencoder.vae, "disc": disc}
@@ -309,7 +376,7 @@ def train(args: VAERun) -> AutoencoderMetrics:
     if args.resume and checkpoint.exists():
         meta = load_checkpoint(checkpoint, modules, optimizers, {"data": generator})
         step, elapsed = meta["step"], meta["elapsed_s"]
-    log, writer = open_loss_log(out / "loss.csv", ["step", "lr", "rec_l1", "kl", "gen", "disc", "step_s"], step)
+    log, writer = open_loss_log(out / "loss.csv", ["step", "lr", "rec_l1", "finding_l1", "kl", "gen", "disc", "step_s"], step)
     name = f"decoder of {args.decoder_of}" if args.decoder_of else args.preset
     print(f"vae {name}: {sum(p.numel() for p in autoencoder.vae.parameters()) / 1e6:.2f} M parameters, "
           f"{len(pool)} training slices, from step {step}", flush=True)
@@ -318,8 +385,8 @@ def train(args: VAERun) -> AutoencoderMetrics:
         lr = cosine_schedule(step, args.lr, args.warmup, args.steps)
         for group in opt_vae.param_groups + opt_disc.param_groups:
             group["lr"] = lr
-        hu = draw_batch(pool, args.batch_size, args.crop, args.constant_p, generator)
-        losses = train_step(autoencoder, disc, opt_vae, opt_disc, hu, step, args)
+        hu, findings = draw_batch(pool, args.batch_size, args.crop, args.constant_p, generator, args.finding_crop_p)
+        losses = train_step(autoencoder, disc, opt_vae, opt_disc, hu, findings, step, args)
         step += 1
         step_s = time.perf_counter() - started
         elapsed += step_s
@@ -339,11 +406,14 @@ def train(args: VAERun) -> AutoencoderMetrics:
         scale = standardise_latents(autoencoder, pool, 512, generator)
         preset, origin = args.preset, None
     autoencoder.vae.save_pretrained(out / "vae", safe_serialization=True)
-    held = held_out_slices(load_cases(args.data, held_entries), args.eval_every, args.eval_slices)
+    held_masks = all(entry.get("mask") for entry in held_entries)
+    held_cases = load_cases(args.data, held_entries, held_masks)
+    trained = SliceAutoencoder(autoencoder.vae, autoencoder.config)
     metrics = AutoencoderMetrics(
         preset=preset, decoder_of=origin, steps=step, train_seconds=round(elapsed, 1), train_slices=int(len(pool)),
         held_out_patients=[entry["name"] for entry in held_entries], **scale,
-        held_out=reconstruction_metrics(SliceAutoencoder(autoencoder.vae, autoencoder.config), held),
+        held_out=reconstruction_metrics(trained, held_out_slices(held_cases, args.eval_every, args.eval_slices)),
+        held_out_findings=finding_errors(trained, held_cases, args.eval_slices) if held_masks else None,
     )
     (out / "metrics.json").write_text(json.dumps(metrics.to_json(), indent=1) + "\n")
     print(json.dumps(dataclasses.asdict(metrics.held_out)), flush=True)
@@ -363,6 +433,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adv-weight", type=float, default=0.05)
     parser.add_argument("--adv-start", type=int, default=1000, help="step at which the discriminator joins")
     parser.add_argument("--constant-p", type=float, default=0.03, help="share of all-black / all-white slices")
+    parser.add_argument("--finding-weight", type=loss_weight, default=0.0,
+                        help="count the pixels a cohort finding drew (masks/) 1 + W times in the L1 (default 0)")
+    parser.add_argument("--finding-crop-p", type=probability, default=0.0,
+                        help="share of crops centred on a finding of the cohort's masks (default 0)")
     add_holdout_option(parser)
     parser.add_argument("--eval-every", type=int, default=4, help="evaluate every N-th held-out slice")
     parser.add_argument("--eval-slices", type=int, default=128)

@@ -25,6 +25,7 @@ class Case:
     report: Report
     content_slices: int  # slices before the white end marker
     spacing: tuple[float, float, float]  # (i, j, k) mm
+    finding_mask: np.ndarray | None = None  # uint8 [content_slices, H, W] findings.CODES, when asked for and written
 
 
 def list_cases(folder: str | Path, holdout: int = 0) -> tuple[list[dict], list[dict]]:
@@ -35,11 +36,18 @@ def list_cases(folder: str | Path, holdout: int = 0) -> tuple[list[dict], list[d
     return entries[: len(entries) - holdout], entries[len(entries) - holdout :]
 
 
-def load_case(folder: str | Path, entry: dict) -> Case:
+def load_case(folder: str | Path, entry: dict, masks: bool = False) -> Case:
+    """One case; with `masks`, its finding mask too, which the cohort writes and CT-RATE does not have."""
     volume = read_volume(Path(folder) / entry["volume"])
     report = Report(findings=entry["findings"], impressions=entry["impressions"])
-    return Case(entry["name"], volume.hu, report, int(entry["slices"]), tuple(entry["spacing"]))
+    mask = None
+    if masks:
+        if not entry.get("mask"):
+            raise CTFlowError(f"{entry['name']} in {folder} has no finding mask (masks/ is written by "
+                              "ctflow-train cohort since 2026-11-30; make the cohort again)")
+        mask = read_volume(Path(folder) / entry["mask"]).hu.astype(np.uint8)
+    return Case(entry["name"], volume.hu, report, int(entry["slices"]), tuple(entry["spacing"]), mask)
 
 
-def load_cases(folder: str | Path, entries: list[dict]) -> list[Case]:
-    return [load_case(folder, entry) for entry in entries]
+def load_cases(folder: str | Path, entries: list[dict], masks: bool = False) -> list[Case]:
+    return [load_case(folder, entry, masks) for entry in entries]
