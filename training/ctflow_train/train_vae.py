@@ -269,8 +269,10 @@ def draw_batch(pool: SlicePool, batch_size: int, crop: int, constant_p: float, g
     index = torch.randint(n, (batch_size,), generator=generator)
     top = torch.randint(height - crop + 1, (batch_size,), generator=generator)
     left = torch.randint(width - crop + 1, (batch_size,), generator=generator)
-    around_finding = (torch.rand(batch_size, generator=generator) < finding_crop_p) & (len(pool.holding) > 0)
-    for b in around_finding.nonzero().squeeze(1).tolist():
+    around_finding = []  # no draw when off: a run without finding crops takes the random crops it always took
+    if finding_crop_p and len(pool.holding):
+        around_finding = (torch.rand(batch_size, generator=generator) < finding_crop_p).nonzero().squeeze(1).tolist()
+    for b in around_finding:
         index[b] = pool.holding[torch.randint(len(pool.holding), (1,), generator=generator)]
         pixels = pool.findings[index[b]].nonzero()  # [P, 2] (row, column)
         y, x = pixels[torch.randint(len(pixels), (1,), generator=generator)][0]
