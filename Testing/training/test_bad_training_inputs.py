@@ -59,7 +59,9 @@ def world(tmp_path_factory):
             hu = np.full((12, SIZE, SIZE), -1000, np.int16)
             hu[:8, 4:12, 3:13] = 40 + 10 * n
             hu[8:] = 1000  # white end slices
-            writer.add(f"p{n}", Volume(hu, Geometry((2.0, 2.0, 2.5)), None), Report(f"Patient {n}.", "Normal."))
+            mask = (hu[:8] == 40).astype(np.uint8) if n == 0 else None  # one patient with a finding mask
+            writer.add(f"p{n}", Volume(hu, Geometry((2.0, 2.0, 2.5)), None), Report(f"Patient {n}.", "Normal."),
+                       finding_mask=mask)
     for argv in (["vae", "--data", str(root / "data"), "--out", str(root / "vae"), *VAE],
                  ["cache-latents", "--data", str(root / "data"), "--vae", str(root / "vae" / "vae"), "--out",
                   str(root / "latents"), "--holdout", "1", "--size", str(SIZE)],
@@ -235,9 +237,9 @@ def test_overwrite_replaces_a_run_and_leaves_nothing_of_the_old_one(root, capsys
 
 def test_prepare_ctrate_overwrite_replaces_the_index_and_its_cases(root, capsys):
     old = (root / "data" / INDEX).read_text()
-    assert old and (root / "data" / "volumes" / "p0.nii.gz").exists()
+    assert old and all((root / "data" / sub / "p0.nii.gz").exists() for sub in ("volumes", "masks"))
     code, err = run_train(["prepare-ctrate", "--root", f"{root}/ctrate", "--reports", f"{root}/reports.csv", "--out",
                            f"{root}/data", "--overwrite"], capsys)
     assert code == 0, err
     assert (root / "data" / INDEX).read_text() == ""  # the tree holds no volumes
-    assert not (root / "data" / "volumes" / "p0.nii.gz").exists()  # no orphans of the earlier index
+    assert not any((root / "data" / sub / "p0.nii.gz").exists() for sub in ("volumes", "masks"))  # no orphans
