@@ -345,11 +345,12 @@ def train_step(autoencoder, disc, opt_vae, opt_disc, hu: torch.Tensor, findings:
 
 
 @torch.no_grad()
-def standardise_latents(autoencoder: SliceAutoencoder, pool: torch.Tensor, count: int, generator: torch.Generator) -> dict:
+def standardise_latents(autoencoder: SliceAutoencoder, pool: SlicePool, count: int, generator: torch.Generator) -> dict:
     """Set the VAE's shift/scaling so encoded training slices have mean 0 and std 1 over all latent elements."""
     vae = autoencoder.vae
     vae.register_to_config(shift_factor=0.0, scaling_factor=1.0)
-    raw = SliceAutoencoder(vae, autoencoder.config).encode(pool.hu[torch.randperm(len(pool), generator=generator)[:count]])
+    chosen = pool.hu[torch.randperm(len(pool), generator=generator)[:count]]
+    raw = SliceAutoencoder(vae, autoencoder.config).encode(chosen)
     shift, scale = float(raw.mean()), float(1 / raw.std())
     vae.register_to_config(shift_factor=shift, scaling_factor=scale)
     return {"shift_factor": shift, "scaling_factor": scale}
@@ -378,7 +379,8 @@ def train(args: VAERun) -> AutoencoderMetrics:
     if args.resume and checkpoint.exists():
         meta = load_checkpoint(checkpoint, modules, optimizers, {"data": generator})
         step, elapsed = meta["step"], meta["elapsed_s"]
-    log, writer = open_loss_log(out / "loss.csv", ["step", "lr", "rec_l1", "finding_l1", "kl", "gen", "disc", "step_s"], step)
+    columns = ["step", "lr", "rec_l1", "finding_l1", "kl", "gen", "disc", "step_s"]
+    log, writer = open_loss_log(out / "loss.csv", columns, step)
     name = f"decoder of {args.decoder_of}" if args.decoder_of else args.preset
     print(f"vae {name}: {sum(p.numel() for p in autoencoder.vae.parameters()) / 1e6:.2f} M parameters, "
           f"{len(pool)} training slices, from step {step}", flush=True)
