@@ -38,7 +38,7 @@ def test_vae_loss_falls_on_a_fixed_batch(tiny, data, tmp_path):
 
 
 def test_finding_crops_hold_a_finding_and_their_masks_follow_the_crop(data):
-    pool = train_vae.slice_pool(load_cases(data, list_cases(data, 1)[0], masks=True), masks=True)
+    pool = train_vae.slice_pool(load_cases(data, list_cases(data, 1)[0], masks=True))
     assert pool.findings.shape == pool.hu.shape and len(pool.holding) == 6  # tiny_1's slices 4-9
     generator = torch.Generator().manual_seed(0)
     hu, findings = train_vae.draw_batch(pool, 64, 6, 0.0, generator, finding_crop_p=1.0)
@@ -54,7 +54,7 @@ def test_finding_crops_hold_a_finding_and_their_masks_follow_the_crop(data):
 
 def test_the_finding_weight_spends_the_autoencoder_on_the_findings(tiny, data, tmp_path):
     """The same steps from the same start on the same crops: the weighted run reconstructs the fluid better."""
-    pool = train_vae.slice_pool(load_cases(data, list_cases(data, 1)[0], masks=True), masks=True)
+    pool = train_vae.slice_pool(load_cases(data, list_cases(data, 1)[0], masks=True))
     hu, findings = train_vae.draw_batch(pool, 8, tiny.SIZE, 0.0, torch.Generator().manual_seed(0), finding_crop_p=0.5)
     errors = {}
     for finding_weight in (0.0, 30.0):

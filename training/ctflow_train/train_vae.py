@@ -253,9 +253,10 @@ class SlicePool:
         return len(self.hu)
 
 
-def slice_pool(cases, masks: bool = False) -> SlicePool:
+def slice_pool(cases) -> SlicePool:
+    """The cases' slices, with their finding pixels when every case was loaded with its mask."""
     hu = torch.cat([torch.from_numpy(case.hu[: case.content_slices]) for case in cases])
-    if not masks:
+    if any(case.finding_mask is None for case in cases):
         return SlicePool(hu)
     findings = torch.cat([torch.from_numpy(case.finding_mask > 0) for case in cases])
     return SlicePool(hu, findings, findings.flatten(1).any(1).nonzero().squeeze(1))
@@ -369,7 +370,7 @@ def train(args: VAERun) -> AutoencoderMetrics:
     prepare_run_folder(out, OUTPUTS, args.resume, args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     set_threads(args.threads)
-    pool = slice_pool(load_cases(args.data, train_entries, masks), masks)
+    pool = slice_pool(load_cases(args.data, train_entries, masks))
     autoencoder, disc, opt_vae, opt_disc = build(args)
     generator = torch.Generator().manual_seed(args.seed)
     modules = {"vae": autoencoder.vae, "disc": disc}
