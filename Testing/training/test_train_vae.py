@@ -1,5 +1,5 @@
-"""The slice autoencoder's training: image metrics, a falling loss, a standardised VAE with held-out figures, and a
-decoder-only run that keeps the latents.
+"""The slice autoencoder's training: image metrics, a falling loss, a standardised VAE with held-out figures, a
+decoder-only run that keeps the latents, and an anchored run that keeps them outside the findings.
 """
 
 from __future__ import annotations
@@ -103,3 +103,40 @@ def test_decoder_run_keeps_the_latents_and_trains_the_decoder(tiny, data, vae_ru
     assert metrics.decoder_of.steps == 6 and metrics.decoder_of.held_out == base_metrics.held_out
     assert "then its decoder alone 3 steps" in metrics.training()
     assert train_vae.AutoencoderMetrics.read(tmp_path) == metrics
+
+
+def test_an_anchored_run_keeps_the_latents_of_slices_without_findings(tiny, data, vae_run, tmp_path):
+    """The same finding-weighted steps from the base run, free and anchored: the anchored encoder still encodes the
+    slices that hold no finding as the base did, which a denoiser of the base's stores needs."""
+    base, _ = vae_run
+    pool = train_vae.slice_pool(load_cases(data, list_cases(data, 1)[0], masks=True))
+    hu, findings = train_vae.draw_batch(pool, 8, tiny.SIZE, 0.0, torch.Generator().manual_seed(0), finding_crop_p=0.5)
+    clear = pool.hu[~pool.findings.flatten(1).any(1)]  # [N, H, W]: slices no finding reaches
+    before = load_vae(base / "vae", tiny.SIZE).encode(clear)
+    drift = {}
+    for weight in (0.0, 10.0):
+        args = tiny.vae_run(data, tmp_path, lr=3e-3, adv_start=100, finding_weight=30.0, anchor_to=base,
+                            anchor_weight=weight)
+        autoencoder, disc, opt_vae, opt_disc = train_vae.build(args)
+        anchor = train_vae.frozen_copy(autoencoder)
+        torch.manual_seed(1)
+        for step in range(25):
+            train_vae.train_step(autoencoder, disc, opt_vae, opt_disc, hu, findings, step, args, anchor)
+        with torch.no_grad():
+            drift[weight] = float((autoencoder.encode(clear) - before).pow(2).mean())
+    assert drift[10.0] < 0.3 * drift[0.0], drift
+
+
+def test_an_anchored_run_continues_the_base_and_says_so(tiny, data, vae_run, tmp_path):
+    base, base_metrics = vae_run
+    metrics = train_vae.train(tiny.vae_run(data, tmp_path, anchor_to=base, finding_weight=10.0, adv_start=0))
+    before = load_file(base / "vae" / "diffusion_pytorch_model.safetensors")
+    after = load_file(tmp_path / "vae" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("encoder."))  # all of it trains
+    assert (metrics.shift_factor, metrics.scaling_factor) == (base_metrics.shift_factor, base_metrics.scaling_factor)
+    assert metrics.decoder_of is None and metrics.anchored_to.held_out == base_metrics.held_out
+    assert "then all of it with its latents held outside the findings, 6 steps" in metrics.training()
+    assert train_vae.AutoencoderMetrics.read(tmp_path) == metrics
+    rows = (tmp_path / "loss.csv").read_text().splitlines()
+    drift = [float(row.split(",")[rows[0].split(",").index("drift")]) for row in rows[1:]]
+    assert drift[0] == 0 and drift[-1] > 0  # the first step starts at the anchor, later ones move off it

@@ -18,12 +18,17 @@ that hold a finding are measured apart (metrics.json "held_out_findings": mean a
 stay as they were, so its latents, and every latent cache and denoiser made from them, stay valid, while the
 slices decoded from them get sharper.
 
+`--anchor-to RUN` trains the whole of an earlier run's autoencoder again (with the finding weight, say) while holding
+its latents to RUN's wherever no finding reaches (`--anchor-weight`: squared distance in standardised latent units):
+the findings may take more of the latent, the anatomy keeps the latents a denoiser of RUN's stores already knows.
+
 Writes to --out: vae/ (diffusers folder), checkpoint.safetensors (for --resume), loss.csv, metrics.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import time
@@ -70,6 +75,8 @@ class VAERun(RunOptions):
     out: Path
     preset: str
     decoder_of: Path | None
+    anchor_to: Path | None
+    anchor_weight: float | None  # None: 1 with --anchor-to
     size: int
     steps: int
     batch_size: int
@@ -140,8 +147,9 @@ class Reconstruction:
 
 
 @dataclass(frozen=True)
-class DecoderOrigin:
-    """The run whose encoder a decoder-only run (--decoder-of) kept, with its own training and figures."""
+class BaseRun:
+    """The earlier run a decoder-only (--decoder-of) or anchored (--anchor-to) run continued, with its own training
+    and figures."""
 
     run: str
     steps: int
@@ -155,7 +163,7 @@ class AutoencoderMetrics:
     model card and by a later --decoder-of run."""
 
     preset: str
-    decoder_of: DecoderOrigin | None  # None: the run trained the whole autoencoder
+    decoder_of: BaseRun | None  # None: the run trained the whole autoencoder
     steps: int
     train_seconds: float
     train_slices: int
@@ -164,30 +172,32 @@ class AutoencoderMetrics:
     scaling_factor: float
     held_out: Reconstruction
     held_out_findings: dict[str, float] | None = None  # finding -> mean abs error (HU) inside it; cohort data only
+    anchored_to: BaseRun | None = None  # the run whose latents an --anchor-to run held outside the findings
     lpips: str = "not measured: LPIPS needs downloaded network weights (offline here)"
 
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
-        return data if self.decoder_of else {k: v for k, v in data.items() if k != "decoder_of"}
+        return {k: v for k, v in data.items() if v is not None or k not in ("decoder_of", "anchored_to")}
 
     @classmethod
     def from_json(cls, data: dict) -> "AutoencoderMetrics":
-        origin = data.get("decoder_of")
-        if origin is not None:
-            origin = DecoderOrigin(**{**origin, "held_out": Reconstruction(**origin["held_out"])})
-        return cls(**{**data, "decoder_of": origin, "held_out": Reconstruction(**data["held_out"])})
+        bases = {key: BaseRun(**{**data[key], "held_out": Reconstruction(**data[key]["held_out"])})
+                 for key in ("decoder_of", "anchored_to") if data.get(key) is not None}
+        return cls(**{**data, "decoder_of": None, **bases, "held_out": Reconstruction(**data["held_out"])})
 
     @classmethod
     def read(cls, run_folder: Path) -> "AutoencoderMetrics":
         return cls.from_json(json.loads((run_folder / "metrics.json").read_text()))
 
     def training(self) -> str:
-        """Steps and time of the autoencoder, and of its decoder's own run when it had one."""
-        if self.decoder_of is None:
-            return f"{self.steps} steps, {self.train_seconds / 60:.0f} min"
-        base = self.decoder_of
+        """Steps and time of the autoencoder, and of the run it continued when it continued one."""
+        own = f"{self.steps} steps, {self.train_seconds / 60:.0f} min"
+        base = self.decoder_of or self.anchored_to
+        if base is None:
+            return own
+        then = "its decoder alone" if self.decoder_of else "all of it with its latents held outside the findings,"
         return (f"{base.steps} steps, {base.train_seconds / 60:.0f} min (held out: PSNR {base.held_out.psnr_db} dB), "
-                f"then its decoder alone {self.steps} steps, {self.train_seconds / 60:.0f} min")
+                f"then {then} {own}")
 
     def markdown(self) -> str:
         """The model card's line of the held-out figures."""
@@ -294,13 +304,14 @@ def draw_batch(pool: SlicePool, batch_size: int, crop: int, constant_p: float, g
 
 
 def build(args: VAERun):
-    """VAE (fresh, or an earlier run's to train its decoder), discriminator and optimizers. The VAE is wrapped by
+    """VAE (fresh, or an earlier run's to continue), discriminator and optimizers. The VAE is wrapped by
     ctflow's SliceAutoencoder for the HU mapping."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(args.seed)
-    if args.decoder_of:
-        autoencoder = load_vae(args.decoder_of / "vae", args.size, chunk_size=AutoencoderConfig.chunk_size)
+    base = args.decoder_of or args.anchor_to
+    if base:
+        autoencoder = load_vae(base / "vae", args.size, chunk_size=AutoencoderConfig.chunk_size)
     else:
         autoencoder = SliceAutoencoder(AutoencoderKL(**VAE_VARIANTS[args.preset]), AutoencoderConfig(image_size=args.size))
     vae = autoencoder.vae
@@ -315,10 +326,28 @@ def build(args: VAERun):
     return autoencoder, disc, opt_vae, opt_disc
 
 
+def frozen_copy(autoencoder: SliceAutoencoder):
+    """The VAE as it is now, never trained: what an anchored run holds its latents to."""
+    return copy.deepcopy(autoencoder.vae).eval().requires_grad_(False)
+
+
+def latent_drift(posterior, anchor, x: torch.Tensor, inside: torch.Tensor, scale: float) -> torch.Tensor:
+    """Mean squared distance (standardised latent units) of the encoder's means from the anchor's, over the latent
+    pixels no finding reaches: a finding's latent pixels and their neighbours (a latent pixel sees beyond its
+    own 16 x 16) are free."""
+    with torch.no_grad():
+        held = anchor.encode(x).latent_dist.mean  # [B, C, h', w']
+    reach = F.max_pool2d(F.adaptive_max_pool2d(inside.float(), held.shape[-2:]), 3, stride=1, padding=1)
+    outside = 1 - reach  # [B, 1, h', w']
+    squared = ((posterior.mean - held) * scale).pow(2) * outside
+    return squared.sum() / (outside.sum() * held.shape[1]).clamp(min=1)
+
+
 def train_step(autoencoder, disc, opt_vae, opt_disc, hu: torch.Tensor, findings: torch.Tensor, step: int,
-               args) -> dict:
+               args, anchor=None) -> dict:
     """One generator (VAE) update and, once the adversarial phase started, one discriminator update. The L1 counts
-    finding pixels 1 + finding_weight times (normalised by the weights: a batch without findings is the plain L1)."""
+    finding pixels 1 + finding_weight times (normalised by the weights: a batch without findings is the plain L1);
+    with an anchor (a frozen VAE), the latents are held to its own outside the findings."""
     vae = autoencoder.vae
     x = autoencoder.hu_to_model(hu).unsqueeze(1)  # [B, 1, h, w] in [-1, 1]
     posterior = vae.encode(x).latent_dist
@@ -328,9 +357,12 @@ def train_step(autoencoder, disc, opt_vae, opt_disc, hu: torch.Tensor, findings:
     pixel_weight = 1 + args.finding_weight * inside.float()
     rec = (error * pixel_weight).sum() / pixel_weight.sum()
     kl = posterior.kl().mean()  # summed over latent elements, averaged over the batch
+    drift = torch.zeros(())
+    if anchor is not None:
+        drift = latent_drift(posterior, anchor, x, inside, vae.config.scaling_factor)
     adversarial = step >= args.adv_start
     gen = -disc(recon).mean() if adversarial else torch.zeros(())
-    loss = rec + args.kl_weight * kl + args.adv_weight * gen
+    loss = rec + args.kl_weight * kl + args.adv_weight * gen + anchor_weight(args) * drift
     opt_vae.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -342,7 +374,12 @@ def train_step(autoencoder, disc, opt_vae, opt_disc, hu: torch.Tensor, findings:
         d_loss.backward()
         opt_disc.step()
     finding_l1 = error.detach()[inside].mean().item() if inside.any() else float("nan")
-    return {"rec_l1": rec.item(), "finding_l1": finding_l1, "kl": kl.item(), "gen": gen.item(), "disc": d_loss.item()}
+    return {"rec_l1": rec.item(), "finding_l1": finding_l1, "kl": kl.item(), "drift": drift.item(), "gen": gen.item(),
+            "disc": d_loss.item()}
+
+
+def anchor_weight(args) -> float:
+    return 1.0 if args.anchor_weight is None else args.anchor_weight
 
 
 @torch.no_grad()
@@ -360,9 +397,12 @@ def standardise_latents(autoencoder: SliceAutoencoder, pool: SlicePool, count: i
 def train(args: VAERun) -> AutoencoderMetrics:
     out = Path(args.out)
     train_entries, held_entries = list_cases(args.data, args.holdout)  # a bad --data ends here, before --out exists
-    if args.decoder_of and not all((args.decoder_of / name).exists() for name in ("vae", "metrics.json")):
-        raise CTFlowError(f"--decoder-of {args.decoder_of} is not a finished `ctflow-train vae` run "
-                          "(vae/, metrics.json)")
+    base = args.decoder_of or args.anchor_to
+    option = "--decoder-of" if args.decoder_of else "--anchor-to"
+    if base and not all((base / name).exists() for name in ("vae", "metrics.json")):
+        raise CTFlowError(f"{option} {base} is not a finished `ctflow-train vae` run (vae/, metrics.json)")
+    if args.anchor_weight is not None and not args.anchor_to:
+        raise CTFlowError("--anchor-weight holds the latents to an earlier run's: give that run with --anchor-to RUN")
     masks = all(entry.get("mask") for entry in train_entries)  # a cohort's: the log shows the error inside findings
     if (args.finding_weight or args.finding_crop_p) and not masks:
         raise CTFlowError(f"--finding-weight and --finding-crop-p need the finding masks (masks/) of a cohort; "
@@ -372,6 +412,7 @@ def train(args: VAERun) -> AutoencoderMetrics:
     set_threads(args.threads)
     pool = slice_pool(load_cases(args.data, train_entries, masks))
     autoencoder, disc, opt_vae, opt_disc = build(args)
+    anchor = frozen_copy(autoencoder) if args.anchor_to else None
     generator = torch.Generator().manual_seed(args.seed)
     modules = {"vae": autoencoder.vae, "disc": disc}
     optimizers = {"opt_vae": opt_vae, "opt_disc": opt_disc}
@@ -380,9 +421,9 @@ def train(args: VAERun) -> AutoencoderMetrics:
     if args.resume and checkpoint.exists():
         meta = load_checkpoint(checkpoint, modules, optimizers, {"data": generator})
         step, elapsed = meta["step"], meta["elapsed_s"]
-    columns = ["step", "lr", "rec_l1", "finding_l1", "kl", "gen", "disc", "step_s"]
+    columns = ["step", "lr", "rec_l1", "finding_l1", "kl", "drift", "gen", "disc", "step_s"]
     log, writer = open_loss_log(out / "loss.csv", columns, step)
-    name = f"decoder of {args.decoder_of}" if args.decoder_of else args.preset
+    name = f"decoder of {args.decoder_of}" if args.decoder_of else f"anchored to {base}" if base else args.preset
     print(f"vae {name}: {sum(p.numel() for p in autoencoder.vae.parameters()) / 1e6:.2f} M parameters, "
           f"{len(pool)} training slices, from step {step}", flush=True)
     while step < args.steps:
@@ -391,7 +432,7 @@ def train(args: VAERun) -> AutoencoderMetrics:
         for group in opt_vae.param_groups + opt_disc.param_groups:
             group["lr"] = lr
         hu, findings = draw_batch(pool, args.batch_size, args.crop, args.constant_p, generator, args.finding_crop_p)
-        losses = train_step(autoencoder, disc, opt_vae, opt_disc, hu, findings, step, args)
+        losses = train_step(autoencoder, disc, opt_vae, opt_disc, hu, findings, step, args, anchor)
         step += 1
         step_s = time.perf_counter() - started
         elapsed += step_s
@@ -403,19 +444,21 @@ def train(args: VAERun) -> AutoencoderMetrics:
             save_checkpoint(checkpoint, modules, optimizers, {"data": generator}, {"step": step, "elapsed_s": elapsed, "args": args.meta()})
     log.close()
     autoencoder.vae.eval()
-    if args.decoder_of:
-        base = AutoencoderMetrics.read(args.decoder_of)
-        scale = {"shift_factor": base.shift_factor, "scaling_factor": base.scaling_factor}  # in the config all along
-        preset, origin = base.preset, DecoderOrigin(str(args.decoder_of), base.steps, base.train_seconds, base.held_out)
+    origin = None
+    if base:
+        before = AutoencoderMetrics.read(base)
+        scale = {"shift_factor": before.shift_factor, "scaling_factor": before.scaling_factor}  # the latents' own
+        preset, origin = before.preset, BaseRun(str(base), before.steps, before.train_seconds, before.held_out)
     else:
         scale = standardise_latents(autoencoder, pool, 512, generator)
-        preset, origin = args.preset, None
+        preset = args.preset
     autoencoder.vae.save_pretrained(out / "vae", safe_serialization=True)
     held_masks = all(entry.get("mask") for entry in held_entries)
     held_cases = load_cases(args.data, held_entries, held_masks)
     trained = SliceAutoencoder(autoencoder.vae, autoencoder.config)
     metrics = AutoencoderMetrics(
-        preset=preset, decoder_of=origin, steps=step, train_seconds=round(elapsed, 1), train_slices=int(len(pool)),
+        preset=preset, decoder_of=origin if args.decoder_of else None, anchored_to=origin if args.anchor_to else None,
+        steps=step, train_seconds=round(elapsed, 1), train_slices=int(len(pool)),
         held_out_patients=[entry["name"] for entry in held_entries], **scale,
         held_out=reconstruction_metrics(trained, held_out_slices(held_cases, args.eval_every, args.eval_slices)),
         held_out_findings=finding_errors(trained, held_cases, args.eval_slices) if held_masks else None,
@@ -429,7 +472,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, required=True, help="prepared folder (ctflow-train cohort / prepare-ctrate)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--preset", default="cpu-fast", choices=sorted(VAE_VARIANTS), help="VAE architecture")
-    parser.add_argument("--decoder-of", type=Path, help="earlier vae run folder: train its decoder only, keeping its latents")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--decoder-of", type=Path, help="earlier vae run folder: train its decoder only, keeping its latents")
+    start.add_argument("--anchor-to", type=Path,
+                       help="earlier vae run folder: train all of it, holding its latents outside the findings")
+    parser.add_argument("--anchor-weight", type=loss_weight,
+                        help="weight of the squared latent drift from the --anchor-to run's (default 1)")
     add_size_option(parser)
     add_schedule_options(parser, steps=2000, lr=1e-3, warmup=50)
     parser.add_argument("--batch", dest="batch_size", type=int, default=8, help="slices per step")
