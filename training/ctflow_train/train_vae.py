@@ -20,7 +20,9 @@ slices decoded from them get sharper.
 
 `--anchor-to RUN` trains the whole of an earlier run's autoencoder again (with the finding weight, say) while holding
 its latents to RUN's wherever no finding reaches (`--anchor-weight`: squared distance in standardised latent units):
-the findings may take more of the latent, the anatomy keeps the latents a denoiser of RUN's stores already knows.
+the anatomy keeps the latents a denoiser of RUN's stores already knows, so that denoiser stays valid, and the
+findings may take more of the latent (on the demo cohort at weight 1 they did not: the decoder gained, see
+docs/training-log.md).
 
 Writes to --out: vae/ (diffusers folder), checkpoint.safetensors (for --resume), loss.csv, metrics.json.
 """
@@ -160,7 +162,7 @@ class BaseRun:
 @dataclass(frozen=True)
 class AutoencoderMetrics:
     """A `ctflow-train vae` run's metrics.json (its field names are that file's format): read back by export for the
-    model card and by a later --decoder-of run."""
+    model card and by a later --decoder-of or --anchor-to run."""
 
     preset: str
     decoder_of: BaseRun | None  # None: the run trained the whole autoencoder
@@ -379,6 +381,7 @@ def train_step(autoencoder, disc, opt_vae, opt_disc, hu: torch.Tensor, findings:
 
 
 def anchor_weight(args) -> float:
+    """--anchor-weight, 1 when only --anchor-to was given (None tells a weight given without an anchor apart)."""
     return 1.0 if args.anchor_weight is None else args.anchor_weight
 
 
