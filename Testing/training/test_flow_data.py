@@ -105,14 +105,17 @@ def test_endboost_draws_blocks_that_hold_the_end_and_leaves_other_runs_alone(tin
     assert torch.equal(tiny.draw(cache, 30, seed=2, start_p=0.0, end_p=0.0).x0, plain.x0)  # off: the draws of before
 
 
-def latent_store_of(tiny, vae_run, folder, volumes: dict[str, np.ndarray]):
-    """A latent store of these volumes (name -> HU), each with a report that names it, encoded by the tiny VAE."""
+def latent_store_of(tiny, vae_run, folder, volumes: dict[str, np.ndarray], labels: dict[str, dict] | None = None,
+                    variants: int = 0):
+    """A latent store of these volumes (name -> HU), each with a report that names it, encoded by the tiny VAE; the
+    label files `labels` gives (name -> findings), else patient 0's."""
     with DatasetWriter(folder / "data") as writer:
         for name, hu in volumes.items():
             report = Report(findings=f"{name.replace('_', ' ')}.", impressions="Normal.")
-            writer.add(name, Volume(hu, Geometry((2.0, 2.0, 2.5)), None), report, tiny.labels(0))
+            record = {**tiny.labels(0), "findings": (labels or {}).get(name, tiny.labels(0)["findings"])}
+            writer.add(name, Volume(hu, Geometry((2.0, 2.0, 2.5)), None), report, record)
     latent_store.build_store(folder / "data", vae_run[0] / "vae", folder / "latents", 0, tiny.SIZE, ModelConfig().text,
-                             log=lambda line: None)
+                             variants=variants, log=lambda line: None)
     return folder / "latents"
 
 
@@ -148,6 +151,64 @@ def test_paired_twins_give_every_second_sample_a_twin_with_the_same_draws(tiny, 
     assert torch.equal(batch.x0, collate([plain[p] for p in range(8)]).x0)  # off: the draws of before
     with pytest.raises(CTFlowError, match="even --batch"):
         train_flow.train(tiny.flow_run(twin_store, twin_store.parent / "odd", paired_twins=True))
+
+
+@pytest.fixture(scope="module")
+def variant_store(tiny, vae_run, tmp_path_factory):
+    """A patient with three report variants, his twin without emphysema, and another patient."""
+    rng = np.random.default_rng(6)
+    patient = tiny.labels(0)["findings"]
+    labels = {"synth_0_00000": patient, "synth_0_00000_without_emphysema": {**patient, "emphysema": {"present": False}},
+              "synth_0_00001": tiny.labels(1)["findings"]}
+    return latent_store_of(tiny, vae_run, tmp_path_factory.mktemp("variants"),
+                           {name: tiny.volume(rng, 14) for name in labels}, labels, variants=3)
+
+
+def test_report_variants_replace_the_report_where_drawn_and_twins_take_their_pairs(tiny, variant_store, cache):
+    store = LatentStore(variant_store)
+    assert store.variants == 3 and LatentStore(cache).variants == 0
+    report = store.text("plain", 0)
+    variants = [store.text("plain", 0, k) for k in range(3)]
+    assert all(not torch.equal(v, report) for v in variants) and not torch.equal(variants[0], variants[1])
+    assert len(store.text("length", 0, 2)) > len(variants[2])  # with "Length: N slices", as the report's
+
+    def which(sample, volume: int) -> str:
+        """The prompt a sample took of its volume: "report" or the variant's number."""
+        for kind in ("plain", "length"):
+            if torch.equal(sample["text"], store.text(kind, volume)):
+                return "report"
+            for k in range(3):
+                if torch.equal(sample["text"], store.text(kind, volume, k)):
+                    return str(k)
+        raise AssertionError("a prompt the store does not hold")
+
+    rules = dict(start_p=0.0, text_drop=0.0, paired_twins=True)
+    mixed = BlockDataset(open_stores([variant_store]), SamplingRules(tiny.BLOCK, variant_p=0.5, **rules), 3)
+    taken = [which(mixed[p], mixed.volume(p)[1]) if p % 2 == 0 else None for p in range(40)]
+    assert {"report", "0", "1", "2"} <= set(taken) - {None}
+    for first in range(0, 40, 2):
+        twin = mixed.partner(first + 1)
+        if twin is not None:  # the twin's prompt is its own report or variant of the same number
+            assert which(mixed[first + 1], mixed.locate(twin)[1]) == taken[first]
+    plain = BlockDataset(open_stores([variant_store]), SamplingRules(tiny.BLOCK, **rules), 3)
+    off = BlockDataset(open_stores([variant_store]), SamplingRules(tiny.BLOCK, variant_p=0.0, **rules), 3)
+    assert all(torch.equal(plain[p]["text"], off[p]["text"]) and torch.equal(plain[p]["x0"], off[p]["x0"])
+               for p in range(12))  # off: the draws of before
+    with pytest.raises(CTFlowError, match="report variants"):
+        train_flow.train(tiny.flow_run(cache, cache.parent / "novariants", variant_p=0.5))
+
+
+def test_variants_need_the_findings_and_a_store_keeps_its_count(tiny, vae_run, variant_store, tmp_path):
+    with DatasetWriter(tmp_path / "data") as writer:  # as prepare-ctrate writes: no label files
+        writer.add("ct_0", Volume(tiny.volume(np.random.default_rng(0), 14), Geometry((2.0, 2.0, 2.5)), None),
+                   Report(findings="Normal.", impressions="Normal."))
+    with pytest.raises(CTFlowError, match="--variants needs the findings"):
+        latent_store.build_store(tmp_path / "data", vae_run[0] / "vae", tmp_path / "latents", 0, tiny.SIZE,
+                                 ModelConfig().text, variants=2, log=lambda line: None)
+    assert not (tmp_path / "latents").exists()
+    with pytest.raises(CTFlowError, match="holds variants 3, not 2"):
+        latent_store.build_store(variant_store.parent / "data", vae_run[0] / "vae", variant_store, 0, tiny.SIZE,
+                                 ModelConfig().text, variants=2, log=lambda line: None)
 
 
 @pytest.fixture(scope="module")

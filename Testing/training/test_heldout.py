@@ -11,7 +11,7 @@ import pytest
 
 from ctflow.errors import CTFlowError
 from ctflow.report import parse_report
-from ctflow_train import findings, reports
+from ctflow_train import findings, paraphrase, reports
 from ctflow_train.heldout import load_heldout
 
 SENTENCE_END = re.compile(r"(?<=[.;:])\s+|\n")
@@ -24,12 +24,12 @@ def sentences(text: str) -> set[str]:
     return {NUMBERED.sub("", s).strip().lower() for s in SENTENCE_END.split(text) if s.strip()}
 
 
-def writer_sentences(numbers: list[float]) -> set[str]:
-    """Every sentence reports.py can write, for every categorical value and for the given measurements."""
+def parameter_pools(numbers: list[float]) -> dict[str, dict[str, list]]:
+    """Finding -> parameter -> every value it can take: the categorical ones, and the given measurements."""
     lobes, sides = list(findings.LOBES.values()), ["right", "left", "bilateral"]
     grades, severities = list(findings.GRADES), ["mild", "moderate", "severe", "extensive"]
     nodes = [[{"station": s, "short_axis_mm": n}] for s in findings.NODE_STATIONS for n in numbers]
-    pools = {  # parameter -> values, for the keys each finding's phrases read
+    return {  # parameter -> values, for the keys each finding's phrases read
         "cardiomegaly": {"cardiothoracic_ratio": [r / 100 for r in range(30, 100)]},
         "pericardial_effusion": {"grade": grades, "thickness_mm": numbers},
         "arterial_calcification": {"severity": severities},
@@ -42,6 +42,11 @@ def writer_sentences(numbers: list[float]) -> set[str]:
         "atelectasis": {"kind": ["linear", "dependent"], "lobe": lobes, "side": sides},
         "pleural_effusion": {"grade": grades, "side": sides},
     }
+
+
+def writer_sentences(numbers: list[float]) -> set[str]:
+    """Every sentence reports.py can write, for every categorical value and for the given measurements."""
+    pools = parameter_pools(numbers)
     assert set(pools) == set(reports.FINDINGS) == set(reports.IMPRESSIONS), "a finding the test does not enumerate"
     written = set(itertools.chain(*reports.ROUTINE.values(), reports.NORMAL_IMPRESSIONS))
     for name, pool in pools.items():
@@ -81,6 +86,24 @@ def test_the_writer_cannot_write_them():
     absent = {name: {"present": False} for name in reports.FINDINGS}
     drawn = [reports.compose_report(absent, rng).text for _ in range(50)]
     assert not {text for case in cases for text in (case.report, case.negated)} & set(drawn)
+
+
+def test_the_report_variants_do_not_write_them_either():
+    """The variants flow training may read (paraphrase.py) are drawn, not enumerable: 3000 reports of random
+    findings, each present or absent, with the cases' own measurements among the values."""
+    cases = load_heldout()
+    numbers = sorted({float(n) for case in cases for n in re.findall(r"\d+(?:\.\d+)?", case.report + case.negated)})
+    pools, rng = parameter_pools(numbers + list(range(1, 61))), np.random.default_rng(1)
+    held_out = {s for case in cases for text in (case.report, case.negated) for s in sentences(text)}
+    written = set()
+    for _ in range(3000):
+        drawn = {name: {"present": bool(rng.random() < 0.5),
+                        **{key: values[rng.integers(len(values))] for key, values in pool.items()}}
+                 for name, pool in pools.items()}
+        written |= sentences(paraphrase.paraphrase(drawn, rng).text)
+    assert {"no pleural effusion.", "rll consolidation."} & written == {"no pleural effusion."}  # reached, not all
+    assert len(written) > 2000
+    assert not held_out & written, sorted(held_out & written)
 
 
 @pytest.mark.parametrize("change, message", [

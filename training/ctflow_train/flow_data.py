@@ -23,6 +23,9 @@ The sampling rules (CTFlow, REFERENCE §1):
     about eight blocks of nine, and a pair whose block it misses teaches nothing about the report's finding.
   - the prompt with "Length: N slices" with probability length_p, replaced by the embedding of "" with probability
     text_drop (classifier-free guidance's unconditional branch).
+  - report variants (ours; off unless variant_p > 0): with probability variant_p, where the store holds variants,
+    the prompt is one of the volume's report variants (the same findings in other words, latent_store.py) instead
+    of its report; a twin takes its pair's variant, which differs from it in the flipped finding's words alone.
   - flow time t ~ U(0, 1) bent towards noise by time_shift; the draws that pick the previous blocks replaced by the
     model's own estimate (rollout) and its time; and a seed for the sample's noise, which the trainer makes on its
     device (`noises`).
@@ -57,6 +60,7 @@ class SamplingRules:
     time_shift: float = 1.0
     paired_twins: bool = False
     finding_p: float = 0.0
+    variant_p: float = 0.0
 
 
 class Batch(NamedTuple):
@@ -175,7 +179,11 @@ class BlockDataset(Dataset):
         window = torch.cat([store.start[None].expand(-first if first < 0 else 0, -1, -1, -1), real])  # [3T, C, h, w]
         before, previous, x0 = window.transpose(0, 1).split(block, dim=1)  # [C, T, h, w] each
         kind = "length" if uniform() < rules.length_p else "plain"
-        text = store.empty if uniform() < rules.text_drop else store.text(kind, volume)
+        dropped = uniform() < rules.text_drop
+        variant = None
+        if rules.variant_p and store.variants and uniform() < rules.variant_p:  # no draw without: bit for bit as before
+            variant = int(torch.randint(store.variants, (), generator=draws))
+        text = store.empty if dropped else store.text(kind, volume, variant)
         return {"x0": x0, "previous": previous, "before": before, "first_slice": torch.tensor(float(offset)),
                 "text": text, "t": shift_time(uniform(), rules.time_shift),
                 "seed": torch.randint(2**62, (), generator=draws), "rollout_u": uniform(), "rollout_t": uniform(),

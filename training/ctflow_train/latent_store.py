@@ -8,7 +8,8 @@ Layout of a store folder:
   store.json                  what made it: VAE folder and weights hash, text encoder, dtype, latent shape
   common.safetensors          the start and end latents and the embedding of "" (float32)
   volumes/<name>.safetensors  "latents" [S, C, h, w] (white end slices included) and the prompt embeddings
-                              "text/plain", "text/length" [M, D], in the store's dtype (float16 or bfloat16)
+                              "text/plain", "text/length" [M, D], in the store's dtype (float16 or bfloat16), and
+                              with --variants K "text/plain/k", "text/length/k" for k < K: the report's variants
   rows/<name>.json            the volume's index row, written after its file: slices, spacing, bytes, sha256
   index.jsonl                 every row, merged, sorted by name: what a reader reads
 
@@ -21,7 +22,9 @@ made with another VAE or text encoder is refused (its start latent or empty-text
 
 Prompts are rendered by ctflow's own render_prompt, as the pipeline does: with "Spacing: <z> mm" always, and once
 without and once with "Length: N slices" (N = the patient's real slices, so that asking for N places the end after N
-slices). "" is stored too: the pipeline's unconditional branch embeds the empty string.
+slices). "" is stored too: the pipeline's unconditional branch embeds the empty string. A cohort's store may also hold
+K variants of each report (paraphrase.py: the same findings in other words, the same K for every twin of a patient),
+which `flow --variant-p` trains on.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from ctflow.report import render_prompt
 from ctflow.text_encoder import TextEncoder
 
 from .options import add_holdout_option, add_size_option
+from .paraphrase import paraphrase, variant_rng
 from .runtime import load_vae, start_processes
 from .training_data import list_cases, load_case
 
@@ -88,6 +92,7 @@ class LatentStore:
         self.names = [row["name"] for row in rows]
         self.slices = [row["slices"] for row in rows]  # all slices, white end slices included
         self.content_slices = content = [row["content_slices"] for row in rows]  # real slices, before the white ones
+        self.variants = int(self.header.get("variants", 0))  # report variants a volume holds besides its report
         self.meta = {
             "names": self.names,
             "content_slices": content,
@@ -111,10 +116,12 @@ class LatentStore:
         """float32 [S, C, h, w]: a whole volume."""
         return self.window(volume, 0, self.slices[volume])
 
-    def text(self, kind: str, volume: int) -> torch.Tensor:
-        """float32 [M, D]: the token embeddings of one of the volume's prompts (PROMPTS)."""
+    def text(self, kind: str, volume: int, variant: int | None = None) -> torch.Tensor:
+        """float32 [M, D]: the token embeddings of one of the volume's prompts (PROMPTS), of its report or of
+        report variant `variant`."""
+        key = f"text/{kind}" if variant is None else f"text/{kind}/{variant}"
         with safe_open(self._file(volume), framework="pt") as handle:
-            return handle.get_tensor(f"text/{kind}").float()
+            return handle.get_tensor(key).float()
 
 
 def open_stores(paths: list[str | Path]) -> list[LatentStore]:
@@ -155,9 +162,10 @@ class StoreWriter:
         existing = json.loads((self.folder / HEADER).read_text())
         if existing.get("format") != FORMAT:
             raise CTFlowError(f"{self.folder} is not a latent store of format {FORMAT}")
-        for key in ("dtype", "image_size", "latent_shape"):
-            if existing[key] != header[key]:
-                raise CTFlowError(f"{self.folder} holds {key} {existing[key]}, not {header[key]}: use another --out")
+        for key in ("dtype", "image_size", "latent_shape", "variants"):
+            if existing.get(key, 0) != header.get(key, 0):
+                raise CTFlowError(f"{self.folder} holds {key} {existing.get(key, 0)}, not {header.get(key, 0)}: "
+                                  "use another --out")
         stored = load_file(self.folder / COMMON)
         if not all(same_encoding(stored[key], common[key]) for key in ("start", "text/empty")):
             raise CTFlowError(f"{self.folder} was encoded with another VAE or text encoder: use another --out")
@@ -174,7 +182,7 @@ class StoreWriter:
         """Write one volume's file, then its row; both atomically. Returns the row."""
         if Path(name).name != name or name.startswith("."):
             raise CTFlowError(f"volume name {name!r} cannot name a file")
-        tensors = {"latents": latents, **{f"text/{kind}": text[kind] for kind in PROMPTS}}
+        tensors = {"latents": latents, **{f"text/{key}": tokens for key, tokens in text.items()}}
         data = save({k: v.to(self.dtype).contiguous() for k, v in tensors.items()})
         file = f"{VOLUMES}/{name}.safetensors"
         atomic_write(self.folder / file, lambda tmp: tmp.write_bytes(data), overwrite=True)
@@ -206,14 +214,28 @@ def embed(encoder: TextEncoder, text: str) -> torch.Tensor:
     return embedding.tokens[0][embedding.mask[0]].cpu()
 
 
+def prompts_of(data: Path, entry: dict, case, variants: int) -> dict[str, str]:
+    """The prompts a volume's file holds: its report without and with its length, and as many report variants."""
+    reports = {"": case.report}
+    if variants:
+        findings = json.loads((Path(data) / entry["labels"]).read_text())["findings"]
+        reports.update({f"/{k}": paraphrase(findings, variant_rng(case.name, k)) for k in range(variants)})
+    lengths = {"plain": None, "length": case.content_slices}
+    return {f"{kind}{suffix}": render_prompt(report, lengths[kind], case.spacing[2])
+            for suffix, report in reports.items() for kind in PROMPTS}
+
+
 def build_store(data: Path, vae_folder: Path, out: Path, holdout: int, size: int, text: TextConfig, limit: int = 0,
-                dtype: str = "float16", log=print) -> dict:
+                dtype: str = "float16", variants: int = 0, log=print) -> dict:
     """Encode this rank's share of the prepared folder's training cases into the store `out`; merge the index when
     every case is there. Finished volumes are skipped, so a rerun resumes and a rerun over more data adds."""
     processes = start_processes(join_group=False)  # ranks share nothing but the folder
     rank, world, device = processes.rank, processes.world, processes.device
     entries, _ = list_cases(data, holdout)
     entries = entries[:limit] if limit else entries
+    if variants and not all(entry.get("labels") for entry in entries):
+        raise CTFlowError(f"--variants needs the findings of every case (labels/, written by ctflow-train cohort); "
+                          f"{data} has cases without")
     autoencoder = load_vae(vae_folder, size, device)
     encoder = TextEncoder.load(text)
     encoder.model.to(device)
@@ -221,15 +243,14 @@ def build_store(data: Path, vae_folder: Path, out: Path, holdout: int, size: int
               "text/empty": embed(encoder, "")}
     weights = Path(vae_folder) / "diffusion_pytorch_model.safetensors"
     header = {"format": FORMAT, "dtype": dtype, "image_size": size, "latent_shape": list(common["start"].shape),
-              "text_dim": int(common["text/empty"].shape[-1]), "vae": str(vae_folder),
+              "text_dim": int(common["text/empty"].shape[-1]), "vae": str(vae_folder), "variants": variants,
               "vae_sha256": sha256_file(weights) if weights.is_file() else None, "text": dataclasses.asdict(text)}
     writer = StoreWriter(out, header, common)
     mine = [entry for entry in shard(entries, rank, world) if not writer.finished(entry["name"])]
     started = time.perf_counter()
     for number, entry in enumerate(mine):
         case = load_case(data, entry)
-        prompts = {"plain": render_prompt(case.report, None, case.spacing[2]),
-                   "length": render_prompt(case.report, case.content_slices, case.spacing[2])}
+        prompts = prompts_of(data, entry, case, variants)
         tokens = {kind: embed(encoder, prompt) for kind, prompt in prompts.items()}
         writer.add(case.name, encode_volume(autoencoder, case), tokens, case.content_slices, case.spacing, str(data))
         log(f"rank {rank}: {number + 1}/{len(mine)} {case.name}: {len(case.hu)} slices, "
@@ -251,6 +272,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-source", default=TextConfig.source, help="text encoder (see ctflow TextConfig.source)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float16",
                         help="storage type of latents and embeddings (float16: finer steps; bfloat16: wider range)")
+    parser.add_argument("--variants", type=int, default=0,
+                        help="also embed K variants of each report (the same findings in other words; a cohort's "
+                             "labels needed), for flow --variant-p")
 
 
 def configure_verify(parser: argparse.ArgumentParser) -> None:
@@ -271,7 +295,9 @@ def run(args: argparse.Namespace) -> int:
     if not (args.vae / "config.json").is_file():
         raise CTFlowError(f"--vae {args.vae} is not a VAE folder (no config.json): "
                           "give the vae/ of a `ctflow-train vae` run")
+    if args.variants < 0:
+        raise CTFlowError(f"--variants must be 0 or more, not {args.variants}")
     summary = build_store(args.data, args.vae, args.out, args.holdout, args.size, TextConfig(source=args.text_source),
-                          args.limit, args.dtype)
+                          args.limit, args.dtype, args.variants)
     print(json.dumps(summary))
     return 0

@@ -43,6 +43,7 @@ STAGE_COLUMNS = (
     StageColumn("own-estimate steps", "rollout_steps", int, 1),
     StageColumn("end-block share", "end_p", float, 0.0),
     StageColumn("finding-block share", "finding_p", float, 0.0),
+    StageColumn("report-variant share", "variant_p", float, 0.0),
     StageColumn("pair-loss weight", "pair_weight", float, 0.0),
     StageColumn("region-loss weight", "region_weight", float, 0.0),
     StageColumn("seam weight", "seam_weight", float, 1.0),

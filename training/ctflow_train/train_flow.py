@@ -96,6 +96,7 @@ class FlowRun(RunOptions):
     rollout_steps: int
     paired_twins: bool
     finding_p: float
+    variant_p: float
     pair_weight: float
     region_weight: float
     seam_weight: float
@@ -126,7 +127,7 @@ def denoiser_config(args: FlowRun, store: LatentStore):
 def sampling_rules(args: FlowRun) -> SamplingRules:
     return SamplingRules(args.block, start_p=args.start_p, end_p=args.end_p, length_p=args.length_p,
                          text_drop=args.text_drop, time_shift=args.time_shift, paired_twins=args.paired_twins,
-                         finding_p=args.finding_p)
+                         finding_p=args.finding_p, variant_p=args.variant_p)
 
 
 def roll_out_previous(ema: STDiT, batch: Batch, share: float, noise: torch.Tensor, steps: int = 1) -> torch.Tensor:
@@ -283,6 +284,8 @@ def train(args: FlowRun) -> dict:
             raise CTFlowError(f"{option} needs --paired-twins (the pairs it compares)")
     if args.finding_p and not args.paired_twins:
         raise CTFlowError("--finding-p needs --paired-twins (the twins whose difference is the finding)")
+    if args.variant_p and not any(store.variants for store in stores):
+        raise CTFlowError("--variant-p needs a latent store with report variants (ctflow-train cache-latents --variants)")
     if args.rollout_steps < 1:
         raise CTFlowError(f"--rollout-steps must be at least 1, not {args.rollout_steps}")
     if args.paired_twins and args.batch_size % 2:
@@ -429,6 +432,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seam-weight", type=loss_weight, default=1.0,
                         help="weight of the block's first slices (one patch) in the loss, where it joins the previous "
                              "block; 1: the plain mean square error")
+    parser.add_argument("--variant-p", type=probability, default=0.0,
+                        help="share of prompts that are one of the volume's report variants (a store made with "
+                             "cache-latents --variants) instead of its report")
     parser.add_argument("--length-p", type=probability, default=0.5, help="share of prompts with 'Length: N slices'")
     parser.add_argument("--text-drop", type=probability, default=0.1, help="share of prompts replaced by ''")
     parser.add_argument("--cond-noise", type=float, default=0.05, help="noise on the previous block")

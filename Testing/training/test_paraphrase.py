@@ -1,0 +1,72 @@
+"""Report variants: the same findings in other words, varied, and the same words for a patient's twins."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from ctflow.report import parse_report
+from ctflow_train.paraphrase import ABBREVIATIONS, paraphrase, variant_rng
+
+DRAWN = {  # a cohort patient's findings as its label file gives them
+    "cardiomegaly": {"present": True, "scale": 1.16, "cardiothoracic_ratio": 0.608},
+    "pericardial_effusion": {"present": False},
+    "pleural_effusion": {"present": True, "grade": "moderate", "side": "left", "depth_mm": 20.0},
+    "atelectasis": {"present": False},
+    "consolidation": {"present": True, "lobe": "right lower lobe", "air_bronchogram": True},
+    "ground_glass": {"present": False},
+    "nodule": {"present": True, "lobe": "left upper lobe", "diameter_mm": 7.0},
+    "emphysema": {"present": False},
+    "lymphadenopathy": {"present": False},
+    "arterial_calcification": {"present": True, "severity": "moderate"},
+    "medical_material": {"present": False},
+}
+SENTENCE = re.compile(r"(?<=\.)\s+(?=[A-Z0-9])")
+
+
+def sentences(text: str) -> set[str]:
+    return {s for s in SENTENCE.split(text.replace("Impressions:", "").replace("Findings:", "")) if s.strip()}
+
+
+def test_variants_say_the_drawn_facts_in_many_ways():
+    texts = [paraphrase(DRAWN, variant_rng("synth_0_00001", k)).text for k in range(40)]
+    assert len(set(texts)) == 40
+    for text in texts:
+        report = parse_report(text)
+        assert report.findings and report.impressions  # both sections, as the pipeline reads them
+        assert re.search(r"\bleft\b", text, re.I) and not re.search(r"\bright\b[^.]*(effusion|hydrothorax|pleural)", text, re.I)
+        assert re.search(r"right lower lobe|RLL|lower lobe of the right lung", text, re.I)  # the lobe, in some style
+        assert re.search(r"left upper lobe|LUL|upper lobe of the left lung", text, re.I)
+        assert re.search(r"7 mm|0\.7 cm", text)
+        assert "emphysema" not in text.lower() or re.search(r"no[^.]*emphysema", text, re.I)  # absent: negated or unsaid
+    joined = " ".join(texts)
+    assert "RLL" in joined and "right lower lobe" in joined.lower() and "0.7 cm" in joined and "7 mm" in joined
+    assert "No evidence of" in joined and "1. " in joined  # negations and Impressions lists of several kinds
+    assert any("Findings: " in t and not re.search(r"nodule", t.split("Impressions:")[0], re.I) for t in texts)  # in
+    # the Impressions alone in some variants
+
+
+@pytest.mark.parametrize("finding, flipped", [
+    ("emphysema", {"present": True, "severity": "mild"}),
+    ("pleural_effusion", {"present": True, "grade": "moderate", "side": "right"}),  # moved to the other side
+    ("consolidation", {"present": False}),
+])
+def test_a_twins_variant_differs_in_the_flipped_findings_words_alone(finding, flipped):
+    twin = {**DRAWN, finding: flipped}
+    words = {"emphysema": "emphysema", "pleural_effusion": "pleural|hydrothorax",
+             "consolidation": "consolidat"}[finding]
+    for k in range(20):
+        a = paraphrase(DRAWN, variant_rng("synth_0_00001", k)).text
+        b = paraphrase(twin, variant_rng(f"synth_0_00001_with_{finding}", k)).text
+        assert a != b
+        changed = sentences(a) ^ sentences(b)
+        assert all(re.search(words, s, re.I) or re.match(r"\d+\.", s) for s in changed), changed
+
+
+def test_abbreviations_name_every_lobe_the_cohort_draws():
+    from ctflow_train.findings import LOBES
+
+    assert set(ABBREVIATIONS) == set(LOBES.values())
+    assert variant_rng("synth_0_00003", 1).random() != variant_rng("synth_0_00003", 2).random()
+    assert variant_rng("synth_0_00003_without_nodule", 1).random() == variant_rng("synth_0_00003", 1).random()
