@@ -16,7 +16,7 @@ from ctflow.model_folder import verify_model_folder
 
 REPORT = Path(__file__).parents[2] / "Resources" / "SampleReports" / "normal_chest.txt"
 # Mean HU of each 16x16-voxel tile of each slice, [16, 16, 16], of the sample report at slices=16, steps=4, seed 0,
-# guidance 1 on the CPU (flow16_wide, recorded 2026-11-29 on an AVX2 CPU at 2 threads). The voxels themselves are not
+# guidance 1 on the CPU (flow16_variants, recorded 2026-11-30 on an AVX2 CPU at 2 threads). The voxels themselves are not
 # portable: CPU kernels and thread counts round differently (1 HU at most, a tile 0.25 HU), while a change to
 # sampling, the end rule, decoding or weight loading moves some tile by hundreds of HU (5 steps for 4: 496, Euler for
 # AB2: 275).
