@@ -181,8 +181,9 @@ class BlockDataset(Dataset):
         kind = "length" if uniform() < rules.length_p else "plain"
         dropped = uniform() < rules.text_drop
         variant = None
-        if rules.variant_p and store.variants and uniform() < rules.variant_p:  # no draw without: bit for bit as before
-            variant = int(torch.randint(store.variants, (), generator=draws))
+        if rules.variant_p and uniform() < rules.variant_p:  # no draw without: bit for bit as before
+            drawn = int(torch.randint(2**31, (), generator=draws))  # drawn alike in every store: twins stay in step
+            variant = drawn % store.variants if store.variants else None
         text = store.empty if dropped else store.text(kind, volume, variant)
         return {"x0": x0, "previous": previous, "before": before, "first_slice": torch.tensor(float(offset)),
                 "text": text, "t": shift_time(uniform(), rules.time_shift),
