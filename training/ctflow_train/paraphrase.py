@@ -100,7 +100,7 @@ def paraphrase(drawn: dict[str, dict], rng: np.random.Generator) -> Report:
             if where >= 0.25:  # else named in the Impressions alone
                 findings.append(sentences[int(pick * len(sentences))])
         elif topic in NOUNS and keep < (0.3 if style.negation == len(NEGATIONS) else 0.85):
-            noun = NOUNS[topic][int(pick * 2)]
+            noun = NOUNS[topic][int(pick * len(NOUNS[topic]))]
             form = NEGATIONS[style.negation % len(NEGATIONS)]
             if "resolved" in form and topic not in RESOLVABLE:
                 form = NEGATIONS[0]
