@@ -40,7 +40,8 @@ class TextEncoder:
         path = resolve_text_source(config.source, model_folder, local_files_only)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-            model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True, trust_remote_code=False)
+            model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True, trust_remote_code=False,
+                                              dtype=torch.float32)  # weights stored in half run in float32
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot load the text encoder from {path}: {exc}") from exc
         return cls(model, tokenizer, config.mode, config.max_tokens, name=config.source)

@@ -48,6 +48,8 @@ for _command in (
     Command("verify-latents", "check every volume file of a latent store against its checksum", "latent_store",
             "configure_verify", "run_verify"),
     Command("flow", "flow-matching training of the denoiser (torchrun for several GPUs)", "train_flow"),
+    Command("tune-text", "tune a model's text encoder so other words for the same findings act as the writer's",
+            "tune_text"),
     Command("export", "write a ctflow model folder with a model card", "export"),
     Command("evaluate", "seam continuity, length accuracy and speed of a model folder", "evaluate"),
     Command("finding-study", "how often findings appear when asked vs negated", "finding_study"),

@@ -92,6 +92,7 @@ class LatentStore:
         self.names = [row["name"] for row in rows]
         self.slices = [row["slices"] for row in rows]  # all slices, white end slices included
         self.content_slices = content = [row["content_slices"] for row in rows]  # real slices, before the white ones
+        self.sources = [row.get("source") for row in rows]  # the prepared folder each volume was encoded from
         self.variants = int(self.header.get("variants", 0))  # report variants a volume holds besides its report
         self.meta = {
             "names": self.names,

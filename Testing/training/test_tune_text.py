@@ -1,0 +1,134 @@
+"""tune-text: the bundled model's encoder tuned through its frozen denoiser, on blocks its own autoencoder encoded."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import ctflow
+from ctflow.checksums import write_checksums
+from ctflow.hub import default_model
+from ctflow.report import Report
+from ctflow.text_encoder import TextEncoder
+from ctflow.volume import Geometry, Volume
+from ctflow_train import latent_store, tune_text
+from ctflow_train.dataset import DatasetWriter
+from ctflow_train.flow_data import BlockDataset, SamplingRules, collate, generator
+from ctflow_train.latent_store import open_stores
+
+BUNDLED = default_model()
+
+
+@pytest.fixture(scope="module")
+def store(tiny, tmp_path_factory):
+    """Three patients of 28 slices at 256 x 256 (the tiny phantom, enlarged), with label files, encoded by the bundled
+    autoencoder and text encoder."""
+    folder = tmp_path_factory.mktemp("tune")
+    rng = np.random.default_rng(0)
+    with DatasetWriter(folder / "data") as writer:
+        for n in range(3):
+            hu = np.kron(tiny.volume(rng, 28), np.ones((1, 16, 16), np.int16))
+            writer.add(f"synth_0_{n:05d}", Volume(hu, Geometry((1.5, 1.5, 2.5)), None),
+                       Report(findings=f"Patient {n}.", impressions="Normal."), tiny.labels(n))
+    config = ctflow.ModelConfig.from_dict(json.loads((BUNDLED / "config.json").read_text()))
+    latent_store.build_store(folder / "data", BUNDLED / "vae", folder / "latents", 0, 256, config.text,
+                             log=lambda line: None)
+    return folder / "latents"
+
+
+def run(store, folder, **overrides) -> tune_text.TuneRun:
+    parser = argparse.ArgumentParser()
+    tune_text.configure(parser)
+    args = parser.parse_args(["--model", str(BUNDLED), "--cache", str(store), "--out", str(folder), "--steps", "4",
+                              "--batch", "2", "--warmup", "1", "--lr", "1e-4", "--save-every", "2", "--log-every", "1"])
+    return dataclasses.replace(tune_text.TuneRun.from_args(args), **overrides)
+
+
+def quiet(line: str) -> None:
+    pass
+
+
+def test_the_tuned_model_folder_replaces_the_encoder_alone_and_a_resumed_run_matches(store, tmp_path):
+    straight = tune_text.tune(run(store, tmp_path / "straight"), quiet)
+    tune_text.tune(run(store, tmp_path / "resumed", steps=2), quiet)
+    tune_text.tune(run(store, tmp_path / "resumed", resume=True), quiet)
+    assert straight["steps"] == 4
+    tuned = tmp_path / "straight" / "model"
+    weights = {name: load_file(tmp_path / run_name / "model" / "text_encoder" / "model.safetensors")
+               for name, run_name in (("straight", "straight"), ("resumed", "resumed"))}
+    assert all(torch.equal(weights["straight"][k], weights["resumed"][k]) for k in weights["straight"])
+    assert all(v.dtype == torch.float16 for v in weights["straight"].values())
+    original = TextEncoder.load(ctflow.ModelConfig().text).model.state_dict()
+    shared = [k for k in original if k in weights["straight"]]
+    assert len(shared) > 90 and any(not torch.equal(weights["straight"][k], original[k].half()) for k in shared)
+    for name in ("model.safetensors", "vae/diffusion_pytorch_model.safetensors", "vae/config.json"):
+        assert (tuned / name).read_bytes() == (BUNDLED / name).read_bytes()
+    config, bundled = (json.loads((folder / "config.json").read_text()) for folder in (tuned, BUNDLED))
+    assert config["text"] == {**bundled["text"], "source": "folder:text_encoder"}
+    assert {k: v for k, v in config.items() if k != "text"} == {k: v for k, v in bundled.items() if k != "text"}
+    assert "tuned by `ctflow-train tune-text` (4 steps" in (tuned / "README.md").read_text()
+    assert not [p for p in (tuned / "text_encoder").iterdir() if p.suffix not in (".json", ".safetensors")]
+    pipe = ctflow.CTFlowPipeline.from_pretrained(tuned, device="cpu")  # checksums verified, encoder in float32
+    assert next(pipe.text_encoder.model.parameters()).dtype == torch.float32
+    volume = pipe.generate(ctflow.GenerationRequest("Findings: Small right pleural effusion.", slices=16, seed=0,
+                                                    steps=2))
+    assert volume.hu.shape == (16, 256, 256)
+
+
+def test_tuning_brings_a_variants_effect_towards_the_writers(store, tmp_path):
+    """On fixed blocks and variant prompts never trained on, the denoiser's prediction from a variant moves towards
+    its prediction from the writer's report."""
+    args = run(store, tmp_path / "run", steps=8, writer_p=0.0, empty_p=0.0, seed=1)
+    stores = open_stores([store])
+    blocks = BlockDataset(stores, SamplingRules(16, length_p=0.0, text_drop=0.0, time_shift=2.0), 99)
+    prompts = tune_text.Prompts(stores)
+    positions = range(6)
+    batch = collate([blocks[p] for p in positions])
+    teacher, student = tune_text.draw_prompts(blocks, prompts, positions, generator(99, 3, 0), args)
+    assert all(s.startswith("Findings:") and s not in map(prompts.writer_prompt, range(3)) for s in student)
+    config = ctflow.ModelConfig.from_dict(json.loads((BUNDLED / "config.json").read_text()))
+
+    def loss(folder, text) -> float:
+        denoiser = ctflow.CTFlowPipeline.from_pretrained(folder, device="cpu").denoiser
+        encoder = TextEncoder.load(text, folder)
+        with torch.no_grad():
+            return tune_text.distillation_loss(denoiser, encoder, batch, teacher, student).item()
+
+    before = loss(BUNDLED, config.text)
+    tune_text.tune(args, quiet)
+    after = loss(tmp_path / "run" / "model", dataclasses.replace(config.text, source="folder:text_encoder"))
+    assert after < 0.8 * before, (before, after)
+
+
+def test_tuning_refuses_what_it_cannot_tune_early(tiny, store, cache, tmp_path):
+    other = shutil.copytree(store, tmp_path / "other")
+    header = json.loads((other / "store.json").read_text())
+    (other / "store.json").write_text(json.dumps({**header, "text": {**header["text"], "max_tokens": 64}}))
+    unlabelled = tmp_path / "unlabelled"
+    with DatasetWriter(unlabelled / "data") as writer:  # as prepare-ctrate writes: no label files
+        writer.add("ct_0", Volume(np.full((20, 256, 256), -1000, np.int16), Geometry((1.5, 1.5, 2.5)), None),
+                   Report(findings="Normal.", impressions="Normal."))
+    latent_store.build_store(unlabelled / "data", BUNDLED / "vae", unlabelled / "latents", 0, 256,
+                             ctflow.ModelConfig().text, log=quiet)
+    pooled = shutil.copytree(BUNDLED, tmp_path / "pooled")
+    config = json.loads((pooled / "config.json").read_text())
+    (pooled / "config.json").write_text(json.dumps({**config, "text": {**config["text"], "mode": "pooled"}}))
+    write_checksums(pooled)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "loss.csv").write_text("step\n")
+    for overrides, message in (({"cache": [other]}, "another text encoder"),
+                               ({"cache": [cache]}, "latents of another autoencoder"),
+                               ({"cache": [unlabelled / "latents"]}, "ct_0 .* has no labels"),
+                               ({"model": pooled}, "pooled text vector"),
+                               ({"out": tmp_path / "taken"}, "already holds a training run")):
+        with pytest.raises(ctflow.CTFlowError, match=message):
+            tune_text.tune(run(store, tmp_path / "new", **overrides), quiet)
+        assert not (tmp_path / "new").exists()
+    assert (tmp_path / "taken" / "loss.csv").read_text() == "step\n"

@@ -1,0 +1,231 @@
+"""Tune a model's text encoder so that a report in other words moves its denoiser as the cohort writer's report does.
+
+The denoiser learns the report from one writer's templates; a user's words ("RLL", "hydrothorax", "has resolved")
+reach its cross-attention as other tokens, which it reads as another anatomy more than as the same finding. This
+step distils the writer's meaning into the encoder through the frozen denoiser: for a training block, its noise and
+its time, the denoiser conditioned on a report variant (paraphrase.py: the same findings in another style) by the
+tuned encoder should predict what it predicts from the writer's report by the original encoder (the store's
+tokens). Shared block, noise and time: the loss sees only the text's effect. A share of the prompts is the writer's
+report itself and the empty prompt, so the tuned encoder keeps what the denoiser learnt to read (and guidance's
+unconditional branch).
+
+The result is the model folder with its encoder replaced (`text_encoder/`, a transformers folder of safetensors,
+text.source "folder:text_encoder"), checksums rewritten: the denoiser and autoencoder are untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ctflow.checksums import write_checksums
+from ctflow.errors import CTFlowError
+from ctflow.io import atomic_folder
+from ctflow.model_folder import CARD, CONFIG, load_denoiser, read_config, verify_model_folder
+from ctflow.report import Report, render_prompt
+from ctflow.text_encoder import TextEncoder
+
+from .checkpoint import load_checkpoint, open_loss_log, prepare_run_folder, save_checkpoint
+from .dataset import read_index
+from .flow_data import Batch, BlockDataset, SamplingRules, collate, generator, noises, padded
+from .latent_store import open_stores
+from .options import CHECKPOINT, RunOptions, add_run_options, add_schedule_options, positive, print_json, probability
+from .paraphrase import paraphrase, variant_rng
+from .runtime import cosine_schedule, set_threads
+
+ENCODER_FOLDER = "text_encoder"  # inside the tuned model folder
+MODEL = "model"  # the tuned model folder, inside the run folder
+OUTPUTS = (CHECKPOINT, "loss.csv", MODEL)
+PROMPT, DROPOUT = 3, 4  # generator streams of a step's prompt draws and dropout (flow_data uses 0-2)
+VARIANTS = 2**31  # variant numbers drawn from: every step meets new words
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneRun(RunOptions):
+    model: Path
+    cache: list[Path]
+    out: Path
+    steps: int
+    lr: float
+    warmup: int
+    batch_size: int
+    writer_p: float
+    empty_p: float
+    time_shift: float
+
+
+class Prompts:
+    """Per volume of the stores: the writer's report and the findings its variants are written from."""
+
+    def __init__(self, stores) -> None:
+        self.writer, self.findings, self.spacing = [], [], []
+        entries: dict[str, dict[str, dict]] = {}
+        for store in stores:
+            for volume, name in enumerate(store.names):
+                source = Path(store.sources[volume] or "")
+                if str(source) not in entries:
+                    entries[str(source)] = {entry["name"]: entry for entry in read_index(source)}
+                entry = entries[str(source)].get(name)
+                if entry is None or not entry.get("labels"):
+                    raise CTFlowError(f"{name} of {store.folder} has no labels in {source}: tune-text writes report "
+                                      "variants from a cohort's findings (ctflow-train cohort)")
+                self.writer.append(Report(findings=entry["findings"], impressions=entry["impressions"]))
+                self.findings.append((name, json.loads((source / entry["labels"]).read_text())["findings"]))
+
+    def writer_prompt(self, number: int) -> str:
+        return render_prompt(self.writer[number])
+
+    def variant_prompt(self, number: int, variant: int) -> str:
+        name, findings = self.findings[number]
+        return render_prompt(paraphrase(findings, variant_rng(name, variant)))
+
+
+def student_tokens(encoder: TextEncoder, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, M, D], [B, M]: TextEncoder.encode with gradients (the tokens mode the denoiser reads)."""
+    batch = encoder.tokenizer(prompts, padding=True, truncation=True, max_length=encoder.max_tokens, return_tensors="pt")
+    return encoder.model(**batch).last_hidden_state.float(), batch["attention_mask"].bool()
+
+
+def draw_prompts(blocks: BlockDataset, prompts: Prompts, positions: range, draws: torch.Generator,
+                 args: TuneRun) -> tuple[list[torch.Tensor], list[str]]:
+    """Per position: the writer's tokens the store holds for its volume (the teacher's) and the prompt the tuned
+    encoder reads: '' (with '' as teacher) in a share empty_p, the writer's report in writer_p, else a variant."""
+    teacher, student = [], []
+    for position in positions:
+        store, volume = blocks.volume(position)
+        number = blocks.firsts[blocks.stores.index(store)] + volume
+        u = float(torch.rand((), generator=draws))
+        variant = int(torch.randint(VARIANTS, (), generator=draws))
+        if u < args.empty_p:
+            teacher.append(store.empty)
+            student.append("")
+        else:
+            teacher.append(store.text("plain", volume))
+            student.append(prompts.writer_prompt(number) if u < args.empty_p + args.writer_p
+                           else prompts.variant_prompt(number, variant))
+    return teacher, student
+
+
+def distillation_loss(denoiser, encoder: TextEncoder, batch: Batch, teacher: list[torch.Tensor],
+                      student: list[str]) -> torch.Tensor:
+    """Mean square difference between the denoiser's prediction from the student's tokens of `student` (prompts)
+    and from the `teacher` tokens ([M_i, D] each), on the batch's blocks, noise and times: the text's effect alone."""
+    noise = noises(batch, torch.device("cpu"), rollout=False).noise
+    t = batch.t.view(-1, 1, 1, 1, 1)
+    z_t = (1 - t) * batch.x0 + t * noise
+    with torch.no_grad():
+        text, mask = padded(teacher)
+        target = denoiser.predict(z_t, batch.t, denoiser.prepare(batch.previous, text, mask, batch.first_slice))
+    tokens, mask = student_tokens(encoder, student)
+    predicted = denoiser.predict(z_t, batch.t, denoiser.prepare(batch.previous, tokens, mask, batch.first_slice))
+    return F.mse_loss(predicted, target)
+
+
+def tune(args: TuneRun, log=print) -> dict:
+    set_threads(args.threads)
+    folder = Path(args.model)
+    verify_model_folder(folder)
+    config = read_config(folder)
+    if config.text.mode != "tokens":
+        raise CTFlowError(f"{folder.name} reads one pooled text vector; tune-text tunes token encoders")
+    stores = open_stores(args.cache)
+    if any(store.meta["text"] != dataclasses.asdict(config.text) for store in stores):
+        raise CTFlowError(f"the stores were embedded by another text encoder than {folder.name}'s ({config.text.source})")
+    latent = [config.denoiser.latent_channels, config.denoiser.latent_size, config.denoiser.latent_size]
+    if any(list(store.start.shape) != latent for store in stores):
+        raise CTFlowError(f"the stores hold latents of another autoencoder than {folder.name}'s ({latent})")
+    prompts = Prompts(stores)
+    out = Path(args.out)
+    prepare_run_folder(out, OUTPUTS, args.resume, args.overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+
+    denoiser = load_denoiser(folder, config).eval().requires_grad_(False)
+    encoder = TextEncoder.load(config.text, folder)
+    encoder.model.train().requires_grad_(True)  # dropout on: a few hundred reports' worth of writer, regularised
+    optimizer = torch.optim.AdamW(encoder.model.parameters(), lr=args.lr, weight_decay=1e-2)
+    step = 0
+    if args.resume and (out / CHECKPOINT).is_file():
+        step = load_checkpoint(out / CHECKPOINT, {"encoder": encoder.model}, {"adamw": optimizer}, {})["step"]
+    rules = SamplingRules(block=config.denoiser.block_slices, length_p=0.0, text_drop=0.0, time_shift=args.time_shift)
+    blocks = BlockDataset(stores, rules, args.seed)
+    (log_file, rows), losses = open_loss_log(out / "loss.csv", ["step", "loss", "lr"], step), []
+    started = time.perf_counter()
+    while step < args.steps:
+        positions = range(step * args.batch_size, (step + 1) * args.batch_size)
+        batch = collate([blocks[p] for p in positions])
+        teacher, student = draw_prompts(blocks, prompts, positions, generator(args.seed, PROMPT, step), args)
+        torch.manual_seed(generator(args.seed, DROPOUT, step).initial_seed())  # the encoder's dropout: resumable
+        loss = distillation_loss(denoiser, encoder, batch, teacher, student)
+        if not torch.isfinite(loss):
+            raise CTFlowError(f"the loss became {loss.item()} at step {step + 1}: lower --lr")
+        lr = cosine_schedule(step, args.lr, args.warmup, args.steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(encoder.model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        losses.append(loss.item())
+        rows.writerow([step, f"{loss.item():.6g}", f"{lr:.3g}"])
+        if step % args.log_every == 0 or step == args.steps:
+            seconds = time.perf_counter() - started
+            log_file.flush()
+            log(f"step {step}/{args.steps} loss {np.mean(losses[-args.log_every:]):.5f} lr {lr:.2g} {seconds:.0f} s")
+        if step % args.save_every == 0 or step == args.steps:
+            save_checkpoint(out / CHECKPOINT, {"encoder": encoder.model}, {"adamw": optimizer}, {},
+                            {"step": step, "args": args.meta()})
+    log_file.close()
+    tuned = write_model(folder, encoder, out / MODEL, args, step)
+    return {"model": str(tuned), "steps": step, "final_loss": float(np.mean(losses[-args.log_every:])) if losses else None}
+
+
+def write_model(folder: Path, encoder: TextEncoder, out: Path, args: TuneRun, step: int) -> Path:
+    """`folder` with its text encoder replaced by the tuned one, written whole into `out` (atomic_folder)."""
+
+    def fill(staging: Path) -> None:
+        shutil.copytree(folder, staging, dirs_exist_ok=True)
+        encoder.model.eval().half().save_pretrained(staging / ENCODER_FOLDER)  # 45 MB; read back in float32
+        encoder.tokenizer.save_pretrained(staging / ENCODER_FOLDER)
+        config = json.loads((staging / CONFIG).read_text())
+        source, config["text"]["source"] = config["text"]["source"], f"folder:{ENCODER_FOLDER}"
+        (staging / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        card = staging / CARD
+        if card.is_file():
+            card.write_text(card.read_text(encoding="utf-8").rstrip("\n") + "\n\n" + (
+                f"Text encoder: {source} tuned by `ctflow-train tune-text` ({step} steps, batch {args.batch_size}, "
+                f"lr {args.lr:g}, the writer's report in {args.writer_p:.0%} of prompts, '' in {args.empty_p:.0%}, "
+                "report variants in the rest) so that other words for the same findings move this denoiser as the "
+                "writer's do.\n"), encoding="utf-8")
+        write_checksums(staging)
+
+    return atomic_folder(out, fill, overwrite=True)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, required=True, help="model folder whose text encoder is tuned")
+    parser.add_argument("--cache", type=Path, nargs="+", required=True,
+                        help="latent stores embedded by that model's encoder, of cohorts with labels (their blocks "
+                             "and the writer's tokens)")
+    parser.add_argument("--out", type=Path, required=True, help="run folder: checkpoint, loss.csv, model/")
+    add_schedule_options(parser, steps=600, lr=2e-5, warmup=30)
+    parser.add_argument("--batch", dest="batch_size", type=positive(int), default=4)
+    parser.add_argument("--writer-p", type=probability, default=0.25,
+                        help="share of prompts that are the writer's report itself (keeps what the denoiser reads)")
+    parser.add_argument("--empty-p", type=probability, default=0.05,
+                        help="share of prompts that are '' (guidance's unconditional branch)")
+    parser.add_argument("--time-shift", type=float, default=2.0, help="flow time bent towards noise, as the flow run")
+    add_run_options(parser, save_every=100)
+
+
+def run(args: argparse.Namespace) -> int:
+    return print_json(tune(TuneRun.from_args(args), lambda line: print(line, file=sys.stderr, flush=True)))
