@@ -531,8 +531,8 @@ def heldout_located(cases: list[HeldOutCase]) -> list[Located]:
 
 
 def weights_hash(folder: Path) -> str:
-    """One hash of the weights under a folder (a model folder: denoiser and autoencoder; its vae/: the
-    autoencoder alone): a feature cache key."""
+    """One hash of the weights under a folder (a model folder: denoiser, autoencoder and a text encoder it ships; its
+    vae/: the autoencoder alone): a feature cache key."""
     return hashlib.sha256(" ".join(sha256_file(p) for p in sorted(folder.rglob("*.safetensors"))).encode()).hexdigest()
 
 
