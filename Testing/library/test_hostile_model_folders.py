@@ -171,6 +171,16 @@ def pickled_text_encoder(folder: Path) -> None:
     set_field("text.source", "folder:text_encoder")(folder)
 
 
+def tuned_text(tensors: dict[str, torch.Tensor], name: str = "text_tuned.safetensors") -> Callable[[Path], None]:
+    """Tuned text-encoder tensors (as ctflow-train tune-text ships them), listed in the manifest."""
+
+    def damage(folder: Path) -> None:
+        save_file(tensors, folder / name)
+        set_field("text.tuned", name)(folder)
+
+    return damage
+
+
 class Case(NamedTuple):
     name: str
     damage: Callable[[Path], None]
@@ -207,6 +217,13 @@ CASES = [
     Case("text folder outside the model", text_source("folder:../.."), 1, "inside the model folder"),
     Case("text folder in git's folder", text_source("folder:.git/encoder"), 1, "inside the model folder"),
     Case("pickled text encoder", pickled_text_encoder, 1, "pytorch_model.bin"),
+    Case("tuned text tensors outside the model", set_field("text.tuned", "../model.safetensors"), 1,
+         "inside the model folder"),
+    Case("tuned text tensors not safetensors", set_field("text.tuned", "README.md"), 1, "inside the model folder"),
+    Case("tuned text tensors of another shape", tuned_text({"encoder.layer.5.output.dense.weight": torch.zeros(2, 2)}),
+         1, "does not fit the text encoder"),
+    Case("tuned text tensor the encoder lacks", tuned_text({"encoder.layer.9.bogus": torch.zeros(2)}), 1,
+         "no such tensor"),
     # --- item 2: every file listed and verified, code files refused
     Case("damaged VAE, its line removed", unlist(VAE_WEIGHTS, flip_last_byte(VAE_WEIGHTS)), 1, VAE_WEIGHTS),
     Case("changed config, its line removed",

