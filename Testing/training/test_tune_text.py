@@ -94,6 +94,10 @@ def test_tuning_brings_a_variants_effect_towards_the_writers(store, tmp_path):
     batch = collate([blocks[p] for p in positions])
     teacher, student = tune_text.draw_prompts(blocks, prompts, positions, generator(99, 3, 0), args)
     assert all(s.startswith("Findings:") and s not in map(prompts.writer_prompt, range(3)) for s in student)
+    original = TextEncoder.load(ctflow.ModelConfig().text)
+    for number in range(3):  # the writer's prompt, as the student reads it, is the one the store's tokens embed
+        tokens = original.encode([prompts.writer_prompt(number)]).tokens[0]
+        assert torch.equal(tokens.half().float(), stores[0].text("plain", number))
     config = ctflow.ModelConfig.from_dict(json.loads((BUNDLED / "config.json").read_text()))
 
     def loss(folder, text) -> float:

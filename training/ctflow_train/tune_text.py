@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from ctflow.checksums import write_checksums
+from ctflow.config import TextConfig
 from ctflow.errors import CTFlowError
 from ctflow.io import atomic_folder
 from ctflow.model_folder import CARD, CONFIG, load_denoiser, read_config, verify_model_folder
 from ctflow.report import Report, render_prompt
-from ctflow.config import TextConfig
 from ctflow.text_encoder import TextEncoder
 
 from .checkpoint import load_checkpoint, open_loss_log, prepare_run_folder, save_checkpoint
@@ -68,7 +68,8 @@ class TuneRun(RunOptions):
 
 
 class Prompts:
-    """Per volume of the stores: the writer's report and the findings its variants are written from."""
+    """Per volume of the stores: the writer's report, the findings its variants are written from, and its slice
+    spacing, which the prompt states as the store's prompts (latent_store.prompts_of) and the pipeline's do."""
 
     def __init__(self, stores) -> None:
         self.writer, self.findings, self.spacing = [], [], []
@@ -84,13 +85,14 @@ class Prompts:
                                       "variants from a cohort's findings (ctflow-train cohort)")
                 self.writer.append(Report(findings=entry["findings"], impressions=entry["impressions"]))
                 self.findings.append((name, json.loads((source / entry["labels"]).read_text())["findings"]))
+                self.spacing.append(float(entry["spacing"][2]))
 
     def writer_prompt(self, number: int) -> str:
-        return render_prompt(self.writer[number])
+        return render_prompt(self.writer[number], None, self.spacing[number])
 
     def variant_prompt(self, number: int, variant: int) -> str:
         name, findings = self.findings[number]
-        return render_prompt(paraphrase(findings, variant_rng(name, variant)))
+        return render_prompt(paraphrase(findings, variant_rng(name, variant)), None, self.spacing[number])
 
 
 def student_tokens(encoder: TextEncoder, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
