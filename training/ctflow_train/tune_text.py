@@ -157,7 +157,7 @@ def tune(args: TuneRun, log=print) -> dict:
     out = Path(args.out)
     prepare_run_folder(out, OUTPUTS, args.resume, args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    encoder.model.train()  # dropout on: a few hundred reports' worth of writer, regularised
+    encoder.model.train()  # dropout on: a cohort's few hundred label sets, regularised
     optimizer = torch.optim.AdamW(tuned.values(), lr=args.lr, weight_decay=1e-2)
     step = 0
     if args.resume and (out / CHECKPOINT).is_file():
