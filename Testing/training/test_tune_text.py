@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 import ctflow
 from ctflow.checksums import write_checksums
 from ctflow.hub import default_model
+from ctflow.model_folder import load_denoiser, read_config
 from ctflow.report import Report
 from ctflow.text_encoder import TextEncoder
 from ctflow.volume import Geometry, Volume
@@ -101,7 +102,7 @@ def test_tuning_brings_a_variants_effect_towards_the_writers(store, tmp_path):
     config = ctflow.ModelConfig.from_dict(json.loads((BUNDLED / "config.json").read_text()))
 
     def loss(folder, text) -> float:
-        denoiser = ctflow.CTFlowPipeline.from_pretrained(folder, device="cpu").denoiser
+        denoiser = load_denoiser(folder, read_config(folder))
         encoder = TextEncoder.load(text, folder)
         with torch.no_grad():
             return tune_text.distillation_loss(denoiser, encoder, batch, teacher, student).item()
