@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 
 import numpy as np
 import pytest
@@ -76,6 +77,19 @@ def test_the_unrequested_length_splits_into_where_the_lungs_end_and_how_far_belo
     assert evaluate.ModelEvaluation.from_json(written).length_unrequested == length
     before = an_evaluation().to_json()  # not measured: the file as written before the lung figures, and read back
     assert "lungs_end" not in str(before) and evaluate.ModelEvaluation.from_json(before) == an_evaluation()
+
+
+def test_the_unrequested_length_is_held_against_the_typical_length_within_one_block():
+    """The goal's test, the share within one block of the patient's length, beside what the typical length gets."""
+    volumes = [evaluate.FreeLength("p1", 130, 100, 40.0), evaluate.FreeLength("p2", 120, 110, 41.0),
+               evaluate.FreeLength("p3", 140, 125, 39.0), evaluate.FreeLength("p4", 100, 124, 40.0)]
+    length = evaluate.UnrequestedLength.of(124, volumes, block=16)
+    assert (length.within_one_block, length.typical_within_one_block) == (0.5, 0.75)  # |d| <= 16 counts
+    assert length.typical_error_vs_patient == statistics.mean([6, 4, 16, 24])
+    assert length.figures()["within_one_block"] == 0.5 and "within_one_block" not in evaluate.UnrequestedLength.of(
+        124, volumes).figures()  # no block size, no figure: evaluations from before it read as they were
+    written = json.loads(json.dumps(dataclasses.replace(an_evaluation(), length_unrequested=length).to_json()))
+    assert evaluate.ModelEvaluation.from_json(written).length_unrequested == length
 
 
 def test_the_lung_volume_is_lung_density_inside_the_body_and_not_the_blur_around_it():

@@ -61,6 +61,12 @@ def mean(values) -> float | None:
     return round(statistics.mean(values), 1) if values else None
 
 
+def share(flags) -> float | None:
+    """The share of true flags to two decimals, None for none."""
+    flags = list(flags)
+    return round(sum(flags) / len(flags), 2) if flags else None
+
+
 @dataclass(frozen=True)
 class SeamContinuity:
     """Mean |HU difference| of consecutive real slices across block boundaries and inside blocks, over volumes."""
@@ -113,16 +119,24 @@ class UnrequestedLength:
     end_below_lungs: float | None = None  # mean slices from where the lungs end to the volume's end
     patient_end_below_lungs: float | None = None
     lung_volume_vs_patient: float | None = None  # mean percent of generated over patient: < 0, lungs drawn too small
+    # The goal's test (issue 18): the share of volumes within one block of the patient's length. No report states
+    # the coverage the cohort drew, so the typical length, always, is the reference a model is held against.
+    within_one_block: float | None = None
+    typical_within_one_block: float | None = None
+    typical_error_vs_patient: float | None = None  # the mean error of always ending at the typical length
 
     @classmethod
-    def of(cls, typical: int, volumes: list[FreeLength]) -> "UnrequestedLength":
+    def of(cls, typical: int, volumes: list[FreeLength], block: int | None = None) -> "UnrequestedLength":
         both = [v for v in volumes if v.lungs_end is not None and v.patient_lungs_end is not None]
         lungs = [v for v in volumes if v.lung_ml is not None and v.patient_lung_ml]
+        within = () if block is None else (share(abs(v.generated - v.real) <= block for v in volumes),
+                                           share(abs(typical - v.real) <= block for v in volumes),
+                                           mean(abs(typical - v.real) for v in volumes))
         return cls(typical, mean(abs(v.generated - typical) for v in volumes),
                    mean(abs(v.generated - v.real) for v in volumes), volumes,
                    mean(v.lungs_end - v.patient_lungs_end for v in both), mean(v.generated - v.lungs_end for v in both),
                    mean(v.real - v.patient_lungs_end for v in both),
-                   mean(100 * (v.lung_ml / v.patient_lung_ml - 1) for v in lungs))
+                   mean(100 * (v.lung_ml / v.patient_lung_ml - 1) for v in lungs), *within)
 
     def figures(self) -> dict:
         """The card's figures; the lung ones only where measured (not in evaluations from before them)."""
@@ -130,7 +144,9 @@ class UnrequestedLength:
                    "mean_abs_error_vs_patient": self.mean_abs_error_vs_patient,
                    "lungs_end_vs_patient": self.lungs_end_vs_patient, "end_below_lungs": self.end_below_lungs,
                    "patient_end_below_lungs": self.patient_end_below_lungs,
-                   "lung_volume_vs_patient": self.lung_volume_vs_patient}
+                   "lung_volume_vs_patient": self.lung_volume_vs_patient, "within_one_block": self.within_one_block,
+                   "typical_within_one_block": self.typical_within_one_block,
+                   "typical_error_vs_patient": self.typical_error_vs_patient}
         return {name: value for name, value in figures.items() if value is not None}
 
 
@@ -259,7 +275,7 @@ def evaluate_model(args: EvaluationRun) -> ModelEvaluation:
     return ModelEvaluation(
         seam_continuity_generated=summarise(seams),
         seam_continuity_cohort=summarise([seam_jump(case.hu, block) for case in cases]),
-        length_unrequested=UnrequestedLength.of(typical, free),
+        length_unrequested=UnrequestedLength.of(typical, free, block),
         length_requested_in_prompt=LengthInPrompt(
             mean_abs_error=mean(abs(a.generated - a.requested) for a in asked),
             volumes=asked,
