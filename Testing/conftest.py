@@ -86,7 +86,7 @@ def steered(tiny_pipeline):
 
     def make(end_block, end_frame, base=tiny_pipeline, **config):
         copy = ctflow.CTFlowPipeline(dataclasses.replace(base.config, **config), base.denoiser, base.autoencoder,
-                                     base.text_encoder, base.model_id, base.weights_sha256)
+                                     base.text_encoder, base.model_id, base.model_sha256)
         copy.denoiser = SteerTo(base.autoencoder, end_block, end_frame)
         return copy
 

@@ -269,7 +269,7 @@ def batch_settings(pipeline: CTFlowPipeline, request: GenerationRequest, suffix:
     check_options(request, pipeline.config)
     resolved = with_defaults(request, pipeline.config.sampling)
     return {
-        "model": pipeline.model_id, "model_sha256": pipeline.weights_sha256, "steps": resolved.steps,
+        "model": pipeline.model_id, "model_sha256": pipeline.model_sha256, "steps": resolved.steps,
         "sampler": resolved.sampler, "guidance": resolved.guidance, "shift": resolved.shift,
         "slices": request.slices, "format": suffix,
     }

@@ -169,7 +169,10 @@ class ModelConfig:
     description: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
+        data = dataclasses.asdict(self)
+        if not self.text.tuned:  # written only when set: a folder without tuned layers stays readable by older ctflow
+            del data["text"]["tuned"]
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, **data}
 
     @classmethod
     def from_dict(cls, data: Any) -> "ModelConfig":

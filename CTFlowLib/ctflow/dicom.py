@@ -4,7 +4,7 @@ What every instance (one per slice) carries, so a PACS, a viewer and a radiologi
 - Synthetic Data (0008,001C) = YES (PS3.3 C.12.1, SOP Common); Image Type DERIVED\\SECONDARY\\AXIAL; Burned In
   Annotation NO; Series Description, Study Description and Image Comments that say SYNTHETIC, not for diagnosis.
 - The generator as a Contributing Equipment Sequence (0018,A001) item with Purpose of Reference (109100, DCM,
-  "Synthesizing Equipment"): CTFlow and its version, the model id, the weights' SHA-256 as Device Serial Number.
+  "Synthesizing Equipment"): CTFlow and its version, the model id, the model's SHA-256 (model_folder.model_sha256) as Device Serial Number.
 - A fictitious patient: name SYNTHETIC^CTFLOW, id SYNTHETIC-<hash of the study UID>; nothing is taken from anywhere.
 - The full provenance as JSON (ASCII) in a private block: creator "CTFlow provenance" in group 0011, element
   (0011,xx00) UT. Standard text attributes cannot hold it (length limits, no structure); a private block is
@@ -184,12 +184,12 @@ def _synthesizing_equipment(provenance: Provenance, created: _dt.datetime):
     item.PurposeOfReferenceCodeSequence = [purpose]
     item.Manufacturer = "CTFlow"
     item.ManufacturerModelName = _lo(provenance.model)
-    item.DeviceSerialNumber = provenance.model_sha256[:64]  # the weights' SHA-256 names this exact generator
+    item.DeviceSerialNumber = provenance.model_sha256[:64]  # the model's SHA-256 names this exact generator
     item.SoftwareVersions = _lo(f"ctflow {provenance.ctflow_version}")
     item.ContributionDateTime = created.strftime("%Y%m%d%H%M%S+0000")
     item.ContributionDescription = (
         f"Synthetic CT generated from a text report by CTFlow {provenance.ctflow_version}: model {provenance.model}, "
-        f"weights sha256 {provenance.model_sha256}, seed {provenance.seed}, {provenance.steps} {provenance.sampler} "
+        f"model sha256 {provenance.model_sha256}, seed {provenance.seed}, {provenance.steps} {provenance.sampler} "
         f"steps, guidance {provenance.guidance:g}"
     )[:1024]
     return item

@@ -5,6 +5,7 @@ safetensors only.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -26,6 +27,14 @@ CARD = "README.md"
 def verify_model_folder(folder: Path) -> dict[str, str]:
     """verify_checksums, with the config and the weights required to be covered; returns {path: sha256}."""
     return verify_checksums(folder, required=(CONFIG, WEIGHTS))
+
+
+def model_sha256(checksums: dict[str, str]) -> str:
+    """One SHA-256 for all that decides what a model folder generates: every file its checksums list (config,
+    denoiser, autoencoder, a text encoder or its tuned layers) but the card, which only describes. Provenance records
+    it, so two folders that generate differently never share it (the denoiser's weights alone would)."""
+    lines = "".join(f"{digest}  {name}\n" for name, digest in sorted(checksums.items()) if name != CARD)
+    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def read_config(folder: Path) -> ModelConfig:

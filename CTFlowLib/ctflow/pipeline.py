@@ -30,7 +30,7 @@ from .devices import is_out_of_memory, out_of_memory, select_device
 from .denoiser import STDiT, parameter_count
 from .errors import CTFlowError, ModelError, RequestError
 from .hub import default_model, is_hub_id, resolve_model
-from .model_folder import CARD, WEIGHTS, load_denoiser, load_vae, read_config, verify_model_folder
+from .model_folder import CARD, load_denoiser, load_vae, model_sha256, read_config, verify_model_folder
 from .report import Report, parse_report, render_prompt
 from .ending import VolumeEnd
 from .sampling import Cancelled, Guidance, block_velocity, sample, validate
@@ -166,7 +166,7 @@ def refuse_revision_for_folder(model: str | os.PathLike | None, revision: str | 
 class CTFlowPipeline:
     def __init__(
         self, config: ModelConfig, denoiser: STDiT, autoencoder: SliceAutoencoder, text_encoder: TextEncoder,
-        model_id: str = "", weights_sha256: str = "", device: torch.device = torch.device("cpu"), card: str = "",
+        model_id: str = "", model_sha256: str = "", device: torch.device = torch.device("cpu"), card: str = "",
     ) -> None:
         if text_encoder.dim != config.denoiser.text_dim:
             raise ModelError(f"text encoder width {text_encoder.dim} != denoiser text_dim {config.denoiser.text_dim}")
@@ -179,7 +179,7 @@ class CTFlowPipeline:
         self.autoencoder = autoencoder
         self.text_encoder = text_encoder
         self.model_id = model_id
-        self.weights_sha256 = weights_sha256
+        self.model_sha256 = model_sha256
         self.device = device
         self.card = card  # the model folder's README.md: data, training, metrics, limits
 
@@ -206,7 +206,7 @@ class CTFlowPipeline:
             raise out_of_memory(target, f"loading {folder.name}") from exc
         model_id = str(model) if model is not None and not Path(model).is_dir() else config.name
         card = (folder / CARD).read_text(encoding="utf-8") if (folder / CARD).is_file() else ""
-        return cls(config, denoiser, autoencoder, text_encoder, model_id, checksums[WEIGHTS], target, card)
+        return cls(config, denoiser, autoencoder, text_encoder, model_id, model_sha256(checksums), target, card)
 
     # -- planning -------------------------------------------------------------------------------------------
 
@@ -319,7 +319,7 @@ class CTFlowPipeline:
         """Model card facts: name, sizes, parameter counts, device."""
         return {
             "model": self.model_id,
-            "weights_sha256": self.weights_sha256,
+            "model_sha256": self.model_sha256,
             "ctflow_version": __version__,
             "device": str(self.device),
             "denoiser_parameters": parameter_count(self.denoiser),
@@ -368,7 +368,7 @@ class CTFlowPipeline:
         req = plan.request
         return Provenance(
             report=plan.report_text, prompt=plan.prompt, seed=req.seed, steps=req.steps, sampler=req.sampler,
-            shift=req.shift, guidance=req.guidance, model=self.model_id, model_sha256=self.weights_sha256,
+            shift=req.shift, guidance=req.guidance, model=self.model_id, model_sha256=self.model_sha256,
             ctflow_version=__version__, device=str(self.device), slices_requested=req.slices,
             block_slices=self.config.denoiser.block_slices,
         )

@@ -146,13 +146,8 @@ def package_files(name: str) -> Path:
 
 
 def model_file(model_folder: Path | None, name: str) -> Path:
-    """A safetensors file inside the model folder, covered by its checksums: never a path leading out of it."""
-    if model_folder is None:
-        raise ModelError(f"text.tuned {name!r} needs a model folder")
-    path = model_folder / name
-    if Path(name).suffix != ".safetensors" or not path.resolve().is_relative_to(model_folder.resolve()) or any(
-            part.startswith(".") for part in Path(name).parts):
-        raise ModelError(f"text.tuned {name!r} must name a .safetensors file inside the model folder")
+    """A safetensors file inside the model folder (text.tuned)."""
+    path = inside_model_folder(model_folder, name, f"text.tuned {name!r}", "a .safetensors file", ".safetensors")
     if not path.is_file():
         raise ModelError(f"the model folder has no {name} (text.tuned)")
     return path
@@ -179,15 +174,22 @@ def replace_tensors(model: torch.nn.Module, path: Path) -> None:
 
 
 def encoder_subfolder(model_folder: Path | None, name: str) -> Path:
-    """A text encoder inside the model folder, covered by its checksums: never a path leading out of it, nor into a
-    hidden folder (those of git or huggingface_hub may hold files the checksums do not list)."""
-    if model_folder is None:
-        raise ModelError(f"text encoder 'folder:{name}' needs a model folder")
-    folder = model_folder / name
-    root = model_folder.resolve()
-    hidden = any(part.startswith(".") for part in Path(name).parts)
-    if not name or hidden or folder.resolve() == root or not folder.resolve().is_relative_to(root):
-        raise ModelError(f"text encoder 'folder:{name}' must name a subfolder inside the model folder")
+    """A text encoder inside the model folder (folder:<name>)."""
+    folder = inside_model_folder(model_folder, name, f"text encoder 'folder:{name}'", "a subfolder")
     if not folder.is_dir():
         raise ModelError(f"the model folder has no text encoder subfolder {name!r}")
     return folder
+
+
+def inside_model_folder(model_folder: Path | None, name: str, what: str, kind: str, suffix: str = "") -> Path:
+    """model_folder / name, refused unless inside the folder and so covered by its checksums: never a path leading
+    out of it, nor into a hidden folder (those of git or huggingface_hub may hold files the checksums do not list)."""
+    if model_folder is None:
+        raise ModelError(f"{what} needs a model folder")
+    path = model_folder / name
+    root = model_folder.resolve()
+    hidden = any(part.startswith(".") for part in Path(name).parts)
+    if (not name or hidden or path.resolve() == root or not path.resolve().is_relative_to(root)
+            or (suffix and Path(name).suffix != suffix)):
+        raise ModelError(f"{what} must name {kind} inside the model folder")
+    return path

@@ -220,6 +220,8 @@ CASES = [
     Case("tuned text tensors outside the model", set_field("text.tuned", "../model.safetensors"), 1,
          "inside the model folder"),
     Case("tuned text tensors not safetensors", set_field("text.tuned", "README.md"), 1, "inside the model folder"),
+    Case("tuned text tensors in a hidden folder", set_field("text.tuned", ".cache/tuned.safetensors"), 1,
+         "inside the model folder"),
     Case("tuned text tensors of another shape", tuned_text({"encoder.layer.5.output.dense.weight": torch.zeros(2, 2)}),
          1, "does not fit the text encoder"),
     Case("tuned text tensor the encoder lacks", tuned_text({"encoder.layer.9.bogus": torch.zeros(2)}), 1,
@@ -411,9 +413,18 @@ JSON = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )
-DEFAULTS = ModelConfig().to_dict()
+DEFAULTS = {**ModelConfig().to_dict(), **dataclasses.asdict(ModelConfig())}  # every field, text.tuned too
 FIELDS = [*DEFAULTS, *(f"{section}.{name}" for section, values in DEFAULTS.items() if isinstance(values, dict)
                        for name in values)]
+
+
+def test_a_config_writes_text_tuned_only_when_set():
+    """Folders without tuned text layers read as before the field (older ctflow refuses an unknown field)."""
+    plain = ModelConfig()
+    assert "tuned" not in plain.to_dict()["text"] and ModelConfig.from_dict(plain.to_dict()) == plain
+    tuned = dataclasses.replace(plain, text=dataclasses.replace(plain.text, tuned="text_tuned.safetensors"))
+    assert tuned.to_dict()["text"]["tuned"] == "text_tuned.safetensors"
+    assert ModelConfig.from_dict(tuned.to_dict()) == tuned
 
 
 @settings(max_examples=300, deadline=200, suppress_health_check=[HealthCheck.too_slow])

@@ -12,7 +12,7 @@ from ctflow import CTFlowPipeline, GenerationRequest, ModelError
 from ctflow.errors import CorruptModelError
 from ctflow.checksums import CHECKSUMS, write_checksums
 from ctflow.hub import default_model, resolve_model
-from ctflow.model_folder import WEIGHTS
+from ctflow.model_folder import WEIGHTS, model_sha256, verify_model_folder
 
 
 @pytest.fixture
@@ -47,6 +47,20 @@ def test_a_modified_weight_file_is_refused(model_copy):
     (model_copy / WEIGHTS).write_bytes(bytes(data))
     with pytest.raises(CorruptModelError, match="does not match its checksum"):
         CTFlowPipeline.from_pretrained(model_copy)
+
+
+def test_the_model_hash_names_all_that_generates_and_not_the_card(model_copy, tiny_pipeline):
+    """Provenance's model_sha256: another autoencoder (or tuned text layers) is another generator, a card edit not."""
+    first = model_sha256(verify_model_folder(model_copy))
+    assert tiny_pipeline.model_sha256 == first and tiny_pipeline.info()["model_sha256"] == first
+    (model_copy / "README.md").write_text("# the same model, described again\n")
+    write_checksums(model_copy)
+    assert model_sha256(verify_model_folder(model_copy)) == first
+    vae_config = model_copy / "vae" / "config.json"
+    vae_config.write_text(vae_config.read_text() + "\n")  # any change to a file the model reads
+    write_checksums(model_copy)
+    assert model_sha256(verify_model_folder(model_copy)) != first
+    assert model_sha256(verify_model_folder(model_copy)) == CTFlowPipeline.from_pretrained(model_copy).model_sha256
 
 
 @pytest.mark.parametrize("damage, message", [

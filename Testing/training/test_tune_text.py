@@ -58,7 +58,14 @@ def quiet(line: str) -> None:
 
 def test_the_tuned_model_ships_the_tuned_layers_alone_and_a_resumed_run_matches(store, tmp_path):
     straight = tune_text.tune(run(store, tmp_path / "straight", layers=2), quiet)
-    tune_text.tune(run(store, tmp_path / "resumed", steps=2, layers=2), quiet)
+
+    def stopped_at_step_3(line: str) -> None:  # Ctrl-C after the checkpoint of step 2, with the schedule of 4 steps
+        if line.startswith("step 3/4"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tune_text.tune(run(store, tmp_path / "resumed", layers=2), stopped_at_step_3)
+    assert not (tmp_path / "resumed" / "model").exists()
     tune_text.tune(run(store, tmp_path / "resumed", layers=2, resume=True), quiet)
     assert straight["steps"] == 4
     tuned = tmp_path / "straight" / "model"
@@ -129,11 +136,20 @@ def test_tuning_refuses_what_it_cannot_tune_early(tiny, store, cache, tmp_path):
     write_checksums(pooled)
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "loss.csv").write_text("step\n")
+    remade = shutil.copytree(store.parent, tmp_path / "remade")  # the cohort made again after its store
+    index = remade / "data" / "index.jsonl"
+    index.write_text(index.read_text().replace("Patient 0.", "Patient 9.", 1))
+    rows = remade / "latents" / "index.jsonl"
+    rows.write_text(rows.read_text().replace(str((store.parent / "data").resolve()), str((remade / "data").resolve())))
     for overrides, message in (({"cache": [other]}, "another text encoder"),
                                ({"cache": [cache]}, "latents of another autoencoder"),
                                ({"cache": [unlabelled / "latents"]}, "ct_0 .* has no labels"),
                                ({"model": pooled}, "pooled text vector"),
                                ({"layers": 7}, "--layers must be from 1 to the encoder's 6 layers"),
+                               ({"cache": [remade / "latents"]}, "the cohort was made again"),
+                               ({"writer_p": 0.8, "empty_p": 0.5}, "together at most 1"),
+                               ({"model": pooled, "out": pooled / "run"}, "overlap"),
+                               ({"model": tmp_path / "new" / "model"}, "overlap"),
                                ({"out": tmp_path / "taken"}, "already holds a training run")):
         with pytest.raises(ctflow.CTFlowError, match=message):
             tune_text.tune(run(store, tmp_path / "new", **overrides), quiet)

@@ -48,7 +48,7 @@ from ctflow.errors import CTFlowError
 from ctflow.io import atomic_write
 from ctflow.checksums import sha256_file
 from ctflow.conventions import END_HU, START_HU
-from ctflow.report import render_prompt
+from ctflow.report import Report, render_prompt
 from ctflow.text_encoder import TextEncoder
 
 from .options import add_holdout_option, add_size_option
@@ -64,8 +64,10 @@ ENCODING_TOLERANCE = 1e-2  # one encoder run with other thread counts moves the 
 
 
 def same_encoding(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two encodings of one input (the start slice, the empty text) come from the same encoder."""
-    return a.shape == b.shape and torch.allclose(a.float(), b.float(), atol=ENCODING_TOLERANCE)
+    """Whether two encodings of one input (the start slice, a text) come from the same encoder; relative to the
+    value too, as a volume file's half precision rounds a token embedding by up to 5e-4 of it."""
+    return a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=ENCODING_TOLERANCE,
+                                                 atol=ENCODING_TOLERANCE)
 
 
 class LatentStore:
@@ -215,14 +217,30 @@ def embed(encoder: TextEncoder, text: str) -> torch.Tensor:
     return embedding.tokens[0][embedding.mask[0]].cpu()
 
 
+def store_prompt(report: Report, spacing: float, slices: int | None = None) -> str:
+    """The prompt a store holds for a volume's report (and tune-text's student reads): the report, its length or
+    not, and its slice spacing, as the pipeline's prompt states them."""
+    return render_prompt(report, slices, spacing)
+
+
+def labelled_findings(data: Path, entry: dict) -> list[dict]:
+    """The findings of a prepared case's label file (written by ctflow-train cohort): what its variants say."""
+    return json.loads((Path(data) / entry["labels"]).read_text())["findings"]
+
+
+def report_variant(findings: list[dict], name: str, number: int) -> Report:
+    """Variant `number` of a volume's report: its findings in other words, the same wherever it is drawn."""
+    return paraphrase(findings, variant_rng(name, number))
+
+
 def prompts_of(data: Path, entry: dict, case, variants: int) -> dict[str, str]:
     """The prompts a volume's file holds: its report without and with its length, and as many report variants."""
     reports = {"": case.report}
     if variants:
-        findings = json.loads((Path(data) / entry["labels"]).read_text())["findings"]
-        reports.update({f"/{k}": paraphrase(findings, variant_rng(case.name, k)) for k in range(variants)})
+        findings = labelled_findings(data, entry)
+        reports.update({f"/{k}": report_variant(findings, case.name, k) for k in range(variants)})
     lengths = {"plain": None, "length": case.content_slices}
-    return {f"{kind}{suffix}": render_prompt(report, lengths[kind], case.spacing[2])
+    return {f"{kind}{suffix}": store_prompt(report, case.spacing[2], lengths[kind])
             for suffix, report in reports.items() for kind in PROMPTS}
 
 
@@ -253,7 +271,8 @@ def build_store(data: Path, vae_folder: Path, out: Path, holdout: int, size: int
         case = load_case(data, entry)
         prompts = prompts_of(data, entry, case, variants)
         tokens = {kind: embed(encoder, prompt) for kind, prompt in prompts.items()}
-        writer.add(case.name, encode_volume(autoencoder, case), tokens, case.content_slices, case.spacing, str(data))
+        writer.add(case.name, encode_volume(autoencoder, case), tokens, case.content_slices, case.spacing,
+                   str(Path(data).resolve()))
         log(f"rank {rank}: {number + 1}/{len(mine)} {case.name}: {len(case.hu)} slices, "
             f"{time.perf_counter() - started:.0f} s")
     complete = all(writer.finished(entry["name"]) for entry in entries)

@@ -25,12 +25,19 @@ def positive(kind: type):
     return parse
 
 
-def loss_weight(text: str) -> float:
-    """argparse type: a loss weight, a finite number >= 0 (0 switches its term off)."""
-    value = float(text)
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, not {text}")
-    return value
+def at_least_zero(kind: type):
+    """argparse type: a finite number >= 0 (a loss weight, where 0 switches its term off; a warm-up)."""
+
+    def parse(text: str):
+        value = kind(text)
+        if not (math.isfinite(value) and value >= 0):
+            raise argparse.ArgumentTypeError(f"must be a finite number >= 0, not {text}")
+        return value
+
+    return parse
+
+
+loss_weight = at_least_zero(float)
 
 
 def probability(text: str) -> float:
@@ -63,9 +70,9 @@ def add_holdout_option(parser: argparse.ArgumentParser) -> None:
 
 def add_schedule_options(parser: argparse.ArgumentParser, steps: int, lr: float, warmup: int) -> None:
     """The options of the one learning-rate schedule (runtime.cosine_schedule)."""
-    parser.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
-    parser.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
-    parser.add_argument("--warmup", type=int, default=warmup,
+    parser.add_argument("--steps", type=positive(int), default=steps, help=f"optimizer steps (default {steps})")
+    parser.add_argument("--lr", type=positive(float), default=lr, help=f"peak learning rate (default {lr:g})")
+    parser.add_argument("--warmup", type=at_least_zero(int), default=warmup,
                         help=f"steps of linear warm-up, then cosine decay to 10 %% at --steps (default {warmup})")
 
 
@@ -77,8 +84,8 @@ def add_run_options(parser: argparse.ArgumentParser, save_every: int) -> None:
     """Options every checkpointed training run shares: seed, threads, logging, checkpoint cadence, resume."""
     parser.add_argument("--seed", type=int, default=0)
     add_threads_option(parser)
-    parser.add_argument("--log-every", type=int, default=25)
-    parser.add_argument("--save-every", type=int, default=save_every)
+    parser.add_argument("--log-every", type=positive(int), default=25)
+    parser.add_argument("--save-every", type=positive(int), default=save_every)
     again = parser.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help=f"continue the run in --out from its {CHECKPOINT}")
     again.add_argument("--overwrite", action="store_true", help="replace the run already in --out (default: refuse)")

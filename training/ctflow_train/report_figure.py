@@ -212,7 +212,7 @@ def make_figure(run: FigureRun, log=progress) -> Image.Image:
         rows.append((report, by_seed))
     made = normals[seeds[0]].provenance
     header = (f"{SYNTHETIC_NOTICE}. "
-              f"Model {made.model} (weights sha256 {made.model_sha256[:12]}), {made.steps} {made.sampler} steps, "
+              f"Model {made.model} (model sha256 {made.model_sha256[:12]}), {made.steps} {made.sampler} steps, "
               f"guidance {made.guidance:g}. Per seed: axial and coronal slice through the largest change against "
               f"{normal.path.name} on the same seed; red: |HU change| > {CHANGE_HU:g}. {run.window} window.")
     return render_figure(header, rows, run.window, run.tile)

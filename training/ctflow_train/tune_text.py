@@ -29,20 +29,21 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from ctflow.checksums import write_checksums
+from ctflow.autoencoder import SliceAutoencoder
+from ctflow.checksums import sha256_file, write_checksums
 from ctflow.config import TextConfig
-from ctflow.errors import CTFlowError
+from ctflow.conventions import START_HU
+from ctflow.errors import CorruptModelError, CTFlowError
 from ctflow.io import atomic_folder
-from ctflow.model_folder import CARD, CONFIG, load_denoiser, read_config, verify_model_folder
-from ctflow.report import Report, render_prompt
+from ctflow.model_folder import CARD, CONFIG, load_denoiser, load_vae, read_config, verify_model_folder
+from ctflow.report import Report
 from ctflow.text_encoder import TextEncoder
 
 from .checkpoint import load_checkpoint, open_loss_log, prepare_run_folder, save_checkpoint
 from .dataset import read_index
 from .flow_data import Batch, BlockDataset, SamplingRules, collate, generator, noises, padded
-from .latent_store import open_stores
+from .latent_store import embed, labelled_findings, open_stores, report_variant, same_encoding, store_prompt
 from .options import CHECKPOINT, RunOptions, add_run_options, add_schedule_options, positive, print_json, probability
-from .paraphrase import paraphrase, variant_rng
 from .runtime import cosine_schedule, set_threads
 
 TUNED = "text_tuned.safetensors"  # inside the tuned model folder
@@ -69,7 +70,7 @@ class TuneRun(RunOptions):
 
 class Prompts:
     """Per volume of the stores: the writer's report, the findings its variants are written from, and its slice
-    spacing, which the prompt states as the store's prompts (latent_store.prompts_of) and the pipeline's do."""
+    spacing; prompts rendered by the store's own rule (latent_store.store_prompt)."""
 
     def __init__(self, stores) -> None:
         self.writer, self.findings, self.spacing = [], [], []
@@ -84,15 +85,27 @@ class Prompts:
                     raise CTFlowError(f"{name} of {store.folder} has no labels in {source}: tune-text writes report "
                                       "variants from a cohort's findings (ctflow-train cohort)")
                 self.writer.append(Report(findings=entry["findings"], impressions=entry["impressions"]))
-                self.findings.append((name, json.loads((source / entry["labels"]).read_text())["findings"]))
+                self.findings.append((name, labelled_findings(source, entry)))
                 self.spacing.append(float(entry["spacing"][2]))
 
     def writer_prompt(self, number: int) -> str:
-        return render_prompt(self.writer[number], None, self.spacing[number])
+        return store_prompt(self.writer[number], self.spacing[number])
 
     def variant_prompt(self, number: int, variant: int) -> str:
         name, findings = self.findings[number]
-        return render_prompt(paraphrase(findings, variant_rng(name, variant)), None, self.spacing[number])
+        return store_prompt(report_variant(findings, name, variant), self.spacing[number])
+
+
+def check_sources(stores, prompts: Prompts, encoder: TextEncoder) -> None:
+    """The teacher is the store's tokens, the student reads the cohort's report: refuse a cohort that is no longer
+    the one the store embedded (made again, or another of the same names), checked on each store's first volume."""
+    number = 0
+    for store in stores:
+        if store.names and not same_encoding(embed(encoder, prompts.writer_prompt(number)),
+                                             store.text("plain", 0)):
+            raise CTFlowError(f"{store.names[0]}'s report in {store.sources[0]} is not the one {store.folder} "
+                              "embedded: the cohort was made again after the store; encode it again (cache-latents)")
+        number += len(store.names)
 
 
 def student_tokens(encoder: TextEncoder, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,8 +151,14 @@ def distillation_loss(denoiser, encoder: TextEncoder, batch: Batch, teacher: lis
 
 def tune(args: TuneRun, log=print) -> dict:
     set_threads(args.threads)
-    folder = Path(args.model)
-    verify_model_folder(folder)
+    folder, out = Path(args.model), Path(args.out)
+    if args.writer_p + args.empty_p > 1:
+        raise CTFlowError(f"--writer-p {args.writer_p:g} and --empty-p {args.empty_p:g} are shares of the prompts: "
+                          "together at most 1")
+    if nested(out, folder) or nested(folder, out / MODEL):
+        raise CTFlowError(f"--out {out} and --model {folder} overlap: a run folder never writes into its model, nor "
+                          "holds it where its output goes")
+    checksums = verify_model_folder(folder)
     config = read_config(folder)
     if config.text.mode != "tokens":
         raise CTFlowError(f"{folder.name} reads one pooled text vector; tune-text tunes token encoders")
@@ -147,14 +166,14 @@ def tune(args: TuneRun, log=print) -> dict:
     if any(TextConfig(**store.meta["text"]) != config.text for store in stores):
         raise CTFlowError(f"the stores were embedded by another text encoder than {folder.name}'s: tune the model "
                           "whose encoder embedded them (a tuned model's own encoder is tuned again from that one)")
-    latent = [config.denoiser.latent_channels, config.denoiser.latent_size, config.denoiser.latent_size]
-    if any(list(store.start.shape) != latent for store in stores):
-        raise CTFlowError(f"the stores hold latents of another autoencoder than {folder.name}'s ({latent})")
+    start = SliceAutoencoder(load_vae(folder), config.autoencoder).constant_latent(START_HU)
+    if not all(same_encoding(store.start, start) for store in stores):
+        raise CTFlowError(f"the stores hold latents of another autoencoder than {folder.name}'s")
     prompts = Prompts(stores)
-    denoiser = load_denoiser(folder, config).eval().requires_grad_(False)
     encoder = TextEncoder.load(config.text, folder)
+    check_sources(stores, prompts, encoder)
+    denoiser = load_denoiser(folder, config).eval().requires_grad_(False)
     tuned = tuned_parameters(encoder, args.layers)
-    out = Path(args.out)
     prepare_run_folder(out, OUTPUTS, args.resume, args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     encoder.model.train()  # dropout on: a cohort's few hundred label sets, regularised
@@ -192,7 +211,7 @@ def tune(args: TuneRun, log=print) -> dict:
             save_checkpoint(out / CHECKPOINT, {"encoder": encoder.model}, {"adamw": optimizer}, {},
                             {"step": step, "args": args.meta()})
     log_file.close()
-    model = write_model(folder, tuned, out / MODEL, args, step)
+    model = write_model(folder, checksums, tuned, out / MODEL, args, step)
     return {"model": str(model), "steps": step, "final_loss": float(np.mean(losses[-args.log_every:])) if losses else None}
 
 
@@ -210,11 +229,22 @@ def tuned_parameters(encoder: TextEncoder, layers: int) -> dict[str, torch.nn.Pa
     return tuned
 
 
-def write_model(folder: Path, tuned: dict[str, torch.nn.Parameter], out: Path, args: TuneRun, step: int) -> Path:
-    """`folder` with the tuned layers beside it (TUNED, named by text.tuned), written whole into `out`."""
+def nested(inner: Path, outer: Path) -> bool:
+    """Whether `inner` is `outer` or lies inside it."""
+    return inner.resolve().is_relative_to(outer.resolve())
+
+
+def write_model(folder: Path, checksums: dict[str, str], tuned: dict[str, torch.nn.Parameter], out: Path,
+                args: TuneRun, step: int) -> Path:
+    """`folder` with the tuned layers beside it (TUNED, named by text.tuned), written whole into `out`: the files
+    its checksums list (verified at the start, checked again as copied), nothing else it may hold."""
 
     def fill(staging: Path) -> None:
-        shutil.copytree(folder, staging, dirs_exist_ok=True)
+        for name, digest in checksums.items():
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(folder / name, staging / name)
+            if sha256_file(staging / name) != digest:
+                raise CorruptModelError(f"{folder / name} changed during the run; the tuned model is not written")
         save_file({name: p.detach().half().contiguous() for name, p in tuned.items()}, staging / TUNED)
         config = json.loads((staging / CONFIG).read_text())
         config["text"]["tuned"] = TUNED
