@@ -13,28 +13,26 @@ from pathlib import Path
 CHECKPOINT = "checkpoint.safetensors"  # the file a checkpointed run continues from (--resume)
 
 
-def positive(kind: type):
-    """argparse type: a finite number above zero, so a typo fails at once rather than deep inside a run."""
+def finite_number(kind: type, fits, words: str):
+    """argparse type: a finite number of `kind` that `fits`, so a typo fails at once rather than deep inside a run."""
 
     def parse(text: str):
         value = kind(text)
-        if not (math.isfinite(value) and value > 0):
-            raise argparse.ArgumentTypeError(f"must be a finite number above zero, not {text}")
+        if not (math.isfinite(value) and fits(value)):
+            raise argparse.ArgumentTypeError(f"must be a finite number {words}, not {text}")
         return value
 
     return parse
+
+
+def positive(kind: type):
+    """A size, a count, a step, a rate."""
+    return finite_number(kind, lambda value: value > 0, "above zero")
 
 
 def at_least_zero(kind: type):
-    """argparse type: a finite number >= 0 (a loss weight, where 0 switches its term off; a warm-up)."""
-
-    def parse(text: str):
-        value = kind(text)
-        if not (math.isfinite(value) and value >= 0):
-            raise argparse.ArgumentTypeError(f"must be a finite number >= 0, not {text}")
-        return value
-
-    return parse
+    """A loss weight (0 switches its term off), a warm-up."""
+    return finite_number(kind, lambda value: value >= 0, ">= 0")
 
 
 loss_weight = at_least_zero(float)
