@@ -50,7 +50,8 @@ MANIFEST_DIR, ITEMS_DIR, LOCKS_DIR, SETTINGS = ".manifest", "items", "locks", "b
 DICOM_STUDIES = "dicom.json"
 MANIFEST_CSV, MANIFEST_JSON = "manifest.csv", "manifest.json"
 COLUMNS = ("file", "report_id", "report", "seed", "slices", "slices_requested", "block_slices", "model",
-           "model_sha256", "sha256", "time_s", "steps", "sampler", "guidance", "shift", "device", "rank")
+           "model_sha256", "sha256", "time_s", "steps", "sampler", "guidance", "side_guidance", "shift", "device",
+           "rank")
 CHALLENGE_NAME = "input_image_name"  # VLM3D text-to-CT challenge: the output file's name
 CHALLENGE_SUFFIXES = (".mha", ".nii.gz", ".nii", ".nrrd")
 SECTION_KEYS = (("findings", "impressions"), ("Findings_EN", "Impressions_EN"))
@@ -270,8 +271,8 @@ def batch_settings(pipeline: CTFlowPipeline, request: GenerationRequest, suffix:
     resolved = with_defaults(request, pipeline.config.sampling)
     return {
         "model": pipeline.model_id, "model_sha256": pipeline.model_sha256, "steps": resolved.steps,
-        "sampler": resolved.sampler, "guidance": resolved.guidance, "shift": resolved.shift,
-        "slices": request.slices, "format": suffix,
+        "sampler": resolved.sampler, "guidance": resolved.guidance, "side_guidance": resolved.side_guidance,
+        "shift": resolved.shift, "slices": request.slices, "format": suffix,
     }
 
 
@@ -348,7 +349,8 @@ def manifest_row(item: Item, provenance, path: Path, slices: int, seconds: float
         "slices": slices, "slices_requested": provenance.slices_requested, "block_slices": provenance.block_slices,
         "model": provenance.model, "model_sha256": provenance.model_sha256, "sha256": sha256_of(path),
         "time_s": round(seconds, 3), "steps": provenance.steps, "sampler": provenance.sampler,
-        "guidance": provenance.guidance, "shift": provenance.shift, "device": provenance.device, "rank": rank,
+        "guidance": provenance.guidance, "side_guidance": provenance.side_guidance, "shift": provenance.shift,
+        "device": provenance.device, "rank": rank,
         "order": item.report.order,
     }
 

@@ -141,6 +141,9 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slices", type=int, help="exact slice count (default: the model decides where to end)")
     parser.add_argument("--steps", type=int, help="sampling steps per block (default: the model's)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = none)")
+    parser.add_argument("--side-guidance", type=float,
+                        help="guidance away from the report with its sides mirrored, for a finding on the side the "
+                             "report names (0 = none; default: the model's)")
     parser.add_argument("--sampler", choices=METHODS, help="ODE solver (default: the model's)")
     parser.add_argument("--shift", type=float, help="time shift of the sampling schedule (default: the model's)")
 
@@ -165,7 +168,8 @@ def run_generate(args: argparse.Namespace) -> int:
         embedding = read_embedding(args.embedding)
         report = f"(precomputed report embedding {args.embedding.name}, sha256 {sha256_file(args.embedding)})"
     request = GenerationRequest(report, slices=args.slices, seed=args.seed, steps=args.steps, guidance=args.guidance,
-                                sampler=args.sampler, shift=args.shift, embedding=embedding)
+                                side_guidance=args.side_guidance, sampler=args.sampler, shift=args.shift,
+                                embedding=embedding)
     check_request(request, local_config(args.model, args.revision))  # seconds, before the model loads
     pipeline = load_pipeline(args, args.device, dtype=None if args.dtype == "auto" else getattr(torch, args.dtype))
     plan = pipeline.plan(request)
@@ -174,7 +178,7 @@ def run_generate(args: argparse.Namespace) -> int:
     request = plan.request
     print(
         f"ctflow: {pipeline.model_id} on {pipeline.device}, seed {request.seed}, {request.steps} {request.sampler} "
-        f"steps, guidance {request.guidance:g}", file=sys.stderr,
+        f"steps, guidance {request.guidance:g}, side guidance {plan.guidance.side:g}", file=sys.stderr,
     )
     progress = ProgressBar()
     volume = pipeline.generate(plan, cancel=threading.Event(), on_block=progress.update)
@@ -212,8 +216,8 @@ def run_batch(args: argparse.Namespace) -> int:
         print(f"wrote {args.out / batch.MANIFEST_CSV}: {len(rows)} of {len(items)} items finished")
         return 0
     batch.check_out_folder(args.out)
-    options = GenerationRequest("", slices=args.slices, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
-                                shift=args.shift)
+    options = GenerationRequest("", slices=args.slices, steps=args.steps, guidance=args.guidance,
+                                side_guidance=args.side_guidance, sampler=args.sampler, shift=args.shift)
     check_options(options, local_config(args.model, args.revision))  # before the model loads
     rank, world, local_rank = batch.rank_and_world()
     device = args.device

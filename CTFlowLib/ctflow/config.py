@@ -133,6 +133,7 @@ class SamplingConfig:
     method: str = "ab2"
     shift: float = 1.0
     guidance: float = 1.0
+    side_guidance: float = 0.0  # guidance against the report with its sides mirrored (sampling.Guidance)
     # "ctflow": start from the encoded black slice, end at the first white latent slice (or a decoded white one).
     # "released": the published generator: start and end markers are VAE posterior samples of the all-zero and
     # all-one image, a block whose first slice is white is the last one (kept), trailing white slices are trimmed.
@@ -170,8 +171,11 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        if not self.text.tuned:  # written only when set: a folder without tuned layers stays readable by older ctflow
+        # Written only when set, so a folder without them stays readable by older ctflow.
+        if not self.text.tuned:
             del data["text"]["tuned"]
+        if not self.sampling.side_guidance:
+            del data["sampling"]["side_guidance"]
         return {"format": FORMAT, "format_version": FORMAT_VERSION, **data}
 
     @classmethod
@@ -231,6 +235,7 @@ _RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "sampling.method": _one_of(METHODS),
     "sampling.shift": _above_zero(1000),
     "sampling.guidance": _between(0, 30),
+    "sampling.side_guidance": _between(0, 30),
     "geometry.spacing": _above_zero(1000),
     "max_slices": _between(1, MAX_SLICES),
     "typical_slices": _between(1, MAX_SLICES),

@@ -190,7 +190,7 @@ def _synthesizing_equipment(provenance: Provenance, created: _dt.datetime):
     item.ContributionDescription = (
         f"Synthetic CT generated from a text report by CTFlow {provenance.ctflow_version}: model {provenance.model}, "
         f"model sha256 {provenance.model_sha256}, seed {provenance.seed}, {provenance.steps} {provenance.sampler} "
-        f"steps, guidance {provenance.guidance:g}"
+        f"steps, guidance {provenance.guidance:g}, side guidance {provenance.side_guidance:g}"
     )[:1024]
     return item
 

@@ -31,7 +31,7 @@ from .denoiser import STDiT, parameter_count
 from .errors import CTFlowError, ModelError, RequestError
 from .hub import default_model, is_hub_id, resolve_model
 from .model_folder import CARD, load_denoiser, load_vae, model_sha256, read_config, verify_model_folder
-from .report import Report, parse_report, render_prompt
+from .report import Report, mirrored, parse_report, render_prompt
 from .ending import VolumeEnd
 from .sampling import Cancelled, Guidance, block_velocity, sample, validate
 from .text_encoder import TextEncoder, unit_cls
@@ -59,6 +59,7 @@ class GenerationRequest:
     seed: int | None = None  # None draws a fresh seed (recorded in provenance)
     steps: int | None = None
     guidance: float | None = None
+    side_guidance: float | None = None  # against the report with its sides mirrored (report.mirrored); 0: none
     sampler: str | None = None
     shift: float | None = None
     # A precomputed report embedding (models with one text vector): used instead of encoding the report, which is
@@ -74,7 +75,7 @@ class GenerationPlan:
     prompt: str
     report_text: str
     notices: tuple[str, ...]  # things the caller should tell the user (e.g. the report was truncated)
-    text: torch.Tensor  # [guidance.branches, M, text_dim]: conditional (and unconditional for guidance)
+    text: torch.Tensor  # [guidance.branches, M, text_dim]: in Guidance.texts' order
     text_mask: torch.Tensor
     guidance: Guidance
 
@@ -98,12 +99,15 @@ class DecodedBlock:
 
 def with_defaults(request: GenerationRequest, sampling: SamplingConfig) -> GenerationRequest:
     """The request with every unset sampling option replaced by the model's default (the seed stays as given).
-    A precomputed embedding has no empty-report twin to guide by, so its default guidance is 1 (off)."""
-    default_guidance = 1.0 if request.embedding is not None else sampling.guidance
+    A precomputed embedding has no empty or mirrored report to guide by, so its default guidance is 1 and its side
+    guidance 0 (off)."""
+    given = request.embedding is not None
+    default_guidance, default_side = (1.0, 0.0) if given else (sampling.guidance, sampling.side_guidance)
     return dataclasses.replace(
         request,
         steps=request.steps if request.steps is not None else sampling.steps,
         guidance=request.guidance if request.guidance is not None else default_guidance,
+        side_guidance=request.side_guidance if request.side_guidance is not None else default_side,
         sampler=request.sampler or sampling.method,
         shift=request.shift if request.shift is not None else sampling.shift,
         prompt_slices=request.prompt_slices if request.prompt_slices is not None else request.slices,
@@ -138,6 +142,12 @@ def check_options(request: GenerationRequest, config: ModelConfig | None = None)
     if guidance != 1.0 and request.embedding is not None:
         raise RequestError("guidance needs an embedding of the empty report too: with a precomputed "
                            "embedding use guidance 1")
+    side = resolved.side_guidance
+    if not (isinstance(side, (int, float)) and math.isfinite(side) and 0.0 <= side <= MAX_GUIDANCE):
+        raise RequestError(f"side guidance must be a number from 0 to {MAX_GUIDANCE:g}, not {side!r}")
+    if side > 0 and request.embedding is not None:
+        raise RequestError("side guidance needs the report's text, to mirror its sides: with a precomputed "
+                           "embedding use side guidance 0")
 
 
 def check_request(request: GenerationRequest, config: ModelConfig | None = None) -> Report:
@@ -227,7 +237,8 @@ class CTFlowPipeline:
         # The released model never saw our meta lines (length, spacing): it gets the report sections alone.
         spacing = self.config.geometry.spacing[2]
         prompt = report.text if self.released_mode else render_prompt(report, resolved.prompt_slices, spacing)
-        guidance = Guidance(resolved.guidance)
+        names_a_side = mirrored(prompt) != prompt
+        guidance = Guidance(resolved.guidance, resolved.side_guidance if names_a_side else 0.0)
         embedding = self.text_encoder.encode(guidance.texts(prompt))
         notices = []
         if report.truncated or embedding.truncated[0]:
@@ -368,7 +379,7 @@ class CTFlowPipeline:
         req = plan.request
         return Provenance(
             report=plan.report_text, prompt=plan.prompt, seed=req.seed, steps=req.steps, sampler=req.sampler,
-            shift=req.shift, guidance=req.guidance, model=self.model_id, model_sha256=self.model_sha256,
+            shift=req.shift, guidance=req.guidance, side_guidance=plan.guidance.side, model=self.model_id, model_sha256=self.model_sha256,
             ctflow_version=__version__, device=str(self.device), slices_requested=req.slices,
             block_slices=self.config.denoiser.block_slices,
         )

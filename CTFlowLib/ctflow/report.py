@@ -26,6 +26,12 @@ _HEADER = re.compile(
 )
 _SPACES = re.compile(r"[^\S\n]+")
 
+# A finding's side and its mirror image (side guidance steers away from the mirrored report). The heart's chambers
+# keep their names: a report's side is mirrored, not the anatomy ("leads in the right atrium").
+_MIRRORED_WORDS = {"right": "left", "left": "right", "rul": "LUL", "lul": "RUL", "rll": "LLL", "lll": "RLL",
+                   "rml": "lingula", "lingula": "RML", "lingular": "right middle lobe"}
+_SIDE_WORD = re.compile(rf"\b({'|'.join(_MIRRORED_WORDS)})\b(?!\s+(?:atri|ventric|heart))", re.IGNORECASE)
+
 
 @dataclass(frozen=True)
 class Report:
@@ -91,6 +97,21 @@ def render_prompt(report: Report, slices: int | None = None, slice_spacing: floa
     if slice_spacing is not None:
         lines.append(f"Spacing: {float(slice_spacing):g} mm")
     return "\n".join(lines)
+
+
+def mirrored(text: str) -> str:
+    """The text with every side it names swapped (right and left, RUL and LUL, RML and lingula, ...); the text
+    itself when it names none. The negative prompt of side guidance: what the model would make on the other side."""
+    return _SIDE_WORD.sub(lambda match: _mirrored_word(match.group(0)), text)
+
+
+def _mirrored_word(word: str) -> str:
+    other = _MIRRORED_WORDS[word.lower()]
+    if other.isupper() or len(word) == 3:  # to or from an abbreviation as written: rll -> LLL, RML -> lingula
+        return other
+    if word.isupper():  # RIGHT -> LEFT
+        return other.upper()
+    return other.capitalize() if word[0].isupper() else other
 
 
 def _as_text(value: object, what: str) -> str:

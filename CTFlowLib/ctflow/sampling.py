@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from .errors import RequestError
+from .report import mirrored
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z [B, ...], t scalar tensor) -> v like z
 METHODS = ("euler", "heun", "ab2")  # ab2: second order at one model call per step
@@ -80,46 +81,53 @@ def validate(steps: int, method: str, shift: float) -> None:
         raise RequestError(f"time shift must be a number above 0 and at most {MAX_SHIFT:g}, not {shift!r}")
 
 
-def guided(model_velocity: Velocity, guidance: float) -> Velocity:
-    """Classifier-free guidance with one forward: the batch holds [conditional; unconditional] halves.
+def guided(model_velocity: Velocity, guidance: float, side: float = 0.0) -> Velocity:
+    """Classifier-free guidance with one forward: the batch holds [conditional; unconditional] rows, then the
+    mirrored report's when side > 0, which side guidance steers away from:
+    v = v_uncond + guidance * (v_cond - v_uncond) + side * (v_cond - v_mirrored).
 
-    model_velocity sees z duplicated and must return both halves; with guidance 1 only the
-    conditional half is run (the caller passes an unbatched model then).
+    model_velocity sees z repeated once per row and must return every row; with guidance 1 the unconditional
+    row is left out (and with side 0 too, the caller passes an unbatched model).
     """
+    rows = 1 + (guidance != 1.0) + (side > 0)
 
     def velocity(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        v_cond, v_uncond = model_velocity(torch.cat([z, z]), t).chunk(2)
-        return v_uncond + guidance * (v_cond - v_uncond)
+        v = model_velocity(torch.cat([z] * rows), t).chunk(rows)
+        mixed = v[0] if guidance == 1.0 else v[1] + guidance * (v[0] - v[1])
+        return mixed + side * (v[0] - v[-1]) if side > 0 else mixed
 
     return velocity
 
 
 @dataclass(frozen=True)
 class Guidance:
-    """Classifier-free guidance at `scale`, decided once per generation (plan()): scale 1 runs the conditional
-    branch alone; any other scale runs [conditional; unconditional] in one batch and mixes them (guided)."""
+    """How one generation guides, decided once (plan()): classifier-free guidance at `scale` (1: the conditional
+    branch alone; else [conditional; unconditional] in one batch, mixed) and side guidance at `side` against the
+    report with its sides mirrored (0, or a report that names no side: none)."""
 
     scale: float
+    side: float = 0.0
 
     @property
     def branches(self) -> int:
-        """Rows of text conditioning, and of the denoiser's batch: 1, or 2 with the empty report's embedding."""
-        return 1 if self.scale == 1.0 else 2
+        """Rows of text conditioning, and of the denoiser's batch: the prompt, "" when guiding, the mirrored prompt
+        for side guidance."""
+        return 1 + (self.scale != 1.0) + (self.side > 0)
 
     def texts(self, prompt: str) -> list[str]:
-        """The texts to embed: the prompt, then "" (the empty report) when guiding."""
-        return [prompt, ""][: self.branches]
+        """The texts to embed, one per branch."""
+        return [prompt] + [""] * (self.scale != 1.0) + [mirrored(prompt)] * (self.side > 0)
 
     def velocity(self, model_velocity: Velocity) -> Velocity:
-        return model_velocity if self.branches == 1 else guided(model_velocity, self.scale)
+        return model_velocity if self.branches == 1 else guided(model_velocity, self.scale, self.side)
 
 
 def block_velocity(denoiser, previous: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, first_slice: int,
                    guidance: Guidance) -> Velocity:
     """The velocity field of one block for a denoiser (STDiT), guided; its conditioning is computed once here.
 
-    previous: [1, C, T, h, w] clean block before it; text, mask: [guidance.branches, M, D], [branches, M]
-    ([conditional; unconditional]); first_slice: the block's first slice in the volume. One home for the pipeline
+    previous: [1, C, T, h, w] clean block before it; text, mask: [guidance.branches, M, D], [branches, M] in
+    Guidance.texts' order; first_slice: the block's first slice in the volume. One home for the pipeline
     and the export's end calibration, so the calibration meets the blocks the pipeline makes."""
     cond = denoiser.prepare(previous.expand(guidance.branches, -1, -1, -1, -1), text, mask,
                             torch.tensor(float(first_slice)))

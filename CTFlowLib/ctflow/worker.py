@@ -11,7 +11,7 @@ protocol lines (anything else a library prints goes to stderr, which is the work
 Front end -> worker (stdin):
   {"type": "generate", "id": ID, "request": {...}, "model": M, "revision": R, "device": D, "dtype": T}
       request: the fields of ctflow.GenerationRequest (report, impressions, slices, seed, steps, guidance,
-      sampler, shift); null or missing means the model's default. model: a folder or hub id (null: the
+      side_guidance, sampler, shift); null or missing means the model's default. model: a folder or hub id (null: the
       default model); device: auto, cpu, cuda or cuda:N; dtype: null (float32 on CPU, bfloat16 on a GPU that
       has it), float32, bfloat16 or float16. Runs are served one at a time, in order.
   {"type": "cancel", "id": ID}     stop that run at its next sampling step (also when it is still queued)
@@ -22,8 +22,9 @@ Worker -> front end (stdout):
   {"type": "ready", "protocol": 1, "ctflow_version", "torch_version", "pid", "cuda": bool, "gpu": name or null,
    "gpu_memory_gb": float or null}                                   once, at start
   {"type": "loading", "id", "model"}                                 a model is being loaded (not when kept)
-  {"type": "planned", "id", "folder", "reused_model": bool, "seed", "steps", "guidance", "sampler", "shift",
-   "slices", "notices": [str], "model", "device"}                    the request is valid; sampling starts
+  {"type": "planned", "id", "folder", "reused_model": bool, "seed", "steps", "guidance", "side_guidance" (as
+   applied: 0 when the report names no side), "sampler", "shift", "slices", "notices": [str], "model", "device"}
+                                                                     the request is valid; sampling starts
   {"type": "block", "id", "file", "index", "start", "stop", "blocks_done", "blocks_expected", "elapsed_s",
    "block_s", "eta_s", "time", "ijk_to_ras": 4x4, "provenance": {str: str}}
       file: an .npy of int16 HU [stop - start, rows, cols], slices [start, stop) of the volume, in `folder`;
@@ -57,7 +58,8 @@ from typing import IO
 PROTOCOL = 1
 EXIT_GRACE_S = 10.0  # after stdin closes, the longest the worker may take to stop a run and exit
 DTYPES = ("float32", "bfloat16", "float16")
-REQUEST_FIELDS = ("report", "impressions", "slices", "seed", "steps", "guidance", "sampler", "shift")
+REQUEST_FIELDS = ("report", "impressions", "slices", "seed", "steps", "guidance", "side_guidance", "sampler",
+                  "shift")
 
 
 class Worker:
@@ -153,7 +155,7 @@ class Worker:
             resolved = plan.request
             self.send({"type": "planned", "id": run_id, "folder": str(folder), "reused_model": reused,
                        "seed": resolved.seed, "steps": resolved.steps, "guidance": resolved.guidance,
-                       "sampler": resolved.sampler, "shift": resolved.shift, "slices": resolved.slices,
+                       "side_guidance": plan.guidance.side, "sampler": resolved.sampler, "shift": resolved.shift, "slices": resolved.slices,
                        "notices": list(plan.notices), "model": pipeline.model_id, "device": str(pipeline.device)})
             started = time.perf_counter()
             for block in pipeline.stream(plan, cancel):

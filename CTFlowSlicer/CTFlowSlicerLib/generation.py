@@ -135,7 +135,8 @@ def modelChoice(settings, bundledModel: Path | None) -> tuple[str, str | None]:
 def requestFields(settings) -> dict:
     """The protocol's request: zero in the panel means "the model's default" (null)."""
     return {"report": settings.report, "impressions": settings.impressions or None, "slices": settings.slices or None,
-            "seed": settings.seed, "steps": settings.steps or None, "guidance": settings.guidance or None}
+            "seed": settings.seed, "steps": settings.steps or None, "guidance": settings.guidance or None,
+            "side_guidance": settings.sideGuidance or None}
 
 
 def startVolume(replace, hu: np.ndarray, ijkToRas, provenance: ctflow.Provenance, window: str):

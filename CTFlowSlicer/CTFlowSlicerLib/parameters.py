@@ -54,6 +54,7 @@ class CTFlowSlicerParameterNode:
     seed: Annotated[int, WithinRange(0, MAX_SEED)] = 0  # a fresh parameter node draws one (the Logic)
     steps: Annotated[int, WithinRange(0, 1000)] = 0
     guidance: Annotated[float, WithinRange(0.0, 30.0), Decimals(1), SingleStep(0.5)] = 0.0
+    sideGuidance: Annotated[float, WithinRange(0.0, 30.0), Decimals(1), SingleStep(0.5)] = 0.0
     device: Device = Device.AUTO
     modelSource: ModelSource = ModelSource.BUNDLED
     modelLocation: str = ""

@@ -160,6 +160,9 @@ CASES = [
     Case("guidance-nan", f"{GEN} --report {REPORT} {OUT} --guidance nan", 1, "guidance"),
     Case("guidance-inf", f"{GEN} --report {REPORT} {OUT} --guidance inf", 1, "guidance"),
     Case("guidance-negative", f"{GEN} --report {REPORT} {OUT} --guidance -2", 1, "guidance"),
+    Case("side-guidance-nan", f"{GEN} --report {REPORT} {OUT} --side-guidance nan", 1, "side guidance"),
+    Case("side-guidance-inf", f"{GEN} --report {REPORT} {OUT} --side-guidance inf", 1, "side guidance"),
+    Case("side-guidance-negative", f"{GEN} --report {REPORT} {OUT} --side-guidance -1", 1, "side guidance"),
     Case("steps-zero", f"{GEN} --report {REPORT} {OUT} --steps 0", 1, "steps"),
     Case("steps-huge", f"{GEN} --report {REPORT} {OUT} --steps 100000", 1, "steps"),
     Case("slices-zero", f"{GEN} --report {REPORT} {OUT} --slices 0", 1, "slice count"),
@@ -173,6 +176,8 @@ CASES = [
          files(**{"r.csv": "id,report\na,Findings: x.\n"})),
     Case("batch-guidance-nan", "batch {tmp}/r.csv --out {tmp}/out --model {model} --guidance nan", 1, "guidance",
          files(**{"r.csv": "id,report\na,Findings: x.\n"})),
+    Case("batch-side-guidance-huge", "batch {tmp}/r.csv --out {tmp}/out --model {model} --side-guidance 1e9", 1,
+         "side guidance", files(**{"r.csv": "id,report\na,Findings: x.\n"})),
     # 7: the report file
     Case("report-dev-zero", f"{GEN} --report-file /dev/zero {OUT}", 1, "larger than"),
     Case("report-huge", f"{GEN} --report-file {{tmp}}/r.txt {OUT}", 1, "larger than",

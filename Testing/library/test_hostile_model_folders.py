@@ -258,6 +258,8 @@ CASES = [
          "hu_window must run from low to high"),
     Case("zero sampling steps", set_field("sampling.steps", 0), 1, "sampling.steps"),
     Case("unknown sampler", set_field("sampling.method", "bogus"), 1, "sampling.method"),
+    Case("NaN side guidance", set_field("sampling.side_guidance", float("nan")), 1, "sampling.side_guidance"),
+    Case("negative side guidance", set_field("sampling.side_guidance", -3), 1, "sampling.side_guidance"),
     Case("negative token limit", set_field("text.max_tokens", -1), 1, "text.max_tokens"),
     Case("name is a number", set_field("name", 5), 1, "name"),
     Case("denoiser weights of the wrong shape", resized_denoiser, 1, "does not fit"),
@@ -418,12 +420,16 @@ FIELDS = [*DEFAULTS, *(f"{section}.{name}" for section, values in DEFAULTS.items
                        for name in values)]
 
 
-def test_a_config_writes_text_tuned_only_when_set():
-    """Folders without tuned text layers read as before the field (older ctflow refuses an unknown field)."""
+def test_a_config_writes_its_newer_fields_only_when_set():
+    """Folders without tuned text layers or side guidance read as before those fields (older ctflow refuses an
+    unknown field)."""
     plain = ModelConfig()
-    assert "tuned" not in plain.to_dict()["text"] and ModelConfig.from_dict(plain.to_dict()) == plain
-    tuned = dataclasses.replace(plain, text=dataclasses.replace(plain.text, tuned="text_tuned.safetensors"))
+    assert "tuned" not in plain.to_dict()["text"] and "side_guidance" not in plain.to_dict()["sampling"]
+    assert ModelConfig.from_dict(plain.to_dict()) == plain
+    tuned = dataclasses.replace(plain, text=dataclasses.replace(plain.text, tuned="text_tuned.safetensors"),
+                                sampling=dataclasses.replace(plain.sampling, side_guidance=4.0))
     assert tuned.to_dict()["text"]["tuned"] == "text_tuned.safetensors"
+    assert tuned.to_dict()["sampling"]["side_guidance"] == 4.0
     assert ModelConfig.from_dict(tuned.to_dict()) == tuned
 
 

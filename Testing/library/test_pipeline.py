@@ -74,6 +74,19 @@ def test_guidance_embeds_the_empty_report_alongside(tiny_pipeline):
     assert tiny_pipeline.plan(GenerationRequest(REPORT, guidance=3.0)).guidance.branches == 2
 
 
+def test_side_guidance_embeds_the_mirrored_report_when_the_report_names_a_side(tiny_pipeline):
+    plan = tiny_pipeline.plan(GenerationRequest(REPORT, guidance=3.0, side_guidance=4.0))
+    assert plan.guidance.branches == plan.text.shape[0] == 3 and plan.guidance.side == 4.0
+    mirrored = tiny_pipeline.text_encoder.encode([plan.prompt.replace("right", "left").replace("Right", "Left")])
+    assert torch.equal(plan.text[2:], mirrored.tokens)
+    unsided = tiny_pipeline.plan(GenerationRequest("Findings: Emphysema.", guidance=3.0, side_guidance=4.0))
+    assert unsided.guidance.branches == 2 and unsided.guidance.side == 0.0  # nothing to mirror: no third row
+    volume = run(tiny_pipeline, slices=4, side_guidance=4.0)
+    assert volume.provenance.side_guidance == 4.0 and volume.provenance.guidance == 1.0  # the tiny model's default
+    assert not np.array_equal(volume.hu, run(tiny_pipeline, slices=4).hu)
+    assert run(tiny_pipeline, slices=4).provenance.side_guidance == 0.0  # the model's default
+
+
 def test_a_length_in_the_prompt_does_not_stop_the_volume_there(tiny_pipeline):
     asked = tiny_pipeline.plan(GenerationRequest(REPORT, prompt_slices=6, seed=2, steps=2))
     assert "Length: 6 slices" in asked.prompt and asked.request.slices is None  # the model ends the volume itself

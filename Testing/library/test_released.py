@@ -309,16 +309,18 @@ def test_a_precomputed_embedding_is_sampled_unguided_by_default(autoencoder, tex
     """A one-vector model whose default guidance is 3: a given embedding has no empty-report twin, so without a
     guidance asked for it runs at 1 and says so; asked for, guidance is refused."""
     config = released_model_config()
-    config = dataclasses.replace(config, sampling=dataclasses.replace(config.sampling, guidance=3.0,
+    config = dataclasses.replace(config, sampling=dataclasses.replace(config.sampling, guidance=3.0, side_guidance=2.0,
                                                                       guidance_supported=True))
     pipe = CTFlowPipeline(config, build_released_stdit(TINY_A), autoencoder, text_encoder)
     vector = torch.ones(768)
-    plan = pipe.plan(GenerationRequest("Findings: nodule.", embedding=vector))
-    assert plan.request.guidance == 1.0 and plan.guidance.branches == 1
+    plan = pipe.plan(GenerationRequest("Findings: right nodule.", embedding=vector))
+    assert plan.request.guidance == 1.0 and plan.request.side_guidance == 0.0 and plan.guidance.branches == 1
     assert len(plan.notices) == 1 and "model's default is 3" in plan.notices[0]
     assert pipe.plan(GenerationRequest("Findings: nodule.", embedding=vector, guidance=1.0)).notices == ()
     with pytest.raises(RequestError, match="with a precomputed embedding use guidance 1"):
         pipe.plan(GenerationRequest("Findings: nodule.", embedding=vector, guidance=3.0))
+    with pytest.raises(RequestError, match="with a precomputed embedding use side guidance 0"):
+        pipe.plan(GenerationRequest("Findings: nodule.", embedding=vector, side_guidance=2.0))
     assert pipe.plan(GenerationRequest("Findings: nodule.")).request.guidance == 3.0  # text: the default
 
 

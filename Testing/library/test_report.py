@@ -1,7 +1,7 @@
 import pytest
 
 from ctflow import ReportError, parse_report, render_prompt
-from ctflow.report import MAX_REPORT_CHARS
+from ctflow.report import MAX_REPORT_CHARS, mirrored
 
 CT_RATE = """FINDINGS: Trachea and both main bronchi are open. A 6 mm nodule is seen in the right upper lobe.
 No pleural effusion.
@@ -64,3 +64,17 @@ def test_prompt_carries_sections_and_meta_information():
 def test_header_alone_on_its_line():
     report = parse_report("FINDINGS\nMild emphysema.\nIMPRESSION\nEmphysema.")
     assert (report.findings, report.impressions) == ("Mild emphysema.", "Emphysema.")
+
+
+@pytest.mark.parametrize("text, other", [
+    ("Right pleural effusion; the left pleural space is clear.", "Left pleural effusion; the right pleural space is clear."),
+    ("RLL consolidation, LUL clear; lll", "LLL consolidation, RUL clear; RLL"),
+    ("RIGHT-sided hydrothorax", "LEFT-sided hydrothorax"),
+    ("Lingula atelectasis; RML nodule; lingular scar", "RML atelectasis; lingula nodule; right middle lobe scar"),
+    ("Leads in the right atrium and right ventricle; the left heart is normal.",  # anatomy keeps its side
+     "Leads in the right atrium and right ventricle; the left heart is normal."),
+    ("Bright, cleft, leftover, righteous: no side.", "Bright, cleft, leftover, righteous: no side."),
+])
+def test_mirroring_swaps_the_sides_a_report_names(text, other):
+    assert mirrored(text) == other
+    assert mirrored(other) == text or "lingular" in text or "lll" in text  # abbreviations come back in capitals

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ctflow.errors import RequestError
-from ctflow.sampling import Cancelled, guided, sample, time_grid
+from ctflow.sampling import Cancelled, Guidance, guided, sample, time_grid
 
 
 def test_time_grid_runs_from_noise_to_data_and_shift_favours_high_noise():
@@ -60,6 +60,24 @@ def test_guidance_runs_both_halves_in_one_forward():
     assert torch.allclose(guided(model, 3.0)(z, torch.tensor(0.5)), torch.full((1, 4), 3.0))
     assert torch.allclose(guided(model, 0.0)(z, torch.tensor(0.5)), torch.zeros(1, 4))
     assert calls == [2, 2]
+
+
+def test_side_guidance_steers_away_from_the_mirrored_report():
+    rows = {"Right effusion": 5.0, "": 1.0, "Left effusion": 3.0}  # each text's velocity, one row each
+
+    for guidance, expected in ((Guidance(3.0, side=2.0), 1 + 3 * 4 + 2 * 2), (Guidance(1.0, side=2.0), 5 + 2 * 2),
+                               (Guidance(3.0), 1 + 3 * 4), (Guidance(1.0), 5)):
+        texts = guidance.texts("Right effusion")
+        assert len(texts) == guidance.branches and texts[0] == "Right effusion"
+        values = torch.tensor([rows[text] for text in texts])[:, None]
+        calls = []
+
+        def model(z, t):
+            calls.append(z.shape[0])
+            return values.expand(-1, z.shape[1]) + z
+
+        v = guidance.velocity(model)(torch.zeros(1, 2), torch.tensor(0.5))
+        assert torch.allclose(v, torch.full((1, 2), float(expected))) and calls == [guidance.branches]
 
 
 def test_cancel_stops_between_steps():

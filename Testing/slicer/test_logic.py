@@ -309,7 +309,8 @@ def test_the_request_is_kept_in_the_scene(scene, logic, settings, change, tmp_pa
     """The parameter node survives saving and reopening the scene, so a scene reopens with the same request."""
     volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "target")
     change(settings, report="Findings: a\nb", impressions="c", slices=64, seed=9, steps=30, guidance=2.5,
-           device="cpu", modelSource="hub", modelLocation="org/m@v1", outputVolume=volume, window="bone")
+           sideGuidance=4.0, device="cpu", modelSource="hub", modelLocation="org/m@v1", outputVolume=volume,
+           window="bone")
     scene.SetURL(str(tmp_path / "scene.mrml"))
     assert scene.Commit()
     reopened = slicer.vtkMRMLScene()
@@ -319,13 +320,13 @@ def test_the_request_is_kept_in_the_scene(scene, logic, settings, change, tmp_pa
     nodes = (reopened.GetNthNodeByClass(i, kind) for i in range(reopened.GetNumberOfNodesByClass(kind)))
     node = next(node for node in nodes if node.GetParameter("report"))
     again = type(settings)(node)
-    fields = ("report", "impressions", "slices", "seed", "steps", "guidance", "device", "modelSource",
-              "modelLocation", "window")
+    fields = ("report", "impressions", "slices", "seed", "steps", "guidance", "sideGuidance", "device",
+              "modelSource", "modelLocation", "window")
     assert {f: getattr(again, f) for f in fields} == {f: getattr(settings, f) for f in fields}
     assert again.outputVolume.GetName() == "target" and again.generatedVolume is None
     assert generation.modelChoice(again, None) == ("org/m", "v1")
     assert generation.requestFields(again) == {"report": "Findings: a\nb", "impressions": "c", "slices": 64,
-                                               "seed": 9, "steps": 30, "guidance": 2.5}
+                                               "seed": 9, "steps": 30, "guidance": 2.5, "side_guidance": 4.0}
 
 
 def test_the_published_model_runs_in_the_panel_like_any_model_folder(scene, logic, settings, released_model, change):

@@ -63,6 +63,7 @@ class ExportRun(RunConfig):
     sampler: str
     shift: float
     guidance: float
+    side_guidance: float
     max_slices: int
     calibration_cases: int
     evaluation: list[Path]
@@ -167,6 +168,8 @@ def end_distances(model: STDiT, autoencoder: SliceAutoencoder, cache: LatentStor
     white: the latent test has to find the end slices the model draws. Where this patient's scan stopped is no
     label: the cohort draws the coverage below the lungs at random (5-60 mm), so no block before it shows the
     frame, and an ideal sampler would agree with it on only about 0.7 of frames (docs/training-log.md).
+    Without side guidance: a store keeps the report's tokens, not its text to mirror (side guidance acts on where
+    a finding lies, not on the white end slices).
     """
     block = model.config.block_slices
     white = cache.end[:, None]  # [C, 1, h, w]
@@ -281,7 +284,7 @@ def model_card(config: ModelConfig, vae_metrics: AutoencoderMetrics, flow_meta: 
         f"with 'Length: N slices' in {flow_meta['args']['length_p']:.0%} and '' in {flow_meta['args']['text_drop']:.0%} "
         "of training prompts.",
         f"- sampling default: {config.sampling.steps} {config.sampling.method} steps, shift {config.sampling.shift}, "
-        f"guidance {config.sampling.guidance}.",
+        f"guidance {config.sampling.guidance}, side guidance {config.sampling.side_guidance}.",
         f"- training machine: {platform.processor() or platform.machine()}, torch {torch.__version__}.",
         "",
         "## Measured",
@@ -358,7 +361,8 @@ def export(args: ExportRun) -> Path:
     average = None if args.average_with is None else average_with_folder(
         model, autoencoder, stages, args.average_with, 0.5 if args.run_share is None else args.run_share)
     vae_metrics = AutoencoderMetrics.read(args.vae)
-    sampling = SamplingConfig(steps=args.steps, method=args.sampler, shift=args.shift, guidance=args.guidance)
+    sampling = SamplingConfig(steps=args.steps, method=args.sampler, shift=args.shift, guidance=args.guidance,
+                              side_guidance=args.side_guidance)
     calibration = end_distances(model, autoencoder, cache, sampling, args.calibration_cases, args.seed)
     end = choose_tolerance(calibration)
     typical = cache.meta["median_content_slices"]
@@ -398,6 +402,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shift", type=float, default=sampling.shift, help="default time shift")
     parser.add_argument("--guidance", type=float, default=sampling.guidance,
                         help="default classifier-free guidance (1: off, fastest)")
+    parser.add_argument("--side-guidance", type=float, default=sampling.side_guidance,
+                        help="default guidance away from the side-mirrored report (0: off)")
     parser.add_argument("--max-slices", type=int, default=model.max_slices, help="cap when the model does not end the volume")
     parser.add_argument("--calibration-cases", type=int, default=8, help="volumes used to calibrate end detection")
     parser.add_argument("--evaluation", type=Path, nargs="*", default=[], help="JSON files of measured figures for the model card")

@@ -45,6 +45,7 @@ from ctflow.conventions import START_HU, real_slices
 from ctflow.errors import CTFlowError
 from ctflow.io import atomic_write
 from ctflow.model_folder import CONFIG, VAE_FOLDER
+from ctflow.report import mirrored
 
 from .anatomy import in_labels
 from .dataset import patient_of, read_index
@@ -432,6 +433,7 @@ class FindingStudy:
     placements: list[Placement]
     reports: dict[str, str]  # every generated report: "writer/<name>" or "heldout/<case>[/negated]" -> text
     kind: str = "finding-study"
+    side_guidance: float = 0.0  # as asked; applied to the reports that name a side (older studies: none)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1) + "\n"
@@ -455,7 +457,9 @@ class FindingStudy:
 
     def markdown(self) -> str:
         n = self.seeds
-        lines = [f"{n} seed(s) per report, {self.steps} sampling steps, guidance {self.guidance}; model {self.model}.",
+        side = f", side guidance {self.side_guidance:g}" if self.side_guidance else ""
+        lines = [f"{n} seed(s) per report, {self.steps} sampling steps, guidance {self.guidance}{side}; "
+                 f"model {self.model}.",
                  f"Detectors fitted on {self.training}; HU regions: {self.anatomy}.", "",
                  "| finding | target | volumes (patients) | always the commonest | latent probe | HU in anatomy prior | used |",
                  "|---|---|---|---|---|---|---|"]
@@ -597,18 +601,23 @@ def run_study(args: argparse.Namespace, log=lambda line: None) -> FindingStudy:
     writer, writer_located = writer_reports(args.data[0], WORDING_SEED, studied)
     steps = args.steps or pipe.config.sampling.steps
     guidance = pipe.config.sampling.guidance if args.guidance is None else args.guidance
+    side_guidance = pipe.config.sampling.side_guidance if args.side_guidance is None else args.side_guidance
+
+    def key(text: str, seed: int) -> str:
+        """A report that names no side is made as without side guidance: it keeps its volumes (and their key)."""
+        side = f" side {side_guidance}" if side_guidance and mirrored(text) != text else ""
+        return f"generated {model} {steps} {guidance}{side} {seed} {text}"
 
     made: dict[str, list[Features]] = {}  # report text -> features per seed: a text is generated once
 
     def generate(text: str, seed: int):
         log(f"generating seed {seed}: {text[:70]!r}")
-        volume, _ = generate_volume(pipe, text, seed, steps=steps, guidance=guidance)
+        volume, _ = generate_volume(pipe, text, seed, steps=steps, guidance=guidance, side_guidance=side_guidance)
         return volume_features(pipe, volume.hu)
 
     def generated(text: str) -> list[Features]:
         if text not in made:
-            made[text] = [cache.get(f"generated {model} {steps} {guidance} {seed} {text}",
-                                    lambda seed=seed: generate(text, seed), keep_hu=True)
+            made[text] = [cache.get(key(text, seed), lambda seed=seed: generate(text, seed), keep_hu=True)
                           for seed in range(args.seed, args.seed + args.seeds)]
         return made[text]
 
@@ -650,7 +659,8 @@ def run_study(args: argparse.Namespace, log=lambda line: None) -> FindingStudy:
     anatomy = (f"the mean label maps of {prior.patients} cohort patients in the model's grid (levels by fraction of "
                "the real slices), no registration")
     return FindingStudy(str(args.model), args.seeds, args.seed, steps, guidance, training, anatomy,
-                        [d.score for d in detectors.values()], skipped, responses, placements, reports)
+                        [d.score for d in detectors.values()], skipped, responses, placements, reports,
+                        side_guidance=side_guidance)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -671,6 +681,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, help="sampling steps per block (default: the model's)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance (default: the model's)")
+    parser.add_argument("--side-guidance", type=float,
+                        help="guidance away from the side-mirrored report (default: the model's)")
     add_threads_option(parser)
     parser.add_argument("--out", type=Path, required=True, help="JSON to write (and its tables beside it, .md)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out and its tables if they exist")
