@@ -62,8 +62,8 @@ Generates a <b>synthetic</b> chest CT volume from the text of a radiology report
 with CTFlow, a latent flow-matching model that writes the volume block by block, like the frames of a video.
 The slices appear in the red, yellow and green views as each block is decoded; Cancel keeps what was made.
 <br><br>
-The report, seed, sampling steps, guidance, model and library version are stored with the volume as node
-attributes named CTFlow.* (kept when the scene is saved) and in the header of files saved from the panel.
+The report, seed, sampling steps, guidance, side guidance, model and library version are stored with the volume
+as node attributes named CTFlow.* (kept when the scene is saved) and in the header of files saved from the panel.
 Export DICOM writes a series marked Synthetic Data YES and adds it to Slicer's DICOM database, from where the
 DICOM module sends it to a PACS.
 <br><br>
