@@ -379,8 +379,8 @@ class CTFlowPipeline:
         req = plan.request
         return Provenance(
             report=plan.report_text, prompt=plan.prompt, seed=req.seed, steps=req.steps, sampler=req.sampler,
-            shift=req.shift, guidance=req.guidance, side_guidance=plan.guidance.side, model=self.model_id, model_sha256=self.model_sha256,
-            ctflow_version=__version__, device=str(self.device), slices_requested=req.slices,
+            shift=req.shift, guidance=req.guidance, side_guidance=plan.guidance.side, model=self.model_id,
+            model_sha256=self.model_sha256, ctflow_version=__version__, device=str(self.device), slices_requested=req.slices,
             block_slices=self.config.denoiser.block_slices,
         )
 
