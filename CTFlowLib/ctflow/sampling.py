@@ -89,7 +89,7 @@ def guided(model_velocity: Velocity, guidance: float, side: float = 0.0) -> Velo
     model_velocity sees z repeated once per row and must return every row; with guidance 1 the unconditional
     row is left out (and with side 0 too, the caller passes an unbatched model).
     """
-    rows = 1 + (guidance != 1.0) + (side > 0)
+    rows = Guidance(guidance, side).branches
 
     def velocity(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         v = model_velocity(torch.cat([z] * rows), t).chunk(rows)
