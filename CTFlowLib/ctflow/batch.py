@@ -269,11 +269,14 @@ def batch_settings(pipeline: CTFlowPipeline, request: GenerationRequest, suffix:
     """What must not change between a batch and its resume: the model and every sampling option."""
     check_options(request, pipeline.config)
     resolved = with_defaults(request, pipeline.config.sampling)
-    return {
+    settings = {
         "model": pipeline.model_id, "model_sha256": pipeline.model_sha256, "steps": resolved.steps,
-        "sampler": resolved.sampler, "guidance": resolved.guidance, "side_guidance": resolved.side_guidance,
-        "shift": resolved.shift, "slices": request.slices, "format": suffix,
+        "sampler": resolved.sampler, "guidance": resolved.guidance, "shift": resolved.shift,
+        "slices": request.slices, "format": suffix,
     }
+    if resolved.side_guidance:  # only when set: a batch started before side guidance resumes as it was
+        settings["side_guidance"] = resolved.side_guidance
+    return settings
 
 
 def run_batch(

@@ -31,7 +31,7 @@ from .denoiser import STDiT, parameter_count
 from .errors import CTFlowError, ModelError, RequestError
 from .hub import default_model, is_hub_id, resolve_model
 from .model_folder import CARD, load_denoiser, load_vae, model_sha256, read_config, verify_model_folder
-from .report import Report, mirrored, parse_report, render_prompt
+from .report import Report, names_a_side, parse_report, render_prompt
 from .ending import VolumeEnd
 from .sampling import Cancelled, Guidance, block_velocity, sample, validate
 from .text_encoder import TextEncoder, unit_cls
@@ -143,7 +143,7 @@ def check_options(request: GenerationRequest, config: ModelConfig | None = None)
         raise RequestError("guidance needs an embedding of the empty report too: with a precomputed "
                            "embedding use guidance 1")
     side = resolved.side_guidance
-    if not (isinstance(side, (int, float)) and math.isfinite(side) and 0.0 <= side <= MAX_GUIDANCE):
+    if isinstance(side, bool) or not (isinstance(side, (int, float)) and math.isfinite(side) and 0 <= side <= MAX_GUIDANCE):
         raise RequestError(f"side guidance must be a number from 0 to {MAX_GUIDANCE:g}, not {side!r}")
     if side > 0 and request.embedding is not None:
         raise RequestError("side guidance needs the report's text, to mirror its sides: with a precomputed "
@@ -228,17 +228,19 @@ class CTFlowPipeline:
         report = check_request(resolved, self.config)
         if request.embedding is not None:  # the report text is only recorded; the model sees the given vector
             tokens = self._given_embedding(request.embedding)
-            notices = ()
+            notices = []
             if request.guidance is None and resolved.guidance != self.config.sampling.guidance:  # with_defaults
-                notices = (f"guidance 1 (the model's default is {self.config.sampling.guidance:g}): a precomputed "
-                           "embedding has no empty-report twin to guide by",)
-            return GenerationPlan(resolved, report.text, report.text, notices, tokens,
+                notices.append(f"guidance 1 (the model's default is {self.config.sampling.guidance:g}): a "
+                               "precomputed embedding has no empty-report twin to guide by")
+            if request.side_guidance is None and self.config.sampling.side_guidance:
+                notices.append(f"side guidance 0 (the model's default is {self.config.sampling.side_guidance:g}): a "
+                               "precomputed embedding has no report text to mirror")
+            return GenerationPlan(resolved, report.text, report.text, tuple(notices), tokens,
                                   torch.ones(1, 1, dtype=torch.bool), Guidance(resolved.guidance))
         # The released model never saw our meta lines (length, spacing): it gets the report sections alone.
         spacing = self.config.geometry.spacing[2]
         prompt = report.text if self.released_mode else render_prompt(report, resolved.prompt_slices, spacing)
-        names_a_side = mirrored(prompt) != prompt
-        guidance = Guidance(resolved.guidance, resolved.side_guidance if names_a_side else 0.0)
+        guidance = Guidance(resolved.guidance, resolved.side_guidance if names_a_side(prompt) else 0.0)
         embedding = self.text_encoder.encode(guidance.texts(prompt))
         notices = []
         if report.truncated or embedding.truncated[0]:

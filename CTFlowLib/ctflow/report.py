@@ -26,11 +26,15 @@ _HEADER = re.compile(
 )
 _SPACES = re.compile(r"[^\S\n]+")
 
-# A finding's side and its mirror image (side guidance steers away from the mirrored report). The heart's chambers
-# keep their names: a report's side is mirrored, not the anatomy ("leads in the right atrium").
+# A finding's side and its mirror image (side guidance steers away from the mirrored report). The heart and its
+# vessels keep their names ("leads in the right atrium", "right and left ventricles", "right coronary artery",
+# "right-to-left shunt"): a report's side is mirrored, not the anatomy; nor is "left" as a verb ("left in place").
 _MIRRORED_WORDS = {"right": "left", "left": "right", "rul": "LUL", "lul": "RUL", "rll": "LLL", "lll": "RLL",
-                   "rml": "lingula", "lingula": "RML", "lingular": "right middle lobe"}
-_SIDE_WORD = re.compile(rf"\b({'|'.join(_MIRRORED_WORDS)})\b(?!\s+(?:atri|ventric|heart))", re.IGNORECASE)
+                   "rml": "lingula", "lingula": "middle lobe", "lingular": "middle lobe"}
+_KEPT_AFTER = (r"(?:[\s-]+and[\s-]+(?:right|left))?[\s-]+(?:atri|ventric|heart|cardiac|coronar|main\s+coronar)"
+               r"|-to-|\s+(?:in\s+(?:place|situ)|over\b|behind)")
+_SIDE_WORD = re.compile(rf"\b({'|'.join(_MIRRORED_WORDS)})\b(?!{_KEPT_AFTER})", re.IGNORECASE)
+_KEPT_BEFORE = re.compile(r"-to-$")  # the "left" of "right-to-left"
 
 
 @dataclass(frozen=True)
@@ -100,9 +104,18 @@ def render_prompt(report: Report, slices: int | None = None, slice_spacing: floa
 
 
 def mirrored(text: str) -> str:
-    """The text with every side it names swapped (right and left, RUL and LUL, RML and lingula, ...); the text
+    """The text with every side it names swapped (right and left, RUL and LUL, RML and the lingula, ...); the text
     itself when it names none. The negative prompt of side guidance: what the model would make on the other side."""
-    return _SIDE_WORD.sub(lambda match: _mirrored_word(match.group(0)), text)
+    def swap(match: re.Match) -> str:
+        kept = _KEPT_BEFORE.search(text[max(0, match.start() - 4): match.start()])
+        return match.group(0) if kept else _mirrored_word(match.group(0))
+
+    return _SIDE_WORD.sub(swap, text)
+
+
+def names_a_side(text: str) -> bool:
+    """Whether side guidance has anything to mirror in `text` (otherwise it is made without it)."""
+    return mirrored(text) != text
 
 
 def _mirrored_word(word: str) -> str:

@@ -133,10 +133,11 @@ def modelChoice(settings, bundledModel: Path | None) -> tuple[str, str | None]:
 
 
 def requestFields(settings) -> dict:
-    """The protocol's request: zero in the panel means "the model's default" (null)."""
+    """The protocol's request: zero in the panel means "the model's default" (null), but for side guidance, where
+    zero turns it off and -1 is the default."""
     return {"report": settings.report, "impressions": settings.impressions or None, "slices": settings.slices or None,
             "seed": settings.seed, "steps": settings.steps or None, "guidance": settings.guidance or None,
-            "side_guidance": settings.sideGuidance or None}
+            "side_guidance": None if settings.sideGuidance < 0 else settings.sideGuidance}
 
 
 def startVolume(replace, hu: np.ndarray, ijkToRas, provenance: ctflow.Provenance, window: str):

@@ -42,6 +42,7 @@ class CTFlowSlicerParameterNode:
 
     report - Findings, or a whole report with Findings and Impressions headers.
     slices - 0: the model decides where the volume ends.
+    sideGuidance - -1: the model's default (0 turns side guidance off).
     modelLocation - a model folder, or a hub id "org/name" with an optional "@revision".
     outputVolume - the volume Generate overwrites; None: a new volume each time.
     window - one of display.SLICE_VIEW_WINDOWS, for the current and the next volumes.
@@ -54,7 +55,7 @@ class CTFlowSlicerParameterNode:
     seed: Annotated[int, WithinRange(0, MAX_SEED)] = 0  # a fresh parameter node draws one (the Logic)
     steps: Annotated[int, WithinRange(0, 1000)] = 0
     guidance: Annotated[float, WithinRange(0.0, 30.0), Decimals(1), SingleStep(0.5)] = 0.0
-    sideGuidance: Annotated[float, WithinRange(0.0, 30.0), Decimals(1), SingleStep(0.5)] = 0.0
+    sideGuidance: Annotated[float, WithinRange(-1.0, 30.0), Decimals(1), SingleStep(0.5)] = -1.0
     device: Device = Device.AUTO
     modelSource: ModelSource = ModelSource.BUNDLED
     modelLocation: str = ""

@@ -99,6 +99,10 @@ def test_resume_skips_finished_items_and_never_rewrites_them(tiny_pipeline, repo
     assert len(read_manifest(out.folder)) == 4
     with pytest.raises(CTFlowError, match="other settings .*steps"):
         run_batch(tiny_pipeline, items, out, GenerationRequest("", steps=2))
+    settings = json.loads((out.folder / ".manifest" / "batch.json").read_text())
+    assert "side_guidance" not in settings  # written only when set: a batch begun before side guidance resumes
+    with pytest.raises(CTFlowError, match="other settings .*side_guidance"):
+        run_batch(tiny_pipeline, items, out, GenerationRequest("", steps=1, side_guidance=2.0))
 
 
 def test_a_failing_item_is_reported_and_the_rest_go_on(tiny_pipeline, tmp_path):

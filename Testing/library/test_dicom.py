@@ -1,6 +1,7 @@
 """DICOM series: geometry and provenance round-trip, the synthetic marking, atomic folders, ordinary CT series, and
 proof by tools no one here wrote (dciodvfy from dicom3tools, dcm2niix, SimpleITK/GDCM, pydicom)."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -57,6 +58,7 @@ def test_round_trip_keeps_voxels_geometry_and_provenance(provenance, tmp_path, n
 
 
 def test_the_series_says_synthetic_where_dicom_looks(provenance, tmp_path):
+    provenance = dataclasses.replace(provenance, side_guidance=4.5)
     volume = make_volume(provenance)
     series = instances(write_dicom(volume, tmp_path / "ct"))
     assert len(series) == 5 and len({ds.SOPInstanceUID for ds in series}) == 5
@@ -73,6 +75,7 @@ def test_the_series_says_synthetic_where_dicom_looks(provenance, tmp_path):
     assert (code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning) == SYNTHESIZING_EQUIPMENT
     assert equipment.ManufacturerModelName == "ctflow-demo" and equipment.DeviceSerialNumber == "ab" * 32
     assert equipment.SoftwareVersions == "ctflow 0.1.0"
+    assert equipment.ContributionDescription.endswith(f"side guidance {provenance.side_guidance:g}")
     assert all(uid.startswith("2.25.") for uid in (ds.SOPInstanceUID, ds.SeriesInstanceUID, ds.StudyInstanceUID))
     assert json.loads(ds.private_block(0x0011, "CTFlow provenance")[0x00].value)["seed"] == "123"
     # Geometry in LPS, worked by hand: i runs to patient left (+x), j to posterior (+y), k to inferior (-z)

@@ -106,7 +106,8 @@ def test_overlong_report_is_used_and_the_caller_told(tiny_pipeline):
     ({"report": "   "}, ReportError), ({"report": 3}, ReportError),
     ({"slices": 0}, RequestError), ({"slices": 100_000}, RequestError), ({"slices": 2.5}, RequestError),
     ({"steps": 0}, RequestError), ({"guidance": -1.0}, RequestError), ({"seed": -5}, RequestError),
-    ({"sampler": "dpm"}, RequestError),
+    ({"sampler": "dpm"}, RequestError), ({"side_guidance": True}, RequestError),
+    ({"side_guidance": float("nan")}, RequestError), ({"side_guidance": 31.0}, RequestError),
 ])
 def test_bad_requests_fail_before_sampling(tiny_pipeline, options, error):
     with pytest.raises(error):

@@ -315,8 +315,10 @@ def test_a_precomputed_embedding_is_sampled_unguided_by_default(autoencoder, tex
     vector = torch.ones(768)
     plan = pipe.plan(GenerationRequest("Findings: right nodule.", embedding=vector))
     assert plan.request.guidance == 1.0 and plan.request.side_guidance == 0.0 and plan.guidance.branches == 1
-    assert len(plan.notices) == 1 and "model's default is 3" in plan.notices[0]
-    assert pipe.plan(GenerationRequest("Findings: nodule.", embedding=vector, guidance=1.0)).notices == ()
+    assert len(plan.notices) == 2 and "model's default is 3" in plan.notices[0]
+    assert "side guidance 0 (the model's default is 2)" in plan.notices[1]
+    assert pipe.plan(GenerationRequest("Findings: nodule.", embedding=vector, guidance=1.0,
+                                       side_guidance=0.0)).notices == ()
     with pytest.raises(RequestError, match="with a precomputed embedding use guidance 1"):
         pipe.plan(GenerationRequest("Findings: nodule.", embedding=vector, guidance=3.0))
     with pytest.raises(RequestError, match="with a precomputed embedding use side guidance 0"):

@@ -1,7 +1,7 @@
 import pytest
 
 from ctflow import ReportError, parse_report, render_prompt
-from ctflow.report import MAX_REPORT_CHARS, mirrored
+from ctflow.report import MAX_REPORT_CHARS, mirrored, names_a_side
 
 CT_RATE = """FINDINGS: Trachea and both main bronchi are open. A 6 mm nodule is seen in the right upper lobe.
 No pleural effusion.
@@ -68,13 +68,28 @@ def test_header_alone_on_its_line():
 
 @pytest.mark.parametrize("text, other", [
     ("Right pleural effusion; the left pleural space is clear.", "Left pleural effusion; the right pleural space is clear."),
-    ("RLL consolidation, LUL clear; lll", "LLL consolidation, RUL clear; RLL"),
-    ("RIGHT-sided hydrothorax", "LEFT-sided hydrothorax"),
-    ("Lingula atelectasis; RML nodule; lingular scar", "RML atelectasis; lingula nodule; right middle lobe scar"),
-    ("Leads in the right atrium and right ventricle; the left heart is normal.",  # anatomy keeps its side
-     "Leads in the right atrium and right ventricle; the left heart is normal."),
-    ("Bright, cleft, leftover, righteous: no side.", "Bright, cleft, leftover, righteous: no side."),
+    ("RLL consolidation, LUL clear.", "LLL consolidation, RUL clear."),
+    ("RIGHT-sided hydrothorax, on the right and left", "LEFT-sided hydrothorax, on the left and right"),
 ])
 def test_mirroring_swaps_the_sides_a_report_names(text, other):
+    assert mirrored(text) == other and mirrored(other) == text and names_a_side(text)
+
+
+@pytest.mark.parametrize("text, other", [
+    ("rll and lll", "LLL and RLL"),  # abbreviations come back in capitals
+    ("Lingula atelectasis; RML nodule", "Middle lobe atelectasis; lingula nodule"),
+    ("Lingular scar in the left upper lobe", "Middle lobe scar in the right upper lobe"),
+])
+def test_lobes_mirror_to_their_nearest_lobe_on_the_other_side(text, other):
     assert mirrored(text) == other
-    assert mirrored(other) == text or "lingular" in text or "lll" in text  # abbreviations come back in capitals
+
+
+@pytest.mark.parametrize("text", [
+    "Leads in the right atrium and right ventricle; the left heart is normal.",
+    "The right and left ventricles are normal; right-heart strain; left-ventricular hypertrophy.",
+    "Calcified right coronary artery and left main coronary; no right-to-left shunt.",
+    "Catheter left in place.",
+    "Bright, cleft, leftover, righteous: no side.",
+])
+def test_the_heart_and_words_that_are_no_side_stay(text):
+    assert mirrored(text) == text and not names_a_side(text)

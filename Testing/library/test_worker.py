@@ -72,8 +72,13 @@ def test_a_run_streams_the_library_volume_as_npy_blocks(worker, tiny_model, tiny
     np.testing.assert_allclose(blocks[0]["ijk_to_ras"], expected.geometry.ijk_to_ras())
     provenance = ctflow.Provenance.from_dict(blocks[0]["provenance"])
     assert (provenance.seed, provenance.steps, provenance.model) == (5, 2, "random-tiny")
-    assert done["slices"] == 10
+    assert done["slices"] == 10 and planned["side_guidance"] == provenance.side_guidance == 0.0
     shutil.rmtree(planned["folder"])  # the front end's part of the protocol
+    generate(worker, "b", tiny_model, slices=4, side_guidance=3.0)
+    messages = until(worker, *ENDINGS)
+    planned, block = messages[0], messages[1]
+    assert planned["side_guidance"] == ctflow.Provenance.from_dict(block["provenance"]).side_guidance == 3.0
+    shutil.rmtree(planned["folder"])
 
 
 def test_the_model_is_kept_until_it_changes_or_is_unloaded(worker, tiny_model):

@@ -327,6 +327,8 @@ def test_the_request_is_kept_in_the_scene(scene, logic, settings, change, tmp_pa
     assert generation.modelChoice(again, None) == ("org/m", "v1")
     assert generation.requestFields(again) == {"report": "Findings: a\nb", "impressions": "c", "slices": 64,
                                                "seed": 9, "steps": 30, "guidance": 2.5, "side_guidance": 4.0}
+    assert generation.requestFields(change(settings, sideGuidance=0.0))["side_guidance"] == 0.0  # off, not default
+    assert generation.requestFields(change(settings, sideGuidance=-1.0))["side_guidance"] is None  # the model's
 
 
 def test_the_published_model_runs_in_the_panel_like_any_model_folder(scene, logic, settings, released_model, change):

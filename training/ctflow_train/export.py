@@ -30,6 +30,7 @@ from ctflow.denoiser import STDiT, parameter_count
 from ctflow.errors import CTFlowError
 from ctflow.model_folder import (CARD, WEIGHTS, load_denoiser, load_vae as load_folder_vae, read_config, save_model,
                                  verify_model_folder)
+from ctflow.pipeline import GenerationRequest, check_options
 from ctflow.sampling import METHODS, Guidance, block_velocity, sample
 
 from .checkpoint import CHECKPOINT, load_checkpoint, read_meta
@@ -354,6 +355,8 @@ def summary(value):
 def export(args: ExportRun) -> Path:
     if args.run_share is not None and args.average_with is None:
         raise CTFlowError("--run-share is the run's share of an average: give --average-with too")
+    check_options(GenerationRequest("", steps=args.steps, sampler=args.sampler, shift=args.shift,
+                                    guidance=args.guidance, side_guidance=args.side_guidance))  # the defaults to write
     model, flow_meta = load_ema(args.flow)
     cache = LatentStore(args.cache)
     autoencoder = load_vae(args.vae / "vae", cache.meta["image_size"])

@@ -45,7 +45,7 @@ from ctflow.conventions import START_HU, real_slices
 from ctflow.errors import CTFlowError
 from ctflow.io import atomic_write
 from ctflow.model_folder import CONFIG, VAE_FOLDER
-from ctflow.report import mirrored
+from ctflow.report import names_a_side
 
 from .anatomy import in_labels
 from .dataset import patient_of, read_index
@@ -605,7 +605,7 @@ def run_study(args: argparse.Namespace, log=lambda line: None) -> FindingStudy:
 
     def key(text: str, seed: int) -> str:
         """A report that names no side is made as without side guidance: it keeps its volumes (and their key)."""
-        side = f" side {side_guidance}" if side_guidance and mirrored(text) != text else ""
+        side = f" side {side_guidance}" if side_guidance and names_a_side(text) else ""
         return f"generated {model} {steps} {guidance}{side} {seed} {text}"
 
     made: dict[str, list[Features]] = {}  # report text -> features per seed: a text is generated once
