@@ -203,7 +203,7 @@ CASES = [
          absent=(NEW,)),
     Case("export with a NaN side guidance", ["export", "--flow", "{root}/missing", "--vae", "{root}/vae", "--cache",
                                              "{root}/latents", "--out", f"{{root}}/{NEW}", "--side-guidance", "nan"],
-         1, "side guidance", absent=(NEW,)),
+         1, "sampling.side_guidance", absent=(NEW,)),
     Case("finding study without its latents", ["finding-study", "--model", "{root}/missing", "--data", "{root}/data",
                                                "--latents", "{root}/missing.safetensors", "--prior",
                                                "{root}/prior.npz", "--out",

@@ -30,7 +30,6 @@ from ctflow.denoiser import STDiT, parameter_count
 from ctflow.errors import CTFlowError
 from ctflow.model_folder import (CARD, WEIGHTS, load_denoiser, load_vae as load_folder_vae, read_config, save_model,
                                  verify_model_folder)
-from ctflow.pipeline import GenerationRequest, check_options
 from ctflow.sampling import METHODS, Guidance, block_velocity, sample
 
 from .checkpoint import CHECKPOINT, load_checkpoint, read_meta
@@ -355,8 +354,12 @@ def summary(value):
 def export(args: ExportRun) -> Path:
     if args.run_share is not None and args.average_with is None:
         raise CTFlowError("--run-share is the run's share of an average: give --average-with too")
-    check_options(GenerationRequest("", steps=args.steps, sampler=args.sampler, shift=args.shift,
-                                    guidance=args.guidance, side_guidance=args.side_guidance))  # the defaults to write
+    sampling = SamplingConfig(steps=args.steps, method=args.sampler, shift=args.shift, guidance=args.guidance,
+                              side_guidance=args.side_guidance)
+    try:  # the defaults to write, checked as a folder's are when read
+        ModelConfig.from_dict(ModelConfig(sampling=sampling).to_dict())
+    except CTFlowError as exc:
+        raise CTFlowError(f"a sampling default is out of range ({exc})") from None
     model, flow_meta = load_ema(args.flow)
     cache = LatentStore(args.cache)
     autoencoder = load_vae(args.vae / "vae", cache.meta["image_size"])
@@ -364,8 +367,6 @@ def export(args: ExportRun) -> Path:
     average = None if args.average_with is None else average_with_folder(
         model, autoencoder, stages, args.average_with, 0.5 if args.run_share is None else args.run_share)
     vae_metrics = AutoencoderMetrics.read(args.vae)
-    sampling = SamplingConfig(steps=args.steps, method=args.sampler, shift=args.shift, guidance=args.guidance,
-                              side_guidance=args.side_guidance)
     calibration = end_distances(model, autoencoder, cache, sampling, args.calibration_cases, args.seed)
     end = choose_tolerance(calibration)
     typical = cache.meta["median_content_slices"]
