@@ -153,6 +153,14 @@ CASES = [
     Case("flow resuming a pickled checkpoint", ["flow", "--cache", "{root}/latents", "--out",
                                                 "{root}/flow", "--resume", *FLOW], 1, "checkpoint.safetensors",
          damage=pickled("flow/checkpoint.safetensors")),
+    Case("flow resuming with another learning rate and batch", ["flow", "--cache", "{root}/latents", "--out",
+                                                                "{root}/flow", "--resume", *FLOW, "--lr", "0.001",
+                                                                "--batch", "4"], 1,
+         "started with --batch 2 (now 4), --lr 0.0002 (now 0.001): resume"),
+    Case("flow resuming on more stores", ["flow", "--cache", "{root}/latents", "{root}/latents", "--out", "{root}/flow",
+                                          "--resume", *FLOW], 1, "latents (now {root}/latents {root}/latents)"),
+    Case("vae resuming with another KL weight", ["vae", "--data", "{root}/data", "--out", "{root}/vae", "--resume", *VAE,
+                                              "--kl-weight", "0.5"], 1, "--kl-weight"),
     # --- absurd numbers: refused by the parser, before anything is read or written
     Case("flow with a share that is no number", ["flow", "--cache", "{root}/latents", "--out", f"{{root}}/{NEW}",
                                                  *FLOW, "--start-p", "nan"], 2, "must be a share from 0 to 1",
@@ -234,9 +242,10 @@ def test_a_bad_training_input_gets_one_line(case, root, capsys):
         case.damage(root)
     before = snapshot(root)
     code, err = run_train([arg.replace("{root}", str(root)) for arg in case.argv], capsys)
-    assert (code, case.message in err) == (case.code, True), err
+    message = case.message.replace("{root}", str(root))
+    assert (code, message in err) == (case.code, True), err
     lines = err.strip().splitlines()  # one line; argparse's usage errors print the usage first
-    assert "Traceback" not in err and (len(lines) == 1 or code == 2) and case.message in lines[-1], err
+    assert "Traceback" not in err and (len(lines) == 1 or code == 2) and message in lines[-1], err
     assert [path for path in case.absent if (root / path).exists()] == []
     assert snapshot(root) == before
 
@@ -250,6 +259,14 @@ def test_resume_of_a_finished_run_changes_no_weights(root, capsys):
     assert sha256_file(root / "vae" / "checkpoint.safetensors") == checkpoint
     assert run_train(["flow", "--cache", f"{root}/latents", "--out", f"{root}/flow", "--resume", *FLOW],
                      capsys)[0] == 0
+
+
+def test_a_moved_run_may_resume_longer_and_on_other_threads(root, capsys):
+    moved = shutil.copytree(root / "latents", root / "moved")  # the world itself was copied: the run moved too
+    code, err = run_train(["flow", "--cache", str(moved), "--out", f"{root}/flow", "--resume", *FLOW, "--steps", "3",
+                           "--threads", "2", "--save-every", "1", "--workers", "0"], capsys)
+    assert code == 0, err
+    assert read_meta(root / "flow" / "checkpoint.safetensors")["step"] == 3
 
 
 def test_overwrite_replaces_a_run_and_leaves_nothing_of_the_old_one(root, capsys):

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from ctflow.errors import CTFlowError
 from ctflow.io import plain_mode
 
-from .options import CHECKPOINT
+from .options import CHECKPOINT, RunOptions, option_name
 
 
 def save_checkpoint(
@@ -111,15 +111,21 @@ def read_meta(path: str | os.PathLike) -> dict:
         return json.loads(_training_metadata(handle, path)["meta"])
 
 
-def prepare_run_folder(out: Path, outputs: tuple[str, ...], resume: bool, overwrite: bool, remove: bool = True) -> None:
+def prepare_run_folder(out: Path, outputs: tuple[str, ...], options: RunOptions, remove: bool = True) -> None:
     """Never replace an earlier run's checkpoint, weights, loss log or metrics unasked (`outputs`: names or glob
-    patterns in `out`). --resume continues the run; --overwrite removes its outputs first (`remove`: this process
-    does the removing, rank 0 of several), so nothing of the old run mixes with the new one."""
+    patterns in `out`). --resume continues the run with the options it was started with (only those
+    RunOptions.RESUME_MAY_CHANGE may differ); --overwrite removes its outputs first (`remove`: this process does
+    the removing, rank 0 of several), so nothing of the old run mixes with the new one."""
     found = sorted({path.name for pattern in outputs for path in out.glob(pattern)})
-    if resume and CHECKPOINT in found:
+    if options.resume and CHECKPOINT in found:
+        changed = options.changed_from(read_meta(out / CHECKPOINT).get("args", {}))
+        if changed:
+            raise CTFlowError(f"{out} was started with {', '.join(changed)}: resume it with its own options (only "
+                              f"{', '.join(sorted(option_name(name) for name in options.RESUME_MAY_CHANGE))} may "
+                              "change, and paths may move) or start anew with --overwrite")
         return
-    if found and not overwrite:
-        if resume:
+    if found and not options.overwrite:
+        if options.resume:
             raise CTFlowError(f"{out} has no {CHECKPOINT} to resume from but holds {', '.join(found)}; "
                               "pass --overwrite to replace them")
         raise CTFlowError(f"{out} already holds a training run ({', '.join(found)}): pass --resume to continue it or "

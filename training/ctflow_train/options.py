@@ -110,12 +110,43 @@ class RunConfig:
 class RunOptions(RunConfig):
     """A checkpointed training run's options: the ones add_run_options declares (subclasses add theirs)."""
 
+    # Options a resumed run may change: how long and how fast it runs, what it logs. Every other one must be the
+    # checkpoint's, or the run (and the model card export writes from its record) would mix two recipes.
+    RESUME_MAY_CHANGE = frozenset({"steps", "threads", "log_every", "save_every", "resume", "overwrite"})
+
     seed: int
     threads: int
     log_every: int
     save_every: int
     resume: bool
     overwrite: bool
+
+    def changed_from(self, recorded: dict) -> list[str]:
+        """The options (as typed, `--lr 0.0001 (now 0.0002)`) that differ from the run a checkpoint `recorded`.
+        Paths may differ (a run and its data may move) but not their count; options it does not record (added
+        since) are taken as they are."""
+        current = json.loads(json.dumps(self.meta(), default=str))
+        return [f"{option_name(name)} {_typed(recorded[name])} (now {_typed(value)})"
+                for field in dataclasses.fields(self) if (name := META_NAMES.get(field.name, field.name)) in recorded
+                and name not in self.RESUME_MAY_CHANGE
+                and not _same(recorded[name], value := current[name], getattr(self, field.name))]
+
+
+def option_name(field: str) -> str:
+    """The command-line option of a RunConfig field: `batch` -> `--batch`, `log_every` -> `--log-every`."""
+    return f"--{field.replace('_', '-')}"
+
+
+def _same(recorded, value, typed) -> bool:
+    if isinstance(typed, Path):
+        return True
+    if isinstance(typed, list) and typed and isinstance(typed[0], Path):
+        return isinstance(recorded, list) and len(recorded) == len(typed)
+    return recorded == value
+
+
+def _typed(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def print_json(data: dict) -> int:

@@ -63,6 +63,8 @@ ADDABLE = ("position_embed.", "text_vector.", "seam_embed.")  # parts a warm sta
 class FlowRun(RunOptions):
     """The options of one `ctflow-train flow` run (see `configure`)."""
 
+    RESUME_MAY_CHANGE = RunOptions.RESUME_MAY_CHANGE | {"workers", "compile"}  # how the same samples are computed
+
     cache: list[Path]
     out: Path
     preset: str
@@ -292,7 +294,7 @@ def train(args: FlowRun) -> dict:
         raise CTFlowError(f"--paired-twins needs an even --batch (a pair is two samples of one rank), not "
                           f"{args.batch_size}")
     out = Path(args.out)
-    prepare_run_folder(out, OUTPUTS, args.resume, args.overwrite, remove=master)
+    prepare_run_folder(out, OUTPUTS, args, remove=master)
     out.mkdir(parents=True, exist_ok=True)
     config = denoiser_config(args, stores[0])
     torch.manual_seed(args.seed)  # same initial weights on every rank

@@ -73,6 +73,8 @@ VAE_VARIANTS = {
 class VAERun(RunOptions):
     """The options of one `ctflow-train vae` run (see `configure`)."""
 
+    RESUME_MAY_CHANGE = RunOptions.RESUME_MAY_CHANGE | {"eval_every", "eval_slices"}  # the final metrics' sample
+
     data: Path
     out: Path
     preset: str
@@ -410,7 +412,7 @@ def train(args: VAERun) -> AutoencoderMetrics:
     if (args.finding_weight or args.finding_crop_p) and not masks:
         raise CTFlowError(f"--finding-weight and --finding-crop-p need the finding masks (masks/) of a cohort; "
                           f"{args.data} lacks some (make it with ctflow-train cohort)")
-    prepare_run_folder(out, OUTPUTS, args.resume, args.overwrite)
+    prepare_run_folder(out, OUTPUTS, args)
     out.mkdir(parents=True, exist_ok=True)
     set_threads(args.threads)
     pool = slice_pool(load_cases(args.data, train_entries, masks))

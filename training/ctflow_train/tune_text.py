@@ -174,7 +174,7 @@ def tune(args: TuneRun, log=print) -> dict:
     check_sources(stores, prompts, encoder)
     denoiser = load_denoiser(folder, config).eval().requires_grad_(False)
     tuned = tuned_parameters(encoder, args.layers)
-    prepare_run_folder(out, OUTPUTS, args.resume, args.overwrite)
+    prepare_run_folder(out, OUTPUTS, args)
     out.mkdir(parents=True, exist_ok=True)
     encoder.model.train()  # dropout on: a cohort's few hundred label sets, regularised
     optimizer = torch.optim.AdamW(tuned.values(), lr=args.lr, weight_decay=1e-2)
