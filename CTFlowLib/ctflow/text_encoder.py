@@ -63,13 +63,17 @@ class TextEncoder:
         unknown = self.tokenizer.unk_token_id
         return sum(i == unknown for i in ids) / len(ids) if ids and unknown is not None else 0.0
 
+    def token_states(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, L, D] hidden states and [B, L] mask of the texts' tokens, with gradients where the caller has them on
+        (tune-text trains the encoder through this)."""
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
+        batch = {key: value.to(self.device) for key, value in batch.items()}
+        return self.model(**batch).last_hidden_state.float(), batch["attention_mask"].bool()
+
     @torch.no_grad()
     def encode(self, texts: list[str]) -> TextEmbedding:
         truncated = [len(self.tokenizer(text)["input_ids"]) > self.max_tokens for text in texts]
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
-        batch = {key: value.to(self.device) for key, value in batch.items()}
-        hidden = self.model(**batch).last_hidden_state.float()  # [B, L, D]
-        mask = batch["attention_mask"].bool()
+        hidden, mask = self.token_states(texts)  # [B, L, D], [B, L]
         if self.mode == "pooled":
             weights = mask.unsqueeze(-1).float()
             pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)

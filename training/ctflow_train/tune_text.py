@@ -108,12 +108,6 @@ def check_sources(stores, prompts: Prompts, encoder: TextEncoder) -> None:
         number += len(store.names)
 
 
-def student_tokens(encoder: TextEncoder, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, M, D], [B, M]: TextEncoder.encode with gradients (the tokens mode the denoiser reads)."""
-    batch = encoder.tokenizer(prompts, padding=True, truncation=True, max_length=encoder.max_tokens, return_tensors="pt")
-    return encoder.model(**batch).last_hidden_state.float(), batch["attention_mask"].bool()
-
-
 def draw_prompts(blocks: BlockDataset, prompts: Prompts, positions: range, draws: torch.Generator,
                  args: TuneRun) -> tuple[list[torch.Tensor], list[str]]:
     """Per position: the writer's tokens the store holds for its volume (the teacher's) and the prompt the tuned
@@ -144,7 +138,7 @@ def distillation_loss(denoiser, encoder: TextEncoder, batch: Batch, teacher: lis
     with torch.no_grad():
         text, mask = padded(teacher)
         target = denoiser.predict(z_t, batch.t, denoiser.prepare(batch.previous, text, mask, batch.first_slice))
-    tokens, mask = student_tokens(encoder, student)
+    tokens, mask = encoder.token_states(student)  # [B, M, D], [B, M], with gradients
     predicted = denoiser.predict(z_t, batch.t, denoiser.prepare(batch.previous, tokens, mask, batch.first_slice))
     return F.mse_loss(predicted, target)
 
