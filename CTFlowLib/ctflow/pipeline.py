@@ -31,7 +31,7 @@ from .denoiser import STDiT, parameter_count
 from .errors import CTFlowError, ModelError, RequestError
 from .hub import default_model, is_hub_id, resolve_model
 from .model_folder import CARD, load_denoiser, load_vae, model_sha256, read_config, verify_model_folder
-from .report import Report, names_a_side, parse_report, render_prompt
+from .report import Report, names_a_side, parse_report, render_prompt, typed_meta_lines
 from .ending import VolumeEnd
 from .sampling import Cancelled, Guidance, block_velocity, sample, validate
 from .text_encoder import TextEncoder, unit_cls
@@ -248,6 +248,10 @@ class CTFlowPipeline:
                 f"the report is longer than the text encoder's {self.text_encoder.max_tokens}-token limit; "
                 "only its beginning was used"
             )
+        for line in typed_meta_lines(report):
+            notices.append(f"the report's '{line}' is read as report text, not as a request: "
+                           + ("ask for a length with the slice count (--slices, the panel's Slices)"
+                              if line.lower().startswith("length") else f"the model makes slices {spacing:g} mm apart"))
         unknown = self.text_encoder.unknown_share(f"{report.findings} {report.impressions}")
         if unknown > UNKNOWN_TOKENS_NOTICE:
             notices.append(

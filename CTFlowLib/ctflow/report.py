@@ -25,6 +25,7 @@ _HEADER = re.compile(
     rf"(?:(?:^|(?<=[\s:])){_NAMES}\s*:|^[ \t]*{_NAMES}[ \t]*(?:-[ \t]|$))[ \t]*", re.IGNORECASE | re.MULTILINE
 )
 _SPACES = re.compile(r"[^\S\n]+")
+_TYPED_META = re.compile(r"\b(?:length:\s*\d+\s*slices?|spacing:\s*\d+(?:\.\d+)?\s*mm)", re.IGNORECASE)
 
 # A finding's side and its mirror image (side guidance steers away from the mirrored report). The heart and its
 # vessels keep their names ("leads in the right atrium", "right and left ventricles", "right coronary artery",
@@ -101,6 +102,12 @@ def render_prompt(report: Report, slices: int | None = None, slice_spacing: floa
     if slice_spacing is not None:
         lines.append(f"Spacing: {float(slice_spacing):g} mm")
     return "\n".join(lines)
+
+
+def typed_meta_lines(report: Report) -> list[str]:
+    """Meta lines render_prompt writes ("Length: N slices", "Spacing: S mm") that a user typed into the report
+    itself: the model reads them there as report text, not as a request."""
+    return _TYPED_META.findall(f"{report.findings}\n{report.impressions}")
 
 
 def mirrored(text: str) -> str:

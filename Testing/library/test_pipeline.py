@@ -97,6 +97,16 @@ def test_a_length_in_the_prompt_does_not_stop_the_volume_there(tiny_pipeline):
         tiny_pipeline.plan(GenerationRequest(REPORT, prompt_slices=0))
 
 
+def test_a_length_typed_into_the_report_is_text_and_the_caller_told(tiny_pipeline):
+    typed = tiny_pipeline.plan(GenerationRequest("Findings: Normal chest.\nImpressions: Normal. LENGTH: 90 slices\n"
+                                                 "Spacing: 1 mm"))
+    assert typed.request.slices is None and "Length: 90" not in typed.prompt.splitlines()[-1]
+    assert [notice.split(":")[0] for notice in typed.notices] == ["the report's 'LENGTH", "the report's 'Spacing"]
+    spacing = tiny_pipeline.config.geometry.spacing[2]
+    assert "slice count" in typed.notices[0] and f"{spacing:g} mm apart" in typed.notices[1]
+    assert tiny_pipeline.plan(GenerationRequest("Findings: The effusion's length is 4 cm.")).notices == ()
+
+
 def test_overlong_report_is_used_and_the_caller_told(tiny_pipeline):
     plan = tiny_pipeline.plan(GenerationRequest("Findings: " + "nodule " * 400))
     assert plan.notices and "token limit" in plan.notices[0]
