@@ -96,6 +96,7 @@ def test_export_loads_in_ctflow_and_generates(tiny, data, vae_run, cache, tmp_pa
                               "--out", str(tmp_path / "model"), "--steps", "2", "--calibration-cases", "2", "--half",
                               "--evaluation", str(figures), str(findings)])
     folder = export.export(export.ExportRun.from_args(args))
+    assert str(vae_run[0]) not in (folder / "vae" / "config.json").read_text()  # no path of the exporting machine
     stored = load_file(folder / "model.safetensors")
     checkpoint = load_file(flow / "checkpoint.safetensors")
     ema = {k.removeprefix("ema/"): v for k, v in checkpoint.items() if k.startswith("ema/")}
