@@ -40,8 +40,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from .errors import CTFlowError, ReportError
-from .io import DICOM, DICOM_SUFFIX, atomic_write, write_volume
+from .io import DICOM, DICOM_SUFFIX, atomic_write, check_writable_folder, write_volume
 from .checksums import sha256_file
+from .config import MAX_SEED
 from .pipeline import CancelFlag, CTFlowPipeline, GenerationRequest, check_options, with_defaults
 from .report import Report, parse_report
 from .tables import read_table_rows, row_id, safe_id
@@ -52,6 +53,7 @@ MANIFEST_CSV, MANIFEST_JSON = "manifest.csv", "manifest.json"
 COLUMNS = ("file", "report_id", "report", "seed", "slices", "slices_requested", "block_slices", "model",
            "model_sha256", "sha256", "time_s", "steps", "sampler", "guidance", "side_guidance", "shift", "device",
            "rank")
+MAX_ITEMS = 1_000_000  # volumes in one batch: more is a typo (or a batch to split), not a week of GPU time
 CHALLENGE_NAME = "input_image_name"  # VLM3D text-to-CT challenge: the output file's name
 CHALLENGE_SUFFIXES = (".mha", ".nii.gz", ".nii", ".nrrd")
 SECTION_KEYS = (("findings", "impressions"), ("Findings_EN", "Impressions_EN"))
@@ -144,16 +146,32 @@ def plan_items(reports: Iterable[ReportRow], seeds: int, first_seed: int = 0) ->
     """Every (report, seed) pair in table order; the seeds are first_seed ... first_seed + seeds - 1."""
     if seeds < 1:
         raise CTFlowError(f"--seeds must be at least 1, not {seeds}")
+    if not 0 <= first_seed <= MAX_SEED - seeds + 1:
+        raise CTFlowError(f"--seed must be a whole number from 0 to {MAX_SEED - seeds + 1} with --seeds {seeds}, "
+                          f"not {first_seed}")
     reports = list(reports)
+    if len(reports) * seeds > MAX_ITEMS:
+        raise CTFlowError(f"{len(reports)} reports x {seeds} seeds is more than the {MAX_ITEMS:,} volumes one batch "
+                          "holds: split the table or use fewer seeds")
     if seeds > 1 and any(report.named for report in reports):
         raise CTFlowError(f"{CHALLENGE_NAME} names one volume per report: use --seeds 1")
     return [Item(report, first_seed + k) for report in reports for k in range(seeds)]
 
 
-def check_out_folder(folder: Path) -> None:
-    """Fail before the model loads if `folder` cannot be a batch folder."""
+def check_out_folder(folder: Path, started: bool = False) -> None:
+    """Fail before the model loads if `folder` cannot be a batch folder: a batch writes into a new or empty folder,
+    or into one it made earlier (to resume), never among a user's own files. `started`: it must be one it made."""
     if folder.exists() and not folder.is_dir():
         raise CTFlowError(f"--out {folder} is not a folder; give a folder for the volumes")
+    ours = (folder / MANIFEST_DIR).is_dir()
+    if not ours and (started or (folder.is_dir() and any(folder.iterdir()))):
+        what = "does not exist" if not folder.exists() else "holds files but no batch (no .manifest folder)"
+        raise CTFlowError(f"--out {folder} {what}: " + ("give the folder of a batch" if started else
+                          "give a new or empty folder, or the folder of a batch to resume"))
+    existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
+    if not existing.is_dir():
+        raise CTFlowError(f"--out {folder}: {existing} is a file, not a folder")
+    check_writable_folder(existing)
 
 
 def rank_and_world() -> tuple[int, int, int | None]:
@@ -292,6 +310,7 @@ def run_batch(
     in is removed again.
     """
     settings = batch_settings(pipeline, options, out.suffix)
+    check_out_folder(out.folder)
     created = not out.folder.exists()
     out.create()
     result = BatchResult()

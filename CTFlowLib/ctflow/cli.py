@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .config import MAX_SLICES
 from .conventions import SYNTHETIC_NOTICE
 from .devices import DEVICES, select_device
 from .entry import quiet_third_party_logs
@@ -43,6 +44,7 @@ def _terminate(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_third_party_logs()  # before any command imports transformers or diffusers
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
@@ -86,8 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, help="random seed (default: a fresh one, recorded in the file)")
     add_sampling_arguments(generate)
     add_model_arguments(generate)
-    generate.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                          help="denoiser precision (auto: bfloat16 on a GPU; float32 reproduces the original CTFlow)")
+    add_precision_argument(generate)
     generate.add_argument("--preview", type=Path, help="also write a PNG of the mid-planes in lung and soft-tissue windows")
     generate.add_argument("--overwrite", action="store_true", help="replace existing output files")
     generate.set_defaults(run=run_generate)
@@ -104,8 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--seed", type=int, default=0, help="first seed; report r gets seeds S ... S+K-1 (default: 0)")
     add_sampling_arguments(batch)
     add_model_arguments(batch)
+    add_precision_argument(batch)
     batch.add_argument("--format", choices=(".nii.gz", ".nrrd", ".mha", DICOM), default=".nii.gz",
-                       help="volume file type, or dicom: a series folder per item, one study per report")
+                       help="volume file type, or dicom: a series folder per item, one study per report "
+                            "(default: .nii.gz)")
     batch.add_argument("--compile", action="store_true", help="torch.compile the denoiser (pays on a GPU over many items)")
     batch.add_argument("--merge-only", action="store_true", help="only write manifest.csv/json from the finished items")
     batch.set_defaults(run=run_batch)
@@ -126,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     metrics.add_argument("--size", type=int, default=256, help="slices are resized to size x size (default: 256)")
     metrics.add_argument("--labels", type=Path, help="requested findings per report id (.csv or .jsonl): text alignment")
     metrics.add_argument("--detector", help="finding detector package.module:function (volume -> probabilities)")
-    metrics.add_argument("--device", default="auto", help=f"where features run: {DEVICES}")
+    metrics.add_argument("--device", default="auto", help=f"where features run: {DEVICES} (default: auto)")
     metrics.add_argument("--out", type=Path, help="also write the results to this JSON file")
     metrics.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     metrics.set_defaults(run=run_metrics)
@@ -140,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slices", type=int, help="exact slice count (default: the model decides where to end)")
     parser.add_argument("--steps", type=int, help="sampling steps per block (default: the model's)")
-    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = none)")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = none; default: the "
+                        "model's, or 1 with --embedding)")
     parser.add_argument("--side-guidance", type=float,
                         help="guidance away from the report with its sides mirrored, for a finding on the side the "
                              "report names (0 = none; default: the model's)")
@@ -152,6 +156,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model folder or hub id org/name (default: the bundled demo model)")
     parser.add_argument("--revision", help="hub revision (branch, tag or commit) when --model is a hub id")
     parser.add_argument("--device", default="auto", help=f"where to run: {DEVICES} (default: auto)")
+
+
+def add_precision_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="denoiser precision (default: auto, bfloat16 on a GPU; float32 reproduces the original "
+                             "CTFlow)")
+
+
+def precision(args: argparse.Namespace) -> torch.dtype | None:
+    return None if args.dtype == "auto" else getattr(torch, args.dtype)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -171,7 +185,7 @@ def run_generate(args: argparse.Namespace) -> int:
                                 side_guidance=args.side_guidance, sampler=args.sampler, shift=args.shift,
                                 embedding=embedding)
     check_request(request, local_config(args.model, args.revision))  # seconds, before the model loads
-    pipeline = load_pipeline(args, args.device, dtype=None if args.dtype == "auto" else getattr(torch, args.dtype))
+    pipeline = load_pipeline(args, args.device, precision(args))
     plan = pipeline.plan(request)
     for notice in plan.notices:
         print(f"ctflow: note: {notice}", file=sys.stderr)
@@ -212,6 +226,7 @@ def run_batch(args: argparse.Namespace) -> int:
 
     items = batch.plan_items(batch.read_reports(args.reports), args.seeds, args.seed)
     if args.merge_only:
+        batch.check_out_folder(args.out, started=True)
         rows = batch.merge_manifest(args.out, items)
         print(f"wrote {args.out / batch.MANIFEST_CSV}: {len(rows)} of {len(items)} items finished")
         return 0
@@ -223,7 +238,7 @@ def run_batch(args: argparse.Namespace) -> int:
     device = args.device
     if local_rank is not None and device in ("auto", "cuda") and torch.cuda.is_available():
         device = f"cuda:{local_rank}"  # torchrun: one GPU per rank
-    pipeline = load_pipeline(args, device)
+    pipeline = load_pipeline(args, device, precision(args))
     if args.compile:
         pipeline.compile()
     mine = len(batch.shard(items, rank, world))
@@ -257,8 +272,8 @@ def run_batch(args: argparse.Namespace) -> int:
 def run_qa(args: argparse.Namespace) -> int:
     from . import qa
 
-    if args.block_slices is not None and args.block_slices < 1:
-        raise CTFlowError(f"--block-slices must be a whole number of at least 1, not {args.block_slices}")
+    if args.block_slices is not None and not 1 <= args.block_slices <= MAX_SLICES:
+        raise CTFlowError(f"--block-slices must be a whole number from 1 to {MAX_SLICES}, not {args.block_slices}")
     files = qa.volume_files(args.volumes)
     single = args.volumes.is_file() or qa.is_dicom_folder(args.volumes)
     folder = args.out or (args.volumes.parent if single else args.volumes) / "qa"
@@ -402,7 +417,6 @@ class ProgressBar:
 def load_pipeline(args: argparse.Namespace, device: str, dtype: torch.dtype | None = None) -> CTFlowPipeline:
     """The model of --model/--revision; only now are transformers and diffusers imported (seconds a refused
     request does not wait for)."""
-    quiet_third_party_logs()
     return CTFlowPipeline.from_pretrained(args.model, revision=args.revision, device=device, dtype=dtype)
 
 

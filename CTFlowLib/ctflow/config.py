@@ -21,6 +21,7 @@ VARIANTS = ("ctflow", "released")
 SAMPLING_MODES = ("ctflow", "released")
 TEXT_MODES = ("tokens", "pooled", "cls")
 MAX_SLICES = 2048  # the ceiling of every slice count (a request, a model's max_slices): a chest CT has a few hundred
+MAX_SEED = 2**63 - 1  # the largest seed torch's generators take
 
 
 @dataclass(frozen=True)
@@ -259,20 +260,27 @@ def _from_json(cls: type, data: Any, where: str) -> Any:
         raise ModelError(f"config.json: {where.rstrip('.') or 'model'}: {exc}") from exc
 
 
-def _checked(value: Any, hint: Any, name: str) -> Any:
+def option_value(value: Any, hint: Any, field: str, option: str) -> Any:
+    """A command's option checked by the rule of the config field it becomes (`field`, e.g. "geometry.spacing"),
+    so that a bad value fails with the option's name before any work, not in the folder it would write."""
+    return _checked(value, hint, field, option)
+
+
+def _checked(value: Any, hint: Any, name: str, label: str = "") -> Any:
+    label = label or f"config.json: {name}"
     if dataclasses.is_dataclass(hint):
         return _from_json(hint, value, f"{name}.")
     if typing.get_origin(hint) is tuple:
         kinds = typing.get_args(hint)
         if not (isinstance(value, (list, tuple)) and len(value) == len(kinds)):
-            raise ModelError(f"config.json: {name} must be a list of {len(kinds)} numbers, not {value!r}")
-        return tuple(_checked(item, kind, name) for item, kind in zip(value, kinds))
+            raise ModelError(f"{label} must be a list of {len(kinds)} numbers, not {value!r}")
+        return tuple(_checked(item, kind, name, label) for item, kind in zip(value, kinds))
     typed = {int: _whole(value), float: _number(value), str: isinstance(value, str), bool: isinstance(value, bool)}
     if not typed[hint]:
-        raise ModelError(f"config.json: {name} must be {_KIND_NAMES[hint]}, not {value!r}")
+        raise ModelError(f"{label} must be {_KIND_NAMES[hint]}, not {value!r}")
     rule = _RULES.get(name)
     if rule and not rule[1](value):
-        raise ModelError(f"config.json: {name} must be {rule[0]}, not {value!r}")
+        raise ModelError(f"{label} must be {rule[0]}, not {value!r}")
     return float(value) if hint is float else value
 
 

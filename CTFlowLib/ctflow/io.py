@@ -37,10 +37,11 @@ _HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())  # no "-": the pid f
 
 
 def read_text_file(path: Path, error: type[CTFlowError] = CTFlowError, advice: str = "") -> str:
-    """A UTF-8 text file's content, or one `error` that names the file and says what is wrong (`advice` appended
-    to the encoding case, where the fix is to get the file again)."""
+    """A UTF-8 text file's content (without the byte-order mark Notepad and Excel write), or one `error` that names
+    the file and says what is wrong (`advice` appended to the encoding case, where the fix is to get the file
+    again)."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except FileNotFoundError as exc:
         raise error(f"{path} does not exist") from exc
     except UnicodeDecodeError as exc:
@@ -48,13 +49,14 @@ def read_text_file(path: Path, error: type[CTFlowError] = CTFlowError, advice: s
     except OSError as exc:
         raise error(f"cannot read {path}: {exc.strerror}") from exc
 
-def volume_format(path: str | os.PathLike) -> str:
-    """The writer's suffix for `path`, or a clear error naming the supported ones."""
+
+def volume_format(path: str | os.PathLike, role: str = "output") -> str:
+    """The writer's suffix for `path`, or a clear error naming the supported ones (`role`: the file's, in it)."""
     name = str(path).lower()
     for suffix in SUFFIXES:
         if name.endswith(suffix):
             return suffix
-    raise CTFlowError(f"unsupported output file type {Path(path).name!r}: use one of {', '.join(SUFFIXES)}")
+    raise CTFlowError(f"unsupported {role} file type {Path(path).name!r}: use one of {', '.join(SUFFIXES)}")
 
 
 def check_output_path(path: str | os.PathLike, overwrite: bool, suffixes: tuple[str, ...] = SUFFIXES) -> Path:
@@ -67,7 +69,8 @@ def check_output_path(path: str | os.PathLike, overwrite: bool, suffixes: tuple[
     if path.exists() and not overwrite:
         raise exists_error(path)
     if not path.parent.is_dir():
-        raise CTFlowError(f"output folder {path.parent} does not exist")
+        what = "is a file, not a folder" if path.parent.exists() else "does not exist"
+        raise CTFlowError(f"output folder {path.parent} {what}")
     limit = _name_max(path.parent)
     if len(os.fsencode(path.name)) > limit:
         raise CTFlowError(f"the file name {path.name[:24]}... is too long: {len(os.fsencode(path.name))} bytes, "
@@ -294,7 +297,7 @@ def read_volume(path: str | os.PathLike) -> Volume:
         return read_dicom(path)
     if not path.is_file():
         raise CTFlowError(f"{path} does not exist")
-    reader = {".nrrd": _read_nrrd, ".mha": _read_mha}.get(volume_format(path), _read_nifti)
+    reader = {".nrrd": _read_nrrd, ".mha": _read_mha}.get(volume_format(path, "input"), _read_nifti)
     return reader(path)
 
 

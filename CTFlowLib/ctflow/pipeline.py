@@ -24,7 +24,7 @@ import torch
 
 from . import __version__
 from .autoencoder import SliceAutoencoder
-from .config import MAX_SLICES, ModelConfig, SamplingConfig
+from .config import MAX_SEED, MAX_SLICES, ModelConfig, SamplingConfig
 from .conventions import END_HU, START_HU
 from .devices import is_out_of_memory, out_of_memory, select_device
 from .denoiser import STDiT, parameter_count
@@ -131,7 +131,7 @@ def check_options(request: GenerationRequest, config: ModelConfig | None = None)
     length = resolved.prompt_slices
     if length is not None and not (isinstance(length, int) and 1 <= length <= MAX_SLICES):
         raise RequestError(f"the prompt's length must be a whole number from 1 to {MAX_SLICES} slices, not {length!r}")
-    if resolved.seed is not None and not (isinstance(resolved.seed, int) and 0 <= resolved.seed < 2**63):
+    if resolved.seed is not None and not (isinstance(resolved.seed, int) and 0 <= resolved.seed <= MAX_SEED):
         raise RequestError(f"seed must be a non-negative whole number, not {resolved.seed!r}")
     guidance = resolved.guidance
     if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and 0.0 <= guidance <= MAX_GUIDANCE):
@@ -386,7 +386,8 @@ class CTFlowPipeline:
         return Provenance(
             report=plan.report_text, prompt=plan.prompt, seed=req.seed, steps=req.steps, sampler=req.sampler,
             shift=req.shift, guidance=req.guidance, side_guidance=plan.guidance.side, model=self.model_id,
-            model_sha256=self.model_sha256, ctflow_version=__version__, device=str(self.device), slices_requested=req.slices,
+            model_sha256=self.model_sha256, ctflow_version=__version__, device=str(self.device),
+            dtype=str(next(self.denoiser.parameters()).dtype).removeprefix("torch."), slices_requested=req.slices,
             block_slices=self.config.denoiser.block_slices,
         )
 

@@ -245,6 +245,8 @@ def run_qa(
     leaves no half set. A file that cannot be read is named in document["failed"] and the others go on.
     """
     names = [volume_stem(path) for path in files]
+    if folder.exists() and not folder.is_dir():
+        raise CTFlowError(f"--out {folder} is a file; give a folder for the QA reports")
     if not overwrite:  # before the work, not after it
         for target in [folder / "qa.json"] + [folder / f"{n}.qa{kind}" for n in names for kind in (".json", ".png")]:
             if target.exists():

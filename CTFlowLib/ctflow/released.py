@@ -277,14 +277,16 @@ def import_released(
     """Build a ctflow model folder that runs the released checkpoint exactly as the original code does."""
     from diffusers import AutoencoderKL
 
-    from .config import AutoencoderConfig, GeometryConfig, ModelConfig, SamplingConfig, TextConfig
+    from .config import AutoencoderConfig, GeometryConfig, ModelConfig, SamplingConfig, TextConfig, option_value
     from .checksums import sha256_file
     from .model_folder import save_model
 
     out = Path(out)
     if out.exists() and not overwrite:
         raise ModelError(f"{out} already exists; choose another folder or pass --overwrite")
-    intensities = AutoencoderConfig(pixel_range=tuple(pixel_range))  # checked before any download
+    spacing = option_value(tuple(spacing), tuple[float, float, float], "geometry.spacing", "--spacing")
+    pixel_range = option_value(tuple(pixel_range), tuple[float, float], "autoencoder.pixel_range", "--pixel-range")
+    intensities = AutoencoderConfig(pixel_range=pixel_range)  # checked before any download
     text_folder = Path(text_encoder)
     denoiser_folder, denoiser_source = resolve_source(denoiser, "--denoiser")
     config = released_denoiser_config(denoiser_folder)  # refuses another class before reading 2 GB of weights

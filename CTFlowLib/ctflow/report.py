@@ -89,7 +89,7 @@ def read_report_file(path: str | os.PathLike) -> str:
         raise ReportError(f"report file {path} is larger than {MAX_REPORT_FILE_BYTES // 1024} KB; a report is a few KB "
                           "of text: is it the right file?")
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a byte-order mark (Notepad's) is no part of the report
     except UnicodeDecodeError as exc:
         raise ReportError(f"report file {path} is not UTF-8 text") from exc
 

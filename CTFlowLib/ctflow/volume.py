@@ -61,6 +61,7 @@ class Provenance:
     model_sha256: str
     ctflow_version: str
     device: str = ""
+    dtype: str = ""  # the denoiser's precision: bfloat16 on a GPU by default, float32 as the original CTFlow
     slices_requested: int | None = None
     partial: bool = False  # generation was cancelled or stopped early; the volume is incomplete
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))

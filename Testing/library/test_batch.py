@@ -55,6 +55,32 @@ def test_reports_come_from_ctrate_csv_and_cohort_jsonl(tmp_path):
         read_reports(write_csv(tmp_path / "empty.csv", [{"id": "a", "report": ""}]))
 
 
+def test_a_table_saved_with_a_byte_order_mark_reads_as_without(tmp_path):
+    table = tmp_path / "excel.csv"  # Excel's "CSV UTF-8" and Notepad start the file with U+FEFF
+    table.write_text("id,report\nrul,Findings: Right upper lobe nodule.\n", encoding="utf-8-sig")
+    assert [(r.id, r.text) for r in read_reports(table)] == [("rul", "Findings: Right upper lobe nodule.")]
+    table.write_text("report,id\nFindings: Normal chest.,n1\n", encoding="utf-8-sig")
+    assert [(r.id, r.text) for r in read_reports(table)] == [("n1", "Findings: Normal chest.")]
+
+
+def test_seeds_and_the_size_of_a_batch_are_checked_before_any_item_is_made(tmp_path):
+    reports = read_reports(write_csv(tmp_path / "r.csv", [{"id": "a", "report": "Findings: x."}]))
+    with pytest.raises(CTFlowError, match="more than the 1,000,000 volumes"):
+        plan_items(reports, seeds=10**9)  # refused at once, not after a billion items are built
+    with pytest.raises(CTFlowError, match="--seed must be"):
+        plan_items(reports, seeds=1, first_seed=-1)
+
+
+def test_a_batch_never_writes_among_a_users_own_files(tiny_pipeline, reports, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "rul_nodule_s0.nii.gz").write_text("my own CT")
+    with pytest.raises(CTFlowError, match="holds files but no batch"):
+        run_batch(tiny_pipeline, plan_items(read_reports(reports), 1), BatchFolder(mine), OPTIONS)
+    assert [path.name for path in mine.iterdir()] == ["rul_nodule_s0.nii.gz"]
+    assert (mine / "rul_nodule_s0.nii.gz").read_text() == "my own CT"
+
+
 def test_ranks_share_items_evenly(monkeypatch):
     items = list(range(7))
     assert sorted(shard(items, 0, 2) + shard(items, 1, 2)) == items and shard(items, 1, 2) == [1, 3, 5]

@@ -65,6 +65,7 @@ def test_provenance_says_what_made_the_volume(tiny_pipeline):
     assert (p.seed, p.steps, p.guidance, p.sampler, p.shift) == (7, 3, 1.5, "euler", 2.0)
     assert p.report.startswith("Findings: A 12 mm nodule") and "Length: 4 slices" in p.prompt
     assert p.model == "random-tiny" and len(p.model_sha256) == 64
+    assert (p.device, p.dtype) == ("cpu", "float32")
     assert "SYNTHETIC" in p.synthetic and p.ctflow_version
 
 

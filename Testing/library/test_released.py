@@ -441,6 +441,9 @@ def test_hub_ids_resolve_subfolders_from_the_cache_and_name_a_missing_one(source
     ("missing", "--denoiser folder /no/such/denoiser_ema does not exist"),
     ("width", "gives 384-d embeddings, but the denoiser reads 768-d ones"),
     ("pixels", "autoencoder pixel_range must run from low to high"),
+    ("pixels inf", "--pixel-range must be a finite number, not inf"),
+    ("spacing", "--spacing must be above 0 and at most 1000, not -1.0"),
+    ("spacing nan", "--spacing must be a finite number, not nan"),
     ("text pickle", "holds no safetensors weights; make it with `ctflow convert-ct-clip`"),
 ])
 def test_bad_import_inputs_give_one_clear_line(sources, tmp_path, capsys, change, message):
@@ -463,7 +466,8 @@ def test_bad_import_inputs_give_one_clear_line(sources, tmp_path, capsys, change
         config = json.loads((text / "config.json").read_text())
         (text / "config.json").write_text(json.dumps({**config, "hidden_size": 384}))
     out = tmp_path / "model"
-    pixels = ["--pixel-range", "1", "0"] if change == "pixels" else []
+    pixels = {"pixels": ["--pixel-range", "1", "0"], "pixels inf": ["--pixel-range", "0", "inf"],
+              "spacing": ["--spacing", "-1", "1", "1"], "spacing nan": ["--spacing", "1", "nan", "1"]}.get(change, [])
     assert main(["import-released", "--denoiser", str(denoiser), "--vae", str(vae), "--text-encoder", str(text),
                  "--out", str(out), *pixels]) == 1
     err = capsys.readouterr().err.strip().splitlines()

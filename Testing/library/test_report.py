@@ -1,7 +1,7 @@
 import pytest
 
 from ctflow import ReportError, parse_report, render_prompt
-from ctflow.report import MAX_REPORT_CHARS, mirrored, names_a_side
+from ctflow.report import MAX_REPORT_CHARS, mirrored, names_a_side, read_report_file
 
 CT_RATE = """FINDINGS: Trachea and both main bronchi are open. A 6 mm nodule is seen in the right upper lobe.
 No pleural effusion.
@@ -42,6 +42,13 @@ def test_non_text_is_refused(bad, message):
 
 def test_bytes_in_utf8_are_accepted():
     assert parse_report("Findings: Ünremarkable.".encode()).findings == "Ünremarkable."
+
+
+def test_a_report_file_with_a_byte_order_mark_reads_as_without(tmp_path):
+    path = tmp_path / "notepad.txt"
+    path.write_text("Findings: Right pleural effusion.\nImpressions: Effusion.", encoding="utf-8-sig")
+    report = parse_report(read_report_file(path))
+    assert (report.findings, report.impressions) == ("Right pleural effusion.", "Effusion.")
 
 
 def test_huge_report_is_cut_and_flagged():
