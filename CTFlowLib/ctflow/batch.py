@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from .errors import CTFlowError, ReportError
-from .io import DICOM, DICOM_SUFFIX, atomic_write, check_writable_folder, write_volume
+from .io import DICOM, DICOM_SUFFIX, TEMP_PREFIX, atomic_write, check_writable_folder, write_volume
 from .checksums import sha256_file
 from .config import MAX_SEED
 from .pipeline import CancelFlag, CTFlowPipeline, GenerationRequest, check_options, with_defaults
@@ -52,7 +52,8 @@ DICOM_STUDIES = "dicom.json"
 MANIFEST_CSV, MANIFEST_JSON = "manifest.csv", "manifest.json"
 COLUMNS = ("file", "report_id", "report", "seed", "slices", "slices_requested", "block_slices", "model",
            "model_sha256", "sha256", "time_s", "steps", "sampler", "guidance", "side_guidance", "shift", "device",
-           "rank")
+           "dtype", "rank")
+LATER_SETTINGS = ("dtype",)  # settings a batch.json of an older ctflow lacks: such a batch resumes as it was
 MAX_ITEMS = 1_000_000  # volumes in one batch: more is a typo (or a batch to split), not a week of GPU time
 CHALLENGE_NAME = "input_image_name"  # VLM3D text-to-CT challenge: the output file's name
 CHALLENGE_SUFFIXES = (".mha", ".nii.gz", ".nii", ".nrrd")
@@ -146,13 +147,13 @@ def plan_items(reports: Iterable[ReportRow], seeds: int, first_seed: int = 0) ->
     """Every (report, seed) pair in table order; the seeds are first_seed ... first_seed + seeds - 1."""
     if seeds < 1:
         raise CTFlowError(f"--seeds must be at least 1, not {seeds}")
-    if not 0 <= first_seed <= MAX_SEED - seeds + 1:
-        raise CTFlowError(f"--seed must be a whole number from 0 to {MAX_SEED - seeds + 1} with --seeds {seeds}, "
-                          f"not {first_seed}")
     reports = list(reports)
     if len(reports) * seeds > MAX_ITEMS:
         raise CTFlowError(f"{len(reports)} reports x {seeds} seeds is more than the {MAX_ITEMS:,} volumes one batch "
                           "holds: split the table or use fewer seeds")
+    if not 0 <= first_seed <= MAX_SEED - seeds + 1:
+        raise CTFlowError(f"--seed must be a whole number from 0 to {MAX_SEED - seeds + 1} with --seeds {seeds}, "
+                          f"not {first_seed}")
     if seeds > 1 and any(report.named for report in reports):
         raise CTFlowError(f"{CHALLENGE_NAME} names one volume per report: use --seeds 1")
     return [Item(report, first_seed + k) for report in reports for k in range(seeds)]
@@ -164,8 +165,11 @@ def check_out_folder(folder: Path, started: bool = False) -> None:
     if folder.exists() and not folder.is_dir():
         raise CTFlowError(f"--out {folder} is not a folder; give a folder for the volumes")
     ours = (folder / MANIFEST_DIR).is_dir()
-    if not ours and (started or (folder.is_dir() and any(folder.iterdir()))):
-        what = "does not exist" if not folder.exists() else "holds files but no batch (no .manifest folder)"
+    # another rank's write probe (a temp file) is no user's file: ranks check a folder made beforehand at once
+    holds = folder.is_dir() and any(not path.name.startswith(TEMP_PREFIX) for path in folder.iterdir())
+    if not ours and (started or holds):
+        what = ("does not exist" if not folder.exists() else "holds files but no batch (no .manifest folder)" if holds
+                else "holds no batch")
         raise CTFlowError(f"--out {folder} {what}: " + ("give the folder of a batch" if started else
                           "give a new or empty folder, or the folder of a batch to resume"))
     existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
@@ -256,6 +260,7 @@ class BatchFolder:
             atomic_write(path, lambda tmp: tmp.write_text(json.dumps(settings, indent=1) + "\n"))
         except FileExistsError:
             started = json.loads(path.read_text())
+            started = {**{key: settings[key] for key in LATER_SETTINGS if key not in started}, **started}
             changed = sorted(key for key in settings.keys() | started.keys() if settings.get(key) != started.get(key))
             if changed:
                 raise CTFlowError(
@@ -290,7 +295,7 @@ def batch_settings(pipeline: CTFlowPipeline, request: GenerationRequest, suffix:
     settings = {
         "model": pipeline.model_id, "model_sha256": pipeline.model_sha256, "steps": resolved.steps,
         "sampler": resolved.sampler, "guidance": resolved.guidance, "shift": resolved.shift,
-        "slices": request.slices, "format": suffix,
+        "slices": request.slices, "format": suffix, "dtype": pipeline.precision,
     }
     if resolved.side_guidance:  # only when set: a batch started before side guidance resumes as it was
         settings["side_guidance"] = resolved.side_guidance
@@ -372,7 +377,7 @@ def manifest_row(item: Item, provenance, path: Path, slices: int, seconds: float
         "model": provenance.model, "model_sha256": provenance.model_sha256, "sha256": sha256_of(path),
         "time_s": round(seconds, 3), "steps": provenance.steps, "sampler": provenance.sampler,
         "guidance": provenance.guidance, "side_guidance": provenance.side_guidance, "shift": provenance.shift,
-        "device": provenance.device, "rank": rank,
+        "device": provenance.device, "dtype": provenance.dtype, "rank": rank,
         "order": item.report.order,
     }
 

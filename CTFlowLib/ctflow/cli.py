@@ -44,7 +44,7 @@ def _terminate(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    quiet_third_party_logs()  # before any command imports transformers or diffusers
+    quiet_third_party_logs(downloads=args.run is run_import_released)  # before transformers or diffusers load
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:

@@ -19,12 +19,13 @@ def forget_working_folder() -> None:
         del sys.path[0]
 
 
-def quiet_third_party_logs() -> None:
+def quiet_third_party_logs(downloads: bool = False) -> None:
     """transformers/diffusers print load progress bars and advice that mean nothing to a user of ctflow or
-    ctflow-train (both commands and the generation worker call this). Imports neither: a command that never loads
-    them (a torchrun training rank) stays as it was; they read these settings when they load, or are told now."""
-    for name, value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),
-                        ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
+    ctflow-train (both commands and the generation worker call this); `downloads`: keep the hub's progress bars,
+    for a command whose work is a download of gigabytes. Imports neither: a command that never loads them (a
+    torchrun training rank) stays as it was; they read these settings when they load, or are told now."""
+    settings = [("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error")]
+    for name, value in settings + ([] if downloads else [("HF_HUB_DISABLE_PROGRESS_BARS", "1")]):
         os.environ.setdefault(name, value)
     if "transformers" in sys.modules:
         transformers = sys.modules["transformers"]

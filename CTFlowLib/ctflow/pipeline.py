@@ -332,6 +332,11 @@ class CTFlowPipeline:
         self.denoiser = torch.compile(self.denoiser, **options)
         return self
 
+    @property
+    def precision(self) -> str:
+        """The denoiser's dtype as provenance records it: "float32", "bfloat16"."""
+        return str(next(self.denoiser.parameters()).dtype).removeprefix("torch.")
+
     def info(self) -> dict[str, object]:
         """Model card facts: name, sizes, parameter counts, device."""
         return {
@@ -339,6 +344,7 @@ class CTFlowPipeline:
             "model_sha256": self.model_sha256,
             "ctflow_version": __version__,
             "device": str(self.device),
+            "dtype": self.precision,
             "denoiser_parameters": parameter_count(self.denoiser),
             "autoencoder_parameters": parameter_count(self.autoencoder.vae),
             "text_encoder": self.text_encoder.name,
@@ -387,7 +393,7 @@ class CTFlowPipeline:
             report=plan.report_text, prompt=plan.prompt, seed=req.seed, steps=req.steps, sampler=req.sampler,
             shift=req.shift, guidance=req.guidance, side_guidance=plan.guidance.side, model=self.model_id,
             model_sha256=self.model_sha256, ctflow_version=__version__, device=str(self.device),
-            dtype=str(next(self.denoiser.parameters()).dtype).removeprefix("torch."), slices_requested=req.slices,
+            dtype=self.precision, slices_requested=req.slices,
             block_slices=self.config.denoiser.block_slices,
         )
 

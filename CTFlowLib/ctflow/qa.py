@@ -246,7 +246,7 @@ def run_qa(
     """
     names = [volume_stem(path) for path in files]
     if folder.exists() and not folder.is_dir():
-        raise CTFlowError(f"--out {folder} is a file; give a folder for the QA reports")
+        raise CTFlowError(f"the QA folder {folder} is a file; give a folder for the reports (--out)")
     if not overwrite:  # before the work, not after it
         for target in [folder / "qa.json"] + [folder / f"{n}.qa{kind}" for n in names for kind in (".json", ".png")]:
             if target.exists():

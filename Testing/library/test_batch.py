@@ -129,6 +129,13 @@ def test_resume_skips_finished_items_and_never_rewrites_them(tiny_pipeline, repo
     assert "side_guidance" not in settings  # written only when set: a batch begun before side guidance resumes
     with pytest.raises(CTFlowError, match="other settings .*side_guidance"):
         run_batch(tiny_pipeline, items, out, GenerationRequest("", steps=1, side_guidance=2.0))
+    assert settings["dtype"] == "float32" and {row["dtype"] for row in read_manifest(out.folder)} == {"float32"}
+    older = out.folder / ".manifest" / "batch.json"  # as an older ctflow wrote it: no dtype, so it resumes
+    older.write_text(json.dumps({key: value for key, value in settings.items() if key != "dtype"}))
+    assert run_batch(tiny_pipeline, items, out, OPTIONS).skipped
+    older.write_text(json.dumps({**settings, "dtype": "bfloat16"}))  # begun in another precision: refused
+    with pytest.raises(CTFlowError, match="other settings .*dtype"):
+        run_batch(tiny_pipeline, items, out, OPTIONS)
 
 
 def test_a_failing_item_is_reported_and_the_rest_go_on(tiny_pipeline, tmp_path):

@@ -101,7 +101,7 @@ def test_a_length_in_the_prompt_does_not_stop_the_volume_there(tiny_pipeline):
 def test_a_length_typed_into_the_report_is_text_and_the_caller_told(tiny_pipeline):
     typed = tiny_pipeline.plan(GenerationRequest("Findings: Normal chest.\nImpressions: Normal. LENGTH: 90 slices\n"
                                                  "Spacing: 1 mm"))
-    assert typed.request.slices is None and "Length: 90" not in typed.prompt.splitlines()[-1]
+    assert typed.request.slices is None and "Length: 90 slices" not in typed.prompt.splitlines()  # no meta line
     assert [notice.split(":")[0] for notice in typed.notices] == ["the report's 'LENGTH", "the report's 'Spacing"]
     spacing = tiny_pipeline.config.geometry.spacing[2]
     assert "slice count" in typed.notices[0] and f"{spacing:g} mm apart" in typed.notices[1]

@@ -159,6 +159,9 @@ CASES = [
          "started with --batch 2 (now 4), --lr 0.0002 (now 0.001): resume"),
     Case("flow resuming on more stores", ["flow", "--cache", "{root}/latents", "{root}/latents", "--out", "{root}/flow",
                                           "--resume", *FLOW], 1, "latents (now {root}/latents {root}/latents)"),
+    Case("vae resuming anchored to a run it was not", ["vae", "--data", "{root}/data", "--out", "{root}/vae",
+                                                       "--resume", *VAE, "--anchor-to", "{root}/vae"], 1,
+         "--anchor-to not given (now {root}/vae)"),
     Case("vae resuming with another KL weight", ["vae", "--data", "{root}/data", "--out", "{root}/vae", "--resume", *VAE,
                                               "--kl-weight", "0.5"], 1, "--kl-weight"),
     # --- absurd numbers: refused by the parser, before anything is read or written
@@ -261,10 +264,10 @@ def test_resume_of_a_finished_run_changes_no_weights(root, capsys):
                      capsys)[0] == 0
 
 
-def test_a_moved_run_may_resume_longer_and_on_other_threads(root, capsys):
+def test_a_moved_run_may_resume_longer_on_other_threads_and_name_an_init(root, capsys):
     moved = shutil.copytree(root / "latents", root / "moved")  # the world itself was copied: the run moved too
     code, err = run_train(["flow", "--cache", str(moved), "--out", f"{root}/flow", "--resume", *FLOW, "--steps", "3",
-                           "--threads", "2", "--save-every", "1", "--workers", "0"], capsys)
+                           "--threads", "2", "--save-every", "1", "--workers", "0", "--init", f"{root}/flow"], capsys)
     assert code == 0, err
     assert read_meta(root / "flow" / "checkpoint.safetensors")["step"] == 3
 

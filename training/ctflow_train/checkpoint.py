@@ -111,6 +111,9 @@ def read_meta(path: str | os.PathLike) -> dict:
         return json.loads(_training_metadata(handle, path)["meta"])
 
 
+NOT_RECIPE = {"resume", "overwrite"}  # what the run folder is asked to do, not how it trains
+
+
 def prepare_run_folder(out: Path, outputs: tuple[str, ...], options: RunOptions, remove: bool = True) -> None:
     """Never replace an earlier run's checkpoint, weights, loss log or metrics unasked (`outputs`: names or glob
     patterns in `out`). --resume continues the run with the options it was started with (only those
@@ -121,7 +124,7 @@ def prepare_run_folder(out: Path, outputs: tuple[str, ...], options: RunOptions,
         changed = options.changed_from(read_meta(out / CHECKPOINT).get("args", {}))
         if changed:
             raise CTFlowError(f"{out} was started with {', '.join(changed)}: resume it with its own options (only "
-                              f"{', '.join(sorted(option_name(name) for name in options.RESUME_MAY_CHANGE))} may "
+                              f"{', '.join(sorted(option_name(name) for name in options.RESUME_MAY_CHANGE - NOT_RECIPE))} may "
                               "change, and paths may move) or start anew with --overwrite")
         return
     if found and not options.overwrite:

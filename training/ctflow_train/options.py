@@ -138,6 +138,8 @@ def option_name(field: str) -> str:
 
 
 def _same(recorded, value, typed) -> bool:
+    if recorded is None or typed is None:  # an option given on one side only (a path included) is a change
+        return recorded is None and typed is None
     if isinstance(typed, Path):
         return True
     if isinstance(typed, list) and typed and isinstance(typed[0], Path):
@@ -146,7 +148,7 @@ def _same(recorded, value, typed) -> bool:
 
 
 def _typed(value) -> str:
-    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+    return "not given" if value is None else " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def print_json(data: dict) -> int:

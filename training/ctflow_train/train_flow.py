@@ -63,7 +63,8 @@ ADDABLE = ("position_embed.", "text_vector.", "seam_embed.")  # parts a warm sta
 class FlowRun(RunOptions):
     """The options of one `ctflow-train flow` run (see `configure`)."""
 
-    RESUME_MAY_CHANGE = RunOptions.RESUME_MAY_CHANGE | {"workers", "compile"}  # how the same samples are computed
+    # how the same samples are computed; --init only starts a run (a resumed one takes the checkpoint's weights)
+    RESUME_MAY_CHANGE = RunOptions.RESUME_MAY_CHANGE | {"workers", "compile", "init"}
 
     cache: list[Path]
     out: Path
