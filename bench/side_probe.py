@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "training"))
 from ctflow.conventions import real_slices  # noqa: E402
+from ctflow.entry import quiet_third_party_logs  # noqa: E402
 from ctflow.io import atomic_write  # noqa: E402
 from ctflow.pipeline import CTFlowPipeline  # noqa: E402
 from ctflow_train.evaluate import generate_volume  # noqa: E402
@@ -90,6 +91,7 @@ def confound(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
+    quiet_third_party_logs()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     modes = parser.add_subparsers(dest="mode", required=True)
     run = modes.add_parser("probe", help="right report against left report on side twins")

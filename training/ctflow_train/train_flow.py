@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import gc
 import json
 import sys
 import time
@@ -377,7 +378,11 @@ def train(args: FlowRun) -> dict:
             save_checkpoint(out / CHECKPOINT, {"model": raw_model, "ema": ema}, {"optimizer": optimizer}, {}, meta)
     if master:
         log.close()
-    del batches  # DataLoader workers end before the process group does
+    # DataLoader workers and DDP's reducer end before the process group does: a reducer freed at interpreter exit,
+    # after its gloo group, can abort the process ("terminate called without an active exception") once the run
+    # is done
+    del batches, model
+    gc.collect()
     if ddp:  # leave together: a rank that tears gloo down while another still saves can abort at exit
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
