@@ -106,6 +106,9 @@ def both(*setups: Callable[[Path], None]) -> Callable[[Path], None]:
     return make
 
 
+ONE_ROW = files(**{"r.csv": "id,report\na,Findings: x.\n"})  # a reports table of one row
+
+
 def a_folder(name: str) -> Callable[[Path], None]:
     return lambda tmp: (tmp / name).mkdir()
 
@@ -173,11 +176,11 @@ CASES = [
     Case("device-cuda-index-absent", f"{GEN} --report {REPORT} {OUT} --device cuda:1", 1, "CUDA"),
     Case("device-unknown", f"{GEN} --report {REPORT} {OUT} --device tpu", 1, "unknown device 'tpu'"),
     Case("batch-shift-inf", "batch {tmp}/r.csv --out {tmp}/out --model {model} --shift inf", 1, "shift",
-         files(**{"r.csv": "id,report\na,Findings: x.\n"})),
+         ONE_ROW),
     Case("batch-guidance-nan", "batch {tmp}/r.csv --out {tmp}/out --model {model} --guidance nan", 1, "guidance",
-         files(**{"r.csv": "id,report\na,Findings: x.\n"})),
+         ONE_ROW),
     Case("batch-side-guidance-huge", "batch {tmp}/r.csv --out {tmp}/out --model {model} --side-guidance 1e9", 1,
-         "side guidance", files(**{"r.csv": "id,report\na,Findings: x.\n"})),
+         "side guidance", ONE_ROW),
     # 7: the report file
     Case("report-dev-zero", f"{GEN} --report-file /dev/zero {OUT}", 1, "larger than"),
     Case("report-huge", f"{GEN} --report-file {{tmp}}/r.txt {OUT}", 1, "larger than",
@@ -259,30 +262,30 @@ CASES = [
     Case("batch-duplicate-ids", "batch {tmp}/r.csv --out {tmp}/out --model {model}", 1, "same id",
          files(**{"r.csv": "id,report\na,Findings: x.\na,Findings: y.\n"}), held=True),
     Case("batch-seeds-zero", "batch {tmp}/r.csv --out {tmp}/out --model {model} --seeds 0", 1, "--seeds",
-         files(**{"r.csv": "id,report\na,Findings: x.\n"}), held=True),
+         ONE_ROW, held=True),
     Case("batch-table-missing", "batch {tmp}/none.csv --out {tmp}/out --model {model}", 1, "does not exist",
          held=True),
     Case("batch-table-type", "batch {tmp}/r.xlsx --out {tmp}/out --model {model}", 1, "unsupported table",
          files(**{"r.xlsx": "x"}), held=True),
     Case("batch-out-is-a-file", "batch {tmp}/r.csv --out {tmp}/r.csv --model {model}", 1, "not a folder",
-         files(**{"r.csv": "id,report\na,Findings: x.\n"})),
+         ONE_ROW),
     Case("batch-out-holds-the-users-files", "batch {tmp}/r.csv --out {tmp}/mine --model {model}", 1,
          "holds files but no batch", files(**{"r.csv": "id,report\na,Findings: x.\n", "mine__a_s0.nii.gz": "my CT",
                                              "mine__manifest.csv": "my notes"})),
     Case("batch-merge-only-in-no-batch", "batch {tmp}/r.csv --out {tmp}/mine --merge-only", 1,
          "give the folder of a batch", files(**{"r.csv": "id,report\na,Findings: x.\n", "mine__manifest.csv": "mine"})),
     Case("batch-merge-only-in-no-folder", "batch {tmp}/r.csv --out {tmp}/none --merge-only", 1, "does not exist",
-         files(**{"r.csv": "id,report\na,Findings: x.\n"})),
+         ONE_ROW),
     Case("batch-seeds-huge", "batch {tmp}/r.csv --out {tmp}/out --model {model} --seeds 1000000000", 1,
-         "more than the 1,000,000 volumes", files(**{"r.csv": "id,report\na,Findings: x.\n"})),
+         "more than the 1,000,000 volumes", ONE_ROW),
     Case("batch-seed-negative", "batch {tmp}/r.csv --out {tmp}/out --model {model} --seed -1", 1, "--seed must be",
-         files(**{"r.csv": "id,report\na,Findings: x.\n"})),
+         ONE_ROW),
     Case("batch-seed-past-the-last", f"batch {{tmp}}/r.csv --out {{tmp}}/out --model {{model}} --seed {2**63 - 1} "
-         "--seeds 2", 1, "--seed must be", files(**{"r.csv": "id,report\na,Findings: x.\n"})),
+         "--seeds 2", 1, "--seed must be", ONE_ROW),
     Case("batch-out-in-sys", "batch {tmp}/r.csv --out /sys/ctflow-batch --model {model}", 1, "cannot write",
-         files(**{"r.csv": "id,report\na,Findings: x.\n"})),
+         ONE_ROW),
     Case("batch-out-under-a-file", "batch {tmp}/r.csv --out {tmp}/r.csv/out --model {model}", 1, "is a file",
-         files(**{"r.csv": "id,report\na,Findings: x.\n"})),
+         ONE_ROW),
     Case("qa-block-slices-huge", "qa {tmp}/v --block-slices 100000000", 1, "block", volumes("a.nii.gz", folder="v")),
     Case("qa-out-is-a-file", "qa {tmp}/v --out {tmp}/f.txt", 1, "is a file",
          both(volumes("a.nii.gz", folder="v"), files(**{"f.txt": "mine"}))),
