@@ -200,7 +200,11 @@ def study() -> fs.FindingStudy:
         [fs.Response("writer", "consolidation", "consolidation", [0.9, 0.4, 0.7], [0.2, 0.6, 0.1], 2),
          fs.Response("heldout", "consolidation_RLL", "consolidation", [0.6, 0.7, 0.2], [0.3, 0.3, 0.3])],
         [fs.Placement("heldout", "consolidation_RLL", "consolidation", "lobe", "right lower lobe",
-                      ["right lower lobe", "left lower lobe", "right lower lobe"], 0.5)],
+                      ["right lower lobe", "left lower lobe", "right lower lobe"], 0.5),
+         fs.Placement("writer", "consolidation right", "consolidation", "side (change)", "right",
+                      ["right", "right", "left"], 0.5),
+         fs.Placement("writer", "consolidation left", "consolidation", "side (change)", "left",
+                      ["left", "right", "left"], 0.5)],
         {"writer/normal": "Findings: normal."})
 
 
@@ -211,6 +215,7 @@ def test_the_result_counts_round_trips_and_makes_tables():
     assert (writer.shown_when_asked, writer.shown_when_negated, writer.raised) == (2, 1, 2)
     assert (heldout.shown_when_asked, heldout.shown_when_negated, heldout.raised) == (2, 0, 2)
     assert result.placements[0].hits == 2
+    assert result.both_sides() == [("consolidation", "side (change)", 1)]  # seed 0 only: 1 puts both right, 2 left
     again = fs.FindingStudy.from_json(result.to_json())
     assert again == result
     table = result.markdown()
@@ -218,6 +223,7 @@ def test_the_result_counts_round_trips_and_makes_tables():
     assert "| writer | consolidation | hu 0.86 (0.7) | 2/3 | 1/3 | 2/3 | 2/3 | 0.667 / 0.300 |" in table
     assert "| heldout | consolidation_RLL | lobe | right lower lobe | latent 0.6 | 2/3 | 0.50 |" in table
     assert "not fitted: emphysema side (why)" in table
+    assert "| consolidation | side (change) | 1/3 |" in table
     with pytest.raises(CTFlowError, match="not the JSON"):
         fs.FindingStudy.from_json(json.dumps({"seeds": 3}))
 

@@ -452,6 +452,20 @@ class FindingStudy:
                       "responses": [Response(**r) for r in data["responses"]],
                       "placements": [Placement(**p) for p in data["placements"]]})
 
+    def both_sides(self) -> list[tuple[str, str, int]]:
+        """Per writer finding with a right and a left report, and per side reader: in how many seeds both reports
+        land on their own side. A model that ignores the side puts the finding in one place for both, so one of the
+        two is right at every seed and this is 0 (at random 1/4 of seeds); it also cannot be met by a reader's bias
+        towards one side, which the per-report counts can."""
+        by_case = {(p.case, p.target): p for p in self.placements if p.report_set == "writer"}
+        rows = []
+        for p in self.placements:
+            other = by_case.get((p.case.replace(" right", " left"), p.target))
+            if p.report_set == "writer" and p.case.endswith(" right") and p.target.startswith("side") and other:
+                rows.append((p.finding, p.target, sum(a == p.expected and b == other.expected
+                                                      for a, b in zip(p.predicted, other.predicted))))
+        return rows
+
     def detector(self, finding: str, target: str) -> DetectorScore | None:
         return next((d for d in self.detectors if (d.finding, d.target) == (finding, target)), None)
 
@@ -483,6 +497,11 @@ class FindingStudy:
             reader = f"{d.used} {max(d.latent, d.hu)}" if d else "largest change against the pair"
             lines.append(f"| {p.report_set} | {p.case} | {p.target} | {p.expected} | {reader} | {p.hits}/{n} | "
                          f"{p.chance:.2f} |")
+        paired = self.both_sides()
+        if paired:
+            lines += ["", "| finding | where | the right report on the right and the left one on the left, same seed "
+                      "(a model blind to the side: 0; at random: a quarter) |", "|---|---|---|"]
+            lines += [f"| {finding} | {target} | {both}/{n} |" for finding, target, both in paired]
         return "\n".join(lines) + "\n"
 
 
