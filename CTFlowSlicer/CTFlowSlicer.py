@@ -47,7 +47,7 @@ from ctflow.worker import WorkerProcess  # noqa: E402
 from CTFlowSlicerLib import dicom_export, generation  # noqa: E402
 from CTFlowSlicerLib.display import SLICE_VIEW_WINDOWS, applyWindow  # noqa: E402
 from CTFlowSlicerLib.generation import Progress, Run  # noqa: E402
-from CTFlowSlicerLib.parameters import CTFlowSlicerParameterNode, newSeed  # noqa: E402
+from CTFlowSlicerLib.parameters import CTFlowSlicerParameterNode, Device, ModelSource, newSeed  # noqa: E402
 
 POLL_INTERVAL_MS = 100
 CANCEL_GRACE_S = 3.0  # a cancelled run stops within a sampling step; a worker silent this long is ended
@@ -689,7 +689,8 @@ class CTFlowSlicerTest(ScriptedLoadableModuleTest):
         logic = CTFlowSlicerLogic()
         settings = logic.getParameterNode()
         settings.report, settings.slices, settings.seed, settings.steps = self.REPORT, slices, 1, 2
-        settings.device, settings.modelSource, settings.modelLocation = "cpu", "folder", str(self._tinyModel())
+        settings.device, settings.modelSource = Device.CPU, ModelSource.FOLDER
+        settings.modelLocation = str(self._tinyModel())
         try:
             logic.start(settings)
             progress = logic.poll()

@@ -46,11 +46,11 @@ def change_fixture():
 def settings(qt_application, scene, tiny_model):
     """The module's parameter node asking for ten slices (three blocks of the tiny model) from a local model
     folder, two sampling steps, on the CPU."""
-    from CTFlowSlicerLib.parameters import CTFlowSlicerParameterNode
+    from CTFlowSlicerLib.parameters import CTFlowSlicerParameterNode, Device, ModelSource
 
     parameters = CTFlowSlicerParameterNode(scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode"))
-    return change(parameters, report=REPORT, slices=10, seed=5, steps=2, device="cpu", modelSource="folder",
-                  modelLocation=str(tiny_model))
+    return change(parameters, report=REPORT, slices=10, seed=5, steps=2, device=Device.CPU,
+                  modelSource=ModelSource.FOLDER, modelLocation=str(tiny_model))
 
 
 @pytest.fixture(scope="session")

@@ -79,12 +79,14 @@ def main() -> None:
     import slicer
 
     import CTFlowSlicer
+    from CTFlowSlicerLib.parameters import ModelSource
 
     slicer.mrmlScene = slicer.vtkMRMLScene()
     logic = CTFlowSlicer.CTFlowSlicerLogic()
     settings = logic.getParameterNode()
     settings.report, settings.slices, settings.seed = args.report.read_text(encoding="utf-8"), args.slices, 1
-    settings.modelSource, settings.modelLocation = ("folder", str(args.model)) if args.model else ("bundled", "")
+    settings.modelSource, settings.modelLocation = (ModelSource.FOLDER, str(args.model)) if args.model \
+        else (ModelSource.BUNDLED, "")
     try:
         logic.start(settings)
         while not (progress := logic.poll()).finished:

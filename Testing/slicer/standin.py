@@ -178,28 +178,40 @@ def _isNode(base) -> bool:
     return isinstance(base, type) and issubclass(base, slicer.vtkMRMLNode)
 
 
+def _validate(name, base, annotations, value):
+    """Slicer's serializers' default validators: an instance of the field's type (a number field also takes an
+    int, a node field None; a str is not an Enum member), and WithinRange's bounds."""
+    kinds = (int, float) if base is float else (base, type(None)) if _isNode(base) else base
+    if not isinstance(value, kinds):
+        raise TypeError(f"{name}: expected {base.__name__}, got {type(value).__name__} {value!r}")
+    within = _first(annotations, WithinRange)
+    if within is not None and not within.minimum <= value <= within.maximum:
+        raise ValueError(f"{name}: {value!r} is not within [{within.minimum}, {within.maximum}]")
+
+
 def parameterNodeWrapper(cls):
     """Fields are the class's annotations; their class attributes are the defaults."""
     hints = typing.get_type_hints(cls, include_extras=True)
     defaults = {name: getattr(cls, name, None) for name in hints}
 
-    def make(name, base):
+    def make(name, base, annotations):
         def read(self):
             node = self.parameterNode
             if _isNode(base):
                 return node.GetNodeReference(name)
             text = node.GetParameter(name)
             if issubclass(base, enum.Enum):
-                return base(text)
+                return base[text]  # Slicer stores an Enum member by its name
             if base is bool:
                 return text == "True"
             return base(text)
 
         def write(self, value):
+            _validate(name, base, annotations, value)
             if _isNode(base):
                 self.parameterNode.SetNodeReferenceID(name, value.GetID() if value is not None else None)
             else:
-                self.parameterNode.SetParameter(name, str(value.value if isinstance(value, enum.Enum) else value))
+                self.parameterNode.SetParameter(name, str(value.name if isinstance(value, enum.Enum) else value))
 
         return property(read, write)
 
@@ -230,7 +242,7 @@ def parameterNodeWrapper(cls):
         for binding in tag[1]:
             binding.disconnect()
 
-    members = {name: make(name, _split(hint)[0]) for name, hint in hints.items()}
+    members = {name: make(name, *_split(hint)) for name, hint in hints.items()}
     return type(cls.__name__, (), {**members, "__init__": __init__, "connectGui": connectGui,
                                    "disconnectGui": disconnectGui, "__doc__": cls.__doc__,
                                    "__module__": cls.__module__, "fieldNames": tuple(hints)})

@@ -138,17 +138,21 @@ def test_replace_mode_reuses_the_last_node(scene, logic, settings, tiny_pipeline
     ("fields", "message"),
     [
         ({"report": "  "}, "the report is empty"),
-        ({"modelSource": "bundled"}, "No trained CTFlow model is bundled"),
-        ({"modelSource": "folder", "modelLocation": "/no/such/model"}, "does not exist"),
-        ({"modelSource": "hub", "modelLocation": ""}, "type a hub id"),
-        ({"device": "cuda"}, "CUDA was requested"),
-        ({"slices": 5000}, "slice count must be"),
+        ({"modelSource": "BUNDLED"}, "No trained CTFlow model is bundled"),
+        ({"modelSource": "FOLDER", "modelLocation": "/no/such/model"}, "does not exist"),
+        ({"modelSource": "HUB", "modelLocation": ""}, "type a hub id"),
+        ({"device": "CUDA"}, "CUDA was requested"),
+        ({"slices": 1000}, "more than this model makes"),  # the node holds up to 2048; the tiny model 512
     ],
 )
 def test_errors_end_as_a_message_without_a_node(scene, logic, settings, monkeypatch, fields, message, change):
+    from CTFlowSlicerLib.parameters import Device, ModelSource
+
     monkeypatch.setattr(resources, "bundledModel", lambda: None)
-    if fields.get("device") == "cuda" and torch.cuda.is_available():
+    if fields.get("device") == "CUDA" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
+    members = {"modelSource": ModelSource, "device": Device}  # fields named by their Enum member
+    fields = {name: members[name][value] if name in members else value for name, value in fields.items()}
     final = run(logic, change(settings, **fields))[-1]
     assert final.state == "failed"
     assert final.message.startswith("Error:") and message in final.message
@@ -307,10 +311,12 @@ def test_window_presets(scene):
 
 def test_the_request_is_kept_in_the_scene(scene, logic, settings, change, tmp_path):
     """The parameter node survives saving and reopening the scene, so a scene reopens with the same request."""
+    from CTFlowSlicerLib.parameters import Device, ModelSource
+
     volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "target")
     change(settings, report="Findings: a\nb", impressions="c", slices=64, seed=9, steps=30, guidance=2.5,
-           sideGuidance=4.0, device="cpu", modelSource="hub", modelLocation="org/m@v1", outputVolume=volume,
-           window="bone")
+           sideGuidance=4.0, device=Device.CPU, modelSource=ModelSource.HUB, modelLocation="org/m@v1",
+           outputVolume=volume, window="bone")
     scene.SetURL(str(tmp_path / "scene.mrml"))
     assert scene.Commit()
     reopened = slicer.vtkMRMLScene()
