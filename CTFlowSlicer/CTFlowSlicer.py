@@ -51,6 +51,7 @@ from CTFlowSlicerLib.parameters import CTFlowSlicerParameterNode, Device, ModelS
 
 POLL_INTERVAL_MS = 100
 CANCEL_GRACE_S = 3.0  # a cancelled run stops within a sampling step; a worker silent this long is ended
+RUN_ENDINGS = ("done", "cancelled", "error")  # the worker's last message about a run
 MODEL_PLACEHOLDERS = {"bundled": "", "folder": _("model folder"), "hub": _("org/name or org/name@revision")}
 WINDOW_BUTTONS = {name: f"{name}WindowButton" for name in SLICE_VIEW_WINDOWS}
 SAVE_BUTTONS = {"saveNrrdButton": (".nrrd", "NRRD (*.nrrd)"), "saveNiftiButton": (".nii.gz", "NIfTI (*.nii.gz)")}
@@ -224,8 +225,12 @@ class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.modelLocation = folder
 
     def onUnloadModel(self):
-        self.logic.unloadModel()
-        self._setStatus(_("The model was unloaded; the next Generate loads it again."))
+        if not self.logic.unloadModel():
+            self._setStatus(_("No model is loaded."))
+        elif self._running:
+            self._setStatus(_("The model is unloaded when this generation ends; the next Generate loads it again."))
+        else:
+            self._setStatus(_("The model was unloaded; the next Generate loads it again."))
 
     def onGenerateButton(self):
         """Generate, or, while generating, cancel. Dependencies are installed here, on first use."""
@@ -257,7 +262,6 @@ class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         progress = self.logic.poll()
         self._showProgress(progress)
         if progress.firstBlock:
-            self._parameterNode.generatedVolume = progress.node
             slicer.util.setSliceViewerLayers(fit=True)
         if progress.finished:
             self._setRunning(False)
@@ -281,10 +285,16 @@ class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
         if not path:
             return
-        if not path.lower().endswith(suffix):
-            path += suffix
+        asked = path.lower().endswith(suffix)  # the dialog asked before replacing this very name
+        path = withSuffix(path, suffix)
         try:
-            written = self.logic.saveVolume(volume, path)
+            try:
+                written = self.logic.saveVolume(volume, path, overwrite=asked)
+            except ctflow.OutputExistsError:
+                if not self._confirmReplace(path, _("Replace the file?"), _("{path} exists. Replace it?")):
+                    self._setStatus(_("Not saved: {path} exists and was kept.").format(path=path))
+                    return
+                written = self.logic.saveVolume(volume, path, overwrite=True)
         except (ImportError, OSError, ctflow.CTFlowError) as exc:
             self._setStatus(_("Could not save: {error}").format(error=writeError(exc)), error=True)
             return
@@ -319,18 +329,16 @@ class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with waitCursor():
                 return self.logic.exportDicom(volume, folder)
         except ctflow.OutputExistsError:
-            if not self._confirmReplace(folder):
+            if not self._confirmReplace(folder, _("Replace the DICOM series?"),
+                                        _("{path} exists. Replace it with this series? A folder that holds anything "
+                                          "but DICOM files is never replaced.")):
                 return None
         with waitCursor():
             return self.logic.exportDicom(volume, folder, overwrite=True)
 
-    def _confirmReplace(self, folder: str) -> bool:
-        answer = qt.QMessageBox.question(
-            self.parent, _("Replace the DICOM series?"),
-            _("{folder} exists. Replace it with this series? A folder that holds anything but DICOM files is "
-              "never replaced.").format(folder=folder),
-            qt.QMessageBox.Yes | qt.QMessageBox.No, qt.QMessageBox.No,
-        )
+    def _confirmReplace(self, path: str, title: str, question: str) -> bool:
+        answer = qt.QMessageBox.question(self.parent, title, question.format(path=path),
+                                         qt.QMessageBox.Yes | qt.QMessageBox.No, qt.QMessageBox.No)
         return answer == qt.QMessageBox.Yes
 
     # -- display ------------------------------------------------------------------------------------------
@@ -371,6 +379,14 @@ class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 def fileName(volume, suffix: str) -> str:
     """The volume's name as a file name: what the save and export dialogs propose."""
     return re.sub(r"[^\w.-]+", "_", volume.GetName()).strip("_") + suffix
+
+
+def withSuffix(path: str, suffix: str) -> str:
+    """The path the user typed with the format's suffix: "scan" and "scan.nii" become "scan.nii.gz"."""
+    lower, first = path.lower(), suffix.rsplit(".", 1)[0]  # ".nii" of ".nii.gz"; "" of ".nrrd"
+    if lower.endswith(suffix):
+        return path
+    return path + suffix[len(first):] if first and lower.endswith(first) else path + suffix
 
 
 def writeError(exc: Exception) -> str:
@@ -418,7 +434,7 @@ class CTFlowSlicerLogic(ScriptedLoadableModuleLogic):
         logic.start(parameters)
         while not (progress := logic.poll()).finished:   # the panel calls poll() from a QTimer
             slicer.app.processEvents()
-        progress.node                                    # the vtkMRMLScalarVolumeNode
+        progress.node                                    # the vtkMRMLScalarVolumeNode, also parameters.generatedVolume
         logic.exportDicom(progress.node, "chest.dcm")     # a series marked synthetic, added to the DICOM database
     """
 
@@ -460,6 +476,9 @@ class CTFlowSlicerLogic(ScriptedLoadableModuleLogic):
         """One line for the panel: the torch in the worker and the accelerator it sees."""
         self._receive()
         info = self._workerInfo
+        if info is None and self._worker is not None and self._worker.ended:
+            return _("The generation process stopped before it could detect PyTorch and the GPU ({exit}); last "
+                     "words: {said}. The next Generate starts a new one.").format(**self._lastWords())
         if info is None:
             return _("Detecting PyTorch and the GPU ...") if self._worker is not None else \
                 _("PyTorch and the GPU are detected when the generation process starts (at the first Generate).")
@@ -477,10 +496,13 @@ class CTFlowSlicerLogic(ScriptedLoadableModuleLogic):
         self._receive()
         return self._worker is not None and self._workerInfo is None and not self._worker.ended
 
-    def unloadModel(self) -> None:
-        """Free the model's memory (GPU memory included); the next run loads it again. Waits for a running one."""
-        if self._worker is not None:
-            self._worker.send({"type": "unload"})
+    def unloadModel(self) -> bool:
+        """Free the model's memory (GPU memory included); the next run loads it again. Waits for a running one.
+        False: there is no generation process, so no model."""
+        if self._worker is None or self._worker.ended:
+            return False
+        self._worker.send({"type": "unload"})
+        return True
 
     def shutdown(self) -> None:
         """Slicer is closing or the module is reloaded: the worker gets a second to exit, then it is ended."""
@@ -500,13 +522,18 @@ class CTFlowSlicerLogic(ScriptedLoadableModuleLogic):
         overwritten; else a new volume is made."""
         if self.isRunning():
             raise RuntimeError("a generation is already running; cancel it first")
-        run = Run(f"run-{next(self._runIds)}", settings, settings.outputVolume, Progress("starting", _("Starting ...")))
+        replace = settings.outputVolume
+        run = Run(f"run-{next(self._runIds)}", settings, replace, Progress("starting", _("Starting ...")))
         self._run = run
         try:
             ctflow.parse_report(settings.report, settings.impressions)  # a bad report fails before a slow start
+            if replace is not None and not generation.madeByCTFlow(replace):
+                raise ctflow.CTFlowError(
+                    f"{replace.GetName()} was not made by CTFlow: Generate overwrites only a volume CTFlow made "
+                    "(a synthetic one); choose it, or \"Create a new volume\", under Output volume")
             model, revision = generation.modelChoice(settings, resources.bundledModel())
             self.startWorker()
-        except ctflow.CTFlowError as exc:
+        except (ctflow.CTFlowError, OSError) as exc:  # OSError: the worker's program could not be started
             run.finish("failed", str(exc))
             return
         if self._workerInfo is None:
@@ -525,11 +552,26 @@ class CTFlowSlicerLogic(ScriptedLoadableModuleLogic):
             self._worker.send({"type": "cancel", "id": run.runId})
 
     def stop(self) -> None:
-        """Cancel and forget the run at once (the scene or the panel is going away); its files go when it ends."""
+        """Cancel and forget the run at once (the scene or the panel is going away); its files go when it ends,
+        at once if the worker has already said so."""
+        self._receive()
         run, self._run = self._run, None
-        if run is not None and not run.progress.finished:
-            self._worker.send({"type": "cancel", "id": run.runId})
-            self._abandoned[run.runId] = run.folder
+        if run is None or run.progress.finished:
+            return
+        said = [message for message in self._inbox if message.get("id") == run.runId]
+        self._inbox = [message for message in self._inbox if message.get("id") != run.runId]
+        folder = next((Path(m["folder"]) for m in said if m["type"] == "planned"), run.folder)
+        if self._ended(run.runId, said) or self._worker is None:
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+            return
+        self._worker.send({"type": "cancel", "id": run.runId})
+        self._abandoned[run.runId] = folder
+
+    def _ended(self, runId: str, messages: list[dict] | None = None) -> bool:
+        """Whether the worker's messages not yet handled (or `messages`) hold the run's end."""
+        return any(m.get("id") == runId and m["type"] in RUN_ENDINGS for m in
+                   (self._inbox if messages is None else messages))
 
     def poll(self) -> Progress:
         """Apply what the worker said since the last call, up to one block or the start of a model load (so the
@@ -544,10 +586,13 @@ class CTFlowSlicerLogic(ScriptedLoadableModuleLogic):
             self._handle(run, message)
             if message["type"] in ("block", "loading"):
                 break
+        if run.progress.firstBlock:  # on the run's parameter node, so it holds while the panel is away
+            run.settings.generatedVolume = run.progress.node
         if not run.progress.finished:
             if not self._inbox and self._worker.ended:
                 self._workerDied(run)
-            elif run.cancelledAt is not None and time.monotonic() - run.cancelledAt > CANCEL_GRACE_S:
+            elif run.cancelledAt is not None and time.monotonic() - run.cancelledAt > CANCEL_GRACE_S \
+                    and not self._ended(run.runId):  # its end may wait behind blocks a busy main thread left
                 self._worker.kill()
                 run.finish("cancelled", f"The generation process did not stop within {CANCEL_GRACE_S:.0f} s "
                                         "and was ended; the next Generate starts a new one.")
@@ -564,7 +609,7 @@ class CTFlowSlicerLogic(ScriptedLoadableModuleLogic):
             if message["type"] == "ready":
                 self._workerInfo = message
             elif message.get("id") in self._abandoned:
-                if message["type"] in ("done", "cancelled", "error"):
+                if message["type"] in RUN_ENDINGS:
                     folder = self._abandoned.pop(message["id"])
                     if folder is not None:
                         shutil.rmtree(folder, ignore_errors=True)
@@ -593,6 +638,11 @@ class CTFlowSlicerLogic(ScriptedLoadableModuleLogic):
             run.finish("failed", message["message"])
 
     def _workerDied(self, run: Run) -> None:
+        run.finish("failed", "the generation process stopped unexpectedly ({exit}); last words: {said}. The next "
+                             "Generate starts a new one.".format(**self._lastWords()))
+
+    def _lastWords(self) -> dict:
+        """How the worker that ended exited ("exit") and the last it wrote ("said")."""
         worker = self._worker
         try:
             code = worker.process.wait(1.0)
@@ -600,8 +650,7 @@ class CTFlowSlicerLogic(ScriptedLoadableModuleLogic):
             code = None
         said = worker.log_tail() or (f"its last message was {worker.last_message['type']!r}"
                                      if worker.last_message else "it said nothing")
-        run.finish("failed", f"the generation process stopped unexpectedly ({describeExit(code)}); last words: "
-                             f"{said}. The next Generate starts a new one.")
+        return {"exit": describeExit(code), "said": said}
 
     # -- volumes ----------------------------------------------------------------------------------------------
 

@@ -108,25 +108,33 @@ class Worker:
                 shutil.rmtree(folder, ignore_errors=True)
 
     def _read(self, stdin: IO[str]) -> None:
-        """stdin reader: cancels act at once (a run is in progress); everything else waits its turn."""
-        for line in stdin:
-            if not line.strip():
-                continue
-            try:
-                message = json.loads(line)
-                kind = message["type"]
-            except (ValueError, TypeError, KeyError):
-                self._error(None, "ProtocolError", f"not a protocol line (a JSON object with a type): {line[:80]!r}")
-                continue
-            if kind == "cancel":
-                self._cancelled.add(message.get("id"))
-            else:
-                self._inbox.put(message)
-        self._closing.set()  # the front end is gone: stop the run at its next step, then leave
-        self._inbox.put(None)
-        watchdog = threading.Timer(EXIT_GRACE_S, os._exit, (3,))
-        watchdog.daemon = True
-        watchdog.start()
+        """stdin reader: cancels act at once (a run is in progress); everything else waits its turn. Whatever a line
+        holds, the end of stdin still closes the worker."""
+        try:
+            for line in stdin:
+                if line.strip():
+                    self._take(line)
+        finally:
+            self._closing.set()  # the front end is gone: stop the run at its next step, then leave
+            self._inbox.put(None)
+            watchdog = threading.Timer(EXIT_GRACE_S, os._exit, (3,))
+            watchdog.daemon = True
+            watchdog.start()
+
+    def _take(self, line: str) -> None:
+        try:
+            message = json.loads(line)
+            kind = message["type"]
+        except (ValueError, TypeError, KeyError):
+            self._error(None, "ProtocolError", f"not a protocol line (a JSON object with a type): {line[:80]!r}")
+            return
+        run_id = message.get("id")
+        if not isinstance(run_id, (str, int, type(None))):  # ids are kept in sets and echoed back
+            self._error(None, "ProtocolError", f"a run id is a string or a number, not {run_id!r}"[:200])
+        elif kind == "cancel":
+            self._cancelled.add(run_id)
+        else:
+            self._inbox.put(message)
 
     def _error(self, run_id, kind: str, message: str) -> None:
         self.send({"type": "error", "id": run_id, "error": kind, "message": message})

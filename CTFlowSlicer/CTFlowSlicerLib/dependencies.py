@@ -117,7 +117,11 @@ def installTorch(requirement: str) -> None:
             f"CTFlow needs PyTorch {specifier} (about 1 to 3 GB download). {cpuOnly}For the CUDA build that fits "
             "your GPU, cancel, install the PyTorch extension (View > Extensions Manager), restart Slicer and click "
             "Generate again.\n\nInstall PyTorch from PyPI now?", "CTFlow - install PyTorch"):
-            slicer.util.pip_install([requirement, "-c", str(writeConstraints(without="torch"))])
+            constraints = writeConstraints(without="torch")
+            try:
+                slicer.util.pip_install([requirement, "-c", str(constraints)])
+            finally:
+                constraints.unlink(missing_ok=True)
         return
     old = unsatisfied(requirement)
     if old not in (None, "missing"):

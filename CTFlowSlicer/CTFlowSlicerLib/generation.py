@@ -127,9 +127,13 @@ def modelChoice(settings, bundledModel: Path | None) -> tuple[str, str | None]:
         return hubId, revision or None
     if not location:
         raise ctflow.ModelError("choose a model folder (holding config.json) under Model")
-    if not Path(location).expanduser().is_dir():
+    try:
+        folder = Path(location).expanduser()
+    except RuntimeError as exc:  # "~nosuchuser/..."
+        raise ctflow.ModelError(f"the model folder {location!r} cannot be found: {exc}") from exc
+    if not folder.is_dir():
         raise ctflow.ModelError(f"the model folder {location!r} does not exist: choose a folder holding config.json")
-    return str(Path(location).expanduser()), None
+    return str(folder), None
 
 
 def requestFields(settings) -> dict:
@@ -209,9 +213,10 @@ def volumeOf(node) -> ctflow.Volume:
     )
 
 
-def saveVolume(node, path: str | Path) -> Path:
-    """Write .nrrd or .nii.gz with the provenance in the header; ctflow's writers also mark the file synthetic."""
-    return ctflow.write_volume(volumeOf(node), path, overwrite=True)
+def saveVolume(node, path: str | Path, overwrite: bool = False) -> Path:
+    """Write .nrrd or .nii.gz with the provenance in the header; ctflow's writers also mark the file synthetic.
+    A file that exists is replaced only with `overwrite` (else ctflow.OutputExistsError)."""
+    return ctflow.write_volume(volumeOf(node), path, overwrite=overwrite)
 
 
 def withNotices(text: str, notices: tuple[str, ...]) -> str:

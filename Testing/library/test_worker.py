@@ -168,6 +168,19 @@ def test_lines_that_are_not_protocol_get_an_error_and_the_worker_goes_on(worker)
     until(worker, "unloaded")
 
 
+def test_a_run_id_that_is_not_a_string_or_number_is_refused_and_the_worker_still_closes():
+    """Ids live in sets: a list or an object as an id once killed the stdin reader (the worker then outlived its
+    front end) or, in a generate, the whole process."""
+    worker = start_worker()
+    worker.send({"type": "cancel", "id": [1]})
+    worker.send({"type": "generate", "id": {"a": 1}, "request": {"report": REPORT}})
+    replies = until(worker, "error") + until(worker, "error")
+    assert [(r["id"], r["error"]) for r in replies] == [(None, "ProtocolError")] * 2
+    assert "a run id is a string or a number, not [1]" in replies[0]["message"]
+    worker.process.stdin.close()
+    assert worker.process.wait(EXIT_GRACE_S + 5) == 0
+
+
 def test_the_worker_exits_by_itself_when_its_front_end_goes_mid_run(tiny_model):
     worker = start_worker()
     generate(worker, "orphan", tiny_model, slices=400)

@@ -121,6 +121,18 @@ def test_without_the_pytorch_extension_pypi_is_offered_with_the_cuda_advice(slic
     assert kind == "confirm" and "only a CPU build" in text and "install the PyTorch extension" in text
 
 
+def test_torch_from_pypi_is_pinned_to_slicers_numpy_and_leaves_no_constraints_file(slicer_world, monkeypatch):
+    leftovers = set(Path(dependencies.tempfile.gettempdir()).glob("ctflow-constraints-*"))
+    slicer_world.versions["torch"] = None
+    seen = []
+    monkeypatch.setattr(slicer.util, "pip_install",
+                        lambda args: seen.append((args, Path(args[args.index("-c") + 1]).read_text())))
+    dependencies.ensure()
+    (args, pins), *_ = seen
+    assert args[:2] == ["torch>=2.5", "-c"] and f"numpy=={np.__version__}\n" in pins and "torch==" not in pins
+    assert set(Path(dependencies.tempfile.gettempdir()).glob("ctflow-constraints-*")) == leftovers  # removed after
+
+
 def test_older_slicer_falls_back_to_pip_install_with_constraints(slicer_world, monkeypatch):
     slicer_world.versions["pynrrd"] = None
     seen = []

@@ -196,6 +196,89 @@ def test_a_stuck_worker_is_ended_after_the_cancel_grace(scene, logic, settings, 
     assert run(logic, change(settings, slices=10))[-1].state == "done"
 
 
+def test_a_cancel_the_worker_obeyed_is_not_ended_after_a_busy_main_thread(scene, logic, settings, change):
+    """The main thread may be busy past the cancel grace while the worker has already stopped: its "cancelled"
+    waits behind blocks not yet applied, and the worker (with its loaded model) is kept."""
+    import CTFlowSlicer
+
+    logic.start(change(settings, slices=400))
+    while logic.poll().node is None:
+        time.sleep(0.01)
+    worker = logic._worker
+    logic.cancel()
+    time.sleep(CTFlowSlicer.CANCEL_GRACE_S + 1)  # Slicer busy elsewhere: no poll
+    while not (final := logic.poll()).finished:
+        pass
+    assert final.state == "cancelled" and "did not stop" not in final.message
+    assert logic._worker is worker and worker.returncode is None and not worker.ended
+
+
+def test_stop_after_the_worker_ended_the_run_removes_its_folder_at_once(scene, logic, settings, change):
+    logic.start(change(settings, slices=10))
+    while (progress := logic.poll()).node is None:
+        time.sleep(0.01)
+    folder = logic._run.folder
+    deadline = time.monotonic() + 60
+    while len(list(folder.glob("block-*.npy"))) < 3 and time.monotonic() < deadline:  # made, not yet applied
+        time.sleep(0.05)
+    time.sleep(0.5)  # its "done" follows the last block
+    logic.stop()  # the scene closes before the panel applied the rest
+    assert not folder.exists() and not logic.isRunning()
+
+
+def test_generate_overwrites_only_a_volume_ctflow_made(scene, logic, settings, change):
+    """A patient's volume chosen as the output would take synthetic voxels under its own identity and file."""
+    patient = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Patient CT")
+    patient.SetAttribute("DICOM.PatientName", "Doe^Jane")
+    final = run(logic, change(settings, outputVolume=patient))[-1]
+    assert final.state == "failed" and final.node is None
+    assert "Patient CT was not made by CTFlow" in final.message and "Create a new volume" in final.message
+    assert patient.GetName() == "Patient CT" and patient.GetImageData() is None
+    assert not [name for name in patient.GetAttributeNames() if name.startswith("CTFlow.")]
+
+
+def test_a_start_that_fails_outside_ctflow_ends_the_run_and_the_next_one_works(scene, settings, change, tmp_path,
+                                                                              monkeypatch):
+    """"~nosuchuser" cannot be expanded (RuntimeError) and a worker program that cannot run raises OSError: each
+    ends the run with one line, and the Logic is free for the next Generate."""
+    import CTFlowSlicer
+
+    logic = CTFlowSlicer.CTFlowSlicerLogic()
+    folder = settings.modelLocation
+    try:
+        change(settings, modelLocation="~nosuchuser_ctflow/model")
+        assert CTFlowSlicer.modelStatus(settings)[0]  # a problem, said on the model row
+        final = run(logic, settings)[-1]
+        assert final.state == "failed" and "cannot be found" in final.message
+        notExecutable = tmp_path / "PythonSlicer"
+        notExecutable.write_text("")
+        monkeypatch.setattr(CTFlowSlicer, "workerPython", lambda: str(notExecutable))
+        final = run(logic, change(settings, modelLocation=folder))[-1]
+        assert final.state == "failed" and "Permission denied" in final.message
+        monkeypatch.undo()
+        assert run(logic, settings)[-1].state == "done"
+    finally:
+        logic.shutdown()
+
+
+def test_a_worker_that_dies_at_start_says_so_on_the_device_line(qt_application, monkeypatch):
+    import CTFlowSlicer
+
+    monkeypatch.setattr(CTFlowSlicer, "workerPython", lambda: "/bin/false")
+    logic = CTFlowSlicer.CTFlowSlicerLogic()
+    try:
+        logic.startWorker()
+        deadline = time.monotonic() + 30
+        while logic.workerStarting():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        line = logic.deviceDescription()
+        assert line.startswith("The generation process stopped before it could detect") and "exit code 1" in line
+        assert not logic.unloadModel()  # no process, so no model to unload
+    finally:
+        logic.shutdown()
+
+
 def frozen_worker_of(logic, settings):
     """Start a long run and freeze its worker once the first block is in, as a worker stuck in a native call."""
     logic.start(settings)

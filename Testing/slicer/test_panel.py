@@ -288,10 +288,60 @@ def test_unload_frees_the_model_and_the_next_run_loads_it_again(panel, tiny_mode
     wait_until(lambda: ui.generateButton.text() == "&Generate")
     ui.unloadModelButton.click()
     assert ui.statusLabel.text().startswith("The model was unloaded")
+    ui.slicesSpinBox.setValue(400)
+    ui.generateButton.click()
+    wait_until(lambda: ui.progressBar.value() >= 1)
+    ui.unloadModelButton.click()  # the worker unloads once this run has ended
+    assert ui.statusLabel.text().startswith("The model is unloaded when this generation ends")
+    ui.generateButton.click()
+    wait_until(lambda: ui.generateButton.text() == "&Generate")
+    ui.slicesSpinBox.setValue(4)
     states = []
     ui.generateButton.click()
     wait_until(lambda: states.append(ui.statusLabel.text()) or ui.generateButton.text() == "&Generate")
     assert any(text.startswith("Loading model") for text in states)
+
+
+def test_save_asks_before_replacing_a_file_the_dialog_did_not_ask_about(panel, tiny_model, monkeypatch, tmp_path):
+    """The dialog confirmed "scan"; the suffix makes it "scan.nrrd", which is the user's own file."""
+    ui = panel.ui
+    ui.reportTextEdit.setPlainText("Findings: Normal chest.")
+    use_tiny_model(ui, tiny_model, slices=4)
+    ui.generateButton.click()
+    wait_until(lambda: ui.generateButton.text() == "&Generate")
+    own = tmp_path / "scan.nrrd"
+    own.write_bytes(b"the user's own file")
+    monkeypatch.setattr(QtWidgets.QFileDialog, "getSaveFileName", lambda *args: (str(tmp_path / "scan"), "NRRD"))
+    asked = []
+    answer_next_question(QtWidgets.QMessageBox.No, asked)
+    ui.saveNrrdButton.click()
+    assert asked == [f"{own} exists. Replace it?"] and own.read_bytes() == b"the user's own file"
+    assert ui.statusLabel.text() == f"Not saved: {own} exists and was kept."
+    answer_next_question(QtWidgets.QMessageBox.Yes, asked)
+    ui.saveNrrdButton.click()
+    assert len(asked) == 2 and ctflow.read_volume(own).hu.shape == (4, 16, 16)
+    monkeypatch.setattr(QtWidgets.QFileDialog, "getSaveFileName", lambda *args: (str(tmp_path / "x.nii"), "NIfTI"))
+    ui.saveNiftiButton.click()
+    assert (tmp_path / "x.nii.gz").is_file() and not (tmp_path / "x.nii.nii.gz").exists()
+
+
+def test_leaving_the_module_while_it_generates_keeps_the_volume_for_save(panel, tiny_model):
+    """The run goes on while another module is shown; back in the panel, Save acts on the volume it made."""
+    ui = panel.ui
+    ui.reportTextEdit.setPlainText("Findings: Normal chest.")
+    use_tiny_model(ui, tiny_model, slices=10)
+    errors = []
+    hook, sys.excepthook = sys.excepthook, lambda kind, error, trace: errors.append(error)  # PySide6 slot errors
+    try:
+        ui.generateButton.click()
+        panel.exit()
+        wait_until(lambda: not panel.logic.isRunning() and ui.generateButton.text() == "&Generate")
+    finally:
+        sys.excepthook = hook
+    panel.enter()
+    node = panel._parameterNode.generatedVolume
+    assert errors == [] and node is not None and slices_in(node) == 10
+    assert ui.saveNrrdButton.isEnabled() and ui.exportDicomButton.isEnabled()
 
 
 def test_save_without_the_writers_installed_says_what_to_do(panel, tiny_model, monkeypatch, tmp_path):
