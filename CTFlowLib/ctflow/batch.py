@@ -42,7 +42,7 @@ from typing import Callable, Iterable, Iterator
 from .errors import CTFlowError, ReportError
 from .io import DICOM, DICOM_SUFFIX, TEMP_PREFIX, atomic_write, check_writable_folder, write_volume
 from .checksums import sha256_file
-from .config import MAX_SEED
+from .config import MAX_SEED, MAX_SLICES
 from .pipeline import CancelFlag, CTFlowPipeline, GenerationRequest, check_options, with_defaults
 from .report import Report, parse_report
 from .tables import read_table_rows, row_id, safe_id
@@ -133,13 +133,14 @@ def challenge_stem(name: str) -> str:
 
 
 def _slices_cell(value: object, where: str) -> int | None:
-    """An optional exact length: empty, or a whole number of at least 1 (as a JSON number or CSV text)."""
+    """An optional exact length: empty, or a whole number from 1 to MAX_SLICES (as a JSON number or CSV text), checked
+    with the table, before any model loads."""
     if value is None or value == "":
         return None
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise CTFlowError(f"{where}: slices must be a whole number of at least 1 (or empty), not {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SLICES:
+        raise CTFlowError(f"{where}: slices must be a whole number from 1 to {MAX_SLICES} (or empty), not {value!r}")
     return value
 
 
@@ -237,20 +238,26 @@ class BatchFolder:
             return write_volume(volume, self.volume(item), overwrite=True)
         from .dicom import write_dicom
 
-        return write_dicom(volume, self.volume(item), overwrite=True, study=self.study(item.report),
+        return write_dicom(volume, self.volume(item), overwrite=True, study=self.study(item.report.id),
                            series_number=item.seed + 1 if 0 <= item.seed < 2**31 - 1 else 1)
 
-    def study(self, report: ReportRow):
-        """The DICOM study of a report: the same for all its seeds, on every rank, and unique to this batch."""
-        from .dicom import NOT_FOR_DIAGNOSIS, Study, derived_uid
-
+    def claim_studies(self) -> dict:
+        """The batch's DICOM studies (a namespace for their UIDs, and their date): claimed once, as the batch
+        starts, so no study is dated after a series in it; every rank and a resumed batch read the same."""
         path = self.folder / MANIFEST_DIR / DICOM_STUDIES
         claim = {"namespace": str(uuid.uuid4()), "created": dt.datetime.now(dt.timezone.utc).isoformat()}
         try:
             atomic_write(path, lambda tmp: tmp.write_text(json.dumps(claim) + "\n"))
         except FileExistsError:
             claim = json.loads(path.read_text())
-        return Study(derived_uid(claim["namespace"], report.id), f"report {report.id} - {NOT_FOR_DIAGNOSIS}",
+        return claim
+
+    def study(self, report_id: str):
+        """The DICOM study of a report: the same for all its seeds, on every rank, and unique to this batch."""
+        from .dicom import NOT_FOR_DIAGNOSIS, Study, derived_uid
+
+        claim = self.claim_studies()
+        return Study(derived_uid(claim["namespace"], report_id), f"report {report_id} - {NOT_FOR_DIAGNOSIS}",
                      dt.datetime.fromisoformat(claim["created"]))
 
     def claim_settings(self, settings: dict) -> None:
@@ -321,6 +328,8 @@ def run_batch(
     result = BatchResult()
     try:
         out.claim_settings(settings)
+        if out.format == DICOM:
+            out.claim_studies()
         for item in shard(items, rank, world):
             status = _run_item(pipeline, item, out, options, rank, cancel, result)
             if on_item is not None:

@@ -274,9 +274,10 @@ def run_qa(args: argparse.Namespace) -> int:
 
     if args.block_slices is not None and not 1 <= args.block_slices <= MAX_SLICES:
         raise CTFlowError(f"--block-slices must be a whole number from 1 to {MAX_SLICES}, not {args.block_slices}")
-    files = qa.volume_files(args.volumes)
-    single = args.volumes.is_file() or qa.is_dicom_folder(args.volumes)
-    folder = args.out or (args.volumes.parent if single else args.volumes) / "qa"
+    volumes = qa.series_of(args.volumes)  # a file of a DICOM series: the series; its reports go beside it
+    files = qa.volume_files(volumes)
+    single = volumes.is_file() or qa.is_dicom_folder(volumes)
+    folder = args.out or (volumes.parent if single else volumes) / "qa"
     reference = qa.load_reference(args.reference) if args.reference else None
     progress, done = ProgressBar(), itertools.count(1)
 

@@ -36,7 +36,7 @@ from . import __version__
 from .conventions import SYNTHETIC_DESCRIPTION, WINDOWS
 from .errors import CTFlowError, OutputExistsError
 from .io import atomic_folder
-from .volume import Geometry, Provenance, Volume
+from .volume import Geometry, Provenance, Volume, hu_voxels
 
 UID_ROOT = "2.25."  # ISO/IEC 9834-8 UUID-derived UIDs (PS3.5 B.2)
 IMPLEMENTATION_CLASS_UID = f"{UID_ROOT}{uuid.uuid5(uuid.NAMESPACE_URL, 'urn:ctflow:dicom-writer').int}"
@@ -85,7 +85,8 @@ def write_dicom(
     if volume.provenance is None:
         raise CTFlowError("only volumes CTFlow generated (they carry provenance) are written as DICOM: "
                           "the series is marked synthetic, which another CT is not")
-    header = series_header(volume, study or Study(), series_number)
+    study = study or Study(created=_dt.datetime.fromisoformat(volume.provenance.created))  # not after the series
+    header = series_header(volume, study, series_number)
     width = max(4, len(str(volume.shape[0])))
 
     def write(tmp: Path) -> None:
@@ -187,7 +188,7 @@ def _synthesizing_equipment(provenance: Provenance, created: _dt.datetime):
     item.DeviceSerialNumber = provenance.model_sha256[:64]  # the model's SHA-256 names this exact generator
     item.SoftwareVersions = _lo(f"ctflow {provenance.ctflow_version}")
     item.ContributionDateTime = created.strftime("%Y%m%d%H%M%S+0000")
-    item.ContributionDescription = (
+    item.ContributionDescription = _ascii(
         f"Synthetic CT generated from a text report by CTFlow {provenance.ctflow_version}: model {provenance.model}, "
         f"model sha256 {provenance.model_sha256}, seed {provenance.seed}, {provenance.steps} {provenance.sampler} "
         f"steps, guidance {provenance.guidance:g}, side guidance {provenance.side_guidance:g}"
@@ -237,9 +238,14 @@ def _ds(value: float) -> str:
     return format_number_as_ds(float(value) + 0.0)  # + 0.0 turns -0.0 into 0.0
 
 
+def _ascii(text: str) -> str:
+    """Text in the default character repertoire (the series sets no Specific Character Set): others become '?'."""
+    return text.encode("ascii", "replace").decode()
+
+
 def _lo(text: str) -> str:
     """A Long String value: ASCII, no backslash (the value separator), at most 64 characters (the end kept)."""
-    text = text.encode("ascii", "replace").decode().replace("\\", "/")
+    text = _ascii(text).replace("\\", "/")
     return text if len(text) <= 64 else "..." + text[-61:]
 
 
@@ -361,8 +367,7 @@ def _hu(ds, file: Path) -> np.ndarray:
         syntax = getattr(ds.file_meta.get("TransferSyntaxUID"), "name", "unknown transfer syntax")
         raise CTFlowError(f"cannot decode the pixels of {file} ({syntax}): {exc}") from exc
     slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
-    values = pixels.astype(np.float64) * slope + intercept
-    return np.clip(np.rint(values), -32768, 32767).astype(np.int16)
+    return hu_voxels(pixels.astype(np.float64) * slope + intercept, file)
 
 
 def _provenance(header) -> Provenance | None:

@@ -24,7 +24,7 @@ import numpy as np
 
 from .conventions import SYNTHETIC_LABEL
 from .errors import CTFlowError, OutputExistsError
-from .volume import Geometry, Provenance, Volume
+from .volume import Geometry, Provenance, Volume, hu_voxels
 
 SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 DICOM, DICOM_SUFFIX = "dicom", ".dcm"
@@ -341,7 +341,7 @@ def _read_nifti(path: Path) -> Volume:
         except (ValueError, KeyError, TypeError):
             continue
     geometry = Geometry.from_ijk_to_ras(image.affine)
-    return Volume(np.rint(hu).astype(np.int16), geometry, provenance)
+    return Volume(hu_voxels(hu, path), geometry, provenance)
 
 
 def _check_3d(path: Path, shape: tuple[int, ...]) -> None:
@@ -376,13 +376,16 @@ def _read_nrrd(path: Path) -> Volume:
     except Exception as exc:  # pynrrd raises several types for damaged files
         raise CTFlowError(f"cannot read {path}: {exc}") from exc
     _check_3d(path, data.shape)
+    if "space directions" not in header:
+        raise CTFlowError(f"{path} has no 'space directions' (a NRRD without orientation): ctflow reads NRRDs that "
+                          "place their voxels in space, as Slicer and ctflow write them")
     matrix = np.eye(4)
     matrix[:3, :3] = np.asarray(header["space directions"], dtype=float).T
     matrix[:3, 3] = np.asarray(header.get("space origin", [0.0, 0.0, 0.0]), dtype=float)
     if header.get("space", "left-posterior-superior") in ("left-posterior-superior", "LPS"):
         matrix = _LPS @ matrix
     provenance = _provenance_from_fields(header)
-    return Volume(np.asarray(data).transpose(2, 1, 0).astype(np.int16), Geometry.from_ijk_to_ras(matrix), provenance)
+    return Volume(hu_voxels(np.asarray(data).transpose(2, 1, 0), path), Geometry.from_ijk_to_ras(matrix), provenance)
 
 
 def _write_mha(volume: Volume, path: Path) -> None:

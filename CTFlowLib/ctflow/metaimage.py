@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CTFlowError
-from .volume import Geometry, Volume
+from .volume import Geometry, Volume, hu_voxels
 
 _TO_LPS = np.array([-1.0, -1.0, 1.0])  # RAS <-> LPS flips the first two axes
 ELEMENT_TYPES = {"MET_CHAR": "i1", "MET_UCHAR": "u1", "MET_SHORT": "i2", "MET_USHORT": "u2", "MET_INT": "i4",
@@ -51,13 +51,13 @@ def read_mha(path: Path) -> tuple[Volume, dict[str, str]]:
         header[key.strip()] = value.strip()
         start = end + 1
     try:
-        volume = _volume(header, raw[start:])
+        volume = _volume(header, raw[start:], path)
     except (KeyError, ValueError, zlib.error) as exc:
         raise CTFlowError(f"cannot read {path}: {exc}") from exc
     return volume, header
 
 
-def _volume(header: dict[str, str], data: bytes) -> Volume:
+def _volume(header: dict[str, str], data: bytes, path: Path) -> Volume:
     if header[DATA_KEY] != "LOCAL":
         raise ValueError(f"the voxels are in a separate file ({header[DATA_KEY]}): only single-file .mha is read")
     if header.get("NDims") != "3" or int(header.get("ElementNumberOfChannels", 1)) != 1:
@@ -67,7 +67,7 @@ def _volume(header: dict[str, str], data: bytes) -> Volume:
     order = ">" if header.get("BinaryDataByteOrderMSB", header.get("ElementByteOrderMSB", "False")) == "True" else "<"
     i, j, k = (int(v) for v in header["DimSize"].split())
     values = np.frombuffer(data, dtype=order + ELEMENT_TYPES[header["ElementType"]], count=i * j * k)
-    hu = np.clip(np.rint(values.reshape(k, j, i)), -32768, 32767).astype(np.int16)
+    hu = hu_voxels(values.reshape(k, j, i), path)
     matrix = np.eye(4)
     matrix[:3, :3] = np.array(header.get("TransformMatrix", "1 0 0 0 1 0 0 0 1").split(), dtype=float).reshape(3, 3).T
     matrix[:3, :3] *= np.array(header.get("ElementSpacing", "1 1 1").split(), dtype=float)

@@ -66,7 +66,7 @@ def set_features(
     extractor = extractor.to(device).eval()
     features: dict[str, list[np.ndarray]] = {plane: [] for plane in PLANES}
     for item in volumes:
-        volume = item if isinstance(item, Volume) else read_volume(item)
+        volume = (item if isinstance(item, Volume) else read_volume(item)).head_first()  # one orientation for all
         for plane, images in plane_slices(volume.hu, per_axis, size).items():
             for part in images.split(chunk):
                 features[plane].append(extractor(part.to(device)).float().cpu().numpy())

@@ -8,6 +8,7 @@ produced length. Over a set: diversity across the seeds of one report. `report_p
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import os
@@ -18,7 +19,7 @@ from PIL import Image, ImageDraw
 
 from .dicom import is_dicom_folder
 from .errors import CTFlowError, OutputExistsError
-from .io import SUFFIXES, StagedWrites, read_volume
+from .io import DICOM_SUFFIX, SUFFIXES, StagedWrites, read_volume
 from .preview import render_preview
 from .volume import Volume
 
@@ -33,10 +34,15 @@ SEEDS_KEPT = 7  # thumbnails kept per report for diversity (21 pairs)
 MIN_LUNG_SHARE = 0.01  # a volume whose slices never hold this share of lung-density voxels has no lungs
 
 
+def series_of(path: Path) -> Path:
+    """A DICOM file's series folder (it is one volume with the folder's other files), else the path itself."""
+    return path.parent if path.is_file() and path.name.lower().endswith(DICOM_SUFFIX) else path
+
+
 def volume_files(path: str | os.PathLike) -> list[Path]:
     """A volume file or DICOM series folder, or those a folder holds (not deeper, not hidden ones such as
     temporary files), sorted by name."""
-    path = Path(path)
+    path = series_of(Path(path))
     if path.is_file() or is_dicom_folder(path):
         return [path]
     if not path.is_dir():
@@ -244,7 +250,7 @@ def run_qa(
     All or nothing: the reports are staged and moved into place together at the end, so a failure or Ctrl-C
     leaves no half set. A file that cannot be read is named in document["failed"] and the others go on.
     """
-    names = [volume_stem(path) for path in files]
+    names = report_names(files)
     if folder.exists() and not folder.is_dir():
         raise CTFlowError(f"the QA folder {folder} is a file; give a folder for the reports (--out)")
     if not overwrite:  # before the work, not after it
@@ -270,7 +276,7 @@ def _assess_all(files, names, staged: StagedWrites, folder: Path, block_slices, 
     groups: dict[str, list[np.ndarray]] = {}
     for path, name in zip(files, names):
         try:
-            volume = read_volume(path)
+            volume = read_volume(path).head_first()  # the checks read slice 0 as the most superior
         except (CTFlowError, OSError) as exc:
             failed[path.name] = str(exc)
             continue
@@ -374,6 +380,14 @@ def write_report(volume: Volume, result: dict, folder: Path, name: str, referenc
     staged.add(folder / f"{name}.qa.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n"))
     page = report_page(volume, result, reference)
     staged.add(folder / f"{name}.qa.png", lambda tmp: page.save(tmp, format="PNG"))
+
+
+def report_names(files: list[Path]) -> list[str]:
+    """The name of each file's reports: its stem, or its whole name where two files share a stem (ct.nrrd and
+    ct.nii.gz), so no report replaces another."""
+    stems = [volume_stem(path) for path in files]
+    counts = collections.Counter(stems)
+    return [path.name if counts[stem] > 1 else stem for path, stem in zip(files, stems)]
 
 
 def volume_stem(path: Path) -> str:

@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .conventions import SYNTHETIC_NOTICE
+from .errors import CTFlowError
 
 # Columns are the RAS directions of i (to patient left), j (to posterior), k (to inferior).
 HEAD_FIRST_AXIAL = np.diag([-1.0, -1.0, -1.0])
+HEAD_FIRST_AXCODES = ("L", "P", "I")  # the same in nibabel's codes of i, j, k
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,28 @@ class Geometry:
         """Head-first axial geometry whose in-plane centre is RAS (0, 0) and whose first slice is at S = 0."""
         half = (np.array(shape_kji[::-1], dtype=float) - 1) / 2 * np.array(spacing)
         return cls(tuple(float(s) for s in spacing), (float(half[0]), float(half[1]), 0.0))
+
+
+def hu_voxels(values: np.ndarray, source) -> np.ndarray:
+    """Voxels a file holds as int16 HU: rounded and clipped. NaN or inf are refused: cast, they would read as a
+    plausible 0 or -32768 HU."""
+    if not np.issubdtype(values.dtype, np.integer):
+        if not np.isfinite(values).all():
+            raise CTFlowError(f"{source} holds voxels that are not numbers (NaN or infinite): not a CT ctflow reads")
+        values = np.rint(values)
+    return np.clip(values, -32768, 32767).astype(np.int16)
+
+
+def to_canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, Geometry]:
+    """Reorder an (x, y, z) array with its RAS affine (nibabel's) to [k, j, i] head first; the geometry follows the
+    voxels. Only axis flips and swaps: an oblique scan keeps its (nearly canonical) direction matrix."""
+    from nibabel import orientations
+
+    transform = orientations.ornt_transform(orientations.io_orientation(affine),
+                                            orientations.axcodes2ornt(HEAD_FIRST_AXCODES))
+    reoriented = orientations.apply_orientation(data, transform)
+    affine = affine @ orientations.inv_ornt_aff(transform, data.shape)
+    return np.ascontiguousarray(reoriented.transpose(2, 1, 0)), Geometry.from_ijk_to_ras(affine)
 
 
 @dataclass(frozen=True)
@@ -106,3 +130,9 @@ class Volume:
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.hu.shape)
+
+    def head_first(self) -> "Volume":
+        """The same CT stored head first ([k, j, i] to inferior, posterior, patient left), as ctflow makes them:
+        what compares slices of CTs that files store in other orientations (feet first, RAS)."""
+        hu, geometry = to_canonical(self.hu.transpose(2, 1, 0), self.geometry.ijk_to_ras())
+        return Volume(hu, geometry, self.provenance)

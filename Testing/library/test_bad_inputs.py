@@ -98,6 +98,23 @@ def nifti(name: str, shape: tuple[int, ...]) -> Callable[[Path], None]:
     return make
 
 
+def float_nifti(name: str, value: float) -> Callable[[Path], None]:
+    def make(tmp: Path) -> None:
+        nib.save(nib.Nifti1Image(np.full((8, 8, 4), value, np.float32), np.eye(4)), str(tmp / name))
+
+    return make
+
+
+def nrrd_without_directions(name: str) -> Callable[[Path], None]:
+    """A valid NRRD that places its voxels nowhere (spacings only): pynrrd writes it, ctflow cannot orient it."""
+    def make(tmp: Path) -> None:
+        import nrrd
+
+        nrrd.write(str(tmp / name), np.zeros((8, 8, 4), np.int16), {"spacings": [1.0, 1.0, 2.0]})
+
+    return make
+
+
 def both(*setups: Callable[[Path], None]) -> Callable[[Path], None]:
     def make(tmp: Path) -> None:
         for setup in setups:
@@ -231,6 +248,13 @@ CASES = [
                                                        "v__.ctflow-tmp.123.x1y2": "half written"})),
          written=("v/qa", "v/qa/a.qa.json", "v/qa/a.qa.png", "v/qa/qa.json")),
     # 8: bad tables and numbers
+    Case("batch-slices-huge-row", "batch {tmp}/r.csv --out {tmp}/out --model {model}", 1, "from 1 to 2048",
+         files(**{"r.csv": "id,report,slices\na,Findings: x.,4\nb,Findings: y.,99999\n"})),
+    Case("qa-nrrd-without-orientation-goes-on", "qa {tmp}/v", 1, "no 'space directions'",
+         both(volumes("good.nii.gz", folder="v"), nrrd_without_directions("v/flat.nrrd")),
+         written=("v/qa", "v/qa/good.qa.json", "v/qa/good.qa.png", "v/qa/qa.json")),
+    Case("qa-nan-voxels", "qa {tmp}/nan.nii.gz", 1, "not numbers (NaN or infinite)",
+         float_nifti("nan.nii.gz", np.nan)),
     Case("batch-slices-word", "batch {tmp}/r.csv --out {tmp}/out --model {model}", 1, "line 3",
          files(**{"r.csv": "id,report,slices\na,Findings: x.,4\nb,Findings: y.,ten\n"})),
     Case("batch-slices-fraction", "batch {tmp}/r.csv --out {tmp}/out --model {model}", 1, "slices",
@@ -291,8 +315,8 @@ CASES = [
          both(volumes("a.nii.gz", folder="v"), files(**{"f.txt": "mine"}))),
     Case("out-folder-is-a-file", f"{GEN} --report {REPORT} --out {{tmp}}/f.txt/ct.nii.gz", 1, "is a file, not a folder",
          files(**{"f.txt": "mine"})),
-    Case("batch-every-item-fails", "batch {tmp}/r.csv --out {tmp}/out --model {model} --steps 1", 1, "a_s0",
-         files(**{"r.csv": "id,report,slices\na,Findings: x.,99999\n"}), early=False),
+    Case("batch-every-item-fails", "batch {tmp}/r.csv --out {tmp}/out --model {short_model} --steps 1", 1, "a_s0",
+         files(**{"r.csv": "id,report,slices\na,Findings: x.,100\n"}), early=False),  # more than the model makes
     # 11: checked before the model loads
     Case("revision-with-a-folder", f"{GEN} --report {REPORT} {OUT} --revision main", 1, "--revision"),
     Case("info-revision-with-a-folder", "info --model {model} --revision v1", 1, "--revision"),

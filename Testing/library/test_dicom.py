@@ -76,6 +76,7 @@ def test_the_series_says_synthetic_where_dicom_looks(provenance, tmp_path):
     assert equipment.ManufacturerModelName == "ctflow-demo" and equipment.DeviceSerialNumber == "ab" * 32
     assert equipment.SoftwareVersions == "ctflow 0.1.0"
     assert equipment.ContributionDescription.endswith(f"side guidance {provenance.side_guidance:g}")
+    assert (ds.StudyDate, ds.StudyTime) <= (ds.SeriesDate, ds.SeriesTime)  # no study is dated after its series
     assert all(uid.startswith("2.25.") for uid in (ds.SOPInstanceUID, ds.SeriesInstanceUID, ds.StudyInstanceUID))
     assert json.loads(ds.private_block(0x0011, "CTFlow provenance")[0x00].value)["seed"] == "123"
     # Geometry in LPS, worked by hand: i runs to patient left (+x), j to posterior (+y), k to inferior (-z)
@@ -214,6 +215,9 @@ def test_qa_accepts_a_dicom_series(provenance, tmp_path, capsys):
     assert main(["qa", str(folder)]) == 0
     assert json.loads((tmp_path / "qa" / "ct.qa.json").read_text())["block_slices"] == 4
     assert sorted(p.name for p in folder.iterdir())[-1] == "0012.dcm" and len(list(folder.iterdir())) == 12
+    assert main(["qa", str(folder / "0005.dcm"), "--overwrite"]) == 0  # a file of the series: the series
+    assert json.loads((tmp_path / "qa" / "ct.qa.json").read_text())["slices"] == 12
+    assert len(list(folder.iterdir())) == 12 and not (tmp_path / "qa" / "0005.qa.json").exists()
 
 
 def test_metrics_take_scanner_series_as_reference(provenance, tmp_path, capsys):
@@ -257,8 +261,10 @@ UNKNOWN_SYNTHETIC_DATA = ("Error - Attribute with an even group number is not a 
 
 
 @needs_dciodvfy
-@pytest.mark.parametrize("name", ["head-first axial", "rotated in-plane"])
-def test_dciodvfy_finds_no_errors(provenance, tmp_path, name):
+@pytest.mark.parametrize(("name", "model"), [("head-first axial", "ctflow-demo"), ("rotated in-plane", "ctflow-demo"),
+                                             ("head-first axial", "démo-CT")])  # a model name outside ASCII
+def test_dciodvfy_finds_no_errors(provenance, tmp_path, name, model):
+    provenance = dataclasses.replace(provenance, model=model)
     folder = write_dicom(make_volume(provenance, GEOMETRIES[name]), tmp_path / "ct.dcm")
     for path in sorted(folder.iterdir()):
         run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
@@ -327,6 +333,7 @@ def test_batch_writes_one_series_per_item_and_one_study_per_report(tiny_pipeline
     studies = {name: (ds.StudyInstanceUID, ds.PatientID, ds.SeriesNumber) for name, ds in first.items()}
     assert studies["nodule_s0.dcm"][:2] == studies["nodule_s1.dcm"][:2] != studies["effusion_s0.dcm"][:2]
     assert (studies["nodule_s0.dcm"][2], studies["nodule_s1.dcm"][2]) == (1, 2)
+    assert all((ds.StudyDate, ds.StudyTime) <= (ds.SeriesDate, ds.SeriesTime) for ds in first.values())
     description = first["nodule_s0.dcm"].StudyDescription
     assert "nodule" in description and "SYNTHETIC" in description
     assert read_volume(out.folder / "effusion_s1.dcm").provenance.seed == 1

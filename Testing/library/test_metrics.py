@@ -2,6 +2,7 @@
 
 import json
 
+import ctflow
 import numpy as np
 import pytest
 import torch
@@ -55,6 +56,24 @@ def test_fid_2_5d_with_a_tiny_feature_network():
     shifted = fid_2_5d(real, set_features(volumes(300, seed=1), extractor, per_axis=3, size=16))
     assert shifted["mean"] > 10 * same["mean"]
     assert shifted["mean"] == pytest.approx(np.mean([shifted[plane] for plane in PLANES]))
+
+
+def test_a_ct_stored_feet_first_has_the_same_slices_as_stored_head_first(tmp_path):
+    """Real CT files are often RAS with slice 0 at the feet (dcm2niix, CT-RATE); ctflow writes head first. The
+    slices of one CT are the same whichever way a file stores it, so its FID against itself is 0."""
+    import nibabel as nib
+
+    k, j, i = np.meshgrid(np.arange(12), np.arange(16), np.arange(20), indexing="ij")
+    ct = Volume((k * 40 + j * 7 - i * 3 - 500).astype(np.int16), Geometry((0.8, 0.9, 2.0)), None)
+    write_volume(ct, tmp_path / "head_first.nii.gz")
+    ras = nib.as_closest_canonical(nib.load(tmp_path / "head_first.nii.gz"))
+    nib.save(ras, tmp_path / "feet_first.nii.gz")
+    assert nib.aff2axcodes(ras.affine) == ("R", "A", "S")
+    extractor = RandomFeatures(0)
+    first, second = (set_features([tmp_path / f"{name}.nii.gz"], extractor, per_axis=3, size=32)
+                     for name in ("head_first", "feet_first"))
+    assert all(np.allclose(first[plane], second[plane], atol=1e-5) for plane in PLANES)
+    np.testing.assert_array_equal(ctflow.read_volume(tmp_path / "feet_first.nii.gz").head_first().hu, ct.hu)
 
 
 def test_random_features_are_fixed_by_their_seed():

@@ -119,3 +119,30 @@ def test_a_folder_gets_a_page_per_volume_and_a_summary(tmp_path, capsys):
     assert main(["qa", str(tmp_path), "--block-slices", "4", "--out", str(tmp_path / "qa4")]) == 0
     assert json.loads(capsys.readouterr().out.split("\nwrote")[0])["summary"]["volumes"] == 2
     assert json.loads((tmp_path / "qa4" / "qa.json").read_text())["volumes"]["ct_s0"]["block_slices"] == 4
+
+
+def test_volumes_that_share_a_stem_keep_a_report_each(tmp_path):
+    """ct.nrrd and ct.nii.gz in one folder: reports named by the stem alone would replace each other."""
+    for k, suffix in enumerate((".nii.gz", ".nrrd", ".mha")):
+        volume = Volume(seamed(jump=20.0 * k), Geometry((1.0, 1.0, 2.5)), provenance(seed=k))
+        write_volume(volume, tmp_path / f"ct{suffix}")
+    write_volume(Volume(seamed(), Geometry((1.0, 1.0, 2.5)), provenance()), tmp_path / "other.nii.gz")
+    assert main(["qa", str(tmp_path)]) == 0
+    document = json.loads((tmp_path / "qa" / "qa.json").read_text())
+    assert sorted(document["volumes"]) == ["ct.mha", "ct.nii.gz", "ct.nrrd", "other"]
+    assert (tmp_path / "qa" / "ct.nrrd.qa.png").is_file() and (tmp_path / "qa" / "other.qa.json").is_file()
+
+
+def test_a_ct_stored_feet_first_is_checked_head_first(tmp_path):
+    """qa reads slice 0 as the first made (detail fading block after block); a file stored feet first (RAS, as
+    dcm2niix writes) gives the same figures, not a trend reversed."""
+    import nibabel as nib
+
+    texture = np.random.default_rng(0).normal(0, 100, (8, 32, 32))
+    hu = np.concatenate([texture * 0.5**b for b in range(4)]).astype(np.int16)  # detail halves each block
+    write_volume(Volume(hu, Geometry((1.0, 1.0, 2.5)), None), tmp_path / "head_first.nii.gz")
+    nib.save(nib.as_closest_canonical(nib.load(tmp_path / "head_first.nii.gz")), tmp_path / "feet_first.nii.gz")
+    assert main(["qa", str(tmp_path), "--block-slices", "8"]) == 0
+    results = json.loads((tmp_path / "qa" / "qa.json").read_text())["volumes"]
+    assert results["head_first"]["detail"]["percent_per_block"] < -40
+    assert results["feet_first"] == results["head_first"]

