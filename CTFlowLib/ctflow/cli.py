@@ -262,6 +262,7 @@ def run_batch(args: argparse.Namespace) -> int:
     for name, message in result.failed.items():
         print(f"ctflow: error: {name}: {message}", file=sys.stderr)
     merged = f"manifest {args.out / batch.MANIFEST_CSV}" if result.merged else \
+        f"nothing written ({args.out} removed again)" if not args.out.exists() else \
         "manifest not merged yet: the last process to finish writes it (or run with --merge-only)"
     busy = f", left {len(result.busy)} to another process" if result.busy else ""
     print(f"made {len(result.made)}, skipped {len(result.skipped)} finished{busy}, failed {len(result.failed)}; "

@@ -530,3 +530,13 @@ def test_two_batches_on_one_folder_make_each_item_once(tiny_model, tmp_path, cap
     made = [int(text.split("made ")[1].split(",")[0]) for text in (out, capsys.readouterr().out)]
     assert sum(made) == 6, made  # each item made once, by one or the other
     assert len(json.loads((tmp_path / "out" / "manifest.json").read_text())["rows"]) == 6
+
+
+def test_a_batch_whose_every_item_failed_says_nothing_was_written(models, tmp_path, capsys):
+    """Not "manifest not merged yet": the folder it made is gone again."""
+    (tmp_path / "r.csv").write_text("id,report,slices\na,Findings: x.,100\n")  # more than short_model makes
+    argv = ["batch", str(tmp_path / "r.csv"), "--out", str(tmp_path / "out"), "--model", str(models["short_model"]),
+            "--steps", "1", "--device", "cpu"]
+    assert main(argv) == 1
+    said = capsys.readouterr().out
+    assert "nothing written" in said and "not merged" not in said and not (tmp_path / "out").exists()
