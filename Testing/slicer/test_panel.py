@@ -47,6 +47,14 @@ def use_tiny_model(ui, tiny_model, slices: int) -> None:
     ui.seedSpinBox.setValue(11)
 
 
+def generate_normal_chest(ui, tiny_model, slices: int) -> None:
+    """Generate from a normal report with the tiny model and wait for the end."""
+    ui.reportTextEdit.setPlainText("Findings: Normal chest.")
+    use_tiny_model(ui, tiny_model, slices=slices)
+    ui.generateButton.click()
+    wait_until(lambda: ui.generateButton.text() == "&Generate")
+
+
 def answer_next_question(button, asked: list, tries: int = 200) -> None:
     """Press `button` in the message box that the next click opens (it runs its own event loop); its text goes to
     `asked`. Gives up after `tries` looks, 10 ms apart, when none opens."""
@@ -282,10 +290,7 @@ def test_slicer_self_test_runs(qt_application, scene, tiny_model, dicom_database
 
 def test_unload_frees_the_model_and_the_next_run_loads_it_again(panel, tiny_model):
     ui = panel.ui
-    ui.reportTextEdit.setPlainText("Findings: Normal chest.")
-    use_tiny_model(ui, tiny_model, slices=4)
-    ui.generateButton.click()
-    wait_until(lambda: ui.generateButton.text() == "&Generate")
+    generate_normal_chest(ui, tiny_model, slices=4)
     ui.unloadModelButton.click()
     assert ui.statusLabel.text().startswith("The model was unloaded")
     ui.slicesSpinBox.setValue(400)
@@ -305,10 +310,7 @@ def test_unload_frees_the_model_and_the_next_run_loads_it_again(panel, tiny_mode
 def test_save_asks_before_replacing_a_file_the_dialog_did_not_ask_about(panel, tiny_model, monkeypatch, tmp_path):
     """The dialog confirmed "scan"; the suffix makes it "scan.nrrd", which is the user's own file."""
     ui = panel.ui
-    ui.reportTextEdit.setPlainText("Findings: Normal chest.")
-    use_tiny_model(ui, tiny_model, slices=4)
-    ui.generateButton.click()
-    wait_until(lambda: ui.generateButton.text() == "&Generate")
+    generate_normal_chest(ui, tiny_model, slices=4)
     own = tmp_path / "scan.nrrd"
     own.write_bytes(b"the user's own file")
     monkeypatch.setattr(QtWidgets.QFileDialog, "getSaveFileName", lambda *args: (str(tmp_path / "scan"), "NRRD"))
@@ -346,10 +348,7 @@ def test_leaving_the_module_while_it_generates_keeps_the_volume_for_save(panel, 
 
 def test_save_without_the_writers_installed_says_what_to_do(panel, tiny_model, monkeypatch, tmp_path):
     ui = panel.ui
-    ui.reportTextEdit.setPlainText("Findings: Normal chest.")
-    use_tiny_model(ui, tiny_model, slices=4)
-    ui.generateButton.click()
-    wait_until(lambda: ui.generateButton.text() == "&Generate")
+    generate_normal_chest(ui, tiny_model, slices=4)
     monkeypatch.setitem(sys.modules, "nrrd", None)  # a Slicer where pynrrd is not installed yet
     monkeypatch.setattr(QtWidgets.QFileDialog, "getSaveFileName", lambda *args: (str(tmp_path / "ct"), "NRRD"))
     ui.saveNrrdButton.click()
