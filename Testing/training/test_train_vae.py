@@ -140,3 +140,16 @@ def test_an_anchored_run_continues_the_base_and_says_so(tiny, data, vae_run, tmp
     rows = (tmp_path / "loss.csv").read_text().splitlines()
     drift = [float(row.split(",")[rows[0].split(",").index("drift")]) for row in rows[1:]]
     assert drift[0] == 0 and drift[-1] > 0  # the first step starts at the anchor, later ones move off it
+
+
+def test_resume_continues_bit_for_bit(tiny, data, tmp_path):
+    """The data draws and torch's own generator (the posterior's samples) are both in the checkpoint."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_vae.train(tiny.vae_run(data, straight, steps=4, adv_start=1, save_every=2))
+    train_vae.train(tiny.vae_run(data, resumed, steps=2, adv_start=1, save_every=2))
+    torch.manual_seed(12345)  # whatever ran in between
+    train_vae.train(tiny.vae_run(data, resumed, steps=4, adv_start=1, save_every=2, resume=True))
+    a, b = load_file(straight / "checkpoint.safetensors"), load_file(resumed / "checkpoint.safetensors")
+    assert a.keys() == b.keys() and "rng/torch" in a and all(torch.equal(a[k], b[k]) for k in a)
+    losses = [[row.rsplit(",", 1)[0] for row in (f / "loss.csv").read_text().splitlines()] for f in (straight, resumed)]
+    assert losses[0] == losses[1] and len(losses[0]) == 5  # all but the last column, the seconds a step took

@@ -46,7 +46,7 @@ def read_reports(path: str | Path) -> dict[str, Report]:
     """VolumeName -> Report(Findings_EN, Impressions_EN)."""
     return {
         row["VolumeName"].removesuffix(SUFFIX): Report(_text(row.get("Findings_EN")), _text(row.get("Impressions_EN")))
-        for row in _rows(path)
+        for row in _rows(path, ("VolumeName", "Findings_EN", "Impressions_EN"))
     }
 
 
@@ -154,16 +154,19 @@ def _check_shape(shape: tuple[int, ...], metadata: dict[str, str]) -> None:
         raise SkipVolume(f"shape {tuple(shape)} does not match metadata Columns/Rows/NumberofSlices {columns}/{rows}/{slices}")
 
 
-def _rows(path: str | Path) -> list[dict[str, str]]:
+def _rows(path: str | Path, columns: tuple[str, ...] = ("VolumeName",)) -> list[dict[str, str]]:
+    """The rows of a CT-RATE CSV whose header names `columns` (a row may leave any but VolumeName empty)."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
-            rows = list(csv.DictReader(handle))
+            reader = csv.DictReader(handle)
+            rows = list(reader)
     except FileNotFoundError as exc:
         raise CTFlowError(f"CSV file {path} does not exist") from exc
     except (UnicodeDecodeError, csv.Error) as exc:
         raise CTFlowError(f"{path} is not a UTF-8 CSV file: {exc}") from exc
-    if rows and "VolumeName" not in rows[0]:
-        raise CTFlowError(f"{path} has no VolumeName column")
+    missing = [column for column in columns if column not in (reader.fieldnames or ())]
+    if missing:
+        raise CTFlowError(f"{path} has no {', '.join(missing)} column{'s' if len(missing) > 1 else ''}")
     return rows
 
 

@@ -32,11 +32,13 @@ import torch
 from scipy import ndimage
 
 from ctflow import CTFlowPipeline, GenerationRequest, Volume
+from ctflow.config import MAX_SLICES
+from ctflow.errors import CTFlowError
 from ctflow.conventions import real_slices
 from ctflow.io import atomic_write, check_output_path
 from ctflow.qa import TISSUES, lungs_end, seam_continuity
 
-from .options import RunConfig, add_holdout_option, add_threads_option
+from .options import RunConfig, add_holdout_option, add_threads_option, count, finite_number
 from .runtime import set_threads
 from .training_data import list_cases, load_case
 
@@ -292,8 +294,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="prepared folder whose last --holdout patients give the reports and real lengths; "
                         "keep them out of every latent store the model trained on")
     add_holdout_option(parser)  # its held-out patients give the reports
-    parser.add_argument("--requested", type=int, nargs="*", default=[96, 160], help="lengths to put in the prompt")
-    parser.add_argument("--seed", type=int, default=0)
+    length = finite_number(int, lambda n: 1 <= n <= MAX_SLICES, f"from 1 to {MAX_SLICES}")
+    parser.add_argument("--requested", type=length, nargs="*", default=[96, 160], help="lengths to put in the prompt")
+    parser.add_argument("--seed", type=count, default=0)
     add_threads_option(parser)
     parser.add_argument("--out", type=Path, required=True, help="JSON to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file (default: refuse)")
@@ -301,6 +304,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     options = EvaluationRun.from_args(args)
+    if options.holdout < 1:
+        raise CTFlowError("evaluate --holdout must be at least 1: the held-out patients give the reports and lengths")
     if options.out.exists() and not options.overwrite:  # minutes of generation must not end in a refusal
         check_output_path(options.out, options.overwrite, suffixes=(".json",))
     figures = evaluate_model(options).to_json()

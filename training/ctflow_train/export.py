@@ -38,7 +38,7 @@ from .evaluate import ModelEvaluation
 from .finding_study import FindingStudy
 from .flow_data import padded
 from .latent_store import LatentStore
-from .options import RunConfig, probability
+from .options import RunConfig, config_rule, count, positive, probability
 from .stages import STAGE_COLUMNS, STAGES_HEADING, card_stages, stage_table
 from .runtime import load_vae
 from .train_vae import AutoencoderMetrics
@@ -401,17 +401,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default="ctflow-demo")
     parser.add_argument("--description", default="CTFlow demo model: small, CPU-friendly, trained on a synthetic cohort.")
     sampling, model = SamplingConfig(), ModelConfig()  # the library's defaults, declared once there
-    parser.add_argument("--steps", type=int, default=sampling.steps, help="default sampling steps per block")
+    parser.add_argument("--steps", type=config_rule("sampling.steps", int), default=sampling.steps,
+                        help="default sampling steps per block")
     parser.add_argument("--sampler", default=sampling.method, choices=METHODS)
-    parser.add_argument("--shift", type=float, default=sampling.shift, help="default time shift")
-    parser.add_argument("--guidance", type=float, default=sampling.guidance,
+    parser.add_argument("--shift", type=config_rule("sampling.shift", float), default=sampling.shift,
+                        help="default time shift")
+    parser.add_argument("--guidance", type=config_rule("sampling.guidance", float), default=sampling.guidance,
                         help="default classifier-free guidance (1: off, fastest)")
-    parser.add_argument("--side-guidance", type=float, default=sampling.side_guidance,
+    parser.add_argument("--side-guidance", type=config_rule("sampling.side_guidance", float),
+                        default=sampling.side_guidance,
                         help="default guidance away from the side-mirrored report (0: off)")
-    parser.add_argument("--max-slices", type=int, default=model.max_slices, help="cap when the model does not end the volume")
-    parser.add_argument("--calibration-cases", type=int, default=8, help="volumes used to calibrate end detection")
+    parser.add_argument("--max-slices", type=config_rule("max_slices", int), default=model.max_slices, help="cap when the model does not end the volume")
+    parser.add_argument("--calibration-cases", type=positive(int), default=8, help="volumes used to calibrate end detection")
     parser.add_argument("--evaluation", type=Path, nargs="*", default=[], help="JSON files of measured figures for the model card")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=count, default=0)
     parser.add_argument("--half", action="store_true", help="store the denoiser in float16: half the size on disk")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--average-with", type=Path, help="a model folder this run started from: export the weight "

@@ -53,7 +53,7 @@ from .evaluate import generate_volume
 from .findings import FINDINGS, LOBES, SIDES
 from .heldout import DEFAULT as HELDOUT, HeldOutCase, load_heldout
 from .latent_store import LatentStore, same_encoding
-from .options import add_threads_option
+from .options import add_threads_option, config_rule, count, positive
 from .reports import compose_report
 from .runtime import set_threads
 
@@ -689,18 +689,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latents", type=Path, nargs="+", required=True, help="the latent store of each --data folder")
     parser.add_argument("--prior", type=Path, required=True,
                         help="anatomy prior .npz: read, or made from the first --data cohort's patients and written")
-    parser.add_argument("--prior-patients", type=int, default=12, help="cohort patients the prior is made from")
+    parser.add_argument("--prior-patients", type=positive(int), default=12, help="cohort patients the prior is made from")
     parser.add_argument("--ct-cache", type=Path, help="where the cohort's base CT is (as `cohort --cache`)")
     parser.add_argument("--feature-cache", type=Path,
                         help="folder keeping each volume's features, so a rerun generates only what is new")
     parser.add_argument("--heldout", type=Path, default=HELDOUT, help="held-out report phrasings (JSON)")
-    parser.add_argument("--heldout-per-finding", type=int, default=0,
+    parser.add_argument("--heldout-per-finding", type=count, default=0,
                         help="study only the first N held-out cases of each finding (0: all)")
-    parser.add_argument("--seeds", type=int, default=10, help="generations per report")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, help="sampling steps per block (default: the model's)")
-    parser.add_argument("--guidance", type=float, help="classifier-free guidance (default: the model's)")
-    parser.add_argument("--side-guidance", type=float,
+    parser.add_argument("--seeds", type=positive(int), default=10, help="generations per report")
+    parser.add_argument("--seed", type=count, default=0)
+    parser.add_argument("--steps", type=config_rule("sampling.steps", int), help="sampling steps per block (default: the model's)")
+    parser.add_argument("--guidance", type=config_rule("sampling.guidance", float),
+                        help="classifier-free guidance (default: the model's)")
+    parser.add_argument("--side-guidance", type=config_rule("sampling.side_guidance", float),
                         help="guidance away from the side-mirrored report (default: the model's)")
     add_threads_option(parser)
     parser.add_argument("--out", type=Path, required=True, help="JSON to write (and its tables beside it, .md)")

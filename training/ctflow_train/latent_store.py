@@ -51,7 +51,7 @@ from ctflow.conventions import END_HU, START_HU
 from ctflow.report import Report, render_prompt
 from ctflow.text_encoder import TextEncoder
 
-from .options import add_holdout_option, add_size_option
+from .options import add_holdout_option, add_size_option, count
 from .paraphrase import paraphrase, variant_rng
 from .runtime import load_vae, start_processes
 from .training_data import list_cases, load_case
@@ -255,6 +255,10 @@ def build_store(data: Path, vae_folder: Path, out: Path, holdout: int, size: int
     if variants and not all(entry.get("labels") for entry in entries):
         raise CTFlowError(f"--variants needs the findings of every case (labels/, written by ctflow-train cohort); "
                           f"{data} has cases without")
+    if entries:  # before the store's header is written: a store of the wrong size could not be resumed
+        rows, columns = load_case(data, entries[0]).hu.shape[1:]
+        if (rows, columns) != (size, size):
+            raise CTFlowError(f"{data} holds {rows}x{columns} slices, not --size {size}: give --size {rows}")
     autoencoder = load_vae(vae_folder, size, device)
     encoder = TextEncoder.load(text)
     encoder.model.to(device)
@@ -287,12 +291,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True,
                         help="store folder: created, or resumed / extended when it holds a store of the same encoders")
     add_holdout_option(parser)
-    parser.add_argument("--limit", type=int, default=0, help="use only the first N training patients (0: all)")
+    parser.add_argument("--limit", type=count, default=0, help="use only the first N training patients (0: all)")
     add_size_option(parser)
     parser.add_argument("--text-source", default=TextConfig.source, help="text encoder (see ctflow TextConfig.source)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float16",
                         help="storage type of latents and embeddings (float16: finer steps; bfloat16: wider range)")
-    parser.add_argument("--variants", type=int, default=0,
+    parser.add_argument("--variants", type=count, default=0,
                         help="also embed K variants of each report (the same findings in other words; a cohort's "
                              "labels needed), for flow --variant-p")
 
@@ -315,8 +319,6 @@ def run(args: argparse.Namespace) -> int:
     if not (args.vae / "config.json").is_file():
         raise CTFlowError(f"--vae {args.vae} is not a VAE folder (no config.json): "
                           "give the vae/ of a `ctflow-train vae` run")
-    if args.variants < 0:
-        raise CTFlowError(f"--variants must be 0 or more, not {args.variants}")
     summary = build_store(args.data, args.vae, args.out, args.holdout, args.size, TextConfig(source=args.text_source),
                           args.limit, args.dtype, args.variants)
     print(json.dumps(summary))

@@ -16,10 +16,15 @@ CHECKPOINT = "checkpoint.safetensors"  # the file a checkpointed run continues f
 def finite_number(kind: type, fits, words: str):
     """argparse type: a finite number of `kind` that `fits`, so a typo fails at once rather than deep inside a run."""
 
+    number = "a whole number" if kind is int else "a finite number"
+
     def parse(text: str):
-        value = kind(text)
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
         if not (math.isfinite(value) and fits(value)):
-            raise argparse.ArgumentTypeError(f"must be a finite number {words}, not {text}")
+            raise argparse.ArgumentTypeError(f"must be {number} {words}, not {text}")
         return value
 
     return parse
@@ -36,6 +41,7 @@ def at_least_zero(kind: type):
 
 
 loss_weight = at_least_zero(float)
+count = at_least_zero(int)  # a seed, a number of threads, patients held out or variants (0 has a meaning)
 
 
 def probability(text: str) -> float:
@@ -46,13 +52,30 @@ def probability(text: str) -> float:
     return value
 
 
+def config_rule(field: str, kind: type):
+    """argparse type: a value checked by the rule of the model config field it sets or overrides (ctflow.config,
+    the one home of those rules), e.g. config_rule("sampling.guidance", float)."""
+
+    def parse(text: str):
+        from ctflow.config import option_value
+        from ctflow.errors import ModelError
+
+        try:
+            return option_value(kind(text), kind, field, "it")
+        except (ModelError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, ModelError) else f"{text} is no number") from exc
+
+    return parse
+
+
 def add_size_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=positive(int), default=256, help="slice rows = columns (default 256)")
 
 
 def add_model_space_options(parser: argparse.ArgumentParser) -> None:
     add_size_option(parser)
-    parser.add_argument("--slice-spacing", type=positive(float), default=2.5, help="slice spacing in mm (default 2.5)")
+    parser.add_argument("--slice-spacing", type=finite_number(float, lambda mm: 0.1 <= mm <= 20, "from 0.1 to 20 (mm)"),
+                        default=2.5, help="slice spacing in mm (default 2.5)")
 
 
 def add_overwrite_option(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +85,7 @@ def add_overwrite_option(parser: argparse.ArgumentParser) -> None:
 
 def add_holdout_option(parser: argparse.ArgumentParser) -> None:
     """The same patients stay out of the VAE, the latent store and the denoiser, and give evaluation its reports."""
-    parser.add_argument("--holdout", type=int, default=4,
+    parser.add_argument("--holdout", type=count, default=4,
                         help="last N patients of the prepared folder's index: held out of training (default 4)")
 
 
@@ -75,12 +98,12 @@ def add_schedule_options(parser: argparse.ArgumentParser, steps: int, lr: float,
 
 
 def add_threads_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--threads", type=count, default=0, help="torch CPU threads (0: torch's default)")
 
 
 def add_run_options(parser: argparse.ArgumentParser, save_every: int) -> None:
     """Options every checkpointed training run shares: seed, threads, logging, checkpoint cadence, resume."""
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=count, default=0)
     add_threads_option(parser)
     parser.add_argument("--log-every", type=positive(int), default=25)
     parser.add_argument("--save-every", type=positive(int), default=save_every)

@@ -52,7 +52,9 @@ from .flow_data import (
     FINDING_REACH, Batch, BlockDataset, SamplingRules, ShareSampler, block_loader, finding_region, noises,
 )
 from .latent_store import LatentStore, open_stores
-from .options import RunOptions, add_run_options, add_schedule_options, loss_weight, probability
+from .options import (
+    RunOptions, add_run_options, add_schedule_options, at_least_zero, count, loss_weight, positive, probability,
+)
 from .runtime import cosine_schedule, set_threads, start_processes
 from .stages import card_stages
 
@@ -290,19 +292,17 @@ def train(args: FlowRun) -> dict:
         raise CTFlowError("--finding-p needs --paired-twins (the twins whose difference is the finding)")
     if args.variant_p and not any(store.variants for store in stores):
         raise CTFlowError("--variant-p needs a latent store with report variants (ctflow-train cache-latents --variants)")
-    if args.rollout_steps < 1:
-        raise CTFlowError(f"--rollout-steps must be at least 1, not {args.rollout_steps}")
     if args.paired_twins and args.batch_size % 2:
         raise CTFlowError(f"--paired-twins needs an even --batch (a pair is two samples of one rank), not "
                           f"{args.batch_size}")
-    out = Path(args.out)
-    prepare_run_folder(out, OUTPUTS, args, remove=master)
-    out.mkdir(parents=True, exist_ok=True)
     config = denoiser_config(args, stores[0])
     torch.manual_seed(args.seed)  # same initial weights on every rank
     model = STDiT(config)
     if args.init:
         warm_start(model, args.init)
+    out = Path(args.out)
+    prepare_run_folder(out, OUTPUTS, args, remove=master)  # after every check: a refused run removes nothing
+    out.mkdir(parents=True, exist_ok=True)
     model = model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     decay, no_decay = [p for p in model.parameters() if p.dim() >= 2], [p for p in model.parameters() if p.dim() < 2]
@@ -394,10 +394,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="latent store folder(s) (ctflow-train cache-latents); several are trained on as one")
     parser.add_argument("--out", type=Path, required=True, help="output folder: checkpoint, loss.csv")
     parser.add_argument("--preset", default="cpu", choices=sorted(DENOISER_PRESETS), help="denoiser size")
-    parser.add_argument("--hidden", type=int, help="override the preset's hidden size")
-    parser.add_argument("--depth", type=int, help="override the preset's depth")
-    parser.add_argument("--heads", type=int, help="override the preset's attention heads")
-    parser.add_argument("--patch", type=int, nargs=3, metavar=("T", "H", "W"), help="override the preset's patch size")
+    parser.add_argument("--hidden", type=positive(int), help="override the preset's hidden size")
+    parser.add_argument("--depth", type=positive(int), help="override the preset's depth")
+    parser.add_argument("--heads", type=positive(int), help="override the preset's attention heads")
+    parser.add_argument("--patch", type=positive(int), nargs=3, metavar=("T", "H", "W"), help="override the preset's patch size")
     parser.add_argument("--prediction", choices=PREDICTIONS, help="override the preset's output: velocity or clean")
     parser.add_argument("--slice-position", action="store_true",
                         help="condition each block on where it lies in the volume (its first slice index)")
@@ -408,21 +408,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "and kept exact (no --cond-noise, never the model's own estimate)")
     parser.add_argument("--init", type=Path,
                         help="start from the EMA weights of this flow run's folder, or a model folder's (same shape)")
-    parser.add_argument("--time-shift", type=float, default=1.0,
+    parser.add_argument("--time-shift", type=positive(float), default=1.0,
                         help="> 1 trains more often at high noise, where a block's layout is decided")
-    parser.add_argument("--block", type=int, default=16, help="slices per block (the data's end padding assumes 16)")
+    parser.add_argument("--block", type=positive(int), default=16, help="slices per block (the data's end padding assumes 16)")
     add_schedule_options(parser, steps=2000, lr=2e-4, warmup=100)
-    parser.add_argument("--batch", dest="batch_size", type=int, default=8,
+    parser.add_argument("--batch", dest="batch_size", type=positive(int), default=8,
                         help="per process (the global batch is this x processes)")
-    parser.add_argument("--accumulate", type=int, default=1,
+    parser.add_argument("--accumulate", type=positive(int), default=1,
                         help="batches per optimizer step (gradient accumulation): "
                              "global batch = batch x processes x this")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the denoiser (minutes to compile; pays on GPUs over long runs)")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes per process (0: none)")
-    parser.add_argument("--weight-decay", type=float, default=1e-2)
-    parser.add_argument("--clip", type=float, default=1.0)
-    parser.add_argument("--ema", type=float, default=0.999)
+    parser.add_argument("--workers", type=count, default=2, help="DataLoader worker processes per process (0: none)")
+    parser.add_argument("--weight-decay", type=loss_weight, default=1e-2)
+    parser.add_argument("--clip", type=positive(float), default=1.0, help="gradient norm clip")
+    parser.add_argument("--ema", type=probability, default=0.999, help="EMA decay: the old weights' share a step")
     parser.add_argument("--start-p", type=probability, default=0.5, help="StartBoost: share of first blocks")
     parser.add_argument("--end-p", type=probability, default=0.0,
                         help="EndBoost: of the other blocks, the share that holds the volume's white end slices")
@@ -445,10 +445,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "cache-latents --variants) instead of its report")
     parser.add_argument("--length-p", type=probability, default=0.5, help="share of prompts with 'Length: N slices'")
     parser.add_argument("--text-drop", type=probability, default=0.1, help="share of prompts replaced by ''")
-    parser.add_argument("--cond-noise", type=float, default=0.05, help="noise on the previous block")
+    parser.add_argument("--cond-noise", type=at_least_zero(float), default=0.05, help="noise on the previous block")
     parser.add_argument("--rollout-p", type=probability, default=0.0,
                         help="share of previous blocks replaced by the model's own estimate of them")
-    parser.add_argument("--rollout-steps", type=int, default=1,
+    parser.add_argument("--rollout-steps", type=positive(int), default=1,
                         help="1: that estimate is one denoising step from a random time; N > 1: the block sampled "
                              "from noise in N Euler steps, as generation makes it")
     add_run_options(parser, save_every=250)

@@ -49,7 +49,8 @@ from ctflow.conventions import END_HU, START_HU
 from .checkpoint import CHECKPOINT, load_checkpoint, open_loss_log, prepare_run_folder, save_checkpoint
 from .findings import CODES
 from .options import (
-    RunOptions, add_holdout_option, add_run_options, add_schedule_options, add_size_option, loss_weight, probability,
+    RunOptions, add_holdout_option, add_run_options, add_schedule_options, add_size_option, at_least_zero, loss_weight,
+    positive, probability,
 )
 from .runtime import cosine_schedule, load_vae, set_threads
 from .training_data import list_cases, load_cases
@@ -412,19 +413,23 @@ def train(args: VAERun) -> AutoencoderMetrics:
     if (args.finding_weight or args.finding_crop_p) and not masks:
         raise CTFlowError(f"--finding-weight and --finding-crop-p need the finding masks (masks/) of a cohort; "
                           f"{args.data} lacks some (make it with ctflow-train cohort)")
-    prepare_run_folder(out, OUTPUTS, args)
-    out.mkdir(parents=True, exist_ok=True)
+    if args.crop > args.size:
+        raise CTFlowError(f"--crop {args.crop} is larger than the slices (--size {args.size})")
     set_threads(args.threads)
     pool = slice_pool(load_cases(args.data, train_entries, masks))
     autoencoder, disc, opt_vae, opt_disc = build(args)
+    prepare_run_folder(out, OUTPUTS, args)  # after every check: a refused run removes nothing
+    out.mkdir(parents=True, exist_ok=True)
     anchor = frozen_copy(autoencoder) if args.anchor_to else None
     generator = torch.Generator().manual_seed(args.seed)
+    # the data draws, and torch's own generator (the posterior's samples): both kept, so --resume is bit for bit
+    randomness = {"data": generator, "torch": torch.default_generator}
     modules = {"vae": autoencoder.vae, "disc": disc}
     optimizers = {"opt_vae": opt_vae, "opt_disc": opt_disc}
     checkpoint = out / CHECKPOINT
     step, elapsed = 0, 0.0
     if args.resume and checkpoint.exists():
-        meta = load_checkpoint(checkpoint, modules, optimizers, {"data": generator})
+        meta = load_checkpoint(checkpoint, modules, optimizers, randomness)
         step, elapsed = meta["step"], meta["elapsed_s"]
     columns = ["step", "lr", "rec_l1", "finding_l1", "kl", "drift", "gen", "disc", "step_s"]
     log, writer = open_loss_log(out / "loss.csv", columns, step)
@@ -446,7 +451,8 @@ def train(args: VAERun) -> AutoencoderMetrics:
             log.flush()
             print(f"step {step}/{args.steps} " + " ".join(f"{k} {v:.4g}" for k, v in losses.items()) + f" {step_s:.2f}s", flush=True)
         if step % args.save_every == 0 or step == args.steps:
-            save_checkpoint(checkpoint, modules, optimizers, {"data": generator}, {"step": step, "elapsed_s": elapsed, "args": args.meta()})
+            save_checkpoint(checkpoint, modules, optimizers, randomness,
+                            {"step": step, "elapsed_s": elapsed, "args": args.meta()})
     log.close()
     autoencoder.vae.eval()
     origin = None
@@ -485,19 +491,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="weight of the squared latent drift from the --anchor-to run's (default 1)")
     add_size_option(parser)
     add_schedule_options(parser, steps=2000, lr=1e-3, warmup=50)
-    parser.add_argument("--batch", dest="batch_size", type=int, default=8, help="slices per step")
-    parser.add_argument("--crop", type=int, default=128, help="training crop side (pixels)")
-    parser.add_argument("--kl-weight", type=float, default=1e-6)
-    parser.add_argument("--adv-weight", type=float, default=0.05)
-    parser.add_argument("--adv-start", type=int, default=1000, help="step at which the discriminator joins")
-    parser.add_argument("--constant-p", type=float, default=0.03, help="share of all-black / all-white slices")
+    parser.add_argument("--batch", dest="batch_size", type=positive(int), default=8, help="slices per step")
+    parser.add_argument("--crop", type=positive(int), default=128, help="training crop side (pixels, at most --size)")
+    parser.add_argument("--kl-weight", type=loss_weight, default=1e-6)
+    parser.add_argument("--adv-weight", type=loss_weight, default=0.05)
+    parser.add_argument("--adv-start", type=at_least_zero(int), default=1000, help="step at which the discriminator joins")
+    parser.add_argument("--constant-p", type=probability, default=0.03, help="share of all-black / all-white slices")
     parser.add_argument("--finding-weight", type=loss_weight, default=0.0,
                         help="count the pixels a cohort finding drew (masks/) 1 + W times in the L1 (default 0)")
     parser.add_argument("--finding-crop-p", type=probability, default=0.0,
                         help="share of crops centred on a finding of the cohort's masks (default 0)")
     add_holdout_option(parser)
-    parser.add_argument("--eval-every", type=int, default=4, help="evaluate every N-th held-out slice")
-    parser.add_argument("--eval-slices", type=int, default=128)
+    parser.add_argument("--eval-every", type=positive(int), default=4, help="evaluate every N-th held-out slice")
+    parser.add_argument("--eval-slices", type=positive(int), default=128)
     add_run_options(parser, save_every=200)
 
 

@@ -270,7 +270,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="share of prompts that are the writer's report itself (keeps what the denoiser reads)")
     parser.add_argument("--empty-p", type=probability, default=0.05,
                         help="share of prompts that are '' (guidance's unconditional branch)")
-    parser.add_argument("--time-shift", type=float, default=2.0, help="flow time bent towards noise, as the flow run")
+    parser.add_argument("--time-shift", type=positive(float), default=2.0, help="flow time bent towards noise, as the flow run")
     add_run_options(parser, save_every=100)
 
 
