@@ -337,3 +337,11 @@ def test_prepare_ctrate_overwrite_replaces_the_index_and_its_cases(root, capsys)
     assert code == 0, err
     assert (root / "data" / INDEX).read_text() == ""  # the tree holds no volumes
     assert not any((root / "data" / sub / "p0.nii.gz").exists() for sub in ("volumes", "masks"))  # no orphans
+
+
+def test_a_prepared_folder_of_no_cases_may_be_prepared_again(root, capsys):
+    """An empty index (a run that wrote no case) holds nothing to lose: the rerun needs no --overwrite."""
+    argv = ["prepare-ctrate", "--root", f"{root}/ctrate", "--reports", f"{root}/reports.csv", "--out", f"{root}/again"]
+    assert run_train(argv, capsys)[0] == 0 and (root / "again" / INDEX).read_text() == ""
+    code, err = run_train(argv, capsys)
+    assert code == 0, err

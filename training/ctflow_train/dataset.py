@@ -54,8 +54,10 @@ def read_index(folder: str | Path) -> list[dict]:
 
 
 def check_free(folder: Path, overwrite: bool) -> None:
-    """A prepared folder is never replaced unasked: refuse one that holds an index unless overwriting."""
-    if (folder / INDEX).exists() and not overwrite:
+    """A prepared folder is never replaced unasked: refuse one whose index lists a case unless overwriting (an empty
+    index, left by a run that failed before its first case, holds nothing to lose)."""
+    index = folder / INDEX
+    if index.exists() and index.read_text(encoding="utf-8", errors="replace").strip() and not overwrite:
         raise CTFlowError(f"{folder} already holds prepared data ({INDEX}); pass --overwrite to replace it, "
                           "or choose another --out")
 
