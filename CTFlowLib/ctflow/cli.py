@@ -275,8 +275,8 @@ def run_qa(args: argparse.Namespace) -> int:
 
     if args.block_slices is not None and not 1 <= args.block_slices <= MAX_SLICES:
         raise CTFlowError(f"--block-slices must be a whole number from 1 to {MAX_SLICES}, not {args.block_slices}")
-    volumes = qa.series_of(args.volumes)  # a file of a DICOM series: the series; its reports go beside it
-    files = qa.volume_files(volumes)
+    files = qa.volume_files(args.volumes)
+    volumes = qa.series_of(args.volumes)  # a file of a DICOM series: its reports go beside the series' folder
     single = volumes.is_file() or qa.is_dicom_folder(volumes)
     folder = args.out or (volumes.parent if single else volumes) / "qa"
     reference = qa.load_reference(args.reference) if args.reference else None

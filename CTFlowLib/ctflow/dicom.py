@@ -85,7 +85,8 @@ def write_dicom(
     if volume.provenance is None:
         raise CTFlowError("only volumes CTFlow generated (they carry provenance) are written as DICOM: "
                           "the series is marked synthetic, which another CT is not")
-    study = study or Study(created=_dt.datetime.fromisoformat(volume.provenance.created))  # not after the series
+    created = _dt.datetime.fromisoformat(volume.provenance.created).astimezone(_dt.timezone.utc)
+    study = study or Study(created=created)  # not dated after the series (both in UTC)
     header = series_header(volume, study, series_number)
     width = max(4, len(str(volume.shape[0])))
 

@@ -35,14 +35,15 @@ MIN_LUNG_SHARE = 0.01  # a volume whose slices never hold this share of lung-den
 
 
 def series_of(path: Path) -> Path:
-    """A DICOM file's series folder (it is one volume with the folder's other files), else the path itself."""
+    """A DICOM file's folder (its series, read from any of its files, is named after it and reported beside it),
+    else the path itself."""
     return path.parent if path.is_file() and path.name.lower().endswith(DICOM_SUFFIX) else path
 
 
 def volume_files(path: str | os.PathLike) -> list[Path]:
     """A volume file or DICOM series folder, or those a folder holds (not deeper, not hidden ones such as
     temporary files), sorted by name."""
-    path = series_of(Path(path))
+    path = Path(path)
     if path.is_file() or is_dicom_folder(path):
         return [path]
     if not path.is_dir():
@@ -385,7 +386,7 @@ def write_report(volume: Volume, result: dict, folder: Path, name: str, referenc
 def report_names(files: list[Path]) -> list[str]:
     """The name of each file's reports: its stem, or its whole name where two files share a stem (ct.nrrd and
     ct.nii.gz), so no report replaces another."""
-    stems = [volume_stem(path) for path in files]
+    stems = [volume_stem(series_of(path)) for path in files]
     counts = collections.Counter(stems)
     return [path.name if counts[stem] > 1 else stem for path, stem in zip(files, stems)]
 

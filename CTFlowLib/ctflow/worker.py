@@ -130,7 +130,7 @@ class Worker:
             return
         run_id = message.get("id")
         if not isinstance(run_id, (str, int, type(None))):  # ids are kept in sets and echoed back
-            self._error(None, "ProtocolError", f"a run id is a string or a number, not {run_id!r}"[:200])
+            self._error(None, "ProtocolError", f"a run id is a string or a whole number, not {run_id!r}"[:200])
         elif kind == "cancel":
             self._cancelled.add(run_id)
         else:

@@ -77,6 +77,9 @@ def test_the_series_says_synthetic_where_dicom_looks(provenance, tmp_path):
     assert equipment.SoftwareVersions == "ctflow 0.1.0"
     assert equipment.ContributionDescription.endswith(f"side guidance {provenance.side_guidance:g}")
     assert (ds.StudyDate, ds.StudyTime) <= (ds.SeriesDate, ds.SeriesTime)  # no study is dated after its series
+    elsewhere = dataclasses.replace(provenance, created="2026-12-01T10:00:00+02:00")  # provenance not in UTC
+    ds = instances(write_dicom(make_volume(elsewhere), tmp_path / "east"))[0]
+    assert (ds.StudyDate, ds.StudyTime, ds.SeriesTime) == ("20261201", "080000", "080000")
     assert all(uid.startswith("2.25.") for uid in (ds.SOPInstanceUID, ds.SeriesInstanceUID, ds.StudyInstanceUID))
     assert json.loads(ds.private_block(0x0011, "CTFlow provenance")[0x00].value)["seed"] == "123"
     # Geometry in LPS, worked by hand: i runs to patient left (+x), j to posterior (+y), k to inferior (-z)
@@ -218,6 +221,14 @@ def test_qa_accepts_a_dicom_series(provenance, tmp_path, capsys):
     assert main(["qa", str(folder / "0005.dcm"), "--overwrite"]) == 0  # a file of the series: the series
     assert json.loads((tmp_path / "qa" / "ct.qa.json").read_text())["slices"] == 12
     assert len(list(folder.iterdir())) == 12 and not (tmp_path / "qa" / "0005.qa.json").exists()
+    mixed = tmp_path / "mixed"  # two series in one folder: a file of one names its series
+    mixed.mkdir()
+    for name, shape in (("a", (6, 16, 16)), ("b", (4, 16, 16))):
+        series = write_volume(make_volume(provenance, shape=shape), tmp_path / f"{name}.dcm")
+        for file in series.iterdir():
+            file.rename(mixed / f"{name}{file.name}")
+    assert main(["qa", str(mixed / "b0002.dcm"), "--overwrite"]) == 0
+    assert json.loads((tmp_path / "qa" / "mixed.qa.json").read_text())["slices"] == 4
 
 
 def test_metrics_take_scanner_series_as_reference(provenance, tmp_path, capsys):

@@ -176,7 +176,7 @@ def test_a_run_id_that_is_not_a_string_or_number_is_refused_and_the_worker_still
     worker.send({"type": "generate", "id": {"a": 1}, "request": {"report": REPORT}})
     replies = until(worker, "error") + until(worker, "error")
     assert [(r["id"], r["error"]) for r in replies] == [(None, "ProtocolError")] * 2
-    assert "a run id is a string or a number, not [1]" in replies[0]["message"]
+    assert "a run id is a string or a whole number, not [1]" in replies[0]["message"]
     worker.process.stdin.close()
     assert worker.process.wait(EXIT_GRACE_S + 5) == 0
 

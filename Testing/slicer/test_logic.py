@@ -215,13 +215,16 @@ def test_a_cancel_the_worker_obeyed_is_not_ended_after_a_busy_main_thread(scene,
 
 def test_stop_after_the_worker_ended_the_run_removes_its_folder_at_once(scene, logic, settings, change):
     logic.start(change(settings, slices=10))
-    while (progress := logic.poll()).node is None:
+    while logic.poll().node is None:
         time.sleep(0.01)
-    folder = logic._run.folder
+    run = logic._run
     deadline = time.monotonic() + 60
-    while len(list(folder.glob("block-*.npy"))) < 3 and time.monotonic() < deadline:  # made, not yet applied
+    while not logic._ended(run.runId):  # the worker has made the rest and said "done"; nothing more is applied
+        assert time.monotonic() < deadline, "the worker did not finish the run"
+        logic._receive()
         time.sleep(0.05)
-    time.sleep(0.5)  # its "done" follows the last block
+    folder = run.folder
+    assert folder.is_dir() and len(list(folder.glob("block-*.npy"))) >= 2  # blocks made but not yet applied
     logic.stop()  # the scene closes before the panel applied the rest
     assert not folder.exists() and not logic.isRunning()
 

@@ -101,7 +101,9 @@ def load_checkpoint(
         raise CTFlowError(f"{path} does not fit this run ({reason}); continue it with its own options") from exc
     for name, generator in generators.items():
         if f"rng/{name}" not in tensors:
-            raise CTFlowError(f"{path} has no random state {name!r}: it was written by another trainer")
+            raise CTFlowError(f"{path} has no random state {name!r}: it was written by another trainer or an older "
+                              "ctflow-train, so it cannot continue bit for bit; start anew with --overwrite or another "
+                              "--out")
         generator.set_state(tensors[f"rng/{name}"])
     return json.loads(metadata["meta"])
 

@@ -30,7 +30,7 @@ from .anatomy import LUNG_LOBES, Anatomy, close_fissures, in_labels, load_anatom
 from .dataset import DatasetWriter, check_free
 from .findings import CODES, SIDED, SIDES, Scene, ctrate_labels, draw_findings
 from .options import (
-    add_download_cache_option, add_model_space_options, add_overwrite_option, count, positive, print_json, progress,
+    add_download_cache_option, add_model_space_options, add_overwrite_option, positive, print_json, progress, seed,
 )
 from .preprocess import HU_MIN, resample, square_fov, to_model_window
 from .reports import compose_report
@@ -323,7 +323,7 @@ def _rounded(values: dict) -> dict:
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--patients", type=positive(int), required=True, help="how many patients")
-    parser.add_argument("--seed", type=count, default=0, help="cohort seed: same seed, same patients")
+    parser.add_argument("--seed", type=seed, default=0, help="cohort seed: same seed, same patients")
     parser.add_argument("--twins", nargs="+", default=(), metavar="FINDING", choices=sorted(CODES),
                         help="write instead each patient's twins: the same patient with one of these findings flipped")
     parser.add_argument("--side-twins", nargs="+", default=(), metavar="FINDING", choices=SIDED,

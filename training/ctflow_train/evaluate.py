@@ -38,7 +38,7 @@ from ctflow.conventions import real_slices
 from ctflow.io import atomic_write, check_output_path
 from ctflow.qa import TISSUES, lungs_end, seam_continuity
 
-from .options import RunConfig, add_holdout_option, add_threads_option, count, finite_number
+from .options import RunConfig, add_holdout_option, add_threads_option, finite_number, seed
 from .runtime import set_threads
 from .training_data import list_cases, load_case
 
@@ -296,7 +296,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_holdout_option(parser)  # its held-out patients give the reports
     length = finite_number(int, lambda n: 1 <= n <= MAX_SLICES, f"from 1 to {MAX_SLICES}")
     parser.add_argument("--requested", type=length, nargs="*", default=[96, 160], help="lengths to put in the prompt")
-    parser.add_argument("--seed", type=count, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
     add_threads_option(parser)
     parser.add_argument("--out", type=Path, required=True, help="JSON to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file (default: refuse)")

@@ -38,7 +38,7 @@ from .evaluate import ModelEvaluation
 from .finding_study import FindingStudy
 from .flow_data import padded
 from .latent_store import LatentStore
-from .options import RunConfig, config_rule, count, positive, probability
+from .options import RunConfig, config_rule, positive, probability, seed
 from .stages import STAGE_COLUMNS, STAGES_HEADING, card_stages, stage_table
 from .runtime import load_vae
 from .train_vae import AutoencoderMetrics
@@ -414,7 +414,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-slices", type=config_rule("max_slices", int), default=model.max_slices, help="cap when the model does not end the volume")
     parser.add_argument("--calibration-cases", type=positive(int), default=8, help="volumes used to calibrate end detection")
     parser.add_argument("--evaluation", type=Path, nargs="*", default=[], help="JSON files of measured figures for the model card")
-    parser.add_argument("--seed", type=count, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--half", action="store_true", help="store the denoiser in float16: half the size on disk")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--average-with", type=Path, help="a model folder this run started from: export the weight "

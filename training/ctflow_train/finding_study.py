@@ -53,7 +53,7 @@ from .evaluate import generate_volume
 from .findings import FINDINGS, LOBES, SIDES
 from .heldout import DEFAULT as HELDOUT, HeldOutCase, load_heldout
 from .latent_store import LatentStore, same_encoding
-from .options import add_threads_option, config_rule, count, positive
+from .options import add_threads_option, config_rule, count, positive, seed
 from .reports import compose_report
 from .runtime import set_threads
 
@@ -697,7 +697,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heldout-per-finding", type=count, default=0,
                         help="study only the first N held-out cases of each finding (0: all)")
     parser.add_argument("--seeds", type=positive(int), default=10, help="generations per report")
-    parser.add_argument("--seed", type=count, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--steps", type=config_rule("sampling.steps", int), help="sampling steps per block (default: the model's)")
     parser.add_argument("--guidance", type=config_rule("sampling.guidance", float),
                         help="classifier-free guidance (default: the model's)")

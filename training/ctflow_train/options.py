@@ -21,9 +21,10 @@ def finite_number(kind: type, fits, words: str):
     def parse(text: str):
         try:
             value = kind(text)
-        except ValueError:
-            value = math.nan
-        if not (math.isfinite(value) and fits(value)):
+            good = math.isfinite(value) and fits(value)
+        except (ValueError, OverflowError):  # not a number; a whole number too large for a float
+            good = False
+        if not good:
             raise argparse.ArgumentTypeError(f"must be {number} {words}, not {text}")
         return value
 
@@ -41,7 +42,9 @@ def at_least_zero(kind: type):
 
 
 loss_weight = at_least_zero(float)
-count = at_least_zero(int)  # a seed, a number of threads, patients held out or variants (0 has a meaning)
+count = at_least_zero(int)  # a number of threads, patients held out or variants (0 has a meaning)
+MAX_SEED = 2**63 - 1  # ctflow.config.MAX_SEED (not imported: that module needs torch), what torch's generators take
+seed = finite_number(int, lambda value: 0 <= value <= MAX_SEED, f"from 0 to {MAX_SEED}")
 
 
 def probability(text: str) -> float:
@@ -63,7 +66,8 @@ def config_rule(field: str, kind: type):
         try:
             return option_value(kind(text), kind, field, "it")
         except (ModelError, ValueError) as exc:
-            raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, ModelError) else f"{text} is no number") from exc
+            raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, ModelError) else
+                                             f"must be {'a whole number' if kind is int else 'a number'}, not {text}") from exc
 
     return parse
 
@@ -103,7 +107,7 @@ def add_threads_option(parser: argparse.ArgumentParser) -> None:
 
 def add_run_options(parser: argparse.ArgumentParser, save_every: int) -> None:
     """Options every checkpointed training run shares: seed, threads, logging, checkpoint cadence, resume."""
-    parser.add_argument("--seed", type=count, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
     add_threads_option(parser)
     parser.add_argument("--log-every", type=positive(int), default=25)
     parser.add_argument("--save-every", type=positive(int), default=save_every)
