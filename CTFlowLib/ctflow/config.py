@@ -8,7 +8,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .conventions import BLOCK_SLICES, HU_WINDOW
+from .conventions import BLOCK_SLICES, HU_WINDOW, MAX_SEED, MAX_SLICES
 from .errors import ModelError
 from .sampling import METHODS
 
@@ -20,8 +20,6 @@ PREDICTIONS = ("velocity", "clean")
 VARIANTS = ("ctflow", "released")
 SAMPLING_MODES = ("ctflow", "released")
 TEXT_MODES = ("tokens", "pooled", "cls")
-MAX_SLICES = 2048  # the ceiling of every slice count (a request, a model's max_slices): a chest CT has a few hundred
-MAX_SEED = 2**63 - 1  # the largest seed torch's generators take
 
 
 @dataclass(frozen=True)

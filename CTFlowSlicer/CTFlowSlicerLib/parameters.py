@@ -7,11 +7,11 @@ import enum
 import random
 from typing import Annotated
 
+from ctflow.conventions import MAX_SLICES
 from slicer import vtkMRMLScalarVolumeNode
 from slicer.parameterNodeWrapper import Decimals, SingleStep, WithinRange, parameterNodeWrapper
 
 MAX_SEED = 2**31 - 1  # what a Qt spin box can hold
-MAX_SLICES = 2048  # ctflow.pipeline.MAX_SLICES (not imported: that module needs torch)
 
 
 class Device(str, enum.Enum):

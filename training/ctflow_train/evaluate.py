@@ -32,7 +32,7 @@ import torch
 from scipy import ndimage
 
 from ctflow import CTFlowPipeline, GenerationRequest, Volume
-from ctflow.config import MAX_SLICES
+from ctflow.conventions import MAX_SLICES
 from ctflow.errors import CTFlowError
 from ctflow.conventions import real_slices
 from ctflow.io import atomic_write, check_output_path

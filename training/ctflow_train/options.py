@@ -10,6 +10,8 @@ import math
 import sys
 from pathlib import Path
 
+from ctflow.conventions import MAX_SEED
+
 CHECKPOINT = "checkpoint.safetensors"  # the file a checkpointed run continues from (--resume)
 
 
@@ -43,7 +45,6 @@ def at_least_zero(kind: type):
 
 loss_weight = at_least_zero(float)
 count = at_least_zero(int)  # a number of threads, patients held out or variants (0 has a meaning)
-MAX_SEED = 2**63 - 1  # ctflow.config.MAX_SEED (not imported: that module needs torch), what torch's generators take
 seed = finite_number(int, lambda value: 0 <= value <= MAX_SEED, f"from 0 to {MAX_SEED}")
 
 
