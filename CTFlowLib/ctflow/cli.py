@@ -195,7 +195,7 @@ def run_generate(args: argparse.Namespace) -> int:
         f"steps, guidance {request.guidance:g}, side guidance {plan.guidance.side:g}", file=sys.stderr,
     )
     progress = ProgressBar()
-    volume = pipeline.generate(plan, cancel=threading.Event(), on_block=progress.update)
+    volume = pipeline.generate(plan, on_block=progress.update)  # Ctrl-C ends it (exit 130)
     progress.finish()
     with StagedWrites(args.overwrite) as staged:  # the volume and its preview, or neither
         if args.preview:

@@ -8,7 +8,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .conventions import BLOCK_SLICES, HU_WINDOW, MAX_SEED, MAX_SLICES
+from .conventions import BLOCK_SLICES, HU_WINDOW, MAX_GUIDANCE, MAX_SEED, MAX_SHIFT, MAX_SLICES, MAX_STEPS
 from .errors import ModelError
 from .sampling import METHODS
 
@@ -186,7 +186,7 @@ class ModelConfig:
         if data.get("format") != FORMAT:
             raise ModelError("config.json is not a CTFlow model config (missing \"format\": \"ctflow-model\")")
         version = data.get("format_version", 0)
-        if not _whole(version):
+        if not is_whole(version):
             raise ModelError(f"config.json: format_version must be a whole number, not {version!r}")
         if version > FORMAT_VERSION:
             raise ModelError(
@@ -195,7 +195,7 @@ class ModelConfig:
             )
         if "denoiser" not in data:
             raise ModelError("config.json is malformed: it has no \"denoiser\" section")
-        return _from_json(cls, {k: v for k, v in data.items() if k not in ("format", "format_version")}, "")
+        return from_json(cls, {k: v for k, v in data.items() if k not in ("format", "format_version")}, "")
 
 
 FORMAT = "ctflow-model"
@@ -230,11 +230,11 @@ _RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "autoencoder.image_size": _between(1, 8192),
     "autoencoder.chunk_size": _between(1, 4096),
     "text.max_tokens": _between(1, 1 << 20),
-    "sampling.steps": _between(1, 1000),
+    "sampling.steps": _between(1, MAX_STEPS),
     "sampling.method": _one_of(METHODS),
-    "sampling.shift": _above_zero(1000),
-    "sampling.guidance": _between(0, 30),
-    "sampling.side_guidance": _between(0, 30),
+    "sampling.shift": _above_zero(MAX_SHIFT),
+    "sampling.guidance": _between(0, MAX_GUIDANCE),
+    "sampling.side_guidance": _between(0, MAX_GUIDANCE),
     "geometry.spacing": _above_zero(1000),
     "max_slices": _between(1, MAX_SLICES),
     "typical_slices": _between(1, MAX_SLICES),
@@ -243,19 +243,21 @@ _RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
 }
 
 
-def _from_json(cls: type, data: Any, where: str) -> Any:
-    """An instance of dataclass `cls` from a JSON object, each value checked against its field's type and rule."""
+def from_json(cls: type, data: Any, where: str, source: str = "config.json") -> Any:
+    """An instance of dataclass `cls` from a JSON object, each value checked against its field's type and rule
+    (`where`: the fields' prefix in _RULES; `source`: the file a message names)."""
     if not isinstance(data, dict):
-        raise ModelError(f"config.json: {where.rstrip('.')} must be a JSON object, not {_json_kind(data)}")
+        raise ModelError(f"{source}: {where.rstrip('.')} must be a JSON object, not {_json_kind(data)}")
     hints = typing.get_type_hints(cls)
     for key in data:
         if key not in hints:
-            raise ModelError(f"config.json: unknown field {where}{key!r}")
-    values = {key: _checked(value, hints[key], f"{where}{key}") for key, value in data.items()}
+            raise ModelError(f"{source}: unknown field {where}{key!r}")
+    values = {key: _checked(value, hints[key], f"{where}{key}", f"{source}: {where}{key}", source)
+              for key, value in data.items()}
     try:
         return cls(**values)
     except ModelError as exc:
-        raise ModelError(f"config.json: {where.rstrip('.') or 'model'}: {exc}") from exc
+        raise ModelError(f"{source}: {where.rstrip('.') or 'model'}: {exc}") from exc
 
 
 def option_value(value: Any, hint: Any, field: str, option: str) -> Any:
@@ -264,16 +266,15 @@ def option_value(value: Any, hint: Any, field: str, option: str) -> Any:
     return _checked(value, hint, field, option)
 
 
-def _checked(value: Any, hint: Any, name: str, label: str = "") -> Any:
-    label = label or f"config.json: {name}"
+def _checked(value: Any, hint: Any, name: str, label: str, source: str = "config.json") -> Any:
     if dataclasses.is_dataclass(hint):
-        return _from_json(hint, value, f"{name}.")
+        return from_json(hint, value, f"{name}.", source)
     if typing.get_origin(hint) is tuple:
         kinds = typing.get_args(hint)
         if not (isinstance(value, (list, tuple)) and len(value) == len(kinds)):
             raise ModelError(f"{label} must be a list of {len(kinds)} numbers, not {value!r}")
-        return tuple(_checked(item, kind, name, label) for item, kind in zip(value, kinds))
-    typed = {int: _whole(value), float: _number(value), str: isinstance(value, str), bool: isinstance(value, bool)}
+        return tuple(_checked(item, kind, name, label, source) for item, kind in zip(value, kinds))
+    typed = {int: is_whole(value), float: is_finite_number(value), str: isinstance(value, str), bool: isinstance(value, bool)}
     if not typed[hint]:
         raise ModelError(f"{label} must be {_KIND_NAMES[hint]}, not {value!r}")
     rule = _RULES.get(name)
@@ -282,11 +283,11 @@ def _checked(value: Any, hint: Any, name: str, label: str = "") -> Any:
     return float(value) if hint is float else value
 
 
-def _whole(value: Any) -> bool:
+def is_whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _number(value: Any) -> bool:
+def is_finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 

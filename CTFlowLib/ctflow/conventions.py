@@ -15,6 +15,9 @@ HU_WINDOW = (-1000.0, 1000.0)  # the model's HU range: volumes are clipped to it
 START_HU, END_HU = HU_WINDOW  # the all-black start block before slice 0; the white end-of-volume slices
 MAX_SLICES = 2048  # the ceiling of every slice count (a request, a model's max_slices): a chest CT has a few hundred
 MAX_SEED = 2**63 - 1  # the largest seed torch's generators take
+MAX_STEPS = 1000  # sampling steps: flow matching needs tens
+MAX_GUIDANCE = 30.0  # classifier-free and side guidance: past a few the volume saturates
+MAX_SHIFT = 100.0  # far past any useful time shift (SD3 uses 3); beyond it every step but the last sits at t = 1
 BLOCK_SLICES = 16  # slices per generated block (the paper's "sequence") unless a model's config.json says otherwise
 # A decoded end slice averages near +1000 HU; a real slice, with air around the body, never comes near.
 END_SLICE_MEAN_HU = 0.9 * END_HU

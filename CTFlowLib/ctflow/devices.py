@@ -22,7 +22,12 @@ def select_device(name: str = "auto") -> torch.device:
             f"CUDA was requested but this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu "
             "or install a CUDA build of torch"
         )
-    return torch.device(name)
+    device = torch.device(name)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        names = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+        raise DeviceError(f"there is no {name}: this machine has {count} CUDA GPU{'s' if count > 1 else ''} ({names})")
+    return device
 
 
 # torch's CPU allocator reports a failed allocation as a plain RuntimeError with this text, not as OutOfMemoryError

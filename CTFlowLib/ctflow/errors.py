@@ -31,3 +31,9 @@ class OutOfMemory(DeviceError):
 
 class OutputExistsError(CTFlowError, FileExistsError):
     """Refusing to overwrite a file the user already has."""
+
+
+def first_line(exc: BaseException) -> str:
+    """What a third-party exception says, in one line for a one-line message (its type when it says nothing)."""
+    text = str(exc).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -36,12 +37,22 @@ _SWEPT: set[Path] = set()  # folders already cleared of leftovers by this proces
 _HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())  # no "-": the pid follows the last one
 
 
+MAX_TEXT_FILE = 16 << 20  # configs, manifests, reports and tables are kilobytes: far more is not one of them
+
+
 def read_text_file(path: Path, error: type[CTFlowError] = CTFlowError, advice: str = "") -> str:
     """A UTF-8 text file's content (without the byte-order mark Notepad and Excel write), or one `error` that names
     the file and says what is wrong (`advice` appended to the encoding case, where the fix is to get the file
-    again)."""
+    again). Only a regular file of at most MAX_TEXT_FILE bytes is read: a link to /dev/zero or a FIFO is refused
+    before it can fill the memory or block."""
     try:
-        return path.read_text(encoding="utf-8-sig")
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise error(f"{path} is not a regular file")
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_TEXT_FILE + 1)
+        if len(data) > MAX_TEXT_FILE:
+            raise error(f"{path} is larger than {MAX_TEXT_FILE >> 20} MiB: not a text file ctflow reads{advice}")
+        return data.decode("utf-8-sig")
     except FileNotFoundError as exc:
         raise error(f"{path} does not exist") from exc
     except UnicodeDecodeError as exc:

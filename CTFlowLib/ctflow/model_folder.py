@@ -15,8 +15,9 @@ import torch
 
 from .checksums import verify_checksums, write_checksums
 from .config import ModelConfig
-from .errors import CorruptModelError, ModelError
-from .io import atomic_folder
+from .devices import is_out_of_memory
+from .errors import CorruptModelError, ModelError, first_line
+from .io import atomic_folder, read_text_file
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -30,20 +31,25 @@ def verify_model_folder(folder: Path) -> dict[str, str]:
 
 
 def model_sha256(checksums: dict[str, str]) -> str:
-    """One SHA-256 for all that decides what a model folder generates: every file its checksums list (config,
-    denoiser, autoencoder, a text encoder or its tuned layers) but the card, which only describes. Provenance records
-    it, so two folders that generate differently never share it (the denoiser's weights alone would)."""
+    """One SHA-256 for every file a model folder's checksums list (config, denoiser, autoencoder, a text encoder or
+    its tuned layers) but the card, which only describes. Provenance records it, so two folders whose files differ
+    never share it (the denoiser's weights alone would). A text encoder from a package or the hub is covered by its
+    name in config.json, not by its weights: those are pinned by the package's version or the hub revision."""
     lines = "".join(f"{digest}  {name}\n" for name, digest in sorted(checksums.items()) if name != CARD)
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def read_config(folder: Path) -> ModelConfig:
+    """The folder's config.json, read before its checksums are (a command checks options against it first): so
+    every value is checked, and the file is read only if it is a text file of sensible size."""
+    path = folder / CONFIG
+    if not path.exists():
+        raise ModelError(f"{folder} is not a CTFlow model folder: it has no {CONFIG}")
+    text = read_text_file(path, CorruptModelError, "; re-download the model")
     try:
-        return ModelConfig.from_dict(json.loads((folder / CONFIG).read_text(encoding="utf-8")))
-    except FileNotFoundError as exc:
-        raise ModelError(f"{folder} is not a CTFlow model folder: it has no {CONFIG}") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptModelError(f"{folder / CONFIG} is not valid JSON: {exc}") from exc
+        return ModelConfig.from_dict(json.loads(text))
+    except json.JSONDecodeError as exc:
+        raise CorruptModelError(f"{path} is not valid JSON: {exc}") from exc
     except RecursionError as exc:
         raise CorruptModelError(f"{folder / CONFIG} nests too deeply to be a model config") from exc
 
@@ -88,9 +94,10 @@ def load_vae(folder: Path):
 
     try:
         return AutoencoderKL.from_pretrained(folder / VAE_FOLDER, use_safetensors=True, local_files_only=True)
-    except (OSError, ValueError, RuntimeError, TypeError) as exc:  # RuntimeError: weights of another shape
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CorruptModelError(f"cannot load the slice autoencoder from {folder / VAE_FOLDER}: {reason}") from exc
+    except Exception as exc:  # a damaged or hostile config fails anywhere inside diffusers
+        if is_out_of_memory(exc):
+            raise
+        raise CorruptModelError(f"cannot load the slice autoencoder from {folder / VAE_FOLDER}: {first_line(exc)}") from exc
 
 
 def save_model(

@@ -24,12 +24,13 @@ import torch
 
 from . import __version__
 from .autoencoder import SliceAutoencoder
-from .config import MAX_SEED, MAX_SLICES, ModelConfig, SamplingConfig
-from .conventions import END_HU, START_HU
+from .config import MAX_SEED, MAX_SLICES, ModelConfig, SamplingConfig, is_finite_number, is_whole
+from .conventions import END_HU, MAX_GUIDANCE, START_HU
 from .devices import is_out_of_memory, out_of_memory, select_device
 from .denoiser import STDiT, parameter_count
-from .errors import CTFlowError, ModelError, RequestError
+from .errors import CorruptModelError, CTFlowError, ModelError, RequestError
 from .hub import default_model, is_hub_id, resolve_model
+from .io import read_text_file
 from .model_folder import CARD, load_denoiser, load_vae, model_sha256, read_config, verify_model_folder
 from .report import Report, names_a_side, parse_report, render_prompt, typed_meta_lines
 from .ending import VolumeEnd
@@ -38,7 +39,7 @@ from .text_encoder import TextEncoder, unit_cls
 from .volume import Geometry, Provenance, Volume
 
 MARKER_SEED_OFFSET = 1  # the released mode's marker samples: a stream apart from the noise of the same seed
-MAX_GUIDANCE = 30.0
+ENDED_BEFORE_FIRST_SLICE = "the model ended the volume before its first slice"
 UNKNOWN_TOKENS_NOTICE = 0.5  # tell the user when the text encoder knows fewer than half of the report's tokens
 
 
@@ -117,24 +118,21 @@ def with_defaults(request: GenerationRequest, sampling: SamplingConfig) -> Gener
 def check_options(request: GenerationRequest, config: ModelConfig | None = None) -> None:
     """Every check of a request's numbers that needs no model, at most its config.json: commands run it before
     the model loads (a second, not twenty), and plan() runs it again."""
-    if config is not None and not (isinstance(config.max_slices, int) and config.max_slices >= 1):
-        raise ModelError(f"the model's config.json sets max_slices to {config.max_slices!r}; it must be a whole "
-                         "number of at least 1")
     resolved = with_defaults(request, config.sampling if config is not None else SamplingConfig())
     validate(resolved.steps, resolved.sampler, resolved.shift)
     slices = resolved.slices
-    if slices is not None and not (isinstance(slices, int) and 1 <= slices <= MAX_SLICES):
+    if slices is not None and not (is_whole(slices) and 1 <= slices <= MAX_SLICES):
         raise RequestError(f"slice count must be a whole number from 1 to {MAX_SLICES}, not {slices!r}")
     if slices is not None and config is not None and slices > config.max_slices:
         raise RequestError(f"slice count {slices} is more than this model makes: at most {config.max_slices} slices "
                            "(max_slices in its config.json)")
     length = resolved.prompt_slices
-    if length is not None and not (isinstance(length, int) and 1 <= length <= MAX_SLICES):
+    if length is not None and not (is_whole(length) and 1 <= length <= MAX_SLICES):
         raise RequestError(f"the prompt's length must be a whole number from 1 to {MAX_SLICES} slices, not {length!r}")
-    if resolved.seed is not None and not (isinstance(resolved.seed, int) and 0 <= resolved.seed <= MAX_SEED):
-        raise RequestError(f"seed must be a non-negative whole number, not {resolved.seed!r}")
+    if resolved.seed is not None and not (is_whole(resolved.seed) and 0 <= resolved.seed <= MAX_SEED):
+        raise RequestError(f"seed must be a whole number from 0 to {MAX_SEED}, not {resolved.seed!r}")
     guidance = resolved.guidance
-    if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and 0.0 <= guidance <= MAX_GUIDANCE):
+    if not (is_finite_number(guidance) and 0.0 <= guidance <= MAX_GUIDANCE):
         raise RequestError(f"guidance must be a number from 0 to {MAX_GUIDANCE:g}, not {guidance!r}")
     if guidance != 1.0 and config is not None and not config.sampling.guidance_supported:
         raise RequestError(f"{config.name} was trained without text dropout, so it has no unconditional "
@@ -143,11 +141,30 @@ def check_options(request: GenerationRequest, config: ModelConfig | None = None)
         raise RequestError("guidance needs an embedding of the empty report too: with a precomputed "
                            "embedding use guidance 1")
     side = resolved.side_guidance
-    if isinstance(side, bool) or not (isinstance(side, (int, float)) and math.isfinite(side) and 0 <= side <= MAX_GUIDANCE):
+    if not (is_finite_number(side) and 0 <= side <= MAX_GUIDANCE):
         raise RequestError(f"side guidance must be a number from 0 to {MAX_GUIDANCE:g}, not {side!r}")
     if side > 0 and request.embedding is not None:
         raise RequestError("side guidance needs the report's text, to mirror its sides: with a precomputed "
                            "embedding use side guidance 0")
+    if request.embedding is not None and config is not None:
+        given_embedding(request.embedding, config)
+
+
+def given_embedding(vectors: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """A precomputed report embedding ([D], [N, D] or [1, N, D]) -> [1, 1, D]: its first row, L2-normalised, as
+    the released CTFlow training read its embedding files. Needs only the config, so a command refuses a wrong one
+    before the model loads."""
+    width = config.denoiser.text_dim
+    if config.text.mode == "tokens":
+        raise RequestError(f"{config.name} reads token sequences, not one precomputed embedding vector")
+    vectors = torch.as_tensor(vectors, dtype=torch.float32)
+    if vectors.dim() == 0 or vectors.shape[-1] != width or not vectors.numel():
+        raise RequestError(f"the embedding is {list(vectors.shape)}, but {config.name} reads "
+                           f"{width}-d report embeddings")
+    rows = vectors.reshape(-1, width)
+    if not torch.isfinite(rows[0]).all() or not rows[0].any():
+        raise RequestError("the embedding's first row is zero or not finite")
+    return unit_cls(rows[:1])[None]
 
 
 def check_request(request: GenerationRequest, config: ModelConfig | None = None) -> Report:
@@ -203,6 +220,7 @@ class CTFlowPipeline:
         folder = resolve_model(model if model is not None else default_model(), revision, local_files_only)
         checksums = verify_model_folder(folder)
         config = read_config(folder)
+        card = read_text_file(folder / CARD, CorruptModelError, "; re-download the model") if CARD in checksums else ""
         target = select_device(device)
         dtype = dtype or (torch.bfloat16 if target.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32)
         try:
@@ -215,7 +233,6 @@ class CTFlowPipeline:
                 raise
             raise out_of_memory(target, f"loading {folder.name}") from exc
         model_id = str(model) if model is not None and not Path(model).is_dir() else config.name
-        card = (folder / CARD).read_text(encoding="utf-8") if (folder / CARD).is_file() else ""
         return cls(config, denoiser, autoencoder, text_encoder, model_id, model_sha256(checksums), target, card)
 
     # -- planning -------------------------------------------------------------------------------------------
@@ -227,7 +244,7 @@ class CTFlowPipeline:
             resolved = dataclasses.replace(resolved, seed=secrets.randbelow(2**31))
         report = check_request(resolved, self.config)
         if request.embedding is not None:  # the report text is only recorded; the model sees the given vector
-            tokens = self._given_embedding(request.embedding)
+            tokens = given_embedding(request.embedding, self.config)
             notices = []
             if request.guidance is None and resolved.guidance != self.config.sampling.guidance:  # with_defaults
                 notices.append(f"guidance 1 (the model's default is {self.config.sampling.guidance:g}): a "
@@ -259,21 +276,6 @@ class CTFlowPipeline:
                 "the volume will hardly follow the report"
             )
         return GenerationPlan(resolved, prompt, report.text, tuple(notices), embedding.tokens, embedding.mask, guidance)
-
-    def _given_embedding(self, vectors: torch.Tensor) -> torch.Tensor:
-        """A precomputed report embedding ([D], [N, D] or [1, N, D]) -> [1, 1, D]: its first row, L2-normalised, as
-        the released CTFlow training read its embedding files."""
-        width = self.config.denoiser.text_dim
-        if self.text_encoder.mode == "tokens":
-            raise RequestError(f"{self.config.name} reads token sequences, not one precomputed embedding vector")
-        vectors = torch.as_tensor(vectors, dtype=torch.float32)
-        if vectors.dim() == 0 or vectors.shape[-1] != width or not vectors.numel():
-            raise RequestError(f"the embedding is {list(vectors.shape)}, but {self.config.name} reads "
-                               f"{width}-d report embeddings")
-        rows = vectors.reshape(-1, width)
-        if not torch.isfinite(rows[0]).all() or not rows[0].any():
-            raise RequestError("the embedding's first row is zero or not finite")
-        return unit_cls(rows[:1])[None]
 
     # -- generation -----------------------------------------------------------------------------------------
 
@@ -323,7 +325,7 @@ class CTFlowPipeline:
         cancelled = cancel is not None and cancel.is_set()
         if not blocks:
             raise CTFlowError("generation was cancelled before the first block was made" if cancelled else
-                              "the model ended the volume before its first slice")
+                              ENDED_BEFORE_FIRST_SLICE)
         provenance = dataclasses.replace(blocks[0].provenance, partial=cancelled)
         return Volume(np.concatenate([b.hu for b in blocks]), blocks[0].geometry, provenance)
 

@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import DenoiserConfig
+from .config import DenoiserConfig, from_json
 from .denoiser import STDiT, parameter_count, sincos_1d, sincos_2d
 from .errors import ModelError
+from .io import read_text_file
 
 RELEASED_CLASS = "DiffuserSTDiT"
 RELEASED_CONFIG = "config.json"
@@ -40,12 +41,14 @@ _BUFFERS = ("model.pos_embed", "model.pos_embed_temporal", "model.y_embedder.y_e
 def released_denoiser_config(folder: Path) -> DenoiserConfig:
     """Sizes from a released config.json; refuses another model class and options the original code would not run."""
     path = Path(folder) / RELEASED_CONFIG
+    if not path.exists():
+        raise ModelError(f"{folder} is not a released CTFlow denoiser folder: it has no {RELEASED_CONFIG}")
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise ModelError(f"{folder} is not a released CTFlow denoiser folder: it has no {RELEASED_CONFIG}") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = json.loads(read_text_file(path, ModelError))
+    except json.JSONDecodeError as exc:
         raise ModelError(f"{path} is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise ModelError(f"{path} nests too deeply to be a model config") from exc
     if not isinstance(data, dict) or data.get("_class_name") != RELEASED_CLASS:
         found = data.get("_class_name") if isinstance(data, dict) else None
         raise ModelError(f"{path} describes a {found or 'model without _class_name'}, not a released CTFlow "
@@ -58,14 +61,14 @@ def released_denoiser_config(folder: Path) -> DenoiserConfig:
                              "latent block with its previous block as extra channels")
         if float(data.get("space_scale", 1.0)) != 1.0 or float(data.get("time_scale", 1.0)) != 1.0:
             raise ModelError(f"{path}: space_scale/time_scale other than 1 are not supported")
-        return DenoiserConfig(
-            latent_channels=out_channels, hidden_size=int(data["hidden_size"]), depth=int(data["depth"]),
-            num_heads=int(data["num_heads"]), patch_size=tuple(int(p) for p in data["patch_size"]),
-            mlp_ratio=float(data["mlp_ratio"]), text_dim=int(data["caption_channels"]), block_slices=int(slices),
-            latent_size=int(height), variant="released",
-        )
+        sizes = {
+            "latent_channels": out_channels, "hidden_size": data["hidden_size"], "depth": data["depth"],
+            "num_heads": data["num_heads"], "patch_size": data["patch_size"], "mlp_ratio": data["mlp_ratio"],
+            "text_dim": data["caption_channels"], "block_slices": slices, "latent_size": height, "variant": "released",
+        }
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"{path} is malformed: {exc!r}") from exc
+    return from_json(DenoiserConfig, sizes, "denoiser.", str(path))  # the ranges a ctflow config.json must keep
 
 
 def released_weights_file(folder: Path) -> Path:

@@ -9,12 +9,12 @@ from typing import Callable
 
 import torch
 
+from .conventions import MAX_SHIFT, MAX_STEPS
 from .errors import RequestError
 from .report import mirrored
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z [B, ...], t scalar tensor) -> v like z
 METHODS = ("euler", "heun", "ab2")  # ab2: second order at one model call per step
-MAX_SHIFT = 100.0  # far past any useful schedule (SD3 uses 3); beyond it every step but the last sits at t = 1
 
 
 class Cancelled(Exception):
@@ -75,9 +75,9 @@ def adams_bashforth2(v: torch.Tensor, v_before: torch.Tensor, dt_before: torch.T
 def validate(steps: int, method: str, shift: float) -> None:
     if method not in METHODS:
         raise RequestError(f"unknown sampler {method!r}: choose one of {', '.join(METHODS)}")
-    if not (isinstance(steps, int) and 1 <= steps <= 1000):
-        raise RequestError(f"steps must be a whole number from 1 to 1000, not {steps!r}")
-    if not (isinstance(shift, (int, float)) and math.isfinite(shift) and 0 < shift <= MAX_SHIFT):
+    if isinstance(steps, bool) or not (isinstance(steps, int) and 1 <= steps <= MAX_STEPS):
+        raise RequestError(f"steps must be a whole number from 1 to {MAX_STEPS}, not {steps!r}")
+    if isinstance(shift, bool) or not (isinstance(shift, (int, float)) and math.isfinite(shift) and 0 < shift <= MAX_SHIFT):
         raise RequestError(f"time shift must be a number above 0 and at most {MAX_SHIFT:g}, not {shift!r}")
 
 

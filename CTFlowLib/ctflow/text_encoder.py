@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from .config import TextConfig
-from .errors import CorruptModelError, ModelError, RequestError
+from .devices import is_out_of_memory
+from .errors import CorruptModelError, ModelError, RequestError, first_line
 
 
 @dataclass
@@ -42,8 +43,10 @@ class TextEncoder:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
             model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True, trust_remote_code=False,
                                               dtype=torch.float32)  # weights stored in half run in float32
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"cannot load the text encoder from {path}: {exc}") from exc
+        except Exception as exc:  # a damaged or hostile config fails anywhere inside transformers
+            if is_out_of_memory(exc):
+                raise
+            raise ModelError(f"cannot load the text encoder from {path}: {first_line(exc)}") from exc
         if config.tuned:
             replace_tensors(model, model_file(model_folder, config.tuned))
         return cls(model, tokenizer, config.mode, config.max_tokens, name=config.source)
@@ -94,7 +97,10 @@ def read_embedding(path: Path) -> torch.Tensor:
         if path.suffix == ".npy":
             import numpy as np
 
-            return torch.from_numpy(np.load(path, allow_pickle=False).astype("float32"))
+            array = np.load(path, allow_pickle=False)
+            if not isinstance(array, np.ndarray):  # an .npz archive under an .npy name
+                raise RequestError(f"{path} is not one .npy array (it is an .npz archive)")
+            return torch.from_numpy(array.astype("float32"))
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
@@ -186,14 +192,14 @@ def encoder_subfolder(model_folder: Path | None, name: str) -> Path:
 
 
 def inside_model_folder(model_folder: Path | None, name: str, what: str, kind: str, suffix: str = "") -> Path:
-    """model_folder / name, refused unless inside the folder and so covered by its checksums: never a path leading
-    out of it, nor into a hidden folder (those of git or huggingface_hub may hold files the checksums do not list)."""
+    """model_folder / name, refused unless a plain relative path (no "..", nothing absolute, no hidden part: the
+    folders of git and huggingface_hub hold files the checksums do not list). Judged by the name, not by where
+    links lead: a hub snapshot's files are links into its blob store, and verify_checksums has read each one
+    (refusing links to folders), so what such a name reaches is covered."""
     if model_folder is None:
         raise ModelError(f"{what} needs a model folder")
-    path = model_folder / name
-    root = model_folder.resolve()
-    hidden = any(part.startswith(".") for part in Path(name).parts)
-    if (not name or hidden or path.resolve() == root or not path.resolve().is_relative_to(root)
-            or (suffix and Path(name).suffix != suffix)):
+    parts = name.split("/")
+    if (not name or "\\" in name or any(part in ("", ".", "..") or part.startswith(".") for part in parts)
+            or Path(name).is_absolute() or (suffix and Path(name).suffix != suffix)):
         raise ModelError(f"{what} must name {kind} inside the model folder")
-    return path
+    return model_folder / name

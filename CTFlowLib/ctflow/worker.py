@@ -142,11 +142,15 @@ class Worker:
     def _generate(self, message: dict) -> None:
         from .devices import is_out_of_memory
         from .errors import CTFlowError, OutOfMemory, RequestError
-        from .pipeline import GenerationRequest
+        from .pipeline import ENDED_BEFORE_FIRST_SLICE, GenerationRequest
 
         run_id = message.get("id")
         cancel = _RunCancel(run_id, self._cancelled, self._closing)
         made = 0
+        if cancel.is_set():  # cancelled while queued: no model is loaded for it
+            self.send({"type": "cancelled", "id": run_id, "slices": 0})
+            self._cancelled.discard(run_id)
+            return
         try:
             fields = message.get("request") or {}
             unknown = sorted(set(fields) - set(REQUEST_FIELDS))
@@ -178,6 +182,8 @@ class Worker:
                            "provenance": block.provenance.as_dict()})
             if cancel.is_set():
                 self.send({"type": "cancelled", "id": run_id, "slices": made})
+            elif made == 0:
+                self._error(run_id, "CTFlowError", ENDED_BEFORE_FIRST_SLICE)
             else:
                 self.send({"type": "done", "id": run_id, "slices": made, "elapsed_s": time.perf_counter() - started})
         except OutOfMemory as exc:

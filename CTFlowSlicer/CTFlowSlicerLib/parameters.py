@@ -7,7 +7,7 @@ import enum
 import random
 from typing import Annotated
 
-from ctflow.conventions import MAX_SLICES
+from ctflow.conventions import MAX_GUIDANCE, MAX_SLICES, MAX_STEPS
 from slicer import vtkMRMLScalarVolumeNode
 from slicer.parameterNodeWrapper import Decimals, SingleStep, WithinRange, parameterNodeWrapper
 
@@ -53,9 +53,9 @@ class CTFlowSlicerParameterNode:
     impressions: str = ""
     slices: Annotated[int, WithinRange(0, MAX_SLICES)] = 0
     seed: Annotated[int, WithinRange(0, MAX_SEED)] = 0  # a fresh parameter node draws one (the Logic)
-    steps: Annotated[int, WithinRange(0, 1000)] = 0
-    guidance: Annotated[float, WithinRange(0.0, 30.0), Decimals(1), SingleStep(0.5)] = 0.0
-    sideGuidance: Annotated[float, WithinRange(-1.0, 30.0), Decimals(1), SingleStep(0.5)] = -1.0
+    steps: Annotated[int, WithinRange(0, MAX_STEPS)] = 0
+    guidance: Annotated[float, WithinRange(0.0, MAX_GUIDANCE), Decimals(1), SingleStep(0.5)] = 0.0
+    sideGuidance: Annotated[float, WithinRange(-1.0, MAX_GUIDANCE), Decimals(1), SingleStep(0.5)] = -1.0
     device: Device = Device.AUTO
     modelSource: ModelSource = ModelSource.BUNDLED
     modelLocation: str = ""

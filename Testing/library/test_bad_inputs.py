@@ -126,6 +126,15 @@ def both(*setups: Callable[[Path], None]) -> Callable[[Path], None]:
 ONE_ROW = files(**{"r.csv": "id,report\na,Findings: x.\n"})  # a reports table of one row
 
 
+def embedding(name: str, vector: np.ndarray, archive: bool = False) -> Callable[[Path], None]:
+    """Setup: a precomputed report embedding, as .npy (or an .npz archive under the given name)."""
+    def make(tmp: Path) -> None:
+        with open(tmp / name, "wb") as handle:
+            np.savez(handle, vector) if archive else np.save(handle, vector)
+
+    return make
+
+
 def a_folder(name: str) -> Callable[[Path], None]:
     return lambda tmp: (tmp / name).mkdir()
 
@@ -191,6 +200,12 @@ CASES = [
     Case("seed-negative", f"{GEN} --report {REPORT} {OUT} --seed -1", 1, "seed"),
     Case("device-cuda-absent", f"{GEN} --report {REPORT} {OUT} --device cuda", 1, "CUDA"),
     Case("device-cuda-index-absent", f"{GEN} --report {REPORT} {OUT} --device cuda:1", 1, "CUDA"),
+    Case("embedding-for-a-token-model", "generate --model {model} --embedding {tmp}/e.npy --guidance 1 "
+         f"--side-guidance 0 --slices 2 --device cpu {OUT}", 1, "reads token sequences",
+         embedding("e.npy", np.ones(384, np.float32))),
+    Case("embedding-npz-named-npy", "generate --model {model} --embedding {tmp}/e.npy --guidance 1 "
+         f"--side-guidance 0 --slices 2 --device cpu {OUT}", 1, "not one .npy array",
+         embedding("e.npy", np.ones(384, np.float32), archive=True)),
     Case("device-unknown", f"{GEN} --report {REPORT} {OUT} --device tpu", 1, "unknown device 'tpu'"),
     Case("batch-shift-inf", "batch {tmp}/r.csv --out {tmp}/out --model {model} --shift inf", 1, "shift",
          ONE_ROW),

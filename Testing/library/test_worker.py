@@ -103,12 +103,31 @@ def test_the_model_is_kept_until_it_changes_or_is_unloaded(worker, tiny_model):
 def test_cancel_stops_a_run_and_a_queued_one(worker, tiny_model):
     generate(worker, "long", tiny_model, slices=400)
     first = until(worker, "block")[-1]
+    worker.send({"type": "generate", "id": "queued", "model": "/a/model/it/would/have/to/load", "device": "cpu",
+                 "request": {"report": REPORT, "slices": 400}})  # waits behind "long"
+    worker.send({"type": "cancel", "id": "queued"})
     worker.send({"type": "cancel", "id": "long"})
     messages = until(worker, *ENDINGS)
     assert messages[-1]["type"] == "cancelled" and first["stop"] <= messages[-1]["slices"] < 400
-    generate(worker, "queued", tiny_model, slices=400)
-    worker.send({"type": "cancel", "id": "queued"})
-    assert [m["type"] for m in until(worker, *ENDINGS)] == ["planned", "cancelled"]
+    # nothing is loaded or planned for a run cancelled while it waited (its model does not even exist)
+    assert until(worker, *ENDINGS) == [{"type": "cancelled", "id": "queued", "slices": 0}]
+
+
+def test_a_model_that_ends_the_volume_at_once_is_an_error_not_an_empty_done(steered):
+    import io
+
+    from ctflow.worker import Worker
+
+    out = io.StringIO()
+    worker = Worker(out)
+    worker._pipeline_is_loaded = lambda message: True
+    worker._pipeline = lambda message: steered(0, 0)  # white from the first slice on
+    worker._generate({"type": "generate", "id": "e", "request": {"report": REPORT, "seed": 0, "steps": 1}})
+    replies = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [m["type"] for m in replies] == ["planned", "error"]
+    assert "ended the volume before its first slice" in replies[-1]["message"]
+    for folder in worker._folders:
+        shutil.rmtree(folder)
 
 
 @pytest.mark.parametrize(

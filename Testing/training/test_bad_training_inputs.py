@@ -322,6 +322,22 @@ def test_a_moved_run_may_resume_longer_on_other_threads_and_name_an_init(root, c
     assert read_meta(root / "flow" / "checkpoint.safetensors")["step"] == 3
 
 
+def test_a_requeued_job_killed_before_its_first_checkpoint_starts_the_run_and_may_change_accumulate(root, capsys):
+    """A cluster job killed before its first save leaves only loss.csv: the same --resume command starts the run;
+    a later resume may take another --accumulate (as it may another process count)."""
+    out = root / "requeued"
+    out.mkdir()
+    (out / "loss.csv").write_text("step,lr,loss,step_s\n")
+    code, err = run_train(["flow", "--cache", f"{root}/latents", "--out", str(out), "--resume", *FLOW], capsys)
+    assert code == 0, err
+    assert read_meta(out / "checkpoint.safetensors")["step"] == 2
+    code, err = run_train(["flow", "--cache", f"{root}/latents", "--out", str(out), "--resume", *FLOW, "--steps", "3",
+                           "--accumulate", "2"], capsys)
+    assert code == 0, err
+    assert read_meta(out / "checkpoint.safetensors")["step"] == 3
+    shutil.rmtree(out)
+
+
 def test_overwrite_replaces_a_run_and_leaves_nothing_of_the_old_one(root, capsys):
     assert read_meta(root / "flow" / "checkpoint.safetensors")["step"] == 2
     code, err = run_train(["flow", "--cache", f"{root}/latents", "--out", f"{root}/flow", *FLOW, "--overwrite",

@@ -19,10 +19,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ctflow.errors import CTFlowError
+from ctflow.errors import CTFlowError, first_line
 from ctflow.io import plain_mode
 
-from .options import CHECKPOINT, RunOptions, option_name
+from .options import CHECKPOINT, LOSS_LOG, RunOptions, option_name
 
 
 def save_checkpoint(
@@ -97,8 +97,7 @@ def load_checkpoint(
                     state.setdefault(int(index), {})[slot] = value
             optimizer.load_state_dict({"state": state, "param_groups": groups[name]})
     except (RuntimeError, ValueError, KeyError) as exc:  # another model's shapes, another trainer's layout
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CTFlowError(f"{path} does not fit this run ({reason}); continue it with its own options") from exc
+        raise CTFlowError(f"{path} does not fit this run ({first_line(exc)}); continue it with its own options") from exc
     for name, generator in generators.items():
         if f"rng/{name}" not in tensors:
             raise CTFlowError(f"{path} has no random state {name!r}: it was written by another trainer or an older "
@@ -122,6 +121,10 @@ def prepare_run_folder(out: Path, outputs: tuple[str, ...], options: RunOptions,
     RunOptions.RESUME_MAY_CHANGE may differ); --overwrite removes its outputs first (`remove`: this process does
     the removing, rank 0 of several), so nothing of the old run mixes with the new one."""
     found = sorted({path.name for pattern in outputs for path in out.glob(pattern)})
+    if options.resume and found == [LOSS_LOG]:  # a job killed before its first checkpoint: its requeue starts anew
+        if remove:
+            (out / LOSS_LOG).unlink()
+        return
     if options.resume and CHECKPOINT in found:
         changed = options.changed_from(read_meta(out / CHECKPOINT).get("args", {}))
         if changed:

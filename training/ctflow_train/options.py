@@ -13,6 +13,7 @@ from pathlib import Path
 from ctflow.conventions import MAX_SEED
 
 CHECKPOINT = "checkpoint.safetensors"  # the file a checkpointed run continues from (--resume)
+LOSS_LOG = "loss.csv"  # one row a logged step, written from a run's start
 
 
 def finite_number(kind: type, fits, words: str):

@@ -46,7 +46,7 @@ from ctflow.model_folder import CARD, WEIGHTS
 from ctflow.sampling import sample
 
 from .checkpoint import (
-    CHECKPOINT, load_checkpoint, open_loss_log, open_safetensors, prepare_run_folder, save_checkpoint,
+    CHECKPOINT, LOSS_LOG, load_checkpoint, open_loss_log, open_safetensors, prepare_run_folder, save_checkpoint,
 )
 from .flow_data import (
     FINDING_REACH, Batch, BlockDataset, SamplingRules, ShareSampler, block_loader, finding_region, noises,
@@ -58,7 +58,7 @@ from .options import (
 from .runtime import cosine_schedule, set_threads, start_processes
 from .stages import card_stages
 
-OUTPUTS = (CHECKPOINT, "loss.csv")  # what a run writes to --out
+OUTPUTS = (CHECKPOINT, LOSS_LOG)  # what a run writes to --out
 ADDABLE = ("position_embed.", "text_vector.", "seam_embed.")  # parts a warm start may switch on (they start as no-ops)
 
 
@@ -67,7 +67,8 @@ class FlowRun(RunOptions):
     """The options of one `ctflow-train flow` run (see `configure`)."""
 
     # how the same samples are computed; --init only starts a run (a resumed one takes the checkpoint's weights)
-    RESUME_MAY_CHANGE = RunOptions.RESUME_MAY_CHANGE | {"workers", "compile", "init"}
+    RESUME_MAY_CHANGE = RunOptions.RESUME_MAY_CHANGE | {"workers", "compile", "init", "accumulate"}  # the data
+    # position is counted in samples, so a resumed run may take another global batch, as on another process count
 
     cache: list[Path]
     out: Path
@@ -327,7 +328,7 @@ def train(args: FlowRun) -> dict:
     if master:
         print(f"denoiser {parameter_count(raw_model) / 1e6:.2f} M parameters, {config}; {len(dataset)} volumes; "
               f"world {world}; from step {step}", flush=True)
-        log, writer = open_loss_log(out / "loss.csv", ["step", "lr", "loss", "step_s", *twin_columns], step)
+        log, writer = open_loss_log(out / LOSS_LOG, ["step", "lr", "loss", "step_s", *twin_columns], step)
 
     # ---- the loop
     logged = torch.tensor(float("nan"))  # the last step's loss (nan when a resumed run has nothing left to do)

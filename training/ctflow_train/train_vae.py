@@ -46,7 +46,7 @@ from ctflow.config import AutoencoderConfig
 from ctflow.errors import CTFlowError
 from ctflow.conventions import END_HU, START_HU
 
-from .checkpoint import CHECKPOINT, load_checkpoint, open_loss_log, prepare_run_folder, save_checkpoint
+from .checkpoint import CHECKPOINT, LOSS_LOG, load_checkpoint, open_loss_log, prepare_run_folder, save_checkpoint
 from .findings import CODES
 from .options import (
     RunOptions, add_holdout_option, add_run_options, add_schedule_options, add_size_option, at_least_zero, loss_weight,
@@ -55,7 +55,7 @@ from .options import (
 from .runtime import cosine_schedule, load_vae, set_threads
 from .training_data import list_cases, load_cases
 
-OUTPUTS = (CHECKPOINT, "loss.csv", "metrics.json", "vae")  # what a run writes to --out
+OUTPUTS = (CHECKPOINT, LOSS_LOG, "metrics.json", "vae")  # what a run writes to --out
 
 # "cpu-fast" quarters the channels of "cpu" at every level (8 at full size). On the shared 2-core machine
 # "cpu" decoded a 256^2 slice in 0.6-2 s, this one in about 0.25 s: the difference between a 128-slice
@@ -432,7 +432,7 @@ def train(args: VAERun) -> AutoencoderMetrics:
         meta = load_checkpoint(checkpoint, modules, optimizers, randomness)
         step, elapsed = meta["step"], meta["elapsed_s"]
     columns = ["step", "lr", "rec_l1", "finding_l1", "kl", "drift", "gen", "disc", "step_s"]
-    log, writer = open_loss_log(out / "loss.csv", columns, step)
+    log, writer = open_loss_log(out / LOSS_LOG, columns, step)
     name = f"decoder of {args.decoder_of}" if args.decoder_of else f"anchored to {base}" if base else args.preset
     print(f"vae {name}: {sum(p.numel() for p in autoencoder.vae.parameters()) / 1e6:.2f} M parameters, "
           f"{len(pool)} training slices, from step {step}", flush=True)

@@ -43,12 +43,12 @@ from .checkpoint import load_checkpoint, open_loss_log, prepare_run_folder, save
 from .dataset import read_index
 from .flow_data import Batch, BlockDataset, SamplingRules, collate, generator, noises, padded
 from .latent_store import embed, labelled_findings, open_stores, report_variant, same_encoding, store_prompt
-from .options import CHECKPOINT, RunOptions, add_run_options, add_schedule_options, positive, print_json, probability
+from .options import CHECKPOINT, LOSS_LOG, RunOptions, add_run_options, add_schedule_options, positive, print_json, probability
 from .runtime import cosine_schedule, set_threads
 
 TUNED = "text_tuned.safetensors"  # inside the tuned model folder
 MODEL = "model"  # the tuned model folder, inside the run folder
-OUTPUTS = (CHECKPOINT, "loss.csv", MODEL)
+OUTPUTS = (CHECKPOINT, LOSS_LOG, MODEL)
 PROMPT, DROPOUT = 3, 4  # generator streams of a step's prompt draws and dropout (flow_data uses 0-2)
 VARIANTS = 2**31  # variant numbers drawn from: every step meets new words
 
@@ -177,7 +177,7 @@ def tune(args: TuneRun, log=print) -> dict:
         step = load_checkpoint(out / CHECKPOINT, {"encoder": encoder.model}, {"adamw": optimizer}, {})["step"]
     rules = SamplingRules(block=config.denoiser.block_slices, length_p=0.0, text_drop=0.0, time_shift=args.time_shift)
     blocks = BlockDataset(stores, rules, args.seed)
-    (log_file, rows), losses = open_loss_log(out / "loss.csv", ["step", "loss", "lr"], step), []
+    (log_file, rows), losses = open_loss_log(out / LOSS_LOG, ["step", "loss", "lr"], step), []
     started = time.perf_counter()
     while step < args.steps:
         positions = range(step * args.batch_size, (step + 1) * args.batch_size)
