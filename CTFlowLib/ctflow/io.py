@@ -46,11 +46,11 @@ def read_text_file(path: Path, error: type[CTFlowError] = CTFlowError, advice: s
     again). Only a regular file of at most MAX_TEXT_FILE bytes is read: a link to /dev/zero or a FIFO is refused
     before it can fill the memory or block."""
     try:
-        if not stat.S_ISREG(path.stat().st_mode):
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
             raise error(f"{path} is not a regular file")
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_TEXT_FILE + 1)
-        if len(data) > MAX_TEXT_FILE:
+        data = b"" if info.st_size > MAX_TEXT_FILE else path.read_bytes()  # read(limit) would allocate the limit
+        if info.st_size > MAX_TEXT_FILE or len(data) > MAX_TEXT_FILE:
             raise error(f"{path} is larger than {MAX_TEXT_FILE >> 20} MiB: not a text file ctflow reads{advice}")
         return data.decode("utf-8-sig")
     except FileNotFoundError as exc:

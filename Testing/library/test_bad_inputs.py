@@ -394,6 +394,7 @@ def test_metrics_out_is_replaced_only_with_overwrite(tmp_path, capsys):
     (tmp_path / "m.json").write_text("mine")
     argv = ["metrics", str(tmp_path / "v"), "--reference", str(tmp_path / "v"), "--size", "32", "--slices-per-axis",
             "2", "--out", str(tmp_path / "m.json")]
+    assert main(argv) == 1 and (tmp_path / "m.json").read_text() == "mine"
     assert main(argv + ["--overwrite"]) == 0
     assert "fid_2_5d" in json.loads((tmp_path / "m.json").read_text())
 

@@ -1,10 +1,11 @@
 """The conventions training and generation share agree with each other and with the configs built on them."""
 
 import numpy as np
+import torch
 
 from ctflow.config import ModelConfig
 from ctflow.conventions import (
-    BLOCK_SLICES, END_HU, HU_WINDOW, START_HU, WINDOWS, DisplayWindow, append_end_slices, end_slice_count, real_slices,
+    BLOCK_SLICES, END_HU, START_HU, WINDOWS, DisplayWindow, append_end_slices, end_slice_count, real_slices,
 )
 
 
@@ -29,9 +30,13 @@ def test_only_a_nearly_white_slice_ends_a_volume():
     assert real_slices(np.concatenate([body(3), decoded_end, body(2)])) == 3  # the first end slice counts
 
 
-def test_the_tokens_lie_at_the_ends_of_the_model_window_the_configs_default_to():
-    assert (START_HU, END_HU) == HU_WINDOW == ModelConfig().autoencoder.hu_window
-    assert ModelConfig().denoiser.block_slices == BLOCK_SLICES
+def test_the_tokens_lie_at_the_ends_of_the_model_window_the_configs_default_to(tiny_pipeline):
+    """The start and end tokens are the darkest and brightest pixels a default model's autoencoder takes."""
+    autoencoder = tiny_pipeline.autoencoder
+    assert autoencoder.config.hu_window == ModelConfig().autoencoder.hu_window
+    bottom, top = autoencoder.config.pixel_range
+    pixels = autoencoder.hu_to_model(torch.tensor([START_HU - 500, START_HU, END_HU, END_HU + 500])).tolist()
+    assert pixels == [bottom, bottom, top, top]  # nothing darker than the start token, nor brighter than the end
 
 
 def test_display_windows_are_level_then_width():

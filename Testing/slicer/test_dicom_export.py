@@ -77,10 +77,17 @@ def test_edited_provenance_attributes_stop_the_export_with_one_line(node, tmp_pa
 
 
 def test_an_existing_folder_is_kept_unless_overwrite(node, tmp_path):
-    dicom_export.exportDicom(node, tmp_path / "ct.dcm")
+    def series(folder: Path) -> tuple[str, dict[str, bytes]]:
+        files = {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+        return pydicom.dcmread(folder / next(iter(files))).SeriesInstanceUID, files
+
+    folder = dicom_export.exportDicom(node, tmp_path / "ct.dcm").folder
+    first = series(folder)
     with pytest.raises(ctflow.OutputExistsError):
         dicom_export.exportDicom(node, tmp_path / "ct.dcm")
-    assert dicom_export.exportDicom(node, tmp_path / "ct.dcm", overwrite=True).folder.is_dir()
+    assert series(folder) == first  # kept, byte for byte
+    assert dicom_export.exportDicom(node, tmp_path / "ct.dcm", overwrite=True).folder == folder
+    assert series(folder)[0] != first[0]  # replaced by a new series
 
 
 def test_the_series_is_added_to_the_dicom_database(node, tmp_path, dicom_database):

@@ -278,7 +278,7 @@ def test_module_description_says_synthetic(qt_application):
     assert "synthetic and not for diagnosis" in parent.acknowledgementText
 
 
-def test_slicer_self_test_runs(qt_application, scene, tiny_model, dicom_database):
+def test_slicer_self_test_runs(qt_application, scene, tiny_model, dicom_database, capsys):
     """CTFlowSlicerTest is what a user runs in Slicer; here it runs against the stand-in with the session's model."""
     import CTFlowSlicer
 
@@ -286,6 +286,7 @@ def test_slicer_self_test_runs(qt_application, scene, tiny_model, dicom_database
     cache.mkdir(exist_ok=True)
     (cache / "tiny").symlink_to(tiny_model)
     CTFlowSlicer.CTFlowSlicerTest().runTest()
+    assert "Skipped" not in capsys.readouterr().out  # it ran, not skipped for a missing dependency
 
 
 def test_unload_frees_the_model_and_the_next_run_loads_it_again(panel, tiny_model):

@@ -33,8 +33,7 @@ def test_the_host_starves_python_threads_as_slicer_does(pythonqt_host):
 
 
 def test_a_generation_finishes_under_the_host(scene, logic, settings, pythonqt_host, change):
-    snapshots, seconds = pythonqt_host.drive(logic, change(settings, slices=12), tick=0.1, timeout=120.0)
+    snapshots, _ = pythonqt_host.drive(logic, change(settings, slices=12), tick=0.1, timeout=120.0)
     final = snapshots[-1]
     assert (final.state, final.slices, final.blocksDone) == ("done", 12, 3)
     assert [s.firstBlock for s in snapshots].count(True) == 1
-    assert seconds < 120.0

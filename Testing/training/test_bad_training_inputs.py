@@ -310,8 +310,10 @@ def test_resume_of_a_finished_run_changes_no_weights(root, capsys):
     checkpoint = sha256_file(root / "vae" / "checkpoint.safetensors")
     assert run_train(["vae", "--data", f"{root}/data", "--out", f"{root}/vae", "--resume", *VAE], capsys)[0] == 0
     assert sha256_file(root / "vae" / "checkpoint.safetensors") == checkpoint
+    checkpoint = sha256_file(root / "flow" / "checkpoint.safetensors")
     assert run_train(["flow", "--cache", f"{root}/latents", "--out", f"{root}/flow", "--resume", *FLOW],
                      capsys)[0] == 0
+    assert sha256_file(root / "flow" / "checkpoint.safetensors") == checkpoint
 
 
 def test_a_moved_run_may_resume_longer_on_other_threads_and_name_an_init(root, capsys):
