@@ -30,6 +30,11 @@ from .volume import Geometry, Provenance, Volume, hu_voxels
 SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 DICOM, DICOM_SUFFIX = "dicom", ".dcm"
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS flips the first two axes
+_NRRD_TO_RAS = {  # NRRD's patient frames (long and short names) -> RAS
+    **dict.fromkeys(("right-anterior-superior", "RAS"), np.eye(4)),
+    **dict.fromkeys(("left-posterior-superior", "LPS"), _LPS),
+    **dict.fromkeys(("left-anterior-superior", "LAS"), np.diag([-1.0, 1.0, 1.0, 1.0])),
+}
 _FIELD_PREFIX = "CTFlow_"  # provenance keys in NRRD and MetaImage headers
 TEMP_PREFIX = ".ctflow-tmp."  # + "<pid>.<random>": whose it is, and no suffix a volume reader would accept
 _RUN_STARTED = time.time()  # a temporary file older than this run, whose writer is gone, is a leftover
@@ -393,8 +398,11 @@ def _read_nrrd(path: Path) -> Volume:
     matrix = np.eye(4)
     matrix[:3, :3] = np.asarray(header["space directions"], dtype=float).T
     matrix[:3, 3] = np.asarray(header.get("space origin", [0.0, 0.0, 0.0]), dtype=float)
-    if header.get("space", "left-posterior-superior") in ("left-posterior-superior", "LPS"):
-        matrix = _LPS @ matrix
+    space = header.get("space", "left-posterior-superior")  # Slicer's and ITK's frame when none is named
+    if space not in _NRRD_TO_RAS:
+        raise CTFlowError(f"{path} places its voxels in NRRD space {space!r}, not a patient frame: ctflow reads "
+                          "right-anterior-superior, left-posterior-superior and left-anterior-superior")
+    matrix = _NRRD_TO_RAS[space] @ matrix
     provenance = _provenance_from_fields(header)
     return Volume(hu_voxels(np.asarray(data).transpose(2, 1, 0), path), Geometry.from_ijk_to_ras(matrix), provenance)
 

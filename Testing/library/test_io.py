@@ -48,6 +48,24 @@ def test_headers_say_synthetic_where_other_tools_look(volume, tmp_path):
     assert "\n" not in header["CTFlow_report"]  # escaped: a NRRD field is one line
 
 
+@pytest.mark.parametrize("space, flip", [("right-anterior-superior", (1, 1, 1)), ("RAS", (1, 1, 1)),
+                                         ("left-anterior-superior", (-1, 1, 1)), ("LPS", (-1, -1, 1))])
+def test_a_nrrd_in_another_patient_frame_is_read_into_ras(tmp_path, space, flip):
+    directions, origin = np.diag([0.7, 0.8, 2.5]), np.array([10.0, -20.0, 30.0])
+    nrrd.write(str(tmp_path / "ct.nrrd"), np.zeros((7, 6, 5), np.int16),
+               {"space": space, "space directions": directions, "space origin": origin}, index_order="F")
+    geometry = read_volume(tmp_path / "ct.nrrd").geometry.ijk_to_ras()
+    assert np.allclose(geometry[:3, :3], np.diag(flip) @ directions.T)
+    assert np.allclose(geometry[:3, 3], np.array(flip) * origin)
+
+
+def test_a_nrrd_in_a_scanner_frame_is_refused_in_one_line(tmp_path):
+    nrrd.write(str(tmp_path / "ct.nrrd"), np.zeros((7, 6, 5), np.int16),
+               {"space": "scanner-xyz", "space directions": np.eye(3), "space origin": np.zeros(3)}, index_order="F")
+    with pytest.raises(CTFlowError, match="NRRD space 'scanner-xyz', not a patient frame"):
+        read_volume(tmp_path / "ct.nrrd")
+
+
 def world_values(array_kji, ijk_to_ras):
     """{RAS position (0.01 mm): HU} for every voxel: compares two files whatever their axis order."""
     k, j, i = np.indices(array_kji.shape).reshape(3, -1)
