@@ -97,6 +97,11 @@ class DecodedBlock:
     block_s: float
     eta_s: float
 
+    @property
+    def is_last(self) -> bool:
+        """The volume's final block (the estimate of blocks to come is exact once the volume has ended)."""
+        return self.blocks_done == self.blocks_expected
+
 
 def with_defaults(request: GenerationRequest, sampling: SamplingConfig) -> GenerationRequest:
     """The request with every unset sampling option replaced by the model's default (the seed stays as given).
@@ -322,7 +327,7 @@ class CTFlowPipeline:
             blocks.append(block)
             if on_block is not None:
                 on_block(block)
-        cancelled = cancel is not None and cancel.is_set()
+        cancelled = cancel is not None and cancel.is_set() and not (blocks and blocks[-1].is_last)  # not if too late
         if not blocks:
             raise CTFlowError("generation was cancelled before the first block was made" if cancelled else
                               ENDED_BEFORE_FIRST_SLICE)

@@ -169,18 +169,18 @@ class Worker:
                        "seed": resolved.seed, "steps": resolved.steps, "guidance": resolved.guidance,
                        "side_guidance": plan.guidance.side, "sampler": resolved.sampler, "shift": resolved.shift, "slices": resolved.slices,
                        "notices": list(plan.notices), "model": pipeline.model_id, "device": str(pipeline.device)})
-            started = time.perf_counter()
+            started, complete = time.perf_counter(), False
             for block in pipeline.stream(plan, cancel):
                 file = folder / f"block-{block.index:04d}.npy"
                 _save_npy(file, block.hu)
-                made = block.stop
+                made, complete = block.stop, block.is_last
                 self.send({"type": "block", "id": run_id, "file": str(file), "index": block.index,
                            "start": block.start, "stop": block.stop, "blocks_done": block.blocks_done,
                            "blocks_expected": block.blocks_expected, "elapsed_s": block.elapsed_s,
                            "block_s": block.block_s, "eta_s": block.eta_s, "time": time.time(),
                            "ijk_to_ras": block.geometry.ijk_to_ras().tolist(),
                            "provenance": block.provenance.as_dict()})
-            if cancel.is_set():
+            if cancel.is_set() and not complete:  # a cancel after the last block is too late to cancel anything
                 self.send({"type": "cancelled", "id": run_id, "slices": made})
             elif made == 0:
                 self._error(run_id, "CTFlowError", ENDED_BEFORE_FIRST_SLICE)

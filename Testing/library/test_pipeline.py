@@ -147,6 +147,13 @@ def test_cancel_mid_block_keeps_the_finished_blocks_marked_partial(tiny_pipeline
         tiny_pipeline.generate(GenerationRequest(REPORT, slices=12, seed=1, steps=3), cancel=CancelAfter(1))
 
 
+def test_a_cancel_after_the_last_block_leaves_the_volume_whole(tiny_pipeline):
+    cancel = threading.Event()
+    volume = tiny_pipeline.generate(GenerationRequest(REPORT, slices=8, seed=1, steps=1), cancel=cancel,
+                                    on_block=lambda block: block.is_last and cancel.set())  # pressed as it ends
+    assert volume.shape[0] == 8 and not volume.provenance.partial
+
+
 def test_cancel_from_another_thread_ends_the_worker(tiny_pipeline):
     cancel, first_block, result = threading.Event(), threading.Event(), {}
 

@@ -113,6 +113,24 @@ def test_cancel_stops_a_run_and_a_queued_one(worker, tiny_model):
     assert until(worker, *ENDINGS) == [{"type": "cancelled", "id": "queued", "slices": 0}]
 
 
+def test_a_cancel_that_comes_after_the_last_block_is_a_done_run(tiny_pipeline):
+    import io
+
+    from ctflow.worker import Worker
+
+    worker, sent = Worker(io.StringIO()), []
+
+    def send(message):  # the front end's cancel arrives as the last block does
+        sent.append(message)
+        if message["type"] == "block" and message["blocks_done"] == message["blocks_expected"]:
+            worker._cancelled.add("late")
+
+    worker.send, worker._pipeline_is_loaded, worker._pipeline = send, lambda m: True, lambda m: tiny_pipeline
+    worker._generate({"type": "generate", "id": "late", "request": {"report": REPORT, "slices": 8, "steps": 1}})
+    assert [m["type"] for m in sent] == ["planned", "block", "block", "done"] and sent[-1]["slices"] == 8
+    shutil.rmtree(sent[0]["folder"])
+
+
 def test_a_model_that_ends_the_volume_at_once_is_an_error_not_an_empty_done(steered):
     import io
 
