@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import itertools
 import json
+import shutil
 import signal
 import sys
 import threading
@@ -203,10 +204,17 @@ def run_generate(args: argparse.Namespace) -> int:
 
             staged.add(args.preview, preview_writer(volume))  # rendered first: its failure leaves no volume
         if args.format == DICOM or is_dicom_path(args.out):
-            write_volume(volume, args.out, overwrite=args.overwrite, format=DICOM)  # a folder, renamed in whole
+            new = not Path(args.out).exists()
+            folder = write_volume(volume, args.out, overwrite=args.overwrite, format=DICOM)  # renamed in whole
+            try:
+                staged.commit()
+            except BaseException:
+                if new:  # the series goes with the preview that could not be written
+                    shutil.rmtree(folder, ignore_errors=True)
+                raise
         else:
             staged.add(args.out, volume_writer(volume, args.out))
-        staged.commit()
+            staged.commit()
     k, j, i = volume.shape
     spacing = "x".join(f"{s:g}" for s in volume.geometry.spacing)
     print(f"wrote {args.out} ({k} slices of {j}x{i}, {spacing} mm, {progress.elapsed:.1f} s) - {SYNTHETIC_NOTICE}")

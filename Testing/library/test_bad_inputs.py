@@ -142,6 +142,20 @@ def a_folder(name: str) -> Callable[[Path], None]:
 # -- faults injected into a run ----------------------------------------------------------------------------------
 
 
+def preview_appears_beside_the_series(monkeypatch) -> None:
+    """Another program writes p.png while the DICOM series is being written: the preview cannot be committed."""
+    from ctflow import cli
+
+    original = cli.write_volume
+
+    def write_then_collide(volume, path, **kwargs):
+        written = original(volume, path, **kwargs)
+        (Path(path).parent / "p.png").write_bytes(b"someone else's")
+        return written
+
+    monkeypatch.setattr(cli, "write_volume", write_then_collide)
+
+
 def preview_fails(monkeypatch) -> None:
     def fail(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -246,6 +260,8 @@ CASES = [
     # 6: all or nothing
     Case("preview-fails", f"{GEN} --report {REPORT} {OUT} --preview {{tmp}}/p.png", 1, "No space left",
          fault=preview_fails, early=False),
+    Case("dicom-preview-taken-meanwhile", f"{GEN} --report {REPORT} --out {{tmp}}/ct.dcm --preview {{tmp}}/p.png", 1,
+         "already exists", fault=preview_appears_beside_the_series, early=False, written=("p.png",)),
     Case("ctrl-c-in-preview", f"{GEN} --report {REPORT} {OUT} --preview {{tmp}}/p.png", 130, "nothing was written",
          fault=ctrl_c_in("ctflow.preview.render_preview"), early=False),
     Case("ctrl-c-in-generation", f"{GEN} --report {REPORT} {OUT}", 130, "nothing was written",
