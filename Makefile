@@ -10,7 +10,8 @@ OUT    ?= out/demo.nii.gz
 
 .PHONY: demo test venv clean
 
-$(VENV)/.installed: constraints.txt CTFlowLib/pyproject.toml training/pyproject.toml requirements-test.txt
+$(VENV)/.installed: constraints.txt CTFlowLib/pyproject.toml CTFlowLib/requirements.txt \
+                  CTFlowLib/setup.py training/pyproject.toml requirements-test.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) torch==2.13.0

@@ -36,6 +36,9 @@ import torch
 
 import ctflow
 from ctflow import qa
+from ctflow.errors import CTFlowError
+from ctflow.io import atomic_write, check_output_path
+from ctflow.pipeline import check_options
 from ctflow.sampling import block_velocity
 from ctflow.testing import create_random_model
 
@@ -56,6 +59,34 @@ def parse_setting(text: str) -> tuple[str, dict, bool]:
     options = {"sampler": sampler, "steps": int(steps), "guidance": float(guidance),
                "shift": float(shift[0]) if shift else None}
     return name + ("+ahead" if ahead else ""), options, ahead
+
+
+def setting(text: str) -> str:
+    """argparse type: a setting checked when the command starts (its sampler and numbers too), not minutes later."""
+    try:
+        _, options, _ = parse_setting(text)
+        check_options(ctflow.GenerationRequest("Findings: x.", **options))
+    except (ValueError, CTFlowError) as exc:  # a ReportError or RequestError is a ValueError too
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc} (NAME[=SAMPLER:STEPS:GUIDANCE[:SHIFT]][+ahead])") from exc
+    return text
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number above zero, not {text!r}")
+    return int(text)
+
+
+def json_output(path: Path | None, overwrite: bool) -> None:
+    """Refuse, before any work, a results file that exists (unless --overwrite) or whose folder does not."""
+    if path is not None:
+        check_output_path(path, overwrite, suffixes=(".json",))
+
+
+def write_json(path: Path | None, data, overwrite: bool) -> None:
+    """The results file, written whole or not at all."""
+    if path is not None:
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"), overwrite=overwrite)
 
 
 def model_calls(sampler: str, steps: int, guidance: float) -> int:
@@ -246,20 +277,29 @@ def main() -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="model folder or hub id")
     source.add_argument("--preset", choices=sorted(ctflow.DENOISER_PRESETS), help="random weights of a preset size")
-    parser.add_argument("--slices", type=int, default=64)
-    parser.add_argument("--seeds", type=int, default=1, help="seeds per setting (timings and quality averaged)")
+    parser.add_argument("--slices", type=positive_int, default=64)
+    parser.add_argument("--seeds", type=positive_int, default=1, help="seeds per setting (timings and quality averaged)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="denoiser dtype (auto: bf16 on a GPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the denoiser (compiled in the warm-up)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--setting", action="append", default=[], help="extra setting after reference and default")
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--setting", action="append", type=setting, default=[],
+                        help="extra setting after reference and default")
     parser.add_argument("--no-reference", action="store_true", help="skip the 200-step reference")
-    parser.add_argument("--truth", help="SAMPLER:STEPS:GUIDANCE of a near-exact first block to score errors against "
+    parser.add_argument("--truth", type=lambda text: setting(f"truth={text}") and text, help="SAMPLER:STEPS:GUIDANCE of a near-exact first block to score errors against "
                                         "(e.g. heun:500:1)")
     parser.add_argument("--project", action="store_true", help="project per-block time from per-call timings")
     parser.add_argument("--json", type=Path, help="write the results here too")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     args = parser.parse_args()
+    try:
+        run(args)
+    except CTFlowError as exc:
+        raise SystemExit(f"generation: {exc}") from exc
 
+
+def run(args: argparse.Namespace) -> None:
+    json_output(args.json, args.overwrite)
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:  # random weights are loaded, then their folder goes
@@ -281,11 +321,10 @@ def main() -> None:
         "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "wall_s": round(time.perf_counter() - started), "date": datetime.date.today().isoformat(),
     }
-    if args.json:
-        args.json.write_text(json.dumps({**facts, "results": rows}, indent=2) + "\n")
     header = (f"Device: {facts['device']}; model {facts['model']}; torch {facts['torch']}; compile {args.compile}; "
               f"{kind}; load average {facts['load_average_before_after'][0]} -> {facts['load_average_before_after'][1]}")
     print(markdown(rows, header))
+    write_json(args.json, {**facts, "results": rows}, args.overwrite)
 
 
 if __name__ == "__main__":

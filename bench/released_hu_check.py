@@ -56,7 +56,8 @@ def generated_first_blocks(pipeline, reports: list[str], seeds: int) -> torch.Te
         for seed in range(seeds):
             request = ctflow.GenerationRequest(report, seed=seed, slices=pipeline.config.denoiser.block_slices)
             plan = pipeline.plan(request)
-            latents, _ = next(pipeline._latents(plan, lambda: False))
+            start, _ = pipeline._markers(plan.request.seed)
+            _, latents = next(pipeline._sample_blocks(plan, start, lambda: False))  # the first block, clean
             blocks.append(latents.transpose(0, 1).cpu())  # [T, C, h, w]
     return torch.cat(blocks)
 

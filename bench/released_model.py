@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import sys
 import tempfile
 import time
@@ -30,11 +29,14 @@ import ctflow
 from ctflow.autoencoder import VAE_PRESETS
 from ctflow.denoiser import STDiT, parameter_count
 from ctflow.devices import select_device
+from ctflow.errors import CTFlowError
 from ctflow.released import import_released, save_released_layout
+from ctflow.sampling import block_velocity
 
 sys.path.insert(0, str(Path(__file__).parent))
 from generation import (  # noqa: E402
-    DTYPES, REFERENCE, PeakMemory, describe_device, markdown, model_calls, parse_setting, run_setting, synchronize,
+    DTYPES, REFERENCE, PeakMemory, describe_device, json_output, markdown, model_calls, parse_setting, positive_int,
+    run_setting, synchronize, write_json,
 )
 
 DEFAULT = "default=ab2:32:1"  # this project's default sampler (SamplingConfig)
@@ -77,7 +79,7 @@ def project(pipeline, settings: list[str], slices: int) -> list[dict]:
     pipeline._decode(block[0, :, :1])
     decode_s = (time.perf_counter() - started) * config.block_slices
     plan = pipeline.plan(ctflow.GenerationRequest("Findings: normal chest CT.", seed=0))
-    velocity = pipeline._velocity(block, plan, 0)
+    velocity = block_velocity(pipeline.denoiser, block, plan.text, plan.text_mask, 0, plan.guidance)
     with torch.no_grad():
         started = time.perf_counter()
         velocity(block, torch.tensor(0.5, device=pipeline.device))
@@ -98,16 +100,24 @@ def project(pipeline, settings: list[str], slices: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=("S", "B", "L"), default="L", help="the paper's model size (released: L)")
-    parser.add_argument("--slices", type=int, default=208, help="volume length (random weights never end a volume)")
+    parser.add_argument("--slices", type=positive_int, default=208, help="volume length (random weights never end a volume)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="float32: as the original runs")
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads")
     parser.add_argument("--no-reference", action="store_true", help="skip the original's Euler 200")
     parser.add_argument("--project", action="store_true", help="project from one call and one slice decode")
     parser.add_argument("--scratch", type=Path, help="folder for the random downloads (default: a temporary one)")
     parser.add_argument("--json", type=Path, help="write the results here too")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     args = parser.parse_args()
+    try:
+        run(args)
+    except CTFlowError as exc:
+        raise SystemExit(f"released_model: {exc}") from exc
 
+
+def run(args: argparse.Namespace) -> None:
+    json_output(args.json, args.overwrite)
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = ([] if args.no_reference else [REFERENCE]) + [DEFAULT]
@@ -131,9 +141,7 @@ def main() -> None:
     rows: list[dict] = []
 
     def report(kind: str) -> None:  # after every setting: a run cut short by a timeout still leaves its rows
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps({**facts, "kind": kind, "results": rows}, indent=2) + "\n")
+        write_json(args.json, {**facts, "kind": kind, "results": rows}, overwrite=True)  # checked at the start
 
     if args.project:
         rows += project(pipeline, settings, args.slices)

@@ -20,8 +20,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 timeout 40 "$python" bench/released_fixture_check.py --device cuda | tee "$out/released_fixture_gpu.json" \
     || echo "fixture check failed: rc $?"
 timeout 300 "$python" bench/released_model.py --device cuda --dtype float32 --slices 208 \
-    --json "$out/released_L_float32.json" | tee "$out/released_L_float32.md" \
+    --json "$out/released_L_float32.json" --overwrite | tee "$out/released_L_float32.md" \
     || echo "float32 run stopped (rc $?): its JSON holds the settings that finished"
 timeout 100 "$python" bench/released_model.py --device cuda --dtype bfloat16 --slices 208 --no-reference \
-    --json "$out/released_L_bfloat16.json" | tee "$out/released_L_bfloat16.md" \
+    --json "$out/released_L_bfloat16.json" --overwrite | tee "$out/released_L_bfloat16.md" \
     || echo "bfloat16 run stopped: rc $?"

@@ -29,10 +29,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1] / "training"))
 from ctflow.conventions import real_slices  # noqa: E402
 from ctflow.entry import quiet_third_party_logs  # noqa: E402
-from ctflow.io import atomic_write  # noqa: E402
+from ctflow.errors import CTFlowError  # noqa: E402
 from ctflow.pipeline import CTFlowPipeline  # noqa: E402
 from ctflow_train.evaluate import generate_volume  # noqa: E402
 from ctflow_train.training_data import load_case, read_index  # noqa: E402
+from generation import json_output, write_json  # noqa: E402  (bench/, the script's folder)
 
 SIDES = ("right", "left")
 
@@ -107,12 +108,12 @@ def main() -> None:
     words.add_argument("--data", type=Path, required=True)
     args = parser.parse_args()
     if args.mode == "probe":
-        if args.out and args.out.exists():
-            raise SystemExit(f"side_probe: {args.out} exists: give another --out")
+        try:
+            json_output(args.out, overwrite=False)
+        except CTFlowError as exc:
+            raise SystemExit(f"side_probe: {exc}") from exc
         torch.set_num_threads(args.threads)
-        rows = probe(args)
-        if args.out:
-            atomic_write(args.out, lambda tmp: tmp.write_text(json.dumps(rows, indent=1) + "\n"))
+        write_json(args.out, probe(args), overwrite=False)
     else:
         confound(args)
 

@@ -21,13 +21,14 @@ the fine components (std < 0.1) and of the coarse ones, each divided by the refe
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
+from ctflow.errors import CTFlowError
 from ctflow.sampling import sample
+from generation import json_output, write_json  # bench/, the script's folder
 
 REFERENCE = ("euler", 200, 1.0)
 CANDIDATES = [
@@ -116,11 +117,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setting", action="append", type=parse, help="SAMPLER:STEPS:SHIFT (default: a built-in list)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     args = parser.parse_args()
+    try:
+        json_output(args.json, args.overwrite)
+    except CTFlowError as exc:
+        raise SystemExit(f"solver_study: {exc}") from exc
     torch.set_num_threads(1)
     rows = study(args.setting or CANDIDATES)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    write_json(args.json, rows, args.overwrite)
     columns = list(rows[0])
     print("Errors relative to the 200-step Euler reference's own error (1.0 = equal quality; lower is better)\n")
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))

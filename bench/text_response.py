@@ -24,10 +24,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "training"))
+from ctflow.errors import CTFlowError  # noqa: E402
 from ctflow.pipeline import CTFlowPipeline, GenerationRequest  # noqa: E402
 from ctflow_train.finding_study import STUDIED, WORDING_SEED, writer_reports  # noqa: E402
 from ctflow_train.heldout import load_heldout  # noqa: E402
 from ctflow_train.latent_store import LatentStore  # noqa: E402
+from generation import json_output, write_json  # noqa: E402  (bench/, the script's folder)
 
 TIMES = (0.9, 0.6, 0.3)
 OFFSETS = (32, 64)  # first slices of the blocks: the second and third block of a volume
@@ -70,7 +72,12 @@ def main() -> int:
     parser.add_argument("--data", type=Path, required=True, help="cohort folder whose labels give the writer's reports")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = parser.parse_args()
+    try:
+        json_output(args.out, args.overwrite)
+    except CTFlowError as exc:
+        raise SystemExit(f"text_response: {exc}") from exc
     torch.set_num_threads(args.threads)
     pipe = CTFlowPipeline.from_pretrained(args.model, device="cpu")
     samples = blocks(LatentStore(args.latents), pipe.config.denoiser.block_slices)
@@ -90,7 +97,7 @@ def main() -> int:
     summary = {"model": str(args.model), "cases": len(rows), "mean_own": float(np.mean([r["own"] for r in rows])),
                "ranked_first": sum(r["rank"] == 1 for r in rows),
                "mean_ratio": float(np.mean([r["ratio"] for r in rows])), "rows": rows}
-    args.out.write_text(json.dumps(summary, indent=1))
+    write_json(args.out, summary, args.overwrite)
     print(json.dumps({k: v for k, v in summary.items() if k != "rows"}))
     return 0
 

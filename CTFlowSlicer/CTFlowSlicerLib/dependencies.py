@@ -74,9 +74,10 @@ def missing() -> list[str]:
 
 
 def installing() -> bool:
-    """True while an install runs (ours, or another extension's where Slicer can say)."""
-    pydeps = _slicerModule("pydeps")
-    return _installing or bool(pydeps is not None and getattr(pydeps, "isPipInstallInProgress", lambda: False)())
+    """True while an install runs (ours, or another extension's where Slicer can say: slicer.pydeps, or
+    slicer.packaging in early 5.12 builds)."""
+    return _installing or any(getattr(module, "isPipInstallInProgress", lambda: False)()
+                              for module in map(_slicerModule, ("pydeps", "packaging")) if module is not None)
 
 
 def ensure() -> str | None:
@@ -107,21 +108,16 @@ def ensure() -> str | None:
 
 
 def installTorch(requirement: str) -> None:
-    """Through the PyTorch extension (the CUDA build that fits the driver), else PyPI after saying what that means."""
+    """Only through the PyTorch extension, which picks the build that fits the GPU driver: PyPI's default build may
+    not (and on Windows it has no CUDA at all), so without the extension the user is told how to get it."""
     specifier = requirement[len(distribution(requirement)):]
     try:
         import PyTorchUtils
     except ImportError:
-        cpuOnly = "On Windows PyPI has only a CPU build; on Linux its default CUDA build may not fit your driver. "
-        if slicer.util.confirmOkCancelDisplay(
-            f"CTFlow needs PyTorch {specifier} (about 1 to 3 GB download). {cpuOnly}For the CUDA build that fits "
-            "your GPU, cancel, install the PyTorch extension (View > Extensions Manager), restart Slicer and click "
-            "Generate again.\n\nInstall PyTorch from PyPI now?", "CTFlow - install PyTorch"):
-            constraints = writeConstraints(without="torch")
-            try:
-                slicer.util.pip_install([requirement, "-c", str(constraints)])
-            finally:
-                constraints.unlink(missing_ok=True)
+        slicer.util.infoDisplay(
+            f"CTFlow needs PyTorch {specifier}, which Slicer gets through the PyTorch extension (it picks the build "
+            "that fits your GPU). Install it from View > Extensions Manager, restart Slicer and click Generate again.",
+            "CTFlow - install PyTorch")
         return
     old = unsatisfied(requirement)
     if old not in (None, "missing"):
@@ -172,11 +168,11 @@ def runningVersions(names=PINNED) -> dict[str, str]:
     return versions
 
 
-def writeConstraints(without: str = "") -> Path:
+def writeConstraints() -> Path:
     """A constraints file pinning what Slicer runs; the caller removes it."""
     handle, name = tempfile.mkstemp(prefix="ctflow-constraints-", suffix=".txt")
     with os.fdopen(handle, "w") as file:
-        file.write(constraintsText(runningVersions(tuple(n for n in PINNED if n != without))))
+        file.write(constraintsText(runningVersions(PINNED)))
     return Path(name)
 
 

@@ -494,6 +494,38 @@ def test_bad_import_inputs_give_one_clear_line(sources, tmp_path, capsys, change
     assert not out.exists()
 
 
+def test_the_hu_mapping_check_runs_on_an_imported_model(released_model, tmp_path):
+    """bench/released_hu_check.py, for a user with CT-RATE volumes: here one small NIfTI stands in for them."""
+    import subprocess
+    import sys
+
+    import nibabel as nib
+    import numpy as np
+
+    hu = np.random.default_rng(0).integers(-1000, 400, (24, 24, 20)).astype(np.int16)
+    nib.save(nib.Nifti1Image(hu, np.diag([1.5, 1.5, 2.5, 1.0])), str(tmp_path / "ct.nii.gz"))
+    script = Path(__file__).parents[2] / "bench" / "released_hu_check.py"
+    result = subprocess.run([sys.executable, str(script), "--model", str(released_model), "--ct",
+                             str(tmp_path / "ct.nii.gz"), "--seeds", "1", "--device", "cpu"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| HU")]
+    assert len(rows) == 5 and all(float(cell) >= 0 for row in rows for cell in row.strip("| ").split(" | ")[1:])
+
+
+def test_the_projection_of_a_released_size_runs_on_an_imported_model(released_model, monkeypatch):
+    """bench/released_model.py --project (L on a CPU, where running it whole takes hours), on the tiny import."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[2] / "bench"))
+    import released_model as bench
+
+    pipeline = CTFlowPipeline.from_pretrained(released_model, device="cpu")
+    reference, default = bench.project(pipeline, [bench.REFERENCE, bench.DEFAULT], slices=40)
+    assert (reference["calls_per_block"], default["calls_per_block"]) == (200, 32)
+    blocks = -(-40 // pipeline.config.denoiser.block_slices)
+    assert default["slices"] == blocks * pipeline.config.denoiser.block_slices
+    assert default["projected_volume_s"] == pytest.approx(blocks * (32 * default["call_s"] + default["decode_block_s"]))
+
+
 def test_info_describes_the_imported_model(released_model, capsys):
     from ctflow.cli import main
 

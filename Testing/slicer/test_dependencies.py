@@ -113,24 +113,17 @@ def test_an_older_torch_is_offered_an_upgrade_not_pinned(slicer_world, monkeypat
     assert install == ("installTorch", True, ">=2.5")
 
 
-def test_without_the_pytorch_extension_pypi_is_offered_with_the_cuda_advice(slicer_world):
+def test_without_the_pytorch_extension_torch_is_never_pip_installed_and_the_user_told_how(slicer_world):
     slicer_world.versions["torch"] = None
-    slicer_world.answer[0] = False
     assert dependencies.ensure().startswith("CTFlow needs torch>=2.5: not installed")
-    (kind, text), = slicer_world.calls
-    assert kind == "confirm" and "only a CPU build" in text and "install the PyTorch extension" in text
+    assert [kind for kind, _ in slicer_world.calls] == ["info"]  # no pip_install, no question to say yes to
+    assert "PyTorch extension" in slicer_world.calls[0][1] and "Extensions Manager" in slicer_world.calls[0][1]
 
 
-def test_torch_from_pypi_is_pinned_to_slicers_numpy_and_leaves_no_constraints_file(slicer_world, monkeypatch):
-    leftovers = set(Path(dependencies.tempfile.gettempdir()).glob("ctflow-constraints-*"))
-    slicer_world.versions["torch"] = None
-    seen = []
-    monkeypatch.setattr(slicer.util, "pip_install",
-                        lambda args: seen.append((args, Path(args[args.index("-c") + 1]).read_text())))
-    dependencies.ensure()
-    (args, pins), *_ = seen
-    assert args[:2] == ["torch>=2.5", "-c"] and f"numpy=={np.__version__}\n" in pins and "torch==" not in pins
-    assert set(Path(dependencies.tempfile.gettempdir()).glob("ctflow-constraints-*")) == leftovers  # removed after
+def test_another_extensions_install_is_seen_through_slicer_packaging_too(slicer_world, monkeypatch):
+    assert not dependencies.installing()
+    monkeypatch.setitem(sys.modules, "slicer.packaging", types.SimpleNamespace(isPipInstallInProgress=lambda: True))
+    assert dependencies.installing()
 
 
 def test_older_slicer_falls_back_to_pip_install_with_constraints(slicer_world, monkeypatch):
