@@ -77,6 +77,23 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def add_results_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", type=Path, help="write the results here too")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+
+
+def run_bench(script: str, run, args: argparse.Namespace) -> None:
+    """run(args) after the results file and thread count are checked and set; a CTFlowError (a bad model folder, a
+    results file that exists) ends the script in one line."""
+    try:
+        json_output(args.json, args.overwrite)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        run(args)
+    except CTFlowError as exc:
+        raise SystemExit(f"{script}: {exc}") from exc
+
+
 def json_output(path: Path | None, overwrite: bool) -> None:
     """Refuse, before any work, a results file that exists (unless --overwrite) or whose folder does not."""
     if path is not None:
@@ -286,22 +303,14 @@ def main() -> None:
     parser.add_argument("--setting", action="append", type=setting, default=[],
                         help="extra setting after reference and default")
     parser.add_argument("--no-reference", action="store_true", help="skip the 200-step reference")
-    parser.add_argument("--truth", type=lambda text: setting(f"truth={text}") and text, help="SAMPLER:STEPS:GUIDANCE of a near-exact first block to score errors against "
-                                        "(e.g. heun:500:1)")
+    parser.add_argument("--truth", type=lambda text: setting(f"truth={text}") and text,
+                        help="SAMPLER:STEPS:GUIDANCE of a near-exact first block to score errors against (heun:500:1)")
     parser.add_argument("--project", action="store_true", help="project per-block time from per-call timings")
-    parser.add_argument("--json", type=Path, help="write the results here too")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
-    args = parser.parse_args()
-    try:
-        run(args)
-    except CTFlowError as exc:
-        raise SystemExit(f"generation: {exc}") from exc
+    add_results_options(parser)
+    run_bench("generation", run, parser.parse_args())
 
 
 def run(args: argparse.Namespace) -> None:
-    json_output(args.json, args.overwrite)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:  # random weights are loaded, then their folder goes
         model = args.model or create_random_model(Path(scratch) / args.preset, args.preset)
         pipeline = ctflow.CTFlowPipeline.from_pretrained(model, device=args.device, dtype=DTYPES[args.dtype])

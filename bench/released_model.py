@@ -29,14 +29,13 @@ import ctflow
 from ctflow.autoencoder import VAE_PRESETS
 from ctflow.denoiser import STDiT, parameter_count
 from ctflow.devices import select_device
-from ctflow.errors import CTFlowError
 from ctflow.released import import_released, save_released_layout
 from ctflow.sampling import block_velocity
 
 sys.path.insert(0, str(Path(__file__).parent))
 from generation import (  # noqa: E402
-    DTYPES, REFERENCE, PeakMemory, describe_device, json_output, markdown, model_calls, parse_setting, positive_int,
-    run_setting, synchronize, write_json,
+    DTYPES, REFERENCE, PeakMemory, add_results_options, describe_device, markdown, model_calls, parse_setting,
+    positive_int, run_bench, run_setting, synchronize, write_json,
 )
 
 DEFAULT = "default=ab2:32:1"  # this project's default sampler (SamplingConfig)
@@ -107,19 +106,11 @@ def main() -> None:
     parser.add_argument("--no-reference", action="store_true", help="skip the original's Euler 200")
     parser.add_argument("--project", action="store_true", help="project from one call and one slice decode")
     parser.add_argument("--scratch", type=Path, help="folder for the random downloads (default: a temporary one)")
-    parser.add_argument("--json", type=Path, help="write the results here too")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
-    args = parser.parse_args()
-    try:
-        run(args)
-    except CTFlowError as exc:
-        raise SystemExit(f"released_model: {exc}") from exc
+    add_results_options(parser)
+    run_bench("released_model", run, parser.parse_args())
 
 
 def run(args: argparse.Namespace) -> None:
-    json_output(args.json, args.overwrite)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     settings = ([] if args.no_reference else [REFERENCE]) + [DEFAULT]
     with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
         started = time.perf_counter()
