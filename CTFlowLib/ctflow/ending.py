@@ -6,6 +6,7 @@ clean latents before decoding; the decoded check catches an end slice the latent
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
@@ -80,5 +81,17 @@ class VolumeEnd:
 def white_frames(block: torch.Tensor, white: torch.Tensor, tolerance: float, fraction: float) -> torch.Tensor:
     """[T] bool: the frames of block [C, T, h, w] whose latents lie within `tolerance` of the white marker white
     [C, h, w] for more than `fraction` of their elements (the released code's test, strict on both counts)."""
-    close = ((block - white[:, None]).abs() < tolerance).float().mean(dim=(0, 2, 3))  # [T]
-    return close > fraction
+    return white_distance(block, white, fraction) < tolerance
+
+
+def white_distance(block: torch.Tensor, white: torch.Tensor, fraction: float) -> torch.Tensor:
+    """[T]: per frame, the distance from white that decides it: the frame counts as white for any tolerance above
+    it. Export calibrates the tolerance on these, so calibration and generation apply one rule.
+
+    More than `fraction` of a frame's n elements lie closer than a tolerance exactly when its k-th closest
+    element does, k = floor(fraction * n) + 1."""
+    distance = (block - white[:, None]).abs().transpose(0, 1).flatten(1)  # [T, C*h*w]
+    k = math.floor(fraction * distance.shape[1]) + 1
+    if k > distance.shape[1]:  # no share of a frame is more than all of it
+        return torch.full(distance.shape[:1], math.inf, dtype=distance.dtype, device=distance.device)
+    return distance.kthvalue(k, dim=1).values

@@ -11,6 +11,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -18,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from ctflow.config import ModelConfig, SamplingConfig
 from ctflow.denoiser import STDiT
 from ctflow.errors import ModelError, RequestError
-from ctflow.ending import VolumeEnd, white_frames
+from ctflow.ending import VolumeEnd, white_distance, white_frames
 from ctflow.pipeline import CTFlowPipeline, GenerationPlan, GenerationRequest
 from ctflow import load_released_denoiser
 from ctflow.released import build_released_stdit, save_released_layout
@@ -271,6 +272,25 @@ def test_released_mode_reproduces_the_original_three_block_generation(generation
     assert volume.shape == generation["result"][0].shape  # 3 blocks, the init block dropped, nothing trimmed
     assert (volume - generation["result"][0]).abs().max() < VOLUME_TOL
     assert [piece.blocks_done == piece.blocks_expected for piece in pieces] == [False, False, True]  # last
+
+
+def test_the_white_distance_decides_a_frame_exactly_as_the_released_share_test():
+    """export calibrates the tolerance on white_distance and the pipeline tests frames with white_frames: one rule.
+    Against the released formula (share of elements closer than the tolerance, more than the fraction), at
+    tolerances at and around every frame's deciding distance, where an off-by-one k would differ."""
+    rng = np.random.default_rng(0)
+    block, white = torch.from_numpy(rng.normal(size=(4, 6, 5, 5))).float(), torch.zeros(4, 5, 5)
+    block[:, 2] = 0.01  # a frame all but white
+    frame = torch.full((100,), 10.0)
+    frame[:90] = 0.0  # 90 of 100 elements white, the rest far: not more than 0.9
+    block[:, 3] = frame.reshape(4, 5, 5)
+    distances = white_distance(block, white, 0.9)
+    for tolerance in [*distances.tolist(), *(distances + 1e-4).tolist(), 0.05, 9.0, 11.0]:
+        released = ((block - white[:, None]).abs() < tolerance).float().mean(dim=(0, 2, 3)) > 0.9
+        assert white_frames(block, white, tolerance, 0.9).tolist() == released.tolist(), tolerance
+    assert white_frames(block, white, 0.05, 0.9).tolist() == [False, False, True, False, False, False]
+    assert not white_frames(block, white, 9.0, 0.9)[3]  # where a 0.9 quantile (interpolated) would say white
+    assert white_distance(block, white, 1.0).isinf().all()  # no frame is closer than white in more than all of it
 
 
 def test_the_stop_rule_keeps_white_slices_inside_and_trims_them_at_the_end(generation):

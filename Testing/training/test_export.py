@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 import ctflow
 import ctflow.checksums
 from ctflow.config import DENOISER_PRESETS, SamplingConfig
+from ctflow.ending import white_frames
 from ctflow.report import Report
 from ctflow.volume import Geometry, Volume
 from ctflow_train import export, finding_study, latent_store, stages, train_flow
@@ -67,7 +68,10 @@ def test_end_calibration_labels_frames_by_what_the_decoder_draws_not_where_the_p
                                  1, 0)
     assert len(found["white"]) == 11 and len(found["content"]) == 5
     assert max(found["white"]) < 0.1 < min(found["content"])  # the latent test's distance tells them apart
-    assert export.choose_tolerance(found)["reliable"]
+    end = export.choose_tolerance(found)
+    assert end["reliable"]  # and the pipeline's own test, at that tolerance, finds exactly the frames drawn white
+    assert white_frames(drawn.permute(1, 0, 2, 3), store.end, end["tolerance"], export.END_FRACTION).tolist() == \
+        [False] * 5 + [True] * 11
 
 
 def test_a_model_that_never_draws_an_end_slice_is_not_trusted_to_end_a_volume():
@@ -197,6 +201,16 @@ def test_a_run_started_from_a_model_folder_keeps_the_stages_of_its_card(tiny, va
     minutes = sum(s["minutes"] for s in stages)
     assert f"Trained in 3 stage(s), each warm-started from the one before: 6 steps, {minutes:.0f} min in all" in card
     assert "not found" not in card
+
+
+def test_a_resumed_run_keeps_its_start_and_the_start_counts_as_it_was(tiny, vae_run, cache, tmp_path):
+    """A resume need not name --init again; a flow run started from, continued after, counts its steps then."""
+    train_flow.train(tiny.flow_run(cache, tmp_path / "first", steps=2))
+    train_flow.train(tiny.flow_run(cache, tmp_path / "second", steps=2, init=tmp_path / "first"))
+    train_flow.train(tiny.flow_run(cache, tmp_path / "second", steps=4, resume=True))  # without --init
+    train_flow.train(tiny.flow_run(cache, tmp_path / "first", steps=4, resume=True))  # after `second` began
+    stages = export.lineage(tmp_path / "second")
+    assert [(s["run"], s["steps"]) for s in stages] == [("first", 2), ("second", 4)]
 
 
 def test_a_model_folder_replaced_after_a_run_started_from_it_leaves_that_runs_stages_as_they_were(

@@ -112,6 +112,13 @@ def read_meta(path: str | os.PathLike) -> dict:
         return json.loads(_training_metadata(handle, path)["meta"])
 
 
+def run_progress(path: str | os.PathLike) -> dict:
+    """How far a run had trained when its checkpoint was written: {"step", "elapsed_s"}. A run warm-started from
+    it records this, so its card counts what its start had cost then, not after that run went on."""
+    meta = read_meta(path)
+    return {"step": meta["step"], "elapsed_s": meta["elapsed_s"]}
+
+
 NOT_RECIPE = {"resume", "overwrite"}  # what the run folder is asked to do, not how it trains
 
 

@@ -27,6 +27,7 @@ from ctflow.autoencoder import SliceAutoencoder
 from ctflow.config import DenoiserConfig, GeometryConfig, ModelConfig, SamplingConfig, TextConfig
 from ctflow.conventions import end_slices
 from ctflow.denoiser import STDiT, parameter_count
+from ctflow.ending import white_distance
 from ctflow.errors import CTFlowError
 from ctflow.model_folder import (CARD, WEIGHTS, load_denoiser, load_vae as load_folder_vae, read_config, save_model,
                                  verify_model_folder)
@@ -132,12 +133,14 @@ DENOISER_FIELDS = {field.name for field in fields(DenoiserConfig)}  # stage colu
 def lineage(flow_folder: Path) -> list[dict]:
     """The run and the runs it warm-started from (--init), oldest first: what the weights really cost to train. A
     run started from a model folder continues with the stages that folder's card listed when the run started (its
-    runs may be gone, and the folder may hold other weights by now)."""
-    stages, folder = [], flow_folder
+    runs may be gone, and the folder may hold other weights by now); one started from a flow run counts that run's
+    steps and time as they were when it started."""
+    stages, folder, progress = [], flow_folder, None
     while folder is not None:
         meta = read_meta(folder / CHECKPOINT)
         args = meta["args"]
-        stage = {"run": folder.name, "steps": meta["step"], "minutes": round(meta["elapsed_s"] / 60, 1),
+        progress = progress or meta  # a run started from: where it stood then (recorded since 2026-12-01)
+        stage = {"run": folder.name, "steps": progress["step"], "minutes": round(progress["elapsed_s"] / 60, 1),
                  "device": f"{meta['device']} x{meta['world']}",
                  "caches": [Path(path).name for path in _as_list(args["cache"])],
                  "stores": [str(path) for path in _as_list(args["cache"])]}
@@ -145,7 +148,7 @@ def lineage(flow_folder: Path) -> list[dict]:
             if column.key not in stage:
                 stage[column.key] = column.value(meta["denoiser"] if column.key in DENOISER_FIELDS else args)
         stages.append(stage)
-        init = args.get("init")
+        init, progress = args.get("init"), meta.get("init_progress")
         folder = Path(init) if init and (Path(init) / CHECKPOINT).is_file() else None
         if init and folder is None:
             carried = meta.get("init_stages")
@@ -160,8 +163,9 @@ def lineage(flow_folder: Path) -> list[dict]:
 @torch.no_grad()
 def end_distances(model: STDiT, autoencoder: SliceAutoencoder, cache: LatentStore, sampling: SamplingConfig, cases: int,
                   seed: int) -> dict[str, list]:
-    """Per generated frame, the END_FRACTION quantile of |latent - white latent|, split by what the decoder draws
-    there: an end slice ("white") or not ("content").
+    """Per generated frame, its distance from the white latent as the pipeline's end test measures it
+    (`ctflow.ending.white_distance`), split by what the decoder draws there: an end slice ("white") or not
+    ("content").
 
     For each of the first `cases` volumes, the block holding its end is generated from the real block before it,
     at the default guidance, as the pipeline would meet it. The decoder, not the patient, says which frames are
@@ -172,7 +176,6 @@ def end_distances(model: STDiT, autoencoder: SliceAutoencoder, cache: LatentStor
     a finding lies, not on the white end slices).
     """
     block = model.config.block_slices
-    white = cache.end[:, None]  # [C, 1, h, w]
     guidance = Guidance(sampling.guidance)
     generator = torch.Generator().manual_seed(seed)
     found: dict[str, list] = {"white": [], "content": []}
@@ -185,15 +188,15 @@ def end_distances(model: STDiT, autoencoder: SliceAutoencoder, cache: LatentStor
         noise = torch.randn(previous.shape, generator=generator)
         clean = sample(velocity, noise, sampling.steps, sampling.method, sampling.shift)[0]  # [C, T, h, w]
         drawn_white = end_slices(autoencoder.decode(clean.permute(1, 0, 2, 3)).cpu().numpy())  # [T]
-        distance = (clean - white).abs().flatten(2).transpose(0, 1).flatten(1)  # [T, C*h*w]
-        quantiles = distance.quantile(END_FRACTION, dim=1)  # [T]
-        for value, is_white in zip(quantiles.tolist(), drawn_white):
+        distances = white_distance(clean, cache.end, END_FRACTION)  # [T]
+        for value, is_white in zip(distances.tolist(), drawn_white):
             found["white" if is_white else "content"].append(value)
     return found
 
 
 def choose_tolerance(found: dict[str, list]) -> dict:
-    """The threshold with the best balanced accuracy (white frames at or below, real frames above).
+    """The threshold with the best balanced accuracy under the pipeline's rule (a frame is white when its distance
+    lies below the tolerance).
 
     Returns {"tolerance", "accuracy" (mean of the two hit rates), "reliable"}. When the model does not draw
     white frames that can be told apart (accuracy < MIN_END_ACCURACY), the tolerance is set below every real
@@ -205,14 +208,15 @@ def choose_tolerance(found: dict[str, list]) -> dict:
     if not white:  # the model never drew an end slice: it cannot end a volume
         return {"tolerance": content[0] / 2, "accuracy": None, "reliable": False}
 
-    def accuracy(tol: float) -> float:
-        return (sum(w <= tol for w in white) / len(white) + sum(c > tol for c in content) / len(content)) / 2
+    def accuracy(highest_white: float) -> float:  # a tolerance just above highest_white
+        return (sum(w <= highest_white for w in white) / len(white)
+                + sum(c > highest_white for c in content) / len(content)) / 2
 
     best = max(sorted(set(white + content)), key=accuracy)  # the smallest threshold reaching the best accuracy
-    above = [c for c in content if c > best]
     if accuracy(best) < MIN_END_ACCURACY:
         return {"tolerance": content[0] / 2, "accuracy": round(accuracy(best), 3), "reliable": False}
-    return {"tolerance": (best + above[0]) / 2 if above else best, "accuracy": round(accuracy(best), 3), "reliable": True}
+    above = min(c for c in content if c > best)  # some are: at least 0.8 of them, at MIN_END_ACCURACY
+    return {"tolerance": (best + above) / 2, "accuracy": round(accuracy(best), 3), "reliable": True}
 
 
 @dataclass(frozen=True)
@@ -380,7 +384,7 @@ def export(args: ExportRun) -> Path:
         max_slices=args.max_slices if end["reliable"] else typical,  # a model that cannot end stops at the typical length
         typical_slices=typical,
         end_fraction=END_FRACTION,
-        end_tolerance=round(end["tolerance"], 4),
+        end_tolerance=end["tolerance"],  # unrounded: it lies strictly between the frames it separates
         description=args.description,
     )
     evaluations = [json.loads(path.read_text()) for path in args.evaluation]

@@ -46,7 +46,8 @@ from ctflow.model_folder import CARD, WEIGHTS
 from ctflow.sampling import sample
 
 from .checkpoint import (
-    CHECKPOINT, LOSS_LOG, load_checkpoint, open_loss_log, open_safetensors, prepare_run_folder, save_checkpoint,
+    CHECKPOINT, LOSS_LOG, load_checkpoint, open_loss_log, open_safetensors, prepare_run_folder, run_progress,
+    save_checkpoint,
 )
 from .flow_data import (
     FINDING_REACH, Batch, BlockDataset, SamplingRules, ShareSampler, block_loader, finding_region, noises,
@@ -284,8 +285,10 @@ def train(args: FlowRun) -> dict:
     stores = open_stores(args.cache)
     if args.init and not any((args.init / name).is_file() for name in (CHECKPOINT, WEIGHTS)):
         raise CTFlowError(f"--init {args.init}: neither a flow run ({CHECKPOINT}) nor a model folder ({WEIGHTS})")
-    # a model folder's stages as its card lists them now: the folder may hold other weights by the time of export
+    # what the run starts from, as it is now: a model folder's stages as its card lists them (the folder may hold
+    # other weights by the time of export), a flow run's progress (it may be continued after)
     init_stages = card_stages(args.init / CARD) if args.init and not (args.init / CHECKPOINT).is_file() else None
+    init_progress = run_progress(args.init / CHECKPOINT) if args.init and init_stages is None else None
     for option, value in (("--pair-weight", args.pair_weight), ("--region-weight", args.region_weight)):
         if value and not args.paired_twins:
             raise CTFlowError(f"{option} needs --paired-twins (the pairs it compares)")
@@ -312,10 +315,13 @@ def train(args: FlowRun) -> dict:
         lr=args.lr, betas=(0.9, 0.99),
     )
     step, elapsed, samples = 0, 0.0, 0  # samples: positions of the data stream taken so far, by all ranks
+    record = args.meta()
     if args.resume and (out / CHECKPOINT).exists():
         meta = load_checkpoint(out / CHECKPOINT, {"model": model, "ema": ema}, {"optimizer": optimizer}, {})
         step, elapsed, samples = meta["step"], meta["elapsed_s"], meta.get("samples", 0)
-        init_stages = meta.get("init_stages")  # as recorded when the run started
+        init_stages, init_progress = meta.get("init_stages"), meta.get("init_progress")  # as when the run started
+        if args.init is None:  # a resume need not name the start again: the record keeps it
+            record["init"] = meta["args"].get("init")
     dataset = BlockDataset(stores, sampling_rules(args), args.seed)
     batches = iter(block_loader(dataset, ShareSampler(rank, world, args.batch_size, samples), args.workers,
                                 pin_memory=device.type == "cuda"))
@@ -375,7 +381,8 @@ def train(args: FlowRun) -> dict:
             log.flush()  # the loss log reaches at least as far as the checkpoint, whenever the run is killed
             meta = {"step": step, "samples": samples, "elapsed_s": elapsed, "denoiser": dataclasses.asdict(config),
                     "world": world, "device": str(device), "cache": [str(path) for path in args.cache],
-                    "args": args.meta(), **({} if init_stages is None else {"init_stages": init_stages})}
+                    "args": record, **({} if init_stages is None else {"init_stages": init_stages}),
+                    **({} if init_progress is None else {"init_progress": init_progress})}
             save_checkpoint(out / CHECKPOINT, {"model": raw_model, "ema": ema}, {"optimizer": optimizer}, {}, meta)
     if master:
         log.close()
