@@ -19,7 +19,7 @@ NOT_FOR_THE_LIBRARY = {"ctflow_train", "slicer", "qt", "ctk", "vtk", "PySide6", 
 # The ctflow modules training may use (ARCHITECTURE.md, "What training may use"); the pipeline's internals are not
 # among them: what training shares with generation lives in conventions, config, report, sampling...
 FOR_TRAINING = {"ctflow", "ctflow.autoencoder", "ctflow.batch", "ctflow.checksums", "ctflow.config",
-                "ctflow.conventions", "ctflow.denoiser", "ctflow.entry", "ctflow.errors", "ctflow.io",
+                "ctflow.conventions", "ctflow.denoiser", "ctflow.ending", "ctflow.entry", "ctflow.errors", "ctflow.io",
                 "ctflow.model_folder", "ctflow.preview", "ctflow.qa", "ctflow.report", "ctflow.sampling",
                 "ctflow.text_encoder", "ctflow.volume"}
 

@@ -8,6 +8,8 @@ have appeared, and that every file of the finished runs is unchanged.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -15,6 +17,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from ctflow.checksums import sha256_file
 from ctflow.report import Report
@@ -22,6 +25,7 @@ from ctflow.volume import Geometry, Volume
 from ctflow_train import cli
 from ctflow_train.checkpoint import read_meta
 from ctflow_train.dataset import INDEX, DatasetWriter
+from ctflow_train.evaluate import ModelEvaluation
 
 SIZE = 16
 VAE = ["--preset", "tiny", "--size", str(SIZE), "--crop", str(SIZE), "--steps", "2", "--batch", "2", "--adv-start", "1",
@@ -97,6 +101,16 @@ class Case(NamedTuple):
 
 
 NEW = "new"  # an output path that does not exist yet
+EXPORT = ["export", "--flow", "{root}/flow", "--vae", "{root}/vae", "--cache", "{root}/latents", "--out",
+          f"{{root}}/{NEW}"]
+EVALUATE_KEYS = [field.name for field in dataclasses.fields(ModelEvaluation)]
+
+
+def shift_start(store: Path) -> None:
+    """The start latent moved, as another autoencoder would encode the start slice."""
+    common = load_file(store / "common.safetensors")
+    save_file({**common, "start": common["start"] + 1}, store / "common.safetensors")
+
 CASES = [
     # --- item 3: a finished run or a prepared folder is never replaced unasked
     Case("vae over a finished run", ["vae", "--data", "{root}/data", "--out", "{root}/vae", *VAE], 1, "--overwrite"),
@@ -120,6 +134,8 @@ CASES = [
                                                        *VAE], 1, INDEX, absent=(NEW,)),
     Case("vae holding out every patient", ["vae", "--data", "{root}/data", "--out", f"{{root}}/{NEW}", *VAE,
                                            "--holdout", "3"], 1, "holdout", absent=(NEW,)),
+    Case("vae holding out no patient", ["vae", "--data", "{root}/data", "--out", f"{{root}}/{NEW}", *VAE,
+                                        "--holdout", "0"], 1, "--holdout must be at least 1", absent=(NEW,)),
     Case("vae weighting the findings of data without masks", ["vae", "--data", "{root}/data", "--out",
                                                               f"{{root}}/{NEW}", *VAE, "--finding-weight", "4"],
          1, "need the finding masks", absent=(NEW,)),
@@ -262,6 +278,18 @@ CASES = [
     Case("export of a missing run", ["export", "--flow", "{root}/missing", "--vae", "{root}/vae", "--cache",
                                      "{root}/latents", "--out", f"{{root}}/{NEW}"], 1, "missing",
          absent=(NEW,)),
+    Case("flow in blocks the data's end padding does not fit", ["flow", "--cache", "{root}/latents", "--out",
+                                                                f"{{root}}/{NEW}", *FLOW, "--block", "32"], 1,
+         "--block 32: the prepared volumes end in white slices padded for blocks of 16", absent=(NEW,)),
+    Case("export with figures that are a list", [*EXPORT, "--evaluation", "{root}/figures.json"], 1,
+         "figures.json is not a file of figures: a JSON list, not an object", absent=(NEW,),
+         damage=lambda root: (root / "figures.json").write_text("[1, 2]")),
+    Case("export with a damaged evaluate result", [*EXPORT, "--evaluation", "{root}/eval.json"], 1,
+         "eval.json is not a file of figures", absent=(NEW,),
+         damage=lambda root: (root / "eval.json").write_text(json.dumps(dict.fromkeys(EVALUATE_KEYS, 1)))),
+    Case("export over an existing folder", [*EXPORT[:-1], "{root}/data"], 1, "already exists"),
+    Case("export with a store of another autoencoder", EXPORT, 1,
+         "was not encoded by the autoencoder of --vae", absent=(NEW,), damage=lambda root: shift_start(root / "latents")),
     Case("export with a NaN side guidance", ["export", "--flow", "{root}/missing", "--vae", "{root}/vae", "--cache",
                                              "{root}/latents", "--out", f"{{root}}/{NEW}", "--side-guidance", "nan"],
          2, "it must be a finite number, not nan", absent=(NEW,)),

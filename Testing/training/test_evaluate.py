@@ -25,6 +25,14 @@ def test_seam_jump_separates_block_boundaries_from_block_insides():
     assert evaluate.seam_jump(hu, 4) == {"boundary_hu": pytest.approx(100 / 3), "inside_hu": 0.0}
 
 
+def test_seams_of_volumes_too_short_to_have_one_are_none_not_a_crash():
+    """An early model may end every volume within one block: minutes of generation must still give a result."""
+    short = np.zeros((6, 4, 4), np.int16)
+    assert evaluate.summarise([evaluate.seam_jump(short, 8)]) == evaluate.SeamContinuity(None, None, None, 0)
+    still = {"boundary_hu": 5.0, "inside_hu": 0.0}  # slices that never change inside a block
+    assert evaluate.summarise([still]).ratio == 5e6
+
+
 def an_evaluation() -> evaluate.ModelEvaluation:
     return evaluate.ModelEvaluation(
         seam_continuity_generated=evaluate.SeamContinuity(31.5, 12.25, 2.57, 6),

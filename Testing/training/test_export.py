@@ -115,7 +115,8 @@ def test_export_loads_in_ctflow_and_generates(tiny, data, vae_run, cache, tmp_pa
     assert ("calibrated on 2 blocks it generated at the end of training volumes (0 of their 8 frames drawn white by "
             "the decoder): the model drew no end slice, so volumes without a requested length stop at the typical 14 "
             "slices at most.") in card
-    assert "not for clinical use" in card and "PSNR" in card and "ONE real base anatomy" in card
+    assert "not for clinical use" in card and "PSNR" in card
+    assert "ONE real base anatomy" not in card  # the tiny cases are not the synthetic cohort's patients
     assert "Trained in 1 stage(s)" in card and "| flow | 3 |" in card and "| False | False | latents |" in card
     assert "slice position" in card and "pooled-text vector" not in card  # the card names only what the model has
     assert '- seconds_per_128_slices: 12.5' in card and '- seams: {"ratio": 1.1}' in card
@@ -252,17 +253,26 @@ def test_the_card_counts_the_patients_of_every_store_the_stages_trained_on(tiny,
     train_flow.train(second)
     card = (exported(tiny, tmp_path / "second", vae_run, cache, tmp_path / "model") / "README.md").read_text()
     assert "tiny_1" in names and "tiny_9" not in names  # so the twin adds a volume, not a patient
-    assert (f"- {len(names) + 1} synthetic patients in {len(names) + 2} volumes of the demo cohort (`ctflow-train "
-            "cohort`; latent stores latents, more_latents): ONE real base anatomy") in card
+    assert f"- {len(names) + 1} patients in {len(names) + 2} volumes (latent stores latents, more_latents)." in card
     shutil.rmtree(store)
     card = (exported(tiny, tmp_path / "second", vae_run, cache, tmp_path / "again") / "README.md").read_text()
-    assert (f"- {len(names)} synthetic patients in {len(names)} volumes of the demo cohort (`ctflow-train cohort`; "
-            "latent stores latents; not counted, not here: more_latents): ONE") in card
+    assert (f"- {len(names)} patients in {len(names)} volumes (latent stores latents; not counted, not here: "
+            "more_latents).") in card
     later = tmp_path / "later"  # a run from the model folder: its card names the stores of the stages before
     train_flow.train(tiny.flow_run(cache, later, steps=1, init=tmp_path / "model"))
     card = (exported(tiny, later, vae_run, cache, tmp_path / "latest") / "README.md").read_text()
-    assert (f"- {len(names)} synthetic patients in {len(names)} volumes of the demo cohort (`ctflow-train cohort`; "
-            "latent stores latents; not counted, not here: more_latents): ONE") in card  # never silently fewer
+    assert (f"- {len(names)} patients in {len(names)} volumes (latent stores latents; not counted, not here: "
+            "more_latents).") in card  # never silently fewer
+
+
+def test_only_a_model_of_the_synthetic_cohort_says_it_saw_one_anatomy():
+    """A CT-RATE model's card must not claim the demo cohort's one anatomy, nor a demo model's card lose it."""
+    assert export.is_cohort_patient(export.patient_of("synth_2_00017_with_left_pleural_effusion"))
+    assert not export.is_cohort_patient(export.patient_of("train_12_a_1"))
+    cohort, scans = export.TrainingData(3, 4, ["latents"], [], True), export.TrainingData(3, 4, ["ctrate"], [], False)
+    assert "ONE real base anatomy" in cohort.line() and "One base anatomy" in " ".join(cohort.limits())
+    assert scans.line() == "- 3 patients in 4 volumes (latent stores ctrate)."
+    assert not any("anatomy" in line or "synthetic drawings" in line for line in scans.limits())
 
 
 def test_a_model_folder_without_a_stage_table_is_a_stage_not_found(tmp_path):

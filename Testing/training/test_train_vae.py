@@ -11,12 +11,27 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ctflow.errors import CTFlowError
 from ctflow_train import train_vae
 from ctflow_train.runtime import load_vae
 from ctflow_train.training_data import list_cases, load_cases
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
+
+
+def test_holdout_keeps_every_volume_of_a_held_out_patient_out_of_training(tmp_path):
+    """A cohort lists a patient's twins after it, CT-RATE a patient's scans and reconstructions side by side: the
+    last N patients go out whole, or the "unseen" patients would have been seen."""
+    names = ["synth_0_00000", "synth_0_00001", "synth_0_00001_with_left_pleural_effusion",
+             "train_7_a_1", "train_8_a_1", "train_8_a_2", "train_8_b_1"]
+    (tmp_path / "index.jsonl").write_text("".join(json.dumps({"name": name}) + "\n" for name in names))
+    train, held = list_cases(tmp_path, 1)
+    assert [e["name"] for e in held] == ["train_8_a_1", "train_8_a_2", "train_8_b_1"]
+    train, held = list_cases(tmp_path, 3)
+    assert [e["name"] for e in train] == ["synth_0_00000"] and len(held) == 6
+    with pytest.raises(CTFlowError, match="holdout 4 must leave at least one of the 4 patients"):
+        list_cases(tmp_path, 4)
 
 def test_ssim_and_psnr_on_known_cases():
     a = torch.rand(2, 32, 32)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,6 +251,11 @@ def generate_patient(
 
 def patient_name(seed: int, index: int) -> str:
     return f"synth_{seed}_{index:05d}"
+
+
+def is_cohort_patient(name: str) -> bool:
+    """Whether a patient's name (dataset.patient_of) is one patient_name gives."""
+    return re.fullmatch(r"synth_\d+_\d{5}", name) is not None
 
 
 def generate_cohort(

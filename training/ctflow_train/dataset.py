@@ -26,11 +26,15 @@ from ctflow.volume import Volume
 
 INDEX, SKIPPED = "index.jsonl", "skipped.json"
 TWIN_SUFFIX = re.compile(r"_with(out)?_[a-z_]+$")  # cohort twins: <patient>_with_X, _without_X, _with_right_X
+CTRATE_VOLUME = re.compile(r"^((?:train|valid)_\d+)_[a-z]+_\d+$")  # CT-RATE: <split>_<patient>_<scan>_<reconstruction>
 
 
 def patient_of(name: str) -> str:
-    """The patient a volume shows: a cohort twin's name without its suffix, any other name as it is."""
-    return TWIN_SUFFIX.sub("", name)
+    """The patient a volume shows: a cohort twin's name without its suffix, a CT-RATE volume's patient
+    (train_12_a_2, its scan a in reconstruction 2, -> train_12), any other name as it is."""
+    name = TWIN_SUFFIX.sub("", name)
+    scan = CTRATE_VOLUME.match(name)
+    return scan.group(1) if scan else name
 
 
 def read_index(folder: str | Path) -> list[dict]:

@@ -73,9 +73,9 @@ def share(flags) -> float | None:
 class SeamContinuity:
     """Mean |HU difference| of consecutive real slices across block boundaries and inside blocks, over volumes."""
 
-    boundary_hu: float
-    inside_hu: float
-    ratio: float
+    boundary_hu: float | None  # None: no volume was long enough to have a seam
+    inside_hu: float | None
+    ratio: float | None
     volumes: int
 
     def figures(self) -> dict:
@@ -230,10 +230,13 @@ def lung_volume_ml(hu: np.ndarray, spacing) -> float:
 
 
 def summarise(seams: list[dict]) -> SeamContinuity:
+    """The seams of the volumes that have one (a volume within one block has none)."""
     seams = [s for s in seams if s]
+    if not seams:
+        return SeamContinuity(None, None, None, 0)
     boundary = statistics.mean(s["boundary_hu"] for s in seams)
     inside = statistics.mean(s["inside_hu"] for s in seams)
-    return SeamContinuity(round(boundary, 1), round(inside, 1), round(boundary / inside, 2), len(seams))
+    return SeamContinuity(round(boundary, 1), round(inside, 1), round(boundary / max(inside, 1e-6), 2), len(seams))
 
 
 def generate_volume(pipe: CTFlowPipeline, report: str, seed: int, prompt_slices: int | None = None,

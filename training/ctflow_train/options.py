@@ -92,7 +92,8 @@ def add_overwrite_option(parser: argparse.ArgumentParser) -> None:
 def add_holdout_option(parser: argparse.ArgumentParser) -> None:
     """The same patients stay out of the VAE, the latent store and the denoiser, and give evaluation its reports."""
     parser.add_argument("--holdout", type=count, default=4,
-                        help="last N patients of the prepared folder's index: held out of training (default 4)")
+                        help="last N patients of the prepared folder's index, with every volume of theirs: held "
+                             "out of training (default 4)")
 
 
 def add_schedule_options(parser: argparse.ArgumentParser, steps: int, lr: float, warmup: int) -> None:

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from ctflow.config import DENOISER_PRESETS, PREDICTIONS
+from ctflow.conventions import BLOCK_SLICES
 from ctflow.denoiser import STDiT, parameter_count
 from ctflow.errors import CTFlowError
 from ctflow.model_folder import CARD, WEIGHTS
@@ -282,6 +283,10 @@ def train(args: FlowRun) -> dict:
     master = processes.master
 
     # ---- data, model, EMA, optimizer (bad inputs end here, before --out is touched)
+    if BLOCK_SLICES % args.block:
+        raise CTFlowError(f"--block {args.block}: the prepared volumes end in white slices padded for blocks of "
+                          f"{BLOCK_SLICES}, so a block must divide {BLOCK_SLICES} for every volume to end in a white "
+                          "block")
     stores = open_stores(args.cache)
     if args.init and not any((args.init / name).is_file() for name in (CHECKPOINT, WEIGHTS)):
         raise CTFlowError(f"--init {args.init}: neither a flow run ({CHECKPOINT}) nor a model folder ({WEIGHTS})")
@@ -418,7 +423,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="start from the EMA weights of this flow run's folder, or a model folder's (same shape)")
     parser.add_argument("--time-shift", type=positive(float), default=1.0,
                         help="> 1 trains more often at high noise, where a block's layout is decided")
-    parser.add_argument("--block", type=positive(int), default=16, help="slices per block (the data's end padding assumes 16)")
+    parser.add_argument("--block", type=positive(int), default=BLOCK_SLICES,
+                        help=f"slices per block: {BLOCK_SLICES} or a divisor (the data's white end padding)")
     add_schedule_options(parser, steps=2000, lr=2e-4, warmup=100)
     parser.add_argument("--batch", dest="batch_size", type=positive(int), default=8,
                         help="per process (the global batch is this x processes)")

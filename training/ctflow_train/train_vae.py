@@ -43,10 +43,12 @@ from torch import nn
 
 from ctflow.autoencoder import VAE_PRESETS, SliceAutoencoder
 from ctflow.config import AutoencoderConfig
-from ctflow.errors import CTFlowError
 from ctflow.conventions import END_HU, START_HU
+from ctflow.errors import CTFlowError
+from ctflow.io import atomic_folder, atomic_write
 
 from .checkpoint import CHECKPOINT, LOSS_LOG, load_checkpoint, open_loss_log, prepare_run_folder, save_checkpoint
+from .dataset import patient_of
 from .findings import CODES
 from .options import (
     RunOptions, add_holdout_option, add_run_options, add_schedule_options, add_size_option, at_least_zero, loss_weight,
@@ -211,7 +213,8 @@ class AutoencoderMetrics:
         if self.held_out_findings:
             inside = " Inside the findings: " + ", ".join(f"{name.replace('_', ' ')} {error} HU"
                                                           for name, error in self.held_out_findings.items()) + "."
-        return (f"- autoencoder on {held.slices} held-out slices ({len(self.held_out_patients)} unseen patients), "
+        patients = len({patient_of(name) for name in self.held_out_patients})  # the held-out volumes' names
+        return (f"- autoencoder on {held.slices} held-out slices ({patients} unseen patients), "
                 f"HU window [-1000, 1000]: PSNR {held.psnr_db} dB, SSIM {held.ssim}, mean abs error {held.mae_hu} HU."
                 f"{inside} LPIPS not measured (its weights cannot be downloaded offline).")
 
@@ -402,6 +405,8 @@ def standardise_latents(autoencoder: SliceAutoencoder, pool: SlicePool, count: i
 
 def train(args: VAERun) -> AutoencoderMetrics:
     out = Path(args.out)
+    if args.holdout < 1:
+        raise CTFlowError("--holdout must be at least 1: the run measures the autoencoder on held-out patients")
     train_entries, held_entries = list_cases(args.data, args.holdout)  # a bad --data ends here, before --out exists
     base = args.decoder_of or args.anchor_to
     option = "--decoder-of" if args.decoder_of else "--anchor-to"
@@ -463,7 +468,8 @@ def train(args: VAERun) -> AutoencoderMetrics:
     else:
         scale = standardise_latents(autoencoder, pool, 512, generator)
         preset = args.preset
-    autoencoder.vae.save_pretrained(out / "vae", safe_serialization=True)
+    atomic_folder(out / "vae", lambda staging: autoencoder.vae.save_pretrained(staging, safe_serialization=True),
+                  overwrite=True)  # the run's own (a resumed run writes it again); readers never see half of it
     held_masks = all(entry.get("mask") for entry in held_entries)
     held_cases = load_cases(args.data, held_entries, held_masks)
     trained = SliceAutoencoder(autoencoder.vae, autoencoder.config)
@@ -474,7 +480,8 @@ def train(args: VAERun) -> AutoencoderMetrics:
         held_out=reconstruction_metrics(trained, held_out_slices(held_cases, args.eval_every, args.eval_slices)),
         held_out_findings=finding_errors(trained, held_cases, args.eval_slices) if held_masks else None,
     )
-    (out / "metrics.json").write_text(json.dumps(metrics.to_json(), indent=1) + "\n")
+    text = json.dumps(metrics.to_json(), indent=1) + "\n"
+    atomic_write(out / "metrics.json", lambda path: path.write_text(text), overwrite=True)
     print(json.dumps(dataclasses.asdict(metrics.held_out)), flush=True)
     return metrics
 

@@ -15,7 +15,7 @@ from ctflow.errors import CTFlowError
 from ctflow.io import read_volume
 from ctflow.report import Report
 
-from .dataset import read_index
+from .dataset import patient_of, read_index
 
 
 @dataclass(frozen=True)
@@ -29,11 +29,16 @@ class Case:
 
 
 def list_cases(folder: str | Path, holdout: int = 0) -> tuple[list[dict], list[dict]]:
-    """(training entries, held-out entries) of a prepared folder's index."""
+    """(training entries, held-out entries) of a prepared folder's index: the last `holdout` patients of the index
+    are held out with every volume of theirs (a cohort twin, a CT-RATE patient's other scans), so no volume of a
+    held-out patient is trained on."""
     entries = read_index(folder)
-    if holdout < 0 or holdout >= len(entries):
-        raise CTFlowError(f"holdout {holdout} must leave at least one of the {len(entries)} cases for training")
-    return entries[: len(entries) - holdout], entries[len(entries) - holdout :]
+    patients = list(dict.fromkeys(patient_of(entry["name"]) for entry in entries))  # in the order of the index
+    if holdout < 0 or holdout >= len(patients):
+        raise CTFlowError(f"holdout {holdout} must leave at least one of the {len(patients)} patients for training")
+    held = set(patients[len(patients) - holdout:])
+    return ([entry for entry in entries if patient_of(entry["name"]) not in held],
+            [entry for entry in entries if patient_of(entry["name"]) in held])
 
 
 def load_case(folder: str | Path, entry: dict, masks: bool = False) -> Case:
