@@ -11,6 +11,8 @@ Qt properties are read with widget.property("name"): the same call works in Slic
 PySide6 stand-in that the panel test runs this file with.
 """
 
+from __future__ import annotations
+
 import contextlib
 import dataclasses
 import itertools
@@ -47,14 +49,18 @@ from ctflow.worker import WorkerProcess  # noqa: E402
 from CTFlowSlicerLib import dicom_export, generation  # noqa: E402
 from CTFlowSlicerLib.display import SLICE_VIEW_WINDOWS, applyWindow  # noqa: E402
 from CTFlowSlicerLib.generation import Progress, Run  # noqa: E402
-from CTFlowSlicerLib.parameters import CTFlowSlicerParameterNode, Device, ModelSource, newSeed  # noqa: E402
+from CTFlowSlicerLib.parameters import (  # noqa: E402
+    CTFlowSlicerParameterNode, Device, ModelSource, PlainTextConnector, newSeed,
+)
 
 POLL_INTERVAL_MS = 100
-CANCEL_GRACE_S = 3.0  # a cancelled run stops within a sampling step; a worker silent this long is ended
+CANCEL_GRACE_S = 3.0  # a cancelled run stops within a sampling step; a worker silent this long (or twice its
+# slowest block so far) is ended
 RUN_ENDINGS = ("done", "cancelled", "error")  # the worker's last message about a run
 MODEL_PLACEHOLDERS = {"bundled": "", "folder": _("model folder"), "hub": _("org/name or org/name@revision")}
 WINDOW_BUTTONS = {name: f"{name}WindowButton" for name in SLICE_VIEW_WINDOWS}
 SAVE_BUTTONS = {"saveNrrdButton": (".nrrd", "NRRD (*.nrrd)"), "saveNiftiButton": (".nii.gz", "NIfTI (*.nii.gz)")}
+CANCELLING = _("Cancelling: the model stops at its next sampling step ...")
 CANCEL_TOOLTIP = _("Stop generating (Ctrl+Enter). The slices already made stay in the scene, marked partial.")
 ERROR_STYLE = "color: #d32f2f;"
 
@@ -99,7 +105,7 @@ class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         VTKObservationMixin.__init__(self)
         self.logic = None
         self._parameterNode = None
-        self._parameterNodeGuiTag = None
+        self._parameterNodeGuiTags = []
         self._running = False
 
     def setup(self):
@@ -122,7 +128,7 @@ class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.logic.startWorker()
                 self._timer.start()
             self._showDetectedDevice()
-        except ctflow.CTFlowError as exc:  # no PythonSlicer
+        except (ctflow.CTFlowError, OSError) as exc:  # no PythonSlicer, or it cannot be started
             self.ui.deviceLabel.setText(str(exc))
 
     def cleanup(self):
@@ -150,12 +156,15 @@ class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setParameterNode(self, parameterNode):
         """Bind the panel's widgets to `parameterNode` (or unbind them, None)."""
         if self._parameterNode is not None:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            for tag in self._parameterNodeGuiTags:
+                self._parameterNode.disconnectGui(tag)
             self.removeObserver(self._parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent,
                                 self.onParametersChanged)
         self._parameterNode = parameterNode
         if parameterNode is not None:
-            self._parameterNodeGuiTag = parameterNode.connectGui(self.ui)
+            self._parameterNodeGuiTags = [parameterNode.connectGui(self.ui), parameterNode.connectParametersToGui(
+                {"report": PlainTextConnector(self.ui.reportTextEdit),
+                 "impressions": PlainTextConnector(self.ui.impressionsTextEdit)})]
             self.addObserver(parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParametersChanged)
             self.onParametersChanged()
 
@@ -189,13 +198,13 @@ class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             shortcut.activated.connect(self.onGenerateButton)
 
     def _updateWriteButtons(self):
-        """Save: any generated volume, even while it grows. Export DICOM: a volume CTFlow made (it is marked
-        synthetic, and only such a volume may be), once no generation is running."""
+        """Save: a volume CTFlow made (its file is marked synthetic), even while it grows. Export DICOM: the
+        same, once no generation is running."""
         volume = self._parameterNode.generatedVolume if self._parameterNode is not None else None
+        made = volume is not None and generation.madeByCTFlow(volume)
         for name in SAVE_BUTTONS:
-            getattr(self.ui, name).setEnabled(volume is not None)
-        self.ui.exportDicomButton.setEnabled(volume is not None and generation.madeByCTFlow(volume)
-                                             and not self._running)
+            getattr(self.ui, name).setEnabled(made)
+        self.ui.exportDicomButton.setEnabled(made and not self._running)
 
     def _updateModelRow(self):
         ui, parameters = self.ui, self._parameterNode
@@ -209,11 +218,23 @@ class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- actions ------------------------------------------------------------------------------------------
 
-    def onSampleReport(self, *_):
-        path = self.ui.sampleReportComboBox.property("currentData")
-        if path:
-            self._parameterNode.report = Path(path).read_text(encoding="utf-8")
-            self._parameterNode.impressions = ""
+    def onSampleReport(self, *_args):
+        """Load the chosen sample, after asking when that would replace what the user wrote. The box goes back to
+        its placeholder: a menu, so a sample can be chosen again (and a stray wheel turn asks before it replaces)."""
+        combo, parameters = self.ui.sampleReportComboBox, self._parameterNode
+        path = combo.property("currentData")
+        combo.setCurrentIndex(0)
+        if not path:
+            return
+        samples = {p.read_text(encoding="utf-8") for p in resources.sampleReports().values()}
+        written = (parameters.report.strip() or parameters.impressions.strip()) and not (
+            parameters.report in samples and not parameters.impressions.strip())
+        if written and qt.QMessageBox.question(
+                self.parent, _("Replace the report?"), _("Replace the report you wrote with the sample report?"),
+                qt.QMessageBox.Yes | qt.QMessageBox.No, qt.QMessageBox.No) != qt.QMessageBox.Yes:
+            return
+        parameters.report = Path(path).read_text(encoding="utf-8")
+        parameters.impressions = ""
 
     def onNewSeed(self):
         self._parameterNode.seed = newSeed()
@@ -236,10 +257,12 @@ class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Generate, or, while generating, cancel. Dependencies are installed here, on first use."""
         if self._running:
             self.logic.cancel()
-            self._setStatus(_("Cancelling: the model stops at its next sampling step ..."))
+            self.ui.generateButton.setEnabled(False)  # until the run has ended
+            self._setStatus(CANCELLING)
             return
-        if dependencies.installing():
-            return  # Generate was pressed again while an install dialog is open
+        if dependencies.installing():  # Generate pressed again during an install, ours or another extension's
+            self._setStatus(dependencies.INSTALLING)
+            return
         self.ui.generateButton.setEnabled(False)
         try:
             problem = dependencies.ensure()
@@ -363,6 +386,7 @@ class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _setRunning(self, running: bool):
         self._running = running
+        self.ui.generateButton.setEnabled(True)
         self.ui.generateButton.setText(_("&Cancel") if running else _("&Generate"))
         self.ui.generateButton.setToolTip(CANCEL_TOOLTIP if running else self._generateTooltip)
         self._updateWriteButtons()
@@ -426,7 +450,8 @@ class CTFlowSlicerLogic(ScriptedLoadableModuleLogic):
     """The module's API, without GUI: generate what a parameter node asks into a volume node, one block per poll().
 
     The worker process is started on first use and kept, with its model loaded, for the next runs; a worker
-    that died is replaced at the next start(). Every call returns at once: nothing here waits on the worker.
+    that died is replaced at the next start(). Every call but shutdown() returns at once: nothing here waits on a
+    running worker.
 
         logic = CTFlowSlicerLogic()
         parameters = logic.getParameterNode()           # CTFlowSlicerParameterNode
@@ -446,6 +471,7 @@ class CTFlowSlicerLogic(ScriptedLoadableModuleLogic):
         self._abandoned: dict[str, Path | None] = {}  # runs dropped by stop(): their folders go when they end
         self._inbox: list[dict] = []  # what the worker said that poll() has not handled yet
         self._runIds = itertools.count(1)
+        self._modelLoaded = False  # the worker holds a model: a run of it got as far as its plan
 
     def getParameterNode(self) -> CTFlowSlicerParameterNode:
         """The module's parameter node; a new one draws a fresh seed."""
@@ -471,6 +497,7 @@ class CTFlowSlicerLogic(ScriptedLoadableModuleLogic):
                                      path=(str(resources.ctflowLibrary()),))
         self._workerInfo = None
         self._inbox = []
+        self._modelLoaded = False
 
     def deviceDescription(self) -> str:
         """One line for the panel: the torch in the worker and the accelerator it sees."""
@@ -497,11 +524,12 @@ class CTFlowSlicerLogic(ScriptedLoadableModuleLogic):
         return self._worker is not None and self._workerInfo is None and not self._worker.ended
 
     def unloadModel(self) -> bool:
-        """Free the model's memory (GPU memory included); the next run loads it again. Waits for a running one.
-        False: there is no generation process, so no model."""
-        if self._worker is None or self._worker.ended:
+        """Free the model's memory (GPU memory included); the next run loads it again. The worker does so once a
+        running generation ends. False: no model is loaded, nor is one being loaded for a run."""
+        if self._worker is None or self._worker.ended or not (self._modelLoaded or self.isRunning()):
             return False
         self._worker.send({"type": "unload"})
+        self._modelLoaded = False
         return True
 
     def shutdown(self) -> None:
@@ -545,10 +573,16 @@ class CTFlowSlicerLogic(ScriptedLoadableModuleLogic):
         return self._run is not None and not self._run.progress.finished
 
     def cancel(self) -> None:
-        """Ask the worker to stop: it does within one sampling step; the blocks made stay, marked partial."""
+        """Ask the worker to stop: it does within one sampling step, or after the block decode or model load it is
+        in; the blocks made stay, marked partial. A worker that has not stopped within twice the longest it took
+        to make a block of this run (CANCEL_GRACE_S at least) is ended; one still loading the model has nothing to
+        keep and gets CANCEL_GRACE_S."""
         run = self._run
         if self.isRunning() and run.cancelledAt is None:
             run.cancelledAt = time.monotonic()
+            making = run.cancelledAt - run.lastHeard if run.progress.state == "generating" else 0.0  # this block
+            run.cancelGrace = max(CANCEL_GRACE_S, 2 * max(run.slowest, making))
+            run.progress.message = CANCELLING
             self._worker.send({"type": "cancel", "id": run.runId})
 
     def stop(self) -> None:
@@ -583,7 +617,10 @@ class CTFlowSlicerLogic(ScriptedLoadableModuleLogic):
         run.progress.firstBlock = False
         while not run.progress.finished and self._inbox:
             message = self._inbox.pop(0)
-            self._handle(run, message)
+            try:
+                self._handle(run, message)
+            except Exception as exc:  # a block the volume cannot take: stop there, keep what it has (partial)
+                self._failedToApply(run, message, exc)
             if message["type"] in ("block", "loading"):
                 break
         if run.progress.firstBlock:  # on the run's parameter node, so it holds while the panel is away
@@ -591,10 +628,10 @@ class CTFlowSlicerLogic(ScriptedLoadableModuleLogic):
         if not run.progress.finished:
             if not self._inbox and self._worker.ended:
                 self._workerDied(run)
-            elif run.cancelledAt is not None and time.monotonic() - run.cancelledAt > CANCEL_GRACE_S \
+            elif run.cancelledAt is not None and time.monotonic() - run.cancelledAt > run.cancelGrace \
                     and not self._ended(run.runId):  # its end may wait behind blocks a busy main thread left
                 self._worker.kill()
-                run.finish("cancelled", f"The generation process did not stop within {CANCEL_GRACE_S:.0f} s "
+                run.finish("cancelled", f"The generation process did not stop within {run.cancelGrace:.0f} s "
                                         "and was ended; the next Generate starts a new one.")
             else:
                 run.progress.elapsed = time.perf_counter() - run.started
@@ -624,9 +661,14 @@ class CTFlowSlicerLogic(ScriptedLoadableModuleLogic):
             if kind == "error":  # not about a run: the worker did not understand us
                 logging.error("CTFlow worker: %s", message["message"])
             return
+        heard = time.monotonic()
+        if kind == "block":  # the time it took to make (and decode) this block
+            run.slowest = max(run.slowest, heard - run.lastHeard)
+        run.lastHeard = heard
         if kind == "loading":
             run.onLoading(message)
         elif kind == "planned":
+            self._modelLoaded = True
             run.onPlanned(message)
         elif kind == "block":
             run.onBlock(message)
@@ -636,6 +678,16 @@ class CTFlowSlicerLogic(ScriptedLoadableModuleLogic):
             run.finish("cancelled")
         elif kind == "error":
             run.finish("failed", message["message"])
+
+    def _failedToApply(self, run: Run, message: dict, exc: Exception) -> None:
+        """The worker's message could not be applied to the scene: the run ends failed with the volume it has, and
+        the worker stops it (its files go when it says so)."""
+        logging.exception("CTFlow: applying the worker's %r message failed", message["type"])
+        run.finish("failed", f"the {message['type']} the generation process sent could not be applied "
+                             f"({ctflow.errors.first_line(exc)})")
+        if self._worker is not None and not self._worker.ended:
+            self._worker.send({"type": "cancel", "id": run.runId})
+            self._abandoned[run.runId] = run.folder
 
     def _workerDied(self, run: Run) -> None:
         run.finish("failed", "the generation process stopped unexpectedly ({exit}); last words: {said}. The next "

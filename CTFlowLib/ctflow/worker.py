@@ -57,6 +57,7 @@ from typing import IO
 
 PROTOCOL = 1
 EXIT_GRACE_S = 10.0  # after stdin closes, the longest the worker may take to stop a run and exit
+LOG_LIMIT = 1 << 20  # a shared worker log past this size (bytes) is started anew by the next worker
 DTYPES = ("float32", "bfloat16", "float16")
 REQUEST_FIELDS = ("report", "impressions", "slices", "seed", "steps", "guidance", "side_guidance", "sampler",
                   "shift")
@@ -293,7 +294,11 @@ class WorkerProcess:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([*path, env.get("PYTHONPATH", "")]).strip(os.pathsep)
         self.log = Path(log) if log else None
-        stderr = open(self.log, "ab") if self.log else None
+        self._log_start = 0  # where this worker's lines begin: other workers (other Slicer sessions) wrote before
+        stderr = None
+        if self.log:  # appended to, so a worker's words outlive it; started anew once it outgrows LOG_LIMIT
+            stderr = open(self.log, "ab" if not self.log.is_file() or self.log.stat().st_size < LOG_LIMIT else "wb")
+            self._log_start = stderr.seek(0, os.SEEK_END)
         options = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW}
                    if sys.platform == "win32" else {"start_new_session": True})
         try:
@@ -352,11 +357,11 @@ class WorkerProcess:
         return self.process.poll()
 
     def log_tail(self, lines: int = 1) -> str:
-        """The last lines the worker wrote to its log: what it said before it died."""
+        """The last lines this worker wrote to its log: what it said before it died."""
         if self.log is None or not self.log.is_file():
             return ""
         with open(self.log, "rb") as handle:
-            handle.seek(max(0, handle.seek(0, os.SEEK_END) - 8192))
+            handle.seek(max(self._log_start, handle.seek(0, os.SEEK_END) - 8192))
             text = handle.read().decode("utf-8", "replace")
         return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
 

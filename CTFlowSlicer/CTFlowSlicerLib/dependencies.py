@@ -26,6 +26,7 @@ from . import resources
 MINIMUM_PYTHON = (3, 10)  # ctflow's requires-python; Slicer 5.10 and later ship 3.12, 5.8 ships 3.9
 PINNED = ("numpy", "SimpleITK", "torch")  # Slicer's own copies, and a torch that satisfies us, stay as they are
 REQUESTER = "CTFlow"
+INSTALLING = "Python packages are being installed; click Generate again when that has finished."
 TOO_OLD_SLICER = (
     "CTFlow needs 3D Slicer 5.10 or later: this Slicer's Python is {version}, and the ctflow library needs "
     "Python 3.10 to 3.12. Install a current Slicer from download.slicer.org."
@@ -88,7 +89,7 @@ def ensure() -> str | None:
     if not missing():
         return None
     if installing():
-        return "Python packages are being installed; click Generate again when that has finished."
+        return INSTALLING
     _installing = True
     try:
         torch, others = requirements()[0], requirements()[1:]

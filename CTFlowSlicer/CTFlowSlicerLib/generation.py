@@ -59,6 +59,9 @@ class Run:
     started: float = field(default_factory=time.perf_counter)
     planned: dict | None = None  # the worker's "planned" message
     cancelledAt: float | None = None  # monotonic time of the cancel request
+    cancelGrace: float = 0.0  # how long the worker then has to stop before it is ended
+    lastHeard: float = field(default_factory=time.monotonic)  # when the last message about this run was handled
+    slowest: float = 0.0  # the longest the worker has taken to make a block of this run
 
     @property
     def folder(self) -> Path | None:
@@ -90,6 +93,8 @@ class Run:
         progress.blockLatency = time.time() - message["time"]
         progress.blocksDone, progress.blocksExpected = message["blocks_done"], message["blocks_expected"]
         progress.slices, progress.eta = message["stop"], message["eta_s"]
+        if self.cancelledAt is not None:  # a block made before the cancel: the message stays "Cancelling"
+            return
         estimate = "~" if self.planned["slices"] is None else ""
         progress.message = withNotices(
             f"Block {progress.blocksDone} of {estimate}{progress.blocksExpected}: {progress.slices} slices, "
@@ -214,8 +219,12 @@ def volumeOf(node) -> ctflow.Volume:
 
 
 def saveVolume(node, path: str | Path, overwrite: bool = False) -> Path:
-    """Write .nrrd or .nii.gz with the provenance in the header; ctflow's writers also mark the file synthetic.
-    A file that exists is replaced only with `overwrite` (else ctflow.OutputExistsError)."""
+    """Write .nrrd or .nii.gz with the provenance in the header, which marks the file synthetic; only a volume
+    CTFlow made (one whose mark was removed would be written unmarked). A file that exists is replaced only with
+    `overwrite` (else ctflow.OutputExistsError)."""
+    if not madeByCTFlow(node):
+        raise ctflow.CTFlowError(f"{node.GetName()} has no {SYNTHETIC_ATTRIBUTE} attribute, so its file could not "
+                                 "say that it is synthetic: save it with Slicer's own Save Data")
     return ctflow.write_volume(volumeOf(node), path, overwrite=overwrite)
 
 

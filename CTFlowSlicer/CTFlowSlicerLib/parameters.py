@@ -1,5 +1,6 @@
 """The module's parameter node: one generation request as the panel shows it, kept in the scene, so a saved
-scene reopens with the same request. The .ui binds its widgets to these fields by their SlicerParameterName."""
+scene reopens with the same request. The .ui binds its widgets to these fields by their SlicerParameterName, but
+for the two report boxes (PlainTextConnector)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from typing import Annotated
 
 from ctflow.conventions import MAX_GUIDANCE, MAX_SLICES, MAX_STEPS
 from slicer import vtkMRMLScalarVolumeNode
-from slicer.parameterNodeWrapper import Decimals, SingleStep, WithinRange, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, Decimals, GuiConnector, SingleStep, WithinRange, parameterNodeWrapper
+
+from .display import SLICE_VIEW_WINDOWS
 
 MAX_SEED = 2**31 - 1  # what a Qt spin box can hold
 
@@ -60,5 +63,39 @@ class CTFlowSlicerParameterNode:
     modelSource: ModelSource = ModelSource.BUNDLED
     modelLocation: str = ""
     outputVolume: vtkMRMLScalarVolumeNode
-    window: str = "lung"
+    window: Annotated[str, Choice(SLICE_VIEW_WINDOWS)] = "lung"
     generatedVolume: vtkMRMLScalarVolumeNode
+
+
+class PlainTextConnector(GuiConnector):
+    """A QTextEdit bound to a str field, its text set only when it differs. Slicer's own QTextEdit connector sets
+    the text on every change of the parameter node, so typing would put the cursor back to the start after each
+    key (and the report would come out reversed). Passed to connectParametersToGui; never registered."""
+
+    @staticmethod
+    def canRepresent(widget, datatype) -> bool:
+        return False  # only where the module asks for it
+
+    @staticmethod
+    def create(widget, datatype):
+        return None
+
+    def __init__(self, widget) -> None:
+        super().__init__()
+        self._widget = widget
+
+    def _connect(self):
+        self._widget.textChanged.connect(self.changed)
+
+    def _disconnect(self):
+        self._widget.textChanged.disconnect(self.changed)
+
+    def widget(self):
+        return self._widget
+
+    def read(self) -> str:
+        return self._widget.toPlainText()
+
+    def write(self, value: str) -> None:
+        if value != self._widget.toPlainText():
+            self._widget.setPlainText(value)

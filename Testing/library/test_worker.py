@@ -238,6 +238,22 @@ def test_kill_ends_the_whole_process_group(tiny_model):
     assert worker.messages() == [] and worker.ended
 
 
+def test_a_workers_last_words_are_its_own_and_the_shared_log_does_not_grow_without_end(tmp_path):
+    """Every worker of every Slicer session appends to one log: what a dead worker said must be its own line,
+    never an older worker's."""
+    log = tmp_path / "worker.log"
+    log.write_text("RuntimeError: an older worker's last line\n")
+    silent = WorkerProcess(python=shutil.which("false"), log=log)  # dies at once, saying nothing
+    silent.process.wait(30)
+    assert silent.log_tail() == "" and "older worker" in log.read_text()  # kept, but not quoted
+    talker = WorkerProcess(python=shutil.which("sh"), log=log)  # "sh -m ctflow.worker": sh's complaint
+    talker.process.wait(30)
+    assert talker.log_tail() and "older worker" not in talker.log_tail()
+    log.write_bytes(b"x" * (1 << 20))
+    WorkerProcess(python=shutil.which("false"), log=log).process.wait(30)
+    assert log.stat().st_size < 1 << 20  # started anew
+
+
 def test_ctflow_worker_is_the_same_entry_point():
     result = subprocess.run([sys.executable, "-m", "ctflow", "worker"], input="", capture_output=True, text=True,
                             timeout=120, env={**os.environ, "PYTHONPATH": LIBRARY})

@@ -10,9 +10,11 @@ Only what the module touches and PySide6 spells differently is provided here:
 - slicer.i18n's tr (no translations loaded: the source text);
 - qMRMLNodeComboBox (a C++ widget of Slicer's), listing the scene's nodes of its nodeTypes, for .ui files;
 - slicer.parameterNodeWrapper: typed fields stored in a vtkMRMLScriptedModuleNode, and connectGui binding the
-  widgets whose SlicerParameterName property names a field. As in Slicer, only the widget/type pairs that
-  Slicer's own connectors support bind (a QPlainTextEdit or a QRadioButton does not), a combo box shows an
-  Enum's labels, and unbounded spin boxes get the connectors' wide default ranges.
+  widgets whose SlicerParameterName property names a field (connectParametersToGui also takes a module's own
+  GuiConnector). As in Slicer, only the widget/type pairs that Slicer's own connectors support bind (a
+  QPlainTextEdit or a QRadioButton does not), a combo box shows an Enum's labels, unbounded spin boxes get the
+  connectors' wide default ranges, and every change of the node writes every bound widget the way Slicer's
+  connectors do (a QTextEdit's text is set again even when equal, which puts its cursor back to the start).
 - Slicer's DICOM database for the tests that ask for it (conftest's dicom_database): ctk's ctkDICOMDatabase and
   ctkDICOMIndexer (C++, only in the Slicer application) as an index of the files copied into the database's
   folder, and DICOMLib.DICOMUtils's importDicom (Slicer 5.10/5.12's signature and behaviour) and
@@ -22,6 +24,7 @@ Everything else - slicer.util, MRML, the .ui file, the module's own code - is th
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import enum
 import logging
@@ -67,7 +70,7 @@ def install(temporaryPath: str) -> QtWidgets.QApplication:
     i18n.tr = lambda text: text
     i18n.translate = lambda context, text: text
     wrapper = types.ModuleType("slicer.parameterNodeWrapper")
-    for item in (parameterNodeWrapper, Choice, Minimum, Maximum, WithinRange, Decimals, SingleStep):
+    for item in (parameterNodeWrapper, GuiConnector, Choice, Minimum, Maximum, WithinRange, Decimals, SingleStep):
         setattr(wrapper, item.__name__, item)
     for module in (i18n, wrapper):
         sys.modules[module.__name__] = module
@@ -180,13 +183,16 @@ def _isNode(base) -> bool:
 
 def _validate(name, base, annotations, value):
     """Slicer's serializers' default validators: an instance of the field's type (a number field also takes an
-    int, a node field None; a str is not an Enum member), and WithinRange's bounds."""
+    int, a node field None; a str is not an Enum member), WithinRange's bounds and Choice's members."""
     kinds = (int, float) if base is float else (base, type(None)) if _isNode(base) else base
     if not isinstance(value, kinds):
         raise TypeError(f"{name}: expected {base.__name__}, got {type(value).__name__} {value!r}")
     within = _first(annotations, WithinRange)
     if within is not None and not within.minimum <= value <= within.maximum:
         raise ValueError(f"{name}: {value!r} is not within [{within.minimum}, {within.maximum}]")
+    choice = _first(annotations, Choice)
+    if choice is not None and value not in choice.choices:
+        raise ValueError(f"{name}: {value!r} is not one of {choice.choices}")
 
 
 def parameterNodeWrapper(cls):
@@ -224,40 +230,108 @@ def parameterNodeWrapper(cls):
             if missing and defaults[name] is not None:
                 setattr(self, name, defaults[name])
 
+    def connectParametersToGui(self, mapping):
+        """Bind each field to a widget (a connector made for it, as Slicer's registered ones are) or to a
+        GuiConnector given. As Slicer's wrapper does, every change of the parameter node writes every bound widget,
+        without comparing first, and the widgets' change signals are ignored while it does."""
+        connectors = {name: value if isinstance(value, GuiConnector) else _Connector(value, *_split(hints[name]))
+                      for name, value in mapping.items()}
+        updating = [False]
+
+        def writeAll():
+            if updating[0]:
+                return
+            updating[0] = True
+            try:
+                for name, connector in connectors.items():
+                    connector.write(getattr(self, name))
+            finally:
+                updating[0] = False
+
+        def toNode(name, connector):
+            def callback():
+                if not updating[0]:
+                    setattr(self, name, connector.read())
+            return callback
+
+        for name, connector in connectors.items():
+            connector.write(getattr(self, name))
+            connector.onChanged(toNode(name, connector))
+        tag = self.parameterNode.AddObserver(vtk.vtkCommand.ModifiedEvent, lambda *_: writeAll())
+        return (tag, connectors)
+
     def connectGui(self, gui):
         """Bind every widget of `gui` (a childWidgetVariables namespace) whose SlicerParameterName names a field."""
-        bindings = []
-        for widget in vars(gui).values():
-            name = widget.property("SlicerParameterName") if isinstance(widget, QtCore.QObject) else None
-            if name:
-                bindings.append(_Binding(self, name, widget, *_split(hints[name])))
-        node = self.parameterNode
-        tag = node.AddObserver(vtk.vtkCommand.ModifiedEvent, lambda *_: [b.show() for b in bindings])
-        for binding in bindings:
-            binding.show()
-        return (tag, bindings)
+        return connectParametersToGui(self, {
+            name: widget for widget in vars(gui).values()
+            if (name := widget.property("SlicerParameterName") if isinstance(widget, QtCore.QObject) else None)})
 
     def disconnectGui(self, tag):
         self.parameterNode.RemoveObserver(tag[0])
-        for binding in tag[1]:
-            binding.disconnect()
+        for connector in tag[1].values():
+            connector.onChanged(None)
 
     members = {name: make(name, *_split(hint)) for name, hint in hints.items()}
     return type(cls.__name__, (), {**members, "__init__": __init__, "connectGui": connectGui,
-                                   "disconnectGui": disconnectGui, "__doc__": cls.__doc__,
-                                   "__module__": cls.__module__, "fieldNames": tuple(hints)})
+                                   "connectParametersToGui": connectParametersToGui, "disconnectGui": disconnectGui,
+                                   "__doc__": cls.__doc__, "__module__": cls.__module__, "fieldNames": tuple(hints)})
 
 
-class _Binding:
-    """One widget <-> one field, for the widget/type pairs Slicer's connectors support."""
+class GuiConnector(abc.ABC):
+    """slicer.parameterNodeWrapper.GuiConnector: reads and writes one widget for one field. A module may pass its
+    own to connectParametersToGui."""
 
-    def __init__(self, wrapper, name, widget, base, annotations):
-        self.wrapper, self.name, self.widget = wrapper, name, widget
+    @staticmethod
+    @abc.abstractmethod
+    def canRepresent(widget, datatype) -> bool: ...
+
+    @staticmethod
+    @abc.abstractmethod
+    def create(widget, datatype): ...
+
+    def __init__(self):
+        self._callback = None
+
+    def onChanged(self, callback):
+        self._callback = callback
+        self._connect() if callback is not None else self._disconnect()
+
+    def changed(self, *_):
+        if self._callback:
+            self._callback()
+
+    @abc.abstractmethod
+    def _connect(self): ...
+
+    @abc.abstractmethod
+    def _disconnect(self): ...
+
+    @abc.abstractmethod
+    def widget(self): ...
+
+    @abc.abstractmethod
+    def read(self): ...
+
+    @abc.abstractmethod
+    def write(self, value) -> None: ...
+
+
+class _Connector(GuiConnector):
+    """Slicer's own connectors, for the widget/type pairs they support, writing as they do: a QTextEdit's text is
+    set whatever it holds (the cursor goes back to the start), a QLineEdit's only when it differs; the other
+    widgets' setters do nothing for the value they show."""
+
+    canRepresent = create = None  # made directly by connectParametersToGui
+
+    def __init__(self, widget, base, annotations):
+        super().__init__()
+        self._widget = widget
         kind = type(widget)
         if kind is QtWidgets.QTextEdit and base is str:
             self.get, self.set, signal = widget.toPlainText, widget.setPlainText, widget.textChanged
         elif kind is QtWidgets.QLineEdit and base is str:
-            self.get, self.set, signal = widget.text, widget.setText, widget.textChanged
+            self.get, signal = widget.text, widget.textChanged
+            self.set = lambda value: widget.setText(value) if value != widget.text() else None
         elif kind in (QtWidgets.QSpinBox, QtWidgets.QDoubleSpinBox) and base is (
                 int if kind is QtWidgets.QSpinBox else float):
             self._range(widget, annotations, base)
@@ -281,7 +355,21 @@ class _Binding:
         else:
             raise RuntimeError(f"Unable to create GUI connector from datatype '{base}' to widget type '{kind}'")
         self.signal = signal
-        signal.connect(self.store)
+
+    def _connect(self):
+        self.signal.connect(self.changed)
+
+    def _disconnect(self):
+        self.signal.disconnect(self.changed)
+
+    def widget(self):
+        return self._widget
+
+    def read(self):
+        return self.get()
+
+    def write(self, value) -> None:
+        self.set(value)
 
     @staticmethod
     def _range(widget, annotations, base):
@@ -293,20 +381,6 @@ class _Binding:
             annotation = _first(annotations, kind)
             if annotation is not None:
                 getattr(widget, setter)(annotation.value)
-
-    def store(self, *_):
-        if getattr(self.wrapper, self.name) != self.get():
-            setattr(self.wrapper, self.name, self.get())
-
-    def show(self):
-        value = getattr(self.wrapper, self.name)
-        if self.get() != value:
-            self.widget.blockSignals(True)
-            self.set(value)
-            self.widget.blockSignals(False)
-
-    def disconnect(self):
-        self.signal.disconnect(self.store)
 
 
 class FileDialog(QtWidgets.QFileDialog):

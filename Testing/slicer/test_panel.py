@@ -38,6 +38,12 @@ def choose(combo: QtWidgets.QComboBox, text: str) -> None:
     combo.setCurrentIndex(index)
 
 
+def choose_sample(ui, title: str) -> None:
+    """What a click on a sample report does: the box's index changes, then `activated`."""
+    choose(ui.sampleReportComboBox, title)
+    ui.sampleReportComboBox.activated.emit(ui.sampleReportComboBox.currentIndex())
+
+
 def use_tiny_model(ui, tiny_model, slices: int) -> None:
     choose(ui.modelSourceComboBox, "Local folder")
     ui.modelLocationLineEdit.setText(str(tiny_model))
@@ -94,11 +100,26 @@ def test_a_fresh_panel_shows_what_generate_will_use(panel):
     assert not panel._timer.isActive()  # once the worker has answered, the panel idles
 
 
+def test_typing_in_the_panel_keeps_every_key_where_it_was_typed(panel):
+    """Each key stores the text in the parameter node, whose change writes every bound widget again (as Slicer's
+    wrapper does): the report boxes must keep the cursor, the model line too when edited in the middle."""
+    ui, parameters = panel.ui, panel._parameterNode
+    for box, field in ((ui.reportTextEdit, "report"), (ui.impressionsTextEdit, "impressions")):
+        box.setFocus()
+        QtTest.QTest.keyClicks(box, "Findings: effusion")
+        assert box.toPlainText() == getattr(parameters, field) == "Findings: effusion"
+        setattr(parameters, field, "From a saved scene.")  # the node still drives the box
+        assert box.toPlainText() == "From a saved scene."
+    choose(ui.modelSourceComboBox, "Local folder")
+    ui.modelLocationLineEdit.setText("/data/md")
+    ui.modelLocationLineEdit.setCursorPosition(7)
+    QtTest.QTest.keyClicks(ui.modelLocationLineEdit, "XY")
+    assert ui.modelLocationLineEdit.text() == parameters.modelLocation == "/data/mXYd"
+
+
 def test_generate_watch_the_volume_grow_then_cancel(panel, tiny_model, output_dir):
     ui = panel.ui
-    sample = ui.sampleReportComboBox.findText("Right pleural effusion")
-    ui.sampleReportComboBox.setCurrentIndex(sample)
-    ui.sampleReportComboBox.activated.emit(sample)
+    choose_sample(ui, "Right pleural effusion")
     use_tiny_model(ui, tiny_model, slices=400)
     settings = panel._parameterNode
     assert settings.report.startswith("Findings:") and "right pleural effusion" in settings.report
@@ -117,8 +138,9 @@ def test_generate_watch_the_volume_grow_then_cancel(panel, tiny_model, output_di
     panel.parent.grab().save(str(output_dir / "slicer_panel.png"))
 
     ui.generateButton.click()
+    assert ui.statusLabel.text().startswith("Cancelling:") and not ui.generateButton.isEnabled()
     wait_until(lambda: ui.generateButton.text() == "&Generate")
-    assert ui.statusLabel.text().startswith("Cancelled: kept")
+    assert ui.statusLabel.text().startswith("Cancelled: kept") and ui.generateButton.isEnabled()
     assert grown_to <= slices_in(node) < 400
     assert node.GetAttribute("CTFlow.partial") == "True"
     assert ui.exportDicomButton.isEnabled()  # a cancelled volume exports, marked INCOMPLETE (test_logic.py)
@@ -208,8 +230,8 @@ def test_export_dicom_writes_a_synthetic_series_and_adds_it_to_the_database(pane
     assert (folder / "notes.txt").read_text() == "mine" and len(list(folder.iterdir())) == 7
 
     patient = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Patient CT")
-    panel._parameterNode.generatedVolume = patient  # a volume CTFlow did not make is not exported as synthetic
-    assert ui.saveNrrdButton.isEnabled() and not ui.exportDicomButton.isEnabled()
+    panel._parameterNode.generatedVolume = patient  # a volume CTFlow did not make is not written as synthetic
+    assert not ui.saveNrrdButton.isEnabled() and not ui.exportDicomButton.isEnabled()
 
 
 def test_errors_appear_in_the_panel(panel, monkeypatch):
@@ -230,6 +252,49 @@ def test_errors_appear_in_the_panel(panel, monkeypatch):
     choose(ui.modelSourceComboBox, "Local folder")
     ui.modelLocationLineEdit.setText("/no/such/folder")
     assert ui.modelStatusLabel.text().startswith("The model folder '/no/such/folder' does not exist")
+
+
+def test_a_sample_report_asks_before_it_replaces_what_the_user_wrote(panel):
+    ui, parameters, asked = panel.ui, panel._parameterNode, []
+    choose_sample(ui, "Right pleural effusion")  # an empty box: no question
+    assert "right pleural effusion" in parameters.report and ui.sampleReportComboBox.currentIndex() == 0
+    normal = resources.sampleReports()["Normal chest"].read_text(encoding="utf-8")
+    choose_sample(ui, "Normal chest")  # a sample replaced by another: nothing of the user's is lost
+    assert parameters.report == ui.reportTextEdit.toPlainText() == normal
+    ui.impressionsTextEdit.setPlainText("My own impression.")
+    answer_next_question(QtWidgets.QMessageBox.No, asked)
+    choose_sample(ui, "Right pleural effusion")
+    assert asked == ["Replace the report you wrote with the sample report?"]
+    assert parameters.impressions == "My own impression." and parameters.report == normal
+    answer_next_question(QtWidgets.QMessageBox.Yes, asked)
+    choose_sample(ui, "Right pleural effusion")
+    assert len(asked) == 2 and "right pleural effusion" in parameters.report and parameters.impressions == ""
+
+
+def test_generate_during_an_install_says_why_nothing_starts(panel, monkeypatch):
+    from CTFlowSlicerLib import dependencies
+
+    monkeypatch.setattr(dependencies, "installing", lambda: True)  # e.g. another extension's pip_ensure
+    panel.ui.reportTextEdit.setPlainText("Findings: Normal chest.")
+    panel.ui.generateButton.click()
+    assert panel.ui.statusLabel.text() == dependencies.INSTALLING and panel.ui.generateButton.text() == "&Generate"
+
+
+def test_the_panel_opens_when_the_generation_process_cannot_start(qt_application, scene, tmp_path, monkeypatch):
+    import CTFlowSlicer
+
+    launcher = tmp_path / "PythonSlicer"
+    launcher.write_text("#!/bin/sh\n")  # not executable: Popen raises PermissionError
+    monkeypatch.setattr(CTFlowSlicer, "workerPython", lambda: str(launcher))
+    window = QtWidgets.QWidget()
+    widget = CTFlowSlicer.CTFlowSlicerWidget(window)
+    try:
+        widget.setup()
+        assert "Permission denied" in widget.ui.deviceLabel.text()
+        assert widget.ui.generateButton.isEnabled()
+    finally:
+        widget.cleanup()
+        window.close()
 
 
 def test_every_control_has_a_tooltip_and_a_keyboard_path(panel, tiny_model):
