@@ -40,7 +40,10 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from .errors import CTFlowError, ReportError
-from .io import DICOM, DICOM_SUFFIX, TEMP_PREFIX, atomic_write, check_writable_folder, write_volume
+from .io import (
+    DICOM, DICOM_SUFFIX, TEMP_PREFIX, StagedWrites, atomic_write, check_writable_folder, read_json_object,
+    write_volume,
+)
 from .checksums import sha256_file
 from .config import MAX_SEED, MAX_SLICES
 from .pipeline import CancelFlag, CTFlowPipeline, GenerationRequest, check_options, with_defaults
@@ -275,8 +278,25 @@ class BatchFolder:
                     "resume it with the same options or choose a new --out folder"
                 ) from None
 
-    def rows(self) -> list[dict]:
-        return [json.loads(path.read_text()) for path in sorted(self.items.glob("*.json"))]
+    def rows(self, items: list[Item] | None = None) -> list[dict]:
+        """The rows of the finished items (of `items` only, when given)."""
+        names = None if items is None else {item.name for item in items}
+        return [json.loads(path.read_text()) for path in sorted(self.items.glob("*.json"))
+                if names is None or path.stem in names]
+
+    def check_resume(self, items: list[Item], slices: int | None) -> None:
+        """Refuse to resume from a table that gives an item made before another report or length (`slices`: the
+        batch's --slices): its volume would stay, and the manifest would pair it with the new report."""
+        changed = []
+        for item in items:
+            if self.row(item).is_file():
+                row = json.loads(self.row(item).read_text())
+                if row.get("report") != item.report.text or row.get("slices_requested") != (item.report.slices or slices):
+                    changed.append(item.name)
+        if changed:
+            listed = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+            raise CTFlowError(f"{self.folder}: {listed} were made from another report or length than the table gives "
+                              "them now; resume with the table the batch was made from, or choose a new --out folder")
 
 
 def _try_lock(handle) -> bool:
@@ -328,6 +348,7 @@ def run_batch(
     result = BatchResult()
     try:
         out.claim_settings(settings)
+        out.check_resume(items, options.slices)
         if out.format == DICOM:
             out.claim_studies()
         for item in shard(items, rank, world):
@@ -400,19 +421,21 @@ def sha256_of(path: Path) -> str:
 
 def merge_manifest(folder: str | os.PathLike, items: list[Item] | None = None) -> list[dict]:
     """Write manifest.csv and manifest.json from the rows present, in table order (rows of a folder whose
-    volume is gone are left out). Safe to run at any time and from any rank."""
+    volume is gone are left out, and with `items`, those of no item of the table). Safe to run at any time and
+    from any rank."""
     out = BatchFolder(folder)
     if not out.items.is_dir():
         raise CTFlowError(f"{folder} holds no batch (no {MANIFEST_DIR}/{ITEMS_DIR} folder)")
-    rows = [row for row in out.rows() if (out.folder / row["file"]).exists()]
+    rows = [row for row in out.rows(items) if (out.folder / row["file"]).exists()]
     rows.sort(key=lambda row: (row["order"], row["seed"]))
     settings_path = out.folder / MANIFEST_DIR / SETTINGS
     settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
     document = {"settings": settings, "items": len(items) if items is not None else None,
                 "finished": len(rows), "rows": [{key: row.get(key) for key in COLUMNS} for row in rows]}
-    atomic_write(out.folder / MANIFEST_JSON, lambda tmp: tmp.write_text(json.dumps(document, indent=1) + "\n"),
-                 overwrite=True)
-    atomic_write(out.folder / MANIFEST_CSV, lambda tmp: _write_csv(tmp, document["rows"]), overwrite=True)
+    with StagedWrites(overwrite=True) as staged:  # both or neither: a kill between them leaves them agreeing
+        staged.add(out.folder / MANIFEST_JSON, lambda tmp: tmp.write_text(json.dumps(document, indent=1) + "\n"))
+        staged.add(out.folder / MANIFEST_CSV, lambda tmp: _write_csv(tmp, document["rows"]))
+        staged.commit()
     return rows
 
 
@@ -428,4 +451,7 @@ def read_manifest(folder: str | os.PathLike) -> list[dict]:
     path = Path(folder) / MANIFEST_JSON
     if not path.is_file():
         raise CTFlowError(f"{folder} has no {MANIFEST_JSON}; run `ctflow batch ... --merge-only` to write it")
-    return json.loads(path.read_text())["rows"]
+    rows = read_json_object(path).get("rows")
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise CTFlowError(f"{path} has no list of rows; run `ctflow batch ... --merge-only` to write it again")
+    return rows

@@ -22,7 +22,7 @@ from . import __version__
 from .config import MAX_SLICES
 from .conventions import SYNTHETIC_NOTICE
 from .devices import DEVICES, select_device
-from .entry import quiet_third_party_logs
+from .entry import EXIT_CANCELLED, quiet_third_party_logs
 from .errors import CTFlowError
 from .io import (
     DICOM, StagedWrites, atomic_write, check_output_path, check_volume_output, is_dicom_path, volume_writer,
@@ -32,7 +32,7 @@ from .pipeline import CTFlowPipeline, DecodedBlock, GenerationRequest, check_opt
 from .report import read_report_file
 from .sampling import METHODS
 
-EXIT_ERROR, EXIT_CANCELLED, EXIT_TERMINATED = 1, 130, 128 + signal.SIGTERM
+EXIT_ERROR, EXIT_TERMINATED = 1, 128 + signal.SIGTERM
 
 
 class Terminated(KeyboardInterrupt):
@@ -239,6 +239,7 @@ def run_batch(args: argparse.Namespace) -> int:
         print(f"wrote {args.out / batch.MANIFEST_CSV}: {len(rows)} of {len(items)} items finished")
         return 0
     batch.check_out_folder(args.out)
+    batch.BatchFolder(args.out, args.format).check_resume(items, args.slices)  # before the model loads
     options = GenerationRequest("", slices=args.slices, steps=args.steps, guidance=args.guidance,
                                 side_guidance=args.side_guidance, sampler=args.sampler, shift=args.shift)
     check_options(options, local_config(args.model, args.revision))  # before the model loads
@@ -271,7 +272,8 @@ def run_batch(args: argparse.Namespace) -> int:
         print(f"ctflow: error: {name}: {message}", file=sys.stderr)
     merged = f"manifest {args.out / batch.MANIFEST_CSV}" if result.merged else \
         f"nothing written ({args.out} removed again)" if not args.out.exists() else \
-        "manifest not merged yet: the last process to finish writes it (or run with --merge-only)"
+        "manifest not merged: run the same command again to retry the failed items, or with --merge-only" \
+        if result.failed else "manifest not merged yet: the last process to finish writes it (or run with --merge-only)"
     busy = f", left {len(result.busy)} to another process" if result.busy else ""
     print(f"made {len(result.made)}, skipped {len(result.skipped)} finished{busy}, failed {len(result.failed)}; "
           f"{merged} - {SYNTHETIC_NOTICE}")
@@ -304,7 +306,7 @@ def run_qa(args: argparse.Namespace) -> int:
 
 
 def run_metrics(args: argparse.Namespace) -> int:
-    from . import metrics, qa
+    from . import batch, metrics, qa
 
     select_device(args.device)  # a wrong --device fails now, not after the features of the first set
     if not args.reference and not args.labels:
@@ -318,18 +320,23 @@ def run_metrics(args: argparse.Namespace) -> int:
         raise CTFlowError(f"--size must be from {metrics.MIN_SIZE} to {metrics.MAX_SIZE} pixels, not {args.size}")
     if args.out:
         check_output_path(args.out, args.overwrite, suffixes=(".json",))
+    # every input is found and read before the first feature is computed (a large set takes hours)
+    generated_files = qa.volume_files(args.generated)
+    reference_files = qa.volume_files(args.reference) if args.reference else []
+    if args.labels:
+        labels, detector = metrics.read_labels(args.labels), metrics.load_detector(args.detector)
+        batch.read_manifest(args.generated)
     results: dict = {}
     if args.reference:
         extractor = metrics.load_feature_extractor(args.features)
         device = select_device(args.device)
         options = dict(per_axis=args.slices_per_axis, size=args.size, device=device)
-        real = metrics.set_features(qa.volume_files(args.reference), extractor, **options)
-        generated = metrics.set_features(qa.volume_files(args.generated), extractor, **options)
+        real = metrics.set_features(reference_files, extractor, **options)
+        generated = metrics.set_features(generated_files, extractor, **options)
         results["fid_2_5d"] = {**metrics.fid_2_5d(real, generated), "features": getattr(extractor, "name", args.features),
                                "slices": {"reference": len(real["axial"]), "generated": len(generated["axial"])}}
     if args.labels:
-        results["text_alignment"] = metrics.batch_alignment(
-            args.generated, metrics.read_labels(args.labels), metrics.load_detector(args.detector))
+        results["text_alignment"] = metrics.batch_alignment(args.generated, labels, detector)
     text = json.dumps(results, indent=2)
     if args.out:
         atomic_write(args.out, lambda tmp: tmp.write_text(text + "\n"), overwrite=args.overwrite)

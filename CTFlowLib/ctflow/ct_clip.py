@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelError
-from .io import atomic_folder
+from .io import atomic_folder, refuse_foreign_folder
 
 TEXT_PREFIX = "text_transformer."
 HEAD_DIM = 64  # BERT-base and CXR-BERT: 768 / 12 heads; the weights do not record the head count
@@ -71,6 +71,7 @@ def convert_ct_clip_text(checkpoint: Path, tokenizer: Path, out: Path, heads: in
     out = Path(out)
     if out.exists() and not overwrite:
         raise ModelError(f"{out} already exists; choose another folder or pass --overwrite")
+    refuse_foreign_folder(out, ("config.json", "model.safetensors"), "a text-encoder folder", ModelError)
     if not any((Path(tokenizer) / name).is_file() for name in ("vocab.txt", "tokenizer.json")):
         raise ModelError(f"{tokenizer} has no vocab.txt: give the CXR-BERT tokenizer folder "
                          "(microsoft/BiomedVLP-CXR-BERT-specialized)")

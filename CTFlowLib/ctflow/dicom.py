@@ -34,9 +34,9 @@ import numpy as np
 
 from . import __version__
 from .conventions import SYNTHETIC_DESCRIPTION, WINDOWS
-from .errors import CTFlowError, OutputExistsError
+from .errors import CTFlowError, OutputExistsError, first_line
 from .io import atomic_folder
-from .volume import Geometry, Provenance, Volume, hu_voxels
+from .volume import RAS_TO_LPS, Geometry, Provenance, Volume, hu_voxels
 
 UID_ROOT = "2.25."  # ISO/IEC 9834-8 UUID-derived UIDs (PS3.5 B.2)
 IMPLEMENTATION_CLASS_UID = f"{UID_ROOT}{uuid.uuid5(uuid.NAMESPACE_URL, 'urn:ctflow:dicom-writer').int}"
@@ -45,7 +45,6 @@ SYNTHESIZING_EQUIPMENT = ("109100", "DCM", "Synthesizing Equipment")
 NOT_FOR_DIAGNOSIS = SYNTHETIC_DESCRIPTION
 PATIENT_NAME = "SYNTHETIC^CTFLOW"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-_TO_LPS = np.array([-1.0, -1.0, 1.0])  # RAS <-> LPS flips the first two axes
 _SHOWN_WINDOWS = ("soft tissue", "lung")
 
 
@@ -199,7 +198,7 @@ def _synthesizing_equipment(provenance: Provenance, created: _dt.datetime):
 
 def _set_geometry_shared(ds, geometry: Geometry) -> None:
     """Orientation and spacing (the same for every slice); positions are set per slice."""
-    direction = np.asarray(geometry.direction, dtype=float) * _TO_LPS[:, None]  # columns: LPS of i, j, k
+    direction = np.asarray(geometry.direction, dtype=float) * RAS_TO_LPS[:, None]  # columns: LPS of i, j, k
     si, sj, sk = geometry.spacing
     ds.ImageOrientationPatient = [_ds(v) for v in (*direction[:, 0], *direction[:, 1])]
     ds.PixelSpacing = [_ds(sj), _ds(si)]  # between rows (along j), between columns (along i)
@@ -216,7 +215,7 @@ def slice_instance(header, volume: Volume, k: int):
     ds.SOPInstanceUID = new_uid()
     ds.InstanceNumber = k + 1
     matrix = volume.geometry.ijk_to_ras()
-    position = (matrix[:3, :3] @ np.array([0.0, 0.0, float(k)]) + matrix[:3, 3]) * _TO_LPS
+    position = (matrix[:3, :3] @ np.array([0.0, 0.0, float(k)]) + matrix[:3, 3]) * RAS_TO_LPS
     ds.ImagePositionPatient = [_ds(v) for v in position]
     orientation = np.asarray(ds.ImageOrientationPatient, dtype=float)
     normal = np.cross(orientation[:3], orientation[3:])
@@ -304,10 +303,15 @@ def read_dicom(path: str | os.PathLike) -> Volume:
         names = "; ".join(f"{len(v)} x {v[0][1].get('SeriesDescription', '') or uid}" for uid, v in series.items())
         raise CTFlowError(f"{folder} holds {len(series)} series ({names}): give the path of one file of the series")
     instances = series[wanted if wanted is not None else next(iter(series))]
-    files, geometry = _order_and_geometry(folder, instances)
-    hu = np.empty((len(files), *_shape(instances[0][1])), np.int16)
-    for k, file in enumerate(files):
-        hu[k] = _hu(pydicom.dcmread(file), file)
+    try:
+        files, geometry = _order_and_geometry(folder, instances)
+        hu = np.empty((len(files), *_shape(instances[0][1])), np.int16)
+        for k, file in enumerate(files):
+            hu[k] = _hu(pydicom.dcmread(file), file)
+    except CTFlowError:
+        raise
+    except Exception as exc:  # a damaged header: pydicom and numpy raise many types
+        raise CTFlowError(f"cannot read the DICOM series in {folder}: {first_line(exc)}") from exc
     return Volume(hu, geometry, _provenance(instances[0][1]))
 
 
@@ -357,7 +361,7 @@ def _order_and_geometry(folder: Path, instances: list) -> tuple[list[Path], Geom
     between_rows, between_columns = (float(v) for v in first.PixelSpacing)
     lps = np.eye(4)
     lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = row * between_columns, column * between_rows, step, positions[0]
-    ras = np.diag([*_TO_LPS, 1.0]) @ lps
+    ras = np.diag([*RAS_TO_LPS, 1.0]) @ lps
     return [instances[i][0] for i in order], Geometry.from_ijk_to_ras(ras)
 
 

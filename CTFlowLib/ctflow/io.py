@@ -25,11 +25,11 @@ import numpy as np
 
 from .conventions import SYNTHETIC_LABEL
 from .errors import CTFlowError, OutputExistsError
-from .volume import Geometry, Provenance, Volume, hu_voxels
+from .volume import RAS_TO_LPS, Geometry, Provenance, Volume, hu_voxels
 
 SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 DICOM, DICOM_SUFFIX = "dicom", ".dcm"
-_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS flips the first two axes
+_LPS = np.diag([*RAS_TO_LPS, 1.0])  # as a 4 x 4 matrix
 _NRRD_TO_RAS = {  # NRRD's patient frames (long and short names) -> RAS
     **dict.fromkeys(("right-anterior-superior", "RAS"), np.eye(4)),
     **dict.fromkeys(("left-posterior-superior", "LPS"), _LPS),
@@ -272,6 +272,27 @@ def _running(pid: int) -> bool:
     return True
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding one object (a manifest, a label file), or one CTFlowError that names the file."""
+    try:
+        data = json.loads(read_text_file(path))
+    except json.JSONDecodeError as exc:
+        raise CTFlowError(f"{path} line {exc.lineno}: not JSON ({exc.msg})") from exc
+    if not isinstance(data, dict):
+        raise CTFlowError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def refuse_foreign_folder(folder: Path, marks: tuple[str, ...], what: str,
+                          error: type[CTFlowError] = CTFlowError) -> None:
+    """Before an overwrite: `folder` is replaced only when it is empty or holds `marks` (it is `what` this writes
+    there), never a folder of a user's other files that a slip of --out named."""
+    if folder.exists() and not (folder.is_dir() and (not any(folder.iterdir())
+                                                     or all((folder / mark).is_file() for mark in marks))):
+        raise error(f"{folder} is not {what} (it lacks {' and '.join(marks)}): it is never replaced, even "
+                          "when asked to; choose another folder")
+
+
 def atomic_folder(folder: Path, fill: Callable[[Path], None], overwrite: bool = False) -> Path:
     """Call fill(staging) on a sibling temporary folder, make its contents shareable, then rename it onto `folder`:
     readers see all of it or none. A folder already there is replaced only with `overwrite`, and kept if the new one
@@ -430,10 +451,15 @@ def _provenance_fields(provenance: Provenance | None) -> dict[str, str]:
 
 
 def _provenance_from_fields(header: dict) -> Provenance | None:
-    fields = {
-        key[len(_FIELD_PREFIX) :]: value.encode("ascii").decode("unicode_escape")
-        for key, value in header.items()
-        if key.startswith(_FIELD_PREFIX)
-    }
-    return Provenance.from_dict(fields) if fields else None
+    """The provenance of a NRRD or MetaImage header; None without one, or with a damaged one (as NIfTI and
+    DICOM read it: the voxels are still the file's)."""
+    try:
+        fields = {
+            key[len(_FIELD_PREFIX) :]: value.encode("ascii").decode("unicode_escape")
+            for key, value in header.items()
+            if key.startswith(_FIELD_PREFIX)
+        }
+        return Provenance.from_dict(fields) if fields else None
+    except (ValueError, TypeError, AttributeError):  # a partial set, a number that is not one, a non-ASCII value
+        return None
 

@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CTFlowError
-from .volume import Geometry, Volume, hu_voxels
+from .volume import RAS_TO_LPS, Geometry, Volume, hu_voxels
 
-_TO_LPS = np.array([-1.0, -1.0, 1.0])  # RAS <-> LPS flips the first two axes
 ELEMENT_TYPES = {"MET_CHAR": "i1", "MET_UCHAR": "u1", "MET_SHORT": "i2", "MET_USHORT": "u2", "MET_INT": "i4",
                  "MET_UINT": "u4", "MET_FLOAT": "f4", "MET_DOUBLE": "f8"}
 DATA_KEY = "ElementDataFile"
@@ -23,14 +22,14 @@ DATA_KEY = "ElementDataFile"
 
 def write_mha(volume: Volume, path: Path, fields: dict[str, str]) -> None:
     """Write int16 HU and the geometry; `fields` are extra one-line header entries (provenance)."""
-    direction = np.asarray(volume.geometry.direction, dtype=float) * _TO_LPS[:, None]  # columns: LPS of i, j, k
+    direction = np.asarray(volume.geometry.direction, dtype=float) * RAS_TO_LPS[:, None]  # columns: LPS of i, j, k
     data = zlib.compress(np.ascontiguousarray(volume.hu, dtype="<i2").tobytes(), 6)
     k, j, i = volume.shape
     header = {
         "ObjectType": "Image", "NDims": "3", "BinaryData": "True", "BinaryDataByteOrderMSB": "False",
         "CompressedData": "True", "CompressedDataSize": str(len(data)),
         "TransformMatrix": _numbers(direction.T.ravel()),  # one axis after the other
-        "Offset": _numbers(np.asarray(volume.geometry.origin, dtype=float) * _TO_LPS),
+        "Offset": _numbers(np.asarray(volume.geometry.origin, dtype=float) * RAS_TO_LPS),
         "CenterOfRotation": "0 0 0", "ElementSpacing": _numbers(volume.geometry.spacing),
         **fields,
         "DimSize": f"{i} {j} {k}", "ElementType": "MET_SHORT", DATA_KEY: "LOCAL",
@@ -72,7 +71,7 @@ def _volume(header: dict[str, str], data: bytes, path: Path) -> Volume:
     matrix[:3, :3] = np.array(header.get("TransformMatrix", "1 0 0 0 1 0 0 0 1").split(), dtype=float).reshape(3, 3).T
     matrix[:3, :3] *= np.array(header.get("ElementSpacing", "1 1 1").split(), dtype=float)
     matrix[:3, 3] = np.array(header.get("Offset", header.get("Position", "0 0 0")).split(), dtype=float)
-    return Volume(hu, Geometry.from_ijk_to_ras(np.diag([*_TO_LPS, 1.0]) @ matrix), None)
+    return Volume(hu, Geometry.from_ijk_to_ras(np.diag([*RAS_TO_LPS, 1.0]) @ matrix), None)
 
 
 def _numbers(values) -> str:

@@ -14,7 +14,6 @@ cohort's), how often a detector finds each finding when the report asked for it 
 from __future__ import annotations
 
 import importlib
-import json
 import math
 import os
 from pathlib import Path
@@ -28,7 +27,7 @@ from torch import nn
 from .batch import read_manifest
 from .conventions import HU_WINDOW
 from .errors import CTFlowError
-from .io import read_volume
+from .io import read_json_object, read_volume
 from .tables import ID_KEYS, read_table, row_id
 from .volume import Volume
 
@@ -248,7 +247,7 @@ def _row_labels(row: dict, base: Path) -> dict[str, bool]:
     if isinstance(row.get("ctrate_labels"), dict):
         source = row["ctrate_labels"]
     elif isinstance(row.get("labels"), str) and row["labels"].endswith(".json"):
-        source = json.loads((base / row["labels"]).read_text()).get("ctrate_labels", {})
+        source = read_json_object(base / row["labels"]).get("ctrate_labels", {})
     else:
         source = {key: value for key, value in row.items() if key not in ID_KEYS and _is_flag(value)}
     return {name: str(value).strip().lower() in ("1", "true") for name, value in source.items()}

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from .checksums import verify_checksums, write_checksums
+from .checksums import CHECKSUMS, verify_checksums, write_checksums
 from .config import ModelConfig
 from .devices import is_out_of_memory
 from .errors import CorruptModelError, ModelError, first_line
-from .io import atomic_folder, read_text_file
+from .io import atomic_folder, read_text_file, refuse_foreign_folder
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -113,6 +113,7 @@ def save_model(
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise ModelError(f"{folder} already exists; choose another folder or allow overwriting")
+    refuse_foreign_folder(folder, (CONFIG, CHECKSUMS), "a model folder", ModelError)
 
     def fill(staging: Path) -> None:
         (staging / CONFIG).write_text(json.dumps(config.to_dict(), indent=2) + "\n")

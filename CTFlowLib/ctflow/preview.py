@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -10,7 +9,6 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .conventions import SYNTHETIC_LABEL, WINDOWS
-from .io import atomic_write, check_output_path
 from .volume import Volume
 
 
@@ -37,11 +35,13 @@ def mid_planes(volume: Volume) -> list[tuple[str, np.ndarray, float]]:
 
 
 def render_preview(volume: Volume, tile: int = 256, windows: tuple[str, ...] = ("lung", "soft tissue")) -> Image.Image:
+    """The mid-planes in each window, headed SYNTHETIC for a volume CTFlow made (one with provenance)."""
     planes = mid_planes(volume)
     label_height = 16
     sheet = Image.new("L", (tile * len(planes), (tile + label_height) * len(windows) + label_height), 0)
     draw = ImageDraw.Draw(sheet)
-    draw.text((4, 2), f"{SYNTHETIC_LABEL} - {volume.shape[0]} slices", fill=255)
+    marked = f"{SYNTHETIC_LABEL} - " if volume.provenance is not None else ""  # only what CTFlow made (qa reads any CT)
+    draw.text((4, 2), f"{marked}{volume.shape[0]} slices", fill=255)
     for row, window in enumerate(windows):
         top = label_height + row * (tile + label_height)
         for col, (name, plane, aspect) in enumerate(planes):
@@ -49,11 +49,6 @@ def render_preview(volume: Volume, tile: int = 256, windows: tuple[str, ...] = (
             sheet.paste(image, (col * tile + (tile - image.width) // 2, top + label_height))
             draw.text((col * tile + 4, top + 2), f"{name}, {window} window", fill=200)
     return sheet
-
-
-def write_preview(volume: Volume, path: str | os.PathLike, overwrite: bool = False) -> Path:
-    path = check_output_path(path, overwrite, suffixes=(".png",))
-    return atomic_write(path, preview_writer(volume), overwrite=overwrite)
 
 
 def preview_writer(volume: Volume) -> Callable[[Path], None]:

@@ -213,10 +213,18 @@ def thumbnail(hu: np.ndarray, pool: tuple[int, int, int] = (2, 8, 8)) -> np.ndar
     return x.mean(axis=(1, 3, 5))
 
 
-def volume_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean absolute HU difference over the slices both have."""
+def volume_distance(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Mean absolute HU difference over the slices both have; None for thumbnails of other slice sizes (volumes
+    of two models) or without a slice in common."""
     depth = min(len(a), len(b))
+    if a.shape[1:] != b.shape[1:] or not depth or not a[0].size:
+        return None
     return float(np.abs(a[:depth] - b[:depth]).mean())
+
+
+def _mean_distance(pairs) -> float | None:
+    distances = [d for d in (volume_distance(a, b) for a, b in pairs) if d is not None]
+    return float(np.mean(distances)) if distances else None
 
 
 def diversity(groups: dict[str, list[np.ndarray]]) -> dict:
@@ -228,16 +236,14 @@ def diversity(groups: dict[str, list[np.ndarray]]) -> dict:
     """
     per_report = []
     for report, members in groups.items():
-        if len(members) >= 2:
-            pairs = list(itertools.combinations(members, 2))[:DIVERSITY_PAIRS]
-            per_report.append({"report": report, "seeds": len(members),
-                               "mean_distance_hu": float(np.mean([volume_distance(a, b) for a, b in pairs]))})
+        distance = _mean_distance(list(itertools.combinations(members, 2))[:DIVERSITY_PAIRS])
+        if distance is not None:
+            per_report.append({"report": report, "seeds": len(members), "mean_distance_hu": distance})
     firsts = [members[0] for members in groups.values()]
-    between = [volume_distance(a, b) for a, b in list(itertools.combinations(firsts, 2))[:DIVERSITY_PAIRS]]
     within = [r["mean_distance_hu"] for r in per_report]
     return {
         "within_report_hu": float(np.mean(within)) if within else None,
-        "between_reports_hu": float(np.mean(between)) if between else None,
+        "between_reports_hu": _mean_distance(list(itertools.combinations(firsts, 2))[:DIVERSITY_PAIRS]),
         "per_report": per_report,
     }
 
@@ -351,6 +357,9 @@ def line_plot(series, marks, title: str, x_labels: tuple[str, str] | None = None
     draw.rectangle((left, top, right, bottom), outline=90)
     xs = np.concatenate([np.asarray(s[0], float) for s in series])
     ys = np.concatenate([np.asarray(s[1], float) for s in series])
+    if not len(xs):  # a one-slice volume has no step between slices
+        draw.text((left + 8, top + 8), "nothing to plot", fill=200)
+        return image
     x0, x1 = xs.min(), max(xs.max(), xs.min() + 1)
     y0, y1 = ys.min(), max(ys.max(), ys.min() + 1e-6)
 

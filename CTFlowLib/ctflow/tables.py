@@ -28,8 +28,12 @@ def read_table_rows(path: str | os.PathLike) -> list[tuple[str, dict]]:
     text = read_text_file(path)
     suffix = path.suffix.lower()
     if suffix == ".csv":
+        csv.field_size_limit(max(csv.field_size_limit(), len(text)))  # no cell is longer than its file
         reader = csv.DictReader(io.StringIO(text))
-        return [(f"line {reader.line_num}", row) for row in reader]
+        try:
+            return [(f"line {reader.line_num}", row) for row in reader]
+        except csv.Error as exc:
+            raise CTFlowError(f"{path} line {reader.line_num}: not CSV ({exc})") from exc
     if suffix == ".json":
         try:
             rows = json.loads(text)

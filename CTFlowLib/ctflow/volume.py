@@ -16,6 +16,8 @@ import numpy as np
 from .conventions import SYNTHETIC_NOTICE
 from .errors import CTFlowError
 
+RAS_TO_LPS = np.array([-1.0, -1.0, 1.0])  # RAS <-> LPS (DICOM, MetaImage, NRRD's LPS space) flips x and y
+
 # Columns are the RAS directions of i (to patient left), j (to posterior), k (to inferior).
 HEAD_FIRST_AXIAL = np.diag([-1.0, -1.0, -1.0])
 HEAD_FIRST_AXCODES = ("L", "P", "I")  # the same in nibabel's codes of i, j, k

@@ -63,6 +63,19 @@ def test_a_table_saved_with_a_byte_order_mark_reads_as_without(tmp_path):
     assert [(r.id, r.text) for r in read_reports(table)] == [("n1", "Findings: Normal chest.")]
 
 
+def test_a_long_report_cell_reads_and_a_damaged_manifest_is_one_line(tmp_path):
+    """Python's csv refuses cells over 128 KiB by default; a report file may hold 256 KiB."""
+    long = "Findings: " + "No pleural effusion. " * 7000  # about 150 KB
+    rows = read_reports(write_csv(tmp_path / "long.csv", [{"id": "long", "report": long}]))
+    assert rows[0].text.startswith("Findings: No pleural effusion.")
+    (tmp_path / "manifest.json").write_text('{"rows": [1, 2')
+    with pytest.raises(CTFlowError, match="manifest.json line 1: not JSON"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text('{"rows": 3}')
+    with pytest.raises(CTFlowError, match="has no list of rows"):
+        read_manifest(tmp_path)
+
+
 def test_seeds_and_the_size_of_a_batch_are_checked_before_any_item_is_made(tmp_path):
     reports = read_reports(write_csv(tmp_path / "r.csv", [{"id": "a", "report": "Findings: x."}]))
     with pytest.raises(CTFlowError, match="more than the 1,000,000 volumes"):
@@ -136,6 +149,27 @@ def test_resume_skips_finished_items_and_never_rewrites_them(tiny_pipeline, repo
     older.write_text(json.dumps({**settings, "dtype": "bfloat16"}))  # begun in another precision: refused
     with pytest.raises(CTFlowError, match="other settings .*dtype"):
         run_batch(tiny_pipeline, items, out, OPTIONS)
+
+
+def test_a_resume_from_an_edited_table_is_refused_and_the_manifest_lists_only_the_tables_items(
+        tiny_pipeline, reports, tmp_path):
+    """A volume made from one report must never be listed under another: metrics would score it against the
+    wrong labels."""
+    items = plan_items(read_reports(reports), seeds=1)
+    out = BatchFolder(tmp_path / "out")
+    run_batch(tiny_pipeline, items, out, OPTIONS)
+    edited = write_csv(tmp_path / "edited.csv", [
+        {"id": "rul nodule", "report": "Findings: Left lower lobe consolidation.", "slices": "5"},
+        {"id": "effusion", "report": "Findings: Small left pleural effusion. Impressions: Effusion.", "slices": "7"},
+    ])
+    with pytest.raises(CTFlowError, match="rul_nodule_s0, effusion_s0 were made from another report or length"):
+        run_batch(tiny_pipeline, plan_items(read_reports(edited), seeds=1), out, OPTIONS)
+    fewer = write_csv(tmp_path / "fewer.csv", [
+        {"id": "effusion", "report": "Findings: Small left pleural effusion. Impressions: Effusion.", "slices": "6"}])
+    kept = plan_items(read_reports(fewer), seeds=1)
+    assert run_batch(tiny_pipeline, kept, out, OPTIONS).skipped == [kept[0].name]
+    assert [row["report_id"] for row in read_manifest(out.folder)] == ["effusion"]  # not the item the table dropped
+    assert json.loads((out.folder / "manifest.json").read_text())["items"] == 1
 
 
 def test_a_failing_item_is_reported_and_the_rest_go_on(tiny_pipeline, tmp_path):

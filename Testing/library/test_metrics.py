@@ -110,6 +110,24 @@ def test_metrics_command_writes_the_fid(tmp_path, capsys):
     assert main(["metrics", str(tmp_path / "generated")]) == 1 and "nothing to compute" in capsys.readouterr().err
 
 
+
+def test_metrics_finds_every_input_before_the_first_feature(tmp_path, capsys, monkeypatch):
+    """A missing generated folder, labels file or manifest must not wait for the reference set's features."""
+    (tmp_path / "real").mkdir()
+    write_volume(volumes(0)[0], tmp_path / "real" / "0.nii.gz")
+    computed = []
+    monkeypatch.setattr("ctflow.metrics.set_features", lambda files, *args, **kwargs: computed.append(files))
+    reference = ["--reference", str(tmp_path / "real"), "--device", "cpu"]
+    assert main(["metrics", str(tmp_path / "missing"), *reference]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "generated").mkdir()
+    write_volume(volumes(1)[0], tmp_path / "generated" / "0.nii.gz")
+    (tmp_path / "labels.csv").write_text("id,pleural_effusion\nr1,1\n")
+    assert main(["metrics", str(tmp_path / "generated"), *reference, "--labels", str(tmp_path / "labels.csv"),
+                 "--detector", "json:loads"]) == 1
+    assert "has no manifest.json" in capsys.readouterr().err and computed == []
+
+
 def test_text_alignment_rates():
     cases = [({"Effusion": True}, {"Effusion": 0.9}), ({"Effusion": True}, {"Effusion": 0.2}),
              ({"Effusion": False}, {"Effusion": 0.7}), ({"Effusion": False, "Nodule": True}, {"Effusion": 0.1})]
@@ -145,3 +163,10 @@ def test_alignment_over_a_batch_folder_with_a_detector_module(tmp_path, monkeypa
     assert read_labels(csv_labels) == {"p1": {"Pleural effusion": True, "Emphysema": False}}
     with pytest.raises(CTFlowError, match="cannot load detector"):
         load_detector("my_detector:missing")
+
+
+def test_a_damaged_label_file_is_one_line(tmp_path):
+    (tmp_path / "broken.json").write_text('{"ctrate_labels": {')
+    (tmp_path / "index.jsonl").write_text('{"name": "p1", "labels": "broken.json"}\n')
+    with pytest.raises(CTFlowError, match="broken.json line 1: not JSON"):
+        read_labels(tmp_path / "index.jsonl")

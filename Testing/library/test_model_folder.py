@@ -122,3 +122,20 @@ def test_saving_the_same_model_again_writes_the_same_bytes(tmp_path):
 
     first, *others = [contents(create_random_model(tmp_path / f"copy{i}", "tiny", seed=0)) for i in range(6)]
     assert all(other == first for other in others)  # a re-export can be checked by its checksums
+
+
+def test_overwrite_replaces_a_model_folder_never_a_folder_of_other_files(tmp_path):
+    """A slip of --out with --overwrite (import-released, convert-ct-clip, export) must not delete a user's files."""
+    from ctflow.testing import create_random_model
+
+    documents = tmp_path / "documents"
+    (documents / "sub").mkdir(parents=True)
+    (documents / "thesis.txt").write_text("mine")
+    with pytest.raises(ctflow.CTFlowError, match="is not a model folder .*never replaced, even when asked"):
+        create_random_model(documents, "tiny", overwrite=True)
+    assert (documents / "thesis.txt").read_text() == "mine" and (documents / "sub").is_dir()
+    model = create_random_model(tmp_path / "model", "tiny", seed=0)
+    again = create_random_model(model, "tiny", seed=1, overwrite=True)  # a model folder is replaced when asked
+    verify_model_folder(again)
+    (tmp_path / "empty").mkdir()
+    verify_model_folder(create_random_model(tmp_path / "empty", "tiny", overwrite=True))

@@ -121,6 +121,30 @@ def test_a_folder_gets_a_page_per_volume_and_a_summary(tmp_path, capsys):
     assert json.loads((tmp_path / "qa4" / "qa.json").read_text())["volumes"]["ct_s0"]["block_slices"] == 4
 
 
+def test_a_set_of_odd_volumes_is_checked_whole(tmp_path):
+    """One slice (a valid --slices 1), two slice sizes (volumes of two models), a header with a damaged
+    provenance, a real CT: each gets its page, and the set its summary, instead of a traceback at the end."""
+    write_volume(Volume(seamed(blocks=1, block=1), Geometry((1.0, 1.0, 2.5)), provenance()), tmp_path / "one.nrrd")
+    write_volume(Volume(seamed(size=16), Geometry((1.0, 1.0, 2.5)), provenance(report="Findings: A.")),
+                 tmp_path / "small.nrrd")
+    write_volume(Volume(seamed(size=32), Geometry((1.0, 1.0, 2.5)), provenance(report="Findings: B.")),
+                 tmp_path / "large.nrrd")
+    write_volume(Volume(seamed(size=16, jump=40.0), Geometry((1.0, 1.0, 2.5)), provenance(report="Findings: D.")),
+                 tmp_path / "small_too.nrrd")
+    damaged = tmp_path / "damaged.nrrd"
+    write_volume(Volume(seamed(), Geometry((1.0, 1.0, 2.5)), provenance(report="Findings: C.")), damaged)
+    damaged.write_bytes(damaged.read_bytes().replace(b"CTFlow_seed:=0", b"CTFlow_seed:=zero"))
+    write_volume(Volume(seamed(), Geometry((1.0, 1.0, 2.5)), None), tmp_path / "real.nrrd")
+    files = sorted(tmp_path.glob("*.nrrd"))
+    document = run_qa(files, tmp_path / "qa")
+    assert document["summary"]["volumes"] == 6 and not document["failed"]
+    assert document["diversity"]["between_reports_hu"] == pytest.approx(60.0)  # the one pair of one size
+    assert json.loads((tmp_path / "qa" / "qa.json").read_text())["volumes"]["damaged"]["seed"] is None
+    header = np.asarray(Image.open(tmp_path / "qa" / "real.qa.png"))[:14]
+    marked = np.asarray(Image.open(tmp_path / "qa" / "small.qa.png"))[:14]
+    assert (header > 128).sum() < (marked > 128).sum() / 2  # "8 slices" alone, not "SYNTHETIC CT ... - 24 slices"
+
+
 def test_volumes_that_share_a_stem_keep_a_report_each(tmp_path):
     """ct.nrrd and ct.nii.gz in one folder: reports named by the stem alone would replace each other."""
     for k, suffix in enumerate((".nii.gz", ".nrrd", ".mha")):

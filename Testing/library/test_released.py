@@ -557,3 +557,13 @@ def test_info_describes_the_imported_model(released_model, capsys):
 def test_a_token_sequence_model_refuses_a_single_embedding_vector(tiny_pipeline):
     with pytest.raises(RequestError, match="reads token sequences, not one precomputed embedding vector"):
         tiny_pipeline.plan(GenerationRequest("Findings: nodule.", embedding=torch.ones(384)))
+
+
+def test_the_text_tower_conversion_never_replaces_a_folder_of_other_files(tmp_path):
+    from ctflow.ct_clip import convert_ct_clip_text
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(ModelError, match="is not a text-encoder folder"):
+        convert_ct_clip_text(tmp_path / "ct_clip.pt", tmp_path / "tokenizer", tmp_path / "out", overwrite=True)
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
