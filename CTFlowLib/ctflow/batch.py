@@ -265,18 +265,28 @@ class BatchFolder:
 
     def claim_settings(self, settings: dict) -> None:
         """Record the batch settings, or check that a resumed batch uses the ones it was started with."""
-        path = self.folder / MANIFEST_DIR / SETTINGS
         try:
-            atomic_write(path, lambda tmp: tmp.write_text(json.dumps(settings, indent=1) + "\n"))
+            atomic_write(self.settings_file, lambda tmp: tmp.write_text(json.dumps(settings, indent=1) + "\n"))
         except FileExistsError:
-            started = json.loads(path.read_text())
-            started = {**{key: settings[key] for key in LATER_SETTINGS if key not in started}, **started}
-            changed = sorted(key for key in settings.keys() | started.keys() if settings.get(key) != started.get(key))
-            if changed:
-                raise CTFlowError(
-                    f"{self.folder} holds a batch made with other settings ({', '.join(changed)}); "
-                    "resume it with the same options or choose a new --out folder"
-                ) from None
+            self.check_settings(settings)
+
+    @property
+    def settings_file(self) -> Path:
+        return self.folder / MANIFEST_DIR / SETTINGS
+
+    def check_settings(self, settings: dict, keys: Iterable[str] | None = None) -> None:
+        """Refuse a resume with other settings than the batch was started with: all of them, or `keys` (before the
+        model loads, the sampling settings its config gives)."""
+        if not self.settings_file.is_file():
+            return
+        started = json.loads(self.settings_file.read_text())
+        started = {**{key: settings[key] for key in LATER_SETTINGS if key not in started and key in settings},
+                   **started}
+        keys = settings.keys() | started.keys() if keys is None else keys
+        changed = sorted(key for key in keys if settings.get(key) != started.get(key))
+        if changed:
+            raise CTFlowError(f"{self.folder} holds a batch made with other settings ({', '.join(changed)}); "
+                              "resume it with the same options or choose a new --out folder")
 
     def rows(self, items: list[Item] | None = None) -> list[dict]:
         """The rows of the finished items (of `items` only, when given)."""
@@ -315,15 +325,22 @@ def _try_lock(handle) -> bool:
     return True
 
 
+SAMPLING_SETTINGS = ("steps", "sampler", "guidance", "shift", "slices", "format", "side_guidance")
+
+
 def batch_settings(pipeline: CTFlowPipeline, request: GenerationRequest, suffix: str) -> dict:
     """What must not change between a batch and its resume: the model and every sampling option."""
-    check_options(request, pipeline.config)
-    resolved = with_defaults(request, pipeline.config.sampling)
-    settings = {
-        "model": pipeline.model_id, "model_sha256": pipeline.model_sha256, "steps": resolved.steps,
-        "sampler": resolved.sampler, "guidance": resolved.guidance, "shift": resolved.shift,
-        "slices": request.slices, "format": suffix, "dtype": pipeline.precision,
-    }
+    return {"model": pipeline.model_id, "model_sha256": pipeline.model_sha256,
+            **sampling_settings(request, pipeline.config, suffix), "dtype": pipeline.precision}
+
+
+def sampling_settings(request: GenerationRequest, config, suffix: str) -> dict:
+    """The SAMPLING_SETTINGS of a batch: the request's options with the model config's defaults (known before the
+    model loads)."""
+    check_options(request, config)
+    resolved = with_defaults(request, config.sampling)
+    settings = {"steps": resolved.steps, "sampler": resolved.sampler, "guidance": resolved.guidance,
+                "shift": resolved.shift, "slices": request.slices, "format": suffix}
     if resolved.side_guidance:  # only when set: a batch started before side guidance resumes as it was
         settings["side_guidance"] = resolved.side_guidance
     return settings

@@ -28,7 +28,7 @@ from .io import (
     DICOM, StagedWrites, atomic_write, check_output_path, check_volume_output, is_dicom_path, volume_writer,
     write_volume,
 )
-from .pipeline import CTFlowPipeline, DecodedBlock, GenerationRequest, check_options, check_request, local_config
+from .pipeline import CTFlowPipeline, DecodedBlock, GenerationRequest, check_request, local_config
 from .report import read_report_file
 from .sampling import METHODS
 
@@ -239,10 +239,12 @@ def run_batch(args: argparse.Namespace) -> int:
         print(f"wrote {args.out / batch.MANIFEST_CSV}: {len(rows)} of {len(items)} items finished")
         return 0
     batch.check_out_folder(args.out)
-    batch.BatchFolder(args.out, args.format).check_resume(items, args.slices)  # before the model loads
     options = GenerationRequest("", slices=args.slices, steps=args.steps, guidance=args.guidance,
                                 side_guidance=args.side_guidance, sampler=args.sampler, shift=args.shift)
-    check_options(options, local_config(args.model, args.revision))  # before the model loads
+    out = batch.BatchFolder(args.out, args.format)
+    sampling = batch.sampling_settings(options, local_config(args.model, args.revision), out.suffix)
+    out.check_settings(sampling, batch.SAMPLING_SETTINGS)  # a resume with other options: refused before the load
+    out.check_resume(items, args.slices)
     rank, world, local_rank = batch.rank_and_world()
     device = args.device
     if local_rank is not None and device in ("auto", "cuda") and torch.cuda.is_available():
@@ -260,8 +262,7 @@ def run_batch(args: argparse.Namespace) -> int:
         progress.show("item", done, mine, f"{item.name} {status}, {progress.elapsed:.0f} s, ETA {eta:.0f} s")
 
     try:
-        result = batch.run_batch(pipeline, items, batch.BatchFolder(args.out, args.format), options, rank, world,
-                                 on_item=on_item)
+        result = batch.run_batch(pipeline, items, out, options, rank, world, on_item=on_item)
     except KeyboardInterrupt as exc:
         progress.close()
         print(f"\nctflow: {stopped(exc)}; finished items are kept, run the same command again to resume",

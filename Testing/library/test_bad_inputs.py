@@ -547,6 +547,25 @@ def test_a_batch_killed_midway_resumes_with_the_unfinished_items(tiny_model, tmp
     assert len(json.loads((tmp_path / "out" / "manifest.json").read_text())["rows"]) == 3
 
 
+def test_a_batch_resumed_with_other_options_or_table_is_refused_before_the_model_loads(tiny_model, tmp_path,
+                                                                                        capsys, monkeypatch):
+    (tmp_path / "r.csv").write_text("id,report,slices\na,Findings: x.,2\n")
+    argv = ["batch", str(tmp_path / "r.csv"), "--out", str(tmp_path / "out"), "--model", str(tiny_model),
+            "--steps", "2", "--device", "cpu"]
+    assert main(argv) == 0
+    capsys.readouterr()
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr("ctflow.cli.load_pipeline", load)
+    assert main([*argv[:-4], "--steps", "3", "--device", "cpu"]) == 1
+    assert "holds a batch made with other settings (steps)" in capsys.readouterr().err
+    (tmp_path / "r.csv").write_text("id,report,slices\na,Findings: y.,2\n")
+    assert main(argv) == 1
+    assert "a_s0 were made from another report or length" in capsys.readouterr().err
+
+
 def test_two_batches_on_one_folder_make_each_item_once(tiny_model, tmp_path, capsys):
     """A `ctflow batch` process and a second one started on the same --out while it runs share the items instead
     of doubling them; the last to finish merges the manifest."""
