@@ -35,7 +35,7 @@ import numpy as np
 from . import __version__
 from .conventions import SYNTHETIC_DESCRIPTION, WINDOWS
 from .errors import CTFlowError, OutputExistsError, first_line
-from .io import atomic_folder
+from .io import atomic_folder, check_writable_folder
 from .volume import RAS_TO_LPS, Geometry, Provenance, Volume, hu_voxels
 
 UID_ROOT = "2.25."  # ISO/IEC 9834-8 UUID-derived UIDs (PS3.5 B.2)
@@ -101,8 +101,7 @@ def check_dicom_folder(folder: str | os.PathLike, overwrite: bool) -> Path:
     folder = Path(folder)
     if not folder.parent.is_dir():
         raise CTFlowError(f"output folder {folder.parent} does not exist")
-    if not os.access(folder.parent, os.W_OK):
-        raise CTFlowError(f"output folder {folder.parent} is not writable")
+    check_writable_folder(folder.parent)
     if folder.exists() or folder.is_symlink():
         if not overwrite:
             raise OutputExistsError(f"{folder} already exists; choose another name or pass --overwrite")

@@ -129,9 +129,7 @@ def check_volume_output(path: str | os.PathLike, overwrite: bool, format: str | 
     if format == DICOM or is_dicom_path(path):
         from .dicom import check_dicom_folder
 
-        folder = check_dicom_folder(path, overwrite)
-        check_writable_folder(folder.parent)
-        return folder
+        return check_dicom_folder(path, overwrite)
     return check_output_path(path, overwrite)
 
 

@@ -84,13 +84,15 @@ def test_the_installed_command_runs(tiny_model, tmp_path):
 
 def test_no_memory_for_the_model_is_one_line_and_no_file(tmp_path):
     """Memory really runs out: with every module imported (imports under such a cap can hang in the import machinery,
-    or fail with a SystemError: torch imports sympy the first time the model's init draws random weights),
+    or fail with a SystemError: torch imports sympy, and at times torch._dynamo, the first time the model's init
+    draws random weights),
     the process caps its own address space a little above what it holds, then asks for the bundled model (tens of
     MB); loading it fails in torch's CPU allocator."""
     out = tmp_path / "x.nii.gz"
     capped = ("import resource, sys\n"
               "import ctflow.pipeline\n"
               "import torch.fx.experimental.symbolic_shapes  # torch imports it (and sympy) lazily in randn\n"
+              "import torch._dynamo  # and this, lazily, when a default device routes randn through torch._refs\n"
               "from ctflow.cli import main\nfrom ctflow.entry import quiet_third_party_logs\n"
               "quiet_third_party_logs()\n"
               "held = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
