@@ -113,6 +113,8 @@ class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/CTFlowSlicer.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
+        # only volumes CTFlow made can be overwritten (the Logic refuses any other): only they are offered
+        self.ui.outputVolumeSelector.addAttribute("vtkMRMLScalarVolumeNode", generation.SYNTHETIC_ATTRIBUTE)
         self.ui.outputVolumeSelector.setMRMLScene(slicer.mrmlScene)
         self.logic = CTFlowSlicerLogic()
         self._generateTooltip = self.ui.generateButton.property("toolTip")

@@ -88,7 +88,9 @@ class UiLoader(QtUiTools.QUiLoader):
 
 class qMRMLNodeComboBox(QtWidgets.QComboBox):
     """The scene's nodes of `nodeTypes` (dynamic properties from the .ui, as Slicer's Q_PROPERTYs), plus the
-    noneDisplay entry when noneEnabled; currentNodeChanged(node or None)."""
+    noneDisplay entry when noneEnabled; currentNodeChanged(node or None). addAttribute keeps only the nodes that
+    have an attribute (of a value, when given), looked at again whenever a node is modified, as Slicer's
+    qMRMLSortFilterProxyModel does: a node gets its attributes after it is added."""
 
     currentNodeChanged = QtCore.Signal(object)
 
@@ -96,7 +98,26 @@ class qMRMLNodeComboBox(QtWidgets.QComboBox):
         super().__init__(parent)
         self._scene = None
         self._observers = []
+        self._attributes: dict[str, tuple[str, str | None]] = {}  # node type -> (attribute, value or None: any)
+        self._watched: dict[str, tuple[object, int]] = {}  # node id -> (node, ModifiedEvent observer)
         self.currentIndexChanged.connect(lambda _: self.currentNodeChanged.emit(self.currentNode()))
+
+    def addAttribute(self, nodeType: str, attributeName: str, attributeValue=None) -> None:
+        self._attributes[nodeType] = (attributeName, attributeValue)
+        if self._scene is not None:
+            self._refresh()
+
+    def _accepts(self, nodeType: str, node) -> bool:
+        if nodeType not in self._attributes:
+            return True
+        name, value = self._attributes[nodeType]
+        found = node.GetAttribute(name)
+        return found is not None and (value is None or found == value)
+
+    def _watch(self, node) -> None:
+        if node.GetID() not in self._watched:
+            self._watched[node.GetID()] = (node, node.AddObserver(vtk.vtkCommand.ModifiedEvent,
+                                                                  lambda *_: self._refresh()))
 
     def setMRMLScene(self, scene) -> None:
         for tag in self._observers:
@@ -109,7 +130,12 @@ class qMRMLNodeComboBox(QtWidgets.QComboBox):
     def _nodes(self) -> list:
         nodes = []
         for nodeType in self.property("nodeTypes") or []:
-            nodes += [n for n in slicer.util.getNodesByClass(nodeType) if n.GetScene() is self._scene]
+            for node in slicer.util.getNodesByClass(nodeType):
+                if node.GetScene() is self._scene:
+                    if nodeType in self._attributes:
+                        self._watch(node)
+                    if self._accepts(nodeType, node):
+                        nodes.append(node)
         return nodes
 
     def _refresh(self) -> None:

@@ -172,6 +172,10 @@ def test_finish_then_window_save_and_replace(panel, tiny_model, tmp_path, monkey
     assert saved.provenance.seed == 11 and saved.hu.shape == (6, 16, 16)
     assert ui.statusLabel.text().startswith("Saved ")
 
+    patient = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Patient CT")
+    offered = [ui.outputVolumeSelector.itemText(k) for k in range(ui.outputVolumeSelector.count())]
+    assert offered == ["Create a new volume", node.GetName()]  # a volume CTFlow did not make is not offered
+    slicer.mrmlScene.RemoveNode(patient)
     ui.outputVolumeSelector.setCurrentIndex(ui.outputVolumeSelector.findText(node.GetName()))
     assert panel._parameterNode.outputVolume is node
     ui.newSeedButton.click()
