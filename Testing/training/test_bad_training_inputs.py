@@ -106,6 +106,13 @@ EXPORT = ["export", "--flow", "{root}/flow", "--vae", "{root}/vae", "--cache", "
 EVALUATE_KEYS = [field.name for field in dataclasses.fields(ModelEvaluation)]
 
 
+def encoded_again(root: Path, holdout: int) -> None:
+    """latents/ removed and made again from the data, of other patients (one more held out)."""
+    shutil.rmtree(root / "latents")
+    assert cli.main(["cache-latents", "--data", str(root / "data"), "--vae", str(root / "vae" / "vae"), "--out",
+                     str(root / "latents"), "--holdout", str(holdout), "--size", str(SIZE)]) == 0
+
+
 def shift_start(store: Path) -> None:
     """The start latent moved, as another autoencoder would encode the start slice."""
     common = load_file(store / "common.safetensors")
@@ -278,6 +285,9 @@ CASES = [
     Case("export of a missing run", ["export", "--flow", "{root}/missing", "--vae", "{root}/vae", "--cache",
                                      "{root}/latents", "--out", f"{{root}}/{NEW}"], 1, "missing",
          absent=(NEW,)),
+    Case("flow resumed on a store made again from other data", ["flow", "--cache", "{root}/latents", "--out",
+                                                                "{root}/flow", *FLOW, "--steps", "4", "--resume"], 1,
+         "was trained on other contents of", damage=lambda root: encoded_again(root, holdout=2)),
     Case("flow in blocks the data's end padding does not fit", ["flow", "--cache", "{root}/latents", "--out",
                                                                 f"{{root}}/{NEW}", *FLOW, "--block", "32"], 1,
          "--block 32: the prepared volumes end in white slices padded for blocks of 16", absent=(NEW,)),

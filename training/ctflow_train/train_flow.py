@@ -47,8 +47,8 @@ from ctflow.model_folder import CARD, WEIGHTS
 from ctflow.sampling import sample
 
 from .checkpoint import (
-    CHECKPOINT, LOSS_LOG, load_checkpoint, open_loss_log, open_safetensors, prepare_run_folder, run_progress,
-    save_checkpoint,
+    CHECKPOINT, LOSS_LOG, load_checkpoint, open_loss_log, open_safetensors, prepare_run_folder, read_meta,
+    run_progress, save_checkpoint,
 )
 from .flow_data import (
     FINDING_REACH, Batch, BlockDataset, SamplingRules, ShareSampler, block_loader, finding_region, noises,
@@ -310,6 +310,14 @@ def train(args: FlowRun) -> dict:
     if args.init:
         warm_start(model, args.init)
     out = Path(args.out)
+    fingerprints = [store.fingerprint for store in stores]
+    if args.resume and (out / CHECKPOINT).is_file():
+        recorded = read_meta(out / CHECKPOINT).get("store_fingerprints")  # none in runs from before 2026-12-01
+        changed = [str(path) for path, now, then in zip(args.cache, fingerprints, recorded or fingerprints)
+                   if now != then]
+        if changed:
+            raise CTFlowError(f"{out} was trained on other contents of {', '.join(changed)} (made again since?): "
+                              "resume it on the stores it began with, or start anew with --overwrite")
     prepare_run_folder(out, OUTPUTS, args, remove=master)  # after every check: a refused run removes nothing
     out.mkdir(parents=True, exist_ok=True)
     model = model.to(device)
@@ -386,6 +394,7 @@ def train(args: FlowRun) -> dict:
             log.flush()  # the loss log reaches at least as far as the checkpoint, whenever the run is killed
             meta = {"step": step, "samples": samples, "elapsed_s": elapsed, "denoiser": dataclasses.asdict(config),
                     "world": world, "device": str(device), "cache": [str(path) for path in args.cache],
+                    "store_fingerprints": fingerprints,
                     "args": record, **({} if init_stages is None else {"init_stages": init_stages}),
                     **({} if init_progress is None else {"init_progress": init_progress})}
             save_checkpoint(out / CHECKPOINT, {"model": raw_model, "ema": ema}, {"optimizer": optimizer}, {}, meta)
