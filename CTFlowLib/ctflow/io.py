@@ -287,8 +287,8 @@ def refuse_foreign_folder(folder: Path, marks: tuple[str, ...], what: str,
     there), never a folder of a user's other files that a slip of --out named."""
     if folder.exists() and not (folder.is_dir() and (not any(folder.iterdir())
                                                      or all((folder / mark).is_file() for mark in marks))):
-        raise error(f"{folder} is not {what} (it lacks {' and '.join(marks)}): it is never replaced, even "
-                          "when asked to; choose another folder")
+        raise error(f"{folder} is not {what} (it lacks {' and '.join(marks)}): it is never replaced, even when "
+                    "asked to; choose another folder")
 
 
 def atomic_folder(folder: Path, fill: Callable[[Path], None], overwrite: bool = False) -> Path:
