@@ -17,6 +17,7 @@ from ctflow.report import names_a_side
 from ctflow_train import export, train_flow
 from ctflow_train import finding_study as fs
 from ctflow_train.findings import FINDINGS, LOBES
+from ctflow_train.latent_store import LatentStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
@@ -226,6 +227,18 @@ def test_the_result_counts_round_trips_and_makes_tables():
     assert "| consolidation | side (change) | 1/3 |" in table
     with pytest.raises(CTFlowError, match="not the JSON"):
         fs.FindingStudy.from_json(json.dumps({"seeds": 3}))
+
+
+def test_a_training_volume_made_again_is_not_read_from_the_feature_cache(cache, tmp_path):
+    """Cohort names repeat (synth_<seed>_<index>): a cohort drawn again and encoded again must not reuse the old
+    volume's features."""
+    again = shutil.copytree(cache, tmp_path / "again")
+    rows = [json.loads(line) for line in (again / "index.jsonl").read_text().splitlines()]
+    rows[0]["sha256"] = "0" * 64  # volume 0 encoded from other voxels under the same name
+    (again / "index.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    before, after = LatentStore(cache), LatentStore(again)
+    assert fs.training_feature_key("vae", before, 0) != fs.training_feature_key("vae", after, 0)
+    assert fs.training_feature_key("vae", before, 1) == fs.training_feature_key("vae", after, 1)
 
 
 def test_finding_study_probes_the_cohort_and_counts_generated_volumes(tiny, data, vae_run, cache, tmp_path):

@@ -579,12 +579,30 @@ def training_set(pipe: CTFlowPipeline, folders: list[Path], stores: list[Path], 
                     hu = pipe.autoencoder.decode(latents.to(pipe.device)).cpu().numpy()
                 return grid_features(latents), pooled(hu)
 
-            features.append(cache.get(f"store {autoencoder} {store.header.get('vae_sha256')} {name}", make))
+            features.append(cache.get(training_feature_key(autoencoder, store, number), make))
             labels.append(json.loads((folder / index[name]["labels"]).read_text())["findings"])
             groups.append(patient_of(name))
             if len(features) % 20 == 0:
                 log(f"training volumes: {len(features)}")
     return features, labels, groups
+
+
+def check_labelled(folders: list[Path], stores: list[Path]) -> None:
+    """Before the model loads: each store's volumes have finding labels in the prepared folder given with it (a
+    cohort's; CT-RATE's have none), so --data and --latents were given in the same order."""
+    for folder, path in zip(folders, stores, strict=True):
+        index = {entry["name"]: entry for entry in read_index(folder)}
+        unlabelled = [name for name in LatentStore(path).names if not index.get(name, {}).get("labels")]
+        if unlabelled:
+            raise CTFlowError(f"{folder} has no finding labels for {len(unlabelled)} volumes of {path} (e.g. "
+                              f"{unlabelled[0]}): give each store's prepared cohort folder, in the same order")
+
+
+def training_feature_key(autoencoder: str, store: LatentStore, number: int) -> str:
+    """A training volume's features hold for the same decoder and the same latents: its name alone would not tell
+    apart a cohort made again."""
+    return (f"store {autoencoder} {store.header.get('vae_sha256')} {store.names[number]} "
+            f"{store.volume_sha256[number]}")
 
 
 def volume_features(pipe: CTFlowPipeline, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -599,6 +617,7 @@ def run_study(args: argparse.Namespace, log=lambda line: None) -> FindingStudy:
     set_threads(args.threads)
     if len(args.data) != len(args.latents):
         raise CTFlowError("give one --latents store per --data folder, in the same order")
+    check_labelled(args.data, args.latents)
     cases = load_heldout(args.heldout)
     if args.heldout_per_finding:
         findings = [c.finding for c in cases]

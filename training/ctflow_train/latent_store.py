@@ -95,9 +95,10 @@ class LatentStore:
         self.slices = [row["slices"] for row in rows]  # all slices, white end slices included
         self.content_slices = content = [row["content_slices"] for row in rows]  # real slices, before the white ones
         self.sources = [row.get("source") for row in rows]  # the prepared folder each volume was encoded from
+        self.volume_sha256 = [row.get("sha256") for row in rows]  # each volume's file: what its latents are
         # what the store holds, volume by volume: a run resumed on a store made again from other data is refused
-        self.fingerprint = hashlib.sha256("".join(f"{row['name']} {row.get('sha256')}\n" for row in rows).encode()
-                                          ).hexdigest()
+        self.fingerprint = hashlib.sha256("".join(f"{name} {sha}\n" for name, sha in zip(self.names, self.volume_sha256))
+                                          .encode()).hexdigest()
         self.variants = int(self.header.get("variants", 0))  # report variants a volume holds besides its report
         self.meta = {
             "names": self.names,
