@@ -96,9 +96,6 @@ class LatentStore:
         self.content_slices = content = [row["content_slices"] for row in rows]  # real slices, before the white ones
         self.sources = [row.get("source") for row in rows]  # the prepared folder each volume was encoded from
         self.volume_sha256 = [row.get("sha256") for row in rows]  # each volume's file: what its latents are
-        # what the store holds, volume by volume: a run resumed on a store made again from other data is refused
-        self.fingerprint = hashlib.sha256("".join(f"{name} {sha}\n" for name, sha in zip(self.names, self.volume_sha256))
-                                          .encode()).hexdigest()
         self.variants = int(self.header.get("variants", 0))  # report variants a volume holds besides its report
         self.meta = {
             "names": self.names,
@@ -110,6 +107,13 @@ class LatentStore:
 
     def __len__(self) -> int:
         return len(self.names)
+
+    @property
+    def fingerprint(self) -> str:
+        """What the store holds, volume by volume: a flow run resumed on a store made again from other data is
+        refused."""
+        held = "".join(f"{name} {sha}\n" for name, sha in zip(self.names, self.volume_sha256))
+        return hashlib.sha256(held.encode()).hexdigest()
 
     def _file(self, volume: int) -> str:
         return str(self.folder / VOLUMES / f"{self.names[volume]}.safetensors")
