@@ -42,7 +42,7 @@ from typing import Callable, Iterable, Iterator
 from .errors import CTFlowError, ReportError
 from .io import (
     DICOM, DICOM_SUFFIX, TEMP_PREFIX, StagedWrites, atomic_write, check_writable_folder, read_json_object,
-    write_volume,
+    volume_stem, write_volume,
 )
 from .checksums import sha256_file
 from .config import MAX_SEED, MAX_SLICES
@@ -59,7 +59,6 @@ COLUMNS = ("file", "report_id", "report", "seed", "slices", "slices_requested", 
 LATER_SETTINGS = ("dtype",)  # settings a batch.json of an older ctflow lacks: such a batch resumes as it was
 MAX_ITEMS = 1_000_000  # volumes in one batch: more is a typo (or a batch to split), not a week of GPU time
 CHALLENGE_NAME = "input_image_name"  # VLM3D text-to-CT challenge: the output file's name
-CHALLENGE_SUFFIXES = (".mha", ".nii.gz", ".nii", ".nrrd")
 SECTION_KEYS = (("findings", "impressions"), ("Findings_EN", "Impressions_EN"))
 
 
@@ -124,15 +123,8 @@ def _report_row(row: dict, order: int, where: str) -> ReportRow:
         raise CTFlowError(f"{where}: {exc}") from exc
     slices = _slices_cell(row.get("slices"), where)
     if row.get(CHALLENGE_NAME):
-        return ReportRow(safe_id(challenge_stem(str(row[CHALLENGE_NAME]))), str(text), slices, order, named=True)
+        return ReportRow(safe_id(volume_stem(str(row[CHALLENGE_NAME]))), str(text), slices, order, named=True)
     return ReportRow(row_id(row, order), str(text), slices, order)
-
-
-def challenge_stem(name: str) -> str:
-    """input_image_name without the volume suffix it may carry ("65f4...ed.mha" -> "65f4...ed")."""
-    base = Path(name).name
-    suffix = next((s for s in CHALLENGE_SUFFIXES if base.lower().endswith(s)), "")
-    return base[: len(base) - len(suffix)]
 
 
 def _slices_cell(value: object, where: str) -> int | None:

@@ -66,13 +66,24 @@ def read_text_file(path: Path, error: type[CTFlowError] = CTFlowError, advice: s
         raise error(f"cannot read {path}: {exc.strerror}") from exc
 
 
+def volume_suffix(name: str | os.PathLike) -> str:
+    """The supported volume suffix `name` ends with, in any case ("ct.NII.GZ" -> ".nii.gz"), or ""."""
+    lowered = str(name).lower()
+    return next((suffix for suffix in SUFFIXES if lowered.endswith(suffix)), "")
+
+
+def volume_stem(name: str | os.PathLike) -> str:
+    """The file name without its volume suffix ("65f4...ed.mha" -> "65f4...ed"); a name without one as it is."""
+    base = Path(name).name
+    return base[: len(base) - len(volume_suffix(base))]
+
+
 def volume_format(path: str | os.PathLike, role: str = "output") -> str:
     """The writer's suffix for `path`, or a clear error naming the supported ones (`role`: the file's, in it)."""
-    name = str(path).lower()
-    for suffix in SUFFIXES:
-        if name.endswith(suffix):
-            return suffix
-    raise CTFlowError(f"unsupported {role} file type {Path(path).name!r}: use one of {', '.join(SUFFIXES)}")
+    suffix = volume_suffix(path)
+    if not suffix:
+        raise CTFlowError(f"unsupported {role} file type {Path(path).name!r}: use one of {', '.join(SUFFIXES)}")
+    return suffix
 
 
 def check_output_path(path: str | os.PathLike, overwrite: bool, suffixes: tuple[str, ...] = SUFFIXES) -> Path:
@@ -120,7 +131,7 @@ def is_dicom_path(path: str | os.PathLike) -> bool:
     """A DICOM series folder is meant: a name ending in .dcm or a separator ("out/ct/"), or an existing folder
     whose name is not that of a volume file (an existing "ct.nii.gz/" folder is an error, not a series)."""
     text = os.fspath(path)
-    existing_folder = Path(path).is_dir() and not text.lower().endswith(SUFFIXES)
+    existing_folder = Path(path).is_dir() and not volume_suffix(text)
     return text.lower().endswith(DICOM_SUFFIX) or text.endswith(("/", os.sep)) or existing_folder
 
 

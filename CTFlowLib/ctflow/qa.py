@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 
 from .dicom import is_dicom_folder
 from .errors import CTFlowError, OutputExistsError
-from .io import DICOM_SUFFIX, SUFFIXES, StagedWrites, read_volume
+from .io import DICOM_SUFFIX, SUFFIXES, StagedWrites, read_volume, volume_stem, volume_suffix
 from .preview import render_preview
 from .volume import Volume
 
@@ -50,7 +50,7 @@ def volume_files(path: str | os.PathLike) -> list[Path]:
         raise CTFlowError(f"{path} does not exist")
     files = sorted(p for p in path.iterdir()
                    if not p.name.startswith(".")
-                   and ((p.is_file() and p.name.lower().endswith(SUFFIXES)) or is_dicom_folder(p)))
+                   and ((p.is_file() and volume_suffix(p.name)) or is_dicom_folder(p)))
     if not files:
         raise CTFlowError(f"{path} holds no volumes ({', '.join(SUFFIXES)}, or DICOM series folders)")
     return files
@@ -398,11 +398,3 @@ def report_names(files: list[Path]) -> list[str]:
     stems = [volume_stem(series_of(path)) for path in files]
     counts = collections.Counter(stems)
     return [path.name if counts[stem] > 1 else stem for path, stem in zip(files, stems)]
-
-
-def volume_stem(path: Path) -> str:
-    name = path.name
-    for suffix in SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem

@@ -10,7 +10,7 @@ import pytest
 
 from ctflow import Geometry, OutputExistsError, Provenance, Volume, read_volume, write_volume
 from ctflow.errors import CTFlowError
-from ctflow.io import atomic_write
+from ctflow.io import atomic_write, volume_stem, volume_suffix
 
 OBLIQUE = np.array([[-0.96, 0.28, 0.0], [-0.28, -0.96, 0.0], [0.0, 0.0, -1.0]])  # rotated in-plane, head first
 
@@ -140,3 +140,13 @@ def test_a_real_ct_without_provenance_is_not_marked_synthetic(volume, tmp_path):
     real = Volume(volume.hu, volume.geometry, None)
     assert b"SYNTHETIC" not in nib.load(write_volume(real, tmp_path / "ct.nii.gz")).header["descrip"].tobytes()
     assert "content" not in nrrd.read_header(str(write_volume(real, tmp_path / "ct.nrrd")))
+
+
+@pytest.mark.parametrize("name, suffix, stem", [
+    ("65f4-ed.mha", ".mha", "65f4-ed"), ("dir/CT.NII.GZ", ".nii.gz", "CT"), ("ct.nii", ".nii", "ct"),
+    ("ct.nrrd", ".nrrd", "ct"), ("patient.1.2", "", "patient.1.2"), ("case_two", "", "case_two"),
+])
+def test_one_rule_names_a_volume_files_suffix_and_stem(name, suffix, stem):
+    """Batch (a challenge's input_image_name), QA (report names) and the writers share it: a dotted name without a
+    volume suffix, a DICOM series folder's, keeps all of it."""
+    assert (volume_suffix(name), volume_stem(name)) == (suffix, stem)
