@@ -199,3 +199,26 @@ def test_two_ranks_split_one_batch_and_the_last_merges(tiny_pipeline, tiny_model
         ("rul_nodule_s0.nii.gz", 0), ("rul_nodule_s1.nii.gz", 1), ("effusion_s0.nii.gz", 0), ("effusion_s1.nii.gz", 1)]
     (out / "manifest.json").unlink()
     assert len(merge_manifest(out)) == 4 and len(read_manifest(out)) == 4
+
+
+def test_a_rank_whose_item_failed_leaves_the_manifest_unmerged_and_says_how_to_finish(
+        tiny_pipeline, tiny_model, tmp_path, monkeypatch, capsys):
+    """Rank 1 finished its item; rank 0's fails. Rank 0 must not merge a manifest that misses an item of the
+    table, must exit non-zero, and must say how to finish; --merge-only then writes the finished rows."""
+    from ctflow.cli import main
+
+    table = write_csv(tmp_path / "r.csv", [{"id": "bad", "report": "Findings: x.", "slices": "1000"},
+                                           {"id": "good", "report": "Findings: y.", "slices": "3"}])
+    out = tmp_path / "out"
+    items = plan_items(read_reports(table), 1)
+    assert run_batch(tiny_pipeline, items, BatchFolder(out), OPTIONS, rank=1, world=2).made == ["good_s0"]
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    command = ["batch", str(table), "--out", str(out), "--model", str(tiny_model), "--steps", "1", "--device", "cpu"]
+    assert main(command) != 0
+    printed = capsys.readouterr()
+    assert "bad_s0" in printed.err and "failed 1" in printed.out
+    assert "manifest not merged: run the same command again to retry the failed items" in printed.out
+    assert not (out / "manifest.csv").exists()
+    assert main([*command, "--merge-only"]) == 0
+    assert [row["file"] for row in read_manifest(out)] == ["good_s0.nii.gz"]
