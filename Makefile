@@ -12,6 +12,8 @@ OUT    ?= out/demo.nii.gz
 
 $(VENV)/.installed: constraints.txt CTFlowLib/pyproject.toml CTFlowLib/requirements.txt \
                   CTFlowLib/setup.py training/pyproject.toml requirements-test.txt
+	@$(PYTHON) -c 'import sys; sys.exit(not (3, 10) <= sys.version_info[:2] <= (3, 12))' || { \
+	  echo "ctflow needs Python 3.10-3.12, and $(PYTHON) is $$($(PYTHON) -V 2>&1); choose one, e.g. make test PYTHON=python3.12" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) torch==2.13.0
