@@ -38,14 +38,12 @@ def quiet_third_party_logs(downloads: bool = False) -> None:
 
 
 def ctflow() -> int:
-    return _run("ctflow", "ctflow.cli")
+    return run_console("ctflow", "ctflow.cli")
 
 
-def ctflow_train() -> int:
-    return _run("ctflow-train", "ctflow_train.cli")
-
-
-def _run(program: str, module: str) -> int:
+def run_console(program: str, module: str) -> int:
+    """main() of the command-line module `module` (a fixed name, from the console script of the package that owns
+    it: ctflow_train's calls this for ctflow-train, so ctflow never names the training package)."""
     try:
         return importlib.import_module(module).main()
     except KeyboardInterrupt:  # during imports or argument parsing; each command handles its own later on

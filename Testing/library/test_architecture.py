@@ -5,6 +5,7 @@ writes the import, not when some environment happens to lack the package.
 """
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,9 @@ FOR_TRAINING = {"ctflow", "ctflow.autoencoder", "ctflow.batch", "ctflow.checksum
                 "ctflow.text_encoder", "ctflow.volume"}
 
 
+MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
 def imports(path: Path) -> list[tuple[int, str, list[str]]]:
     """(line, absolute module name, names imported from it) of every import in a file; relative imports are
     resolved in its package."""
@@ -39,8 +43,11 @@ def imports(path: Path) -> list[tuple[int, str, list[str]]]:
 
 
 def modules(path: Path) -> set[str]:
-    """Every module a file imports, "from package import module" included."""
-    return {name for _, module, names in imports(path) for name in [module, *(f"{module}.{n}" for n in names)]}
+    """Every module a file imports, "from package import module" included, and every module name a string of it
+    spells out in full (importlib.import_module("ctflow_train.cli") imports as surely as an import statement)."""
+    named = {node.value for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+             if isinstance(node, ast.Constant) and isinstance(node.value, str) and MODULE_NAME.fullmatch(node.value)}
+    return named | {name for _, module, names in imports(path) for name in [module, *(f"{module}.{n}" for n in names)]}
 
 
 def python_files(folder: Path) -> list[Path]:
