@@ -1,1 +1,2 @@
-"""Helpers of the CTFlowSlicer module; only logic.py needs torch and ctflow, so the rest loads in a bare Slicer."""
+"""Helpers of the CTFlowSlicer module. They import only the extension's bundled, torch-free ctflow; torch runs in
+the generation worker's own process, never in Slicer's."""
