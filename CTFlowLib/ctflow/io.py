@@ -73,9 +73,11 @@ def volume_suffix(name: str | os.PathLike) -> str:
 
 
 def volume_stem(name: str | os.PathLike) -> str:
-    """The file name without its volume suffix ("65f4...ed.mha" -> "65f4...ed"); a name without one as it is."""
+    """The name without its volume suffix or a DICOM series' .dcm ("65f4...ed.mha" -> "65f4...ed", "ct.dcm" ->
+    "ct"); a name without one as it is."""
     base = Path(name).name
-    return base[: len(base) - len(volume_suffix(base))]
+    suffix = volume_suffix(base) or (DICOM_SUFFIX if base.lower().endswith(DICOM_SUFFIX) else "")
+    return base[: len(base) - len(suffix)]
 
 
 def volume_format(path: str | os.PathLike, role: str = "output") -> str:

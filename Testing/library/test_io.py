@@ -144,9 +144,10 @@ def test_a_real_ct_without_provenance_is_not_marked_synthetic(volume, tmp_path):
 
 @pytest.mark.parametrize("name, suffix, stem", [
     ("65f4-ed.mha", ".mha", "65f4-ed"), ("dir/CT.NII.GZ", ".nii.gz", "CT"), ("ct.nii", ".nii", "ct"),
-    ("ct.nrrd", ".nrrd", "ct"), ("patient.1.2", "", "patient.1.2"), ("case_two", "", "case_two"),
+    ("ct.nrrd", ".nrrd", "ct"), ("series.DCM", "", "series"), ("patient.1.2", "", "patient.1.2"),
+    ("case_two", "", "case_two"),
 ])
 def test_one_rule_names_a_volume_files_suffix_and_stem(name, suffix, stem):
-    """Batch (a challenge's input_image_name), QA (report names) and the writers share it: a dotted name without a
-    volume suffix, a DICOM series folder's, keeps all of it."""
+    """Batch (a challenge's input_image_name), QA (report names) and the writers share it: a DICOM series folder
+    loses its .dcm but is no volume file; a dotted name without either keeps all of it."""
     assert (volume_suffix(name), volume_stem(name)) == (suffix, stem)
