@@ -133,6 +133,7 @@ class SamplingConfig:
     shift: float = 1.0
     guidance: float = 1.0
     side_guidance: float = 0.0  # guidance against the report with its sides mirrored (sampling.Guidance)
+    side_guidance_until: float = 0.0  # flow time (1: noise) where side guidance stops; 0: every step
     # "ctflow": start from the encoded black slice, end at the first white latent slice (or a decoded white one).
     # "released": the published generator: start and end markers are VAE posterior samples of the all-zero and
     # all-one image, a block whose first slice is white is the last one (kept), trailing white slices are trimmed.
@@ -173,8 +174,9 @@ class ModelConfig:
         # Written only when set, so a folder without them stays readable by older ctflow.
         if not self.text.tuned:
             del data["text"]["tuned"]
-        if not self.sampling.side_guidance:
-            del data["sampling"]["side_guidance"]
+        for name in ("side_guidance", "side_guidance_until"):
+            if not getattr(self.sampling, name):
+                del data["sampling"][name]
         return {"format": FORMAT, "format_version": FORMAT_VERSION, **data}
 
     @classmethod
@@ -235,6 +237,7 @@ _RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "sampling.shift": _above_zero(MAX_SHIFT),
     "sampling.guidance": _between(0, MAX_GUIDANCE),
     "sampling.side_guidance": _between(0, MAX_GUIDANCE),
+    "sampling.side_guidance_until": _between(0, 1),
     "geometry.spacing": _above_zero(1000),
     "max_slices": _between(1, MAX_SLICES),
     "typical_slices": _between(1, MAX_SLICES),

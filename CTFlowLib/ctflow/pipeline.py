@@ -262,7 +262,8 @@ class CTFlowPipeline:
         # The released model never saw our meta lines (length, spacing): it gets the report sections alone.
         spacing = self.config.geometry.spacing[2]
         prompt = report.text if self.released_mode else render_prompt(report, resolved.prompt_slices, spacing)
-        guidance = Guidance(resolved.guidance, resolved.side_guidance if names_a_side(prompt) else 0.0)
+        guidance = Guidance(resolved.guidance, resolved.side_guidance if names_a_side(prompt) else 0.0,
+                            self.config.sampling.side_guidance_until)
         embedding = self.text_encoder.encode(guidance.texts(prompt))
         notices = []
         if report.truncated or embedding.truncated[0]:

@@ -103,10 +103,12 @@ def guided(model_velocity: Velocity, guidance: float, side: float = 0.0) -> Velo
 class Guidance:
     """How one generation guides, decided once (plan()): classifier-free guidance at `scale` (1: the conditional
     branch alone; else [conditional; unconditional] in one batch, mixed) and side guidance at `side` against the
-    report with its sides mirrored (0, or a report that names no side: none)."""
+    report with its sides mirrored (0, or a report that names no side: none), at flow times above `side_until`
+    only: where a finding lies is settled in the noisy steps, and the later ones skip the mirrored row's cost."""
 
     scale: float
     side: float = 0.0
+    side_until: float = 0.0  # 0: side guidance at every step
 
     @property
     def branches(self) -> int:
@@ -119,7 +121,15 @@ class Guidance:
         return [prompt] + [""] * (self.scale != 1.0) + [mirrored(prompt)] * (self.side > 0)
 
     def velocity(self, model_velocity: Velocity) -> Velocity:
-        return model_velocity if self.branches == 1 else guided(model_velocity, self.scale, self.side)
+        """model_velocity sees z repeated once per row in texts' order; after side_until, the rows before the
+        mirrored one only."""
+        if self.branches == 1:
+            return model_velocity
+        with_side = guided(model_velocity, self.scale, self.side)
+        if not self.side or not self.side_until:
+            return with_side
+        without_side = Guidance(self.scale).velocity(model_velocity)
+        return lambda z, t: with_side(z, t) if t > self.side_until else without_side(z, t)
 
 
 def block_velocity(denoiser, previous: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, first_slice: int,
@@ -132,7 +142,7 @@ def block_velocity(denoiser, previous: torch.Tensor, text: torch.Tensor, mask: t
     cond = denoiser.prepare(previous.expand(guidance.branches, -1, -1, -1, -1), text, mask,
                             torch.tensor(float(first_slice)))
 
-    def model(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return denoiser(z, t.expand(z.shape[0]), cond)
+    def model(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # z: [rows, ...], the first rows of texts'
+        return denoiser(z, t.expand(z.shape[0]), cond if len(z) == guidance.branches else cond.first(len(z)))
 
     return guidance.velocity(model)

@@ -88,6 +88,21 @@ def test_side_guidance_embeds_the_mirrored_report_when_the_report_names_a_side(t
     assert run(tiny_pipeline, slices=4).provenance.side_guidance == 0.0  # the model's default
 
 
+def test_side_guidance_until_the_end_of_the_schedule_is_none(tiny_pipeline):
+    """The model's side_guidance_until stops side guidance at that flow time; at 1 it never starts, and the rows
+    before the mirrored one are sampled as a volume without side guidance samples them."""
+    config = dataclasses.replace(tiny_pipeline.config, sampling=dataclasses.replace(
+        tiny_pipeline.config.sampling, side_guidance_until=1.0))
+    until_noise = CTFlowPipeline(config, tiny_pipeline.denoiser, tiny_pipeline.autoencoder,
+                                 tiny_pipeline.text_encoder)
+    assert until_noise.plan(GenerationRequest(REPORT, side_guidance=4.0)).guidance.side_until == 1.0
+    never = run(until_noise, slices=4, guidance=3.0, side_guidance=4.0)
+    assert never.provenance.side_guidance == 4.0  # as asked: the model's own schedule says when it acts
+    plain = run(tiny_pipeline, slices=4, guidance=3.0).hu
+    sided = run(tiny_pipeline, slices=4, guidance=3.0, side_guidance=4.0).hu
+    assert np.array_equal(never.hu, plain) and not np.array_equal(sided, plain)
+
+
 def test_a_length_in_the_prompt_does_not_stop_the_volume_there(tiny_pipeline):
     asked = tiny_pipeline.plan(GenerationRequest(REPORT, prompt_slices=6, seed=2, steps=2))
     assert "Length: 6 slices" in asked.prompt and asked.request.slices is None  # the model ends the volume itself

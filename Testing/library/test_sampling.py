@@ -80,6 +80,24 @@ def test_side_guidance_steers_away_from_the_mirrored_report():
         assert torch.allclose(v, torch.full((1, 2), float(expected))) and calls == [guidance.branches]
 
 
+def test_side_guidance_until_drops_the_mirrored_row_in_the_later_steps():
+    rows = {"Right effusion": 5.0, "": 1.0, "Left effusion": 3.0}
+    guidance = Guidance(3.0, side=2.0, side_until=0.5)
+    values = torch.tensor([rows[text] for text in guidance.texts("Right effusion")])[:, None]
+    calls = []
+
+    def model(z, t):
+        calls.append(z.shape[0])
+        return values[: len(z)].expand(-1, z.shape[1]) + z
+
+    velocity = guidance.velocity(model)
+    assert torch.allclose(velocity(torch.zeros(1, 2), torch.tensor(0.75)), torch.full((1, 2), 1 + 3 * 4 + 2 * 2.0))
+    assert torch.allclose(velocity(torch.zeros(1, 2), torch.tensor(0.5)), torch.full((1, 2), 1 + 3 * 4.0))
+    assert calls == [3, 2]
+    sample(velocity, torch.zeros(1, 2), steps=16, method="ab2")
+    assert calls[2:] == [3] * 8 + [2] * 8  # flow times 1 to 0.5625 with the mirrored row, 0.5 to 0.0625 without
+
+
 def test_cancel_stops_between_steps():
     steps = []
 
