@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import typing
 from dataclasses import dataclass, field
@@ -178,6 +179,10 @@ class ModelConfig:
             if not getattr(self.sampling, name):
                 del data["sampling"][name]
         return {"format": FORMAT, "format_version": FORMAT_VERSION, **data}
+
+    def to_json(self) -> str:
+        """config.json's text as a model folder holds it."""
+        return json.dumps(self.to_dict(), indent=2) + "\n"
 
     @classmethod
     def from_dict(cls, data: Any) -> "ModelConfig":

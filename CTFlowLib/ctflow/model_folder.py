@@ -116,7 +116,7 @@ def save_model(
     refuse_foreign_folder(folder, (CONFIG, CHECKSUMS), "a model folder", ModelError)
 
     def fill(staging: Path) -> None:
-        (staging / CONFIG).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        (staging / CONFIG).write_text(config.to_json())
         state = {name: tensor.detach().cpu().contiguous() for name, tensor in denoiser.state_dict().items()}
         save_file(state, staging / WEIGHTS, metadata={"format": "pt"})  # one key: safetensors orders keys anew each save
         vae.save_pretrained(staging / VAE_FOLDER, safe_serialization=True)

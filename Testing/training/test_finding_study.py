@@ -314,6 +314,14 @@ def test_finding_study_probes_the_cohort_and_counts_generated_volumes(tiny, data
     assert len(list((tmp_path / "features").iterdir())) == cached + len(sided)
     guided = fs.FindingStudy.from_json(out.read_text())
     assert guided.side_guidance == 2 and "side guidance 2;" in guided.markdown()
+    stopped = shutil.copytree(argv[argv.index("--model") + 1], tmp_path / "model4")  # side guidance ends halfway
+    config = json.loads((stopped / "config.json").read_text())
+    (stopped / "config.json").write_text(json.dumps({**config, "sampling": {**config["sampling"],
+                                                                            "side_guidance_until": 0.5}}))
+    write_checksums(stopped)
+    assert fs.run(parser.parse_args([*argv, "--model", str(stopped), "--seeds", "1", "--side-guidance", "2",
+                                     "--overwrite"])) == 0
+    assert len(list((tmp_path / "features").iterdir())) == cached + 2 * len(sided)  # the others read back
     with pytest.raises(CTFlowError, match="exists"):
         fs.run(parser.parse_args(argv))
     args = parser.parse_args([*argv, "--overwrite"])

@@ -44,7 +44,8 @@ from ctflow.checksums import sha256_file
 from ctflow.conventions import START_HU, real_slices
 from ctflow.errors import CTFlowError
 from ctflow.io import atomic_write
-from ctflow.model_folder import CONFIG, VAE_FOLDER
+from ctflow.config import ModelConfig
+from ctflow.model_folder import VAE_FOLDER
 from ctflow.report import names_a_side
 
 from .anatomy import in_labels
@@ -631,7 +632,7 @@ def run_study(args: argparse.Namespace, log=lambda line: None) -> FindingStudy:
                              args.ct_cache, log)
         prior.save(args.prior)
     cache = FeatureCache(args.feature_cache, prior)
-    model = f"{weights_hash(args.model)} {sha256_file(args.model / CONFIG)}"  # the config sets where volumes end
+    model = f"{weights_hash(args.model)} {unsided_config_hash(pipe.config)}"  # the config sets where volumes end
     features, labels, groups = training_set(pipe, args.data, args.latents, cache, weights_hash(args.model / VAE_FOLDER),
                                             log)
     detectors, skipped = calibrate(features, labels, groups, log)
@@ -640,10 +641,13 @@ def run_study(args: argparse.Namespace, log=lambda line: None) -> FindingStudy:
     steps = args.steps or pipe.config.sampling.steps
     guidance = pipe.config.sampling.guidance if args.guidance is None else args.guidance
     side_guidance = pipe.config.sampling.side_guidance if args.side_guidance is None else args.side_guidance
+    until = pipe.config.sampling.side_guidance_until
 
     def key(text: str, seed: int) -> str:
         """A report that names no side is made as without side guidance: it keeps its volumes (and their key)."""
-        side = f" side {side_guidance}" if side_guidance and names_a_side(text) else ""
+        side = ""
+        if side_guidance and names_a_side(text):
+            side = f" side {side_guidance}" + (f" until {until}" if until else "")
         return f"generated {model} {steps} {guidance}{side} {seed} {text}"
 
     made: dict[str, list[Features]] = {}  # report text -> features per seed: a text is generated once
@@ -699,6 +703,13 @@ def run_study(args: argparse.Namespace, log=lambda line: None) -> FindingStudy:
     return FindingStudy(str(args.model), args.seeds, args.seed, steps, guidance, training, anatomy,
                         [d.score for d in detectors.values()], skipped, responses, placements, reports,
                         side_guidance=side_guidance)
+
+
+def unsided_config_hash(config: ModelConfig) -> str:
+    """SHA-256 of the config as a model folder holds it, but for when side guidance stops: a report that names no
+    side is made without it, so a model that differs in that alone shares its volumes."""
+    sampling = dataclasses.replace(config.sampling, side_guidance_until=0.0)
+    return hashlib.sha256(dataclasses.replace(config, sampling=sampling).to_json().encode()).hexdigest()
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
