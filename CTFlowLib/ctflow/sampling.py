@@ -142,7 +142,7 @@ def block_velocity(denoiser, previous: torch.Tensor, text: torch.Tensor, mask: t
     cond = denoiser.prepare(previous.expand(guidance.branches, -1, -1, -1, -1), text, mask,
                             torch.tensor(float(first_slice)))
 
-    def model(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # z: [rows, ...], the first rows of texts'
+    def model(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # z: one row per text, or the first rows alone
         return denoiser(z, t.expand(z.shape[0]), cond if len(z) == guidance.branches else cond.first(len(z)))
 
     return guidance.velocity(model)

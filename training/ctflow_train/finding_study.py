@@ -41,10 +41,10 @@ import torch.nn.functional as F
 
 from ctflow import CTFlowPipeline
 from ctflow.checksums import sha256_file
+from ctflow.config import ModelConfig
 from ctflow.conventions import START_HU, real_slices
 from ctflow.errors import CTFlowError
 from ctflow.io import atomic_write
-from ctflow.config import ModelConfig
 from ctflow.model_folder import VAE_FOLDER
 from ctflow.report import names_a_side
 
