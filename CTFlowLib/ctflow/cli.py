@@ -9,7 +9,6 @@ import argparse
 import dataclasses
 import itertools
 import json
-import shutil
 import signal
 import sys
 import threading
@@ -24,10 +23,7 @@ from .conventions import SYNTHETIC_NOTICE
 from .devices import DEVICES, select_device
 from .entry import EXIT_CANCELLED, quiet_third_party_logs
 from .errors import CTFlowError
-from .io import (
-    DICOM, StagedWrites, atomic_write, check_output_path, check_volume_output, is_dicom_path, volume_writer,
-    write_volume,
-)
+from .io import DICOM, StagedWrites, atomic_write, check_output_path, check_volume_output, stage_volume
 from .pipeline import CTFlowPipeline, DecodedBlock, GenerationRequest, check_request, local_config
 from .report import read_report_file
 from .sampling import METHODS
@@ -203,18 +199,8 @@ def run_generate(args: argparse.Namespace) -> int:
             from .preview import preview_writer
 
             staged.add(args.preview, preview_writer(volume))  # rendered first: its failure leaves no volume
-        if args.format == DICOM or is_dicom_path(args.out):
-            new = not Path(args.out).exists()
-            folder = write_volume(volume, args.out, overwrite=args.overwrite, format=DICOM)  # renamed in whole
-            try:
-                staged.commit()
-            except BaseException:
-                if new:  # the series goes with the preview that could not be written
-                    shutil.rmtree(folder, ignore_errors=True)
-                raise
-        else:
-            staged.add(args.out, volume_writer(volume, args.out))
-            staged.commit()
+        stage_volume(staged, volume, args.out, args.format)
+        staged.commit()
     k, j, i = volume.shape
     spacing = "x".join(f"{s:g}" for s in volume.geometry.spacing)
     print(f"wrote {args.out} ({k} slices of {j}x{i}, {spacing} mm, {progress.elapsed:.1f} s) - {SYNTHETIC_NOTICE}")

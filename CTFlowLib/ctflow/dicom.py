@@ -29,6 +29,7 @@ import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -78,9 +79,15 @@ def write_dicom(
     series_number: int = 1,
 ) -> Path:
     """Write `volume` as a CT series into `folder` (created atomically); returns the folder."""
+    folder = check_dicom_folder(folder, overwrite)
+    return atomic_folder(folder, dicom_writer(volume, study, series_number), overwrite)
+
+
+def dicom_writer(volume: Volume, study: Study | None = None, series_number: int = 1) -> Callable[[Path], None]:
+    """fill(folder) writing `volume` as one CT series of `study` (io.StagedWrites.add_folder); refuses a volume
+    without provenance before any work."""
     import pydicom  # noqa: F401  (fail here, not half-way, if pydicom is missing)
 
-    folder = check_dicom_folder(folder, overwrite)
     if volume.provenance is None:
         raise CTFlowError("only volumes CTFlow generated (they carry provenance) are written as DICOM: "
                           "the series is marked synthetic, which another CT is not")
@@ -89,11 +96,11 @@ def write_dicom(
     header = series_header(volume, study, series_number)
     width = max(4, len(str(volume.shape[0])))
 
-    def write(tmp: Path) -> None:
+    def fill(folder: Path) -> None:
         for k in range(volume.shape[0]):
-            slice_instance(header, volume, k).save_as(tmp / f"{k + 1:0{width}d}.dcm", enforce_file_format=True)
+            slice_instance(header, volume, k).save_as(folder / f"{k + 1:0{width}d}.dcm", enforce_file_format=True)
 
-    return atomic_folder(folder, write, overwrite)
+    return fill
 
 
 def check_dicom_folder(folder: str | os.PathLike, overwrite: bool) -> Path:

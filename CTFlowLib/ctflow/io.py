@@ -1,6 +1,6 @@
 """Reading and writing volumes as .nii.gz / .nrrd / .mha with provenance in the header, or as a DICOM series folder.
 
-Writes are atomic (a temporary file or folder beside the target, then a rename; several files commit together),
+Writes are atomic (a temporary file or folder beside the target, then a rename; several commit together, all or none),
 and an existing file is never replaced unless the caller passes overwrite=True. Temporary files are named
 .ctflow-tmp.<host>-<pid>.<random>, with no volume suffix, so no reader takes one a killed run left for a volume; the
 next write in that folder removes such leftovers. A path ending in .dcm or a path separator, or an existing
@@ -149,13 +149,23 @@ def check_volume_output(path: str | os.PathLike, overwrite: bool, format: str | 
 def write_volume(volume: Volume, path: str | os.PathLike, overwrite: bool = False, format: str | None = None) -> Path:
     """Write `volume` to .nii.gz/.nii/.nrrd/.mha, or as a DICOM series folder (format="dicom" or a folder path),
     atomically; returns the path written."""
-    if format == DICOM or is_dicom_path(path):
-        from .dicom import write_dicom
+    with StagedWrites(overwrite) as staged:
+        path = stage_volume(staged, volume, path, format)
+        staged.commit()
+    return path
+
+
+def stage_volume(staged: "StagedWrites", volume: Volume, path: str | os.PathLike, format: str | None = None) -> Path:
+    """Add `volume` to `staged` as a file, or as a DICOM series folder (write_volume's rule), after the checks
+    check_volume_output makes; returns the destination."""
+    dicom = format == DICOM or is_dicom_path(path)  # before Path() drops a trailing separator
+    path = check_volume_output(path, staged.overwrite, format)
+    if dicom:
+        from .dicom import dicom_writer
 
         check_hu(volume)
-        return write_dicom(volume, path, overwrite=overwrite)
-    path = check_output_path(path, overwrite)
-    return atomic_write(path, volume_writer(volume, path), overwrite=overwrite)
+        return staged.add_folder(path, dicom_writer(volume))
+    return staged.add(path, volume_writer(volume, path))
 
 
 def volume_writer(volume: Volume, path: Path) -> Callable[[Path], None]:
@@ -199,8 +209,9 @@ def atomic_write(path: Path, write: Callable[[Path], None], overwrite: bool = Fa
 
 
 class StagedWrites:
-    """Several files written to temporaries, then moved into place together by commit(): a run that fails or
-    is cancelled before commit() leaves none of them. The temporaries' names say nothing about their format,
+    """Files and folders written to temporaries beside their destinations, then moved into place together by
+    commit(): all of them or none. A run that fails or is cancelled before commit() leaves none of them, and a
+    commit that fails half-way puts back what it replaced. The temporaries' names say nothing about their format,
     so each write(tmp) must not infer the format from the name."""
 
     def __init__(self, overwrite: bool = False) -> None:
@@ -212,9 +223,10 @@ class StagedWrites:
 
     def __exit__(self, *exc_info) -> None:
         for tmp, _ in self.staged:
-            tmp.unlink(missing_ok=True)
+            _remove(tmp)
 
     def add(self, path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+        """Stage a file: write(tmp) fills a temporary file."""
         path = Path(path)
         remove_stale_temps(path.parent)
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix())
@@ -225,29 +237,74 @@ class StagedWrites:
         tmp.chmod(plain_mode())
         return path
 
+    def add_folder(self, folder: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
+        """Stage a folder: fill(tmp) fills a temporary folder; readers will see all of it or none."""
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(folder.parent)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=temp_prefix()))
+        self.staged.append((tmp, folder))
+        fill(tmp)
+        for path in [tmp, *tmp.rglob("*")]:  # mkdtemp and safetensors make them private; the result is not
+            path.chmod(plain_mode(path.is_dir()))
+        return folder
+
     def commit(self) -> None:
-        """Move every staged file into place; if one cannot be, remove those this commit created."""
+        """Move every staged file and folder into place. What was there before is replaced only with `overwrite`,
+        and kept aside until all are placed: if one cannot be, every destination is as it was."""
         if not self.overwrite:
             for _, path in self.staged:
-                if path.exists():
+                if path.exists() or path.is_symlink():
                     raise exists_error(path)
-        created = []
+        placed: list[tuple[Path, Path | None]] = []  # (destination, what it held before, set aside)
         try:
             for tmp, path in self.staged:
-                new = not path.exists()
-                if self.overwrite:
-                    os.replace(tmp, path)
-                else:
-                    try:
-                        os.link(tmp, path)  # fails if path appeared meanwhile: never clobbers
-                    except FileExistsError as exc:
-                        raise exists_error(path) from exc
-                if new:
-                    created.append(path)
+                placed.append((path, _place(tmp, path, self.overwrite)))
         except BaseException:
-            for path in created:
-                path.unlink(missing_ok=True)
+            for path, old in reversed(placed):
+                _remove(path)
+                if old is not None:
+                    os.replace(old, path)
             raise
+        for _, old in placed:
+            if old is not None:
+                _remove(old)
+
+
+def _place(tmp: Path, path: Path, overwrite: bool) -> Path | None:
+    """Move `tmp` onto `path`; returns what `path` held, now set aside under a temporary name (None: nothing)."""
+    folder = tmp.is_dir()
+    old = None
+    if overwrite and (path.exists() or path.is_symlink()):
+        old = path.with_name(f"{temp_prefix()}old-{os.urandom(4).hex()}")  # swept like the staging names
+        if folder or path.is_symlink():
+            os.rename(path, old)
+        else:
+            os.link(path, old)  # a file stays in place until replaced in one step: readers never miss it
+    try:
+        if folder:
+            os.rename(tmp, path)  # refuses a non-empty folder that appeared meanwhile
+        elif overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # fails if path appeared meanwhile: never clobbers
+    except OSError as exc:
+        if old is not None:
+            os.replace(old, path)
+        if folder:
+            raise OutputExistsError(f"{path} appeared while it was being written; nothing was replaced") from exc
+        if isinstance(exc, FileExistsError):
+            raise exists_error(path) from exc
+        raise
+    return old
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, link or folder, if there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def temp_prefix(pid: int | None = None) -> str:
@@ -305,33 +362,12 @@ def refuse_foreign_folder(folder: Path, marks: tuple[str, ...], what: str,
 
 
 def atomic_folder(folder: Path, fill: Callable[[Path], None], overwrite: bool = False) -> Path:
-    """Call fill(staging) on a sibling temporary folder, make its contents shareable, then rename it onto `folder`:
-    readers see all of it or none. A folder already there is replaced only with `overwrite`, and kept if the new one
-    cannot take its place; a killed run's staging folder is removed by the next run in that folder."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(folder.parent)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=temp_prefix()))
-    old = None
-    try:
-        fill(staging)
-        for path in [staging, *staging.rglob("*")]:  # mkdtemp and safetensors make them private; the result is not
-            path.chmod(plain_mode(path.is_dir()))
-        if folder.exists():
-            if not overwrite:
-                raise exists_error(folder)
-            old = folder.with_name(f"{temp_prefix()}old-{os.urandom(4).hex()}")  # cleaned like the staging folder
-            os.rename(folder, old)
-        try:
-            os.rename(staging, folder)  # refuses a non-empty folder that appeared meanwhile
-        except OSError as exc:
-            if old is not None:
-                os.rename(old, folder)
-                old = None
-            raise OutputExistsError(f"{folder} appeared while it was being written; nothing was replaced") from exc
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+    """Call fill(staging) on a sibling temporary folder, then rename it onto `folder`: readers see all of it or
+    none. A folder already there is replaced only with `overwrite`, and kept if the new one cannot take its place;
+    a killed run's staging folder is removed by the next run in that folder."""
+    with StagedWrites(overwrite) as staged:
+        staged.add_folder(folder, fill)
+        staged.commit()
     return folder
 
 

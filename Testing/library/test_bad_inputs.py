@@ -143,17 +143,21 @@ def a_folder(name: str) -> Callable[[Path], None]:
 
 
 def preview_appears_beside_the_series(monkeypatch) -> None:
-    """Another program writes p.png while the DICOM series is being written: the preview cannot be committed."""
-    from ctflow import cli
+    """Another program writes p.png while the DICOM series is being written: neither is committed."""
+    from ctflow import dicom
 
-    original = cli.write_volume
+    original = dicom.dicom_writer
 
-    def write_then_collide(volume, path, **kwargs):
-        written = original(volume, path, **kwargs)
-        (Path(path).parent / "p.png").write_bytes(b"someone else's")
-        return written
+    def writer_then_collide(volume, *args, **kwargs):
+        fill = original(volume, *args, **kwargs)
 
-    monkeypatch.setattr(cli, "write_volume", write_then_collide)
+        def fill_then_collide(folder: Path) -> None:
+            fill(folder)
+            (folder.parent / "p.png").write_bytes(b"someone else's")
+
+        return fill_then_collide
+
+    monkeypatch.setattr(dicom, "dicom_writer", writer_then_collide)
 
 
 def preview_fails(monkeypatch) -> None:

@@ -258,6 +258,12 @@ def test_generate_writes_a_dicom_series(tiny_model, tmp_path, capsys):
     assert read_volume(tmp_path / "named.dcm").shape[0] == 6
     assert main([*argv, "--out", str(tmp_path / "named"), "--format", "dicom"]) == 1
     assert "already exists" in capsys.readouterr().err
+    preview = tmp_path / "named.png"
+    preview.write_bytes(b"an older preview")
+    assert main([*argv, "--out", str(tmp_path / "named"), "--format", "dicom", "--slices", "4", "--preview",
+                 str(preview), "--overwrite"]) == 0  # the series and its preview replaced together
+    assert read_volume(tmp_path / "named").shape[0] == 4 and preview.read_bytes().startswith(b"\x89PNG")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["named", "named.dcm", "named.png", "series"]
 
 
 # -- tools no one here wrote ---------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 
 from ctflow import Geometry, OutputExistsError, Provenance, Volume, read_volume, write_volume
 from ctflow.errors import CTFlowError
-from ctflow.io import atomic_write, volume_stem, volume_suffix
+from ctflow.io import StagedWrites, atomic_write, volume_stem, volume_suffix
 
 OBLIQUE = np.array([[-0.96, 0.28, 0.0], [-0.28, -0.96, 0.0], [0.0, 0.0, -1.0]])  # rotated in-plane, head first
 
@@ -117,6 +117,37 @@ def test_a_failed_write_leaves_nothing(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         atomic_write(tmp_path / "ct.nii.gz", broken)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_commit_that_fails_half_way_puts_back_what_it_replaced(tmp_path):
+    """A volume, its preview and a DICOM series commit together: the one that cannot be placed undoes the others."""
+    (tmp_path / "preview.png").write_bytes(b"old preview")
+    (tmp_path / "series").mkdir()
+    (tmp_path / "series" / "0001.dcm").write_bytes(b"old slice")
+    with StagedWrites(overwrite=True) as staged:
+        staged.add(tmp_path / "preview.png", lambda tmp: tmp.write_bytes(b"new preview"))
+        staged.add_folder(tmp_path / "series", lambda tmp: (tmp / "0001.dcm").write_bytes(b"new slice"))
+        staged.add(tmp_path / "ct.nii.gz", lambda tmp: tmp.write_bytes(b"new volume"))
+        (tmp_path / "ct.nii.gz").mkdir()  # after staging: the last move cannot be made
+        (tmp_path / "ct.nii.gz" / "a user's file").write_bytes(b"kept")
+        with pytest.raises(OSError):
+            staged.commit()
+    assert (tmp_path / "preview.png").read_bytes() == b"old preview"
+    assert (tmp_path / "series" / "0001.dcm").read_bytes() == b"old slice"
+    assert (tmp_path / "ct.nii.gz" / "a user's file").read_bytes() == b"kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz", "preview.png", "series"]  # no temporaries
+
+
+def test_a_commit_replaces_files_and_folders_together(tmp_path):
+    (tmp_path / "series").mkdir()
+    (tmp_path / "series" / "0001.dcm").write_bytes(b"old slice")
+    with StagedWrites(overwrite=True) as staged:
+        staged.add(tmp_path / "preview.png", lambda tmp: tmp.write_bytes(b"new preview"))
+        staged.add_folder(tmp_path / "series", lambda tmp: (tmp / "0002.dcm").write_bytes(b"new slice"))
+        staged.commit()
+    assert (tmp_path / "preview.png").read_bytes() == b"new preview"
+    assert [p.name for p in (tmp_path / "series").iterdir()] == ["0002.dcm"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["preview.png", "series"]
 
 
 @pytest.mark.parametrize("name, message", [("ct.mhd", "unsupported file type"), ("missing/ct.nrrd", "does not exist")])
