@@ -260,11 +260,17 @@ class StagedWrites:
         try:
             for tmp, path in self.staged:
                 placed.append((path, _place(tmp, path, self.overwrite)))
-        except BaseException:
-            for path, old in reversed(placed):
-                _remove(path)
-                if old is not None:
-                    os.replace(old, path)
+        except BaseException as exc:
+            unplaced = []
+            for path, old in reversed(placed):  # every one, even when another cannot be put back
+                try:
+                    _remove(path)
+                    if old is not None:
+                        _put_back(old, path)
+                except (OSError, CTFlowError) as undo:
+                    unplaced.append(str(undo))
+            if unplaced and isinstance(exc, Exception):
+                raise CTFlowError("; ".join(unplaced)) from exc
             raise
         for _, old in placed:
             if old is not None:
@@ -274,29 +280,67 @@ class StagedWrites:
 def _place(tmp: Path, path: Path, overwrite: bool) -> Path | None:
     """Move `tmp` onto `path`; returns what `path` held, now set aside under a temporary name (None: nothing)."""
     folder = tmp.is_dir()
-    old = None
-    if overwrite and (path.exists() or path.is_symlink()):
-        old = path.with_name(f"{temp_prefix()}old-{os.urandom(4).hex()}")  # swept like the staging names
-        if folder or path.is_symlink():
-            os.rename(path, old)
-        else:
-            os.link(path, old)  # a file stays in place until replaced in one step: readers never miss it
+    old = _set_aside(path, folder) if overwrite and (path.exists() or path.is_symlink()) else None
     try:
         if folder:
             os.rename(tmp, path)  # refuses a non-empty folder that appeared meanwhile
         elif overwrite:
             os.replace(tmp, path)
         else:
-            os.link(tmp, path)  # fails if path appeared meanwhile: never clobbers
+            _link_new(tmp, path)
     except OSError as exc:
         if old is not None:
-            os.replace(old, path)
+            _put_back(old, path)
         if folder:
             raise OutputExistsError(f"{path} appeared while it was being written; nothing was replaced") from exc
         if isinstance(exc, FileExistsError):
             raise exists_error(path) from exc
         raise
     return old
+
+
+def _link_new(tmp: Path, path: Path) -> None:
+    """Give `tmp` the name `path`, which must not exist: a hard link fails if it appeared meanwhile, so it never
+    clobbers. A file system without hard links (FAT, some network shares) gets a rename after a last look."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:
+        if path.exists() or path.is_symlink():
+            raise FileExistsError(path) from None
+        os.rename(tmp, path)
+
+
+def _set_aside(path: Path, folder: bool) -> Path | None:
+    """Keep what `path` holds under a temporary name until the commit is whole. A plain file stays where it is
+    (a second link to it), so readers never miss it; where no link can be made (FAT, another user's file), None:
+    that file is replaced without a way back, as by os.replace alone."""
+    old = path.with_name(f"{temp_prefix()}old-{os.urandom(4).hex()}")  # swept like the staging names
+    if folder or path.is_symlink():
+        os.rename(path, old)
+        return old
+    try:
+        os.link(path, old)
+    except OSError:
+        return None
+    return old
+
+
+def _put_back(old: Path, path: Path) -> None:
+    """Undo _set_aside. What cannot go back gets a name no later run sweeps away, and the error says which."""
+    try:
+        if path.is_file() and not path.is_symlink() and os.path.samefile(old, path):
+            old.unlink()  # the file never left
+        else:
+            os.replace(old, path)
+    except OSError as exc:
+        kept = path.with_name(f"{path.name}.previous-{os.urandom(4).hex()}")
+        try:
+            os.rename(old, kept)
+        except OSError:
+            kept = old
+        raise CTFlowError(f"{path} could not be put back ({exc.strerror or exc}); what it held is now {kept}") from exc
 
 
 def _remove(path: Path) -> None:

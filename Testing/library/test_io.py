@@ -150,6 +150,26 @@ def test_a_commit_replaces_files_and_folders_together(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["preview.png", "series"]
 
 
+def test_writes_where_the_file_system_has_no_hard_links(tmp_path, monkeypatch):
+    """FAT and exFAT drives and some network shares refuse os.link (and Linux refuses to link another user's file):
+    new files are renamed into place after a last look, an old one is replaced without a way back."""
+    (tmp_path / "old.png").write_bytes(b"old")
+
+    def no_links(*args, **kwargs):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    with StagedWrites(overwrite=True) as staged:
+        staged.add(tmp_path / "old.png", lambda tmp: tmp.write_bytes(b"new"))
+        staged.add(tmp_path / "new.png", lambda tmp: tmp.write_bytes(b"made"))
+        staged.commit()
+    atomic_write(tmp_path / "other.png", lambda tmp: tmp.write_bytes(b"made too"))
+    with pytest.raises(OutputExistsError):
+        atomic_write(tmp_path / "other.png", lambda tmp: tmp.write_bytes(b"clobbered"))
+    assert [(p.name, p.read_bytes()) for p in sorted(tmp_path.iterdir())] == [
+        ("new.png", b"made"), ("old.png", b"new"), ("other.png", b"made too")]
+
+
 @pytest.mark.parametrize("name, message", [("ct.mhd", "unsupported file type"), ("missing/ct.nrrd", "does not exist")])
 def test_bad_output_paths(volume, tmp_path, name, message):
     with pytest.raises(CTFlowError, match=message):
