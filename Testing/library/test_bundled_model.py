@@ -5,6 +5,8 @@ How good its anatomy is, and how fast, is measured by `ctflow-train evaluate`, `
 wrongly exported bundle, and a model that no longer makes a body with lungs in it.
 """
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,8 @@ import ctflow
 from ctflow.hub import default_model
 from ctflow.model_folder import verify_model_folder
 
-REPORT = Path(__file__).parents[2] / "Resources" / "SampleReports" / "normal_chest.txt"
+ROOT = Path(__file__).parents[2]
+REPORT = ROOT / "Resources" / "SampleReports" / "normal_chest.txt"
 # Mean HU of each 16x16-voxel tile of each slice, [16, 16, 16], of the sample report at slices=16, steps=4, seed 0,
 # guidance 1 on the CPU (flow16_variants, recorded 2026-11-30 on an AVX2 CPU at 2 threads). The voxels themselves are not
 # portable: CPU kernels and thread counts round differently (1 HU at most, a tile 0.25 HU), while a change to
@@ -32,6 +35,19 @@ def test_bundle_is_intact_small_and_says_what_it_is():
     card = (folder / "README.md").read_text().lower()
     assert "synthetic" in card and "not for clinical use" in card and "psnr" in card
     assert "conditioned on slice position, with a pooled-text vector" in card  # the conditioning it was trained with
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="not a git checkout")
+def test_bundle_passes_its_checksums_in_a_windows_checkout(tmp_path):
+    """Git for Windows writes text files with CRLF endings (core.autocrlf=true): .gitattributes keeps the bundle's
+    card and configs byte for byte, or every Windows user's default model would fail its checksums."""
+    clone = tmp_path / "clone"
+    git = ["git", "-c", "core.autocrlf=true", "-C", str(clone)]
+    subprocess.run(["git", "clone", "-q", "--no-checkout", "--shared", str(ROOT), str(clone)], check=True)
+    subprocess.run([*git, "checkout", "-q", "HEAD", "--", ".gitattributes"], check=True)  # read by the next one
+    subprocess.run([*git, "checkout", "-q", "HEAD", "--", "Resources"], check=True)
+    assert b"\r\n" in (clone / REPORT.relative_to(ROOT)).read_bytes()  # the conversion happened where allowed
+    assert verify_model_folder(clone / default_model().relative_to(ROOT))
 
 
 @pytest.fixture(scope="module")
