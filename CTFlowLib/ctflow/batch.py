@@ -44,7 +44,7 @@ from .io import (
     DICOM, DICOM_SUFFIX, TEMP_PREFIX, StagedWrites, atomic_write, check_writable_folder, read_json_object,
     volume_stem, write_volume,
 )
-from .checksums import sha256_file
+from .checksums import TOOL_FILES, sha256_file
 from .config import MAX_SEED, MAX_SLICES
 from .pipeline import CancelFlag, CTFlowPipeline, GenerationRequest, check_options, with_defaults
 from .report import Report, parse_report
@@ -100,11 +100,15 @@ def read_reports(path: str | os.PathLike) -> list[ReportRow]:
     if not rows:
         raise CTFlowError(f"{path} holds no reports")
     reports = [_report_row(row, order, f"{path} {where}") for order, (where, row) in enumerate(rows)]
-    seen: dict[str, int] = {}
+    seen: dict[str, ReportRow] = {}
     for report in reports:
-        if report.id in seen:
-            raise CTFlowError(f"{path}: rows {seen[report.id] + 1} and {report.order + 1} have the same id {report.id!r}")
-        seen[report.id] = report.order
+        key = report.id.casefold()  # Windows and macOS file names ignore case: Case1 and case1 are one file there
+        if key in seen:
+            first = seen[key]
+            same = "the same id" if first.id == report.id else "ids that differ only in case"
+            raise CTFlowError(f"{path}: rows {first.order + 1} and {report.order + 1} have {same} ({first.id!r}, "
+                              f"{report.id!r}); their files would be one")
+        seen[key] = report
     return reports
 
 
@@ -162,7 +166,8 @@ def check_out_folder(folder: Path, started: bool = False) -> None:
         raise CTFlowError(f"--out {folder} is not a folder; give a folder for the volumes")
     ours = (folder / MANIFEST_DIR).is_dir()
     # another rank's write probe (a temp file) is no user's file: ranks check a folder made beforehand at once
-    holds = folder.is_dir() and any(not path.name.startswith(TEMP_PREFIX) for path in folder.iterdir())
+    holds = folder.is_dir() and any(not path.name.startswith(TEMP_PREFIX) and path.name not in TOOL_FILES
+                                    for path in folder.iterdir())  # nor Finder's .DS_Store a user's file
     if not ours and (started or holds):
         what = ("does not exist" if not folder.exists() else "holds files but no batch (no .manifest folder)" if holds
                 else "holds no batch")

@@ -35,6 +35,7 @@ import numpy as np
 
 from . import __version__
 from .conventions import SYNTHETIC_DESCRIPTION, WINDOWS
+from .checksums import TOOL_FILES
 from .errors import CTFlowError, OutputExistsError, first_line
 from .io import atomic_folder, check_writable_folder
 from .volume import RAS_TO_LPS, Geometry, Provenance, Volume, hu_voxels
@@ -112,7 +113,8 @@ def check_dicom_folder(folder: str | os.PathLike, overwrite: bool) -> Path:
     if folder.exists() or folder.is_symlink():
         if not overwrite:
             raise OutputExistsError(f"{folder} already exists; choose another name or pass --overwrite")
-        if folder.is_symlink() or not folder.is_dir() or not all(is_dicom_file(p) for p in folder.iterdir()):
+        if folder.is_symlink() or not folder.is_dir() or not all(is_dicom_file(p) or p.name in TOOL_FILES
+                                                                  for p in folder.iterdir()):  # Finder's .DS_Store
             raise OutputExistsError(f"{folder} is not a folder of DICOM files only; not replacing it")
     return folder
 

@@ -10,7 +10,8 @@ import pytest
 
 from ctflow import CTFlowError, GenerationRequest, read_volume
 from ctflow.batch import (
-    COLUMNS, BatchFolder, merge_manifest, plan_items, rank_and_world, read_manifest, read_reports, run_batch, shard,
+    COLUMNS, MANIFEST_JSON, BatchFolder, merge_manifest, plan_items, rank_and_world, read_manifest, read_reports,
+    run_batch, shard,
 )
 from ctflow.checksums import sha256_file
 
@@ -50,6 +51,9 @@ def test_reports_come_from_ctrate_csv_and_cohort_jsonl(tmp_path):
     assert [item.name for item in items] == ["p_001_s10", "p_001_s11", "r00001_s10", "r00001_s11"]
     index.write_text('{"name": "a", "report": "x"}\n{"name": "a", "report": "y"}\n')
     with pytest.raises(CTFlowError, match="same id"):
+        read_reports(index)
+    index.write_text('{"name": "Case1", "report": "x"}\n{"name": "case1", "report": "y"}\n')
+    with pytest.raises(CTFlowError, match="rows 1 and 2 have ids that differ only in case"):  # one file on NTFS, APFS
         read_reports(index)
     with pytest.raises(CTFlowError, match="no report text"):
         read_reports(write_csv(tmp_path / "empty.csv", [{"id": "a", "report": ""}]))
@@ -92,6 +96,14 @@ def test_a_batch_never_writes_among_a_users_own_files(tiny_pipeline, reports, tm
         run_batch(tiny_pipeline, plan_items(read_reports(reports), 1), BatchFolder(mine), OPTIONS)
     assert [path.name for path in mine.iterdir()] == ["rul_nodule_s0.nii.gz"]
     assert (mine / "rul_nodule_s0.nii.gz").read_text() == "my own CT"
+
+
+def test_a_folder_finder_has_looked_into_is_still_empty(tiny_pipeline, reports, tmp_path):
+    browsed = tmp_path / "browsed"
+    browsed.mkdir()
+    (browsed / ".DS_Store").write_bytes(b"Bud1 Finder's view settings")
+    result = run_batch(tiny_pipeline, plan_items(read_reports(reports), 1)[:1], BatchFolder(browsed), OPTIONS)
+    assert len(result.made) == 1 and (browsed / MANIFEST_JSON).is_file()
 
 
 def test_ranks_share_items_evenly(monkeypatch):

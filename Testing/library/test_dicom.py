@@ -107,6 +107,7 @@ def test_existing_folders_are_kept_unless_asked_and_only_series_are_replaced(pro
     with pytest.raises(OutputExistsError, match="already exists"):
         write_dicom(volume, target)
     shorter = Volume(volume.hu[:3], volume.geometry, provenance)
+    (target / ".DS_Store").write_bytes(b"Bud1")  # Finder browsed the series: still a series
     write_dicom(shorter, target, overwrite=True)
     assert len(list(target.iterdir())) == 3 < len(before) and read_volume(target).shape == (3, 6, 7)
     mine = tmp_path / "mine"
