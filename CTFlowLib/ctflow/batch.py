@@ -247,9 +247,9 @@ class BatchFolder:
         path = self.folder / MANIFEST_DIR / DICOM_STUDIES
         claim = {"namespace": str(uuid.uuid4()), "created": dt.datetime.now(dt.timezone.utc).isoformat()}
         try:
-            atomic_write(path, lambda tmp: tmp.write_text(json.dumps(claim) + "\n"))
+            atomic_write(path, lambda tmp: tmp.write_text(json.dumps(claim) + "\n", encoding="utf-8"))
         except FileExistsError:
-            claim = json.loads(path.read_text())
+            claim = json.loads(path.read_text(encoding="utf-8"))
         return claim
 
     def study(self, report_id: str):
@@ -263,7 +263,8 @@ class BatchFolder:
     def claim_settings(self, settings: dict) -> None:
         """Record the batch settings, or check that a resumed batch uses the ones it was started with."""
         try:
-            atomic_write(self.settings_file, lambda tmp: tmp.write_text(json.dumps(settings, indent=1) + "\n"))
+            atomic_write(self.settings_file,
+                         lambda tmp: tmp.write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8"))
         except FileExistsError:
             self.check_settings(settings)
 
@@ -276,7 +277,7 @@ class BatchFolder:
         model loads, the sampling settings its config gives)."""
         if not self.settings_file.is_file():
             return
-        started = json.loads(self.settings_file.read_text())
+        started = json.loads(self.settings_file.read_text(encoding="utf-8"))
         started = {**{key: settings[key] for key in LATER_SETTINGS if key not in started and key in settings},
                    **started}
         keys = settings.keys() | started.keys() if keys is None else keys
@@ -288,7 +289,7 @@ class BatchFolder:
     def rows(self, items: list[Item] | None = None) -> list[dict]:
         """The rows of the finished items (of `items` only, when given)."""
         names = None if items is None else {item.name for item in items}
-        return [json.loads(path.read_text()) for path in sorted(self.items.glob("*.json"))
+        return [json.loads(path.read_text(encoding="utf-8")) for path in sorted(self.items.glob("*.json"))
                 if names is None or path.stem in names]
 
     def check_resume(self, items: list[Item], slices: int | None) -> None:
@@ -297,7 +298,7 @@ class BatchFolder:
         changed = []
         for item in items:
             if self.row(item).is_file():
-                row = json.loads(self.row(item).read_text())
+                row = json.loads(self.row(item).read_text(encoding="utf-8"))
                 if row.get("report") != item.report.text or row.get("slices_requested") != (item.report.slices or slices):
                     changed.append(item.name)
         if changed:
@@ -409,7 +410,7 @@ def _make_item(pipeline, item: Item, out: BatchFolder, options: GenerationReques
         result.failed[item.name] = str(exc)
         return "failed"
     row = manifest_row(item, volume.provenance, path, volume.shape[0], time.perf_counter() - started, rank)
-    atomic_write(out.row(item), lambda tmp: tmp.write_text(json.dumps(row) + "\n"), overwrite=True)
+    atomic_write(out.row(item), lambda tmp: tmp.write_text(json.dumps(row) + "\n", encoding="utf-8"), overwrite=True)
     result.made.append(item.name)
     return "made"
 
@@ -443,11 +444,12 @@ def merge_manifest(folder: str | os.PathLike, items: list[Item] | None = None) -
     rows = [row for row in out.rows(items) if (out.folder / row["file"]).exists()]
     rows.sort(key=lambda row: (row["order"], row["seed"]))
     settings_path = out.folder / MANIFEST_DIR / SETTINGS
-    settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
+    settings = json.loads(settings_path.read_text(encoding="utf-8")) if settings_path.is_file() else {}
     document = {"settings": settings, "items": len(items) if items is not None else None,
                 "finished": len(rows), "rows": [{key: row.get(key) for key in COLUMNS} for row in rows]}
     with StagedWrites(overwrite=True) as staged:  # both or neither: a kill between them leaves them agreeing
-        staged.add(out.folder / MANIFEST_JSON, lambda tmp: tmp.write_text(json.dumps(document, indent=1) + "\n"))
+        staged.add(out.folder / MANIFEST_JSON,
+                   lambda tmp: tmp.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8"))
         staged.add(out.folder / MANIFEST_CSV, lambda tmp: _write_csv(tmp, document["rows"]))
         staged.commit()
     return rows

@@ -326,7 +326,7 @@ def run_metrics(args: argparse.Namespace) -> int:
         results["text_alignment"] = metrics.batch_alignment(args.generated, labels, detector)
     text = json.dumps(results, indent=2)
     if args.out:
-        atomic_write(args.out, lambda tmp: tmp.write_text(text + "\n"), overwrite=args.overwrite)
+        atomic_write(args.out, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"), overwrite=args.overwrite)
     print(text)
     return 0
 

@@ -88,7 +88,7 @@ def convert_ct_clip_text(checkpoint: Path, tokenizer: Path, out: Path, heads: in
         model.save_pretrained(staging, safe_serialization=True)
         text_tokenizer.save_pretrained(staging)
         settings = staging / "tokenizer_config.json"
-        kept = {k: v for k, v in json.loads(settings.read_text()).items() if k not in _REMOTE_CODE_KEYS}
-        settings.write_text(json.dumps(kept, indent=2) + "\n")
+        kept = {k: v for k, v in json.loads(settings.read_text(encoding="utf-8")).items() if k not in _REMOTE_CODE_KEYS}
+        settings.write_text(json.dumps(kept, indent=2) + "\n", encoding="utf-8")
 
     return atomic_folder(out, fill, overwrite)

@@ -116,14 +116,14 @@ def save_model(
     refuse_foreign_folder(folder, (CONFIG, CHECKSUMS), "a model folder", ModelError)
 
     def fill(staging: Path) -> None:
-        (staging / CONFIG).write_text(config.to_json())
+        (staging / CONFIG).write_text(config.to_json(), encoding="utf-8")
         state = {name: tensor.detach().cpu().contiguous() for name, tensor in denoiser.state_dict().items()}
         save_file(state, staging / WEIGHTS, metadata={"format": "pt"})  # one key: safetensors orders keys anew each save
         vae.save_pretrained(staging / VAE_FOLDER, safe_serialization=True)
         _drop_source_path(staging / VAE_FOLDER / CONFIG)
         for name, source in (subfolders or {}).items():
             shutil.copytree(source, staging / name, ignore=_not_data_files)
-        (staging / CARD).write_text(card or default_card(config))
+        (staging / CARD).write_text(card or default_card(config), encoding="utf-8")
         write_checksums(staging)
 
     return atomic_folder(folder, fill, overwrite)
@@ -132,9 +132,9 @@ def save_model(
 def _drop_source_path(config: Path) -> None:
     """diffusers records where a model was loaded from (`_name_or_path`): a path of the machine that exported it,
     which a published folder has no use for and should not disclose."""
-    data = json.loads(config.read_text())
+    data = json.loads(config.read_text(encoding="utf-8"))
     if data.pop("_name_or_path", None) is not None:
-        config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _not_data_files(folder: str, names: list[str]) -> list[str]:

@@ -300,7 +300,7 @@ def _assess_all(files, names, staged: StagedWrites, folder: Path, block_slices, 
                           f"none of the {len(failed)} volumes could be read, e.g. {next(iter(failed.values()))}")
     document = {"summary": summarise(results), "diversity": diversity(groups), "reference": reference,
                 "volumes": results, "failed": failed}
-    staged.add(folder / "qa.json", lambda tmp: tmp.write_text(json.dumps(document, indent=1) + "\n"))
+    staged.add(folder / "qa.json", lambda tmp: tmp.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8"))
     return document
 
 
@@ -387,7 +387,8 @@ def _fmt(value) -> str:
 def write_report(volume: Volume, result: dict, folder: Path, name: str, reference: dict | None,
                  staged: StagedWrites) -> None:
     """Stage <name>.qa.json and <name>.qa.png in `folder`."""
-    staged.add(folder / f"{name}.qa.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n"))
+    staged.add(folder / f"{name}.qa.json",
+               lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8"))
     page = report_page(volume, result, reference)
     staged.add(folder / f"{name}.qa.png", lambda tmp: page.save(tmp, format="PNG"))
 

@@ -259,7 +259,7 @@ def resolve_source(spec: str, what: str, patterns: tuple[str, ...] = ("*.json", 
     path = Path(spec).expanduser()
     if path.exists():
         return path, str(path.resolve())
-    if spec.startswith(("/", ".", "~")):
+    if spec.startswith(("/", ".", "~")) or path.is_absolute() or path.drive:  # "D:/models/vae" on Windows
         raise ModelError(f"{what} folder {spec} does not exist")
     name, _, revision = spec.partition("@")
     parts = name.strip("/").split("/")
@@ -328,7 +328,7 @@ def _text_width(folder: Path) -> int:
     if folder.is_dir() and not list(folder.glob("*.safetensors")):
         raise ModelError(f"--text-encoder {folder} holds no safetensors weights; make it with `ctflow convert-ct-clip`")
     try:
-        return int(json.loads((folder / "config.json").read_text())["hidden_size"])
+        return int(json.loads((folder / "config.json").read_text(encoding="utf-8"))["hidden_size"])
     except FileNotFoundError as exc:
         raise ModelError(f"--text-encoder {folder} is not a transformers model folder (no config.json); make one "
                          "with `ctflow convert-ct-clip`") from exc

@@ -291,8 +291,13 @@ class WorkerProcess:
                  path: tuple[str, ...] = ()) -> None:
         """python: the interpreter (default: this one); log: a file for the worker's stderr (default: inherited);
         path: folders put first on the worker's PYTHONPATH (e.g. a bundled copy of ctflow)."""
+        if sys.platform == "win32" and sys.version_info < (3, 12):
+            from .errors import CTFlowError
+
+            raise CTFlowError("the Slicer worker needs Python 3.12 on Windows (non-blocking pipes; Slicer 5.10 has it)")
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([*path, env.get("PYTHONPATH", "")]).strip(os.pathsep)
+        env["PYTHONIOENCODING"] = "utf-8"  # its log is read as UTF-8, whatever the Windows code page
         self.log = Path(log) if log else None
         self._log_start = 0  # where this worker's lines begin: other workers (other Slicer sessions) wrote before
         stderr = None
@@ -380,7 +385,8 @@ class WorkerProcess:
         """End the worker and every process it started, now."""
         if self.process.poll() is None:
             if sys.platform == "win32":
-                subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.process.pid)], capture_output=True)
+                subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.process.pid)], capture_output=True,
+                               creationflags=subprocess.CREATE_NO_WINDOW)  # Slicer has no console to lend it
             else:
                 try:
                     os.killpg(self.process.pid, signal.SIGKILL)
