@@ -34,8 +34,8 @@ from typing import Callable
 import numpy as np
 
 from . import __version__
-from .conventions import SYNTHETIC_DESCRIPTION, WINDOWS
 from .checksums import TOOL_FILES
+from .conventions import SYNTHETIC_DESCRIPTION, WINDOWS
 from .errors import CTFlowError, OutputExistsError, first_line
 from .io import atomic_folder, check_writable_folder
 from .volume import RAS_TO_LPS, Geometry, Provenance, Volume, hu_voxels
