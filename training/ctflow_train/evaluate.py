@@ -313,6 +313,7 @@ def run(args: argparse.Namespace) -> int:
         check_output_path(options.out, options.overwrite, suffixes=(".json",))
     figures = evaluate_model(options).to_json()
     options.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(options.out, lambda tmp: tmp.write_text(json.dumps(figures, indent=1) + "\n"), overwrite=options.overwrite)
+    atomic_write(options.out, lambda tmp: tmp.write_text(json.dumps(figures, indent=1) + "\n", encoding="utf-8"),
+                 overwrite=options.overwrite)
     print(json.dumps({k: v for k, v in figures.items() if k not in ("length_unrequested", "length_requested_in_prompt")}))
     return 0

@@ -526,7 +526,8 @@ def writer_reports(data: Path, seed: int, studied: tuple[str, ...]) -> tuple[dic
     parameters from the first cohort patient with it, on one side where it takes one); and per finding that can lie
     on either side, its report with it on the right and on the left (from the first patient with it there)."""
     absent = {"present": False}
-    labels = [json.loads((data / entry["labels"]).read_text())["findings"] for entry in read_index(data)]
+    labels = [json.loads((data / entry["labels"]).read_text(encoding="utf-8"))["findings"]
+              for entry in read_index(data)]
     normal = {name: absent for name in labels[0]}
 
     def describing(finding: str, wanted) -> tuple[str, dict] | None:
@@ -581,7 +582,7 @@ def training_set(pipe: CTFlowPipeline, folders: list[Path], stores: list[Path], 
                 return grid_features(latents), pooled(hu)
 
             features.append(cache.get(training_feature_key(autoencoder, store, number), make))
-            labels.append(json.loads((folder / index[name]["labels"]).read_text())["findings"])
+            labels.append(json.loads((folder / index[name]["labels"]).read_text(encoding="utf-8"))["findings"])
             groups.append(patient_of(name))
             if len(features) % 20 == 0:
                 log(f"training volumes: {len(features)}")
@@ -743,7 +744,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.overwrite and (args.out.exists() or table.exists()):
         raise CTFlowError(f"{args.out} or {table.name} exists: give another --out, or --overwrite")
     study = run_study(args, lambda line: print(line, file=sys.stderr, flush=True))
-    atomic_write(args.out, lambda tmp: tmp.write_text(study.to_json()), overwrite=True)
-    atomic_write(table, lambda tmp: tmp.write_text(study.markdown()), overwrite=True)
+    atomic_write(args.out, lambda tmp: tmp.write_text(study.to_json(), encoding="utf-8"), overwrite=True)
+    atomic_write(table, lambda tmp: tmp.write_text(study.markdown(), encoding="utf-8"), overwrite=True)
     print(study.markdown())
     return 0

@@ -80,7 +80,7 @@ class LatentStore:
                               "again into a store folder (ctflow-train cache-latents --out FOLDER)")
         if not (self.folder / HEADER).is_file():
             raise CTFlowError(f"{folder} is not a latent store (no {HEADER}): make one with ctflow-train cache-latents")
-        self.header = json.loads((self.folder / HEADER).read_text())
+        self.header = json.loads((self.folder / HEADER).read_text(encoding="utf-8"))
         if self.header.get("format") != FORMAT:
             found = self.header.get("format")
             raise CTFlowError(f"{folder} is a latent store of another format ({found}), not {FORMAT}")
@@ -88,7 +88,8 @@ class LatentStore:
             raise CTFlowError(f"{folder} has no {INDEX}: its encoding stopped before the end; run cache-latents again")
         common = load_file(self.folder / COMMON)
         self.start, self.end, self.empty = common["start"], common["end"], common["text/empty"]
-        rows = [json.loads(line) for line in (self.folder / INDEX).read_text().splitlines() if line.strip()]
+        rows = [json.loads(line) for line in (self.folder / INDEX).read_text(encoding="utf-8").splitlines()
+                if line.strip()]
         if not rows:
             raise CTFlowError(f"{folder} holds no volumes")
         self.names = [row["name"] for row in rows]
@@ -147,7 +148,8 @@ def open_stores(paths: list[str | Path]) -> list[LatentStore]:
 def verify(folder: str | Path) -> list[str]:
     """Names of the volumes whose file is missing or no longer matches its checksum (empty: the store is whole)."""
     store = LatentStore(folder)
-    rows = [json.loads(line) for line in (store.folder / INDEX).read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in (store.folder / INDEX).read_text(encoding="utf-8").splitlines()
+            if line.strip()]
     return [row["name"] for row in rows
             if not (store.folder / row["file"]).is_file() or sha256_file(store.folder / row["file"]) != row["sha256"]]
 
@@ -166,11 +168,11 @@ class StoreWriter:
             tensors = {k: v.float().contiguous() for k, v in common.items()}
             atomic_write(self.folder / COMMON, lambda tmp: save_file(tensors, tmp), overwrite=True)
             text = json.dumps(header, indent=1) + "\n"
-            atomic_write(self.folder / HEADER, lambda tmp: tmp.write_text(text), overwrite=True)
+            atomic_write(self.folder / HEADER, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=True)
 
     def _check(self, header: dict, common: dict[str, torch.Tensor]) -> None:
         """Adding to an existing store: the same encoders, dtype and slice size, or nothing is written."""
-        existing = json.loads((self.folder / HEADER).read_text())
+        existing = json.loads((self.folder / HEADER).read_text(encoding="utf-8"))
         if existing.get("format") != FORMAT:
             raise CTFlowError(f"{self.folder} is not a latent store of format {FORMAT}")
         for key in ("dtype", "image_size", "latent_shape", "variants"):
@@ -200,15 +202,16 @@ class StoreWriter:
         row = {"name": name, "file": file, "slices": len(latents), "content_slices": content_slices,
                "spacing": list(spacing), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
                "source": source}
-        atomic_write(self._row(name), lambda tmp: tmp.write_text(json.dumps(row) + "\n"), overwrite=True)
+        atomic_write(self._row(name), lambda tmp: tmp.write_text(json.dumps(row) + "\n", encoding="utf-8"),
+                     overwrite=True)
         return row
 
     def merge(self) -> int:
         """Write index.jsonl from every row present (the same content whichever rank writes it); returns the count."""
-        rows = sorted((json.loads(path.read_text()) for path in (self.folder / ROWS).glob("*.json")),
+        rows = sorted((json.loads(path.read_text(encoding="utf-8")) for path in (self.folder / ROWS).glob("*.json")),
                       key=lambda row: row["name"])
         lines = "".join(json.dumps(row) + "\n" for row in rows)
-        atomic_write(self.folder / INDEX, lambda tmp: tmp.write_text(lines), overwrite=True)
+        atomic_write(self.folder / INDEX, lambda tmp: tmp.write_text(lines, encoding="utf-8"), overwrite=True)
         return len(rows)
 
 
@@ -233,7 +236,7 @@ def store_prompt(report: Report, spacing: float, slices: int | None = None) -> s
 
 def labelled_findings(data: Path, entry: dict) -> list[dict]:
     """The findings of a prepared case's label file (written by ctflow-train cohort): what its variants say."""
-    return json.loads((Path(data) / entry["labels"]).read_text())["findings"]
+    return json.loads((Path(data) / entry["labels"]).read_text(encoding="utf-8"))["findings"]
 
 
 def report_variant(findings: list[dict], name: str, number: int) -> Report:

@@ -35,7 +35,8 @@ def render_cohort_preview(folder: str | Path, patients: int = 4, tile: int = 256
     for row, entry in enumerate(entries):
         volume = read_volume(folder / entry["volume"])
         hu = volume.hu[: real_slices(volume.hu)]
-        findings = json.loads((folder / entry["labels"]).read_text())["findings"] if entry["labels"] else {}
+        findings = (json.loads((folder / entry["labels"]).read_text(encoding="utf-8"))["findings"] if entry["labels"]
+                    else {})
         k, j, _ = _focus(findings, hu.shape)
         spacing_i, spacing_j, spacing_k = volume.geometry.spacing
         planes = [(hu[k], spacing_j / spacing_i), (hu[:, j, :], spacing_k / spacing_i)]

@@ -194,7 +194,7 @@ class AutoencoderMetrics:
 
     @classmethod
     def read(cls, run_folder: Path) -> "AutoencoderMetrics":
-        return cls.from_json(json.loads((run_folder / "metrics.json").read_text()))
+        return cls.from_json(json.loads((run_folder / "metrics.json").read_text(encoding="utf-8")))
 
     def training(self) -> str:
         """Steps and time of the autoencoder, and of the run it continued when it continued one."""
@@ -481,7 +481,7 @@ def train(args: VAERun) -> AutoencoderMetrics:
         held_out_findings=finding_errors(trained, held_cases, args.eval_slices) if held_masks else None,
     )
     text = json.dumps(metrics.to_json(), indent=1) + "\n"
-    atomic_write(out / "metrics.json", lambda path: path.write_text(text), overwrite=True)
+    atomic_write(out / "metrics.json", lambda path: path.write_text(text, encoding="utf-8"), overwrite=True)
     print(json.dumps(dataclasses.asdict(metrics.held_out)), flush=True)
     return metrics
 

@@ -240,9 +240,9 @@ def write_model(folder: Path, checksums: dict[str, str], tuned: dict[str, torch.
             if sha256_file(staging / name) != digest:
                 raise CorruptModelError(f"{folder / name} changed during the run; the tuned model is not written")
         save_file({name: p.detach().half().contiguous() for name, p in tuned.items()}, staging / TUNED)
-        config = json.loads((staging / CONFIG).read_text())
+        config = json.loads((staging / CONFIG).read_text(encoding="utf-8"))
         config["text"]["tuned"] = TUNED
-        (staging / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        (staging / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         card = staging / CARD
         if card.is_file():
             card.write_text(card.read_text(encoding="utf-8").rstrip("\n") + "\n\n" + (
