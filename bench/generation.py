@@ -240,7 +240,8 @@ def project(pipeline, settings: list[str], repeats: int = 3) -> list[dict]:
         plan = pipeline.plan(ctflow.GenerationRequest(REPORT, seed=0, **options))
         req, batch = plan.request, plan.text.shape[0]
         if batch not in call_s:
-            velocity = block_velocity(pipeline.denoiser, block, plan.text, plan.text_mask, 0, plan.guidance)
+            velocity = block_velocity(pipeline.denoiser, block, plan.text, plan.text_mask, 0, plan.guidance,
+                                      plan.side_codes)
             with torch.no_grad():
                 t = torch.tensor(0.5, device=pipeline.device)
                 call_s[batch] = timed(lambda: velocity(block, t), pipeline.device, repeats)

@@ -78,7 +78,7 @@ def project(pipeline, settings: list[str], slices: int) -> list[dict]:
     pipeline._decode(block[0, :, :1])
     decode_s = (time.perf_counter() - started) * config.block_slices
     plan = pipeline.plan(ctflow.GenerationRequest("Findings: normal chest CT.", seed=0))
-    velocity = block_velocity(pipeline.denoiser, block, plan.text, plan.text_mask, 0, plan.guidance)
+    velocity = block_velocity(pipeline.denoiser, block, plan.text, plan.text_mask, 0, plan.guidance, plan.side_codes)
     with torch.no_grad():
         started = time.perf_counter()
         velocity(block, torch.tensor(0.5, device=pipeline.device))

@@ -55,9 +55,9 @@ def blocks(store: LatentStore, block: int) -> list[tuple]:
 def prediction(pipe: CTFlowPipeline, report: str, samples: list[tuple]) -> torch.Tensor:
     """The denoiser's clean-block predictions over every sample, from the report as the pipeline embeds it."""
     plan = pipe.plan(GenerationRequest(report=report, seed=0))
-    text, mask = plan.text[:1], plan.text_mask[:1]  # the conditional branch
+    text, mask, code = plan.text[:1], plan.text_mask[:1], plan.side_codes[:1]  # the conditional branch
     denoiser = pipe.denoiser
-    return torch.cat([denoiser.predict(z, t, denoiser.prepare(previous, text, mask, torch.tensor(float(first))))
+    return torch.cat([denoiser.predict(z, t, denoiser.prepare(previous, text, mask, torch.tensor(float(first)), code))
                       .flatten() for previous, z, t, first in samples])
 
 

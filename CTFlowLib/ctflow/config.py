@@ -50,6 +50,9 @@ class DenoiserConfig:
     # across the seam, spatially aligned. The channel concatenation pairs each new slice with the one a whole block
     # before it, so without this the slice next door reaches the seam only through temporal attention.
     seam_context: bool = False
+    # Add an embedding of the report's side code (report.side_code: which side each sided finding is reported on)
+    # to the time embedding (ours): the text encoder's vectors hardly tell "left" from "right".
+    side_code: bool = False
     variant: str = "ctflow"  # see VARIANTS
 
     def __post_init__(self) -> None:
@@ -59,9 +62,9 @@ class DenoiserConfig:
         if self.variant not in VARIANTS:
             raise ModelError(f"denoiser variant must be one of {', '.join(VARIANTS)}, not {self.variant!r}")
         if self.variant == "released" and (self.prediction != "velocity" or self.slice_position or self.pooled_text
-                                           or self.seam_context):
+                                           or self.seam_context or self.side_code):
             raise ModelError("the released denoiser variant predicts velocity and has none of this project's "
-                             "additions (slice_position, pooled_text, seam_context)")
+                             "additions (slice_position, pooled_text, seam_context, side_code)")
         if self.hidden_size % self.num_heads:
             raise ModelError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         pt, ph, pw = self.patch_size

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DenoiserConfig
+from .report import SIDE_CODE_SIZE
 
 
 MIN_TIME = 1e-3  # clean -> velocity divides by t; samplers never evaluate t = 0, this only guards the division
@@ -159,7 +160,7 @@ class Conditioning:
     previous: torch.Tensor  # [B, t, s, D] patch embedding of the previous clean block
     text_kv: list[torch.Tensor]  # per STDiT layer: [2, B, heads, M, D/heads] cross-attention keys and values
     mask: torch.Tensor  # [B, M] bool
-    vector: torch.Tensor | None = None  # [B, D] added to the time embedding: slice position and/or pooled text
+    vector: torch.Tensor | None = None  # [B, D] added to the time embedding: slice position, pooled text, side code
 
     def first(self, rows: int) -> Conditioning:
         """The conditioning of the first rows alone (views, no copies): guidance that drops a row mid-schedule."""
@@ -190,6 +191,7 @@ class STDiT(nn.Module):
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.text_embed = Mlp(config.text_dim, d / config.text_dim, out=d)
         self.text_vector = Mlp(config.text_dim, d / config.text_dim, out=d) if config.pooled_text else None
+        self.side_embed = nn.Linear(SIDE_CODE_SIZE, d) if config.side_code else None
         # The transformer layers. "blocks" (and t_block) are weight names in every shipped model.safetensors: keep them.
         self.blocks = nn.ModuleList(STDiTLayer(d, config.num_heads, config.mlp_ratio, self.released)
                                     for _ in range(config.depth))
@@ -217,6 +219,8 @@ class STDiT(nn.Module):
             nn.init.zeros_(self.text_vector[-1].bias)
         if self.seam_embed is not None:  # likewise
             nn.init.zeros_(self.seam_embed.weight)
+        if self.side_embed is not None:  # likewise
+            nn.init.zeros_(self.side_embed.weight)
         for layer in (self.t_block[1], self.final):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -234,9 +238,11 @@ class STDiT(nn.Module):
 
     def prepare(
         self, previous: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, first_slice: torch.Tensor | None = None,
+        side_code: torch.Tensor | None = None,
     ) -> Conditioning:
         """previous: [B, C, T, H, W] clean block; text: [B, M, text_dim]; mask: [B, M];
-        first_slice: [B] index in the volume of the new block's first slice (needed by slice_position models)."""
+        first_slice: [B] index in the volume of the new block's first slice (needed by slice_position models);
+        side_code: [B, SIDE_CODE_SIZE] each row's report.side_code (needed by side_code models)."""
         dtype = self.x_embed.weight.dtype
         prev_tokens = self.previous_embed(previous.to(dtype)).flatten(3).permute(0, 2, 3, 1)  # [B, t, s, D]
         if self.seam_embed is not None:  # the previous block's last patch of slices joins the new block's first
@@ -252,6 +258,10 @@ class STDiT(nn.Module):
             weights = mask.to(dtype).unsqueeze(-1)  # [B, M, 1]
             pooled = (text.to(dtype) * weights).sum(1) / weights.sum(1).clamp(min=1)  # [B, text_dim] mean token
             vectors.append(self.text_vector(pooled))  # [B, D]
+        if self.side_embed is not None:
+            if side_code is None:
+                raise ValueError("this denoiser is conditioned on the report's side code: pass side_code")
+            vectors.append(self.side_embed(side_code.to(previous.device, dtype)))  # [B, D]
         tokens = self.text_embed(text.to(dtype))  # [B, M, D]
         return Conditioning(prev_tokens, [layer.cross.keys_values(tokens) for layer in self.blocks], mask.bool(),
                             sum(vectors) if vectors else None)

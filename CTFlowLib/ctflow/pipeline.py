@@ -79,6 +79,7 @@ class GenerationPlan:
     text: torch.Tensor  # [guidance.branches, M, text_dim]: in Guidance.texts' order
     text_mask: torch.Tensor
     guidance: Guidance
+    side_codes: torch.Tensor | None = None  # [guidance.branches, SIDE_CODE_SIZE] for a side_code denoiser
 
 
 @dataclass(frozen=True)
@@ -258,7 +259,8 @@ class CTFlowPipeline:
                 notices.append(f"side guidance 0 (the model's default is {self.config.sampling.side_guidance:g}): a "
                                "precomputed embedding has no report text to mirror")
             return GenerationPlan(resolved, report.text, report.text, tuple(notices), tokens,
-                                  torch.ones(1, 1, dtype=torch.bool), Guidance(resolved.guidance))
+                                  torch.ones(1, 1, dtype=torch.bool), Guidance(resolved.guidance),
+                                  Guidance(resolved.guidance).side_codes(""))  # no text: no side
         # The released model never saw our meta lines (length, spacing): it gets the report sections alone.
         spacing = self.config.geometry.spacing[2]
         prompt = report.text if self.released_mode else render_prompt(report, resolved.prompt_slices, spacing)
@@ -281,7 +283,8 @@ class CTFlowPipeline:
                 f"the text encoder does not know {unknown:.0%} of the report's tokens (it reads English): "
                 "the volume will hardly follow the report"
             )
-        return GenerationPlan(resolved, prompt, report.text, tuple(notices), embedding.tokens, embedding.mask, guidance)
+        return GenerationPlan(resolved, prompt, report.text, tuple(notices), embedding.tokens, embedding.mask, guidance,
+                              guidance.side_codes(prompt))
 
     # -- generation -----------------------------------------------------------------------------------------
 
@@ -422,7 +425,7 @@ class CTFlowPipeline:
             with torch.no_grad():  # per thread: the decode-ahead worker needs its own
                 try:
                     velocity = block_velocity(self.denoiser, previous, plan.text, plan.text_mask, first_slice,
-                                              plan.guidance)
+                                              plan.guidance, plan.side_codes)
                     clean = sample(velocity, noise, req.steps, req.sampler, req.shift, is_cancelled)
                 except Cancelled:
                     return

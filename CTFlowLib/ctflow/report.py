@@ -37,6 +37,33 @@ _KEPT_AFTER = (r"(?:[\s-]+and[\s-]+(?:right|left))?[\s-]+(?:atri|ventric|heart|c
 _SIDE_WORD = re.compile(rf"\b({'|'.join(_MIRRORED_WORDS)})\b(?!{_KEPT_AFTER})", re.IGNORECASE)
 _KEPT_BEFORE = re.compile(r"-to-$")  # the "left" of "right-to-left"
 
+# The side code (a denoiser's `side_code` input): for each finding that has a side, whether the report puts it on the
+# right and on the left. The text encoder's vectors hardly tell "left" from "right" (issue 18); this tells the
+# denoiser outright. A finding is named by any of its cues; it takes the side word of its clause nearest to it
+# (one before it when two are as near), none when its clause names no side, and counts for nothing when a negation
+# cue of its clause precedes it or a "resolved"-like cue follows it.
+SIDED_FINDINGS = {
+    "pleural effusion": r"(?<!pericardial )effusions?|hydrothora\w*|pleural (?:fluid|space)",
+    "consolidation": r"consolidat\w*|air-?space (?:disease|opacit\w*)|pneumonia|infiltrat\w*",
+    "ground-glass opacity": r"ground[- ]glass|GGOs?",
+    "nodule": r"nodul\w*|mass(?:es)?",
+    "atelectasis": r"atelecta\w*|collapsed?",
+    "emphysema": r"emphysema\w*|bullae|bullous",
+    "lymph node": r"lymph\w*|adenopath\w*|nodes",
+    "device": r"ports?|pacemakers?|catheters?|defibrillators?|picc",
+}
+SIDE_CODE_SIZE = 2 * len(SIDED_FINDINGS)
+_FINDING_CUE = re.compile("|".join(rf"\b(?P<f{i}>{cue})\b" for i, cue in enumerate(SIDED_FINDINGS.values())),
+                          re.IGNORECASE)
+_RIGHT_WORDS = {"right", "rul", "rll", "rml"}
+_MORE_SIDE_WORDS = re.compile(r"\b(?:(?P<both>bilateral\w*|both)|(?P<right>middle lobe))\b", re.IGNORECASE)
+_PLACING = re.compile(r"\b(?:in|on|at|of|within|involving|to|from)\s+(?:the\s+)?$", re.IGNORECASE)  # "in the" left
+_CLAUSE_END = re.compile(r"[.;:!?\n]|\b(?:but|however|whereas|although)\b", re.IGNORECASE)
+_NEGATION_BEFORE = re.compile(r"\b(?:no|not|without|negative for|free of|absence of|absent|resolved|resolution of|"
+                              r"ruled out|nor)\b", re.IGNORECASE)
+_NEGATION_AFTER = re.compile(r"\b(?:resolved|not (?:seen|identified|present|visible)|no longer|absent|ruled out|"
+                             r"excluded)\b", re.IGNORECASE)
+
 
 @dataclass(frozen=True)
 class Report:
@@ -123,6 +150,59 @@ def mirrored(text: str) -> str:
 def names_a_side(text: str) -> bool:
     """Whether side guidance has anything to mirror in `text` (otherwise it is made without it)."""
     return mirrored(text) != text
+
+
+def sided_findings(text: str) -> dict[str, set[str]]:
+    """The findings of SIDED_FINDINGS that `text` reports (not negated) on a side, by name: {"right"}, {"left"}
+    or both. A finding reported without a side is not in it."""
+    found: dict[str, set[str]] = {}
+    start = 0
+    for end in [m.start() for m in _CLAUSE_END.finditer(text)] + [len(text)]:
+        clause, start = text[start:end], end + 1
+        sides = [(m, {"right" if m.group(0).lower() in _RIGHT_WORDS else "left"}) for m in _side_words(clause)]
+        sides += [(m, {"right"} if m.group("right") else {"left", "right"}) for m in _MORE_SIDE_WORDS.finditer(clause)]
+        cues = list(_FINDING_CUE.finditer(clause))
+        for number, cue in enumerate(cues):
+            if (_NEGATION_BEFORE.search(clause, 0, cue.start()) or _NEGATION_AFTER.search(clause, cue.end())
+                    or not sides):
+                continue
+            name = list(SIDED_FINDINGS)[int(cue.lastgroup[1:])]
+            after_previous = cues[number - 1].end() if number else 0
+            before_next = cues[number + 1].start() if number + 1 < len(cues) else len(clause)
+            found.setdefault(name, set()).update(_sides_of(cue, sides, clause, after_previous, before_next))
+    return found
+
+
+def side_code(text: str) -> list[float]:
+    """[right, left] of every finding in SIDED_FINDINGS: 1.0 where the text reports it on that side (sided_findings).
+    The mirrored text's code is this one with right and left swapped."""
+    found = sided_findings(text)
+    return [float(side in found.get(name, ())) for name in SIDED_FINDINGS for side in ("right", "left")]
+
+
+def _side_words(text: str):
+    """Matches of the side words `mirrored` swaps, those it keeps (the heart's, "right-to-left") left out."""
+    return (m for m in _SIDE_WORD.finditer(text) if not _KEPT_BEFORE.search(text[max(0, m.start() - 4): m.start()]))
+
+
+def _sides_of(cue: re.Match, sides: list[tuple[re.Match, set[str]]], clause: str, low: int, high: int) -> set[str]:
+    """A finding's sides: the side words that modify it ("left lower lobe consolidation", between the clause's
+    previous cue and this one, `low`) and those that place it ("consolidation in the left lower lobe", up to the
+    next cue, `high`); when neither, the nearest side word of the clause ("in the left upper lobe, a nodule")."""
+    def placing(word: re.Match) -> bool:
+        return bool(_PLACING.search(clause, 0, word.start()))
+
+    taken = [side for word, side in sides if (low <= word.start() < cue.start() and not placing(word))
+             or (cue.end() <= word.start() < high and placing(word))]
+    if taken:
+        return set().union(*taken)
+
+    def distance(side: tuple[re.Match, set[str]]) -> tuple[int, bool]:
+        word = side[0]
+        after = word.start() > cue.start()
+        return len((clause[cue.end():word.start()] if after else clause[word.end():cue.start()]).split()), after
+
+    return min(sides, key=distance)[1]
 
 
 def _mirrored_word(word: str) -> str:

@@ -11,7 +11,7 @@ import torch
 
 from .conventions import MAX_SHIFT, MAX_STEPS
 from .errors import RequestError
-from .report import mirrored
+from .report import mirrored, side_code
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z [B, ...], t scalar tensor) -> v like z
 METHODS = ("euler", "heun", "ab2")  # ab2: second order at one model call per step
@@ -120,6 +120,10 @@ class Guidance:
         """The texts to embed, one per branch."""
         return [prompt] + [""] * (self.scale != 1.0) + [mirrored(prompt)] * (self.side > 0)
 
+    def side_codes(self, prompt: str) -> torch.Tensor:
+        """[branches, SIDE_CODE_SIZE]: report.side_code of each of texts(prompt), for a side_code denoiser."""
+        return torch.tensor([side_code(text) for text in self.texts(prompt)])
+
     def velocity(self, model_velocity: Velocity) -> Velocity:
         """model_velocity sees z repeated once per row in texts' order; after side_until, the rows before the
         mirrored one only."""
@@ -133,14 +137,15 @@ class Guidance:
 
 
 def block_velocity(denoiser, previous: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, first_slice: int,
-                   guidance: Guidance) -> Velocity:
+                   guidance: Guidance, side_codes: torch.Tensor | None = None) -> Velocity:
     """The velocity field of one block for a denoiser (STDiT), guided; its conditioning is computed once here.
 
     previous: [1, C, T, h, w] clean block before it; text, mask: [guidance.branches, M, D], [branches, M] in
-    Guidance.texts' order; first_slice: the block's first slice in the volume. One home for the pipeline
+    Guidance.texts' order; first_slice: the block's first slice in the volume; side_codes: [branches,
+    SIDE_CODE_SIZE] in the same order (Guidance.side_codes), for a side_code denoiser. One home for the pipeline
     and the export's end calibration, so the calibration meets the blocks the pipeline makes."""
     cond = denoiser.prepare(previous.expand(guidance.branches, -1, -1, -1, -1), text, mask,
-                            torch.tensor(float(first_slice)))
+                            torch.tensor(float(first_slice)), side_codes)
 
     def model(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # z: one row per text, or the first rows alone
         return denoiser(z, t.expand(z.shape[0]), cond if len(z) == guidance.branches else cond.first(len(z)))

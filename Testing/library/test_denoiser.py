@@ -8,6 +8,7 @@ import torch
 from ctflow.config import DENOISER_PRESETS, DenoiserConfig
 from ctflow.denoiser import STDiT, parameter_count
 from ctflow.errors import ModelError
+from ctflow.report import SIDE_CODE_SIZE
 
 # CTFlow's published sizes (REFERENCE §1) at 16x32x32x16 latents, patch 2x2x2, 768-d report embedding.
 PUBLISHED_MILLIONS = {"S": 36, "B": 146, "L": 512}
@@ -165,3 +166,20 @@ def test_inconsistent_sizes_are_refused():
         DenoiserConfig(hidden_size=100, num_heads=3)
     with pytest.raises(ModelError, match="does not divide"):
         DenoiserConfig(block_slices=15)
+
+
+def test_side_code_starts_as_a_no_op_then_tells_the_sides_apart():
+    plain, sided = small_model(), small_model(side_code=True)
+    sided.load_state_dict(plain.state_dict(), strict=False)  # as a warm start does
+    x, previous, text, mask = inputs()
+    t = torch.tensor([0.5])
+    right, left = torch.zeros(1, SIDE_CODE_SIZE), torch.zeros(1, SIDE_CODE_SIZE)
+    right[0, 0], left[0, 1] = 1.0, 1.0  # a pleural effusion on the right / on the left
+    base = plain(x, t, plain.prepare(previous, text, mask))
+    assert torch.equal(base, sided(x, t, sided.prepare(previous, text, mask, side_code=right)))
+    with torch.no_grad():
+        sided.side_embed.weight.normal_(0, 0.1)
+    assert not torch.allclose(sided(x, t, sided.prepare(previous, text, mask, side_code=right)),
+                              sided(x, t, sided.prepare(previous, text, mask, side_code=left)))
+    with pytest.raises(ValueError, match="side code"):
+        sided.prepare(previous, text, mask)

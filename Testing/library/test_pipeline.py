@@ -12,7 +12,9 @@ from ctflow.autoencoder import SliceAutoencoder
 from ctflow.hub import default_model
 from ctflow.model_folder import load_vae, read_config
 from ctflow.conventions import real_slices
+from ctflow.denoiser import STDiT
 from ctflow.devices import select_device
+from ctflow.report import SIDE_CODE_SIZE, mirrored, side_code
 
 REPORT = "Findings: A 12 mm nodule in the right upper lobe. Impressions: Right upper lobe nodule."
 
@@ -86,6 +88,23 @@ def test_side_guidance_embeds_the_mirrored_report_when_the_report_names_a_side(t
     assert volume.provenance.side_guidance == 4.0 and volume.provenance.guidance == 1.0  # the tiny model's default
     assert not np.array_equal(volume.hu, run(tiny_pipeline, slices=4).hu)
     assert run(tiny_pipeline, slices=4).provenance.side_guidance == 0.0  # the model's default
+
+
+def test_a_side_code_denoiser_is_told_each_row_s_sides(tiny_pipeline):
+    """The rows' side codes are the prompt's, none for the empty report and the mirrored prompt's; a side_code
+    denoiser warm-started from one without makes the same volume until its side embedding learns something."""
+    denoiser = STDiT(dataclasses.replace(tiny_pipeline.config.denoiser, side_code=True))
+    denoiser.load_state_dict(tiny_pipeline.denoiser.state_dict(), strict=False)  # as a warm start does
+    config = dataclasses.replace(tiny_pipeline.config, denoiser=denoiser.config)
+    sided = CTFlowPipeline(config, denoiser.eval(), tiny_pipeline.autoencoder, tiny_pipeline.text_encoder)
+    plan = sided.plan(GenerationRequest(REPORT, guidance=3.0, side_guidance=4.0))
+    expected = torch.tensor([side_code(plan.prompt), [0.0] * SIDE_CODE_SIZE, side_code(mirrored(plan.prompt))])
+    assert torch.equal(plan.side_codes, expected) and expected[0].any() and not torch.equal(expected[0], expected[2])
+    options = {"slices": 4, "guidance": 3.0, "side_guidance": 4.0}
+    assert np.array_equal(run(sided, **options).hu, run(tiny_pipeline, **options).hu)
+    with torch.no_grad():
+        denoiser.side_embed.weight.normal_(0, 1.0)
+    assert not np.array_equal(run(sided, **options).hu, run(tiny_pipeline, **options).hu)
 
 
 def test_side_guidance_until_the_end_of_the_schedule_is_none(tiny_pipeline):

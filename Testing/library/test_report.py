@@ -1,7 +1,8 @@
 import pytest
 
 from ctflow import ReportError, parse_report, render_prompt
-from ctflow.report import MAX_REPORT_CHARS, mirrored, names_a_side, read_report_file
+from ctflow.report import (MAX_REPORT_CHARS, SIDE_CODE_SIZE, SIDED_FINDINGS, mirrored, names_a_side, read_report_file,
+                           side_code, sided_findings)
 
 CT_RATE = """FINDINGS: Trachea and both main bronchi are open. A 6 mm nodule is seen in the right upper lobe.
 No pleural effusion.
@@ -100,3 +101,54 @@ def test_lobes_mirror_to_their_nearest_lobe_on_the_other_side(text, other):
 ])
 def test_the_heart_and_words_that_are_no_side_stay(text):
     assert mirrored(text) == text and not names_a_side(text)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Moderate right pleural effusion.", {"pleural effusion": {"right"}}),
+    ("There is a moderate pleural effusion on the right.", {"pleural effusion": {"right"}}),
+    ("A small amount of fluid in the left pleural space.", {"pleural effusion": {"left"}}),
+    ("Left-sided hydrothorax.", {"pleural effusion": {"left"}}),
+    ("RLL consolidation. Ground glass in the LUL.", {"consolidation": {"right"}, "ground-glass opacity": {"left"}}),
+    ("In the right upper lobe, a solid nodule measuring 6 mm.", {"nodule": {"right"}}),
+    ("Atelectasis in the lingula.", {"atelectasis": {"left"}}),
+    ("Consolidation in the right middle lobe.", {"consolidation": {"right"}}),
+    ("Right pleural effusion and left lower lobe consolidation.",
+     {"pleural effusion": {"right"}, "consolidation": {"left"}}),
+    ("Consolidation in the right lower lobe and ground glass in the left upper lobe.",
+     {"consolidation": {"right"}, "ground-glass opacity": {"left"}}),
+    ("Consolidation and ground glass in the right lower lobe.",
+     {"consolidation": {"right"}, "ground-glass opacity": {"right"}}),
+    ("Large right and small left pleural effusions.", {"pleural effusion": {"right", "left"}}),
+    ("Moderate bilateral pleural effusions.", {"pleural effusion": {"right", "left"}}),
+    ("Emphysema, predominantly in both upper lobes.", {"emphysema": {"right", "left"}}),
+    ("A pacemaker in the left anterior chest wall; the lead ends in the right ventricle.", {"device": {"left"}}),
+    ("Right lower lobe consolidation without pleural effusion.", {"consolidation": {"right"}}),
+    ("Small pericardial effusion. Left effusion.", {"pleural effusion": {"left"}}),
+])
+def test_the_side_code_reads_each_finding_s_side(text, expected):
+    assert sided_findings(text) == expected
+    code = side_code(text)
+    assert len(code) == SIDE_CODE_SIZE == 2 * len(SIDED_FINDINGS)
+    assert sum(code) == sum(len(sides) for sides in expected.values())
+
+
+@pytest.mark.parametrize("text", [
+    "No left pleural effusion.",
+    "No evidence of pneumonia in the right lung.",
+    "Previously noted right pleural effusion has resolved.",
+    "Right lower lobe consolidation, no longer seen.",
+    "Negative for nodules in the left lung.",
+    "The trachea and both main bronchi are patent. Right coronary artery calcification.",
+    "Pleural effusion.",  # a finding without a side
+    "",
+])
+def test_negated_findings_and_findings_without_a_side_have_none(text):
+    assert sided_findings(text) == {} and not any(side_code(text))
+
+
+@pytest.mark.parametrize("name", ["LLL_consolidation", "RUL_nodule", "right_pleural_effusion"])
+def test_the_mirrored_report_s_side_code_is_the_report_s_swapped(name):
+    text = render_prompt(parse_report(read_report_file(f"Resources/SampleReports/{name}.txt")))
+    code = side_code(text)
+    assert any(code)
+    assert side_code(mirrored(text)) == [code[i + 1 - 2 * (i % 2)] for i in range(len(code))]

@@ -17,6 +17,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 import ctflow
+from ctflow.config import ModelConfig
 from ctflow.report import Report
 from ctflow.volume import Geometry, Volume
 from ctflow_train import latent_store, train_flow, train_vae
@@ -101,6 +102,20 @@ class Tiny:
         return dataclasses.replace(train_flow.FlowRun.from_args(args), **overrides)
 
     @staticmethod
+    def latent_store(vae_run, folder, volumes: dict[str, np.ndarray], labels: dict[str, dict] | None = None,
+                     variants: int = 0) -> Path:
+        """A latent store of these volumes (name -> HU), each with a report that names it, encoded by the tiny VAE; the
+        label files `labels` gives (name -> findings), else patient 0's."""
+        with DatasetWriter(folder / "data") as writer:
+            for name, hu in volumes.items():
+                report = Report(findings=f"{name.replace('_', ' ')}.", impressions="Normal.")
+                record = {**Tiny.labels(0), "findings": (labels or {}).get(name, Tiny.labels(0)["findings"])}
+                writer.add(name, Volume(hu, Geometry((2.0, 2.0, 2.5)), None), report, record)
+        latent_store.build_store(folder / "data", vae_run[0] / "vae", folder / "latents", 0, Tiny.SIZE,
+                                 ModelConfig().text, variants=variants, log=lambda line: None)
+        return folder / "latents"
+
+    @staticmethod
     def draw(cache, n, seed=0, first=0, **rules) -> Batch:
         """Samples first..first+n-1 of a run over the store, as one batch."""
         dataset = BlockDataset(open_stores([cache]), SamplingRules(Tiny.BLOCK, **rules), seed)
@@ -150,3 +165,11 @@ def cache(data, vae_run, tmp_path_factory):
     latent_store.build_store(data, vae_run[0] / "vae", path, 1, Tiny.SIZE, ctflow.ModelConfig().text,
                              log=lambda line: None)
     return path
+
+
+@pytest.fixture(scope="session")
+def twin_store(tiny, vae_run, tmp_path_factory):
+    """Two patients, the first with two twins (a finding flipped, one moved to a side), named as `cohort` names them."""
+    rng = np.random.default_rng(5)
+    names = ("synth_0_00000", "synth_0_00000_with_emphysema", "synth_0_00000_with_right_consolidation", "synth_0_00001")
+    return tiny.latent_store(vae_run, tmp_path_factory.mktemp("twins"), {n: tiny.volume(rng, 14) for n in names})

@@ -15,7 +15,7 @@ import torch
 
 from ctflow.config import ModelConfig
 from ctflow.errors import CTFlowError
-from ctflow.report import Report
+from ctflow.report import SIDE_CODE_SIZE, Report, side_code
 from ctflow.volume import Geometry, Volume
 from ctflow_train import latent_store, train_flow
 from ctflow_train.dataset import DatasetWriter
@@ -109,28 +109,6 @@ def test_endboost_draws_blocks_that_hold_the_end_and_leaves_other_runs_alone(tin
     assert torch.equal(tiny.draw(cache, 30, seed=2, start_p=0.0, end_p=0.0).x0, plain.x0)  # off: the draws of before
 
 
-def latent_store_of(tiny, vae_run, folder, volumes: dict[str, np.ndarray], labels: dict[str, dict] | None = None,
-                    variants: int = 0):
-    """A latent store of these volumes (name -> HU), each with a report that names it, encoded by the tiny VAE; the
-    label files `labels` gives (name -> findings), else patient 0's."""
-    with DatasetWriter(folder / "data") as writer:
-        for name, hu in volumes.items():
-            report = Report(findings=f"{name.replace('_', ' ')}.", impressions="Normal.")
-            record = {**tiny.labels(0), "findings": (labels or {}).get(name, tiny.labels(0)["findings"])}
-            writer.add(name, Volume(hu, Geometry((2.0, 2.0, 2.5)), None), report, record)
-    latent_store.build_store(folder / "data", vae_run[0] / "vae", folder / "latents", 0, tiny.SIZE, ModelConfig().text,
-                             variants=variants, log=lambda line: None)
-    return folder / "latents"
-
-
-@pytest.fixture(scope="module")
-def twin_store(tiny, vae_run, tmp_path_factory):
-    """Two patients, the first with two twins (a finding flipped, one moved to a side), named as `cohort` names them."""
-    rng = np.random.default_rng(5)
-    names = ("synth_0_00000", "synth_0_00000_with_emphysema", "synth_0_00000_with_right_consolidation", "synth_0_00001")
-    return latent_store_of(tiny, vae_run, tmp_path_factory.mktemp("twins"), {n: tiny.volume(rng, 14) for n in names})
-
-
 def test_paired_twins_give_every_second_sample_a_twin_with_the_same_draws(tiny, twin_store):
     stores = open_stores([twin_store])
     names = stores[0].names
@@ -164,7 +142,7 @@ def variant_store(tiny, vae_run, tmp_path_factory):
     patient = tiny.labels(0)["findings"]
     labels = {"synth_0_00000": patient, "synth_0_00000_without_emphysema": {**patient, "emphysema": {"present": False}},
               "synth_0_00001": tiny.labels(1)["findings"]}
-    return latent_store_of(tiny, vae_run, tmp_path_factory.mktemp("variants"),
+    return tiny.latent_store(vae_run, tmp_path_factory.mktemp("variants"),
                            {name: tiny.volume(rng, 14) for name in labels}, labels, variants=3)
 
 
@@ -222,7 +200,7 @@ def finding_store(tiny, vae_run, tmp_path_factory):
     patient = tiny.volume(rng, 30)
     twin = patient.copy()
     twin[13:15] += 600  # a dense finding across two slices
-    return latent_store_of(tiny, vae_run, tmp_path_factory.mktemp("finding"), {
+    return tiny.latent_store(vae_run, tmp_path_factory.mktemp("finding"), {
         "synth_0_00000": patient, "synth_0_00000_with_emphysema": twin, "synth_0_00001": tiny.volume(rng, 30)})
 
 
@@ -318,3 +296,27 @@ def test_findingboost_puts_the_finding_into_the_region_loss(tiny, finding_store,
             return sum(float(row["region_loss"]) > 0 for row in csv.DictReader(handle))
 
     assert reached_steps(1.0) > reached_steps(0.0)  # 7 of 8 steps against 1 of 8
+
+
+def test_the_side_code_is_the_drawn_prompt_s_and_none_for_the_empty_one(tiny, twin_store, variant_store):
+    stores = open_stores([twin_store])
+    sided = BlockDataset(stores, SamplingRules(tiny.BLOCK, text_drop=0.5, side_code=True), 3)
+    prompts = latent_store.Prompts(stores, variants=False)
+    seen = set()
+    for position in range(30):
+        sample, number = sided[position], sided.number(position)
+        dropped = torch.equal(sample["text"], sided.locate(number)[0].empty)
+        expected = torch.zeros(SIDE_CODE_SIZE) if dropped else torch.tensor(side_code(prompts.writer_prompt(number)))
+        assert torch.equal(sample["side_code"], expected)
+        seen.add((dropped, bool(expected.any())))
+    assert seen == {(True, False), (False, True), (False, False)}  # "... with right consolidation." among them
+    off = BlockDataset(stores, SamplingRules(tiny.BLOCK, text_drop=0.5), 3)
+    assert all(not off[p]["side_code"].any() and torch.equal(off[p]["x0"], sided[p]["x0"]) for p in range(8))
+    stores = open_stores([variant_store])  # report variants: the variant's own words give the code
+    varied = BlockDataset(stores, SamplingRules(tiny.BLOCK, text_drop=0.0, variant_p=1.0, side_code=True), 3)
+    prompts = latent_store.Prompts(stores)
+    for position in range(12):
+        number = varied.number(position)
+        codes = [torch.tensor(side_code(prompts.variant_prompt(number, k))) for k in range(3)]
+        assert any(torch.equal(varied[position]["side_code"], code) for code in codes)
+        assert any(code.any() for code in codes)  # tiny's sided findings are on the right

@@ -4,6 +4,7 @@ starts and the seam context.
 
 from __future__ import annotations
 
+import argparse
 import shutil
 
 import numpy as np
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 
 import ctflow
 from ctflow.denoiser import STDiT
+from ctflow.report import mirrored
 from ctflow.sampling import Guidance, block_velocity, sample
 from ctflow_train import export, train_flow
 from ctflow_train.checkpoint import read_meta
@@ -133,6 +135,35 @@ def test_warm_start_adds_switched_on_parts_that_change_nothing_yet(tiny, cache, 
                                  ("placed", 1, True, True, True, ["latents"])]
     shutil.rmtree(plain)
     assert [s.get("missing", False) for s in export.lineage(placed)] == [True, False]
+
+
+def test_a_side_code_run_starts_from_a_model_without_and_exports_a_model_that_reads_it(tiny, twin_store, vae_run,
+                                                                                        tmp_path):
+    """--side-code adds the side embedding to a warm start as a no-op, trains it on the prompts' side codes (the
+    stores' cohorts' reports: "... with right consolidation."), and the exported model's pipeline passes them."""
+    plain, sided = tmp_path / "plain", tmp_path / "sided"
+    train_flow.train(tiny.flow_run(twin_store, plain, steps=1))
+    train_flow.train(tiny.flow_run(twin_store, sided, steps=4, init=plain, side_code=True, text_drop=0.0,
+                                   start_p=1.0))
+    weights = load_file(sided / "checkpoint.safetensors")
+    assert weights["model/side_embed.weight"].abs().sum() > 0  # trained: a sided report was drawn
+    assert "ema/side_embed.weight" not in load_file(plain / "checkpoint.safetensors")
+    assert read_meta(sided / "checkpoint.safetensors")["denoiser"]["side_code"] is True
+    assert [s["side_code"] for s in export.lineage(sided)] == [False, True]
+    with pytest.raises(ctflow.CTFlowError, match="does not fit"):  # its side embedding is not dropped silently
+        train_flow.train(tiny.flow_run(twin_store, tmp_path / "unsided", steps=1, init=sided))
+    parser = argparse.ArgumentParser()
+    export.configure(parser)
+    folder = export.export(export.ExportRun.from_args(parser.parse_args([
+        "--flow", str(sided), "--vae", str(vae_run[0]), "--cache", str(twin_store), "--out", str(tmp_path / "model"),
+        "--steps", "2", "--calibration-cases", "2", "--guidance", "3"])))  # calibrated with the reports' side codes
+    assert "told the side of each sided finding" in (folder / "README.md").read_text()  # the card says so
+    pipeline = ctflow.CTFlowPipeline.from_pretrained(folder, device="cpu")
+    assert pipeline.config.denoiser.side_code and pipeline.denoiser.side_embed is not None
+    report = "Findings: Consolidation in the right lower lobe."
+    made = pipeline.generate(ctflow.GenerationRequest(report, slices=4, seed=1, steps=2))
+    other = pipeline.generate(ctflow.GenerationRequest(mirrored(report), slices=4, seed=1, steps=2))
+    assert made.hu.shape[0] == 4 and not np.array_equal(made.hu, other.hu)
 
 
 def test_the_seam_weight_counts_the_blocks_first_slices_that_many_times():

@@ -32,6 +32,7 @@ from ctflow.errors import CTFlowError, first_line
 from ctflow.io import read_text_file
 from ctflow.model_folder import (CARD, WEIGHTS, load_denoiser, load_vae as load_folder_vae, read_config, save_model,
                                  verify_model_folder)
+from ctflow.report import SIDE_CODE_SIZE
 from ctflow.sampling import METHODS, Guidance, block_velocity, sample
 
 from .checkpoint import CHECKPOINT, load_checkpoint, read_meta
@@ -40,7 +41,7 @@ from .dataset import patient_of
 from .evaluate import ModelEvaluation
 from .finding_study import FindingStudy
 from .flow_data import padded
-from .latent_store import LatentStore, same_encoding
+from .latent_store import LatentStore, Prompts, same_encoding
 from .options import RunConfig, config_rule, positive, probability, seed
 from .stages import STAGE_COLUMNS, STAGES_HEADING, card_stages, stage_table
 from .runtime import load_vae
@@ -181,13 +182,16 @@ def end_distances(model: STDiT, autoencoder: SliceAutoencoder, cache: LatentStor
     block = model.config.block_slices
     guidance = Guidance(sampling.guidance)
     generator = torch.Generator().manual_seed(seed)
+    prompts = Prompts([cache], variants=False) if model.config.side_code else None  # the reports' texts, for their sides
     found: dict[str, list] = {"white": [], "content": []}
     for case in range(min(cases, len(cache))):
         latents, real = cache.latents(case), cache.meta["content_slices"][case]
         start = max(block, real // block * block)  # the block holding the end (never the first block)
         previous = latents[start - block : start].permute(1, 0, 2, 3)[None]  # [1, C, T, h, w]
         text, mask = padded([cache.text("plain", case), cache.empty][: guidance.branches])
-        velocity = block_velocity(model, previous, text, mask, start, guidance)
+        codes = (torch.stack([prompts.side_code(case), torch.zeros(SIDE_CODE_SIZE)])[: guidance.branches]
+                 if prompts is not None else None)
+        velocity = block_velocity(model, previous, text, mask, start, guidance, codes)
         noise = torch.randn(previous.shape, generator=generator)
         clean = sample(velocity, noise, sampling.steps, sampling.method, sampling.shift)[0]  # [C, T, h, w]
         drawn_white = end_slices(autoencoder.decode(clean.permute(1, 0, 2, 3)).cpu().numpy())  # [T]
@@ -297,7 +301,8 @@ def model_card(config: ModelConfig, vae_metrics: AutoencoderMetrics, flow_meta: 
         f"depth {config.denoiser.depth}, patch {list(config.denoiser.patch_size)}, blocks of "
         f"{config.denoiser.block_slices} slices{', conditioned on slice position' if config.denoiser.slice_position else ''}"
         f"{', with a pooled-text vector' if config.denoiser.pooled_text else ''}"
-        f"{', given the last slices of the previous block at the seam' if config.denoiser.seam_context else ''}), "
+        f"{', given the last slices of the previous block at the seam' if config.denoiser.seam_context else ''}"
+        f"{', told the side of each sided finding (report.side_code)' if config.denoiser.side_code else ''}), "
         f"flow matching with StartBoost, predicting the {config.denoiser.prediction} target; "
         f"{average.words() if average else 'EMA weights'}. "
         f"Trained in {len(stages)} stage(s), each warm-started from the one before: "

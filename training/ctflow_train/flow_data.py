@@ -26,6 +26,8 @@ The sampling rules (CTFlow, REFERENCE §1):
   - report variants (ours; off unless variant_p > 0): with probability variant_p, where the store holds variants,
     the prompt is one of the volume's report variants (the same findings in other words, latent_store.py) instead
     of its report; a twin takes its pair's variant, which differs from it in the flipped finding's words alone.
+  - the side code (ours; off unless side_code): report.side_code of the prompt the sample takes (zeros for the
+    empty one), for a denoiser with config.side_code; the prompts' texts are made again from the stores' cohorts.
   - flow time t ~ U(0, 1) bent towards noise by time_shift; the draws that pick the previous blocks replaced by the
     model's own estimate (rollout) and its time; and a seed for the sample's noise, which the trainer makes on its
     device (`noises`).
@@ -44,10 +46,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from ctflow.errors import CTFlowError
+from ctflow.report import SIDE_CODE_SIZE
 from ctflow.sampling import shift_time
 
 from .dataset import patient_of
-from .latent_store import LatentStore
+from .latent_store import LatentStore, Prompts
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class SamplingRules:
     paired_twins: bool = False
     finding_p: float = 0.0
     variant_p: float = 0.0
+    side_code: bool = False
 
 
 class Batch(NamedTuple):
@@ -76,6 +80,7 @@ class Batch(NamedTuple):
     rollout_u: torch.Tensor  # [B] uniform: the previous block is the model's estimate where below --rollout-p
     rollout_t: torch.Tensor  # [B] the time the previous block is noised to for that estimate
     twin: torch.Tensor  # [B] bool: a cohort twin of the sample before it, with its draws (paired twins)
+    side_code: torch.Tensor  # [B, SIDE_CODE_SIZE] the prompt's report.side_code (zeros unless rules.side_code)
 
 
 def generator(*key: int) -> torch.Generator:
@@ -98,7 +103,7 @@ def finding_region(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class BlockDataset(Dataset):
     """Position n of a run -> one sample (a dict of tensors; `collate` makes a Batch of them)."""
 
-    def __init__(self, stores: list[LatentStore], rules: SamplingRules, seed: int) -> None:
+    def __init__(self, stores: list[LatentStore], rules: SamplingRules, seed: int, prompts: Prompts | None = None) -> None:
         self.stores, self.rules, self.seed = stores, rules, seed
         self.firsts = [0, *itertools.accumulate(len(store) for store in stores)]  # first volume number of each store
         for store in stores:
@@ -108,6 +113,9 @@ class BlockDataset(Dataset):
         self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
         self.twins = twin_numbers([name for store in stores for name in store.names]) if rules.paired_twins else {}
         self._finding_offsets: dict[tuple[int, int], list[int]] = {}
+        if rules.side_code and prompts is None:
+            prompts = Prompts(stores, variants=rules.variant_p > 0)
+        self.prompts = prompts if rules.side_code else None  # the prompts' texts, for their side codes
 
     def __len__(self) -> int:
         return self.firsts[-1]
@@ -150,14 +158,15 @@ class BlockDataset(Dataset):
 
     def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
         rules, block = self.rules, self.rules.block
-        store, volume = self.volume(position)
+        number = self.number(position)
         draws = generator(self.seed, SAMPLE, position)
         first = position - position % 2  # the pair's first position, and the twin its second takes
         pair_twin = self.partner(first + 1)
         twin = pair_twin if position % 2 else None
         if twin is not None:  # the twin of the pair's first volume, with the first's draws
-            store, volume = self.locate(twin)
+            number = twin
             draws = generator(self.seed, SAMPLE, first)
+        store, volume = self.locate(number)
 
         def uniform() -> torch.Tensor:
             return torch.rand((), generator=draws)
@@ -185,10 +194,12 @@ class BlockDataset(Dataset):
             drawn = int(torch.randint(2**31, (), generator=draws))  # drawn alike in every store: twins stay in step
             variant = drawn % store.variants if store.variants else None
         text = store.empty if dropped else store.text(kind, volume, variant)
+        code = (self.prompts.side_code(number, variant) if self.prompts is not None and not dropped
+                else torch.zeros(SIDE_CODE_SIZE))
         return {"x0": x0, "previous": previous, "before": before, "first_slice": torch.tensor(float(offset)),
                 "text": text, "t": shift_time(uniform(), rules.time_shift),
                 "seed": torch.randint(2**62, (), generator=draws), "rollout_u": uniform(), "rollout_t": uniform(),
-                "twin": torch.tensor(twin is not None)}
+                "twin": torch.tensor(twin is not None), "side_code": code}
 
 
 def twin_numbers(names: list[str]) -> dict[int, list[int]]:

@@ -48,9 +48,10 @@ from ctflow.errors import CTFlowError
 from ctflow.io import atomic_write
 from ctflow.checksums import sha256_file
 from ctflow.conventions import END_HU, START_HU
-from ctflow.report import Report, render_prompt
+from ctflow.report import Report, render_prompt, side_code
 from ctflow.text_encoder import TextEncoder
 
+from .dataset import read_index
 from .options import add_holdout_option, add_size_option, count
 from .paraphrase import paraphrase, variant_rng
 from .runtime import load_vae, start_processes
@@ -253,6 +254,57 @@ def prompts_of(data: Path, entry: dict, case, variants: int) -> dict[str, str]:
     lengths = {"plain": None, "length": case.content_slices}
     return {f"{kind}{suffix}": store_prompt(report, case.spacing[2], lengths[kind])
             for suffix, report in reports.items() for kind in PROMPTS}
+
+
+class Prompts:
+    """Per volume of the stores (numbered over all of them, as flow_data does): its prompts made again from the
+    prepared folder it was encoded from, by the store's own rule (store_prompt), as a store keeps their embeddings
+    alone. `variants`: the report variants too, which need the cohort's findings (labels/)."""
+
+    def __init__(self, stores, variants: bool = True) -> None:
+        self.writer, self.findings, self.spacing = [], [], []
+        entries: dict[str, dict[str, dict]] = {}
+        for store in stores:
+            for volume, name in enumerate(store.names):
+                source = Path(store.sources[volume] or "")
+                if str(source) not in entries:
+                    entries[str(source)] = {entry["name"]: entry for entry in read_index(source)}
+                entry = entries[str(source)].get(name)
+                if entry is None or (variants and not entry.get("labels")):
+                    raise CTFlowError(f"{name} of {store.folder} has no labels in {source}: report variants are "
+                                      "written from a cohort's findings (ctflow-train cohort)")
+                self.writer.append(Report(findings=entry["findings"], impressions=entry["impressions"]))
+                self.findings.append((name, labelled_findings(source, entry) if variants else []))
+                self.spacing.append(float(entry["spacing"][2]))
+        self._side_codes: dict[tuple[int, int | None], torch.Tensor] = {}
+
+    def writer_prompt(self, number: int) -> str:
+        return store_prompt(self.writer[number], self.spacing[number])
+
+    def variant_prompt(self, number: int, variant: int) -> str:
+        name, findings = self.findings[number]
+        return store_prompt(report_variant(findings, name, variant), self.spacing[number])
+
+    def side_code(self, number: int, variant: int | None = None) -> torch.Tensor:
+        """[SIDE_CODE_SIZE] report.side_code of the volume's report or of its variant (a prompt's length line names
+        no side: the same for both of PROMPTS)."""
+        key = (number, variant)
+        if key not in self._side_codes:
+            text = self.writer_prompt(number) if variant is None else self.variant_prompt(number, variant)
+            self._side_codes[key] = torch.tensor(side_code(text))
+        return self._side_codes[key]
+
+
+def check_sources(stores, prompts: Prompts, encoder: TextEncoder) -> None:
+    """Refuse a cohort that is no longer the one a store embedded (made again, or another of the same names): the
+    prompts made again from it would not be the store's. Checked on each store's first volume."""
+    number = 0
+    for store in stores:
+        if store.names and not same_encoding(embed(encoder, prompts.writer_prompt(number)),
+                                             store.text("plain", 0)):
+            raise CTFlowError(f"{store.names[0]}'s report in {store.sources[0]} is not the one {store.folder} "
+                              "embedded: the cohort was made again after the store; encode it again (cache-latents)")
+        number += len(store.names)
 
 
 def build_store(data: Path, vae_folder: Path, out: Path, holdout: int, size: int, text: TextConfig, limit: int = 0,

@@ -50,6 +50,7 @@ STAGE_COLUMNS = (
     StageColumn("slice position", "slice_position", bool, False),
     StageColumn("pooled text", "pooled_text", bool, False),
     StageColumn("seam context", "seam_context", bool, False),
+    StageColumn("side code", "side_code", bool, False),
     StageColumn("latent caches", "caches", list),
 )
 

@@ -5,7 +5,8 @@
 
 What one step does (CTFlow, REFERENCE §1, plus classifier-free guidance; --slice-position adds the index of the
 block's first slice as one more condition, --pooled-text the report's mean token, --seam-context the previous block's
-last slices next to the new block's first; --cache takes several latent stores):
+last slices next to the new block's first, --side-code which side the report puts each finding on; --cache takes
+several latent stores):
   1. take B (previous block, next block) pairs of T latent slices from the DataLoader (flow_data: StartBoost,
      prompts, text dropout; every draw fixed by the seed and the sample's position, so the global batch is the
      same for any number of processes and a resumed run continues with the very samples it would have taken).
@@ -39,12 +40,13 @@ from pathlib import Path
 
 import torch
 
-from ctflow.config import DENOISER_PRESETS, PREDICTIONS
+from ctflow.config import DENOISER_PRESETS, PREDICTIONS, TextConfig
 from ctflow.conventions import BLOCK_SLICES
 from ctflow.denoiser import STDiT, parameter_count
 from ctflow.errors import CTFlowError
 from ctflow.model_folder import CARD, WEIGHTS
 from ctflow.sampling import sample
+from ctflow.text_encoder import TextEncoder
 
 from .checkpoint import (
     CHECKPOINT, LOSS_LOG, load_checkpoint, open_loss_log, open_safetensors, prepare_run_folder, read_meta,
@@ -53,7 +55,7 @@ from .checkpoint import (
 from .flow_data import (
     FINDING_REACH, Batch, BlockDataset, SamplingRules, ShareSampler, block_loader, finding_region, noises,
 )
-from .latent_store import LatentStore, open_stores
+from .latent_store import LatentStore, Prompts, check_sources, open_stores
 from .options import (
     RunOptions, add_run_options, add_schedule_options, at_least_zero, count, loss_weight, positive, probability,
 )
@@ -61,7 +63,7 @@ from .runtime import cosine_schedule, set_threads, start_processes
 from .stages import card_stages
 
 OUTPUTS = (CHECKPOINT, LOSS_LOG)  # what a run writes to --out
-ADDABLE = ("position_embed.", "text_vector.", "seam_embed.")  # parts a warm start may switch on (they start as no-ops)
+ADDABLE = ("position_embed.", "text_vector.", "seam_embed.", "side_embed.")  # parts a warm start may switch on (they start as no-ops)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +85,7 @@ class FlowRun(RunOptions):
     slice_position: bool
     pooled_text: bool
     seam_context: bool
+    side_code: bool
     init: Path | None
     time_shift: float
     block: int
@@ -118,8 +121,8 @@ class Conditioned(torch.nn.Module):
         super().__init__()
         self.denoiser = denoiser
 
-    def forward(self, z_t, t, previous, text, mask, first_slice):
-        return self.denoiser.predict(z_t, t, self.denoiser.prepare(previous, text, mask, first_slice))
+    def forward(self, z_t, t, previous, text, mask, first_slice, side_code=None):
+        return self.denoiser.predict(z_t, t, self.denoiser.prepare(previous, text, mask, first_slice, side_code))
 
 
 def denoiser_config(args: FlowRun, store: LatentStore):
@@ -128,7 +131,7 @@ def denoiser_config(args: FlowRun, store: LatentStore):
     overrides = {k: v for k, v in {"hidden_size": args.hidden, "depth": args.depth, "num_heads": args.heads,
                                    "patch_size": args.patch and tuple(args.patch), "prediction": args.prediction,
                                    "slice_position": args.slice_position, "pooled_text": args.pooled_text,
-                                   "seam_context": args.seam_context}.items() if v}
+                                   "seam_context": args.seam_context, "side_code": args.side_code}.items() if v}
     return dataclasses.replace(DENOISER_PRESETS[args.preset], latent_channels=channels, latent_size=size,
                                text_dim=store.empty.shape[-1], block_slices=args.block, **overrides)
 
@@ -136,7 +139,7 @@ def denoiser_config(args: FlowRun, store: LatentStore):
 def sampling_rules(args: FlowRun) -> SamplingRules:
     return SamplingRules(args.block, start_p=args.start_p, end_p=args.end_p, length_p=args.length_p,
                          text_drop=args.text_drop, time_shift=args.time_shift, paired_twins=args.paired_twins,
-                         finding_p=args.finding_p, variant_p=args.variant_p)
+                         finding_p=args.finding_p, variant_p=args.variant_p, side_code=args.side_code)
 
 
 def roll_out_previous(ema: STDiT, batch: Batch, share: float, noise: torch.Tensor, steps: int = 1) -> torch.Tensor:
@@ -158,7 +161,8 @@ def roll_out_previous(ema: STDiT, batch: Batch, share: float, noise: torch.Tenso
     z_t = (1 - tt) * previous + tt * noise
     previous_first_slice = (batch.first_slice - previous.shape[2]).clamp(min=0)
     with torch.no_grad():
-        cond = ema.prepare(batch.before.to(device), batch.text.to(device), batch.mask.to(device), previous_first_slice)
+        cond = ema.prepare(batch.before.to(device), batch.text.to(device), batch.mask.to(device), previous_first_slice,
+                           batch.side_code.to(device))
         velocity = ema(z_t, t, cond)
     estimate = (z_t - tt * velocity.float()).to(previous.dtype)  # clean block from velocity = noise - x0
     return torch.where(chosen.to(device).view(-1, 1, 1, 1, 1), estimate, previous)
@@ -171,7 +175,7 @@ def sampled_previous(ema: STDiT, batch: Batch, chosen: torch.Tensor, noise: torc
     previous, pick = batch.previous.to(device), chosen.to(device)
     first_slice = (batch.first_slice.to(device) - previous.shape[2]).clamp(min=0)[pick]
     cond = ema.prepare(batch.before.to(device)[pick], batch.text.to(device)[pick], batch.mask.to(device)[pick],
-                       first_slice)
+                       first_slice, batch.side_code.to(device)[pick])
     estimate = sample(lambda z, t: ema(z, t.expand(len(z)), cond), noise[pick], steps, "euler")
     previous = previous.clone()
     previous[pick] = estimate.to(previous.dtype)
@@ -181,7 +185,7 @@ def sampled_previous(ema: STDiT, batch: Batch, chosen: torch.Tensor, noise: torc
 def warm_start(model: STDiT, folder: Path) -> None:
     """The EMA weights of an earlier run of the same shape, or the denoiser of a model folder (`export`: the EMA
     weights, perhaps in half precision), e.g. the bundled model when its runs are gone. A part the earlier model
-    lacked (the slice-position embedding or the pooled-text vector, switched on now) keeps its no-op initialisation,
+    lacked (the slice-position embedding, the pooled-text vector or the side code, switched on now) keeps its no-op initialisation,
     so training starts from the same function."""
     checkpoint = folder / CHECKPOINT
     if checkpoint.is_file():
@@ -215,12 +219,12 @@ def flow_loss(model, ema: STDiT, batch: Batch, config, args, autocast, device) -
     prev = prev.to(device) + args.cond_noise * noise.cond
     if config.seam_context:  # the slices across the seam stay exact: the new block must continue what is there
         prev[:, :, -config.patch_size[0]:] = batch.previous[:, :, -config.patch_size[0]:].to(device)
-    x0, text, mask, t, first_slice = (v.to(device, non_blocking=True) for v in (
-        batch.x0, batch.text, batch.mask, batch.t, batch.first_slice))
+    x0, text, mask, t, first_slice, side_code = (v.to(device, non_blocking=True) for v in (
+        batch.x0, batch.text, batch.mask, batch.t, batch.first_slice, batch.side_code))
     tt = t.view(-1, 1, 1, 1, 1)
     z_t = (1 - tt) * x0 + tt * noise.noise
     with autocast:
-        predicted = model(z_t, t, prev, text, mask, first_slice).float()  # [B, C, T, h, w]
+        predicted = model(z_t, t, prev, text, mask, first_slice, side_code).float()  # [B, C, T, h, w]
     target = x0 if config.prediction == "clean" else noise.noise - x0
     twin, weights = batch.twin.to(device), twin_terms(args)
     terms = {name: TWIN_LOSSES[name](predicted, target, twin) for name in weights}
@@ -304,6 +308,10 @@ def train(args: FlowRun) -> dict:
     if args.paired_twins and args.batch_size % 2:
         raise CTFlowError(f"--paired-twins needs an even --batch (a pair is two samples of one rank), not "
                           f"{args.batch_size}")
+    prompts = None
+    if args.side_code:  # the side code is read off the prompts' texts, made again from the stores' cohorts
+        prompts = Prompts(stores, variants=args.variant_p > 0)
+        check_sources(stores, prompts, TextEncoder.load(TextConfig(**stores[0].meta["text"])))
     config = denoiser_config(args, stores[0])
     torch.manual_seed(args.seed)  # same initial weights on every rank
     model = STDiT(config)
@@ -335,7 +343,7 @@ def train(args: FlowRun) -> dict:
         init_stages, init_progress = meta.get("init_stages"), meta.get("init_progress")  # as when the run started
         if args.init is None:  # a resume need not name the start again: the record keeps it
             record["init"] = meta["args"].get("init")
-    dataset = BlockDataset(stores, sampling_rules(args), args.seed)
+    dataset = BlockDataset(stores, sampling_rules(args), args.seed, prompts)
     batches = iter(block_loader(dataset, ShareSampler(rank, world, args.batch_size, samples), args.workers,
                                 pin_memory=device.type == "cuda"))
     raw_model, model = model, Conditioned(model)
@@ -425,6 +433,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="condition each block on where it lies in the volume (its first slice index)")
     parser.add_argument("--pooled-text", action="store_true",
                         help="also add the report's mean token to the time embedding (a global text path, as FLUX)")
+    parser.add_argument("--side-code", action="store_true",
+                        help="also add which side the report puts each sided finding on (ctflow.report.side_code) to "
+                             "the time embedding; the prompts' texts are made again from the stores' cohorts")
     parser.add_argument("--seam-context", action="store_true",
                         help="also give the new block's first slices the previous block's last ones, spatially aligned "
                              "and kept exact (no --cond-noise, never the model's own estimate)")

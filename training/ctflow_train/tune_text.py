@@ -36,13 +36,12 @@ from ctflow.conventions import START_HU
 from ctflow.errors import CorruptModelError, CTFlowError
 from ctflow.io import atomic_folder
 from ctflow.model_folder import CARD, CONFIG, load_denoiser, load_vae, read_config, verify_model_folder
-from ctflow.report import Report
+from ctflow.report import SIDE_CODE_SIZE, side_code
 from ctflow.text_encoder import TextEncoder
 
 from .checkpoint import load_checkpoint, open_loss_log, prepare_run_folder, save_checkpoint
-from .dataset import read_index
 from .flow_data import Batch, BlockDataset, SamplingRules, collate, generator, noises, padded
-from .latent_store import embed, labelled_findings, open_stores, report_variant, same_encoding, store_prompt
+from .latent_store import Prompts, check_sources, open_stores, same_encoding
 from .options import CHECKPOINT, LOSS_LOG, RunOptions, add_run_options, add_schedule_options, positive, print_json, probability
 from .runtime import cosine_schedule, set_threads
 
@@ -68,51 +67,12 @@ class TuneRun(RunOptions):
     time_shift: float
 
 
-class Prompts:
-    """Per volume of the stores: the writer's report, the findings its variants are written from, and its slice
-    spacing; prompts rendered by the store's own rule (latent_store.store_prompt)."""
-
-    def __init__(self, stores) -> None:
-        self.writer, self.findings, self.spacing = [], [], []
-        entries: dict[str, dict[str, dict]] = {}
-        for store in stores:
-            for volume, name in enumerate(store.names):
-                source = Path(store.sources[volume] or "")
-                if str(source) not in entries:
-                    entries[str(source)] = {entry["name"]: entry for entry in read_index(source)}
-                entry = entries[str(source)].get(name)
-                if entry is None or not entry.get("labels"):
-                    raise CTFlowError(f"{name} of {store.folder} has no labels in {source}: tune-text writes report "
-                                      "variants from a cohort's findings (ctflow-train cohort)")
-                self.writer.append(Report(findings=entry["findings"], impressions=entry["impressions"]))
-                self.findings.append((name, labelled_findings(source, entry)))
-                self.spacing.append(float(entry["spacing"][2]))
-
-    def writer_prompt(self, number: int) -> str:
-        return store_prompt(self.writer[number], self.spacing[number])
-
-    def variant_prompt(self, number: int, variant: int) -> str:
-        name, findings = self.findings[number]
-        return store_prompt(report_variant(findings, name, variant), self.spacing[number])
-
-
-def check_sources(stores, prompts: Prompts, encoder: TextEncoder) -> None:
-    """The teacher is the store's tokens, the student reads the cohort's report: refuse a cohort that is no longer
-    the one the store embedded (made again, or another of the same names), checked on each store's first volume."""
-    number = 0
-    for store in stores:
-        if store.names and not same_encoding(embed(encoder, prompts.writer_prompt(number)),
-                                             store.text("plain", 0)):
-            raise CTFlowError(f"{store.names[0]}'s report in {store.sources[0]} is not the one {store.folder} "
-                              "embedded: the cohort was made again after the store; encode it again (cache-latents)")
-        number += len(store.names)
-
-
 def draw_prompts(blocks: BlockDataset, prompts: Prompts, positions: range, draws: torch.Generator,
-                 args: TuneRun) -> tuple[list[torch.Tensor], list[str]]:
-    """Per position: the writer's tokens the store holds for its volume (the teacher's) and the prompt the tuned
-    encoder reads: '' (with '' as teacher) in a share empty_p, the writer's report in writer_p, else a variant."""
-    teacher, student = [], []
+                 args: TuneRun) -> tuple[list[torch.Tensor], torch.Tensor, list[str]]:
+    """Per position: the writer's tokens the store holds for its volume and their side code [B, SIDE_CODE_SIZE]
+    (the teacher's), and the prompt the tuned encoder reads: '' (with '' as teacher) in a share empty_p, the
+    writer's report in writer_p, else a variant."""
+    teacher, codes, student = [], [], []
     for position in positions:
         store, volume = blocks.volume(position)
         number = blocks.firsts[blocks.stores.index(store)] + volume
@@ -120,26 +80,32 @@ def draw_prompts(blocks: BlockDataset, prompts: Prompts, positions: range, draws
         variant = int(torch.randint(VARIANTS, (), generator=draws))
         if u < args.empty_p:
             teacher.append(store.empty)
+            codes.append(torch.zeros(SIDE_CODE_SIZE))
             student.append("")
         else:
             teacher.append(store.text("plain", volume))
+            codes.append(prompts.side_code(number))
             student.append(prompts.writer_prompt(number) if u < args.empty_p + args.writer_p
                            else prompts.variant_prompt(number, variant))
-    return teacher, student
+    return teacher, torch.stack(codes), student
 
 
 def distillation_loss(denoiser, encoder: TextEncoder, batch: Batch, teacher: list[torch.Tensor],
-                      student: list[str]) -> torch.Tensor:
+                      teacher_codes: torch.Tensor, student: list[str]) -> torch.Tensor:
     """Mean square difference between the denoiser's prediction from the student's tokens of `student` (prompts)
-    and from the `teacher` tokens ([M_i, D] each), on the batch's blocks, noise and times: the text's effect alone."""
+    and from the `teacher` tokens ([M_i, D] each), on the batch's blocks, noise and times: the text's effect alone.
+    A side_code denoiser reads the teacher's side codes and those of the student's texts, as generation would."""
     noise = noises(batch, torch.device("cpu"), rollout=False).noise
     t = batch.t.view(-1, 1, 1, 1, 1)
     z_t = (1 - t) * batch.x0 + t * noise
     with torch.no_grad():
         text, mask = padded(teacher)
-        target = denoiser.predict(z_t, batch.t, denoiser.prepare(batch.previous, text, mask, batch.first_slice))
+        target = denoiser.predict(z_t, batch.t, denoiser.prepare(batch.previous, text, mask, batch.first_slice,
+                                                                 teacher_codes))
     tokens, mask = encoder.token_states(student)  # [B, M, D], [B, M], with gradients
-    predicted = denoiser.predict(z_t, batch.t, denoiser.prepare(batch.previous, tokens, mask, batch.first_slice))
+    codes = torch.tensor([side_code(text) for text in student])
+    predicted = denoiser.predict(z_t, batch.t, denoiser.prepare(batch.previous, tokens, mask, batch.first_slice,
+                                                                codes))
     return F.mse_loss(predicted, target)
 
 
@@ -182,9 +148,9 @@ def tune(args: TuneRun, log=print) -> dict:
     while step < args.steps:
         positions = range(step * args.batch_size, (step + 1) * args.batch_size)
         batch = collate([blocks[p] for p in positions])
-        teacher, student = draw_prompts(blocks, prompts, positions, generator(args.seed, PROMPT, step), args)
+        teacher, codes, student = draw_prompts(blocks, prompts, positions, generator(args.seed, PROMPT, step), args)
         torch.manual_seed(generator(args.seed, DROPOUT, step).initial_seed())  # the encoder's dropout: resumable
-        loss = distillation_loss(denoiser, encoder, batch, teacher, student)
+        loss = distillation_loss(denoiser, encoder, batch, teacher, codes, student)
         if not torch.isfinite(loss):
             raise CTFlowError(f"the loss became {loss.item()} at step {step + 1}: lower --lr")
         lr = cosine_schedule(step, args.lr, args.warmup, args.steps)
