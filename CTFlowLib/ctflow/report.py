@@ -39,9 +39,9 @@ _KEPT_BEFORE = re.compile(r"-to-$")  # the "left" of "right-to-left"
 
 # The side code (a denoiser's `side_code` input): for each finding that has a side, whether the report puts it on the
 # right and on the left. The text encoder's vectors hardly tell "left" from "right" (issue 18); this tells the
-# denoiser outright. A finding is named by any of its cues; it takes the side word of its clause nearest to it
-# (one before it when two are as near), none when its clause names no side, and counts for nothing when a negation
-# cue of its clause precedes it or a "resolved"-like cue follows it.
+# denoiser outright. A finding is named by any of its cues and takes the side words of its clause that modify or
+# place it (`_sides_of`); it counts for nothing when a negation cue of its clause precedes it or a "resolved"-like
+# cue follows it.
 SIDED_FINDINGS = {
     "pleural effusion": r"(?<!pericardial )effusions?|hydrothora\w*|pleural (?:fluid|space)",
     "consolidation": r"consolidat\w*|air-?space (?:disease|opacit\w*)|pneumonia|infiltrat\w*",
@@ -56,7 +56,8 @@ SIDE_CODE_SIZE = 2 * len(SIDED_FINDINGS)
 _FINDING_CUE = re.compile("|".join(rf"\b(?P<f{i}>{cue})\b" for i, cue in enumerate(SIDED_FINDINGS.values())),
                           re.IGNORECASE)
 _RIGHT_WORDS = {"right", "rul", "rll", "rml"}
-_MORE_SIDE_WORDS = re.compile(r"\b(?:(?P<both>bilateral\w*|both)|(?P<right>middle lobe))\b", re.IGNORECASE)
+_MORE_SIDE_WORDS = re.compile(r"\b(?:(?P<both>bilateral\w*|both)|(?<!left )(?<!right )(?P<right>middle lobe))\b",
+                              re.IGNORECASE)  # "middle lobe" alone is the right's (the lingula mirrors to it)
 _PLACING = re.compile(r"\b(?:in|on|at|of|within|involving|to|from)\s+(?:the\s+)?$", re.IGNORECASE)  # "in the" left
 _CLAUSE_END = re.compile(r"[.;:!?\n]|\b(?:but|however|whereas|although)\b", re.IGNORECASE)
 _NEGATION_BEFORE = re.compile(r"\b(?:no|not|without|negative for|free of|absence of|absent|resolved|resolution of|"

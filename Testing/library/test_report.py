@@ -146,9 +146,13 @@ def test_negated_findings_and_findings_without_a_side_have_none(text):
     assert sided_findings(text) == {} and not any(side_code(text))
 
 
-@pytest.mark.parametrize("name", ["LLL_consolidation", "RUL_nodule", "right_pleural_effusion"])
-def test_the_mirrored_report_s_side_code_is_the_report_s_swapped(name):
-    text = render_prompt(parse_report(read_report_file(f"Resources/SampleReports/{name}.txt")))
+@pytest.mark.parametrize("text", [
+    *(render_prompt(parse_report(read_report_file(f"Resources/SampleReports/{name}.txt")))
+      for name in ("LLL_consolidation", "RUL_nodule", "right_pleural_effusion")),
+    "Ground-glass opacity in the right middle lobe.", "RML atelectasis.", "Atelectasis in the lingula.",
+    "Right pleural effusion and left lower lobe consolidation.",
+])
+def test_the_mirrored_report_s_side_code_is_the_report_s_swapped(text):
     code = side_code(text)
     assert any(code)
     assert side_code(mirrored(text)) == [code[i + 1 - 2 * (i % 2)] for i in range(len(code))]
