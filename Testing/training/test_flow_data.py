@@ -320,3 +320,11 @@ def test_the_side_code_is_the_drawn_prompt_s_and_none_for_the_empty_one(tiny, tw
         codes = [torch.tensor(side_code(prompts.variant_prompt(number, k))) for k in range(3)]
         assert any(torch.equal(varied[position]["side_code"], code) for code in codes)
         assert any(code.any() for code in codes)  # tiny's sided findings are on the right
+
+
+def test_prompts_refuse_a_cohort_that_no_longer_holds_the_store_s_volumes(twin_store):
+    store = LatentStore(twin_store)
+    assert latent_store.Prompts([store], variants=False).writer[0].findings == "synth 0 00000."
+    store.names[0] = "synth_9_00000"  # as if the cohort had been made again with other patients
+    with pytest.raises(CTFlowError, match="is not in .* the folder it was encoded from"):
+        latent_store.Prompts([store], variants=False)

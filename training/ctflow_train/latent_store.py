@@ -270,7 +270,10 @@ class Prompts:
                 if str(source) not in entries:
                     entries[str(source)] = {entry["name"]: entry for entry in read_index(source)}
                 entry = entries[str(source)].get(name)
-                if entry is None or (variants and not entry.get("labels")):
+                if entry is None:
+                    raise CTFlowError(f"{name} of {store.folder} is not in {source}, the folder it was encoded from: "
+                                      "was that folder made again? Encode it again (cache-latents)")
+                if variants and not entry.get("labels"):
                     raise CTFlowError(f"{name} of {store.folder} has no labels in {source}: report variants are "
                                       "written from a cohort's findings (ctflow-train cohort)")
                 self.writer.append(Report(findings=entry["findings"], impressions=entry["impressions"]))
