@@ -258,9 +258,9 @@ class CTFlowPipeline:
             if request.side_guidance is None and self.config.sampling.side_guidance:
                 notices.append(f"side guidance 0 (the model's default is {self.config.sampling.side_guidance:g}): a "
                                "precomputed embedding has no report text to mirror")
+            guidance = Guidance(resolved.guidance)
             return GenerationPlan(resolved, report.text, report.text, tuple(notices), tokens,
-                                  torch.ones(1, 1, dtype=torch.bool), Guidance(resolved.guidance),
-                                  Guidance(resolved.guidance).side_codes(""))  # no text: no side
+                                  torch.ones(1, 1, dtype=torch.bool), guidance, guidance.side_codes(""))  # no text: no side
         # The released model never saw our meta lines (length, spacing): it gets the report sections alone.
         spacing = self.config.geometry.spacing[2]
         prompt = report.text if self.released_mode else render_prompt(report, resolved.prompt_slices, spacing)

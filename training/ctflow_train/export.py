@@ -182,7 +182,7 @@ def end_distances(model: STDiT, autoencoder: SliceAutoencoder, cache: LatentStor
     block = model.config.block_slices
     guidance = Guidance(sampling.guidance)
     generator = torch.Generator().manual_seed(seed)
-    prompts = Prompts([cache], variants=False) if model.config.side_code else None  # the reports' texts, for their sides
+    prompts = Prompts([cache], variants=False) if model.config.side_code else None  # the reports' texts: their sides
     found: dict[str, list] = {"white": [], "content": []}
     for case in range(min(cases, len(cache))):
         latents, real = cache.latents(case), cache.meta["content_slices"][case]

@@ -103,7 +103,8 @@ def finding_region(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class BlockDataset(Dataset):
     """Position n of a run -> one sample (a dict of tensors; `collate` makes a Batch of them)."""
 
-    def __init__(self, stores: list[LatentStore], rules: SamplingRules, seed: int, prompts: Prompts | None = None) -> None:
+    def __init__(self, stores: list[LatentStore], rules: SamplingRules, seed: int,
+                 prompts: Prompts | None = None) -> None:
         self.stores, self.rules, self.seed = stores, rules, seed
         self.firsts = [0, *itertools.accumulate(len(store) for store in stores)]  # first volume number of each store
         for store in stores:

@@ -63,7 +63,8 @@ from .runtime import cosine_schedule, set_threads, start_processes
 from .stages import card_stages
 
 OUTPUTS = (CHECKPOINT, LOSS_LOG)  # what a run writes to --out
-ADDABLE = ("position_embed.", "text_vector.", "seam_embed.", "side_embed.")  # parts a warm start may switch on (they start as no-ops)
+# parts a warm start may switch on (they start as no-ops)
+ADDABLE = ("position_embed.", "text_vector.", "seam_embed.", "side_embed.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,8 +186,8 @@ def sampled_previous(ema: STDiT, batch: Batch, chosen: torch.Tensor, noise: torc
 def warm_start(model: STDiT, folder: Path) -> None:
     """The EMA weights of an earlier run of the same shape, or the denoiser of a model folder (`export`: the EMA
     weights, perhaps in half precision), e.g. the bundled model when its runs are gone. A part the earlier model
-    lacked (the slice-position embedding, the pooled-text vector or the side code, switched on now) keeps its no-op initialisation,
-    so training starts from the same function."""
+    lacked (the slice-position embedding, the pooled-text vector or the side code, switched on now) keeps its no-op
+    initialisation, so training starts from the same function."""
     checkpoint = folder / CHECKPOINT
     if checkpoint.is_file():
         with open_safetensors(checkpoint) as handle:
