@@ -2,9 +2,9 @@
 
 probe: for side twins (`ctflow-train cohort --side-twins ...`: one patient, the same finding drawn on the right and
   on the left), generate the right report and the left report on the same seed and score each pair by
-  half_difference(right) - half_difference(left): the array's first half (the patient's right) minus its second
-  half, mean HU over the slices from 30 to 90 % of the body, clipped to [-1000, 200]. The real twins' score says how
-  large and which sign the finding's side gives (positive); a model that follows the side scores positive too.
+  half_difference(right) - half_difference(left): the patient's right half minus the left half, mean HU over the
+  slices from 30 to 90 % of the body, clipped to [-1000, 200]. The real twins' score says how large and which sign
+  the finding's side gives (positive); a model that follows the side scores positive too.
   Also the pair's mean abs HU change (how much else the side words move).
 confound: the same half difference over the middle third of a cohort's real volumes, grouped by the side words of
   their Findings. A side word that comes with an anatomy (a denser half) in the cohort is something a denoiser can
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "training"))
-from ctflow.conventions import real_slices  # noqa: E402
+from ctflow.conventions import real_slices, right_half  # noqa: E402
 from ctflow.entry import quiet_third_party_logs  # noqa: E402
 from ctflow.errors import CTFlowError  # noqa: E402
 from ctflow.pipeline import CTFlowPipeline  # noqa: E402
@@ -39,12 +39,12 @@ SIDES = ("right", "left")
 
 
 def half_difference(hu: np.ndarray, start: float, stop: float) -> float:
-    """Mean HU of the array's first half (the patient's right) minus its second half, slices [start, stop) of the
+    """Mean HU of the patient's right half (conventions.right_half) minus the left's, slices [start, stop) of the
     body as fractions, clipped to [-1000, 200] (air to soft tissue: bone and the white end slices weigh no more)."""
     hu = np.clip(hu.astype(np.float32), -1000, 200)
     body = hu[int(start * len(hu)): int(stop * len(hu))]
-    half = hu.shape[2] // 2
-    return float(body[:, :, :half].mean() - body[:, :, half:].mean())
+    right = right_half(hu.shape[2])
+    return float((body * right).mean() / right.mean() - (body * (1 - right)).mean() / (1 - right).mean())
 
 
 def probe(args: argparse.Namespace) -> list[dict]:

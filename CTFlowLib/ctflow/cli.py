@@ -143,8 +143,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = none; default: the "
                         "model's, or 1 with --embedding)")
     parser.add_argument("--side-guidance", type=float,
-                        help="guidance away from the report with its sides mirrored, for a finding on the side the "
-                             "report names (0 = none; default: the model's)")
+                        help="side guidance: each half of the volume guided by the report without what it puts on "
+                             "the other side only, above 1 also away from it (0 = none; default: the model's)")
     parser.add_argument("--sampler", choices=METHODS, help="ODE solver (default: the model's)")
     parser.add_argument("--shift", type=float, help="time shift of the sampling schedule (default: the model's)")
 

@@ -136,8 +136,7 @@ class SamplingConfig:
     method: str = "ab2"
     shift: float = 1.0
     guidance: float = 1.0
-    side_guidance: float = 0.0  # guidance against the report with its sides mirrored (sampling.Guidance)
-    side_guidance_until: float = 0.0  # flow time (1: noise) where side guidance stops; 0: every step
+    side_guidance: float = 0.0  # each half of the volume guided by its half of the report (sampling.Guidance); 0: off
     # "ctflow": start from the encoded black slice, end at the first white latent slice (or a decoded white one).
     # "released": the published generator: start and end markers are VAE posterior samples of the all-zero and
     # all-one image, a block whose first slice is white is the last one (kept), trailing white slices are trimmed.
@@ -178,9 +177,8 @@ class ModelConfig:
         # Written only when set, so a folder without them stays readable by older ctflow.
         if not self.text.tuned:
             del data["text"]["tuned"]
-        for name in ("side_guidance", "side_guidance_until"):
-            if not getattr(self.sampling, name):
-                del data["sampling"][name]
+        if not self.sampling.side_guidance:
+            del data["sampling"]["side_guidance"]
         return {"format": FORMAT, "format_version": FORMAT_VERSION, **data}
 
     def to_json(self) -> str:
@@ -245,7 +243,6 @@ _RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "sampling.shift": _above_zero(MAX_SHIFT),
     "sampling.guidance": _between(0, MAX_GUIDANCE),
     "sampling.side_guidance": _between(0, MAX_GUIDANCE),
-    "sampling.side_guidance_until": _between(0, 1),
     "geometry.spacing": _above_zero(1000),
     "max_slices": _between(1, MAX_SLICES),
     "typical_slices": _between(1, MAX_SLICES),
@@ -262,7 +259,7 @@ def from_json(cls: type, data: Any, where: str, source: str = "config.json") -> 
     hints = typing.get_type_hints(cls)
     for key in data:
         if key not in hints:
-            raise ModelError(f"{source}: unknown field {where}{key!r}")
+            raise ModelError(f"{source}: unknown field '{where}{key}'")
     values = {key: _checked(value, hints[key], f"{where}{key}", f"{source}: {where}{key}", source)
               for key, value in data.items()}
     try:

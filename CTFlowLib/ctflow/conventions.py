@@ -27,6 +27,16 @@ SYNTHETIC_LABEL = "SYNTHETIC CT (CTFlow) - not for diagnosis"  # the short form,
 SYNTHETIC_DESCRIPTION = "SYNTHETIC CT (CTFlow) - NOT FOR DIAGNOSIS"  # DICOM Study and Series Description
 
 
+def right_half(columns: int) -> np.ndarray:
+    """[columns] float32: 1 for the columns of the patient's right half, 0 for the left, 0.5 for a middle one.
+
+    Slices are [rows, columns] with the patient's right in the first columns (head-first LPS voxel order, as
+    volume.HEAD_FIRST_AXIAL states for every volume ctflow reads and writes): side guidance and the side probe
+    rely on it."""
+    position = np.arange(columns) + 0.5
+    return np.where(position < columns / 2, 1.0, np.where(position > columns / 2, 0.0, 0.5)).astype(np.float32)
+
+
 def end_slices(hu: np.ndarray) -> np.ndarray:
     """[T] bool: which slices of hu [T, H, W] are white end slices.
 

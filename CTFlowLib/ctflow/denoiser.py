@@ -162,11 +162,6 @@ class Conditioning:
     mask: torch.Tensor  # [B, M] bool
     vector: torch.Tensor | None = None  # [B, D] added to the time embedding: slice position, pooled text, side code
 
-    def first(self, rows: int) -> Conditioning:
-        """The conditioning of the first rows alone (views, no copies): guidance that drops a row mid-schedule."""
-        return Conditioning(self.previous[:rows], [kv[:, :rows] for kv in self.text_kv], self.mask[:rows],
-                            None if self.vector is None else self.vector[:rows])
-
 
 class STDiT(nn.Module):
     """Predicts the velocity (noise - clean) of a noisy latent block given time, previous block and text.

@@ -32,7 +32,7 @@ from .errors import CorruptModelError, CTFlowError, ModelError, RequestError
 from .hub import default_model, is_hub_id, resolve_model
 from .io import read_text_file
 from .model_folder import CARD, load_denoiser, load_vae, model_sha256, read_config, verify_model_folder
-from .report import Report, names_a_side, parse_report, render_prompt, typed_meta_lines
+from .report import Report, names_one_side, parse_report, render_prompt, typed_meta_lines
 from .ending import VolumeEnd
 from .sampling import Cancelled, Guidance, block_velocity, sample, validate
 from .text_encoder import TextEncoder, unit_cls
@@ -60,7 +60,7 @@ class GenerationRequest:
     seed: int | None = None  # None draws a fresh seed (recorded in provenance)
     steps: int | None = None
     guidance: float | None = None
-    side_guidance: float | None = None  # against the report with its sides mirrored (report.mirrored); 0: none
+    side_guidance: float | None = None  # each half of the volume by its half of the report (report.half_texts); 0: none
     sampler: str | None = None
     shift: float | None = None
     # A precomputed report embedding (models with one text vector): used instead of encoding the report, which is
@@ -106,7 +106,7 @@ class DecodedBlock:
 
 def with_defaults(request: GenerationRequest, sampling: SamplingConfig) -> GenerationRequest:
     """The request with every unset sampling option replaced by the model's default (the seed stays as given).
-    A precomputed embedding has no empty or mirrored report to guide by, so its default guidance is 1 and its side
+    A precomputed embedding has no empty report or halves of a report to guide by, so its default guidance is 1 and its side
     guidance 0 (off)."""
     given = request.embedding is not None
     default_guidance, default_side = (1.0, 0.0) if given else (sampling.guidance, sampling.side_guidance)
@@ -150,7 +150,7 @@ def check_options(request: GenerationRequest, config: ModelConfig | None = None)
     if not (is_finite_number(side) and 0 <= side <= MAX_GUIDANCE):
         raise RequestError(f"side guidance must be a number from 0 to {MAX_GUIDANCE:g}, not {side!r}")
     if side > 0 and request.embedding is not None:
-        raise RequestError("side guidance needs the report's text, to mirror its sides: with a precomputed "
+        raise RequestError("side guidance needs the report's text, to read its sides: with a precomputed "
                            "embedding use side guidance 0")
     if request.embedding is not None and config is not None:
         given_embedding(request.embedding, config)
@@ -257,15 +257,14 @@ class CTFlowPipeline:
                                "precomputed embedding has no empty-report twin to guide by")
             if request.side_guidance is None and self.config.sampling.side_guidance:
                 notices.append(f"side guidance 0 (the model's default is {self.config.sampling.side_guidance:g}): a "
-                               "precomputed embedding has no report text to mirror")
+                               "precomputed embedding has no report text to read sides from")
             guidance = Guidance(resolved.guidance)
             return GenerationPlan(resolved, report.text, report.text, tuple(notices), tokens,
                                   torch.ones(1, 1, dtype=torch.bool), guidance, guidance.side_codes(""))  # no text: no side
         # The released model never saw our meta lines (length, spacing): it gets the report sections alone.
         spacing = self.config.geometry.spacing[2]
         prompt = report.text if self.released_mode else render_prompt(report, resolved.prompt_slices, spacing)
-        guidance = Guidance(resolved.guidance, resolved.side_guidance if names_a_side(prompt) else 0.0,
-                            self.config.sampling.side_guidance_until)
+        guidance = Guidance(resolved.guidance, resolved.side_guidance if names_one_side(prompt) else 0.0)
         embedding = self.text_encoder.encode(guidance.texts(prompt))
         notices = []
         if report.truncated or embedding.truncated[0]:

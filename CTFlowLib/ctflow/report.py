@@ -27,14 +27,14 @@ _HEADER = re.compile(
 _SPACES = re.compile(r"[^\S\n]+")
 _TYPED_META = re.compile(r"\b(?:length:\s*\d+\s*slices?|spacing:\s*\d+(?:\.\d+)?\s*mm)", re.IGNORECASE)
 
-# A finding's side and its mirror image (side guidance steers away from the mirrored report). The heart and its
-# vessels keep their names ("leads in the right atrium", "right and left ventricles", "right coronary artery",
-# "right-to-left shunt"): a report's side is mirrored, not the anatomy; nor is "left" as a verb ("left in place").
-_MIRRORED_WORDS = {"right": "left", "left": "right", "rul": "LUL", "lul": "RUL", "rll": "LLL", "lll": "RLL",
-                   "rml": "lingula", "lingula": "middle lobe", "lingular": "middle lobe"}
+# The words that name a side. The heart and its vessels keep theirs ("leads in the right atrium", "right and left
+# ventricles", "right coronary artery", "right-to-left shunt"): they are anatomy, not where a finding lies; nor is
+# "left" as a verb ("left in place"). "Middle lobe" alone is the right's (_MORE_SIDE_WORDS).
+_SIDE_OF_WORD = {"right": "right", "rul": "right", "rll": "right", "rml": "right",
+                 "left": "left", "lul": "left", "lll": "left", "lingula": "left", "lingular": "left"}
 _KEPT_AFTER = (r"(?:[\s-]+and[\s-]+(?:right|left))?[\s-]+(?:atri|ventric|heart|cardiac|coronar|main\s+coronar)"
                r"|-to-|\s+(?:in\s+(?:place|situ)|over\b|behind)")
-_SIDE_WORD = re.compile(rf"\b({'|'.join(_MIRRORED_WORDS)})\b(?!{_KEPT_AFTER})", re.IGNORECASE)
+_SIDE_WORD = re.compile(rf"\b({'|'.join(_SIDE_OF_WORD)})\b(?!{_KEPT_AFTER})", re.IGNORECASE)
 _KEPT_BEFORE = re.compile(r"-to-$")  # the "left" of "right-to-left"
 
 # The side code (a denoiser's `side_code` input): for each finding that has a side, whether the report puts it on the
@@ -55,11 +55,11 @@ SIDED_FINDINGS = {
 SIDE_CODE_SIZE = 2 * len(SIDED_FINDINGS)
 _FINDING_CUE = re.compile("|".join(rf"\b(?P<f{i}>{cue})\b" for i, cue in enumerate(SIDED_FINDINGS.values())),
                           re.IGNORECASE)
-_RIGHT_WORDS = {"right", "rul", "rll", "rml"}
 _MORE_SIDE_WORDS = re.compile(r"\b(?:(?P<both>bilateral\w*|both)|(?<!left )(?<!right )(?P<right>middle lobe))\b",
-                              re.IGNORECASE)  # "middle lobe" alone is the right's (the lingula mirrors to it)
+                              re.IGNORECASE)
 _PLACING = re.compile(r"\b(?:in|on|at|of|within|involving|to|from)\s+(?:the\s+)?$", re.IGNORECASE)  # "in the" left
 _CLAUSE_END = re.compile(r"[.;:!?\n]|\b(?:but|however|whereas|although)\b", re.IGNORECASE)
+_PART_START = re.compile(r",|\band\b", re.IGNORECASE)  # where a clause may name its findings' sides in parts
 _NEGATION_BEFORE = re.compile(r"\b(?:no|not|without|negative for|free of|absence of|absent|resolved|resolution of|"
                               r"ruled out|nor)\b", re.IGNORECASE)
 _NEGATION_AFTER = re.compile(r"\b(?:resolved|not (?:seen|identified|present|visible)|no longer|absent|ruled out|"
@@ -138,30 +138,37 @@ def typed_meta_lines(report: Report) -> list[str]:
     return _TYPED_META.findall(f"{report.findings}\n{report.impressions}")
 
 
-def mirrored(text: str) -> str:
-    """The text with every side it names swapped (right and left, RUL and LUL, RML and the lingula, ...); the text
-    itself when it names none. The negative prompt of side guidance: what the model would make on the other side."""
-    def swap(match: re.Match) -> str:
-        kept = _KEPT_BEFORE.search(text[max(0, match.start() - 4): match.start()])
-        return match.group(0) if kept else _mirrored_word(match.group(0))
+def half_texts(text: str) -> tuple[str, str]:
+    """(right, left): the text as each half of the body reads it, without the parts that name the other side only.
 
-    return _SIDE_WORD.sub(swap, text)
+    Side guidance guides each half of the volume by its own text (sampling.Guidance), so a finding the report puts on
+    one side is asked for on that side alone. A part is a clause, or within a clause one of its findings with its
+    side ("Right pleural effusion and left lower lobe consolidation."); a text that names no side alone is itself on
+    both halves."""
+    halves: dict[str, list[str]] = {"right": [], "left": []}
+    for clause, end in _clauses(text):
+        parts = [(part, _sides_named(part)) for part in _parts(clause)]
+        for half, other in (("right", "left"), ("left", "right")):
+            kept = [part for part, sides in parts if sides != {other}]
+            if len(kept) == len(parts):
+                halves[half].append(clause + end)
+            elif kept:
+                halves[half].append("".join(kept).rstrip() + end)
+    return "".join(halves["right"]), "".join(halves["left"])
 
 
-def names_a_side(text: str) -> bool:
-    """Whether side guidance has anything to mirror in `text` (otherwise it is made without it)."""
-    return mirrored(text) != text
+def names_one_side(text: str) -> bool:
+    """Whether some part of the text names one side only, so that side guidance has something to do."""
+    right, left = half_texts(text)
+    return right != left
 
 
 def sided_findings(text: str) -> dict[str, set[str]]:
     """The findings of SIDED_FINDINGS that `text` reports (not negated) on a side, by name: {"right"}, {"left"}
     or both. A finding reported without a side is not in it."""
     found: dict[str, set[str]] = {}
-    start = 0
-    for end in [m.start() for m in _CLAUSE_END.finditer(text)] + [len(text)]:
-        clause, start = text[start:end], end + 1
-        sides = [(m, {"right" if m.group(0).lower() in _RIGHT_WORDS else "left"}) for m in _side_words(clause)]
-        sides += [(m, {"right"} if m.group("right") else {"left", "right"}) for m in _MORE_SIDE_WORDS.finditer(clause)]
+    for clause, _ in _clauses(text):
+        sides = _side_words(clause)
         cues = list(_FINDING_CUE.finditer(clause))
         for number, cue in enumerate(cues):
             if (_NEGATION_BEFORE.search(clause, 0, cue.start()) or _NEGATION_AFTER.search(clause, cue.end())
@@ -175,15 +182,43 @@ def sided_findings(text: str) -> dict[str, set[str]]:
 
 
 def side_code(text: str) -> list[float]:
-    """[right, left] of every finding in SIDED_FINDINGS: 1.0 where the text reports it on that side (sided_findings).
-    The mirrored text's code is this one with right and left swapped."""
+    """[right, left] of every finding in SIDED_FINDINGS: 1.0 where the text reports it on that side (sided_findings)."""
     found = sided_findings(text)
     return [float(side in found.get(name, ())) for name in SIDED_FINDINGS for side in ("right", "left")]
 
 
-def _side_words(text: str):
-    """Matches of the side words `mirrored` swaps, those it keeps (the heart's, "right-to-left") left out."""
-    return (m for m in _SIDE_WORD.finditer(text) if not _KEPT_BEFORE.search(text[max(0, m.start() - 4): m.start()]))
+def _clauses(text: str) -> list[tuple[str, str]]:
+    """(words, end) of each clause: the end is what _CLAUSE_END matched after the words ("" for the last one);
+    joined, they are the text."""
+    ends = list(_CLAUSE_END.finditer(text))
+    starts = [0] + [m.end() for m in ends]
+    clauses = [(text[start:m.start()], m.group(0)) for start, m in zip(starts, ends)] + [(text[starts[-1]:], "")]
+    return [(words, end) for words, end in clauses if words or end]
+
+
+def _parts(clause: str) -> list[str]:
+    """The clause's words cut before each ", " or "and" that starts another finding with its own side: joined, they
+    are the clause."""
+    cuts = [0] + [m.start() for m in _PART_START.finditer(clause)] + [len(clause)]
+    pieces = [clause[a:b] for a, b in zip(cuts, cuts[1:]) if b > a] or [clause]
+    parts = [pieces[0]]
+    for piece in pieces[1:]:
+        if all(_FINDING_CUE.search(p) and _sides_named(p) for p in (parts[-1], piece)):
+            parts.append(piece)
+        else:
+            parts[-1] += piece
+    return parts
+
+
+def _side_words(text: str) -> list[tuple[re.Match, set[str]]]:
+    """Each word of text that names a side, with the sides it names ("bilateral": both)."""
+    kept = [m for m in _SIDE_WORD.finditer(text) if not _KEPT_BEFORE.search(text[max(0, m.start() - 4): m.start()])]
+    return ([(m, {_SIDE_OF_WORD[m.group(0).lower()]}) for m in kept]
+            + [(m, {"right"} if m.group("right") else {"left", "right"}) for m in _MORE_SIDE_WORDS.finditer(text)])
+
+
+def _sides_named(text: str) -> set[str]:
+    return set().union(*(sides for _, sides in _side_words(text)))
 
 
 def _sides_of(cue: re.Match, sides: list[tuple[re.Match, set[str]]], clause: str, low: int, high: int) -> set[str]:
@@ -204,15 +239,6 @@ def _sides_of(cue: re.Match, sides: list[tuple[re.Match, set[str]]], clause: str
         return len((clause[cue.end():word.start()] if after else clause[word.end():cue.start()]).split()), after
 
     return min(sides, key=distance)[1]
-
-
-def _mirrored_word(word: str) -> str:
-    other = _MIRRORED_WORDS[word.lower()]
-    if other.isupper() or len(word) == 3:  # to or from an abbreviation as written: rll -> LLL, RML -> lingula
-        return other
-    if word.isupper():  # RIGHT -> LEFT
-        return other.upper()
-    return other.capitalize() if word[0].isupper() else other
 
 
 def _as_text(value: object, what: str) -> str:

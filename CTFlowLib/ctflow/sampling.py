@@ -9,9 +9,9 @@ from typing import Callable
 
 import torch
 
-from .conventions import MAX_SHIFT, MAX_STEPS
+from .conventions import MAX_SHIFT, MAX_STEPS, right_half
 from .errors import RequestError
-from .report import mirrored, side_code
+from .report import half_texts, side_code
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z [B, ...], t scalar tensor) -> v like z
 METHODS = ("euler", "heun", "ab2")  # ab2: second order at one model call per step
@@ -81,20 +81,29 @@ def validate(steps: int, method: str, shift: float) -> None:
         raise RequestError(f"time shift must be a number above 0 and at most {MAX_SHIFT:g}, not {shift!r}")
 
 
-def guided(model_velocity: Velocity, guidance: float, side: float = 0.0) -> Velocity:
-    """Classifier-free guidance with one forward: the batch holds [conditional; unconditional] rows, then the
-    mirrored report's when side > 0, which side guidance steers away from:
-    v = v_uncond + guidance * (v_cond - v_uncond) + side * (v_cond - v_mirrored).
+def guided(model_velocity: Velocity, guidance: float) -> Velocity:
+    """Classifier-free guidance with one forward: the batch holds [conditional; unconditional] rows,
+    v = v_uncond + guidance * (v_cond - v_uncond). model_velocity sees z repeated twice and returns both rows."""
+    def velocity(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        cond, uncond = model_velocity(torch.cat([z, z]), t).chunk(2)
+        return uncond + guidance * (cond - uncond)
 
-    model_velocity sees z repeated once per row and must return every row; with guidance 1 the unconditional
-    row is left out (and with side 0 too, the caller passes an unbatched model).
-    """
-    rows = Guidance(guidance, side).branches
+    return velocity
+
+
+def side_guided(model_velocity: Velocity, guidance: float, side: float) -> Velocity:
+    """Side guidance: the batch holds [the right half's text; the left half's; unconditional (when guiding)] rows
+    (report.half_texts), and each half of the volume is guided by its own text, away from the other half's at
+    side > 1, before classifier-free guidance mixes the result with the unconditional row:
+    v_half = v_other + side * (v_own - v_other), v_cond = v_right on the patient's right columns, v_left on the left.
+    The denoiser sees the whole volume in every row; the mask applies to what each text asks for."""
+    rows = 2 + (guidance != 1.0)
 
     def velocity(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         v = model_velocity(torch.cat([z] * rows), t).chunk(rows)
-        mixed = v[0] if guidance == 1.0 else v[1] + guidance * (v[0] - v[1])
-        return mixed + side * (v[0] - v[-1]) if side > 0 else mixed
+        right = torch.from_numpy(right_half(z.shape[-1])).to(z)  # [w]: broadcast over the columns
+        cond = right * (v[1] + side * (v[0] - v[1])) + (1 - right) * (v[0] + side * (v[1] - v[0]))
+        return cond if guidance == 1.0 else v[2] + guidance * (cond - v[2])
 
     return velocity
 
@@ -102,38 +111,32 @@ def guided(model_velocity: Velocity, guidance: float, side: float = 0.0) -> Velo
 @dataclass(frozen=True)
 class Guidance:
     """How one generation guides, decided once (plan()): classifier-free guidance at `scale` (1: the conditional
-    branch alone; else [conditional; unconditional] in one batch, mixed) and side guidance at `side` against the
-    report with its sides mirrored (0, or a report that names no side: none), at flow times above `side_until`
-    only: where a finding lies is settled in the noisy steps, and the later ones skip the mirrored row's cost."""
+    branch alone; else [conditional; unconditional] in one batch, mixed) and side guidance at `side` (0: none; it is
+    0 too for a report that names no side only, report.names_one_side): each half of the volume is guided by the
+    report without the parts that name the other side only (side_guided)."""
 
     scale: float
     side: float = 0.0
-    side_until: float = 0.0  # 0: side guidance at every step
 
     @property
     def branches(self) -> int:
-        """Rows of text conditioning, and of the denoiser's batch: the prompt, "" when guiding, the mirrored prompt
-        for side guidance."""
-        return 1 + (self.scale != 1.0) + (self.side > 0)
+        """Rows of text conditioning, and of the denoiser's batch: the prompt (with side guidance, its right half's
+        text and its left half's), then "" when guiding."""
+        return 1 + (self.side > 0) + (self.scale != 1.0)
 
     def texts(self, prompt: str) -> list[str]:
         """The texts to embed, one per branch."""
-        return [prompt] + [""] * (self.scale != 1.0) + [mirrored(prompt)] * (self.side > 0)
+        return [*(half_texts(prompt) if self.side > 0 else [prompt])] + [""] * (self.scale != 1.0)
 
     def side_codes(self, prompt: str) -> torch.Tensor:
         """[branches, SIDE_CODE_SIZE]: report.side_code of each of texts(prompt), for a side_code denoiser."""
         return torch.tensor([side_code(text) for text in self.texts(prompt)])
 
     def velocity(self, model_velocity: Velocity) -> Velocity:
-        """model_velocity sees z repeated once per row in texts' order; after side_until, the rows before the
-        mirrored one only."""
-        if self.branches == 1:
-            return model_velocity
-        with_side = guided(model_velocity, self.scale, self.side)
-        if not self.side or not self.side_until:
-            return with_side
-        without_side = Guidance(self.scale).velocity(model_velocity)
-        return lambda z, t: with_side(z, t) if t > self.side_until else without_side(z, t)
+        """model_velocity sees z repeated once per row, in texts' order."""
+        if self.side > 0:
+            return side_guided(model_velocity, self.scale, self.side)
+        return model_velocity if self.scale == 1.0 else guided(model_velocity, self.scale)
 
 
 def block_velocity(denoiser, previous: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, first_slice: int,
@@ -147,7 +150,7 @@ def block_velocity(denoiser, previous: torch.Tensor, text: torch.Tensor, mask: t
     cond = denoiser.prepare(previous.expand(guidance.branches, -1, -1, -1, -1), text, mask,
                             torch.tensor(float(first_slice)), side_codes)
 
-    def model(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # z: one row per text, or the first rows alone
-        return denoiser(z, t.expand(z.shape[0]), cond if len(z) == guidance.branches else cond.first(len(z)))
+    def model(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # z: one row per text
+        return denoiser(z, t.expand(z.shape[0]), cond)
 
     return guidance.velocity(model)

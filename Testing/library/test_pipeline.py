@@ -14,7 +14,7 @@ from ctflow.model_folder import load_vae, read_config
 from ctflow.conventions import real_slices
 from ctflow.denoiser import STDiT
 from ctflow.devices import select_device
-from ctflow.report import SIDE_CODE_SIZE, mirrored, side_code
+from ctflow.report import SIDE_CODE_SIZE, half_texts, side_code
 
 REPORT = "Findings: A 12 mm nodule in the right upper lobe. Impressions: Right upper lobe nodule."
 
@@ -77,13 +77,15 @@ def test_guidance_embeds_the_empty_report_alongside(tiny_pipeline):
     assert tiny_pipeline.plan(GenerationRequest(REPORT, guidance=3.0)).guidance.branches == 2
 
 
-def test_side_guidance_embeds_the_mirrored_report_when_the_report_names_a_side(tiny_pipeline):
+def test_side_guidance_embeds_each_half_s_text_when_the_report_names_a_side(tiny_pipeline):
     plan = tiny_pipeline.plan(GenerationRequest(REPORT, guidance=3.0, side_guidance=4.0))
     assert plan.guidance.branches == plan.text.shape[0] == 3 and plan.guidance.side == 4.0
-    mirrored = tiny_pipeline.text_encoder.encode([plan.prompt.replace("right", "left").replace("Right", "Left")])
-    assert torch.equal(plan.text[2:], mirrored.tokens)
+    right, left = half_texts(plan.prompt)
+    assert right == plan.prompt and left == "Findings:\nImpressions:\nSpacing: 2.5 mm"  # the nodule is the right's
+    halves = tiny_pipeline.text_encoder.encode([right, left])
+    assert torch.equal(plan.text[:2], halves.tokens)
     unsided = tiny_pipeline.plan(GenerationRequest("Findings: Emphysema.", guidance=3.0, side_guidance=4.0))
-    assert unsided.guidance.branches == 2 and unsided.guidance.side == 0.0  # nothing to mirror: no third row
+    assert unsided.guidance.branches == 2 and unsided.guidance.side == 0.0  # one text for both halves: no third row
     volume = run(tiny_pipeline, slices=4, side_guidance=4.0)
     assert volume.provenance.side_guidance == 4.0 and volume.provenance.guidance == 1.0  # the tiny model's default
     assert not np.array_equal(volume.hu, run(tiny_pipeline, slices=4).hu)
@@ -91,35 +93,20 @@ def test_side_guidance_embeds_the_mirrored_report_when_the_report_names_a_side(t
 
 
 def test_a_side_code_denoiser_is_told_each_row_s_sides(tiny_pipeline):
-    """The rows' side codes are the prompt's, none for the empty report and the mirrored prompt's; a side_code
+    """The rows' side codes are those of the prompt's halves, and none for the empty report; a side_code
     denoiser warm-started from one without makes the same volume until its side embedding learns something."""
     denoiser = STDiT(dataclasses.replace(tiny_pipeline.config.denoiser, side_code=True))
     denoiser.load_state_dict(tiny_pipeline.denoiser.state_dict(), strict=False)  # as a warm start does
     config = dataclasses.replace(tiny_pipeline.config, denoiser=denoiser.config)
     sided = CTFlowPipeline(config, denoiser.eval(), tiny_pipeline.autoencoder, tiny_pipeline.text_encoder)
     plan = sided.plan(GenerationRequest(REPORT, guidance=3.0, side_guidance=4.0))
-    expected = torch.tensor([side_code(plan.prompt), [0.0] * SIDE_CODE_SIZE, side_code(mirrored(plan.prompt))])
-    assert torch.equal(plan.side_codes, expected) and expected[0].any() and not torch.equal(expected[0], expected[2])
+    expected = torch.tensor([*(side_code(half) for half in half_texts(plan.prompt)), [0.0] * SIDE_CODE_SIZE])
+    assert torch.equal(plan.side_codes, expected) and expected[0].any() and not expected[1].any()
     options = {"slices": 4, "guidance": 3.0, "side_guidance": 4.0}
     assert np.array_equal(run(sided, **options).hu, run(tiny_pipeline, **options).hu)
     with torch.no_grad():
         denoiser.side_embed.weight.normal_(0, 1.0)
     assert not np.array_equal(run(sided, **options).hu, run(tiny_pipeline, **options).hu)
-
-
-def test_side_guidance_until_the_end_of_the_schedule_is_none(tiny_pipeline):
-    """The model's side_guidance_until stops side guidance at that flow time; at 1 it never starts, and the rows
-    before the mirrored one are sampled as a volume without side guidance samples them."""
-    config = dataclasses.replace(tiny_pipeline.config, sampling=dataclasses.replace(
-        tiny_pipeline.config.sampling, side_guidance_until=1.0))
-    until_noise = CTFlowPipeline(config, tiny_pipeline.denoiser, tiny_pipeline.autoencoder,
-                                 tiny_pipeline.text_encoder)
-    assert until_noise.plan(GenerationRequest(REPORT, side_guidance=4.0)).guidance.side_until == 1.0
-    never = run(until_noise, slices=4, guidance=3.0, side_guidance=4.0)
-    assert never.provenance.side_guidance == 4.0  # as asked: the model's own schedule says when it acts
-    plain = run(tiny_pipeline, slices=4, guidance=3.0).hu
-    sided = run(tiny_pipeline, slices=4, guidance=3.0, side_guidance=4.0).hu
-    assert np.array_equal(never.hu, plain) and not np.array_equal(sided, plain)
 
 
 def test_a_length_in_the_prompt_does_not_stop_the_volume_there(tiny_pipeline):

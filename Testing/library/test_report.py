@@ -1,8 +1,8 @@
 import pytest
 
 from ctflow import ReportError, parse_report, render_prompt
-from ctflow.report import (MAX_REPORT_CHARS, SIDE_CODE_SIZE, SIDED_FINDINGS, mirrored, names_a_side, read_report_file,
-                           side_code, sided_findings)
+from ctflow.report import (MAX_REPORT_CHARS, SIDE_CODE_SIZE, SIDED_FINDINGS, half_texts, names_one_side,
+                           read_report_file, side_code, sided_findings)
 
 CT_RATE = """FINDINGS: Trachea and both main bronchi are open. A 6 mm nodule is seen in the right upper lobe.
 No pleural effusion.
@@ -74,22 +74,29 @@ def test_header_alone_on_its_line():
     assert (report.findings, report.impressions) == ("Mild emphysema.", "Emphysema.")
 
 
-@pytest.mark.parametrize("text, other", [
-    ("Right pleural effusion; the left pleural space is clear.", "Left pleural effusion; the right pleural space is clear."),
-    ("RLL consolidation, LUL clear.", "LLL consolidation, RUL clear."),
-    ("RIGHT-sided hydrothorax, on the right and left", "LEFT-sided hydrothorax, on the left and right"),
+@pytest.mark.parametrize("text, right, left", [
+    ("Right pleural effusion. No pneumothorax.", "Right pleural effusion. No pneumothorax.", " No pneumothorax."),
+    ("RLL consolidation; LUL clear. Heart normal.", "RLL consolidation; Heart normal.", " LUL clear. Heart normal."),
+    ("Lingula atelectasis. Nodule in the middle lobe.", " Nodule in the middle lobe.", "Lingula atelectasis."),
+    ("RIGHT-sided hydrothorax, but the lungs are clear", "RIGHT-sided hydrothorax, but the lungs are clear",
+     " the lungs are clear"),
+    ("Right pleural effusion and left lower lobe consolidation.", "Right pleural effusion.",
+     "and left lower lobe consolidation."),
+    ("Consolidation in the RLL, ground glass in the LUL; no effusion.", "Consolidation in the RLL; no effusion.",
+     ", ground glass in the LUL; no effusion."),
 ])
-def test_mirroring_swaps_the_sides_a_report_names(text, other):
-    assert mirrored(text) == other and mirrored(other) == text and names_a_side(text)
+def test_each_half_reads_the_report_without_the_parts_that_name_the_other_side_only(text, right, left):
+    assert half_texts(text) == (right, left) and names_one_side(text)
 
 
-@pytest.mark.parametrize("text, other", [
-    ("rll and lll", "LLL and RLL"),  # abbreviations come back in capitals
-    ("Lingula atelectasis; RML nodule", "Middle lobe atelectasis; lingula nodule"),
-    ("Lingular scar in the left upper lobe", "Middle lobe scar in the right upper lobe"),
+@pytest.mark.parametrize("text", [
+    "Large right and small left pleural effusions.",  # one finding, both sides: one part
+    "Moderate bilateral pleural effusions. Emphysema in both upper lobes.",
+    "Consolidation and ground glass in the right lower lobe and the left lower lobe.",
+    "No focal consolidation. The heart is normal.",
 ])
-def test_lobes_mirror_to_their_nearest_lobe_on_the_other_side(text, other):
-    assert mirrored(text) == other
+def test_a_report_that_names_no_side_alone_reads_the_same_on_both_halves(text):
+    assert half_texts(text) == (text, text) and not names_one_side(text)
 
 
 @pytest.mark.parametrize("text", [
@@ -100,7 +107,7 @@ def test_lobes_mirror_to_their_nearest_lobe_on_the_other_side(text, other):
     "Bright, cleft, leftover, righteous: no side.",
 ])
 def test_the_heart_and_words_that_are_no_side_stay(text):
-    assert mirrored(text) == text and not names_a_side(text)
+    assert half_texts(text) == (text, text) and not names_one_side(text) and not sided_findings(text)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -151,8 +158,13 @@ def test_negated_findings_and_findings_without_a_side_have_none(text):
       for name in ("LLL_consolidation", "RUL_nodule", "right_pleural_effusion")),
     "Ground-glass opacity in the right middle lobe.", "RML atelectasis.", "Atelectasis in the lingula.",
     "Right pleural effusion and left lower lobe consolidation.",
+    "Right lower lobe consolidation, a nodule in the left upper lobe; bilateral emphysema.",
 ])
-def test_the_mirrored_report_s_side_code_is_the_report_s_swapped(text):
+def test_each_half_s_text_reports_the_findings_of_its_side_alone(text):
     code = side_code(text)
     assert any(code)
-    assert side_code(mirrored(text)) == [code[i + 1 - 2 * (i % 2)] for i in range(len(code))]
+    pairs = [code[i:i + 2] for i in range(0, len(code), 2)]  # [right, left] of each finding
+    both = [r * l for r, l in pairs]  # a finding on both sides stays on both halves
+    right, left = (side_code(half) for half in half_texts(text))
+    assert right == [v for (r, _), b in zip(pairs, both) for v in (r, b)]
+    assert left == [v for (_, l), b in zip(pairs, both) for v in (b, l)]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ctflow.errors import RequestError
+from ctflow.conventions import right_half
 from ctflow.sampling import Cancelled, Guidance, guided, sample, time_grid
 
 
@@ -62,40 +63,31 @@ def test_guidance_runs_both_halves_in_one_forward():
     assert calls == [2, 2]
 
 
-def test_side_guidance_steers_away_from_the_mirrored_report():
-    rows = {"Right effusion": 5.0, "": 1.0, "Left effusion": 3.0}  # each text's velocity, one row each
-
-    for guidance, expected in ((Guidance(3.0, side=2.0), 1 + 3 * 4 + 2 * 2), (Guidance(1.0, side=2.0), 5 + 2 * 2),
-                               (Guidance(3.0), 1 + 3 * 4), (Guidance(1.0), 5)):
-        texts = guidance.texts("Right effusion")
-        assert len(texts) == guidance.branches and texts[0] == "Right effusion"
-        values = torch.tensor([rows[text] for text in texts])[:, None]
+def test_side_guidance_guides_each_half_of_the_volume_by_its_own_text():
+    """The right columns by the report, the left by the report without its right-only parts; above 1 each also away
+    from the other's; then classifier-free guidance against the empty report."""
+    report = "Right effusion. Heart normal."
+    rows = {report: 5.0, " Heart normal.": 3.0, "": 1.0}  # each text's velocity, one row each
+    for guidance, right, left in ((Guidance(3.0, side=2.0), 1 + 3 * (3 + 2 * 2 - 1), 1 + 3 * (5 - 2 * 2 - 1)),
+                                  (Guidance(1.0, side=1.0), 5, 3), (Guidance(3.0), 1 + 3 * 4, 1 + 3 * 4),
+                                  (Guidance(1.0), 5, 5)):
+        texts = guidance.texts(report)
+        assert len(texts) == guidance.branches and texts[0] == report
+        values = torch.tensor([rows[text] for text in texts])[:, None, None, None, None]
         calls = []
 
         def model(z, t):
             calls.append(z.shape[0])
-            return values.expand(-1, z.shape[1]) + z
+            return values + z
 
-        v = guidance.velocity(model)(torch.zeros(1, 2), torch.tensor(0.5))
-        assert torch.allclose(v, torch.full((1, 2), float(expected))) and calls == [guidance.branches]
+        v = guidance.velocity(model)(torch.zeros(1, 2, 1, 3, 4), torch.tensor(0.5))  # [B, C, T, rows, columns]
+        assert torch.equal(v[..., :2], torch.full((1, 2, 1, 3, 2), float(right)))
+        assert torch.equal(v[..., 2:], torch.full((1, 2, 1, 3, 2), float(left)))
+        assert calls == [guidance.branches]
 
 
-def test_side_guidance_until_drops_the_mirrored_row_in_the_later_steps():
-    rows = {"Right effusion": 5.0, "": 1.0, "Left effusion": 3.0}
-    guidance = Guidance(3.0, side=2.0, side_until=0.5)
-    values = torch.tensor([rows[text] for text in guidance.texts("Right effusion")])[:, None]
-    calls = []
-
-    def model(z, t):
-        calls.append(z.shape[0])
-        return values[: len(z)].expand(-1, z.shape[1]) + z
-
-    velocity = guidance.velocity(model)
-    assert torch.allclose(velocity(torch.zeros(1, 2), torch.tensor(0.75)), torch.full((1, 2), 1 + 3 * 4 + 2 * 2.0))
-    assert torch.allclose(velocity(torch.zeros(1, 2), torch.tensor(0.5)), torch.full((1, 2), 1 + 3 * 4.0))
-    assert calls == [3, 2]
-    sample(velocity, torch.zeros(1, 2), steps=16, method="ab2")
-    assert calls[2:] == [3] * 8 + [2] * 8  # flow times 1 to 0.5625 with the mirrored row, 0.5 to 0.0625 without
+def test_the_patient_s_right_is_the_first_half_of_the_columns():
+    assert right_half(4).tolist() == [1, 1, 0, 0] and right_half(5).tolist() == [1, 1, 0.5, 0, 0]
 
 
 def test_cancel_stops_between_steps():

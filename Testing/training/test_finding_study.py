@@ -13,7 +13,7 @@ import torch
 
 from ctflow.checksums import write_checksums
 from ctflow.errors import CTFlowError
-from ctflow.report import names_a_side
+from ctflow.report import names_one_side
 from ctflow_train import export, train_flow
 from ctflow_train import finding_study as fs
 from ctflow_train.findings import FINDINGS, LOBES
@@ -309,18 +309,17 @@ def test_finding_study_probes_the_cohort_and_counts_generated_volumes(tiny, data
     assert len(list((tmp_path / "features").iterdir())) == cached + 2 * generated  # made again, not read back
     cached += 2 * generated
     assert fs.run(parser.parse_args([*argv, "--seeds", "1", "--side-guidance", "2", "--overwrite"])) == 0
-    sided = {text for text in result.reports.values() if names_a_side(text)}  # made again, guided by side
+    sided = {text for text in result.reports.values() if names_one_side(text)}  # made again, guided by side
     assert sided and len(sided) < len(set(result.reports.values()))
     assert len(list((tmp_path / "features").iterdir())) == cached + len(sided)
     guided = fs.FindingStudy.from_json(out.read_text())
     assert guided.side_guidance == 2 and "side guidance 2;" in guided.markdown()
-    stopped = shutil.copytree(argv[argv.index("--model") + 1], tmp_path / "model4")  # side guidance ends halfway
-    config = json.loads((stopped / "config.json").read_text())
-    (stopped / "config.json").write_text(json.dumps({**config, "sampling": {**config["sampling"],
-                                                                            "side_guidance_until": 0.5}}))
-    write_checksums(stopped)
-    assert fs.run(parser.parse_args([*argv, "--model", str(stopped), "--seeds", "1", "--side-guidance", "2",
-                                     "--overwrite"])) == 0
+    sided_by_default = shutil.copytree(argv[argv.index("--model") + 1], tmp_path / "model4")
+    config = json.loads((sided_by_default / "config.json").read_text())
+    (sided_by_default / "config.json").write_text(json.dumps({**config, "sampling": {**config["sampling"],
+                                                                                     "side_guidance": 3}}))
+    write_checksums(sided_by_default)
+    assert fs.run(parser.parse_args([*argv, "--model", str(sided_by_default), "--seeds", "1", "--overwrite"])) == 0
     assert len(list((tmp_path / "features").iterdir())) == cached + 2 * len(sided)  # the others read back
     with pytest.raises(CTFlowError, match="exists"):
         fs.run(parser.parse_args(argv))

@@ -68,7 +68,6 @@ class ExportRun(RunConfig):
     shift: float
     guidance: float
     side_guidance: float
-    side_guidance_until: float
     max_slices: int
     calibration_cases: int
     evaluation: list[Path]
@@ -312,9 +311,7 @@ def model_card(config: ModelConfig, vae_metrics: AutoencoderMetrics, flow_meta: 
         f"with 'Length: N slices' in {flow_meta['args']['length_p']:.0%} and '' in {flow_meta['args']['text_drop']:.0%} "
         "of training prompts.",
         f"- sampling default: {config.sampling.steps} {config.sampling.method} steps, shift {config.sampling.shift}, "
-        f"guidance {config.sampling.guidance}, side guidance {config.sampling.side_guidance}"
-        + (f" above flow time {config.sampling.side_guidance_until}" if config.sampling.side_guidance_until else "")
-        + ".",
+        f"guidance {config.sampling.guidance}, side guidance {config.sampling.side_guidance}.",
         f"- exported on: {platform.processor() or platform.machine()}, torch {torch.__version__} (each stage's "
         "training device is in the stage table).",
         "",
@@ -403,7 +400,7 @@ def export(args: ExportRun) -> Path:
     if args.run_share is not None and args.average_with is None:
         raise CTFlowError("--run-share is the run's share of an average: give --average-with too")
     sampling = SamplingConfig(steps=args.steps, method=args.sampler, shift=args.shift, guidance=args.guidance,
-                              side_guidance=args.side_guidance, side_guidance_until=args.side_guidance_until)
+                              side_guidance=args.side_guidance)
     try:  # the defaults to write, checked as a folder's are when read
         ModelConfig.from_dict(ModelConfig(sampling=sampling).to_dict())
     except CTFlowError as exc:
@@ -461,11 +458,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="default classifier-free guidance (1: off, fastest)")
     parser.add_argument("--side-guidance", type=config_rule("sampling.side_guidance", float),
                         default=sampling.side_guidance,
-                        help="default guidance away from the side-mirrored report (0: off)")
-    parser.add_argument("--side-guidance-until", type=config_rule("sampling.side_guidance_until", float),
-                        default=sampling.side_guidance_until,
-                        help="flow time (1: noise, 0: clean) where side guidance stops, saving its cost in the "
-                             "later steps (0: every step)")
+                        help="default side guidance: each half of the volume by its half of the report (0: off)")
     parser.add_argument("--max-slices", type=config_rule("max_slices", int), default=model.max_slices, help="cap when the model does not end the volume")
     parser.add_argument("--calibration-cases", type=positive(int), default=8, help="volumes used to calibrate end detection")
     parser.add_argument("--evaluation", type=Path, nargs="*", default=[], help="JSON files of measured figures for the model card")

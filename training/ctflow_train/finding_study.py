@@ -46,7 +46,7 @@ from ctflow.conventions import START_HU, real_slices
 from ctflow.errors import CTFlowError
 from ctflow.io import atomic_write
 from ctflow.model_folder import VAE_FOLDER
-from ctflow.report import names_a_side
+from ctflow.report import names_one_side
 
 from .anatomy import in_labels
 from .dataset import patient_of, read_index
@@ -642,13 +642,10 @@ def run_study(args: argparse.Namespace, log=lambda line: None) -> FindingStudy:
     steps = args.steps or pipe.config.sampling.steps
     guidance = pipe.config.sampling.guidance if args.guidance is None else args.guidance
     side_guidance = pipe.config.sampling.side_guidance if args.side_guidance is None else args.side_guidance
-    until = pipe.config.sampling.side_guidance_until
 
     def key(text: str, seed: int) -> str:
-        """A report that names no side is made as without side guidance: it keeps its volumes (and their key)."""
-        side = ""
-        if side_guidance and names_a_side(text):
-            side = f" side {side_guidance}" + (f" until {until}" if until else "")
+        """A report that names no side alone is made as without side guidance: it keeps its volumes (and key)."""
+        side = f" side halves {side_guidance}" if side_guidance and names_one_side(text) else ""
         return f"generated {model} {steps} {guidance}{side} {seed} {text}"
 
     made: dict[str, list[Features]] = {}  # report text -> features per seed: a text is generated once
@@ -707,9 +704,9 @@ def run_study(args: argparse.Namespace, log=lambda line: None) -> FindingStudy:
 
 
 def unsided_config_hash(config: ModelConfig) -> str:
-    """SHA-256 of the config as a model folder holds it, but for when side guidance stops: a report that names no
-    side is made without it, so a model that differs in that alone shares its volumes."""
-    sampling = dataclasses.replace(config.sampling, side_guidance_until=0.0)
+    """SHA-256 of the config as a model folder holds it, but for its side guidance: a report that names no side alone
+    is made without it, so models that differ in that alone share its volumes (the key names it for the others)."""
+    sampling = dataclasses.replace(config.sampling, side_guidance=0.0)
     return hashlib.sha256(dataclasses.replace(config, sampling=sampling).to_json().encode()).hexdigest()
 
 
@@ -733,7 +730,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", type=config_rule("sampling.guidance", float),
                         help="classifier-free guidance (default: the model's)")
     parser.add_argument("--side-guidance", type=config_rule("sampling.side_guidance", float),
-                        help="guidance away from the side-mirrored report (default: the model's)")
+                        help="side guidance: each half of the volume by its half of the report (default: the model's)")
     add_threads_option(parser)
     parser.add_argument("--out", type=Path, required=True, help="JSON to write (and its tables beside it, .md)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out and its tables if they exist")
