@@ -323,7 +323,9 @@ def _try_lock(handle) -> bool:
     return True
 
 
-SAMPLING_SETTINGS = ("steps", "sampler", "guidance", "shift", "slices", "format", "side_guidance")
+# "side_guidance": the former kind's, which no batch writes now; a batch that has it is refused before the load.
+SAMPLING_SETTINGS = ("steps", "sampler", "guidance", "shift", "slices", "format", "side_guidance_by_halves",
+                     "side_guidance")
 
 
 def batch_settings(pipeline: CTFlowPipeline, request: GenerationRequest, suffix: str) -> dict:
@@ -339,8 +341,10 @@ def sampling_settings(request: GenerationRequest, config, suffix: str) -> dict:
     resolved = with_defaults(request, config.sampling)
     settings = {"steps": resolved.steps, "sampler": resolved.sampler, "guidance": resolved.guidance,
                 "shift": resolved.shift, "slices": request.slices, "format": suffix}
-    if resolved.side_guidance:  # only when set: a batch started before side guidance resumes as it was
-        settings["side_guidance"] = resolved.side_guidance
+    # Only when set: a batch started without side guidance resumes as it was. Named by its kind: a batch started
+    # with the former kind ("side_guidance", away from the mirrored report) is refused, not finished by halves.
+    if resolved.side_guidance:
+        settings["side_guidance_by_halves"] = resolved.side_guidance
     return settings
 
 

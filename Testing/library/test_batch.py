@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -10,8 +11,8 @@ import pytest
 
 from ctflow import CTFlowError, GenerationRequest, read_volume
 from ctflow.batch import (
-    COLUMNS, MANIFEST_JSON, BatchFolder, merge_manifest, plan_items, rank_and_world, read_manifest, read_reports,
-    run_batch, shard,
+    COLUMNS, MANIFEST_JSON, SAMPLING_SETTINGS, BatchFolder, merge_manifest, plan_items, rank_and_world, read_manifest,
+    read_reports, run_batch, sampling_settings, shard,
 )
 from ctflow.checksums import sha256_file
 
@@ -151,9 +152,17 @@ def test_resume_skips_finished_items_and_never_rewrites_them(tiny_pipeline, repo
     with pytest.raises(CTFlowError, match="other settings .*steps"):
         run_batch(tiny_pipeline, items, out, GenerationRequest("", steps=2))
     settings = json.loads((out.folder / ".manifest" / "batch.json").read_text())
-    assert "side_guidance" not in settings  # written only when set: a batch begun before side guidance resumes
-    with pytest.raises(CTFlowError, match="other settings .*side_guidance"):
+    assert "side_guidance_by_halves" not in settings  # written only when set: a batch begun without it resumes
+    with pytest.raises(CTFlowError, match="other settings .*side_guidance_by_halves"):
         run_batch(tiny_pipeline, items, out, GenerationRequest("", steps=1, side_guidance=2.0))
+    former = tmp_path / "former"  # begun with the former side guidance (away from the mirrored report): not finished
+    shutil.copytree(out.folder, former)
+    (former / ".manifest" / "batch.json").write_text(json.dumps({**settings, "side_guidance": 2.0}))
+    with pytest.raises(CTFlowError, match=r"other settings \(side_guidance, side_guidance_by_halves\)"):
+        run_batch(tiny_pipeline, items, BatchFolder(former), GenerationRequest("", steps=1, side_guidance=2.0))
+    with pytest.raises(CTFlowError, match=r"other settings \(side_guidance\)"):
+        BatchFolder(former).check_settings(sampling_settings(OPTIONS, tiny_pipeline.config, out.suffix),
+                                           SAMPLING_SETTINGS)  # as the command line checks, before the load
     assert settings["dtype"] == "float32" and {row["dtype"] for row in read_manifest(out.folder)} == {"float32"}
     older = out.folder / ".manifest" / "batch.json"  # as an older ctflow wrote it: no dtype, so it resumes
     older.write_text(json.dumps({key: value for key, value in settings.items() if key != "dtype"}))
