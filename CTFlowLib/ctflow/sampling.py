@@ -111,9 +111,9 @@ def side_guided(model_velocity: Velocity, guidance: float, side: float) -> Veloc
 @dataclass(frozen=True)
 class Guidance:
     """How one generation guides, decided once (plan()): classifier-free guidance at `scale` (1: the conditional
-    branch alone; else [conditional; unconditional] in one batch, mixed) and side guidance at `side` (0: none; it is
-    0 too for a report that names no side only, report.names_one_side): each half of the volume is guided by the
-    report without the parts that name the other side only (side_guided)."""
+    branch alone; else [conditional; unconditional] in one batch, mixed) and side guidance at `side` (0: none, as
+    plan() makes it for a report whose two halves read the same, report.names_one_side): each half of the volume
+    is guided by the report without the parts that name the other side only (side_guided)."""
 
     scale: float
     side: float = 0.0
