@@ -1,4 +1,5 @@
-"""Does `ctflow.report.side_code` read the side a report states? Checked against a cohort's label files.
+"""Do `ctflow.report.side_code` and side guidance's `half_texts` read the side a report states? Checked against a
+cohort's label files.
 
 For every present finding of a prepared cohort whose labels give it a side (its side, or its lobe's; "bilateral":
 both), the sides `sided_findings` reads from the writer's report and from each report variant (the same findings in
@@ -6,6 +7,9 @@ other words, as `cache-latents --variants` embeds them) are compared with the la
 None is also what a report that never states the side gives (a variant may name a finding in its Impressions only),
 so the first few of each kind are printed for a reader to judge. The held-out phrasings, which no training run may
 use, are read the same way (`--heldout`), and their negated counterparts should read no side at all.
+The rows "halves" read each text's two halves (`half_texts`, what side guidance guides the right and the left half
+of the volume by): which halves' texts report the finding (on any side) should be the label's sides, so a finding on
+the right is asked for on the right half and not on the left.
 
   python bench/side_code_reading.py --data cache/cohort2a cache/sidetwins4 --variants 8 --heldout
 """
@@ -19,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "training"))
-from ctflow.report import Report, sided_findings  # noqa: E402
+from ctflow.report import Report, half_texts, sided_findings  # noqa: E402
 from ctflow_train.dataset import read_index  # noqa: E402
 from ctflow_train.heldout import load_heldout  # noqa: E402
 from ctflow_train.latent_store import labelled_findings, report_variant  # noqa: E402
@@ -51,6 +55,14 @@ def main() -> int:
     tally: collections.Counter = collections.Counter()
     shown: collections.Counter = collections.Counter()
 
+    def halves(text: str) -> dict[str, set[str]]:
+        """Finding name -> the halves whose text reports it."""
+        read: dict[str, set[str]] = {}
+        for half, half_text in zip(("right", "left"), half_texts(text)):
+            for name in sided_findings(half_text):
+                read.setdefault(name, set()).add(half)
+        return read
+
     def count(kind: str, name: str, read: set[str] | None, wanted: set[str], text: str) -> None:
         outcome = verdict(read, wanted)
         tally[kind, name, outcome] += 1
@@ -64,20 +76,23 @@ def main() -> int:
             texts = [("writer", Report(entry["findings"], entry["impressions"]).text)]
             texts += [("variant", report_variant(findings, entry["name"], k).text) for k in range(args.variants)]
             for kind, text in texts:
-                read = sided_findings(text)
+                read, by_halves = sided_findings(text), halves(text)
                 for key, name in NAMES.items():
                     wanted = label_sides(findings.get(key, {"present": False}))
                     if wanted:
                         count(kind, name, read.get(name), wanted, text)
+                        count(f"{kind}, halves", name, by_halves.get(name), wanted, text)
     if args.heldout:
         for case in load_heldout():
             if case.side and case.finding in NAMES:
                 name = NAMES[case.finding]
                 count("held-out", name, sided_findings(case.report).get(name), {case.side}, case.report)
+                count("held-out, halves", name, halves(case.report).get(name), {case.side}, case.report)
                 count("held-out negated", name, sided_findings(case.negated).get(name), set(), case.negated)
+                count("held-out negated, halves", name, halves(case.negated).get(name), set(), case.negated)
     print("| reports | finding | the labels' side | another | none |")
     print("|---|---|---|---|---|")
-    for kind in ("writer", "variant", "held-out", "held-out negated"):
+    for kind in (f"{k}{h}" for k in ("writer", "variant", "held-out", "held-out negated") for h in ("", ", halves")):
         for name in NAMES.values():
             row = [tally[kind, name, outcome] for outcome in ("same", "another", "none")]
             if sum(row):
