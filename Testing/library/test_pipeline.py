@@ -15,6 +15,7 @@ from ctflow.conventions import real_slices
 from ctflow.denoiser import STDiT
 from ctflow.devices import select_device
 from ctflow.report import SIDE_CODE_SIZE, half_texts, side_code
+from ctflow.sampling import Guidance, block_velocity
 
 REPORT = "Findings: A 12 mm nodule in the right upper lobe. Impressions: Right upper lobe nodule."
 
@@ -90,6 +91,28 @@ def test_side_guidance_embeds_each_half_s_text_when_the_report_names_a_side(tiny
     assert volume.provenance.side_guidance == 4.0 and volume.provenance.guidance == 1.0  # the tiny model's default
     assert not np.array_equal(volume.hu, run(tiny_pipeline, slices=4).hu)
     assert run(tiny_pipeline, slices=4).provenance.side_guidance == 0.0  # the model's default
+
+
+def test_side_guidance_gives_each_half_of_the_columns_its_own_text_s_velocity(tiny_pipeline):
+    """With the real denoiser and latent layout: at side guidance 1 the patient's right columns move as the right
+    half's text alone would move them, the left columns as the left half's (the rows in that order, the mask on the
+    last axis)."""
+    plan = tiny_pipeline.plan(GenerationRequest(REPORT, guidance=1.0, side_guidance=1.0))
+    config = tiny_pipeline.config.denoiser
+    size = config.latent_size
+    previous = torch.zeros(1, config.latent_channels, config.block_slices, size, size)
+    z, t = torch.randn_like(previous, generator=torch.Generator().manual_seed(0)), torch.tensor(0.7)
+
+    def velocity(text, mask, guidance):
+        with torch.no_grad():
+            return block_velocity(tiny_pipeline.denoiser, previous, text, mask, 16, guidance)(z, t)
+
+    sided = velocity(plan.text, plan.text_mask, plan.guidance)
+    for half, columns in zip(half_texts(plan.prompt), (slice(0, size // 2), slice(size // 2, None))):
+        alone = tiny_pipeline.text_encoder.encode([half])
+        expected = velocity(alone.tokens, alone.mask, Guidance(1.0))
+        assert torch.allclose(sided[..., columns], expected[..., columns], atol=1e-5)
+    assert not torch.allclose(sided, velocity(plan.text[:1], plan.text_mask[:1], Guidance(1.0)), atol=1e-3)
 
 
 def test_a_side_code_denoiser_is_told_each_row_s_sides(tiny_pipeline):
