@@ -267,7 +267,7 @@ class CTFlowPipeline:
         guidance = Guidance(resolved.guidance, resolved.side_guidance if names_one_side(prompt) else 0.0)
         embedding = self.text_encoder.encode(guidance.texts(prompt))
         notices = []
-        if report.truncated or embedding.truncated[0]:
+        if report.truncated or any(embedding.truncated):  # either half's text, with side guidance
             notices.append(
                 f"the report is longer than the text encoder's {self.text_encoder.max_tokens}-token limit; "
                 "only its beginning was used"

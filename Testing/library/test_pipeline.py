@@ -156,6 +156,9 @@ def test_a_length_typed_into_the_report_is_text_and_the_caller_told(tiny_pipelin
 def test_overlong_report_is_used_and_the_caller_told(tiny_pipeline):
     plan = tiny_pipeline.plan(GenerationRequest("Findings: " + "nodule " * 400))
     assert plan.notices and "token limit" in plan.notices[0]
+    long_left = "Findings: Right pleural effusion. " + "Left lower lobe nodule " * 300 + "."  # the right half is short
+    sided = tiny_pipeline.plan(GenerationRequest(long_left, side_guidance=1.0))
+    assert sided.guidance.side == 1.0 and sided.notices and "token limit" in sided.notices[0]
 
 
 @pytest.mark.parametrize("options, error", [
