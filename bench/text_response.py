@@ -54,7 +54,7 @@ def blocks(store: LatentStore, block: int) -> list[tuple]:
 @torch.no_grad()
 def prediction(pipe: CTFlowPipeline, report: str, samples: list[tuple]) -> torch.Tensor:
     """The denoiser's clean-block predictions over every sample, from the report as the pipeline embeds it."""
-    plan = pipe.plan(GenerationRequest(report=report, seed=0))
+    plan = pipe.plan(GenerationRequest(report=report, seed=0, side_guidance=0.0))  # row 0: the whole report
     text, mask, code = plan.text[:1], plan.text_mask[:1], plan.side_codes[:1]  # the conditional branch
     denoiser = pipe.denoiser
     return torch.cat([denoiser.predict(z, t, denoiser.prepare(previous, text, mask, torch.tensor(float(first)), code))
