@@ -175,8 +175,8 @@ def end_distances(model: STDiT, autoencoder: SliceAutoencoder, cache: LatentStor
     white: the latent test has to find the end slices the model draws. Where this patient's scan stopped is no
     label: the cohort draws the coverage below the lungs at random (5-60 mm), so no block before it shows the
     frame, and an ideal sampler would agree with it on only about 0.7 of frames (docs/training-log.md).
-    Without side guidance: a store keeps the report's tokens, not its text to mirror (side guidance acts on where
-    a finding lies, not on the white end slices).
+    Without side guidance: a store keeps the report's tokens, not the texts of its halves (side guidance acts on
+    where a finding lies, not on the white end slices).
     """
     block = model.config.block_slices
     guidance = Guidance(sampling.guidance)
