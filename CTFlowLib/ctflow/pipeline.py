@@ -106,8 +106,8 @@ class DecodedBlock:
 
 def with_defaults(request: GenerationRequest, sampling: SamplingConfig) -> GenerationRequest:
     """The request with every unset sampling option replaced by the model's default (the seed stays as given).
-    A precomputed embedding has no empty report or halves of a report to guide by, so its default guidance is 1 and its side
-    guidance 0 (off)."""
+    A precomputed embedding has no empty report or halves of a report to guide by, so its default guidance is 1 and
+    its side guidance 0 (off)."""
     given = request.embedding is not None
     default_guidance, default_side = (1.0, 0.0) if given else (sampling.guidance, sampling.side_guidance)
     return dataclasses.replace(
