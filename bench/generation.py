@@ -9,6 +9,8 @@ HU histogram). Not a test: the numbers go to docs/BENCHMARKS.md with the device 
 
     python bench/generation.py --preset cpu --slices 64            # reference (Euler, 200 steps) vs default
     python bench/generation.py --model Resources/Models/ctflow-demo --slices 128 --setting ab2=ab2:10:1
+    python bench/generation.py --model Resources/Models/ctflow-demo --slices 128 --no-reference \
+        --report-file Resources/SampleReports/right_pleural_effusion.txt   # side guidance's third row
     python bench/generation.py --preset L --device cuda --compile   # CTFlow-L size on a GPU
     python bench/generation.py --preset L --project                # too slow to run here: per-call timing
 
@@ -39,6 +41,7 @@ from ctflow import qa
 from ctflow.errors import CTFlowError
 from ctflow.io import atomic_write, check_output_path
 from ctflow.pipeline import check_options
+from ctflow.report import parse_report, read_report_file
 from ctflow.sampling import block_velocity
 from ctflow.testing import create_random_model
 
@@ -68,6 +71,17 @@ def setting(text: str) -> str:
         check_options(ctflow.GenerationRequest("Findings: x.", **options))
     except (ValueError, CTFlowError) as exc:  # a ReportError or RequestError is a ValueError too
         raise argparse.ArgumentTypeError(f"{text!r}: {exc} (NAME[=SAMPLER:STEPS:GUIDANCE[:SHIFT]][+ahead])") from exc
+    return text
+
+
+def report_file(path: str) -> str:
+    """argparse type: a report file's text, read and parsed as `ctflow generate --report-file` does, when the command
+    starts."""
+    try:
+        text = read_report_file(path)
+        parse_report(text)
+    except CTFlowError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
     return text
 
 
@@ -154,12 +168,13 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_setting(pipeline, options: dict, ahead: bool, slices: int, seed: int) -> tuple[dict, ctflow.Volume]:
+def run_setting(pipeline, options: dict, ahead: bool, slices: int, seed: int,
+                report: str = REPORT) -> tuple[dict, ctflow.Volume]:
     """Time one generation from report to last block; returns the timings and the volume."""
     synchronize(pipeline.device)
     with PeakMemory(pipeline.device) as memory:
         started = time.perf_counter()
-        plan = pipeline.plan(ctflow.GenerationRequest(REPORT, slices=slices, seed=seed, **options))
+        plan = pipeline.plan(ctflow.GenerationRequest(report, slices=slices, seed=seed, **options))
         blocks = []
         for block in pipeline.stream(plan, decode_ahead=ahead):
             if not blocks:
@@ -196,18 +211,19 @@ def quality(volume: ctflow.Volume, reference: ctflow.Volume, truth: ctflow.Volum
     }
 
 
-def measure(pipeline, settings: list[str], slices: int, seeds: list[int], truth: str | None) -> list[dict]:
+def measure(pipeline, settings: list[str], slices: int, seeds: list[int], truth: str | None,
+            report: str) -> list[dict]:
     """Every setting for every seed; timings and quality averaged over seeds."""
     runs: dict[str, list[tuple[dict, dict]]] = {}
     for seed in seeds:
         exact = None
         if truth:
             block = pipeline.config.denoiser.block_slices
-            exact = run_setting(pipeline, parse_setting(f"truth={truth}")[1], False, block, seed)[1]
+            exact = run_setting(pipeline, parse_setting(f"truth={truth}")[1], False, block, seed, report)[1]
         references = None
         for text in settings:
             name, options, ahead = parse_setting(text)
-            timing, volume = run_setting(pipeline, options, ahead, slices, seed)
+            timing, volume = run_setting(pipeline, options, ahead, slices, seed, report)
             if references is None:
                 references = volume
             runs.setdefault(name, []).append((timing, quality(volume, references, exact)))
@@ -226,7 +242,7 @@ def summarise(name: str, results: list[tuple[dict, dict]]) -> dict:
             "seeds": len(results)}
 
 
-def project(pipeline, settings: list[str], repeats: int = 3) -> list[dict]:
+def project(pipeline, settings: list[str], report: str, repeats: int = 3) -> list[dict]:
     """For models too slow to run whole here: time one denoiser call (median of `repeats`, per batch size: guidance
     doubles it) and one block decode, then project per-block time = calls per block x call time + decode time."""
     config = pipeline.config.denoiser
@@ -237,7 +253,7 @@ def project(pipeline, settings: list[str], repeats: int = 3) -> list[dict]:
     rows = []
     for text in settings:
         name, options, _ = parse_setting(text)
-        plan = pipeline.plan(ctflow.GenerationRequest(REPORT, seed=0, **options))
+        plan = pipeline.plan(ctflow.GenerationRequest(report, seed=0, **options))
         req, batch = plan.request, plan.text.shape[0]
         if batch not in call_s:
             velocity = block_velocity(pipeline.denoiser, block, plan.text, plan.text_mask, 0, plan.guidance,
@@ -295,6 +311,9 @@ def main() -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="model folder or hub id")
     source.add_argument("--preset", choices=sorted(ctflow.DENOISER_PRESETS), help="random weights of a preset size")
+    parser.add_argument("--report-file", type=report_file, dest="report",
+                        help="the report to generate from (default: a normal chest; one that names a side pays for "
+                             "side guidance's third row)")
     parser.add_argument("--slices", type=positive_int, default=64)
     parser.add_argument("--seeds", type=positive_int, default=1, help="seeds per setting (timings and quality averaged)")
     parser.add_argument("--device", default="auto")
@@ -312,6 +331,7 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    report = args.report or REPORT
     with tempfile.TemporaryDirectory() as scratch:  # random weights are loaded, then their folder goes
         model = args.model or create_random_model(Path(scratch) / args.preset, args.preset)
         pipeline = ctflow.CTFlowPipeline.from_pretrained(model, device=args.device, dtype=DTYPES[args.dtype])
@@ -321,13 +341,13 @@ def run(args: argparse.Namespace) -> None:
     load_before = os.getloadavg()
     started = time.perf_counter()
     if args.project:
-        rows, kind = project(pipeline, settings), "projected from per-call timings"
+        rows, kind = project(pipeline, settings, report), "projected from per-call timings"
     else:
         run_setting(pipeline, {"steps": 2}, False, pipeline.config.denoiser.block_slices, 0)  # warm-up (and compile)
-        rows, kind = measure(pipeline, settings, args.slices, list(range(args.seeds)), args.truth), "measured"
+        rows, kind = measure(pipeline, settings, args.slices, list(range(args.seeds)), args.truth, report), "measured"
     facts = {
         "device": describe_device(pipeline), "model": pipeline.model_id, "torch": torch.__version__,
-        "compile": args.compile, "kind": kind, "slices": args.slices,
+        "compile": args.compile, "kind": kind, "slices": args.slices, "report": report,
         "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "wall_s": round(time.perf_counter() - started), "date": datetime.date.today().isoformat(),
     }

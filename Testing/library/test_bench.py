@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -22,10 +23,25 @@ def bench(script: str, *args: str) -> subprocess.CompletedProcess:
     (["--seeds", "0"], 2, "--seeds: must be a whole number above zero"),
     (["--json", "{tmp}/results.json"], 1, "already exists; choose another name or pass --overwrite"),
     (["--json", "{tmp}/none/results.json"], 1, "does not exist"),
+    (["--report-file", "{tmp}/report.txt"], 2, "report file {tmp}/report.txt does not exist"),
+    (["--report-file", "{tmp}/blank.txt"], 2, "the report is empty"),
 ])
 def test_generation_refuses_bad_input_before_any_work(tmp_path, args, code, message):
     (tmp_path / "results.json").write_text("mine")
+    (tmp_path / "blank.txt").write_text(" \n")
     result = bench("generation.py", "--preset", "tiny", *[a.format(tmp=tmp_path) for a in args])
-    assert result.returncode == code and message in result.stderr.strip().splitlines()[-1], result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == code and message.format(tmp=tmp_path) in last, result.stderr
     assert "Traceback" not in result.stderr and (tmp_path / "results.json").read_text() == "mine"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blank.txt", "results.json"]
+
+
+def test_generation_times_the_report_file_it_is_given(tmp_path):
+    report = tmp_path / "right.txt"
+    report.write_text("\ufeffFindings: Right pleural effusion.\nImpressions: Right pleural effusion.\n")
+    result = bench("generation.py", "--preset", "tiny", "--no-reference", "--slices", "8", "--threads", "1",
+                   "--report-file", str(report), "--json", str(tmp_path / "results.json"))
+    assert result.returncode == 0, result.stderr
+    facts = json.loads((tmp_path / "results.json").read_text())
+    assert facts["report"] == "Findings: Right pleural effusion.\nImpressions: Right pleural effusion.\n"
+    assert [row["setting"] for row in facts["results"]] == ["default"] and facts["results"][0]["slices"] == 8
