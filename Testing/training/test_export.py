@@ -6,6 +6,8 @@ import argparse
 import dataclasses
 import json
 import shutil
+import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from ctflow_train.runtime import load_vae
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 DEMO_VAE = Path(__file__).parents[2] / "Resources" / "Models" / "ctflow-demo" / "vae"
+END_CALIBRATION = Path(__file__).parents[2] / "bench" / "end_calibration.py"
 
 
 def test_end_tolerance_separates_white_from_real_frames():
@@ -144,6 +147,28 @@ def exported(tiny, flow, vae_run, cache, out, *options):
     args = parser.parse_args(["--flow", str(flow), "--vae", str(vae_run[0]), "--cache", str(cache), "--out", str(out),
                               "--steps", "1", "--calibration-cases", "1", *options])
     return export.export(export.ExportRun.from_args(args))
+
+
+def test_the_end_calibration_bench_remakes_the_exports_calibration_from_the_folder(tiny, vae_run, cache, tmp_path):
+    train_flow.train(tiny.flow_run(cache, tmp_path / "flow", steps=1))
+    folder = exported(tiny, tmp_path / "flow", vae_run, cache, tmp_path / "model")  # calibrated at 1 step, 1 case
+
+    def bench(*args):
+        return subprocess.run([sys.executable, str(END_CALIBRATION), "--model", str(folder), "--threads", "1", *args],
+                              capture_output=True, text=True, timeout=300)
+
+    refused = bench("--latents", str(tmp_path / "flow"), "--steps", "1")
+    assert refused.returncode == 1 and refused.stderr.strip().splitlines()[-1].endswith(
+        "is not a latent store (no store.json): make one with ctflow-train cache-latents"), refused.stderr
+    result = bench("--latents", str(cache), "--steps", "1", "3", "--cases", "1", "--json", str(tmp_path / "end.json"))
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((tmp_path / "end.json").read_text())["results"]
+    config = json.loads((folder / "config.json").read_text())
+    tolerance, frames = config["end_tolerance"], config["denoiser"]["block_slices"]  # one case: one block
+    assert [row["steps"] for row in rows] == [1, 3] and [row["frames"] for row in rows] == [frames, frames]
+    assert rows[0]["chosen_tolerance"] == pytest.approx(tolerance, rel=1e-6)  # export's choice, made again
+    assert rows[0]["white"] == 0 and rows[0]["folder_other_hits"] == frames  # the tiny decoder draws no end slice
+    assert rows[0]["lowest_other"] == pytest.approx(2 * tolerance, rel=1e-6)  # so export set it below every frame
 
 
 def test_a_run_exports_as_the_weight_average_with_the_model_it_started_from(tiny, vae_run, cache, tmp_path):
