@@ -321,6 +321,12 @@ def test_finding_study_probes_the_cohort_and_counts_generated_volumes(tiny, data
     write_checksums(sided_by_default)
     assert fs.run(parser.parse_args([*argv, "--model", str(sided_by_default), "--seeds", "1", "--overwrite"])) == 0
     assert len(list((tmp_path / "features").iterdir())) == cached + 2 * len(sided)  # the others read back
+    other_default = shutil.copytree(argv[argv.index("--model") + 1], tmp_path / "model5")  # --steps 2 says the steps
+    config = json.loads((other_default / "config.json").read_text())
+    (other_default / "config.json").write_text(json.dumps({**config, "sampling": {**config["sampling"], "steps": 7}}))
+    write_checksums(other_default)
+    assert fs.run(parser.parse_args([*argv, "--model", str(other_default), "--seeds", "1", "--overwrite"])) == 0
+    assert len(list((tmp_path / "features").iterdir())) == cached + 2 * len(sided)  # every volume read back
     with pytest.raises(CTFlowError, match="exists"):
         fs.run(parser.parse_args(argv))
     args = parser.parse_args([*argv, "--overwrite"])

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from ctflow import CTFlowPipeline
 from ctflow.checksums import sha256_file
-from ctflow.config import ModelConfig
+from ctflow.config import ModelConfig, SamplingConfig
 from ctflow.conventions import START_HU, real_slices
 from ctflow.errors import CTFlowError
 from ctflow.io import atomic_write
@@ -633,7 +633,7 @@ def run_study(args: argparse.Namespace, log=lambda line: None) -> FindingStudy:
                              args.ct_cache, log)
         prior.save(args.prior)
     cache = FeatureCache(args.feature_cache, prior)
-    model = f"{weights_hash(args.model)} {unsided_config_hash(pipe.config)}"  # the config sets where volumes end
+    model = f"{weights_hash(args.model)} {volume_config_hash(pipe.config)}"  # the config sets where volumes end
     features, labels, groups = training_set(pipe, args.data, args.latents, cache, weights_hash(args.model / VAE_FOLDER),
                                             log)
     detectors, skipped = calibrate(features, labels, groups, log)
@@ -703,10 +703,15 @@ def run_study(args: argparse.Namespace, log=lambda line: None) -> FindingStudy:
                         side_guidance=side_guidance)
 
 
-def unsided_config_hash(config: ModelConfig) -> str:
-    """SHA-256 of the config as a model folder holds it, but for its side guidance: a report that names no side alone
-    is made without it, so models that differ in that alone share its volumes (the key names it for the others)."""
-    sampling = dataclasses.replace(config.sampling, side_guidance=0.0)
+KEYED_SAMPLING = ("steps", "guidance", "side_guidance")  # the study's own settings: a volume's key states them as used
+
+
+def volume_config_hash(config: ModelConfig) -> str:
+    """SHA-256 of the config as a model folder holds it, but for the sampling defaults a volume's key states as used
+    (KEYED_SAMPLING; side guidance only for a report that names a side): models that differ in those defaults alone
+    share volumes. The rest (where volumes end, the sampler, the time shift) makes the volume."""
+    defaults = SamplingConfig()
+    sampling = dataclasses.replace(config.sampling, **{name: getattr(defaults, name) for name in KEYED_SAMPLING})
     return hashlib.sha256(dataclasses.replace(config, sampling=sampling).to_json().encode()).hexdigest()
 
 
