@@ -343,7 +343,8 @@ def run(args: argparse.Namespace) -> None:
     if args.project:
         rows, kind = project(pipeline, settings, report), "projected from per-call timings"
     else:
-        run_setting(pipeline, {"steps": 2}, False, pipeline.config.denoiser.block_slices, 0)  # warm-up (and compile)
+        block = pipeline.config.denoiser.block_slices
+        run_setting(pipeline, {"steps": 2}, False, block, 0, report)  # warm-up (and compile) at the report's rows
         rows, kind = measure(pipeline, settings, args.slices, list(range(args.seeds)), args.truth, report), "measured"
     facts = {
         "device": describe_device(pipeline), "model": pipeline.model_id, "torch": torch.__version__,
