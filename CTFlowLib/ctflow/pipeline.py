@@ -32,9 +32,9 @@ from .errors import CorruptModelError, CTFlowError, ModelError, RequestError
 from .hub import default_model, is_hub_id, resolve_model
 from .io import read_text_file
 from .model_folder import CARD, load_denoiser, load_vae, model_sha256, read_config, verify_model_folder
-from .report import Report, names_one_side, parse_report, render_prompt, typed_meta_lines
+from .report import Report, half_reports, parse_report, render_prompt, typed_meta_lines
 from .ending import VolumeEnd
-from .sampling import Cancelled, Guidance, block_velocity, sample, validate
+from .sampling import Cancelled, Guidance, block_velocity, sample, side_codes, validate
 from .text_encoder import TextEncoder, unit_cls
 from .volume import Geometry, Provenance, Volume
 
@@ -60,7 +60,7 @@ class GenerationRequest:
     seed: int | None = None  # None draws a fresh seed (recorded in provenance)
     steps: int | None = None
     guidance: float | None = None
-    side_guidance: float | None = None  # each half of the volume by its half of the report (report.half_texts); 0: none
+    side_guidance: float | None = None  # each half of the volume by its half of the report (report.half_reports); 0: none
     sampler: str | None = None
     shift: float | None = None
     # A precomputed report embedding (models with one text vector): used instead of encoding the report, which is
@@ -260,12 +260,16 @@ class CTFlowPipeline:
                                "precomputed embedding has no report text to read sides from")
             guidance = Guidance(resolved.guidance)
             return GenerationPlan(resolved, report.text, report.text, tuple(notices), tokens,
-                                  torch.ones(1, 1, dtype=torch.bool), guidance, guidance.side_codes(""))  # no text: no side
+                                  torch.ones(1, 1, dtype=torch.bool), guidance, side_codes(guidance.texts("")))  # no text: no side
         # The released model never saw our meta lines (length, spacing): it gets the report sections alone.
         spacing = self.config.geometry.spacing[2]
-        prompt = report.text if self.released_mode else render_prompt(report, resolved.prompt_slices, spacing)
-        guidance = Guidance(resolved.guidance, resolved.side_guidance if names_one_side(prompt) else 0.0)
-        embedding = self.text_encoder.encode(guidance.texts(prompt))
+        def render(text: Report) -> str:
+            return text.text if self.released_mode else render_prompt(text, resolved.prompt_slices, spacing)
+
+        prompt, halves = render(report), tuple(render(half) for half in half_reports(report))
+        guidance = Guidance(resolved.guidance, resolved.side_guidance if halves[0] != halves[1] else 0.0)
+        texts = guidance.texts(prompt, halves)
+        embedding = self.text_encoder.encode(texts)
         notices = []
         if report.truncated or any(embedding.truncated):  # either half's text, with side guidance
             notices.append(
@@ -283,7 +287,7 @@ class CTFlowPipeline:
                 "the volume will hardly follow the report"
             )
         return GenerationPlan(resolved, prompt, report.text, tuple(notices), embedding.tokens, embedding.mask, guidance,
-                              guidance.side_codes(prompt))
+                              side_codes(texts))
 
     # -- generation -----------------------------------------------------------------------------------------
 

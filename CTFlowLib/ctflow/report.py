@@ -138,23 +138,37 @@ def typed_meta_lines(report: Report) -> list[str]:
     return _TYPED_META.findall(f"{report.findings}\n{report.impressions}")
 
 
-def half_texts(text: str) -> tuple[str, str]:
+def half_texts(text: str, placed: dict[str, set[str]] | None = None) -> tuple[str, str]:
     """(right, left): the text as each half of the body reads it, without the parts that name the other side only.
 
     Side guidance guides each half of the volume by its own text (sampling.Guidance), so a finding the report puts on
     one side is asked for on that side alone. A part is a clause, or within a clause one of its findings with its
-    side ("Right pleural effusion and left lower lobe consolidation."); a text that names no side alone is itself on
-    both halves."""
+    side ("Right pleural effusion and left lower lobe consolidation."); a part that names no side is on both halves,
+    unless every finding it reports is one the report places on the other side only (`placed`, by default the text's
+    own sided_findings): "Dependent atelectasis." after "atelectasis in the right lower lobe" is the right's."""
+    placed = sided_findings(text) if placed is None else placed
     halves: dict[str, list[str]] = {"right": [], "left": []}
     for clause, end in _clauses(text):
         parts = [(part, _sides_named(part)) for part in _parts(clause)]
         for half, other in (("right", "left"), ("left", "right")):
-            kept = [part for part, sides in parts if sides != {other}]
+            kept = [part for part, sides in parts
+                    if sides != {other} and not (not sides and _only_placed(part, placed, other))]
             if len(kept) == len(parts):
                 halves[half].append(clause + end)
             elif kept:
                 halves[half].append("".join(kept).rstrip() + end)
     return "".join(halves["right"]), "".join(halves["left"])
+
+
+def half_reports(report: Report) -> tuple[Report, Report]:
+    """(right, left): each section by half_texts, the findings placed by the whole report; a section with nothing
+    left on a half is empty there, so that half's prompt reads "Not stated." as render_prompt writes it."""
+    placed = sided_findings(f"{report.findings}\n{report.impressions}")
+    (right_findings, left_findings), (right_impressions, left_impressions) = (
+        (right.strip(), left.strip()) for right, left in (half_texts(section, placed)
+                                                          for section in (report.findings, report.impressions)))
+    return (Report(right_findings, right_impressions, report.truncated),
+            Report(left_findings, left_impressions, report.truncated))
 
 
 def names_one_side(text: str) -> bool:
@@ -185,6 +199,18 @@ def side_code(text: str) -> list[float]:
     """[right, left] of every finding in SIDED_FINDINGS: 1.0 where the text reports it on that side (sided_findings)."""
     found = sided_findings(text)
     return [float(side in found.get(name, ())) for name in SIDED_FINDINGS for side in ("right", "left")]
+
+
+def _reported(text: str) -> set[str]:
+    """The SIDED_FINDINGS that text names without a negation (as sided_findings reads a clause)."""
+    return {list(SIDED_FINDINGS)[int(cue.lastgroup[1:])] for cue in _FINDING_CUE.finditer(text)
+            if not (_NEGATION_BEFORE.search(text, 0, cue.start()) or _NEGATION_AFTER.search(text, cue.end()))}
+
+
+def _only_placed(part: str, placed: dict[str, set[str]], side: str) -> bool:
+    """Whether the part reports findings, all of them placed on `side` alone."""
+    reported = _reported(part)
+    return bool(reported) and all(placed.get(name) == {side} for name in reported)
 
 
 def _clauses(text: str) -> list[tuple[str, str]]:

@@ -11,7 +11,7 @@ import torch
 
 from .conventions import MAX_SHIFT, MAX_STEPS, right_half
 from .errors import RequestError
-from .report import half_texts, side_code
+from .report import side_code
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z [B, ...], t scalar tensor) -> v like z
 METHODS = ("euler", "heun", "ab2")  # ab2: second order at one model call per step
@@ -93,7 +93,7 @@ def guided(model_velocity: Velocity, guidance: float) -> Velocity:
 
 def side_guided(model_velocity: Velocity, guidance: float, side: float) -> Velocity:
     """Side guidance: the batch holds [the right half's text; the left half's; unconditional (when guiding)] rows
-    (report.half_texts), and each half of the volume is guided by its own text, away from the other half's at
+    (report.half_reports), and each half of the volume is guided by its own text, away from the other half's at
     side > 1, before classifier-free guidance mixes the result with the unconditional row:
     v_half = v_other + side * (v_own - v_other), v_cond = v_right on the patient's right columns, v_left on the left.
     The denoiser sees the whole volume in every row; the mask applies to what each text asks for."""
@@ -124,13 +124,11 @@ class Guidance:
         text and its left half's), then "" when guiding."""
         return 1 + (self.side > 0) + (self.scale != 1.0)
 
-    def texts(self, prompt: str) -> list[str]:
-        """The texts to embed, one per branch."""
-        return [*(half_texts(prompt) if self.side > 0 else [prompt])] + [""] * (self.scale != 1.0)
-
-    def side_codes(self, prompt: str) -> torch.Tensor:
-        """[branches, SIDE_CODE_SIZE]: report.side_code of each of texts(prompt), for a side_code denoiser."""
-        return torch.tensor([side_code(text) for text in self.texts(prompt)])
+    def texts(self, prompt: str, halves: tuple[str, str] | None = None) -> list[str]:
+        """The texts to embed, one per branch: with side guidance the prompt's (right, left) halves stand for it."""
+        if self.side > 0 and halves is None:
+            raise ValueError("side guidance needs the prompt's halves")
+        return [*(halves if self.side > 0 else [prompt])] + [""] * (self.scale != 1.0)
 
     def velocity(self, model_velocity: Velocity) -> Velocity:
         """model_velocity sees z repeated once per row, in texts' order."""
@@ -139,13 +137,18 @@ class Guidance:
         return model_velocity if self.scale == 1.0 else guided(model_velocity, self.scale)
 
 
+def side_codes(texts: list[str]) -> torch.Tensor:
+    """[branches, SIDE_CODE_SIZE]: report.side_code of each of Guidance.texts, for a side_code denoiser."""
+    return torch.tensor([side_code(text) for text in texts])
+
+
 def block_velocity(denoiser, previous: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, first_slice: int,
                    guidance: Guidance, side_codes: torch.Tensor | None = None) -> Velocity:
     """The velocity field of one block for a denoiser (STDiT), guided; its conditioning is computed once here.
 
     previous: [1, C, T, h, w] clean block before it; text, mask: [guidance.branches, M, D], [branches, M] in
     Guidance.texts' order; first_slice: the block's first slice in the volume; side_codes: [branches,
-    SIDE_CODE_SIZE] in the same order (Guidance.side_codes), for a side_code denoiser. One home for the pipeline
+    SIDE_CODE_SIZE] in the same order (side_codes), for a side_code denoiser. One home for the pipeline
     and the export's end calibration, so the calibration meets the blocks the pipeline makes."""
     cond = denoiser.prepare(previous.expand(guidance.branches, -1, -1, -1, -1), text, mask,
                             torch.tensor(float(first_slice)), side_codes)

@@ -14,7 +14,7 @@ from ctflow.model_folder import load_vae, read_config
 from ctflow.conventions import real_slices
 from ctflow.denoiser import STDiT
 from ctflow.devices import select_device
-from ctflow.report import SIDE_CODE_SIZE, half_texts, side_code
+from ctflow.report import SIDE_CODE_SIZE, half_reports, parse_report, render_prompt, side_code
 from ctflow.sampling import Guidance, block_velocity
 
 REPORT = "Findings: A 12 mm nodule in the right upper lobe. Impressions: Right upper lobe nodule."
@@ -78,11 +78,16 @@ def test_guidance_embeds_the_empty_report_alongside(tiny_pipeline):
     assert tiny_pipeline.plan(GenerationRequest(REPORT, guidance=3.0)).guidance.branches == 2
 
 
+def half_prompts(plan):
+    """The prompts of the report's halves, rendered as the plan's prompt is (no length asked; the model's spacing)."""
+    return tuple(render_prompt(half, slice_spacing=2.5) for half in half_reports(parse_report(plan.report_text)))
+
+
 def test_side_guidance_embeds_each_half_s_text_when_the_report_names_a_side(tiny_pipeline):
     plan = tiny_pipeline.plan(GenerationRequest(REPORT, guidance=3.0, side_guidance=4.0))
     assert plan.guidance.branches == plan.text.shape[0] == 3 and plan.guidance.side == 4.0
-    right, left = half_texts(plan.prompt)
-    assert right == plan.prompt and left == "Findings:\nImpressions:\nSpacing: 2.5 mm"  # the nodule is the right's
+    right, left = half_prompts(plan)
+    assert right == plan.prompt and left == "Findings: Not stated.\nImpressions: Not stated.\nSpacing: 2.5 mm"
     halves = tiny_pipeline.text_encoder.encode([right, left])
     assert torch.equal(plan.text[:2], halves.tokens)
     unsided = tiny_pipeline.plan(GenerationRequest("Findings: Emphysema.", guidance=3.0, side_guidance=4.0))
@@ -108,7 +113,7 @@ def test_side_guidance_gives_each_half_of_the_columns_its_own_text_s_velocity(ti
             return block_velocity(tiny_pipeline.denoiser, previous, text, mask, 16, guidance)(z, t)
 
     sided = velocity(plan.text, plan.text_mask, plan.guidance)
-    for half, columns in zip(half_texts(plan.prompt), (slice(0, size // 2), slice(size // 2, None))):
+    for half, columns in zip(half_prompts(plan), (slice(0, size // 2), slice(size // 2, None))):
         alone = tiny_pipeline.text_encoder.encode([half])
         expected = velocity(alone.tokens, alone.mask, Guidance(1.0))
         assert torch.allclose(sided[..., columns], expected[..., columns], atol=1e-5)
@@ -123,7 +128,7 @@ def test_a_side_code_denoiser_is_told_each_row_s_sides(tiny_pipeline):
     config = dataclasses.replace(tiny_pipeline.config, denoiser=denoiser.config)
     sided = CTFlowPipeline(config, denoiser.eval(), tiny_pipeline.autoencoder, tiny_pipeline.text_encoder)
     plan = sided.plan(GenerationRequest(REPORT, guidance=3.0, side_guidance=4.0))
-    expected = torch.tensor([*(side_code(half) for half in half_texts(plan.prompt)), [0.0] * SIDE_CODE_SIZE])
+    expected = torch.tensor([*(side_code(half) for half in half_prompts(plan)), [0.0] * SIDE_CODE_SIZE])
     assert torch.equal(plan.side_codes, expected) and expected[0].any() and not expected[1].any()
     options = {"slices": 4, "guidance": 3.0, "side_guidance": 4.0}
     assert np.array_equal(run(sided, **options).hu, run(tiny_pipeline, **options).hu)

@@ -1,7 +1,8 @@
 import pytest
 
 from ctflow import ReportError, parse_report, render_prompt
-from ctflow.report import (MAX_REPORT_CHARS, SIDE_CODE_SIZE, SIDED_FINDINGS, half_texts, names_one_side,
+from ctflow.report import (MAX_REPORT_CHARS, SIDE_CODE_SIZE, SIDED_FINDINGS, Report, half_reports, half_texts,
+                           names_one_side,
                            read_report_file, side_code, sided_findings)
 
 CT_RATE = """FINDINGS: Trachea and both main bronchi are open. A 6 mm nodule is seen in the right upper lobe.
@@ -87,6 +88,31 @@ def test_header_alone_on_its_line():
 ])
 def test_each_half_reads_the_report_without_the_parts_that_name_the_other_side_only(text, right, left):
     assert half_texts(text) == (right, left) and names_one_side(text)
+
+
+@pytest.mark.parametrize("text, right, left", [
+    ("Atelectasis in the right lower lobe. Dependent atelectasis.", "Atelectasis in the right lower lobe. "
+     "Dependent atelectasis.", ""),
+    ("Left effusion. Effusion and nodule.", " Effusion and nodule.", "Left effusion. Effusion and nodule."),
+    ("Right nodule. No nodule elsewhere; atelectasis.", "Right nodule. No nodule elsewhere; atelectasis.",
+     " No nodule elsewhere; atelectasis."),
+    ("Right and left effusions. Effusions.", "Right and left effusions. Effusions.",
+     "Right and left effusions. Effusions."),
+])
+def test_a_part_without_a_side_goes_with_the_side_the_report_places_all_its_findings_on(text, right, left):
+    """Only when every finding it reports is placed on one side alone; negated ones and findings placed on both
+    sides keep it on both halves."""
+    assert half_texts(text) == (right, left)
+
+
+def test_each_half_s_report_keeps_its_sections_and_leaves_an_emptied_one_empty():
+    report = parse_report("Findings: Posterior atelectasis in the right lower lobe. Heart normal. "
+                          "Impressions: Dependent atelectasis.")
+    right, left = half_reports(report)
+    assert right == report and left == Report("Heart normal.", "")
+    assert render_prompt(left) == "Findings: Heart normal.\nImpressions: Not stated."
+    unsided = parse_report("Findings: Emphysema. Impressions: Emphysema.")
+    assert half_reports(unsided) == (unsided, unsided)
 
 
 @pytest.mark.parametrize("text", [

@@ -66,12 +66,12 @@ def test_guidance_runs_both_halves_in_one_forward():
 def test_side_guidance_guides_each_half_of_the_volume_by_its_own_text():
     """The right columns by the report, the left by the report without its right-only parts; above 1 each also away
     from the other's; then classifier-free guidance against the empty report."""
-    report = "Right effusion. Heart normal."
-    rows = {report: 5.0, " Heart normal.": 3.0, "": 1.0}  # each text's velocity, one row each
+    report, halves = "Right effusion. Heart normal.", ("Right effusion. Heart normal.", "Heart normal.")
+    rows = {report: 5.0, "Heart normal.": 3.0, "": 1.0}  # each text's velocity, one row each
     for guidance, right, left in ((Guidance(3.0, side=2.0), 1 + 3 * (3 + 2 * 2 - 1), 1 + 3 * (5 - 2 * 2 - 1)),
                                   (Guidance(1.0, side=1.0), 5, 3), (Guidance(3.0), 1 + 3 * 4, 1 + 3 * 4),
                                   (Guidance(1.0), 5, 5)):
-        texts = guidance.texts(report)
+        texts = guidance.texts(report, halves)
         assert len(texts) == guidance.branches and texts[0] == report
         values = torch.tensor([rows[text] for text in texts])[:, None, None, None, None]
         calls = []
@@ -84,6 +84,12 @@ def test_side_guidance_guides_each_half_of_the_volume_by_its_own_text():
         assert torch.equal(v[..., :2], torch.full((1, 2, 1, 3, 2), float(right)))
         assert torch.equal(v[..., 2:], torch.full((1, 2, 1, 3, 2), float(left)))
         assert calls == [guidance.branches]
+
+
+def test_side_guidance_without_the_halves_is_refused():
+    with pytest.raises(ValueError, match="halves"):
+        Guidance(3.0, side=1.0).texts("Right effusion.")
+    assert Guidance(3.0).texts("Right effusion.") == ["Right effusion.", ""]
 
 
 def test_the_patient_s_right_is_the_first_half_of_the_columns():

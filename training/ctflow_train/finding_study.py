@@ -46,7 +46,7 @@ from ctflow.conventions import START_HU, real_slices
 from ctflow.errors import CTFlowError
 from ctflow.io import atomic_write
 from ctflow.model_folder import VAE_FOLDER
-from ctflow.report import names_one_side
+from ctflow.report import half_reports, parse_report
 
 from .anatomy import in_labels
 from .dataset import patient_of, read_index
@@ -644,8 +644,10 @@ def run_study(args: argparse.Namespace, log=lambda line: None) -> FindingStudy:
     side_guidance = pipe.config.sampling.side_guidance if args.side_guidance is None else args.side_guidance
 
     def key(text: str, seed: int) -> str:
-        """A report that names no side alone is made as without side guidance: it keeps its volumes (and key)."""
-        side = f" side halves {side_guidance}" if side_guidance and names_one_side(text) else ""
+        """A report that names no side alone is made as without side guidance: it keeps its volumes (and key); one
+        that does states the halves it is guided by (report.half_reports), which the prompt is rendered from."""
+        right, left = half_reports(parse_report(text))
+        side = f" side halves {side_guidance} {right.text!r} {left.text!r}" if side_guidance and right != left else ""
         return f"generated {model} {steps} {guidance}{side} {seed} {text}"
 
     made: dict[str, list[Features]] = {}  # report text -> features per seed: a text is generated once
