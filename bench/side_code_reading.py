@@ -1,4 +1,4 @@
-"""Do `ctflow.report.side_code` and side guidance's `half_texts` read the side a report states? Checked against a
+"""Do `ctflow.report.side_code` and side guidance's `half_reports` read the side a report states? Checked against a
 cohort's label files.
 
 For every present finding of a prepared cohort whose labels give it a side (its side, or its lobe's; "bilateral":
@@ -7,9 +7,10 @@ other words, as `cache-latents --variants` embeds them) are compared with the la
 None is also what a report that never states the side gives (a variant may name a finding in its Impressions only),
 so the first few of each kind are printed for a reader to judge. The held-out phrasings, which no training run may
 use, are read the same way (`--heldout`), and their negated counterparts should read no side at all.
-The rows "halves" read each text's two halves (`half_texts`, what side guidance guides the right and the left half
-of the volume by): which halves' texts report the finding (on any side) should be the label's sides, so a finding on
-the right is asked for on the right half and not on the left.
+The rows "halves" read each text's two halves (`half_reports`, what side guidance guides the right and the left half
+of the volume by): which halves' texts report the finding (`reported_findings`: with a side or without, as an
+Impressions line "Dependent atelectasis." does) should be the label's sides, so a finding on the right is asked for
+on the right half and not on the left.
 
   python bench/side_code_reading.py --data cache/cohort2a cache/sidetwins4 --variants 8 --heldout
 """
@@ -23,7 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "training"))
-from ctflow.report import Report, half_texts, sided_findings  # noqa: E402
+from ctflow.report import Report, half_reports, parse_report, reported_findings, sided_findings  # noqa: E402
 from ctflow_train.dataset import read_index  # noqa: E402
 from ctflow_train.heldout import load_heldout  # noqa: E402
 from ctflow_train.latent_store import labelled_findings, report_variant  # noqa: E402
@@ -58,8 +59,8 @@ def main() -> int:
     def halves(text: str) -> dict[str, set[str]]:
         """Finding name -> the halves whose text reports it."""
         read: dict[str, set[str]] = {}
-        for half, half_text in zip(("right", "left"), half_texts(text)):
-            for name in sided_findings(half_text):
+        for half, half_report in zip(("right", "left"), half_reports(parse_report(text))):
+            for name in reported_findings(half_report.text):
                 read.setdefault(name, set()).add(half)
         return read
 

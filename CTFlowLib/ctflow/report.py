@@ -185,8 +185,7 @@ def sided_findings(text: str) -> dict[str, set[str]]:
         sides = _side_words(clause)
         cues = list(_FINDING_CUE.finditer(clause))
         for number, cue in enumerate(cues):
-            if (_NEGATION_BEFORE.search(clause, 0, cue.start()) or _NEGATION_AFTER.search(clause, cue.end())
-                    or not sides):
+            if _negated(clause, cue) or not sides:
                 continue
             name = list(SIDED_FINDINGS)[int(cue.lastgroup[1:])]
             after_previous = cues[number - 1].end() if number else 0
@@ -201,15 +200,20 @@ def side_code(text: str) -> list[float]:
     return [float(side in found.get(name, ())) for name in SIDED_FINDINGS for side in ("right", "left")]
 
 
-def _reported(text: str) -> set[str]:
-    """The SIDED_FINDINGS that text names without a negation (as sided_findings reads a clause)."""
-    return {list(SIDED_FINDINGS)[int(cue.lastgroup[1:])] for cue in _FINDING_CUE.finditer(text)
-            if not (_NEGATION_BEFORE.search(text, 0, cue.start()) or _NEGATION_AFTER.search(text, cue.end()))}
+def reported_findings(text: str) -> set[str]:
+    """The findings of SIDED_FINDINGS that `text` reports, with or without a side (not negated in their clause)."""
+    return {list(SIDED_FINDINGS)[int(cue.lastgroup[1:])] for clause, _ in _clauses(text)
+            for cue in _FINDING_CUE.finditer(clause) if not _negated(clause, cue)}
+
+
+def _negated(clause: str, cue: re.Match) -> bool:
+    """Whether a negation cue of the clause precedes the finding's cue, or a "resolved"-like cue follows it."""
+    return bool(_NEGATION_BEFORE.search(clause, 0, cue.start()) or _NEGATION_AFTER.search(clause, cue.end()))
 
 
 def _only_placed(part: str, placed: dict[str, set[str]], side: str) -> bool:
     """Whether the part reports findings, all of them placed on `side` alone."""
-    reported = _reported(part)
+    reported = reported_findings(part)
     return bool(reported) and all(placed.get(name) == {side} for name in reported)
 
 

@@ -2,8 +2,7 @@ import pytest
 
 from ctflow import ReportError, parse_report, render_prompt
 from ctflow.report import (MAX_REPORT_CHARS, SIDE_CODE_SIZE, SIDED_FINDINGS, Report, half_reports, half_texts,
-                           names_one_side,
-                           read_report_file, side_code, sided_findings)
+                           names_one_side, read_report_file, reported_findings, side_code, sided_findings)
 
 CT_RATE = """FINDINGS: Trachea and both main bronchi are open. A 6 mm nodule is seen in the right upper lobe.
 No pleural effusion.
@@ -103,6 +102,16 @@ def test_a_part_without_a_side_goes_with_the_side_the_report_places_all_its_find
     """Only when every finding it reports is placed on one side alone; negated ones and findings placed on both
     sides keep it on both halves."""
     assert half_texts(text) == (right, left)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Dependent atelectasis. No effusion. Venous port in place.", {"atelectasis", "device"}),
+    ("Right effusion has resolved; no nodule. Emphysema.", {"emphysema"}),
+    ("No consolidation. Consolidation in the RLL.", {"consolidation"}),
+    ("Heart normal.", set()),
+])
+def test_reported_findings_are_those_named_without_a_negation_with_or_without_a_side(text, expected):
+    assert reported_findings(text) == expected
 
 
 def test_each_half_s_report_keeps_its_sections_and_leaves_an_emptied_one_empty():
