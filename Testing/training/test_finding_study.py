@@ -107,12 +107,18 @@ def test_the_place_that_changed_most_is_where_the_pair_differs():
     asked = negated.copy()
     asked[12:, 4:6, 1:3] = 0  # a change low in the right lung's back: the right lower lobe
     lobes = {name: (name,) for name in LOBES.values()}
-    assert fs.changed_place(prior, asked, negated, fs.SIDE_REGIONS) == "right"
-    assert fs.changed_place(prior, asked, negated, lobes) == "right lower lobe"
+
+    def most(asked, places):
+        changes = fs.place_changes(prior, asked, negated, places)
+        assert set(changes) == set(places) and all(value >= 0 for value in changes.values())
+        return max(changes, key=changes.get)
+
+    assert most(asked, fs.SIDE_REGIONS) == "right" and most(asked, lobes) == "right lower lobe"
     longer = np.concatenate([asked, asked[-4:]])  # another length: compared by fraction of the body
     longer[:, 4:6, 1:3] = -850
     longer[:, 2:4, 5:7] = 0  # now in the left lung, upper and lower
-    assert fs.changed_place(prior, longer, negated, fs.SIDE_REGIONS) == "left"
+    assert most(longer, fs.SIDE_REGIONS) == "left"
+    assert fs.place_changes(prior, negated, negated, fs.SIDE_REGIONS) == {"right": 0.0, "left": 0.0}
 
 
 def test_levels_split_any_body_into_the_same_fractions():
@@ -205,7 +211,9 @@ def study() -> fs.FindingStudy:
          fs.Placement("writer", "consolidation right", "consolidation", "side (change)", "right",
                       ["right", "right", "left"], 0.5),
          fs.Placement("writer", "consolidation left", "consolidation", "side (change)", "left",
-                      ["left", "right", "left"], 0.5)],
+                      ["left", "right", "left"], 0.5),
+         fs.Placement("writer", "consolidation left", "consolidation", "side (relative change)", "left",
+                      ["left", "left", "left"], 0.5)],
         {"writer/normal": "Findings: normal."})
 
 
@@ -225,6 +233,8 @@ def test_the_result_counts_round_trips_and_makes_tables():
     assert "| heldout | consolidation_RLL | lobe | right lower lobe | latent 0.6 | 2/3 | 0.50 |" in table
     assert "not fitted: emphysema side (why)" in table
     assert "| consolidation | side (change) | 1/3 |" in table
+    assert ("| writer | consolidation left | side (relative change) | left | largest change against the pair over its "
+            "usual | 3/3 | 0.50 |") in table
     with pytest.raises(CTFlowError, match="not the JSON"):
         fs.FindingStudy.from_json(json.dumps({"seeds": 3}))
 
@@ -284,6 +294,9 @@ def test_finding_study_probes_the_cohort_and_counts_generated_volumes(tiny, data
     assert read and all(p.finding == "consolidation" for p in read)  # the only finding with side and lobe detectors
     changed = placed["writer", "pleural_effusion left", "side (change)"]  # read without a detector
     assert changed.expected == "left" and len(changed.predicted) == 2 and changed.chance == 0.5
+    relative = placed["writer", "pleural_effusion left", "side (relative change)"]  # over each lung's usual change
+    assert relative.expected == "left" and len(relative.predicted) == 2 and set(relative.predicted) <= {"right", "left"}
+    assert {c for _, c, t in placed if t == "side (relative change)"} == {c for _, c, t in placed if t == "side (change)"}
     assert "right lower lobe" in result.reports["writer/consolidation right"]
     assert "left lower lobe" in result.reports["writer/consolidation left"]
     cached = len(list((tmp_path / "features").iterdir()))  # training volumes and every generated volume

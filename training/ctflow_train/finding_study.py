@@ -21,7 +21,10 @@ on the cohort's volumes, each patient and his twins in one fold, and the better 
   the body's levels taken as fractions of its real slices: registration-free, and blurred where patients differ.
 Probes are L2-penalised logistic regressions, one against the rest for the lobe; the lobe predicted is the likeliest.
 Side and lobe are also read without a detector: the place (the prior's lobes, or a lung's) where the volume differs
-most from its pair, the same seed with the finding negated ("side (change)", "lobe (change)").
+most from its pair, the same seed with the finding negated ("side (change)", "lobe (change)"). Any change of the
+report moves the heart's border, which the left lung's region takes in more than the right's, so "side (relative
+change)" divides each lung's change by its usual one: its median change, at the same seed, between the writer's
+normal report and his reports of the findings that name no side.
 CTFlow and GenerateCT measure text alignment alike: a classifier trained on real CTs applied to generated ones.
 """
 
@@ -46,7 +49,7 @@ from ctflow.conventions import START_HU, real_slices
 from ctflow.errors import CTFlowError
 from ctflow.io import atomic_write
 from ctflow.model_folder import VAE_FOLDER
-from ctflow.report import half_reports, parse_report
+from ctflow.report import half_reports, names_one_side, parse_report
 
 from .anatomy import in_labels
 from .dataset import patient_of, read_index
@@ -173,7 +176,7 @@ class Features:
 
     latent: np.ndarray  # grid_features of its latents
     hu: np.ndarray  # AnatomyPrior.features of its decoded HU
-    pooled: np.ndarray | None = None  # its pooled decoded HU, for a generated volume (see `changed_place`)
+    pooled: np.ndarray | None = None  # its pooled decoded HU, for a generated volume (see `place_changes`)
 
     def view(self, kind: str, target: str) -> np.ndarray:
         if kind == "hu":
@@ -211,8 +214,9 @@ SIDE_REGIONS = {side: tuple(LOBES[label] for label in labels) for side, labels i
 CHANGE_SLICES = 4 * LEVELS  # both volumes of a pair, resampled along the body to as many slices
 
 
-def changed_place(prior: AnatomyPrior, asked: np.ndarray, negated: np.ndarray, places: dict[str, tuple[str, ...]]) -> str:
-    """Of `places` (name -> prior regions), the one in which a volume differs most from its pair's (same seed, the
+def place_changes(prior: AnatomyPrior, asked: np.ndarray, negated: np.ndarray,
+                  places: dict[str, tuple[str, ...]]) -> dict[str, float]:
+    """For each of `places` (name -> prior regions), how much a volume differs from its pair's there (same seed, the
     finding negated): mean |HU change| weighted by the prior. Needs no detector, so it cannot be blind where the
     probes are; but where the report changed the whole anatomy, that change is read as well."""
     def along_body(hu: np.ndarray) -> np.ndarray:
@@ -220,9 +224,9 @@ def changed_place(prior: AnatomyPrior, asked: np.ndarray, negated: np.ndarray, p
 
     change = np.abs(along_body(asked) - along_body(negated))  # [CHANGE_SLICES, h, w]
     weights = np.repeat(prior.weights, CHANGE_SLICES // LEVELS, axis=1)  # [R, CHANGE_SLICES, h, w]
-    score = {name: sum((weights[prior.regions.index(r)] * change).sum() for r in regions) /
-             (sum(weights[prior.regions.index(r)].sum() for r in regions) + 1e-6) for name, regions in places.items()}
-    return max(score, key=score.get)
+    return {name: float(sum((weights[prior.regions.index(r)] * change).sum() for r in regions) /
+                        (sum(weights[prior.regions.index(r)].sum() for r in regions) + 1e-6))
+            for name, regions in places.items()}
 
 
 # ---------------------------------------------------------------- probes
@@ -495,7 +499,8 @@ class FindingStudy:
                   "|---|---|---|---|---|---|---|"]
         for p in self.placements:
             d = self.detector(p.finding, p.target)
-            reader = f"{d.used} {max(d.latent, d.hu)}" if d else "largest change against the pair"
+            relative = " over its usual" if p.target == "side (relative change)" else ""
+            reader = f"{d.used} {max(d.latent, d.hu)}" if d else f"largest change against the pair{relative}"
             lines.append(f"| {p.report_set} | {p.case} | {p.target} | {p.expected} | {reader} | {p.hits}/{n} | "
                          f"{p.chance:.2f} |")
         paired = self.both_sides()
@@ -666,6 +671,14 @@ def run_study(args: argparse.Namespace, log=lambda line: None) -> FindingStudy:
     def present(finding: str, text: str) -> list[float]:
         return detectors[finding, "present"].probabilities(generated(text))[:, 1].tolist()
 
+    def changes(text: str, pair: str, places: dict[str, tuple[str, ...]]) -> list[dict[str, float]]:
+        """place_changes of each seed's pair of volumes."""
+        return [place_changes(prior, a.pooled, b.pooled, places) for a, b in zip(generated(text), generated(pair))]
+
+    unsided = [changes(text, writer["normal"], SIDE_REGIONS) for kind, text in writer.items()
+               if kind != "normal" and not names_one_side(text)]
+    usual = [{side: float(np.median([c[seed][side] for c in unsided])) for side in SIDE_REGIONS}
+             for seed in range(args.seeds)] if unsided else None  # each lung's usual change, per seed
     responses, placements, reports = [], [], {f"writer/{k}": v for k, v in writer.items()}
     for finding in studied:
         every = {kind: present(finding, text) for kind, text in writer.items()}
@@ -688,10 +701,14 @@ def run_study(args: argparse.Namespace, log=lambda line: None) -> FindingStudy:
             for target, expected, places in (("side (change)", where.side, SIDE_REGIONS),
                                              ("lobe (change)", where.lobe, {name: (name,) for name in LOBES.values()})):
                 if expected:
-                    pairs = zip(generated(where.text), generated(where.negated))
                     placements.append(Placement(report_set, where.name, where.finding, target, expected,
-                                                [changed_place(prior, a.pooled, n.pooled, places) for a, n in pairs],
+                                                [max(c, key=c.get) for c in changes(where.text, where.negated, places)],
                                                 1 / len(places)))
+            if where.side and usual:
+                relative = [max(c, key=lambda side: c[side] / usual[seed][side])
+                            for seed, c in enumerate(changes(where.text, where.negated, SIDE_REGIONS))]
+                placements.append(Placement(report_set, where.name, where.finding, "side (relative change)",
+                                            where.side, relative, 1 / len(SIDE_REGIONS)))
             reports[f"{report_set}/{where.name}"] = where.text  # a held-out case read by its change alone too
             if report_set == "heldout":
                 reports[f"heldout/{where.name}/negated"] = where.negated
