@@ -259,10 +259,12 @@ class CTFlowPipeline:
                 notices.append(f"side guidance 0 (the model's default is {self.config.sampling.side_guidance:g}): a "
                                "precomputed embedding has no report text to read sides from")
             guidance = Guidance(resolved.guidance)
+            no_text = side_codes(guidance.texts(""))  # no report text: no side
             return GenerationPlan(resolved, report.text, report.text, tuple(notices), tokens,
-                                  torch.ones(1, 1, dtype=torch.bool), guidance, side_codes(guidance.texts("")))  # no text: no side
+                                  torch.ones(1, 1, dtype=torch.bool), guidance, no_text)
         # The released model never saw our meta lines (length, spacing): it gets the report sections alone.
         spacing = self.config.geometry.spacing[2]
+
         def render(text: Report) -> str:
             return text.text if self.released_mode else render_prompt(text, resolved.prompt_slices, spacing)
 
