@@ -121,6 +121,12 @@ def test_the_place_that_changed_most_is_where_the_pair_differs():
     assert fs.place_changes(prior, negated, negated, fs.SIDE_REGIONS) == {"right": 0.0, "left": 0.0}
 
 
+def test_the_relative_place_is_the_largest_change_over_the_usual_one():
+    assert fs.relative_place({"right": 2.0, "left": 3.0}, {"right": 1.0, "left": 3.0}) == "right"
+    assert fs.relative_place({"right": 2.0, "left": 3.0}, {"right": 1.0, "left": 1.0}) == "left"
+    assert fs.relative_place({"right": 0.5, "left": 3.0}, {"right": 0.0, "left": 1.0}) == "right"  # usually still
+
+
 def test_levels_split_any_body_into_the_same_fractions():
     assert fs.levels(8).tolist() == list(range(8))
     assert fs.levels(16).tolist() == [k // 2 for k in range(16)]

@@ -229,6 +229,12 @@ def place_changes(prior: AnatomyPrior, asked: np.ndarray, negated: np.ndarray,
             for name, regions in places.items()}
 
 
+def relative_place(change: dict[str, float], usual: dict[str, float]) -> str:
+    """The place whose change (place_changes) is largest over its usual change; one that usually does not change
+    at all wins with any change."""
+    return max(change, key=lambda name: change[name] / (usual[name] + 1e-6))
+
+
 # ---------------------------------------------------------------- probes
 
 
@@ -705,7 +711,7 @@ def run_study(args: argparse.Namespace, log=lambda line: None) -> FindingStudy:
                                                 [max(c, key=c.get) for c in changes(where.text, where.negated, places)],
                                                 1 / len(places)))
             if where.side and usual:
-                relative = [max(c, key=lambda side: c[side] / usual[seed][side])
+                relative = [relative_place(c, usual[seed])
                             for seed, c in enumerate(changes(where.text, where.negated, SIDE_REGIONS))]
                 placements.append(Placement(report_set, where.name, where.finding, "side (relative change)",
                                             where.side, relative, 1 / len(SIDE_REGIONS)))
