@@ -53,7 +53,16 @@ class DenoiserConfig:
     # Add an embedding of the report's side code (report.side_code: which side each sided finding is reported on)
     # to the time embedding (ours): the text encoder's vectors hardly tell "left" from "right".
     side_code: bool = False
+    # Add to every latent patch an embedding of what its half of the body reads of the report (report.half_code:
+    # which sided findings each half's text reports; a finding without a side is on both halves), ours: a place in
+    # the input, so the response to a finding can be local where a vector added to the time embedding moves all.
+    side_map: bool = False
     variant: str = "ctflow"  # see VARIANTS
+
+    @property
+    def reads_code(self) -> bool:
+        """Whether the denoiser reads report.denoiser_code besides the text's tokens (side_code or side_map)."""
+        return self.side_code or self.side_map
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "patch_size", tuple(self.patch_size))
@@ -62,9 +71,9 @@ class DenoiserConfig:
         if self.variant not in VARIANTS:
             raise ModelError(f"denoiser variant must be one of {', '.join(VARIANTS)}, not {self.variant!r}")
         if self.variant == "released" and (self.prediction != "velocity" or self.slice_position or self.pooled_text
-                                           or self.seam_context or self.side_code):
+                                           or self.seam_context or self.reads_code):
             raise ModelError("the released denoiser variant predicts velocity and has none of this project's "
-                             "additions (slice_position, pooled_text, seam_context, side_code)")
+                             "additions (slice_position, pooled_text, seam_context, side_code, side_map)")
         if self.hidden_size % self.num_heads:
             raise ModelError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         pt, ph, pw = self.patch_size

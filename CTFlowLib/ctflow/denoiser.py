@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DenoiserConfig
+from .conventions import right_half
 from .report import SIDE_CODE_SIZE
 
 
@@ -187,6 +188,7 @@ class STDiT(nn.Module):
         self.text_embed = Mlp(config.text_dim, d / config.text_dim, out=d)
         self.text_vector = Mlp(config.text_dim, d / config.text_dim, out=d) if config.pooled_text else None
         self.side_embed = nn.Linear(SIDE_CODE_SIZE, d) if config.side_code else None
+        self.side_map_embed = nn.Linear(SIDE_CODE_SIZE // 2, d) if config.side_map else None  # one half's findings
         # The transformer layers. "blocks" (and t_block) are weight names in every shipped model.safetensors: keep them.
         self.blocks = nn.ModuleList(STDiTLayer(d, config.num_heads, config.mlp_ratio, self.released)
                                     for _ in range(config.depth))
@@ -216,6 +218,8 @@ class STDiT(nn.Module):
             nn.init.zeros_(self.seam_embed.weight)
         if self.side_embed is not None:  # likewise
             nn.init.zeros_(self.side_embed.weight)
+        if self.side_map_embed is not None:  # likewise
+            nn.init.zeros_(self.side_map_embed.weight)
         for layer in (self.t_block[1], self.final):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -237,13 +241,17 @@ class STDiT(nn.Module):
     ) -> Conditioning:
         """previous: [B, C, T, H, W] clean block; text: [B, M, text_dim]; mask: [B, M];
         first_slice: [B] index in the volume of the new block's first slice (needed by slice_position models);
-        side_code: [B, SIDE_CODE_SIZE] each row's report.side_code (needed by side_code models)."""
+        side_code: [B, SIDE_CODE_SIZE] each row's report.denoiser_code (needed by side_code and side_map models)."""
         dtype = self.x_embed.weight.dtype
         prev_tokens = self.previous_embed(previous.to(dtype)).flatten(3).permute(0, 2, 3, 1)  # [B, t, s, D]
         if self.seam_embed is not None:  # the previous block's last patch of slices joins the new block's first
             last = previous[:, :, -self.config.patch_size[0]:].to(dtype)  # [B, C, pt, H, W]
             seam = self.seam_embed(last).flatten(3).permute(0, 2, 3, 1)  # [B, 1, s, D]
             prev_tokens = torch.cat([prev_tokens[:, :1] + seam, prev_tokens[:, 1:]], dim=1)
+        if self.config.reads_code and side_code is None:
+            raise ValueError("this denoiser is conditioned on the report's side code: pass side_code")
+        if self.side_map_embed is not None:
+            prev_tokens = prev_tokens + self._side_map(side_code.to(previous.device, dtype))  # [B, 1, s, D]
         vectors = []
         if self.position_embed is not None:
             if first_slice is None:
@@ -254,12 +262,20 @@ class STDiT(nn.Module):
             pooled = (text.to(dtype) * weights).sum(1) / weights.sum(1).clamp(min=1)  # [B, text_dim] mean token
             vectors.append(self.text_vector(pooled))  # [B, D]
         if self.side_embed is not None:
-            if side_code is None:
-                raise ValueError("this denoiser is conditioned on the report's side code: pass side_code")
             vectors.append(self.side_embed(side_code.to(previous.device, dtype)))  # [B, D]
         tokens = self.text_embed(text.to(dtype))  # [B, M, D]
         return Conditioning(prev_tokens, [layer.cross.keys_values(tokens) for layer in self.blocks], mask.bool(),
                             sum(vectors) if vectors else None)
+
+    def _side_map(self, code: torch.Tensor) -> torch.Tensor:
+        """code: [B, SIDE_CODE_SIZE] report.half_code -> [B, 1, s, D]: each patch gets its half's findings embedded
+        (a middle column the mean of both halves'), the same for every slice of the block."""
+        halves = self.side_map_embed(code.view(len(code), -1, 2).transpose(1, 2))  # [B, 2, D]: right, left
+        _, ph, pw = self.config.patch_size
+        rows, columns = self.config.latent_size // ph, self.config.latent_size // pw
+        right = torch.as_tensor(right_half(columns)).to(halves).view(1, columns, 1)  # [1, w, 1]
+        per_column = right * halves[:, :1] + (1 - right) * halves[:, 1:]  # [B, w, D]
+        return per_column.unsqueeze(1).expand(-1, rows, -1, -1).reshape(len(code), 1, rows * columns, -1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """x: [B, C, T, H, W] noisy block at flow time t: [B] -> velocity [B, C, T, H, W]."""

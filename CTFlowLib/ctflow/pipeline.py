@@ -79,7 +79,7 @@ class GenerationPlan:
     text: torch.Tensor  # [guidance.branches, M, text_dim]: in Guidance.texts' order
     text_mask: torch.Tensor
     guidance: Guidance
-    side_codes: torch.Tensor | None = None  # [guidance.branches, SIDE_CODE_SIZE] for a side_code denoiser
+    side_codes: torch.Tensor | None = None  # [guidance.branches, SIDE_CODE_SIZE] for a side_code or side_map denoiser
 
 
 @dataclass(frozen=True)
@@ -259,7 +259,7 @@ class CTFlowPipeline:
                 notices.append(f"side guidance 0 (the model's default is {self.config.sampling.side_guidance:g}): a "
                                "precomputed embedding has no report text to read sides from")
             guidance = Guidance(resolved.guidance)
-            no_text = side_codes(guidance.texts(""))  # no report text: no side
+            no_text = side_codes(guidance.texts(""), self.config.denoiser.side_map)  # no report text: no side
             return GenerationPlan(resolved, report.text, report.text, tuple(notices), tokens,
                                   torch.ones(1, 1, dtype=torch.bool), guidance, no_text)
         # The released model never saw our meta lines (length, spacing): it gets the report sections alone.
@@ -289,7 +289,7 @@ class CTFlowPipeline:
                 "the volume will hardly follow the report"
             )
         return GenerationPlan(resolved, prompt, report.text, tuple(notices), embedding.tokens, embedding.mask, guidance,
-                              side_codes(texts))
+                              side_codes(texts, self.config.denoiser.side_map))
 
     # -- generation -----------------------------------------------------------------------------------------
 

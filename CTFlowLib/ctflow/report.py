@@ -200,6 +200,19 @@ def side_code(text: str) -> list[float]:
     return [float(side in found.get(name, ())) for name in SIDED_FINDINGS for side in ("right", "left")]
 
 
+def half_code(text: str) -> list[float]:
+    """[right, left] of every finding in SIDED_FINDINGS: 1.0 where that half of the body reads it reported (the
+    halves of half_texts, read by reported_findings), so a finding reported without a side is on both."""
+    halves = [reported_findings(half) for half in half_texts(text)]
+    return [float(name in found) for name in SIDED_FINDINGS for found in halves]
+
+
+def denoiser_code(text: str, per_half: bool) -> list[float]:
+    """What a denoiser reads of the text besides its tokens: half_code for a side_map denoiser (per_half), else
+    side_code. One home for training and generation."""
+    return half_code(text) if per_half else side_code(text)
+
+
 def reported_findings(text: str) -> set[str]:
     """The findings of SIDED_FINDINGS that `text` reports, with or without a side (not negated in their clause)."""
     return {list(SIDED_FINDINGS)[int(cue.lastgroup[1:])] for clause, _ in _clauses(text)

@@ -11,7 +11,7 @@ import torch
 
 from .conventions import MAX_SHIFT, MAX_STEPS, right_half
 from .errors import RequestError
-from .report import side_code
+from .report import denoiser_code
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z [B, ...], t scalar tensor) -> v like z
 METHODS = ("euler", "heun", "ab2")  # ab2: second order at one model call per step
@@ -137,9 +137,10 @@ class Guidance:
         return model_velocity if self.scale == 1.0 else guided(model_velocity, self.scale)
 
 
-def side_codes(texts: list[str]) -> torch.Tensor:
-    """[branches, SIDE_CODE_SIZE]: report.side_code of each of Guidance.texts, for a side_code denoiser."""
-    return torch.tensor([side_code(text) for text in texts])
+def side_codes(texts: list[str], per_half: bool = False) -> torch.Tensor:
+    """[branches, SIDE_CODE_SIZE]: report.denoiser_code of each of Guidance.texts, for a side_code denoiser
+    (per_half: a side_map one)."""
+    return torch.tensor([denoiser_code(text, per_half) for text in texts])
 
 
 def block_velocity(denoiser, previous: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, first_slice: int,
@@ -148,7 +149,7 @@ def block_velocity(denoiser, previous: torch.Tensor, text: torch.Tensor, mask: t
 
     previous: [1, C, T, h, w] clean block before it; text, mask: [guidance.branches, M, D], [branches, M] in
     Guidance.texts' order; first_slice: the block's first slice in the volume; side_codes: [branches,
-    SIDE_CODE_SIZE] in the same order (side_codes), for a side_code denoiser. One home for the pipeline
+    SIDE_CODE_SIZE] in the same order (side_codes), for a side_code or side_map denoiser. One home for the pipeline
     and the export's end calibration, so the calibration meets the blocks the pipeline makes."""
     cond = denoiser.prepare(previous.expand(guidance.branches, -1, -1, -1, -1), text, mask,
                             torch.tensor(float(first_slice)), side_codes)

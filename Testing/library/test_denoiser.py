@@ -8,6 +8,7 @@ import torch
 from ctflow.config import DENOISER_PRESETS, DenoiserConfig
 from ctflow.denoiser import STDiT, parameter_count
 from ctflow.errors import ModelError
+from ctflow.conventions import right_half
 from ctflow.report import SIDE_CODE_SIZE
 
 # CTFlow's published sizes (REFERENCE §1) at 16x32x32x16 latents, patch 2x2x2, 768-d report embedding.
@@ -183,3 +184,25 @@ def test_side_code_starts_as_a_no_op_then_tells_the_sides_apart():
                               sided(x, t, sided.prepare(previous, text, mask, side_code=left)))
     with pytest.raises(ValueError, match="side code"):
         sided.prepare(previous, text, mask)
+
+
+def test_the_side_map_starts_as_a_no_op_then_tells_each_half_its_own_findings():
+    plain, mapped = small_model(), small_model(side_map=True)
+    mapped.load_state_dict(plain.state_dict(), strict=False)  # as a warm start does
+    x, previous, text, mask = inputs()
+    t = torch.tensor([0.5])
+    none, right, left = (torch.zeros(1, SIDE_CODE_SIZE) for _ in range(3))
+    right[0, 0], left[0, 1] = 1.0, 1.0  # a pleural effusion on the right / on the left
+    base = plain(x, t, plain.prepare(previous, text, mask))
+    assert torch.equal(base, mapped(x, t, mapped.prepare(previous, text, mask, side_code=right)))
+    with torch.no_grad():
+        mapped.side_map_embed.weight.normal_(0, 0.1)
+    rows, columns = (size // patch for size, patch in zip(x.shape[3:], mapped.config.patch_size[1:]))
+    on_the_right = torch.as_tensor(right_half(columns)) > 0.5  # [columns]: the patient's right in the first ones
+    untold = mapped.prepare(previous, text, mask, side_code=none).previous  # [1, t, rows * columns, D]
+    for code, where in ((right, on_the_right), (left, ~on_the_right)):
+        told = mapped.prepare(previous, text, mask, side_code=code).previous
+        changed = (told - untold).abs().sum(-1).view(-1, rows, columns) > 0  # [t, rows, columns]
+        assert torch.equal(changed, where.expand_as(changed))  # every patch of its half, and only those
+    with pytest.raises(ValueError, match="side code"):
+        mapped.prepare(previous, text, mask)

@@ -14,7 +14,7 @@ from ctflow.model_folder import load_vae, read_config
 from ctflow.conventions import real_slices
 from ctflow.denoiser import STDiT
 from ctflow.devices import select_device
-from ctflow.report import SIDE_CODE_SIZE, half_reports, parse_report, render_prompt, side_code
+from ctflow.report import SIDE_CODE_SIZE, half_code, half_reports, parse_report, render_prompt, side_code
 from ctflow.sampling import Guidance, block_velocity
 
 REPORT = "Findings: A 12 mm nodule in the right upper lobe. Impressions: Right upper lobe nodule."
@@ -120,20 +120,23 @@ def test_side_guidance_gives_each_half_of_the_columns_its_own_text_s_velocity(ti
     assert not torch.allclose(sided, velocity(plan.text[:1], plan.text_mask[:1], Guidance(1.0)), atol=1e-3)
 
 
-def test_a_side_code_denoiser_is_told_each_row_s_sides(tiny_pipeline):
-    """The rows' side codes are those of the prompt's halves, and none for the empty report; a side_code
-    denoiser warm-started from one without makes the same volume until its side embedding learns something."""
-    denoiser = STDiT(dataclasses.replace(tiny_pipeline.config.denoiser, side_code=True))
+@pytest.mark.parametrize("option, code, embedding", [("side_code", side_code, "side_embed"),
+                                                     ("side_map", half_code, "side_map_embed")])
+def test_a_side_code_denoiser_is_told_each_row_s_sides(tiny_pipeline, option, code, embedding):
+    """The rows' codes are those of the prompt's halves (side_code, or half_code for a side_map denoiser), and none
+    for the empty report; such a denoiser warm-started from one without makes the same volume until its embedding
+    learns something."""
+    denoiser = STDiT(dataclasses.replace(tiny_pipeline.config.denoiser, **{option: True}))
     denoiser.load_state_dict(tiny_pipeline.denoiser.state_dict(), strict=False)  # as a warm start does
     config = dataclasses.replace(tiny_pipeline.config, denoiser=denoiser.config)
     sided = CTFlowPipeline(config, denoiser.eval(), tiny_pipeline.autoencoder, tiny_pipeline.text_encoder)
     plan = sided.plan(GenerationRequest(REPORT, guidance=3.0, side_guidance=4.0))
-    expected = torch.tensor([*(side_code(half) for half in half_prompts(plan)), [0.0] * SIDE_CODE_SIZE])
+    expected = torch.tensor([*(code(half) for half in half_prompts(plan)), [0.0] * SIDE_CODE_SIZE])
     assert torch.equal(plan.side_codes, expected) and expected[0].any() and not expected[1].any()
     options = {"slices": 4, "guidance": 3.0, "side_guidance": 4.0}
     assert np.array_equal(run(sided, **options).hu, run(tiny_pipeline, **options).hu)
     with torch.no_grad():
-        denoiser.side_embed.weight.normal_(0, 1.0)
+        getattr(denoiser, embedding).weight.normal_(0, 1.0)
     assert not np.array_equal(run(sided, **options).hu, run(tiny_pipeline, **options).hu)
 
 

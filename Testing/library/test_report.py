@@ -1,8 +1,9 @@
 import pytest
 
 from ctflow import ReportError, parse_report, render_prompt
-from ctflow.report import (MAX_REPORT_CHARS, SIDE_CODE_SIZE, SIDED_FINDINGS, Report, half_reports, half_texts,
-                           names_one_side, read_report_file, reported_findings, side_code, sided_findings)
+from ctflow.report import (MAX_REPORT_CHARS, SIDE_CODE_SIZE, SIDED_FINDINGS, Report, denoiser_code, half_code,
+                           half_reports, half_texts, names_one_side, read_report_file, reported_findings, side_code,
+                           sided_findings)
 
 CT_RATE = """FINDINGS: Trachea and both main bronchi are open. A 6 mm nodule is seen in the right upper lobe.
 No pleural effusion.
@@ -203,3 +204,20 @@ def test_each_half_s_text_reports_the_findings_of_its_side_alone(text):
     right, left = (side_code(half) for half in half_texts(text))
     assert right == [v for (r, _), b in zip(pairs, both) for v in (r, b)]
     assert left == [v for (_, l), b in zip(pairs, both) for v in (b, l)]
+
+
+@pytest.mark.parametrize("text, right, left", [
+    ("Right pleural effusion. Emphysema. No nodule.", {"pleural effusion", "emphysema"}, {"emphysema"}),
+    ("Pleural effusion.", {"pleural effusion"}, {"pleural effusion"}),  # no side: both halves
+    ("Findings: Atelectasis in the right lower lobe.\nImpressions: Dependent atelectasis.", {"atelectasis"}, set()),
+    ("LUL ground glass and a pacemaker in the left chest wall.", set(), {"ground-glass opacity", "device"}),
+    ("Right pleural effusion and left lower lobe consolidation.", {"pleural effusion"}, {"consolidation"}),
+    ("No evidence of pneumonia. Previously noted left effusion has resolved.", set(), set()),
+])
+def test_the_half_code_is_what_each_half_reads_reported(text, right, left):
+    code = half_code(text)
+    assert len(code) == SIDE_CODE_SIZE
+    named = [name for name in SIDED_FINDINGS for _ in ("right", "left")]
+    assert {n for n, v in zip(named[::2], code[::2]) if v} == right
+    assert {n for n, v in zip(named[1::2], code[1::2]) if v} == left
+    assert denoiser_code(text, per_half=True) == code and denoiser_code(text, per_half=False) == side_code(text)

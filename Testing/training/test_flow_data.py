@@ -15,7 +15,7 @@ import torch
 
 from ctflow.config import ModelConfig
 from ctflow.errors import CTFlowError
-from ctflow.report import SIDE_CODE_SIZE, Report, side_code
+from ctflow.report import SIDE_CODE_SIZE, Report, half_code, side_code
 from ctflow.volume import Geometry, Volume
 from ctflow_train import latent_store, train_flow
 from ctflow_train.dataset import DatasetWriter
@@ -320,6 +320,12 @@ def test_the_side_code_is_the_drawn_prompt_s_and_none_for_the_empty_one(tiny, tw
         codes = [torch.tensor(side_code(prompts.variant_prompt(number, k))) for k in range(3)]
         assert any(torch.equal(varied[position]["side_code"], code) for code in codes)
         assert any(code.any() for code in codes)  # tiny's sided findings are on the right
+    halved = BlockDataset(stores, SamplingRules(tiny.BLOCK, text_drop=0.0, variant_p=1.0, side_code=True,
+                                                side_map=True), 3)  # a side_map denoiser's codes: per half
+    for position in range(12):
+        number = halved.number(position)
+        codes = [torch.tensor(half_code(prompts.variant_prompt(number, k))) for k in range(3)]
+        assert any(torch.equal(halved[position]["side_code"], code) for code in codes)
 
 
 def test_prompts_refuse_a_cohort_that_no_longer_holds_the_store_s_volumes(twin_store):

@@ -136,19 +136,24 @@ def test_warm_start_adds_switched_on_parts_that_change_nothing_yet(tiny, cache, 
     assert [s.get("missing", False) for s in export.lineage(placed)] == [True, False]
 
 
+@pytest.mark.parametrize("option, embedding, card", [
+    ("side_code", "side_embed", "told the side of each sided finding"),
+    ("side_map", "side_map_embed", "each patch told the findings its half of the report names")])
 def test_a_side_code_run_starts_from_a_model_without_and_exports_a_model_that_reads_it(tiny, twin_store, vae_run,
-                                                                                        tmp_path):
-    """--side-code adds the side embedding to a warm start as a no-op, trains it on the prompts' side codes (the
-    stores' cohorts' reports: "... with right consolidation."), and the exported model's pipeline passes them."""
+                                                                                        tmp_path, option, embedding,
+                                                                                        card):
+    """--side-code (--side-map) adds the side embedding to a warm start as a no-op, trains it on the prompts' side
+    codes (half codes; the stores' cohorts' reports: "... with right consolidation."), and the exported model's
+    pipeline passes them."""
     plain, sided = tmp_path / "plain", tmp_path / "sided"
     train_flow.train(tiny.flow_run(twin_store, plain, steps=1))
-    train_flow.train(tiny.flow_run(twin_store, sided, steps=4, init=plain, side_code=True, text_drop=0.0,
-                                   start_p=1.0))
+    train_flow.train(tiny.flow_run(twin_store, sided, steps=4, init=plain, text_drop=0.0, start_p=1.0,
+                                   **{option: True}))
     weights = load_file(sided / "checkpoint.safetensors")
-    assert weights["model/side_embed.weight"].abs().sum() > 0  # trained: a sided report was drawn
-    assert "ema/side_embed.weight" not in load_file(plain / "checkpoint.safetensors")
-    assert read_meta(sided / "checkpoint.safetensors")["denoiser"]["side_code"] is True
-    assert [s["side_code"] for s in export.lineage(sided)] == [False, True]
+    assert weights[f"model/{embedding}.weight"].abs().sum() > 0  # trained: a sided report was drawn
+    assert f"ema/{embedding}.weight" not in load_file(plain / "checkpoint.safetensors")
+    assert read_meta(sided / "checkpoint.safetensors")["denoiser"][option] is True
+    assert [s[option] for s in export.lineage(sided)] == [False, True]
     with pytest.raises(ctflow.CTFlowError, match="does not fit"):  # its side embedding is not dropped silently
         train_flow.train(tiny.flow_run(twin_store, tmp_path / "unsided", steps=1, init=sided))
     parser = argparse.ArgumentParser()
@@ -156,9 +161,9 @@ def test_a_side_code_run_starts_from_a_model_without_and_exports_a_model_that_re
     folder = export.export(export.ExportRun.from_args(parser.parse_args([
         "--flow", str(sided), "--vae", str(vae_run[0]), "--cache", str(twin_store), "--out", str(tmp_path / "model"),
         "--steps", "2", "--calibration-cases", "2", "--guidance", "3"])))  # calibrated with the reports' side codes
-    assert "told the side of each sided finding" in (folder / "README.md").read_text()  # the card says so
+    assert card in (folder / "README.md").read_text()  # the card says so
     pipeline = ctflow.CTFlowPipeline.from_pretrained(folder, device="cpu")
-    assert pipeline.config.denoiser.side_code and pipeline.denoiser.side_embed is not None
+    assert getattr(pipeline.config.denoiser, option) and getattr(pipeline.denoiser, embedding) is not None
     report = "Findings: Consolidation in the right lower lobe."
     made = pipeline.generate(ctflow.GenerationRequest(report, slices=4, seed=1, steps=2))
     other = pipeline.generate(ctflow.GenerationRequest(report.replace("right", "left"), slices=4, seed=1, steps=2))

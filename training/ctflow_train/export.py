@@ -181,7 +181,8 @@ def end_distances(model: STDiT, autoencoder: SliceAutoencoder, cache: LatentStor
     block = model.config.block_slices
     guidance = Guidance(sampling.guidance)
     generator = torch.Generator().manual_seed(seed)
-    prompts = Prompts([cache], variants=False) if model.config.side_code else None  # the reports' texts: their sides
+    prompts = (Prompts([cache], variants=False, per_half=model.config.side_map) if model.config.reads_code
+               else None)  # the reports' texts: their sides
     found: dict[str, list] = {"white": [], "content": []}
     for case in range(min(cases, len(cache))):
         latents, real = cache.latents(case), cache.meta["content_slices"][case]
@@ -301,7 +302,8 @@ def model_card(config: ModelConfig, vae_metrics: AutoencoderMetrics, flow_meta: 
         f"{config.denoiser.block_slices} slices{', conditioned on slice position' if config.denoiser.slice_position else ''}"
         f"{', with a pooled-text vector' if config.denoiser.pooled_text else ''}"
         f"{', given the last slices of the previous block at the seam' if config.denoiser.seam_context else ''}"
-        f"{', told the side of each sided finding (report.side_code)' if config.denoiser.side_code else ''}), "
+        f"{', told the side of each sided finding (report.side_code)' if config.denoiser.side_code else ''}"
+        f"{', each patch told the findings its half of the report names (report.half_code)' if config.denoiser.side_map else ''}), "
         f"flow matching with StartBoost, predicting the {config.denoiser.prediction} target; "
         f"{average.words() if average else 'EMA weights'}. "
         f"Trained in {len(stages)} stage(s), each warm-started from the one before: "

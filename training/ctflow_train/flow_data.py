@@ -26,8 +26,9 @@ The sampling rules (CTFlow, REFERENCE §1):
   - report variants (ours; off unless variant_p > 0): with probability variant_p, where the store holds variants,
     the prompt is one of the volume's report variants (the same findings in other words, latent_store.py) instead
     of its report; a twin takes its pair's variant, which differs from it in the flipped finding's words alone.
-  - the side code (ours; off unless side_code): report.side_code of the prompt the sample takes (zeros for the
-    empty one), for a denoiser with config.side_code; the prompts' texts are made again from the stores' cohorts.
+  - the side code (ours; off unless side_code): report.denoiser_code of the prompt the sample takes (zeros for the
+    empty one; per half where side_map), for a denoiser with config.side_code or side_map; the prompts' texts are
+    made again from the stores' cohorts.
   - flow time t ~ U(0, 1) bent towards noise by time_shift; the draws that pick the previous blocks replaced by the
     model's own estimate (rollout) and its time; and a seed for the sample's noise, which the trainer makes on its
     device (`noises`).
@@ -64,7 +65,8 @@ class SamplingRules:
     paired_twins: bool = False
     finding_p: float = 0.0
     variant_p: float = 0.0
-    side_code: bool = False
+    side_code: bool = False  # samples carry the prompt's report.denoiser_code
+    side_map: bool = False  # ... a side_map denoiser's (per half)
 
 
 class Batch(NamedTuple):
@@ -80,7 +82,7 @@ class Batch(NamedTuple):
     rollout_u: torch.Tensor  # [B] uniform: the previous block is the model's estimate where below --rollout-p
     rollout_t: torch.Tensor  # [B] the time the previous block is noised to for that estimate
     twin: torch.Tensor  # [B] bool: a cohort twin of the sample before it, with its draws (paired twins)
-    side_code: torch.Tensor  # [B, SIDE_CODE_SIZE] the prompt's report.side_code (zeros unless rules.side_code)
+    side_code: torch.Tensor  # [B, SIDE_CODE_SIZE] the prompt's report.denoiser_code (zeros unless rules.side_code)
 
 
 def generator(*key: int) -> torch.Generator:
@@ -115,7 +117,7 @@ class BlockDataset(Dataset):
         self.twins = twin_numbers([name for store in stores for name in store.names]) if rules.paired_twins else {}
         self._finding_offsets: dict[tuple[int, int], list[int]] = {}
         if rules.side_code and prompts is None:
-            prompts = Prompts(stores, variants=rules.variant_p > 0)
+            prompts = Prompts(stores, variants=rules.variant_p > 0, per_half=rules.side_map)
         self.prompts = prompts if rules.side_code else None  # the prompts' texts, for their side codes
 
     def __len__(self) -> int:

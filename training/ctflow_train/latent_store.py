@@ -48,7 +48,7 @@ from ctflow.errors import CTFlowError
 from ctflow.io import atomic_write
 from ctflow.checksums import sha256_file
 from ctflow.conventions import END_HU, START_HU
-from ctflow.report import Report, render_prompt, side_code
+from ctflow.report import Report, denoiser_code, render_prompt
 from ctflow.text_encoder import TextEncoder
 
 from .dataset import read_index
@@ -259,9 +259,11 @@ def prompts_of(data: Path, entry: dict, case, variants: int) -> dict[str, str]:
 class Prompts:
     """Per volume of the stores (numbered over all of them, as flow_data does): its prompts made again from the
     prepared folder it was encoded from, by the store's own rule (store_prompt), as a store keeps their embeddings
-    alone. `variants`: the report variants too, which need the cohort's findings (labels/)."""
+    alone. `variants`: the report variants too, which need the cohort's findings (labels/); `per_half`: their side
+    codes are a side_map denoiser's (report.denoiser_code)."""
 
-    def __init__(self, stores, variants: bool = True) -> None:
+    def __init__(self, stores, variants: bool = True, per_half: bool = False) -> None:
+        self.per_half = per_half
         self.writer, self.findings, self.spacing = [], [], []
         entries: dict[str, dict[str, dict]] = {}
         for store in stores:
@@ -289,12 +291,12 @@ class Prompts:
         return store_prompt(report_variant(findings, name, variant), self.spacing[number])
 
     def side_code(self, number: int, variant: int | None = None) -> torch.Tensor:
-        """[SIDE_CODE_SIZE] report.side_code of the volume's report or of its variant (a prompt's length line names
-        no side: the same for both of PROMPTS)."""
+        """[SIDE_CODE_SIZE] report.denoiser_code of the volume's report or of its variant (a prompt's length line
+        names no side: the same for both of PROMPTS)."""
         key = (number, variant)
         if key not in self._side_codes:
             text = self.writer_prompt(number) if variant is None else self.variant_prompt(number, variant)
-            self._side_codes[key] = torch.tensor(side_code(text))
+            self._side_codes[key] = torch.tensor(denoiser_code(text, self.per_half))
         return self._side_codes[key]
 
 

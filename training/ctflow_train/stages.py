@@ -51,6 +51,7 @@ STAGE_COLUMNS = (
     StageColumn("pooled text", "pooled_text", bool, False),
     StageColumn("seam context", "seam_context", bool, False),
     StageColumn("side code", "side_code", bool, False),
+    StageColumn("side map", "side_map", bool, False),
     StageColumn("latent caches", "caches", list),
 )
 

@@ -64,7 +64,7 @@ from .stages import card_stages
 
 OUTPUTS = (CHECKPOINT, LOSS_LOG)  # what a run writes to --out
 # parts a warm start may switch on (they start as no-ops)
-ADDABLE = ("position_embed.", "text_vector.", "seam_embed.", "side_embed.")
+ADDABLE = ("position_embed.", "text_vector.", "seam_embed.", "side_embed.", "side_map_embed.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +87,7 @@ class FlowRun(RunOptions):
     pooled_text: bool
     seam_context: bool
     side_code: bool
+    side_map: bool
     init: Path | None
     time_shift: float
     block: int
@@ -132,7 +133,8 @@ def denoiser_config(args: FlowRun, store: LatentStore):
     overrides = {k: v for k, v in {"hidden_size": args.hidden, "depth": args.depth, "num_heads": args.heads,
                                    "patch_size": args.patch and tuple(args.patch), "prediction": args.prediction,
                                    "slice_position": args.slice_position, "pooled_text": args.pooled_text,
-                                   "seam_context": args.seam_context, "side_code": args.side_code}.items() if v}
+                                   "seam_context": args.seam_context, "side_code": args.side_code,
+                                   "side_map": args.side_map}.items() if v}
     return dataclasses.replace(DENOISER_PRESETS[args.preset], latent_channels=channels, latent_size=size,
                                text_dim=store.empty.shape[-1], block_slices=args.block, **overrides)
 
@@ -140,7 +142,8 @@ def denoiser_config(args: FlowRun, store: LatentStore):
 def sampling_rules(args: FlowRun) -> SamplingRules:
     return SamplingRules(args.block, start_p=args.start_p, end_p=args.end_p, length_p=args.length_p,
                          text_drop=args.text_drop, time_shift=args.time_shift, paired_twins=args.paired_twins,
-                         finding_p=args.finding_p, variant_p=args.variant_p, side_code=args.side_code)
+                         finding_p=args.finding_p, variant_p=args.variant_p,
+                         side_code=args.side_code or args.side_map, side_map=args.side_map)
 
 
 def roll_out_previous(ema: STDiT, batch: Batch, share: float, noise: torch.Tensor, steps: int = 1) -> torch.Tensor:
@@ -186,7 +189,7 @@ def sampled_previous(ema: STDiT, batch: Batch, chosen: torch.Tensor, noise: torc
 def warm_start(model: STDiT, folder: Path) -> None:
     """The EMA weights of an earlier run of the same shape, or the denoiser of a model folder (`export`: the EMA
     weights, perhaps in half precision), e.g. the bundled model when its runs are gone. A part the earlier model
-    lacked (the slice-position embedding, the pooled-text vector or the side code, switched on now) keeps its no-op
+    lacked (the slice-position embedding, the pooled-text vector, the side code or map, switched on now) keeps its no-op
     initialisation, so training starts from the same function."""
     checkpoint = folder / CHECKPOINT
     if checkpoint.is_file():
@@ -310,8 +313,8 @@ def train(args: FlowRun) -> dict:
         raise CTFlowError(f"--paired-twins needs an even --batch (a pair is two samples of one rank), not "
                           f"{args.batch_size}")
     prompts = None
-    if args.side_code:  # the side code is read off the prompts' texts, made again from the stores' cohorts
-        prompts = Prompts(stores, variants=args.variant_p > 0)
+    if args.side_code or args.side_map:  # read off the prompts' texts, made again from the stores' cohorts
+        prompts = Prompts(stores, variants=args.variant_p > 0, per_half=args.side_map)
         check_sources(stores, prompts, TextEncoder.load(TextConfig(**stores[0].meta["text"])))
     config = denoiser_config(args, stores[0])
     torch.manual_seed(args.seed)  # same initial weights on every rank
@@ -437,6 +440,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--side-code", action="store_true",
                         help="also add which side the report puts each sided finding on (ctflow.report.side_code) to "
                              "the time embedding; the prompts' texts are made again from the stores' cohorts")
+    parser.add_argument("--side-map", action="store_true",
+                        help="also add to every latent patch which sided findings its half of the report names "
+                             "(ctflow.report.half_code; a finding without a side on both halves)")
     parser.add_argument("--seam-context", action="store_true",
                         help="also give the new block's first slices the previous block's last ones, spatially aligned "
                              "and kept exact (no --cond-noise, never the model's own estimate)")

@@ -36,7 +36,7 @@ from ctflow.conventions import START_HU
 from ctflow.errors import CorruptModelError, CTFlowError
 from ctflow.io import atomic_folder
 from ctflow.model_folder import CARD, CONFIG, load_denoiser, load_vae, read_config, verify_model_folder
-from ctflow.report import SIDE_CODE_SIZE, side_code
+from ctflow.report import SIDE_CODE_SIZE, denoiser_code
 from ctflow.text_encoder import TextEncoder
 
 from .checkpoint import load_checkpoint, open_loss_log, prepare_run_folder, save_checkpoint
@@ -103,7 +103,7 @@ def distillation_loss(denoiser, encoder: TextEncoder, batch: Batch, teacher: lis
         target = denoiser.predict(z_t, batch.t, denoiser.prepare(batch.previous, text, mask, batch.first_slice,
                                                                  teacher_codes))
     tokens, mask = encoder.token_states(student)  # [B, M, D], [B, M], with gradients
-    codes = torch.tensor([side_code(text) for text in student])
+    codes = torch.tensor([denoiser_code(text, denoiser.config.side_map) for text in student])
     predicted = denoiser.predict(z_t, batch.t, denoiser.prepare(batch.previous, tokens, mask, batch.first_slice,
                                                                 codes))
     return F.mse_loss(predicted, target)
@@ -129,7 +129,7 @@ def tune(args: TuneRun, log=print) -> dict:
     start = SliceAutoencoder(load_vae(folder), config.autoencoder).constant_latent(START_HU)
     if not all(same_encoding(store.start, start) for store in stores):
         raise CTFlowError(f"the stores hold latents of another autoencoder than {folder.name}'s")
-    prompts = Prompts(stores)
+    prompts = Prompts(stores, per_half=config.denoiser.side_map)
     encoder = TextEncoder.load(config.text, folder)
     check_sources(stores, prompts, encoder)
     denoiser = load_denoiser(folder, config).eval().requires_grad_(False)
