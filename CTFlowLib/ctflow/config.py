@@ -74,6 +74,9 @@ class DenoiserConfig:
                                            or self.seam_context or self.reads_code):
             raise ModelError("the released denoiser variant predicts velocity and has none of this project's "
                              "additions (slice_position, pooled_text, seam_context, side_code, side_map)")
+        if self.side_code and self.side_map:
+            raise ModelError("side_code and side_map read different codes of the report (report.denoiser_code): "
+                             "a denoiser has one of them")
         if self.hidden_size % self.num_heads:
             raise ModelError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         pt, ph, pw = self.patch_size

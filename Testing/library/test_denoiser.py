@@ -167,6 +167,8 @@ def test_inconsistent_sizes_are_refused():
         DenoiserConfig(hidden_size=100, num_heads=3)
     with pytest.raises(ModelError, match="does not divide"):
         DenoiserConfig(block_slices=15)
+    with pytest.raises(ModelError, match="one of them"):
+        DenoiserConfig(side_code=True, side_map=True)
 
 
 def test_side_code_starts_as_a_no_op_then_tells_the_sides_apart():
