@@ -40,10 +40,11 @@ _KEPT_BEFORE = re.compile(r"-to-$")  # the "left" of "right-to-left"
 # The side code (a denoiser's `side_code` input): for each finding that has a side, whether the report puts it on the
 # right and on the left. The text encoder's vectors hardly tell "left" from "right" (issue 18); this tells the
 # denoiser outright. A finding is named by any of its cues and takes the side words of its clause that modify or
-# place it (`_sides_of`); it counts for nothing when a negation cue of its clause precedes it or a "resolved"-like
-# cue follows it.
+# place it (`_sides_of`); it counts for nothing when a negation cue of its clause precedes it, a "resolved"-like cue
+# follows it, or its words are said to be normal ("the left pleural space is clear").
 SIDED_FINDINGS = {
-    "pleural effusion": r"(?<!pericardial )effusions?|hydrothora\w*|pleural (?:fluid|space)",
+    "pleural effusion": r"(?<!pericardial )effusions?(?!\s+(?:in|of|within)\s+the\s+pericardi)|hydrothora\w*|"
+                        r"pleural (?:fluid|space)",
     "consolidation": r"consolidat\w*|air-?space (?:disease|opacit\w*)|pneumonia|infiltrat\w*",
     "ground-glass opacity": r"ground[- ]glass|GGOs?",
     "nodule": r"nodul\w*|mass(?:es)?",
@@ -60,10 +61,14 @@ _MORE_SIDE_WORDS = re.compile(r"\b(?:(?P<both>bilateral\w*|both)|(?<!left )(?<!r
 _PLACING = re.compile(r"\b(?:in|on|at|of|within|involving|to|from)\s+(?:the\s+)?$", re.IGNORECASE)  # "in the" left
 _CLAUSE_END = re.compile(r"[.;:!?\n]|\b(?:but|however|whereas|although)\b", re.IGNORECASE)
 _PART_START = re.compile(r",|\band\b", re.IGNORECASE)  # where a clause may name its findings' sides in parts
-_NEGATION_BEFORE = re.compile(r"\b(?:no|not|without|negative for|free of|absence of|absent|resolved|resolution of|"
-                              r"ruled out|nor)\b", re.IGNORECASE)
+_NEGATION_BEFORE = re.compile(r"\b(?:no|not|nothing|without|negative for|free of|absence of|absent|resolved|"
+                              r"resolution of|ruled out|nor)\b", re.IGNORECASE)
 _NEGATION_AFTER = re.compile(r"\b(?:resolved|not (?:seen|identified|present|visible)|no longer|absent|ruled out|"
                              r"excluded)\b", re.IGNORECASE)
+# A finding's words said to be normal ("the left pleural space is clear", "lymph nodes are not enlarged"): only right
+# after the cue (one word may come between), as "effusion and the lungs are clear" reports the effusion.
+_NORMAL_RIGHT_AFTER = re.compile(r"(?:\s+[a-z]+)?\s+(?:is|are|appears?|remains?)\s+(?:clear|normal|unremarkable|"
+                                 r"free|within normal limits|not enlarged)\b", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -220,8 +225,10 @@ def reported_findings(text: str) -> set[str]:
 
 
 def _negated(clause: str, cue: re.Match) -> bool:
-    """Whether a negation cue of the clause precedes the finding's cue, or a "resolved"-like cue follows it."""
-    return bool(_NEGATION_BEFORE.search(clause, 0, cue.start()) or _NEGATION_AFTER.search(clause, cue.end()))
+    """Whether a negation cue of the clause precedes the finding's cue, a "resolved"-like cue follows it, or its
+    words are said to be normal right after it."""
+    return bool(_NEGATION_BEFORE.search(clause, 0, cue.start()) or _NEGATION_AFTER.search(clause, cue.end())
+                or _NORMAL_RIGHT_AFTER.match(clause, cue.end()))
 
 
 def _only_placed(part: str, placed: dict[str, set[str]], side: str) -> bool:

@@ -110,6 +110,11 @@ def test_a_part_without_a_side_goes_with_the_side_the_report_places_all_its_find
     ("Right effusion has resolved; no nodule. Emphysema.", {"emphysema"}),
     ("No consolidation. Consolidation in the RLL.", {"consolidation"}),
     ("Heart normal.", set()),
+    ("Right pleural space is free of fluid. Hilar lymph nodes are not enlarged.", set()),  # said to be normal
+    ("The pleural space appears unremarkable; nothing nodular.", set()),
+    ("Trace effusion within the pericardial recess.", set()),  # the pericardium's, not the pleura's
+    ("Left effusion and the lungs are otherwise clear.", {"pleural effusion"}),  # normal words of another part
+    ("A nodule is seen in the right lower lobe.", {"nodule"}),
 ])
 def test_reported_findings_are_those_named_without_a_negation_with_or_without_a_side(text, expected):
     assert reported_findings(text) == expected
@@ -183,6 +188,8 @@ def test_the_side_code_reads_each_finding_s_side(text, expected):
     "Negative for nodules in the left lung.",
     "The trachea and both main bronchi are patent. Right coronary artery calcification.",
     "Pleural effusion.",  # a finding without a side
+    "The right pleural space remains clear.",
+    "Nothing to suggest left lower lobe consolidation.",
     "",
 ])
 def test_negated_findings_and_findings_without_a_side_have_none(text):
