@@ -4,6 +4,7 @@ latent and HU detectors, the reports it generates, its typed result, and the stu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 
@@ -11,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from ctflow import CTFlowPipeline, sampling
 from ctflow.checksums import write_checksums
 from ctflow.errors import CTFlowError
-from ctflow.report import names_one_side
+from ctflow.report import SIDE_CODE_SIZE, names_one_side
 from ctflow_train import export, train_flow
 from ctflow_train import finding_study as fs
 from ctflow_train.findings import FINDINGS, LOBES
@@ -255,6 +257,24 @@ def test_a_training_volume_made_again_is_not_read_from_the_feature_cache(cache, 
     before, after = LatentStore(cache), LatentStore(again)
     assert fs.training_feature_key("vae", before, 0) != fs.training_feature_key("vae", after, 0)
     assert fs.training_feature_key("vae", before, 1) == fs.training_feature_key("vae", after, 1)
+
+
+@pytest.mark.parametrize("reads_code", [False, True])
+def test_a_generated_volume_s_key_states_the_code_its_denoiser_reads(tiny_pipeline, monkeypatch, reads_code):
+    """A denoiser told report.denoiser_code makes another volume when the report is read otherwise (a change of the
+    reading's rules), though the text is the same: its key says so; a denoiser that reads only the text keeps it."""
+    config = dataclasses.replace(tiny_pipeline.config, denoiser=dataclasses.replace(tiny_pipeline.config.denoiser,
+                                                                                    side_map=reads_code))
+    pipe = CTFlowPipeline(config, tiny_pipeline.denoiser, tiny_pipeline.autoencoder, tiny_pipeline.text_encoder)
+    text = "Findings: Right pleural effusion. The left pleural space is clear."
+
+    def key() -> str:
+        return fs.volume_key(pipe, "model", text, 0, 2, 3.0, 1.0)
+
+    read = key()
+    assert ("codes" in read) == reads_code and key() == read and "side halves" in read
+    monkeypatch.setattr(sampling, "denoiser_code", lambda text, per_half: [1.0] * SIDE_CODE_SIZE)  # read otherwise
+    assert (key() != read) == reads_code
 
 
 def test_finding_study_probes_the_cohort_and_counts_generated_volumes(tiny, data, vae_run, cache, tmp_path):

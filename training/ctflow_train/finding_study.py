@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ctflow import CTFlowPipeline
+from ctflow import CTFlowPipeline, GenerationRequest
 from ctflow.checksums import sha256_file
 from ctflow.config import ModelConfig, SamplingConfig
 from ctflow.conventions import START_HU, real_slices
@@ -654,13 +654,6 @@ def run_study(args: argparse.Namespace, log=lambda line: None) -> FindingStudy:
     guidance = pipe.config.sampling.guidance if args.guidance is None else args.guidance
     side_guidance = pipe.config.sampling.side_guidance if args.side_guidance is None else args.side_guidance
 
-    def key(text: str, seed: int) -> str:
-        """A report that names no side alone is made as without side guidance: it keeps its volumes (and key); one
-        that does states the halves it is guided by (report.half_reports), which the prompt is rendered from."""
-        right, left = half_reports(parse_report(text))
-        side = f" side halves {side_guidance} {right.text!r} {left.text!r}" if side_guidance and right != left else ""
-        return f"generated {model} {steps} {guidance}{side} {seed} {text}"
-
     made: dict[str, list[Features]] = {}  # report text -> features per seed: a text is generated once
 
     def generate(text: str, seed: int):
@@ -670,7 +663,8 @@ def run_study(args: argparse.Namespace, log=lambda line: None) -> FindingStudy:
 
     def generated(text: str) -> list[Features]:
         if text not in made:
-            made[text] = [cache.get(key(text, seed), lambda seed=seed: generate(text, seed), keep_hu=True)
+            made[text] = [cache.get(volume_key(pipe, model, text, seed, steps, guidance, side_guidance),
+                                    lambda seed=seed: generate(text, seed), keep_hu=True)
                           for seed in range(args.seed, args.seed + args.seeds)]
         return made[text]
 
@@ -726,6 +720,21 @@ def run_study(args: argparse.Namespace, log=lambda line: None) -> FindingStudy:
     return FindingStudy(str(args.model), args.seeds, args.seed, steps, guidance, training, anatomy,
                         [d.score for d in detectors.values()], skipped, responses, placements, reports,
                         side_guidance=side_guidance)
+
+
+def volume_key(pipe: CTFlowPipeline, model: str, text: str, seed: int, steps: int, guidance: float,
+               side_guidance: float) -> str:
+    """The feature cache's key of a generated volume: what makes it. A report that names no side alone is made as
+    without side guidance, so it keeps its volumes (and key); one that does states the halves it is guided by
+    (report.half_reports), which the prompt is rendered from; for a denoiser that reads report.denoiser_code, the
+    code of each row, which a change of how reports are read changes while the text stays."""
+    right, left = half_reports(parse_report(text))
+    side = f" side halves {side_guidance} {right.text!r} {left.text!r}" if side_guidance and right != left else ""
+    key = f"generated {model} {steps} {guidance}{side} {seed} {text}"
+    if pipe.config.denoiser.reads_code:
+        plan = pipe.plan(GenerationRequest(text, seed=seed, steps=steps, guidance=guidance, side_guidance=side_guidance))
+        key += f" codes {plan.side_codes.int().tolist()}"
+    return key
 
 
 KEYED_SAMPLING = ("steps", "guidance", "side_guidance")  # the study's own settings: a volume's key states them as used
