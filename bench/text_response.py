@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1] / "training"))
 from ctflow.errors import CTFlowError  # noqa: E402
 from ctflow.pipeline import CTFlowPipeline, GenerationRequest  # noqa: E402
+from ctflow.sampling import side_codes  # noqa: E402
 from ctflow_train.finding_study import STUDIED, WORDING_SEED, writer_reports  # noqa: E402
 from ctflow_train.heldout import load_heldout  # noqa: E402
 from ctflow_train.latent_store import LatentStore  # noqa: E402
@@ -55,10 +56,11 @@ def blocks(store: LatentStore, block: int) -> list[tuple]:
 def prediction(pipe: CTFlowPipeline, report: str, samples: list[tuple]) -> torch.Tensor:
     """The denoiser's clean-block predictions over every sample, from the report as the pipeline embeds it."""
     plan = pipe.plan(GenerationRequest(report=report, seed=0, side_guidance=0.0))  # row 0: the whole report
-    text, mask, code = plan.text[:1], plan.text_mask[:1], plan.side_codes[:1]  # the conditional branch
+    text, mask, rows = plan.text[:1], plan.text_mask[:1], plan.code_texts[:1]  # the conditional branch
     denoiser = pipe.denoiser
-    return torch.cat([denoiser.predict(z, t, denoiser.prepare(previous, text, mask, torch.tensor(float(first)), code))
-                      .flatten() for previous, z, t, first in samples])
+    return torch.cat([denoiser.predict(z, t, denoiser.prepare(previous, text, mask, torch.tensor(float(first)),
+                                                              side_codes(rows, denoiser.config, first))).flatten()
+                      for previous, z, t, first in samples])
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:

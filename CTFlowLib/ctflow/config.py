@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from .conventions import BLOCK_SLICES, HU_WINDOW, MAX_GUIDANCE, MAX_SEED, MAX_SHIFT, MAX_SLICES, MAX_STEPS
 from .errors import ModelError
+from .report import denoiser_code
 from .sampling import METHODS
 
 
@@ -57,12 +58,28 @@ class DenoiserConfig:
     # which sided findings each half's text reports; a finding without a side is on both halves), ours: a place in
     # the input, so the response to a finding can be local where a vector added to the time embedding moves all.
     side_map: bool = False
+    # Read the side map's code of each block from the report where only the lobes at the block's levels lie
+    # (report.level_text; ours): a finding placed in a lobe is told only to the blocks at that lobe's levels, in a
+    # body this many slices long (the training volumes' median). 0: every block reads the whole report's code.
+    lobe_map_slices: int = 0
     variant: str = "ctflow"  # see VARIANTS
 
     @property
     def reads_code(self) -> bool:
         """Whether the denoiser reads report.denoiser_code besides the text's tokens (side_code or side_map)."""
         return self.side_code or self.side_map
+
+    def code_levels(self, first_slice: int) -> tuple[float, float] | None:
+        """The levels of the body (fractions, head to feet) of the block starting at `first_slice`, whose code a
+        lobe_map denoiser reads (report.denoiser_code); None: the whole report's."""
+        if not self.lobe_map_slices:
+            return None
+        return first_slice / self.lobe_map_slices, (first_slice + self.block_slices) / self.lobe_map_slices
+
+    def read_code(self, text: str, first_slice: int = 0) -> list[float]:
+        """report.denoiser_code of `text` as this denoiser reads it for the block starting at `first_slice`: one home
+        for training, its calibration and generation."""
+        return denoiser_code(text, self.side_map, self.code_levels(first_slice))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "patch_size", tuple(self.patch_size))
@@ -71,9 +88,11 @@ class DenoiserConfig:
         if self.variant not in VARIANTS:
             raise ModelError(f"denoiser variant must be one of {', '.join(VARIANTS)}, not {self.variant!r}")
         if self.variant == "released" and (self.prediction != "velocity" or self.slice_position or self.pooled_text
-                                           or self.seam_context or self.reads_code):
+                                           or self.seam_context or self.reads_code or self.lobe_map_slices):
             raise ModelError("the released denoiser variant predicts velocity and has none of this project's "
                              "additions (slice_position, pooled_text, seam_context, side_code, side_map)")
+        if self.lobe_map_slices and not self.side_map:
+            raise ModelError("lobe_map_slices reads the side map's code by levels: it needs side_map")
         if self.side_code and self.side_map:
             raise ModelError("side_code and side_map read different codes of the report (report.denoiser_code): "
                              "a denoiser has one of them")
@@ -246,6 +265,7 @@ _RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "denoiser.text_dim": _between(1, 65536),
     "denoiser.block_slices": _between(1, 512),
     "denoiser.latent_size": _between(1, 1024),
+    "denoiser.lobe_map_slices": _between(0, MAX_SLICES),
     "autoencoder.hu_window": _between(-32768, 32767),
     "autoencoder.image_size": _between(1, 8192),
     "autoencoder.chunk_size": _between(1, 4096),

@@ -79,7 +79,7 @@ class GenerationPlan:
     text: torch.Tensor  # [guidance.branches, M, text_dim]: in Guidance.texts' order
     text_mask: torch.Tensor
     guidance: Guidance
-    side_codes: torch.Tensor | None = None  # [guidance.branches, SIDE_CODE_SIZE] for a side_code or side_map denoiser
+    code_texts: tuple[str, ...] = ()  # each row's text, in Guidance.texts' order: what a denoiser's code is read from
 
 
 @dataclass(frozen=True)
@@ -259,9 +259,8 @@ class CTFlowPipeline:
                 notices.append(f"side guidance 0 (the model's default is {self.config.sampling.side_guidance:g}): a "
                                "precomputed embedding has no report text to read sides from")
             guidance = Guidance(resolved.guidance)
-            no_text = side_codes(guidance.texts(""), self.config.denoiser.side_map)  # no report text: no side
             return GenerationPlan(resolved, report.text, report.text, tuple(notices), tokens,
-                                  torch.ones(1, 1, dtype=torch.bool), guidance, no_text)
+                                  torch.ones(1, 1, dtype=torch.bool), guidance, tuple(guidance.texts("")))
         # The released model never saw our meta lines (length, spacing): it gets the report sections alone.
         spacing = self.config.geometry.spacing[2]
 
@@ -289,7 +288,7 @@ class CTFlowPipeline:
                 "the volume will hardly follow the report"
             )
         return GenerationPlan(resolved, prompt, report.text, tuple(notices), embedding.tokens, embedding.mask, guidance,
-                              side_codes(texts, self.config.denoiser.side_map))
+                              tuple(texts))
 
     # -- generation -----------------------------------------------------------------------------------------
 
@@ -430,7 +429,8 @@ class CTFlowPipeline:
             with torch.no_grad():  # per thread: the decode-ahead worker needs its own
                 try:
                     velocity = block_velocity(self.denoiser, previous, plan.text, plan.text_mask, first_slice,
-                                              plan.guidance, plan.side_codes)
+                                              plan.guidance, side_codes(plan.code_texts, self.config.denoiser,
+                                                                        first_slice))
                     clean = sample(velocity, noise, req.steps, req.sampler, req.shift, is_cancelled)
                 except Cancelled:
                     return

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 from .errors import ReportError
 
@@ -36,6 +37,18 @@ _KEPT_AFTER = (r"(?:[\s-]+and[\s-]+(?:right|left))?[\s-]+(?:atri|ventric|heart|c
                r"|-to-|\s+(?:in\s+(?:place|situ)|over\b|behind)")
 _SIDE_WORD = re.compile(rf"\b({'|'.join(_SIDE_OF_WORD)})\b(?!{_KEPT_AFTER})", re.IGNORECASE)
 _KEPT_BEFORE = re.compile(r"-to-$")  # the "left" of "right-to-left"
+
+# Where each lobe lies, head to feet, as fractions of the body the model draws (its real slices, neck to upper
+# abdomen): the levels of finding_study's anatomy prior (8 levels of the cohort's CT) that hold at least a tenth of
+# the lobe's largest share, both sides together. The lingula lies at the middle lobe's levels. A lobe_map denoiser
+# reads each block's code from the report where only the lobes at the block's levels lie (level_text).
+LOBE_LEVELS = {"upper": (0.0, 0.625), "middle": (0.375, 0.625), "lower": (0.25, 0.875)}
+_LOBE_OF_WORD = {"upper": "upper", "rul": "upper", "lul": "upper", "apical": "upper", "apices": "upper",
+                 "middle": "middle", "rml": "middle", "lingula": "middle", "lingular": "middle",
+                 "lower": "lower", "rll": "lower", "lll": "lower", "bases": "lower", "basal": "lower",
+                 "basilar": "lower", "bibasilar": "lower"}
+_LOBE_WORD = re.compile(r"\b(?:(upper|middle|lower)(?=\s+lobes?\b)|rul|rml|rll|lul|lll|lingular?|apical|apices|bases|"
+                        r"basal|(?:bi)?basilar)\b", re.IGNORECASE)
 
 # The side code (a denoiser's `side_code` input): for each finding that has a side, whether the report puts it on the
 # right and on the left. The text encoder's vectors hardly tell "left" from "right" (issue 18); this tells the
@@ -152,17 +165,34 @@ def half_texts(text: str, placed: dict[str, set[str]] | None = None) -> tuple[st
     unless every finding it reports is one the report places on the other side only (`placed`, by default the text's
     own sided_findings): "Dependent atelectasis." after "atelectasis in the right lower lobe" is the right's."""
     placed = sided_findings(text) if placed is None else placed
-    halves: dict[str, list[str]] = {"right": [], "left": []}
-    for clause, end in _clauses(text):
-        parts = [(part, _sides_named(part)) for part in _parts(clause)]
-        for half, other in (("right", "left"), ("left", "right")):
-            kept = [part for part, sides in parts
-                    if sides != {other} and not (not sides and _only_placed(part, placed, other))]
-            if len(kept) == len(parts):
-                halves[half].append(clause + end)
-            elif kept:
-                halves[half].append("".join(kept).rstrip() + end)
-    return "".join(halves["right"]), "".join(halves["left"])
+
+    def without(other: str) -> str:
+        def elsewhere(part: str) -> bool:
+            sides = _sides_named(part)
+            return sides == {other} or (not sides and _only_placed(part, placed, other))
+        return _without(text, elsewhere, _sides_named)
+
+    return without("left"), without("right")
+
+
+def lobes_at(levels: tuple[float, float]) -> frozenset[str]:
+    """The lobes (of LOBE_LEVELS) that reach the body's levels [top, bottom), fractions of the body head to feet."""
+    return frozenset(lobe for lobe, (top, bottom) in LOBE_LEVELS.items() if top < levels[1] and levels[0] < bottom)
+
+
+def level_text(text: str, lobes: frozenset[str]) -> str:
+    """The text where only `lobes` lie (lobes_at): without the parts that name other lobes only, nor those without a
+    lobe whose findings the text places only in other lobes (placed_lobes)."""
+    placed = placed_lobes(text)
+
+    def elsewhere(part: str) -> bool:
+        named = _lobes_named(part)
+        if named:
+            return not named & lobes
+        reported = reported_findings(part)
+        return bool(reported) and all(placed.get(name) and not placed[name] & lobes for name in reported)
+
+    return _without(text, elsewhere, _places_named)
 
 
 def half_reports(report: Report) -> tuple[Report, Report]:
@@ -212,10 +242,25 @@ def half_code(text: str) -> list[float]:
     return [float(name in found) for name in SIDED_FINDINGS for found in halves]
 
 
-def denoiser_code(text: str, per_half: bool) -> list[float]:
+def denoiser_code(text: str, per_half: bool, levels: tuple[float, float] | None = None) -> list[float]:
     """What a denoiser reads of the text besides its tokens: half_code for a side_map denoiser (per_half), else
-    side_code. One home for training and generation."""
+    side_code; at `levels` (a block's, config.DenoiserConfig.code_levels), of the text where only the lobes there lie
+    (level_text). One home for training and generation."""
+    if levels is not None:
+        text = level_text(text, lobes_at(levels))
     return half_code(text) if per_half else side_code(text)
+
+
+def placed_lobes(text: str) -> dict[str, set[str]]:
+    """The findings of SIDED_FINDINGS that `text` reports in a lobe (a part naming both), by name: the lobes' levels
+    ("upper", "middle", "lower"; LOBE_LEVELS)."""
+    found: dict[str, set[str]] = {}
+    for clause, _ in _clauses(text):
+        for part in _parts(clause, _places_named):
+            lobes = _lobes_named(part)
+            for name in reported_findings(part) if lobes else ():
+                found.setdefault(name, set()).update(lobes)
+    return found
 
 
 def reported_findings(text: str) -> set[str]:
@@ -237,6 +282,20 @@ def _only_placed(part: str, placed: dict[str, set[str]], side: str) -> bool:
     return bool(reported) and all(placed.get(name) == {side} for name in reported)
 
 
+def _without(text: str, elsewhere: Callable[[str], bool], named: Callable[[str], set[str]]) -> str:
+    """The text without the parts (_parts, cut where `named` names a place) that lie `elsewhere`: a clause keeps its
+    end while a part of it stays."""
+    kept = []
+    for clause, end in _clauses(text):
+        parts = _parts(clause, named)
+        staying = [part for part in parts if not elsewhere(part)]
+        if len(staying) == len(parts):
+            kept.append(clause + end)
+        elif staying:
+            kept.append("".join(staying).rstrip() + end)
+    return "".join(kept)
+
+
 def _clauses(text: str) -> list[tuple[str, str]]:
     """(words, end) of each clause: the end is what _CLAUSE_END matched after the words ("" for the last one);
     joined, they are the text."""
@@ -246,14 +305,14 @@ def _clauses(text: str) -> list[tuple[str, str]]:
     return [(words, end) for words, end in clauses if words or end]
 
 
-def _parts(clause: str) -> list[str]:
-    """The clause's words cut before each ", " or "and" that starts another finding with its own side: joined, they
-    are the clause."""
+def _parts(clause: str, named: Callable[[str], set[str]]) -> list[str]:
+    """The clause's words cut before each ", " or "and" that starts another finding with its own place (a side,
+    _sides_named, or also a lobe, _places_named): joined, they are the clause."""
     cuts = [0] + [m.start() for m in _PART_START.finditer(clause)] + [len(clause)]
     pieces = [clause[a:b] for a, b in zip(cuts, cuts[1:]) if b > a] or [clause]
     parts = [pieces[0]]
     for piece in pieces[1:]:
-        if all(_FINDING_CUE.search(p) and _sides_named(p) for p in (parts[-1], piece)):
+        if all(_FINDING_CUE.search(p) and named(p) for p in (parts[-1], piece)):
             parts.append(piece)
         else:
             parts[-1] += piece
@@ -269,6 +328,16 @@ def _side_words(text: str) -> list[tuple[re.Match, set[str]]]:
 
 def _sides_named(text: str) -> set[str]:
     return set().union(*(sides for _, sides in _side_words(text)))
+
+
+def _lobes_named(text: str) -> set[str]:
+    """The lobes' levels the text names ("upper", "middle", "lower"; LOBE_LEVELS)."""
+    return {_LOBE_OF_WORD[(m.group(1) or m.group(0)).lower()] for m in _LOBE_WORD.finditer(text)}
+
+
+def _places_named(text: str) -> set[str]:
+    """The sides and lobes' levels the text names."""
+    return _sides_named(text) | _lobes_named(text)
 
 
 def _sides_of(cue: re.Match, sides: list[tuple[re.Match, set[str]]], clause: str, low: int, high: int) -> set[str]:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from .conventions import MAX_SHIFT, MAX_STEPS, right_half
 from .errors import RequestError
-from .report import denoiser_code
+if TYPE_CHECKING:  # config imports this module
+    from .config import DenoiserConfig
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z [B, ...], t scalar tensor) -> v like z
 METHODS = ("euler", "heun", "ab2")  # ab2: second order at one model call per step
@@ -137,10 +138,12 @@ class Guidance:
         return model_velocity if self.scale == 1.0 else guided(model_velocity, self.scale)
 
 
-def side_codes(texts: list[str], per_half: bool = False) -> torch.Tensor:
-    """[branches, SIDE_CODE_SIZE]: report.denoiser_code of each of Guidance.texts, for a side_code denoiser
-    (per_half: a side_map one)."""
-    return torch.tensor([denoiser_code(text, per_half) for text in texts])
+def side_codes(texts: tuple[str, ...], config: DenoiserConfig, first_slice: int) -> torch.Tensor | None:
+    """[branches, SIDE_CODE_SIZE]: report.denoiser_code of each of Guidance.texts for the block starting at
+    `first_slice` (its levels, for a lobe_map denoiser); None for a denoiser that reads no code."""
+    if not config.reads_code:
+        return None
+    return torch.tensor([config.read_code(text, first_slice) for text in texts])
 
 
 def block_velocity(denoiser, previous: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, first_slice: int,

@@ -169,6 +169,19 @@ def test_inconsistent_sizes_are_refused():
         DenoiserConfig(block_slices=15)
     with pytest.raises(ModelError, match="one of them"):
         DenoiserConfig(side_code=True, side_map=True)
+    with pytest.raises(ModelError, match="needs side_map"):
+        DenoiserConfig(side_code=True, lobe_map_slices=128)
+    with pytest.raises(ModelError, match="released"):
+        DenoiserConfig(variant="released", lobe_map_slices=128)
+
+
+def test_a_lobe_map_reads_each_block_at_its_levels_of_the_body():
+    assert DenoiserConfig(side_map=True).code_levels(32) is None  # the whole report's code for every block
+    lobed = DenoiserConfig(side_map=True, lobe_map_slices=128, block_slices=16)
+    assert lobed.code_levels(0) == (0.0, 0.125) and lobed.code_levels(112) == (0.875, 1.0)
+    text = "Findings: Consolidation in the left lower lobe."
+    assert lobed.read_code(text, 0) == [0.0] * SIDE_CODE_SIZE and any(lobed.read_code(text, 64))
+    assert lobed.read_code(text, 64) == DenoiserConfig(side_map=True).read_code(text, 0)
 
 
 def test_side_code_starts_as_a_no_op_then_tells_the_sides_apart():

@@ -14,8 +14,9 @@ from ctflow.model_folder import load_vae, read_config
 from ctflow.conventions import real_slices
 from ctflow.denoiser import STDiT
 from ctflow.devices import select_device
-from ctflow.report import SIDE_CODE_SIZE, half_code, half_reports, parse_report, render_prompt, side_code
-from ctflow.sampling import Guidance, block_velocity
+from ctflow.report import (SIDE_CODE_SIZE, SIDED_FINDINGS, half_code, half_reports, parse_report, render_prompt,
+                           side_code)
+from ctflow.sampling import Guidance, block_velocity, side_codes
 
 REPORT = "Findings: A 12 mm nodule in the right upper lobe. Impressions: Right upper lobe nodule."
 
@@ -132,12 +133,36 @@ def test_a_side_code_denoiser_is_told_each_row_s_sides(tiny_pipeline, option, co
     sided = CTFlowPipeline(config, denoiser.eval(), tiny_pipeline.autoencoder, tiny_pipeline.text_encoder)
     plan = sided.plan(GenerationRequest(REPORT, guidance=3.0, side_guidance=4.0))
     expected = torch.tensor([*(code(half) for half in half_prompts(plan)), [0.0] * SIDE_CODE_SIZE])
-    assert torch.equal(plan.side_codes, expected) and expected[0].any() and not expected[1].any()
+    codes = side_codes(plan.code_texts, config.denoiser, 0)
+    assert torch.equal(codes, expected) and expected[0].any() and not expected[1].any()
     options = {"slices": 4, "guidance": 3.0, "side_guidance": 4.0}
     assert np.array_equal(run(sided, **options).hu, run(tiny_pipeline, **options).hu)
     with torch.no_grad():
         getattr(denoiser, embedding).weight.normal_(0, 1.0)
     assert not np.array_equal(run(sided, **options).hu, run(tiny_pipeline, **options).hu)
+
+
+def test_a_lobe_map_denoiser_reads_each_block_s_code_at_its_levels(tiny_pipeline, monkeypatch):
+    """The right upper lobe's nodule is told to the blocks at the upper lobes' levels and to no block below them
+    (report.LOBE_LEVELS, in a body of lobe_map_slices)."""
+    block = tiny_pipeline.config.denoiser.block_slices
+    denoiser = STDiT(dataclasses.replace(tiny_pipeline.config.denoiser, side_map=True, lobe_map_slices=4 * block))
+    denoiser.load_state_dict(tiny_pipeline.denoiser.state_dict(), strict=False)
+    config = dataclasses.replace(tiny_pipeline.config, denoiser=denoiser.config)
+    lobed = CTFlowPipeline(config, denoiser.eval(), tiny_pipeline.autoencoder, tiny_pipeline.text_encoder)
+    told = {}
+    prepare = denoiser.prepare
+
+    def recording(previous, text, mask, first_slice, side_code=None):
+        told[int(first_slice)] = side_code
+        return prepare(previous, text, mask, first_slice, side_code)
+
+    monkeypatch.setattr(denoiser, "prepare", recording)
+    lobed.generate(GenerationRequest(REPORT, slices=4 * block, seed=1, steps=2, guidance=1.0, side_guidance=0.0))
+    nodule = list(SIDED_FINDINGS).index("nodule")
+    right_nodule = [float(code[0, 2 * nodule]) for _, code in sorted(told.items())]  # one row: the report
+    assert sorted(told) == [0, block, 2 * block, 3 * block] and right_nodule == [1.0, 1.0, 1.0, 0.0]
+    assert all(not code[0, 2 * nodule + 1] for code in told.values())  # never on the left
 
 
 def test_a_length_in_the_prompt_does_not_stop_the_volume_there(tiny_pipeline):

@@ -1,9 +1,9 @@
 import pytest
 
 from ctflow import ReportError, parse_report, render_prompt
-from ctflow.report import (MAX_REPORT_CHARS, SIDE_CODE_SIZE, SIDED_FINDINGS, Report, denoiser_code, half_code,
-                           half_reports, half_texts, names_one_side, read_report_file, reported_findings, side_code,
-                           sided_findings)
+from ctflow.report import (LOBE_LEVELS, MAX_REPORT_CHARS, SIDE_CODE_SIZE, SIDED_FINDINGS, Report, denoiser_code,
+                           half_code, half_reports, half_texts, level_text, lobes_at, names_one_side, placed_lobes,
+                           read_report_file, reported_findings, side_code, sided_findings)
 
 CT_RATE = """FINDINGS: Trachea and both main bronchi are open. A 6 mm nodule is seen in the right upper lobe.
 No pleural effusion.
@@ -128,6 +128,51 @@ def test_each_half_s_report_keeps_its_sections_and_leaves_an_emptied_one_empty()
     assert render_prompt(left) == "Findings: Heart normal.\nImpressions: Not stated."
     unsided = parse_report("Findings: Emphysema. Impressions: Emphysema.")
     assert half_reports(unsided) == (unsided, unsided)
+
+
+TOP, MIDDLE, BOTTOM = (0.0, 0.125), (0.5, 0.625), (0.75, 0.875)  # levels of the body, head to feet
+
+
+@pytest.mark.parametrize("text, top, middle, bottom", [
+    ("RLL consolidation. Heart normal.", " Heart normal.", "RLL consolidation. Heart normal.",
+     "RLL consolidation. Heart normal."),
+    ("Emphysema in both upper lobes; no effusion.", "Emphysema in both upper lobes; no effusion.",
+     "Emphysema in both upper lobes; no effusion.", " no effusion."),
+    ("Nodule in the lingula. Plate-like atelectasis in the right middle lobe.", "", "Nodule in the lingula. "
+     "Plate-like atelectasis in the right middle lobe.", ""),
+    ("Consolidation in the RUL and nodule in the LLL.", "Consolidation in the RUL.", "Consolidation in the RUL and "
+     "nodule in the LLL.", "and nodule in the LLL."),
+    ("Bibasilar atelectasis. Dependent atelectasis. No nodule.", " No nodule.",
+     "Bibasilar atelectasis. Dependent atelectasis. No nodule.", "Bibasilar atelectasis. Dependent atelectasis. "
+     "No nodule."),
+    ("Remaining lobes aerated. Heart normal.", "Remaining lobes aerated. Heart normal.",
+     "Remaining lobes aerated. Heart normal.", "Remaining lobes aerated. Heart normal."),
+])
+def test_each_level_of_the_body_reads_the_report_without_the_lobes_lying_elsewhere(text, top, middle, bottom):
+    """The upper lobes reach the body's upper five eighths, the lower lobes its third to seventh eighths, the middle
+    lobe and the lingula its fourth and fifth; a part without a lobe whose findings lie only elsewhere goes too."""
+    assert [level_text(text, lobes_at(levels)) for levels in (TOP, MIDDLE, BOTTOM)] == [top, middle, bottom]
+    assert level_text(text, lobes_at((0.0, 1.0))) == text
+
+
+def test_lobes_are_placed_by_the_part_that_names_them():
+    assert placed_lobes("RUL nodule and LLL consolidation. No atelectasis in the lower lobes.") == {
+        "nodule": {"upper"}, "consolidation": {"lower"}}
+
+
+def test_a_block_s_code_reads_the_report_where_only_the_lobes_at_its_levels_lie():
+    text = "Findings: Consolidation in the right lower lobe. Emphysema. Heart normal. Impressions: Pneumonia."
+    named = [name for name in SIDED_FINDINGS for _ in ("right", "left")]
+
+    def read(levels):
+        code = denoiser_code(text, per_half=True, levels=levels)
+        return [(name, side) for name, side, v in zip(named, ["right", "left"] * len(SIDED_FINDINGS), code) if v]
+
+    emphysema = [("emphysema", "right"), ("emphysema", "left")]
+    assert read(TOP) == emphysema  # the lower lobe is not at the top of the body
+    assert read(BOTTOM) == read(MIDDLE) == read(None) == [("consolidation", "right"), *emphysema]
+    assert denoiser_code(text, per_half=True) == half_code(text)
+    assert lobes_at(TOP) == {"upper"} and lobes_at(BOTTOM) == {"lower"} and lobes_at(MIDDLE) == set(LOBE_LEVELS)
 
 
 @pytest.mark.parametrize("text", [

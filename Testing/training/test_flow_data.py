@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from ctflow.config import ModelConfig
+from ctflow.config import DenoiserConfig, ModelConfig
 from ctflow.errors import CTFlowError
-from ctflow.report import SIDE_CODE_SIZE, Report, half_code, side_code
+from ctflow.report import SIDE_CODE_SIZE, Report, half_code, level_text, lobes_at, side_code
 from ctflow.volume import Geometry, Volume
 from ctflow_train import latent_store, train_flow
 from ctflow_train.dataset import DatasetWriter
@@ -300,7 +300,7 @@ def test_findingboost_puts_the_finding_into_the_region_loss(tiny, finding_store,
 
 def test_the_side_code_is_the_drawn_prompt_s_and_none_for_the_empty_one(tiny, twin_store, variant_store):
     stores = open_stores([twin_store])
-    sided = BlockDataset(stores, SamplingRules(tiny.BLOCK, text_drop=0.5, side_code=True), 3)
+    sided = BlockDataset(stores, SamplingRules(tiny.BLOCK, text_drop=0.5, code=DenoiserConfig(side_code=True)), 3)
     prompts = latent_store.Prompts(stores, variants=False)
     seen = set()
     for position in range(30):
@@ -313,19 +313,31 @@ def test_the_side_code_is_the_drawn_prompt_s_and_none_for_the_empty_one(tiny, tw
     off = BlockDataset(stores, SamplingRules(tiny.BLOCK, text_drop=0.5), 3)
     assert all(not off[p]["side_code"].any() and torch.equal(off[p]["x0"], sided[p]["x0"]) for p in range(8))
     stores = open_stores([variant_store])  # report variants: the variant's own words give the code
-    varied = BlockDataset(stores, SamplingRules(tiny.BLOCK, text_drop=0.0, variant_p=1.0, side_code=True), 3)
+    varied = BlockDataset(stores, SamplingRules(tiny.BLOCK, text_drop=0.0, variant_p=1.0,
+                                                code=DenoiserConfig(side_code=True)), 3)
     prompts = latent_store.Prompts(stores)
     for position in range(12):
         number = varied.number(position)
         codes = [torch.tensor(side_code(prompts.variant_prompt(number, k))) for k in range(3)]
         assert any(torch.equal(varied[position]["side_code"], code) for code in codes)
         assert any(code.any() for code in codes)  # tiny's sided findings are on the right
-    halved = BlockDataset(stores, SamplingRules(tiny.BLOCK, text_drop=0.0, variant_p=1.0, side_code=True,
-                                                side_map=True), 3)  # a side_map denoiser's codes: per half
+    halved = BlockDataset(stores, SamplingRules(tiny.BLOCK, text_drop=0.0, variant_p=1.0,
+                                                code=DenoiserConfig(side_map=True)), 3)  # a side_map's: per half
     for position in range(12):
         number = halved.number(position)
         codes = [torch.tensor(half_code(prompts.variant_prompt(number, k))) for k in range(3)]
         assert any(torch.equal(halved[position]["side_code"], code) for code in codes)
+    lobed = DenoiserConfig(side_map=True, lobe_map_slices=8 * tiny.BLOCK, block_slices=tiny.BLOCK)
+    by_levels = BlockDataset(stores, SamplingRules(tiny.BLOCK, text_drop=0.0, variant_p=1.0, code=lobed), 3)
+    untold = set()
+    for position in range(24):  # a lobe_map denoiser's: of the report where only the lobes at the block's levels lie
+        sample, number = by_levels[position], by_levels.number(position)
+        first, texts = int(sample["first_slice"]), [prompts.variant_prompt(number, k) for k in range(3)]
+        at_levels = [torch.tensor(half_code(level_text(text, lobes_at(lobed.code_levels(first))))) for text in texts]
+        assert any(torch.equal(sample["side_code"], code) for code in at_levels)
+        if not any(torch.equal(sample["side_code"], torch.tensor(half_code(text))) for text in texts):
+            untold.add(first)  # the right lower lobe's consolidation, not in the body's top quarter (LOBE_LEVELS)
+    assert untold == {0, tiny.BLOCK}
 
 
 def test_prompts_refuse_a_cohort_that_no_longer_holds_the_store_s_volumes(twin_store):

@@ -136,26 +136,30 @@ def test_warm_start_adds_switched_on_parts_that_change_nothing_yet(tiny, cache, 
     assert [s.get("missing", False) for s in export.lineage(placed)] == [True, False]
 
 
-@pytest.mark.parametrize("option, embedding, card", [
-    ("side_code", "side_embed", "told the side of each sided finding"),
-    ("side_map", "side_map_embed", "each patch told the findings its half of the report names")])
+@pytest.mark.parametrize("options, field, embedding, card", [
+    ({"side_code": True}, "side_code", "side_embed", "told the side of each sided finding"),
+    ({"side_map": True}, "side_map", "side_map_embed", "each patch told the findings its half of the report names"),
+    ({"side_map": True, "lobe_map": True}, "lobe_map_slices", "side_map_embed", "read at the levels of its block")])
 def test_a_side_code_run_starts_from_a_model_without_and_exports_a_model_that_reads_it(tiny, twin_store, vae_run,
-                                                                                        tmp_path, option, embedding,
-                                                                                        card):
-    """--side-code (--side-map) adds the side embedding to a warm start as a no-op, trains it on the prompts' side
-    codes (half codes; the stores' cohorts' reports: "... with right consolidation."), and the exported model's
-    pipeline passes them."""
+                                                                                        tmp_path, options, field,
+                                                                                        embedding, card):
+    """--side-code (--side-map, --lobe-map) adds the side embedding to a warm start as a no-op, trains it on the
+    prompts' side codes (half codes, at each block's levels; the stores' cohorts' reports: "... with right
+    consolidation."), and the exported model's pipeline passes them."""
     plain, sided = tmp_path / "plain", tmp_path / "sided"
     train_flow.train(tiny.flow_run(twin_store, plain, steps=1))
-    train_flow.train(tiny.flow_run(twin_store, sided, steps=4, init=plain, text_drop=0.0, start_p=1.0,
-                                   **{option: True}))
+    train_flow.train(tiny.flow_run(twin_store, sided, steps=4, init=plain, text_drop=0.0, start_p=1.0, **options))
     weights = load_file(sided / "checkpoint.safetensors")
     assert weights[f"model/{embedding}.weight"].abs().sum() > 0  # trained: a sided report was drawn
     assert f"ema/{embedding}.weight" not in load_file(plain / "checkpoint.safetensors")
-    assert read_meta(sided / "checkpoint.safetensors")["denoiser"][option] is True
+    assert read_meta(sided / "checkpoint.safetensors")["denoiser"][field]  # the lobe map: the store's median length
+    option = list(options)[-1]
     assert [s[option] for s in export.lineage(sided)] == [False, True]
     with pytest.raises(ctflow.CTFlowError, match="does not fit"):  # its side embedding is not dropped silently
         train_flow.train(tiny.flow_run(twin_store, tmp_path / "unsided", steps=1, init=sided))
+    if option == "lobe_map":
+        with pytest.raises(ctflow.CTFlowError, match="give --side-map too"):
+            train_flow.train(tiny.flow_run(twin_store, tmp_path / "unmapped", steps=1, lobe_map=True))
     parser = argparse.ArgumentParser()
     export.configure(parser)
     folder = export.export(export.ExportRun.from_args(parser.parse_args([
@@ -163,7 +167,7 @@ def test_a_side_code_run_starts_from_a_model_without_and_exports_a_model_that_re
         "--steps", "2", "--calibration-cases", "2", "--guidance", "3"])))  # calibrated with the reports' side codes
     assert card in (folder / "README.md").read_text()  # the card says so
     pipeline = ctflow.CTFlowPipeline.from_pretrained(folder, device="cpu")
-    assert getattr(pipeline.config.denoiser, option) and getattr(pipeline.denoiser, embedding) is not None
+    assert getattr(pipeline.config.denoiser, field) and getattr(pipeline.denoiser, embedding) is not None
     report = "Findings: Consolidation in the right lower lobe."
     made = pipeline.generate(ctflow.GenerationRequest(report, slices=4, seed=1, steps=2))
     other = pipeline.generate(ctflow.GenerationRequest(report.replace("right", "left"), slices=4, seed=1, steps=2))

@@ -97,16 +97,17 @@ def test_tuning_brings_a_variants_effect_towards_the_writers(store, tmp_path):
     args = run(store, tmp_path / "run", steps=8, writer_p=0.0, empty_p=0.0, seed=1)
     stores = open_stores([store])
     blocks = BlockDataset(stores, SamplingRules(16, length_p=0.0, text_drop=0.0, time_shift=2.0), 99)
-    prompts = latent_store.Prompts(stores)
+    config = ctflow.ModelConfig.from_dict(json.loads((BUNDLED / "config.json").read_text()))
+    prompts = latent_store.Prompts(stores, code=config.denoiser)
     positions = range(6)
     batch = collate([blocks[p] for p in positions])
-    teacher, codes, student = tune_text.draw_prompts(blocks, prompts, positions, generator(99, 3, 0), args)
+    teacher, codes, student = tune_text.draw_prompts(blocks, prompts, positions, batch.first_slice,
+                                                     generator(99, 3, 0), args)
     assert all(s.startswith("Findings:") and s not in map(prompts.writer_prompt, range(3)) for s in student)
     original = TextEncoder.load(ctflow.ModelConfig().text)
     for number in range(3):  # the writer's prompt, as the student reads it, is the one the store's tokens embed
         tokens = original.encode([prompts.writer_prompt(number)]).tokens[0]
         assert torch.equal(tokens.half().float(), stores[0].text("plain", number))
-    config = ctflow.ModelConfig.from_dict(json.loads((BUNDLED / "config.json").read_text()))
 
     def loss(folder, text) -> float:
         denoiser = load_denoiser(folder, read_config(folder))

@@ -181,7 +181,7 @@ def end_distances(model: STDiT, autoencoder: SliceAutoencoder, cache: LatentStor
     block = model.config.block_slices
     guidance = Guidance(sampling.guidance)
     generator = torch.Generator().manual_seed(seed)
-    prompts = (Prompts([cache], variants=False, per_half=model.config.side_map) if model.config.reads_code
+    prompts = (Prompts([cache], variants=False, code=model.config) if model.config.reads_code
                else None)  # the reports' texts: their sides
     found: dict[str, list] = {"white": [], "content": []}
     for case in range(min(cases, len(cache))):
@@ -189,7 +189,7 @@ def end_distances(model: STDiT, autoencoder: SliceAutoencoder, cache: LatentStor
         start = max(block, real // block * block)  # the block holding the end (never the first block)
         previous = latents[start - block : start].permute(1, 0, 2, 3)[None]  # [1, C, T, h, w]
         text, mask = padded([cache.text("plain", case), cache.empty][: guidance.branches])
-        codes = (torch.stack([prompts.side_code(case), torch.zeros(SIDE_CODE_SIZE)])[: guidance.branches]
+        codes = (torch.stack([prompts.side_code(case, None, start), torch.zeros(SIDE_CODE_SIZE)])[: guidance.branches]
                  if prompts is not None else None)
         velocity = block_velocity(model, previous, text, mask, start, guidance, codes)
         noise = torch.randn(previous.shape, generator=generator)
@@ -303,7 +303,8 @@ def model_card(config: ModelConfig, vae_metrics: AutoencoderMetrics, flow_meta: 
         f"{', with a pooled-text vector' if config.denoiser.pooled_text else ''}"
         f"{', given the last slices of the previous block at the seam' if config.denoiser.seam_context else ''}"
         f"{', told the side of each sided finding (report.side_code)' if config.denoiser.side_code else ''}"
-        f"{', each patch told the findings its half of the report names (report.half_code)' if config.denoiser.side_map else ''}), "
+        f"{', each patch told the findings its half of the report names (report.half_code)' if config.denoiser.side_map else ''}"
+        f"{', read at the levels of its block (report.level_text)' if config.denoiser.lobe_map_slices else ''}), "
         f"flow matching with StartBoost, predicting the {config.denoiser.prediction} target; "
         f"{average.words() if average else 'EMA weights'}. "
         f"Trained in {len(stages)} stage(s), each warm-started from the one before: "

@@ -50,6 +50,7 @@ from ctflow.errors import CTFlowError
 from ctflow.io import atomic_write
 from ctflow.model_folder import VAE_FOLDER
 from ctflow.report import half_reports, names_one_side, parse_report
+from ctflow.sampling import side_codes
 
 from .anatomy import in_labels
 from .dataset import patient_of, read_index
@@ -727,13 +728,16 @@ def volume_key(pipe: CTFlowPipeline, model: str, text: str, seed: int, steps: in
     """The feature cache's key of a generated volume: what makes it. A report that names no side alone is made as
     without side guidance, so it keeps its volumes (and key); one that does states the halves it is guided by
     (report.half_reports), which the prompt is rendered from; for a denoiser that reads report.denoiser_code, the
-    code of each row, which a change of how reports are read changes while the text stays."""
+    code of each row (of each block's, for a lobe_map one), which a change of how reports are read changes while the
+    text stays."""
     right, left = half_reports(parse_report(text))
     side = f" side halves {side_guidance} {right.text!r} {left.text!r}" if side_guidance and right != left else ""
     key = f"generated {model} {steps} {guidance}{side} {seed} {text}"
-    if pipe.config.denoiser.reads_code:
+    denoiser = pipe.config.denoiser
+    if denoiser.reads_code:
         plan = pipe.plan(GenerationRequest(text, seed=seed, steps=steps, guidance=guidance, side_guidance=side_guidance))
-        key += f" codes {plan.side_codes.int().tolist()}"
+        firsts = range(0, pipe.config.max_slices, denoiser.block_slices) if denoiser.lobe_map_slices else [0]
+        key += " codes " + " ".join(str(side_codes(plan.code_texts, denoiser, first).int().tolist()) for first in firsts)
     return key
 
 

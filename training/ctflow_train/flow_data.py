@@ -26,9 +26,9 @@ The sampling rules (CTFlow, REFERENCE §1):
   - report variants (ours; off unless variant_p > 0): with probability variant_p, where the store holds variants,
     the prompt is one of the volume's report variants (the same findings in other words, latent_store.py) instead
     of its report; a twin takes its pair's variant, which differs from it in the flipped finding's words alone.
-  - the side code (ours; off unless side_code): report.denoiser_code of the prompt the sample takes (zeros for the
-    empty one; per half where side_map), for a denoiser with config.side_code or side_map; the prompts' texts are
-    made again from the stores' cohorts.
+  - the side code (ours; off unless `code`): the code that denoiser reads of the prompt the sample takes for its
+    block (DenoiserConfig.read_code: per half where side_map, at the block's levels where lobe_map_slices; zeros for
+    the empty prompt); the prompts' texts are made again from the stores' cohorts.
   - flow time t ~ U(0, 1) bent towards noise by time_shift; the draws that pick the previous blocks replaced by the
     model's own estimate (rollout) and its time; and a seed for the sample's noise, which the trainer makes on its
     device (`noises`).
@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from ctflow.config import DenoiserConfig
 from ctflow.errors import CTFlowError
 from ctflow.report import SIDE_CODE_SIZE
 from ctflow.sampling import shift_time
@@ -65,8 +66,7 @@ class SamplingRules:
     paired_twins: bool = False
     finding_p: float = 0.0
     variant_p: float = 0.0
-    side_code: bool = False  # samples carry the prompt's report.denoiser_code
-    side_map: bool = False  # ... a side_map denoiser's (per half)
+    code: DenoiserConfig | None = None  # samples carry the code this denoiser reads of their prompt (read_code)
 
 
 class Batch(NamedTuple):
@@ -116,9 +116,9 @@ class BlockDataset(Dataset):
         self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
         self.twins = twin_numbers([name for store in stores for name in store.names]) if rules.paired_twins else {}
         self._finding_offsets: dict[tuple[int, int], list[int]] = {}
-        if rules.side_code and prompts is None:
-            prompts = Prompts(stores, variants=rules.variant_p > 0, per_half=rules.side_map)
-        self.prompts = prompts if rules.side_code else None  # the prompts' texts, for their side codes
+        if rules.code and prompts is None:
+            prompts = Prompts(stores, variants=rules.variant_p > 0, code=rules.code)
+        self.prompts = prompts if rules.code else None  # the prompts' texts, for their side codes
 
     def __len__(self) -> int:
         return self.firsts[-1]
@@ -197,7 +197,7 @@ class BlockDataset(Dataset):
             drawn = int(torch.randint(2**31, (), generator=draws))  # drawn alike in every store: twins stay in step
             variant = drawn % store.variants if store.variants else None
         text = store.empty if dropped else store.text(kind, volume, variant)
-        code = (self.prompts.side_code(number, variant) if self.prompts is not None and not dropped
+        code = (self.prompts.side_code(number, variant, offset) if self.prompts is not None and not dropped
                 else torch.zeros(SIDE_CODE_SIZE))
         return {"x0": x0, "previous": previous, "before": before, "first_slice": torch.tensor(float(offset)),
                 "text": text, "t": shift_time(uniform(), rules.time_shift),

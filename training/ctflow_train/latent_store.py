@@ -43,12 +43,12 @@ from safetensors.torch import load_file, save, save_file
 
 from ctflow.autoencoder import SliceAutoencoder
 from ctflow.batch import shard
-from ctflow.config import TextConfig
+from ctflow.config import DenoiserConfig, TextConfig
 from ctflow.errors import CTFlowError
 from ctflow.io import atomic_write
 from ctflow.checksums import sha256_file
 from ctflow.conventions import END_HU, START_HU
-from ctflow.report import Report, denoiser_code, render_prompt
+from ctflow.report import Report, render_prompt
 from ctflow.text_encoder import TextEncoder
 
 from .dataset import read_index
@@ -259,11 +259,11 @@ def prompts_of(data: Path, entry: dict, case, variants: int) -> dict[str, str]:
 class Prompts:
     """Per volume of the stores (numbered over all of them, as flow_data does): its prompts made again from the
     prepared folder it was encoded from, by the store's own rule (store_prompt), as a store keeps their embeddings
-    alone. `variants`: the report variants too, which need the cohort's findings (labels/); `per_half`: their side
-    codes are a side_map denoiser's (report.denoiser_code)."""
+    alone. `variants`: the report variants too, which need the cohort's findings (labels/); `code`: the denoiser
+    whose codes side_code reads (DenoiserConfig.read_code)."""
 
-    def __init__(self, stores, variants: bool = True, per_half: bool = False) -> None:
-        self.per_half = per_half
+    def __init__(self, stores, variants: bool = True, code: DenoiserConfig | None = None) -> None:
+        self.code = code
         self.writer, self.findings, self.spacing = [], [], []
         entries: dict[str, dict[str, dict]] = {}
         for store in stores:
@@ -281,7 +281,7 @@ class Prompts:
                 self.writer.append(Report(findings=entry["findings"], impressions=entry["impressions"]))
                 self.findings.append((name, labelled_findings(source, entry) if variants else []))
                 self.spacing.append(float(entry["spacing"][2]))
-        self._side_codes: dict[tuple[int, int | None], torch.Tensor] = {}
+        self._side_codes: dict[tuple, torch.Tensor] = {}
 
     def writer_prompt(self, number: int) -> str:
         return store_prompt(self.writer[number], self.spacing[number])
@@ -290,13 +290,13 @@ class Prompts:
         name, findings = self.findings[number]
         return store_prompt(report_variant(findings, name, variant), self.spacing[number])
 
-    def side_code(self, number: int, variant: int | None = None) -> torch.Tensor:
-        """[SIDE_CODE_SIZE] report.denoiser_code of the volume's report or of its variant (a prompt's length line
-        names no side: the same for both of PROMPTS)."""
-        key = (number, variant)
+    def side_code(self, number: int, variant: int | None = None, first_slice: int = 0) -> torch.Tensor:
+        """[SIDE_CODE_SIZE] the code `code` reads of the volume's report or of its variant for the block starting at
+        `first_slice` (a prompt's length line names no side: the same for both of PROMPTS)."""
+        key = (number, variant, self.code.code_levels(first_slice))
         if key not in self._side_codes:
             text = self.writer_prompt(number) if variant is None else self.variant_prompt(number, variant)
-            self._side_codes[key] = torch.tensor(denoiser_code(text, self.per_half))
+            self._side_codes[key] = torch.tensor(self.code.read_code(text, first_slice))
         return self._side_codes[key]
 
 

@@ -52,6 +52,7 @@ STAGE_COLUMNS = (
     StageColumn("seam context", "seam_context", bool, False),
     StageColumn("side code", "side_code", bool, False),
     StageColumn("side map", "side_map", bool, False),
+    StageColumn("lobe map", "lobe_map", bool, False),
     StageColumn("latent caches", "caches", list),
 )
 

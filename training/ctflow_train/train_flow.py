@@ -88,6 +88,7 @@ class FlowRun(RunOptions):
     seam_context: bool
     side_code: bool
     side_map: bool
+    lobe_map: bool
     init: Path | None
     time_shift: float
     block: int
@@ -134,16 +135,18 @@ def denoiser_config(args: FlowRun, store: LatentStore):
                                    "patch_size": args.patch and tuple(args.patch), "prediction": args.prediction,
                                    "slice_position": args.slice_position, "pooled_text": args.pooled_text,
                                    "seam_context": args.seam_context, "side_code": args.side_code,
-                                   "side_map": args.side_map}.items() if v}
+                                   "side_map": args.side_map,
+                                   "lobe_map_slices": args.lobe_map and store.meta["median_content_slices"]}.items()
+                 if v}
     return dataclasses.replace(DENOISER_PRESETS[args.preset], latent_channels=channels, latent_size=size,
                                text_dim=store.empty.shape[-1], block_slices=args.block, **overrides)
 
 
-def sampling_rules(args: FlowRun) -> SamplingRules:
+def sampling_rules(args: FlowRun, config: DenoiserConfig) -> SamplingRules:
     return SamplingRules(args.block, start_p=args.start_p, end_p=args.end_p, length_p=args.length_p,
                          text_drop=args.text_drop, time_shift=args.time_shift, paired_twins=args.paired_twins,
                          finding_p=args.finding_p, variant_p=args.variant_p,
-                         side_code=args.side_code or args.side_map, side_map=args.side_map)
+                         code=config if config.reads_code else None)
 
 
 def roll_out_previous(ema: STDiT, batch: Batch, share: float, noise: torch.Tensor, steps: int = 1) -> torch.Tensor:
@@ -153,7 +156,8 @@ def roll_out_previous(ema: STDiT, batch: Batch, share: float, noise: torch.Tenso
 
     steps 1: one denoising step from a random flow time, a blur of the real block. More: the block sampled from pure
     noise in that many Euler steps, as generation makes it: a sharp block whose content is off, the error that
-    builds up along a generated volume (the anatomy running ahead)."""
+    builds up along a generated volume (the anatomy running ahead). The estimate reads the sample's own code (for a
+    lobe map, that of the block after it): the estimate is meant to be imperfect."""
     chosen = (batch.rollout_u < share) & ~batch.first  # a first block's start block is exact
     if not chosen.any():
         return batch.previous
@@ -312,11 +316,13 @@ def train(args: FlowRun) -> dict:
     if args.paired_twins and args.batch_size % 2:
         raise CTFlowError(f"--paired-twins needs an even --batch (a pair is two samples of one rank), not "
                           f"{args.batch_size}")
-    prompts = None
-    if args.side_code or args.side_map:  # read off the prompts' texts, made again from the stores' cohorts
-        prompts = Prompts(stores, variants=args.variant_p > 0, per_half=args.side_map)
-        check_sources(stores, prompts, TextEncoder.load(TextConfig(**stores[0].meta["text"])))
+    if args.lobe_map and not args.side_map:
+        raise CTFlowError("--lobe-map reads the side map's code by levels: give --side-map too")
     config = denoiser_config(args, stores[0])
+    prompts = None
+    if config.reads_code:  # read off the prompts' texts, made again from the stores' cohorts
+        prompts = Prompts(stores, variants=args.variant_p > 0, code=config)
+        check_sources(stores, prompts, TextEncoder.load(TextConfig(**stores[0].meta["text"])))
     torch.manual_seed(args.seed)  # same initial weights on every rank
     model = STDiT(config)
     if args.init:
@@ -347,7 +353,7 @@ def train(args: FlowRun) -> dict:
         init_stages, init_progress = meta.get("init_stages"), meta.get("init_progress")  # as when the run started
         if args.init is None:  # a resume need not name the start again: the record keeps it
             record["init"] = meta["args"].get("init")
-    dataset = BlockDataset(stores, sampling_rules(args), args.seed, prompts)
+    dataset = BlockDataset(stores, sampling_rules(args, config), args.seed, prompts)
     batches = iter(block_loader(dataset, ShareSampler(rank, world, args.batch_size, samples), args.workers,
                                 pin_memory=device.type == "cuda"))
     raw_model, model = model, Conditioned(model)
@@ -443,6 +449,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--side-map", action="store_true",
                         help="also add to every latent patch which sided findings its half of the report names "
                              "(ctflow.report.half_code; a finding without a side on both halves)")
+    parser.add_argument("--lobe-map", action="store_true",
+                        help="with --side-map: each block reads the code of the report where only the lobes at its "
+                             "levels lie (ctflow.report.level_text), in a body of the first store's median length")
     parser.add_argument("--seam-context", action="store_true",
                         help="also give the new block's first slices the previous block's last ones, spatially aligned "
                              "and kept exact (no --cond-noise, never the model's own estimate)")

@@ -36,7 +36,7 @@ from ctflow.conventions import START_HU
 from ctflow.errors import CorruptModelError, CTFlowError
 from ctflow.io import atomic_folder
 from ctflow.model_folder import CARD, CONFIG, load_denoiser, load_vae, read_config, verify_model_folder
-from ctflow.report import SIDE_CODE_SIZE, denoiser_code
+from ctflow.report import SIDE_CODE_SIZE
 from ctflow.text_encoder import TextEncoder
 
 from .checkpoint import load_checkpoint, open_loss_log, prepare_run_folder, save_checkpoint
@@ -67,13 +67,13 @@ class TuneRun(RunOptions):
     time_shift: float
 
 
-def draw_prompts(blocks: BlockDataset, prompts: Prompts, positions: range, draws: torch.Generator,
-                 args: TuneRun) -> tuple[list[torch.Tensor], torch.Tensor, list[str]]:
-    """Per position: the writer's tokens the store holds for its volume and their side code [B, SIDE_CODE_SIZE]
-    (the teacher's), and the prompt the tuned encoder reads: '' (with '' as teacher) in a share empty_p, the
+def draw_prompts(blocks: BlockDataset, prompts: Prompts, positions: range, firsts: torch.Tensor,
+                 draws: torch.Generator, args: TuneRun) -> tuple[list[torch.Tensor], torch.Tensor, list[str]]:
+    """Per position (its block starting at `firsts`): the writer's tokens the store holds for its volume and their side
+    code [B, SIDE_CODE_SIZE] (the teacher's), and the prompt the tuned encoder reads: '' (with '' as teacher) in a share empty_p, the
     writer's report in writer_p, else a variant."""
     teacher, codes, student = [], [], []
-    for position in positions:
+    for position, first in zip(positions, firsts.int().tolist()):
         store, volume = blocks.volume(position)
         number = blocks.firsts[blocks.stores.index(store)] + volume
         u = float(torch.rand((), generator=draws))
@@ -84,7 +84,7 @@ def draw_prompts(blocks: BlockDataset, prompts: Prompts, positions: range, draws
             student.append("")
         else:
             teacher.append(store.text("plain", volume))
-            codes.append(prompts.side_code(number))
+            codes.append(prompts.side_code(number, None, first))
             student.append(prompts.writer_prompt(number) if u < args.empty_p + args.writer_p
                            else prompts.variant_prompt(number, variant))
     return teacher, torch.stack(codes), student
@@ -103,7 +103,8 @@ def distillation_loss(denoiser, encoder: TextEncoder, batch: Batch, teacher: lis
         target = denoiser.predict(z_t, batch.t, denoiser.prepare(batch.previous, text, mask, batch.first_slice,
                                                                  teacher_codes))
     tokens, mask = encoder.token_states(student)  # [B, M, D], [B, M], with gradients
-    codes = torch.tensor([denoiser_code(text, denoiser.config.side_map) for text in student])
+    codes = torch.tensor([denoiser.config.read_code(text, first) for text, first in
+                          zip(student, batch.first_slice.int().tolist())])
     predicted = denoiser.predict(z_t, batch.t, denoiser.prepare(batch.previous, tokens, mask, batch.first_slice,
                                                                 codes))
     return F.mse_loss(predicted, target)
@@ -129,7 +130,7 @@ def tune(args: TuneRun, log=print) -> dict:
     start = SliceAutoencoder(load_vae(folder), config.autoencoder).constant_latent(START_HU)
     if not all(same_encoding(store.start, start) for store in stores):
         raise CTFlowError(f"the stores hold latents of another autoencoder than {folder.name}'s")
-    prompts = Prompts(stores, per_half=config.denoiser.side_map)
+    prompts = Prompts(stores, code=config.denoiser)
     encoder = TextEncoder.load(config.text, folder)
     check_sources(stores, prompts, encoder)
     denoiser = load_denoiser(folder, config).eval().requires_grad_(False)
@@ -148,7 +149,8 @@ def tune(args: TuneRun, log=print) -> dict:
     while step < args.steps:
         positions = range(step * args.batch_size, (step + 1) * args.batch_size)
         batch = collate([blocks[p] for p in positions])
-        teacher, codes, student = draw_prompts(blocks, prompts, positions, generator(args.seed, PROMPT, step), args)
+        teacher, codes, student = draw_prompts(blocks, prompts, positions, batch.first_slice,
+                                               generator(args.seed, PROMPT, step), args)
         torch.manual_seed(generator(args.seed, DROPOUT, step).initial_seed())  # the encoder's dropout: resumable
         loss = distillation_loss(denoiser, encoder, batch, teacher, codes, student)
         if not torch.isfinite(loss):
