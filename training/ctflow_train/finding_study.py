@@ -735,9 +735,10 @@ def volume_key(pipe: CTFlowPipeline, model: str, text: str, seed: int, steps: in
     key = f"generated {model} {steps} {guidance}{side} {seed} {text}"
     denoiser = pipe.config.denoiser
     if denoiser.reads_code:
-        plan = pipe.plan(GenerationRequest(text, seed=seed, steps=steps, guidance=guidance, side_guidance=side_guidance))
+        request = GenerationRequest(text, seed=seed, steps=steps, guidance=guidance, side_guidance=side_guidance)
+        rows = pipe.plan(request).code_texts
         firsts = range(0, pipe.config.max_slices, denoiser.block_slices) if denoiser.lobe_map_slices else [0]
-        key += " codes " + " ".join(str(side_codes(plan.code_texts, denoiser, first).int().tolist()) for first in firsts)
+        key += " codes " + " ".join(str(side_codes(rows, denoiser, first).int().tolist()) for first in firsts)
     return key
 
 

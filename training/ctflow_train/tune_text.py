@@ -69,9 +69,9 @@ class TuneRun(RunOptions):
 
 def draw_prompts(blocks: BlockDataset, prompts: Prompts, positions: range, firsts: torch.Tensor,
                  draws: torch.Generator, args: TuneRun) -> tuple[list[torch.Tensor], torch.Tensor, list[str]]:
-    """Per position (its block starting at `firsts`): the writer's tokens the store holds for its volume and their side
-    code [B, SIDE_CODE_SIZE] (the teacher's), and the prompt the tuned encoder reads: '' (with '' as teacher) in a share empty_p, the
-    writer's report in writer_p, else a variant."""
+    """Per position (its block starting at `firsts`): the writer's tokens the store holds for its volume and their
+    side code [B, SIDE_CODE_SIZE] (the teacher's), and the prompt the tuned encoder reads: '' (with '' as teacher) in
+    a share empty_p, the writer's report in writer_p, else a variant."""
     teacher, codes, student = [], [], []
     for position, first in zip(positions, firsts.int().tolist()):
         store, volume = blocks.volume(position)
