@@ -168,6 +168,7 @@ class SamplingConfig:
     shift: float = 1.0
     guidance: float = 1.0
     side_guidance: float = 0.0  # each half of the volume guided by its half of the report (sampling.Guidance); 0: off
+    finding_guidance: float = 0.0  # away from the report without its findings (sampling.guided); 0: off
     # "ctflow": start from the encoded black slice, end at the first white latent slice (or a decoded white one).
     # "released": the published generator: start and end markers are VAE posterior samples of the all-zero and
     # all-one image, a block whose first slice is white is the last one (kept), trailing white slices are trimmed.
@@ -208,8 +209,9 @@ class ModelConfig:
         # Written only when set, so a folder without them stays readable by older ctflow.
         if not self.text.tuned:
             del data["text"]["tuned"]
-        if not self.sampling.side_guidance:
-            del data["sampling"]["side_guidance"]
+        for name in ("side_guidance", "finding_guidance"):
+            if not getattr(self.sampling, name):
+                del data["sampling"][name]
         return {"format": FORMAT, "format_version": FORMAT_VERSION, **data}
 
     def to_json(self) -> str:
@@ -275,6 +277,7 @@ _RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "sampling.shift": _above_zero(MAX_SHIFT),
     "sampling.guidance": _between(0, MAX_GUIDANCE),
     "sampling.side_guidance": _between(0, MAX_GUIDANCE),
+    "sampling.finding_guidance": _between(0, MAX_GUIDANCE),
     "geometry.spacing": _above_zero(1000),
     "max_slices": _between(1, MAX_SLICES),
     "typical_slices": _between(1, MAX_SLICES),

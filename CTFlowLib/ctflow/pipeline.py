@@ -32,7 +32,7 @@ from .errors import CorruptModelError, CTFlowError, ModelError, RequestError
 from .hub import default_model, is_hub_id, resolve_model
 from .io import read_text_file
 from .model_folder import CARD, load_denoiser, load_vae, model_sha256, read_config, verify_model_folder
-from .report import Report, half_reports, parse_report, render_prompt, typed_meta_lines
+from .report import Report, half_reports, parse_report, render_prompt, typed_meta_lines, without_findings
 from .ending import VolumeEnd
 from .sampling import Cancelled, Guidance, block_velocity, sample, side_codes, validate
 from .text_encoder import TextEncoder, unit_cls
@@ -61,6 +61,7 @@ class GenerationRequest:
     steps: int | None = None
     guidance: float | None = None
     side_guidance: float | None = None  # each half of the volume by its half of the report (report.half_reports); 0: none
+    finding_guidance: float | None = None  # away from the report without its findings (report.without_findings); 0: none
     sampler: str | None = None
     shift: float | None = None
     # A precomputed report embedding (models with one text vector): used instead of encoding the report, which is
@@ -106,15 +107,18 @@ class DecodedBlock:
 
 def with_defaults(request: GenerationRequest, sampling: SamplingConfig) -> GenerationRequest:
     """The request with every unset sampling option replaced by the model's default (the seed stays as given).
-    A precomputed embedding has no empty report or halves of a report to guide by, so its default guidance is 1 and
-    its side guidance 0 (off)."""
+    A precomputed embedding has no empty report, halves of a report or report without findings to guide by, so its
+    default guidance is 1 and its side and finding guidance 0 (off)."""
     given = request.embedding is not None
-    default_guidance, default_side = (1.0, 0.0) if given else (sampling.guidance, sampling.side_guidance)
+    default_guidance, default_side, default_finding = ((1.0, 0.0, 0.0) if given else
+                                                       (sampling.guidance, sampling.side_guidance,
+                                                        sampling.finding_guidance))
     return dataclasses.replace(
         request,
         steps=request.steps if request.steps is not None else sampling.steps,
         guidance=request.guidance if request.guidance is not None else default_guidance,
         side_guidance=request.side_guidance if request.side_guidance is not None else default_side,
+        finding_guidance=request.finding_guidance if request.finding_guidance is not None else default_finding,
         sampler=request.sampler or sampling.method,
         shift=request.shift if request.shift is not None else sampling.shift,
         prompt_slices=request.prompt_slices if request.prompt_slices is not None else request.slices,
@@ -152,6 +156,12 @@ def check_options(request: GenerationRequest, config: ModelConfig | None = None)
     if side > 0 and request.embedding is not None:
         raise RequestError("side guidance needs the report's text, to read its sides: with a precomputed "
                            "embedding use side guidance 0")
+    finding = resolved.finding_guidance
+    if not (is_finite_number(finding) and 0 <= finding <= MAX_GUIDANCE):
+        raise RequestError(f"finding guidance must be a number from 0 to {MAX_GUIDANCE:g}, not {finding!r}")
+    if finding > 0 and request.embedding is not None:
+        raise RequestError("finding guidance needs the report's text, to read its findings: with a precomputed "
+                           "embedding use finding guidance 0")
     if request.embedding is not None and config is not None:
         given_embedding(request.embedding, config)
 
@@ -255,9 +265,11 @@ class CTFlowPipeline:
             if request.guidance is None and resolved.guidance != self.config.sampling.guidance:  # with_defaults
                 notices.append(f"guidance 1 (the model's default is {self.config.sampling.guidance:g}): a "
                                "precomputed embedding has no empty-report twin to guide by")
-            if request.side_guidance is None and self.config.sampling.side_guidance:
-                notices.append(f"side guidance 0 (the model's default is {self.config.sampling.side_guidance:g}): a "
-                               "precomputed embedding has no report text to read sides from")
+            for name, what in (("side_guidance", "sides"), ("finding_guidance", "findings")):
+                if getattr(request, name) is None and getattr(self.config.sampling, name):
+                    notices.append(f"{name.replace('_', ' ')} 0 (the model's default is "
+                                   f"{getattr(self.config.sampling, name):g}): a precomputed embedding has no report "
+                                   f"text to read {what} from")
             guidance = Guidance(resolved.guidance)
             return GenerationPlan(resolved, report.text, report.text, tuple(notices), tokens,
                                   torch.ones(1, 1, dtype=torch.bool), guidance, tuple(guidance.texts("")))
@@ -268,8 +280,10 @@ class CTFlowPipeline:
             return text.text if self.released_mode else render_prompt(text, resolved.prompt_slices, spacing)
 
         prompt, halves = render(report), tuple(render(half) for half in half_reports(report))
-        guidance = Guidance(resolved.guidance, resolved.side_guidance if halves[0] != halves[1] else 0.0)
-        texts = guidance.texts(prompt, halves)
+        reference = render(without_findings(report))
+        guidance = Guidance(resolved.guidance, resolved.side_guidance if halves[0] != halves[1] else 0.0,
+                            resolved.finding_guidance if reference != prompt else 0.0)
+        texts = guidance.texts(prompt, halves, reference)
         embedding = self.text_encoder.encode(texts)
         notices = []
         if report.truncated or any(embedding.truncated):  # either half's text, with side guidance
@@ -406,7 +420,8 @@ class CTFlowPipeline:
         req = plan.request
         return Provenance(
             report=plan.report_text, prompt=plan.prompt, seed=req.seed, steps=req.steps, sampler=req.sampler,
-            shift=req.shift, guidance=req.guidance, side_guidance=plan.guidance.side, model=self.model_id,
+            shift=req.shift, guidance=req.guidance, side_guidance=plan.guidance.side,
+            finding_guidance=plan.guidance.finding, model=self.model_id,
             model_sha256=self.model_sha256, ctflow_version=__version__, device=str(self.device),
             dtype=self.precision, slices_requested=req.slices,
             block_slices=self.config.denoiser.block_slices,

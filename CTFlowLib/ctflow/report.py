@@ -67,6 +67,13 @@ SIDED_FINDINGS = {
     "device": r"ports?|pacemakers?|catheters?|defibrillators?|picc",
 }
 SIDE_CODE_SIZE = 2 * len(SIDED_FINDINGS)
+# Findings without a side, read only to leave them out of a report (without_findings).
+UNSIDED_FINDINGS = {
+    "cardiomegaly": r"cardiomegaly|enlarged (?:heart|cardiac silhouette)|(?:heart|cardiac silhouette) (?:is )?enlarged",
+    "pericardial effusion": r"pericardial (?:effusion|fluid)",
+    "arterial calcification": r"calcifi\w*|atherosclero\w*|plaques?",
+}
+_UNSIDED_CUE = re.compile("|".join(rf"\b(?:{cue})\b" for cue in UNSIDED_FINDINGS.values()), re.IGNORECASE)
 _FINDING_CUE = re.compile("|".join(rf"\b(?P<f{i}>{cue})\b" for i, cue in enumerate(SIDED_FINDINGS.values())),
                           re.IGNORECASE)
 _MORE_SIDE_WORDS = re.compile(r"\b(?:(?P<both>bilateral\w*|both)|(?<!left )(?<!right )(?P<right>middle lobe))\b",
@@ -204,6 +211,17 @@ def half_reports(report: Report) -> tuple[Report, Report]:
                                                           for section in (report.findings, report.impressions)))
     return (Report(right_findings, right_impressions, report.truncated),
             Report(left_findings, left_impressions, report.truncated))
+
+
+def without_findings(report: Report) -> Report:
+    """The report without the parts that report a finding (any of SIDED_FINDINGS and UNSIDED_FINDINGS, not negated):
+    what finding guidance guides away from, so that it amplifies what the findings' words change and not what the
+    rest of the report does. A section with nothing left is empty, as in half_reports."""
+    def reports_one(part: str) -> bool:
+        return bool(reported_findings(part)) or any(not _negated(part, cue) for cue in _UNSIDED_CUE.finditer(part))
+
+    return Report(*(_without(section, reports_one, _places_named).strip()
+                    for section in (report.findings, report.impressions)), report.truncated)
 
 
 def names_one_side(text: str) -> bool:

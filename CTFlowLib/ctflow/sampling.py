@@ -82,29 +82,31 @@ def validate(steps: int, method: str, shift: float) -> None:
         raise RequestError(f"time shift must be a number above 0 and at most {MAX_SHIFT:g}, not {shift!r}")
 
 
-def guided(model_velocity: Velocity, guidance: float) -> Velocity:
-    """Classifier-free guidance with one forward: the batch holds [conditional; unconditional] rows,
-    v = v_uncond + guidance * (v_cond - v_uncond). model_velocity sees z repeated twice and returns both rows."""
-    def velocity(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        cond, uncond = model_velocity(torch.cat([z, z]), t).chunk(2)
-        return uncond + guidance * (cond - uncond)
+def guided(model_velocity: Velocity, scale: float, side: float = 0.0, finding: float = 0.0) -> Velocity:
+    """Guidance with one forward over rows in Guidance.texts' order: [the prompt, or with side guidance the right
+    half's text and the left half's (report.half_reports); the report without its findings, with finding guidance;
+    the empty report, when scale != 1]. model_velocity sees z once per row and returns every row.
 
-    return velocity
-
-
-def side_guided(model_velocity: Velocity, guidance: float, side: float) -> Velocity:
-    """Side guidance: the batch holds [the right half's text; the left half's; unconditional (when guiding)] rows
-    (report.half_reports), and each half of the volume is guided by its own text, away from the other half's at
-    side > 1, before classifier-free guidance mixes the result with the unconditional row:
-    v_half = v_other + side * (v_own - v_other), v_cond = v_right on the patient's right columns, v_left on the left.
-    The denoiser sees the whole volume in every row; the mask applies to what each text asks for."""
-    rows = 2 + (guidance != 1.0)
+    Side guidance guides each half of the volume by its own text, away from the other half's at side > 1:
+    v_cond = v_other + side * (v_own - v_other), v_right's on the patient's right columns, v_left's on the left (the
+    denoiser sees the whole volume in every row; the mask applies to what each text asks for). Finding guidance
+    then guides away from the report without its findings: v_cond += finding * (v_cond - v_reference), what the
+    findings' words change and not what the rest of the report does. Classifier-free guidance mixes the result with
+    the empty report's: v = v_uncond + scale * (v_cond - v_uncond)."""
+    rows = 1 + (side > 0) + (finding > 0) + (scale != 1.0)
 
     def velocity(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        v = model_velocity(torch.cat([z] * rows), t).chunk(rows)
-        right = torch.from_numpy(right_half(z.shape[-1])).to(z)  # [w]: broadcast over the columns
-        cond = right * (v[1] + side * (v[0] - v[1])) + (1 - right) * (v[0] + side * (v[1] - v[0]))
-        return cond if guidance == 1.0 else v[2] + guidance * (cond - v[2])
+        v = list(model_velocity(torch.cat([z] * rows), t).chunk(rows))
+        if side > 0:
+            right = torch.from_numpy(right_half(z.shape[-1])).to(z)  # [w]: broadcast over the columns
+            own_right, own_left = v.pop(0), v.pop(0)
+            cond = (right * (own_left + side * (own_right - own_left))
+                    + (1 - right) * (own_right + side * (own_left - own_right)))
+        else:
+            cond = v.pop(0)
+        if finding > 0:
+            cond = cond + finding * (cond - v.pop(0))
+        return cond if scale == 1.0 else v[0] + scale * (cond - v[0])
 
     return velocity
 
@@ -112,30 +114,35 @@ def side_guided(model_velocity: Velocity, guidance: float, side: float) -> Veloc
 @dataclass(frozen=True)
 class Guidance:
     """How one generation guides, decided once (plan()): classifier-free guidance at `scale` (1: the conditional
-    branch alone; else [conditional; unconditional] in one batch, mixed) and side guidance at `side` (0: none, as
-    plan() makes it for a report whose two halves read the same, report.names_one_side): each half of the volume
-    is guided by the report without the parts that name the other side only (side_guided)."""
+    branch alone; else against the empty report), side guidance at `side` (0: none, as plan() makes it for a
+    report whose two halves read the same, report.names_one_side) and finding guidance at `finding` (0: none, as
+    plan() makes it for a report without findings): guided() says how each mixes."""
 
     scale: float
     side: float = 0.0
+    finding: float = 0.0
 
     @property
     def branches(self) -> int:
         """Rows of text conditioning, and of the denoiser's batch: the prompt (with side guidance, its right half's
-        text and its left half's), then "" when guiding."""
-        return 1 + (self.side > 0) + (self.scale != 1.0)
+        text and its left half's), the report without its findings with finding guidance, then "" when guiding."""
+        return 1 + (self.side > 0) + (self.finding > 0) + (self.scale != 1.0)
 
-    def texts(self, prompt: str, halves: tuple[str, str] | None = None) -> list[str]:
-        """The texts to embed, one per branch: with side guidance the prompt's (right, left) halves stand for it."""
+    def texts(self, prompt: str, halves: tuple[str, str] | None = None, reference: str | None = None) -> list[str]:
+        """The texts to embed, one per branch: with side guidance the prompt's (right, left) halves stand for it;
+        with finding guidance the reference (the prompt without its findings) follows."""
         if self.side > 0 and halves is None:
             raise ValueError("side guidance needs the prompt's halves")
-        return [*(halves if self.side > 0 else [prompt])] + [""] * (self.scale != 1.0)
+        if self.finding > 0 and reference is None:
+            raise ValueError("finding guidance needs the prompt without its findings")
+        return ([*(halves if self.side > 0 else [prompt])] + [reference] * (self.finding > 0)
+                + [""] * (self.scale != 1.0))
 
     def velocity(self, model_velocity: Velocity) -> Velocity:
         """model_velocity sees z repeated once per row, in texts' order."""
-        if self.side > 0:
-            return side_guided(model_velocity, self.scale, self.side)
-        return model_velocity if self.scale == 1.0 else guided(model_velocity, self.scale)
+        if self.branches == 1:
+            return model_velocity
+        return guided(model_velocity, self.scale, self.side, self.finding)
 
 
 def side_codes(texts: tuple[str, ...], config: DenoiserConfig, first_slice: int) -> torch.Tensor | None:

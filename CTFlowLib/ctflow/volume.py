@@ -94,6 +94,7 @@ class Provenance:
     synthetic: str = SYNTHETIC_NOTICE
     block_slices: int | None = None  # slices per generated block: where the autoregressive seams lie (QA)
     side_guidance: float = 0.0  # as applied: 0 when the report names no side (sampling.Guidance)
+    finding_guidance: float = 0.0  # as applied: 0 when the report reports no finding (sampling.Guidance)
 
     def as_dict(self) -> dict[str, str]:
         """Flat string map (headers and MRML attributes hold strings)."""

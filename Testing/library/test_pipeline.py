@@ -15,7 +15,7 @@ from ctflow.conventions import real_slices
 from ctflow.denoiser import STDiT
 from ctflow.devices import select_device
 from ctflow.report import (SIDE_CODE_SIZE, SIDED_FINDINGS, half_code, half_reports, parse_report, render_prompt,
-                           side_code)
+                           side_code, without_findings)
 from ctflow.sampling import Guidance, block_velocity, side_codes
 
 REPORT = "Findings: A 12 mm nodule in the right upper lobe. Impressions: Right upper lobe nodule."
@@ -97,6 +97,25 @@ def test_side_guidance_embeds_each_half_s_text_when_the_report_names_a_side(tiny
     assert volume.provenance.side_guidance == 4.0 and volume.provenance.guidance == 1.0  # the tiny model's default
     assert not np.array_equal(volume.hu, run(tiny_pipeline, slices=4).hu)
     assert run(tiny_pipeline, slices=4).provenance.side_guidance == 0.0  # the model's default
+
+
+def test_finding_guidance_embeds_the_report_without_its_findings_when_it_reports_one(tiny_pipeline):
+    """One more row, the report without its findings (report.without_findings, rendered as the prompt is), before
+    the empty report's; none for a report without findings, which is made as without finding guidance."""
+    plan = tiny_pipeline.plan(GenerationRequest(REPORT, guidance=3.0, finding_guidance=2.0))
+    reference = render_prompt(without_findings(parse_report(REPORT)), None, 2.5)
+    assert plan.guidance.finding == 2.0 and plan.code_texts == (plan.prompt, reference, "")
+    assert reference == "Findings: Not stated.\nImpressions: Not stated.\nSpacing: 2.5 mm"
+    alone = tiny_pipeline.text_encoder.encode([reference])
+    length = alone.tokens.shape[1]  # the batch pads it to the prompt's length
+    assert torch.allclose(plan.text[1:2, :length], alone.tokens, atol=1e-5) and not plan.text_mask[1, length:].any()
+    normal = tiny_pipeline.plan(GenerationRequest("Findings: No effusion. Heart normal.", guidance=3.0,
+                                                  finding_guidance=2.0))
+    assert normal.guidance.finding == 0.0 and normal.guidance.branches == 2
+    volume = run(tiny_pipeline, slices=4, finding_guidance=2.0)
+    assert volume.provenance.finding_guidance == 2.0
+    assert not np.array_equal(volume.hu, run(tiny_pipeline, slices=4).hu)
+    assert run(tiny_pipeline, slices=4).provenance.finding_guidance == 0.0  # the model's default
 
 
 def test_side_guidance_gives_each_half_of_the_columns_its_own_text_s_velocity(tiny_pipeline):
@@ -200,6 +219,8 @@ def test_overlong_report_is_used_and_the_caller_told(tiny_pipeline):
     ({"steps": 0}, RequestError), ({"guidance": -1.0}, RequestError), ({"seed": -5}, RequestError),
     ({"sampler": "dpm"}, RequestError), ({"side_guidance": True}, RequestError),
     ({"side_guidance": float("nan")}, RequestError), ({"side_guidance": 31.0}, RequestError),
+    ({"finding_guidance": float("inf")}, RequestError), ({"finding_guidance": -0.5}, RequestError),
+    ({"finding_guidance": True}, RequestError),
     ({"steps": True}, RequestError), ({"seed": True}, RequestError), ({"slices": True}, RequestError),
     ({"guidance": True}, RequestError), ({"shift": True}, RequestError),  # JSON's true, through the worker
 ])

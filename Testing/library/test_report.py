@@ -3,7 +3,7 @@ import pytest
 from ctflow import ReportError, parse_report, render_prompt
 from ctflow.report import (LOBE_LEVELS, MAX_REPORT_CHARS, SIDE_CODE_SIZE, SIDED_FINDINGS, Report, denoiser_code,
                            half_code, half_reports, half_texts, level_text, lobes_at, names_one_side, placed_lobes,
-                           read_report_file, reported_findings, side_code, sided_findings)
+                           read_report_file, reported_findings, side_code, sided_findings, without_findings)
 
 CT_RATE = """FINDINGS: Trachea and both main bronchi are open. A 6 mm nodule is seen in the right upper lobe.
 No pleural effusion.
@@ -273,3 +273,18 @@ def test_the_half_code_is_what_each_half_reads_reported(text, right, left):
     assert {n for n, v in zip(named[::2], code[::2]) if v} == right
     assert {n for n, v in zip(named[1::2], code[1::2]) if v} == left
     assert denoiser_code(text, per_half=True) == code and denoiser_code(text, per_half=False) == side_code(text)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Findings: Small left effusion; heart normal in size. Enlarged heart.\nImpressions: Cardiomegaly and effusion.",
+     "Findings: heart normal in size."),
+    ("Findings: A 7 mm nodule in the lingula. No pericardial fluid. Atherosclerotic aorta.\n"
+     "Impressions: Nodule. Follow up.", "Findings: No pericardial fluid.\nImpressions: Follow up."),
+    ("Findings: No effusion, no plaque, nodes are not enlarged.\nImpressions: Normal chest.",
+     "Findings: No effusion, no plaque, nodes are not enlarged.\nImpressions: Normal chest."),
+    ("Findings: Bilateral pleural fluid with a pericardial effusion.", ""),
+])
+def test_the_report_without_its_findings_keeps_what_reports_none(text, expected):
+    """What finding guidance guides away from: parts that report a finding (sided or not) go, negated ones and the
+    rest of the report stay."""
+    assert without_findings(parse_report(text)).text == expected

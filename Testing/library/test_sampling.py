@@ -86,6 +86,31 @@ def test_side_guidance_guides_each_half_of_the_volume_by_its_own_text():
         assert calls == [guidance.branches]
 
 
+def test_finding_guidance_guides_away_from_the_report_without_its_findings():
+    """v_cond + finding * (v_cond - v_reference), before classifier-free guidance; with side guidance, after each half
+    has been guided by its own text; one forward with a row per text."""
+    report, halves, reference = "Right effusion. Heart normal.", ("Right effusion. Heart normal.", "Heart normal."), "Heart."
+    rows = {report: 5.0, "Heart normal.": 3.0, reference: 2.0, "": 1.0}
+    for guidance, right, left in ((Guidance(1.0, finding=2.0), 5 + 2 * 3, 5 + 2 * 3),
+                                  (Guidance(3.0, finding=1.0), 1 + 3 * (5 + 3 - 1), 1 + 3 * (5 + 3 - 1)),
+                                  (Guidance(3.0, side=1.0, finding=1.0), 1 + 3 * (5 + 3 - 1), 1 + 3 * (3 + 1 - 1))):
+        texts = guidance.texts(report, halves, reference)
+        assert len(texts) == guidance.branches and texts[-1 - (guidance.scale != 1)] == reference
+        values = torch.tensor([rows[text] for text in texts])[:, None, None, None, None]
+        calls = []
+
+        def model(z, t):
+            calls.append(z.shape[0])
+            return values + z
+
+        v = guidance.velocity(model)(torch.zeros(1, 2, 1, 3, 4), torch.tensor(0.5))
+        assert torch.equal(v[..., :2], torch.full((1, 2, 1, 3, 2), float(right)))
+        assert torch.equal(v[..., 2:], torch.full((1, 2, 1, 3, 2), float(left)))
+        assert calls == [guidance.branches]
+    with pytest.raises(ValueError, match="without its findings"):
+        Guidance(3.0, finding=1.0).texts(report)
+
+
 def test_side_guidance_without_the_halves_is_refused():
     with pytest.raises(ValueError, match="halves"):
         Guidance(3.0, side=1.0).texts("Right effusion.")

@@ -49,7 +49,7 @@ from ctflow.conventions import START_HU, real_slices
 from ctflow.errors import CTFlowError
 from ctflow.io import atomic_write
 from ctflow.model_folder import VAE_FOLDER
-from ctflow.report import half_reports, names_one_side, parse_report
+from ctflow.report import half_reports, names_one_side, parse_report, without_findings
 from ctflow.sampling import side_codes
 
 from .anatomy import in_labels
@@ -446,6 +446,7 @@ class FindingStudy:
     reports: dict[str, str]  # every generated report: "writer/<name>" or "heldout/<case>[/negated]" -> text
     kind: str = "finding-study"
     side_guidance: float = 0.0  # as asked; applied to the reports that name a side (older studies: none)
+    finding_guidance: float = 0.0  # as asked; applied to the reports that report a finding (older studies: none)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1) + "\n"
@@ -484,6 +485,7 @@ class FindingStudy:
     def markdown(self) -> str:
         n = self.seeds
         side = f", side guidance {self.side_guidance:g}" if self.side_guidance else ""
+        side += f", finding guidance {self.finding_guidance:g}" if self.finding_guidance else ""
         lines = [f"{n} seed(s) per report, {self.steps} sampling steps, guidance {self.guidance}{side}; "
                  f"model {self.model}.",
                  f"Detectors fitted on {self.training}; HU regions: {self.anatomy}.", "",
@@ -654,17 +656,21 @@ def run_study(args: argparse.Namespace, log=lambda line: None) -> FindingStudy:
     steps = args.steps or pipe.config.sampling.steps
     guidance = pipe.config.sampling.guidance if args.guidance is None else args.guidance
     side_guidance = pipe.config.sampling.side_guidance if args.side_guidance is None else args.side_guidance
+    finding_guidance = (pipe.config.sampling.finding_guidance if args.finding_guidance is None
+                        else args.finding_guidance)
 
     made: dict[str, list[Features]] = {}  # report text -> features per seed: a text is generated once
 
     def generate(text: str, seed: int):
         log(f"generating seed {seed}: {text[:70]!r}")
-        volume, _ = generate_volume(pipe, text, seed, steps=steps, guidance=guidance, side_guidance=side_guidance)
+        volume, _ = generate_volume(pipe, text, seed, steps=steps, guidance=guidance, side_guidance=side_guidance,
+                                    finding_guidance=finding_guidance)
         return volume_features(pipe, volume.hu)
 
     def generated(text: str) -> list[Features]:
         if text not in made:
-            made[text] = [cache.get(volume_key(pipe, model, text, seed, steps, guidance, side_guidance),
+            made[text] = [cache.get(volume_key(pipe, model, text, seed, steps, guidance, side_guidance,
+                                               finding_guidance),
                                     lambda seed=seed: generate(text, seed), keep_hu=True)
                           for seed in range(args.seed, args.seed + args.seeds)]
         return made[text]
@@ -720,29 +726,35 @@ def run_study(args: argparse.Namespace, log=lambda line: None) -> FindingStudy:
                "the real slices), no registration")
     return FindingStudy(str(args.model), args.seeds, args.seed, steps, guidance, training, anatomy,
                         [d.score for d in detectors.values()], skipped, responses, placements, reports,
-                        side_guidance=side_guidance)
+                        side_guidance=side_guidance, finding_guidance=finding_guidance)
 
 
 def volume_key(pipe: CTFlowPipeline, model: str, text: str, seed: int, steps: int, guidance: float,
-               side_guidance: float) -> str:
+               side_guidance: float, finding_guidance: float = 0.0) -> str:
     """The feature cache's key of a generated volume: what makes it. A report that names no side alone is made as
     without side guidance, so it keeps its volumes (and key); one that does states the halves it is guided by
     (report.half_reports), which the prompt is rendered from; for a denoiser that reads report.denoiser_code, the
     code of each row (of each block's, for a lobe_map one), which a change of how reports are read changes while the
-    text stays."""
-    right, left = half_reports(parse_report(text))
+    text stays. A report without findings is made as without finding guidance, so it keeps its volumes (and key);
+    one with states the report it guides away from (report.without_findings)."""
+    report = parse_report(text)
+    right, left = half_reports(report)
     side = f" side halves {side_guidance} {right.text!r} {left.text!r}" if side_guidance and right != left else ""
+    reference = without_findings(report)
+    side += (f" finding {finding_guidance} {reference.text!r}" if finding_guidance and reference != report
+             else "")
     key = f"generated {model} {steps} {guidance}{side} {seed} {text}"
     denoiser = pipe.config.denoiser
     if denoiser.reads_code:
-        request = GenerationRequest(text, seed=seed, steps=steps, guidance=guidance, side_guidance=side_guidance)
+        request = GenerationRequest(text, seed=seed, steps=steps, guidance=guidance, side_guidance=side_guidance,
+                                    finding_guidance=finding_guidance)
         rows = pipe.plan(request).code_texts
         firsts = range(0, pipe.config.max_slices, denoiser.block_slices) if denoiser.lobe_map_slices else [0]
         key += " codes " + " ".join(str(side_codes(rows, denoiser, first).int().tolist()) for first in firsts)
     return key
 
 
-KEYED_SAMPLING = ("steps", "guidance", "side_guidance")  # the study's own settings: a volume's key states them as used
+KEYED_SAMPLING = ("steps", "guidance", "side_guidance", "finding_guidance")  # the study's own settings: a volume's key states them as used
 
 
 def volume_config_hash(config: ModelConfig) -> str:
@@ -775,6 +787,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="classifier-free guidance (default: the model's)")
     parser.add_argument("--side-guidance", type=config_rule("sampling.side_guidance", float),
                         help="side guidance: each half of the volume by its half of the report (default: the model's)")
+    parser.add_argument("--finding-guidance", type=config_rule("sampling.finding_guidance", float),
+                        help="finding guidance: away from the report without its findings (default: the model's)")
     add_threads_option(parser)
     parser.add_argument("--out", type=Path, required=True, help="JSON to write (and its tables beside it, .md)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out and its tables if they exist")
