@@ -187,6 +187,7 @@ def run_setting(pipeline, options: dict, ahead: bool, slices: int, seed: int,
     return {
         "sampler": req.sampler, "steps": req.steps, "guidance": req.guidance, "shift": req.shift,
         "side_guidance": plan.guidance.side,  # model rows a call: plan.guidance.branches
+        "finding_guidance": plan.guidance.finding,
         "calls_per_block": model_calls(req.sampler, req.steps, req.guidance), "slices": volume.shape[0],
         "first_block_s": first, "total_s": total, "slices_per_s": volume.shape[0] / total, "peak_memory_mb": memory.mb,
     }, volume

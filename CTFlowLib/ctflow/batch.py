@@ -54,8 +54,8 @@ MANIFEST_DIR, ITEMS_DIR, LOCKS_DIR, SETTINGS = ".manifest", "items", "locks", "b
 DICOM_STUDIES = "dicom.json"
 MANIFEST_CSV, MANIFEST_JSON = "manifest.csv", "manifest.json"
 COLUMNS = ("file", "report_id", "report", "seed", "slices", "slices_requested", "block_slices", "model",
-           "model_sha256", "sha256", "time_s", "steps", "sampler", "guidance", "side_guidance", "shift", "device",
-           "dtype", "rank")
+           "model_sha256", "sha256", "time_s", "steps", "sampler", "guidance", "side_guidance", "finding_guidance",
+           "shift", "device", "dtype", "rank")
 LATER_SETTINGS = ("dtype",)  # settings a batch.json of an older ctflow lacks: such a batch resumes as it was
 MAX_ITEMS = 1_000_000  # volumes in one batch: more is a typo (or a batch to split), not a week of GPU time
 CHALLENGE_NAME = "input_image_name"  # VLM3D text-to-CT challenge: the output file's name
@@ -325,7 +325,7 @@ def _try_lock(handle) -> bool:
 
 # "side_guidance": the former kind's, which no batch writes now; a batch that has it is refused before the load.
 SAMPLING_SETTINGS = ("steps", "sampler", "guidance", "shift", "slices", "format", "side_guidance_by_halves",
-                     "side_guidance")
+                     "side_guidance", "finding_guidance")
 
 
 def batch_settings(pipeline: CTFlowPipeline, request: GenerationRequest, suffix: str) -> dict:
@@ -345,6 +345,8 @@ def sampling_settings(request: GenerationRequest, config, suffix: str) -> dict:
     # with the former kind ("side_guidance", away from the mirrored report) is refused, not finished by halves.
     if resolved.side_guidance:
         settings["side_guidance_by_halves"] = resolved.side_guidance
+    if resolved.finding_guidance:
+        settings["finding_guidance"] = resolved.finding_guidance
     return settings
 
 
@@ -425,7 +427,8 @@ def manifest_row(item: Item, provenance, path: Path, slices: int, seconds: float
         "slices": slices, "slices_requested": provenance.slices_requested, "block_slices": provenance.block_slices,
         "model": provenance.model, "model_sha256": provenance.model_sha256, "sha256": sha256_of(path),
         "time_s": round(seconds, 3), "steps": provenance.steps, "sampler": provenance.sampler,
-        "guidance": provenance.guidance, "side_guidance": provenance.side_guidance, "shift": provenance.shift,
+        "guidance": provenance.guidance, "side_guidance": provenance.side_guidance,
+        "finding_guidance": provenance.finding_guidance, "shift": provenance.shift,
         "device": provenance.device, "dtype": provenance.dtype, "rank": rank,
         "order": item.report.order,
     }

@@ -145,6 +145,9 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--side-guidance", type=float,
                         help="side guidance: each half of the volume guided by the report without what it puts on "
                              "the other side only, above 1 also away from it (0 = none; default: the model's)")
+    parser.add_argument("--finding-guidance", type=float,
+                        help="finding guidance: also away from the report without its findings, so that what the "
+                             "findings' words change is amplified (0 = none; default: the model's)")
     parser.add_argument("--sampler", choices=METHODS, help="ODE solver (default: the model's)")
     parser.add_argument("--shift", type=float, help="time shift of the sampling schedule (default: the model's)")
 
@@ -179,8 +182,8 @@ def run_generate(args: argparse.Namespace) -> int:
         embedding = read_embedding(args.embedding)
         report = f"(precomputed report embedding {args.embedding.name}, sha256 {sha256_file(args.embedding)})"
     request = GenerationRequest(report, slices=args.slices, seed=args.seed, steps=args.steps, guidance=args.guidance,
-                                side_guidance=args.side_guidance, sampler=args.sampler, shift=args.shift,
-                                embedding=embedding)
+                                side_guidance=args.side_guidance, finding_guidance=args.finding_guidance,
+                                sampler=args.sampler, shift=args.shift, embedding=embedding)
     check_request(request, local_config(args.model, args.revision))  # seconds, before the model loads
     pipeline = load_pipeline(args, args.device, precision(args))
     plan = pipeline.plan(request)
@@ -189,7 +192,8 @@ def run_generate(args: argparse.Namespace) -> int:
     request = plan.request
     print(
         f"ctflow: {pipeline.model_id} on {pipeline.device}, seed {request.seed}, {request.steps} {request.sampler} "
-        f"steps, guidance {request.guidance:g}, side guidance {plan.guidance.side:g}", file=sys.stderr,
+        f"steps, guidance {request.guidance:g}, side guidance {plan.guidance.side:g}, finding guidance "
+        f"{plan.guidance.finding:g}", file=sys.stderr,
     )
     progress = ProgressBar()
     volume = pipeline.generate(plan, on_block=progress.update)  # Ctrl-C ends it (exit 130)
@@ -226,7 +230,8 @@ def run_batch(args: argparse.Namespace) -> int:
         return 0
     batch.check_out_folder(args.out)
     options = GenerationRequest("", slices=args.slices, steps=args.steps, guidance=args.guidance,
-                                side_guidance=args.side_guidance, sampler=args.sampler, shift=args.shift)
+                                side_guidance=args.side_guidance, finding_guidance=args.finding_guidance,
+                                sampler=args.sampler, shift=args.shift)
     out = batch.BatchFolder(args.out, args.format)
     sampling = batch.sampling_settings(options, local_config(args.model, args.revision), out.suffix)
     out.check_settings(sampling, batch.SAMPLING_SETTINGS)  # a resume with other options: refused before the load

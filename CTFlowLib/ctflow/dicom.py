@@ -199,7 +199,8 @@ def _synthesizing_equipment(provenance: Provenance, created: _dt.datetime):
     item.ContributionDescription = _ascii(
         f"Synthetic CT generated from a text report by CTFlow {provenance.ctflow_version}: model {provenance.model}, "
         f"model sha256 {provenance.model_sha256}, seed {provenance.seed}, {provenance.steps} {provenance.sampler} "
-        f"steps, guidance {provenance.guidance:g}, side guidance {provenance.side_guidance:g}"
+        f"steps, guidance {provenance.guidance:g}, side guidance {provenance.side_guidance:g}, finding guidance "
+        f"{provenance.finding_guidance:g}"
     )[:1024]
     return item
 

@@ -11,9 +11,9 @@ protocol lines (anything else a library prints goes to stderr, which is the work
 Front end -> worker (stdin):
   {"type": "generate", "id": ID, "request": {...}, "model": M, "revision": R, "device": D, "dtype": T}
       request: the fields of ctflow.GenerationRequest (report, impressions, slices, seed, steps, guidance,
-      side_guidance, sampler, shift); null or missing means the model's default. model: a folder or hub id (null: the
-      default model); device: auto, cpu, cuda or cuda:N; dtype: null (float32 on CPU, bfloat16 on a GPU that
-      has it), float32, bfloat16 or float16. Runs are served one at a time, in order.
+      side_guidance, finding_guidance, sampler, shift); null or missing means the model's default. model: a folder
+      or hub id (null: the default model); device: auto, cpu, cuda or cuda:N; dtype: null (float32 on CPU, bfloat16
+      on a GPU that has it), float32, bfloat16 or float16. Runs are served one at a time, in order.
   {"type": "cancel", "id": ID}     stop that run at its next sampling step (also when it is still queued)
   {"type": "unload"}               free the loaded model (GPU memory included); the next run loads it again
   end of input (stdin closed)      cancel, then exit; after EXIT_GRACE_S the process exits regardless
@@ -23,7 +23,8 @@ Worker -> front end (stdout):
    "gpu_memory_gb": float or null}                                   once, at start
   {"type": "loading", "id", "model"}                                 a model is being loaded (not when kept)
   {"type": "planned", "id", "folder", "reused_model": bool, "seed", "steps", "guidance", "side_guidance" (as
-   applied: 0 when the report names no side), "sampler", "shift", "slices", "notices": [str], "model", "device"}
+   applied: 0 when the report names no side), "finding_guidance" (as applied: 0 when it reports no finding),
+   "sampler", "shift", "slices", "notices": [str], "model", "device"}
                                                                      the request is valid; sampling starts
   {"type": "block", "id", "file", "index", "start", "stop", "blocks_done", "blocks_expected", "elapsed_s",
    "block_s", "eta_s", "time", "ijk_to_ras": 4x4, "provenance": {str: str}}
@@ -59,8 +60,8 @@ PROTOCOL = 1
 EXIT_GRACE_S = 10.0  # after stdin closes, the longest the worker may take to stop a run and exit
 LOG_LIMIT = 1 << 20  # a shared worker log past this size (bytes) is started anew by the next worker
 DTYPES = ("float32", "bfloat16", "float16")
-REQUEST_FIELDS = ("report", "impressions", "slices", "seed", "steps", "guidance", "side_guidance", "sampler",
-                  "shift")
+REQUEST_FIELDS = ("report", "impressions", "slices", "seed", "steps", "guidance", "side_guidance", "finding_guidance",
+                  "sampler", "shift")
 
 
 class Worker:
@@ -168,7 +169,8 @@ class Worker:
             resolved = plan.request
             self.send({"type": "planned", "id": run_id, "folder": str(folder), "reused_model": reused,
                        "seed": resolved.seed, "steps": resolved.steps, "guidance": resolved.guidance,
-                       "side_guidance": plan.guidance.side, "sampler": resolved.sampler, "shift": resolved.shift, "slices": resolved.slices,
+                       "side_guidance": plan.guidance.side, "finding_guidance": plan.guidance.finding,
+                       "sampler": resolved.sampler, "shift": resolved.shift, "slices": resolved.slices,
                        "notices": list(plan.notices), "model": pipeline.model_id, "device": str(pipeline.device)})
             started, complete = time.perf_counter(), False
             for block in pipeline.stream(plan, cancel):

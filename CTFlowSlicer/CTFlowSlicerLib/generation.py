@@ -142,11 +142,12 @@ def modelChoice(settings, bundledModel: Path | None) -> tuple[str, str | None]:
 
 
 def requestFields(settings) -> dict:
-    """The protocol's request: zero in the panel means "the model's default" (null), but for side guidance, where
-    zero turns it off and -1 is the default."""
+    """The protocol's request: zero in the panel means "the model's default" (null), but for side and finding
+    guidance, where zero turns it off and -1 is the default."""
     return {"report": settings.report, "impressions": settings.impressions or None, "slices": settings.slices or None,
             "seed": settings.seed, "steps": settings.steps or None, "guidance": settings.guidance or None,
-            "side_guidance": None if settings.sideGuidance < 0 else settings.sideGuidance}
+            "side_guidance": None if settings.sideGuidance < 0 else settings.sideGuidance,
+            "finding_guidance": None if settings.findingGuidance < 0 else settings.findingGuidance}
 
 
 def startVolume(replace, hu: np.ndarray, ijkToRas, provenance: ctflow.Provenance, window: str):

@@ -46,6 +46,7 @@ class CTFlowSlicerParameterNode:
     report - Findings, or a whole report with Findings and Impressions headers.
     slices - 0: the model decides where the volume ends.
     sideGuidance - -1: the model's default (0 turns side guidance off).
+    findingGuidance - -1: the model's default (0 turns finding guidance off).
     modelLocation - a model folder, or a hub id "org/name" with an optional "@revision".
     outputVolume - the volume Generate overwrites; None: a new volume each time.
     window - one of display.SLICE_VIEW_WINDOWS, for the current and the next volumes.
@@ -59,6 +60,7 @@ class CTFlowSlicerParameterNode:
     steps: Annotated[int, WithinRange(0, MAX_STEPS)] = 0
     guidance: Annotated[float, WithinRange(0.0, MAX_GUIDANCE), Decimals(1), SingleStep(0.5)] = 0.0
     sideGuidance: Annotated[float, WithinRange(-1.0, MAX_GUIDANCE), Decimals(1), SingleStep(0.5)] = -1.0
+    findingGuidance: Annotated[float, WithinRange(-1.0, MAX_GUIDANCE), Decimals(1), SingleStep(0.5)] = -1.0
     device: Device = Device.AUTO
     modelSource: ModelSource = ModelSource.BUNDLED
     modelLocation: str = ""

@@ -58,7 +58,7 @@ def test_round_trip_keeps_voxels_geometry_and_provenance(provenance, tmp_path, n
 
 
 def test_the_series_says_synthetic_where_dicom_looks(provenance, tmp_path):
-    provenance = dataclasses.replace(provenance, side_guidance=4.5)
+    provenance = dataclasses.replace(provenance, side_guidance=4.5, finding_guidance=1.5)
     volume = make_volume(provenance)
     series = instances(write_dicom(volume, tmp_path / "ct"))
     assert len(series) == 5 and len({ds.SOPInstanceUID for ds in series}) == 5
@@ -75,7 +75,7 @@ def test_the_series_says_synthetic_where_dicom_looks(provenance, tmp_path):
     assert (code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning) == SYNTHESIZING_EQUIPMENT
     assert equipment.ManufacturerModelName == "ctflow-demo" and equipment.DeviceSerialNumber == "ab" * 32
     assert equipment.SoftwareVersions == "ctflow 0.1.0"
-    assert equipment.ContributionDescription.endswith(f"side guidance {provenance.side_guidance:g}")
+    assert equipment.ContributionDescription.endswith("side guidance 4.5, finding guidance 1.5")
     assert (ds.StudyDate, ds.StudyTime) <= (ds.SeriesDate, ds.SeriesTime)  # no study is dated after its series
     elsewhere = dataclasses.replace(provenance, created="2026-12-01T10:00:00+02:00")  # provenance not in UTC
     ds = instances(write_dicom(make_volume(elsewhere), tmp_path / "east"))[0]

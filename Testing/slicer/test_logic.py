@@ -431,8 +431,8 @@ def test_the_request_is_kept_in_the_scene(scene, logic, settings, change, tmp_pa
 
     volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "target")
     change(settings, report="Findings: a\nb", impressions="c", slices=64, seed=9, steps=30, guidance=2.5,
-           sideGuidance=4.0, device=Device.CPU, modelSource=ModelSource.HUB, modelLocation="org/m@v1",
-           outputVolume=volume, window="bone")
+           sideGuidance=4.0, findingGuidance=1.5, device=Device.CPU, modelSource=ModelSource.HUB,
+           modelLocation="org/m@v1", outputVolume=volume, window="bone")
     scene.SetURL(str(tmp_path / "scene.mrml"))
     assert scene.Commit()
     reopened = slicer.vtkMRMLScene()
@@ -442,15 +442,17 @@ def test_the_request_is_kept_in_the_scene(scene, logic, settings, change, tmp_pa
     nodes = (reopened.GetNthNodeByClass(i, kind) for i in range(reopened.GetNumberOfNodesByClass(kind)))
     node = next(node for node in nodes if node.GetParameter("report"))
     again = type(settings)(node)
-    fields = ("report", "impressions", "slices", "seed", "steps", "guidance", "sideGuidance", "device",
-              "modelSource", "modelLocation", "window")
+    fields = ("report", "impressions", "slices", "seed", "steps", "guidance", "sideGuidance", "findingGuidance",
+              "device", "modelSource", "modelLocation", "window")
     assert {f: getattr(again, f) for f in fields} == {f: getattr(settings, f) for f in fields}
     assert again.outputVolume.GetName() == "target" and again.generatedVolume is None
     assert generation.modelChoice(again, None) == ("org/m", "v1")
     assert generation.requestFields(again) == {"report": "Findings: a\nb", "impressions": "c", "slices": 64,
-                                               "seed": 9, "steps": 30, "guidance": 2.5, "side_guidance": 4.0}
-    assert generation.requestFields(change(settings, sideGuidance=0.0))["side_guidance"] == 0.0  # off, not default
-    assert generation.requestFields(change(settings, sideGuidance=-1.0))["side_guidance"] is None  # the model's
+                                               "seed": 9, "steps": 30, "guidance": 2.5, "side_guidance": 4.0,
+                                               "finding_guidance": 1.5}
+    for name, field in (("sideGuidance", "side_guidance"), ("findingGuidance", "finding_guidance")):
+        assert generation.requestFields(change(settings, **{name: 0.0}))[field] == 0.0  # off, not the default
+        assert generation.requestFields(change(settings, **{name: -1.0}))[field] is None  # the model's
 
 
 def test_the_published_model_runs_in_the_panel_like_any_model_folder(scene, logic, settings, released_model, change):

@@ -95,6 +95,7 @@ def test_a_fresh_panel_shows_what_generate_will_use(panel):
     assert ui.slicesSpinBox.maximum() == 2048 and ui.guidanceSpinBox.singleStep() == 0.5
     assert panel.ui.slicesSpinBox.text() == "Automatic" and panel.ui.stepsSpinBox.text() == "Model default"
     assert panel.ui.sideGuidanceSpinBox.text() == "Model default" and parameters.sideGuidance == -1.0
+    assert panel.ui.findingGuidanceSpinBox.text() == "Model default" and parameters.findingGuidance == -1.0
     assert panel.ui.deviceLabel.text() == "Detecting PyTorch and the GPU ..."  # the worker imports torch, not Slicer
     wait_until(lambda: panel.ui.deviceLabel.text().startswith("Detected:"))
     assert not panel._timer.isActive()  # once the worker has answered, the panel idles

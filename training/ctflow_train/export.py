@@ -68,6 +68,7 @@ class ExportRun(RunConfig):
     shift: float
     guidance: float
     side_guidance: float
+    finding_guidance: float
     max_slices: int
     calibration_cases: int
     evaluation: list[Path]
@@ -314,7 +315,8 @@ def model_card(config: ModelConfig, vae_metrics: AutoencoderMetrics, flow_meta: 
         f"with 'Length: N slices' in {flow_meta['args']['length_p']:.0%} and '' in {flow_meta['args']['text_drop']:.0%} "
         "of training prompts.",
         f"- sampling default: {config.sampling.steps} {config.sampling.method} steps, shift {config.sampling.shift}, "
-        f"guidance {config.sampling.guidance}, side guidance {config.sampling.side_guidance}.",
+        f"guidance {config.sampling.guidance}, side guidance {config.sampling.side_guidance}, finding guidance "
+        f"{config.sampling.finding_guidance}.",
         f"- exported on: {platform.processor() or platform.machine()}, torch {torch.__version__} (each stage's "
         "training device is in the stage table).",
         "",
@@ -403,7 +405,7 @@ def export(args: ExportRun) -> Path:
     if args.run_share is not None and args.average_with is None:
         raise CTFlowError("--run-share is the run's share of an average: give --average-with too")
     sampling = SamplingConfig(steps=args.steps, method=args.sampler, shift=args.shift, guidance=args.guidance,
-                              side_guidance=args.side_guidance)
+                              side_guidance=args.side_guidance, finding_guidance=args.finding_guidance)
     try:  # the defaults to write, checked as a folder's are when read
         ModelConfig.from_dict(ModelConfig(sampling=sampling).to_dict())
     except CTFlowError as exc:
@@ -462,6 +464,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--side-guidance", type=config_rule("sampling.side_guidance", float),
                         default=sampling.side_guidance,
                         help="default side guidance: each half of the volume by its half of the report (0: off)")
+    parser.add_argument("--finding-guidance", type=config_rule("sampling.finding_guidance", float),
+                        default=sampling.finding_guidance,
+                        help="default finding guidance: away from the report without its findings (0: off)")
     parser.add_argument("--max-slices", type=config_rule("max_slices", int), default=model.max_slices, help="cap when the model does not end the volume")
     parser.add_argument("--calibration-cases", type=positive(int), default=8, help="volumes used to calibrate end detection")
     parser.add_argument("--evaluation", type=Path, nargs="*", default=[], help="JSON files of measured figures for the model card")

@@ -52,6 +52,7 @@ class FigureRun(RunConfig):
     steps: int | None
     guidance: float | None
     side_guidance: float | None
+    finding_guidance: float | None
     slices: int | None
     window: str
     tile: int
@@ -189,14 +190,16 @@ def make_figure(run: FigureRun, log=progress) -> Image.Image:
     seeds = list(dict.fromkeys(run.seeds))
     set_threads(run.threads)
     pipe = CTFlowPipeline.from_pretrained(run.model, device="cpu")
-    request = {"steps": run.steps, "guidance": run.guidance, "side_guidance": run.side_guidance, "slices": run.slices}
+    request = {"steps": run.steps, "guidance": run.guidance, "side_guidance": run.side_guidance,
+               "finding_guidance": run.finding_guidance, "slices": run.slices}
     total, done, started = len(seeds) * (len(reports) + 1), 0, time.perf_counter()
-    sides = set()
+    sides, findings = {0.0}, {0.0}
 
     def generated(report: SampleReport, seed: int):
         nonlocal done
         volume, took = generate_volume(pipe, report.text, seed, **request)
         sides.add(volume.provenance.side_guidance)  # 0 for a report that names no side
+        findings.add(volume.provenance.finding_guidance)  # 0 for a report without findings
         done += 1
         eta = (time.perf_counter() - started) / done * (total - done)
         slices = real_slices(volume.hu)
@@ -216,7 +219,8 @@ def make_figure(run: FigureRun, log=progress) -> Image.Image:
     made = normals[seeds[0]].provenance
     header = (f"{SYNTHETIC_NOTICE}. "
               f"Model {made.model} (model sha256 {made.model_sha256[:12]}), {made.steps} {made.sampler} steps, "
-              f"guidance {made.guidance:g}, side guidance {max(sides):g} where a report names a side. "
+              f"guidance {made.guidance:g}, side guidance {max(sides):g} where a report names a side, finding "
+              f"guidance {max(findings):g} where it reports a finding. "
               f"Per seed: axial and coronal slice through the largest change against "
               f"{normal.path.name} on the same seed; red: |HU change| > {CHANGE_HU:g}. {run.window} window.")
     return render_figure(header, rows, run.window, run.tile)
@@ -234,6 +238,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="classifier-free guidance (default: the model's)")
     parser.add_argument("--side-guidance", type=config_rule("sampling.side_guidance", float),
                         help="side guidance (default: the model's)")
+    parser.add_argument("--finding-guidance", type=config_rule("sampling.finding_guidance", float),
+                        help="finding guidance (default: the model's)")
     parser.add_argument("--slices", type=positive(int), help="stop every volume at this many slices (default: the "
                                                              "model ends each itself)")
     parser.add_argument("--window", default="lung", choices=list(WINDOWS), help="display window (default lung)")
