@@ -278,6 +278,18 @@ def test_a_generated_volume_s_key_states_the_code_its_denoiser_reads(tiny_pipeli
     assert (key() != read) == reads_code
 
 
+def test_a_generated_volume_s_key_states_finding_guidance_where_it_acts(tiny_pipeline):
+    """Finding guidance makes another volume only of a report that reports a finding: a normal report keeps its
+    volume (and key), so a study at finding guidance shares the normal and negated reports' volumes."""
+    def key(text: str, finding: float) -> str:
+        return fs.volume_key(tiny_pipeline, "model", text, 0, 2, 3.0, 1.0, finding)
+
+    sick, normal = "Findings: Right pleural effusion. Heart normal.", "Findings: No pleural effusion. Heart normal."
+    assert key(normal, 2.0) == key(normal, 0.0)
+    assert key(sick, 2.0) != key(sick, 0.0) and "'Findings: Heart normal.'" in key(sick, 2.0)
+    assert key(sick, 2.0) != key(sick, 1.0)
+
+
 def test_finding_study_probes_the_cohort_and_counts_generated_volumes(tiny, data, vae_run, cache, tmp_path):
     flow = tmp_path / "flow"
     train_flow.train(tiny.flow_run(cache, flow, steps=2))
