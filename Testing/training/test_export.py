@@ -102,7 +102,7 @@ def test_export_loads_in_ctflow_and_generates(tiny, data, vae_run, cache, tmp_pa
     export.configure(parser)
     args = parser.parse_args(["--flow", str(flow), "--vae", str(vae_run[0]), "--cache", str(cache),
                               "--out", str(tmp_path / "model"), "--steps", "2", "--calibration-cases", "2", "--half",
-                              "--side-guidance", "8",
+                              "--side-guidance", "8", "--finding-guidance", "1.5",
                               "--evaluation", str(figures), str(findings)])
     folder = export.export(export.ExportRun.from_args(args))
     assert str(vae_run[0]) not in (folder / "vae" / "config.json").read_text()  # no path of the exporting machine
@@ -115,13 +115,13 @@ def test_export_loads_in_ctflow_and_generates(tiny, data, vae_run, cache, tmp_pa
     preset = DENOISER_PRESETS["tiny"]
     assert config["denoiser"]["hidden_size"] == preset.hidden_size and config["denoiser"]["latent_size"] == 8
     assert config["typical_slices"] == 14 and config["geometry"]["spacing"] == [2.0, 2.0, 2.5]
-    assert config["sampling"]["side_guidance"] == 8
+    assert config["sampling"]["side_guidance"] == 8 and config["sampling"]["finding_guidance"] == 1.5
     card = (folder / "README.md").read_text()
     assert config["end_tolerance"] > 0 and config["max_slices"] == 14  # the tiny VAE draws no white: capped
     assert ("calibrated on 2 blocks it generated at the end of training volumes (0 of their 8 frames drawn white by "
             "the decoder): the model drew no end slice, so volumes without a requested length stop at the typical 14 "
             "slices at most.") in card
-    assert "not for clinical use" in card and "PSNR" in card and "side guidance 8.0." in card
+    assert "not for clinical use" in card and "PSNR" in card and "side guidance 8.0, finding guidance 1.5." in card
     assert "ONE real base anatomy" not in card  # the tiny cases are not the synthetic cohort's patients
     assert "Trained in 1 stage(s)" in card and "| flow | 3 |" in card and "| False | False | latents |" in card
     assert "slice position" in card and "pooled-text vector" not in card  # the card names only what the model has
