@@ -41,6 +41,8 @@ from .volume import Geometry, Provenance, Volume
 MARKER_SEED_OFFSET = 1  # the released mode's marker samples: a stream apart from the noise of the same seed
 ENDED_BEFORE_FIRST_SLICE = "the model ended the volume before its first slice"
 UNKNOWN_TOKENS_NOTICE = 0.5  # tell the user when the text encoder knows fewer than half of the report's tokens
+# The request's guidance options that read the report's text, and what they read of it: none with an embedding.
+READING_GUIDANCE = (("side_guidance", "sides"), ("finding_guidance", "findings"))
 
 
 class CancelFlag(Protocol):
@@ -150,18 +152,13 @@ def check_options(request: GenerationRequest, config: ModelConfig | None = None)
     if guidance != 1.0 and request.embedding is not None:
         raise RequestError("guidance needs an embedding of the empty report too: with a precomputed "
                            "embedding use guidance 1")
-    side = resolved.side_guidance
-    if not (is_finite_number(side) and 0 <= side <= MAX_GUIDANCE):
-        raise RequestError(f"side guidance must be a number from 0 to {MAX_GUIDANCE:g}, not {side!r}")
-    if side > 0 and request.embedding is not None:
-        raise RequestError("side guidance needs the report's text, to read its sides: with a precomputed "
-                           "embedding use side guidance 0")
-    finding = resolved.finding_guidance
-    if not (is_finite_number(finding) and 0 <= finding <= MAX_GUIDANCE):
-        raise RequestError(f"finding guidance must be a number from 0 to {MAX_GUIDANCE:g}, not {finding!r}")
-    if finding > 0 and request.embedding is not None:
-        raise RequestError("finding guidance needs the report's text, to read its findings: with a precomputed "
-                           "embedding use finding guidance 0")
+    for name, reads in READING_GUIDANCE:
+        value, label = getattr(resolved, name), name.replace("_", " ")
+        if not (is_finite_number(value) and 0 <= value <= MAX_GUIDANCE):
+            raise RequestError(f"{label} must be a number from 0 to {MAX_GUIDANCE:g}, not {value!r}")
+        if value > 0 and request.embedding is not None:
+            raise RequestError(f"{label} needs the report's text, to read its {reads}: with a precomputed "
+                               f"embedding use {label} 0")
     if request.embedding is not None and config is not None:
         given_embedding(request.embedding, config)
 
@@ -265,11 +262,11 @@ class CTFlowPipeline:
             if request.guidance is None and resolved.guidance != self.config.sampling.guidance:  # with_defaults
                 notices.append(f"guidance 1 (the model's default is {self.config.sampling.guidance:g}): a "
                                "precomputed embedding has no empty-report twin to guide by")
-            for name, what in (("side_guidance", "sides"), ("finding_guidance", "findings")):
+            for name, reads in READING_GUIDANCE:
                 if getattr(request, name) is None and getattr(self.config.sampling, name):
                     notices.append(f"{name.replace('_', ' ')} 0 (the model's default is "
                                    f"{getattr(self.config.sampling, name):g}): a precomputed embedding has no report "
-                                   f"text to read {what} from")
+                                   f"text to read {reads} from")
             guidance = Guidance(resolved.guidance)
             return GenerationPlan(resolved, report.text, report.text, tuple(notices), tokens,
                                   torch.ones(1, 1, dtype=torch.bool), guidance, tuple(guidance.texts("")))

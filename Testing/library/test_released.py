@@ -331,19 +331,23 @@ def test_a_precomputed_embedding_is_sampled_unguided_by_default(autoencoder, tex
     guidance asked for it runs at 1 and says so; asked for, guidance is refused."""
     config = released_model_config()
     config = dataclasses.replace(config, sampling=dataclasses.replace(config.sampling, guidance=3.0, side_guidance=2.0,
-                                                                      guidance_supported=True))
+                                                                      finding_guidance=1.5, guidance_supported=True))
     pipe = CTFlowPipeline(config, build_released_stdit(TINY_A), autoencoder, text_encoder)
     vector = torch.ones(768)
     plan = pipe.plan(GenerationRequest("Findings: right nodule.", embedding=vector))
     assert plan.request.guidance == 1.0 and plan.request.side_guidance == 0.0 and plan.guidance.branches == 1
-    assert len(plan.notices) == 2 and "model's default is 3" in plan.notices[0]
+    assert plan.request.finding_guidance == 0.0
+    assert len(plan.notices) == 3 and "model's default is 3" in plan.notices[0]
     assert "side guidance 0 (the model's default is 2)" in plan.notices[1]
+    assert "finding guidance 0 (the model's default is 1.5)" in plan.notices[2]
     assert pipe.plan(GenerationRequest("Findings: nodule.", embedding=vector, guidance=1.0,
-                                       side_guidance=0.0)).notices == ()
+                                       side_guidance=0.0, finding_guidance=0.0)).notices == ()
     with pytest.raises(RequestError, match="with a precomputed embedding use guidance 1"):
         pipe.plan(GenerationRequest("Findings: nodule.", embedding=vector, guidance=3.0))
     with pytest.raises(RequestError, match="with a precomputed embedding use side guidance 0"):
         pipe.plan(GenerationRequest("Findings: nodule.", embedding=vector, side_guidance=2.0))
+    with pytest.raises(RequestError, match="to read its findings: with a precomputed embedding use finding guidance 0"):
+        pipe.plan(GenerationRequest("Findings: nodule.", embedding=vector, finding_guidance=1.0))
     assert pipe.plan(GenerationRequest("Findings: nodule.")).request.guidance == 3.0  # text: the default
 
 
