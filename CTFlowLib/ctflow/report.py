@@ -69,7 +69,8 @@ SIDED_FINDINGS = {
 SIDE_CODE_SIZE = 2 * len(SIDED_FINDINGS)
 # Findings without a side, read only to leave them out of a report (without_findings).
 UNSIDED_FINDINGS = {
-    "cardiomegaly": r"cardiomegaly|enlarged (?:heart|cardiac silhouette)|(?:heart|cardiac silhouette) (?:is )?enlarged",
+    "cardiomegaly": r"cardiomegaly|cardiac enlargement|enlarged (?:heart|cardiac silhouette)|"
+                    r"(?:heart|cardiac silhouette) (?:is )?enlarged",
     "pericardial effusion": r"pericardial (?:effusion|fluid)",
     "arterial calcification": r"calcifi\w*|atherosclero\w*|plaques?",
 }

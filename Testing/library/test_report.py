@@ -283,6 +283,7 @@ def test_the_half_code_is_what_each_half_reads_reported(text, right, left):
     ("Findings: No effusion, no plaque, nodes are not enlarged.\nImpressions: Normal chest.",
      "Findings: No effusion, no plaque, nodes are not enlarged.\nImpressions: Normal chest."),
     ("Findings: Bilateral pleural fluid with a pericardial effusion.", ""),
+    ("Findings: Cardiac enlargement. The heart is not enlarged.", "Findings: The heart is not enlarged."),
 ])
 def test_the_report_without_its_findings_keeps_what_reports_none(text, expected):
     """What finding guidance guides away from: parts that report a finding (sided or not) go, negated ones and the
