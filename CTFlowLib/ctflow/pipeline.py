@@ -63,7 +63,7 @@ class GenerationRequest:
     steps: int | None = None
     guidance: float | None = None
     side_guidance: float | None = None  # each half of the volume by its half of the report (report.half_reports); 0: none
-    finding_guidance: float | None = None  # away from the report without its findings (report.without_findings); 0: none
+    finding_guidance: float | None = None  # away from the report without its findings (without_findings); 0: none
     sampler: str | None = None
     shift: float | None = None
     # A precomputed report embedding (models with one text vector): used instead of encoding the report, which is

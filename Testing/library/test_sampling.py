@@ -89,7 +89,8 @@ def test_side_guidance_guides_each_half_of_the_volume_by_its_own_text():
 def test_finding_guidance_guides_away_from_the_report_without_its_findings():
     """v_cond + finding * (v_cond - v_reference), before classifier-free guidance; with side guidance, after each half
     has been guided by its own text; one forward with a row per text."""
-    report, halves, reference = "Right effusion. Heart normal.", ("Right effusion. Heart normal.", "Heart normal."), "Heart."
+    report, reference = "Right effusion. Heart normal.", "Heart."
+    halves = (report, "Heart normal.")
     rows = {report: 5.0, "Heart normal.": 3.0, reference: 2.0, "": 1.0}
     for guidance, right, left in ((Guidance(1.0, finding=2.0), 5 + 2 * 3, 5 + 2 * 3),
                                   (Guidance(3.0, finding=1.0), 1 + 3 * (5 + 3 - 1), 1 + 3 * (5 + 3 - 1)),

@@ -741,9 +741,8 @@ def volume_key(pipe: CTFlowPipeline, model: str, text: str, seed: int, steps: in
     right, left = half_reports(report)
     side = f" side halves {side_guidance} {right.text!r} {left.text!r}" if side_guidance and right != left else ""
     reference = without_findings(report)
-    side += (f" finding {finding_guidance} {reference.text!r}" if finding_guidance and reference != report
-             else "")
-    key = f"generated {model} {steps} {guidance}{side} {seed} {text}"
+    finding = f" finding {finding_guidance} {reference.text!r}" if finding_guidance and reference != report else ""
+    key = f"generated {model} {steps} {guidance}{side}{finding} {seed} {text}"
     denoiser = pipe.config.denoiser
     if denoiser.reads_code:
         request = GenerationRequest(text, seed=seed, steps=steps, guidance=guidance, side_guidance=side_guidance,
@@ -754,7 +753,8 @@ def volume_key(pipe: CTFlowPipeline, model: str, text: str, seed: int, steps: in
     return key
 
 
-KEYED_SAMPLING = ("steps", "guidance", "side_guidance", "finding_guidance")  # the study's own settings: a volume's key states them as used
+# The study's own settings: a volume's key states them as used.
+KEYED_SAMPLING = ("steps", "guidance", "side_guidance", "finding_guidance")
 
 
 def volume_config_hash(config: ModelConfig) -> str:
