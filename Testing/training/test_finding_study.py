@@ -18,6 +18,7 @@ from ctflow.checksums import write_checksums
 from ctflow.errors import CTFlowError
 from ctflow.report import SIDE_CODE_SIZE, names_one_side
 from ctflow_train import export, train_flow
+from ctflow_train.cli import main
 from ctflow_train import finding_study as fs
 from ctflow_train.findings import FINDINGS, LOBES
 from ctflow_train.latent_store import LatentStore
@@ -290,6 +291,54 @@ def test_a_generated_volume_s_key_states_finding_guidance_where_it_acts(tiny_pip
     assert key(sick, 2.0) != key(sick, 1.0)
 
 
+def one_seed(whole: fs.FindingStudy, seed: int) -> fs.FindingStudy:
+    """The study of one of whole's seeds, as `finding-study --seed S --seeds 1` writes it."""
+    def pick(values):
+        return values[seed - whole.seed:seed - whole.seed + 1]
+    responses = [dataclasses.replace(r, asked=pick(r.asked), negated=pick(r.negated),  # its first seeds ranked first
+                                     ranked_first=None if r.ranked_first is None else int(seed < r.ranked_first))
+                 for r in whole.responses]
+    placements = [dataclasses.replace(p, predicted=pick(p.predicted)) for p in whole.placements]
+    return dataclasses.replace(whole, seeds=1, seed=seed, responses=responses, placements=placements)
+
+
+def test_studies_of_consecutive_seeds_combine_into_the_study_of_all_of_them(tmp_path, capsys):
+    whole = study()
+    paths = []
+    for seed in (2, 0, 1):  # in any order
+        paths.append(tmp_path / f"s{seed}.json")
+        paths[-1].write_text(one_seed(whole, seed).to_json())
+    out = tmp_path / "all.json"
+    assert main(["combine-studies", *map(str, paths), "--out", str(out)]) == 0
+    combined = fs.FindingStudy.from_json(out.read_text())
+    assert combined == whole
+    assert out.with_suffix(".md").read_text() == combined.markdown() and "| consolidation | side (change) | 1/3 |" in \
+        combined.markdown()
+    capsys.readouterr()
+    assert main(["combine-studies", *map(str, paths), "--out", str(out)]) == 1  # never over a file unasked
+    assert "exists" in capsys.readouterr().err
+    refused = {"missing seed": [paths[1], paths[0]], "twice": [paths[0], paths[1], paths[1]]}
+    other = tmp_path / "other.json"
+    other.write_text(dataclasses.replace(one_seed(whole, 1), finding_guidance=1.0).to_json())
+    refused["finding guidance"] = [paths[1], other]
+    moved = tmp_path / "moved.json"
+    moved.write_text(dataclasses.replace(one_seed(whole, 1), placements=one_seed(whole, 1).placements[1:]).to_json())
+    refused["placements"] = [paths[1], moved]
+    (tmp_path / "broken.json").write_text("{")
+    refused["broken"] = [paths[1], tmp_path / "broken.json"]
+    (tmp_path / "eval.json").write_text(json.dumps({"seam": 1}))
+    refused["not a study"] = [paths[1], tmp_path / "eval.json"]
+    refused["absent"] = [paths[1], tmp_path / "absent.json"]
+    for why, files in refused.items():
+        assert main(["combine-studies", *map(str, files), "--out", str(tmp_path / "x.json")]) == 1, why
+        error = capsys.readouterr().err
+        assert len(error.strip().splitlines()) == 1, why
+        assert {"missing seed": "not consecutive", "twice": "not consecutive", "finding guidance": "finding_guidance",
+                "placements": "in placements", "broken": "broken.json: cannot read", "not a study": "not the JSON",
+                "absent": "absent.json: cannot read"}[why] in error, (why, error)
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_finding_study_probes_the_cohort_and_counts_generated_volumes(tiny, data, vae_run, cache, tmp_path):
     flow = tmp_path / "flow"
     train_flow.train(tiny.flow_run(cache, flow, steps=2))
@@ -345,6 +394,16 @@ def test_finding_study_probes_the_cohort_and_counts_generated_volumes(tiny, data
     assert fs.run(parser.parse_args([*argv, "--seed", "1", "--seeds", "1", "--overwrite"])) == 0
     assert len(list((tmp_path / "features").iterdir())) == cached  # a run over other seeds: the same reports
     assert fs.FindingStudy.from_json(out.read_text()).reports == result.reports
+    seed0 = tmp_path / "seed0.json"
+    assert fs.run(parser.parse_args([*argv, "--seeds", "1", "--out", str(seed0)])) == 0
+    both = tmp_path / "both.json"
+    assert main(["combine-studies", str(out), str(seed0), "--out", str(both)]) == 0
+    combined = fs.FindingStudy.from_json(both.read_text())  # two one-seed runs read as the two-seed run:
+    assert combined.markdown() == result.markdown()
+    for joined, whole in zip(combined.responses, result.responses, strict=True):  # probabilities to rounding
+        assert joined.asked == pytest.approx(whole.asked) and joined.negated == pytest.approx(whole.negated)
+        assert dataclasses.replace(joined, asked=whole.asked, negated=whole.negated) == whole
+    assert dataclasses.replace(combined, responses=result.responses) == result
     train_flow.train(tiny.flow_run(cache, tmp_path / "flow2", steps=1))  # another denoiser, the same autoencoder
     export.export(export.ExportRun.from_args(parser_export.parse_args(
         ["--flow", str(tmp_path / "flow2"), "--vae", str(vae_run[0]), "--cache", str(cache), "--out",

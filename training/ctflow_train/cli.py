@@ -53,6 +53,8 @@ for _command in (
     Command("export", "write a ctflow model folder with a model card", "export"),
     Command("evaluate", "seam continuity, length accuracy and speed of a model folder", "evaluate"),
     Command("finding-study", "how often findings appear when asked vs negated", "finding_study"),
+    Command("combine-studies", "one finding study from studies of consecutive seeds (split over lanes or days)",
+            "finding_study", "configure_combine", "run_combine"),
     Command("report-figure", "PNG of where each report's finding appears against a normal report, per seed",
             "report_figure"),
 ):

@@ -430,6 +430,14 @@ class Placement:
         return sum(p == self.expected for p in self.predicted)
 
 
+PER_SEED_RESPONSE = ("asked", "negated", "ranked_first")
+
+
+def without(rows: list, fields: tuple[str, ...]) -> list[dict]:
+    """The rows (responses or placements) as dicts without their per-seed fields: what a study's seeds share."""
+    return [{k: v for k, v in dataclasses.asdict(row).items() if k not in fields} for row in rows]
+
+
 @dataclasses.dataclass
 class FindingStudy:
     model: str
@@ -464,6 +472,37 @@ class FindingStudy:
         return cls(**{**data, "detectors": [DetectorScore(**d) for d in data["detectors"]],
                       "responses": [Response(**r) for r in data["responses"]],
                       "placements": [Placement(**p) for p in data["placements"]]})
+
+    @classmethod
+    def combined(cls, studies: list["FindingStudy"]) -> "FindingStudy":
+        """One study of studies of consecutive seeds that differ in nothing else (a study split over lanes, machines
+        or days): per-seed figures concatenated, so every table reads as if the seeds had been run at once."""
+        studies = sorted(studies, key=lambda s: s.seed)
+        first = studies[0]
+        same = ("model", "steps", "guidance", "side_guidance", "finding_guidance", "training", "anatomy", "detectors",
+                "skipped", "reports")
+        for before, study in zip(studies, studies[1:]):
+            if study.seed != before.seed + before.seeds:
+                raise CTFlowError(f"seeds {before.seed}-{before.seed + before.seeds - 1} and {study.seed}-"
+                                  f"{study.seed + study.seeds - 1} are not consecutive (missing or overlapping)")
+        for study in studies[1:]:
+            differing = [name for name in same if getattr(study, name) != getattr(first, name)]
+            differing += [name for name, per_seed in (("responses", PER_SEED_RESPONSE), ("placements", ("predicted",)))
+                          if without(getattr(study, name), per_seed) != without(getattr(first, name), per_seed)]
+            if differing:
+                raise CTFlowError(f"the study of seed {study.seed} differs from that of seed {first.seed} in "
+                                  f"{', '.join(differing)}: only studies that differ in their seeds combine")
+
+        def total(group: tuple, field: str):
+            return None if getattr(group[0], field) is None else sum((getattr(r, field) for r in group[1:]),
+                                                                     getattr(group[0], field))
+
+        responses = [dataclasses.replace(group[0], **{f: total(group, f) for f in PER_SEED_RESPONSE})
+                     for group in zip(*(s.responses for s in studies))]
+        placements = [dataclasses.replace(group[0], predicted=total(group, "predicted"))
+                      for group in zip(*(s.placements for s in studies))]
+        return dataclasses.replace(first, seeds=sum(s.seeds for s in studies), responses=responses,
+                                   placements=placements)
 
     def both_sides(self) -> list[tuple[str, str, int]]:
         """Per writer finding with a right and a left report, and per side reader: in how many seeds both reports
@@ -795,11 +834,38 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    table = args.out.with_suffix(".md")
-    if not args.overwrite and (args.out.exists() or table.exists()):
-        raise CTFlowError(f"{args.out} or {table.name} exists: give another --out, or --overwrite")
-    study = run_study(args, lambda line: print(line, file=sys.stderr, flush=True))
-    atomic_write(args.out, lambda tmp: tmp.write_text(study.to_json(), encoding="utf-8"), overwrite=True)
-    atomic_write(table, lambda tmp: tmp.write_text(study.markdown(), encoding="utf-8"), overwrite=True)
+    check_free(args.out, args.overwrite)
+    return write_study(run_study(args, lambda line: print(line, file=sys.stderr, flush=True)), args.out)
+
+
+def configure_combine(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("studies", type=Path, nargs="+", help="finding-study JSON files of consecutive seeds")
+    parser.add_argument("--out", type=Path, required=True, help="JSON to write (and its tables beside it, .md)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out and its tables if they exist")
+
+
+def run_combine(args: argparse.Namespace) -> int:
+    check_free(args.out, args.overwrite)
+    studies = []
+    for path in args.studies:
+        try:
+            studies.append(FindingStudy.from_json(path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError) as error:
+            raise CTFlowError(f"{path}: cannot read a finding study ({error})") from error
+        except CTFlowError as error:
+            raise CTFlowError(f"{path}: {error}") from error
+    return write_study(FindingStudy.combined(studies), args.out)
+
+
+def check_free(out: Path, overwrite: bool) -> None:
+    table = out.with_suffix(".md")
+    if not overwrite and (out.exists() or table.exists()):
+        raise CTFlowError(f"{out} or {table.name} exists: give another --out, or --overwrite")
+
+
+def write_study(study: FindingStudy, out: Path) -> int:
+    """The study's JSON and its tables beside it (.md), and the tables on stdout."""
+    atomic_write(out, lambda tmp: tmp.write_text(study.to_json(), encoding="utf-8"), overwrite=True)
+    atomic_write(out.with_suffix(".md"), lambda tmp: tmp.write_text(study.markdown(), encoding="utf-8"), overwrite=True)
     print(study.markdown())
     return 0
