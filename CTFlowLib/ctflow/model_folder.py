@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .checksums import CHECKSUMS, verify_checksums, write_checksums
+from .checksums import CHECKSUMS, sha256_file, verify_checksums, write_checksums
 from .config import ModelConfig
 from .devices import is_out_of_memory
 from .errors import CorruptModelError, ModelError, first_line
@@ -37,6 +37,16 @@ def model_sha256(checksums: dict[str, str]) -> str:
     name in config.json, not by its weights: those are pinned by the package's version or the hub revision."""
     lines = "".join(f"{digest}  {name}\n" for name, digest in sorted(checksums.items()) if name != CARD)
     return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def copy_model_files(folder: Path, checksums: dict[str, str], staging: Path) -> None:
+    """Copy the files a model folder's checksums list (verify_model_folder's answer) into `staging`, each checked
+    again as copied: nothing else the folder may hold, and nothing changed since it was verified."""
+    for name, digest in checksums.items():
+        (staging / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(folder / name, staging / name)
+        if sha256_file(staging / name) != digest:
+            raise CorruptModelError(f"{folder / name} changed while it was copied; nothing is written")
 
 
 def read_config(folder: Path) -> ModelConfig:

@@ -32,7 +32,8 @@ from .errors import CorruptModelError, CTFlowError, ModelError, RequestError
 from .hub import default_model, is_hub_id, resolve_model
 from .io import read_text_file
 from .model_folder import CARD, load_denoiser, load_vae, model_sha256, read_config, verify_model_folder
-from .report import Report, half_reports, parse_report, render_prompt, typed_meta_lines, without_findings
+from .places import LOBE_FILE, LobePrior, Places
+from .report import Report, parse_report, render_prompt, typed_meta_lines, without_findings
 from .ending import VolumeEnd
 from .sampling import Cancelled, Guidance, block_velocity, sample, side_codes, validate
 from .text_encoder import TextEncoder, unit_cls
@@ -207,6 +208,7 @@ class CTFlowPipeline:
     def __init__(
         self, config: ModelConfig, denoiser: STDiT, autoencoder: SliceAutoencoder, text_encoder: TextEncoder,
         model_id: str = "", model_sha256: str = "", device: torch.device = torch.device("cpu"), card: str = "",
+        lobe_prior: LobePrior | None = None,
     ) -> None:
         if text_encoder.dim != config.denoiser.text_dim:
             raise ModelError(f"text encoder width {text_encoder.dim} != denoiser text_dim {config.denoiser.text_dim}")
@@ -222,6 +224,7 @@ class CTFlowPipeline:
         self.model_sha256 = model_sha256
         self.device = device
         self.card = card  # the model folder's README.md: data, training, metrics, limits
+        self.lobe_prior = lobe_prior  # where the lungs' lobes lie: side guidance places a lobe's findings there
 
     @classmethod
     def from_pretrained(
@@ -241,12 +244,14 @@ class CTFlowPipeline:
             autoencoder = SliceAutoencoder(load_vae(folder).to(target), config.autoencoder)
             text_encoder = TextEncoder.load(config.text, folder, local_files_only)
             text_encoder.model.to(target)
+            lobe_prior = LobePrior.load(folder, config.denoiser.latent_size) if LOBE_FILE in checksums else None
         except (RuntimeError, MemoryError) as exc:
             if not is_out_of_memory(exc):
                 raise
             raise out_of_memory(target, f"loading {folder.name}") from exc
         model_id = str(model) if model is not None and not Path(model).is_dir() else config.name
-        return cls(config, denoiser, autoencoder, text_encoder, model_id, model_sha256(checksums), target, card)
+        return cls(config, denoiser, autoencoder, text_encoder, model_id, model_sha256(checksums), target, card,
+                   lobe_prior)
 
     # -- planning -------------------------------------------------------------------------------------------
 
@@ -276,11 +281,11 @@ class CTFlowPipeline:
         def render(text: Report) -> str:
             return text.text if self.released_mode else render_prompt(text, resolved.prompt_slices, spacing)
 
-        prompt, halves = render(report), tuple(render(half) for half in half_reports(report))
-        reference = render(without_findings(report))
-        guidance = Guidance(resolved.guidance, resolved.side_guidance if halves[0] != halves[1] else 0.0,
-                            resolved.finding_guidance if reference != prompt else 0.0)
-        texts = guidance.texts(prompt, halves, reference)
+        prompt, reference = render(report), render(without_findings(report))
+        places = Places.of(report, render, self.lobe_prior, resolved.slices or self.config.typical_slices)
+        guidance = Guidance(resolved.guidance, resolved.side_guidance if len(places.texts) > 1 else 0.0,
+                            resolved.finding_guidance if reference != prompt else 0.0, places)
+        texts = guidance.texts(prompt, reference)
         embedding = self.text_encoder.encode(texts)
         notices = []
         if report.truncated or any(embedding.truncated):  # either half's text, with side guidance

@@ -188,10 +188,10 @@ def lobes_at(levels: tuple[float, float]) -> frozenset[str]:
     return frozenset(lobe for lobe, (top, bottom) in LOBE_LEVELS.items() if top < levels[1] and levels[0] < bottom)
 
 
-def level_text(text: str, lobes: frozenset[str]) -> str:
+def level_text(text: str, lobes: frozenset[str], placed: dict[str, set[str]] | None = None) -> str:
     """The text where only `lobes` lie (lobes_at): without the parts that name other lobes only, nor those without a
-    lobe whose findings the text places only in other lobes (placed_lobes)."""
-    placed = placed_lobes(text)
+    lobe whose findings the text places only in other lobes (`placed`, by default the text's own placed_lobes)."""
+    placed = placed_lobes(text) if placed is None else placed
 
     def elsewhere(part: str) -> bool:
         named = _lobes_named(part)
@@ -212,6 +212,14 @@ def half_reports(report: Report) -> tuple[Report, Report]:
                                                           for section in (report.findings, report.impressions)))
     return (Report(right_findings, right_impressions, report.truncated),
             Report(left_findings, left_impressions, report.truncated))
+
+
+def lobe_report(report: Report, lobes: frozenset[str]) -> Report:
+    """The report where only `lobes` lie: each section by level_text, the findings placed by the whole report; a
+    section with nothing left is empty, as in half_reports. What side guidance asks for inside a lobe (places)."""
+    placed = placed_lobes(f"{report.findings}\n{report.impressions}")
+    return Report(*(level_text(section, lobes, placed).strip() for section in (report.findings, report.impressions)),
+                  report.truncated)
 
 
 def without_findings(report: Report) -> Report:

@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from .conventions import MAX_SHIFT, MAX_STEPS, right_half
+from .conventions import MAX_SHIFT, MAX_STEPS
 from .errors import RequestError
+from .places import Places
 if TYPE_CHECKING:  # config imports this module
     from .config import DenoiserConfig
 
@@ -82,28 +83,38 @@ def validate(steps: int, method: str, shift: float) -> None:
         raise RequestError(f"time shift must be a number above 0 and at most {MAX_SHIFT:g}, not {shift!r}")
 
 
-def guided(model_velocity: Velocity, scale: float, side: float = 0.0, finding: float = 0.0) -> Velocity:
-    """Guidance with one forward over rows in Guidance.texts' order: [the prompt, or with side guidance the right
-    half's text and the left half's (report.half_reports); the report without its findings, with finding guidance;
-    the empty report, when scale != 1]. model_velocity sees z once per row and returns every row.
+def guided(model_velocity: Velocity, scale: float, side: float = 0.0, finding: float = 0.0,
+           places: Callable[[torch.Size], torch.Tensor] | None = None) -> Velocity:
+    """Guidance with one forward over rows in Guidance.texts' order: [the prompt, or with side guidance the texts
+    of the report's places (places.Places); the report without its findings, with finding guidance; the empty
+    report, when scale != 1]. model_velocity sees z once per row and returns every row.
 
-    Side guidance guides each half of the volume by its own text, away from the other half's at side > 1:
-    v_cond = v_other + side * (v_own - v_other), v_right's on the patient's right columns, v_left's on the left (the
-    denoiser sees the whole volume in every row; the mask applies to what each text asks for). Finding guidance
-    then guides away from the report without its findings: v_cond += finding * (v_cond - v_reference), what the
-    findings' words change and not what the rest of the report does. Classifier-free guidance mixes the result with
-    the empty report's: v = v_uncond + scale * (v_cond - v_uncond)."""
-    rows = 1 + (side > 0) + (finding > 0) + (scale != 1.0)
+    Side guidance guides each latent cell by the texts of its place, `places(z's [T, h, w])` -> [texts, T, h, w]
+    weights that add up to 1 at each cell (Places.weights), and away from what the mirrored cell's place reads at
+    side > 1: v_cond = v_other + side * (v_own - v_other), own the weighted sum of the rows' velocities, other the
+    same with the weights mirrored across the columns (without a lobe prior: the patient's right columns by the
+    right half's text, away from the left half's, and the other way round). The denoiser sees the whole volume in
+    every row; the weights apply to what each text asks for. Finding guidance then guides away from the report
+    without its findings: v_cond += finding * (v_cond - v_reference), what the findings' words change and not what
+    the rest of the report does. Classifier-free guidance mixes the result with the empty report's:
+    v = v_uncond + scale * (v_cond - v_uncond)."""
+    if side > 0 and places is None:
+        raise ValueError("side guidance needs the weights of the report's places")
+    where: list[torch.Tensor] = []  # the weights, made at the first call (they need z's shape)
 
     def velocity(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if side > 0 and not where:
+            where.append(places(z.shape[-3:]).to(z)[:, None, None])  # [texts, 1, 1, T, h, w]
+        texts = len(where[0]) if side > 0 else 1
+        rows = texts + (finding > 0) + (scale != 1.0)
         v = list(model_velocity(torch.cat([z] * rows), t).chunk(rows))
         if side > 0:
-            right = torch.from_numpy(right_half(z.shape[-1])).to(z)  # [w]: broadcast over the columns
-            own_right, own_left = v.pop(0), v.pop(0)
-            cond = (right * (own_left + side * (own_right - own_left))
-                    + (1 - right) * (own_right + side * (own_left - own_right)))
+            place_rows = torch.stack(v[:texts])
+            own, other = (where[0] * place_rows).sum(0), (where[0].flip(-1) * place_rows).sum(0)
+            cond = other + side * (own - other)
         else:
-            cond = v.pop(0)
+            cond = v[0]
+        v = v[texts:]
         if finding > 0:
             cond = cond + finding * (cond - v.pop(0))
         return cond if scale == 1.0 else v[0] + scale * (cond - v[0])
@@ -114,35 +125,40 @@ def guided(model_velocity: Velocity, scale: float, side: float = 0.0, finding: f
 @dataclass(frozen=True)
 class Guidance:
     """How one generation guides, decided once (plan()): classifier-free guidance at `scale` (1: the conditional
-    branch alone; else against the empty report), side guidance at `side` (0: none, as plan() makes it for a
-    report whose two halves read the same, report.names_one_side) and finding guidance at `finding` (0: none, as
-    plan() makes it for a report without findings): guided() says how each mixes."""
+    branch alone; else against the empty report), side guidance at `side` over the report's `places` (0: none, as
+    plan() makes it for a report whose places all read the same text) and finding guidance at `finding` (0: none,
+    as plan() makes it for a report without findings): guided() says how each mixes."""
 
     scale: float
     side: float = 0.0
     finding: float = 0.0
+    places: Places | None = None
+
+    def __post_init__(self) -> None:
+        if self.side > 0 and self.places is None:
+            raise ValueError("side guidance needs the report's places")
 
     @property
     def branches(self) -> int:
-        """Rows of text conditioning, and of the denoiser's batch: the prompt (with side guidance, its right half's
-        text and its left half's), the report without its findings with finding guidance, then "" when guiding."""
-        return 1 + (self.side > 0) + (self.finding > 0) + (self.scale != 1.0)
+        """Rows of text conditioning, and of the denoiser's batch: the prompt (with side guidance, the texts of its
+        places), the report without its findings with finding guidance, then "" when guiding."""
+        return (len(self.places.texts) if self.side > 0 else 1) + (self.finding > 0) + (self.scale != 1.0)
 
-    def texts(self, prompt: str, halves: tuple[str, str] | None = None, reference: str | None = None) -> list[str]:
-        """The texts to embed, one per branch: with side guidance the prompt's (right, left) halves stand for it;
+    def texts(self, prompt: str, reference: str | None = None) -> list[str]:
+        """The texts to embed, one per branch: with side guidance the texts of the prompt's places stand for it;
         with finding guidance the reference (the prompt without its findings) follows."""
-        if self.side > 0 and halves is None:
-            raise ValueError("side guidance needs the prompt's halves")
         if self.finding > 0 and reference is None:
             raise ValueError("finding guidance needs the prompt without its findings")
-        return ([*(halves if self.side > 0 else [prompt])] + [reference] * (self.finding > 0)
+        return ([*(self.places.texts if self.side > 0 else [prompt])] + [reference] * (self.finding > 0)
                 + [""] * (self.scale != 1.0))
 
-    def velocity(self, model_velocity: Velocity) -> Velocity:
-        """model_velocity sees z repeated once per row, in texts' order."""
+    def velocity(self, model_velocity: Velocity, first_slice: int = 0) -> Velocity:
+        """model_velocity sees z repeated once per row, in texts' order; first_slice: the block's, where the
+        places' weights depend on the level (a lobe prior)."""
         if self.branches == 1:
             return model_velocity
-        return guided(model_velocity, self.scale, self.side, self.finding)
+        return guided(model_velocity, self.scale, self.side, self.finding,
+                      None if self.side == 0 else lambda shape: self.places.weights(first_slice, shape))
 
 
 def side_codes(texts: tuple[str, ...], config: DenoiserConfig, first_slice: int) -> torch.Tensor | None:
@@ -167,4 +183,4 @@ def block_velocity(denoiser, previous: torch.Tensor, text: torch.Tensor, mask: t
     def model(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # z: one row per text
         return denoiser(z, t.expand(z.shape[0]), cond)
 
-    return guidance.velocity(model)
+    return guidance.velocity(model, first_slice)

@@ -21,8 +21,8 @@ NOT_FOR_THE_LIBRARY = {"ctflow_train", "slicer", "qt", "ctk", "vtk", "PySide6", 
 # among them: what training shares with generation lives in conventions, config, report, sampling...
 FOR_TRAINING = {"ctflow", "ctflow.autoencoder", "ctflow.batch", "ctflow.checksums", "ctflow.config",
                 "ctflow.conventions", "ctflow.denoiser", "ctflow.ending", "ctflow.entry", "ctflow.errors", "ctflow.io",
-                "ctflow.model_folder", "ctflow.preview", "ctflow.qa", "ctflow.report", "ctflow.sampling",
-                "ctflow.text_encoder", "ctflow.volume"}
+                "ctflow.model_folder", "ctflow.places", "ctflow.preview", "ctflow.qa", "ctflow.report",
+                "ctflow.sampling", "ctflow.text_encoder", "ctflow.volume"}
 
 
 MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")

@@ -7,6 +7,7 @@ import torch
 
 from ctflow.errors import RequestError
 from ctflow.conventions import right_half
+from ctflow.places import OUTSIDE, Places
 from ctflow.sampling import Cancelled, Guidance, guided, sample, time_grid
 
 
@@ -66,12 +67,13 @@ def test_guidance_runs_both_halves_in_one_forward():
 def test_side_guidance_guides_each_half_of_the_volume_by_its_own_text():
     """The right columns by the report, the left by the report without its right-only parts; above 1 each also away
     from the other's; then classifier-free guidance against the empty report."""
-    report, halves = "Right effusion. Heart normal.", ("Right effusion. Heart normal.", "Heart normal.")
+    report, places = "Right effusion. Heart normal.", Places(("Right effusion. Heart normal.", "Heart normal."),
+                                                             ({OUTSIDE: 0}, {OUTSIDE: 1}))
     rows = {report: 5.0, "Heart normal.": 3.0, "": 1.0}  # each text's velocity, one row each
-    for guidance, right, left in ((Guidance(3.0, side=2.0), 1 + 3 * (3 + 2 * 2 - 1), 1 + 3 * (5 - 2 * 2 - 1)),
-                                  (Guidance(1.0, side=1.0), 5, 3), (Guidance(3.0), 1 + 3 * 4, 1 + 3 * 4),
+    for guidance, right, left in ((Guidance(3.0, 2.0, places=places), 1 + 3 * (3 + 2 * 2 - 1), 1 + 3 * (5 - 2 * 2 - 1)),
+                                  (Guidance(1.0, 1.0, places=places), 5, 3), (Guidance(3.0), 1 + 3 * 4, 1 + 3 * 4),
                                   (Guidance(1.0), 5, 5)):
-        texts = guidance.texts(report, halves)
+        texts = guidance.texts(report)
         assert len(texts) == guidance.branches and texts[0] == report
         values = torch.tensor([rows[text] for text in texts])[:, None, None, None, None]
         calls = []
@@ -90,12 +92,12 @@ def test_finding_guidance_guides_away_from_the_report_without_its_findings():
     """v_cond + finding * (v_cond - v_reference), before classifier-free guidance; with side guidance, after each half
     has been guided by its own text; one forward with a row per text."""
     report, reference = "Right effusion. Heart normal.", "Heart."
-    halves = (report, "Heart normal.")
+    places = Places((report, "Heart normal."), ({OUTSIDE: 0}, {OUTSIDE: 1}))
     rows = {report: 5.0, "Heart normal.": 3.0, reference: 2.0, "": 1.0}
     for guidance, right, left in ((Guidance(1.0, finding=2.0), 5 + 2 * 3, 5 + 2 * 3),
                                   (Guidance(3.0, finding=1.0), 1 + 3 * (5 + 3 - 1), 1 + 3 * (5 + 3 - 1)),
-                                  (Guidance(3.0, side=1.0, finding=1.0), 1 + 3 * (5 + 3 - 1), 1 + 3 * (3 + 1 - 1))):
-        texts = guidance.texts(report, halves, reference)
+                                  (Guidance(3.0, 1.0, 1.0, places), 1 + 3 * (5 + 3 - 1), 1 + 3 * (3 + 1 - 1))):
+        texts = guidance.texts(report, reference)
         assert len(texts) == guidance.branches and texts[-1 - (guidance.scale != 1)] == reference
         values = torch.tensor([rows[text] for text in texts])[:, None, None, None, None]
         calls = []
@@ -112,10 +114,32 @@ def test_finding_guidance_guides_away_from_the_report_without_its_findings():
         Guidance(3.0, finding=1.0).texts(report)
 
 
-def test_side_guidance_without_the_halves_is_refused():
-    with pytest.raises(ValueError, match="halves"):
-        Guidance(3.0, side=1.0).texts("Right effusion.")
+def test_side_guidance_without_the_report_s_places_is_refused():
+    with pytest.raises(ValueError, match="places"):
+        Guidance(3.0, side=1.0)
+    with pytest.raises(ValueError, match="places"):
+        guided(lambda z, t: z, 3.0, side=1.0)
     assert Guidance(3.0).texts("Right effusion.") == ["Right effusion.", ""]
+
+
+def test_side_guidance_mixes_any_number_of_place_texts_by_their_weights():
+    """Three texts over a 2 x 4 grid (a lobe prior's places): each cell follows the weighted sum of the rows, and at
+    side > 1 guides away from what the mirrored cell follows."""
+    weights = torch.tensor([[[1.0, 0.5, 0, 0], [0, 0, 0, 0]],  # [texts, T=1 .. rows, columns]: add up to 1
+                            [[0, 0.5, 0, 0], [1, 1, 0, 0]],
+                            [[0, 0, 1, 1], [0, 0, 1, 1]]])[:, None]
+    values = torch.tensor([4.0, 2.0, 1.0])[:, None, None, None, None]  # each text's velocity, a row each
+
+    def model(z, t):
+        assert z.shape[0] == 3
+        return values + z
+
+    z = torch.zeros(1, 1, 1, 2, 4)
+    own = torch.tensor([[4.0, 3, 1, 1], [2, 2, 1, 1]])
+    other = own.flip(-1)
+    for side in (1.0, 2.0):
+        v = guided(model, 1.0, side, places=lambda shape: weights)(z, torch.tensor(0.5))
+        assert torch.allclose(v[0, 0, 0], other + side * (own - other))
 
 
 def test_the_patient_s_right_is_the_first_half_of_the_columns():

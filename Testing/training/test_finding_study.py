@@ -11,11 +11,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from ctflow import CTFlowPipeline
 from ctflow import config as config_module
 from ctflow.checksums import write_checksums
 from ctflow.errors import CTFlowError
+from ctflow.places import HALF_LOBES, LOBE_FILE
 from ctflow.report import SIDE_CODE_SIZE, names_one_side
 from ctflow_train import export, train_flow
 from ctflow_train.cli import main
@@ -289,6 +291,32 @@ def test_a_generated_volume_s_key_states_finding_guidance_where_it_acts(tiny_pip
     assert key(normal, 2.0) == key(normal, 0.0)
     assert key(sick, 2.0) != key(sick, 0.0) and "'Findings: Heart normal.'" in key(sick, 2.0)
     assert key(sick, 2.0) != key(sick, 1.0)
+
+
+def test_a_lobe_prior_makes_another_volume_only_of_a_report_whose_lobes_read_differently(tiny_model, tiny_pipeline,
+                                                                                           tmp_path):
+    """A model copied with a lobe prior shares its weights' hash and every volume but those of reports that put a
+    finding in a lobe (with side guidance), whose key states the prior and what each place reads."""
+    copy = shutil.copytree(tiny_model, tmp_path / "lobes")
+    shares = {name: torch.full((4, 8, 8), 0.2) for half in HALF_LOBES.values() for name in half}
+    save_file(shares, copy / LOBE_FILE)
+    write_checksums(copy)
+    lobed = CTFlowPipeline.from_pretrained(copy, device="cpu")
+    assert fs.weights_hash(copy) == fs.weights_hash(tiny_model)
+
+    def keys(text: str, side: float = 1.0) -> tuple[str, str]:
+        return tuple(fs.volume_key(pipe, "model", text, 0, 2, 3.0, side) for pipe in (tiny_pipeline, lobed))
+
+    for text in ("Findings: Right pleural effusion.", "Findings: No effusion. Heart normal."):
+        assert len(set(keys(text))) == 1
+    lobar = "Findings: Consolidation in the right lower lobe."
+    without, with_prior = keys(lobar)
+    assert without != with_prior and " lobes " in with_prior
+    assert len(set(keys(lobar, side=0.0))) == 1  # without side guidance the prior does nothing
+    save_file({**shares, "right lower lobe": torch.full((4, 8, 8), 0.4)}, copy / LOBE_FILE)
+    write_checksums(copy)
+    other = CTFlowPipeline.from_pretrained(copy, device="cpu")
+    assert fs.volume_key(other, "model", lobar, 0, 2, 3.0, 1.0) != with_prior  # another prior, another volume
 
 
 def one_seed(whole: fs.FindingStudy, seed: int) -> fs.FindingStudy:

@@ -51,6 +51,8 @@ for _command in (
     Command("tune-text", "tune a model's text encoder so other words for the same findings act as the writer's",
             "tune_text"),
     Command("export", "write a ctflow model folder with a model card", "export"),
+    Command("lobe-prior", "copy a model folder with the cohort's lobe prior (side guidance places a lobe's findings)",
+            "lobe_prior"),
     Command("evaluate", "seam continuity, length accuracy and speed of a model folder", "evaluate"),
     Command("finding-study", "how often findings appear when asked vs negated", "finding_study"),
     Command("combine-studies", "one finding study from studies of consecutive seeds (split over lanes or days)",

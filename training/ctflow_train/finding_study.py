@@ -49,6 +49,7 @@ from ctflow.conventions import START_HU, real_slices
 from ctflow.errors import CTFlowError
 from ctflow.io import atomic_write
 from ctflow.model_folder import VAE_FOLDER
+from ctflow.places import LOBE_FILE, Places
 from ctflow.report import half_reports, names_one_side, parse_report, without_findings
 from ctflow.sampling import side_codes
 
@@ -169,6 +170,18 @@ def cohort_prior(folder: Path, patients: int, size: int, slice_spacing: float, c
         maps.append(generate_patient(int(seed), int(index), size, slice_spacing, cache).labels)
         log(f"anatomy prior: patient {len(maps)}/{len(names)}")
     return AnatomyPrior.from_label_maps(maps, template(size, cache).anatomy.names)
+
+
+def read_or_make_prior(path: Path, cohort: Path | None, patients: int, config: ModelConfig, ct_cache: Path | None,
+                       log) -> AnatomyPrior:
+    """The prior in `path`, or made from the cohort's first patients in the model's grid and written there."""
+    if path.is_file():
+        return AnatomyPrior.load(path)
+    if cohort is None:
+        raise CTFlowError(f"{path} does not exist: give the cohort (--data) to make the anatomy prior from")
+    prior = cohort_prior(cohort, patients, config.autoencoder.image_size, config.geometry.spacing[2], ct_cache, log)
+    prior.save(path)
+    return prior
 
 
 @dataclasses.dataclass
@@ -610,8 +623,11 @@ def heldout_located(cases: list[HeldOutCase]) -> list[Located]:
 
 def weights_hash(folder: Path) -> str:
     """One hash of the weights under a folder (a model folder: denoiser, autoencoder and a text encoder it ships; its
-    vae/: the autoencoder alone): a feature cache key."""
-    return hashlib.sha256(" ".join(sha256_file(p) for p in sorted(folder.rglob("*.safetensors"))).encode()).hexdigest()
+    vae/: the autoencoder alone): a feature cache key. Not the lobe prior: a volume's key states it where it acts
+    (volume_key), so a model copied with one (`lobe-prior`) shares every other volume with the model it was copied
+    from."""
+    return hashlib.sha256(" ".join(sha256_file(p) for p in sorted(folder.rglob("*.safetensors"))
+                                   if p.relative_to(folder).as_posix() != LOBE_FILE).encode()).hexdigest()
 
 
 def training_set(pipe: CTFlowPipeline, folders: list[Path], stores: list[Path], cache: FeatureCache, autoencoder: str,
@@ -678,13 +694,7 @@ def run_study(args: argparse.Namespace, log=lambda line: None) -> FindingStudy:
         findings = [c.finding for c in cases]
         cases = [c for n, c in enumerate(cases) if findings[:n].count(c.finding) < args.heldout_per_finding]
     pipe = CTFlowPipeline.from_pretrained(args.model, device="cpu")
-    if args.prior.is_file():
-        prior = AnatomyPrior.load(args.prior)
-    else:
-        geometry = pipe.config.geometry.spacing
-        prior = cohort_prior(args.data[0], args.prior_patients, pipe.config.autoencoder.image_size, geometry[2],
-                             args.ct_cache, log)
-        prior.save(args.prior)
+    prior = read_or_make_prior(args.prior, args.data[0], args.prior_patients, pipe.config, args.ct_cache, log)
     cache = FeatureCache(args.feature_cache, prior)
     model = f"{weights_hash(args.model)} {volume_config_hash(pipe.config)}"  # the config sets where volumes end
     features, labels, groups = training_set(pipe, args.data, args.latents, cache, weights_hash(args.model / VAE_FOLDER),
@@ -772,13 +782,19 @@ def volume_key(pipe: CTFlowPipeline, model: str, text: str, seed: int, steps: in
                side_guidance: float, finding_guidance: float = 0.0) -> str:
     """The feature cache's key of a generated volume: what makes it. A report that names no side alone is made as
     without side guidance, so it keeps its volumes (and key); one that does states the halves it is guided by
-    (report.half_reports), which the prompt is rendered from; for a denoiser that reads report.denoiser_code, the
+    (report.half_reports), which the prompt is rendered from, and with a lobe prior what each lobe reads; for a denoiser that reads report.denoiser_code, the
     code of each row (of each block's, for a lobe_map one), which a change of how reports are read changes while the
     text stays. A report without findings is made as without finding guidance, so it keeps its volumes (and key);
     one with states the report it guides away from (report.without_findings)."""
     report = parse_report(text)
     right, left = half_reports(report)
     side = f" side halves {side_guidance} {right.text!r} {left.text!r}" if side_guidance and right != left else ""
+    if side_guidance and pipe.lobe_prior:
+        places = Places.of(report, lambda part: part.text, pipe.lobe_prior)
+        if any(len(set(rows.values())) > 1 for rows in places.rows):  # the lobes of a half read different texts
+            shares = pipe.lobe_prior.shares
+            prior = hashlib.sha256(b"".join(shares[name].numpy().tobytes() for name in sorted(shares))).hexdigest()
+            side += f" lobes {prior} {places.texts!r}"
     reference = without_findings(report)
     finding = f" finding {finding_guidance} {reference.text!r}" if finding_guidance and reference != report else ""
     key = f"generated {model} {steps} {guidance}{side}{finding} {seed} {text}"

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,12 +29,13 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from ctflow.autoencoder import SliceAutoencoder
-from ctflow.checksums import sha256_file, write_checksums
+from ctflow.checksums import write_checksums
 from ctflow.config import TextConfig
 from ctflow.conventions import START_HU
-from ctflow.errors import CorruptModelError, CTFlowError
+from ctflow.errors import CTFlowError
 from ctflow.io import atomic_folder
-from ctflow.model_folder import CARD, CONFIG, load_denoiser, load_vae, read_config, verify_model_folder
+from ctflow.model_folder import (CARD, CONFIG, copy_model_files, load_denoiser, load_vae, read_config,
+                                 verify_model_folder)
 from ctflow.report import SIDE_CODE_SIZE
 from ctflow.text_encoder import TextEncoder
 
@@ -202,11 +202,7 @@ def write_model(folder: Path, checksums: dict[str, str], tuned: dict[str, torch.
     its checksums list (verified at the start, checked again as copied), nothing else it may hold."""
 
     def fill(staging: Path) -> None:
-        for name, digest in checksums.items():
-            (staging / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(folder / name, staging / name)
-            if sha256_file(staging / name) != digest:
-                raise CorruptModelError(f"{folder / name} changed during the run; the tuned model is not written")
+        copy_model_files(folder, checksums, staging)
         save_file({name: p.detach().half().contiguous() for name, p in tuned.items()}, staging / TUNED)
         config = json.loads((staging / CONFIG).read_text(encoding="utf-8"))
         config["text"]["tuned"] = TUNED
