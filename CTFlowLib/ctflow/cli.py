@@ -144,7 +144,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
                         "model's, or 1 with --embedding)")
     parser.add_argument("--side-guidance", type=float,
                         help="side guidance: each half of the volume guided by the report without what it puts on "
-                             "the other side only, above 1 also away from it (0 = none; default: the model's)")
+                             "the other side only (with a model's lobe prior, each lobe by what lies there), above 1 "
+                             "also away from it (0 = none; default: the model's)")
     parser.add_argument("--finding-guidance", type=float,
                         help="finding guidance: also away from the report without its findings, so that what the "
                              "findings' words change is amplified (0 = none; default: the model's)")

@@ -167,7 +167,7 @@ class SamplingConfig:
     method: str = "ab2"
     shift: float = 1.0
     guidance: float = 1.0
-    side_guidance: float = 0.0  # each half of the volume guided by its half of the report (sampling.Guidance); 0: off
+    side_guidance: float = 0.0  # each half (each lobe, with a lobe prior) guided by its text (places.Places); 0: off
     finding_guidance: float = 0.0  # away from the report without its findings (sampling.guided); 0: off
     # "ctflow": start from the encoded black slice, end at the first white latent slice (or a decoded white one).
     # "released": the published generator: start and end markers are VAE posterior samples of the all-zero and
