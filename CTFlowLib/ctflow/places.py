@@ -33,7 +33,7 @@ OUTSIDE = ""  # a half's cells outside its lobes (the whole half, without a lobe
 MAX_LEVELS = 64
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors have no truth value: two priors are equal when they are one
 class LobePrior:
     """For each lobe of HALF_LOBES: [levels, h, w], the share of patients with that lobe at each latent cell, the
     levels splitting the body's real slices head to feet in equal parts."""
