@@ -384,6 +384,7 @@ class CTFlowPipeline:
             "spacing_mm": list(self.config.geometry.spacing),
             "block_slices": self.config.denoiser.block_slices,
             "sampling": dataclasses.asdict(self.config.sampling),
+            "lobe_prior": self.lobe_prior is not None,  # side guidance places a lobe's findings in that lobe
             "description": self.config.description,
         }
 

@@ -115,6 +115,7 @@ def test_a_model_with_a_lobe_prior_asks_for_a_lobe_s_finding_in_that_lobe(tiny_m
     folder = with_prior(tiny_model, tmp_path / "lobes", shares())
     pipe = ctflow.CTFlowPipeline.from_pretrained(folder, device="cpu")
     assert pipe.lobe_prior is not None and pipe.model_sha256 != tiny_pipeline.model_sha256
+    assert pipe.info()["lobe_prior"] and not tiny_pipeline.info()["lobe_prior"]
     plan = pipe.plan(ctflow.GenerationRequest(LOBAR, slices=16, side_guidance=1.0))
     places = plan.guidance.places
     assert plan.guidance.branches == 3 and plan.code_texts == places.texts  # rendered as the prompt
