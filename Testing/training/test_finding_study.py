@@ -40,19 +40,23 @@ def test_grid_features_are_the_mean_and_spread_of_each_cell():
     assert np.all(spread[1, :, 0] == 0.0) and mean[1].sum() == 3.0 * 8 * 8
 
 
+def held_out_accuracy(x, y, groups, classes=(False, True)) -> float:
+    return fs.accuracy(fs.cross_validated_probabilities(x, y, groups, classes), y, classes)
+
+
 def test_probe_learns_a_finding_and_cross_validation_keeps_twins_apart():
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(80, 200)), rng.random(80) < 0.5
     x[np.ix_(y, np.arange(20))] += 0.8  # the finding shifts a region's averages a little
     groups = [f"p{i // 2}" for i in range(80)]
-    assert fs.cross_validated_accuracy(x, y, groups) > 0.8
+    assert held_out_accuracy(x, y, groups) > 0.8
     probe = fs.fit_probe(x, y)
     assert ((probe.probability(x) > 0.5) == y).mean() > 0.9
     # a patient and his twin are near copies with one label: only a split that keeps them together is honest
     noise, labels = rng.normal(size=(40, 200)), rng.random(40) < 0.5
     twins = np.repeat(noise, 2, axis=0) + 0.05 * rng.normal(size=(80, 200))
-    together = fs.cross_validated_accuracy(twins, np.repeat(labels, 2), groups)
-    apart = fs.cross_validated_accuracy(twins, np.repeat(labels, 2), [str(i) for i in range(80)])
+    together = held_out_accuracy(twins, np.repeat(labels, 2), groups)
+    apart = held_out_accuracy(twins, np.repeat(labels, 2), [str(i) for i in range(80)])
     assert together < 0.75 and apart > 0.9
 
 
@@ -146,7 +150,7 @@ def test_a_lobe_classifier_beats_chance_and_one_class_gives_a_constant_probe():
     for k, name in enumerate(LOBES.values()):
         x[lobes == name, k] += 2.5
     classes = tuple(sorted(set(lobes)))
-    accuracy = fs.cross_validated_accuracy(x, lobes, [f"p{i // 2}" for i in range(100)], classes)
+    accuracy = held_out_accuracy(x, lobes, [f"p{i // 2}" for i in range(100)], classes)
     assert accuracy > 0.4  # chance: about 0.2 (the strong L2 keeps the probes near the base rate)
     classifier = fs.fit_classifier(x, lobes, classes)
     assert np.allclose(classifier.probabilities(x).sum(1), 1)
@@ -188,6 +192,33 @@ def test_calibrate_chooses_the_detector_that_sees_the_finding():
     assert probabilities.shape == (4, 2) and probabilities[0, 1] > 0.5 > probabilities[1, 1]
 
 
+def test_twin_pairs_are_a_patients_volumes_that_differ_in_that_finding_alone():
+    def volume(**present):
+        findings = {f.name: {"present": False} for f in FINDINGS}
+        findings.update({name: {"present": True, "side": where} for name, where in present.items()})
+        return findings
+
+    labels = [volume(), volume(pleural_effusion="right"), volume(nodule="left"),  # p0 and his twins
+              volume(pleural_effusion="right"), volume(), volume(pleural_effusion="left"),  # p1: a twin, a side twin
+              volume(pleural_effusion="right", nodule="left")]  # p2: like p0's twins together, another patient
+    groups = ["p0", "p0", "p0", "p1", "p1", "p1", "p2"]
+    assert fs.twin_pairs(labels, groups, "pleural_effusion") == [(1, 0), (3, 4), (5, 4)]
+    assert fs.twin_pairs(labels, groups, "nodule") == [(2, 0)]  # not (6, 1): two patients
+    assert fs.twin_pairs(labels, groups, "emphysema") == []
+
+
+def test_calibrate_counts_the_real_twins_the_detector_reads_higher_with_the_finding():
+    features, labels = labelled(40, np.random.default_rng(1))
+    groups = [f"p{k // 2}" for k in range(40)]  # 2m (enlarged heart) and 2m + 1: the same but for the heart
+    cardiomegaly = fs.calibrate(features, labels, groups)[0]["cardiomegaly", "present"].score
+    assert cardiomegaly.twin_pairs == 20 and cardiomegaly.twins_raised >= 18
+    blind = [features[k + 1] if k % 2 == 0 else f for k, f in enumerate(features)]  # each twin drawn as his pair
+    detectors = fs.calibrate(blind, labels, groups)[0]
+    blinded = detectors["cardiomegaly", "present"].score
+    assert (blinded.twin_pairs, blinded.twins_raised) == (20, 0)
+    assert detectors["pleural_effusion", "side"].score.twin_pairs == 0  # the ceiling is the present target's
+
+
 def test_writer_reports_describe_one_finding_each_and_both_sides(tmp_path):
     from ctflow.volume import Geometry, Volume
     from ctflow.report import Report
@@ -212,7 +243,8 @@ def test_writer_reports_describe_one_finding_each_and_both_sides(tmp_path):
 
 
 def study() -> fs.FindingStudy:
-    score = fs.DetectorScore("consolidation", "present", [False, True], 80, 80, 0.7, 0.81, 0.86)
+    score = fs.DetectorScore("consolidation", "present", [False, True], 80, 80, 0.7, 0.81, 0.86, twin_pairs=12,
+                             twins_raised=9)
     lobe = fs.DetectorScore("consolidation", "lobe", ["left lower lobe", "right lower lobe"], 24, 24, 0.5, 0.6, 0.55)
     return fs.FindingStudy(
         "model", 3, 0, 16, 1.0, "80 volumes", "12 patients", [score, lobe], {"emphysema side": "why"},
@@ -240,7 +272,8 @@ def test_the_result_counts_round_trips_and_makes_tables():
     again = fs.FindingStudy.from_json(result.to_json())
     assert again == result
     table = result.markdown()
-    assert "| consolidation | present | 80 (80) | 0.7 | 0.81 | 0.86 | hu |" in table
+    assert "| consolidation | present | 80 (80) | 0.7 | 0.81 | 0.86 | hu | 9/12 |" in table
+    assert "| consolidation | lobe | 24 (24) | 0.5 | 0.6 | 0.55 | latent |  |" in table
     assert "| writer | consolidation | hu 0.86 (0.7) | 2/3 | 1/3 | 2/3 | 2/3 | 0.667 / 0.300 |" in table
     assert "| heldout | consolidation_RLL | lobe | right lower lobe | latent 0.6 | 2/3 | 0.50 |" in table
     assert "not fitted: emphysema side (why)" in table
@@ -249,6 +282,10 @@ def test_the_result_counts_round_trips_and_makes_tables():
             "usual | 3/3 | 0.50 |") in table
     with pytest.raises(CTFlowError, match="not the JSON"):
         fs.FindingStudy.from_json(json.dumps({"seeds": 3}))
+    older = json.loads(result.to_json())  # a study made before the twins' ceiling was counted
+    for detector in older["detectors"]:
+        del detector["twin_pairs"], detector["twins_raised"]
+    assert "| 0.86 | hu |  |" in fs.FindingStudy.from_json(json.dumps(older)).markdown()
 
 
 def test_a_training_volume_made_again_is_not_read_from_the_feature_cache(cache, tmp_path):

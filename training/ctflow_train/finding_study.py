@@ -20,6 +20,9 @@ on the cohort's volumes, each patient and his twins in one fold, and the better 
   regions are the cohort's mean label maps (the share of patients in whom a place lies in that structure), with
   the body's levels taken as fractions of its real slices: registration-free, and blurred where patients differ.
 Probes are L2-penalised logistic regressions, one against the rest for the lobe; the lobe predicted is the likeliest.
+The detector's ceiling: in the cohort's twins (a patient's volumes that differ only in one finding), how often the
+used detector, cross-validated, reads the one with the finding higher. A model that draws findings as the cohort
+does raises the probability by asking in about that share of seeds, and no detector reads more than that.
 Side and lobe are also read without a detector: the place (the prior's lobes, or a lung's) where the volume differs
 most from its pair, the same seed with the finding negated ("side (change)", "lobe (change)"). Any change of the
 report moves the heart's border, which the left lung's region takes in more than the right's, so "side (relative
@@ -312,18 +315,37 @@ def fit_classifier(x: np.ndarray, y: np.ndarray, classes: tuple) -> Classifier:
     return Classifier(classes, [fit_probe(x, y == c) for c in targets])
 
 
-def cross_validated_accuracy(x: np.ndarray, y: np.ndarray, groups: list[str], classes: tuple = (False, True)) -> float:
-    """Accuracy on held-out folds of whole groups (a patient and his twins), so a twin never tests its pair."""
+def cross_validated_probabilities(x: np.ndarray, y: np.ndarray, groups: list[str],
+                                  classes: tuple = (False, True)) -> np.ndarray:
+    """[n, len(classes)]: each volume read by the classifier fitted on the other folds of whole groups (a patient and
+    his twins), so a twin never tests its pair."""
     names = sorted(set(groups))
     fold_of = {name: number % FOLDS for number, name in enumerate(names)}
     folds = np.array([fold_of[g] for g in groups])
-    right = 0
+    probabilities = np.zeros((len(y), len(classes)))
     for fold in range(FOLDS):
         test = folds == fold
         if test.any():
-            predicted = fit_classifier(x[~test], y[~test], classes).predict(x[test])
-            right += int((np.array(predicted, dtype=y.dtype) == y[test]).sum())
-    return right / len(y)
+            probabilities[test] = fit_classifier(x[~test], y[~test], classes).probabilities(x[test])
+    return probabilities
+
+
+def accuracy(probabilities: np.ndarray, y: np.ndarray, classes: tuple) -> float:
+    """The share of volumes whose likeliest class is their own."""
+    predicted = np.array([classes[k] for k in probabilities.argmax(-1)], dtype=y.dtype)
+    return float((predicted == y).mean())
+
+
+def twin_pairs(labels: list[dict], groups: list[str], finding: str) -> list[tuple[int, int]]:
+    """(with, without) the finding: two volumes of one patient whose labels differ only in that finding's presence
+    (a cohort patient and a twin of his). What a detector reads in them is the finding and nothing else."""
+    def rest(n: int) -> str:
+        return json.dumps({name: params for name, params in labels[n].items() if name != finding}, sort_keys=True)
+
+    with_it, without = {}, {}  # (patient, the other findings) -> volumes
+    for n, findings in enumerate(labels):
+        (with_it if findings[finding]["present"] else without).setdefault((groups[n], rest(n)), []).append(n)
+    return [(i, j) for key, volumes in with_it.items() for i in volumes for j in without.get(key, [])]
 
 
 def side(params: dict) -> str | None:
@@ -355,6 +377,9 @@ class DetectorScore:
     latent: float  # cross-validated accuracy of the latent probe
     hu: float  # ... of the probe on decoded HU in the anatomy prior's regions
     used: str = ""  # the better of the two, which reads the generated volumes
+    twin_pairs: int = 0  # present: the cohort's pairs of volumes that differ only in the finding (twin_pairs)
+    twins_raised: int = 0  # ... in which the used detector, cross-validated, reads the one with it higher: what
+    # "asking raised the probability" can reach for a model that draws the finding as the cohort does
 
     def __post_init__(self) -> None:
         self.used = self.used or ("hu" if self.hu > self.latent else "latent")
@@ -388,14 +413,20 @@ def calibrate(features: list[Features], labels: list[dict], groups: list[str], l
             y = np.array([v for v, k in zip(values, keep) if k])
             kept = [f for f, k in zip(features, keep) if k]
             kept_groups = [g for g, k in zip(groups, keep) if k]
-            accuracy = {kind: cross_validated_accuracy(np.stack([f.view(kind, target) for f in kept]), y, kept_groups,
-                                                       classes) for kind in KINDS}
+            views = {kind: np.stack([f.view(kind, target) for f in kept]) for kind in KINDS}
+            held_out = {kind: cross_validated_probabilities(views[kind], y, kept_groups, classes) for kind in KINDS}
             counts = [(y == c).sum() for c in classes]
             score = DetectorScore(finding, target, list(classes), len(y), len(set(kept_groups)),
-                                  round(max(counts) / len(y), 3), round(accuracy["latent"], 3), round(accuracy["hu"], 3))
-            x = np.stack([f.view(score.used, target) for f in kept])
-            detectors[finding, target] = Detector(score, fit_classifier(x, y, classes))
-            log(f"detector {finding} {target}: latent {score.latent}, HU {score.hu}, chance {score.chance}")
+                                  round(max(counts) / len(y), 3), round(accuracy(held_out["latent"], y, classes), 3),
+                                  round(accuracy(held_out["hu"], y, classes), 3))
+            twins = ""
+            if target == "present":  # every volume is kept: its rows are the labels'
+                pairs = twin_pairs(labels, groups, finding)
+                read = held_out[score.used][:, 1]
+                score.twin_pairs, score.twins_raised = len(pairs), sum(int(read[i] > read[j]) for i, j in pairs)
+                twins = f", real twins: the one with it read higher in {score.twins_raised}/{score.twin_pairs}"
+            detectors[finding, target] = Detector(score, fit_classifier(views[score.used], y, classes))
+            log(f"detector {finding} {target}: latent {score.latent}, HU {score.hu}, chance {score.chance}{twins}")
     return detectors, skipped
 
 
@@ -541,10 +572,11 @@ class FindingStudy:
         lines = [f"{n} seed(s) per report, {self.steps} sampling steps, guidance {self.guidance}{side}; "
                  f"model {self.model}.",
                  f"Detectors fitted on {self.training}; HU regions: {self.anatomy}.", "",
-                 "| finding | target | volumes (patients) | always the commonest | latent probe | HU in anatomy prior | used |",
-                 "|---|---|---|---|---|---|---|"]
-        lines += [f"| {d.finding} | {d.target} | {d.volumes} ({d.patients}) | {d.chance} | {d.latent} | {d.hu} | {d.used} |"
-                  for d in self.detectors]
+                 "| finding | target | volumes (patients) | always the commonest | latent probe | HU in anatomy prior | used "
+                 "| real twins: the one with it read higher |",
+                 "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {d.finding} | {d.target} | {d.volumes} ({d.patients}) | {d.chance} | {d.latent} | {d.hu} | {d.used} "
+                  f"| {f'{d.twins_raised}/{d.twin_pairs}' if d.twin_pairs else ''} |" for d in self.detectors]
         lines += [f"- not fitted: {name} ({why})" for name, why in self.skipped.items()]
         lines += ["", "| report set | case | present detector (always the commonest) | shown when asked | shown when negated | asking raised "
                   "the probability | own report ranked first | mean probability asked / negated |",
