@@ -205,6 +205,11 @@ def test_twin_pairs_are_a_patients_volumes_that_differ_in_that_finding_alone():
     assert fs.twin_pairs(labels, groups, "pleural_effusion") == [(1, 0), (3, 4), (5, 4)]
     assert fs.twin_pairs(labels, groups, "nodule") == [(2, 0)]  # not (6, 1): two patients
     assert fs.twin_pairs(labels, groups, "emphysema") == []
+    labels[1]["nodule"] = labels[0]["nodule"] = {"present": True, "lobe": "right upper lobe", "diameter_mm": 8}
+    labels[0]["nodule"] = {**labels[0]["nodule"], "diameter_mm": 12}  # drawn again: the report reads the same
+    assert fs.twin_pairs(labels, groups, "pleural_effusion")[0] == (1, 0)
+    labels[0]["nodule"] = {**labels[0]["nodule"], "lobe": "right lower lobe"}  # elsewhere: another report
+    assert fs.twin_pairs(labels, groups, "pleural_effusion")[0] == (3, 4)
 
 
 def test_calibrate_counts_the_real_twins_the_detector_reads_higher_with_the_finding():

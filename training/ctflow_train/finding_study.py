@@ -337,10 +337,12 @@ def accuracy(probabilities: np.ndarray, y: np.ndarray, classes: tuple) -> float:
 
 
 def twin_pairs(labels: list[dict], groups: list[str], finding: str) -> list[tuple[int, int]]:
-    """(with, without) the finding: two volumes of one patient whose labels differ only in that finding's presence
-    (a cohort patient and a twin of his). What a detector reads in them is the finding and nothing else."""
+    """(with, without) the finding: two volumes of one patient (a cohort patient and a twin of his) whose other
+    findings a report describes alike: present or not, side, lobe. Their sizes and places may differ: the cohort
+    draws them again around the flipped finding, as a model draws the rest again for another report."""
     def rest(n: int) -> str:
-        return json.dumps({name: params for name, params in labels[n].items() if name != finding}, sort_keys=True)
+        return repr(sorted((name, bool(params["present"]), side(params), lobe(params))
+                           for name, params in labels[n].items() if name != finding))
 
     with_it, without = {}, {}  # (patient, the other findings) -> volumes
     for n, findings in enumerate(labels):
