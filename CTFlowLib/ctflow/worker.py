@@ -58,6 +58,7 @@ from typing import IO
 
 PROTOCOL = 1
 EXIT_GRACE_S = 10.0  # after stdin closes, the longest the worker may take to stop a run and exit
+READER_JOIN_S = 1.0  # at exit, how long to wait for the stdin reader to finish (it is done at once after EOF)
 LOG_LIMIT = 1 << 20  # a shared worker log past this size (bytes) is started anew by the next worker
 DTYPES = ("float32", "bfloat16", "float16")
 REQUEST_FIELDS = ("report", "impressions", "slices", "seed", "steps", "guidance", "side_guidance", "finding_guidance",
@@ -95,7 +96,8 @@ class Worker:
         self.send({"type": "ready", "protocol": PROTOCOL, "ctflow_version": __version__,
                    "torch_version": torch.__version__, "pid": os.getpid(), "cuda": cuda, "gpu": gpu and gpu.name,
                    "gpu_memory_gb": gpu and round(gpu.total_memory / 2**30, 1)})
-        threading.Thread(target=self._read, args=(stdin,), name="ctflow-worker-stdin", daemon=True).start()
+        reader = threading.Thread(target=self._read, args=(stdin,), name="ctflow-worker-stdin", daemon=True)
+        reader.start()
         try:
             while (message := self._inbox.get()) is not None and not self._closing.is_set():
                 if message["type"] == "generate":
@@ -108,6 +110,11 @@ class Worker:
         finally:
             for folder in self._folders:
                 shutil.rmtree(folder, ignore_errors=True)
+            # The model's tensors are freed here, and the reader has finished, before the interpreter winds down: a
+            # garbage collection on the reader thread that frees tensors then aborts the process (torch releases
+            # the GIL while freeing; a thread that takes it back during finalization is ended mid-C++ frame).
+            self._unload()
+            reader.join(READER_JOIN_S)
 
     def _read(self, stdin: IO[str]) -> None:
         """stdin reader: cancels act at once (a run is in progress); everything else waits its turn. Whatever a line
