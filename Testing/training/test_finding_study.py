@@ -224,6 +224,34 @@ def test_calibrate_counts_the_real_twins_the_detector_reads_higher_with_the_find
     assert detectors["pleural_effusion", "side"].score.twin_pairs == 0  # the ceiling is the present target's
 
 
+def test_the_pair_probe_reads_a_finding_that_the_differences_between_patients_swamp():
+    """Each patient's own HU vary far more than the finding moves them: the presence probe, which must tell volumes
+    of different patients apart, is near chance; the pair probe reads the difference a patient's twins share."""
+    rng = np.random.default_rng(3)
+    features, labels, groups = [], [], []
+    for patient in range(30):
+        own = rng.normal(0, 5.0, 60)
+        for present in (False, True):
+            findings = {f.name: {"present": False} for f in FINDINGS}
+            findings["lymphadenopathy"] = {"present": present, "short_axis_mm": 15}
+            hu = own + rng.normal(0, 0.1, 60)
+            hu[:3] += 0.8 if present else 0.0
+            features.append(fs.Features(rng.normal(size=2 * 4 * 8 * 8 * 8), hu))
+            labels.append(findings)
+            groups.append(f"p{patient}")
+    detector = fs.calibrate(features, labels, groups)[0]["lymphadenopathy", "present"]
+    score = detector.score
+    assert score.twin_pairs == 30 and score.hu < 0.7  # the presence probe: near chance
+    assert score.paired_used == "hu" and score.paired_hu >= 28 and score.paired_latent <= 22
+    read = detector.pair_probabilities(features[1::2], features[0::2])  # with it over without, and the reverse
+    assert sum(p > 0.5 for p in read) >= 28
+    assert sum(p > 0.5 for p in detector.pair_probabilities(features[0::2], features[1::2])) <= 2
+    assert detector.pair_probabilities(features[:2], features[:2]) == pytest.approx([0.5, 0.5], abs=0.01)
+    unpaired = fs.calibrate(features, labels, [f"v{k}" for k in range(60)])[0]["lymphadenopathy", "present"]
+    assert unpaired.pair_probe is None and unpaired.pair_probabilities(features[:1], features[1:2]) is None
+    assert (unpaired.score.twin_pairs, unpaired.score.paired_used) == (0, "")
+
+
 def test_writer_reports_describe_one_finding_each_and_both_sides(tmp_path):
     from ctflow.volume import Geometry, Volume
     from ctflow.report import Report
@@ -249,12 +277,14 @@ def test_writer_reports_describe_one_finding_each_and_both_sides(tmp_path):
 
 def study() -> fs.FindingStudy:
     score = fs.DetectorScore("consolidation", "present", [False, True], 80, 80, 0.7, 0.81, 0.86, twin_pairs=12,
-                             twins_raised=9)
+                             twins_raised=9, paired_latent=11, paired_hu=10, paired_used="latent")
     lobe = fs.DetectorScore("consolidation", "lobe", ["left lower lobe", "right lower lobe"], 24, 24, 0.5, 0.6, 0.55)
     return fs.FindingStudy(
         "model", 3, 0, 16, 1.0, "80 volumes", "12 patients", [score, lobe], {"emphysema side": "why"},
-        [fs.Response("writer", "consolidation", "consolidation", [0.9, 0.4, 0.7], [0.2, 0.6, 0.1], 2),
-         fs.Response("heldout", "consolidation_RLL", "consolidation", [0.6, 0.7, 0.2], [0.3, 0.3, 0.3])],
+        [fs.Response("writer", "consolidation", "consolidation", [0.9, 0.4, 0.7], [0.2, 0.6, 0.1], 2,
+                     [0.8, 0.7, 0.4]),
+         fs.Response("heldout", "consolidation_RLL", "consolidation", [0.6, 0.7, 0.2], [0.3, 0.3, 0.3],
+                     paired=[0.9, 0.9, 0.6], negated_over_normal=[0.2, 0.7, 0.5])],
         [fs.Placement("heldout", "consolidation_RLL", "consolidation", "lobe", "right lower lobe",
                       ["right lower lobe", "left lower lobe", "right lower lobe"], 0.5),
          fs.Placement("writer", "consolidation right", "consolidation", "side (change)", "right",
@@ -272,14 +302,17 @@ def test_the_result_counts_round_trips_and_makes_tables():
     writer, heldout = result.responses
     assert (writer.shown_when_asked, writer.shown_when_negated, writer.raised) == (2, 1, 2)
     assert (heldout.shown_when_asked, heldout.shown_when_negated, heldout.raised) == (2, 0, 2)
+    assert (writer.raised_paired, writer.negated_above_normal) == (2, None)
+    assert (heldout.raised_paired, heldout.negated_above_normal) == (3, 1)
     assert result.placements[0].hits == 2
     assert result.both_sides() == [("consolidation", "side (change)", 1)]  # seed 0 only: 1 puts both right, 2 left
     again = fs.FindingStudy.from_json(result.to_json())
     assert again == result
     table = result.markdown()
-    assert "| consolidation | present | 80 (80) | 0.7 | 0.81 | 0.86 | hu | 9/12 |" in table
-    assert "| consolidation | lobe | 24 (24) | 0.5 | 0.6 | 0.55 | latent |  |" in table
-    assert "| writer | consolidation | hu 0.86 (0.7) | 2/3 | 1/3 | 2/3 | 2/3 | 0.667 / 0.300 |" in table
+    assert "| consolidation | present | 80 (80) | 0.7 | 0.81 | 0.86 | hu | 9/12 | 11, 10 (latent) |" in table
+    assert "| consolidation | lobe | 24 (24) | 0.5 | 0.6 | 0.55 | latent |  |  |" in table
+    assert "| writer | consolidation | hu 0.86 (0.7) | 2/3 | 1/3 | 2/3 | 2/3 | 0.667 / 0.300 | 2/3 |  |" in table
+    assert "| heldout | consolidation_RLL | hu 0.86 (0.7) | 2/3 | 0/3 | 2/3 |  | 0.500 / 0.300 | 3/3 | 1/3 |" in table
     assert "| heldout | consolidation_RLL | lobe | right lower lobe | latent 0.6 | 2/3 | 0.50 |" in table
     assert "not fitted: emphysema side (why)" in table
     assert "| consolidation | side (change) | 1/3 |" in table
@@ -287,10 +320,14 @@ def test_the_result_counts_round_trips_and_makes_tables():
             "usual | 3/3 | 0.50 |") in table
     with pytest.raises(CTFlowError, match="not the JSON"):
         fs.FindingStudy.from_json(json.dumps({"seeds": 3}))
-    older = json.loads(result.to_json())  # a study made before the twins' ceiling was counted
+    older = json.loads(result.to_json())  # a study made before the twins' ceiling was counted, and the pair probes
     for detector in older["detectors"]:
-        del detector["twin_pairs"], detector["twins_raised"]
-    assert "| 0.86 | hu |  |" in fs.FindingStudy.from_json(json.dumps(older)).markdown()
+        del (detector["twin_pairs"], detector["twins_raised"], detector["paired_latent"], detector["paired_hu"],
+             detector["paired_used"])
+    for response in older["responses"]:
+        del response["paired"], response["negated_over_normal"]
+    table = fs.FindingStudy.from_json(json.dumps(older)).markdown()
+    assert "| 0.86 | hu |  |  |" in table and "| 0.667 / 0.300 |  |  |" in table
 
 
 def test_a_training_volume_made_again_is_not_read_from_the_feature_cache(cache, tmp_path):
@@ -366,7 +403,9 @@ def one_seed(whole: fs.FindingStudy, seed: int) -> fs.FindingStudy:
     def pick(values):
         return values[seed - whole.seed:seed - whole.seed + 1]
     responses = [dataclasses.replace(r, asked=pick(r.asked), negated=pick(r.negated),  # its first seeds ranked first
-                                     ranked_first=None if r.ranked_first is None else int(seed < r.ranked_first))
+                                     ranked_first=None if r.ranked_first is None else int(seed < r.ranked_first),
+                                     paired=r.paired and pick(r.paired),
+                                     negated_over_normal=r.negated_over_normal and pick(r.negated_over_normal))
                  for r in whole.responses]
     placements = [dataclasses.replace(p, predicted=pick(p.predicted)) for p in whole.placements]
     return dataclasses.replace(whole, seeds=1, seed=seed, responses=responses, placements=placements)
@@ -425,7 +464,14 @@ def test_finding_study_probes_the_cohort_and_counts_generated_volumes(tiny, data
     parser = argparse.ArgumentParser()
     fs.configure(parser)
     out = tmp_path / "findings.json"
-    argv = ["--model", str(tmp_path / "model"), "--data", str(data), str(data), "--latents", str(cache), str(cache),
+    flipped = {"tiny_0_without_emphysema": ("emphysema", 1), "tiny_1_without_cardiomegaly": ("cardiomegaly", 0),
+               "tiny_2_with_cardiomegaly": ("cardiomegaly", 1)}  # a twin: his finding as patient <n> has it
+    twins = {name: {**tiny.labels(int(name[5]))["findings"], finding: tiny.labels(n)["findings"][finding]}
+             for name, (finding, n) in flipped.items()}
+    rng = np.random.default_rng(6)
+    twin_store = tiny.latent_store(vae_run, tmp_path / "twins", {n: tiny.volume(rng, 14) for n in twins}, twins)
+    argv = ["--model", str(tmp_path / "model"), "--data", str(data), str(twin_store.parent / "data"),
+            "--latents", str(cache), str(twin_store),
             "--prior", str(tmp_path / "prior.npz"), "--feature-cache", str(tmp_path / "features"),
             "--heldout-per-finding", "1", "--seeds", "2", "--steps", "2", "--out", str(out)]
     assert fs.run(parser.parse_args(argv)) == 0
@@ -442,6 +488,12 @@ def test_finding_study_probes_the_cohort_and_counts_generated_volumes(tiny, data
     assert set(result.reports) >= {f"writer/{f}" for f in studied} | {"writer/normal"}  # each against the normal one
     assert {f"heldout/{r.case}/negated" for r in heldout} <= set(result.reports)  # each against its counterpart
     assert all(0 <= r.ranked_first <= 2 for r in writer.values())
+    for r in result.responses:  # a pair probe where the cohort has twins of the finding, read at every seed
+        assert (r.paired is None) == (present[r.finding].paired_used == "")
+        assert r.paired is None or (len(r.paired) == 2 and all(0 <= p <= 1 for p in r.paired))
+        assert (r.negated_over_normal is not None) == (r.paired is not None and r.report_set == "heldout")
+    assert {f: d.twin_pairs for f, d in present.items()} == {"pleural_effusion": 0, "emphysema": 1,
+                                                             "cardiomegaly": 2, "consolidation": 0}
     # sides: the store holds patients 0-2, so pleural effusion (patients 1, 3) is seen on the right only
     assert result.detector("pleural_effusion", "side") is None
     side = result.detector("consolidation", "side")

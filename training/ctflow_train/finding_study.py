@@ -13,7 +13,10 @@ Detectors, so that "the model does not respond" can be told from "the detector c
 and target (present; its side; its lobe, where the cohort's labels name one) two classifiers are cross-validated
 on the cohort's volumes, each patient and his twins in one fold, and the better one reads the generated volumes:
 - a probe on the volume's latents (the model's own space) of every 4th real slice, averaged over a coarse grid
-  (8 levels x 8 x 8 places x the latent channels, mean and spread); for the side, the grid minus its mirror image;
+  (8 levels x 8 x 8 places x the latent channels, mean and spread); for the side, the grid minus its mirror image.
+  A generated volume's latents are its decoded HU encoded again, so a cohort volume's are too: the decoder drops
+  what the encoder kept of small findings (nodules, calcifications), and a probe fitted on the encoder's own
+  latents would look for what no generated volume can show;
 - a probe on the decoded HU (every 4th real slice, through the model's own decoder, as a generated volume is) in
   the regions of an anatomy prior: the share of voxels in 11 HU bins in each lobe, the heart, the aorta, the airway
   and oesophagus and the whole slice, in 8 levels along the body. A generated volume has no label map, so the
@@ -23,6 +26,11 @@ Probes are L2-penalised logistic regressions, one against the rest for the lobe;
 The detector's ceiling: in the cohort's twins (a patient's volumes that differ only in one finding), how often the
 used detector, cross-validated, reads the one with the finding higher. A model that draws findings as the cohort
 does raises the probability by asking in about that share of seeds, and no detector reads more than that.
+A pair of generated volumes (the same seed, the finding asked for and negated) is also read by a paired detector:
+a probe on the difference of the two volumes' features, fitted on the twins' differences (with minus without,
+and the reverse), in the view whose cross-validated twins it reads right more often (HU on a tie). The patient,
+whom a pair shares, cancels out; the presence detectors must tell a finding apart across patients, whose other
+differences swamp a small one.
 Side and lobe are also read without a detector: the place (the prior's lobes, or a lung's) where the volume differs
 most from its pair, the same seed with the finding negated ("side (change)", "lobe (change)"). Any change of the
 report moves the heart's border, which the left lung's region takes in more than the right's, so "side (relative
@@ -315,19 +323,42 @@ def fit_classifier(x: np.ndarray, y: np.ndarray, classes: tuple) -> Classifier:
     return Classifier(classes, [fit_probe(x, y == c) for c in targets])
 
 
+def folds_of(groups: list[str]) -> np.ndarray:
+    """The fold of each volume: whole groups (a patient and his twins), so a twin never tests its pair."""
+    fold_of = {name: number % FOLDS for number, name in enumerate(sorted(set(groups)))}
+    return np.array([fold_of[g] for g in groups])
+
+
 def cross_validated_probabilities(x: np.ndarray, y: np.ndarray, groups: list[str],
                                   classes: tuple = (False, True)) -> np.ndarray:
-    """[n, len(classes)]: each volume read by the classifier fitted on the other folds of whole groups (a patient and
-    his twins), so a twin never tests its pair."""
-    names = sorted(set(groups))
-    fold_of = {name: number % FOLDS for number, name in enumerate(names)}
-    folds = np.array([fold_of[g] for g in groups])
+    """[n, len(classes)]: each volume read by the classifier fitted on the other folds."""
+    folds = folds_of(groups)
     probabilities = np.zeros((len(y), len(classes)))
     for fold in range(FOLDS):
         test = folds == fold
         if test.any():
             probabilities[test] = fit_classifier(x[~test], y[~test], classes).probabilities(x[test])
     return probabilities
+
+
+def fit_pair_probe(x: np.ndarray, pairs: list[tuple[int, int]]) -> Probe:
+    """The probability that the first volume of a pair shows more of the finding than the second, from the
+    difference of their features: fitted on (with, without) pairs and the same pairs reversed, so it is 0.5 for
+    two equal volumes."""
+    differences = np.stack([x[i] - x[j] for i, j in pairs])
+    return fit_probe(np.concatenate([differences, -differences]), np.repeat([True, False], len(pairs)))
+
+
+def cross_validated_pairs(x: np.ndarray, pairs: list[tuple[int, int]], groups: list[str]) -> np.ndarray:
+    """[len(pairs)]: each (with, without) pair read by the pair probe fitted on the other folds' pairs."""
+    folds = folds_of(groups)[[i for i, _ in pairs]]
+    read = np.zeros(len(pairs))
+    for fold in range(FOLDS):
+        test = folds == fold
+        if test.any() and not test.all():
+            probe = fit_pair_probe(x, [p for p, t in zip(pairs, test) if not t])
+            read[test] = probe.probability(np.stack([x[i] - x[j] for (i, j), t in zip(pairs, test) if t]))
+    return read
 
 
 def accuracy(probabilities: np.ndarray, y: np.ndarray, classes: tuple) -> float:
@@ -382,6 +413,9 @@ class DetectorScore:
     twin_pairs: int = 0  # present: the cohort's pairs of volumes that differ only in the finding (twin_pairs)
     twins_raised: int = 0  # ... in which the used detector, cross-validated, reads the one with it higher: what
     # "asking raised the probability" can reach for a model that draws the finding as the cohort does
+    paired_latent: int = 0  # ... read right by the pair probe on the latent grid, cross-validated
+    paired_hu: int = 0  # ... on the HU in the anatomy prior
+    paired_used: str = ""  # the pair probe that reads the generated pairs ("" without twin pairs)
 
     def __post_init__(self) -> None:
         self.used = self.used or ("hu" if self.hu > self.latent else "latent")
@@ -391,10 +425,19 @@ class DetectorScore:
 class Detector:
     score: DetectorScore
     classifier: Classifier
+    pair_probe: Probe | None = None  # present: fit_pair_probe on the twins, in the view score.paired_used
 
     def probabilities(self, features: list[Features]) -> np.ndarray:
         x = np.stack([f.view(self.score.used, self.score.target) for f in features])
         return self.classifier.probabilities(x)
+
+    def pair_probabilities(self, first: list[Features], second: list[Features]) -> list[float] | None:
+        """Per pair: the probability that the first volume shows more of the finding than the second."""
+        if self.pair_probe is None:
+            return None
+        kind = self.score.paired_used
+        return self.pair_probe.probability(np.stack([a.view(kind, "present") - b.view(kind, "present")
+                                                     for a, b in zip(first, second, strict=True)])).tolist()
 
 
 def calibrate(features: list[Features], labels: list[dict], groups: list[str], log=lambda line: None):
@@ -421,13 +464,18 @@ def calibrate(features: list[Features], labels: list[dict], groups: list[str], l
             score = DetectorScore(finding, target, list(classes), len(y), len(set(kept_groups)),
                                   round(max(counts) / len(y), 3), round(accuracy(held_out["latent"], y, classes), 3),
                                   round(accuracy(held_out["hu"], y, classes), 3))
-            twins = ""
-            if target == "present":  # every volume is kept: its rows are the labels'
-                pairs = twin_pairs(labels, groups, finding)
+            twins, pair_probe = "", None
+            pairs = twin_pairs(labels, groups, finding) if target == "present" else []  # present keeps every volume
+            if pairs:
                 read = held_out[score.used][:, 1]
                 score.twin_pairs, score.twins_raised = len(pairs), sum(int(read[i] > read[j]) for i, j in pairs)
-                twins = f", real twins: the one with it read higher in {score.twins_raised}/{score.twin_pairs}"
-            detectors[finding, target] = Detector(score, fit_classifier(views[score.used], y, classes))
+                score.paired_latent, score.paired_hu = (int((cross_validated_pairs(views[kind], pairs, kept_groups) > 0.5)
+                                                            .sum()) for kind in KINDS)
+                score.paired_used = "hu" if score.paired_hu >= score.paired_latent else "latent"
+                pair_probe = fit_pair_probe(views[score.paired_used], pairs)
+                twins = (f", real twins: the one with it read higher in {score.twins_raised}/{score.twin_pairs}, "
+                         f"by the pair probes latent {score.paired_latent}, HU {score.paired_hu}")
+            detectors[finding, target] = Detector(score, fit_classifier(views[score.used], y, classes), pair_probe)
             log(f"detector {finding} {target}: latent {score.latent}, HU {score.hu}, chance {score.chance}{twins}")
     return detectors, skipped
 
@@ -445,6 +493,8 @@ class Response:
     asked: list[float]  # report describing the finding
     negated: list[float]  # writer: the normal report; held out: the case's counterpart
     ranked_first: int | None = None  # writer: seeds whose own report gave the finding's probability the highest
+    paired: list[float] | None = None  # the pair probe: probability that `asked` shows more of it than `negated`
+    negated_over_normal: list[float] | None = None  # held out: ... that `negated` shows more than the normal report
 
     @property
     def shown_when_asked(self) -> int:
@@ -457,6 +507,14 @@ class Response:
     @property
     def raised(self) -> int:
         return sum(a > n for a, n in zip(self.asked, self.negated))
+
+    @property
+    def raised_paired(self) -> int | None:
+        return None if self.paired is None else sum(p > 0.5 for p in self.paired)
+
+    @property
+    def negated_above_normal(self) -> int | None:
+        return None if self.negated_over_normal is None else sum(p > 0.5 for p in self.negated_over_normal)
 
 
 @dataclasses.dataclass
@@ -476,7 +534,7 @@ class Placement:
         return sum(p == self.expected for p in self.predicted)
 
 
-PER_SEED_RESPONSE = ("asked", "negated", "ranked_first")
+PER_SEED_RESPONSE = ("asked", "negated", "ranked_first", "paired", "negated_over_normal")
 
 
 def without(rows: list, fields: tuple[str, ...]) -> list[dict]:
@@ -575,21 +633,28 @@ class FindingStudy:
                  f"model {self.model}.",
                  f"Detectors fitted on {self.training}; HU regions: {self.anatomy}.", "",
                  "| finding | target | volumes (patients) | always the commonest | latent probe | HU in anatomy prior | used "
-                 "| real twins: the one with it read higher |",
-                 "|---|---|---|---|---|---|---|---|"]
+                 "| real twins: the one with it read higher | ... by the pair probes: latent, HU (used) |",
+                 "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {d.finding} | {d.target} | {d.volumes} ({d.patients}) | {d.chance} | {d.latent} | {d.hu} | {d.used} "
-                  f"| {f'{d.twins_raised}/{d.twin_pairs}' if d.twin_pairs else ''} |" for d in self.detectors]
+                  f"| {f'{d.twins_raised}/{d.twin_pairs}' if d.twin_pairs else ''} "
+                  f"| {f'{d.paired_latent}, {d.paired_hu} ({d.paired_used})' if d.paired_used else ''} |"
+                  for d in self.detectors]
         lines += [f"- not fitted: {name} ({why})" for name, why in self.skipped.items()]
         lines += ["", "| report set | case | present detector (always the commonest) | shown when asked | shown when negated | asking raised "
-                  "the probability | own report ranked first | mean probability asked / negated |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "the probability | own report ranked first | mean probability asked / negated | the pair probe: "
+                  "asked over negated | ... negated over the normal report |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+
+        def out_of(count: int | None) -> str:
+            return "" if count is None else f"{count}/{n}"
+
         for r in self.responses:
             d = self.detector(r.finding, "present")
-            first = "" if r.ranked_first is None else f"{r.ranked_first}/{n}"
             lines.append(f"| {r.report_set} | {r.case} | {d.used} {max(d.latent, d.hu)} ({d.chance}) | "
                          f"{r.shown_when_asked}/{n} | "
-                         f"{r.shown_when_negated}/{n} | {r.raised}/{n} | {first} | "
-                         f"{np.mean(r.asked):.3f} / {np.mean(r.negated):.3f} |")
+                         f"{r.shown_when_negated}/{n} | {r.raised}/{n} | {out_of(r.ranked_first)} | "
+                         f"{np.mean(r.asked):.3f} / {np.mean(r.negated):.3f} | {out_of(r.raised_paired)} | "
+                         f"{out_of(r.negated_above_normal)} |")
         lines += ["", "| report set | case | where | expected | detector | at the expected place | chance |",
                   "|---|---|---|---|---|---|---|"]
         for p in self.placements:
@@ -667,7 +732,8 @@ def weights_hash(folder: Path) -> str:
 def training_set(pipe: CTFlowPipeline, folders: list[Path], stores: list[Path], cache: FeatureCache, autoencoder: str,
                  log):
     """Features, findings (label files) and patient of every volume of the latent stores, refused unless encoded by
-    the model's autoencoder; the HU are the store's latents decoded by the model's decoder. Cached under the
+    the model's autoencoder; the HU are the store's latents decoded by the model's decoder, the latents those HU
+    encoded again, as a generated volume's are. Cached under the
     autoencoder's weights (`autoencoder`), so models that share it (a denoiser trained on) decode them once."""
     start = pipe.autoencoder.constant_latent(START_HU).cpu()
     features, labels, groups = [], [], []
@@ -681,8 +747,9 @@ def training_set(pipe: CTFlowPipeline, folders: list[Path], stores: list[Path], 
             def make(number=number):
                 latents = store.window(number, 0, store.meta["content_slices"][number])[::EVERY].float()
                 with torch.no_grad():
-                    hu = pipe.autoencoder.decode(latents.to(pipe.device)).cpu().numpy()
-                return grid_features(latents), pooled(hu)
+                    hu = pipe.autoencoder.decode(latents.to(pipe.device))
+                    again = pipe.autoencoder.encode(hu)  # as a generated volume's latents are read (volume_features)
+                return grid_features(again.cpu()), pooled(hu.cpu().numpy())
 
             features.append(cache.get(training_feature_key(autoencoder, store, number), make))
             labels.append(json.loads((folder / index[name]["labels"]).read_text(encoding="utf-8"))["findings"])
@@ -707,7 +774,7 @@ def training_feature_key(autoencoder: str, store: LatentStore, number: int) -> s
     """A training volume's features hold for the same decoder and the same latents: its name alone would not tell
     apart a cohort made again."""
     return (f"store {autoencoder} {store.header.get('vae_sha256')} {store.names[number]} "
-            f"{store.volume_sha256[number]}")
+            f"{store.volume_sha256[number]} encoded again")
 
 
 def volume_features(pipe: CTFlowPipeline, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -761,6 +828,9 @@ def run_study(args: argparse.Namespace, log=lambda line: None) -> FindingStudy:
     def present(finding: str, text: str) -> list[float]:
         return detectors[finding, "present"].probabilities(generated(text))[:, 1].tolist()
 
+    def more(finding: str, text: str, pair: str) -> list[float] | None:
+        return detectors[finding, "present"].pair_probabilities(generated(text), generated(pair))
+
     def changes(text: str, pair: str, places: dict[str, tuple[str, ...]]) -> list[dict[str, float]]:
         """place_changes of each seed's pair of volumes."""
         return [place_changes(prior, a.pooled, b.pooled, places) for a, b in zip(generated(text), generated(pair))]
@@ -773,11 +843,14 @@ def run_study(args: argparse.Namespace, log=lambda line: None) -> FindingStudy:
     for finding in studied:
         every = {kind: present(finding, text) for kind, text in writer.items()}
         first = sum(max(every, key=lambda kind: every[kind][s]) == finding for s in range(args.seeds))
-        responses.append(Response("writer", finding, finding, every[finding], every["normal"], first))
+        responses.append(Response("writer", finding, finding, every[finding], every["normal"], first,
+                                  more(finding, writer[finding], writer["normal"])))
     for case in cases:
         if case.finding in studied:
             responses.append(Response("heldout", case.name, case.finding, present(case.finding, case.report),
-                                      present(case.finding, case.negated)))
+                                      present(case.finding, case.negated),
+                                      paired=more(case.finding, case.report, case.negated),
+                                      negated_over_normal=more(case.finding, case.negated, writer["normal"])))
             reports[f"heldout/{case.name}"], reports[f"heldout/{case.name}/negated"] = case.report, case.negated
     for report_set, located in (("writer", writer_located), ("heldout", heldout_located(cases))):
         for where in located:
