@@ -282,7 +282,7 @@ def study() -> fs.FindingStudy:
     return fs.FindingStudy(
         "model", 3, 0, 16, 1.0, "80 volumes", "12 patients", [score, lobe], {"emphysema side": "why"},
         [fs.Response("writer", "consolidation", "consolidation", [0.9, 0.4, 0.7], [0.2, 0.6, 0.1], 2,
-                     [0.8, 0.7, 0.4]),
+                     [0.8, 0.7, 0.4], paired_first=1),
          fs.Response("heldout", "consolidation_RLL", "consolidation", [0.6, 0.7, 0.2], [0.3, 0.3, 0.3],
                      paired=[0.9, 0.9, 0.6], negated_over_normal=[0.2, 0.7, 0.5])],
         [fs.Placement("heldout", "consolidation_RLL", "consolidation", "lobe", "right lower lobe",
@@ -311,8 +311,8 @@ def test_the_result_counts_round_trips_and_makes_tables():
     table = result.markdown()
     assert "| consolidation | present | 80 (80) | 0.7 | 0.81 | 0.86 | hu | 9/12 | 11, 10 (latent) |" in table
     assert "| consolidation | lobe | 24 (24) | 0.5 | 0.6 | 0.55 | latent |  |  |" in table
-    assert "| writer | consolidation | hu 0.86 (0.7) | 2/3 | 1/3 | 2/3 | 2/3 | 0.667 / 0.300 | 2/3 |  |" in table
-    assert "| heldout | consolidation_RLL | hu 0.86 (0.7) | 2/3 | 0/3 | 2/3 |  | 0.500 / 0.300 | 3/3 | 1/3 |" in table
+    assert "| writer | consolidation | hu 0.86 (0.7) | 2/3 | 1/3 | 2/3 | 2/3 | 0.667 / 0.300 | 2/3 | 1/3 |  |" in table
+    assert "| heldout | consolidation_RLL | hu 0.86 (0.7) | 2/3 | 0/3 | 2/3 |  | 0.500 / 0.300 | 3/3 |  | 1/3 |" in table
     assert "| heldout | consolidation_RLL | lobe | right lower lobe | latent 0.6 | 2/3 | 0.50 |" in table
     assert "not fitted: emphysema side (why)" in table
     assert "| consolidation | side (change) | 1/3 |" in table
@@ -325,9 +325,9 @@ def test_the_result_counts_round_trips_and_makes_tables():
         del (detector["twin_pairs"], detector["twins_raised"], detector["paired_latent"], detector["paired_hu"],
              detector["paired_used"])
     for response in older["responses"]:
-        del response["paired"], response["negated_over_normal"]
+        del response["paired"], response["negated_over_normal"], response["paired_first"]
     table = fs.FindingStudy.from_json(json.dumps(older)).markdown()
-    assert "| 0.86 | hu |  |  |" in table and "| 0.667 / 0.300 |  |  |" in table
+    assert "| 0.86 | hu |  |  |" in table and "| 0.667 / 0.300 |  |  |  |" in table
 
 
 def test_a_training_volume_made_again_is_not_read_from_the_feature_cache(cache, tmp_path):
@@ -405,6 +405,7 @@ def one_seed(whole: fs.FindingStudy, seed: int) -> fs.FindingStudy:
     responses = [dataclasses.replace(r, asked=pick(r.asked), negated=pick(r.negated),  # its first seeds ranked first
                                      ranked_first=None if r.ranked_first is None else int(seed < r.ranked_first),
                                      paired=r.paired and pick(r.paired),
+                                     paired_first=None if r.paired_first is None else int(seed < r.paired_first),
                                      negated_over_normal=r.negated_over_normal and pick(r.negated_over_normal))
                  for r in whole.responses]
     placements = [dataclasses.replace(p, predicted=pick(p.predicted)) for p in whole.placements]
@@ -492,6 +493,8 @@ def test_finding_study_probes_the_cohort_and_counts_generated_volumes(tiny, data
         assert (r.paired is None) == (present[r.finding].paired_used == "")
         assert r.paired is None or (len(r.paired) == 2 and all(0 <= p <= 1 for p in r.paired))
         assert (r.negated_over_normal is not None) == (r.paired is not None and r.report_set == "heldout")
+        assert (r.paired_first is not None) == (r.paired is not None and r.report_set == "writer")
+        assert r.paired_first is None or 0 <= r.paired_first <= 2
     assert {f: d.twin_pairs for f, d in present.items()} == {"pleural_effusion": 0, "emphysema": 1,
                                                              "cardiomegaly": 2, "consolidation": 0}
     # sides: the store holds patients 0-2, so pleural effusion (patients 1, 3) is seen on the right only

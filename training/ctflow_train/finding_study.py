@@ -495,6 +495,7 @@ class Response:
     ranked_first: int | None = None  # writer: seeds whose own report gave the finding's probability the highest
     paired: list[float] | None = None  # the pair probe: probability that `asked` shows more of it than `negated`
     negated_over_normal: list[float] | None = None  # held out: ... that `negated` shows more than the normal report
+    paired_first: int | None = None  # writer: seeds whose own report the pair probe read highest over the normal one
 
     @property
     def shown_when_asked(self) -> int:
@@ -534,7 +535,7 @@ class Placement:
         return sum(p == self.expected for p in self.predicted)
 
 
-PER_SEED_RESPONSE = ("asked", "negated", "ranked_first", "paired", "negated_over_normal")
+PER_SEED_RESPONSE = ("asked", "negated", "ranked_first", "paired", "negated_over_normal", "paired_first")
 
 
 def without(rows: list, fields: tuple[str, ...]) -> list[dict]:
@@ -642,8 +643,8 @@ class FindingStudy:
         lines += [f"- not fitted: {name} ({why})" for name, why in self.skipped.items()]
         lines += ["", "| report set | case | present detector (always the commonest) | shown when asked | shown when negated | asking raised "
                   "the probability | own report ranked first | mean probability asked / negated | the pair probe: "
-                  "asked over negated | ... negated over the normal report |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "asked over negated | ... own report ranked first | ... negated over the normal report |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
 
         def out_of(count: int | None) -> str:
             return "" if count is None else f"{count}/{n}"
@@ -654,7 +655,7 @@ class FindingStudy:
                          f"{r.shown_when_asked}/{n} | "
                          f"{r.shown_when_negated}/{n} | {r.raised}/{n} | {out_of(r.ranked_first)} | "
                          f"{np.mean(r.asked):.3f} / {np.mean(r.negated):.3f} | {out_of(r.raised_paired)} | "
-                         f"{out_of(r.negated_above_normal)} |")
+                         f"{out_of(r.paired_first)} | {out_of(r.negated_above_normal)} |")
         lines += ["", "| report set | case | where | expected | detector | at the expected place | chance |",
                   "|---|---|---|---|---|---|---|"]
         for p in self.placements:
@@ -843,8 +844,11 @@ def run_study(args: argparse.Namespace, log=lambda line: None) -> FindingStudy:
     for finding in studied:
         every = {kind: present(finding, text) for kind, text in writer.items()}
         first = sum(max(every, key=lambda kind: every[kind][s]) == finding for s in range(args.seeds))
+        over_normal = {kind: more(finding, text, writer["normal"]) for kind, text in writer.items() if kind != "normal"}
+        paired_first = None if over_normal[finding] is None else sum(
+            max(over_normal, key=lambda kind: over_normal[kind][s]) == finding for s in range(args.seeds))
         responses.append(Response("writer", finding, finding, every[finding], every["normal"], first,
-                                  more(finding, writer[finding], writer["normal"])))
+                                  over_normal[finding], paired_first=paired_first))
     for case in cases:
         if case.finding in studied:
             responses.append(Response("heldout", case.name, case.finding, present(case.finding, case.report),
