@@ -277,10 +277,10 @@ class Probe:
         return 1 / (1 + np.exp(-np.clip(z, -60, 60)))
 
 
-def fit_probe(x: np.ndarray, y: np.ndarray, l2: float = 1.0) -> Probe:
+def fit_probe(x: np.ndarray, y: np.ndarray, l2: float = 1.0, scale: np.ndarray | None = None) -> Probe:
     """Penalised maximum likelihood (L-BFGS); strong L2 because features outnumber patients. One class only: a
-    constant probe."""
-    mean, scale = x.mean(0), x.std(0) + 1e-6
+    constant probe. The features are standardised by their own spread unless `scale` is given."""
+    mean, scale = x.mean(0), x.std(0) + 1e-6 if scale is None else scale
     if y.all() or not y.any():
         return Probe(mean, scale, np.zeros(x.shape[1]), 30.0 if y.all() else -30.0)
     xs = torch.from_numpy((x - mean) / scale).double()
@@ -344,9 +344,12 @@ def cross_validated_probabilities(x: np.ndarray, y: np.ndarray, groups: list[str
 def fit_pair_probe(x: np.ndarray, pairs: list[tuple[int, int]]) -> Probe:
     """The probability that the first volume of a pair shows more of the finding than the second, from the
     difference of their features: fitted on (with, without) pairs and the same pairs reversed, so it is 0.5 for
-    two equal volumes."""
+    two equal volumes. Scaled by each feature's spread over all volumes, not over the pairs' differences: a feature
+    twins share (the anatomy they are drawn from) would otherwise weigh most, and two generated volumes differ in
+    it."""
     differences = np.stack([x[i] - x[j] for i, j in pairs])
-    return fit_probe(np.concatenate([differences, -differences]), np.repeat([True, False], len(pairs)))
+    return fit_probe(np.concatenate([differences, -differences]), np.repeat([True, False], len(pairs)),
+                     scale=x.std(0) + 1e-6)
 
 
 def cross_validated_pairs(x: np.ndarray, pairs: list[tuple[int, int]], groups: list[str]) -> np.ndarray:
