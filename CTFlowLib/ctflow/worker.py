@@ -58,6 +58,7 @@ from typing import IO
 
 PROTOCOL = 1
 EXIT_GRACE_S = 10.0  # after stdin closes, the longest the worker may take to stop a run and exit
+MEMORY_RETRY_S = 0.1  # the stdin reader's wait before reading again when memory has run out
 READER_JOIN_S = 1.0  # at exit, how long to wait for the stdin reader to finish (it is done at once after EOF)
 LOG_LIMIT = 1 << 20  # a shared worker log past this size (bytes) is started anew by the next worker
 DTYPES = ("float32", "bfloat16", "float16")
@@ -96,8 +97,11 @@ class Worker:
         self.send({"type": "ready", "protocol": PROTOCOL, "ctflow_version": __version__,
                    "torch_version": torch.__version__, "pid": os.getpid(), "cuda": cuda, "gpu": gpu and gpu.name,
                    "gpu_memory_gb": gpu and round(gpu.total_memory / 2**30, 1)})
+        # Both threads start now, while memory is free: a run that exhausts it must not keep them from starting.
         reader = threading.Thread(target=self._read, args=(stdin,), name="ctflow-worker-stdin", daemon=True)
+        watchdog = threading.Thread(target=self._exit_when_stuck, name="ctflow-worker-watchdog", daemon=True)
         reader.start()
+        watchdog.start()
         try:
             while (message := self._inbox.get()) is not None and not self._closing.is_set():
                 if message["type"] == "generate":
@@ -117,18 +121,29 @@ class Worker:
             reader.join(READER_JOIN_S)
 
     def _read(self, stdin: IO[str]) -> None:
-        """stdin reader: cancels act at once (a run is in progress); everything else waits its turn. Whatever a line
-        holds, the end of stdin still closes the worker."""
+        """stdin reader: cancels act at once (a run is in progress); everything else waits its turn. Only the end of
+        stdin closes the worker: neither a bad line nor memory that a run has exhausted does."""
         try:
-            for line in stdin:
+            while True:
+                try:
+                    line = stdin.readline()
+                except MemoryError:  # what was read stays in the reader's buffer for the next try
+                    time.sleep(MEMORY_RETRY_S)
+                    continue
+                if not line:
+                    break
                 if line.strip():
                     self._take(line)
         finally:
             self._closing.set()  # the front end is gone: stop the run at its next step, then leave
             self._inbox.put(None)
-            watchdog = threading.Timer(EXIT_GRACE_S, os._exit, (3,))
-            watchdog.daemon = True
-            watchdog.start()
+            print("ctflow worker: stdin closed; stopping", file=sys.stderr, flush=True)
+
+    def _exit_when_stuck(self) -> None:
+        """Once the worker is told to close, it exits within EXIT_GRACE_S even if a step never returns."""
+        self._closing.wait()
+        time.sleep(EXIT_GRACE_S)
+        os._exit(3)
 
     def _take(self, line: str) -> None:
         try:
@@ -136,6 +151,9 @@ class Worker:
             kind = message["type"]
         except (ValueError, TypeError, KeyError):
             self._error(None, "ProtocolError", f"not a protocol line (a JSON object with a type): {line[:80]!r}")
+            return
+        except MemoryError:
+            self._error(None, "DeviceError", "out of memory reading a request line: send it again")
             return
         run_id = message.get("id")
         if not isinstance(run_id, (str, int, type(None))):  # ids are kept in sets and echoed back
