@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     protocol = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     sys.stdout = sys.stderr
-    stdin = open(sys.stdin.fileno(), encoding="utf-8", closefd=False)
+    stdin = open(sys.stdin.fileno(), encoding="utf-8", errors="replace", closefd=False)  # bad bytes: a bad line
     Worker(protocol).serve(stdin)
     return 0
 

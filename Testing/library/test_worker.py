@@ -222,10 +222,12 @@ def test_running_out_of_memory_ends_the_run_with_one_line_and_the_worker_goes_on
 
 def test_lines_that_are_not_protocol_get_an_error_and_the_worker_goes_on(worker):
     worker.process.stdin.write(b"not json\n")
+    worker.process.stdin.write(b'{"type": "\xff\xfe"}\n')  # not UTF-8: once ended the stdin reader, and the worker
     worker.send({"type": "dance"})
-    replies = until(worker, "error") + until(worker, "error")
-    assert [(r["id"], r["error"]) for r in replies] == [(None, "ProtocolError")] * 2
-    assert "unknown message type 'dance'" in replies[1]["message"]
+    replies = until(worker, "error") + until(worker, "error") + until(worker, "error")
+    assert [(r["id"], r["error"]) for r in replies] == [(None, "ProtocolError")] * 3
+    assert "unknown message type '\ufffd\ufffd'" in replies[1]["message"]
+    assert "unknown message type 'dance'" in replies[2]["message"]
     worker.send({"type": "unload"})
     until(worker, "unloaded")
 
