@@ -75,6 +75,7 @@ UNSIDED_FINDINGS = {
     "arterial calcification": r"calcifi\w*|atherosclero\w*|plaques?",
 }
 _UNSIDED_CUE = re.compile("|".join(rf"\b(?:{cue})\b" for cue in UNSIDED_FINDINGS.values()), re.IGNORECASE)
+_LYMPH_NODE_GROUP = f"f{list(SIDED_FINDINGS).index('lymph node')}"  # its cue's group name in _FINDING_CUE
 _FINDING_CUE = re.compile("|".join(rf"\b(?P<f{i}>{cue})\b" for i, cue in enumerate(SIDED_FINDINGS.values())),
                           re.IGNORECASE)
 _MORE_SIDE_WORDS = re.compile(r"\b(?:(?P<both>bilateral\w*|both)|(?<!left )(?<!right )(?P<right>middle lobe))\b",
@@ -89,7 +90,12 @@ _NEGATION_AFTER = re.compile(r"\b(?:resolved|not (?:seen|identified|present|visi
 # A finding's words said to be normal ("the left pleural space is clear", "lymph nodes are not enlarged"): only right
 # after the cue (one word may come between), as "effusion and the lungs are clear" reports the effusion.
 _NORMAL_RIGHT_AFTER = re.compile(r"(?:\s+[a-z]+)?\s+(?:is|are|appears?|remains?)\s+(?:clear|normal|unremarkable|"
-                                 r"free|within normal limits|not enlarged)\b", re.IGNORECASE)
+                                 r"free|within normal limits|not enlarged|non-?enlarged|of normal size)\b", re.IGNORECASE)
+# Lymph nodes said to be of normal size ("subcentimetre nodes", "the nodes are subcentimetric"): not lymphadenopathy.
+# Only for the nodes: a subcentimetre nodule is a nodule.
+_NORMAL_SIZED_BEFORE = re.compile(r"\b(?:sub-?centimet\w*|normal[- ]sized?)\s+(?:[a-z]+\s+){0,2}$", re.IGNORECASE)
+_NORMAL_SIZED_AFTER = re.compile(r"(?:\s+[a-z]+)?\s+(?:is|are|appears?|remains?)\s+(?:sub-?centimet\w*|normal[- ]sized?)\b",
+                                 re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -298,8 +304,10 @@ def reported_findings(text: str) -> set[str]:
 
 def _negated(clause: str, cue: re.Match) -> bool:
     """Whether a negation cue of the clause precedes the finding's cue, a "resolved"-like cue follows it, or its
-    words are said to be normal right after it."""
-    return bool(_NEGATION_BEFORE.search(clause, 0, cue.start()) or _NEGATION_AFTER.search(clause, cue.end())
+    words are said to be normal right after it; for lymph nodes also, whether they are said to be of normal size."""
+    nodes = cue.lastgroup == _LYMPH_NODE_GROUP and bool(_NORMAL_SIZED_BEFORE.search(clause[:cue.start()])
+                                                       or _NORMAL_SIZED_AFTER.match(clause, cue.end()))
+    return bool(nodes or _NEGATION_BEFORE.search(clause, 0, cue.start()) or _NEGATION_AFTER.search(clause, cue.end())
                 or _NORMAL_RIGHT_AFTER.match(clause, cue.end()))
 
 

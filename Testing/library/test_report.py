@@ -111,6 +111,10 @@ def test_a_part_without_a_side_goes_with_the_side_the_report_places_all_its_find
     ("No consolidation. Consolidation in the RLL.", {"consolidation"}),
     ("Heart normal.", set()),
     ("Right pleural space is free of fluid. Hilar lymph nodes are not enlarged.", set()),  # said to be normal
+    ("Subcarinal and right paratracheal nodes are subcentimetric. Hilar nodes are of normal size.", set()),
+    ("A few subcentimetre lymph nodes are seen in the right paratracheal station.", set()),  # normal-sized nodes
+    ("A subcentimetre nodule in the right lower lobe. The nodule is subcentimetric.", {"nodule"}),  # a nodule still
+    ("Subcentimetre hilar nodes; an enlarged 15 mm subcarinal lymph node.", {"lymph node"}),
     ("The pleural space appears unremarkable; nothing nodular.", set()),
     ("Trace effusion within the pericardial recess.", set()),  # the pericardium's, not the pleura's
     ("Left effusion and the lungs are otherwise clear.", {"pleural effusion"}),  # normal words of another part
