@@ -284,7 +284,8 @@ def study() -> fs.FindingStudy:
         [fs.Response("writer", "consolidation", "consolidation", [0.9, 0.4, 0.7], [0.2, 0.6, 0.1], 2,
                      [0.8, 0.7, 0.4], paired_first=1),
          fs.Response("heldout", "consolidation_RLL", "consolidation", [0.6, 0.7, 0.2], [0.3, 0.3, 0.3],
-                     paired=[0.9, 0.9, 0.6], negated_over_normal=[0.2, 0.7, 0.5])],
+                     paired=[0.9, 0.9, 0.6], negated_over_normal=[0.2, 0.7, 0.5],
+                     reworded_over_normal=[0.6, 0.4, 0.7])],
         [fs.Placement("heldout", "consolidation_RLL", "consolidation", "lobe", "right lower lobe",
                       ["right lower lobe", "left lower lobe", "right lower lobe"], 0.5),
          fs.Placement("writer", "consolidation right", "consolidation", "side (change)", "right",
@@ -303,7 +304,7 @@ def test_the_result_counts_round_trips_and_makes_tables():
     assert (writer.shown_when_asked, writer.shown_when_negated, writer.raised) == (2, 1, 2)
     assert (heldout.shown_when_asked, heldout.shown_when_negated, heldout.raised) == (2, 0, 2)
     assert (writer.raised_paired, writer.negated_above_normal) == (2, None)
-    assert (heldout.raised_paired, heldout.negated_above_normal) == (3, 1)
+    assert (heldout.raised_paired, heldout.negated_above_normal, heldout.reworded_above_normal) == (3, 1, 2)
     assert result.placements[0].hits == 2
     assert result.both_sides() == [("consolidation", "side (change)", 1)]  # seed 0 only: 1 puts both right, 2 left
     again = fs.FindingStudy.from_json(result.to_json())
@@ -311,8 +312,9 @@ def test_the_result_counts_round_trips_and_makes_tables():
     table = result.markdown()
     assert "| consolidation | present | 80 (80) | 0.7 | 0.81 | 0.86 | hu | 9/12 | 11, 10 (latent) |" in table
     assert "| consolidation | lobe | 24 (24) | 0.5 | 0.6 | 0.55 | latent |  |  |" in table
-    assert "| writer | consolidation | hu 0.86 (0.7) | 2/3 | 1/3 | 2/3 | 2/3 | 0.667 / 0.300 | 2/3 | 1/3 |  |" in table
-    assert "| heldout | consolidation_RLL | hu 0.86 (0.7) | 2/3 | 0/3 | 2/3 |  | 0.500 / 0.300 | 3/3 |  | 1/3 |" in table
+    assert "| writer | consolidation | hu 0.86 (0.7) | 2/3 | 1/3 | 2/3 | 2/3 | 0.667 / 0.300 | 2/3 | 1/3 |  |  |" in table
+    assert ("| heldout | consolidation_RLL | hu 0.86 (0.7) | 2/3 | 0/3 | 2/3 |  | 0.500 / 0.300 | 3/3 |  | 1/3 | 2/3 |"
+            in table)
     assert "| heldout | consolidation_RLL | lobe | right lower lobe | latent 0.6 | 2/3 | 0.50 |" in table
     assert "not fitted: emphysema side (why)" in table
     assert "| consolidation | side (change) | 1/3 |" in table
@@ -326,8 +328,9 @@ def test_the_result_counts_round_trips_and_makes_tables():
              detector["paired_used"])
     for response in older["responses"]:
         del response["paired"], response["negated_over_normal"], response["paired_first"]
+        del response["reworded_over_normal"]
     table = fs.FindingStudy.from_json(json.dumps(older)).markdown()
-    assert "| 0.86 | hu |  |  |" in table and "| 0.667 / 0.300 |  |  |  |" in table
+    assert "| 0.86 | hu |  |  |" in table and "| 0.667 / 0.300 |  |  |  |  |" in table
 
 
 def test_a_training_volume_made_again_is_not_read_from_the_feature_cache(cache, tmp_path):
@@ -406,7 +409,8 @@ def one_seed(whole: fs.FindingStudy, seed: int) -> fs.FindingStudy:
                                      ranked_first=None if r.ranked_first is None else int(seed < r.ranked_first),
                                      paired=r.paired and pick(r.paired),
                                      paired_first=None if r.paired_first is None else int(seed < r.paired_first),
-                                     negated_over_normal=r.negated_over_normal and pick(r.negated_over_normal))
+                                     negated_over_normal=r.negated_over_normal and pick(r.negated_over_normal),
+                                     reworded_over_normal=r.reworded_over_normal and pick(r.reworded_over_normal))
                  for r in whole.responses]
     placements = [dataclasses.replace(p, predicted=pick(p.predicted)) for p in whole.placements]
     return dataclasses.replace(whole, seeds=1, seed=seed, responses=responses, placements=placements)
@@ -493,6 +497,9 @@ def test_finding_study_probes_the_cohort_and_counts_generated_volumes(tiny, data
         assert (r.paired is None) == (present[r.finding].paired_used == "")
         assert r.paired is None or (len(r.paired) == 2 and all(0 <= p <= 1 for p in r.paired))
         assert (r.negated_over_normal is not None) == (r.paired is not None and r.report_set == "heldout")
+        assert (r.reworded_over_normal is not None) == (r.negated_over_normal is not None)  # the other cases' too
+        assert r.reworded_over_normal is None or (len(r.reworded_over_normal) == 2
+                                                  and all(0 <= p <= 1 for p in r.reworded_over_normal))
         assert (r.paired_first is not None) == (r.paired is not None and r.report_set == "writer")
         assert r.paired_first is None or 0 <= r.paired_first <= 2
     assert {f: d.twin_pairs for f, d in present.items()} == {"pleural_effusion": 0, "emphysema": 1,

@@ -499,6 +499,10 @@ class Response:
     paired: list[float] | None = None  # the pair probe: probability that `asked` shows more of it than `negated`
     negated_over_normal: list[float] | None = None  # held out: ... that `negated` shows more than the normal report
     paired_first: int | None = None  # writer: seeds whose own report the pair probe read highest over the normal one
+    # held out: the median, over the other held-out cases' negations (reports of no finding, in other words than the
+    # writer's), of the pair probe's probability that one shows more of it than the normal report: what rewording
+    # alone does, against which `negated_over_normal` is read
+    reworded_over_normal: list[float] | None = None
 
     @property
     def shown_when_asked(self) -> int:
@@ -520,6 +524,10 @@ class Response:
     def negated_above_normal(self) -> int | None:
         return None if self.negated_over_normal is None else sum(p > 0.5 for p in self.negated_over_normal)
 
+    @property
+    def reworded_above_normal(self) -> int | None:
+        return None if self.reworded_over_normal is None else sum(p > 0.5 for p in self.reworded_over_normal)
+
 
 @dataclasses.dataclass
 class Placement:
@@ -538,7 +546,8 @@ class Placement:
         return sum(p == self.expected for p in self.predicted)
 
 
-PER_SEED_RESPONSE = ("asked", "negated", "ranked_first", "paired", "negated_over_normal", "paired_first")
+PER_SEED_RESPONSE = ("asked", "negated", "ranked_first", "paired", "negated_over_normal", "paired_first",
+                     "reworded_over_normal")
 
 
 def without(rows: list, fields: tuple[str, ...]) -> list[dict]:
@@ -646,8 +655,9 @@ class FindingStudy:
         lines += [f"- not fitted: {name} ({why})" for name, why in self.skipped.items()]
         lines += ["", "| report set | case | present detector (always the commonest) | shown when asked | shown when negated | asking raised "
                   "the probability | own report ranked first | mean probability asked / negated | the pair probe: "
-                  "asked over negated | ... own report ranked first | ... negated over the normal report |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "asked over negated | ... own report ranked first | ... negated over the normal report | ... the other "
+                  "held-out negations over it (median) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
         def out_of(count: int | None) -> str:
             return "" if count is None else f"{count}/{n}"
@@ -658,7 +668,8 @@ class FindingStudy:
                          f"{r.shown_when_asked}/{n} | "
                          f"{r.shown_when_negated}/{n} | {r.raised}/{n} | {out_of(r.ranked_first)} | "
                          f"{np.mean(r.asked):.3f} / {np.mean(r.negated):.3f} | {out_of(r.raised_paired)} | "
-                         f"{out_of(r.paired_first)} | {out_of(r.negated_above_normal)} |")
+                         f"{out_of(r.paired_first)} | {out_of(r.negated_above_normal)} | "
+                         f"{out_of(r.reworded_above_normal)} |")
         lines += ["", "| report set | case | where | expected | detector | at the expected place | chance |",
                   "|---|---|---|---|---|---|---|"]
         for p in self.placements:
@@ -852,13 +863,17 @@ def run_study(args: argparse.Namespace, log=lambda line: None) -> FindingStudy:
             max(over_normal, key=lambda kind: over_normal[kind][s]) == finding for s in range(args.seeds))
         responses.append(Response("writer", finding, finding, every[finding], every["normal"], first,
                                   over_normal[finding], paired_first=paired_first))
-    for case in cases:
-        if case.finding in studied:
-            responses.append(Response("heldout", case.name, case.finding, present(case.finding, case.report),
-                                      present(case.finding, case.negated),
-                                      paired=more(case.finding, case.report, case.negated),
-                                      negated_over_normal=more(case.finding, case.negated, writer["normal"])))
-            reports[f"heldout/{case.name}"], reports[f"heldout/{case.name}/negated"] = case.report, case.negated
+    heldout = [case for case in cases if case.finding in studied]
+    for case in heldout:
+        reworded = [more(case.finding, other.negated, writer["normal"]) for other in heldout
+                    if other.finding != case.finding]
+        responses.append(Response("heldout", case.name, case.finding, present(case.finding, case.report),
+                                  present(case.finding, case.negated),
+                                  paired=more(case.finding, case.report, case.negated),
+                                  negated_over_normal=more(case.finding, case.negated, writer["normal"]),
+                                  reworded_over_normal=np.median(reworded, axis=0).tolist()
+                                  if reworded and None not in reworded else None))
+        reports[f"heldout/{case.name}"], reports[f"heldout/{case.name}/negated"] = case.report, case.negated
     for report_set, located in (("writer", writer_located), ("heldout", heldout_located(cases))):
         for where in located:
             for target, expected in (("side", where.side), ("lobe", where.lobe)):
