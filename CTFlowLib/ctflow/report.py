@@ -89,13 +89,14 @@ _NEGATION_AFTER = re.compile(r"\b(?:resolved|not (?:seen|identified|present|visi
                              r"excluded)\b", re.IGNORECASE)
 # A finding's words said to be normal ("the left pleural space is clear", "lymph nodes are not enlarged"): only right
 # after the cue (one word may come between), as "effusion and the lungs are clear" reports the effusion.
-_NORMAL_RIGHT_AFTER = re.compile(r"(?:\s+[a-z]+)?\s+(?:is|are|appears?|remains?)\s+(?:clear|normal|unremarkable|"
-                                 r"free|within normal limits|not enlarged|non-?enlarged|of normal size)\b", re.IGNORECASE)
+_SAID_TO_BE = r"(?:\s+[a-z]+)?\s+(?:is|are|appears?|remains?)\s+"
+_NORMAL_RIGHT_AFTER = re.compile(_SAID_TO_BE + r"(?:clear|normal|unremarkable|free|within normal limits|not enlarged|"
+                                 r"non-?enlarged|of normal size)\b", re.IGNORECASE)
 # Lymph nodes said to be of normal size ("subcentimetre nodes", "the nodes are subcentimetric"): not lymphadenopathy.
 # Only for the nodes: a subcentimetre nodule is a nodule.
-_NORMAL_SIZED_BEFORE = re.compile(r"\b(?:sub-?centimet\w*|normal[- ]sized?)\s+(?:[a-z]+\s+){0,2}$", re.IGNORECASE)
-_NORMAL_SIZED_AFTER = re.compile(r"(?:\s+[a-z]+)?\s+(?:is|are|appears?|remains?)\s+(?:sub-?centimet\w*|normal[- ]sized?)\b",
-                                 re.IGNORECASE)
+_NORMAL_SIZE = r"(?:sub-?centimet\w*|normal[- ]sized?)"
+_NORMAL_SIZED_BEFORE = re.compile(rf"\b{_NORMAL_SIZE}\s+(?:[a-z]+\s+){{0,2}}$", re.IGNORECASE)
+_NORMAL_SIZED_AFTER = re.compile(rf"{_SAID_TO_BE}{_NORMAL_SIZE}\b", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
