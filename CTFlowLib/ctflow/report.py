@@ -58,7 +58,7 @@ _LOBE_WORD = re.compile(r"\b(?:(upper|middle|lower)(?=\s+lobes?\b)|rul|rml|rll|l
 SIDED_FINDINGS = {
     "pleural effusion": r"(?<!pericardial )effusions?(?!\s+(?:in|of|within)\s+the\s+pericardi)|hydrothora\w*|"
                         r"pleural (?:fluid|space)",
-    "consolidation": r"consolidat\w*|air-?space (?:disease|opacit\w*)|pneumonia|infiltrat\w*",
+    "consolidation": r"consolidat\w*|air-?space (?:disease|opaci\w*)|pneumonia|infiltrat\w*",
     "ground-glass opacity": r"ground[- ]glass|GGOs?",
     "nodule": r"nodul\w*|mass(?:es)?",
     "atelectasis": r"atelecta\w*|collapsed?",

@@ -119,6 +119,8 @@ def test_a_part_without_a_side_goes_with_the_side_the_report_places_all_its_find
     ("Trace effusion within the pericardial recess.", set()),  # the pericardium's, not the pleura's
     ("Left effusion and the lungs are otherwise clear.", {"pleural effusion"}),  # normal words of another part
     ("A nodule is seen in the right lower lobe.", {"nodule"}),
+    ("Airspace opacification of the RUL.", {"consolidation"}),  # opacification as well as opacity
+    ("The RUL airspace opacification has resolved. No focal airspace opacity.", set()),
 ])
 def test_reported_findings_are_those_named_without_a_negation_with_or_without_a_side(text, expected):
     assert reported_findings(text) == expected
