@@ -64,6 +64,18 @@ def test_a_twins_variant_differs_in_the_flipped_findings_words_alone(finding, fl
         assert all(re.search(words, s, re.I) or re.match(r"\d+\.", s) for s in changed), changed
 
 
+def test_a_normal_heart_s_ratio_is_stated_in_some_variants_and_never_read_as_cardiomegaly():
+    measured = {**DRAWN, "cardiomegaly": {"present": False, "cardiothoracic_ratio": 0.471}}
+    texts = [paraphrase(measured, variant_rng("synth_0_00002", k)).text for k in range(60)]
+    stated = [text for text in texts if "cardiothoracic ratio" in text.lower()]
+    assert 5 < len(stated) < 50 and all("0.47" in text for text in stated)
+    assert not any(re.search(r"cardiomegaly|heart is enlarged|cardiac enlargement|enlarged cardiac", text, re.I)
+                   for text in stated)
+    unmeasured = [paraphrase({**DRAWN, "cardiomegaly": {"present": False}}, variant_rng("synth_0_00002", k)).text
+                  for k in range(60)]  # a cohort made before the ratio was recorded: never a ratio
+    assert not any("cardiothoracic" in text.lower() for text in unmeasured)
+
+
 def test_abbreviations_name_every_lobe_the_cohort_draws():
     from ctflow_train.findings import LOBES
 

@@ -94,6 +94,7 @@ class Finding:
     prior: float  # chance a patient has it
     draw: Callable[..., dict | None]  # (scene, rng) -> parameters, or None when it cannot be drawn in him
     sided: bool = False  # draw also takes side="right" | "left" to force the side it lies on
+    measured: Callable[[Scene], dict] | None = None  # (scene) -> what a report may state when it is absent (no draws)
 
 
 # ---------------------------------------------------------------- shared geometry
@@ -252,6 +253,12 @@ def cardiomegaly(scene: Scene, rng: np.random.Generator) -> dict:
     scene.finding_mask[box][grown & ~was_heart] = CODES["cardiomegaly"]
     scene.labels_changed()
     return {"scale": round(factor, 3), "cardiothoracic_ratio": round(cardiothoracic_ratio(scene), 3)}
+
+
+def normal_heart(scene: Scene) -> dict:
+    """A normal heart's cardiothoracic ratio: reports state it of normal hearts too, so that the ratio named in a
+    report is not by itself a sign of cardiomegaly (issue 18: "cardiothoracic ratio approximately 0.45" drew one)."""
+    return {"cardiothoracic_ratio": round(cardiothoracic_ratio(scene), 3)}
 
 
 def cardiothoracic_ratio(scene: Scene) -> float:
@@ -578,7 +585,7 @@ def _draw_line(scene: Scene, points: np.ndarray, value: float) -> None:
 
 
 FINDINGS = (
-    Finding("cardiomegaly", "Cardiomegaly", 0.3, cardiomegaly),
+    Finding("cardiomegaly", "Cardiomegaly", 0.3, cardiomegaly, measured=normal_heart),
     Finding("pericardial_effusion", "Pericardial effusion", 0.25, pericardial_effusion),
     Finding("pleural_effusion", "Pleural effusion", 0.3, pleural_effusion, sided=True),
     Finding("atelectasis", "Atelectasis", 0.3, atelectasis),
@@ -616,7 +623,10 @@ def draw_findings(
         wanted = present.get(finding.name, chance < finding.prior)
         sided = {"side": wanted} if isinstance(wanted, str) else {}
         params = finding.draw(scene, stream, **sided) if wanted else None
-        drawn[finding.name] = {"present": params is not None, **(params or {})}
+        if params is None and finding.measured:
+            drawn[finding.name] = {"present": False, **finding.measured(scene)}
+        else:
+            drawn[finding.name] = {"present": params is not None, **(params or {})}
     return drawn
 
 

@@ -4,8 +4,8 @@ The cohort's writer (reports.py) words each fact from a few templates, always in
 every absent finding negated alike, and a model trained on it alone follows those templates (held-out phrasings:
 62 of 110 pairs raised, the writer's own 88). A user writes otherwise. `paraphrase` says the same facts in a style
 drawn once a report: lobe abbreviations (RLL) or "the lower lobe of the right lung", "right-sided", synonyms, cm or
-mm, other negations ("no evidence of", "has resolved", or nothing said), a finding named in the Impressions alone,
-the Findings in another order. Written without the finding study's held-out phrasings (heldout_reports.json), it
+mm, other negations ("no evidence of", "has resolved", or nothing said), a normal heart's cardiothoracic ratio where
+the cohort's labels hold it, a finding named in the Impressions alone, the Findings in another order. Written without the finding study's held-out phrasings (heldout_reports.json), it
 shares no sentence with them (Testing/training/test_heldout.py).
 
 Twins share the variants' draws: the generator is consumed alike whether a finding is present or not, so variant k
@@ -39,6 +39,7 @@ NOUNS = {  # what a negation names
     "atelectasis": ("subsegmental atelectasis", "atelectatic change"),
     "pleural_effusion": ("pleural effusion", "fluid in either pleural space"),
 }
+NORMAL_HEART = ("Normal heart size, cardiothoracic ratio {:.2f}.", "The cardiothoracic ratio is {:.2f}, within normal limits.")
 RESOLVABLE = {"pericardial_effusion", "lymphadenopathy", "nodule", "consolidation", "ground_glass", "atelectasis",
               "pleural_effusion"}  # findings a report may call resolved
 OTHER_ROUTINE = {  # the writer's routine topics, worded anew
@@ -100,11 +101,14 @@ def paraphrase(drawn: dict[str, dict], rng: np.random.Generator) -> Report:
             if where >= 0.25:  # else named in the Impressions alone
                 findings.append(sentences[int(pick * len(sentences))])
         elif topic in NOUNS and keep < (0.3 if style.negation == len(NEGATIONS) else 0.85):
-            noun = NOUNS[topic][int(pick * len(NOUNS[topic]))]
-            form = NEGATIONS[style.negation % len(NEGATIONS)]
-            if "resolved" in form and topic not in RESOLVABLE:
-                form = NEGATIONS[0]
-            findings.append(_sentence(form.format(noun)))
+            if "cardiothoracic_ratio" in params and where < 0.5:  # a normal heart's ratio (findings.normal_heart)
+                findings.append(NORMAL_HEART[int(pick * len(NORMAL_HEART))].format(params["cardiothoracic_ratio"]))
+            else:
+                noun = NOUNS[topic][int(pick * len(NOUNS[topic]))]
+                form = NEGATIONS[style.negation % len(NEGATIONS)]
+                if "resolved" in form and topic not in RESOLVABLE:
+                    form = NEGATIONS[0]
+                findings.append(_sentence(form.format(noun)))
     if style.numbered and len(impressions) > 1:
         summary = " ".join(f"{n}. {item}." for n, item in enumerate(impressions, start=1))
     else:
