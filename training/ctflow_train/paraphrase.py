@@ -5,8 +5,9 @@ every absent finding negated alike, and a model trained on it alone follows thos
 62 of 110 pairs raised, the writer's own 88). A user writes otherwise. `paraphrase` says the same facts in a style
 drawn once a report: lobe abbreviations (RLL) or "the lower lobe of the right lung", "right-sided", synonyms, cm or
 mm, other negations ("no evidence of", "has resolved", or nothing said), a normal heart's cardiothoracic ratio where
-the cohort's labels hold it, a finding named in the Impressions alone, the Findings in another order. Written without the finding study's held-out phrasings (heldout_reports.json), it
-shares no sentence with them (Testing/training/test_heldout.py).
+the cohort's labels hold it, a finding named in the Impressions alone, the Findings in another order. Written without
+the finding study's held-out phrasings (heldout_reports.json), it shares no sentence with them
+(Testing/training/test_heldout.py).
 
 Twins share the variants' draws: the generator is consumed alike whether a finding is present or not, so variant k
 of a twin differs from variant k of its patient in the flipped finding's words alone (`variant_rng`).
