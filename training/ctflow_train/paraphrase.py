@@ -40,7 +40,8 @@ NOUNS = {  # what a negation names
     "atelectasis": ("subsegmental atelectasis", "atelectatic change"),
     "pleural_effusion": ("pleural effusion", "fluid in either pleural space"),
 }
-NORMAL_HEART = ("Normal heart size, cardiothoracic ratio {:.2f}.", "The cardiothoracic ratio is {:.2f}, within normal limits.")
+NORMAL_HEART = ("Normal heart size, cardiothoracic ratio {:.2f}.",
+                "The cardiothoracic ratio is {:.2f}, within normal limits.")
 RESOLVABLE = {"pericardial_effusion", "lymphadenopathy", "nodule", "consolidation", "ground_glass", "atelectasis",
               "pleural_effusion"}  # findings a report may call resolved
 OTHER_ROUTINE = {  # the writer's routine topics, worded anew
