@@ -623,10 +623,8 @@ def draw_findings(
         wanted = present.get(finding.name, chance < finding.prior)
         sided = {"side": wanted} if isinstance(wanted, str) else {}
         params = finding.draw(scene, stream, **sided) if wanted else None
-        if params is None and finding.measured:
-            drawn[finding.name] = {"present": False, **finding.measured(scene)}
-        else:
-            drawn[finding.name] = {"present": params is not None, **(params or {})}
+        absent = finding.measured(scene) if params is None and finding.measured else {}
+        drawn[finding.name] = {"present": params is not None, **(params or absent)}
     return drawn
 
 
