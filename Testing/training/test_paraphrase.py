@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from ctflow.report import parse_report
-from ctflow_train.paraphrase import ABBREVIATIONS, paraphrase, variant_rng
+from ctflow.report import parse_report, without_findings
+from ctflow_train.paraphrase import ABBREVIATIONS, OTHER_ROUTINE, paraphrase, variant_rng
 
 DRAWN = {  # a cohort patient's findings as its label file gives them
     "cardiomegaly": {"present": True, "scale": 1.16, "cardiothoracic_ratio": 0.608},
@@ -26,7 +26,7 @@ SENTENCE = re.compile(r"(?<=\.)\s+(?=[A-Z0-9])")
 
 
 def sentences(text: str) -> set[str]:
-    return {s for s in SENTENCE.split(text.replace("Impressions:", "").replace("Findings:", "")) if s.strip()}
+    return {s.strip() for s in SENTENCE.split(text.replace("Impressions:", "").replace("Findings:", "")) if s.strip()}
 
 
 def test_variants_say_the_drawn_facts_in_many_ways():
@@ -39,7 +39,8 @@ def test_variants_say_the_drawn_facts_in_many_ways():
         assert re.search(r"right lower lobe|RLL|lower lobe of the right lung", text, re.I)  # the lobe, in some style
         assert re.search(r"left upper lobe|LUL|upper lobe of the left lung", text, re.I)
         assert re.search(r"7 mm|0\.7 cm", text)
-        assert "emphysema" not in text.lower() or re.search(r"no[^.]*emphysema", text, re.I)  # absent: negated or unsaid
+        negated = re.search(r"(no|negative for|without)[^.]*emphysema", text, re.I)
+        assert "emphysema" not in text.lower() or negated  # absent: negated or unsaid
     joined = " ".join(texts)
     assert "RLL" in joined and "right lower lobe" in joined.lower() and "0.7 cm" in joined and "7 mm" in joined
     assert "No evidence of" in joined and "1. " in joined  # negations and Impressions lists of several kinds
@@ -74,6 +75,18 @@ def test_a_normal_heart_s_ratio_is_stated_in_some_variants_and_never_read_as_car
     unmeasured = [paraphrase({**DRAWN, "cardiomegaly": {"present": False}}, variant_rng("synth_0_00002", k)).text
                   for k in range(60)]  # a cohort made before the ratio was recorded: never a ratio
     assert not any("cardiothoracic" in text.lower() for text in unmeasured)
+
+
+def test_brief_variants_negate_a_few_findings_and_every_negation_reads_as_none():
+    normal = {topic: {"present": False} for topic in DRAWN}
+    reports = [paraphrase(normal, variant_rng("synth_0_00004", k)) for k in range(100)]
+    routine = {sentence for options in OTHER_ROUTINE.values() for sentence in options}
+    brief = [r for r in reports if not any(sentence in r.findings for sentence in routine)]
+    assert 20 <= len(brief) <= 60  # about a third, and a few long ones that drew no routine sentence
+    assert any(2 <= len(sentences(r.findings)) <= 6 for r in brief)  # a short report of a few negations
+    assert any(" without " in r.findings for r in reports) and any("Negative for" in r.findings for r in reports)
+    for report in reports:  # the parser reads each form as a negation: finding guidance leaves every part in
+        assert without_findings(report) == report, report.text
 
 
 def test_abbreviations_name_every_lobe_the_cohort_draws():

@@ -4,8 +4,10 @@ The cohort's writer (reports.py) words each fact from a few templates, always in
 every absent finding negated alike, and a model trained on it alone follows those templates (held-out phrasings:
 62 of 110 pairs raised, the writer's own 88). A user writes otherwise. `paraphrase` says the same facts in a style
 drawn once a report: lobe abbreviations (RLL) or "the lower lobe of the right lung", "right-sided", synonyms, cm or
-mm, other negations ("no evidence of", "has resolved", or nothing said), a normal heart's cardiothoracic ratio where
-the cohort's labels hold it, a finding named in the Impressions alone, the Findings in another order. Written without
+mm, other negations ("no evidence of", "lungs without", "has resolved", or nothing said), a normal heart's
+cardiothoracic ratio where the cohort's labels hold it, a finding named in the Impressions alone, the Findings in
+another order, and brief reports of a few negations and no routine sentences: a user's short report that negates a
+finding must read as a normal chest, which the writer's long lists of negations alone did not teach. Written without
 the finding study's held-out phrasings (heldout_reports.json), it shares no sentence with them
 (Testing/training/test_heldout.py).
 
@@ -27,7 +29,12 @@ from .reports import ORDER, ROUTINE
 
 ABBREVIATIONS = {"right upper lobe": "RUL", "right middle lobe": "RML", "right lower lobe": "RLL",
                  "left upper lobe": "LUL", "left lower lobe": "LLL"}
-NEGATIONS = ("No {}.", "No evidence of {}.", "There is no {}.", "No {} is seen.", "Previously described {} has resolved.")
+NEGATIONS = ("No {}.", "No evidence of {}.", "There is no {}.", "No {} is seen.", "Negative for {}.",
+             "{} without {}.", "Previously described {} has resolved.")
+SUBJECTS = {  # what "{} without {}." says is free of a finding
+    "cardiomegaly": "Heart", "pericardial_effusion": "Pericardium", "arterial_calcification": "Thoracic aorta",
+    "lymphadenopathy": "Mediastinum", "pleural_effusion": "Pleural spaces",
+}  # the lung findings: "Lungs"
 NOUNS = {  # what a negation names
     "cardiomegaly": ("cardiomegaly", "cardiac enlargement"),
     "pericardial_effusion": ("pericardial effusion", "fluid in the pericardium"),
@@ -60,7 +67,9 @@ class Style:
     lobe: int  # 0 "right lower lobe", 1 "RLL", 2 "lower lobe of the right lung"
     sided: bool  # "right-sided" for "right"
     cm: bool  # sizes in cm
-    negation: int  # index into NEGATIONS, or len(NEGATIONS): absent findings mostly left unsaid
+    negation: int  # index into NEGATIONS
+    unsaid: bool  # absent findings mostly left unsaid
+    brief: bool  # no routine sentences, about half the absent findings negated: a short report of few negations
     shuffled: bool  # Findings in another order than the writer's anatomical one
     numbered: bool  # Impressions as a numbered list
 
@@ -84,8 +93,8 @@ def variant_rng(name: str, variant: int) -> np.random.Generator:
 def paraphrase(drawn: dict[str, dict], rng: np.random.Generator) -> Report:
     """Findings and Impressions for the drawn findings (name -> {"present": bool, ...}), in a drawn style."""
     style = Style(lobe=int(rng.integers(3)), sided=bool(rng.random() < 0.3), cm=bool(rng.random() < 0.3),
-                  negation=int(rng.integers(len(NEGATIONS) + 1)), shuffled=bool(rng.random() < 0.3),
-                  numbered=bool(rng.random() < 0.5))
+                  negation=int(rng.integers(len(NEGATIONS))), unsaid=bool(rng.random() < 1 / 6),
+                  brief=bool(rng.random() < 0.35), shuffled=bool(rng.random() < 0.3), numbered=bool(rng.random() < 0.5))
     order = rng.permutation(len(ORDER)) if style.shuffled else np.arange(len(ORDER))
     normal = NORMAL[int(rng.random() * len(NORMAL))]
     findings, impressions = [], []
@@ -93,7 +102,7 @@ def paraphrase(drawn: dict[str, dict], rng: np.random.Generator) -> Report:
         pick, where, keep = rng.random(3)  # three draws a topic, present or not
         if topic in ROUTINE:
             options = OTHER_ROUTINE[topic]
-            if keep < 0.5:
+            if keep < 0.5 and not style.brief:
                 findings.append(options[int(pick * len(options))])
             continue
         params = drawn[topic]
@@ -102,15 +111,19 @@ def paraphrase(drawn: dict[str, dict], rng: np.random.Generator) -> Report:
             impressions.append(_sentence(IMPRESSION[topic](params, style)))
             if where >= 0.25:  # else named in the Impressions alone
                 findings.append(sentences[int(pick * len(sentences))])
-        elif topic in NOUNS and keep < (0.3 if style.negation == len(NEGATIONS) else 0.85):
+        elif topic in NOUNS and keep < (0.3 if style.unsaid else 0.5 if style.brief else 0.85):
             if "cardiothoracic_ratio" in params and where < 0.5:  # a normal heart's ratio (findings.normal_heart)
                 findings.append(NORMAL_HEART[int(pick * len(NORMAL_HEART))].format(params["cardiothoracic_ratio"]))
             else:
                 noun = NOUNS[topic][int(pick * len(NOUNS[topic]))]
-                form = NEGATIONS[style.negation % len(NEGATIONS)]
+                form = NEGATIONS[style.negation]
                 if "resolved" in form and topic not in RESOLVABLE:
                     form = NEGATIONS[0]
-                findings.append(_sentence(form.format(noun)))
+                if form.count("{}") == 2:  # the subject's own noun: not "Pericardium without fluid in the pericardium"
+                    said = form.format(SUBJECTS.get(topic, "Lungs"), NOUNS[topic][0])
+                else:
+                    said = form.format(noun)
+                findings.append(_sentence(said))
     if style.numbered and len(impressions) > 1:
         summary = " ".join(f"{n}. {item}." for n, item in enumerate(impressions, start=1))
     else:
