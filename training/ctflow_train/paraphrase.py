@@ -29,9 +29,11 @@ from .reports import ORDER, ROUTINE
 
 ABBREVIATIONS = {"right upper lobe": "RUL", "right middle lobe": "RML", "right lower lobe": "RLL",
                  "left upper lobe": "LUL", "left lower lobe": "LLL"}
-NEGATIONS = ("No {}.", "No evidence of {}.", "There is no {}.", "No {} is seen.", "Negative for {}.",
-             "{} without {}.", "Previously described {} has resolved.")
-SUBJECTS = {  # what "{} without {}." says is free of a finding
+NEGATIONS = ("No {noun}.", "No evidence of {noun}.", "There is no {noun}.", "No {noun} is seen.",
+             "Negative for {noun}.",
+             "{subject} without {own_noun}.",  # its own noun: not "Pericardium without fluid in the pericardium"
+             "Previously described {noun} has resolved.")
+SUBJECTS = {  # what "{subject} without {own_noun}." says is free of a finding
     "cardiomegaly": "Heart", "pericardial_effusion": "Pericardium", "arterial_calcification": "Thoracic aorta",
     "lymphadenopathy": "Mediastinum", "pleural_effusion": "Pleural spaces",
 }  # the lung findings: "Lungs"
@@ -119,11 +121,8 @@ def paraphrase(drawn: dict[str, dict], rng: np.random.Generator) -> Report:
                 form = NEGATIONS[style.negation]
                 if "resolved" in form and topic not in RESOLVABLE:
                     form = NEGATIONS[0]
-                if form.count("{}") == 2:  # the subject's own noun: not "Pericardium without fluid in the pericardium"
-                    said = form.format(SUBJECTS.get(topic, "Lungs"), NOUNS[topic][0])
-                else:
-                    said = form.format(noun)
-                findings.append(_sentence(said))
+                findings.append(_sentence(form.format(noun=noun, own_noun=NOUNS[topic][0],
+                                                      subject=SUBJECTS.get(topic, "Lungs"))))
     if style.numbered and len(impressions) > 1:
         summary = " ".join(f"{n}. {item}." for n, item in enumerate(impressions, start=1))
     else:
