@@ -72,7 +72,7 @@ def steered(tiny_pipeline):
             self.first_slices = []
             self.x_embed = torch.nn.Linear(1, 1)  # gives the stand-in a dtype like the real model
 
-        def prepare(self, previous, text, mask, first_slice, side_code=None):
+        def prepare(self, previous, text, mask, first_slice, code=None):
             self.block += 1  # called once per block
             self.first_slices.append(float(first_slice))
             return None

@@ -42,7 +42,7 @@ from ctflow.errors import CTFlowError
 from ctflow.io import atomic_write, check_output_path
 from ctflow.pipeline import check_options
 from ctflow.report import parse_report, read_report_file
-from ctflow.sampling import block_velocity, side_codes
+from ctflow.sampling import block_velocity, denoiser_codes
 from ctflow.testing import create_random_model
 
 REPORT = "Findings: Trachea and main bronchi are patent. No nodule, consolidation or pleural effusion. " \
@@ -258,7 +258,7 @@ def project(pipeline, settings: list[str], report: str, repeats: int = 3) -> lis
         req, batch = plan.request, plan.text.shape[0]
         if batch not in call_s:
             velocity = block_velocity(pipeline.denoiser, block, plan.text, plan.text_mask, 0, plan.guidance,
-                                      side_codes(plan.code_texts, config, 0))
+                                      denoiser_codes(plan.code_texts, config, 0))
             with torch.no_grad():
                 t = torch.tensor(0.5, device=pipeline.device)
                 call_s[batch] = timed(lambda: velocity(block, t), pipeline.device, repeats)

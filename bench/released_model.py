@@ -30,7 +30,7 @@ from ctflow.autoencoder import VAE_PRESETS
 from ctflow.denoiser import STDiT, parameter_count
 from ctflow.devices import select_device
 from ctflow.released import import_released, save_released_layout
-from ctflow.sampling import block_velocity, side_codes
+from ctflow.sampling import block_velocity, denoiser_codes
 
 sys.path.insert(0, str(Path(__file__).parent))
 from generation import (  # noqa: E402
@@ -79,7 +79,7 @@ def project(pipeline, settings: list[str], slices: int) -> list[dict]:
     decode_s = (time.perf_counter() - started) * config.block_slices
     plan = pipeline.plan(ctflow.GenerationRequest("Findings: normal chest CT.", seed=0))
     velocity = block_velocity(pipeline.denoiser, block, plan.text, plan.text_mask, 0, plan.guidance,
-                              side_codes(plan.code_texts, config, 0))
+                              denoiser_codes(plan.code_texts, config, 0))
     with torch.no_grad():
         started = time.perf_counter()
         velocity(block, torch.tensor(0.5, device=pipeline.device))

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1] / "training"))
 from ctflow.errors import CTFlowError  # noqa: E402
 from ctflow.pipeline import CTFlowPipeline, GenerationRequest  # noqa: E402
-from ctflow.sampling import side_codes  # noqa: E402
+from ctflow.sampling import denoiser_codes  # noqa: E402
 from ctflow_train.finding_study import STUDIED, WORDING_SEED, writer_reports  # noqa: E402
 from ctflow_train.heldout import load_heldout  # noqa: E402
 from ctflow_train.latent_store import LatentStore  # noqa: E402
@@ -59,7 +59,7 @@ def prediction(pipe: CTFlowPipeline, report: str, samples: list[tuple]) -> torch
     text, mask, rows = plan.text[:1], plan.text_mask[:1], plan.code_texts[:1]  # the conditional branch
     denoiser = pipe.denoiser
     return torch.cat([denoiser.predict(z, t, denoiser.prepare(previous, text, mask, torch.tensor(float(first)),
-                                                              side_codes(rows, denoiser.config, first))).flatten()
+                                                              denoiser_codes(rows, denoiser.config, first))).flatten()
                       for previous, z, t, first in samples])
 
 

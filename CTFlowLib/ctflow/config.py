@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from .conventions import BLOCK_SLICES, HU_WINDOW, MAX_GUIDANCE, MAX_SEED, MAX_SHIFT, MAX_SLICES, MAX_STEPS
 from .errors import ModelError
-from .report import denoiser_code
+from .report import FINDING_CODE_NAMES, SIDE_CODE_SIZE, denoiser_code
 from .sampling import METHODS
 
 
@@ -62,12 +62,26 @@ class DenoiserConfig:
     # (report.level_text; ours): a finding placed in a lobe is told only to the blocks at that lobe's levels, in a
     # body this many slices long (the training volumes' median). 0: every block reads the whole report's code.
     lobe_map_slices: int = 0
+    # Add an embedding of the report's finding code (report.finding_code: which findings it reports, not negated) to
+    # the time embedding (ours): the text encoder's vectors hardly tell a finding from its negation.
+    finding_code: bool = False
     variant: str = "ctflow"  # see VARIANTS
 
     @property
     def reads_code(self) -> bool:
-        """Whether the denoiser reads report.denoiser_code besides the text's tokens (side_code or side_map)."""
-        return self.side_code or self.side_map
+        """Whether the denoiser reads report.denoiser_code besides the text's tokens (side_code, side_map or
+        finding_code)."""
+        return self.side_code or self.side_map or self.finding_code
+
+    @property
+    def code_kind(self) -> str:
+        """Which of report.DENOISER_CODES the denoiser reads (meaningful where reads_code)."""
+        return "half" if self.side_map else "finding" if self.finding_code else "side"
+
+    @property
+    def code_size(self) -> int:
+        """The length of the code the denoiser reads (report.DENOISER_CODES), or would read where it reads none."""
+        return len(FINDING_CODE_NAMES) if self.finding_code else SIDE_CODE_SIZE
 
     def code_levels(self, first_slice: int) -> tuple[float, float] | None:
         """The levels of the body (fractions, head to feet) of the block starting at `first_slice`, whose code a
@@ -79,7 +93,7 @@ class DenoiserConfig:
     def read_code(self, text: str, first_slice: int = 0) -> list[float]:
         """report.denoiser_code of `text` as this denoiser reads it for the block starting at `first_slice`: one home
         for training, its calibration and generation."""
-        return denoiser_code(text, self.side_map, self.code_levels(first_slice))
+        return denoiser_code(text, self.code_kind, self.code_levels(first_slice))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "patch_size", tuple(self.patch_size))
@@ -90,12 +104,12 @@ class DenoiserConfig:
         if self.variant == "released" and (self.prediction != "velocity" or self.slice_position or self.pooled_text
                                            or self.seam_context or self.reads_code or self.lobe_map_slices):
             raise ModelError("the released denoiser variant predicts velocity and has none of this project's "
-                             "additions (slice_position, pooled_text, seam_context, side_code, side_map)")
+                             "additions (slice_position, pooled_text, seam_context, side_code, side_map, finding_code)")
         if self.lobe_map_slices and not self.side_map:
             raise ModelError("lobe_map_slices reads the side map's code by levels: it needs side_map")
-        if self.side_code and self.side_map:
-            raise ModelError("side_code and side_map read different codes of the report (report.denoiser_code): "
-                             "a denoiser has one of them")
+        if self.side_code + self.side_map + self.finding_code > 1:
+            raise ModelError("side_code, side_map and finding_code read different codes of the report "
+                             "(report.denoiser_code): a denoiser has one of them")
         if self.hidden_size % self.num_heads:
             raise ModelError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         pt, ph, pw = self.patch_size

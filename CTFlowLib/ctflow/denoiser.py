@@ -16,7 +16,7 @@ from torch import nn
 
 from .config import DenoiserConfig
 from .conventions import right_half
-from .report import SIDE_CODE_SIZE
+from .report import FINDING_CODE_NAMES, SIDE_CODE_SIZE
 
 
 MIN_TIME = 1e-3  # clean -> velocity divides by t; samplers never evaluate t = 0, this only guards the division
@@ -161,7 +161,7 @@ class Conditioning:
     previous: torch.Tensor  # [B, t, s, D] patch embedding of the previous clean block
     text_kv: list[torch.Tensor]  # per STDiT layer: [2, B, heads, M, D/heads] cross-attention keys and values
     mask: torch.Tensor  # [B, M] bool
-    vector: torch.Tensor | None = None  # [B, D] added to the time embedding: slice position, pooled text, side code
+    vector: torch.Tensor | None = None  # [B, D] added to the time embedding: slice position, pooled text, a code of the report
 
 
 class STDiT(nn.Module):
@@ -188,6 +188,7 @@ class STDiT(nn.Module):
         self.text_embed = Mlp(config.text_dim, d / config.text_dim, out=d)
         self.text_vector = Mlp(config.text_dim, d / config.text_dim, out=d) if config.pooled_text else None
         self.side_embed = nn.Linear(SIDE_CODE_SIZE, d) if config.side_code else None
+        self.finding_embed = nn.Linear(len(FINDING_CODE_NAMES), d) if config.finding_code else None
         self.side_map_embed = nn.Linear(SIDE_CODE_SIZE // 2, d) if config.side_map else None  # one half's findings
         # The transformer layers. "blocks" (and t_block) are weight names in every shipped model.safetensors: keep them.
         self.blocks = nn.ModuleList(STDiTLayer(d, config.num_heads, config.mlp_ratio, self.released)
@@ -220,6 +221,8 @@ class STDiT(nn.Module):
             nn.init.zeros_(self.side_embed.weight)
         if self.side_map_embed is not None:  # likewise
             nn.init.zeros_(self.side_map_embed.weight)
+        if self.finding_embed is not None:  # likewise
+            nn.init.zeros_(self.finding_embed.weight)
         for layer in (self.t_block[1], self.final):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -237,21 +240,22 @@ class STDiT(nn.Module):
 
     def prepare(
         self, previous: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, first_slice: torch.Tensor | None = None,
-        side_code: torch.Tensor | None = None,
+        code: torch.Tensor | None = None,
     ) -> Conditioning:
         """previous: [B, C, T, H, W] clean block; text: [B, M, text_dim]; mask: [B, M];
         first_slice: [B] index in the volume of the new block's first slice (needed by slice_position models);
-        side_code: [B, SIDE_CODE_SIZE] each row's report.denoiser_code (needed by side_code and side_map models)."""
+        code: [B, config.code_size] each row's report.denoiser_code (needed by side_code, side_map and
+        finding_code models)."""
         dtype = self.x_embed.weight.dtype
         prev_tokens = self.previous_embed(previous.to(dtype)).flatten(3).permute(0, 2, 3, 1)  # [B, t, s, D]
         if self.seam_embed is not None:  # the previous block's last patch of slices joins the new block's first
             last = previous[:, :, -self.config.patch_size[0]:].to(dtype)  # [B, C, pt, H, W]
             seam = self.seam_embed(last).flatten(3).permute(0, 2, 3, 1)  # [B, 1, s, D]
             prev_tokens = torch.cat([prev_tokens[:, :1] + seam, prev_tokens[:, 1:]], dim=1)
-        if self.config.reads_code and side_code is None:
-            raise ValueError("this denoiser is conditioned on the report's side code: pass side_code")
+        if self.config.reads_code and code is None:
+            raise ValueError("this denoiser is conditioned on a code of the report: pass code")
         if self.side_map_embed is not None:
-            prev_tokens = prev_tokens + self._side_map(side_code.to(previous.device, dtype))  # [B, 1, s, D]
+            prev_tokens = prev_tokens + self._side_map(code.to(previous.device, dtype))  # [B, 1, s, D]
         vectors = []
         if self.position_embed is not None:
             if first_slice is None:
@@ -262,7 +266,9 @@ class STDiT(nn.Module):
             pooled = (text.to(dtype) * weights).sum(1) / weights.sum(1).clamp(min=1)  # [B, text_dim] mean token
             vectors.append(self.text_vector(pooled))  # [B, D]
         if self.side_embed is not None:
-            vectors.append(self.side_embed(side_code.to(previous.device, dtype)))  # [B, D]
+            vectors.append(self.side_embed(code.to(previous.device, dtype)))  # [B, D]
+        if self.finding_embed is not None:
+            vectors.append(self.finding_embed(code.to(previous.device, dtype)))  # [B, D]
         tokens = self.text_embed(text.to(dtype))  # [B, M, D]
         return Conditioning(prev_tokens, [layer.cross.keys_values(tokens) for layer in self.blocks], mask.bool(),
                             sum(vectors) if vectors else None)

@@ -35,7 +35,7 @@ from .model_folder import CARD, load_denoiser, load_vae, model_sha256, read_conf
 from .places import LOBE_FILE, LobePrior, Places
 from .report import Report, parse_report, render_prompt, typed_meta_lines, without_findings
 from .ending import VolumeEnd
-from .sampling import Cancelled, Guidance, block_velocity, sample, side_codes, validate
+from .sampling import Cancelled, Guidance, block_velocity, sample, denoiser_codes, validate
 from .text_encoder import TextEncoder, unit_cls
 from .volume import Geometry, Provenance, Volume
 
@@ -447,7 +447,7 @@ class CTFlowPipeline:
             with torch.no_grad():  # per thread: the decode-ahead worker needs its own
                 try:
                     velocity = block_velocity(self.denoiser, previous, plan.text, plan.text_mask, first_slice,
-                                              plan.guidance, side_codes(plan.code_texts, self.config.denoiser,
+                                              plan.guidance, denoiser_codes(plan.code_texts, self.config.denoiser,
                                                                         first_slice))
                     clean = sample(velocity, noise, req.steps, req.sampler, req.shift, is_cancelled)
                 except Cancelled:

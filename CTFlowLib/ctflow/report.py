@@ -74,7 +74,12 @@ UNSIDED_FINDINGS = {
     "pericardial effusion": r"pericardial (?:effusion|fluid)",
     "arterial calcification": r"calcifi\w*|atherosclero\w*|plaques?",
 }
-_UNSIDED_CUE = re.compile("|".join(rf"\b(?:{cue})\b" for cue in UNSIDED_FINDINGS.values()), re.IGNORECASE)
+_UNSIDED_CUE = re.compile("|".join(rf"\b(?P<u{i}>{cue})\b" for i, cue in enumerate(UNSIDED_FINDINGS.values())),
+                          re.IGNORECASE)
+# The finding code (a denoiser's `finding_code` input): for each finding, sided or not, whether the report reports it.
+# The text encoder's pooled vector hardly tells a finding from its negation (issue 18: "No emphysema." reads as
+# emphysema); this tells the denoiser outright, by the same negation rules that finding guidance leaves findings out by.
+FINDING_CODE_NAMES = (*SIDED_FINDINGS, *UNSIDED_FINDINGS)
 _LYMPH_NODE_GROUP = f"f{list(SIDED_FINDINGS).index('lymph node')}"  # its cue's group name in _FINDING_CUE
 _FINDING_CUE = re.compile("|".join(rf"\b(?P<f{i}>{cue})\b" for i, cue in enumerate(SIDED_FINDINGS.values())),
                           re.IGNORECASE)
@@ -276,13 +281,25 @@ def half_code(text: str) -> list[float]:
     return [float(name in found) for name in SIDED_FINDINGS for found in halves]
 
 
-def denoiser_code(text: str, per_half: bool, levels: tuple[float, float] | None = None) -> list[float]:
-    """What a denoiser reads of the text besides its tokens: half_code for a side_map denoiser (per_half), else
-    side_code; at `levels` (a block's, config.DenoiserConfig.code_levels), of the text where only the lobes there lie
-    (level_text). One home for training and generation."""
+def finding_code(text: str) -> list[float]:
+    """1.0 for each finding of FINDING_CODE_NAMES that the text reports, with or without a side (not negated in its
+    clause)."""
+    unsided = {list(UNSIDED_FINDINGS)[int(cue.lastgroup[1:])] for clause, _ in _clauses(text)
+               for cue in _UNSIDED_CUE.finditer(clause) if not _negated(clause, cue)}
+    found = reported_findings(text) | unsided
+    return [float(name in found) for name in FINDING_CODE_NAMES]
+
+
+DENOISER_CODES = {"side": side_code, "half": half_code, "finding": finding_code}
+
+
+def denoiser_code(text: str, kind: str, levels: tuple[float, float] | None = None) -> list[float]:
+    """What a denoiser reads of the text besides its tokens: the code of DENOISER_CODES named `kind` (half_code for
+    a side_map denoiser); at `levels` (a block's, config.DenoiserConfig.code_levels), of the text where only the lobes
+    there lie (level_text). One home for training and generation."""
     if levels is not None:
         text = level_text(text, lobes_at(levels))
-    return half_code(text) if per_half else side_code(text)
+    return DENOISER_CODES[kind](text)
 
 
 def placed_lobes(text: str) -> dict[str, set[str]]:

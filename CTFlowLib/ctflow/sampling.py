@@ -161,8 +161,8 @@ class Guidance:
                       None if self.side == 0 else lambda shape: self.places.weights(first_slice, shape))
 
 
-def side_codes(texts: tuple[str, ...], config: DenoiserConfig, first_slice: int) -> torch.Tensor | None:
-    """[branches, SIDE_CODE_SIZE]: report.denoiser_code of each of Guidance.texts for the block starting at
+def denoiser_codes(texts: tuple[str, ...], config: DenoiserConfig, first_slice: int) -> torch.Tensor | None:
+    """[branches, config.code_size]: report.denoiser_code of each of Guidance.texts for the block starting at
     `first_slice` (its levels, for a lobe_map denoiser); None for a denoiser that reads no code."""
     if not config.reads_code:
         return None
@@ -170,15 +170,15 @@ def side_codes(texts: tuple[str, ...], config: DenoiserConfig, first_slice: int)
 
 
 def block_velocity(denoiser, previous: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, first_slice: int,
-                   guidance: Guidance, side_codes: torch.Tensor | None = None) -> Velocity:
+                   guidance: Guidance, codes: torch.Tensor | None = None) -> Velocity:
     """The velocity field of one block for a denoiser (STDiT), guided; its conditioning is computed once here.
 
     previous: [1, C, T, h, w] clean block before it; text, mask: [guidance.branches, M, D], [branches, M] in
-    Guidance.texts' order; first_slice: the block's first slice in the volume; side_codes: [branches,
-    SIDE_CODE_SIZE] in the same order (side_codes), for a side_code or side_map denoiser. One home for the pipeline
+    Guidance.texts' order; first_slice: the block's first slice in the volume; codes: [branches,
+    config.code_size] in the same order (denoiser_codes), for a denoiser that reads a code. One home for the pipeline
     and the export's end calibration, so the calibration meets the blocks the pipeline makes."""
     cond = denoiser.prepare(previous.expand(guidance.branches, -1, -1, -1, -1), text, mask,
-                            torch.tensor(float(first_slice)), side_codes)
+                            torch.tensor(float(first_slice)), codes)
 
     def model(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # z: one row per text
         return denoiser(z, t.expand(z.shape[0]), cond)

@@ -9,7 +9,7 @@ from ctflow.config import DENOISER_PRESETS, DenoiserConfig
 from ctflow.denoiser import STDiT, parameter_count
 from ctflow.errors import ModelError
 from ctflow.conventions import right_half
-from ctflow.report import SIDE_CODE_SIZE
+from ctflow.report import SIDE_CODE_SIZE, finding_code
 
 # CTFlow's published sizes (REFERENCE §1) at 16x32x32x16 latents, patch 2x2x2, 768-d report embedding.
 PUBLISHED_MILLIONS = {"S": 36, "B": 146, "L": 512}
@@ -169,6 +169,8 @@ def test_inconsistent_sizes_are_refused():
         DenoiserConfig(block_slices=15)
     with pytest.raises(ModelError, match="one of them"):
         DenoiserConfig(side_code=True, side_map=True)
+    with pytest.raises(ModelError, match="one of them"):
+        DenoiserConfig(side_map=True, finding_code=True)
     with pytest.raises(ModelError, match="needs side_map"):
         DenoiserConfig(side_code=True, lobe_map_slices=128)
     with pytest.raises(ModelError, match="released"):
@@ -192,13 +194,29 @@ def test_side_code_starts_as_a_no_op_then_tells_the_sides_apart():
     right, left = torch.zeros(1, SIDE_CODE_SIZE), torch.zeros(1, SIDE_CODE_SIZE)
     right[0, 0], left[0, 1] = 1.0, 1.0  # a pleural effusion on the right / on the left
     base = plain(x, t, plain.prepare(previous, text, mask))
-    assert torch.equal(base, sided(x, t, sided.prepare(previous, text, mask, side_code=right)))
+    assert torch.equal(base, sided(x, t, sided.prepare(previous, text, mask, code=right)))
     with torch.no_grad():
         sided.side_embed.weight.normal_(0, 0.1)
-    assert not torch.allclose(sided(x, t, sided.prepare(previous, text, mask, side_code=right)),
-                              sided(x, t, sided.prepare(previous, text, mask, side_code=left)))
-    with pytest.raises(ValueError, match="side code"):
+    assert not torch.allclose(sided(x, t, sided.prepare(previous, text, mask, code=right)),
+                              sided(x, t, sided.prepare(previous, text, mask, code=left)))
+    with pytest.raises(ValueError, match="code of the report"):
         sided.prepare(previous, text, mask)
+
+
+def test_the_finding_code_starts_as_a_no_op_then_tells_a_finding_from_its_negation():
+    plain, told = small_model(), small_model(finding_code=True)
+    told.load_state_dict(plain.state_dict(), strict=False)  # as a warm start does
+    x, previous, text, mask = inputs()
+    t = torch.tensor([0.5])
+    asked = torch.tensor([finding_code("Findings: Emphysema in both upper lobes.")])
+    negated = torch.tensor([finding_code("Findings: No evidence of emphysema.")])
+    assert asked.sum() == 1 and not negated.any() and told.config.code_size == asked.shape[1]
+    base = plain(x, t, plain.prepare(previous, text, mask))
+    assert torch.equal(base, told(x, t, told.prepare(previous, text, mask, code=asked)))
+    with torch.no_grad():
+        told.finding_embed.weight.normal_(0, 0.1)
+    assert torch.equal(base, told(x, t, told.prepare(previous, text, mask, code=negated)))  # no bias: none is nothing
+    assert not torch.allclose(base, told(x, t, told.prepare(previous, text, mask, code=asked)))
 
 
 def test_the_side_map_starts_as_a_no_op_then_tells_each_half_its_own_findings():
@@ -209,15 +227,15 @@ def test_the_side_map_starts_as_a_no_op_then_tells_each_half_its_own_findings():
     none, right, left = (torch.zeros(1, SIDE_CODE_SIZE) for _ in range(3))
     right[0, 0], left[0, 1] = 1.0, 1.0  # a pleural effusion on the right / on the left
     base = plain(x, t, plain.prepare(previous, text, mask))
-    assert torch.equal(base, mapped(x, t, mapped.prepare(previous, text, mask, side_code=right)))
+    assert torch.equal(base, mapped(x, t, mapped.prepare(previous, text, mask, code=right)))
     with torch.no_grad():
         mapped.side_map_embed.weight.normal_(0, 0.1)
     rows, columns = (size // patch for size, patch in zip(x.shape[3:], mapped.config.patch_size[1:]))
     on_the_right = torch.as_tensor(right_half(columns)) > 0.5  # [columns]: the patient's right in the first ones
-    untold = mapped.prepare(previous, text, mask, side_code=none).previous  # [1, t, rows * columns, D]
+    untold = mapped.prepare(previous, text, mask, code=none).previous  # [1, t, rows * columns, D]
     for code, where in ((right, on_the_right), (left, ~on_the_right)):
-        told = mapped.prepare(previous, text, mask, side_code=code).previous
+        told = mapped.prepare(previous, text, mask, code=code).previous
         changed = (told - untold).abs().sum(-1).view(-1, rows, columns) > 0  # [t, rows, columns]
         assert torch.equal(changed, where.expand_as(changed))  # every patch of its half, and only those
-    with pytest.raises(ValueError, match="side code"):
+    with pytest.raises(ValueError, match="code of the report"):
         mapped.prepare(previous, text, mask)

@@ -14,9 +14,9 @@ from ctflow.model_folder import load_vae, read_config
 from ctflow.conventions import real_slices
 from ctflow.denoiser import STDiT
 from ctflow.devices import select_device
-from ctflow.report import (SIDE_CODE_SIZE, SIDED_FINDINGS, half_code, half_reports, parse_report, render_prompt,
+from ctflow.report import (SIDED_FINDINGS, finding_code, half_code, half_reports, parse_report, render_prompt,
                            side_code, without_findings)
-from ctflow.sampling import Guidance, block_velocity, side_codes
+from ctflow.sampling import Guidance, block_velocity, denoiser_codes
 
 REPORT = "Findings: A 12 mm nodule in the right upper lobe. Impressions: Right upper lobe nodule."
 
@@ -141,9 +141,11 @@ def test_side_guidance_gives_each_half_of_the_columns_its_own_text_s_velocity(ti
 
 
 @pytest.mark.parametrize("option, code, embedding", [("side_code", side_code, "side_embed"),
-                                                     ("side_map", half_code, "side_map_embed")])
+                                                     ("side_map", half_code, "side_map_embed"),
+                                                     ("finding_code", finding_code, "finding_embed")])
 def test_a_side_code_denoiser_is_told_each_row_s_sides(tiny_pipeline, option, code, embedding):
-    """The rows' codes are those of the prompt's halves (side_code, or half_code for a side_map denoiser), and none
+    """The rows' codes are those of the prompt's halves (side_code, half_code for a side_map denoiser, finding_code
+    for a finding_code one), and none
     for the empty report; such a denoiser warm-started from one without makes the same volume until its embedding
     learns something."""
     denoiser = STDiT(dataclasses.replace(tiny_pipeline.config.denoiser, **{option: True}))
@@ -151,8 +153,8 @@ def test_a_side_code_denoiser_is_told_each_row_s_sides(tiny_pipeline, option, co
     config = dataclasses.replace(tiny_pipeline.config, denoiser=denoiser.config)
     sided = CTFlowPipeline(config, denoiser.eval(), tiny_pipeline.autoencoder, tiny_pipeline.text_encoder)
     plan = sided.plan(GenerationRequest(REPORT, guidance=3.0, side_guidance=4.0))
-    expected = torch.tensor([*(code(half) for half in half_prompts(plan)), [0.0] * SIDE_CODE_SIZE])
-    codes = side_codes(plan.code_texts, config.denoiser, 0)
+    expected = torch.tensor([*(code(half) for half in half_prompts(plan)), [0.0] * denoiser.config.code_size])
+    codes = denoiser_codes(plan.code_texts, config.denoiser, 0)
     assert torch.equal(codes, expected) and expected[0].any() and not expected[1].any()
     options = {"slices": 4, "guidance": 3.0, "side_guidance": 4.0}
     assert np.array_equal(run(sided, **options).hu, run(tiny_pipeline, **options).hu)
@@ -172,9 +174,9 @@ def test_a_lobe_map_denoiser_reads_each_block_s_code_at_its_levels(tiny_pipeline
     told = {}
     prepare = denoiser.prepare
 
-    def recording(previous, text, mask, first_slice, side_code=None):
-        told[int(first_slice)] = side_code
-        return prepare(previous, text, mask, first_slice, side_code)
+    def recording(previous, text, mask, first_slice, code=None):
+        told[int(first_slice)] = code
+        return prepare(previous, text, mask, first_slice, code)
 
     monkeypatch.setattr(denoiser, "prepare", recording)
     lobed.generate(GenerationRequest(REPORT, slices=4 * block, seed=1, steps=2, guidance=1.0, side_guidance=0.0))

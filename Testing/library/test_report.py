@@ -1,8 +1,8 @@
 import pytest
 
 from ctflow import ReportError, parse_report, render_prompt
-from ctflow.report import (LOBE_LEVELS, MAX_REPORT_CHARS, SIDE_CODE_SIZE, SIDED_FINDINGS, Report, denoiser_code,
-                           half_code, half_reports, half_texts, level_text, lobes_at, names_one_side, placed_lobes,
+from ctflow.report import (FINDING_CODE_NAMES, LOBE_LEVELS, MAX_REPORT_CHARS, SIDE_CODE_SIZE, SIDED_FINDINGS, Report,
+                           denoiser_code, finding_code, half_code, half_reports, half_texts, level_text, lobes_at, names_one_side, placed_lobes,
                            read_report_file, reported_findings, side_code, sided_findings, without_findings)
 
 CT_RATE = """FINDINGS: Trachea and both main bronchi are open. A 6 mm nodule is seen in the right upper lobe.
@@ -171,13 +171,13 @@ def test_a_block_s_code_reads_the_report_where_only_the_lobes_at_its_levels_lie(
     named = [name for name in SIDED_FINDINGS for _ in ("right", "left")]
 
     def read(levels):
-        code = denoiser_code(text, per_half=True, levels=levels)
+        code = denoiser_code(text, "half", levels=levels)
         return [(name, side) for name, side, v in zip(named, ["right", "left"] * len(SIDED_FINDINGS), code) if v]
 
     emphysema = [("emphysema", "right"), ("emphysema", "left")]
     assert read(TOP) == emphysema  # the lower lobe is not at the top of the body
     assert read(BOTTOM) == read(MIDDLE) == read(None) == [("consolidation", "right"), *emphysema]
-    assert denoiser_code(text, per_half=True) == half_code(text)
+    assert denoiser_code(text, "half") == half_code(text)
     assert lobes_at(TOP) == {"upper"} and lobes_at(BOTTOM) == {"lower"} and lobes_at(MIDDLE) == set(LOBE_LEVELS)
 
 
@@ -278,7 +278,7 @@ def test_the_half_code_is_what_each_half_reads_reported(text, right, left):
     named = [name for name in SIDED_FINDINGS for _ in ("right", "left")]
     assert {n for n, v in zip(named[::2], code[::2]) if v} == right
     assert {n for n, v in zip(named[1::2], code[1::2]) if v} == left
-    assert denoiser_code(text, per_half=True) == code and denoiser_code(text, per_half=False) == side_code(text)
+    assert denoiser_code(text, "half") == code and denoiser_code(text, "side") == side_code(text)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -295,3 +295,18 @@ def test_the_report_without_its_findings_keeps_what_reports_none(text, expected)
     """What finding guidance guides away from: parts that report a finding (sided or not) go, negated ones and the
     rest of the report stay."""
     assert without_findings(parse_report(text)).text == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Findings: Mild cardiomegaly. Centrilobular emphysema in both upper lobes. No pleural or pericardial effusion.\n"
+     "Impressions: Cardiomegaly. Emphysema.", {"cardiomegaly", "emphysema"}),
+    ("No evidence of emphysema. Heart not enlarged. No consolidation, nodule or atelectasis.", set()),
+    ("Small pericardial effusion. Coronary artery calcifications. Left lower lobe consolidation has resolved.",
+     {"pericardial effusion", "arterial calcification"}),
+    ("Right paratracheal lymphadenopathy and a right-sided port.", {"lymph node", "device"}),
+])
+def test_the_finding_code_reads_each_finding_reported_and_none_negated(text, expected):
+    code = finding_code(text)
+    assert len(code) == len(FINDING_CODE_NAMES) == len(SIDED_FINDINGS) + 3
+    assert {name for name, value in zip(FINDING_CODE_NAMES, code) if value} == expected
+    assert denoiser_code(text, "finding") == code

@@ -307,11 +307,11 @@ def test_the_side_code_is_the_drawn_prompt_s_and_none_for_the_empty_one(tiny, tw
         sample, number = sided[position], sided.number(position)
         dropped = torch.equal(sample["text"], sided.locate(number)[0].empty)
         expected = torch.zeros(SIDE_CODE_SIZE) if dropped else torch.tensor(side_code(prompts.writer_prompt(number)))
-        assert torch.equal(sample["side_code"], expected)
+        assert torch.equal(sample["code"], expected)
         seen.add((dropped, bool(expected.any())))
     assert seen == {(True, False), (False, True), (False, False)}  # "... with right consolidation." among them
     off = BlockDataset(stores, SamplingRules(tiny.BLOCK, text_drop=0.5), 3)
-    assert all(not off[p]["side_code"].any() and torch.equal(off[p]["x0"], sided[p]["x0"]) for p in range(8))
+    assert all(not off[p]["code"].any() and torch.equal(off[p]["x0"], sided[p]["x0"]) for p in range(8))
     stores = open_stores([variant_store])  # report variants: the variant's own words give the code
     varied = BlockDataset(stores, SamplingRules(tiny.BLOCK, text_drop=0.0, variant_p=1.0,
                                                 code=DenoiserConfig(side_code=True)), 3)
@@ -319,14 +319,14 @@ def test_the_side_code_is_the_drawn_prompt_s_and_none_for_the_empty_one(tiny, tw
     for position in range(12):
         number = varied.number(position)
         codes = [torch.tensor(side_code(prompts.variant_prompt(number, k))) for k in range(3)]
-        assert any(torch.equal(varied[position]["side_code"], code) for code in codes)
+        assert any(torch.equal(varied[position]["code"], code) for code in codes)
         assert any(code.any() for code in codes)  # tiny's sided findings are on the right
     halved = BlockDataset(stores, SamplingRules(tiny.BLOCK, text_drop=0.0, variant_p=1.0,
                                                 code=DenoiserConfig(side_map=True)), 3)  # a side_map's: per half
     for position in range(12):
         number = halved.number(position)
         codes = [torch.tensor(half_code(prompts.variant_prompt(number, k))) for k in range(3)]
-        assert any(torch.equal(halved[position]["side_code"], code) for code in codes)
+        assert any(torch.equal(halved[position]["code"], code) for code in codes)
     lobed = DenoiserConfig(side_map=True, lobe_map_slices=8 * tiny.BLOCK, block_slices=tiny.BLOCK)
     by_levels = BlockDataset(stores, SamplingRules(tiny.BLOCK, text_drop=0.0, variant_p=1.0, code=lobed), 3)
     untold = set()
@@ -334,8 +334,8 @@ def test_the_side_code_is_the_drawn_prompt_s_and_none_for_the_empty_one(tiny, tw
         sample, number = by_levels[position], by_levels.number(position)
         first, texts = int(sample["first_slice"]), [prompts.variant_prompt(number, k) for k in range(3)]
         at_levels = [torch.tensor(half_code(level_text(text, lobes_at(lobed.code_levels(first))))) for text in texts]
-        assert any(torch.equal(sample["side_code"], code) for code in at_levels)
-        if not any(torch.equal(sample["side_code"], torch.tensor(half_code(text))) for text in texts):
+        assert any(torch.equal(sample["code"], code) for code in at_levels)
+        if not any(torch.equal(sample["code"], torch.tensor(half_code(text))) for text in texts):
             untold.add(first)  # the right lower lobe's consolidation, not in the body's top quarter (LOBE_LEVELS)
     assert untold == {0, tiny.BLOCK}
 

@@ -139,7 +139,8 @@ def test_warm_start_adds_switched_on_parts_that_change_nothing_yet(tiny, cache, 
 @pytest.mark.parametrize("options, field, embedding, card", [
     ({"side_code": True}, "side_code", "side_embed", "told the side of each sided finding"),
     ({"side_map": True}, "side_map", "side_map_embed", "each patch told the findings its half of the report names"),
-    ({"side_map": True, "lobe_map": True}, "lobe_map_slices", "side_map_embed", "read at the levels of its block")])
+    ({"side_map": True, "lobe_map": True}, "lobe_map_slices", "side_map_embed", "read at the levels of its block"),
+    ({"finding_code": True}, "finding_code", "finding_embed", "told which findings the report reports")])
 def test_a_side_code_run_starts_from_a_model_without_and_exports_a_model_that_reads_it(tiny, twin_store, vae_run,
                                                                                         tmp_path, options, field,
                                                                                         embedding, card):

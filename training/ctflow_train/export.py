@@ -32,7 +32,6 @@ from ctflow.errors import CTFlowError, first_line
 from ctflow.io import read_text_file
 from ctflow.model_folder import (CARD, WEIGHTS, load_denoiser, load_vae as load_folder_vae, read_config, save_model,
                                  verify_model_folder)
-from ctflow.report import SIDE_CODE_SIZE
 from ctflow.sampling import METHODS, Guidance, block_velocity, sample
 
 from .checkpoint import CHECKPOINT, load_checkpoint, read_meta
@@ -190,7 +189,7 @@ def end_distances(model: STDiT, autoencoder: SliceAutoencoder, cache: LatentStor
         start = max(block, real // block * block)  # the block holding the end (never the first block)
         previous = latents[start - block : start].permute(1, 0, 2, 3)[None]  # [1, C, T, h, w]
         text, mask = padded([cache.text("plain", case), cache.empty][: guidance.branches])
-        codes = (torch.stack([prompts.side_code(case, None, start), torch.zeros(SIDE_CODE_SIZE)])[: guidance.branches]
+        codes = (torch.stack([prompts.code_of(case, None, start), torch.zeros(model.config.code_size)])[: guidance.branches]
                  if prompts is not None else None)
         velocity = block_velocity(model, previous, text, mask, start, guidance, codes)
         noise = torch.randn(previous.shape, generator=generator)
@@ -305,7 +304,8 @@ def model_card(config: ModelConfig, vae_metrics: AutoencoderMetrics, flow_meta: 
         f"{', given the last slices of the previous block at the seam' if config.denoiser.seam_context else ''}"
         f"{', told the side of each sided finding (report.side_code)' if config.denoiser.side_code else ''}"
         f"{', each patch told the findings its half of the report names (report.half_code)' if config.denoiser.side_map else ''}"
-        f"{', read at the levels of its block (report.level_text)' if config.denoiser.lobe_map_slices else ''}), "
+        f"{', read at the levels of its block (report.level_text)' if config.denoiser.lobe_map_slices else ''}"
+        f"{', told which findings the report reports (report.finding_code)' if config.denoiser.finding_code else ''}), "
         f"flow matching with StartBoost, predicting the {config.denoiser.prediction} target; "
         f"{average.words() if average else 'EMA weights'}. "
         f"Trained in {len(stages)} stage(s), each warm-started from the one before: "

@@ -62,7 +62,7 @@ from ctflow.io import atomic_write
 from ctflow.model_folder import VAE_FOLDER
 from ctflow.places import LOBE_FILE, Places
 from ctflow.report import half_reports, names_one_side, parse_report, without_findings
-from ctflow.sampling import side_codes
+from ctflow.sampling import denoiser_codes
 
 from .anatomy import in_labels
 from .dataset import patient_of, read_index
@@ -933,7 +933,7 @@ def volume_key(pipe: CTFlowPipeline, model: str, text: str, seed: int, steps: in
                                     finding_guidance=finding_guidance)
         rows = pipe.plan(request).code_texts
         firsts = range(0, pipe.config.max_slices, denoiser.block_slices) if denoiser.lobe_map_slices else [0]
-        key += " codes " + " ".join(str(side_codes(rows, denoiser, first).int().tolist()) for first in firsts)
+        key += " codes " + " ".join(str(denoiser_codes(rows, denoiser, first).int().tolist()) for first in firsts)
     return key
 
 

@@ -26,9 +26,9 @@ The sampling rules (CTFlow, REFERENCE §1):
   - report variants (ours; off unless variant_p > 0): with probability variant_p, where the store holds variants,
     the prompt is one of the volume's report variants (the same findings in other words, latent_store.py) instead
     of its report; a twin takes its pair's variant, which differs from it in the flipped finding's words alone.
-  - the side code (ours; off unless `code`): the code that denoiser reads of the prompt the sample takes for its
-    block (DenoiserConfig.read_code: per half where side_map, at the block's levels where lobe_map_slices; zeros for
-    the empty prompt); the prompts' texts are made again from the stores' cohorts.
+  - a code of the report (ours; off unless `code`): the code that denoiser reads of the prompt the sample takes for
+    its block (DenoiserConfig.read_code: sides, halves or findings; at the block's levels where lobe_map_slices;
+    zeros for the empty prompt); the prompts' texts are made again from the stores' cohorts.
   - flow time t ~ U(0, 1) bent towards noise by time_shift; the draws that pick the previous blocks replaced by the
     model's own estimate (rollout) and its time; and a seed for the sample's noise, which the trainer makes on its
     device (`noises`).
@@ -48,7 +48,6 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from ctflow.config import DenoiserConfig
 from ctflow.errors import CTFlowError
-from ctflow.report import SIDE_CODE_SIZE
 from ctflow.sampling import shift_time
 
 from .dataset import patient_of
@@ -82,7 +81,7 @@ class Batch(NamedTuple):
     rollout_u: torch.Tensor  # [B] uniform: the previous block is the model's estimate where below --rollout-p
     rollout_t: torch.Tensor  # [B] the time the previous block is noised to for that estimate
     twin: torch.Tensor  # [B] bool: a cohort twin of the sample before it, with its draws (paired twins)
-    side_code: torch.Tensor  # [B, SIDE_CODE_SIZE] the prompt's report.denoiser_code (zeros unless rules.side_code)
+    code: torch.Tensor  # [B, code size] the prompt's report.denoiser_code (empty unless rules.code reads one)
 
 
 def generator(*key: int) -> torch.Generator:
@@ -197,12 +196,12 @@ class BlockDataset(Dataset):
             drawn = int(torch.randint(2**31, (), generator=draws))  # drawn alike in every store: twins stay in step
             variant = drawn % store.variants if store.variants else None
         text = store.empty if dropped else store.text(kind, volume, variant)
-        code = (self.prompts.side_code(number, variant, offset) if self.prompts is not None and not dropped
-                else torch.zeros(SIDE_CODE_SIZE))
+        code = (torch.zeros(0) if self.prompts is None else torch.zeros(self.prompts.code.code_size) if dropped
+                else self.prompts.code_of(number, variant, offset))
         return {"x0": x0, "previous": previous, "before": before, "first_slice": torch.tensor(float(offset)),
                 "text": text, "t": shift_time(uniform(), rules.time_shift),
                 "seed": torch.randint(2**62, (), generator=draws), "rollout_u": uniform(), "rollout_t": uniform(),
-                "twin": torch.tensor(twin is not None), "side_code": code}
+                "twin": torch.tensor(twin is not None), "code": code}
 
 
 def twin_numbers(names: list[str]) -> dict[int, list[int]]:

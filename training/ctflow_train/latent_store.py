@@ -260,7 +260,7 @@ class Prompts:
     """Per volume of the stores (numbered over all of them, as flow_data does): its prompts made again from the
     prepared folder it was encoded from, by the store's own rule (store_prompt), as a store keeps their embeddings
     alone. `variants`: the report variants too, which need the cohort's findings (labels/); `code`: the denoiser
-    whose codes side_code reads (DenoiserConfig.read_code)."""
+    whose codes code_of reads (DenoiserConfig.read_code)."""
 
     def __init__(self, stores, variants: bool = True, code: DenoiserConfig | None = None) -> None:
         self.code = code
@@ -281,7 +281,7 @@ class Prompts:
                 self.writer.append(Report(findings=entry["findings"], impressions=entry["impressions"]))
                 self.findings.append((name, labelled_findings(source, entry) if variants else []))
                 self.spacing.append(float(entry["spacing"][2]))
-        self._side_codes: dict[tuple, torch.Tensor] = {}
+        self._codes: dict[tuple, torch.Tensor] = {}
 
     def writer_prompt(self, number: int) -> str:
         return store_prompt(self.writer[number], self.spacing[number])
@@ -290,14 +290,14 @@ class Prompts:
         name, findings = self.findings[number]
         return store_prompt(report_variant(findings, name, variant), self.spacing[number])
 
-    def side_code(self, number: int, variant: int | None = None, first_slice: int = 0) -> torch.Tensor:
-        """[SIDE_CODE_SIZE] the code `code` reads of the volume's report or of its variant for the block starting at
+    def code_of(self, number: int, variant: int | None = None, first_slice: int = 0) -> torch.Tensor:
+        """[code.code_size] the code `code` reads of the volume's report or of its variant for the block starting at
         `first_slice` (a prompt's length line names no side: the same for both of PROMPTS)."""
         key = (number, variant, self.code.code_levels(first_slice))
-        if key not in self._side_codes:
+        if key not in self._codes:
             text = self.writer_prompt(number) if variant is None else self.variant_prompt(number, variant)
-            self._side_codes[key] = torch.tensor(self.code.read_code(text, first_slice))
-        return self._side_codes[key]
+            self._codes[key] = torch.tensor(self.code.read_code(text, first_slice))
+        return self._codes[key]
 
 
 def check_sources(stores, prompts: Prompts, encoder: TextEncoder) -> None:

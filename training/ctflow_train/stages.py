@@ -53,6 +53,7 @@ STAGE_COLUMNS = (
     StageColumn("side code", "side_code", bool, False),
     StageColumn("side map", "side_map", bool, False),
     StageColumn("lobe map", "lobe_map", bool, False),
+    StageColumn("finding code", "finding_code", bool, False),
     StageColumn("latent caches", "caches", list),
 )
 

@@ -64,7 +64,7 @@ from .stages import card_stages
 
 OUTPUTS = (CHECKPOINT, LOSS_LOG)  # what a run writes to --out
 # parts a warm start may switch on (they start as no-ops)
-ADDABLE = ("position_embed.", "text_vector.", "seam_embed.", "side_embed.", "side_map_embed.")
+ADDABLE = ("position_embed.", "text_vector.", "seam_embed.", "side_embed.", "side_map_embed.", "finding_embed.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +88,7 @@ class FlowRun(RunOptions):
     seam_context: bool
     side_code: bool
     side_map: bool
+    finding_code: bool
     lobe_map: bool
     init: Path | None
     time_shift: float
@@ -124,8 +125,8 @@ class Conditioned(torch.nn.Module):
         super().__init__()
         self.denoiser = denoiser
 
-    def forward(self, z_t, t, previous, text, mask, first_slice, side_code=None):
-        return self.denoiser.predict(z_t, t, self.denoiser.prepare(previous, text, mask, first_slice, side_code))
+    def forward(self, z_t, t, previous, text, mask, first_slice, code=None):
+        return self.denoiser.predict(z_t, t, self.denoiser.prepare(previous, text, mask, first_slice, code))
 
 
 def denoiser_config(args: FlowRun, store: LatentStore):
@@ -135,7 +136,7 @@ def denoiser_config(args: FlowRun, store: LatentStore):
                                    "patch_size": args.patch and tuple(args.patch), "prediction": args.prediction,
                                    "slice_position": args.slice_position, "pooled_text": args.pooled_text,
                                    "seam_context": args.seam_context, "side_code": args.side_code,
-                                   "side_map": args.side_map,
+                                   "side_map": args.side_map, "finding_code": args.finding_code,
                                    "lobe_map_slices": args.lobe_map and store.meta["median_content_slices"]}.items()
                  if v}
     return dataclasses.replace(DENOISER_PRESETS[args.preset], latent_channels=channels, latent_size=size,
@@ -170,7 +171,7 @@ def roll_out_previous(ema: STDiT, batch: Batch, share: float, noise: torch.Tenso
     previous_first_slice = (batch.first_slice - previous.shape[2]).clamp(min=0)
     with torch.no_grad():
         cond = ema.prepare(batch.before.to(device), batch.text.to(device), batch.mask.to(device), previous_first_slice,
-                           batch.side_code.to(device))
+                           batch.code.to(device))
         velocity = ema(z_t, t, cond)
     estimate = (z_t - tt * velocity.float()).to(previous.dtype)  # clean block from velocity = noise - x0
     return torch.where(chosen.to(device).view(-1, 1, 1, 1, 1), estimate, previous)
@@ -183,7 +184,7 @@ def sampled_previous(ema: STDiT, batch: Batch, chosen: torch.Tensor, noise: torc
     previous, pick = batch.previous.to(device), chosen.to(device)
     first_slice = (batch.first_slice.to(device) - previous.shape[2]).clamp(min=0)[pick]
     cond = ema.prepare(batch.before.to(device)[pick], batch.text.to(device)[pick], batch.mask.to(device)[pick],
-                       first_slice, batch.side_code.to(device)[pick])
+                       first_slice, batch.code.to(device)[pick])
     estimate = sample(lambda z, t: ema(z, t.expand(len(z)), cond), noise[pick], steps, "euler")
     previous = previous.clone()
     previous[pick] = estimate.to(previous.dtype)
@@ -227,12 +228,12 @@ def flow_loss(model, ema: STDiT, batch: Batch, config, args, autocast, device) -
     prev = prev.to(device) + args.cond_noise * noise.cond
     if config.seam_context:  # the slices across the seam stay exact: the new block must continue what is there
         prev[:, :, -config.patch_size[0]:] = batch.previous[:, :, -config.patch_size[0]:].to(device)
-    x0, text, mask, t, first_slice, side_code = (v.to(device, non_blocking=True) for v in (
-        batch.x0, batch.text, batch.mask, batch.t, batch.first_slice, batch.side_code))
+    x0, text, mask, t, first_slice, code = (v.to(device, non_blocking=True) for v in (
+        batch.x0, batch.text, batch.mask, batch.t, batch.first_slice, batch.code))
     tt = t.view(-1, 1, 1, 1, 1)
     z_t = (1 - tt) * x0 + tt * noise.noise
     with autocast:
-        predicted = model(z_t, t, prev, text, mask, first_slice, side_code).float()  # [B, C, T, h, w]
+        predicted = model(z_t, t, prev, text, mask, first_slice, code).float()  # [B, C, T, h, w]
     target = x0 if config.prediction == "clean" else noise.noise - x0
     twin, weights = batch.twin.to(device), twin_terms(args)
     terms = {name: TWIN_LOSSES[name](predicted, target, twin) for name in weights}
@@ -449,6 +450,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--side-map", action="store_true",
                         help="also add to every latent patch which sided findings its half of the report names "
                              "(ctflow.report.half_code; a finding without a side on both halves)")
+    parser.add_argument("--finding-code", action="store_true",
+                        help="also add which findings the report reports, not negated (ctflow.report.finding_code), "
+                             "to the time embedding; the prompts' texts are made again from the stores' cohorts")
     parser.add_argument("--lobe-map", action="store_true",
                         help="with --side-map: each block reads the code of the report where only the lobes at its "
                              "levels lie (ctflow.report.level_text), in a body of the first store's median length")

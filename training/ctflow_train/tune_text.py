@@ -36,7 +36,6 @@ from ctflow.errors import CTFlowError
 from ctflow.io import atomic_folder
 from ctflow.model_folder import (CARD, CONFIG, copy_model_files, load_denoiser, load_vae, read_config,
                                  verify_model_folder)
-from ctflow.report import SIDE_CODE_SIZE
 from ctflow.text_encoder import TextEncoder
 
 from .checkpoint import load_checkpoint, open_loss_log, prepare_run_folder, save_checkpoint
@@ -70,7 +69,7 @@ class TuneRun(RunOptions):
 def draw_prompts(blocks: BlockDataset, prompts: Prompts, positions: range, firsts: torch.Tensor,
                  draws: torch.Generator, args: TuneRun) -> tuple[list[torch.Tensor], torch.Tensor, list[str]]:
     """Per position (its block starting at `firsts`): the writer's tokens the store holds for its volume and their
-    side code [B, SIDE_CODE_SIZE] (the teacher's), and the prompt the tuned encoder reads: '' (with '' as teacher) in
+    code [B, code size] (the teacher's), and the prompt the tuned encoder reads: '' (with '' as teacher) in
     a share empty_p, the writer's report in writer_p, else a variant."""
     teacher, codes, student = [], [], []
     for position, first in zip(positions, firsts.int().tolist()):
@@ -80,11 +79,11 @@ def draw_prompts(blocks: BlockDataset, prompts: Prompts, positions: range, first
         variant = int(torch.randint(VARIANTS, (), generator=draws))
         if u < args.empty_p:
             teacher.append(store.empty)
-            codes.append(torch.zeros(SIDE_CODE_SIZE))
+            codes.append(torch.zeros(prompts.code.code_size))
             student.append("")
         else:
             teacher.append(store.text("plain", volume))
-            codes.append(prompts.side_code(number, None, first))
+            codes.append(prompts.code_of(number, None, first))
             student.append(prompts.writer_prompt(number) if u < args.empty_p + args.writer_p
                            else prompts.variant_prompt(number, variant))
     return teacher, torch.stack(codes), student
@@ -94,7 +93,7 @@ def distillation_loss(denoiser, encoder: TextEncoder, batch: Batch, teacher: lis
                       teacher_codes: torch.Tensor, student: list[str]) -> torch.Tensor:
     """Mean square difference between the denoiser's prediction from the student's tokens of `student` (prompts)
     and from the `teacher` tokens ([M_i, D] each), on the batch's blocks, noise and times: the text's effect alone.
-    A side_code denoiser reads the teacher's side codes and those of the student's texts, as generation would."""
+    A denoiser that reads a code reads the teacher's codes and those of the student's texts, as generation would."""
     noise = noises(batch, torch.device("cpu"), rollout=False).noise
     t = batch.t.view(-1, 1, 1, 1, 1)
     z_t = (1 - t) * batch.x0 + t * noise
