@@ -161,7 +161,7 @@ class Conditioning:
     previous: torch.Tensor  # [B, t, s, D] patch embedding of the previous clean block
     text_kv: list[torch.Tensor]  # per STDiT layer: [2, B, heads, M, D/heads] cross-attention keys and values
     mask: torch.Tensor  # [B, M] bool
-    vector: torch.Tensor | None = None  # [B, D] added to the time embedding: slice position, pooled text, a code of the report
+    vector: torch.Tensor | None = None  # [B, D] added to the time embedding: slice position, pooled text, a report code
 
 
 class STDiT(nn.Module):
