@@ -123,7 +123,7 @@ def test_export_loads_in_ctflow_and_generates(tiny, data, vae_run, cache, tmp_pa
             "slices at most.") in card
     assert "not for clinical use" in card and "PSNR" in card and "side guidance 8.0, finding guidance 1.5." in card
     assert "ONE real base anatomy" not in card  # the tiny cases are not the synthetic cohort's patients
-    assert "Trained in 1 stage(s)" in card and "| flow | 3 |" in card and "| False | False | latents |" in card
+    assert "Trained in 1 stage(s)" in card and "| flow | 3 |" in card and "| False | False | 1.0 | latents |" in card
     assert "slice position" in card and "pooled-text vector" not in card  # the card names only what the model has
     assert '- seconds_per_128_slices: 12.5' in card and '- seams: {"ratio": 1.1}' in card
     assert "ABSENT-TEXT" not in card and "0.25" not in card  # per-volume details stay in the JSON
@@ -308,7 +308,7 @@ def test_a_model_folder_without_a_stage_table_is_a_stage_not_found(tmp_path):
     (tmp_path / "README.md").write_text("# a model\n\n## Training stages\n\nTrained elsewhere.\n")
     assert stages.card_stages(tmp_path / "README.md") == []  # no table
     row = ("| a | 12 | 1.5 | cpu x1 | 4 | 0.001 | 0.1 | 0.5 | 4 | 0.2 | 0.5 | 0.3 | 0.05 | 1.0 | 2.0 | False | False | False "
-           "| False | False | False | False | latents |")
+           "| False | False | False | False | 1.0 | latents |")
     table = ["## Training stages", "", "| " + " | ".join(c.header for c in stages.STAGE_COLUMNS) + " |",
              "|" + "---|" * len(stages.STAGE_COLUMNS), row, f"| gone | {stages.MISSING_STAGE} |" + "|" * (len(stages.STAGE_COLUMNS) - 2), "",
              "## Limits", "| not | a | stage |"]
@@ -318,7 +318,7 @@ def test_a_model_folder_without_a_stage_table_is_a_stage_not_found(tmp_path):
                  "cond_noise": 0.1, "rollout_p": 0.5, "rollout_steps": 4, "end_p": 0.2, "finding_p": 0.5, "variant_p": 0.3, "pair_weight": 0.05,
                  "region_weight": 1.0, "seam_weight": 2.0, "slice_position": False, "pooled_text": False,
                  "seam_context": False, "side_code": False, "side_map": False, "lobe_map": False, "finding_code": False,
-                 "caches": ["latents"]}
+                 "code_lr": 1.0, "caches": ["latents"]}
     assert gone == {"run": "gone", "missing": True}
     assert stages.stage_table([a, gone]) == table[2:6]  # what it reads is what the card writes
     (tmp_path / "README.md").write_text("\n".join(table).replace("| 12 |", "| twelve |") + "\n")

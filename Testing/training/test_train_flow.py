@@ -136,6 +136,30 @@ def test_warm_start_adds_switched_on_parts_that_change_nothing_yet(tiny, cache, 
     assert [s.get("missing", False) for s in export.lineage(placed)] == [True, False]
 
 
+def test_code_lr_makes_the_code_embedding_alone_learn_faster(tiny, twin_store, tmp_path):
+    """--code-lr: the finding code's embedding, added at a warm start, moves further in the same steps; the rest of
+    the denoiser learns as before; the card's stage table records the scale."""
+    plain = tmp_path / "plain"
+    train_flow.train(tiny.flow_run(twin_store, plain, steps=1))
+    moved = {}
+    for scale in (1.0, 30.0):
+        out = tmp_path / f"code_lr_{scale:g}"
+        train_flow.train(tiny.flow_run(twin_store, out, steps=3, init=plain, text_drop=0.0, start_p=1.0,
+                                       finding_code=True, code_lr=scale))
+        moved[scale] = load_file(out / "checkpoint.safetensors")
+    grown = [moved[s]["model/finding_embed.weight"].norm() for s in (1.0, 30.0)]
+    assert grown[1] > 5 * grown[0] > 0
+    run = tiny.flow_run(twin_store, tmp_path / "unused", finding_code=True, code_lr=30.0)
+    model = STDiT(train_flow.denoiser_config(run, LatentStore(twin_store)))
+    *rest, fast = train_flow.parameter_groups(model, run)
+    assert fast["lr_scale"] == 30.0 and [id(p) for p in fast["params"]] == [id(p) for p in
+                                                                            model.finding_embed.parameters()]
+    assert sum(len(group["params"]) for group in rest) + 2 == len(list(model.parameters()))
+    assert [s["code_lr"] for s in export.lineage(tmp_path / "code_lr_30")] == [1.0, 30.0]
+    with pytest.raises(ctflow.CTFlowError, match="give --side-code, --side-map or --finding-code"):
+        train_flow.train(tiny.flow_run(twin_store, tmp_path / "uncoded", steps=1, code_lr=30.0))
+
+
 @pytest.mark.parametrize("options, field, embedding, card", [
     ({"side_code": True}, "side_code", "side_embed", "told the side of each sided finding"),
     ({"side_map": True}, "side_map", "side_map_embed", "each patch told the findings its half of the report names"),

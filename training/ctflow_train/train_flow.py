@@ -64,7 +64,8 @@ from .stages import card_stages
 
 OUTPUTS = (CHECKPOINT, LOSS_LOG)  # what a run writes to --out
 # parts a warm start may switch on (they start as no-ops)
-ADDABLE = ("position_embed.", "text_vector.", "seam_embed.", "side_embed.", "side_map_embed.", "finding_embed.")
+CODE_EMBEDDINGS = ("side_embed.", "side_map_embed.", "finding_embed.")  # what the report codes go through
+ADDABLE = ("position_embed.", "text_vector.", "seam_embed.", *CODE_EMBEDDINGS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +100,7 @@ class FlowRun(RunOptions):
     compile: bool
     workers: int
     lr: float
+    code_lr: float
     warmup: int
     weight_decay: float
     clip: float
@@ -212,6 +214,20 @@ def warm_start(model: STDiT, folder: Path) -> None:
         raise CTFlowError(f"{checkpoint} does not fit this denoiser: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
+def parameter_groups(model: STDiT, args: FlowRun) -> list[dict]:
+    """AdamW's groups: weight decay on matrices only; with --code-lr, the code embeddings (CODE_EMBEDDINGS) in a
+    group of their own at that multiple of the learning rate, which a zero-initialised embedding added to a trained
+    model needs to matter within a short run (the 2026-12-04 evening entry of the run log)."""
+    named = list(model.named_parameters())
+    fast = {name for name, _ in named if args.code_lr != 1.0 and name.startswith(CODE_EMBEDDINGS)}
+    groups = [{"params": [p for name, p in named if name not in fast and p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for name, p in named if name not in fast and p.dim() < 2], "weight_decay": 0.0}]
+    if fast:  # only then: a run's optimizer state keeps the two groups of runs before the option
+        groups.append({"params": [p for name, p in named if name in fast], "weight_decay": 0.0,
+                       "lr_scale": args.code_lr})
+    return groups
+
+
 def twin_terms(args: FlowRun) -> dict[str, float]:
     """The losses of twin pairs this run adds to the flow loss, by loss.csv column: their weights (none by default)."""
     return {name: weight for name, weight in (("pair_loss", args.pair_weight), ("region_loss", args.region_weight))
@@ -317,6 +333,9 @@ def train(args: FlowRun) -> dict:
     if args.paired_twins and args.batch_size % 2:
         raise CTFlowError(f"--paired-twins needs an even --batch (a pair is two samples of one rank), not "
                           f"{args.batch_size}")
+    if args.code_lr != 1.0 and not (args.side_code or args.side_map or args.finding_code):
+        raise CTFlowError("--code-lr sets how fast a code embedding learns: give --side-code, --side-map or "
+                          "--finding-code too")
     if args.lobe_map and not args.side_map:
         raise CTFlowError("--lobe-map reads the side map's code by levels: give --side-map too")
     config = denoiser_config(args, stores[0])
@@ -341,11 +360,7 @@ def train(args: FlowRun) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model = model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    decay, no_decay = [p for p in model.parameters() if p.dim() >= 2], [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, betas=(0.9, 0.99),
-    )
+    optimizer = torch.optim.AdamW(parameter_groups(model, args), lr=args.lr, betas=(0.9, 0.99))
     step, elapsed, samples = 0, 0.0, 0  # samples: positions of the data stream taken so far, by all ranks
     record = args.meta()
     if args.resume and (out / CHECKPOINT).exists():
@@ -374,7 +389,7 @@ def train(args: FlowRun) -> dict:
         started = time.perf_counter()
         lr = cosine_schedule(step, args.lr, args.warmup, args.steps)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         optimizer.zero_grad(set_to_none=True)
         logged = torch.zeros((), device=device)
         logged_terms = torch.zeros(len(twin_columns), device=device)
@@ -474,6 +489,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the denoiser (minutes to compile; pays on GPUs over long runs)")
     parser.add_argument("--workers", type=count, default=2, help="DataLoader worker processes per process (0: none)")
+    parser.add_argument("--code-lr", type=positive(float), default=1.0,
+                        help="the embedding of --side-code, --side-map or --finding-code learns at this multiple of "
+                             "--lr (default 1), without weight decay")
     parser.add_argument("--weight-decay", type=loss_weight, default=1e-2)
     parser.add_argument("--clip", type=positive(float), default=1.0, help="gradient norm clip")
     parser.add_argument("--ema", type=probability, default=0.999, help="EMA decay: the old weights' share a step")
