@@ -196,7 +196,7 @@ def sampled_previous(ema: STDiT, batch: Batch, chosen: torch.Tensor, noise: torc
 def warm_start(model: STDiT, folder: Path) -> None:
     """The EMA weights of an earlier run of the same shape, or the denoiser of a model folder (`export`: the EMA
     weights, perhaps in half precision), e.g. the bundled model when its runs are gone. A part the earlier model
-    lacked (the slice-position embedding, the pooled-text vector, the side code or map, switched on now) keeps its no-op
+    lacked (the slice-position embedding, the pooled-text vector, a code embedding, switched on now) keeps its no-op
     initialisation, so training starts from the same function."""
     checkpoint = folder / CHECKPOINT
     if checkpoint.is_file():
