@@ -238,8 +238,8 @@ def without_findings(report: Report) -> Report:
     """The report without the parts that report a finding (any of SIDED_FINDINGS and UNSIDED_FINDINGS, not negated):
     what finding guidance guides away from, so that it amplifies what the findings' words change and not what the
     rest of the report does. A section with nothing left is empty, as in half_reports."""
-    def reports_one(part: str) -> bool:
-        return bool(reported_findings(part)) or any(not _negated(part, cue) for cue in _UNSIDED_CUE.finditer(part))
+    def reports_one(part: str) -> bool:  # a part lies inside one clause: finding_code reads it as that clause
+        return any(finding_code(part))
 
     return Report(*(_without(section, reports_one, _places_named).strip()
                     for section in (report.findings, report.impressions)), report.truncated)

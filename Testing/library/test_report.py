@@ -2,7 +2,8 @@ import pytest
 
 from ctflow import ReportError, parse_report, render_prompt
 from ctflow.report import (FINDING_CODE_NAMES, LOBE_LEVELS, MAX_REPORT_CHARS, SIDE_CODE_SIZE, SIDED_FINDINGS, Report,
-                           denoiser_code, finding_code, half_code, half_reports, half_texts, level_text, lobes_at, names_one_side, placed_lobes,
+                           denoiser_code, finding_code, half_code, half_reports, half_texts, level_text, lobes_at,
+                           names_one_side, placed_lobes,
                            read_report_file, reported_findings, side_code, sided_findings, without_findings)
 
 CT_RATE = """FINDINGS: Trachea and both main bronchi are open. A 6 mm nodule is seen in the right upper lobe.

@@ -333,12 +333,12 @@ def train(args: FlowRun) -> dict:
     if args.paired_twins and args.batch_size % 2:
         raise CTFlowError(f"--paired-twins needs an even --batch (a pair is two samples of one rank), not "
                           f"{args.batch_size}")
-    if args.code_lr != 1.0 and not (args.side_code or args.side_map or args.finding_code):
-        raise CTFlowError("--code-lr sets how fast a code embedding learns: give --side-code, --side-map or "
-                          "--finding-code too")
     if args.lobe_map and not args.side_map:
         raise CTFlowError("--lobe-map reads the side map's code by levels: give --side-map too")
     config = denoiser_config(args, stores[0])
+    if args.code_lr != 1.0 and not config.reads_code:
+        raise CTFlowError("--code-lr sets how fast a code embedding learns: give --side-code, --side-map or "
+                          "--finding-code too")
     prompts = None
     if config.reads_code:  # read off the prompts' texts, made again from the stores' cohorts
         prompts = Prompts(stores, variants=args.variant_p > 0, code=config)
