@@ -65,23 +65,32 @@ class DenoiserConfig:
     # Add an embedding of the report's finding code (report.finding_code: which findings it reports, not negated) to
     # the time embedding (ours): the text encoder's vectors hardly tell a finding from its negation.
     finding_code: bool = False
+    # Add to every latent patch its own learned embedding of the report's finding code (ours): a place in the slice
+    # for each finding, so the response to it can be where the finding lies; the finding code through the time
+    # embedding moved every patch alike and changed nothing the pair probes read.
+    finding_map: bool = False
     variant: str = "ctflow"  # see VARIANTS
 
     @property
     def reads_code(self) -> bool:
-        """Whether the denoiser reads report.denoiser_code besides the text's tokens (side_code, side_map or
-        finding_code)."""
-        return self.side_code or self.side_map or self.finding_code
+        """Whether the denoiser reads report.denoiser_code besides the text's tokens (side_code, side_map,
+        finding_code or finding_map)."""
+        return self.side_code or self.side_map or self.reads_findings
+
+    @property
+    def reads_findings(self) -> bool:
+        """Whether the denoiser reads report.finding_code (finding_code or finding_map)."""
+        return self.finding_code or self.finding_map
 
     @property
     def code_kind(self) -> str:
         """Which of report.DENOISER_CODES the denoiser reads (meaningful where reads_code)."""
-        return "half" if self.side_map else "finding" if self.finding_code else "side"
+        return "half" if self.side_map else "finding" if self.reads_findings else "side"
 
     @property
     def code_size(self) -> int:
         """The length of the code the denoiser reads (report.DENOISER_CODES), or would read where it reads none."""
-        return len(FINDING_CODE_NAMES) if self.finding_code else SIDE_CODE_SIZE
+        return len(FINDING_CODE_NAMES) if self.reads_findings else SIDE_CODE_SIZE
 
     def code_levels(self, first_slice: int) -> tuple[float, float] | None:
         """The levels of the body (fractions, head to feet) of the block starting at `first_slice`, whose code a
@@ -104,12 +113,13 @@ class DenoiserConfig:
         if self.variant == "released" and (self.prediction != "velocity" or self.slice_position or self.pooled_text
                                            or self.seam_context or self.reads_code or self.lobe_map_slices):
             raise ModelError("the released denoiser variant predicts velocity and has none of this project's "
-                             "additions (slice_position, pooled_text, seam_context, side_code, side_map, finding_code)")
+                             "additions (slice_position, pooled_text, seam_context, side_code, side_map, finding_code, "
+                             "finding_map)")
         if self.lobe_map_slices and not self.side_map:
             raise ModelError("lobe_map_slices reads the side map's code by levels: it needs side_map")
-        if self.side_code + self.side_map + self.finding_code > 1:
-            raise ModelError("side_code, side_map and finding_code read different codes of the report "
-                             "(report.denoiser_code): a denoiser has one of them")
+        if self.side_code + self.side_map + self.finding_code + self.finding_map > 1:
+            raise ModelError("side_code, side_map, finding_code and finding_map read the report's code in different "
+                             "ways (report.denoiser_code): a denoiser has one of them")
         if self.hidden_size % self.num_heads:
             raise ModelError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         pt, ph, pw = self.patch_size

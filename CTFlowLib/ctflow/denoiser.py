@@ -190,6 +190,9 @@ class STDiT(nn.Module):
         self.side_embed = nn.Linear(SIDE_CODE_SIZE, d) if config.side_code else None
         self.finding_embed = nn.Linear(len(FINDING_CODE_NAMES), d) if config.finding_code else None
         self.side_map_embed = nn.Linear(SIDE_CODE_SIZE // 2, d) if config.side_map else None  # one half's findings
+        patches = (config.latent_size // config.patch_size[1]) * (config.latent_size // config.patch_size[2])
+        self.finding_map_embed = (nn.Linear(len(FINDING_CODE_NAMES), patches * d, bias=False) if config.finding_map
+                                  else None)  # each finding's place: a D-vector per patch of a slice
         # The transformer layers. "blocks" (and t_block) are weight names in every shipped model.safetensors: keep them.
         self.blocks = nn.ModuleList(STDiTLayer(d, config.num_heads, config.mlp_ratio, self.released)
                                     for _ in range(config.depth))
@@ -223,6 +226,8 @@ class STDiT(nn.Module):
             nn.init.zeros_(self.side_map_embed.weight)
         if self.finding_embed is not None:  # likewise
             nn.init.zeros_(self.finding_embed.weight)
+        if self.finding_map_embed is not None:  # likewise
+            nn.init.zeros_(self.finding_map_embed.weight)
         for layer in (self.t_block[1], self.final):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -244,8 +249,8 @@ class STDiT(nn.Module):
     ) -> Conditioning:
         """previous: [B, C, T, H, W] clean block; text: [B, M, text_dim]; mask: [B, M];
         first_slice: [B] index in the volume of the new block's first slice (needed by slice_position models);
-        code: [B, config.code_size] each row's report.denoiser_code (needed by side_code, side_map and
-        finding_code models)."""
+        code: [B, config.code_size] each row's report.denoiser_code (needed by side_code, side_map, finding_code
+        and finding_map models)."""
         dtype = self.x_embed.weight.dtype
         prev_tokens = self.previous_embed(previous.to(dtype)).flatten(3).permute(0, 2, 3, 1)  # [B, t, s, D]
         if self.seam_embed is not None:  # the previous block's last patch of slices joins the new block's first
@@ -256,6 +261,9 @@ class STDiT(nn.Module):
             raise ValueError("this denoiser is conditioned on a code of the report: pass code")
         if self.side_map_embed is not None:
             prev_tokens = prev_tokens + self._side_map(code.to(previous.device, dtype))  # [B, 1, s, D]
+        if self.finding_map_embed is not None:  # the same for every slice of the block
+            placed = self.finding_map_embed(code.to(previous.device, dtype))  # [B, s*D]
+            prev_tokens = prev_tokens + placed.view(len(code), 1, prev_tokens.shape[2], -1)  # [B, 1, s, D]
         vectors = []
         if self.position_embed is not None:
             if first_slice is None:

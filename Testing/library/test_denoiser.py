@@ -171,6 +171,8 @@ def test_inconsistent_sizes_are_refused():
         DenoiserConfig(side_code=True, side_map=True)
     with pytest.raises(ModelError, match="one of them"):
         DenoiserConfig(side_map=True, finding_code=True)
+    with pytest.raises(ModelError, match="one of them"):
+        DenoiserConfig(finding_code=True, finding_map=True)
     with pytest.raises(ModelError, match="needs side_map"):
         DenoiserConfig(side_code=True, lobe_map_slices=128)
     with pytest.raises(ModelError, match="released"):
@@ -217,6 +219,26 @@ def test_the_finding_code_starts_as_a_no_op_then_tells_a_finding_from_its_negati
         told.finding_embed.weight.normal_(0, 0.1)
     assert torch.equal(base, told(x, t, told.prepare(previous, text, mask, code=negated)))  # no bias: none is nothing
     assert not torch.allclose(base, told(x, t, told.prepare(previous, text, mask, code=asked)))
+
+
+def test_the_finding_map_starts_as_a_no_op_then_places_a_finding_in_the_patches_it_learned():
+    plain, mapped = small_model(), small_model(finding_map=True)
+    mapped.load_state_dict(plain.state_dict(), strict=False)  # as a warm start does
+    x, previous, text, mask = inputs()
+    t = torch.tensor([0.5])
+    asked = torch.tensor([finding_code("Findings: Small left pleural effusion.")])
+    negated = torch.tensor([finding_code("Findings: No pleural effusion.")])
+    assert asked.sum() == 1 and not negated.any() and mapped.config.code_size == asked.shape[1]
+    base = plain(x, t, plain.prepare(previous, text, mask))
+    assert torch.equal(base, mapped(x, t, mapped.prepare(previous, text, mask, code=asked)))
+    patches, d = plain.prepare(previous, text, mask).previous.shape[2:]
+    with torch.no_grad():  # the left effusion's place: patch 3 alone
+        mapped.finding_map_embed.weight.view(patches, d, -1)[3, :, int(asked.argmax())].normal_(0, 0.1)
+    told = mapped.prepare(previous, text, mask, code=asked).previous - plain.prepare(previous, text, mask).previous
+    moved = told.abs().sum(dim=(0, 1, 3)) > 0  # [s]: the patches the finding reached, on every slice
+    assert moved.tolist() == [index == 3 for index in range(patches)] and torch.allclose(told[:, :1], told, atol=1e-6)
+    assert torch.equal(base, mapped(x, t, mapped.prepare(previous, text, mask, code=negated)))  # none is nothing
+    assert not torch.allclose(base, mapped(x, t, mapped.prepare(previous, text, mask, code=asked)))
 
 
 def test_the_side_map_starts_as_a_no_op_then_tells_each_half_its_own_findings():

@@ -142,10 +142,11 @@ def test_side_guidance_gives_each_half_of_the_columns_its_own_text_s_velocity(ti
 
 @pytest.mark.parametrize("option, code, embedding", [("side_code", side_code, "side_embed"),
                                                      ("side_map", half_code, "side_map_embed"),
-                                                     ("finding_code", finding_code, "finding_embed")])
+                                                     ("finding_code", finding_code, "finding_embed"),
+                                                     ("finding_map", finding_code, "finding_map_embed")])
 def test_a_side_code_denoiser_is_told_each_row_s_sides(tiny_pipeline, option, code, embedding):
     """The rows' codes are those of the prompt's halves (side_code, half_code for a side_map denoiser, finding_code
-    for a finding_code one), and none
+    for a finding_code or finding_map one), and none
     for the empty report; such a denoiser warm-started from one without makes the same volume until its embedding
     learns something."""
     denoiser = STDiT(dataclasses.replace(tiny_pipeline.config.denoiser, **{option: True}))

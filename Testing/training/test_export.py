@@ -308,7 +308,7 @@ def test_a_model_folder_without_a_stage_table_is_a_stage_not_found(tmp_path):
     (tmp_path / "README.md").write_text("# a model\n\n## Training stages\n\nTrained elsewhere.\n")
     assert stages.card_stages(tmp_path / "README.md") == []  # no table
     row = ("| a | 12 | 1.5 | cpu x1 | 4 | 0.001 | 0.1 | 0.5 | 4 | 0.2 | 0.5 | 0.3 | 0.05 | 1.0 | 2.0 | False | False | False "
-           "| False | False | False | False | 1.0 | latents |")
+           "| False | False | False | False | True | 1.0 | latents |")
     table = ["## Training stages", "", "| " + " | ".join(c.header for c in stages.STAGE_COLUMNS) + " |",
              "|" + "---|" * len(stages.STAGE_COLUMNS), row, f"| gone | {stages.MISSING_STAGE} |" + "|" * (len(stages.STAGE_COLUMNS) - 2), "",
              "## Limits", "| not | a | stage |"]
@@ -318,7 +318,7 @@ def test_a_model_folder_without_a_stage_table_is_a_stage_not_found(tmp_path):
                  "cond_noise": 0.1, "rollout_p": 0.5, "rollout_steps": 4, "end_p": 0.2, "finding_p": 0.5, "variant_p": 0.3, "pair_weight": 0.05,
                  "region_weight": 1.0, "seam_weight": 2.0, "slice_position": False, "pooled_text": False,
                  "seam_context": False, "side_code": False, "side_map": False, "lobe_map": False, "finding_code": False,
-                 "code_lr": 1.0, "caches": ["latents"]}
+                 "finding_map": True, "code_lr": 1.0, "caches": ["latents"]}
     assert gone == {"run": "gone", "missing": True}
     assert stages.stage_table([a, gone]) == table[2:6]  # what it reads is what the card writes
     (tmp_path / "README.md").write_text("\n".join(table).replace("| 12 |", "| twelve |") + "\n")

@@ -156,7 +156,7 @@ def test_code_lr_makes_the_code_embedding_alone_learn_faster(tiny, twin_store, t
                                                                             model.finding_embed.parameters()]
     assert sum(len(group["params"]) for group in rest) + 2 == len(list(model.parameters()))
     assert [s["code_lr"] for s in export.lineage(tmp_path / "code_lr_30")] == [1.0, 30.0]
-    with pytest.raises(ctflow.CTFlowError, match="give --side-code, --side-map or --finding-code"):
+    with pytest.raises(ctflow.CTFlowError, match="give --side-code, --side-map, --finding-code or --finding-map"):
         train_flow.train(tiny.flow_run(twin_store, tmp_path / "uncoded", steps=1, code_lr=30.0))
 
 
@@ -164,7 +164,8 @@ def test_code_lr_makes_the_code_embedding_alone_learn_faster(tiny, twin_store, t
     ({"side_code": True}, "side_code", "side_embed", "told the side of each sided finding"),
     ({"side_map": True}, "side_map", "side_map_embed", "each patch told the findings its half of the report names"),
     ({"side_map": True, "lobe_map": True}, "lobe_map_slices", "side_map_embed", "read at the levels of its block"),
-    ({"finding_code": True}, "finding_code", "finding_embed", "told which findings the report reports")])
+    ({"finding_code": True}, "finding_code", "finding_embed", "told which findings the report reports"),
+    ({"finding_map": True}, "finding_map", "finding_map_embed", "each patch told which findings the report reports")])
 def test_a_side_code_run_starts_from_a_model_without_and_exports_a_model_that_reads_it(tiny, twin_store, vae_run,
                                                                                         tmp_path, options, field,
                                                                                         embedding, card):

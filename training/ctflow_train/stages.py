@@ -54,6 +54,7 @@ STAGE_COLUMNS = (
     StageColumn("side map", "side_map", bool, False),
     StageColumn("lobe map", "lobe_map", bool, False),
     StageColumn("finding code", "finding_code", bool, False),
+    StageColumn("finding map", "finding_map", bool, False),
     StageColumn("code lr scale", "code_lr", float, 1.0),
     StageColumn("latent caches", "caches", list),
 )

@@ -64,7 +64,7 @@ from .stages import card_stages
 
 OUTPUTS = (CHECKPOINT, LOSS_LOG)  # what a run writes to --out
 # parts a warm start may switch on (they start as no-ops)
-CODE_EMBEDDINGS = ("side_embed.", "side_map_embed.", "finding_embed.")  # what the report codes go through
+CODE_EMBEDDINGS = ("side_embed.", "side_map_embed.", "finding_embed.", "finding_map_embed.")  # what the report codes go through
 ADDABLE = ("position_embed.", "text_vector.", "seam_embed.", *CODE_EMBEDDINGS)
 
 
@@ -90,6 +90,7 @@ class FlowRun(RunOptions):
     side_code: bool
     side_map: bool
     finding_code: bool
+    finding_map: bool
     lobe_map: bool
     init: Path | None
     time_shift: float
@@ -139,6 +140,7 @@ def denoiser_config(args: FlowRun, store: LatentStore):
                                    "slice_position": args.slice_position, "pooled_text": args.pooled_text,
                                    "seam_context": args.seam_context, "side_code": args.side_code,
                                    "side_map": args.side_map, "finding_code": args.finding_code,
+                                   "finding_map": args.finding_map,
                                    "lobe_map_slices": args.lobe_map and store.meta["median_content_slices"]}.items()
                  if v}
     return dataclasses.replace(DENOISER_PRESETS[args.preset], latent_channels=channels, latent_size=size,
@@ -337,8 +339,8 @@ def train(args: FlowRun) -> dict:
         raise CTFlowError("--lobe-map reads the side map's code by levels: give --side-map too")
     config = denoiser_config(args, stores[0])
     if args.code_lr != 1.0 and not config.reads_code:
-        raise CTFlowError("--code-lr sets how fast a code embedding learns: give --side-code, --side-map or "
-                          "--finding-code too")
+        raise CTFlowError("--code-lr sets how fast a code embedding learns: give --side-code, --side-map, "
+                          "--finding-code or --finding-map too")
     prompts = None
     if config.reads_code:  # read off the prompts' texts, made again from the stores' cohorts
         prompts = Prompts(stores, variants=args.variant_p > 0, code=config)
@@ -468,6 +470,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--finding-code", action="store_true",
                         help="also add which findings the report reports, not negated (ctflow.report.finding_code), "
                              "to the time embedding; the prompts' texts are made again from the stores' cohorts")
+    parser.add_argument("--finding-map", action="store_true",
+                        help="instead add to every latent patch its own learned embedding of the finding code, so "
+                             "each finding can have a place in the slice")
     parser.add_argument("--lobe-map", action="store_true",
                         help="with --side-map: each block reads the code of the report where only the lobes at its "
                              "levels lie (ctflow.report.level_text), in a body of the first store's median length")
@@ -490,8 +495,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="torch.compile the denoiser (minutes to compile; pays on GPUs over long runs)")
     parser.add_argument("--workers", type=count, default=2, help="DataLoader worker processes per process (0: none)")
     parser.add_argument("--code-lr", type=positive(float), default=1.0,
-                        help="the embedding of --side-code, --side-map or --finding-code learns at this multiple of "
-                             "--lr (default 1), without weight decay")
+                        help="the embedding of --side-code, --side-map, --finding-code or --finding-map learns at this "
+                             "multiple of --lr (default 1), without weight decay")
     parser.add_argument("--weight-decay", type=loss_weight, default=1e-2)
     parser.add_argument("--clip", type=positive(float), default=1.0, help="gradient norm clip")
     parser.add_argument("--ema", type=probability, default=0.999, help="EMA decay: the old weights' share a step")
