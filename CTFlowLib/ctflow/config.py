@@ -92,6 +92,11 @@ class DenoiserConfig:
         """The length of the code the denoiser reads (report.DENOISER_CODES), or would read where it reads none."""
         return len(FINDING_CODE_NAMES) if self.reads_findings else SIDE_CODE_SIZE
 
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        """Rows and columns of latent patches in a slice."""
+        return self.latent_size // self.patch_size[1], self.latent_size // self.patch_size[2]
+
     def code_levels(self, first_slice: int) -> tuple[float, float] | None:
         """The levels of the body (fractions, head to feet) of the block starting at `first_slice`, whose code a
         lobe_map denoiser reads (report.denoiser_code); None: the whole report's."""

@@ -190,9 +190,8 @@ class STDiT(nn.Module):
         self.side_embed = nn.Linear(SIDE_CODE_SIZE, d) if config.side_code else None
         self.finding_embed = nn.Linear(len(FINDING_CODE_NAMES), d) if config.finding_code else None
         self.side_map_embed = nn.Linear(SIDE_CODE_SIZE // 2, d) if config.side_map else None  # one half's findings
-        patches = (config.latent_size // config.patch_size[1]) * (config.latent_size // config.patch_size[2])
-        self.finding_map_embed = (nn.Linear(len(FINDING_CODE_NAMES), patches * d, bias=False) if config.finding_map
-                                  else None)  # each finding's place: a D-vector per patch of a slice
+        self.finding_map_embed = (nn.Linear(len(FINDING_CODE_NAMES), math.prod(config.patch_grid) * d, bias=False)
+                                  if config.finding_map else None)  # each finding's place: a D-vector per patch
         # The transformer layers. "blocks" (and t_block) are weight names in every shipped model.safetensors: keep them.
         self.blocks = nn.ModuleList(STDiTLayer(d, config.num_heads, config.mlp_ratio, self.released)
                                     for _ in range(config.depth))
@@ -285,8 +284,7 @@ class STDiT(nn.Module):
         """code: [B, SIDE_CODE_SIZE] report.half_code -> [B, 1, s, D]: each patch gets its half's findings embedded
         (a middle column the mean of both halves'), the same for every slice of the block."""
         halves = self.side_map_embed(code.view(len(code), -1, 2).transpose(1, 2))  # [B, 2, D]: right, left
-        _, ph, pw = self.config.patch_size
-        rows, columns = self.config.latent_size // ph, self.config.latent_size // pw
+        rows, columns = self.config.patch_grid
         right = torch.as_tensor(right_half(columns)).to(halves).view(1, columns, 1)  # [1, w, 1]
         per_column = right * halves[:, :1] + (1 - right) * halves[:, 1:]  # [B, w, D]
         return per_column.unsqueeze(1).expand(-1, rows, -1, -1).reshape(len(code), 1, rows * columns, -1)

@@ -124,11 +124,9 @@ def _project_key(name: str) -> str | None:
 
 def check_position_codes(state: dict[str, torch.Tensor], config: DenoiserConfig) -> None:
     """The stored sin/cos codes must be the ones the variant recomputes, or the file is not what it claims to be."""
-    pt, ph, pw = config.patch_size
-    grid = config.latent_size // ph, config.latent_size // pw
     expected = {
-        "model.pos_embed": sincos_2d(*grid, config.hidden_size, columns_first=True),
-        "model.pos_embed_temporal": sincos_1d(config.block_slices // pt, config.hidden_size),
+        "model.pos_embed": sincos_2d(*config.patch_grid, config.hidden_size, columns_first=True),
+        "model.pos_embed_temporal": sincos_1d(config.block_slices // config.patch_size[0], config.hidden_size),
     }
     for key, code in expected.items():
         if key in state and (state[key].shape[1:] != code.shape or
@@ -223,10 +221,9 @@ def save_released_layout(model: STDiT, folder: str | Path) -> Path:
     state["model.x_embedder.proj.weight"] = torch.cat([state.pop("model.x_embed.weight"),
                                                        state.pop("model.previous_embed.weight")], dim=1)
     state["model.x_embedder.proj.bias"] = state.pop("model.x_embed.bias")
-    pt, ph, pw = config.patch_size
-    grid = config.latent_size // ph, config.latent_size // pw
-    state["model.pos_embed"] = sincos_2d(*grid, config.hidden_size, columns_first=True)[None].clone()
-    state["model.pos_embed_temporal"] = sincos_1d(config.block_slices // pt, config.hidden_size)[None].clone()
+    state["model.pos_embed"] = sincos_2d(*config.patch_grid, config.hidden_size, columns_first=True)[None].clone()
+    state["model.pos_embed_temporal"] = sincos_1d(config.block_slices // config.patch_size[0],
+                                                  config.hidden_size)[None].clone()
     state["model.y_embedder.y_embedding"] = torch.zeros(1, config.text_dim)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

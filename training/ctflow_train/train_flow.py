@@ -64,7 +64,8 @@ from .stages import card_stages
 
 OUTPUTS = (CHECKPOINT, LOSS_LOG)  # what a run writes to --out
 # parts a warm start may switch on (they start as no-ops)
-CODE_EMBEDDINGS = ("side_embed.", "side_map_embed.", "finding_embed.", "finding_map_embed.")  # what the report codes go through
+# what the report codes go through
+CODE_EMBEDDINGS = ("side_embed.", "side_map_embed.", "finding_embed.", "finding_map_embed.")
 ADDABLE = ("position_embed.", "text_vector.", "seam_embed.", *CODE_EMBEDDINGS)
 
 
