@@ -44,6 +44,7 @@ from CTFlowSlicerLib import dependencies, resources
 resources.useBundledLibrary()  # ctflow comes from the extension itself, for the panel and for the worker
 
 import ctflow  # noqa: E402 - the bundled copy; torch-free until a model is needed, which only the worker does
+from ctflow.report import reading_of  # noqa: E402
 from ctflow.worker import WorkerProcess  # noqa: E402
 
 from CTFlowSlicerLib import dicom_export, generation  # noqa: E402
@@ -171,8 +172,10 @@ class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.onParametersChanged()
 
     def onParametersChanged(self, *_):
-        """What the parameters decide beyond the bound widgets: the model row, the window buttons, Save, Export."""
+        """What the parameters decide beyond the bound widgets: the report's reading, the model row, the window
+        buttons, Save, Export."""
         parameters = self._parameterNode
+        self._updateReading()
         self._updateModelRow()
         getattr(self.ui, WINDOW_BUTTONS.get(parameters.window, "lungWindowButton")).setChecked(True)
         self._updateWriteButtons()
@@ -207,6 +210,16 @@ class CTFlowSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for name in SAVE_BUTTONS:
             getattr(self.ui, name).setEnabled(made)
         self.ui.exportDicomButton.setEnabled(made and not self._running)
+
+    def _updateReading(self):
+        """What the report is read to say, as it is typed (ctflow.report.reading_of): what side and finding guidance
+        will follow, so a misread word shows before Generate."""
+        parameters = self._parameterNode
+        try:
+            said = reading_of(ctflow.parse_report(parameters.report, parameters.impressions))
+        except ctflow.ReportError:  # empty: nothing to read yet
+            said = ""
+        self.ui.readingLabel.setText(said)
 
     def _updateModelRow(self):
         ui, parameters = self.ui, self._parameterNode

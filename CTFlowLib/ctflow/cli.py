@@ -190,6 +190,8 @@ def run_generate(args: argparse.Namespace) -> int:
     plan = pipeline.plan(request)
     for notice in plan.notices:
         print(f"ctflow: note: {notice}", file=sys.stderr)
+    if plan.reading:
+        print(f"ctflow: the report reads as: {plan.reading}", file=sys.stderr)
     request = plan.request
     print(
         f"ctflow: {pipeline.model_id} on {pipeline.device}, seed {request.seed}, {request.steps} {request.sampler} "

@@ -33,7 +33,7 @@ from .hub import default_model, is_hub_id, resolve_model
 from .io import read_text_file
 from .model_folder import CARD, load_denoiser, load_vae, model_sha256, read_config, verify_model_folder
 from .places import LOBE_FILE, LobePrior, Places
-from .report import Report, parse_report, render_prompt, typed_meta_lines, without_findings
+from .report import Report, parse_report, reading_of, render_prompt, typed_meta_lines, without_findings
 from .ending import VolumeEnd
 from .sampling import Cancelled, Guidance, block_velocity, sample, denoiser_codes, validate
 from .text_encoder import TextEncoder, unit_cls
@@ -84,6 +84,7 @@ class GenerationPlan:
     text_mask: torch.Tensor
     guidance: Guidance
     code_texts: tuple[str, ...] = ()  # each row's text, in Guidance.texts' order: what a denoiser's code is read from
+    reading: str = ""  # the findings the report is read to report and negate (report.reading_of); "" for an embedding
 
 
 @dataclass(frozen=True)
@@ -304,7 +305,7 @@ class CTFlowPipeline:
                 "the volume will hardly follow the report"
             )
         return GenerationPlan(resolved, prompt, report.text, tuple(notices), embedding.tokens, embedding.mask, guidance,
-                              tuple(texts))
+                              tuple(texts), reading_of(report))
 
     # -- generation -----------------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 from .errors import ReportError
 
@@ -47,8 +47,8 @@ _LOBE_OF_WORD = {"upper": "upper", "rul": "upper", "lul": "upper", "apical": "up
                  "middle": "middle", "rml": "middle", "lingula": "middle", "lingular": "middle",
                  "lower": "lower", "rll": "lower", "lll": "lower", "bases": "lower", "basal": "lower",
                  "basilar": "lower", "bibasilar": "lower"}
-_LOBE_WORD = re.compile(r"\b(?:(upper|middle|lower)(?=\s+lobes?\b)|rul|rml|rll|lul|lll|lingular?|apical|apices|bases|"
-                        r"basal|(?:bi)?basilar)\b", re.IGNORECASE)
+_LOBE_WORD = re.compile(r"\b(?:(upper|middle|lower)(?=(?:\s*(?:,|and)\s*(?:upper|middle|lower))*\s+lobes?\b)|"  # "upper and lower lobes"
+                        r"rul|rml|rll|lul|lll|lingular?|apical|apices|bases|basal|(?:bi)?basilar)\b", re.IGNORECASE)
 
 # The side code (a denoiser's `side_code` input): for each finding that has a side, whether the report puts it on the
 # right and on the left. The text encoder's vectors hardly tell "left" from "right" (issue 18); this tells the
@@ -80,6 +80,7 @@ _UNSIDED_CUE = re.compile("|".join(rf"\b(?P<u{i}>{cue})\b" for i, cue in enumera
 # The text encoder's pooled vector hardly tells a finding from its negation (issue 18: "No emphysema." reads as
 # emphysema); this tells the denoiser outright, by the same negation rules that finding guidance leaves findings out by.
 FINDING_CODE_NAMES = (*SIDED_FINDINGS, *UNSIDED_FINDINGS)
+READING_NAMES = {"lymph node": "lymphadenopathy"}  # what `reading_of` calls a finding whose name says less
 _LYMPH_NODE_GROUP = f"f{list(SIDED_FINDINGS).index('lymph node')}"  # its cue's group name in _FINDING_CUE
 _FINDING_CUE = re.compile("|".join(rf"\b(?P<f{i}>{cue})\b" for i, cue in enumerate(SIDED_FINDINGS.values())),
                           re.IGNORECASE)
@@ -284,9 +285,7 @@ def half_code(text: str) -> list[float]:
 def finding_code(text: str) -> list[float]:
     """1.0 for each finding of FINDING_CODE_NAMES that the text reports, with or without a side (not negated in its
     clause)."""
-    unsided = {list(UNSIDED_FINDINGS)[int(cue.lastgroup[1:])] for clause, _ in _clauses(text)
-               for cue in _UNSIDED_CUE.finditer(clause) if not _negated(clause, cue)}
-    found = reported_findings(text) | unsided
+    found = {name for name, negated in _finding_cues(text) if not negated}
     return [float(name in found) for name in FINDING_CODE_NAMES]
 
 
@@ -316,8 +315,50 @@ def placed_lobes(text: str) -> dict[str, set[str]]:
 
 def reported_findings(text: str) -> set[str]:
     """The findings of SIDED_FINDINGS that `text` reports, with or without a side (not negated in their clause)."""
-    return {list(SIDED_FINDINGS)[int(cue.lastgroup[1:])] for clause, _ in _clauses(text)
-            for cue in _FINDING_CUE.finditer(clause) if not _negated(clause, cue)}
+    return {name for name, negated in _finding_cues(text) if not negated and name in SIDED_FINDINGS}
+
+
+def reading_of(report: Report) -> str:
+    """What the report is read to say: each finding of FINDING_CODE_NAMES it reports, with the sides and lobes it
+    names, then those it names only negated. Side and finding guidance (and a denoiser's code) follow this reading;
+    said in words, a user can see where the parser misread them and rephrase."""
+    text = f"{report.findings}\n{report.impressions}"
+    cues = list(_finding_cues(text))
+    reported = {name for name, negated in cues if not negated}
+    negated = {name for name, _ in cues} - reported
+    sides, lobes = sided_findings(text), placed_lobes(text)
+
+    def placed(name: str) -> str:
+        where = _where(sides.get(name, set()), lobes.get(name, set()))
+        return f"{READING_NAMES.get(name, name)} ({where})" if where else READING_NAMES.get(name, name)
+
+    said = ", ".join(placed(name) for name in FINDING_CODE_NAMES if name in reported) or "no finding"
+    if negated:
+        said += "; negated: " + ", ".join(READING_NAMES.get(name, name) for name in FINDING_CODE_NAMES if name in negated)
+    return said
+
+
+def _where(sides: set[str], lobes: set[str]) -> str:
+    """Sides and lobe levels in words: "right lower lobe", "right and left upper lobes", "lingula", "left", ""."""
+    side = [word for word in ("right", "left") if word in sides]
+    lobe = [word for word in LOBE_LEVELS if word in lobes]
+    lingula = side == ["left"] and "middle" in lobe  # the left lung's middle level is the lingula's
+    if lingula:
+        lobe.remove("middle")
+        side = side if lobe else []  # "lingula", not "left and lingula"
+    words = " and ".join(side)
+    if lobe:
+        levels = " and ".join([", ".join(lobe[:-1]), lobe[-1]] if len(lobe) > 1 else lobe)
+        words += f" {levels} lobe" + "s" * (len(side) > 1 or len(lobe) > 1)
+    return " and ".join(word for word in (words.strip(), "lingula" * lingula) if word)
+
+
+def _finding_cues(text: str) -> Iterator[tuple[str, bool]]:
+    """(name, negated) for each cue of a finding of FINDING_CODE_NAMES in the text, clause by clause."""
+    for clause, _ in _clauses(text):
+        for cues, names in ((_FINDING_CUE, list(SIDED_FINDINGS)), (_UNSIDED_CUE, list(UNSIDED_FINDINGS))):
+            for cue in cues.finditer(clause):
+                yield names[int(cue.lastgroup[1:])], _negated(clause, cue)
 
 
 def _negated(clause: str, cue: re.Match) -> bool:

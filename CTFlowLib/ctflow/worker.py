@@ -24,7 +24,8 @@ Worker -> front end (stdout):
   {"type": "loading", "id", "model"}                                 a model is being loaded (not when kept)
   {"type": "planned", "id", "folder", "reused_model": bool, "seed", "steps", "guidance", "side_guidance" (as
    applied: 0 when the report names no side), "finding_guidance" (as applied: 0 when it reports no finding),
-   "sampler", "shift", "slices", "notices": [str], "model", "device"}
+   "sampler", "shift", "slices", "notices": [str], "reading" (report.reading_of; "" for an embedding), "model",
+   "device"}
                                                                      the request is valid; sampling starts
   {"type": "block", "id", "file", "index", "start", "stop", "blocks_done", "blocks_expected", "elapsed_s",
    "block_s", "eta_s", "time", "ijk_to_ras": 4x4, "provenance": {str: str}}
@@ -196,7 +197,8 @@ class Worker:
                        "seed": resolved.seed, "steps": resolved.steps, "guidance": resolved.guidance,
                        "side_guidance": plan.guidance.side, "finding_guidance": plan.guidance.finding,
                        "sampler": resolved.sampler, "shift": resolved.shift, "slices": resolved.slices,
-                       "notices": list(plan.notices), "model": pipeline.model_id, "device": str(pipeline.device)})
+                       "notices": list(plan.notices), "reading": plan.reading, "model": pipeline.model_id,
+                       "device": str(pipeline.device)})
             started, complete = time.perf_counter(), False
             for block in pipeline.stream(plan, cancel):
                 file = folder / f"block-{block.index:04d}.npy"

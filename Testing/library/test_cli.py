@@ -25,6 +25,7 @@ def test_generate_writes_the_volume_and_a_preview(tiny_model, tmp_path, capsys):
     assert preview.width == 3 * 256 and preview.height > 2 * 256  # 3 planes x 2 windows
     captured = capsys.readouterr()
     assert "block 3/3" in captured.err and "ETA" in captured.err
+    assert "ctflow: the report reads as: consolidation (left lower lobe)\n" in captured.err
     assert "wrote" in captured.out and "SYNTHETIC" in captured.out
 
 

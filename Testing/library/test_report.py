@@ -3,7 +3,7 @@ import pytest
 from ctflow import ReportError, parse_report, render_prompt
 from ctflow.report import (FINDING_CODE_NAMES, LOBE_LEVELS, MAX_REPORT_CHARS, SIDE_CODE_SIZE, SIDED_FINDINGS, Report,
                            denoiser_code, finding_code, half_code, half_reports, half_texts, level_text, lobes_at,
-                           names_one_side, placed_lobes,
+                           names_one_side, placed_lobes, reading_of,
                            read_report_file, reported_findings, side_code, sided_findings, without_findings)
 
 CT_RATE = """FINDINGS: Trachea and both main bronchi are open. A 6 mm nodule is seen in the right upper lobe.
@@ -165,6 +165,8 @@ def test_each_level_of_the_body_reads_the_report_without_the_lobes_lying_elsewhe
 def test_lobes_are_placed_by_the_part_that_names_them():
     assert placed_lobes("RUL nodule and LLL consolidation. No atelectasis in the lower lobes.") == {
         "nodule": {"upper"}, "consolidation": {"lower"}}
+    assert placed_lobes("Nodules in the upper and lower lobes. Emphysema of the upper, middle and lower lobes.") == {
+        "nodule": {"upper", "lower"}, "emphysema": {"upper", "middle", "lower"}}  # every level of a list of lobes
 
 
 def test_a_block_s_code_reads_the_report_where_only_the_lobes_at_its_levels_lie():
@@ -311,3 +313,25 @@ def test_the_finding_code_reads_each_finding_reported_and_none_negated(text, exp
     assert len(code) == len(FINDING_CODE_NAMES) == len(SIDED_FINDINGS) + 3
     assert {name for name, value in zip(FINDING_CODE_NAMES, code) if value} == expected
     assert denoiser_code(text, "finding") == code
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Findings: Small right pleural effusion. Consolidation in the left lower lobe. No emphysema.\n"
+     "Impressions: Right effusion.", "pleural effusion (right), consolidation (left lower lobe); negated: emphysema"),
+    ("Bilateral lower lobe atelectasis. Right paratracheal lymphadenopathy. Mild cardiomegaly.",
+     "atelectasis (right and left lower lobes), lymphadenopathy (right), cardiomegaly"),
+    ("RUL nodule 6 mm. Ground glass in the LUL. Pericardial effusion has resolved.",
+     "ground-glass opacity (left upper lobe), nodule (right upper lobe); negated: pericardial effusion"),
+    ("No evidence of emphysema. No consolidation, nodule or atelectasis.",
+     "no finding; negated: consolidation, nodule, atelectasis, emphysema"),
+    ("The lungs are clear. Heart size normal.", "no finding"),
+    ("Atelectatic bands in the lingula. Left upper lobe and lingular consolidation. Right upper and lower lobe nodules.",
+     "consolidation (left upper lobe and lingula), nodule (right upper and lower lobes), atelectasis (lingula)"),
+])
+def test_the_reading_says_what_the_codes_and_guidance_read(text, expected):
+    report = parse_report(text)
+    assert reading_of(report) == expected
+    named = {name for name, value in zip(FINDING_CODE_NAMES, finding_code(f"{report.findings}\n{report.impressions}"))
+             if value}
+    said = expected.split("; negated")[0]
+    assert all((name in said) == (name in named) for name in FINDING_CODE_NAMES if name != "lymph node")

@@ -64,6 +64,7 @@ def test_a_run_streams_the_library_volume_as_npy_blocks(worker, tiny_model, tiny
     assert all(m["id"] == "a" for m in messages)
     planned, blocks, done = messages[1], messages[2:5], messages[5]
     assert (planned["seed"], planned["steps"], planned["slices"], planned["model"]) == (5, 2, 10, "random-tiny")
+    assert planned["reading"] == "pleural effusion (right)"
     assert [(b["start"], b["stop"], b["blocks_done"]) for b in blocks] == [(0, 4, 1), (4, 8, 2), (8, 10, 3)]
     assert all(Path(b["file"]).parent == Path(planned["folder"]) for b in blocks)
     hu = np.concatenate([np.load(b["file"]) for b in blocks])

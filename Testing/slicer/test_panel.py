@@ -111,6 +111,15 @@ def test_typing_in_the_panel_keeps_every_key_where_it_was_typed(panel):
         assert box.toPlainText() == getattr(parameters, field) == "Findings: effusion"
         setattr(parameters, field, "From a saved scene.")  # the node still drives the box
         assert box.toPlainText() == "From a saved scene."
+    assert ui.readingLabel.text() == "no finding"  # nothing in "From a saved scene." reads as one
+    ui.reportTextEdit.clear()
+    QtTest.QTest.keyClicks(ui.reportTextEdit, "Findings: Small left pleural effusion. No emphysema.")
+    assert ui.readingLabel.text() == "pleural effusion (left); negated: emphysema"  # read as it is typed
+    QtTest.QTest.keyClicks(ui.impressionsTextEdit, " Cardiomegaly.")
+    assert ui.readingLabel.text() == "pleural effusion (left), cardiomegaly; negated: emphysema"
+    ui.reportTextEdit.clear()
+    ui.impressionsTextEdit.clear()
+    assert ui.readingLabel.text() == ""  # an empty report reads as nothing
     choose(ui.modelSourceComboBox, "Local folder")
     ui.modelLocationLineEdit.setText("/data/md")
     ui.modelLocationLineEdit.setCursorPosition(7)
