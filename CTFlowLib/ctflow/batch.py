@@ -47,13 +47,13 @@ from .io import (
 from .checksums import TOOL_FILES, sha256_file
 from .config import MAX_SEED, MAX_SLICES
 from .pipeline import CancelFlag, CTFlowPipeline, GenerationRequest, check_options, with_defaults
-from .report import Report, parse_report
+from .report import Report, parse_report, reading_of
 from .tables import read_table_rows, row_id, safe_id
 
 MANIFEST_DIR, ITEMS_DIR, LOCKS_DIR, SETTINGS = ".manifest", "items", "locks", "batch.json"
 DICOM_STUDIES = "dicom.json"
 MANIFEST_CSV, MANIFEST_JSON = "manifest.csv", "manifest.json"
-COLUMNS = ("file", "report_id", "report", "seed", "slices", "slices_requested", "block_slices", "model",
+COLUMNS = ("file", "report_id", "report", "reading", "seed", "slices", "slices_requested", "block_slices", "model",
            "model_sha256", "sha256", "time_s", "steps", "sampler", "guidance", "side_guidance", "finding_guidance",
            "shift", "device", "dtype", "rank")
 LATER_SETTINGS = ("dtype",)  # settings a batch.json of an older ctflow lacks: such a batch resumes as it was
@@ -423,7 +423,8 @@ def _make_item(pipeline, item: Item, out: BatchFolder, options: GenerationReques
 
 def manifest_row(item: Item, provenance, path: Path, slices: int, seconds: float, rank: int) -> dict:
     return {
-        "file": path.name, "report_id": item.report.id, "report": item.report.text, "seed": item.seed,
+        "file": path.name, "report_id": item.report.id, "report": item.report.text,
+        "reading": reading_of(parse_report(item.report.text)), "seed": item.seed,
         "slices": slices, "slices_requested": provenance.slices_requested, "block_slices": provenance.block_slices,
         "model": provenance.model, "model_sha256": provenance.model_sha256, "sha256": sha256_of(path),
         "time_s": round(seconds, 3), "steps": provenance.steps, "sampler": provenance.sampler,

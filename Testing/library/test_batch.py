@@ -127,6 +127,7 @@ def test_manifest_describes_every_volume(tiny_pipeline, reports, tmp_path):
     assert [(r["file"], r["seed"], r["slices"]) for r in rows] == [
         ("rul_nodule_s0.nii.gz", 0, 5), ("rul_nodule_s1.nii.gz", 1, 5), ("effusion_s0.nii.gz", 0, 6),
         ("effusion_s1.nii.gz", 1, 6)]
+    assert [r["reading"] for r in rows] == ["nodule (right upper lobe)"] * 2 + ["pleural effusion (left)"] * 2
     for row in rows:
         path = tmp_path / "out" / row["file"]
         assert row["sha256"] == sha256_file(path) and row["model"] == "random-tiny" and row["block_slices"] == 4
