@@ -47,7 +47,7 @@ _LOBE_OF_WORD = {"upper": "upper", "rul": "upper", "lul": "upper", "apical": "up
                  "middle": "middle", "rml": "middle", "lingula": "middle", "lingular": "middle",
                  "lower": "lower", "rll": "lower", "lll": "lower", "bases": "lower", "basal": "lower",
                  "basilar": "lower", "bibasilar": "lower"}
-_LOBE_WORD = re.compile(r"\b(?:(upper|middle|lower)(?=(?:\s*(?:,|and)\s*(?:upper|middle|lower))*\s+lobes?\b)|"  # "upper and lower lobes"
+_LOBE_WORD = re.compile(r"\b(?:(upper|middle|lower)(?=(?:\s*(?:,|and)\s*(?:upper|middle|lower))*[\s-]+lobes?\b)|"  # "upper and lower lobes"
                         r"rul|rml|rll|lul|lll|lingular?|apical|apices|bases|basal|(?:bi)?basilar)\b", re.IGNORECASE)
 
 # The side code (a denoiser's `side_code` input): for each finding that has a side, whether the report puts it on the
@@ -71,7 +71,7 @@ SIDE_CODE_SIZE = 2 * len(SIDED_FINDINGS)
 UNSIDED_FINDINGS = {
     "cardiomegaly": r"cardiomegaly|cardiac enlargement|enlarged (?:heart|cardiac silhouette)|"
                     r"(?:heart|cardiac silhouette) (?:is )?enlarged",
-    "pericardial effusion": r"pericardial (?:effusion|fluid)",
+    "pericardial effusion": r"pericardial (?:effusion|fluid)|(?:effusion|fluid) (?:in|of|within) the pericardi\w*",
     "arterial calcification": r"calcifi\w*|atherosclero\w*|plaques?",
 }
 _UNSIDED_CUE = re.compile("|".join(rf"\b(?P<u{i}>{cue})\b" for i, cue in enumerate(UNSIDED_FINDINGS.values())),

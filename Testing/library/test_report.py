@@ -325,6 +325,10 @@ def test_the_finding_code_reads_each_finding_reported_and_none_negated(text, exp
     ("No evidence of emphysema. No consolidation, nodule or atelectasis.",
      "no finding; negated: consolidation, nodule, atelectasis, emphysema"),
     ("The lungs are clear. Heart size normal.", "no finding"),
+    ("Centrilobular emphysema, upper-lobe predominant. Small effusion in the pericardial sac.",
+     "emphysema (upper lobe), pericardial effusion"),
+    ("Small right pleural effusion. No fluid in the pericardial space.", "pleural effusion (right); negated: "
+     "pericardial effusion"),
     ("Atelectatic bands in the lingula. Left upper lobe and lingular consolidation. Right upper and lower lobe nodules.",
      "consolidation (left upper lobe and lingula), nodule (right upper and lower lobes), atelectasis (lingula)"),
 ])

@@ -17,8 +17,10 @@ from PIL import Image
 from scipy import ndimage
 
 from ctflow.io import read_volume
+from ctflow.report import FINDING_CODE_NAMES, finding_code, sided_findings
 from ctflow_train import anatomy, cli, cohort, findings, reports
 from ctflow_train.dataset import read_index
+from ctflow_train.paraphrase import paraphrase
 from ctflow_train.preview import write_cohort_preview
 
 SIZE = 128
@@ -330,6 +332,37 @@ def test_reports_agree_with_labels(everything, sampled):
     for patient in [*everything, *sampled]:
         check_report(patient)
     assert everything[1].report.impressions in reports.NORMAL_IMPRESSIONS
+
+
+# The parser's name for each finding of the cohort: generation's reading (ctflow.report) of what training's writers say.
+READ_AS = {"cardiomegaly": "cardiomegaly", "pericardial_effusion": "pericardial effusion",
+           "pleural_effusion": "pleural effusion", "atelectasis": "atelectasis", "consolidation": "consolidation",
+           "ground_glass": "ground-glass opacity", "nodule": "nodule", "emphysema": "emphysema",
+           "lymphadenopathy": "lymph node", "arterial_calcification": "arterial calcification",
+           "medical_material": "device"}
+
+
+def test_generation_reads_every_report_the_cohort_writes_as_its_labels_say(everything, sampled):
+    """The writer (reports) and its variants (paraphrase) in training, the parser (ctflow.report) in generation: the
+    findings a report is read to report are its labels' (what finding guidance and a finding code act on), and no
+    finding is read on a side its labels do not give it (what side guidance acts on)."""
+    assert set(READ_AS) == set(ALL) and set(READ_AS.values()) == set(FINDING_CODE_NAMES)
+    for patient in [*everything, *sampled]:
+        drawn = patient.findings
+        labelled = {READ_AS[name] for name, params in drawn.items() if params["present"]}
+        texts = [reports.compose_report(drawn, np.random.default_rng(k)).text for k in range(8)]
+        texts += [paraphrase(drawn, np.random.default_rng(k)).text for k in range(24)]
+        for text in texts:
+            assert {n for n, on in zip(FINDING_CODE_NAMES, finding_code(text)) if on} == labelled, text
+            for name, sides in sided_findings(text).items():
+                assert sides <= labelled_sides(drawn[next(k for k, v in READ_AS.items() if v == name)]), text
+
+
+def labelled_sides(params: dict) -> set[str]:
+    """The sides a finding's labels give it (its side, lobe or lymph node stations); both when they give none."""
+    words = " ".join([params.get("side", ""), params.get("lobe", ""), *(n["station"] for n in params.get("nodes", []))])
+    sides = {side for side in ("right", "left") if side in words or (side == "left" and "lingula" in words)}
+    return sides if sides and "bilateral" not in words else {"right", "left"}
 
 
 def test_sampled_cohort_has_positives_negatives_and_varied_length(sampled):
