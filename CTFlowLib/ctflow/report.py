@@ -46,9 +46,11 @@ LOBE_LEVELS = {"upper": (0.0, 0.625), "middle": (0.375, 0.625), "lower": (0.25, 
 _LOBE_OF_WORD = {"upper": "upper", "rul": "upper", "lul": "upper", "apical": "upper", "apices": "upper",
                  "middle": "middle", "rml": "middle", "lingula": "middle", "lingular": "middle",
                  "lower": "lower", "rll": "lower", "lll": "lower", "bases": "lower", "basal": "lower",
-                 "basilar": "lower", "bibasilar": "lower"}
-_LOBE_WORD = re.compile(r"\b(?:(upper|middle|lower)(?=(?:\s*(?:,|and)\s*(?:upper|middle|lower))*[\s-]+lobes?\b)|"  # "upper and lower lobes"
-                        r"rul|rml|rll|lul|lll|lingular?|apical|apices|bases|basal|(?:bi)?basilar)\b", re.IGNORECASE)
+                 "bibasal": "lower", "basilar": "lower", "bibasilar": "lower"}
+# A level word counts before "lobe", "-lobe" or a list's "lobes" ("upper and lower lobes").
+_LOBE_WORD = re.compile(r"\b(?:(upper|middle|lower)(?=(?:\s*(?:,|and)\s*(?:upper|middle|lower))*[\s-]+lobes?\b)|"
+                        r"rul|rml|rll|lul|lll|lingular?|apical|apices|bases|(?:bi)?basal|(?:bi)?basilar)\b",
+                        re.IGNORECASE)
 
 # The side code (a denoiser's `side_code` input): for each finding that has a side, whether the report puts it on the
 # right and on the left. The text encoder's vectors hardly tell "left" from "right" (issue 18); this tells the
@@ -84,7 +86,7 @@ READING_NAMES = {"lymph node": "lymphadenopathy"}  # what `reading_of` calls a f
 _LYMPH_NODE_GROUP = f"f{list(SIDED_FINDINGS).index('lymph node')}"  # its cue's group name in _FINDING_CUE
 _FINDING_CUE = re.compile("|".join(rf"\b(?P<f{i}>{cue})\b" for i, cue in enumerate(SIDED_FINDINGS.values())),
                           re.IGNORECASE)
-_MORE_SIDE_WORDS = re.compile(r"\b(?:(?P<both>bilateral\w*|both)|(?<!left )(?<!right )(?P<right>middle lobe))\b",
+_MORE_SIDE_WORDS = re.compile(r"\b(?:(?P<both>bilateral\w*|both|bibas(?:al|ilar))|(?<!left )(?<!right )(?P<right>middle lobe))\b",
                               re.IGNORECASE)
 _PLACING = re.compile(r"\b(?:in|on|at|of|within|involving|to|from)\s+(?:the\s+)?$", re.IGNORECASE)  # "in the" left
 _CLAUSE_END = re.compile(r"[.;:!?\n]|\b(?:but|however|whereas|although)\b", re.IGNORECASE)
