@@ -86,8 +86,8 @@ READING_NAMES = {"lymph node": "lymphadenopathy"}  # what `reading_of` calls a f
 _LYMPH_NODE_GROUP = f"f{list(SIDED_FINDINGS).index('lymph node')}"  # its cue's group name in _FINDING_CUE
 _FINDING_CUE = re.compile("|".join(rf"\b(?P<f{i}>{cue})\b" for i, cue in enumerate(SIDED_FINDINGS.values())),
                           re.IGNORECASE)
-_MORE_SIDE_WORDS = re.compile(r"\b(?:(?P<both>bilateral\w*|both|bibas(?:al|ilar))|(?<!left )(?<!right )(?P<right>middle lobe))\b",
-                              re.IGNORECASE)
+_MORE_SIDE_WORDS = re.compile(r"\b(?:(?P<both>bilateral\w*|both|bibas(?:al|ilar))|"
+                              r"(?<!left )(?<!right )(?P<right>middle lobe))\b", re.IGNORECASE)
 _PLACING = re.compile(r"\b(?:in|on|at|of|within|involving|to|from)\s+(?:the\s+)?$", re.IGNORECASE)  # "in the" left
 _CLAUSE_END = re.compile(r"[.;:!?\n]|\b(?:but|however|whereas|although)\b", re.IGNORECASE)
 _PART_START = re.compile(r",|\band\b", re.IGNORECASE)  # where a clause may name its findings' sides in parts
@@ -335,9 +335,8 @@ def reading_of(report: Report) -> str:
         return f"{READING_NAMES.get(name, name)} ({where})" if where else READING_NAMES.get(name, name)
 
     said = ", ".join(placed(name) for name in FINDING_CODE_NAMES if name in reported) or "no finding"
-    if negated:
-        said += "; negated: " + ", ".join(READING_NAMES.get(name, name) for name in FINDING_CODE_NAMES if name in negated)
-    return said
+    unsaid = [READING_NAMES.get(name, name) for name in FINDING_CODE_NAMES if name in negated]
+    return f"{said}; negated: {', '.join(unsaid)}" if unsaid else said
 
 
 def _where(sides: set[str], lobes: set[str]) -> str:

@@ -331,7 +331,8 @@ def test_the_finding_code_reads_each_finding_reported_and_none_negated(text, exp
      "pericardial effusion"),
     ("Bibasal atelectasis. Bibasilar ground glass.",
      "ground-glass opacity (right and left lower lobes), atelectasis (right and left lower lobes)"),
-    ("Atelectatic bands in the lingula. Left upper lobe and lingular consolidation. Right upper and lower lobe nodules.",
+    ("Atelectatic bands in the lingula. Left upper lobe and lingular consolidation. Right upper and lower lobe "
+     "nodules.",
      "consolidation (left upper lobe and lingula), nodule (right upper and lower lobes), atelectasis (lingula)"),
 ])
 def test_the_reading_says_what_the_codes_and_guidance_read(text, expected):
