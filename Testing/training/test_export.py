@@ -193,7 +193,7 @@ def test_a_run_exports_as_the_weight_average_with_the_model_it_started_from(tiny
 
     train_flow.train(tiny.flow_run(cache, tmp_path / "other", steps=1))  # not where `tuned` started
     unrelated = exported(tiny, tmp_path / "other", vae_run, cache, tmp_path / "unrelated")
-    with pytest.raises(ctflow.CTFlowError, match="not a model this run started from"):
+    with pytest.raises(ctflow.CTFlowError, match="neither a model this run started from nor a sibling's"):
         exported(tiny, tmp_path / "tuned", vae_run, cache, tmp_path / "no", "--average-with", str(unrelated))
     retrained = shutil.copytree(start, tmp_path / "retrained")  # the same denoiser over another autoencoder
     vae_file = retrained / "vae" / "diffusion_pytorch_model.safetensors"
@@ -211,6 +211,41 @@ def test_a_run_exports_as_the_weight_average_with_the_model_it_started_from(tiny
         with pytest.raises(SystemExit):
             exported(tiny, tmp_path / "tuned", vae_run, cache, tmp_path / "no", "--average-with", str(start),
                      "--run-share", share)
+    assert not (tmp_path / "no").exists()
+
+
+def test_a_run_exports_as_the_weight_average_with_a_siblings_export(tiny, vae_run, cache, tmp_path):
+    """Two runs continue the same model; one is exported alone, the other averaged with that export. The card counts
+    both stages, the sibling's marked as averaged in, and a run continued from the average keeps them."""
+    train_flow.train(tiny.flow_run(cache, tmp_path / "first", steps=2))
+    start = exported(tiny, tmp_path / "first", vae_run, cache, tmp_path / "start", "--half")
+    train_flow.train(tiny.flow_run(cache, tmp_path / "control", steps=2, init=start))
+    train_flow.train(tiny.flow_run(cache, tmp_path / "brief", steps=3, init=start, cond_noise=0.25))
+    brief = exported(tiny, tmp_path / "brief", vae_run, cache, tmp_path / "brief_model", "--half")
+    soup = exported(tiny, tmp_path / "control", vae_run, cache, tmp_path / "soup", "--average-with", str(brief))
+    ema = {k.removeprefix("ema/"): v for k, v in load_file(tmp_path / "control" / "checkpoint.safetensors").items()
+           if k.startswith("ema/")}
+    theirs, stored = load_file(brief / "model.safetensors"), load_file(soup / "model.safetensors")
+    assert all(torch.allclose(stored[k], 0.5 * ema[k] + 0.5 * theirs[k].float()) for k in ema)
+    card = (soup / "README.md").read_text()
+    sha = ctflow.checksums.read_manifest(brief)["model.safetensors"]
+    assert ("EMA weights averaged with a sibling, the export of a run that started where the last stage did (stage "
+            f"brief): 50% the last stage's, 50% those of `{brief}` (model.safetensors sha256 {sha[:16]}...).") in card
+    listed = export.card_stages(soup / "README.md")
+    assert [(s["run"], s["steps"], s["cond_noise"]) for s in listed] == [
+        ("first", 2, 0.05), ("control", 2, 0.05), ("brief (averaged in)", 3, 0.25)]
+    assert ("Trained in 3 stage(s), each warm-started from the one before but those averaged in, which started where "
+            "the one before did: 7 steps") in card
+    train_flow.train(tiny.flow_run(cache, tmp_path / "after", steps=1, init=soup))
+    assert [s["run"] for s in export.lineage(tmp_path / "after")] == ["first", "control", "brief (averaged in)", "after"]
+
+    train_flow.train(tiny.flow_run(cache, tmp_path / "grandchild", steps=1, init=brief))  # a stage too far
+    nephew = exported(tiny, tmp_path / "grandchild", vae_run, cache, tmp_path / "nephew")
+    with pytest.raises(ctflow.CTFlowError, match="neither a model this run started from nor a sibling's"):
+        exported(tiny, tmp_path / "control", vae_run, cache, tmp_path / "no", "--average-with", str(nephew))
+    train_flow.train(tiny.flow_run(cache, tmp_path / "scratch", steps=1))  # two runs from nothing share no start
+    with pytest.raises(ctflow.CTFlowError, match="neither a model this run started from nor a sibling's"):
+        exported(tiny, tmp_path / "scratch", vae_run, cache, tmp_path / "no", "--average-with", str(start))
     assert not (tmp_path / "no").exists()
 
 

@@ -4,8 +4,9 @@
         --out Resources/Models/ctflow-demo [--evaluation cache/eval.json cache/findings.json] --overwrite
     ctflow-train export --flow cache/flow_tuned --average-with cache/model_before --run-share 0.5 ...
 
-A run fine-tuned from a model folder can be exported as the weight average of the two (`--average-with`): the
-average often keeps what each does better (a "model soup", Wortsman et al. 2022); its card says so.
+A run fine-tuned from a model folder can be exported as the weight average of the two (`--average-with`), or of
+itself and a sibling: the export of another run started where this one did. The average often keeps what each does
+better (a "model soup", Wortsman et al. 2022); its card says so, and lists a sibling's stage as averaged in.
 
 The end-of-volume threshold is calibrated here: the pipeline calls a frame white when more than
 end_fraction of its latent values lie within end_tolerance of the white slice's latent. A trained model
@@ -42,7 +43,7 @@ from .finding_study import FindingStudy
 from .flow_data import padded
 from .latent_store import LatentStore, Prompts, same_encoding
 from .options import RunConfig, config_rule, positive, probability, seed
-from .stages import STAGE_COLUMNS, STAGES_HEADING, card_stages, stage_table
+from .stages import AVERAGED_IN, STAGE_COLUMNS, STAGES_HEADING, card_stages, stage_table
 from .runtime import load_vae
 from .train_vae import AutoencoderMetrics
 
@@ -80,31 +81,43 @@ class ExportRun(RunConfig):
 
 @dataclass(frozen=True)
 class Average:
-    """A denoiser exported as `run_share` x the run's EMA weights + the rest x those of a model folder it started from."""
+    """A denoiser exported as `run_share` x the run's EMA weights + the rest x those of a model folder: one the run
+    started from, or a sibling (`sibling`: its own last stage, from its card)."""
 
     folder: Path
     run_share: float
     sha256: str  # of the folder's model.safetensors: which weights, whatever the folder holds later
+    sibling: dict | None = None
 
     def words(self) -> str:
-        return (f"EMA weights averaged with the model this training started from: {self.run_share:.0%} the last "
-                f"stage's, {1 - self.run_share:.0%} those of `{self.folder}` (model.safetensors sha256 "
-                f"{self.sha256[:16]}...)")
+        whose = ("the model this training started from" if self.sibling is None else
+                 f"a sibling, the export of a run that started where the last stage did (stage {self.sibling['run']})")
+        return (f"EMA weights averaged with {whose}: {self.run_share:.0%} the last stage's, {1 - self.run_share:.0%} "
+                f"those of `{self.folder}` (model.safetensors sha256 {self.sha256[:16]}...)")
+
+    def stages(self, stages: list[dict]) -> list[dict]:
+        """The stages the average's weights cost: the run's, and a sibling's own stage marked as averaged in."""
+        if self.sibling is None:
+            return stages
+        return [*stages, {**self.sibling, "run": self.sibling["run"] + AVERAGED_IN}]
 
 
 def average_with_folder(model: STDiT, autoencoder: SliceAutoencoder, stages: list[dict], folder: Path,
                         run_share: float) -> Average:
     """Turn `model` (the run's EMA) into its weight average with the denoiser of `folder`. Only a folder this run
-    warm-started from, directly or through earlier runs (its card's stages are all in the run's lineage), decoding
-    the same autoencoder: an average of unrelated weights is no model, and its card could not say what it cost."""
+    warm-started from, directly or through earlier runs (its card's stages are all in the run's lineage), or a
+    sibling's (its stages but its last are the run's but its last), decoding the same autoencoder: an average of
+    unrelated weights is no model, and its card could not say what it cost."""
     digests = verify_model_folder(folder)
-    theirs = [stage["run"] for stage in card_stages(folder / CARD)]
-    if not theirs or not set(theirs) <= {stage["run"] for stage in stages}:
-        raise CTFlowError(f"--average-with {folder}: not a model this run started from (the stages its card lists, "
-                          f"{theirs or 'none'}, are not all in the run's lineage)")
-    if stages[-1]["run"] in theirs:  # e.g. the recipe run twice: the folder is already this run's export
+    theirs, ours = card_stages(folder / CARD), [stage["run"] for stage in stages]
+    names = [stage["run"] for stage in theirs]
+    sibling = len(ours) > 1 and names[:-1] == ours[:-1] and names[-1] not in ours
+    if not names or not (sibling or set(names) <= set(ours)):
+        raise CTFlowError(f"--average-with {folder}: neither a model this run started from nor a sibling's (the "
+                          f"stages its card lists, {names or 'none'}, are not the run's lineage)")
+    if ours[-1] in names:  # e.g. the recipe run twice: the folder is already this run's export
         raise CTFlowError(f"--average-with {folder}: it already holds this run's weights (its card lists the stage "
-                          f"{stages[-1]['run']}); average with the model the run started from")
+                          f"{ours[-1]}); average with the model the run started from")
     config = read_config(folder)
     if config.denoiser != model.config:
         raise CTFlowError(f"--average-with {folder}: its denoiser is shaped differently from this run's")
@@ -115,7 +128,7 @@ def average_with_folder(model: STDiT, autoencoder: SliceAutoencoder, stages: lis
     other = load_denoiser(folder, config).state_dict()
     model.load_state_dict({name: run_share * tensor + (1 - run_share) * other[name].float()
                            for name, tensor in model.state_dict().items()})
-    return Average(folder, run_share, digests[WEIGHTS])
+    return Average(folder, run_share, digests[WEIGHTS], theirs[-1] if sibling else None)
 
 
 def load_ema(flow_folder: Path) -> tuple[STDiT, dict]:
@@ -281,6 +294,7 @@ def model_card(config: ModelConfig, vae_metrics: AutoencoderMetrics, flow_meta: 
     """README.md of the model folder: what it was trained on, how long, how good, and what it cannot do.
     `evaluations`: the --evaluation files (a ModelEvaluation, a finding study, other figures)."""
     known = [s for s in stages if not s.get("missing")]
+    averaged_in = any(s["run"].endswith(AVERAGED_IN) for s in stages)
     lines = [
         f"# {config.name}",
         "",
@@ -309,7 +323,8 @@ def model_card(config: ModelConfig, vae_metrics: AutoencoderMetrics, flow_meta: 
         f"{', each patch told which findings the report reports (report.finding_code)' if config.denoiser.finding_map else ''}), "
         f"flow matching with StartBoost, predicting the {config.denoiser.prediction} target; "
         f"{average.words() if average else 'EMA weights'}. "
-        f"Trained in {len(stages)} stage(s), each warm-started from the one before: "
+        f"Trained in {len(stages)} stage(s), each warm-started from the one before"
+        f"{' but those averaged in, which started where the one before did' if averaged_in else ''}: "
         f"{sum(s['steps'] for s in known)} steps, {sum(s['minutes'] for s in known):.0f} min in all "
         "(stages below).",
         f"- text: {config.text.source} ({config.text.mode}); prompts rendered by ctflow.render_prompt, "
@@ -423,6 +438,7 @@ def export(args: ExportRun) -> Path:
     stages = lineage(args.flow)
     average = None if args.average_with is None else average_with_folder(
         model, autoencoder, stages, args.average_with, 0.5 if args.run_share is None else args.run_share)
+    stages = average.stages(stages) if average else stages
     vae_metrics = AutoencoderMetrics.read(args.vae)
     calibration = end_distances(model, autoencoder, cache, sampling, args.calibration_cases, args.seed)
     end = choose_tolerance(calibration)
@@ -474,8 +490,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--half", action="store_true", help="store the denoiser in float16: half the size on disk")
     parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--average-with", type=Path, help="a model folder this run started from: export the weight "
-                        "average of the run's EMA and its denoiser (end detection is calibrated on the average)")
+    parser.add_argument("--average-with", type=Path, help="a model folder this run started from, or a sibling's (the "
+                        "export of a run started where this one did): export the weight average of the run's EMA and "
+                        "its denoiser (end detection is calibrated on the average)")
     parser.add_argument("--run-share", type=probability, help="the run's share of that average (default 0.5)")
 
 

@@ -34,6 +34,7 @@ class StageColumn:
 
 
 STAGES_HEADING = "## Training stages"
+AVERAGED_IN = " (averaged in)"  # after a stage's run: a sibling of the stage before, weight-averaged with it
 MISSING_STAGE = "not found: its figures are not counted"
 STAGE_COLUMNS = (
     StageColumn("run", "run"), StageColumn("steps", "steps", int), StageColumn("minutes", "minutes", float),
