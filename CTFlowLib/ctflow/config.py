@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .conventions import BLOCK_SLICES, HU_WINDOW, MAX_GUIDANCE, MAX_SEED, MAX_SHIFT, MAX_SLICES, MAX_STEPS
-from .errors import ModelError
-from .report import FINDING_CODE_NAMES, SIDE_CODE_SIZE, denoiser_code
+from .errors import ModelError, ReportError
+from .report import (FINDING_CODE_NAMES, MAX_REPORT_CHARS, SIDE_CODE_SIZE, denoiser_code, parse_report,
+                     reports_no_finding)
 from .sampling import METHODS
 
 
@@ -232,6 +233,10 @@ class ModelConfig:
     end_fraction: float = 0.9  # a frame is "white" (end of volume) when this share of its latents ...
     end_tolerance: float = 0.1  # ... lies within this distance of the white-slice latent
     description: str = ""
+    # A report of no finding in the words the model trained on. A report that reports no finding is drawn from it
+    # (pipeline.drawn_report): the text encoder reads a negated finding much as the finding, so a user's normal
+    # report in other words drew findings (issue 18). "": the report as given.
+    normal_report: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -241,6 +246,8 @@ class ModelConfig:
         for name in ("side_guidance", "finding_guidance"):
             if not getattr(self.sampling, name):
                 del data["sampling"][name]
+        if not self.normal_report:
+            del data["normal_report"]
         return {"format": FORMAT, "format_version": FORMAT_VERSION, **data}
 
     def to_json(self) -> str:
@@ -280,6 +287,15 @@ def _above_zero(high: float) -> tuple[str, Callable[[Any], bool]]:
     return f"above 0 and at most {high:g}", lambda value: 0 < value <= high
 
 
+def _a_normal_report(value: str) -> bool:
+    if len(value) > MAX_REPORT_CHARS:
+        return False
+    try:
+        return reports_no_finding(parse_report(value))
+    except ReportError:  # empty
+        return False
+
+
 def _one_of(choices: tuple[str, ...]) -> tuple[str, Callable[[Any], bool]]:
     return f"one of {', '.join(choices)}", lambda value: value in choices
 
@@ -312,6 +328,7 @@ _RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "typical_slices": _between(1, MAX_SLICES),
     "end_fraction": _above_zero(1e6),
     "end_tolerance": _between(0, 1e6),
+    "normal_report": (f"a report of at most {MAX_REPORT_CHARS} characters that reports no finding", _a_normal_report),
 }
 
 
@@ -351,7 +368,8 @@ def _checked(value: Any, hint: Any, name: str, label: str, source: str = "config
         raise ModelError(f"{label} must be {_KIND_NAMES[hint]}, not {value!r}")
     rule = _RULES.get(name)
     if rule and not rule[1](value):
-        raise ModelError(f"{label} must be {rule[0]}, not {value!r}")
+        shown = f"{value[:60]!r}..." if isinstance(value, str) and len(value) > 60 else repr(value)
+        raise ModelError(f"{label} must be {rule[0]}, not {shown}")
     return float(value) if hint is float else value
 
 

@@ -33,7 +33,8 @@ from .hub import default_model, is_hub_id, resolve_model
 from .io import read_text_file
 from .model_folder import CARD, load_denoiser, load_vae, model_sha256, read_config, verify_model_folder
 from .places import LOBE_FILE, LobePrior, Places
-from .report import Report, parse_report, reading_of, render_prompt, typed_meta_lines, without_findings
+from .report import (Report, parse_report, reading_of, render_prompt, reports_no_finding, typed_meta_lines,
+                     without_findings)
 from .ending import VolumeEnd
 from .sampling import Cancelled, Guidance, block_velocity, sample, denoiser_codes, validate
 from .text_encoder import TextEncoder, unit_cls
@@ -282,8 +283,9 @@ class CTFlowPipeline:
         def render(text: Report) -> str:
             return text.text if self.released_mode else render_prompt(text, resolved.prompt_slices, spacing)
 
-        prompt, reference = render(report), render(without_findings(report))
-        places = Places.of(report, render, self.lobe_prior, resolved.slices or self.config.typical_slices)
+        drawn = self.drawn_report(report)
+        prompt, reference = render(drawn), render(without_findings(drawn))
+        places = Places.of(drawn, render, self.lobe_prior, resolved.slices or self.config.typical_slices)
         guidance = Guidance(resolved.guidance, resolved.side_guidance if len(places.texts) > 1 else 0.0,
                             resolved.finding_guidance if reference != prompt else 0.0, places)
         texts = guidance.texts(prompt, reference)
@@ -294,6 +296,10 @@ class CTFlowPipeline:
                 f"the report is longer than the text encoder's {self.text_encoder.max_tokens}-token limit; "
                 "only its beginning was used"
             )
+        if drawn != report:
+            notices.append("the report reports no finding this model knows: it is drawn from the model's own normal "
+                           "report (the prompt in the provenance), as the model reads other words for a negated "
+                           "finding much as the finding")
         for line in typed_meta_lines(report):
             notices.append(f"the report's '{line}' is read as report text, not as a request: "
                            + ("ask for a length with the slice count (--slices, the panel's Slices)"
@@ -306,6 +312,14 @@ class CTFlowPipeline:
             )
         return GenerationPlan(resolved, prompt, report.text, tuple(notices), embedding.tokens, embedding.mask, guidance,
                               tuple(texts), reading_of(report))
+
+    def drawn_report(self, report: Report) -> Report:
+        """The report the model is given: its normal report (config.normal_report) where `report` reports no finding,
+        else `report`. A user's normal report, or one that only negates findings, then draws the chest the model
+        learnt a normal report to be, not what its other words happen to move (issue 18)."""
+        if self.config.normal_report and reports_no_finding(report):
+            return parse_report(self.config.normal_report)
+        return report
 
     # -- generation -----------------------------------------------------------------------------------------
 

@@ -237,6 +237,12 @@ def lobe_report(report: Report, lobes: frozenset[str]) -> Report:
                   report.truncated)
 
 
+def reports_no_finding(report: Report) -> bool:
+    """True when the report reports no finding of FINDING_CODE_NAMES (every one it names is negated): a normal chest
+    to this parser, whatever its words (pipeline.drawn_report)."""
+    return not any(finding_code(f"{report.findings}\n{report.impressions}"))
+
+
 def without_findings(report: Report) -> Report:
     """The report without the parts that report a finding (any of SIDED_FINDINGS and UNSIDED_FINDINGS, not negated):
     what finding guidance guides away from, so that it amplifies what the findings' words change and not what the

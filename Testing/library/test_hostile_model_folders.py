@@ -226,6 +226,10 @@ CASES = [
     Case("config without format", drop("format"), 1, "not a CTFlow model config"),
     Case("config of a newer format", set_field("format_version", 99), 1, "newer than this ctflow"),
     Case("unknown denoiser field", set_field("denoiser.bogus", 1), 1, "bogus"),
+    Case("normal report that reports a finding", set_field("normal_report", "Findings: Large left pleural effusion."),
+         1, "normal_report must be a report"),
+    Case("normal report of 30 000 characters", set_field("normal_report", "No effusion. " * 2500), 1,
+         "normal_report must be a report"),
     Case("no denoiser section", drop("denoiser"), 1, "denoiser"),
     Case("heads do not divide width", set_field("denoiser.num_heads", 3), 1, "not divisible"),
     Case("weights deeper than config", set_field("denoiser.depth", 2), 1, "does not fit the denoiser"),
@@ -470,6 +474,9 @@ def test_a_config_writes_its_newer_fields_only_when_set():
     assert tuned.to_dict()["text"]["tuned"] == "text_tuned.safetensors"
     assert tuned.to_dict()["sampling"]["side_guidance"] == 4.0
     assert ModelConfig.from_dict(tuned.to_dict()) == tuned
+    assert "normal_report" not in plain.to_dict()
+    normal = dataclasses.replace(plain, normal_report="Findings: No pleural effusion.")
+    assert ModelConfig.from_dict(normal.to_dict()) == normal
 
 
 @settings(max_examples=300, deadline=200, suppress_health_check=[HealthCheck.too_slow])

@@ -118,6 +118,31 @@ def test_finding_guidance_embeds_the_report_without_its_findings_when_it_reports
     assert run(tiny_pipeline, slices=4).provenance.finding_guidance == 0.0  # the model's default
 
 
+NORMAL = "Findings: No cardiomegaly. No pulmonary nodule. No pleural effusion.\nImpressions: No acute abnormality."
+
+
+def test_a_report_of_no_finding_is_drawn_from_the_model_s_normal_report(tiny_pipeline):
+    """A user's normal report in other words, or one that only negates findings, is given to the model as the
+    model's own normal report (config.normal_report): the same volume at the same seed, the user told, the user's
+    words kept as the report on record. A report of a finding, and a model without a normal report, keep their own."""
+    model = CTFlowPipeline(dataclasses.replace(tiny_pipeline.config, normal_report=NORMAL), tiny_pipeline.denoiser,
+                           tiny_pipeline.autoencoder, tiny_pipeline.text_encoder)
+    negations = "Findings: Lungs clear, no effusion. Heart not enlarged.\nImpressions: No emphysema."
+    plan = model.plan(GenerationRequest(negations, seed=3, guidance=3.0, finding_guidance=2.0))
+    assert plan.prompt == render_prompt(parse_report(NORMAL), None, 2.5)
+    assert plan.report_text == parse_report(negations).text
+    assert [n for n in plan.notices if "normal report" in n]
+    said, normal = (model.generate(GenerationRequest(text, seed=3, steps=2, slices=4)) for text in (negations, NORMAL))
+    assert np.array_equal(said.hu, normal.hu)
+    assert said.provenance.prompt == normal.provenance.prompt and said.provenance.report != normal.provenance.report
+    assert not [n for n in model.plan(GenerationRequest(NORMAL, seed=3)).notices if "normal report" in n]
+    finding = model.plan(GenerationRequest(REPORT, seed=3))
+    assert finding.prompt == render_prompt(parse_report(REPORT), None, 2.5)
+    assert not [n for n in finding.notices if "normal report" in n]
+    own = tiny_pipeline.plan(GenerationRequest(negations, seed=3))
+    assert own.prompt == render_prompt(parse_report(negations), None, 2.5) and not own.notices
+
+
 def test_side_guidance_gives_each_half_of_the_columns_its_own_text_s_velocity(tiny_pipeline):
     """With the real denoiser and latent layout: at side guidance 1 the patient's right columns move as the right
     half's text alone would move them, the left columns as the left half's (the rows in that order, the mask on the

@@ -4,7 +4,7 @@ from ctflow import ReportError, parse_report, render_prompt
 from ctflow.report import (FINDING_CODE_NAMES, LOBE_LEVELS, MAX_REPORT_CHARS, SIDE_CODE_SIZE, SIDED_FINDINGS, Report,
                            denoiser_code, finding_code, half_code, half_reports, half_texts, level_text, lobes_at,
                            names_one_side, placed_lobes, reading_of,
-                           read_report_file, reported_findings, side_code, sided_findings, without_findings)
+                           read_report_file, reported_findings, reports_no_finding, side_code, sided_findings, without_findings)
 
 CT_RATE = """FINDINGS: Trachea and both main bronchi are open. A 6 mm nodule is seen in the right upper lobe.
 No pleural effusion.
@@ -307,12 +307,14 @@ def test_the_report_without_its_findings_keeps_what_reports_none(text, expected)
     ("Small pericardial effusion. Coronary artery calcifications. Left lower lobe consolidation has resolved.",
      {"pericardial effusion", "arterial calcification"}),
     ("Right paratracheal lymphadenopathy and a right-sided port.", {"lymph node", "device"}),
+    ("Findings: Lungs clear. Heart not enlarged.\nImpressions: Small pericardial effusion.", {"pericardial effusion"}),
 ])
 def test_the_finding_code_reads_each_finding_reported_and_none_negated(text, expected):
     code = finding_code(text)
     assert len(code) == len(FINDING_CODE_NAMES) == len(SIDED_FINDINGS) + 3
     assert {name for name, value in zip(FINDING_CODE_NAMES, code) if value} == expected
     assert denoiser_code(text, "finding") == code
+    assert reports_no_finding(parse_report(text)) == (not expected)  # a model's normal report is drawn for it
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -24,6 +24,7 @@ from ctflow.report import Report
 from ctflow.volume import Geometry, Volume
 from ctflow_train import export, finding_study, latent_store, stages, train_flow
 from ctflow_train.dataset import DatasetWriter
+from ctflow_train.reports import normal_report
 from ctflow_train.runtime import load_vae
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
@@ -122,6 +123,7 @@ def test_export_loads_in_ctflow_and_generates(tiny, data, vae_run, cache, tmp_pa
             "the decoder): the model drew no end slice, so volumes without a requested length stop at the typical 14 "
             "slices at most.") in card
     assert "not for clinical use" in card and "PSNR" in card and "side guidance 8.0, finding guidance 1.5." in card
+    assert config["normal_report"] == normal_report().text and "is drawn from this normal report" in card
     assert "ONE real base anatomy" not in card  # the tiny cases are not the synthetic cohort's patients
     assert "Trained in 1 stage(s)" in card and "| flow | 3 |" in card and "| False | False | 1.0 | latents |" in card
     assert "slice position" in card and "pooled-text vector" not in card  # the card names only what the model has
@@ -139,7 +141,7 @@ def test_export_loads_in_ctflow_and_generates(tiny, data, vae_run, cache, tmp_pa
     pipe = ctflow.CTFlowPipeline.from_pretrained(folder, device="cpu")
     volume = pipe.generate(ctflow.GenerationRequest("Findings: No pleural effusion.", slices=6, seed=1))
     assert volume.hu.shape == (6, tiny.SIZE, tiny.SIZE) and volume.hu.dtype == np.int16
-    assert volume.provenance.prompt.endswith("Length: 6 slices\nSpacing: 2.5 mm")
+    assert volume.provenance.prompt == f"{normal_report().text}\nLength: 6 slices\nSpacing: 2.5 mm"  # no finding
 
 
 def exported(tiny, flow, vae_run, cache, out, *options):
@@ -152,7 +154,9 @@ def exported(tiny, flow, vae_run, cache, out, *options):
 
 def test_the_end_calibration_bench_remakes_the_exports_calibration_from_the_folder(tiny, vae_run, cache, tmp_path):
     train_flow.train(tiny.flow_run(cache, tmp_path / "flow", steps=1))
-    folder = exported(tiny, tmp_path / "flow", vae_run, cache, tmp_path / "model")  # calibrated at 1 step, 1 case
+    folder = exported(tiny, tmp_path / "flow", vae_run, cache, tmp_path / "model",  # calibrated at 1 step, 1 case
+                      "--no-normal-report")
+    assert "normal_report" not in json.loads((folder / "config.json").read_text())
 
     def bench(*args):
         return subprocess.run([sys.executable, str(END_CALIBRATION), "--model", str(folder), "--threads", "1", *args],
@@ -170,6 +174,21 @@ def test_the_end_calibration_bench_remakes_the_exports_calibration_from_the_fold
     assert rows[0]["chosen_tolerance"] == pytest.approx(tolerance, rel=1e-6)  # export's choice, made again
     assert rows[0]["white"] == 0 and rows[0]["folder_other_hits"] == frames  # the tiny decoder draws no end slice
     assert rows[0]["lowest_other"] == pytest.approx(2 * tolerance, rel=1e-6)  # so export set it below every frame
+
+
+@pytest.mark.parametrize("text", ["Findings: Small left pleural effusion.", "\n"])
+def test_a_normal_report_that_reports_a_finding_is_refused_before_any_work(text, tmp_path):
+    """A --normal-report file that reports a finding (or none at all) ends the export at once, before its minutes
+    of calibration: the model folder would not load."""
+    given = tmp_path / "normal.txt"
+    given.write_text(text)
+    parser = argparse.ArgumentParser()
+    export.configure(parser)
+    args = parser.parse_args(["--flow", str(tmp_path / "none"), "--vae", str(tmp_path / "none"), "--cache",
+                              str(tmp_path / "none"), "--out", str(tmp_path / "model"), "--normal-report", str(given)])
+    with pytest.raises(ctflow.CTFlowError, match="normal_report must be a report|the report is empty"):
+        export.export(export.ExportRun.from_args(args))
+    assert not (tmp_path / "model").exists()
 
 
 def test_a_run_exports_as_the_weight_average_with_the_model_it_started_from(tiny, vae_run, cache, tmp_path):

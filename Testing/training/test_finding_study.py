@@ -18,12 +18,13 @@ from ctflow import config as config_module
 from ctflow.checksums import write_checksums
 from ctflow.errors import CTFlowError
 from ctflow.places import HALF_LOBES, LOBE_FILE
-from ctflow.report import SIDE_CODE_SIZE, names_one_side
+from ctflow.report import SIDE_CODE_SIZE, names_one_side, parse_report, reports_no_finding
 from ctflow_train import export, train_flow
 from ctflow_train.cli import main
 from ctflow_train import finding_study as fs
 from ctflow_train.findings import FINDINGS, LOBES
 from ctflow_train.latent_store import LatentStore
+from ctflow_train.reports import normal_report
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
@@ -267,7 +268,7 @@ def test_writer_reports_describe_one_finding_each_and_both_sides(tmp_path):
             volume = Volume(np.full((4, 8, 8), -1000, np.int16), Geometry((1.0, 1.0, 2.5)), None)
             writer.add(f"synth_0_{k:05d}", volume, Report("x", "y"), {"findings": findings})
     reports, located = fs.writer_reports(tmp_path, 0, ("emphysema", "consolidation"))
-    assert set(reports) == {"normal", "emphysema", "consolidation"}
+    assert set(reports) == {"normal", "emphysema", "consolidation"} and reports["normal"] == normal_report(0).text
     assert "right lower lobe" in reports["consolidation"] and "emphysema" in reports["emphysema"].lower()
     assert [(r.name, r.side, r.lobe) for r in located] == [("consolidation right", "right", "right lower lobe"),
                                                            ("consolidation left", "left", "left upper lobe")]
@@ -373,6 +374,25 @@ def test_a_generated_volume_s_key_states_finding_guidance_where_it_acts(tiny_pip
     assert key(normal, 2.0) == key(normal, 0.0)
     assert key(sick, 2.0) != key(sick, 0.0) and "'Findings: Heart normal.'" in key(sick, 2.0)
     assert key(sick, 2.0) != key(sick, 1.0)
+
+
+def test_a_report_of_no_finding_is_keyed_as_the_model_s_normal_report(tiny_pipeline):
+    """A model with a normal report draws every report of no finding from it (pipeline.drawn_report), so those
+    share its volume (and key); a report of a finding keeps its own. The normal report is not in the config's hash:
+    the same weights with and without one share every other volume."""
+    normal = normal_report().text
+    pipe = CTFlowPipeline(dataclasses.replace(tiny_pipeline.config, normal_report=normal), tiny_pipeline.denoiser,
+                          tiny_pipeline.autoencoder, tiny_pipeline.text_encoder)
+
+    def key(model: CTFlowPipeline, text: str) -> str:
+        return fs.volume_key(model, "model", text, 0, 2, 3.0, 1.0, 1.0)
+
+    negated = "Findings: No pleural effusion. Heart not enlarged.\nImpressions: No acute finding."
+    assert key(pipe, negated) == key(pipe, normal) == key(tiny_pipeline, normal)
+    assert key(tiny_pipeline, negated) != key(tiny_pipeline, normal)
+    sick = "Findings: Right pleural effusion. No emphysema."
+    assert key(pipe, sick) == key(tiny_pipeline, sick) and sick in key(pipe, sick)
+    assert fs.volume_config_hash(pipe.config) == fs.volume_config_hash(tiny_pipeline.config)
 
 
 def test_a_lobe_prior_makes_another_volume_only_of_a_report_whose_lobes_read_differently(tiny_model, tiny_pipeline,
@@ -542,7 +562,10 @@ def test_finding_study_probes_the_cohort_and_counts_generated_volumes(tiny, data
          str(tmp_path / "model2"), "--steps", "2", "--calibration-cases", "2"])))
     argv2 = [*argv, "--model", str(tmp_path / "model2"), "--seeds", "1", "--overwrite"]
     assert fs.run(parser.parse_args(argv2)) == 0
-    generated = len(set(result.reports.values()))  # one volume a report text; the training volumes are not decoded again
+    given = {normal_report().text if reports_no_finding(parse_report(text)) else text  # what the model is given
+             for text in result.reports.values()}
+    assert len(given) < len(set(result.reports.values()))  # the negated reports drawn as the normal report
+    generated = len(given)  # one volume a report given; the training volumes are not decoded again
     assert len(list((tmp_path / "features").iterdir())) == cached + generated
     capped = shutil.copytree(tmp_path / "model2", tmp_path / "model3")  # the same weights, volumes ended elsewhere
     config = json.loads((capped / "config.json").read_text())
@@ -552,8 +575,8 @@ def test_finding_study_probes_the_cohort_and_counts_generated_volumes(tiny, data
     assert len(list((tmp_path / "features").iterdir())) == cached + 2 * generated  # made again, not read back
     cached += 2 * generated
     assert fs.run(parser.parse_args([*argv, "--seeds", "1", "--side-guidance", "2", "--overwrite"])) == 0
-    sided = {text for text in result.reports.values() if names_one_side(text)}  # made again, guided by side
-    assert sided and len(sided) < len(set(result.reports.values()))
+    sided = {text for text in given if names_one_side(text)}  # made again, guided by side
+    assert sided and len(sided) < len(given)
     assert len(list((tmp_path / "features").iterdir())) == cached + len(sided)
     guided = fs.FindingStudy.from_json(out.read_text())
     assert guided.side_guidance == 2 and "side guidance 2;" in guided.markdown()

@@ -31,6 +31,7 @@ from ctflow.denoiser import STDiT, parameter_count
 from ctflow.ending import white_distance
 from ctflow.errors import CTFlowError, first_line
 from ctflow.io import read_text_file
+from ctflow.report import parse_report, read_report_file
 from ctflow.model_folder import (CARD, WEIGHTS, load_denoiser, load_vae as load_folder_vae, read_config, save_model,
                                  verify_model_folder)
 from ctflow.sampling import METHODS, Guidance, block_velocity, sample
@@ -43,6 +44,7 @@ from .finding_study import FindingStudy
 from .flow_data import padded
 from .latent_store import LatentStore, Prompts, same_encoding
 from .options import RunConfig, config_rule, positive, probability, seed
+from .reports import normal_report
 from .stages import AVERAGED_IN, STAGE_COLUMNS, STAGES_HEADING, card_stages, stage_table
 from .runtime import load_vae
 from .train_vae import AutoencoderMetrics
@@ -77,6 +79,8 @@ class ExportRun(RunConfig):
     overwrite: bool
     average_with: Path | None
     run_share: float | None
+    normal_report: Path | None
+    no_normal_report: bool
 
 
 @dataclass(frozen=True)
@@ -333,6 +337,8 @@ def model_card(config: ModelConfig, vae_metrics: AutoencoderMetrics, flow_meta: 
         f"- sampling default: {config.sampling.steps} {config.sampling.method} steps, shift {config.sampling.shift}, "
         f"guidance {config.sampling.guidance}, side guidance {config.sampling.side_guidance}, finding guidance "
         f"{config.sampling.finding_guidance}.",
+        *([f"- a report that reports no finding (ctflow.report.reports_no_finding) is drawn from this normal report "
+           f"(config.json's normal_report): \"{config.normal_report}\""] if config.normal_report else []),
         f"- exported on: {platform.processor() or platform.machine()}, torch {torch.__version__} (each stage's "
         "training device is in the stage table).",
         "",
@@ -422,10 +428,12 @@ def export(args: ExportRun) -> Path:
         raise CTFlowError("--run-share is the run's share of an average: give --average-with too")
     sampling = SamplingConfig(steps=args.steps, method=args.sampler, shift=args.shift, guidance=args.guidance,
                               side_guidance=args.side_guidance, finding_guidance=args.finding_guidance)
+    normal = ("" if args.no_normal_report else
+              parse_report(read_report_file(args.normal_report)).text if args.normal_report else normal_report().text)
     try:  # the defaults to write, checked as a folder's are when read
-        ModelConfig.from_dict(ModelConfig(sampling=sampling).to_dict())
+        ModelConfig.from_dict(ModelConfig(sampling=sampling, normal_report=normal).to_dict())
     except CTFlowError as exc:
-        raise CTFlowError(f"a sampling default is out of range ({exc})") from None
+        raise CTFlowError(f"a default to write is out of range ({exc})") from None
     if Path(args.out).exists() and not args.overwrite:  # before minutes of calibration, as save_model would
         raise CTFlowError(f"{args.out} already exists; choose another --out or pass --overwrite")
     evaluations = read_evaluations(args.evaluation)
@@ -455,6 +463,7 @@ def export(args: ExportRun) -> Path:
         end_fraction=END_FRACTION,
         end_tolerance=end["tolerance"],  # unrounded: it lies strictly between the frames it separates
         description=args.description,
+        normal_report=normal,
     )
     parameters = {"vae": parameter_count(autoencoder.vae), "denoiser": parameter_count(model)}
     card = model_card(config, vae_metrics, flow_meta, stages, cache.meta, TrainingData.of(stages, args.cache),
@@ -494,6 +503,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "export of a run started where this one did): export the weight average of the run's EMA and "
                         "its denoiser (end detection is calibrated on the average)")
     parser.add_argument("--run-share", type=probability, help="the run's share of that average (default 0.5)")
+    normal = parser.add_mutually_exclusive_group()
+    normal.add_argument("--normal-report", type=Path, help="a report file of no finding, in the words the model trained "
+                        "on, to draw every report of no finding from (default: the cohort writer's normal report)")
+    normal.add_argument("--no-normal-report", action="store_true",
+                        help="draw a report of no finding from its own words (config.json without normal_report)")
 
 
 def run(args: argparse.Namespace) -> int:

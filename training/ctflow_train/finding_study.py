@@ -71,7 +71,7 @@ from .findings import FINDINGS, LOBES, SIDES
 from .heldout import DEFAULT as HELDOUT, HeldOutCase, load_heldout
 from .latent_store import LatentStore, same_encoding
 from .options import add_threads_option, config_rule, count, positive, seed
-from .reports import compose_report
+from .reports import WORDING_SEED, compose_report, normal_report
 from .runtime import set_threads
 
 STUDIED = tuple(finding.name for finding in FINDINGS)  # every finding the cohort draws
@@ -87,8 +87,6 @@ REGIONS = {**{name: (label,) for label, name in LOBES.items()}, "heart": ("heart
 FOLDS = 5
 COHORT_NAME = re.compile(r"^synth_(\d+)_(\d+)$")
 MIN_CLASS = 2  # volumes each class needs for a detector to be fitted and cross-validated
-WORDING_SEED = 0  # the writer's phrasing: one wording whatever seeds a run generates, so a run over other seeds
-# (--seed) adds to the same reports in the feature cache, and a study can be split over processes by seed
 
 
 # ---------------------------------------------------------------- features
@@ -715,7 +713,7 @@ def writer_reports(data: Path, seed: int, studied: tuple[str, ...]) -> tuple[dic
         return None if params is None else (compose_report({**normal, finding: params}, np.random.default_rng(seed)).text,
                                             params)
 
-    reports = {"normal": compose_report(normal, np.random.default_rng(seed)).text}
+    reports = {"normal": normal_report(seed).text}
     located = []
     for finding in studied:
         sided = {where: describing(finding, lambda p, where=where: side(p) == where) for where in SIDES}
@@ -911,11 +909,15 @@ def volume_key(pipe: CTFlowPipeline, model: str, text: str, seed: int, steps: in
                side_guidance: float, finding_guidance: float = 0.0) -> str:
     """The feature cache's key of a generated volume: what makes it. A report that names no side alone is made as
     without side guidance, so it keeps its volumes (and key); one that does states the halves it is guided by
-    (report.half_reports), which the prompt is rendered from, and with a lobe prior what each lobe reads; for a denoiser that reads report.denoiser_code, the
-    code of each row (of each block's, for a lobe_map one), which a change of how reports are read changes while the
-    text stays. A report without findings is made as without finding guidance, so it keeps its volumes (and key);
-    one with states the report it guides away from (report.without_findings)."""
-    report = parse_report(text)
+    (report.half_reports), which the prompt is rendered from, and with a lobe prior what each lobe reads; for a
+    denoiser that reads report.denoiser_code, the code of each row (of each block's, for a lobe_map one), which a
+    change of how reports are read changes while the text stays. A report without findings is made as without
+    finding guidance, so it keeps its volumes (and key); one with states the report it guides away from
+    (report.without_findings). A report that reports no finding is keyed as the model's normal report it is drawn
+    from (pipeline.drawn_report)."""
+    given = parse_report(text)
+    report = pipe.drawn_report(given)
+    text = text if report == given else report.text  # a report of no finding: the model's normal report's volume
     right, left = half_reports(report)
     side = f" side halves {side_guidance} {right.text!r} {left.text!r}" if side_guidance and right != left else ""
     if side_guidance and pipe.lobe_prior:
@@ -947,7 +949,8 @@ def volume_config_hash(config: ModelConfig) -> str:
     share volumes. The rest (where volumes end, the sampler, the time shift) makes the volume."""
     defaults = SamplingConfig()
     sampling = dataclasses.replace(config.sampling, **{name: getattr(defaults, name) for name in KEYED_SAMPLING})
-    return hashlib.sha256(dataclasses.replace(config, sampling=sampling).to_json().encode()).hexdigest()
+    keyed = dataclasses.replace(config, sampling=sampling, normal_report="")  # volume_key states the report drawn
+    return hashlib.sha256(keyed.to_json().encode()).hexdigest()
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

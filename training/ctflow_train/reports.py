@@ -170,6 +170,17 @@ def compose_report(drawn: dict[str, dict], rng: np.random.Generator) -> Report:
     return Report(findings=" ".join(_findings(drawn, rng)), impressions=_impressions(drawn, rng))
 
 
+# The writer's phrasing of the finding study's reports (one wording whatever seeds a run generates, so a run over
+# other seeds adds to the same reports in the feature cache) and of an exported model's normal report.
+WORDING_SEED = 0
+
+
+def normal_report(seed: int = WORDING_SEED) -> Report:
+    """The writer's report of a chest with no finding: the finding study's normal report, and the one an exported
+    model draws every report of no finding from (config.normal_report)."""
+    return compose_report({name: {"present": False} for name in FINDINGS}, np.random.default_rng(seed))
+
+
 def _findings(drawn: dict[str, dict], rng: np.random.Generator) -> list[str]:
     sentences = []
     for topic in ORDER:
