@@ -346,8 +346,11 @@ def fit_pair_probe(x: np.ndarray, pairs: list[tuple[int, int]]) -> Probe:
     twins share (the anatomy they are drawn from) would otherwise weigh most, and two generated volumes differ in
     it."""
     differences = np.stack([x[i] - x[j] for i, j in pairs])
-    return fit_probe(np.concatenate([differences, -differences]), np.repeat([True, False], len(pairs)),
-                     scale=x.std(0) + 1e-6)
+    probe = fit_probe(np.concatenate([differences, -differences]), np.repeat([True, False], len(pairs)),
+                      scale=x.std(0) + 1e-6)
+    # Both ways round, the differences' mean and the bias are zero but for rounding: made exactly so, or two equal
+    # volumes (a report drawn as another, pipeline.drawn_report) read a hair over or under 0.5 by chance.
+    return dataclasses.replace(probe, mean=np.zeros_like(probe.mean), bias=0.0)
 
 
 def cross_validated_pairs(x: np.ndarray, pairs: list[tuple[int, int]], groups: list[str]) -> np.ndarray:
