@@ -123,7 +123,7 @@ def test_export_loads_in_ctflow_and_generates(tiny, data, vae_run, cache, tmp_pa
             "the decoder): the model drew no end slice, so volumes without a requested length stop at the typical 14 "
             "slices at most.") in card
     assert "not for clinical use" in card and "PSNR" in card and "side guidance 8.0, finding guidance 1.5." in card
-    assert config["normal_report"] == normal_report().text and "is drawn from this normal report" in card
+    assert "normal_report" not in config and "this normal report" not in card  # not the synthetic cohort: none
     assert "ONE real base anatomy" not in card  # the tiny cases are not the synthetic cohort's patients
     assert "Trained in 1 stage(s)" in card and "| flow | 3 |" in card and "| False | False | 1.0 | latents |" in card
     assert "slice position" in card and "pooled-text vector" not in card  # the card names only what the model has
@@ -141,7 +141,8 @@ def test_export_loads_in_ctflow_and_generates(tiny, data, vae_run, cache, tmp_pa
     pipe = ctflow.CTFlowPipeline.from_pretrained(folder, device="cpu")
     volume = pipe.generate(ctflow.GenerationRequest("Findings: No pleural effusion.", slices=6, seed=1))
     assert volume.hu.shape == (6, tiny.SIZE, tiny.SIZE) and volume.hu.dtype == np.int16
-    assert volume.provenance.prompt == f"{normal_report().text}\nLength: 6 slices\nSpacing: 2.5 mm"  # no finding
+    assert volume.provenance.prompt.startswith("Findings: No pleural effusion.\n")  # its own words: no normal report
+    assert volume.provenance.prompt.endswith("Length: 6 slices\nSpacing: 2.5 mm")
 
 
 def exported(tiny, flow, vae_run, cache, out, *options):
@@ -154,9 +155,13 @@ def exported(tiny, flow, vae_run, cache, out, *options):
 
 def test_the_end_calibration_bench_remakes_the_exports_calibration_from_the_folder(tiny, vae_run, cache, tmp_path):
     train_flow.train(tiny.flow_run(cache, tmp_path / "flow", steps=1))
+    given = tmp_path / "normal.txt"
+    given.write_text("Findings: Lungs clear. No effusion.\n\nImpressions: Normal chest.\n")
     folder = exported(tiny, tmp_path / "flow", vae_run, cache, tmp_path / "model",  # calibrated at 1 step, 1 case
-                      "--no-normal-report")
-    assert "normal_report" not in json.loads((folder / "config.json").read_text())
+                      "--normal-report", str(given))
+    normal = "Findings: Lungs clear. No effusion.\nImpressions: Normal chest."
+    assert json.loads((folder / "config.json").read_text())["normal_report"] == normal
+    assert f'is drawn from this normal report (config.json\'s normal_report): "{normal}"' in (folder / "README.md").read_text()
 
     def bench(*args):
         return subprocess.run([sys.executable, str(END_CALIBRATION), "--model", str(folder), "--threads", "1", *args],
@@ -174,6 +179,16 @@ def test_the_end_calibration_bench_remakes_the_exports_calibration_from_the_fold
     assert rows[0]["chosen_tolerance"] == pytest.approx(tolerance, rel=1e-6)  # export's choice, made again
     assert rows[0]["white"] == 0 and rows[0]["folder_other_hits"] == frames  # the tiny decoder draws no end slice
     assert rows[0]["lowest_other"] == pytest.approx(2 * tolerance, rel=1e-6)  # so export set it below every frame
+
+
+def test_a_model_of_the_synthetic_cohort_alone_draws_a_report_of_no_finding_from_the_writer_s_normal_report():
+    """Its reports were all the writer's; on other data the parser's eleven findings are not all a report can say,
+    so a model draws its own words unless given a normal report."""
+    writer = normal_report().text
+    assert export.normal_report_of("", False, True) == writer and export.normal_report_of("", False, False) == ""
+    assert export.normal_report_of("Findings: Clear.", False, False) == "Findings: Clear."
+    assert export.normal_report_of("Findings: Clear.", True, True) == export.normal_report_of("", True, True) == ""
+    assert "No emphysema." in writer and "Impressions:" in writer
 
 
 @pytest.mark.parametrize("text", ["Findings: Small left pleural effusion.", "\n"])

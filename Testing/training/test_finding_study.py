@@ -558,9 +558,11 @@ def test_finding_study_probes_the_cohort_and_counts_generated_volumes(tiny, data
         assert dataclasses.replace(joined, asked=whole.asked, negated=whole.negated) == whole
     assert dataclasses.replace(combined, responses=result.responses) == result
     train_flow.train(tiny.flow_run(cache, tmp_path / "flow2", steps=1))  # another denoiser, the same autoencoder
+    normal = tmp_path / "normal.txt"  # what an export on the synthetic cohort writes by default
+    normal.write_text(normal_report().text)
     export.export(export.ExportRun.from_args(parser_export.parse_args(
         ["--flow", str(tmp_path / "flow2"), "--vae", str(vae_run[0]), "--cache", str(cache), "--out",
-         str(tmp_path / "model2"), "--steps", "2", "--calibration-cases", "2"])))
+         str(tmp_path / "model2"), "--steps", "2", "--calibration-cases", "2", "--normal-report", str(normal)])))
     argv2 = [*argv, "--model", str(tmp_path / "model2"), "--seeds", "1", "--overwrite"]
     assert fs.run(parser.parse_args(argv2)) == 0
     given = {normal_report().text if reports_no_finding(parse_report(text)) else text  # what the model is given
@@ -576,8 +578,8 @@ def test_finding_study_probes_the_cohort_and_counts_generated_volumes(tiny, data
     assert len(list((tmp_path / "features").iterdir())) == cached + 2 * generated  # made again, not read back
     cached += 2 * generated
     assert fs.run(parser.parse_args([*argv, "--seeds", "1", "--side-guidance", "2", "--overwrite"])) == 0
-    sided = {text for text in given if names_one_side(text)}  # made again, guided by side
-    assert sided and len(sided) < len(given)
+    sided = {text for text in result.reports.values() if names_one_side(text)}  # made again, guided by side
+    assert sided and len(sided) < len(set(result.reports.values()))
     assert len(list((tmp_path / "features").iterdir())) == cached + len(sided)
     guided = fs.FindingStudy.from_json(out.read_text())
     assert guided.side_guidance == 2 and "side guidance 2;" in guided.markdown()

@@ -423,15 +423,21 @@ def read_evaluations(paths: list[Path]) -> list[dict]:
     return evaluations
 
 
+def normal_report_of(given: str, none: bool, cohort: bool) -> str:
+    """config.normal_report: the one given, else the writer's for a model trained on the synthetic cohort alone (his
+    are the reports it read), else none: on other data the parser's eleven findings are not all a report can say, and
+    a report of another finding would be drawn as normal."""
+    return "" if none else given or (normal_report().text if cohort else "")
+
+
 def export(args: ExportRun) -> Path:
     if args.run_share is not None and args.average_with is None:
         raise CTFlowError("--run-share is the run's share of an average: give --average-with too")
     sampling = SamplingConfig(steps=args.steps, method=args.sampler, shift=args.shift, guidance=args.guidance,
                               side_guidance=args.side_guidance, finding_guidance=args.finding_guidance)
-    normal = ("" if args.no_normal_report else
-              parse_report(read_report_file(args.normal_report)).text if args.normal_report else normal_report().text)
+    given = parse_report(read_report_file(args.normal_report)).text if args.normal_report else ""
     try:  # the defaults to write, checked as a folder's are when read
-        ModelConfig.from_dict(ModelConfig(sampling=sampling, normal_report=normal).to_dict())
+        ModelConfig.from_dict(ModelConfig(sampling=sampling, normal_report=given).to_dict())
     except CTFlowError as exc:
         raise CTFlowError(f"a default to write is out of range ({exc})") from None
     if Path(args.out).exists() and not args.overwrite:  # before minutes of calibration, as save_model would
@@ -448,6 +454,7 @@ def export(args: ExportRun) -> Path:
         model, autoencoder, stages, args.average_with, 0.5 if args.run_share is None else args.run_share)
     stages = average.stages(stages) if average else stages
     vae_metrics = AutoencoderMetrics.read(args.vae)
+    data = TrainingData.of(stages, args.cache)
     calibration = end_distances(model, autoencoder, cache, sampling, args.calibration_cases, args.seed)
     end = choose_tolerance(calibration)
     typical = cache.meta["median_content_slices"]
@@ -463,10 +470,10 @@ def export(args: ExportRun) -> Path:
         end_fraction=END_FRACTION,
         end_tolerance=end["tolerance"],  # unrounded: it lies strictly between the frames it separates
         description=args.description,
-        normal_report=normal,
+        normal_report=normal_report_of(given, args.no_normal_report, data.cohort),
     )
     parameters = {"vae": parameter_count(autoencoder.vae), "denoiser": parameter_count(model)}
-    card = model_card(config, vae_metrics, flow_meta, stages, cache.meta, TrainingData.of(stages, args.cache),
+    card = model_card(config, vae_metrics, flow_meta, stages, cache.meta, data,
                       calibration, end, evaluations, parameters, average)
     stored = model.half() if args.half else model  # the pipeline loads either into its own dtype
     return save_model(args.out, config, stored, autoencoder.vae, card, overwrite=args.overwrite)
@@ -505,7 +512,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-share", type=probability, help="the run's share of that average (default 0.5)")
     normal = parser.add_mutually_exclusive_group()
     normal.add_argument("--normal-report", type=Path, help="a report file of no finding, in the words the model trained "
-                        "on, to draw every report of no finding from (default: the cohort writer's normal report)")
+                        "on, to draw every report of no finding from (default: the cohort writer's normal report for "
+                        "a model trained on the synthetic cohort alone, else none)")
     normal.add_argument("--no-normal-report", action="store_true",
                         help="draw a report of no finding from its own words (config.json without normal_report)")
 
