@@ -297,9 +297,8 @@ class CTFlowPipeline:
                 "only its beginning was used"
             )
         if drawn != report:
-            notices.append("the report reports no finding this model knows: it is drawn from the model's own normal "
-                           "report (the prompt in the provenance), as the model reads other words for a negated "
-                           "finding much as the finding")
+            notices.append("the report is read as no finding, so the volume is drawn from the model's own normal "
+                           "report (the provenance's prompt): this model can draw a finding from words that negate it")
         for line in typed_meta_lines(report):
             notices.append(f"the report's '{line}' is read as report text, not as a request: "
                            + ("ask for a length with the slice count (--slices, the panel's Slices)"
