@@ -293,8 +293,17 @@ def half_code(text: str) -> list[float]:
 def finding_code(text: str) -> list[float]:
     """1.0 for each finding of FINDING_CODE_NAMES that the text reports, with or without a side (not negated in its
     clause)."""
-    found = {name for name, negated in _finding_cues(text) if not negated}
-    return [float(name in found) for name in FINDING_CODE_NAMES]
+    named = findings_named(text)
+    return [float(named.get(name, False)) for name in FINDING_CODE_NAMES]
+
+
+def findings_named(text: str) -> dict[str, bool]:
+    """Each finding of FINDING_CODE_NAMES the text names: True where it reports it (not negated in some clause),
+    False where it only negates it ("No pleural fluid." in a report of a nodule)."""
+    named: dict[str, bool] = {}
+    for name, negated in _finding_cues(text):
+        named[name] = named.get(name, False) or not negated
+    return named
 
 
 DENOISER_CODES = {"side": side_code, "half": half_code, "finding": finding_code}
@@ -331,17 +340,15 @@ def reading_of(report: Report) -> str:
     names, then those it names only negated. Side and finding guidance (and a denoiser's code) follow this reading;
     said in words, a user can see where the parser misread them and rephrase."""
     text = f"{report.findings}\n{report.impressions}"
-    cues = list(_finding_cues(text))
-    reported = {name for name, negated in cues if not negated}
-    negated = {name for name, _ in cues} - reported
+    named = findings_named(text)
     sides, lobes = sided_findings(text), placed_lobes(text)
 
     def placed(name: str) -> str:
         where = _where(sides.get(name, set()), lobes.get(name, set()))
         return f"{READING_NAMES.get(name, name)} ({where})" if where else READING_NAMES.get(name, name)
 
-    said = ", ".join(placed(name) for name in FINDING_CODE_NAMES if name in reported) or "no finding"
-    unsaid = [READING_NAMES.get(name, name) for name in FINDING_CODE_NAMES if name in negated]
+    said = ", ".join(placed(name) for name in FINDING_CODE_NAMES if named.get(name)) or "no finding"
+    unsaid = [READING_NAMES.get(name, name) for name in FINDING_CODE_NAMES if named.get(name) is False]
     return f"{said}; negated: {', '.join(unsaid)}" if unsaid else said
 
 

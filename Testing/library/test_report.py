@@ -2,7 +2,8 @@ import pytest
 
 from ctflow import ReportError, parse_report, render_prompt
 from ctflow.report import (FINDING_CODE_NAMES, LOBE_LEVELS, MAX_REPORT_CHARS, SIDE_CODE_SIZE, SIDED_FINDINGS, Report,
-                           denoiser_code, finding_code, half_code, half_reports, half_texts, level_text, lobes_at,
+                           denoiser_code, finding_code, findings_named, half_code, half_reports, half_texts,
+                           level_text, lobes_at,
                            names_one_side, placed_lobes, reading_of,
                            read_report_file, reported_findings, reports_no_finding, side_code, sided_findings, without_findings)
 
@@ -315,6 +316,16 @@ def test_the_finding_code_reads_each_finding_reported_and_none_negated(text, exp
     assert {name for name, value in zip(FINDING_CODE_NAMES, code) if value} == expected
     assert denoiser_code(text, "finding") == code
     assert reports_no_finding(parse_report(text)) == (not expected)  # a model's normal report is drawn for it
+    assert {name for name, reported in findings_named(text).items() if reported} == expected
+
+
+def test_a_finding_named_only_negated_is_told_from_one_reported():
+    """A report of one finding that negates others ("No pleural fluid." in a report of a nodule): the finding study
+    reads such reports for the negation half of a finding the report is not about."""
+    text = "Findings: 9 mm RUL nodule. No pleural fluid, no adenopathy. Cardiomegaly.\nImpressions: Heart not enlarged."
+    assert findings_named(text) == {"nodule": True, "pleural effusion": False, "lymph node": False,
+                                    "cardiomegaly": True}  # reported in one clause: reported
+    assert findings_named("The lungs are clear.") == {}
 
 
 @pytest.mark.parametrize("text, expected", [

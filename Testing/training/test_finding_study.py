@@ -287,7 +287,9 @@ def study() -> fs.FindingStudy:
                      [0.8, 0.7, 0.4], paired_first=1),
          fs.Response("heldout", "consolidation_RLL", "consolidation", [0.6, 0.7, 0.2], [0.3, 0.3, 0.3],
                      paired=[0.9, 0.9, 0.6], negated_over_normal=[0.2, 0.7, 0.5],
-                     reworded_over_normal=[0.6, 0.4, 0.7])],
+                     reworded_over_normal=[0.6, 0.4, 0.7],
+                     negated_elsewhere_over_normal=[[0.6, 0.2], [0.7, 0.9], [0.1, 0.4]],
+                     unnamed_elsewhere_over_normal=[[0.3], [0.6], [0.2]])],
         [fs.Placement("heldout", "consolidation_RLL", "consolidation", "lobe", "right lower lobe",
                       ["right lower lobe", "left lower lobe", "right lower lobe"], 0.5),
          fs.Placement("writer", "consolidation right", "consolidation", "side (change)", "right",
@@ -318,6 +320,7 @@ def test_the_result_counts_round_trips_and_makes_tables():
     assert ("| heldout | consolidation_RLL | hu 0.86 (0.7) | 2/3 | 0/3 | 2/3 |  | 0.500 / 0.300 | 3/3 |  | 1/3 | 2/3 |"
             in table)
     assert "| heldout | consolidation_RLL | lobe | right lower lobe | latent 0.6 | 2/3 | 0.50 |" in table
+    assert "| consolidation | 3/6 (2 reports) | 1/3 (1 report) |" in table  # a negation inside another finding's
     assert "not fitted: emphysema side (why)" in table
     assert "| consolidation | side (change) | 1/3 |" in table
     assert ("| writer | consolidation left | side (relative change) | left | largest change against the pair over its "
@@ -330,9 +333,11 @@ def test_the_result_counts_round_trips_and_makes_tables():
              detector["paired_used"])
     for response in older["responses"]:
         del response["paired"], response["negated_over_normal"], response["paired_first"]
-        del response["reworded_over_normal"]
+        del response["reworded_over_normal"], response["negated_elsewhere_over_normal"]
+        del response["unnamed_elsewhere_over_normal"]
     table = fs.FindingStudy.from_json(json.dumps(older)).markdown()
     assert "| 0.86 | hu |  |  |" in table and "| 0.667 / 0.300 |  |  |  |  |" in table
+    assert "another finding" not in table
 
 
 def test_a_training_volume_made_again_is_not_read_from_the_feature_cache(cache, tmp_path):
@@ -431,7 +436,11 @@ def one_seed(whole: fs.FindingStudy, seed: int) -> fs.FindingStudy:
                                      paired=r.paired and pick(r.paired),
                                      paired_first=None if r.paired_first is None else int(seed < r.paired_first),
                                      negated_over_normal=r.negated_over_normal and pick(r.negated_over_normal),
-                                     reworded_over_normal=r.reworded_over_normal and pick(r.reworded_over_normal))
+                                     reworded_over_normal=r.reworded_over_normal and pick(r.reworded_over_normal),
+                                     negated_elsewhere_over_normal=r.negated_elsewhere_over_normal
+                                     and pick(r.negated_elsewhere_over_normal),
+                                     unnamed_elsewhere_over_normal=r.unnamed_elsewhere_over_normal
+                                     and pick(r.unnamed_elsewhere_over_normal))
                  for r in whole.responses]
     placements = [dataclasses.replace(p, predicted=pick(p.predicted)) for p in whole.placements]
     return dataclasses.replace(whole, seeds=1, seed=seed, responses=responses, placements=placements)
@@ -525,6 +534,14 @@ def test_finding_study_probes_the_cohort_and_counts_generated_volumes(tiny, data
         assert r.paired_first is None or 0 <= r.paired_first <= 2
     assert {f: d.twin_pairs for f, d in present.items()} == {"pleural_effusion": 0, "emphysema": 1,
                                                              "cardiomegaly": 2, "consolidation": 0}
+    # the other cases negate only findings without a pair probe here (the RLL consolidation and the ratio the
+    # pleural fluid, upper-lobe emphysema the consolidation), and none names emphysema or cardiomegaly
+    assert all(r.negated_elsewhere_over_normal is None for r in heldout)
+    for r in heldout:
+        readings = r.unnamed_elsewhere_over_normal
+        assert (readings is None) == (r.paired is None)
+        assert readings is None or (len(readings) == 2 and all(len(seed) == 3 and all(0 <= p <= 1 for p in seed)
+                                                               for seed in readings))
     # sides: the store holds patients 0-2, so pleural effusion (patients 1, 3) is seen on the right only
     assert result.detector("pleural_effusion", "side") is None
     side = result.detector("consolidation", "side")
@@ -596,6 +613,19 @@ def test_finding_study_probes_the_cohort_and_counts_generated_volumes(tiny, data
     write_checksums(other_default)
     assert fs.run(parser.parse_args([*argv, "--model", str(other_default), "--seeds", "1", "--overwrite"])) == 0
     assert len(list((tmp_path / "features").iterdir())) == cached + 2 * len(sided)  # every volume read back
+    cases = json.loads(fs.HELDOUT.read_text())["cases"]  # the ratio's report negating emphysema too
+    ratio = next(case for case in cases if case["name"] == "cardiomegaly_ctr")
+    ratio["report"] = ratio["report"].replace("Lungs clear.", "Lungs clear, no emphysema.")
+    (tmp_path / "heldout.json").write_text(json.dumps({"cases": cases}))
+    negating = tmp_path / "negating.json"
+    assert fs.run(parser.parse_args([*argv, "--heldout", str(tmp_path / "heldout.json"), "--seeds", "1",
+                                     "--out", str(negating)])) == 0
+    negating = fs.FindingStudy.from_json(negating.read_text())
+    emphysema = next(r for r in negating.responses if r.report_set == "heldout" and r.finding == "emphysema")
+    assert [len(seed) for seed in emphysema.negated_elsewhere_over_normal] == [1]  # the ratio's report
+    assert [len(seed) for seed in emphysema.unnamed_elsewhere_over_normal] == [2]  # hydrothorax, RLL consolidation
+    over = sum(p > 0.5 for p in emphysema.negated_elsewhere_over_normal[0])
+    assert f"| emphysema | {over}/1 (1 report) | " in negating.markdown()
     with pytest.raises(CTFlowError, match="exists"):
         fs.run(parser.parse_args(argv))
     args = parser.parse_args([*argv, "--overwrite"])

@@ -61,7 +61,7 @@ from ctflow.errors import CTFlowError
 from ctflow.io import atomic_write
 from ctflow.model_folder import VAE_FOLDER
 from ctflow.places import LOBE_FILE, Places
-from ctflow.report import half_reports, names_one_side, parse_report, without_findings
+from ctflow.report import findings_named, half_reports, names_one_side, parse_report, without_findings
 from ctflow.sampling import denoiser_codes
 
 from .anatomy import in_labels
@@ -504,6 +504,12 @@ class Response:
     # writer's), of the pair probe's probability that one shows more of it than the normal report: what rewording
     # alone does, against which `negated_over_normal` is read
     reworded_over_normal: list[float] | None = None
+    # held out, per seed: the pair probe's probability that each other held-out case's report (of another finding)
+    # that negates this finding shows more of it than the normal report ("No pleural fluid." in a report of a nodule:
+    # the goal's negation half inside a report of another finding); and the same of those that do not name it, which
+    # the other finding's own words raise (the probes are not specific), against which the first is read
+    negated_elsewhere_over_normal: list[list[float]] | None = None
+    unnamed_elsewhere_over_normal: list[list[float]] | None = None
 
     @property
     def shown_when_asked(self) -> int:
@@ -529,6 +535,22 @@ class Response:
     def reworded_above_normal(self) -> int | None:
         return None if self.reworded_over_normal is None else sum(p > 0.5 for p in self.reworded_over_normal)
 
+    @property
+    def negated_elsewhere_above_normal(self) -> str:
+        return _share_over(self.negated_elsewhere_over_normal)
+
+    @property
+    def unnamed_elsewhere_above_normal(self) -> str:
+        return _share_over(self.unnamed_elsewhere_over_normal)
+
+
+def _share_over(per_seed: list[list[float]] | None) -> str:
+    """'k/n (m reports)': of n readings (m reports x the seeds), k read over the normal report."""
+    if not per_seed or not per_seed[0]:
+        return ""
+    readings, reports = [p for seed in per_seed for p in seed], len(per_seed[0])
+    return f"{sum(p > 0.5 for p in readings)}/{len(readings)} ({reports} report{'s' * (reports != 1)})"
+
 
 @dataclasses.dataclass
 class Placement:
@@ -548,7 +570,7 @@ class Placement:
 
 
 PER_SEED_RESPONSE = ("asked", "negated", "ranked_first", "paired", "negated_over_normal", "paired_first",
-                     "reworded_over_normal")
+                     "reworded_over_normal", "negated_elsewhere_over_normal", "unnamed_elsewhere_over_normal")
 
 
 def without(rows: list, fields: tuple[str, ...]) -> list[dict]:
@@ -671,6 +693,16 @@ class FindingStudy:
                          f"{np.mean(r.asked):.3f} / {np.mean(r.negated):.3f} | {out_of(r.raised_paired)} | "
                          f"{out_of(r.paired_first)} | {out_of(r.negated_above_normal)} | "
                          f"{out_of(r.reworded_above_normal)} |")
+        elsewhere: dict[str, Response] = {}  # a finding's first held-out case: its others are the same reports
+        for r in self.responses:
+            if r.negated_elsewhere_above_normal:
+                elsewhere.setdefault(r.finding, r)
+        if elsewhere:
+            lines += ["", "| finding | negated in a held-out report of another finding: read over the normal report by "
+                      "the pair probe (readings: reports x seeds) | in those of another finding that do not name it |",
+                      "|---|---|---|"]
+            lines += [f"| {finding} | {r.negated_elsewhere_above_normal} | {r.unnamed_elsewhere_above_normal} |"
+                      for finding, r in elsewhere.items()]
         lines += ["", "| report set | case | where | expected | detector | at the expected place | chance |",
                   "|---|---|---|---|---|---|---|"]
         for p in self.placements:
@@ -864,16 +896,29 @@ def run_study(args: argparse.Namespace, log=lambda line: None) -> FindingStudy:
             max(over_normal, key=lambda kind: over_normal[kind][s]) == finding for s in range(args.seeds))
         responses.append(Response("writer", finding, finding, every[finding], every["normal"], first,
                                   over_normal[finding], paired_first=paired_first))
+
+    def read_over_normal(finding: str, texts: list[str]) -> list[list[float]] | None:
+        """Per seed, the pair probe's reading of each text over the normal report (None without texts or probe)."""
+        readings = [more(finding, text, writer["normal"]) for text in texts]
+        return None if not readings or None in readings else [list(seed) for seed in zip(*readings)]
+
+    parsed_as = {finding.name: finding.parsed_as for finding in FINDINGS}
     heldout = [case for case in cases if case.finding in studied]
     for case in heldout:
         reworded = [more(case.finding, other.negated, writer["normal"]) for other in heldout
                     if other.finding != case.finding]
+        others = [other.report for other in heldout if other.finding != case.finding]
+        named = [findings_named(text).get(parsed_as[case.finding]) for text in others]  # True, False (negated), None
         responses.append(Response("heldout", case.name, case.finding, present(case.finding, case.report),
                                   present(case.finding, case.negated),
                                   paired=more(case.finding, case.report, case.negated),
                                   negated_over_normal=more(case.finding, case.negated, writer["normal"]),
                                   reworded_over_normal=np.median(reworded, axis=0).tolist()
-                                  if reworded and None not in reworded else None))
+                                  if reworded and None not in reworded else None,
+                                  negated_elsewhere_over_normal=read_over_normal(
+                                      case.finding, [text for text, n in zip(others, named) if n is False]),
+                                  unnamed_elsewhere_over_normal=read_over_normal(
+                                      case.finding, [text for text, n in zip(others, named) if n is None])))
         reports[f"heldout/{case.name}"], reports[f"heldout/{case.name}/negated"] = case.report, case.negated
     for report_set, located in (("writer", writer_located), ("heldout", heldout_located(cases))):
         for where in located:

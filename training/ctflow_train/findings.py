@@ -91,6 +91,7 @@ class Scene:
 class Finding:
     name: str
     ctrate_label: str  # the CT-RATE label it sets to 1
+    parsed_as: str  # the name ctflow.report reads it by (report.FINDING_CODE_NAMES)
     prior: float  # chance a patient has it
     draw: Callable[..., dict | None]  # (scene, rng) -> parameters, or None when it cannot be drawn in him
     sided: bool = False  # draw also takes side="right" | "left" to force the side it lies on
@@ -585,17 +586,18 @@ def _draw_line(scene: Scene, points: np.ndarray, value: float) -> None:
 
 
 FINDINGS = (
-    Finding("cardiomegaly", "Cardiomegaly", 0.3, cardiomegaly, measured=normal_heart),
-    Finding("pericardial_effusion", "Pericardial effusion", 0.25, pericardial_effusion),
-    Finding("pleural_effusion", "Pleural effusion", 0.3, pleural_effusion, sided=True),
-    Finding("atelectasis", "Atelectasis", 0.3, atelectasis),
-    Finding("consolidation", "Consolidation", 0.3, consolidation, sided=True),
-    Finding("ground_glass", "Lung opacity", 0.25, ground_glass),
-    Finding("nodule", "Lung nodule", 0.35, nodule),
-    Finding("emphysema", "Emphysema", 0.3, emphysema),
-    Finding("lymphadenopathy", "Lymphadenopathy", 0.3, lymphadenopathy),
-    Finding("arterial_calcification", "Arterial wall calcification", 0.35, arterial_calcification),
-    Finding("medical_material", "Medical material", 0.25, medical_material),
+    Finding("cardiomegaly", "Cardiomegaly", "cardiomegaly", 0.3, cardiomegaly, measured=normal_heart),
+    Finding("pericardial_effusion", "Pericardial effusion", "pericardial effusion", 0.25, pericardial_effusion),
+    Finding("pleural_effusion", "Pleural effusion", "pleural effusion", 0.3, pleural_effusion, sided=True),
+    Finding("atelectasis", "Atelectasis", "atelectasis", 0.3, atelectasis),
+    Finding("consolidation", "Consolidation", "consolidation", 0.3, consolidation, sided=True),
+    Finding("ground_glass", "Lung opacity", "ground-glass opacity", 0.25, ground_glass),
+    Finding("nodule", "Lung nodule", "nodule", 0.35, nodule),
+    Finding("emphysema", "Emphysema", "emphysema", 0.3, emphysema),
+    Finding("lymphadenopathy", "Lymphadenopathy", "lymph node", 0.3, lymphadenopathy),
+    Finding("arterial_calcification", "Arterial wall calcification", "arterial calcification", 0.35,
+            arterial_calcification),
+    Finding("medical_material", "Medical material", "device", 0.25, medical_material),
 )
 CODES = {finding.name: code for code, finding in enumerate(FINDINGS, start=1)}
 SIDED = tuple(finding.name for finding in FINDINGS if finding.sided)
