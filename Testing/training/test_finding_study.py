@@ -320,7 +320,7 @@ def test_the_result_counts_round_trips_and_makes_tables():
     assert ("| heldout | consolidation_RLL | hu 0.86 (0.7) | 2/3 | 0/3 | 2/3 |  | 0.500 / 0.300 | 3/3 |  | 1/3 | 2/3 |"
             in table)
     assert "| heldout | consolidation_RLL | lobe | right lower lobe | latent 0.6 | 2/3 | 0.50 |" in table
-    assert "| consolidation | 3/6 (2 reports) | 1/3 (1 report) |" in table  # a negation inside another finding's
+    assert "| consolidation | 3/6 (2 reports, mean 0.48) | 1/3 (1 report, mean 0.37) |" in table  # a negation inside another finding's
     assert "not fitted: emphysema side (why)" in table
     assert "| consolidation | side (change) | 1/3 |" in table
     assert ("| writer | consolidation left | side (relative change) | left | largest change against the pair over its "
@@ -624,8 +624,8 @@ def test_finding_study_probes_the_cohort_and_counts_generated_volumes(tiny, data
     emphysema = next(r for r in negating.responses if r.report_set == "heldout" and r.finding == "emphysema")
     assert [len(seed) for seed in emphysema.negated_elsewhere_over_normal] == [1]  # the ratio's report
     assert [len(seed) for seed in emphysema.unnamed_elsewhere_over_normal] == [2]  # hydrothorax, RLL consolidation
-    over = sum(p > 0.5 for p in emphysema.negated_elsewhere_over_normal[0])
-    assert f"| emphysema | {over}/1 (1 report) | " in negating.markdown()
+    (reading,) = emphysema.negated_elsewhere_over_normal[0]
+    assert f"| emphysema | {int(reading > 0.5)}/1 (1 report, mean {reading:.2f}) | " in negating.markdown()
     with pytest.raises(CTFlowError, match="exists"):
         fs.run(parser.parse_args(argv))
     args = parser.parse_args([*argv, "--overwrite"])

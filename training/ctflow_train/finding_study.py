@@ -545,11 +545,13 @@ class Response:
 
 
 def _share_over(per_seed: list[list[float]] | None) -> str:
-    """'k/n (m reports)': of n readings (m reports x the seeds), k read over the normal report."""
+    """'k/n (m reports, mean p)': of n readings (m reports x the seeds), k read over the normal report; their mean
+    probability says by how much (a weak probe reads a real change barely over 0.5)."""
     if not per_seed or not per_seed[0]:
         return ""
     readings, reports = [p for seed in per_seed for p in seed], len(per_seed[0])
-    return f"{sum(p > 0.5 for p in readings)}/{len(readings)} ({reports} report{'s' * (reports != 1)})"
+    return (f"{sum(p > 0.5 for p in readings)}/{len(readings)} ({reports} report{'s' * (reports != 1)}, "
+            f"mean {np.mean(readings):.2f})")
 
 
 @dataclasses.dataclass
