@@ -907,20 +907,19 @@ def run_study(args: argparse.Namespace, log=lambda line: None) -> FindingStudy:
     parsed_as = {finding.name: finding.parsed_as for finding in FINDINGS}
     heldout = [case for case in cases if case.finding in studied]
     for case in heldout:
-        reworded = [more(case.finding, other.negated, writer["normal"]) for other in heldout
-                    if other.finding != case.finding]
-        others = [other.report for other in heldout if other.finding != case.finding]
-        named = [findings_named(text).get(parsed_as[case.finding]) for text in others]  # True, False (negated), None
+        others = [other for other in heldout if other.finding != case.finding]
+        reworded = [more(case.finding, other.negated, writer["normal"]) for other in others]
+        named = {other.report: findings_named(other.report).get(parsed_as[case.finding]) for other in others}
         responses.append(Response("heldout", case.name, case.finding, present(case.finding, case.report),
                                   present(case.finding, case.negated),
                                   paired=more(case.finding, case.report, case.negated),
                                   negated_over_normal=more(case.finding, case.negated, writer["normal"]),
                                   reworded_over_normal=np.median(reworded, axis=0).tolist()
                                   if reworded and None not in reworded else None,
-                                  negated_elsewhere_over_normal=read_over_normal(
-                                      case.finding, [text for text, n in zip(others, named) if n is False]),
+                                  negated_elsewhere_over_normal=read_over_normal(  # True, False (negated), None
+                                      case.finding, [text for text, n in named.items() if n is False]),
                                   unnamed_elsewhere_over_normal=read_over_normal(
-                                      case.finding, [text for text, n in zip(others, named) if n is None])))
+                                      case.finding, [text for text, n in named.items() if n is None])))
         reports[f"heldout/{case.name}"], reports[f"heldout/{case.name}/negated"] = case.report, case.negated
     for report_set, located in (("writer", writer_located), ("heldout", heldout_located(cases))):
         for where in located:
