@@ -42,6 +42,34 @@ def test_the_place_of_largest_change_is_the_blob_not_a_lone_voxel_or_a_faint_shi
     assert coronal.hu.shape == (40, 48) and coronal.aspect == pytest.approx(2.5 / 1.5)
 
 
+def test_the_place_searched_is_the_chest_not_the_abdomen_below_the_lungs():
+    normal = chest()
+    normal[30:40, 10:38, 6:22] = normal[30:40, 10:38, 26:42] = 40  # slices 30-39: below the lungs
+    asked = normal.copy()
+    asked[33:37, 20:28, 20:28] = 900  # the abdomen moved more than the finding
+    asked[15:19, 14:18, 8:12] = 40  # a nodule in the right lung: +890 HU over 4 x 4 x 4 voxels
+    box = rf.chest(normal, SPACING)
+    assert box.shape == (40, 48, 48) and box[:30].all() and not box[30:].any()  # lungs span the slice, plus margin
+    assert rf.changed_centre(rf.change(asked, normal), SPACING)[0] >= 33  # anywhere: the abdomen
+    axial, _ = rf.views(asked, normal, SPACING)
+    k = int(axial.name.split("=")[1])
+    assert 15 <= k < 19 and axial.changed[14:18, 8:12].all()
+
+
+def test_the_chest_is_the_box_around_the_lungs_and_nothing_without_lungs():
+    normal = np.full((20, 96, 96), -1000, np.int16)  # air around a body
+    normal[:, 10:86, 10:86] = 40
+    normal[:, 30:60, 20:40] = -850
+    box = rf.chest(normal, SPACING)
+    rows, columns = np.nonzero(box[5])
+    assert (rows.min(), rows.max(), columns.min(), columns.max()) == (20, 69, 10, 49)  # grown by 15 mm: 10 voxels
+    assert not rf.chest(np.full((20, 96, 96), 40, np.int16), SPACING).any()
+    asked = np.full((20, 96, 96), 40, np.int16)
+    asked[8:12, 40:50, 40:50] = 400
+    axial, _ = rf.views(asked, np.full((20, 96, 96), 40, np.int16), SPACING)  # no lungs: the change anywhere
+    assert axial.name in {f"axial k={k}" for k in range(8, 12)}
+
+
 def test_the_change_covers_the_slices_both_volumes_have():
     longer, shorter = chest(40), chest(32)
     shorter[:32] += 100

@@ -217,15 +217,18 @@ def seam_jump(hu: np.ndarray, block: int) -> dict:
     return {"boundary_hu": seams["across_hu"], "inside_hu": seams["inside_hu"]} if seams["ratio"] is not None else {}
 
 
-def lung_volume_ml(hu: np.ndarray, spacing) -> float:
-    """Millilitres of lung-density voxels (qa.TISSUES) inside the body: each slice's body is what is denser than
+def lung_voxels(axial: np.ndarray) -> np.ndarray:
+    """bool [j, i]: the slice's lung-density voxels (qa.TISSUES) inside the body: the body is what is denser than
     lung, closed and filled, less a rim, so the blur between the skin and the air around it does not count."""
     low, high = TISSUES["lung"]
-    voxels = 0
-    for axial in hu:
-        body = ndimage.binary_fill_holes(ndimage.binary_closing(axial >= high, iterations=2))
-        inside = ndimage.binary_erosion(body, iterations=2)
-        voxels += int(((axial >= low) & (axial < high) & inside).sum())
+    body = ndimage.binary_fill_holes(ndimage.binary_closing(axial >= high, iterations=2))
+    inside = ndimage.binary_erosion(body, iterations=2)
+    return (axial >= low) & (axial < high) & inside
+
+
+def lung_volume_ml(hu: np.ndarray, spacing) -> float:
+    """Millilitres of lung-density voxels inside the body (lung_voxels)."""
+    voxels = sum(int(lung_voxels(axial).sum()) for axial in hu)
     return round(voxels * float(np.prod(spacing)) / 1000, 1)
 
 

@@ -3,9 +3,9 @@
     ctflow-train report-figure --model Resources/Models/ctflow-demo --reports Resources/SampleReports/*.txt \\
         --normal Resources/SampleReports/normal_chest.txt --seeds 0 1 --out docs/images/sample_reports.png
 
-One row per report, and per seed two views: the axial and the coronal slice through the place where the report's
-volume differs most from the normal report's volume on the same seed (the finding asked for, where the model drew
-it), the change outlined in red. The same seed gives both volumes the same noise, so what differs is what the text
+One row per report, and per seed two views: the axial and the coronal slice through the place in the chest where
+the report's volume differs most from the normal report's volume on the same seed (the finding asked for, where the
+model drew it), the change outlined in red. The same seed gives both volumes the same noise, so what differs is what the text
 changed. Every volume is generated through ctflow's public API (evaluate.generate_volume), as a user would; its
 progress line gives the lungs it drew, in ml (evaluate.lung_volume_ml), since a model can follow a report and break
 the lungs doing it.
@@ -30,12 +30,14 @@ from ctflow.io import atomic_write, check_output_path
 from ctflow.preview import apply_window, plane_image
 from ctflow.report import parse_report, read_report_file
 
-from .evaluate import generate_volume, lung_volume_ml
+from .evaluate import generate_volume, lung_voxels, lung_volume_ml
 from .options import RunConfig, add_threads_option, config_rule, positive, progress, seed
 from .runtime import set_threads
 
 FOCUS_MM = 5.0  # the change is averaged with a Gaussian of this sigma (12 mm across at half height: a finding's size)
 CHANGE_HU = 200.0  # outlined: voxels whose HU the report changed by more than this
+CHEST_MARGIN_MM = 15.0  # the chest: the box of the normal volume's lungs, grown by this (an effusion lies outside them)
+LUNG_SLICE_SHARE = 0.05  # a slice holds lungs where it has this share of the normal volume's most lung voxels
 LINE = 14  # pixels a line of text takes
 CAPTION_LINES = 2
 
@@ -87,9 +89,29 @@ def change(asked: np.ndarray, normal: np.ndarray) -> np.ndarray:
     return np.abs(asked[:common].astype(np.float32) - normal[:common].astype(np.float32))
 
 
-def changed_centre(difference: np.ndarray, spacing: tuple[float, float, float]) -> tuple[int, int, int]:
+def chest(normal: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+    """bool [k, j, i] over `normal`'s real slices: where a chest finding can lie. On each slice that holds lungs
+    (LUNG_SLICE_SHARE of the slice with most), the box around its lung voxels (evaluate.lung_voxels), grown by
+    CHEST_MARGIN_MM: the lungs, the mediastinum and heart between them, the pleura around them; not the neck above
+    nor the abdomen below, where a changed report also moves the anatomy but asks for no finding."""
+    normal = normal[: real_slices(normal)]
+    lungs = [lung_voxels(axial) for axial in normal]
+    counts = np.array([int(mask.sum()) for mask in lungs])
+    box = np.zeros(normal.shape, bool)
+    if not counts.any():
+        return box
+    grow_j, grow_i = (round(CHEST_MARGIN_MM / s) for s in spacing[1::-1])
+    for k in np.flatnonzero(counts >= LUNG_SLICE_SHARE * counts.max()):
+        rows, columns = np.nonzero(lungs[k])
+        box[k, max(rows.min() - grow_j, 0): rows.max() + grow_j + 1,
+            max(columns.min() - grow_i, 0): columns.max() + grow_i + 1] = True
+    return box
+
+
+def changed_centre(difference: np.ndarray, spacing: tuple[float, float, float],
+                   where: np.ndarray | None = None) -> tuple[int, int, int]:
     """The voxel [k, j, i] where the change is largest: the maximum of |HU difference| smoothed by a Gaussian of
-    FOCUS_MM (`spacing`: i, j, k in mm).
+    FOCUS_MM (`spacing`: i, j, k in mm), within `where` (bool, the shape of `difference`) where it holds any voxel.
 
     Why a smoothed maximum rather than the centre of the largest connected region above a threshold: a finding is a
     compact blob of change, and its finding-sized weighted mean peaks at the blob's centre (a Gaussian has no
@@ -98,6 +120,8 @@ def changed_centre(difference: np.ndarray, spacing: tuple[float, float, float]) 
     model does) it still finds the strongest spot, where one region would span the body and its centre could lie
     outside the change altogether."""
     smoothed = gaussian_filter(difference, sigma=[FOCUS_MM / s for s in spacing[::-1]], mode="constant")  # [k, j, i]
+    if where is not None and where.any():
+        smoothed = np.where(where, smoothed, -1.0)
     return tuple(int(n) for n in np.unravel_index(np.argmax(smoothed), smoothed.shape))
 
 
@@ -111,9 +135,10 @@ class View:
 
 
 def views(asked: np.ndarray, normal: np.ndarray, spacing: tuple[float, float, float]) -> list[View]:
-    """The axial and coronal planes of `asked` through its largest change against `normal` (same seed)."""
+    """The axial and coronal planes of `asked` through its largest change in the chest against `normal` (same seed);
+    through its largest change anywhere where `normal` shows no lungs."""
     difference = change(asked, normal)
-    k, j, _ = changed_centre(difference, spacing)
+    k, j, _ = changed_centre(difference, spacing, chest(normal, spacing)[: len(difference)])
     hu, changed = asked[: len(difference)], difference > CHANGE_HU
     sx, sy, sz = spacing
     return [View(f"axial k={k}", hu[k], changed[k], sy / sx, float(difference[k].max())),
@@ -221,7 +246,7 @@ def make_figure(run: FigureRun, log=progress) -> Image.Image:
               f"Model {made.model} (model sha256 {made.model_sha256[:12]}), {made.steps} {made.sampler} steps, "
               f"guidance {made.guidance:g}, side guidance {max(sides):g} where a report names a side, finding "
               f"guidance {max(findings):g} where it reports a finding. "
-              f"Per seed: axial and coronal slice through the largest change against "
+              f"Per seed: axial and coronal slice through the largest change in the chest against "
               f"{normal.path.name} on the same seed; red: |HU change| > {CHANGE_HU:g}. {run.window} window.")
     return render_figure(header, rows, run.window, run.tile)
 
