@@ -5,8 +5,8 @@
 
 One row per report, and per seed two views: the axial and the coronal slice through the place in the chest where
 the report's volume differs most from the normal report's volume on the same seed (the finding asked for, where the
-model drew it), the change outlined in red. The same seed gives both volumes the same noise, so what differs is what the text
-changed. Every volume is generated through ctflow's public API (evaluate.generate_volume), as a user would; its
+model drew it), the change outlined in red. The same seed gives both volumes the same noise, so what differs is what
+the text changed. Every volume is generated through ctflow's public API (evaluate.generate_volume), as a user would; its
 progress line gives the lungs it drew, in ml (evaluate.lung_volume_ml), since a model can follow a report and break
 the lungs doing it.
 """
