@@ -465,3 +465,17 @@ def test_only_sided_findings_take_a_side(ct_folder):
         cohort.generate_patient(5, 0, size=SIZE, present={"emphysema": "left"})
     with pytest.raises(ValueError, match="cannot be forced to 'both'"):
         cohort.generate_patient(5, 0, size=SIZE, present={"pleural_effusion": "both"})
+
+
+def test_mirrored_parameters_name_the_other_side_and_keep_the_rest():
+    nodule = {"present": True, "lobe": "right middle lobe", "diameter_mm": 7.0, "centre_kji": [1, 2, 3]}
+    assert findings.mirrored(nodule) == {**nodule, "lobe": "left upper lobe"}  # the lingula mirrors the middle lobe
+    device = {"present": True, "device": "port", "side": "left", "tip": "cavo-atrial junction"}
+    assert findings.mirrored(device) == {**device, "side": "right"}
+    both = {"present": True, "side": "bilateral", "grade": "small"}
+    assert findings.mirrored(both) == both and findings.mirrored({"present": False}) == {"present": False}
+    rng = np.random.default_rng
+    drawn = {name: {"present": False} for name in findings.CODES}
+    words = [reports.compose_report({**drawn, "nodule": params}, rng(0)).text
+             for params in (nodule, findings.mirrored(nodule))]
+    assert words[1] == words[0].replace("right middle lobe", "left upper lobe") != words[0]

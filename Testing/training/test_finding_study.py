@@ -271,8 +271,13 @@ def test_writer_reports_describe_one_finding_each_and_both_sides(tmp_path):
     reports, located = fs.writer_reports(tmp_path, 0, ("emphysema", "consolidation"))
     assert set(reports) == {"normal", "emphysema", "consolidation"} and reports["normal"] == normal_report(0).text
     assert "right lower lobe" in reports["consolidation"] and "emphysema" in reports["emphysema"].lower()
-    assert [(r.name, r.side, r.lobe) for r in located] == [("consolidation right", "right", "right lower lobe"),
-                                                           ("consolidation left", "left", "left upper lobe")]
+    assert [(r.name, r.side, r.lobe) for r in located] == [
+        ("consolidation right", "right", "right lower lobe"), ("consolidation left", "left", "left upper lobe"),
+        ("consolidation left (mirror of right)", "left", "left lower lobe"),
+        ("consolidation right (mirror of left)", "right", "right upper lobe")]
+    first, mirror = located[0].text, located[2].text  # the same words but the side: the side alone is tested
+    assert mirror == first.replace("right lower lobe", "left lower lobe") and mirror != first
+    assert located[3].text == located[1].text.replace("left upper lobe", "right upper lobe")
     with pytest.raises(CTFlowError, match="no patient .* has nodule"):
         fs.writer_reports(tmp_path, 0, ("nodule",))
 
@@ -297,6 +302,8 @@ def study() -> fs.FindingStudy:
          fs.Placement("writer", "consolidation left", "consolidation", "side (change)", "left",
                       ["left", "right", "left"], 0.5),
          fs.Placement("writer", "consolidation left", "consolidation", "side (relative change)", "left",
+                      ["left", "left", "left"], 0.5),
+         fs.Placement("writer", "consolidation left (mirror of right)", "consolidation", "side (change)", "left",
                       ["left", "left", "left"], 0.5)],
         {"writer/normal": "Findings: normal."})
 
@@ -310,7 +317,8 @@ def test_the_result_counts_round_trips_and_makes_tables():
     assert (writer.raised_paired, writer.negated_above_normal) == (2, None)
     assert (heldout.raised_paired, heldout.negated_above_normal, heldout.reworded_above_normal) == (3, 1, 2)
     assert result.placements[0].hits == 2
-    assert result.both_sides() == [("consolidation", "side (change)", 1)]  # seed 0 only: 1 puts both right, 2 left
+    assert result.both_sides() == [("consolidation", "the first patients' reports", "side (change)", 1),  # seed 0
+                                   ("consolidation", "the right one and its mirror", "side (change)", 2)]  # 0, 1
     again = fs.FindingStudy.from_json(result.to_json())
     assert again == result
     table = result.markdown()
@@ -322,7 +330,7 @@ def test_the_result_counts_round_trips_and_makes_tables():
     assert "| heldout | consolidation_RLL | lobe | right lower lobe | latent 0.6 | 2/3 | 0.50 |" in table
     assert "| consolidation | 3/6 (2 reports, mean 0.48) | 1/3 (1 report, mean 0.37) |" in table  # a negation inside another finding's
     assert "not fitted: emphysema side (why)" in table
-    assert "| consolidation | side (change) | 1/3 |" in table
+    assert "| consolidation | the first patients' reports | side (change) | 1/3 |" in table
     assert ("| writer | consolidation left | side (relative change) | left | largest change against the pair over its "
             "usual | 3/3 | 0.50 |") in table
     with pytest.raises(CTFlowError, match="not the JSON"):
@@ -456,7 +464,7 @@ def test_studies_of_consecutive_seeds_combine_into_the_study_of_all_of_them(tmp_
     assert main(["combine-studies", *map(str, paths), "--out", str(out)]) == 0
     combined = fs.FindingStudy.from_json(out.read_text())
     assert combined == whole
-    assert out.with_suffix(".md").read_text() == combined.markdown() and "| consolidation | side (change) | 1/3 |" in \
+    assert out.with_suffix(".md").read_text() == combined.markdown() and "| consolidation | the first patients' reports | side (change) | 1/3 |" in \
         combined.markdown()
     capsys.readouterr()
     assert main(["combine-studies", *map(str, paths), "--out", str(out)]) == 1  # never over a file unasked

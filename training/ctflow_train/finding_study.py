@@ -36,6 +36,9 @@ most from its pair, the same seed with the finding negated ("side (change)", "lo
 report moves the heart's border, which the left lung's region takes in more than the right's, so "side (relative
 change)" divides each lung's change by its usual one: its median change, at the same seed, between the writer's
 normal report and his reports of the findings that name no side.
+The writer's sided reports come from the first patient with the finding on each side, so a right and a left one may
+differ in more than the side (a 7 mm nodule against a 20 mm one, a port against a pacemaker); each is also made
+mirrored, its words but the side the same, and a report with its mirror tests the side alone.
 CTFlow and GenerateCT measure text alignment alike: a classifier trained on real CTs applied to generated ones.
 """
 
@@ -67,7 +70,7 @@ from ctflow.sampling import denoiser_codes
 from .anatomy import in_labels
 from .dataset import patient_of, read_index
 from .evaluate import generate_volume
-from .findings import FINDINGS, LOBES, SIDES
+from .findings import FINDINGS, LOBES, SIDES, mirrored
 from .heldout import DEFAULT as HELDOUT, HeldOutCase, load_heldout
 from .latent_store import LatentStore, same_encoding
 from .options import add_threads_option, config_rule, count, positive, seed
@@ -646,18 +649,24 @@ class FindingStudy:
         return dataclasses.replace(first, seeds=sum(s.seeds for s in studies), responses=responses,
                                    placements=placements)
 
-    def both_sides(self) -> list[tuple[str, str, int]]:
-        """Per writer finding with a right and a left report, and per side reader: in how many seeds both reports
-        land on their own side. A model that ignores the side puts the finding in one place for both, so one of the
-        two is right at every seed and this is 0 (at random 1/4 of seeds); it also cannot be met by a reader's bias
-        towards one side, which the per-report counts can."""
+    def both_sides(self) -> list[tuple[str, str, str, int]]:
+        """Per writer finding with a right and a left report, per pair of them and per side reader: in how many
+        seeds both reports land on their own side. A model that ignores the side puts the finding in one place for
+        both, so one of the two is right at every seed and this is 0 (at random 1/4 of seeds); it also cannot be met
+        by a reader's bias towards one side, which the per-report counts can. The pairs: the first patients' reports
+        (which may differ in more than the side) and each of them with its mirror (the side alone)."""
         by_case = {(p.case, p.target): p for p in self.placements if p.report_set == "writer"}
+        pairs = ((None, None, "the first patients' reports"), (None, "right", "the right one and its mirror"),
+                 ("left", None, "the left one and its mirror"))
         rows = []
-        for p in self.placements:
-            other = by_case.get((p.case.replace(" right", " left"), p.target))
-            if p.report_set == "writer" and p.case.endswith(" right") and p.target.startswith("side") and other:
-                rows.append((p.finding, p.target, sum(a == p.expected and b == other.expected
-                                                      for a, b in zip(p.predicted, other.predicted))))
+        for finding, target in dict.fromkeys((p.finding, p.target) for p in by_case.values()
+                                             if p.target.startswith("side")):
+            for right_of, left_of, label in pairs:
+                right = by_case.get((sided_case(finding, "right", right_of), target))
+                left = by_case.get((sided_case(finding, "left", left_of), target))
+                if right and left:
+                    rows.append((finding, label, target, sum(a == "right" and b == "left"
+                                                             for a, b in zip(right.predicted, left.predicted))))
         return rows
 
     def detector(self, finding: str, target: str) -> DetectorScore | None:
@@ -715,9 +724,9 @@ class FindingStudy:
                          f"{p.chance:.2f} |")
         paired = self.both_sides()
         if paired:
-            lines += ["", "| finding | where | the right report on the right and the left one on the left, same seed "
-                      "(a model blind to the side: 0; at random: a quarter) |", "|---|---|---|"]
-            lines += [f"| {finding} | {target} | {both}/{n} |" for finding, target, both in paired]
+            lines += ["", "| finding | reports | where | the right report on the right and the left one on the left, same "
+                      "seed (a model blind to the side: 0; at random: a quarter) |", "|---|---|---|---|"]
+            lines += [f"| {finding} | {label} | {target} | {both}/{n} |" for finding, label, target, both in paired]
         return "\n".join(lines) + "\n"
 
 
@@ -739,16 +748,20 @@ class Located:
 def writer_reports(data: Path, seed: int, studied: tuple[str, ...]) -> tuple[dict[str, str], list[Located]]:
     """'normal' (every finding negated) and, per finding of `studied`, a report describing that finding alone (its
     parameters from the first cohort patient with it, on one side where it takes one); and per finding that can lie
-    on either side, its report with it on the right and on the left (from the first patient with it there)."""
+    on either side, its report with it on the right and on the left (from the first patient with it there), and each
+    of those mirrored to the other side. The first patients' two may differ in more than the side (a 7 mm nodule on
+    the right, 20 mm on the left); a report and its mirror differ in the side alone."""
     absent = {"present": False}
     labels = [json.loads((data / entry["labels"]).read_text(encoding="utf-8"))["findings"]
               for entry in read_index(data)]
     normal = {name: absent for name in labels[0]}
 
+    def written(finding: str, params: dict) -> str:
+        return compose_report({**normal, finding: params}, np.random.default_rng(seed)).text
+
     def describing(finding: str, wanted) -> tuple[str, dict] | None:
         params = next((findings[finding] for findings in labels if wanted(findings[finding])), None)
-        return None if params is None else (compose_report({**normal, finding: params}, np.random.default_rng(seed)).text,
-                                            params)
+        return None if params is None else (written(finding, params), params)
 
     reports = {"normal": normal_report(seed).text}
     located = []
@@ -758,9 +771,22 @@ def writer_reports(data: Path, seed: int, studied: tuple[str, ...]) -> tuple[dic
         if described is None:
             raise CTFlowError(f"no patient in {data} has {finding}: its report cannot be written")
         reports[finding] = described[0]
-        located += [Located(f"{finding} {where}", finding, text, where, lobe(params), reports["normal"])
+        located += [Located(sided_case(finding, where), finding, text, where, lobe(params), reports["normal"])
                     for where, (text, params) in ((w, d) for w, d in sided.items() if d)]
+        for where, other in zip(SIDES, reversed(SIDES)):
+            if sided[where]:
+                text, params = sided[where][0], mirrored(sided[where][1])
+                mirror = written(finding, params)
+                if mirror not in (text, (sided[other] or ("",))[0]):  # a report that names its side, unlike the other
+                    located.append(Located(sided_case(finding, other, where), finding, mirror, other,
+                                           lobe(params), reports["normal"]))
     return reports, located
+
+
+def sided_case(finding: str, where: str, mirror_of: str | None = None) -> str:
+    """The name of a writer's report of a finding on one side: the first patient's there, or the mirror of the one
+    on the side `mirror_of`."""
+    return f"{finding} {where}" + (f" (mirror of {mirror_of})" if mirror_of else "")
 
 
 def heldout_located(cases: list[HeldOutCase]) -> list[Located]:

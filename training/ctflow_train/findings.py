@@ -207,6 +207,16 @@ def _lobe_patch(scene: Scene, rng: np.random.Generator, lobe: str, radius_mm: fl
     return box, alpha, centre
 
 
+def mirrored(params: dict) -> dict:
+    """A drawn finding's parameters on the other side: its side swapped, its lobe the other lung's nearest
+    (MIRRORED_LOBES), the rest as drawn. What a report states of it then differs in the side alone (positions are
+    not mirrored: no report states them)."""
+    other = {"right": "left", "left": "right"}
+    named = {LOBES[lobe]: LOBES[mirror] for lobe, mirror in MIRRORED_LOBES.items()}
+    return {**params, **({"side": other[params["side"]]} if params.get("side") in other else {}),
+            **({"lobe": named[params["lobe"]]} if params.get("lobe") in named else {})}
+
+
 def _side_choice(rng: np.random.Generator) -> str:
     return str(rng.choice(["right", "left", "bilateral"], p=[0.4, 0.3, 0.3]))
 
