@@ -724,8 +724,8 @@ class FindingStudy:
                          f"{p.chance:.2f} |")
         paired = self.both_sides()
         if paired:
-            lines += ["", "| finding | reports | where | the right report on the right and the left one on the left, same "
-                      "seed (a model blind to the side: 0; at random: a quarter) |", "|---|---|---|---|"]
+            lines += ["", "| finding | reports | where | the right report on the right and the left one on the left, "
+                      "same seed (a model blind to the side: 0; at random: a quarter) |", "|---|---|---|---|"]
             lines += [f"| {finding} | {label} | {target} | {both}/{n} |" for finding, label, target, both in paired]
         return "\n".join(lines) + "\n"
 
@@ -777,7 +777,7 @@ def writer_reports(data: Path, seed: int, studied: tuple[str, ...]) -> tuple[dic
             if sided[where]:
                 text, params = sided[where][0], mirrored(sided[where][1])
                 mirror = written(finding, params)
-                if mirror not in (text, (sided[other] or ("",))[0]):  # a report that names its side, unlike the other
+                if mirror not in (text, (sided[other] or ("",))[0]):  # words that name a side, not the other's
                     located.append(Located(sided_case(finding, other, where), finding, mirror, other,
                                            lobe(params), reports["normal"]))
     return reports, located
