@@ -436,11 +436,11 @@ def test_cli_twins_differ_from_their_patient_only_in_the_flipped_finding(ct_fold
 def test_cli_side_twins_put_the_finding_on_each_side_and_change_nothing_else(ct_folder, sampled, tmp_path):
     out = tmp_path / "side_twins"
     assert cli.main(["cohort", "--out", str(out), "--patients", "1", "--seed", "5", "--size", str(SIZE),
-                     "--side-twins", "pleural_effusion", "consolidation"]) == 0
+                     "--side-twins", "pleural_effusion", "consolidation", "nodule"]) == 0
     entries = read_index(out)
     patient = sampled[0]  # generate_patient(5, 0)
-    assert [e["name"] for e in entries] == [f"synth_5_00000_with_{side}_{name}"
-                                            for name in ("pleural_effusion", "consolidation") for side in ("right", "left")]
+    assert [e["name"] for e in entries] == [f"synth_5_00000_with_{side}_{name}" for name in
+                                            ("pleural_effusion", "consolidation", "nodule") for side in ("right", "left")]
     for entry in entries:
         side, name = entry["name"].removeprefix("synth_5_00000_with_").split("_", 1)
         labels = json.loads((out / entry["labels"]).read_text())["findings"]
@@ -458,6 +458,8 @@ def test_cli_side_twins_put_the_finding_on_each_side_and_change_nothing_else(ct_
     right, left = (json.loads((out / e["labels"]).read_text())["findings"]["pleural_effusion"] for e in entries[:2])
     assert {k: v for k, v in right.items() if k not in ("side", "volume_ml")} == \
         {k: v for k, v in left.items() if k not in ("side", "volume_ml")}  # one draw, mirrored
+    right, left = (json.loads((out / e["labels"]).read_text())["findings"]["nodule"] for e in entries[4:])
+    assert right["diameter_mm"] == left["diameter_mm"]  # one nodule, in the lung each twin names
 
 
 def test_only_sided_findings_take_a_side(ct_folder):

@@ -427,12 +427,13 @@ def emphysema(scene: Scene, rng: np.random.Generator) -> dict:
     return {"severity": severity, "low_attenuation_fraction": fraction}
 
 
-def nodule(scene: Scene, rng: np.random.Generator) -> dict | None:
-    """A solid, slightly lobulated nodule of 5-30 mm surrounded by aerated lung of one lobe."""
+def nodule(scene: Scene, rng: np.random.Generator, side: str | None = None) -> dict | None:
+    """A solid, slightly lobulated nodule of 5-30 mm surrounded by aerated lung of one lobe (of the `side` lung)."""
     volumes = np.array([scene.mask(lobe).sum() for lobe in LOBES], dtype=float)
     diameter = 5 + 25 * rng.beta(1.3, 2.5)
     radius = diameter / 2
-    for lobe in rng.choice(list(LOBES), size=len(LOBES), replace=False, p=volumes / volumes.sum()):
+    tried = rng.choice(list(LOBES), size=len(LOBES), replace=False, p=volumes / volumes.sum())  # drawn as unforced
+    for lobe in (lobe for lobe in tried if side is None or lobe in SIDES[side]):
         centre = _interior_point(scene, scene.mask(lobe) & (scene.finding_mask == 0), radius + 3, rng)
         if centre is not None:
             break
@@ -602,7 +603,7 @@ FINDINGS = (
     Finding("atelectasis", "Atelectasis", "atelectasis", 0.3, atelectasis),
     Finding("consolidation", "Consolidation", "consolidation", 0.3, consolidation, sided=True),
     Finding("ground_glass", "Lung opacity", "ground-glass opacity", 0.25, ground_glass),
-    Finding("nodule", "Lung nodule", "nodule", 0.35, nodule),
+    Finding("nodule", "Lung nodule", "nodule", 0.35, nodule, sided=True),
     Finding("emphysema", "Emphysema", "emphysema", 0.3, emphysema),
     Finding("lymphadenopathy", "Lymphadenopathy", "lymph node", 0.3, lymphadenopathy),
     Finding("arterial_calcification", "Arterial wall calcification", "arterial calcification", 0.35,
