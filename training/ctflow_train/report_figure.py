@@ -134,11 +134,14 @@ class View:
     peak: float  # the largest |HU difference| in the plane: near 0, the report changed nothing there
 
 
-def views(asked: np.ndarray, normal: np.ndarray, spacing: tuple[float, float, float]) -> list[View]:
+def views(asked: np.ndarray, normal: np.ndarray, spacing: tuple[float, float, float],
+          normal_chest: np.ndarray | None = None) -> list[View]:
     """The axial and coronal planes of `asked` through its largest change in the chest against `normal` (same seed);
-    through its largest change anywhere where `normal` shows no lungs."""
+    through its largest change anywhere where `normal` shows no lungs. `normal_chest`: chest(normal), when the
+    caller has it (one normal volume serves every report of its seed)."""
     difference = change(asked, normal)
-    k, j, _ = changed_centre(difference, spacing, chest(normal, spacing)[: len(difference)])
+    where = chest(normal, spacing) if normal_chest is None else normal_chest
+    k, j, _ = changed_centre(difference, spacing, where[: len(difference)])
     hu, changed = asked[: len(difference)], difference > CHANGE_HU
     sx, sy, sz = spacing
     return [View(f"axial k={k}", hu[k], changed[k], sy / sx, float(difference[k].max())),
@@ -234,12 +237,13 @@ def make_figure(run: FigureRun, log=progress) -> Image.Image:
         return volume
 
     normals = {seed: generated(normal, seed) for seed in seeds}  # each once, the baseline of every row
+    chests = {seed: chest(volume.hu, volume.geometry.spacing) for seed, volume in normals.items()}
     rows = []
     for report in reports:
         by_seed = {}
         for seed in seeds:
             volume = generated(report, seed)
-            by_seed[seed] = views(volume.hu, normals[seed].hu, volume.geometry.spacing)
+            by_seed[seed] = views(volume.hu, normals[seed].hu, volume.geometry.spacing, chests[seed])
         rows.append((report, by_seed))
     made = normals[seeds[0]].provenance
     header = (f"{SYNTHETIC_NOTICE}. "
