@@ -17,6 +17,9 @@ if TYPE_CHECKING:  # config imports this module
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z [B, ...], t scalar tensor) -> v like z
 METHODS = ("euler", "heun", "ab2")  # ab2: second order at one model call per step
+# Finding guidance's weight on a block's first slices (then 1): they continue the block before, and pushing them
+# towards the findings breaks the join (the seams at finding guidance 2 on 23 unseen patients: 1.35 at full weight).
+FINDING_ONSET = (0.0, 0.5)
 
 
 class Cancelled(Exception):
@@ -96,8 +99,8 @@ def guided(model_velocity: Velocity, scale: float, side: float = 0.0, finding: f
     right half's text, away from the left half's, and the other way round). The denoiser sees the whole volume in
     every row; the weights apply to what each text asks for. Finding guidance then guides away from the report
     without its findings: v_cond += finding * (v_cond - v_reference), what the findings' words change and not what
-    the rest of the report does. Classifier-free guidance mixes the result with the empty report's:
-    v = v_uncond + scale * (v_cond - v_uncond)."""
+    the rest of the report does, eased in over the block's first slices (FINDING_ONSET). Classifier-free guidance
+    mixes the result with the empty report's: v = v_uncond + scale * (v_cond - v_uncond)."""
     if side > 0 and places is None:
         raise ValueError("side guidance needs the weights of the report's places")
     where: list[torch.Tensor] = []  # the weights, made at the first call (they need z's shape)
@@ -116,10 +119,18 @@ def guided(model_velocity: Velocity, scale: float, side: float = 0.0, finding: f
             cond = v[0]
         v = v[texts:]
         if finding > 0:
-            cond = cond + finding * (cond - v.pop(0))
+            cond = cond + finding * finding_onset(z.shape[-3]).to(z) * (cond - v.pop(0))
         return cond if scale == 1.0 else v[0] + scale * (cond - v[0])
 
     return velocity
+
+
+def finding_onset(slices: int) -> torch.Tensor:
+    """[slices, 1, 1]: finding guidance's weight on each slice of a block (z's [..., T, h, w])."""
+    weight = torch.ones(slices)
+    onset = FINDING_ONSET[:slices]
+    weight[:len(onset)] = torch.tensor(onset)
+    return weight[:, None, None]
 
 
 @dataclass(frozen=True)

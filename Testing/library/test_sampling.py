@@ -90,13 +90,16 @@ def test_side_guidance_guides_each_half_of_the_volume_by_its_own_text():
 
 def test_finding_guidance_guides_away_from_the_report_without_its_findings():
     """v_cond + finding * (v_cond - v_reference), before classifier-free guidance; with side guidance, after each half
-    has been guided by its own text; one forward with a row per text."""
+    has been guided by its own text; one forward with a row per text. On a block's first slices the finding term is
+    eased in (FINDING_ONSET: none on the first, half on the second), so they continue the block before."""
     report, reference = "Right effusion. Heart normal.", "Heart."
     places = Places((report, "Heart normal."), ({OUTSIDE: 0}, {OUTSIDE: 1}))
     rows = {report: 5.0, "Heart normal.": 3.0, reference: 2.0, "": 1.0}
-    for guidance, right, left in ((Guidance(1.0, finding=2.0), 5 + 2 * 3, 5 + 2 * 3),
-                                  (Guidance(3.0, finding=1.0), 1 + 3 * (5 + 3 - 1), 1 + 3 * (5 + 3 - 1)),
-                                  (Guidance(3.0, 1.0, 1.0, places), 1 + 3 * (5 + 3 - 1), 1 + 3 * (3 + 1 - 1))):
+    for guidance, right, left in ((Guidance(1.0, finding=2.0), lambda w: 5 + 2 * w * 3, lambda w: 5 + 2 * w * 3),
+                                  (Guidance(3.0, finding=1.0), lambda w: 1 + 3 * (5 + w * 3 - 1),
+                                   lambda w: 1 + 3 * (5 + w * 3 - 1)),
+                                  (Guidance(3.0, 1.0, 1.0, places), lambda w: 1 + 3 * (5 + w * 3 - 1),
+                                   lambda w: 1 + 3 * (3 + w * 1 - 1))):
         texts = guidance.texts(report, reference)
         assert len(texts) == guidance.branches and texts[-1 - (guidance.scale != 1)] == reference
         values = torch.tensor([rows[text] for text in texts])[:, None, None, None, None]
@@ -106,9 +109,10 @@ def test_finding_guidance_guides_away_from_the_report_without_its_findings():
             calls.append(z.shape[0])
             return values + z
 
-        v = guidance.velocity(model)(torch.zeros(1, 2, 1, 3, 4), torch.tensor(0.5))
-        assert torch.equal(v[..., :2], torch.full((1, 2, 1, 3, 2), float(right)))
-        assert torch.equal(v[..., 2:], torch.full((1, 2, 1, 3, 2), float(left)))
+        v = guidance.velocity(model)(torch.zeros(1, 2, 4, 3, 4), torch.tensor(0.5))  # [B, C, T, rows, columns]
+        for slice_, weight in enumerate((0.0, 0.5, 1.0, 1.0)):
+            assert torch.equal(v[:, :, slice_, :, :2], torch.full((1, 2, 3, 2), float(right(weight))))
+            assert torch.equal(v[:, :, slice_, :, 2:], torch.full((1, 2, 3, 2), float(left(weight))))
         assert calls == [guidance.branches]
     with pytest.raises(ValueError, match="without its findings"):
         Guidance(3.0, finding=1.0).texts(report)

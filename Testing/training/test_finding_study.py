@@ -19,6 +19,7 @@ from ctflow.checksums import write_checksums
 from ctflow.errors import CTFlowError
 from ctflow.places import HALF_LOBES, LOBE_FILE
 from ctflow.report import SIDE_CODE_SIZE, names_one_side, parse_report, reports_no_finding
+from ctflow.sampling import FINDING_ONSET
 from ctflow_train import export, train_flow
 from ctflow_train.cli import main
 from ctflow_train import finding_study as fs
@@ -388,6 +389,7 @@ def test_a_generated_volume_s_key_states_finding_guidance_where_it_acts(tiny_pip
     assert key(normal, 2.0) == key(normal, 0.0)
     assert key(sick, 2.0) != key(sick, 0.0) and "'Findings: Heart normal.'" in key(sick, 2.0)
     assert key(sick, 2.0) != key(sick, 1.0)
+    assert f"onset {FINDING_ONSET}" in key(sick, 2.0)  # volumes made before the onset rule are not reused
 
 
 def test_a_report_of_no_finding_is_keyed_as_the_model_s_normal_report(tiny_pipeline):

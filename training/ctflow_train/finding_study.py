@@ -65,7 +65,7 @@ from ctflow.io import atomic_write
 from ctflow.model_folder import VAE_FOLDER
 from ctflow.places import LOBE_FILE, Places
 from ctflow.report import findings_named, half_reports, names_one_side, parse_report, without_findings
-from ctflow.sampling import denoiser_codes
+from ctflow.sampling import FINDING_ONSET, denoiser_codes
 
 from .anatomy import in_labels
 from .dataset import patient_of, read_index
@@ -988,7 +988,7 @@ def volume_key(pipe: CTFlowPipeline, model: str, text: str, seed: int, steps: in
     denoiser that reads report.denoiser_code, the code of each row (of each block's, for a lobe_map one), which a
     change of how reports are read changes while the text stays. A report without findings is made as without
     finding guidance, so it keeps its volumes (and key); one with states the report it guides away from
-    (report.without_findings). A report that reports no finding is keyed as the model's normal report it is drawn
+    (report.without_findings) and how the guidance eases in (sampling.FINDING_ONSET). A report that reports no finding is keyed as the model's normal report it is drawn
     from (pipeline.drawn_report)."""
     given = parse_report(text)
     report = pipe.drawn_report(given)
@@ -1002,7 +1002,8 @@ def volume_key(pipe: CTFlowPipeline, model: str, text: str, seed: int, steps: in
             prior = hashlib.sha256(b"".join(shares[name].numpy().tobytes() for name in sorted(shares))).hexdigest()
             side += f" lobes {prior} {places.texts!r}"
     reference = without_findings(report)
-    finding = f" finding {finding_guidance} {reference.text!r}" if finding_guidance and reference != report else ""
+    finding = (f" finding {finding_guidance} onset {FINDING_ONSET} {reference.text!r}"
+               if finding_guidance and reference != report else "")
     key = f"generated {model} {steps} {guidance}{side}{finding} {seed} {text}"
     denoiser = pipe.config.denoiser
     if denoiser.reads_code:
