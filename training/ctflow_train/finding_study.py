@@ -988,8 +988,8 @@ def volume_key(pipe: CTFlowPipeline, model: str, text: str, seed: int, steps: in
     denoiser that reads report.denoiser_code, the code of each row (of each block's, for a lobe_map one), which a
     change of how reports are read changes while the text stays. A report without findings is made as without
     finding guidance, so it keeps its volumes (and key); one with states the report it guides away from
-    (report.without_findings) and how the guidance eases in (sampling.FINDING_ONSET). A report that reports no finding is keyed as the model's normal report it is drawn
-    from (pipeline.drawn_report)."""
+    (report.without_findings) and how the guidance eases in (sampling.FINDING_ONSET). A report that reports no
+    finding is keyed as the model's normal report it is drawn from (pipeline.drawn_report)."""
     given = parse_report(text)
     report = pipe.drawn_report(given)
     text = text if report == given else report.text  # a report of no finding: the model's normal report's volume
