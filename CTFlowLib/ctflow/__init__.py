@@ -7,7 +7,7 @@
     write_volume(volume, "ct.nii.gz")
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # raised whenever the same model, report and seed make a different volume (provenance)
 
 import importlib  # noqa: E402
 
