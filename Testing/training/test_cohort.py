@@ -462,11 +462,46 @@ def test_cli_side_twins_put_the_finding_on_each_side_and_change_nothing_else(ct_
     assert right["diameter_mm"] == left["diameter_mm"]  # one nodule, in the lung each twin names
 
 
+def test_cli_lobe_twins_put_the_finding_in_each_lobe_of_one_lung_and_change_nothing_else(ct_folder, tmp_path):
+    out = tmp_path / "lobe_twins"
+    lobed = ("consolidation", "ground_glass", "nodule")
+    assert cli.main(["cohort", "--out", str(out), "--patients", "2", "--seed", "5", "--size", str(SIZE),
+                     "--lobe-twins", *lobed]) == 0
+    entries = read_index(out)
+    names = [e["name"] for e in entries]
+    for index, lung in enumerate(cohort.LOBE_TWIN_SIDES):  # the right lung's lobes, then the left's
+        expected = [f"synth_5_{index:05d}_with_{lobe}_{name}" for name in lobed for lobe in findings.SIDES[lung]]
+        made = [n for n in names if n.startswith(f"synth_5_{index:05d}_")]
+        assert made == [n for n in expected if n in made] and len(made) >= len(expected) - 1  # a lobe may lack room
+    assert any("middle" in n for n in names) and any("lobe_left" in n for n in names)
+    for entry in entries:
+        index = int(entry["name"][8:13])
+        lobe, name = next((lobe, name) for lobe in findings.LOBES for name in lobed if entry["name"].endswith(f"{lobe}_{name}"))
+        patient = cohort.generate_patient(5, index, size=SIZE)
+        labels = json.loads((out / entry["labels"]).read_text())["findings"]
+        assert {k for k in ALL if labels[k]["present"] != patient.findings[k]["present"]} <= {name}  # the rest as his
+        assert labels[name]["lobe"] == findings.LOBES[lobe]
+        twin = cohort.generate_patient(5, index, size=SIZE, present={name: lobe})
+        assert np.array_equal(read_volume(out / entry["volume"]).hu, twin.volume.hu)
+        voxels = finding_voxels(twin, name)
+        assert voxels.sum() > 20 and within_lobes(twin, voxels, lobe)
+        report = (out / entry["report"]).read_text().lower()
+        said = [s for s in sentences(report) if any(word in s for word in KEYWORDS[name]) and not NEGATION.search(s)]
+        assert said and any(findings.LOBES[lobe] in s for s in said)
+    sizes = {json.loads((out / e["labels"]).read_text())["findings"]["nodule"]["diameter_mm"]
+             for e in entries if e["name"].startswith("synth_5_00000_") and e["name"].endswith("nodule")}
+    assert len(sizes) == 1  # one nodule, in the lobe each twin names
+
+
 def test_only_sided_findings_take_a_side(ct_folder):
     with pytest.raises(ValueError, match="cannot be forced to 'left'"):
         cohort.generate_patient(5, 0, size=SIZE, present={"emphysema": "left"})
     with pytest.raises(ValueError, match="cannot be forced to 'both'"):
         cohort.generate_patient(5, 0, size=SIZE, present={"pleural_effusion": "both"})
+    with pytest.raises(ValueError, match="cannot be forced to 'lung_upper_lobe_left'"):
+        cohort.generate_patient(5, 0, size=SIZE, present={"pleural_effusion": "lung_upper_lobe_left"})
+    with pytest.raises(ValueError, match="cannot be forced to 'right'"):
+        cohort.generate_patient(5, 0, size=SIZE, present={"ground_glass": "right"})
 
 
 def test_mirrored_parameters_name_the_other_side_and_keep_the_rest():

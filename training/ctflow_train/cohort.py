@@ -29,7 +29,7 @@ from ctflow.volume import Geometry, Volume
 
 from .anatomy import LUNG_LOBES, Anatomy, close_fissures, in_labels, load_anatomy, remove_contrast
 from .dataset import DatasetWriter, check_free
-from .findings import CODES, SIDED, SIDES, Scene, ctrate_labels, draw_findings
+from .findings import CODES, LOBED, SIDED, SIDES, Scene, ctrate_labels, draw_findings
 from .options import (
     add_download_cache_option, add_model_space_options, add_overwrite_option, positive, print_json, progress, seed,
 )
@@ -234,8 +234,8 @@ def generate_patient(
     cache: str | Path | None = None,
     present: dict[str, bool | str] | None = None,
 ) -> Patient:
-    """Patient `index` of the cohort with `seed`; `present` forces findings on or off, or a sided one to a side
-    (twins, tests)."""
+    """Patient `index` of the cohort with `seed`; `present` forces findings on or off, or to a side or lobe
+    (twins, tests: findings.draw_findings)."""
     base = template(size, cache)
     streams = np.random.SeedSequence([seed, index]).spawn(4)
     body_rng, finding_rng, report_rng, noise_rng = (np.random.default_rng(stream) for stream in streams)
@@ -268,6 +268,7 @@ def generate_cohort(
     log: Callable[[str], None] | None = None,
     twins: tuple[str, ...] = (),
     side_twins: tuple[str, ...] = (),
+    lobe_twins: tuple[str, ...] = (),
     overwrite: bool = False,
 ) -> dict:
     """Write `patients` patients (volume, report, labels) and the cohort index to `out`; returns a summary
@@ -276,7 +277,9 @@ def generate_cohort(
     With `twins`, write instead, for each patient and each named finding, its twin: the same patient with that
     finding flipped (present <-> absent), nothing else changed but the report's sentence about it. Trained next to
     the cohort, a pair differs only where the text does, the clearest lesson a small data set can give.
-    `side_twins` (sided findings) adds two twins per finding: with it on the right, and with it on the left."""
+    `side_twins` (sided findings) adds two twins per finding: with it on the right, and with it on the left.
+    `lobe_twins` (lobed findings) adds a twin per finding and lobe of one lung (the right lung's three for even
+    patients, the left's two for odd ones): twins that differ in the lobe alone, within the side."""
     check_free(Path(out), overwrite)  # before the template's minutes of work
     template(size, cache)
     writer = DatasetWriter(out, overwrite)
@@ -284,9 +287,12 @@ def generate_cohort(
     try:
         for index in range(patients):
             where = (seed, index, size, slice_spacing, cache)
-            patient = generate_patient(*where) if twins or not side_twins else None  # side twins need his name only
-            variants = _twins(patient, twins, *where) + _side_twins(patient_name(seed, index), side_twins, *where)
-            for made, name in variants if twins or side_twins else [(patient, patient.name)]:
+            placed = side_twins or lobe_twins
+            patient = generate_patient(*where) if twins or not placed else None  # placed twins need his name only
+            named = patient_name(seed, index)
+            variants = (_twins(patient, twins, *where) + _placed_twins(named, side_twins, tuple(SIDES), *where)
+                        + _placed_twins(named, lobe_twins, SIDES[LOBE_TWIN_SIDES[index % 2]], *where))
+            for made, name in variants if twins or placed else [(patient, patient.name)]:
                 writer.add(name, made.volume, made.report, {**made.label_record(), "name": name}, made.finding_mask)
                 if log:
                     log(f"{name}: {made.labels.shape[0]} slices, {', '.join(present_findings(made.findings)) or 'normal'}")
@@ -306,15 +312,18 @@ def _twins(patient: Patient | None, findings: tuple[str, ...], *where) -> list[t
     return made
 
 
-def _side_twins(name: str, findings: tuple[str, ...], *where) -> list[tuple[Patient, str]]:
-    """(twin, name) per finding and side: the patient with that finding on the right, then on the left. The pair
-    differs in the side alone, the lesson a report's side word needs."""
+LOBE_TWIN_SIDES = ("right", "left")  # lobe twins' lung by the patient's parity
+
+
+def _placed_twins(name: str, findings: tuple[str, ...], places: tuple[str, ...], *where) -> list[tuple[Patient, str]]:
+    """(twin, name) per finding and place (a side, or a lobe's label): the patient with that finding there. His
+    twins differ in the place alone, the lesson a report's side or lobe word needs."""
     made = []
     for finding in findings:
-        for side in SIDES:
-            twin = generate_patient(*where, present={finding: side})
+        for place in places:
+            twin = generate_patient(*where, present={finding: place})
             if twin.findings[finding]["present"]:
-                made.append((twin, f"{name}_with_{side}_{finding}"))
+                made.append((twin, f"{name}_with_{place}_{finding}"))
     return made
 
 
@@ -334,6 +343,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="write instead each patient's twins: the same patient with one of these findings flipped")
     parser.add_argument("--side-twins", nargs="+", default=(), metavar="FINDING", choices=SIDED,
                         help="write instead (or as well) two twins per finding: with it on the right, and on the left")
+    parser.add_argument("--lobe-twins", nargs="+", default=(), metavar="FINDING", choices=LOBED,
+                        help="write instead (or as well) a twin per finding and lobe of one lung (right lung for even "
+                             "patients, left for odd)")
     add_model_space_options(parser)
     add_overwrite_option(parser)
     add_download_cache_option(parser)
@@ -341,5 +353,5 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     summary = generate_cohort(args.out, args.patients, args.seed, args.size, args.slice_spacing, args.cache, progress,
-                              tuple(args.twins), tuple(args.side_twins), args.overwrite)
+                              tuple(args.twins), tuple(args.side_twins), tuple(args.lobe_twins), args.overwrite)
     return print_json(summary)

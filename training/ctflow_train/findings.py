@@ -95,6 +95,7 @@ class Finding:
     prior: float  # chance a patient has it
     draw: Callable[..., dict | None]  # (scene, rng) -> parameters, or None when it cannot be drawn in him
     sided: bool = False  # draw also takes side="right" | "left" to force the side it lies on
+    lobed: bool = False  # draw also takes lobe=<a LOBES label> to force the lobe it lies in
     measured: Callable[[Scene], dict] | None = None  # (scene) -> what a report may state when it is absent (no draws)
 
 
@@ -361,11 +362,10 @@ def atelectasis(scene: Scene, rng: np.random.Generator) -> dict | None:
     return {"kind": "linear", "lobe": LOBES[lobe], "length_mm": round(2 * reach), "centre_kji": _xyz(centre)}
 
 
-def consolidation(scene: Scene, rng: np.random.Generator, side: str | None = None) -> dict | None:
+def consolidation(scene: Scene, rng: np.random.Generator, side: str | None = None, lobe: str | None = None) -> dict | None:
     """Dense patchy opacity confined to one lobe, optionally with an air bronchogram (its bronchi stay air)."""
-    lobe = str(rng.choice(list(LOBES)))
-    if side is not None and lobe not in SIDES[side]:
-        lobe = MIRRORED_LOBES[lobe]
+    drawn = str(rng.choice(list(LOBES)))  # drawn when forced too: the rest of the draws stay the unforced one's
+    lobe = lobe or (drawn if side is None or drawn in SIDES[side] else MIRRORED_LOBES[drawn])
     patch = _lobe_patch(scene, rng, lobe, rng.uniform(20, 45), 0.2)
     if patch is None:
         return None
@@ -399,9 +399,10 @@ def _air_bronchogram(scene: Scene, box: tuple[slice, ...], inside: np.ndarray, c
     return ndimage.binary_dilation(tubes, IN_PLANE) & inside
 
 
-def ground_glass(scene: Scene, rng: np.random.Generator) -> dict | None:
+def ground_glass(scene: Scene, rng: np.random.Generator, lobe: str | None = None) -> dict | None:
     """Hazy opacity in one lobe: parenchyma raised to -700..-500 HU, vessels still visible through it."""
-    lobe = str(rng.choice(list(LOBES)))
+    drawn = str(rng.choice(list(LOBES)))
+    lobe = lobe or drawn
     patch = _lobe_patch(scene, rng, lobe, rng.uniform(20, 50), 0.6)
     if patch is None:
         return None
@@ -427,13 +428,15 @@ def emphysema(scene: Scene, rng: np.random.Generator) -> dict:
     return {"severity": severity, "low_attenuation_fraction": fraction}
 
 
-def nodule(scene: Scene, rng: np.random.Generator, side: str | None = None) -> dict | None:
-    """A solid, slightly lobulated nodule of 5-30 mm surrounded by aerated lung of one lobe (of the `side` lung)."""
+def nodule(scene: Scene, rng: np.random.Generator, side: str | None = None, lobe: str | None = None) -> dict | None:
+    """A solid, slightly lobulated nodule of 5-30 mm surrounded by aerated lung of one lobe (of the `side` lung, or
+    the `lobe`)."""
     volumes = np.array([scene.mask(lobe).sum() for lobe in LOBES], dtype=float)
     diameter = 5 + 25 * rng.beta(1.3, 2.5)
     radius = diameter / 2
     tried = rng.choice(list(LOBES), size=len(LOBES), replace=False, p=volumes / volumes.sum())  # drawn as unforced
-    for lobe in (lobe for lobe in tried if side is None or lobe in SIDES[side]):
+    allowed = (lobe,) if lobe else SIDES[side] if side else tuple(LOBES)
+    for lobe in (lobe for lobe in tried if lobe in allowed):
         centre = _interior_point(scene, scene.mask(lobe) & (scene.finding_mask == 0), radius + 3, rng)
         if centre is not None:
             break
@@ -601,9 +604,9 @@ FINDINGS = (
     Finding("pericardial_effusion", "Pericardial effusion", "pericardial effusion", 0.25, pericardial_effusion),
     Finding("pleural_effusion", "Pleural effusion", "pleural effusion", 0.3, pleural_effusion, sided=True),
     Finding("atelectasis", "Atelectasis", "atelectasis", 0.3, atelectasis),
-    Finding("consolidation", "Consolidation", "consolidation", 0.3, consolidation, sided=True),
-    Finding("ground_glass", "Lung opacity", "ground-glass opacity", 0.25, ground_glass),
-    Finding("nodule", "Lung nodule", "nodule", 0.35, nodule, sided=True),
+    Finding("consolidation", "Consolidation", "consolidation", 0.3, consolidation, sided=True, lobed=True),
+    Finding("ground_glass", "Lung opacity", "ground-glass opacity", 0.25, ground_glass, lobed=True),
+    Finding("nodule", "Lung nodule", "nodule", 0.35, nodule, sided=True, lobed=True),
     Finding("emphysema", "Emphysema", "emphysema", 0.3, emphysema),
     Finding("lymphadenopathy", "Lymphadenopathy", "lymph node", 0.3, lymphadenopathy),
     Finding("arterial_calcification", "Arterial wall calcification", "arterial calcification", 0.35,
@@ -612,6 +615,7 @@ FINDINGS = (
 )
 CODES = {finding.name: code for code, finding in enumerate(FINDINGS, start=1)}
 SIDED = tuple(finding.name for finding in FINDINGS if finding.sided)
+LOBED = tuple(finding.name for finding in FINDINGS if finding.lobed)
 
 
 def draw_findings(
@@ -619,23 +623,25 @@ def draw_findings(
 ) -> dict[str, dict]:
     """Decide (by prior, or `present`) and draw every finding; returns name -> {"present": bool, ...}.
 
-    `present` forces a finding on (True) or off (False), or, for a sided one (SIDED), on at "right" or "left".
-    Each finding draws from its own random stream, so forcing one leaves the others as they were.
+    `present` forces a finding on (True) or off (False), or on at a place: for a sided one (SIDED) "right" or
+    "left", for a lobed one (LOBED) a lobe's label (a LOBES key). Each finding draws from its own random stream, so
+    forcing one leaves the others as they were.
     """
     present = present or {}
     unknown = set(present) - set(CODES)
     if unknown:
         raise ValueError(f"unknown findings {sorted(unknown)}; known: {sorted(CODES)}")
     for name, wanted in present.items():
-        if isinstance(wanted, str) and (name not in SIDED or wanted not in SIDES):
-            raise ValueError(f"{name} cannot be forced to {wanted!r}: only {SIDED} take a side, 'right' or 'left'")
+        if isinstance(wanted, str) and not (name in SIDED and wanted in SIDES or name in LOBED and wanted in LOBES):
+            raise ValueError(f"{name} cannot be forced to {wanted!r}: only {SIDED} take a side, 'right' or 'left', "
+                             f"and only {LOBED} a lobe, one of {sorted(LOBES)}")
     chances = rng.random(len(FINDINGS))
     streams = rng.spawn(len(FINDINGS))
     drawn = {}
     for finding, chance, stream in zip(FINDINGS, chances, streams):
         wanted = present.get(finding.name, chance < finding.prior)
-        sided = {"side": wanted} if isinstance(wanted, str) else {}
-        params = finding.draw(scene, stream, **sided) if wanted else None
+        place = {} if not isinstance(wanted, str) else {"side": wanted} if wanted in SIDES else {"lobe": wanted}
+        params = finding.draw(scene, stream, **place) if wanted else None
         absent = finding.measured(scene) if params is None and finding.measured else {}
         drawn[finding.name] = {"present": params is not None, **(params or absent)}
     return drawn
