@@ -118,7 +118,7 @@ def test_the_place_that_changed_most_is_where_the_pair_differs():
     negated = np.full((20, 8, 8), -850, np.int16)  # pooled HU of a pair: 20 real slices
     asked = negated.copy()
     asked[12:, 4:6, 1:3] = 0  # a change low in the right lung's back: the right lower lobe
-    lobes = {name: (name,) for name in LOBES.values()}
+    lobes = fs.LOBE_REGIONS
 
     def most(asked, places):
         changes = fs.place_changes(prior, asked, negated, places)
@@ -224,6 +224,33 @@ def test_calibrate_counts_the_real_twins_the_detector_reads_higher_with_the_find
     blinded = detectors["cardiomegaly", "present"].score
     assert (blinded.twin_pairs, blinded.twins_raised) == (20, 0)
     assert detectors["pleural_effusion", "side"].score.twin_pairs == 0  # the ceiling is the present target's
+
+
+def test_calibrate_counts_the_real_twins_whose_change_lies_at_the_findings_place():
+    """Side and lobe read by change have a ceiling too: the cohort's twins, read through the same prior."""
+    prior = fs.AnatomyPrior.from_label_maps([label_map(16), label_map(24)], NAMES)
+    features, labels, groups = [], [], []
+    for patient in range(12):
+        lung = ("right", "left")[patient % 2]
+        for present in (False, True):
+            findings = {f.name: {"present": False} for f in FINDINGS}
+            hu = np.full((20, 8, 8), -850, np.int16)  # pooled HU of 20 real slices
+            if present:
+                findings["consolidation"] = {"present": True, "lobe": f"{lung} lower lobe"}
+                hu[12:, 4:6, (1, 5)[patient % 2]:(3, 7)[patient % 2]] = 0  # low and at the back of that lung
+            features.append(fs.Features(np.zeros(2 * 4 * 8 * 8 * 8), prior.features(hu), hu))
+            labels.append(findings)
+            groups.append(f"p{patient}")
+    for k in (4, 10):  # two patients' changes drawn in the other lung
+        features[2 * k + 1] = features[2 * k + 3] if k % 2 == 0 else features[2 * k - 1]
+    detectors = fs.calibrate(features, labels, groups, prior=prior)[0]
+    for target in ("side", "lobe"):
+        score = detectors["consolidation", target].score
+        assert (score.twin_pairs, score.twins_placed, score.twins_raised) == (12, 10, 0)
+    without_hu = [fs.Features(f.latent, f.hu) for f in features]  # no pooled HU: no ceiling to read
+    assert fs.calibrate(without_hu, labels, groups, prior=prior)[0]["consolidation", "lobe"].score.twin_pairs == 0
+    table = fs.FindingStudy("m", 1, 0, 16, 3.0, "t", "a", [d.score for d in detectors.values()], {}, [], [], {})
+    assert "| consolidation | lobe | 12 (12) | 0.5 |" in table.markdown() and "| 10/12 |" in table.markdown()
 
 
 def test_the_pair_probe_reads_a_finding_that_the_differences_between_patients_swamp():

@@ -237,6 +237,8 @@ class FeatureCache:
 
 
 SIDE_REGIONS = {side: tuple(LOBES[label] for label in labels) for side, labels in SIDES.items()}
+LOBE_REGIONS = {name: (name,) for name in LOBES.values()}
+PLACES = {"side": SIDE_REGIONS, "lobe": LOBE_REGIONS}  # target -> the places "... (change)" chooses among
 CHANGE_SLICES = 4 * LEVELS  # both volumes of a pair, resampled along the body to as many slices
 
 
@@ -417,9 +419,11 @@ class DetectorScore:
     latent: float  # cross-validated accuracy of the latent probe
     hu: float  # ... of the probe on decoded HU in the anatomy prior's regions
     used: str = ""  # the better of the two, which reads the generated volumes
-    twin_pairs: int = 0  # present: the cohort's pairs of volumes that differ only in the finding (twin_pairs)
-    twins_raised: int = 0  # ... in which the used detector, cross-validated, reads the one with it higher: what
-    # "asking raised the probability" can reach for a model that draws the finding as the cohort does
+    twin_pairs: int = 0  # the cohort's pairs of volumes that differ only in the finding (twin_pairs; side, lobe:
+    # those with the finding at one place, counted where the volumes' pooled HU are at hand)
+    twins_raised: int = 0  # present: ... in which the used detector, cross-validated, reads the one with it higher:
+    # what "asking raised the probability" can reach for a model that draws the finding as the cohort does
+    twins_placed: int = 0  # side, lobe: ... whose largest change lies at the finding's place (placed_by_change)
     paired_latent: int = 0  # ... read right by the pair probe on the latent grid, cross-validated
     paired_hu: int = 0  # ... on the HU in the anatomy prior
     paired_used: str = ""  # the pair probe that reads the generated pairs ("" without twin pairs)
@@ -447,9 +451,23 @@ class Detector:
                                                      for a, b in zip(first, second, strict=True)])).tolist()
 
 
-def calibrate(features: list[Features], labels: list[dict], groups: list[str], log=lambda line: None):
+def placed_by_change(prior: AnatomyPrior, features: list[Features], pairs: list[tuple[int, int]],
+                     places: dict[str, tuple[str, ...]], expected: list[str]) -> int:
+    """Of the (with, without) pairs, those whose largest change (place_changes) lies at the expected place: on the
+    cohort's real twins, what "side (change)" and "lobe (change)" can read of a model that draws a finding as the
+    cohort does, through the same registration-free prior."""
+    def largest(i: int, j: int) -> str:
+        change = place_changes(prior, features[i].pooled, features[j].pooled, places)
+        return max(change, key=change.get)
+
+    return sum(largest(i, j) == where for (i, j), where in zip(pairs, expected, strict=True))
+
+
+def calibrate(features: list[Features], labels: list[dict], groups: list[str], log=lambda line: None,
+              prior: AnatomyPrior | None = None):
     """Detectors of every studied finding and target the labels allow (each class seen in MIN_CLASS volumes),
-    fitted on every volume; and what was left out, and why."""
+    fitted on every volume; and what was left out, and why. With the `prior` and the volumes' pooled HU, the side's
+    and lobe's ceiling by change on the real twins (placed_by_change) too."""
     detectors: dict[tuple[str, str], Detector] = {}
     skipped: dict[str, str] = {}
     for finding in STUDIED:
@@ -474,14 +492,20 @@ def calibrate(features: list[Features], labels: list[dict], groups: list[str], l
             twins, pair_probe = "", None
             pairs = twin_pairs(labels, groups, finding) if target == "present" else []  # present keeps every volume
             if pairs:
-                read = held_out[score.used][:, 1]
-                score.twin_pairs, score.twins_raised = len(pairs), sum(int(read[i] > read[j]) for i, j in pairs)
+                held = held_out[score.used][:, 1]
+                score.twin_pairs, score.twins_raised = len(pairs), sum(int(held[i] > held[j]) for i, j in pairs)
                 score.paired_latent, score.paired_hu = (int((cross_validated_pairs(views[kind], pairs, kept_groups) > 0.5)
                                                             .sum()) for kind in KINDS)
                 score.paired_used = "hu" if score.paired_hu >= score.paired_latent else "latent"
                 pair_probe = fit_pair_probe(views[score.paired_used], pairs)
                 twins = (f", real twins: the one with it read higher in {score.twins_raised}/{score.twin_pairs}, "
                          f"by the pair probes latent {score.paired_latent}, HU {score.paired_hu}")
+            elif target in PLACES and prior is not None and all(f.pooled is not None for f in features):
+                placed = [(i, j) for i, j in twin_pairs(labels, groups, finding) if read(labels[i][finding])]
+                expected = [read(labels[i][finding]) for i, _ in placed]
+                score.twin_pairs = len(placed)
+                score.twins_placed = placed_by_change(prior, features, placed, PLACES[target], expected)
+                twins = f", real twins placed by change {score.twins_placed}/{score.twin_pairs}"
             detectors[finding, target] = Detector(score, fit_classifier(views[score.used], y, classes), pair_probe)
             log(f"detector {finding} {target}: latent {score.latent}, HU {score.hu}, chance {score.chance}{twins}")
     return detectors, skipped
@@ -680,10 +704,11 @@ class FindingStudy:
                  f"model {self.model}.",
                  f"Detectors fitted on {self.training}; HU regions: {self.anatomy}.", "",
                  "| finding | target | volumes (patients) | always the commonest | latent probe | HU in anatomy prior | used "
-                 "| real twins: the one with it read higher | ... by the pair probes: latent, HU (used) |",
+                 "| real twins: the one with it read higher (side, lobe: the place that changed most) "
+                 "| ... by the pair probes: latent, HU (used) |",
                  "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {d.finding} | {d.target} | {d.volumes} ({d.patients}) | {d.chance} | {d.latent} | {d.hu} | {d.used} "
-                  f"| {f'{d.twins_raised}/{d.twin_pairs}' if d.twin_pairs else ''} "
+                  f"| {f'{d.twins_placed if d.target in PLACES else d.twins_raised}/{d.twin_pairs}' if d.twin_pairs else ''} "
                   f"| {f'{d.paired_latent}, {d.paired_hu} ({d.paired_used})' if d.paired_used else ''} |"
                   for d in self.detectors]
         lines += [f"- not fitted: {name} ({why})" for name, why in self.skipped.items()]
@@ -827,7 +852,7 @@ def training_set(pipe: CTFlowPipeline, folders: list[Path], stores: list[Path], 
                     again = pipe.autoencoder.encode(hu)  # as a generated volume's latents are read (volume_features)
                 return grid_features(again.cpu()), pooled(hu.cpu().numpy())
 
-            features.append(cache.get(training_feature_key(autoencoder, store, number), make))
+            features.append(cache.get(training_feature_key(autoencoder, store, number), make, keep_hu=True))
             labels.append(json.loads((folder / index[name]["labels"]).read_text(encoding="utf-8"))["findings"])
             groups.append(patient_of(name))
             if len(features) % 20 == 0:
@@ -876,7 +901,7 @@ def run_study(args: argparse.Namespace, log=lambda line: None) -> FindingStudy:
     model = f"{weights_hash(args.model)} {volume_config_hash(pipe.config)}"  # the config sets where volumes end
     features, labels, groups = training_set(pipe, args.data, args.latents, cache, weights_hash(args.model / VAE_FOLDER),
                                             log)
-    detectors, skipped = calibrate(features, labels, groups, log)
+    detectors, skipped = calibrate(features, labels, groups, log, prior)
     studied = tuple(f for f in STUDIED if (f, "present") in detectors)
     writer, writer_located = writer_reports(args.data[0], WORDING_SEED, studied)
     steps = args.steps or pipe.config.sampling.steps
@@ -957,7 +982,7 @@ def run_study(args: argparse.Namespace, log=lambda line: None) -> FindingStudy:
                     placements.append(Placement(report_set, where.name, where.finding, target, expected,
                                                 [str(p) for p in predicted], 1 / len(detector.classifier.classes)))
             for target, expected, places in (("side (change)", where.side, SIDE_REGIONS),
-                                             ("lobe (change)", where.lobe, {name: (name,) for name in LOBES.values()})):
+                                             ("lobe (change)", where.lobe, LOBE_REGIONS)):
                 if expected:
                     placements.append(Placement(report_set, where.name, where.finding, target, expected,
                                                 [max(c, key=c.get) for c in changes(where.text, where.negated, places)],
