@@ -32,7 +32,8 @@ and the reverse), in the view whose cross-validated twins it reads right more of
 whom a pair shares, cancels out; the presence detectors must tell a finding apart across patients, whose other
 differences swamp a small one.
 Side and lobe are also read without a detector: the place (the prior's lobes, or a lung's) where the volume differs
-most from its pair, the same seed with the finding negated ("side (change)", "lobe (change)"). Any change of the
+most from its pair, the same seed with the finding negated ("side (change)", "lobe (change)"); their ceiling is
+counted on the cohort's real twins the same way (placed_by_change). Any change of the
 report moves the heart's border, which the left lung's region takes in more than the right's, so "side (relative
 change)" divides each lung's change by its usual one: its median change, at the same seed, between the writer's
 normal report and his reports of the findings that name no side.
