@@ -431,18 +431,18 @@ def emphysema(scene: Scene, rng: np.random.Generator) -> dict:
 def nodule(scene: Scene, rng: np.random.Generator, side: str | None = None, lobe: str | None = None) -> dict | None:
     """A solid, slightly lobulated nodule of 5-30 mm surrounded by aerated lung of one lobe (of the `side` lung, or
     the `lobe`)."""
-    volumes = np.array([scene.mask(lobe).sum() for lobe in LOBES], dtype=float)
+    volumes = np.array([scene.mask(name).sum() for name in LOBES], dtype=float)
     diameter = 5 + 25 * rng.beta(1.3, 2.5)
     radius = diameter / 2
     tried = rng.choice(list(LOBES), size=len(LOBES), replace=False, p=volumes / volumes.sum())  # drawn as unforced
     allowed = (lobe,) if lobe else SIDES[side] if side else tuple(LOBES)
-    for lobe in (lobe for lobe in tried if lobe in allowed):
-        centre = _interior_point(scene, scene.mask(lobe) & (scene.finding_mask == 0), radius + 3, rng)
+    for chosen in (name for name in tried if name in allowed):
+        centre = _interior_point(scene, scene.mask(chosen) & (scene.finding_mask == 0), radius + 3, rng)
         if centre is not None:
             break
     else:
         return None
-    lobe = str(lobe)
+    lobe = str(chosen)
     box, offsets = _box(scene, centre, radius + 2)
     wobble = 0.12 * _noise(rng, _shape(box), max(2.0, radius), scene.spacing)
     alpha = _ellipsoid(offsets, radius, 0.8, wobble)
