@@ -368,6 +368,13 @@ def test_sampled_cohort_has_positives_negatives_and_varied_length(sampled):
     assert len({p.report.findings for p in sampled}) == len(sampled)
 
 
+def test_the_cohort_lengths_are_its_patients_lengths_without_making_them(sampled):
+    """The length distribution evaluate holds a model's unrequested lengths against: each patient's slice count,
+    drawn without the volume, is the count of the volume generate_patient makes."""
+    assert list(cohort.cohort_lengths(4, 5, size=SIZE)) == [p.labels.shape[0] for p in sampled]
+    assert list(cohort.cohort_lengths(2, 6, size=SIZE)) != list(cohort.cohort_lengths(2, 5, size=SIZE))
+
+
 # ---------------------------------------------------------------- determinism
 
 

@@ -100,6 +100,19 @@ def test_the_unrequested_length_is_held_against_the_typical_length_within_one_bl
     assert evaluate.ModelEvaluation.from_json(written).length_unrequested == length
 
 
+def test_the_unrequested_length_is_also_held_against_every_length_of_the_patients_cohort():
+    """Each generated length against the cohort's whole length distribution, not only its own patient's."""
+    volumes = [evaluate.FreeLength("p1", 130, 100, 40.0), evaluate.FreeLength("p2", 120, 110, 41.0)]
+    population = np.array([90, 100, 120, 125, 130, 150])
+    length = evaluate.UnrequestedLength.of(124, volumes, block=16, population=population)
+    assert length.population_within_one_block == round((2 / 6 + 3 / 6) / 2, 2)  # 100: 90, 100; 110: 100-125
+    assert length.typical_population_within_one_block == 0.5  # 124: 120, 125, 130
+    assert length.within_one_block == 0.5  # the patients' own lengths, as before
+    assert "population_within_one_block" not in evaluate.UnrequestedLength.of(124, volumes, block=16).figures()
+    written = json.loads(json.dumps(dataclasses.replace(an_evaluation(), length_unrequested=length).to_json()))
+    assert evaluate.ModelEvaluation.from_json(written).length_unrequested == length
+
+
 def test_the_lung_volume_is_lung_density_inside_the_body_and_not_the_blur_around_it():
     hu = np.full((4, 40, 40), -1000, np.int16)  # air around the patient
     hu[:, 5:35, 5:35] = 40  # the body
@@ -126,6 +139,7 @@ def test_evaluate_measures_an_exported_model_through_the_pipeline(tiny, data, va
     free = result.length_unrequested.volumes
     assert [v.patient for v in free] == ["tiny_2", "tiny_3"] and all(v.real == 14 for v in free)
     assert all(v.generated == 14 for v in free)  # this model draws no end slice: capped at the typical 14
+    assert result.length_unrequested.population_within_one_block is None  # no cohort's patients: no generator's lengths
     held = [load_case(data, entry) for entry in list_cases(data, 2)[1]]
     assert [v.patient_lungs_end for v in free] == [qa.lungs_end(c.hu[:14]) for c in held]
     assert [v.patient_lung_ml for v in free] == [evaluate.lung_volume_ml(c.hu[:14], c.spacing) for c in held]

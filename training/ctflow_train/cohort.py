@@ -141,6 +141,26 @@ def sample_body(rng: np.random.Generator, base: Template, slice_spacing: float) 
     }
 
 
+def covered_slices(body: dict) -> int:
+    """The slice count of a patient's volume: the coverage, stretched by the cranio-caudal scale."""
+    return int((body["bottom_mm"] - body["top_mm"]) * body["scale_cc"] / body["slice_spacing"]) + 1
+
+
+def cohort_lengths(patients: int, seed: int, size: int = 256, slice_spacing: float = 2.5,
+                   cache: str | Path | None = None) -> np.ndarray:
+    """[patients] the slice counts of the cohort's patients, drawn as generate_patient draws them but without their
+    volumes (thousands a second): the length distribution no report states, that a model's unrequested length is
+    held against (evaluate)."""
+    base = template(size, cache)
+    return np.array([covered_slices(sample_body(_draws(seed, index)[0], base, slice_spacing))
+                     for index in range(patients)])
+
+
+def _draws(seed: int, index: int) -> list[np.random.Generator]:
+    """Patient `index` of cohort `seed`'s random streams: body, findings, report, noise."""
+    return [np.random.default_rng(stream) for stream in np.random.SeedSequence([seed, index]).spawn(4)]
+
+
 def warp(base: Template, body: dict, size: int) -> tuple[np.ndarray, np.ndarray, Geometry]:
     """Resample the working anatomy into the patient's output grid through the body transform.
 
@@ -152,7 +172,7 @@ def warp(base: Template, body: dict, size: int) -> tuple[np.ndarray, np.ndarray,
     working = base.anatomy
     fov = base.body_mm * max(scale[1:]) * body["fov_margin"]
     spacing_out = np.array([body["slice_spacing"], fov / size, fov / size])
-    slices = int((body["bottom_mm"] - body["top_mm"]) * scale[0] / spacing_out[0]) + 1
+    slices = covered_slices(body)
     shape = (slices, size, size)
     spacing_in = np.array(working.geometry.spacing[::-1])
     centre_in = (np.array(working.hu.shape) - 1) / 2
@@ -237,8 +257,7 @@ def generate_patient(
     """Patient `index` of the cohort with `seed`; `present` forces findings on or off, or to a side or lobe
     (twins, tests: findings.draw_findings)."""
     base = template(size, cache)
-    streams = np.random.SeedSequence([seed, index]).spawn(4)
-    body_rng, finding_rng, report_rng, noise_rng = (np.random.default_rng(stream) for stream in streams)
+    body_rng, finding_rng, report_rng, noise_rng = _draws(seed, index)
     body = sample_body(body_rng, base, slice_spacing)
     hu, labels, geometry = warp(base, body, size)
     adjust_lungs(hu, labels, base.anatomy, body["lung_density_shift"])

@@ -40,7 +40,11 @@ from ctflow.qa import TISSUES, lungs_end, seam_continuity
 
 from .options import RunConfig, add_holdout_option, add_threads_option, finite_number, seed
 from .runtime import set_threads
-from .training_data import list_cases, load_case
+from .cohort import cohort_lengths, is_cohort_patient
+from .dataset import patient_of
+from .training_data import Case, list_cases, load_case
+
+POPULATION, POPULATION_SEED = 4000, 1_000_003  # patients of a cohort seed no store is drawn from
 
 
 @dataclass(frozen=True)
@@ -126,19 +130,29 @@ class UnrequestedLength:
     within_one_block: float | None = None
     typical_within_one_block: float | None = None
     typical_error_vs_patient: float | None = None  # the mean error of always ending at the typical length
+    # The same shares expected over the length distribution of the patients' cohort (cohort.cohort_lengths): each
+    # generated length against every length the cohort draws, not only its own patient's. A few dozen patients
+    # give the shares above to within about ten points; these tell the model's lengths apart from its sample's.
+    population_within_one_block: float | None = None
+    typical_population_within_one_block: float | None = None
 
     @classmethod
-    def of(cls, typical: int, volumes: list[FreeLength], block: int | None = None) -> "UnrequestedLength":
+    def of(cls, typical: int, volumes: list[FreeLength], block: int | None = None,
+           population: np.ndarray | None = None) -> "UnrequestedLength":
+        """population: [N] slice counts of the patients' cohort (needs block), None where the data is no cohort."""
         both = [v for v in volumes if v.lungs_end is not None and v.patient_lungs_end is not None]
         lungs = [v for v in volumes if v.lung_ml is not None and v.patient_lung_ml]
         within = () if block is None else (share(abs(v.generated - v.real) <= block for v in volumes),
                                            share(abs(typical - v.real) <= block for v in volumes),
                                            mean(abs(typical - v.real) for v in volumes))
+        expected = () if block is None or population is None else (
+            round(statistics.mean(float(np.mean(abs(population - v.generated) <= block)) for v in volumes), 2),
+            round(float(np.mean(abs(population - typical) <= block)), 2))
         return cls(typical, mean(abs(v.generated - typical) for v in volumes),
                    mean(abs(v.generated - v.real) for v in volumes), volumes,
                    mean(v.lungs_end - v.patient_lungs_end for v in both), mean(v.generated - v.lungs_end for v in both),
                    mean(v.real - v.patient_lungs_end for v in both),
-                   mean(100 * (v.lung_ml / v.patient_lung_ml - 1) for v in lungs), *within)
+                   mean(100 * (v.lung_ml / v.patient_lung_ml - 1) for v in lungs), *within, *expected)
 
     def figures(self) -> dict:
         """The card's figures; the lung ones only where measured (not in evaluations from before them)."""
@@ -148,7 +162,9 @@ class UnrequestedLength:
                    "patient_end_below_lungs": self.patient_end_below_lungs,
                    "lung_volume_vs_patient": self.lung_volume_vs_patient, "within_one_block": self.within_one_block,
                    "typical_within_one_block": self.typical_within_one_block,
-                   "typical_error_vs_patient": self.typical_error_vs_patient}
+                   "typical_error_vs_patient": self.typical_error_vs_patient,
+                   "population_within_one_block": self.population_within_one_block,
+                   "typical_population_within_one_block": self.typical_population_within_one_block}
         return {name: value for name, value in figures.items() if value is not None}
 
 
@@ -253,6 +269,16 @@ def generate_volume(pipe: CTFlowPipeline, report: str, seed: int, prompt_slices:
     return volume, time.perf_counter() - started
 
 
+def cohort_population(cases: list[Case]) -> np.ndarray | None:
+    """The slice counts of POPULATION patients drawn as the cases' cohort draws its patients, where every case is a
+    cohort patient (ctflow-train cohort) of one grid; None for other data (CT-RATE), whose lengths no generator gives."""
+    grids = {(case.hu.shape[-1], float(case.spacing[2])) for case in cases}
+    if len(grids) != 1 or not all(is_cohort_patient(patient_of(case.name)) for case in cases):
+        return None
+    (size, slice_spacing), = grids
+    return cohort_lengths(POPULATION, POPULATION_SEED, size, slice_spacing)
+
+
 def evaluate_model(args: EvaluationRun) -> ModelEvaluation:
     set_threads(args.threads)
     pipe = CTFlowPipeline.from_pretrained(args.model, device="cpu")
@@ -283,7 +309,7 @@ def evaluate_model(args: EvaluationRun) -> ModelEvaluation:
     return ModelEvaluation(
         seam_continuity_generated=summarise(seams),
         seam_continuity_cohort=summarise([seam_jump(case.hu, block) for case in cases]),
-        length_unrequested=UnrequestedLength.of(typical, free, block),
+        length_unrequested=UnrequestedLength.of(typical, free, block, cohort_population(cases)),
         length_requested_in_prompt=LengthInPrompt(
             mean_abs_error=mean(abs(a.generated - a.requested) for a in asked),
             volumes=asked,
