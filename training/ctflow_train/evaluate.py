@@ -5,7 +5,8 @@
 - seam continuity: mean |HU difference| between consecutive slices across block boundaries vs inside blocks
   (real slices only), for generated volumes and, as the reference, for the cohort's own volumes;
 - length: where the model ends a volume by itself, against the cohort's typical length and the length of the
-  patient whose report was used, split into where the lungs end and how far below them the volume ends; and,
+  patient whose report was used (and, for a synthetic cohort, every length it draws), split into where the lungs
+  end and how far below them the volume ends; and,
   with "Length: N slices" in the prompt but the end left to the model, how far its end lies from N;
 - lung volume: the lungs drawn inside the body against the patient's (a model can keep its seams and lengths and
   still draw the lungs small and broken into patches);
@@ -38,10 +39,10 @@ from ctflow.conventions import real_slices
 from ctflow.io import atomic_write, check_output_path
 from ctflow.qa import TISSUES, lungs_end, seam_continuity
 
-from .options import RunConfig, add_holdout_option, add_threads_option, finite_number, seed
-from .runtime import set_threads
 from .cohort import cohort_lengths, is_cohort_patient
 from .dataset import patient_of
+from .options import RunConfig, add_ct_cache_option, add_holdout_option, add_threads_option, finite_number, seed
+from .runtime import set_threads
 from .training_data import Case, list_cases, load_case
 
 POPULATION, POPULATION_SEED = 4000, 1_000_003  # patients of a cohort seed no store is drawn from
@@ -59,6 +60,7 @@ class EvaluationRun(RunConfig):
     threads: int
     out: Path
     overwrite: bool
+    ct_cache: Path | None
 
 
 def mean(values) -> float | None:
@@ -274,14 +276,15 @@ def generate_volume(pipe: CTFlowPipeline, report: str, seed: int, prompt_slices:
     return volume, time.perf_counter() - started
 
 
-def cohort_population(cases: list[Case]) -> np.ndarray | None:
+def cohort_population(cases: list[Case], ct_cache: Path | None = None) -> np.ndarray | None:
     """The slice counts of POPULATION patients drawn as the cases' cohort draws its patients, where every case is a
-    cohort patient (ctflow-train cohort) of one grid; None for other data (CT-RATE), whose lengths no generator gives."""
+    cohort patient (ctflow-train cohort) of one grid; None for other data (CT-RATE), whose lengths no generator gives.
+    ct_cache: where the cohort's base CT is (its lung extent sets the coverage)."""
     grids = {(case.hu.shape[-1], float(case.spacing[2])) for case in cases}
     if len(grids) != 1 or not all(is_cohort_patient(patient_of(case.name)) for case in cases):
         return None
     (size, slice_spacing), = grids
-    return cohort_lengths(POPULATION, POPULATION_SEED, size, slice_spacing)
+    return cohort_lengths(POPULATION, POPULATION_SEED, size, slice_spacing, ct_cache)
 
 
 def evaluate_model(args: EvaluationRun) -> ModelEvaluation:
@@ -314,7 +317,7 @@ def evaluate_model(args: EvaluationRun) -> ModelEvaluation:
     return ModelEvaluation(
         seam_continuity_generated=summarise(seams),
         seam_continuity_cohort=summarise([seam_jump(case.hu, block) for case in cases]),
-        length_unrequested=UnrequestedLength.of(typical, free, block, cohort_population(cases)),
+        length_unrequested=UnrequestedLength.of(typical, free, block, cohort_population(cases, args.ct_cache)),
         length_requested_in_prompt=LengthInPrompt(
             mean_abs_error=mean(abs(a.generated - a.requested) for a in asked),
             volumes=asked,
@@ -335,6 +338,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requested", type=length, nargs="*", default=[96, 160], help="lengths to put in the prompt")
     parser.add_argument("--seed", type=seed, default=0)
     add_threads_option(parser)
+    add_ct_cache_option(parser)
     parser.add_argument("--out", type=Path, required=True, help="JSON to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file (default: refuse)")
 

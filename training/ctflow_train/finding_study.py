@@ -74,7 +74,7 @@ from .evaluate import generate_volume
 from .findings import FINDINGS, LOBES, SIDES, mirrored
 from .heldout import DEFAULT as HELDOUT, HeldOutCase, load_heldout
 from .latent_store import LatentStore, same_encoding
-from .options import add_threads_option, config_rule, count, positive, seed
+from .options import add_ct_cache_option, add_threads_option, config_rule, count, positive, seed
 from .reports import WORDING_SEED, compose_report, normal_report
 from .runtime import set_threads
 
@@ -1063,7 +1063,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prior", type=Path, required=True,
                         help="anatomy prior .npz: read, or made from the first --data cohort's patients and written")
     parser.add_argument("--prior-patients", type=positive(int), default=12, help="cohort patients the prior is made from")
-    parser.add_argument("--ct-cache", type=Path, help="where the cohort's base CT is (as `cohort --cache`)")
+    add_ct_cache_option(parser)
     parser.add_argument("--feature-cache", type=Path,
                         help="folder keeping each volume's features, so a rerun generates only what is new")
     parser.add_argument("--heldout", type=Path, default=HELDOUT, help="held-out report phrasings (JSON)")

