@@ -500,6 +500,20 @@ def test_cli_lobe_twins_put_the_finding_in_each_lobe_of_one_lung_and_change_noth
     assert len(sizes) == 1  # one nodule, in the lobe each twin names
 
 
+def test_a_device_forced_to_a_side_lies_there_and_is_the_patients_device_otherwise(ct_folder, sampled):
+    """Side twins of the device (`cohort --side-twins medical_material`): its pocket in the named side's chest wall,
+    the device, the rest of the patient and every other finding as drawn."""
+    patient = sampled[0]  # generate_patient(5, 0)
+    drawn = cohort.generate_patient(5, 0, size=SIZE, present={"medical_material": True}).findings["medical_material"]
+    for side in ("right", "left"):
+        twin = cohort.generate_patient(5, 0, size=SIZE, present={"medical_material": side})
+        params = twin.findings["medical_material"]
+        assert params["side"] == side and params["device"] == drawn["device"]
+        assert (params["pocket_kji"][2] < midline(twin)) == (side == "right")  # the patient's right: the image's left
+        assert all(twin.findings[k] == patient.findings[k] for k in ALL if k != "medical_material")
+        assert side in twin.report.findings.lower()
+
+
 def test_only_sided_findings_take_a_side(ct_folder):
     with pytest.raises(ValueError, match="cannot be forced to 'left'"):
         cohort.generate_patient(5, 0, size=SIZE, present={"emphysema": "left"})

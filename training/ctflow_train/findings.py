@@ -535,11 +535,13 @@ def arterial_calcification(scene: Scene, rng: np.random.Generator) -> dict:
     return {"severity": severity, "plaques": count, "centres_kji": centres}
 
 
-def medical_material(scene: Scene, rng: np.random.Generator) -> dict:
+def medical_material(scene: Scene, rng: np.random.Generator, side: str | None = None) -> dict:
     """A pacemaker (generator in the chest wall, lead via the superior vena cava to the right ventricle)
-    or a venous port (reservoir in the chest wall, catheter tip at the cavo-atrial junction)."""
+    or a venous port (reservoir in the chest wall, catheter tip at the cavo-atrial junction), in the chest wall of
+    the `side` it is forced to (its side drawn all the same, so every later draw is as unforced)."""
     device = "pacemaker" if rng.random() < 0.5 else "port"
-    side = ("left" if rng.random() < 0.75 else "right") if device == "pacemaker" else ("right" if rng.random() < 0.7 else "left")
+    drawn = ("left" if rng.random() < 0.75 else "right") if device == "pacemaker" else ("right" if rng.random() < 0.7 else "left")
+    side = side or drawn
     lung = scene.mask(*SIDES[side])
     k = int(np.nonzero(lung.any(axis=(1, 2)))[0][0] + rng.uniform(55, 75) / scene.spacing[0])  # below the clavicle
     cols = np.nonzero(lung[k].any(axis=0))[0]
@@ -611,7 +613,7 @@ FINDINGS = (
     Finding("lymphadenopathy", "Lymphadenopathy", "lymph node", 0.3, lymphadenopathy),
     Finding("arterial_calcification", "Arterial wall calcification", "arterial calcification", 0.35,
             arterial_calcification),
-    Finding("medical_material", "Medical material", "device", 0.25, medical_material),
+    Finding("medical_material", "Medical material", "device", 0.25, medical_material, sided=True),
 )
 CODES = {finding.name: code for code, finding in enumerate(FINDINGS, start=1)}
 SIDED = tuple(finding.name for finding in FINDINGS if finding.sided)
