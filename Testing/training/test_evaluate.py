@@ -105,7 +105,7 @@ def test_the_unrequested_length_is_also_held_against_every_length_of_the_patient
     volumes = [evaluate.FreeLength("p1", 130, 100, 40.0), evaluate.FreeLength("p2", 120, 110, 41.0)]
     population = np.array([90, 100, 120, 125, 130, 150])
     length = evaluate.UnrequestedLength.of(124, volumes, block=16, population=population)
-    assert length.population_within_one_block == round((2 / 6 + 3 / 6) / 2, 2)  # 100: 90, 100; 110: 100-125
+    assert length.population_within_one_block == round((2 / 6 + 3 / 6) / 2, 2)  # 100: 90, 100; 110: 100, 120, 125
     assert length.typical_population_within_one_block == 0.5  # 124: 120, 125, 130
     assert length.drawn_population_within_one_block == round((2 + 2 + 3 + 3 + 3 + 1) / 36, 2)  # every pair of draws
     assert length.within_one_block == 0.5  # the patients' own lengths, as before
