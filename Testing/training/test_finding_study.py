@@ -598,6 +598,18 @@ def test_finding_study_probes_the_cohort_and_counts_generated_volumes(tiny, data
     assert fs.run(parser.parse_args([*argv, "--overwrite"])) == 0
     assert len(list((tmp_path / "features").iterdir())) == cached  # nothing generated twice
     assert fs.FindingStudy.from_json(out.read_text()) == result  # and the same figures
+    # one finding alone: its rows of the whole study, read from the same volumes
+    one = tmp_path / "consolidation.json"
+    assert fs.run(parser.parse_args([*argv[:-1], str(one), "--findings", "consolidation"])) == 0
+    alone = fs.FindingStudy.from_json(one.read_text())
+    assert len(list((tmp_path / "features").iterdir())) == cached
+    assert {r.finding for r in alone.responses} == {p.finding for p in alone.placements} == {"consolidation"}
+    assert alone.responses == [r for r in result.responses if r.finding == "consolidation"]
+    assert alone.placements == [p for p in result.placements if p.finding == "consolidation"
+                                and p.target != "side (relative change)"]  # no unsided report to read the usual from
+    assert set(alone.reports) == {"writer/normal"} | {k for k in result.reports if "consolidation" in k}
+    with pytest.raises(CTFlowError, match="--findings nodule: the cohort's labels do not vary it"):
+        fs.run(parser.parse_args([*argv[:-1], str(tmp_path / "nodule.json"), "--findings", "nodule"]))
     assert fs.run(parser.parse_args([*argv, "--seed", "1", "--seeds", "1", "--overwrite"])) == 0
     assert len(list((tmp_path / "features").iterdir())) == cached  # a run over other seeds: the same reports
     assert fs.FindingStudy.from_json(out.read_text()).reports == result.reports

@@ -892,7 +892,7 @@ def run_study(args: argparse.Namespace, log=lambda line: None) -> FindingStudy:
     if len(args.data) != len(args.latents):
         raise CTFlowError("give one --latents store per --data folder, in the same order")
     check_labelled(args.data, args.latents)
-    cases = load_heldout(args.heldout)
+    cases = [c for c in load_heldout(args.heldout) if c.finding in args.findings]
     if args.heldout_per_finding:
         findings = [c.finding for c in cases]
         cases = [c for n, c in enumerate(cases) if findings[:n].count(c.finding) < args.heldout_per_finding]
@@ -903,7 +903,10 @@ def run_study(args: argparse.Namespace, log=lambda line: None) -> FindingStudy:
     features, labels, groups = training_set(pipe, args.data, args.latents, cache, weights_hash(args.model / VAE_FOLDER),
                                             log)
     detectors, skipped = calibrate(features, labels, groups, log, prior)
-    studied = tuple(f for f in STUDIED if (f, "present") in detectors)
+    studied = tuple(f for f in STUDIED if f in args.findings and (f, "present") in detectors)
+    unseen = [f for f in STUDIED if f in args.findings and f not in studied]
+    if unseen and set(args.findings) != set(STUDIED):  # asked by name, not by default
+        raise CTFlowError(f"--findings {' '.join(unseen)}: the cohort's labels do not vary it enough for a detector")
     writer, writer_located = writer_reports(args.data[0], WORDING_SEED, studied)
     steps = args.steps or pipe.config.sampling.steps
     guidance = pipe.config.sampling.guidance if args.guidance is None else args.guidance
@@ -1067,6 +1070,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--feature-cache", type=Path,
                         help="folder keeping each volume's features, so a rerun generates only what is new")
     parser.add_argument("--heldout", type=Path, default=HELDOUT, help="held-out report phrasings (JSON)")
+    parser.add_argument("--findings", nargs="+", choices=STUDIED, default=list(STUDIED), metavar="FINDING",
+                        help="study only these findings (default: every one the cohort's labels vary): "
+                             f"{', '.join(STUDIED)}")
     parser.add_argument("--heldout-per-finding", type=count, default=0,
                         help="study only the first N held-out cases of each finding (0: all)")
     parser.add_argument("--seeds", type=positive(int), default=10, help="generations per report")
