@@ -1071,8 +1071,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="folder keeping each volume's features, so a rerun generates only what is new")
     parser.add_argument("--heldout", type=Path, default=HELDOUT, help="held-out report phrasings (JSON)")
     parser.add_argument("--findings", nargs="+", choices=STUDIED, default=list(STUDIED), metavar="FINDING",
-                        help="study only these findings (default: every one the cohort's labels vary): "
-                             f"{', '.join(STUDIED)}")
+                        help="study only these findings (default: every one the cohort's labels vary; the own "
+                             "report's rank is then among these findings' reports): " f"{', '.join(STUDIED)}")
     parser.add_argument("--heldout-per-finding", type=count, default=0,
                         help="study only the first N held-out cases of each finding (0: all)")
     parser.add_argument("--seeds", type=positive(int), default=10, help="generations per report")
