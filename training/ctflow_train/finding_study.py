@@ -1072,7 +1072,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heldout", type=Path, default=HELDOUT, help="held-out report phrasings (JSON)")
     parser.add_argument("--findings", nargs="+", choices=STUDIED, default=list(STUDIED), metavar="FINDING",
                         help="study only these findings (default: every one the cohort's labels vary; the own "
-                             "report's rank is then among these findings' reports): " f"{', '.join(STUDIED)}")
+                             f"report's rank is then among these findings' reports): {', '.join(STUDIED)}")
     parser.add_argument("--heldout-per-finding", type=count, default=0,
                         help="study only the first N held-out cases of each finding (0: all)")
     parser.add_argument("--seeds", type=positive(int), default=10, help="generations per report")
