@@ -43,7 +43,7 @@ from .evaluate import ModelEvaluation
 from .finding_study import FindingStudy
 from .flow_data import padded
 from .latent_store import LatentStore, Prompts, same_encoding
-from .options import RunConfig, config_rule, positive, probability, seed
+from .options import RunConfig, add_guidance_options, config_rule, positive, probability, seed
 from .reports import normal_report
 from .stages import AVERAGED_IN, STAGE_COLUMNS, STAGES_HEADING, card_stages, stage_table
 from .runtime import load_vae
@@ -487,19 +487,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default="ctflow-demo")
     parser.add_argument("--description", default="CTFlow demo model: small, CPU-friendly, trained on a synthetic cohort.")
     sampling, model = SamplingConfig(), ModelConfig()  # the library's defaults, declared once there
-    parser.add_argument("--steps", type=config_rule("sampling.steps", int), default=sampling.steps,
-                        help="default sampling steps per block")
+    add_guidance_options(parser, sampling)
     parser.add_argument("--sampler", default=sampling.method, choices=METHODS)
     parser.add_argument("--shift", type=config_rule("sampling.shift", float), default=sampling.shift,
                         help="default time shift")
-    parser.add_argument("--guidance", type=config_rule("sampling.guidance", float), default=sampling.guidance,
-                        help="default classifier-free guidance (1: off, fastest)")
-    parser.add_argument("--side-guidance", type=config_rule("sampling.side_guidance", float),
-                        default=sampling.side_guidance,
-                        help="default side guidance: each half of the volume by its half of the report (0: off)")
-    parser.add_argument("--finding-guidance", type=config_rule("sampling.finding_guidance", float),
-                        default=sampling.finding_guidance,
-                        help="default finding guidance: away from the report without its findings (0: off)")
     parser.add_argument("--max-slices", type=config_rule("max_slices", int), default=model.max_slices, help="cap when the model does not end the volume")
     parser.add_argument("--calibration-cases", type=positive(int), default=8, help="volumes used to calibrate end detection")
     parser.add_argument("--evaluation", type=Path, nargs="*", default=[], help="JSON files of measured figures for the model card")

@@ -74,7 +74,7 @@ from .evaluate import generate_volume
 from .findings import FINDINGS, LOBES, SIDES, mirrored
 from .heldout import DEFAULT as HELDOUT, HeldOutCase, load_heldout
 from .latent_store import LatentStore, same_encoding
-from .options import add_ct_cache_option, add_threads_option, config_rule, count, positive, seed
+from .options import add_ct_cache_option, add_guidance_options, add_threads_option, count, positive, seed
 from .reports import WORDING_SEED, compose_report, normal_report
 from .runtime import set_threads
 
@@ -1077,13 +1077,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="study only the first N held-out cases of each finding (0: all)")
     parser.add_argument("--seeds", type=positive(int), default=10, help="generations per report")
     parser.add_argument("--seed", type=seed, default=0)
-    parser.add_argument("--steps", type=config_rule("sampling.steps", int), help="sampling steps per block (default: the model's)")
-    parser.add_argument("--guidance", type=config_rule("sampling.guidance", float),
-                        help="classifier-free guidance (default: the model's)")
-    parser.add_argument("--side-guidance", type=config_rule("sampling.side_guidance", float),
-                        help="side guidance: each half of the volume by its half of the report (default: the model's)")
-    parser.add_argument("--finding-guidance", type=config_rule("sampling.finding_guidance", float),
-                        help="finding guidance: away from the report without its findings (default: the model's)")
+    add_guidance_options(parser)
     add_threads_option(parser)
     parser.add_argument("--out", type=Path, required=True, help="JSON to write (and its tables beside it, .md)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out and its tables if they exist")

@@ -104,6 +104,24 @@ def add_schedule_options(parser: argparse.ArgumentParser, steps: int, lr: float,
                         help=f"steps of linear warm-up, then cosine decay to 10 %% at --steps (default {warmup})")
 
 
+def add_guidance_options(parser: argparse.ArgumentParser, defaults=None) -> None:
+    """The sampler's steps and three guidances: a model's defaults when `defaults` (a SamplingConfig) is given, as
+    export writes them, else overrides of the model's own (None: keep the model's)."""
+
+    def default(field: str, note: str) -> dict:
+        if defaults is None:
+            return {"help": f"{note} (default: the model's)"}
+        return {"default": getattr(defaults, field), "help": f"default {note}"}
+
+    parser.add_argument("--steps", type=config_rule("sampling.steps", int), **default("steps", "sampling steps per block"))
+    parser.add_argument("--guidance", type=config_rule("sampling.guidance", float),
+                        **default("guidance", "classifier-free guidance (1: off, fastest)"))
+    parser.add_argument("--side-guidance", type=config_rule("sampling.side_guidance", float),
+                        **default("side_guidance", "side guidance: each half of the volume by its half of the report (0: off)"))
+    parser.add_argument("--finding-guidance", type=config_rule("sampling.finding_guidance", float),
+                        **default("finding_guidance", "finding guidance: away from the report without its findings (0: off)"))
+
+
 def add_threads_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=count, default=0, help="torch CPU threads (0: torch's default)")
 

@@ -31,7 +31,7 @@ from ctflow.preview import apply_window, plane_image
 from ctflow.report import parse_report, read_report_file
 
 from .evaluate import generate_volume, lung_voxels, lung_volume_ml
-from .options import RunConfig, add_threads_option, config_rule, positive, progress, seed
+from .options import RunConfig, add_guidance_options, add_threads_option, positive, progress, seed
 from .runtime import set_threads
 
 FOCUS_MM = 5.0  # the change is averaged with a Gaussian of this sigma (12 mm across at half height: a finding's size)
@@ -262,13 +262,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--normal", type=Path, required=True, help="the normal report every volume is compared with")
     parser.add_argument("--seeds", type=seed, nargs="+", default=[0, 1], help="seeds: two views each (default 0 1)")
     parser.add_argument("--out", type=Path, default=Path("docs/images/sample_reports.png"), help="PNG to write")
-    parser.add_argument("--steps", type=positive(int), help="sampling steps per block (default: the model's)")
-    parser.add_argument("--guidance", type=config_rule("sampling.guidance", float),
-                        help="classifier-free guidance (default: the model's)")
-    parser.add_argument("--side-guidance", type=config_rule("sampling.side_guidance", float),
-                        help="side guidance (default: the model's)")
-    parser.add_argument("--finding-guidance", type=config_rule("sampling.finding_guidance", float),
-                        help="finding guidance (default: the model's)")
+    add_guidance_options(parser)
     parser.add_argument("--slices", type=positive(int), help="stop every volume at this many slices (default: the "
                                                              "model ends each itself)")
     parser.add_argument("--window", default="lung", choices=list(WINDOWS), help="display window (default lung)")
