@@ -85,3 +85,12 @@ def test_encoding_shares_out_over_ranks_resumes_and_adds(tiny, data, vae_run, ca
     command = ["cache-latents", "--data", str(data), "--vae", str(vae), "--out", str(tmp_path / "another"), "--size",
                str(tiny.SIZE), "--holdout", "1"]
     assert cli.main(command) == 1 and "another VAE or text encoder" in capsys.readouterr().err
+
+
+def test_limit_counts_patients_with_every_twin_of_theirs(tiny, twin_store, vae_run, tmp_path):
+    """`cache-latents --limit 1` on a twin cohort keeps the first patient's three volumes, not the first volume."""
+    out = tmp_path / "first"
+    assert cli.main(["cache-latents", "--data", str(twin_store.parent / "data"), "--vae", str(vae_run[0] / "vae"),
+                     "--out", str(out), "--size", str(tiny.SIZE), "--holdout", "0", "--limit", "1"]) == 0
+    assert LatentStore(out).names == ["synth_0_00000", "synth_0_00000_with_emphysema",
+                                      "synth_0_00000_with_right_consolidation"]

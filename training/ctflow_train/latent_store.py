@@ -318,8 +318,7 @@ def build_store(data: Path, vae_folder: Path, out: Path, holdout: int, size: int
     every case is there. Finished volumes are skipped, so a rerun resumes and a rerun over more data adds."""
     processes = start_processes(join_group=False)  # ranks share nothing but the folder
     rank, world, device = processes.rank, processes.world, processes.device
-    entries, _ = list_cases(data, holdout)
-    entries = entries[:limit] if limit else entries
+    entries, _ = list_cases(data, holdout, limit)
     if variants and not all(entry.get("labels") for entry in entries):
         raise CTFlowError(f"--variants needs the findings of every case (labels/, written by ctflow-train cohort); "
                           f"{data} has cases without")
@@ -359,7 +358,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True,
                         help="store folder: created, or resumed / extended when it holds a store of the same encoders")
     add_holdout_option(parser)
-    parser.add_argument("--limit", type=count, default=0, help="use only the first N training patients (0: all)")
+    parser.add_argument("--limit", type=count, default=0,
+                        help="use only the first N training patients, with every volume of theirs (0: all)")
     add_size_option(parser)
     parser.add_argument("--text-source", default=TextConfig.source, help="text encoder (see ctflow TextConfig.source)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float16",

@@ -28,16 +28,18 @@ class Case:
     finding_mask: np.ndarray | None = None  # uint8 [content_slices, H, W] findings.CODES, when asked for and written
 
 
-def list_cases(folder: str | Path, holdout: int = 0) -> tuple[list[dict], list[dict]]:
+def list_cases(folder: str | Path, holdout: int = 0, limit: int = 0) -> tuple[list[dict], list[dict]]:
     """(training entries, held-out entries) of a prepared folder's index: the last `holdout` patients of the index
     are held out with every volume of theirs (a cohort twin, a CT-RATE patient's other scans), so no volume of a
-    held-out patient is trained on."""
+    held-out patient is trained on; with `limit`, only the first `limit` training patients are trained on, again
+    with every volume of theirs, so a twin is never cut from its patient."""
     entries = read_index(folder)
     patients = list(dict.fromkeys(patient_of(entry["name"]) for entry in entries))  # in the order of the index
     if holdout < 0 or holdout >= len(patients):
         raise CTFlowError(f"holdout {holdout} must leave at least one of the {len(patients)} patients for training")
+    trained = set(patients[:len(patients) - holdout][:limit or None])
     held = set(patients[len(patients) - holdout:])
-    return ([entry for entry in entries if patient_of(entry["name"]) not in held],
+    return ([entry for entry in entries if patient_of(entry["name"]) in trained],
             [entry for entry in entries if patient_of(entry["name"]) in held])
 
 
