@@ -6,13 +6,15 @@ probe: for side twins (`ctflow-train cohort --side-twins ...`: one patient, the 
   slices from 30 to 90 % of the body, clipped to [-1000, 200]. The real twins' score says how large and which sign
   the finding's side gives (positive); a model that follows the side scores positive too.
   Also the pair's mean abs HU change (how much else the side words move).
-confound: the same half difference over the middle third of a cohort's real volumes, grouped by the side words of
-  their Findings. A side word that comes with an anatomy (a denser half) in the cohort is something a denoiser can
-  learn instead of the finding's side (docs/training-log.md, 2026-11-29 and 2026-11-30 late night).
+confound: the same half difference over the middle third of the real volumes of one or more cohorts (pooled),
+  grouped by the side words of their Findings. A side word that comes with an anatomy (a denser half) in the
+  cohort is something a denoiser can learn instead of the finding's side (docs/training-log.md, 2026-11-29 and
+  2026-11-30 late night).
 
   python bench/side_probe.py probe --model Resources/Models/ctflow-demo --data cache/contrast/sideprobe \
       --side-guidance 0 8 --out cache/side_probe.json
   python bench/side_probe.py confound --data cache/cohort
+  python bench/side_probe.py confound --data cache/tw1_29 cache/tw1_40   # two one-patient twin cohorts, pooled
 """
 
 from __future__ import annotations
@@ -79,11 +81,12 @@ def score(volumes: dict[str, np.ndarray]) -> float:
 
 def confound(args: argparse.Namespace) -> dict:
     groups: dict[str, list[float]] = {}
-    for entry in read_index(args.data):
-        words = {word.lower() for word in re.findall(r"\b(right|left)\b", entry["findings"], re.IGNORECASE)}
-        group = "both" if len(words) == 2 else next(iter(words)) if words else "neither"
-        case = load_case(args.data, entry)
-        groups.setdefault(group, []).append(half_difference(case.hu[: case.content_slices], 1 / 3, 2 / 3))
+    for data in args.data:
+        for entry in read_index(data):
+            words = {word.lower() for word in re.findall(r"\b(right|left)\b", entry["findings"], re.IGNORECASE)}
+            group = "both" if len(words) == 2 else next(iter(words)) if words else "neither"
+            case = load_case(data, entry)
+            groups.setdefault(group, []).append(half_difference(case.hu[: case.content_slices], 1 / 3, 2 / 3))
     table = {group: {"volumes": len(values), "mean": round(float(np.mean(values)), 1),
                      "se": round(float(np.std(values, ddof=1) / np.sqrt(len(values))), 1) if len(values) > 1 else None}
              for group, values in sorted(groups.items())}
@@ -105,7 +108,7 @@ def main() -> None:
     run.add_argument("--threads", type=int, default=1)
     run.add_argument("--out", type=Path, help="JSON of every pair's scores")
     words = modes.add_parser("confound", help="side words against half densities in a cohort")
-    words.add_argument("--data", type=Path, required=True)
+    words.add_argument("--data", type=Path, nargs="+", required=True, help="cohort folders, pooled")
     args = parser.parse_args()
     if args.mode == "probe":
         try:
