@@ -81,8 +81,9 @@ def score(volumes: dict[str, np.ndarray]) -> float:
 
 def confound(args: argparse.Namespace) -> dict:
     groups: dict[str, list[float]] = {}
-    for data in args.data:
-        for entry in read_index(data):
+    indexes = [(data, read_index(data)) for data in args.data]  # every folder checked before the slow reading
+    for data, index in indexes:
+        for entry in index:
             words = {word.lower() for word in re.findall(r"\b(right|left)\b", entry["findings"], re.IGNORECASE)}
             group = "both" if len(words) == 2 else next(iter(words)) if words else "neither"
             case = load_case(data, entry)
@@ -118,7 +119,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         write_json(args.out, probe(args), overwrite=False)
     else:
-        confound(args)
+        try:
+            confound(args)
+        except CTFlowError as exc:
+            raise SystemExit(f"side_probe: {exc}") from exc
 
 
 if __name__ == "__main__":
