@@ -111,18 +111,15 @@ def main() -> None:
     words = modes.add_parser("confound", help="side words against half densities in a cohort")
     words.add_argument("--data", type=Path, nargs="+", required=True, help="cohort folders, pooled")
     args = parser.parse_args()
-    if args.mode == "probe":
-        try:
-            json_output(args.out, overwrite=False)
-        except CTFlowError as exc:
-            raise SystemExit(f"side_probe: {exc}") from exc
-        torch.set_num_threads(args.threads)
-        write_json(args.out, probe(args), overwrite=False)
-    else:
-        try:
+    try:  # a bad folder or an existing --out is one line, in either mode
+        if args.mode == "probe":
+            json_output(args.out, overwrite=False)  # refused before minutes of generation
+            torch.set_num_threads(args.threads)
+            write_json(args.out, probe(args), overwrite=False)
+        else:
             confound(args)
-        except CTFlowError as exc:
-            raise SystemExit(f"side_probe: {exc}") from exc
+    except CTFlowError as exc:
+        raise SystemExit(f"side_probe: {exc}") from exc
 
 
 if __name__ == "__main__":
