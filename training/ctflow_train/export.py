@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -92,18 +93,30 @@ class Average:
     run_share: float
     sha256: str  # of the folder's model.safetensors: which weights, whatever the folder holds later
     sibling: dict | None = None
+    nested: str | None = None  # the folder's own card's words when its weights are an average too
 
     def words(self) -> str:
         whose = ("the model this training started from" if self.sibling is None else
                  f"a sibling, the export of a run that started where the last stage did (stage {self.sibling['run']})")
         return (f"EMA weights averaged with {whose}: {self.run_share:.0%} the last stage's, {1 - self.run_share:.0%} "
-                f"those of `{self.folder}` (model.safetensors sha256 {self.sha256[:16]}...)")
+                f"those of `{self.folder}` (model.safetensors sha256 {self.sha256[:16]}...)"
+                + (f' (its own card: "{self.nested}")' if self.nested else ""))
 
     def stages(self, stages: list[dict]) -> list[dict]:
         """The stages the average's weights cost: the run's, and a sibling's own stage marked as averaged in."""
         if self.sibling is None:
             return stages
         return [*stages, {**self.sibling, "run": self.sibling["run"] + AVERAGED_IN}]
+
+
+AVERAGE_WORDS = re.compile(r'EMA weights averaged with .*\.\.\.\)(?:"\))*')  # Average.words, nested ones included
+
+
+def card_average(card: Path) -> str | None:
+    """The words a model card gives its weights' average, if they are one: an average with it must say so, or the
+    card of an average of averages would hide what the weights are made of."""
+    found = AVERAGE_WORDS.search(card.read_text(encoding="utf-8", errors="replace")) if card.is_file() else None
+    return found.group(0) if found else None
 
 
 def average_with_folder(model: STDiT, autoencoder: SliceAutoencoder, stages: list[dict], folder: Path,
@@ -132,7 +145,7 @@ def average_with_folder(model: STDiT, autoencoder: SliceAutoencoder, stages: lis
     other = load_denoiser(folder, config).state_dict()
     model.load_state_dict({name: run_share * tensor + (1 - run_share) * other[name].float()
                            for name, tensor in model.state_dict().items()})
-    return Average(folder, run_share, digests[WEIGHTS], theirs[-1] if sibling else None)
+    return Average(folder, run_share, digests[WEIGHTS], theirs[-1] if sibling else None, card_average(folder / CARD))
 
 
 def load_ema(flow_folder: Path) -> tuple[STDiT, dict]:
