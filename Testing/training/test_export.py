@@ -227,8 +227,8 @@ def test_a_run_exports_as_the_weight_average_with_the_model_it_started_from(tiny
     own = f"25% the last stage's, 75% those of `{start}` (model.safetensors sha256 {sha[:16]}...)"
     train_flow.train(tiny.flow_run(cache, tmp_path / "sibling", steps=1, init=start))
     nested = exported(tiny, tmp_path / "sibling", vae_run, cache, tmp_path / "nested", "--average-with", str(soup))
-    sha = ctflow.checksums.read_manifest(soup)["model.safetensors"]
-    assert (f"those of `{soup}` (model.safetensors sha256 {sha[:16]}...) (its own card: \"EMA weights averaged with "
+    soup_sha = ctflow.checksums.read_manifest(soup)["model.safetensors"]
+    assert (f"those of `{soup}` (model.safetensors sha256 {soup_sha[:16]}...) (its own card: \"EMA weights averaged with "
             f"the model this training started from: {own}\").") in (nested / "README.md").read_text()
 
     train_flow.train(tiny.flow_run(cache, tmp_path / "other", steps=1))  # not where `tuned` started
