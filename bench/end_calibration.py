@@ -23,8 +23,8 @@ from ctflow.errors import CTFlowError  # noqa: E402
 from ctflow.pipeline import CTFlowPipeline  # noqa: E402
 from ctflow_train.export import choose_tolerance, end_distances  # noqa: E402
 from ctflow_train.latent_store import LatentStore, same_encoding  # noqa: E402
-from ctflow_train.options import seed  # noqa: E402
-from generation import add_results_options, markdown, positive_int, run_bench, write_json  # noqa: E402
+from ctflow_train.options import positive, seed  # noqa: E402
+from generation import add_results_options, markdown, run_bench, write_json  # noqa: E402
 
 
 def calibrate(pipe: CTFlowPipeline, store: LatentStore, steps: int, cases: int, seed: int) -> dict:
@@ -56,10 +56,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="model folder")
     parser.add_argument("--latents", type=Path, required=True, help="latent store encoded by the folder's autoencoder")
-    parser.add_argument("--steps", type=positive_int, nargs="+", required=True, help="step counts to calibrate at")
-    parser.add_argument("--cases", type=positive_int, default=8, help="volumes (export's --calibration-cases)")
+    parser.add_argument("--steps", type=positive(int), nargs="+", required=True, help="step counts to calibrate at")
+    parser.add_argument("--cases", type=positive(int), default=8, help="volumes (export's --calibration-cases)")
     parser.add_argument("--seed", type=seed, default=0, help="noise seed (export's --seed)")
-    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=positive(int), help="torch CPU threads (default: torch's choice)")
     add_results_options(parser)
     run_bench("end_calibration", run, parser.parse_args())
 

@@ -44,6 +44,7 @@ from ctflow.pipeline import check_options
 from ctflow.report import parse_report, read_report_file
 from ctflow.sampling import block_velocity, denoiser_codes
 from ctflow.testing import create_random_model
+from ctflow_train.options import positive
 
 REPORT = "Findings: Trachea and main bronchi are patent. No nodule, consolidation or pleural effusion. " \
          "Heart size is normal. Impressions: Normal chest CT."
@@ -83,12 +84,6 @@ def report_file(path: str) -> str:
     except CTFlowError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
     return text
-
-
-def positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number above zero, not {text!r}")
-    return int(text)
 
 
 def add_results_options(parser: argparse.ArgumentParser) -> None:
@@ -315,12 +310,12 @@ def main() -> None:
     parser.add_argument("--report-file", type=report_file, dest="report",
                         help="the report to generate from (default: a normal chest; one that names a side pays for "
                              "side guidance's third row)")
-    parser.add_argument("--slices", type=positive_int, default=64)
-    parser.add_argument("--seeds", type=positive_int, default=1, help="seeds per setting (timings and quality averaged)")
+    parser.add_argument("--slices", type=positive(int), default=64)
+    parser.add_argument("--seeds", type=positive(int), default=1, help="seeds per setting (timings and quality averaged)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="denoiser dtype (auto: bf16 on a GPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the denoiser (compiled in the warm-up)")
-    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=positive(int), help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--setting", action="append", type=setting, default=[],
                         help="extra setting after reference and default")
     parser.add_argument("--no-reference", action="store_true", help="skip the 200-step reference")

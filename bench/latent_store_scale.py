@@ -32,6 +32,7 @@ from ctflow.config import DENOISER_PRESETS
 from ctflow.denoiser import STDiT, parameter_count
 from ctflow_train.flow_data import BlockDataset, SamplingRules, ShareSampler, block_loader
 from ctflow_train.latent_store import FORMAT, INDEX, ROWS, VOLUMES, StoreWriter, open_stores
+from ctflow_train.options import count, positive
 
 SHAPE, TEXT_DIM, BLOCK = (16, 32, 32), 768, 16
 HEADER = {"format": FORMAT, "dtype": "float16", "image_size": 256, "latent_shape": list(SHAPE), "text_dim": TEXT_DIM,
@@ -124,12 +125,12 @@ def ctflow_l_flops_per_block() -> tuple[int, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for the synthetic stores (deleted by hand)")
-    parser.add_argument("--volumes", type=int, nargs="+", default=[1000, 3000, 10000])
-    parser.add_argument("--distinct", type=int, default=300, help="distinct volume files (the rest are hard links)")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--batches", type=int, default=25)
-    parser.add_argument("--gpu-tflops", type=float, default=400.0,
+    parser.add_argument("--volumes", type=positive(int), nargs="+", default=[1000, 3000, 10000])
+    parser.add_argument("--distinct", type=positive(int), default=300, help="distinct volume files (the rest are hard links)")
+    parser.add_argument("--workers", type=count, default=2)
+    parser.add_argument("--batch", type=positive(int), default=8)
+    parser.add_argument("--batches", type=positive(int), default=25)
+    parser.add_argument("--gpu-tflops", type=positive(float), default=400.0,
                         help="sustained bf16 TFLOP/s of one GPU in training (H100: ~990 peak, ~40 %% of it)")
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # the child process: one store
     args = parser.parse_args()

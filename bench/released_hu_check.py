@@ -25,6 +25,8 @@ import torch.nn.functional as F
 
 import ctflow
 from ctflow.autoencoder import SliceAutoencoder
+from ctflow.errors import CTFlowError
+from ctflow_train.options import positive
 
 # name -> (HU window, VAE image range). "[0, 1]" is the model folder's setting (docs/released_model.md).
 CANDIDATES = {
@@ -67,7 +69,7 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="model folder made by `ctflow import-released`")
     parser.add_argument("--ct", type=Path, nargs="+", required=True, help="real chest CT volumes (.nii.gz, .nrrd)")
     parser.add_argument("--reports", type=Path, help="one report per line (default: a normal chest CT report)")
-    parser.add_argument("--seeds", type=int, default=4, help="generated first blocks per report")
+    parser.add_argument("--seeds", type=positive(int), default=4, help="generated first blocks per report")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
@@ -87,4 +89,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:  # a missing or corrupt input is one line
+        sys.exit(main())
+    except CTFlowError as exc:
+        raise SystemExit(f"released_hu_check: {exc}") from exc

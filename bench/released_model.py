@@ -31,11 +31,12 @@ from ctflow.denoiser import STDiT, parameter_count
 from ctflow.devices import select_device
 from ctflow.released import import_released, save_released_layout
 from ctflow.sampling import block_velocity, denoiser_codes
+from ctflow_train.options import positive
 
 sys.path.insert(0, str(Path(__file__).parent))
 from generation import (  # noqa: E402
     DTYPES, REFERENCE, PeakMemory, add_results_options, describe_device, markdown, model_calls, parse_setting,
-    positive_int, run_bench, run_setting, synchronize, write_json,
+    run_bench, run_setting, synchronize, write_json,
 )
 
 DEFAULT = "default=ab2:32:1"  # this project's default sampler (SamplingConfig)
@@ -100,10 +101,10 @@ def project(pipeline, settings: list[str], slices: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=("S", "B", "L"), default="L", help="the paper's model size (released: L)")
-    parser.add_argument("--slices", type=positive_int, default=208, help="volume length (random weights never end a volume)")
+    parser.add_argument("--slices", type=positive(int), default=208, help="volume length (random weights never end a volume)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="float32: as the original runs")
-    parser.add_argument("--threads", type=positive_int, help="torch CPU threads")
+    parser.add_argument("--threads", type=positive(int), help="torch CPU threads")
     parser.add_argument("--no-reference", action="store_true", help="skip the original's Euler 200")
     parser.add_argument("--project", action="store_true", help="project from one call and one slice decode")
     parser.add_argument("--scratch", type=Path, help="folder for the random downloads (default: a temporary one)")

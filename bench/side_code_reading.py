@@ -24,10 +24,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "training"))
+from ctflow.errors import CTFlowError  # noqa: E402
 from ctflow.report import Report, half_reports, parse_report, reported_findings, sided_findings  # noqa: E402
 from ctflow_train.dataset import read_index  # noqa: E402
 from ctflow_train.heldout import load_heldout  # noqa: E402
 from ctflow_train.latent_store import labelled_findings, report_variant  # noqa: E402
+from ctflow_train.options import count, positive  # noqa: E402
 
 NAMES = {"pleural_effusion": "pleural effusion", "consolidation": "consolidation", "ground_glass": "ground-glass opacity",
          "nodule": "nodule", "atelectasis": "atelectasis", "emphysema": "emphysema", "lymphadenopathy": "lymph node",
@@ -49,9 +51,9 @@ def verdict(read: set[str] | None, wanted: set[str]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", nargs="+", type=Path, required=True, help="prepared cohort folders (with labels/)")
-    parser.add_argument("--variants", type=int, default=8, help="report variants per volume, as the stores embed them")
+    parser.add_argument("--variants", type=positive(int), default=8, help="report variants per volume, as the stores embed them")
     parser.add_argument("--heldout", action="store_true", help="also read the held-out phrasings")
-    parser.add_argument("--examples", type=int, default=3, help="sentences printed per finding and verdict")
+    parser.add_argument("--examples", type=count, default=3, help="sentences printed per finding and verdict")
     args = parser.parse_args()
     tally: collections.Counter = collections.Counter()
     shown: collections.Counter = collections.Counter()
@@ -64,7 +66,7 @@ def main() -> int:
                 read.setdefault(name, set()).add(half)
         return read
 
-    def count(kind: str, name: str, read: set[str] | None, wanted: set[str], text: str) -> None:
+    def record(kind: str, name: str, read: set[str] | None, wanted: set[str], text: str) -> None:
         outcome = verdict(read, wanted)
         tally[kind, name, outcome] += 1
         if outcome != "same" and shown[kind, name, outcome] < args.examples:
@@ -81,16 +83,16 @@ def main() -> int:
                 for key, name in NAMES.items():
                     wanted = label_sides(findings.get(key, {"present": False}))
                     if wanted:
-                        count(kind, name, read.get(name), wanted, text)
-                        count(f"{kind}, halves", name, by_halves.get(name), wanted, text)
+                        record(kind, name, read.get(name), wanted, text)
+                        record(f"{kind}, halves", name, by_halves.get(name), wanted, text)
     if args.heldout:
         for case in load_heldout():
             if case.side and case.finding in NAMES:
                 name = NAMES[case.finding]
-                count("held-out", name, sided_findings(case.report).get(name), {case.side}, case.report)
-                count("held-out, halves", name, halves(case.report).get(name), {case.side}, case.report)
-                count("held-out negated", name, sided_findings(case.negated).get(name), set(), case.negated)
-                count("held-out negated, halves", name, halves(case.negated).get(name), set(), case.negated)
+                record("held-out", name, sided_findings(case.report).get(name), {case.side}, case.report)
+                record("held-out, halves", name, halves(case.report).get(name), {case.side}, case.report)
+                record("held-out negated", name, sided_findings(case.negated).get(name), set(), case.negated)
+                record("held-out negated, halves", name, halves(case.negated).get(name), set(), case.negated)
     print("| reports | finding | the labels' side | another | none |")
     print("|---|---|---|---|---|")
     for kind in (f"{k}{h}" for k in ("writer", "variant", "held-out", "held-out negated") for h in ("", ", halves")):
@@ -102,4 +104,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:  # a missing or corrupt input is one line
+        sys.exit(main())
+    except CTFlowError as exc:
+        raise SystemExit(f"side_code_reading: {exc}") from exc

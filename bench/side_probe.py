@@ -34,6 +34,7 @@ from ctflow.entry import quiet_third_party_logs  # noqa: E402
 from ctflow.errors import CTFlowError  # noqa: E402
 from ctflow.pipeline import CTFlowPipeline  # noqa: E402
 from ctflow_train.evaluate import generate_volume  # noqa: E402
+from ctflow_train.options import at_least_zero, positive, seed  # noqa: E402
 from ctflow_train.training_data import load_case, read_index  # noqa: E402
 from generation import json_output, write_json  # noqa: E402  (bench/, the script's folder)
 
@@ -102,11 +103,11 @@ def main() -> None:
     run = modes.add_parser("probe", help="right report against left report on side twins")
     run.add_argument("--model", type=Path, required=True)
     run.add_argument("--data", type=Path, required=True, help="a side-twins cohort folder")
-    run.add_argument("--side-guidance", type=float, nargs="+", default=[0.0])
-    run.add_argument("--seeds", type=int, nargs="+", default=[0])
-    run.add_argument("--steps", type=int, default=16)
-    run.add_argument("--guidance", type=float, default=3.0)
-    run.add_argument("--threads", type=int, default=1)
+    run.add_argument("--side-guidance", type=at_least_zero(float), nargs="+", default=[0.0])
+    run.add_argument("--seeds", type=seed, nargs="+", default=[0])
+    run.add_argument("--steps", type=positive(int), default=16)
+    run.add_argument("--guidance", type=at_least_zero(float), default=3.0)
+    run.add_argument("--threads", type=positive(int), default=1)
     run.add_argument("--out", type=Path, help="JSON of every pair's scores")
     words = modes.add_parser("confound", help="side words against half densities in a cohort")
     words.add_argument("--data", type=Path, nargs="+", required=True, help="cohort folders, pooled")

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ctflow_train.options import count, positive
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "CTFlowSlicer"), str(REPO / "Testing" / "slicer")]  # the module; standin, pythonqt_host
 REPORT = REPO / "Resources" / "SampleReports" / "right_pleural_effusion.txt"
@@ -30,12 +32,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="model folder (default: a random model of --preset)")
     parser.add_argument("--preset", default="tiny", choices=("tiny", "cpu"), help="size of the random model")
-    parser.add_argument("--slices", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=400,
+    parser.add_argument("--slices", type=positive(int), default=32)
+    parser.add_argument("--steps", type=count, default=400,
                         help="sampling steps per block (0: the model's default); 400 gives the tiny model blocks "
                              "of about half a second, several timer ticks, as real models have")
     parser.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--tick", type=float, default=0.1, help="the panel's timer interval, s (default: 0.1)")
+    parser.add_argument("--tick", type=positive(float), default=0.1, help="the panel's timer interval, s (default: 0.1)")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="ctflow-bench-"))
     from ctflow.testing import create_random_model

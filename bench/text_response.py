@@ -30,6 +30,7 @@ from ctflow.sampling import denoiser_codes  # noqa: E402
 from ctflow_train.finding_study import STUDIED, WORDING_SEED, writer_reports  # noqa: E402
 from ctflow_train.heldout import load_heldout  # noqa: E402
 from ctflow_train.latent_store import LatentStore  # noqa: E402
+from ctflow_train.options import positive  # noqa: E402
 from generation import json_output, write_json  # noqa: E402  (bench/, the script's folder)
 
 TIMES = (0.9, 0.6, 0.3)
@@ -72,7 +73,7 @@ def main() -> int:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--latents", type=Path, required=True, help="latent store the blocks are taken from")
     parser.add_argument("--data", type=Path, required=True, help="cohort folder whose labels give the writer's reports")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=positive(int), default=2)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = parser.parse_args()

@@ -19,7 +19,9 @@ import torch
 
 from ctflow.autoencoder import SliceAutoencoder
 from ctflow.config import AutoencoderConfig
+from ctflow.errors import CTFlowError
 from ctflow.model_folder import load_vae
+from ctflow_train.options import positive
 
 
 def decode_seconds(autoencoder: SliceAutoencoder, latents: torch.Tensor, chunk: int, channels_last: bool) -> float:
@@ -35,11 +37,11 @@ def decode_seconds(autoencoder: SliceAutoencoder, latents: torch.Tensor, chunk: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vae", required=True, help="a folder holding vae/: a model folder or a VAE training folder")
-    parser.add_argument("--size", type=int, default=256, help="slice rows = columns")
-    parser.add_argument("--slices", type=int, default=16, help="slices per timed decode (one block)")
-    parser.add_argument("--chunks", type=int, nargs="+", default=[1, 2, 4, 16])
-    parser.add_argument("--repeats", type=int, default=3, help="best of N")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--size", type=positive(int), default=256, help="slice rows = columns")
+    parser.add_argument("--slices", type=positive(int), default=16, help="slices per timed decode (one block)")
+    parser.add_argument("--chunks", type=positive(int), nargs="+", default=[1, 2, 4, 16])
+    parser.add_argument("--repeats", type=positive(int), default=3, help="best of N")
+    parser.add_argument("--threads", type=positive(int), default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     autoencoder = SliceAutoencoder(load_vae(Path(args.vae)), AutoencoderConfig(image_size=args.size))
@@ -55,4 +57,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:  # a missing or corrupt input is one line
+        main()
+    except CTFlowError as exc:
+        raise SystemExit(f"vae_decode: {exc}") from exc

@@ -45,3 +45,27 @@ def test_generation_times_the_report_file_it_is_given(tmp_path):
     facts = json.loads((tmp_path / "results.json").read_text())
     assert facts["report"] == "Findings: Right pleural effusion.\nImpressions: Right pleural effusion.\n"
     assert [row["setting"] for row in facts["results"]] == ["default"] and facts["results"][0]["slices"] == 8
+
+
+@pytest.mark.parametrize("script, args, code, message", [
+    ("vae_decode.py", ["--vae", "{tmp}", "--threads", "0"], 2, "--threads: must be a whole number above zero, not 0"),
+    ("vae_decode.py", ["--vae", "{tmp}"], 1, "vae_decode: cannot load the slice autoencoder from {tmp}/vae"),
+    ("latent_store_scale.py", ["--out", "{tmp}/stores", "--batch", "0"], 2, "--batch: must be a whole number above"),
+    ("latent_store_scale.py", ["--out", "{tmp}/stores", "--gpu-tflops", "inf"], 2, "must be a finite number above"),
+    ("side_probe.py", ["probe", "--model", "{tmp}", "--data", "{tmp}", "--guidance", "nan"], 2,
+     "--guidance: must be a finite number >= 0, not nan"),
+    ("side_probe.py", ["probe", "--model", "{tmp}", "--data", "{tmp}", "--seeds", "-1"], 2, "--seeds: must be a whole"),
+    ("slicer_logic.py", ["--tick", "nan"], 2, "--tick: must be a finite number above zero, not nan"),
+    ("side_code_reading.py", ["--data", "{tmp}", "--variants", "0"], 2, "--variants: must be a whole number above"),
+    ("side_code_reading.py", ["--data", "{tmp}/none"], 1, "side_code_reading: data folder {tmp}/none does not exist"),
+    ("text_response.py", ["--model", "{tmp}", "--latents", "{tmp}", "--data", "{tmp}", "--out", "{tmp}/o.json",
+                          "--threads", "-2"], 2, "--threads: must be a whole number above zero, not -2"),
+    ("released_hu_check.py", ["--model", "{tmp}", "--ct", "{tmp}/ct.nii.gz", "--seeds", "0"], 2,
+     "--seeds: must be a whole number above zero, not 0"),
+    ("released_hu_check.py", ["--model", "{tmp}/none", "--ct", "{tmp}/ct.nii.gz"], 1, "released_hu_check: model"),
+])
+def test_every_bench_script_refuses_a_bad_number_or_input_in_one_line(tmp_path, script, args, code, message):
+    result = bench(script, *[a.format(tmp=tmp_path) for a in args])
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == code and message.format(tmp=tmp_path) in last, result.stderr
+    assert "Traceback" not in result.stderr and list(tmp_path.iterdir()) == []
