@@ -100,14 +100,23 @@ def load_denoiser(folder: Path, config: ModelConfig):
 
 
 def load_vae(folder: Path):
+    """The slice autoencoder of a model folder."""
+    return load_autoencoder_kl(folder / VAE_FOLDER)
+
+
+def load_autoencoder_kl(vae_folder: Path):
+    """A diffusers AutoencoderKL folder (a model folder's vae/, or a VAE training run's): safetensors only, never
+    from a hub; a missing folder says so, where diffusers would advise an internet connection."""
     from diffusers import AutoencoderKL
 
+    if not (vae_folder / CONFIG).is_file():
+        raise CorruptModelError(f"cannot load the slice autoencoder from {vae_folder}: it holds no {CONFIG}")
     try:
-        return AutoencoderKL.from_pretrained(folder / VAE_FOLDER, use_safetensors=True, local_files_only=True)
+        return AutoencoderKL.from_pretrained(vae_folder, use_safetensors=True, local_files_only=True)
     except Exception as exc:  # a damaged or hostile config fails anywhere inside diffusers
         if is_out_of_memory(exc):
             raise
-        raise CorruptModelError(f"cannot load the slice autoencoder from {folder / VAE_FOLDER}: {first_line(exc)}") from exc
+        raise CorruptModelError(f"cannot load the slice autoencoder from {vae_folder}: {first_line(exc)}") from exc
 
 
 def save_model(

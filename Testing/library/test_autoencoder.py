@@ -1,10 +1,12 @@
 """The slice autoencoder adapter over diffusers.AutoencoderKL."""
 
+import pytest
 import torch
 from diffusers import AutoencoderKL
 
 from ctflow.autoencoder import VAE_PRESETS, SliceAutoencoder
 from ctflow.config import AutoencoderConfig
+from ctflow.errors import CorruptModelError
 from ctflow.model_folder import load_vae
 
 
@@ -52,3 +54,12 @@ def test_a_flux_vae_folder_loads_unchanged(tmp_path):
     raw = ae.vae.encode(ae.hu_to_model(hu)[:, None].expand(-1, 3, -1, -1)).latent_dist.mode()
     assert torch.allclose(ae.encode(hu), (raw - 0.1159) * 0.3611, atol=1e-5)
     assert ae.decode(ae.encode(hu)).shape == (2, 32, 32)
+
+
+def test_a_model_folder_without_its_autoencoder_says_so_in_one_line(tmp_path):
+    """Not diffusers' advice to check the internet connection: the folder is local and never a hub id."""
+    (tmp_path / "empty" / "vae").mkdir(parents=True)
+    for folder in (tmp_path / "none", tmp_path / "empty"):
+        with pytest.raises(CorruptModelError) as caught:
+            load_vae(folder)
+        assert str(caught.value) == f"cannot load the slice autoencoder from {folder / 'vae'}: it holds no config.json"

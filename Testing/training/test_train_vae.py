@@ -168,3 +168,9 @@ def test_resume_continues_bit_for_bit(tiny, data, tmp_path):
     assert a.keys() == b.keys() and "rng/torch" in a and all(torch.equal(a[k], b[k]) for k in a)
     losses = [[row.rsplit(",", 1)[0] for row in (f / "loss.csv").read_text().splitlines()] for f in (straight, resumed)]
     assert losses[0] == losses[1] and len(losses[0]) == 5  # all but the last column, the seconds a step took
+
+
+def test_a_vae_folder_that_is_not_there_is_one_line_not_a_hub_lookup(tmp_path):
+    """`export --vae`, `cache-latents` and a VAE run's --init read a VAE folder through the library's one loader."""
+    with pytest.raises(CTFlowError, match=f"from {tmp_path / 'none'}: it holds no config.json$"):
+        load_vae(tmp_path / "none", 16)

@@ -13,6 +13,7 @@ import torch
 from ctflow.autoencoder import SliceAutoencoder
 from ctflow.batch import rank_and_world
 from ctflow.config import AutoencoderConfig
+from ctflow.model_folder import load_autoencoder_kl
 
 def set_threads(threads: int) -> None:
     """--threads: torch's CPU threads, or torch's own choice for 0."""
@@ -62,7 +63,5 @@ def load_vae(folder: str | os.PathLike, image_size: int, device: str | torch.dev
              chunk_size: int = 4) -> SliceAutoencoder:
     """A trained VAE folder (diffusers, safetensors only, never from a hub) behind ctflow's HU mapping; small chunks
     by default, which suit CPU caches."""
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(Path(folder), use_safetensors=True, local_files_only=True).to(device)
+    vae = load_autoencoder_kl(Path(folder)).to(device)
     return SliceAutoencoder(vae, AutoencoderConfig(image_size=image_size, chunk_size=chunk_size))
