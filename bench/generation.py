@@ -311,7 +311,8 @@ def main() -> None:
                         help="the report to generate from (default: a normal chest; one that names a side pays for "
                              "side guidance's third row)")
     parser.add_argument("--slices", type=positive(int), default=64)
-    parser.add_argument("--seeds", type=positive(int), default=1, help="seeds per setting (timings and quality averaged)")
+    parser.add_argument("--seeds", type=positive(int), default=1,
+                        help="seeds per setting (timings and quality averaged)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="denoiser dtype (auto: bf16 on a GPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the denoiser (compiled in the warm-up)")

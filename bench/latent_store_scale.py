@@ -126,7 +126,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for the synthetic stores (deleted by hand)")
     parser.add_argument("--volumes", type=positive(int), nargs="+", default=[1000, 3000, 10000])
-    parser.add_argument("--distinct", type=positive(int), default=300, help="distinct volume files (the rest are hard links)")
+    parser.add_argument("--distinct", type=positive(int), default=300,
+                        help="distinct volume files (the rest are hard links)")
     parser.add_argument("--workers", type=count, default=2)
     parser.add_argument("--batch", type=positive(int), default=8)
     parser.add_argument("--batches", type=positive(int), default=25)

@@ -101,7 +101,8 @@ def project(pipeline, settings: list[str], slices: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=("S", "B", "L"), default="L", help="the paper's model size (released: L)")
-    parser.add_argument("--slices", type=positive(int), default=208, help="volume length (random weights never end a volume)")
+    parser.add_argument("--slices", type=positive(int), default=208,
+                        help="volume length (random weights never end a volume)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="float32: as the original runs")
     parser.add_argument("--threads", type=positive(int), help="torch CPU threads")

@@ -51,7 +51,8 @@ def verdict(read: set[str] | None, wanted: set[str]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", nargs="+", type=Path, required=True, help="prepared cohort folders (with labels/)")
-    parser.add_argument("--variants", type=positive(int), default=8, help="report variants per volume, as the stores embed them")
+    parser.add_argument("--variants", type=positive(int), default=8,
+                        help="report variants per volume, as the stores embed them")
     parser.add_argument("--heldout", action="store_true", help="also read the held-out phrasings")
     parser.add_argument("--examples", type=count, default=3, help="sentences printed per finding and verdict")
     args = parser.parse_args()

@@ -37,7 +37,8 @@ def main() -> None:
                         help="sampling steps per block (0: the model's default); 400 gives the tiny model blocks "
                              "of about half a second, several timer ticks, as real models have")
     parser.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--tick", type=positive(float), default=0.1, help="the panel's timer interval, s (default: 0.1)")
+    parser.add_argument("--tick", type=positive(float), default=0.1,
+                        help="the panel's timer interval, s (default: 0.1)")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="ctflow-bench-"))
     from ctflow.testing import create_random_model
