@@ -233,6 +233,16 @@ class STDiT(nn.Module):
         for layer in self.blocks:
             nn.init.zeros_(layer.cross.proj.weight)
 
+    def report_readers(self) -> set[str]:
+        """Names of the weights that turn the report into conditioning: the text embedders, any report-code embedder
+        and every layer's cross-attention: what an export may take whole from another model of the same lineage
+        (ctflow-train export --text-from), keeping that model's reading of the words over the run's."""
+        readers = [self.text_embed, self.text_vector, self.side_embed, self.finding_embed, self.side_map_embed,
+                   self.finding_map_embed, *(layer.cross for layer in self.blocks)]
+        chosen = {id(module) for module in readers if module is not None}
+        return {f"{prefix}.{name}" for prefix, module in self.named_modules() if id(module) in chosen
+                for name, _ in module.named_parameters()}
+
     def _patch_positions(self, tokens: torch.Tensor) -> torch.Tensor:
         # tokens: [B, D, t, h, w] -> [B, t, s, D] with fixed spatial and temporal position codes added
         b, d, nt, nh, nw = tokens.shape

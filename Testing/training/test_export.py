@@ -19,7 +19,9 @@ from safetensors.torch import load_file, save_file
 import ctflow
 import ctflow.checksums
 from ctflow.config import DENOISER_PRESETS, SamplingConfig
+from ctflow.denoiser import STDiT
 from ctflow.ending import white_frames
+from ctflow.model_folder import read_config
 from ctflow.report import Report
 from ctflow.volume import Geometry, Volume
 from ctflow_train import export, finding_study, latent_store, stages, train_flow
@@ -251,6 +253,48 @@ def test_a_run_exports_as_the_weight_average_with_the_model_it_started_from(tiny
         with pytest.raises(SystemExit):
             exported(tiny, tmp_path / "tuned", vae_run, cache, tmp_path / "no", "--average-with", str(start),
                      "--run-share", share)
+    assert not (tmp_path / "no").exists()
+
+
+def test_a_run_exports_with_the_report_reading_weights_of_the_model_it_started_from(tiny, vae_run, cache, tmp_path):
+    """--text-from: the weights that read the report are the folder's, whole; every other weight stays the run's (or
+    the average's); the card says whose, and an unrelated folder is refused as for --average-with."""
+    train_flow.train(tiny.flow_run(cache, tmp_path / "first", steps=2))
+    start = exported(tiny, tmp_path / "first", vae_run, cache, tmp_path / "start")
+    train_flow.train(tiny.flow_run(cache, tmp_path / "tuned", steps=2, init=start))
+    mixed = exported(tiny, tmp_path / "tuned", vae_run, cache, tmp_path / "mixed", "--text-from", str(start))
+    soup = exported(tiny, tmp_path / "tuned", vae_run, cache, tmp_path / "soup", "--average-with", str(start),
+                    "--run-share", "0.25", "--text-from", str(start))
+    ema = {k.removeprefix("ema/"): v for k, v in load_file(tmp_path / "tuned" / "checkpoint.safetensors").items()
+           if k.startswith("ema/")}
+    began = load_file(start / "model.safetensors")
+    readers = STDiT(read_config(start).denoiser).report_readers()
+    assert any(".cross." in name for name in readers) and any(name.startswith("text_embed.") for name in readers)
+    assert not any(".spatial." in name or ".temporal." in name or ".mlp." in name for name in readers)
+    differ = {k for k in ema if not torch.equal(ema[k], began[k])}
+    assert differ & readers and differ - readers  # training moved both kinds, so each check below can fail
+    for folder, rest in ((mixed, lambda k: ema[k]), (soup, lambda k: 0.25 * ema[k] + 0.75 * began[k])):
+        stored = load_file(folder / "model.safetensors")
+        assert all(torch.equal(stored[k], began[k]) for k in readers)
+        assert all(torch.allclose(stored[k], rest(k)) for k in ema.keys() - readers)
+    sha = ctflow.checksums.read_manifest(start)["model.safetensors"]
+    total = sum(v.numel() for v in ema.values())
+    count = sum(ema[k].numel() for k in readers)
+    assert (f"EMA weights; the weights that read the report (its embedders and every layer's cross-attention, "
+            f"{count:,} of {total:,} parameters) taken whole from `{start}` (model.safetensors sha256 {sha[:16]}...).") \
+        in (mixed / "README.md").read_text()
+    assert (f"75% those of `{start}` (model.safetensors sha256 {sha[:16]}...); the weights that read the report"
+            in (soup / "README.md").read_text())
+    assert [s["run"] for s in export.card_stages(mixed / "README.md")] == ["first", "tuned"]
+    pipe = ctflow.CTFlowPipeline.from_pretrained(mixed, device="cpu")  # a model folder like any other
+    assert pipe.generate(ctflow.GenerationRequest("Findings: Normal.", slices=4, seed=0)).hu.shape[0] == 4
+
+    train_flow.train(tiny.flow_run(cache, tmp_path / "other", steps=1))  # not where `tuned` started
+    unrelated = exported(tiny, tmp_path / "other", vae_run, cache, tmp_path / "unrelated")
+    with pytest.raises(ctflow.CTFlowError, match="--text-from .*neither a model this run started from"):
+        exported(tiny, tmp_path / "tuned", vae_run, cache, tmp_path / "no", "--text-from", str(unrelated))
+    with pytest.raises(ctflow.CTFlowError, match="--text-from .*already holds this run's weights"):
+        exported(tiny, tmp_path / "tuned", vae_run, cache, tmp_path / "no", "--text-from", str(mixed))
     assert not (tmp_path / "no").exists()
 
 

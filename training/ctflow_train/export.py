@@ -7,6 +7,8 @@
 A run fine-tuned from a model folder can be exported as the weight average of the two (`--average-with`), or of
 itself and a sibling: the export of another run started where this one did. The average often keeps what each does
 better (a "model soup", Wortsman et al. 2022); its card says so, and lists a sibling's stage as averaged in.
+`--text-from` takes the weights that read the report whole from such a folder; the rest stays the run's (or the
+average's).
 
 The end-of-volume threshold is calibrated here: the pipeline calls a frame white when more than
 end_fraction of its latent values lie within end_tolerance of the white slice's latent. A trained model
@@ -80,33 +82,59 @@ class ExportRun(RunConfig):
     overwrite: bool
     average_with: Path | None
     run_share: float | None
+    text_from: Path | None
     normal_report: Path | None
     no_normal_report: bool
 
 
 @dataclass(frozen=True)
-class Average:
-    """A denoiser exported as `run_share` x the run's EMA weights + the rest x those of a model folder: one the run
-    started from, or a sibling (`sibling`: its own last stage, from its card)."""
+class Source:
+    """A model folder an export takes weights from: one the run started from, or a sibling (`sibling`: its own last
+    stage, from its card), as it was read."""
 
     folder: Path
-    run_share: float
     sha256: str  # of the folder's model.safetensors: which weights, whatever the folder holds later
+    weights: dict[str, torch.Tensor]
     sibling: dict | None = None
     nested: str | None = None  # the folder's own card's words when its weights are an average too
 
-    def words(self) -> str:
-        whose = ("the model this training started from" if self.sibling is None else
-                 f"a sibling, the export of a run that started where the last stage did (stage {self.sibling['run']})")
-        return (f"EMA weights averaged with {whose}: {self.run_share:.0%} the last stage's, {1 - self.run_share:.0%} "
-                f"those of `{self.folder}` (model.safetensors sha256 {self.sha256[:16]}...)"
+    def named(self) -> str:
+        return (f"`{self.folder}` (model.safetensors sha256 {self.sha256[:16]}...)"
                 + (f' (its own card: "{self.nested}")' if self.nested else ""))
 
     def stages(self, stages: list[dict]) -> list[dict]:
-        """The stages the average's weights cost: the run's, and a sibling's own stage marked as averaged in."""
-        if self.sibling is None:
+        """The stages the weights cost: the run's, and a sibling's own stage marked as averaged in (once)."""
+        if self.sibling is None or any(stage["run"] == self.sibling["run"] + AVERAGED_IN for stage in stages):
             return stages
         return [*stages, {**self.sibling, "run": self.sibling["run"] + AVERAGED_IN}]
+
+
+@dataclass(frozen=True)
+class Average:
+    """A denoiser exported as `run_share` x the run's EMA weights + the rest x those of `source`."""
+
+    source: Source
+    run_share: float
+
+    def words(self) -> str:
+        sibling = self.source.sibling
+        whose = ("the model this training started from" if sibling is None else
+                 f"a sibling, the export of a run that started where the last stage did (stage {sibling['run']})")
+        return (f"EMA weights averaged with {whose}: {self.run_share:.0%} the last stage's, {1 - self.run_share:.0%} "
+                f"those of {self.source.named()}")
+
+
+@dataclass(frozen=True)
+class TextPath:
+    """The weights that read the report (STDiT.report_readers: `parameters` of `total`) taken whole from `source`."""
+
+    source: Source
+    parameters: int
+    total: int
+
+    def words(self) -> str:
+        return (f"the weights that read the report (its embedders and every layer's cross-attention, "
+                f"{self.parameters:,} of {self.total:,} parameters) taken whole from {self.source.named()}")
 
 
 AVERAGE_WORDS = re.compile(r'EMA weights averaged with .*\.\.\.\)(?:"\))*')  # Average.words, nested ones included
@@ -119,33 +147,48 @@ def card_average(card: Path) -> str | None:
     return found.group(0) if found else None
 
 
-def average_with_folder(model: STDiT, autoencoder: SliceAutoencoder, stages: list[dict], folder: Path,
-                        run_share: float) -> Average:
-    """Turn `model` (the run's EMA) into its weight average with the denoiser of `folder`. Only a folder this run
-    warm-started from, directly or through earlier runs (its card's stages are all in the run's lineage), or a
-    sibling's (its stages but its last are the run's but its last), decoding the same autoencoder: an average of
-    unrelated weights is no model, and its card could not say what it cost."""
+def related_source(option: str, model: STDiT, autoencoder: SliceAutoencoder, stages: list[dict],
+                   folder: Path) -> Source:
+    """The denoiser of `folder` for `option`. Only a folder this run warm-started from, directly or through earlier
+    runs (its card's stages are all in the run's lineage), or a sibling's (its stages but its last are the run's but
+    its last), decoding the same autoencoder: a mix of unrelated weights is no model, and its card could not say what
+    it cost."""
     digests = verify_model_folder(folder)
     theirs, ours = card_stages(folder / CARD), [stage["run"] for stage in stages]
     names = [stage["run"] for stage in theirs]
     sibling = len(ours) > 1 and names[:-1] == ours[:-1] and names[-1] not in ours
     if not names or not (sibling or set(names) <= set(ours)):
-        raise CTFlowError(f"--average-with {folder}: neither a model this run started from nor a sibling's (the "
+        raise CTFlowError(f"{option} {folder}: neither a model this run started from nor a sibling's (the "
                           f"stages its card lists, {names or 'none'}, are not the run's lineage)")
     if ours[-1] in names:  # e.g. the recipe run twice: the folder is already this run's export
-        raise CTFlowError(f"--average-with {folder}: it already holds this run's weights (its card lists the stage "
-                          f"{ours[-1]}); average with the model the run started from")
+        raise CTFlowError(f"{option} {folder}: it already holds this run's weights (its card lists the stage "
+                          f"{ours[-1]}); take the model the run started from")
     config = read_config(folder)
     if config.denoiser != model.config:
-        raise CTFlowError(f"--average-with {folder}: its denoiser is shaped differently from this run's")
+        raise CTFlowError(f"{option} {folder}: its denoiser is shaped differently from this run's")
     exported, vae = autoencoder.vae.state_dict(), load_folder_vae(folder).state_dict()
     if exported.keys() != vae.keys() or any(not torch.equal(exported[name], vae[name]) for name in vae):
-        raise CTFlowError(f"--average-with {folder}: it decodes with another autoencoder than --vae, so its denoiser "
+        raise CTFlowError(f"{option} {folder}: it decodes with another autoencoder than --vae, so its denoiser "
                           "speaks other latents")
-    other = load_denoiser(folder, config).state_dict()
-    model.load_state_dict({name: run_share * tensor + (1 - run_share) * other[name].float()
+    weights = {name: tensor.float() for name, tensor in load_denoiser(folder, config).state_dict().items()}
+    return Source(folder, digests[WEIGHTS], weights, theirs[-1] if sibling else None, card_average(folder / CARD))
+
+
+def average_with(model: STDiT, source: Source, run_share: float) -> Average:
+    """Turn `model` (the run's EMA) into its weight average with the denoiser of `source`."""
+    model.load_state_dict({name: run_share * tensor + (1 - run_share) * source.weights[name]
                            for name, tensor in model.state_dict().items()})
-    return Average(folder, run_share, digests[WEIGHTS], theirs[-1] if sibling else None, card_average(folder / CARD))
+    return Average(source, run_share)
+
+
+def text_path_from(model: STDiT, source: Source) -> TextPath:
+    """Give `model` the weights of `source` that read the report, whole: a fine-tuned run's layout with the reading
+    of the words of the model it started from (the run log, 2026-12-07, night, screens what each half carries)."""
+    readers = model.report_readers()
+    model.load_state_dict({name: source.weights[name] if name in readers else tensor
+                           for name, tensor in model.state_dict().items()})
+    return TextPath(source, sum(p.numel() for name, p in model.named_parameters() if name in readers),
+                    parameter_count(model))
 
 
 def load_ema(flow_folder: Path) -> tuple[STDiT, dict]:
@@ -307,7 +350,7 @@ class TrainingData:
 
 def model_card(config: ModelConfig, vae_metrics: AutoencoderMetrics, flow_meta: dict, stages: list[dict], cache_meta: dict,
                data: TrainingData, calibration: dict, end: dict, evaluations: list[dict], parameters: dict,
-               average: Average | None = None) -> str:
+               average: Average | None = None, text: TextPath | None = None) -> str:
     """README.md of the model folder: what it was trained on, how long, how good, and what it cannot do.
     `evaluations`: the --evaluation files (a ModelEvaluation, a finding study, other figures)."""
     known = [s for s in stages if not s.get("missing")]
@@ -339,7 +382,7 @@ def model_card(config: ModelConfig, vae_metrics: AutoencoderMetrics, flow_meta: 
         f"{', told which findings the report reports (report.finding_code)' if config.denoiser.finding_code else ''}"
         f"{', each patch told which findings the report reports (report.finding_code)' if config.denoiser.finding_map else ''}), "
         f"flow matching with StartBoost, predicting the {config.denoiser.prediction} target; "
-        f"{average.words() if average else 'EMA weights'}. "
+        f"{average.words() if average else 'EMA weights'}{'; ' + text.words() if text else ''}. "
         f"Trained in {len(stages)} stage(s), each warm-started from the one before"
         f"{' but those averaged in, which started where the one before did' if averaged_in else ''}: "
         f"{sum(s['steps'] for s in known)} steps, {sum(s['minutes'] for s in known):.0f} min in all "
@@ -463,9 +506,14 @@ def export(args: ExportRun) -> Path:
         raise CTFlowError(f"{args.cache} was not encoded by the autoencoder of --vae {args.vae}: the model would "
                           "decode latents it was not trained on")
     stages = lineage(args.flow)
-    average = None if args.average_with is None else average_with_folder(
-        model, autoencoder, stages, args.average_with, 0.5 if args.run_share is None else args.run_share)
-    stages = average.stages(stages) if average else stages
+    average = text = None
+    if args.average_with is not None:
+        average = average_with(model, related_source("--average-with", model, autoencoder, stages, args.average_with),
+                               0.5 if args.run_share is None else args.run_share)
+    if args.text_from is not None:
+        text = text_path_from(model, related_source("--text-from", model, autoencoder, stages, args.text_from))
+    for mixed in (average, text):
+        stages = mixed.source.stages(stages) if mixed else stages
     vae_metrics = AutoencoderMetrics.read(args.vae)
     data = TrainingData.of(stages, args.cache)
     calibration = end_distances(model, autoencoder, cache, sampling, args.calibration_cases, args.seed)
@@ -487,7 +535,7 @@ def export(args: ExportRun) -> Path:
     )
     parameters = {"vae": parameter_count(autoencoder.vae), "denoiser": parameter_count(model)}
     card = model_card(config, vae_metrics, flow_meta, stages, cache.meta, data,
-                      calibration, end, evaluations, parameters, average)
+                      calibration, end, evaluations, parameters, average, text)
     stored = model.half() if args.half else model  # the pipeline loads either into its own dtype
     return save_model(args.out, config, stored, autoencoder.vae, card, overwrite=args.overwrite)
 
@@ -514,6 +562,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "export of a run started where this one did): export the weight average of the run's EMA and "
                         "its denoiser (end detection is calibrated on the average)")
     parser.add_argument("--run-share", type=probability, help="the run's share of that average (default 0.5)")
+    parser.add_argument("--text-from", type=Path, help="a model folder as for --average-with: take its weights that "
+                        "read the report (the text embedders and every layer's cross-attention) whole, after any "
+                        "average (end detection is calibrated on the result)")
     normal = parser.add_mutually_exclusive_group()
     normal.add_argument("--normal-report", type=Path, help="a report file of no finding, in the words the model trained "
                         "on, to draw every report of no finding from (default: the cohort writer's normal report for "
