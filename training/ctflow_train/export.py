@@ -183,7 +183,7 @@ def average_with(model: STDiT, source: Source, run_share: float) -> Average:
 
 def text_path_from(model: STDiT, source: Source) -> TextPath:
     """Give `model` the weights of `source` that read the report, whole: a fine-tuned run's layout with the reading
-    of the words of the model it started from (the run log, 2026-12-07, night, screens what each half carries)."""
+    of the words of the model it started from (the run log, 2026-12-07 late evening, screens what each part carries)."""
     readers = model.report_readers()
     model.load_state_dict({name: source.weights[name] if name in readers else tensor
                            for name, tensor in model.state_dict().items()})
