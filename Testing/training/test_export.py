@@ -295,6 +295,9 @@ def test_a_run_exports_with_the_report_reading_weights_of_the_model_it_started_f
         exported(tiny, tmp_path / "tuned", vae_run, cache, tmp_path / "no", "--text-from", str(unrelated))
     with pytest.raises(ctflow.CTFlowError, match="--text-from .*already holds this run's weights"):
         exported(tiny, tmp_path / "tuned", vae_run, cache, tmp_path / "no", "--text-from", str(mixed))
+    for option in ("--text-from", "--average-with"):  # a missing folder: which option's
+        with pytest.raises(ctflow.CTFlowError, match=f"^{option}: .*missing"):
+            exported(tiny, tmp_path / "tuned", vae_run, cache, tmp_path / "no", option, str(tmp_path / "missing"))
     assert not (tmp_path / "no").exists()
 
 

@@ -153,7 +153,10 @@ def related_source(option: str, model: STDiT, autoencoder: SliceAutoencoder, sta
     runs (its card's stages are all in the run's lineage), or a sibling's (its stages but its last are the run's but
     its last), decoding the same autoencoder: a mix of unrelated weights is no model, and its card could not say what
     it cost."""
-    digests = verify_model_folder(folder)
+    try:
+        digests = verify_model_folder(folder)
+    except CTFlowError as exc:  # which option's folder it is
+        raise CTFlowError(f"{option}: {exc}") from None
     theirs, ours = card_stages(folder / CARD), [stage["run"] for stage in stages]
     names = [stage["run"] for stage in theirs]
     sibling = len(ours) > 1 and names[:-1] == ours[:-1] and names[-1] not in ours
@@ -182,8 +185,8 @@ def average_with(model: STDiT, source: Source, run_share: float) -> Average:
 
 
 def text_path_from(model: STDiT, source: Source) -> TextPath:
-    """Give `model` the weights of `source` that read the report, whole: a fine-tuned run's layout with the reading
-    of the words of the model it started from (the run log, 2026-12-07 late evening, screens what each part carries)."""
+    """Give `model` the weights of `source` that read the report, whole: the run's other weights with a related
+    model's reading of the words (the run log, 2026-12-07 late evening, screens what each part carries)."""
     readers = model.report_readers()
     model.load_state_dict({name: source.weights[name] if name in readers else tensor
                            for name, tensor in model.state_dict().items()})
@@ -508,8 +511,8 @@ def export(args: ExportRun) -> Path:
     stages = lineage(args.flow)
     average = text = None
     if args.average_with is not None:
-        average = average_with(model, related_source("--average-with", model, autoencoder, stages, args.average_with),
-                               0.5 if args.run_share is None else args.run_share)
+        source = related_source("--average-with", model, autoencoder, stages, args.average_with)
+        average = average_with(model, source, 0.5 if args.run_share is None else args.run_share)
     if args.text_from is not None:
         text = text_path_from(model, related_source("--text-from", model, autoencoder, stages, args.text_from))
     for mixed in (average, text):
