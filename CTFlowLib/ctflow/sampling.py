@@ -153,14 +153,15 @@ def finding_onset(slices: int) -> torch.Tensor:
 class Guidance:
     """How one generation guides, decided once (plan()): classifier-free guidance at `scale` (1: the conditional
     branch alone; else against the empty report), side guidance at `side` over the report's `places` (0: none, as
-    plan() makes it for a report whose places all read the same text) and finding guidance at `finding` (0: none,
-    as plan() makes it for a report without findings): guided() says how each mixes."""
+    plan() makes it for a report whose places all read the same text), a side model's at `side_model` with it, and
+    finding guidance at `finding` (0: none, as plan() makes it for a report without findings): guided() says how
+    each mixes."""
 
     scale: float
     side: float = 0.0
     finding: float = 0.0
     places: Places | None = None
-    side_model: float = 0.0  # the side model's weight (0: none, as plan() makes it without side guidance)
+    side_model: float = 0.0
 
     def __post_init__(self) -> None:
         if self.side > 0 and self.places is None:
