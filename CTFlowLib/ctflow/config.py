@@ -188,8 +188,7 @@ class TextConfig:
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Defaults for the rectified-flow sampler; every field but side_model_guidance (which comes with the side
-    model's weights) can be overridden per request.
+    """Defaults for the rectified-flow sampler; every field can be overridden per request.
 
     ab2 with 32 steps: 3.7x faster than the 200-step Euler reference at 1.4 HU mean difference (docs/BENCHMARKS.md).
     """
@@ -200,9 +199,6 @@ class SamplingConfig:
     guidance: float = 1.0
     side_guidance: float = 0.0  # each half (each lobe, with a lobe prior) guided by its text (places.Places); 0: off
     finding_guidance: float = 0.0  # away from the report without its findings (sampling.guided); 0: off
-    # With side guidance, the side model's (model_folder.SIDE_WEIGHTS) own half against the other half, added at
-    # this weight (sampling.guided); 0: off, and no side model is loaded.
-    side_model_guidance: float = 0.0
     # "ctflow": start from the encoded black slice, end at the first white latent slice (or a decoded white one).
     # "released": the published generator: start and end markers are VAE posterior samples of the all-zero and
     # all-one image, a block whose first slice is white is the last one (kept), trailing white slices are trimmed.
@@ -247,7 +243,7 @@ class ModelConfig:
         # Written only when set, so a folder without them stays readable by older ctflow.
         if not self.text.tuned:
             del data["text"]["tuned"]
-        for name in ("side_guidance", "finding_guidance", "side_model_guidance"):
+        for name in ("side_guidance", "finding_guidance"):
             if not getattr(self.sampling, name):
                 del data["sampling"][name]
         if not self.normal_report:
@@ -327,7 +323,6 @@ _RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "sampling.guidance": _between(0, MAX_GUIDANCE),
     "sampling.side_guidance": _between(0, MAX_GUIDANCE),
     "sampling.finding_guidance": _between(0, MAX_GUIDANCE),
-    "sampling.side_model_guidance": _between(0, MAX_GUIDANCE),
     "geometry.spacing": _above_zero(1000),
     "max_slices": _between(1, MAX_SLICES),
     "typical_slices": _between(1, MAX_SLICES),

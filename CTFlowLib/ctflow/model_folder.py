@@ -21,7 +21,6 @@ from .io import atomic_folder, read_text_file, refuse_foreign_folder
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
-SIDE_WEIGHTS = "side_model.safetensors"  # optional: a second denoiser of the same config, whose side guides (sampling)
 VAE_FOLDER = "vae"
 CARD = "README.md"
 
@@ -65,40 +64,38 @@ def read_config(folder: Path) -> ModelConfig:
         raise CorruptModelError(f"{folder / CONFIG} nests too deeply to be a model config") from exc
 
 
-def load_denoiser(folder: Path, config: ModelConfig, weights: str = WEIGHTS):
-    """The denoiser with its weights (`weights`: WEIGHTS, or SIDE_WEIGHTS for the side model), after checking every
-    tensor's shape against the config without allocating: a config and weights that disagree (or a config asking
-    for absurd sizes) end in one CorruptModelError."""
+def load_denoiser(folder: Path, config: ModelConfig):
+    """The denoiser with its weights, after checking every tensor's shape against the config without allocating:
+    a config and weights that disagree (or a config asking for absurd sizes) end in one CorruptModelError."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     from .denoiser import STDiT
 
-    path = folder / weights
     with torch.device("meta"):
         wanted = {name: tuple(tensor.shape) for name, tensor in STDiT(config.denoiser).state_dict().items()}
     try:
-        with safe_open(str(path), framework="pt") as handle:
+        with safe_open(str(folder / WEIGHTS), framework="pt") as handle:
             found = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
     except (SafetensorError, OSError) as exc:
-        raise CorruptModelError(f"cannot read {path}: {exc}") from exc
+        raise CorruptModelError(f"cannot read {folder / WEIGHTS}: {exc}") from exc
     missing, unexpected = sorted(wanted.keys() - found.keys()), sorted(found.keys() - wanted.keys())
     if missing or unexpected:
         raise CorruptModelError(
-            f"{path} does not fit the denoiser in {CONFIG} "
+            f"{folder / WEIGHTS} does not fit the denoiser in {CONFIG} "
             f"(missing {len(missing)} tensors, unexpected {len(unexpected)}), e.g. {(missing or unexpected)[:3]}"
         )
     for name, shape in wanted.items():
         if found[name] != shape:
             raise CorruptModelError(
-                f"{path} does not fit the denoiser in {CONFIG}: {name} is {list(found[name])}, "
+                f"{folder / WEIGHTS} does not fit the denoiser in {CONFIG}: {name} is {list(found[name])}, "
                 f"the config makes it {list(shape)}"
             )
     model = STDiT(config.denoiser)
     try:
-        model.load_state_dict(load_file(path))
+        model.load_state_dict(load_file(folder / WEIGHTS))
     except (SafetensorError, OSError, RuntimeError) as exc:
-        raise CorruptModelError(f"cannot read {path}: {str(exc).strip().splitlines()[-1]}") from exc
+        raise CorruptModelError(f"cannot read {folder / WEIGHTS}: {str(exc).strip().splitlines()[-1]}") from exc
     return model.eval().requires_grad_(False)
 
 

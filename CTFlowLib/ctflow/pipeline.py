@@ -31,7 +31,7 @@ from .denoiser import STDiT, parameter_count
 from .errors import CorruptModelError, CTFlowError, ModelError, RequestError
 from .hub import default_model, is_hub_id, resolve_model
 from .io import read_text_file
-from .model_folder import CARD, SIDE_WEIGHTS, load_denoiser, load_vae, model_sha256, read_config, verify_model_folder
+from .model_folder import CARD, load_denoiser, load_vae, model_sha256, read_config, verify_model_folder
 from .places import LOBE_FILE, LobePrior, Places
 from .report import (Report, parse_report, reading_of, render_prompt, reports_no_finding, typed_meta_lines,
                      without_findings)
@@ -198,18 +198,6 @@ def local_config(model: str | os.PathLike | None, revision: str | None = None) -
     return read_config(resolve_model(model if model is not None else default_model()))
 
 
-def load_side_denoiser(folder: Path, config: ModelConfig, checksums: dict[str, str], device: torch.device,
-                       dtype: torch.dtype) -> STDiT | None:
-    """The folder's side model (SIDE_WEIGHTS) where its config guides by one; a config that asks for one the
-    checksums do not list is a damaged folder."""
-    if config.sampling.side_model_guidance == 0:
-        return None
-    if SIDE_WEIGHTS not in checksums:
-        raise CorruptModelError(f"{folder} asks for side model guidance but its checksums list no {SIDE_WEIGHTS}; "
-                                "re-download the model")
-    return load_denoiser(folder, config, SIDE_WEIGHTS).to(device, dtype)
-
-
 def refuse_revision_for_folder(model: str | os.PathLike | None, revision: str | None) -> None:
     """A revision picks a version of a hub model; silently ignoring it for a local folder would mislead."""
     if revision and (model is None or Path(model).expanduser().is_dir()):
@@ -222,7 +210,7 @@ class CTFlowPipeline:
     def __init__(
         self, config: ModelConfig, denoiser: STDiT, autoencoder: SliceAutoencoder, text_encoder: TextEncoder,
         model_id: str = "", model_sha256: str = "", device: torch.device = torch.device("cpu"), card: str = "",
-        lobe_prior: LobePrior | None = None, side_denoiser: STDiT | None = None,
+        lobe_prior: LobePrior | None = None,
     ) -> None:
         if text_encoder.dim != config.denoiser.text_dim:
             raise ModelError(f"text encoder width {text_encoder.dim} != denoiser text_dim {config.denoiser.text_dim}")
@@ -230,8 +218,6 @@ class CTFlowPipeline:
             raise ModelError(
                 f"VAE latent channels {autoencoder.latent_channels} != denoiser {config.denoiser.latent_channels}"
             )
-        if (side_denoiser is None) != (config.sampling.side_model_guidance == 0):
-            raise ModelError("a side model and side model guidance above 0 come together")
         self.config = config
         self.denoiser = denoiser
         self.autoencoder = autoencoder
@@ -241,7 +227,6 @@ class CTFlowPipeline:
         self.device = device
         self.card = card  # the model folder's README.md: data, training, metrics, limits
         self.lobe_prior = lobe_prior  # where the lungs' lobes lie: side guidance places a lobe's findings there
-        self.side_denoiser = side_denoiser  # the side model: side guidance adds its own half against the other
 
     @classmethod
     def from_pretrained(
@@ -262,14 +247,13 @@ class CTFlowPipeline:
             text_encoder = TextEncoder.load(config.text, folder, local_files_only)
             text_encoder.model.to(target)
             lobe_prior = LobePrior.load(folder, config.denoiser.latent_size) if LOBE_FILE in checksums else None
-            side_denoiser = load_side_denoiser(folder, config, checksums, target, dtype)
         except (RuntimeError, MemoryError) as exc:
             if not is_out_of_memory(exc):
                 raise
             raise out_of_memory(target, f"loading {folder.name}") from exc
         model_id = str(model) if model is not None and not Path(model).is_dir() else config.name
         return cls(config, denoiser, autoencoder, text_encoder, model_id, model_sha256(checksums), target, card,
-                   lobe_prior, side_denoiser)
+                   lobe_prior)
 
     # -- planning -------------------------------------------------------------------------------------------
 
@@ -302,9 +286,8 @@ class CTFlowPipeline:
         drawn = self.drawn_report(report)
         prompt, reference = render(drawn), render(without_findings(drawn))
         places = Places.of(drawn, render, self.lobe_prior, resolved.slices or self.config.typical_slices)
-        side = resolved.side_guidance if len(places.texts) > 1 else 0.0
-        guidance = Guidance(resolved.guidance, side, resolved.finding_guidance if reference != prompt else 0.0, places,
-                            self.config.sampling.side_model_guidance if side > 0 else 0.0)
+        guidance = Guidance(resolved.guidance, resolved.side_guidance if len(places.texts) > 1 else 0.0,
+                            resolved.finding_guidance if reference != prompt else 0.0, places)
         texts = guidance.texts(prompt, reference)
         embedding = self.text_encoder.encode(texts)
         notices = []
@@ -390,11 +373,8 @@ class CTFlowPipeline:
         return Volume(np.concatenate([b.hu for b in blocks]), blocks[0].geometry, provenance)
 
     def compile(self, **options) -> "CTFlowPipeline":
-        """torch.compile the denoiser and a side model (every block has the same shape, so each compiles once); the
-        first block is slow."""
+        """torch.compile the denoiser (every block has the same shape, so it compiles once); the first block is slow."""
         self.denoiser = torch.compile(self.denoiser, **options)
-        if self.side_denoiser is not None:
-            self.side_denoiser = torch.compile(self.side_denoiser, **options)
         return self
 
     @property
@@ -419,7 +399,6 @@ class CTFlowPipeline:
             "block_slices": self.config.denoiser.block_slices,
             "sampling": dataclasses.asdict(self.config.sampling),
             "lobe_prior": self.lobe_prior is not None,  # side guidance places a lobe's findings in that lobe
-            "side_model": self.side_denoiser is not None,  # side guidance adds a side-twin model's sides
             "description": self.config.description,
         }
 
@@ -483,7 +462,7 @@ class CTFlowPipeline:
                 try:
                     velocity = block_velocity(self.denoiser, previous, plan.text, plan.text_mask, first_slice,
                                               plan.guidance, denoiser_codes(plan.code_texts, self.config.denoiser,
-                                                                        first_slice), self.side_denoiser)
+                                                                        first_slice))
                     clean = sample(velocity, noise, req.steps, req.sampler, req.shift, is_cancelled)
                 except Cancelled:
                     return

@@ -88,8 +88,7 @@ def validate(steps: int, method: str, shift: float) -> None:
 
 
 def guided(model_velocity: Velocity, scale: float, side: float = 0.0, finding: float = 0.0,
-           places: Callable[[torch.Size], torch.Tensor] | None = None, side_model: float = 0.0,
-           side_model_velocity: Velocity | None = None) -> Velocity:
+           places: Callable[[torch.Size], torch.Tensor] | None = None) -> Velocity:
     """Guidance with one forward over rows in Guidance.texts' order: [the prompt, or with side guidance the texts
     of the report's places (places.Places); the report without its findings, with finding guidance; the empty
     report, when scale != 1]. model_velocity sees z once per row and returns every row.
@@ -99,17 +98,12 @@ def guided(model_velocity: Velocity, scale: float, side: float = 0.0, finding: f
     side > 1: v_cond = v_other + side * (v_own - v_other), own the weighted sum of the rows' velocities, other the
     same with the weights mirrored across the columns (without a lobe prior: the patient's right columns by the
     right half's text, away from the left half's, and the other way round). The denoiser sees the whole volume in
-    every row; the weights apply to what each text asks for. With a side model (side_model > 0,
-    side_model_velocity: a second denoiser over the places' rows alone), v_cond += side_model * (s_own - s_other),
-    the same own and other of its rows: a model trained on side twins tells the sides apart where the denoiser
-    does not, and adds nothing where the halves read alike. Finding guidance then guides away from the report
+    every row; the weights apply to what each text asks for. Finding guidance then guides away from the report
     without its findings: v_cond += finding * (v_cond - v_reference), what the findings' words change and not what
     the rest of the report does, eased in over the block's first slices (FINDING_ONSET). Classifier-free guidance
     mixes the result with the empty report's: v = v_uncond + scale * (v_cond - v_uncond)."""
     if side > 0 and places is None:
         raise ValueError("side guidance needs the weights of the report's places")
-    if side_model > 0 and (side == 0 or side_model_velocity is None):
-        raise ValueError("side model guidance needs side guidance and the side model's velocity")
     where: list[torch.Tensor] = []  # the weights, made at the first call (they need z's shape)
 
     def velocity(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -119,12 +113,9 @@ def guided(model_velocity: Velocity, scale: float, side: float = 0.0, finding: f
         rows = texts + (finding > 0) + (scale != 1.0)
         v = list(model_velocity(torch.cat([z] * rows), t).chunk(rows))
         if side > 0:
-            own, other = own_and_other(where[0], torch.stack(v[:texts]))
+            place_rows = torch.stack(v[:texts])
+            own, other = (where[0] * place_rows).sum(0), (where[0].flip(-1) * place_rows).sum(0)
             cond = other + side * (own - other)
-            if side_model > 0:
-                own, other = own_and_other(where[0], torch.stack(side_model_velocity(torch.cat([z] * texts), t)
-                                                                 .chunk(texts)))
-                cond = cond + side_model * (own - other)
         else:
             cond = v[0]
         v = v[texts:]
@@ -133,12 +124,6 @@ def guided(model_velocity: Velocity, scale: float, side: float = 0.0, finding: f
         return cond if scale == 1.0 else v[0] + scale * (cond - v[0])
 
     return velocity
-
-
-def own_and_other(weights: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The places' rows [texts, ...] summed by each cell's own weights [texts, ..., T, h, w], and by the mirrored
-    cell's (the weights flipped across the columns)."""
-    return (weights * rows).sum(0), (weights.flip(-1) * rows).sum(0)
 
 
 def finding_onset(slices: int) -> torch.Tensor:
@@ -153,21 +138,17 @@ def finding_onset(slices: int) -> torch.Tensor:
 class Guidance:
     """How one generation guides, decided once (plan()): classifier-free guidance at `scale` (1: the conditional
     branch alone; else against the empty report), side guidance at `side` over the report's `places` (0: none, as
-    plan() makes it for a report whose places all read the same text), a side model's at `side_model` with it, and
-    finding guidance at `finding` (0: none, as plan() makes it for a report without findings): guided() says how
-    each mixes."""
+    plan() makes it for a report whose places all read the same text) and finding guidance at `finding` (0: none,
+    as plan() makes it for a report without findings): guided() says how each mixes."""
 
     scale: float
     side: float = 0.0
     finding: float = 0.0
     places: Places | None = None
-    side_model: float = 0.0
 
     def __post_init__(self) -> None:
         if self.side > 0 and self.places is None:
             raise ValueError("side guidance needs the report's places")
-        if self.side_model > 0 and self.side == 0:
-            raise ValueError("side model guidance acts through side guidance's places")
 
     @property
     def branches(self) -> int:
@@ -183,16 +164,13 @@ class Guidance:
         return ([*(self.places.texts if self.side > 0 else [prompt])] + [reference] * (self.finding > 0)
                 + [""] * (self.scale != 1.0))
 
-    def velocity(self, model_velocity: Velocity, first_slice: int = 0,
-                 side_model_velocity: Velocity | None = None) -> Velocity:
+    def velocity(self, model_velocity: Velocity, first_slice: int = 0) -> Velocity:
         """model_velocity sees z repeated once per row, in texts' order; first_slice: the block's, where the
-        places' weights depend on the level (a lobe prior); side_model_velocity: the side model's, over the places'
-        rows alone."""
+        places' weights depend on the level (a lobe prior)."""
         if self.branches == 1:
             return model_velocity
         return guided(model_velocity, self.scale, self.side, self.finding,
-                      None if self.side == 0 else lambda shape: self.places.weights(first_slice, shape),
-                      self.side_model, side_model_velocity)
+                      None if self.side == 0 else lambda shape: self.places.weights(first_slice, shape))
 
 
 def denoiser_codes(texts: tuple[str, ...], config: DenoiserConfig, first_slice: int) -> torch.Tensor | None:
@@ -204,33 +182,17 @@ def denoiser_codes(texts: tuple[str, ...], config: DenoiserConfig, first_slice: 
 
 
 def block_velocity(denoiser, previous: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, first_slice: int,
-                   guidance: Guidance, codes: torch.Tensor | None = None, side_denoiser=None) -> Velocity:
+                   guidance: Guidance, codes: torch.Tensor | None = None) -> Velocity:
     """The velocity field of one block for a denoiser (STDiT), guided; its conditioning is computed once here.
 
     previous: [1, C, T, h, w] clean block before it; text, mask: [guidance.branches, M, D], [branches, M] in
     Guidance.texts' order; first_slice: the block's first slice in the volume; codes: [branches,
-    config.code_size] in the same order (denoiser_codes), for a denoiser that reads a code; side_denoiser: the
-    side model (a denoiser of the same config), for side model guidance, over the places' rows (the first ones).
-    One home for the pipeline and the export's end calibration, so the calibration meets the blocks the pipeline
-    makes."""
-    model = conditioned(denoiser, previous, text, mask, first_slice, codes)
-    if guidance.side_model == 0:
-        return guidance.velocity(model, first_slice)
-    if side_denoiser is None:
-        raise ValueError("side model guidance needs the side model")
-    rows = len(guidance.places.texts)
-    side_model = conditioned(side_denoiser, previous, text[:rows], mask[:rows], first_slice,
-                             None if codes is None else codes[:rows])
-    return guidance.velocity(model, first_slice, side_model)
-
-
-def conditioned(denoiser, previous: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, first_slice: int,
-                codes: torch.Tensor | None) -> Velocity:
-    """The denoiser's velocity for z with one row per text row (block_velocity's arguments), conditioned once."""
-    cond = denoiser.prepare(previous.expand(len(text), -1, -1, -1, -1), text, mask, torch.tensor(float(first_slice)),
-                            codes)
+    config.code_size] in the same order (denoiser_codes), for a denoiser that reads a code. One home for the pipeline
+    and the export's end calibration, so the calibration meets the blocks the pipeline makes."""
+    cond = denoiser.prepare(previous.expand(guidance.branches, -1, -1, -1, -1), text, mask,
+                            torch.tensor(float(first_slice)), codes)
 
     def model(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # z: one row per text
         return denoiser(z, t.expand(z.shape[0]), cond)
 
-    return model
+    return guidance.velocity(model, first_slice)

@@ -146,40 +146,6 @@ def test_side_guidance_mixes_any_number_of_place_texts_by_their_weights():
         assert torch.allclose(v[0, 0, 0], other + side * (own - other))
 
 
-def test_a_side_model_adds_its_own_half_against_the_other_before_the_other_guidance():
-    """cond = the denoiser's side-guided rows + side_model * (the side model's own - its mirrored), one forward of
-    the side model over the places' rows alone; finding and classifier-free guidance then amplify it as they do the
-    denoiser's own side."""
-    report, reference = "Right nodule. Heart normal.", "Heart."
-    places = Places((report, "Heart normal."), ({OUTSIDE: 0}, {OUTSIDE: 1}))
-    rows = {report: 5.0, "Heart normal.": 3.0, reference: 2.0, "": 1.0}
-    side_rows = torch.tensor([7.0, 4.0])[:, None, None, None, None]  # the side model's right and left text
-    for guidance, right, left in ((Guidance(1.0, 1.0, places=places, side_model=2.0), 5 + 2 * 3, 3 - 2 * 3),
-                                  (Guidance(3.0, 1.0, 1.0, places, 0.5), 1 + 3 * (2 * (5 + 1.5) - 2 - 1),
-                                   1 + 3 * (2 * (3 - 1.5) - 2 - 1)),
-                                  (Guidance(3.0, 1.0, 1.0, places), 1 + 3 * (2 * 5 - 2 - 1), 1 + 3 * (2 * 3 - 2 - 1))):
-        texts = guidance.texts(report, reference)
-        values = torch.tensor([rows[text] for text in texts])[:, None, None, None, None]
-        calls = []
-
-        def side_model(z, t):
-            calls.append(("side", z.shape[0]))
-            return side_rows + z
-
-        def model(z, t):
-            calls.append(("model", z.shape[0]))
-            return values + z
-
-        v = guidance.velocity(model, 0, side_model)(torch.zeros(1, 2, 3, 3, 4), torch.tensor(0.5))
-        assert torch.equal(v[:, :, -1, :, :2], torch.full((1, 2, 3, 2), float(right)))  # past the finding onset
-        assert torch.equal(v[:, :, -1, :, 2:], torch.full((1, 2, 3, 2), float(left)))
-        assert calls == [("model", guidance.branches)] + [("side", 2)] * (guidance.side_model > 0)
-    with pytest.raises(ValueError, match="side guidance"):
-        Guidance(3.0, side_model=1.0)
-    with pytest.raises(ValueError, match="side model"):
-        guided(lambda z, t: z, 3.0, 1.0, places=lambda shape: torch.ones(1, *shape), side_model=1.0)
-
-
 def test_the_patient_s_right_is_the_first_half_of_the_columns():
     assert right_half(4).tolist() == [1, 1, 0, 0] and right_half(5).tolist() == [1, 1, 0.5, 0, 0]
 

@@ -464,30 +464,6 @@ def test_a_lobe_prior_makes_another_volume_only_of_a_report_whose_lobes_read_dif
     assert fs.volume_key(other, "model", lobar, 0, 2, 3.0, 1.0) != with_prior  # another prior, another volume
 
 
-def test_a_side_model_makes_another_volume_only_of_a_report_that_names_a_side(tiny_model, tiny_pipeline, tmp_path,
-                                                                              capsys):
-    """A model copied with a side model (`side-model`) shares its weights' hash and every volume but those of sided
-    reports with side guidance, whose key states the side model's weights and weight."""
-    out = tmp_path / "sided"
-    assert main(["side-model", "--model", str(tiny_model), "--side", str(tiny_model), "--weight", "2",
-                 "--out", str(out)]) == 0
-    capsys.readouterr()
-    sided = CTFlowPipeline.from_pretrained(out, device="cpu")
-    assert fs.weights_hash(out) == fs.weights_hash(tiny_model)
-    assert fs.volume_config_hash(sided.config) == fs.volume_config_hash(tiny_pipeline.config)
-
-    def keys(pipe, text: str, side: float = 1.0) -> str:
-        return fs.volume_key(pipe, "model", text, 0, 2, 3.0, side)
-
-    assert keys(sided, "Findings: No effusion. Heart normal.") == keys(tiny_pipeline, "Findings: No effusion. Heart normal.")
-    sided_text = "Findings: Right pleural effusion."
-    assert keys(sided, sided_text, 0.0) == keys(tiny_pipeline, sided_text, 0.0)
-    assert keys(sided, sided_text) != keys(tiny_pipeline, sided_text) and " side model " in keys(sided, sided_text)
-    assert main(["side-model", "--model", str(tiny_model), "--side", str(tiny_model), "--weight", "1",
-                 "--out", str(tmp_path / "weight1")]) == 0
-    assert keys(CTFlowPipeline.from_pretrained(tmp_path / "weight1", device="cpu"), sided_text) != keys(sided, sided_text)
-
-
 def one_seed(whole: fs.FindingStudy, seed: int) -> fs.FindingStudy:
     """The study of one of whole's seeds, as `finding-study --seed S --seeds 1` writes it."""
     def pick(values):

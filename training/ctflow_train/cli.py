@@ -53,8 +53,6 @@ for _command in (
     Command("export", "write a ctflow model folder with a model card", "export"),
     Command("lobe-prior", "copy a model folder with the cohort's lobe prior (side guidance places a lobe's findings)",
             "lobe_prior"),
-    Command("side-model", "copy a model folder with a side-twin model's denoiser that guides its sided reports",
-            "side_model"),
     Command("evaluate", "seam continuity, length accuracy and speed of a model folder", "evaluate"),
     Command("finding-study", "how often findings appear when asked vs negated", "finding_study"),
     Command("combine-studies", "one finding study from studies of consecutive seeds (split over lanes or days)",

@@ -63,7 +63,7 @@ from ctflow.config import ModelConfig, SamplingConfig
 from ctflow.conventions import START_HU, real_slices
 from ctflow.errors import CTFlowError
 from ctflow.io import atomic_write
-from ctflow.model_folder import SIDE_WEIGHTS, VAE_FOLDER
+from ctflow.model_folder import VAE_FOLDER
 from ctflow.places import LOBE_FILE, Places
 from ctflow.report import findings_named, half_reports, names_one_side, parse_report, without_findings
 from ctflow.sampling import FINDING_ONSET, denoiser_codes
@@ -824,17 +824,11 @@ def heldout_located(cases: list[HeldOutCase]) -> list[Located]:
 
 def weights_hash(folder: Path) -> str:
     """One hash of the weights under a folder (a model folder: denoiser, autoencoder and a text encoder it ships; its
-    vae/: the autoencoder alone): a feature cache key. Not the lobe prior nor the side model: a volume's key states
-    them where they act (volume_key), so a model copied with one (`lobe-prior`, `side-model`) shares every other
-    volume with the model it was copied from."""
+    vae/: the autoencoder alone): a feature cache key. Not the lobe prior: a volume's key states it where it acts
+    (volume_key), so a model copied with one (`lobe-prior`) shares every other volume with the model it was copied
+    from."""
     return hashlib.sha256(" ".join(sha256_file(p) for p in sorted(folder.rglob("*.safetensors"))
-                                   if p.relative_to(folder).as_posix() not in (LOBE_FILE, SIDE_WEIGHTS))
-                          .encode()).hexdigest()
-
-
-def tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of named tensors' values, in name order."""
-    return hashlib.sha256(b"".join(tensors[name].float().numpy().tobytes() for name in sorted(tensors))).hexdigest()
+                                   if p.relative_to(folder).as_posix() != LOBE_FILE).encode()).hexdigest()
 
 
 def training_set(pipe: CTFlowPipeline, folders: list[Path], stores: list[Path], cache: FeatureCache, autoencoder: str,
@@ -1019,8 +1013,8 @@ def volume_key(pipe: CTFlowPipeline, model: str, text: str, seed: int, steps: in
                side_guidance: float, finding_guidance: float = 0.0) -> str:
     """The feature cache's key of a generated volume: what makes it. A report that names no side alone is made as
     without side guidance, so it keeps its volumes (and key); one that does states the halves it is guided by
-    (report.half_reports), which the prompt is rendered from, with a lobe prior what each lobe reads, and with a
-    side model its weights and weight; for a denoiser that reads report.denoiser_code, the code of each row (of each block's, for a lobe_map one), which a
+    (report.half_reports), which the prompt is rendered from, and with a lobe prior what each lobe reads; for a
+    denoiser that reads report.denoiser_code, the code of each row (of each block's, for a lobe_map one), which a
     change of how reports are read changes while the text stays. A report without findings is made as without
     finding guidance, so it keeps its volumes (and key); one with states the report it guides away from
     (report.without_findings) and how the guidance eases in (sampling.FINDING_ONSET). A report that reports no
@@ -1033,10 +1027,9 @@ def volume_key(pipe: CTFlowPipeline, model: str, text: str, seed: int, steps: in
     if side_guidance and pipe.lobe_prior:
         places = Places.of(report, lambda part: part.text, pipe.lobe_prior)
         if any(len(set(rows.values())) > 1 for rows in places.rows):  # the lobes of a half read different texts
-            side += f" lobes {tensors_hash(pipe.lobe_prior.shares)} {places.texts!r}"
-    if side and pipe.side_denoiser is not None:
-        side += (f" side model {tensors_hash(pipe.side_denoiser.state_dict())} "
-                 f"{pipe.config.sampling.side_model_guidance}")
+            shares = pipe.lobe_prior.shares
+            prior = hashlib.sha256(b"".join(shares[name].numpy().tobytes() for name in sorted(shares))).hexdigest()
+            side += f" lobes {prior} {places.texts!r}"
     reference = without_findings(report)
     finding = (f" finding {finding_guidance} onset {FINDING_ONSET} {reference.text!r}"
                if finding_guidance and reference != report else "")
@@ -1051,8 +1044,8 @@ def volume_key(pipe: CTFlowPipeline, model: str, text: str, seed: int, steps: in
     return key
 
 
-# The study's own settings, and the side model's weight: a volume's key states them as used.
-KEYED_SAMPLING = ("steps", "guidance", "side_guidance", "finding_guidance", "side_model_guidance")
+# The study's own settings: a volume's key states them as used.
+KEYED_SAMPLING = ("steps", "guidance", "side_guidance", "finding_guidance")
 
 
 def volume_config_hash(config: ModelConfig) -> str:
